@@ -1,0 +1,4 @@
+"""TVM operators (tensor expressions), whole-model lowering, tuning and kernel benchmarks.
+
+Kernel benchmark: ``python -m compiler.bench --help``.
+"""

@@ -1,0 +1,80 @@
+"""Kernel weight layouts: how the compiled kernels want ternary codes laid out, and the repack from GGUF into them.
+
+The GGUF file stays the portable artifact (TQ2_0/TQ1_0); the compiler repacks each tensor into the layout of the
+kernel that will read it, once, at build time. A layout is registered in :data:`LAYOUTS` by name with a ``pack``
+(int8 codes ``[M, K]`` in {-1,0,+1} → packed array) and an exact inverse ``unpack``.
+
+``rowmajor4`` (the plain layout of the TVM kernels): ``uint8[M, K/4]``, four 2-bit codes ``c = q + 1`` per byte,
+``code(m, k) = (W[m, k // 4] >> 2·(k % 4)) & 3``.
+
+    python -c "from model.ternary.layouts import LAYOUTS; print(list(LAYOUTS))"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from model.ternary import ggml
+from model.ternary.checks import TernaryFormatError, as_array, check_k
+from model.ternary.quant import TernaryWeights
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    pack: Callable[[np.ndarray], np.ndarray]
+    unpack: Callable[[np.ndarray, int], np.ndarray]  # (packed, K) -> int8 codes [M, K]
+    doc: str
+
+
+def _check_codes(codes: np.ndarray) -> np.ndarray:
+    codes = as_array(codes, "codes", np.int8, (2,))
+    check_k(codes.shape[1])
+    if codes.size and (codes.min() < -1 or codes.max() > 1):
+        raise TernaryFormatError("codes: values outside {-1, 0, +1}")
+    return codes
+
+
+def pack_rowmajor4(codes: np.ndarray) -> np.ndarray:
+    c = (_check_codes(codes) + 1).astype(np.uint8).reshape(codes.shape[0], -1, 4)
+    return c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6
+
+
+def unpack_rowmajor4(packed: np.ndarray, k: int) -> np.ndarray:
+    packed = as_array(packed, "packed", np.uint8, (2,))
+    check_k(k)
+    if packed.shape[1] * 4 != k:
+        raise TernaryFormatError(f"packed: {packed.shape[1]} bytes per row, but K = {k} needs {k // 4}")
+    c = (packed[..., None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
+    if c.max(initial=0) > 2:
+        raise TernaryFormatError("packed: holds the invalid 2-bit code 3")
+    return (c.astype(np.int8) - 1).reshape(packed.shape[0], k)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "rowmajor4": Layout("rowmajor4", pack_rowmajor4, unpack_rowmajor4, "uint8[M, K/4], code k at bits 2·(k%4)"),
+}
+
+
+def get_layout(name: str) -> Layout:
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise TernaryFormatError(f"unknown kernel layout {name!r}; known: {sorted(LAYOUTS)}") from None
+
+
+def repack_gguf(
+    raw: np.ndarray, k: int, qtype: ggml.TernaryType = ggml.TernaryType.TQ2_0, layout: str = "rowmajor4"
+) -> tuple[np.ndarray, np.float32]:
+    """A GGUF ternary tensor ``[M, K/256·block]`` → (weights in ``layout``, the per-tensor float32 scale)."""
+    codes, block_scales = ggml.unpack(raw, k, qtype)
+    tw = ggml.to_ternary(codes, block_scales)
+    return get_layout(layout).pack(tw.codes), tw.scale
+
+
+def pack_weights(weights: TernaryWeights, layout: str = "rowmajor4") -> np.ndarray:
+    """Ternary weights straight into a kernel layout (no GGUF round trip)."""
+    return get_layout(layout).pack(weights.codes)

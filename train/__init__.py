@@ -1,0 +1,1 @@
+"""Corpus building, tokenizer training, the training loop, checkpoints, evaluation and export to GGUF."""
