@@ -50,7 +50,8 @@ class ActQuant:
 def absmean_scale(w: np.ndarray) -> np.float32:
     """``max(mean|W|, 1e-5)`` rounded to float16 precision (returned as float32)."""
     mean = np.float32(np.abs(w, dtype=np.float32).mean(dtype=np.float64))
-    s = np.float16(max(mean, np.float32(SCALE_EPS)))
+    with np.errstate(over="ignore"):
+        s = np.float16(max(mean, np.float32(SCALE_EPS)))
     if not np.isfinite(s):
         raise TernaryFormatError(f"mean|W| = {mean:.6g} overflows the float16 block scale (max {FP16_MAX})")
     return np.float32(s)
