@@ -29,6 +29,7 @@ def require_isa(*flags: str):
     missing = [f for f in flags if f not in cpu_flags()]
     return pytest.mark.skipif(bool(missing), reason=f"CPU lacks {', '.join(missing)}")
 
+
 # --- hypothesis strategies for ternary data ------------------------------------------------------------------------
 
 ks = st.sampled_from([256, 512, 768, 1024, 2048])  # input dims: multiples of the 256-weight block
@@ -45,6 +46,6 @@ def random_codes(rng: np.random.Generator, m: int, k: int, p_zero: float | None 
 
 
 def random_int8(rng: np.random.Generator, shape, full_range: bool = True) -> np.ndarray:
-    """int8 activations; ``full_range`` includes -128, which a kernel may be handed even if the quantizer never emits it."""
+    """int8 activations; ``full_range`` adds -128, which kernels may be handed though the quantizer never emits it."""
     lo = -128 if full_range else -127
     return rng.integers(lo, 128, size=shape, dtype=np.int8)

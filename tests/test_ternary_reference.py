@@ -136,7 +136,7 @@ def test_bad_inputs_raise_clear_errors(impl):
 
 def test_scalar_extension_refuses_silent_casts_and_bad_shapes():
     # called directly (bypassing the Python checks), the C++ side still must not accept wrong data
-    tw, w, xq, xs = make_case(5, 1, 4, 512)
+    _tw, w, xq, xs = make_case(5, 1, 4, 512)
     ext = _scalar()
     with pytest.raises(TypeError):
         ext.gemm_i8(w, xq.astype(np.int32), xs, 1.0)

@@ -148,8 +148,8 @@ def unpack(raw: np.ndarray, k: int, qtype: TernaryType = TernaryType.TQ2_0) -> t
     trits = unpack_trits(blocks[:, : nb - 2])
     if trits.max(initial=0) > 2:
         raise TernaryFormatError(f"raw: {qtype.name} data holds the invalid 2-bit code 3")
-    d = blocks[:, nb - 2 :].copy().view(np.float16).astype(np.float32).reshape(raw.shape[:-1] + (k // QK,))
-    codes = (trits.astype(np.int8) - 1).reshape(raw.shape[:-1] + (k,))
+    d = blocks[:, nb - 2 :].copy().view(np.float16).astype(np.float32).reshape((*raw.shape[:-1], k // QK))
+    codes = (trits.astype(np.int8) - 1).reshape((*raw.shape[:-1], k))
     return codes, d
 
 

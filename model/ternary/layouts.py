@@ -12,8 +12,8 @@ kernel that will read it, once, at build time. A layout is registered in :data:`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

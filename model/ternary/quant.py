@@ -37,7 +37,7 @@ class TernaryWeights:
 
 @dataclass(frozen=True)
 class ActQuant:
-    """int8 activations per token: ``x ≈ q / scale``; ``total`` is ``Σ q`` per token (int32), for the code correction."""
+    """int8 activations per token: ``x ≈ q / scale``; ``total`` = ``Σ q`` per token (int32) for the code correction."""
 
     q: np.ndarray  # int8 [..., K]
     scale: np.ndarray  # float32 [...], one per token
