@@ -1,0 +1,184 @@
+"""Ternary GEMV (decode, one token): packed 2-bit weights × activations → float32 outputs.
+
+Two variants, both on the ``rowmajor4`` weight layout ``W uint8[M, K/4]`` (code k of row m at bits 2·(k%4) of
+``W[m, k//4]``, codes {0, 1, 2} = {−1, 0, +1}):
+
+* ``gemv_i8`` (W2A8): int8 activations ``x`` with their per-token ``Σx`` and scale (from ``rmsnorm_quant``);
+  ``acc[m] = Σ_k code·x − Σx`` in int32 (exact), ``y[m] = float32(acc) · (w_scale / x_scale)`` in float32 —
+  bit-exact with :func:`model.ternary.reference.ternary_matmul_i8`.
+* ``gemv_f32``: float32 activations, ``y[m] = Σ_k (code − 1)·x_k · w_scale`` accumulated in float32 (the
+  reference sums in float64; see the tolerance in tests/test_ops_gemv.py).
+
+The compute first copies x into the *k-interleaved* layout ``Xt[c, j, b] = x[256c + 4b + j]`` (a cheap K-element
+stage) so that byte ``b`` of a 64-byte weight chunk lines up with ``Xt[c, j, b]`` for each of its four codes ``j``:
+the SIMD kernels (schedules/intrin_x86.py) then decode all four code planes of 64 bytes with one shift + AND each and
+need no shuffles. The reduction is written over ``(c, b, j)`` so the tensorized block matches the intrinsic exactly.
+
+    python -m compiler.ops.ternary_gemv        # builds the untuned TE for 256×512 and checks it against numpy
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from compiler.ops.base import Arg, Op, check_k, check_positive
+from model.ternary import reference
+
+CHUNK = 256  # codes per interleave chunk (= 64 packed bytes = one intrinsic call)
+
+
+def interleave_x(x: np.ndarray) -> np.ndarray:
+    """numpy twin of the compute's ``Xt`` stage: ``[..., K]`` → ``[..., K/256, 4, 64]``."""
+    k = x.shape[-1]
+    return np.ascontiguousarray(x.reshape(*x.shape[:-1], k // CHUNK, 64, 4).swapaxes(-1, -2))
+
+
+def te_code(W, m, kb, j):
+    """The storage code {0,1,2} (uint8) of weight ``(m, 4·kb + j)``."""
+    import tvm
+
+    return (W[m, kb] >> (j * 2).astype("uint8")) & tvm.tirx.const(3, "uint8")
+
+
+def te_interleave(X, K: int, lead: tuple = ()):
+    """``Xt[..., c, j, b] = X[..., 256c + 4b + j]``."""
+    from tvm import te
+
+    if lead:
+        return te.compute(
+            (*lead, K // CHUNK, 4, 64), lambda n, c, j, b: X[n, c * CHUNK + b * 4 + j], name="Xt"
+        )  # fmt: skip
+    return te.compute((K // CHUNK, 4, 64), lambda c, j, b: X[c * CHUNK + b * 4 + j], name="Xt")
+
+
+@dataclass(frozen=True)
+class TernaryGemvI8(Op):
+    """``y[M] = float32(Σ code·x − Σx) · (w_scale / x_scale)``; the reduction block is named ``acc``."""
+
+    M: int
+    K: int
+    kind = "gemv_i8"
+
+    def __post_init__(self):
+        check_positive(M=self.M, K=self.K)
+        check_k(self.K)
+
+    def args(self) -> list[Arg]:
+        return [Arg("W", (self.M, self.K // 4), "uint8"), Arg("x", (self.K,), "int8"), Arg("x_sum", (1,), "int32"),
+                Arg("x_scale", (1,), "float32"), Arg("w_scale", (1,), "float32"),
+                Arg("y", (self.M,), "float32", output=True)]  # fmt: skip
+
+    def compute(self):
+        from tvm import te
+
+        M, K = self.M, self.K
+        W = te.placeholder((M, K // 4), "uint8", name="W")
+        X = te.placeholder((K,), "int8", name="x")
+        Xsum = te.placeholder((1,), "int32", name="x_sum")
+        Xs = te.placeholder((1,), "float32", name="x_scale")
+        Ws = te.placeholder((1,), "float32", name="w_scale")
+        Xt = te_interleave(X, K)
+        c = te.reduce_axis((0, K // CHUNK), name="c")
+        b = te.reduce_axis((0, 64), name="b")
+        j = te.reduce_axis((0, 4), name="j")
+        acc = te.compute(
+            (M,),
+            lambda m: te.sum(
+                te_code(W, m, c * 64 + b, j).astype("int32") * Xt[c, j, b].astype("int32"), axis=[c, b, j]
+            ),
+            name="acc",
+        )
+        Y = te.compute((M,), lambda m: (acc[m] - Xsum[0]).astype("float32") * (Ws[0] / Xs[0]), name="y")
+        return te.create_prim_func([W, X, Xsum, Xs, Ws, Y])
+
+    def reference(self, W, x, x_sum, x_scale, w_scale, impl="numpy"):
+        if int(x_sum[0]) != int(x.astype(np.int64).sum()):
+            raise ValueError("x_sum must equal Σx (the kernel trusts it)")
+        _, y = reference.ternary_matmul_i8(W, x, x_scale.astype(np.float32), float(w_scale[0]), impl=impl)
+        return [y]
+
+    def random_inputs(self, rng):
+        W = random_packed(rng, self.M, self.K)
+        x = rng.integers(-127, 128, self.K, dtype=np.int8)
+        return [W, x, np.array([x.astype(np.int32).sum()], np.int32), np.array([rng.uniform(0.5, 50)], np.float32),
+                np.array([rng.uniform(0.01, 2)], np.float32)]  # fmt: skip
+
+    def ops(self) -> float:
+        return 2.0 * self.M * self.K
+
+
+@dataclass(frozen=True)
+class TernaryGemvF32(Op):
+    """``y[M] = Σ (code − 1)·x · w_scale`` with float32 activations and accumulation; reduction block ``y_acc``."""
+
+    M: int
+    K: int
+    kind = "gemv_f32"
+
+    def __post_init__(self):
+        check_positive(M=self.M, K=self.K)
+        check_k(self.K)
+
+    def args(self) -> list[Arg]:
+        return [Arg("W", (self.M, self.K // 4), "uint8"), Arg("x", (self.K,), "float32"),
+                Arg("w_scale", (1,), "float32"), Arg("y", (self.M,), "float32", output=True)]  # fmt: skip
+
+    def compute(self):
+        from tvm import te
+
+        M, K = self.M, self.K
+        W = te.placeholder((M, K // 4), "uint8", name="W")
+        X = te.placeholder((K,), "float32", name="x")
+        Ws = te.placeholder((1,), "float32", name="w_scale")
+        Xt = te_interleave(X, K)
+        c = te.reduce_axis((0, K // CHUNK), name="c")
+        b = te.reduce_axis((0, 64), name="b")
+        j = te.reduce_axis((0, 4), name="j")
+        acc = te.compute(
+            (M,),
+            lambda m: te.sum((te_code(W, m, c * 64 + b, j).astype("float32") - 1.0) * Xt[c, j, b], axis=[c, b, j]),
+            name="y_acc",
+        )
+        Y = te.compute((M,), lambda m: acc[m] * Ws[0], name="y")
+        return te.create_prim_func([W, X, Ws, Y])
+
+    def reference(self, W, x, w_scale, impl="numpy"):
+        return [reference.ternary_matmul_f32(W, x, float(w_scale[0]), impl=impl)]
+
+    def random_inputs(self, rng):
+        return [random_packed(rng, self.M, self.K), rng.standard_normal(self.K).astype(np.float32),
+                np.array([rng.uniform(0.01, 2)], np.float32)]  # fmt: skip
+
+    def ops(self) -> float:
+        return 2.0 * self.M * self.K
+
+    def tolerance(self, x: np.ndarray, w_scale: float) -> float:
+        """Absolute error bound of a float32 sum of K terms of |x| vs the float64 reference: ``γ_K·Σ|x|·w_scale``.
+
+        Worst case (any summation order) is ``(K−1)·u·Σ|x|`` with ``u = 2⁻²⁴``; the blocked/lane sums of the kernels
+        do much better, so the bound is safe and still catches a wrong code or a dropped chunk (error ≥ min|x|).
+        """
+        return float(self.K * 2.0**-24 * np.abs(x).astype(np.float64).sum() * w_scale) + 1e-30
+
+
+def random_packed(rng: np.random.Generator, M: int, K: int) -> np.ndarray:
+    """Random ``rowmajor4`` weights (codes 0..2 only, never the invalid 3)."""
+    c = rng.integers(0, 3, (M, K // 4, 4), dtype=np.uint8)
+    return (c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6).astype(np.uint8)
+
+
+if __name__ == "__main__":
+    import tvm
+
+    from schedules.targets import get_target
+
+    rng = np.random.default_rng(0)
+    for op in (TernaryGemvI8(256, 512), TernaryGemvF32(256, 512)):
+        ins = op.random_inputs(rng)
+        args = [tvm.runtime.tensor(a) for a in ins + op.empty_outputs()]  # TVM-allocated: 64-byte aligned
+        ex = tvm.compile(op.compute(), target=get_target("auto"))
+        ex["main"](*args)
+        ref = op.reference(*ins)[0]
+        print(op, "max |err| =", float(np.abs(args[-1].numpy() - ref).max()))

@@ -1,0 +1,203 @@
+"""Schedules for an op on a target: hand (default knobs), tuned (from ``tuning_logs/<target>/``), or naive.
+
+The one entry point the whole-model compiler needs:
+
+    from compiler.schedule import get_primfunc
+    sf = get_primfunc(make_op("gemv_i8", M=1536, K=512), "avx512")   # ScheduledFunc
+    sf.func       # the scheduled tvm.tirx.PrimFunc (global_symbol = op.func_name), ready for relax call_tir
+    sf.source     # "tuned" | "hand" (no tuning record: hand schedule with default knobs, logged as a WARNING)
+
+``build(op, target)`` compiles it to a ``tvm.runtime.Executable``. The tuning database of a target is one MetaSchedule
+``JSONDatabase`` (``database_workload.json`` + ``database_tuning_record.json``); a workload is the op's unscheduled
+PrimFunc (structural hash), the best record is the one with the lowest measured time.
+
+    python -m compiler.schedule --target avx512 --op gemv_i8:M=4096:K=4096   # where this op's schedule comes from
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from schedules import targets
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+LOGS_ROOT = Path(os.environ.get("TERNARY_TUNING_LOGS", REPO / "tuning_logs"))
+SCHEDULE_MODULES = {"avx512": "schedules.x86_avx512", "avx2": "schedules.x86_avx2"}
+
+
+class UntunedWarning(UserWarning):
+    """Emitted when a build uses the hand schedule because no tuning record exists."""
+
+
+def schedule_module(target: str):
+    target = targets.resolve(target)
+    if target not in SCHEDULE_MODULES:
+        raise NotImplementedError(f"no schedules for target {target!r} yet; have {sorted(SCHEDULE_MODULES)}")
+    return importlib.import_module(SCHEDULE_MODULES[target])
+
+
+def logs_dir(target: str, root: Path | str | None = None) -> Path:
+    return Path(root or LOGS_ROOT) / targets.resolve(target)
+
+
+def workload(op):
+    import tvm
+
+    return tvm.IRModule({"main": op.compute()})
+
+
+def manual(op, target: str, knobs: dict | None = None):
+    """The hand schedule (``knobs`` override the defaults) as an ``s_tir.Schedule`` (its ``.trace`` replays it)."""
+    from tvm import s_tir
+
+    mod = schedule_module(target)
+    if op.kind not in mod.SCHEDULES:
+        raise NotImplementedError(f"no {target} schedule for {op.kind}")
+    sch = s_tir.Schedule(workload(op))
+    mod.SCHEDULES[op.kind](sch, op, knobs=knobs if knobs is not None else {})
+    return sch
+
+
+def design_space(op, target: str):
+    """The hand schedule as a MetaSchedule design space (knobs sampled; tensorize kept)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    fn = schedule_module(target).SCHEDULES[op.kind]
+    return ms.space_generator.ScheduleFn(
+        lambda sch: fn(sch, op, knobs=None), sch_rules=[], postprocs=[], mutator_probs={}
+    )  # fmt: skip
+
+
+def open_database(target: str, root: Path | str | None = None, create: bool = False):
+    """The target's JSONDatabase, or None if it does not exist (and ``create`` is False)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    d = logs_dir(target, root)
+    if not create and not (d / "database_tuning_record.json").exists():
+        return None
+    d.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(d))
+
+
+def records(db, op) -> list:
+    """All tuning records of ``op`` in ``db``, best (lowest mean run time) first; [] if none."""
+    if db is None:
+        return []
+    mod = workload(op)
+    if not db.has_workload(mod):
+        return []
+    wl = db.commit_workload(mod)  # no write: the workload exists
+    return list(db.get_top_k(wl, 1 << 30))
+
+
+def best_record(db, op):
+    recs = records(db, op)
+    return recs[0] if recs else None
+
+
+@dataclass
+class ScheduledFunc:
+    op: object
+    target: str
+    func: object  # tvm.tirx.PrimFunc
+    source: str  # "tuned" | "hand" | "naive"
+    run_secs: float | None = None  # measured time of the tuning record
+
+    def build(self):
+        import tvm
+
+        return tvm.compile(tvm.IRModule({"main": self.func}), target=targets.get_target(self.target))
+
+
+def _apply_record(op, rec):
+    from tvm import s_tir
+
+    importlib.import_module("schedules.intrin_x86")  # the traces tensorize with our intrinsics
+    sch = s_tir.Schedule(workload(op))
+    rec.trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch
+
+
+def get_primfunc(op, target: str, logs_root: Path | str | None = None, mode: str = "auto") -> ScheduledFunc:
+    """The scheduled PrimFunc for ``op`` on ``target``.
+
+    ``mode``: ``"auto"`` (tuned if a record exists, else the hand schedule with a loud warning), ``"tuned"`` (raise if
+    no record), ``"hand"`` (default knobs, no database), ``"naive"`` (the unscheduled TE: the "untuned default").
+    """
+    import warnings
+
+    target = targets.resolve(target)
+    if mode not in ("auto", "tuned", "hand", "naive"):
+        raise ValueError(f"mode must be auto, tuned, hand or naive; got {mode!r}")
+    sym = op.func_name
+    if mode == "naive":
+        return ScheduledFunc(op, target, op.compute().with_attr("global_symbol", sym), "naive")
+    rec = None
+    if mode in ("auto", "tuned"):
+        rec = best_record(open_database(target, logs_root), op)
+        if rec is None and mode == "tuned":
+            raise LookupError(f"no tuning record for {op.key} in {logs_dir(target, logs_root)}; "
+                              f"run: python -m compiler.tune --target {target} --shape {op.key}")  # fmt: skip
+    if rec is not None:
+        sch = _apply_record(op, rec)
+        secs = [float(s) for s in rec.run_secs]
+        return ScheduledFunc(op, target, sch.mod["main"].with_attr("global_symbol", sym), "tuned", min(secs))
+    if mode == "auto":
+        msg = (
+            f"UNTUNED: no tuning record for {op.key} on {target} in {logs_dir(target, logs_root)}; using the hand "
+            f"schedule with default knobs (run `python -m compiler.tune --target {target} --shape {op.key}`)"
+        )
+        log.warning(msg)
+        warnings.warn(msg, UntunedWarning, stacklevel=2)
+    sch = manual(op, target)
+    return ScheduledFunc(op, target, sch.mod["main"].with_attr("global_symbol", sym), "hand")
+
+
+def build(op, target: str, mode: str = "auto", knobs: dict | None = None, logs_root=None):
+    """Compile ``op`` for ``target`` → ``tvm.runtime.Executable`` (``knobs`` force a hand schedule with them)."""
+    import tvm
+
+    if knobs is not None:
+        func = manual(op, target, knobs).mod
+        return tvm.compile(func, target=targets.get_target(target))
+    return get_primfunc(op, target, logs_root, mode).build()
+
+
+def self_check(target: str) -> None:
+    """Build the W2A8 GEMV with the hand schedule and compare it with the reference (``python -m schedules.x86_*``)."""
+    import numpy as np
+
+    from compiler import kernels
+    from compiler.ops import make_op
+
+    op = make_op("gemv_i8", M=512, K=1024)
+    k = kernels.Kernel(op, build(op, target, mode="hand"))
+    ins = op.random_inputs(np.random.default_rng(0))
+    ok = np.array_equal(k(*ins)[0], op.reference(*ins)[0])
+    print(f"{target}: {op} hand schedule bit-exact: {ok}")
+
+
+def main(argv=None) -> None:
+    from compiler.ops import parse_key
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--target", default="auto")
+    p.add_argument("--op", required=True, help="op key, e.g. gemv_i8:M=4096:K=4096")
+    p.add_argument("--trace", action="store_true", help="print the schedule trace")
+    a = p.parse_args(argv)
+    sf = get_primfunc(parse_key(a.op), a.target)
+    timing = f" ({sf.run_secs * 1e3:.3f} ms)" if sf.run_secs else ""
+    print(f"{a.op} on {targets.resolve(a.target)}: {sf.source}{timing}")
+    if a.trace:
+        print(sf.func.script())
+
+
+if __name__ == "__main__":
+    main()

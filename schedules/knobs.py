@@ -1,0 +1,66 @@
+"""Knobs: the tunable choices of a hand schedule, either fixed (a dict) or sampled (a MetaSchedule design space).
+
+Every schedule function in ``schedules/`` has the signature ``fn(sch, op, knobs=None)``. It asks for each choice
+through :func:`choose`: with ``knobs`` given, the fixed value is used (the "manual" schedule, and the grid search of
+``compiler.tune``); with ``knobs=None`` the choice becomes ``sch.sample_categorical`` so the same function, wrapped in
+``ms.space_generator.ScheduleFn``, is a MetaSchedule design space whose decisions the search explores.
+
+Candidates depend only on the static shape (e.g. row tiles must divide M: the kernels have no tail loop, so an M
+that is not a multiple of 8 gets tile 4, 2 or 1 — correct for every M, fastest for the model's multiples of 256).
+
+    python -c "from schedules.knobs import divisors_in; print(divisors_in(1536, (1, 2, 4, 8, 16)))"
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    candidates: tuple[int, ...]
+    default: int
+
+    def __post_init__(self):
+        if not self.candidates:
+            raise ValueError(f"knob {self.name}: no candidate fits this shape")
+        if self.default not in self.candidates:  # the preferred value does not fit: take the largest that does
+            object.__setattr__(self, "default", max(c for c in self.candidates if c <= max(self.candidates)))
+
+
+def divisors_in(n: int, options) -> tuple[int, ...]:
+    """The options that divide ``n`` (so a split by them is perfect)."""
+    return tuple(o for o in options if n % o == 0)
+
+
+def knob(name: str, n: int, options, default: int) -> Knob:
+    """A knob over the ``options`` that divide ``n``; ``default`` if it fits, else the largest fitting one."""
+    cands = divisors_in(n, options)
+    return Knob(name, cands, default if default in cands else max(cands))
+
+
+def choose(sch, knobs: dict | None, k: Knob):
+    """A fixed int (``knobs`` given; missing names take the knob's default) or a sampled ``ExprRV``."""
+    if knobs is not None:
+        v = int(knobs.get(k.name, k.default))
+        if v not in k.candidates:
+            raise ValueError(f"knob {k.name}={v} is not one of {k.candidates} for this shape")
+        return v
+    if len(k.candidates) == 1:
+        return k.candidates[0]
+    probs = [1.0 / len(k.candidates)] * len(k.candidates)
+    return sch.sample_categorical(list(k.candidates), probs, decision=k.candidates.index(k.default))
+
+
+def defaults(space: list[Knob]) -> dict[str, int]:
+    return {k.name: k.default for k in space}
+
+
+def grid(space: list[Knob]) -> list[dict[str, int]]:
+    """Every combination, the defaults first."""
+    first = defaults(space)
+    combos = [dict(zip([k.name for k in space], vals, strict=True))
+              for vals in itertools.product(*[k.candidates for k in space])]  # fmt: skip
+    return [first] + [c for c in combos if c != first]

@@ -1,0 +1,96 @@
+"""Compilation targets by short name (``avx2``, ``avx512``, ``cuda``) and ``auto`` detection from the CPU flags.
+
+TVM 0.27 takes JSON-dict targets only; MetaSchedule needs ``num-cores`` (see docs/TVM.md). ``avx2`` is
+``-mcpu=haswell`` (AVX2 + FMA, no AVX-512), ``avx512`` is ``-mcpu=znver4`` (AVX-512 with VNNI/VBMI; the kernels use
+only F/BW/VL/VNNI, which Ice Lake and later Intel parts have too).
+
+    python -m schedules.targets            # prints the detected target and what this CPU supports
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+TARGET_NAMES = ("avx2", "avx512", "cuda")
+
+# CPU flags (as /proc/cpuinfo spells them) a target's generated code needs.
+REQUIRED_FLAGS = {
+    "avx2": ("avx2", "fma"),
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+}
+MCPU = {"avx2": "haswell", "avx512": "znver4"}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The flags of the first CPU in /proc/cpuinfo (empty on systems without it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def num_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def supported(name: str) -> bool:
+    """Can this machine *run* code built for ``name``? (CUDA: whether TVM's CUDA runtime sees a device.)"""
+    if name == "cuda":
+        try:
+            import tvm
+
+            return bool(tvm.runtime.enabled("cuda")) and tvm.cuda(0).exist
+        except Exception:
+            return False
+    if name not in REQUIRED_FLAGS:
+        raise ValueError(f"unknown target {name!r}; known: {TARGET_NAMES}")
+    return set(REQUIRED_FLAGS[name]) <= cpu_flags()
+
+
+def missing_flags(name: str) -> list[str]:
+    return sorted(set(REQUIRED_FLAGS.get(name, ())) - cpu_flags())
+
+
+def detect() -> str:
+    """The best CPU target this machine runs: ``avx512`` if it has VNNI, else ``avx2``."""
+    for name in ("avx512", "avx2"):
+        if supported(name):
+            return name
+    raise RuntimeError("this CPU has neither AVX-512 VNNI nor AVX2+FMA; no x86 target applies")
+
+
+def resolve(name: str) -> str:
+    """``auto`` → the detected target; any other name is checked and returned."""
+    if name == "auto":
+        return detect()
+    if name not in TARGET_NAMES:
+        raise ValueError(f"unknown target {name!r}; choose from auto, {', '.join(TARGET_NAMES)}")
+    return name
+
+
+def target_dict(name: str, cores: int | None = None) -> dict:
+    """The JSON-dict target for ``name`` (``auto`` allowed)."""
+    name = resolve(name)
+    if name == "cuda":
+        return {"kind": "cuda", "arch": "sm_90", "max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
+                "thread_warp_size": 32, "registers_per_block": 65536}  # fmt: skip
+    return {"kind": "llvm", "mcpu": MCPU[name], "num-cores": int(cores or num_cores())}
+
+
+def get_target(name: str, cores: int | None = None):
+    """A ``tvm.target.Target`` for ``name``."""
+    import tvm
+
+    return tvm.target.Target(target_dict(name, cores))
+
+
+if __name__ == "__main__":
+    for t in ("avx512", "avx2"):
+        print(f"{t:7s} supported={supported(t)} missing={missing_flags(t)} target={target_dict(t)}")
+    print("auto ->", detect())

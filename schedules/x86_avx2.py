@@ -1,0 +1,27 @@
+"""AVX2 schedules (mcpu haswell): the x86 templates bound to the ``vpmaddubsw`` ternary intrinsic and 8 float lanes.
+
+The intrinsic's int16 pair sums cannot saturate (bound in :mod:`schedules.intrin_x86`). ``SCHEDULES[kind](sch, op,
+knobs=None)`` applies the hand schedule (fixed knobs) or samples it (a MetaSchedule design space).
+
+    python -m schedules.x86_avx2              # schedules and checks a 512×1024 W2A8 GEMV with default knobs
+"""
+
+from __future__ import annotations
+
+import functools
+
+from schedules import x86_common
+from schedules.x86_common import AVX2 as ISA
+
+NAME = "avx2"
+SCHEDULES = {kind: functools.partial(fn, isa=ISA) for kind, fn in x86_common.TEMPLATES.items()}
+
+
+def space(op):
+    return x86_common.space(op, ISA)
+
+
+if __name__ == "__main__":
+    from compiler.schedule import self_check
+
+    self_check(NAME)

@@ -1,0 +1,27 @@
+"""AVX-512 (VNNI) schedules: the x86 templates bound to the ``vpdpbusd`` ternary intrinsic and 16 float lanes.
+
+Target: ``{"kind": "llvm", "mcpu": "znver4", ...}`` (see :mod:`schedules.targets`). ``SCHEDULES[kind](sch, op,
+knobs=None)`` applies the hand schedule (fixed knobs) or samples it (a MetaSchedule design space).
+
+    python -m schedules.x86_avx512            # schedules and checks a 512×1024 W2A8 GEMV with default knobs
+"""
+
+from __future__ import annotations
+
+import functools
+
+from schedules import x86_common
+from schedules.x86_common import AVX512 as ISA
+
+NAME = "avx512"
+SCHEDULES = {kind: functools.partial(fn, isa=ISA) for kind, fn in x86_common.TEMPLATES.items()}
+
+
+def space(op):
+    return x86_common.space(op, ISA)
+
+
+if __name__ == "__main__":
+    from compiler.schedule import self_check
+
+    self_check(NAME)

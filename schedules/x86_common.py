@@ -1,0 +1,129 @@
+"""x86 schedule templates shared by AVX2 and AVX-512; the ISA enters as the tensor intrinsic and the vector width.
+
+Each template is ``fn(sch, op, isa, knobs=None)`` (see :mod:`schedules.knobs`) and returns the scheduled
+``s_tir.Schedule``; :mod:`schedules.x86_avx512` and :mod:`schedules.x86_avx2` bind ``isa``.
+
+Ternary GEMV/GEMM (int8): the reduction ``acc[m] = Σ_{c,b,j}`` is split ``b = 4l + t`` and rfactored over ``l`` into
+16 int32 lanes per row (``acc_rf[m, l]``); the inner ``(l, t, j)`` block — 64 packed bytes × 256 activations — is
+tensorized with the ISA's ternary dot intrinsic. Rows go in tiles of ``rows`` (independent accumulators, the x chunk
+loaded once per tile), the 256-code chunks loop is unrolled by ``unroll_k``; row tiles run in parallel. The
+cross-lane sum, the ``Σx`` correction and the float rescale happen per row tile, right after its reduction.
+
+    python -m schedules.x86_common            # prints the knob spaces for a 4096×4096 GEMV
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schedules import intrin_x86
+from schedules.knobs import Knob, choose, knob
+
+
+@dataclass(frozen=True)
+class Isa:
+    name: str
+    intrin: str  # ternary dot intrinsic (schedules/intrin_x86.py)
+    f32_lanes: int  # float32 lanes of one vector register
+
+
+AVX512 = Isa("avx512", intrin_x86.VNNI_INTRIN, 16)
+AVX2 = Isa("avx2", intrin_x86.AVX2_INTRIN, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# knob spaces
+# ---------------------------------------------------------------------------------------------------------------
+def space(op, isa: Isa) -> list[Knob]:
+    kind = op.kind
+    if kind == "gemv_i8":
+        return [knob("rows", op.M, (1, 2, 4, 8, 12), 8), knob("unroll_k", op.K // 256, (1, 2, 4), 2)]
+    if kind == "gemm_i8":
+        return [knob("rows", op.M, (1, 2, 4, 8), 4), knob("tokens", op.N, (1, 2, 4), 2),
+                knob("unroll_k", op.K // 256, (1, 2), 1)]  # fmt: skip
+    if kind == "gemv_f32":
+        return [knob("rows", op.M, (1, 2, 4, 8), 4), knob("lanes", 64, (isa.f32_lanes, 2 * isa.f32_lanes),
+                isa.f32_lanes)]  # fmt: skip
+    if kind == "rmsnorm_quant":
+        return [knob("vec", op.D, (8, 16, 32), isa.f32_lanes)]
+    if kind == "mhc_post":
+        return [knob("vec", op.D, (8, 16, 32), isa.f32_lanes), knob("unroll", op.D, (1, 2, 4), 2)]
+    raise KeyError(f"no x86 schedule for op kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# templates
+# ---------------------------------------------------------------------------------------------------------------
+def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None):
+    ks = {k.name: k for k in space(op, isa)}
+    rows, uk = choose(sch, knobs, ks["rows"]), choose(sch, knobs, ks["unroll_k"])
+    acc = sch.get_sblock("acc")
+    _m, _c, b, _j = sch.get_loops(acc)
+    ln, _t = sch.split(b, [16, 4])
+    rf = sch.rfactor(ln, factor_axis=1)  # acc_rf[M, 16]
+    m, c, ln, t, j = sch.get_loops(rf)
+    mo, mi = sch.split(m, [None, rows])
+    co, ci = sch.split(c, [None, uk])
+    sch.reorder(mo, co, ci, mi, ln, t, j)
+    sch.parallel(mo)
+    sch.reverse_compute_at(acc, mo)
+    sch.reverse_compute_at(sch.get_sblock("y"), mo)
+    sch.decompose_reduction(rf, co)
+    sch.tensorize(ln, isa.intrin)
+    sch.unroll(mi)
+    sch.unroll(ci)
+    return sch
+
+
+def gemm_i8(sch, op, isa: Isa, knobs: dict | None = None):
+    ks = {k.name: k for k in space(op, isa)}
+    rows, tok, uk = (choose(sch, knobs, ks[n]) for n in ("rows", "tokens", "unroll_k"))
+    acc = sch.get_sblock("acc")
+    _n, _m, _c, b, _j = sch.get_loops(acc)
+    ln, _t = sch.split(b, [16, 4])
+    rf = sch.rfactor(ln, factor_axis=2)  # acc_rf[N, M, 16]
+    n, m, c, ln, t, j = sch.get_loops(rf)
+    mo, mi = sch.split(m, [None, rows])
+    no, ni = sch.split(n, [None, tok])
+    co, ci = sch.split(c, [None, uk])
+    sch.reorder(mo, no, co, ci, mi, ni, ln, t, j)
+    sch.parallel(mo)
+    sch.reverse_compute_at(acc, mo)
+    sch.reverse_compute_at(sch.get_sblock("y"), mo)
+    sch.decompose_reduction(rf, co)
+    sch.tensorize(ln, isa.intrin)
+    sch.unroll(mi)
+    sch.unroll(ni)
+    sch.unroll(ci)
+    return sch
+
+
+def gemv_f32(sch, op, isa: Isa, knobs: dict | None = None):
+    ks = {k.name: k for k in space(op, isa)}
+    rows, lanes = choose(sch, knobs, ks["rows"]), choose(sch, knobs, ks["lanes"])
+    acc = sch.get_sblock("y_acc")
+    _m, _c, b, _j = sch.get_loops(acc)
+    _bo, bi = sch.split(b, [None, lanes])
+    rf = sch.rfactor(bi, factor_axis=1)  # y_acc_rf[M, lanes]
+    m, c, bo, bi, j = sch.get_loops(rf)
+    mo, mi = sch.split(m, [None, rows])
+    sch.reorder(mo, c, bo, j, mi, bi)
+    sch.parallel(mo)
+    sch.reverse_compute_at(acc, mo)
+    sch.reverse_compute_at(sch.get_sblock("y"), mo)
+    sch.vectorize(bi)
+    sch.unroll(mi)
+    sch.unroll(j)
+    sch.decompose_reduction(rf, c)  # after vectorize: the update block must still be a reduction block then
+    return sch
+
+
+TEMPLATES = {"gemv_i8": gemv_i8, "gemm_i8": gemm_i8, "gemv_f32": gemv_f32}
+
+
+if __name__ == "__main__":
+    from compiler.ops import make_op
+
+    for kind in ("gemv_i8", "gemv_f32"):
+        op = make_op(kind, M=4096, K=4096)
+        print(op, [(k.name, k.candidates, k.default) for k in space(op, AVX512)])

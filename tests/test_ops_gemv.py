@@ -1,0 +1,99 @@
+"""Ternary GEMV/GEMM kernels == the scalar C++ reference, on every x86 target this CPU runs.
+
+Integer path (W2A8 GEMV/GEMM): bit-exact on ``y`` (hence on ``acc``: ``|acc| ≤ 2·128·K < 2²⁴`` converts to float32
+exactly, and the rescale is the same float32 multiply by the same float32 ratio). Float path: within the float32
+summation bound of :meth:`TernaryGemvF32.tolerance`. Shapes are random (K a multiple of 256, M not a multiple of the
+row tile), knobs are drawn from each schedule's design space, and the naive (untuned) TE is checked too.
+
+    pytest tests/test_ops_gemv.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compiler.kernels import Kernel
+from compiler.ops import OpShapeError, make_op
+from compiler.schedule import build, schedule_module
+from model.ternary.reference import scalar_available
+from schedules import targets
+
+X86 = [pytest.param(t, marks=pytest.mark.skipif(not targets.supported(t), reason=f"CPU lacks {targets.missing_flags(t)}"))
+       for t in ("avx512", "avx2")]  # fmt: skip
+IMPL = "scalar" if scalar_available() else "numpy"
+SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def knob_choice(draw, op, target):
+    return {k.name: draw(st.sampled_from(k.candidates)) for k in schedule_module(target).space(op)}
+
+
+def run(op, ex, seed):
+    ins = op.random_inputs(np.random.default_rng(seed))
+    return ins, Kernel(op, ex)(*ins)[0]
+
+
+@pytest.mark.parametrize("target", X86)
+@SETTINGS
+@given(M=st.integers(1, 70), kc=st.integers(1, 4), seed=st.integers(0, 2**16), data=st.data())
+def test_gemv_i8_bit_exact(target, M, kc, seed, data):
+    op = make_op("gemv_i8", M=M, K=256 * kc)
+    knobs = data.draw(knob_choice(op, target))
+    ins, y = run(op, build(op, target, knobs=knobs), seed)
+    np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
+
+
+@pytest.mark.parametrize("target", X86)
+@SETTINGS
+@given(N=st.integers(1, 6), M=st.integers(1, 40), kc=st.integers(1, 3), seed=st.integers(0, 2**16), data=st.data())
+def test_gemm_i8_bit_exact(target, N, M, kc, seed, data):
+    op = make_op("gemm_i8", N=N, M=M, K=256 * kc)
+    knobs = data.draw(knob_choice(op, target))
+    ins, y = run(op, build(op, target, knobs=knobs), seed)
+    np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
+
+
+@pytest.mark.parametrize("target", X86)
+@SETTINGS
+@given(M=st.integers(1, 70), kc=st.integers(1, 4), seed=st.integers(0, 2**16), data=st.data())
+def test_gemv_f32_within_bound(target, M, kc, seed, data):
+    op = make_op("gemv_f32", M=M, K=256 * kc)
+    knobs = data.draw(knob_choice(op, target))
+    ins, y = run(op, build(op, target, knobs=knobs), seed)
+    ref = op.reference(*ins, impl=IMPL)[0]
+    np.testing.assert_allclose(y, ref, rtol=0, atol=op.tolerance(ins[1], float(ins[2][0])))
+
+
+@pytest.mark.parametrize("kind", ["gemv_i8", "gemv_f32"])
+def test_naive_te_matches(kind):
+    """The untuned default (no schedule at all) is correct too; it is the bench's "untuned" baseline."""
+    op = make_op(kind, M=37, K=512)
+    ins, y = run(op, build(op, "auto", mode="naive"), 3)
+    ref = op.reference(*ins, impl=IMPL)[0]
+    if kind == "gemv_i8":
+        np.testing.assert_array_equal(y, ref)
+    else:
+        np.testing.assert_allclose(y, ref, rtol=0, atol=op.tolerance(ins[1], float(ins[2][0])))
+
+
+@pytest.mark.parametrize("target", X86)
+def test_extreme_activations_do_not_saturate(target):
+    """All codes +1 (storage 2) against x = −128 everywhere: the worst case of the int16 pair sums on AVX2."""
+    op = make_op("gemv_i8", M=16, K=1024)
+    W = np.full((16, 256), 0b10101010, np.uint8)
+    x = np.full(1024, -128, np.int8)
+    ins = [W, x, np.array([x.astype(np.int32).sum()], np.int32), np.ones(1, np.float32), np.ones(1, np.float32)]
+    y = Kernel(op, build(op, target, mode="hand"))(*ins)[0]
+    np.testing.assert_array_equal(y, np.full(16, -128.0 * 1024, np.float32))
+    np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(OpShapeError, match="multiple of 256"):
+        make_op("gemv_i8", M=8, K=300)
+    with pytest.raises(OpShapeError, match="positive"):
+        make_op("gemm_i8", N=0, M=8, K=256)
