@@ -1,0 +1,349 @@
+"""Train the BitNet-b1.58 + mHC-lite model on token shards: Muon + AdamW, warmup-stable-decay, exact resume, DDP.
+
+* Optimizers: ``torch.optim.Muon`` for the 2-D hidden matrices (every BitLinear), AdamW for embeddings, norms, the LM
+  head and the mHC logits. Learning rates follow warmup → stable → linear decay to zero (WSD).
+* Precision: bf16 autocast on CUDA (master weights float32), float32 on CPU; optional ``torch.compile``.
+* Data: windows of ``seq_len + 1`` tokens drawn from the memory-mapped train split by a generator seeded with
+  ``(seed, step, micro-step, rank)``, so the data position is the step and a resumed run sees exactly the batches the
+  uninterrupted run would have seen.
+* Checkpoints (``train.checkpoint``): every ``ckpt_every`` steps, at the end, and on SIGTERM/SIGINT; a run restarted
+  with the same ``--out`` resumes from ``latest`` and continues exactly.
+* Logs: a progress bar, ``metrics.jsonl`` (loss, next-token CE, val loss, lr, grad norm, tokens/s, MFU, output
+  entropy, max |logit|) and ``loss.png``.
+* Distributed: run the same command under ``torchrun --nproc_per_node N``; DDP with NCCL on GPUs, gloo on CPUs;
+  rank 0 alone logs and checkpoints.
+
+    python -m train.train --preset small --data data/shards --out runs/small --steps 3000 --batch-size 64 --compile
+    torchrun --nproc_per_node 2 -m train.train --preset tiny --data data/shards --out runs/ddp --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from model.config import get_config
+from model.transformer import IGNORE_INDEX, Transformer
+from train import checkpoint
+from train.shards import open_split
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "small"
+    data: str = "data/shards"
+    out: str = "runs/small"
+    steps: int = 2000
+    batch_size: int = 32  # sequences per micro-batch and rank
+    seq_len: int = 512
+    grad_accum: int = 1
+    lr_matrix: float = 0.02  # Muon, hidden matrices
+    lr_embed: float = 3e-3  # AdamW, everything else
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    decay_frac: float = 0.3  # final fraction of steps over which the lr decays linearly to 0
+    grad_clip: float = 1.0
+    entropy_coef: float = 0.0  # >0 adds -coef·H(p) to the loss (discourages collapsed, over-confident outputs)
+    ternary: bool = True  # False trains the dense baseline (same shapes, float weights and activations)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 250
+    eval_tokens: int = 131072
+    ckpt_every: int = 500
+    compile: bool = False
+    peak_tflops: float = 989.0  # bf16 dense peak of the GPU, for MFU (H100/H200 SXM datasheet)
+    model_overrides: dict = field(default_factory=dict)  # e.g. {"n_streams": 4}
+
+    def model_config(self):
+        return get_config(self.preset, **self.model_overrides)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Warmup-stable-decay: linear warmup, flat, then linear decay to 0 over the last ``decay_frac`` of the steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_start = int(cfg.steps * (1 - cfg.decay_frac))
+    if step < decay_start:
+        return 1.0
+    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_start))
+
+
+class Batches:
+    """Deterministic random windows: batch ``(step, micro)`` on ``rank`` is a pure function of its arguments."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch: int, seed: int, rank: int, device) -> None:
+        if tokens.size <= seq_len + 1:
+            raise ValueError(f"split of {tokens.size} tokens is too short for seq_len {seq_len}")
+        self.tokens, self.seq_len, self.batch, self.seed, self.rank, self.device = (
+            tokens, seq_len, batch, seed, rank, device)  # fmt: skip
+        self.span = np.arange(seq_len + 1)
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, step, micro, self.rank))
+        starts = rng.integers(0, self.tokens.size - self.seq_len - 1, size=self.batch)
+        window = torch.from_numpy(self.tokens[starts[:, None] + self.span].astype(np.int64))
+        if self.device.type == "cuda":
+            window = window.pin_memory().to(self.device, non_blocking=True)
+        return window[:, :-1], window[:, 1:]
+
+
+class LossModule(nn.Module):
+    """The training objective as a module's forward, so DDP's gradient hooks see it."""
+
+    def __init__(self, model: Transformer, entropy_coef: float) -> None:
+        super().__init__()
+        self.model, self.entropy_coef = model, entropy_coef
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.entropy_coef == 0:
+            return self.model.loss(x, y)
+        logits = self.model(x).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+        logp = logits.log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1).mean()
+        return ce - self.entropy_coef * entropy, ce.detach()
+
+
+def make_optimizers(model: Transformer, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    """Muon for 2-D hidden matrices, AdamW for the rest (embeddings and the LM head are not "hidden")."""
+    matrices, others = [], []
+    for name, p in model.named_parameters():
+        hidden = p.ndim == 2 and not name.startswith(("tok_emb", "lm_head"))
+        (matrices if hidden else others).append(p)
+    fused = next(model.parameters()).is_cuda
+    opts = {
+        "muon": torch.optim.Muon(matrices, lr=cfg.lr_matrix, weight_decay=cfg.weight_decay),
+        "adamw": torch.optim.AdamW(others, lr=cfg.lr_embed, betas=(0.9, 0.95), weight_decay=0.0, fused=fused),
+    }
+    for opt in opts.values():
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return opts
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """Training FLOPs per token: 6 × matmul parameters + attention (12·L·d·T), the usual estimate."""
+    c = model.config
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith("tok_emb"))
+    if c.tie_embeddings:
+        matmul += model.tok_emb.weight.numel()  # the tied LM head is a matmul too
+    return 6 * matmul + 12 * c.n_layers * c.d_model * seq_len
+
+
+@torch.no_grad()
+def output_stats(model: Transformer, x: torch.Tensor) -> dict[str, float]:
+    """Entropy of the next-token distribution and max |logit|: collapse shows here before it shows in the loss."""
+    logits = model(x[:4]).float()
+    logp = logits.log_softmax(-1)
+    return {"entropy": float(-(logp.exp() * logp).sum(-1).mean()), "logit_max": float(logits.abs().max())}
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, tokens: np.ndarray, cfg: TrainConfig, device, autocast) -> float:
+    """Mean next-token CE (nats) over the first ``eval_tokens`` tokens of the val split, in contiguous windows."""
+    model.eval()
+    n = min(cfg.eval_tokens, tokens.size - 1) // cfg.seq_len * cfg.seq_len
+    if n == 0:
+        return float("nan")
+    data = torch.from_numpy(tokens[: n + 1].astype(np.int64)).to(device)
+    x, y = data[:-1].view(-1, cfg.seq_len), data[1:].view(-1, cfg.seq_len)
+    total = 0.0
+    for i in range(0, x.shape[0], cfg.batch_size):
+        with autocast():
+            logits = model(x[i : i + cfg.batch_size]).float()
+        total += float(F.cross_entropy(logits.flatten(0, 1), y[i : i + cfg.batch_size].flatten(), reduction="sum"))
+    model.train()
+    return total / n
+
+
+def plot_metrics(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [(r["step"], r["ce"]) for r in rows if "ce" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train CE", lw=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val CE", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits after the step in flight."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _dist_setup() -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return rank, world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return rank, world, torch.device("cpu")
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Run (or resume) training; returns a summary (final step, losses, tokens/s, status)."""
+    rank, world, device = _dist_setup()
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    torch.manual_seed(cfg.seed)
+    mcfg = cfg.model_config()
+    model = Transformer(mcfg)
+    if not cfg.ternary:
+        model.apply(lambda m: setattr(m, "quantize", False) if hasattr(m, "quantize") else None)
+    model.to(device)
+    opts = make_optimizers(model, cfg)
+    start = 0
+    if (path := checkpoint.latest(ckpt_dir)) is not None:
+        state = checkpoint.read_state(path)
+        saved = state["extra"]["train_config"]
+        mismatched = [k for k in saved if k not in ("steps", "out", "log_every", "ckpt_every") and
+                      saved[k] != json.loads(json.dumps(asdict(cfg)))[k]]  # fmt: skip
+        if mismatched:
+            raise ValueError(f"{path} was trained with different settings: {mismatched}; use another --out")
+        checkpoint.load(path, model, opts)
+        start = state["step"]
+    train_tokens = open_split(Path(cfg.data), "train")
+    val_tokens = open_split(Path(cfg.data), "val")
+    if int(train_tokens.max(initial=0)) >= mcfg.vocab_size:
+        raise ValueError(f"shards hold token ids ≥ the model's vocab_size {mcfg.vocab_size}")
+    batches = Batches(train_tokens, cfg.seq_len, cfg.batch_size, cfg.seed, rank, device)
+    objective: nn.Module = LossModule(model, cfg.entropy_coef)
+    if world > 1:
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.index is not None
+                                                        else None)  # fmt: skip
+    step_fn = torch.compile(objective) if cfg.compile else objective
+    use_bf16 = device.type == "cuda"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    is_main = rank == 0
+    metrics_path = out / "metrics.jsonl"
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict()}, indent=2))
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    fpt = flops_per_token(model, cfg.seq_len)
+    stop = _StopFlag()
+    extra = lambda: {"train_config": asdict(cfg), "model_config": mcfg.to_dict()}  # noqa: E731
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main))
+    t_last, step, status = time.perf_counter(), start, "completed"
+    last = {}
+    try:
+        for step in range(start, cfg.steps):
+            for opt in opts.values():
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * lr_factor(step, cfg)
+            for micro in range(cfg.grad_accum):
+                x, y = batches.get(step, micro)
+                sync = micro == cfg.grad_accum - 1 or world == 1
+                ctx = objective.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+                with ctx, autocast():
+                    loss, ce = step_fn(x, y)
+                (loss / cfg.grad_accum).backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for opt in opts.values():
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            done = step + 1
+            if is_main and (done % cfg.log_every == 0 or done == cfg.steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                tps = tokens_per_step * min(cfg.log_every, done - start) / (now - t_last)
+                t_last = now
+                last = {"step": done, "loss": float(loss.detach()), "ce": float(ce), "grad_norm": float(grad_norm),
+                        "lr_matrix": opts["muon"].param_groups[0]["lr"], "tokens_per_s": tps,
+                        "mfu": tps * fpt / (cfg.peak_tflops * 1e12) if device.type == "cuda" else None,
+                        "tokens": done * tokens_per_step} | output_stats(model, x)  # fmt: skip
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    last["val_loss"] = evaluate(model, val_tokens, cfg, device, autocast)
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(last) + "\n")
+                bar.set_postfix(ce=f"{last['ce']:.3f}", tps=f"{tps / 1e3:.0f}k")
+                t_last = time.perf_counter()
+            bar.update(1)
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"loss became {float(loss.detach())} at step {done}")
+            if stop.requested:
+                status = "interrupted"
+                break
+            if is_main and done % cfg.ckpt_every == 0 and done < cfg.steps:
+                checkpoint.save(ckpt_dir, done, model, opts, extra())
+        else:
+            done = cfg.steps
+        if is_main and done > start:
+            checkpoint.save(ckpt_dir, done, model, opts, extra())
+            if metrics_path.exists():
+                plot_metrics(metrics_path, out / "loss.png")
+    finally:
+        stop.restore()
+        bar.close()
+        if world > 1:
+            dist.destroy_process_group()
+    return {"status": status, "step": done, "last": last}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        if f.name == "model_overrides":
+            ap.add_argument("--model", type=json.loads, default={}, dest="model_overrides",
+                            help='model config overrides as JSON, e.g. \'{"n_streams": 4}\'')  # fmt: skip
+        elif f.type in ("bool", bool):
+            ap.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    return TrainConfig(**vars(ap.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    summary = train(parse_args(argv))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
