@@ -1,0 +1,152 @@
+"""Text generation with the PyTorch model and a KV cache: the numerical reference and eager baseline for the runtime.
+
+:func:`stream` prefills the prompt once, then decodes one token per step from the cache and yields each token as it
+is chosen (greedy at ``temperature = 0``, else temperature → top-k → top-p sampling from a seeded generator). It stops
+at ``max_new_tokens``, a stop token id, a stop string (needs ``decode``), or the context limit. :func:`generate`
+collects the stream into a :class:`Generation`.
+
+    python -m model.generate path/to/model.gguf --prompt "def main(" --max-new-tokens 64 --temperature 0
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token. ``temperature = 0`` is greedy; ``top_k = 0`` and ``top_p = 1`` disable those filters."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid sampling parameters: {self}")
+
+
+@dataclass
+class Generation:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "length", "stop_token", "stop_string" or "context"
+    text: str | None = None
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k, then outside the smallest set whose probability reaches top-p."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep a token while the mass before it is < top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token id from the logits ``[vocab]`` of the last position."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def stream(
+    model: Transformer,
+    prompt: list[int],
+    params: SamplingParams,
+    decode: Callable[[list[int]], str] | None = None,
+    finish: Generation | None = None,
+) -> Iterator[int]:
+    """Yield generated token ids one by one; ``finish`` (if given) receives the finish reason at the end."""
+    if not prompt:
+        raise ValueError("the prompt must hold at least one token")
+    if params.stop_strings and decode is None:
+        raise ValueError("stop strings need a decode function")
+    model.eval()
+    limit = model.config.max_seq_len
+    if len(prompt) >= limit:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in max_seq_len {limit}")
+    generator = torch.Generator().manual_seed(params.seed)
+    cache = model.new_cache(1, limit)
+    device = model.tok_emb.weight.device
+    logits = model(torch.tensor([prompt], device=device), cache)[0, -1]
+    out: list[int] = []
+    reason = "length"
+    while len(out) < params.max_new_tokens:
+        token = sample(logits, params, generator)
+        out.append(token)
+        yield token
+        if token in params.stop_token_ids:
+            reason = "stop_token"
+            break
+        if params.stop_strings and any(s in decode(out) for s in params.stop_strings):
+            reason = "stop_string"
+            break
+        if cache.pos >= limit:
+            reason = "context"
+            break
+        logits = model(torch.tensor([[token]], device=device), cache)[0, -1]
+    if finish is not None:
+        finish.finish_reason = reason
+
+
+def generate(
+    model: Transformer, prompt: list[int], params: SamplingParams, decode: Callable[[list[int]], str] | None = None
+) -> Generation:
+    """Run :func:`stream` to the end; the text (if ``decode`` is given) is cut before the first stop string."""
+    result = Generation()
+    result.tokens = list(stream(model, prompt, params, decode, finish=result))
+    if decode is not None:
+        text = decode(result.tokens)
+        cuts = [text.find(s) for s in params.stop_strings if s in text]
+        result.text = text[: min(cuts)] if cuts else text
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    from model.gguf_io import read_gguf
+    from model.tokenizer import hf_from_spec
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("gguf")
+    ap.add_argument("--prompt", default="")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    gg = read_gguf(args.gguf)
+    tok = hf_from_spec(gg.tokenizer)
+    model = Transformer.from_gguf_tensors(gg.config, gg.model_tensors())
+    prompt = ([gg.tokenizer.bos_id] if gg.tokenizer.bos_id is not None else []) + tok.encode(args.prompt).ids
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                            stop_token_ids=tuple(i for i in (gg.tokenizer.eos_id,) if i is not None))  # fmt: skip
+    out: list[int] = []
+    printed = ""
+    for token in stream(model, prompt, params):
+        out.append(token)
+        text = tok.decode(out)
+        if not text.endswith("\ufffd"):  # hold back half a UTF-8 character
+            print(text[len(printed) :], end="", flush=True)
+            printed = text
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The BitNet b1.58 transformer with mHC-lite residual routing (PyTorch): embeddings → blocks → norm → logits.
+
+Per token: ``X = expand(embed(t))`` (n streams), then per block two mHC sites (:mod:`model.mhc`) whose sublayers are
+attention (:mod:`model.attention`) and a SwiGLU FFN, each starting with its own RMSNorm; then
+``logits = lm_head(RMSNorm(mean_s X[s]))``. The LM head is the (float) token embedding when ``tie_embeddings``, else
+its own float matrix. All seven matrices of a block are ternary :class:`~model.bitlinear.BitLinear`.
+
+Optional multi-token-prediction heads (``mtp_heads = m``, Medusa-style, for self-speculative decoding): with ``h``
+the final normed hidden state, head ``k`` gives ``lm_head(h + silu(P_k h))`` (``P_k`` ternary, d × d) and predicts the
+token ``k + 2`` positions ahead (the main head predicts ``k = -1``, the next token).
+
+Weights move to and from GGUF through :meth:`Transformer.gguf_tensors` / :meth:`Transformer.from_gguf_tensors`,
+keyed by the tensor names of :mod:`model.gguf_io`.
+
+    python -c "from model.config import get_config; from model.transformer import Transformer; \\
+print(Transformer(get_config('tiny')).num_params())"
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from model import mhc
+from model.attention import Attention, KVCache, RMSNorm, rope_tables
+from model.bitlinear import BitLinear
+from model.config import ModelConfig
+from model.mhc_static import MHCCoefficients
+from model.ternary.quant import TernaryWeights
+
+IGNORE_INDEX = -1  # targets equal to this do not count in the loss
+EMBED_INIT_STD = 0.02
+MTP_LOSS_WEIGHT = 0.3  # weight of the mean multi-token-prediction loss next to the next-token loss
+
+
+class SwiGLU(nn.Module):
+    """RMSNorm → ``down(silu(gate(x)) · up(x))`` with ternary gate, up and down."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.gate = BitLinear(config.d_model, config.ffn_hidden)
+        self.up = BitLinear(config.d_model, config.ffn_hidden)
+        self.down = BitLinear(config.ffn_hidden, config.d_model)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        x = self.norm(u)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """One transformer block: an attention site and an FFN site, each an mHC-lite residual update."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn = Attention(config, layer)
+        self.ffn = SwiGLU(config)
+        self.mhc_attn = mhc.MHCSite(config.n_streams, 2 * layer)
+        self.mhc_ffn = mhc.MHCSite(config.n_streams, 2 * layer + 1)
+
+    def forward(self, streams: torch.Tensor, rope, cache: KVCache | None, pos: int) -> torch.Tensor:
+        streams = self.mhc_attn(streams, lambda u: self.attn(u, rope, cache, pos))
+        return self.mhc_ffn(streams, self.ffn)
+
+
+class MTPHead(nn.Module):
+    """``h + silu(P h)``: a residual ternary projection feeding the shared LM head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.proj = BitLinear(config.d_model, config.d_model)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + F.silu(self.proj(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.mhc_dynamic:
+            raise NotImplementedError("dynamic mHC (mhc_dynamic=True) is not implemented; use the static variant")
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        nn.init.normal_(self.tok_emb.weight, std=EMBED_INIT_STD)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = None
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            nn.init.normal_(self.lm_head.weight, std=EMBED_INIT_STD)
+        self.mtp = nn.ModuleList(MTPHead(config) for _ in range(config.mtp_heads))
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        weight = self.tok_emb.weight
+        return KVCache(self.config, batch, max_len, device=weight.device, dtype=weight.dtype)
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final normed hidden state ``[B, T, d]`` of tokens ``idx [B, T]``; with a cache, they follow ``cache.pos``."""
+        pos = cache.pos if cache is not None else 0
+        t = idx.shape[1]
+        if pos + t > self.config.max_seq_len:
+            raise ValueError(f"sequence of {pos + t} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        rope = (self.rope_cos[pos : pos + t], self.rope_sin[pos : pos + t])
+        streams = mhc.expand(self.tok_emb(idx), self.config.n_streams)
+        for block in self.blocks:
+            streams = block(streams, rope, cache, pos)
+        if cache is not None:
+            cache.pos = pos + t
+        return self.norm(mhc.collapse(streams))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.tok_emb.weight if self.lm_head is None else self.lm_head.weight)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Next-token logits ``[B, T, vocab]``."""
+        return self.head(self.hidden(idx, cache))
+
+    def mtp_logits(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of each MTP head from the hidden state ``h``: head ``k`` predicts ``k + 2`` tokens ahead."""
+        return [self.head(m(h)) for m in self.mtp]
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(total, next_token_ce)``; ``targets[:, t]`` is the token after ``idx[:, t]`` (or ``IGNORE_INDEX``)."""
+        h = self.hidden(idx)
+        ce = F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        if not self.mtp:
+            return ce, ce.detach()
+        mtp = []
+        for k, logits in enumerate(self.mtp_logits(h)):
+            shift = k + 1  # head k at position t predicts targets[t + k + 1]
+            mtp.append(F.cross_entropy(logits[:, :-shift].flatten(0, 1), targets[:, shift:].flatten(),
+                                       ignore_index=IGNORE_INDEX))  # fmt: skip
+        return ce + MTP_LOSS_WEIGHT * torch.stack(mtp).mean(), ce.detach()
+
+    # --- what the compiler and the GGUF file see ------------------------------------------------------------------
+
+    def mhc_sites(self) -> list[mhc.MHCSite]:
+        """The 2·n_layers mHC sites in execution order (block 0 attention, block 0 FFN, block 1 attention, ...)."""
+        return [site for b in self.blocks for site in (b.mhc_attn, b.mhc_ffn)]
+
+    def mhc_coefficients(self) -> list[MHCCoefficients]:
+        """Static ``(h_pre, h_post, H_res)`` of every site as numpy float32, in execution order."""
+        return [site.coefficients() for site in self.mhc_sites()]
+
+    def _named_tensors(self) -> dict[str, nn.Module | torch.Tensor]:
+        """GGUF tensor name → the BitLinear or float parameter that holds it (see ``model.gguf_io``)."""
+        out: dict[str, nn.Module | torch.Tensor] = {"token_embd.weight": self.tok_emb.weight,
+                                                    "output_norm.weight": self.norm.weight}  # fmt: skip
+        if self.lm_head is not None:
+            out["output.weight"] = self.lm_head.weight
+        for i, b in enumerate(self.blocks):
+            p = f"blk.{i}."
+            out |= {p + "attn_norm.weight": b.attn.norm.weight, p + "attn_q.weight": b.attn.q,
+                    p + "attn_k.weight": b.attn.k, p + "attn_v.weight": b.attn.v, p + "attn_output.weight": b.attn.o,
+                    p + "ffn_norm.weight": b.ffn.norm.weight, p + "ffn_gate.weight": b.ffn.gate,
+                    p + "ffn_up.weight": b.ffn.up, p + "ffn_down.weight": b.ffn.down}  # fmt: skip
+            for site_name, site in (("mhc_attn", b.mhc_attn), ("mhc_ffn", b.mhc_ffn)):
+                out |= {f"{p}{site_name}.{k}": v for k, v in site.logits().items()}
+        for k, m in enumerate(self.mtp):
+            out[f"mtp.{k}.proj.weight"] = m.proj
+        return out
+
+    @torch.no_grad()
+    def gguf_tensors(self) -> dict[str, np.ndarray | TernaryWeights]:
+        """Every tensor for export: ternary matrices as ``TernaryWeights``, the rest as float32 numpy arrays."""
+        return {name: (t.ternary_weights() if isinstance(t, BitLinear) else t.detach().float().cpu().numpy().copy())
+                for name, t in self._named_tensors().items()}  # fmt: skip
+
+    @classmethod
+    @torch.no_grad()
+    def from_gguf_tensors(cls, config: ModelConfig, tensors: dict[str, np.ndarray | TernaryWeights]) -> Transformer:
+        """Build a model whose forward reproduces the exported one exactly (see ``BitLinear.load_ternary``)."""
+        model = cls(config)
+        named = model._named_tensors()
+        if set(named) != set(tensors):
+            missing, extra = sorted(set(named) - set(tensors)), sorted(set(tensors) - set(named))
+            raise ValueError(f"tensor set mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
+        for name, target in named.items():
+            value = tensors[name]
+            if isinstance(target, BitLinear):
+                target.load_ternary(value)
+            else:
+                value = np.asarray(value, dtype=np.float32)
+                if value.shape != tuple(target.shape):
+                    raise ValueError(f"{name}: shape {value.shape}, expected {tuple(target.shape)}")
+                target.copy_(torch.from_numpy(value))
+        return model
