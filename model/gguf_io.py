@@ -1,0 +1,568 @@
+"""The GGUF contract of the ``bitnet-mhc`` architecture: a writer (via the ``gguf`` package) and a validating reader.
+
+One .gguf file is self-contained: hyperparameters, tokenizer and every weight. The reader is our own strict parser
+(numpy + stdlib, no torch, never executes or unpickles anything): it checks magic, version, every length and count
+against the bytes that remain (no absurd allocations), keys and their value types, tensor names, shapes, ggml types,
+data bounds and finite values, and raises :class:`GGUFError` naming what is wrong. ``gguf.GGUFReader`` and
+``gguf-dump`` open our files too.
+
+Contract (GGUF v3, little-endian, alignment 32)
+-----------------------------------------------
+``general.architecture = "bitnet-mhc"``, ``general.name`` (preset name), ``general.file_type`` (37 = TQ2_0,
+36 = TQ1_0), ``general.quantization_version = 2``. Hyperparameters (key → :class:`~model.config.ModelConfig` field):
+
+=========================================================  =========  ==================
+``bitnet-mhc.vocab_size``                                  uint32     vocab_size
+``bitnet-mhc.context_length``                              uint32     max_seq_len
+``bitnet-mhc.embedding_length``                            uint32     d_model
+``bitnet-mhc.block_count``                                 uint32     n_layers
+``bitnet-mhc.feed_forward_length``                         uint32     ffn_hidden
+``bitnet-mhc.attention.head_count`` / ``head_count_kv``    uint32     n_heads / n_kv_heads
+``bitnet-mhc.attention.layer_norm_rms_epsilon``            float32    norm_eps
+``bitnet-mhc.rope.freq_base``                              float32    rope_theta (GPT-NeoX rotate-half pairing)
+``bitnet-mhc.mhc.stream_count``                            uint32     n_streams (1, 2, 4)
+``bitnet-mhc.mhc.dynamic``                                 bool       mhc_dynamic (must be false for now)
+``bitnet-mhc.tie_embeddings``                              bool       tie_embeddings
+``bitnet-mhc.mtp.head_count``                              uint32     mtp_heads
+=========================================================  =========  ==================
+
+Tokenizer: ``tokenizer.ggml.model = "gpt2"``, ``.pre``, ``.tokens`` (string[vocab_size]), ``.merges`` (string[]),
+``.token_type`` (int32[vocab_size]), optional ``.bos_token_id`` / ``.eos_token_id`` / ``.padding_token_id`` /
+``.unknown_token_id`` (uint32) and ``tokenizer.chat_template`` (see :mod:`model.tokenizer`).
+
+Tensors (shapes in numpy order ``[rows, cols]``; GGUF lists dims reversed). Ternary = TQ2_0 (or TQ1_0, one type per
+file), one per-tensor absmean scale stored in every non-zero block; ``y = W x`` with ``W [out, in]``:
+
+==================================================  =====================  ==========================
+``token_embd.weight``                               [vocab, d]             F16 (or F32)
+``output.weight`` (only if not tied)                [vocab, d]             F16 (or F32)
+``output_norm.weight``                              [d]                    F32
+``blk.{i}.attn_norm.weight`` / ``ffn_norm.weight``  [d]                    F32
+``blk.{i}.attn_q.weight`` / ``attn_output.weight``  [d, d]                 ternary
+``blk.{i}.attn_k.weight`` / ``attn_v.weight``       [n_kv_heads·hd, d]     ternary
+``blk.{i}.ffn_gate.weight`` / ``ffn_up.weight``     [ffn, d]               ternary
+``blk.{i}.ffn_down.weight``                         [d, ffn]               ternary
+``blk.{i}.mhc_{attn,ffn}.pre_logits``               [n]                    F32   (n > 1 only)
+``blk.{i}.mhc_{attn,ffn}.post_logits``              [n]                    F32   (n > 1 only)
+``blk.{i}.mhc_{attn,ffn}.res_logits``               [1] (n=2) / [24] (n=4) F32   (n > 1 only)
+``mtp.{k}.proj.weight``                             [d, d]                 ternary
+==================================================  =====================  ==========================
+
+The mHC logits become coefficients with :func:`model.mhc_static.coefficients` (:meth:`GGUFModel.mhc_coefficients`).
+
+    python -m model.gguf_io model.gguf          # validate a file and print its config and tensors
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import struct
+import sys
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.config import ModelConfig
+from model.mhc_static import MHCCoefficients, coefficients, res_logits_size
+from model.ternary import ggml
+from model.ternary.checks import QK, TernaryFormatError
+from model.ternary.quant import TernaryWeights
+from model.tokenizer import TokenizerError, TokenizerSpec
+
+ARCH = "bitnet-mhc"
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSION = 3
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+MAX_KEY_BYTES = 65535
+MAX_ELEMENTS = 1 << 40  # per tensor; far above any model we build, far below overflow
+
+
+class GGUFError(ValueError):
+    """A GGUF file that is malformed or does not follow the bitnet-mhc contract; the message says what and where."""
+
+
+class ValueType(IntEnum):
+    UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
+
+
+_SCALAR = {ValueType.UINT8: "<u1", ValueType.INT8: "<i1", ValueType.UINT16: "<u2", ValueType.INT16: "<i2",
+           ValueType.UINT32: "<u4", ValueType.INT32: "<i4", ValueType.FLOAT32: "<f4", ValueType.BOOL: "<u1",
+           ValueType.UINT64: "<u8", ValueType.INT64: "<i8", ValueType.FLOAT64: "<f8"}  # fmt: skip
+
+
+class GGMLType(IntEnum):
+    F32 = 0
+    F16 = 1
+    TQ1_0 = int(ggml.TernaryType.TQ1_0)
+    TQ2_0 = int(ggml.TernaryType.TQ2_0)
+
+
+_FLOAT_DTYPES = {GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2")}
+FILE_TYPE = {GGMLType.TQ2_0: 37, GGMLType.TQ1_0: 36}  # llama.cpp's LlamaFileType MOSTLY_TQ2_0 / MOSTLY_TQ1_0
+
+# (key under "<arch>.", ModelConfig field, value type)
+HPARAMS: tuple[tuple[str, str, ValueType], ...] = (
+    ("vocab_size", "vocab_size", ValueType.UINT32),
+    ("context_length", "max_seq_len", ValueType.UINT32),
+    ("embedding_length", "d_model", ValueType.UINT32),
+    ("block_count", "n_layers", ValueType.UINT32),
+    ("feed_forward_length", "ffn_hidden", ValueType.UINT32),
+    ("attention.head_count", "n_heads", ValueType.UINT32),
+    ("attention.head_count_kv", "n_kv_heads", ValueType.UINT32),
+    ("attention.layer_norm_rms_epsilon", "norm_eps", ValueType.FLOAT32),
+    ("rope.freq_base", "rope_theta", ValueType.FLOAT32),
+    ("mhc.stream_count", "n_streams", ValueType.UINT32),
+    ("mhc.dynamic", "mhc_dynamic", ValueType.BOOL),
+    ("tie_embeddings", "tie_embeddings", ValueType.BOOL),
+    ("mtp.head_count", "mtp_heads", ValueType.UINT32),
+)
+TOKEN_IDS = {"bos_id": "tokenizer.ggml.bos_token_id", "eos_id": "tokenizer.ggml.eos_token_id",
+             "pad_id": "tokenizer.ggml.padding_token_id", "unk_id": "tokenizer.ggml.unknown_token_id"}  # fmt: skip
+
+
+# --- the tensor contract ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]  # numpy order
+    kind: str  # "ternary", "embed" (F16/F32), "float" (F32)
+
+
+def tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
+    """Every tensor a file for ``cfg`` must hold, and nothing else."""
+    d, f, kv, v = cfg.d_model, cfg.ffn_hidden, cfg.kv_dim, cfg.vocab_size
+    specs = {"token_embd.weight": TensorSpec((v, d), "embed"), "output_norm.weight": TensorSpec((d,), "float")}
+    if not cfg.tie_embeddings:
+        specs["output.weight"] = TensorSpec((v, d), "embed")
+    shapes = {"attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, d),
+              "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}  # fmt: skip
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        specs[p + "attn_norm.weight"] = specs[p + "ffn_norm.weight"] = TensorSpec((d,), "float")
+        specs |= {f"{p}{name}.weight": TensorSpec(shape, "ternary") for name, shape in shapes.items()}
+        if cfg.n_streams > 1:
+            for site in ("mhc_attn", "mhc_ffn"):
+                specs[f"{p}{site}.pre_logits"] = specs[f"{p}{site}.post_logits"] = TensorSpec((cfg.n_streams,), "float")
+                specs[f"{p}{site}.res_logits"] = TensorSpec((res_logits_size(cfg.n_streams),), "float")
+    for k in range(cfg.mtp_heads):
+        specs[f"mtp.{k}.proj.weight"] = TensorSpec((d, d), "ternary")
+    return specs
+
+
+# --- writer -------------------------------------------------------------------------------------------------------
+
+
+def write_gguf(
+    path: str | Path,
+    config: ModelConfig,
+    tensors: dict[str, np.ndarray | TernaryWeights],
+    tokenizer: TokenizerSpec,
+    ternary_type: GGMLType = GGMLType.TQ2_0,
+    embed_type: GGMLType = GGMLType.F16,
+    metadata: dict[str, str | int | float | bool] | None = None,
+) -> None:
+    """Write a bitnet-mhc GGUF. ``tensors`` maps every name of :func:`tensor_specs` to ``TernaryWeights`` (ternary)
+    or a float array; ``metadata`` adds free-form keys (str/bool/int → int64/float → float64), e.g. ``training.*``."""
+    import gguf
+
+    ternary_type, embed_type = GGMLType(ternary_type), GGMLType(embed_type)
+    if ternary_type not in FILE_TYPE or embed_type not in _FLOAT_DTYPES:
+        raise GGUFError(f"ternary_type must be TQ2_0/TQ1_0 and embed_type F16/F32, got {ternary_type!r}/{embed_type!r}")
+    specs = tensor_specs(config)
+    _check_names(set(tensors), specs)
+    try:
+        tokenizer.validate()
+    except TokenizerError as exc:
+        raise GGUFError(str(exc)) from exc
+    if len(tokenizer.tokens) != config.vocab_size:
+        raise GGUFError(f"tokenizer has {len(tokenizer.tokens)} tokens but vocab_size = {config.vocab_size} "
+                        "(use TokenizerSpec.padded)")  # fmt: skip
+    w = gguf.GGUFWriter(str(path), ARCH)
+    w.add_name(config.name)
+    w.add_file_type(FILE_TYPE[ternary_type])
+    w.add_quantization_version(2)
+    for key, attr, vtype in HPARAMS:
+        value = getattr(config, attr)
+        {ValueType.UINT32: w.add_uint32, ValueType.FLOAT32: w.add_float32, ValueType.BOOL: w.add_bool}[vtype](
+            f"{ARCH}.{key}", value
+        )
+    w.add_tokenizer_model(tokenizer.model)
+    w.add_tokenizer_pre(tokenizer.pre)
+    w.add_token_list(list(tokenizer.tokens))
+    w.add_token_merges(list(tokenizer.merges))
+    w.add_token_types(list(tokenizer.token_type))
+    for attr, key in TOKEN_IDS.items():
+        if getattr(tokenizer, attr) is not None:
+            w.add_uint32(key, getattr(tokenizer, attr))
+    if tokenizer.chat_template is not None:
+        w.add_chat_template(tokenizer.chat_template)
+    for key, value in (metadata or {}).items():
+        if key.startswith(("general.", "tokenizer.", f"{ARCH}.")):
+            raise GGUFError(f"metadata key {key!r} is reserved by the contract")
+        adders = {bool: w.add_bool, int: w.add_int64, float: w.add_float64, str: w.add_string}
+        if type(value) not in adders:
+            raise GGUFError(f"metadata {key!r}: unsupported value type {type(value).__name__}")
+        adders[type(value)](key, value)
+    for name, spec in specs.items():
+        arr, qtype = _encode(name, tensors[name], spec, ternary_type, embed_type)
+        w.add_tensor(name, arr, raw_dtype=gguf.GGMLQuantizationType(int(qtype)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _encode(name, value, spec: TensorSpec, ternary_type: GGMLType, embed_type: GGMLType):
+    if spec.kind == "ternary":
+        if not isinstance(value, TernaryWeights):
+            raise GGUFError(f"{name}: expected TernaryWeights, got {type(value).__name__}")
+        if value.codes.shape != spec.shape:
+            raise GGUFError(f"{name}: shape {value.codes.shape}, expected {spec.shape}")
+        try:
+            return ggml.pack(value, ggml.TernaryType(int(ternary_type))), ternary_type
+        except TernaryFormatError as exc:
+            raise GGUFError(f"{name}: {exc}") from exc
+    qtype = embed_type if spec.kind == "embed" else GGMLType.F32
+    arr = np.asarray(value)
+    if arr.shape != spec.shape:
+        raise GGUFError(f"{name}: shape {arr.shape}, expected {spec.shape}")
+    with np.errstate(over="ignore"):  # an overflow to inf is reported just below
+        arr = np.ascontiguousarray(arr, dtype=_FLOAT_DTYPES[qtype])
+    if not np.isfinite(arr).all():
+        raise GGUFError(f"{name}: non-finite values in {qtype.name} (overflow?)")
+    return arr, qtype
+
+
+def _check_names(names: set[str], specs: dict[str, TensorSpec]) -> None:
+    missing, extra = sorted(set(specs) - names), sorted(names - set(specs))
+    if missing or extra:
+        raise GGUFError(f"tensor set does not match the config: missing {missing[:5]}{'...' * (len(missing) > 5)}, "
+                        f"unexpected {extra[:5]}{'...' * (len(extra) > 5)}")  # fmt: skip
+
+
+# --- low-level parser ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor: numpy-order ``shape``; ``data`` is a read-only view (float array, or raw bytes ``[rows, row_bytes]``
+    for TQ2_0/TQ1_0, ready for :func:`model.ternary.layouts.repack_gguf`)."""
+
+    name: str
+    ggml_type: GGMLType
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    def ternary(self) -> TernaryWeights:
+        if self.ggml_type in _FLOAT_DTYPES:
+            raise GGUFError(f"{self.name}: {self.ggml_type.name} is not a ternary type")
+        try:
+            codes, scales = ggml.unpack(self.data, self.shape[-1], ggml.TernaryType(int(self.ggml_type)))
+            tw = ggml.to_ternary(codes, scales)
+        except TernaryFormatError as exc:
+            raise GGUFError(f"{self.name}: {exc}") from exc
+        if not np.isfinite(tw.scale):
+            raise GGUFError(f"{self.name}: non-finite scale {tw.scale}")
+        return tw
+
+    def to_float(self) -> np.ndarray:
+        if self.ggml_type in _FLOAT_DTYPES:
+            return self.data.astype(np.float32)
+        return self.ternary().dequantize()
+
+
+@dataclass
+class GGUFFile:
+    version: int
+    alignment: int
+    metadata: dict[str, Any]
+    value_types: dict[str, ValueType]  # the GGUF type of each key (the item type for arrays is in array_types)
+    array_types: dict[str, ValueType]
+    tensors: dict[str, GGUFTensor]
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads; every length is checked against the bytes that remain."""
+
+    def __init__(self, buf) -> None:
+        self.buf, self.pos, self.size = buf, 0, len(buf)
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or n > self.size - self.pos:
+            raise GGUFError(f"truncated or corrupt file: {what} needs {n} bytes at offset {self.pos}, "
+                            f"{self.size - self.pos} remain")  # fmt: skip
+        out = memoryview(self.buf)[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str, what: str):
+        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt), what))[0]
+
+    def string(self, what: str, limit: int | None = None) -> str:
+        n = self.unpack("Q", f"{what} length")
+        if limit is not None and n > limit:
+            raise GGUFError(f"{what}: declared length {n} exceeds {limit}")
+        try:
+            return str(self.take(n, what), "utf-8")
+        except UnicodeDecodeError as exc:
+            raise GGUFError(f"{what}: invalid UTF-8 ({exc.reason})") from None
+
+    def value(self, vtype: int, what: str) -> tuple[Any, ValueType | None]:
+        """A value of GGUF type ``vtype``; returns (value, item type if an array)."""
+        vtype = self.vtype(vtype, what)
+        if vtype == ValueType.STRING:
+            return self.string(what), None
+        if vtype != ValueType.ARRAY:
+            raw = self.take(np.dtype(_SCALAR[vtype]).itemsize, what)
+            v = np.frombuffer(raw, _SCALAR[vtype])[0].item()
+            if vtype == ValueType.BOOL and v not in (0, 1):
+                raise GGUFError(f"{what}: bool byte {v} is neither 0 nor 1")
+            return (bool(v) if vtype == ValueType.BOOL else v), None
+        item = self.vtype(self.unpack("I", f"{what} item type"), f"{what} item")
+        count = self.unpack("Q", f"{what} count")
+        if item == ValueType.ARRAY:
+            raise GGUFError(f"{what}: nested arrays are not part of the contract")
+        min_item = 8 if item == ValueType.STRING else np.dtype(_SCALAR[item]).itemsize
+        if count > (self.size - self.pos) // min_item:
+            raise GGUFError(f"{what}: declared {count} items, more than the {self.size - self.pos} bytes left can hold")
+        if item == ValueType.STRING:
+            return [self.string(f"{what}[{i}]") for i in range(count)], item
+        arr = np.frombuffer(self.take(count * min_item, what), _SCALAR[item]).copy()
+        if item == ValueType.BOOL and (arr > 1).any():
+            raise GGUFError(f"{what}: bool array holds bytes other than 0/1")
+        return arr.astype(bool) if item == ValueType.BOOL else arr, item
+
+    @staticmethod
+    def vtype(v: int, what: str) -> ValueType:
+        try:
+            return ValueType(v)
+        except ValueError:
+            raise GGUFError(f"{what}: unknown GGUF value type {v}") from None
+
+
+def _tensor_nbytes(name: str, gtype: GGMLType, ne: list[int]) -> int:
+    if gtype in _FLOAT_DTYPES:
+        return int(np.prod(ne, dtype=np.int64)) * _FLOAT_DTYPES[gtype].itemsize
+    if ne[0] % QK:
+        raise GGUFError(f"tensor {name}: {gtype.name} row length {ne[0]} is not a multiple of {QK}")
+    rows = int(np.prod(ne[1:], dtype=np.int64))
+    return rows * ggml.row_bytes(ne[0], ggml.TernaryType(int(gtype)))
+
+
+def parse_gguf(source: str | Path | bytes) -> GGUFFile:
+    """Structural parse of a GGUF v3 file (path → memory-mapped, or bytes); tensor data stays zero-copy."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        buf = bytes(source)
+    else:
+        try:
+            with open(source, "rb") as fh:
+                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if Path(source).stat().st_size else b""
+        except OSError as exc:
+            raise GGUFError(f"cannot open {source}: {exc}") from exc
+    cur = _Cursor(buf)
+    magic = bytes(cur.take(4, "magic"))
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"not a GGUF file: magic {magic!r}, expected {GGUF_MAGIC!r}")
+    version = cur.unpack("I", "version")
+    if version != GGUF_VERSION:
+        raise GGUFError(f"unsupported GGUF version {version} (expected {GGUF_VERSION})")
+    n_tensors, n_kv = cur.unpack("Q", "tensor count"), cur.unpack("Q", "metadata count")
+    left = cur.size - cur.pos
+    if n_kv > left // 13 or n_tensors > left // 25:  # smallest possible KV pair / tensor info in bytes
+        raise GGUFError(f"declared {n_kv} metadata keys and {n_tensors} tensors cannot fit in {cur.size} bytes")
+    meta: dict[str, Any] = {}
+    vtypes: dict[str, ValueType] = {}
+    atypes: dict[str, ValueType] = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}", MAX_KEY_BYTES)
+        if key in meta:
+            raise GGUFError(f"duplicate metadata key {key!r}")
+        vtype = cur.unpack("I", f"{key} type")
+        meta[key], item = cur.value(vtype, key)
+        vtypes[key] = ValueType(vtype)
+        if item is not None:
+            atypes[key] = item
+    alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+    if "general.alignment" in meta and (vtypes["general.alignment"] != ValueType.UINT32 or alignment <= 0
+                                        or alignment & (alignment - 1) or alignment > 1 << 16):  # fmt: skip
+        raise GGUFError(f"general.alignment = {alignment!r} must be a uint32 power of two ≤ 65536")
+    infos = []
+    for i in range(n_tensors):
+        name = cur.string(f"tensor #{i} name", MAX_KEY_BYTES)
+        n_dims = cur.unpack("I", f"tensor {name} n_dims")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise GGUFError(f"tensor {name}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+        ne = [cur.unpack("Q", f"tensor {name} dim") for _ in range(n_dims)]
+        raw_type = cur.unpack("I", f"tensor {name} type")
+        offset = cur.unpack("Q", f"tensor {name} offset")
+        if any(n == 0 for n in ne) or any(n > MAX_ELEMENTS for n in ne) or np.prod(ne, dtype=float) > MAX_ELEMENTS:
+            raise GGUFError(f"tensor {name}: implausible dims {ne}")
+        try:
+            gtype = GGMLType(raw_type)
+        except ValueError:
+            raise GGUFError(f"tensor {name}: ggml type {raw_type} is not one of {[t.name for t in GGMLType]}") from None
+        if offset % alignment:
+            raise GGUFError(f"tensor {name}: offset {offset} is not aligned to {alignment}")
+        infos.append((name, gtype, ne, offset, _tensor_nbytes(name, gtype, ne)))
+    data_start = -(-cur.pos // alignment) * alignment
+    tensors: dict[str, GGUFTensor] = {}
+    spans = []
+    for name, gtype, ne, offset, nbytes in infos:
+        if name in tensors:
+            raise GGUFError(f"duplicate tensor name {name!r}")
+        start = data_start + offset
+        if start + nbytes > cur.size:
+            raise GGUFError(f"tensor {name}: data [{start}, {start + nbytes}) extends past the end of the file "
+                            f"({cur.size} bytes): truncated?")  # fmt: skip
+        shape = tuple(reversed(ne))
+        if gtype in _FLOAT_DTYPES:
+            dtype = _FLOAT_DTYPES[gtype]
+            data = np.frombuffer(buf, dtype, nbytes // dtype.itemsize, start).reshape(shape)
+        else:  # raw blocks, one row of bytes per row of weights
+            data = np.frombuffer(buf, np.uint8, nbytes, start).reshape(*shape[:-1], -1)
+        tensors[name] = GGUFTensor(name, gtype, shape, data)
+        spans.append((start, start + nbytes, name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in itertools.pairwise(spans):
+        if start < end:
+            raise GGUFError(f"tensors {a} and {b} overlap in the file")
+    return GGUFFile(version, alignment, meta, vtypes, atypes, tensors)
+
+
+# --- contract-level reader ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFModel:
+    """A validated bitnet-mhc file: config, tokenizer and tensors (see the module docstring for names)."""
+
+    config: ModelConfig
+    tokenizer: TokenizerSpec
+    tensors: dict[str, GGUFTensor]
+    ternary_type: GGMLType
+    metadata: dict[str, Any] = field(repr=False)
+
+    def model_tensors(self) -> dict[str, np.ndarray | TernaryWeights]:
+        """What :meth:`model.transformer.Transformer.from_gguf_tensors` takes: ternaries as ``TernaryWeights``."""
+        specs = tensor_specs(self.config)
+        return {n: (t.ternary() if specs[n].kind == "ternary" else t.to_float()) for n, t in self.tensors.items()}
+
+    def mhc_coefficients(self) -> list[MHCCoefficients]:
+        """Static ``(h_pre, h_post, H_res)`` per site in execution order (block 0 attn, block 0 FFN, ...)."""
+        out = []
+        for i in range(self.config.n_layers):
+            for site in ("mhc_attn", "mhc_ffn"):
+                if self.config.n_streams == 1:
+                    one = np.ones(1, np.float32)
+                    out.append(MHCCoefficients(one, one, one.reshape(1, 1)))
+                    continue
+                logits = [self.tensors[f"blk.{i}.{site}.{k}_logits"].data for k in ("pre", "post", "res")]
+                out.append(coefficients(*logits))
+        return out
+
+
+def _get(f: GGUFFile, key: str, vtype: ValueType, item: ValueType | None = None, required: bool = True):
+    if key not in f.metadata:
+        if required:
+            raise GGUFError(f"missing metadata key {key!r}")
+        return None
+    if f.value_types[key] != vtype or (item is not None and f.array_types.get(key) != item):
+        got = f.value_types[key].name + (f"[{f.array_types[key].name}]" if key in f.array_types else "")
+        want = vtype.name + (f"[{item.name}]" if item is not None else "")
+        raise GGUFError(f"metadata {key!r} has type {got}, expected {want}")
+    return f.metadata[key]
+
+
+def _float32_value(v: float) -> float:
+    return float(str(np.float32(v)))  # shortest decimal: 1e-5 comes back as 1e-5, not 9.99999974e-06
+
+
+def read_gguf(source: str | Path | bytes, check_values: bool = True) -> GGUFModel:
+    """Parse and validate a bitnet-mhc GGUF. ``check_values`` also decodes every ternary tensor (codes, one scale)
+    and checks every float for NaN/inf (O(size); turn it off only for files already validated)."""
+    f = parse_gguf(source)
+    arch = _get(f, "general.architecture", ValueType.STRING)
+    if arch != ARCH:
+        raise GGUFError(f"general.architecture = {arch!r}, expected {ARCH!r}")
+    fields: dict[str, Any] = {"name": _get(f, "general.name", ValueType.STRING, required=False) or "custom"}
+    for key, attr, vtype in HPARAMS:
+        v = _get(f, f"{ARCH}.{key}", vtype)
+        fields[attr] = _float32_value(v) if vtype == ValueType.FLOAT32 else v
+    try:
+        config = ModelConfig(**fields)
+    except ValueError as exc:
+        raise GGUFError(f"hyperparameters: {exc}") from exc
+    tok = _read_tokenizer(f, config)
+    specs = tensor_specs(config)
+    _check_names(set(f.tensors), specs)
+    ternary_types = {t.ggml_type for n, t in f.tensors.items() if specs[n].kind == "ternary"}
+    if len(ternary_types) > 1 or ternary_types - {GGMLType.TQ2_0, GGMLType.TQ1_0}:
+        raise GGUFError(
+            f"ternary tensors must all be TQ2_0 or all TQ1_0, found {sorted(t.name for t in ternary_types)}"
+        )
+    for name, spec in specs.items():
+        t = f.tensors[name]
+        if t.shape != spec.shape:
+            raise GGUFError(f"tensor {name}: shape {t.shape}, expected {spec.shape}")
+        allowed = {"float": {GGMLType.F32}, "embed": set(_FLOAT_DTYPES)}.get(spec.kind, ternary_types)
+        if t.ggml_type not in allowed:
+            raise GGUFError(
+                f"tensor {name}: type {t.ggml_type.name}, expected one of {sorted(a.name for a in allowed)}"
+            )
+        if check_values:
+            if spec.kind == "ternary":
+                t.ternary()
+            elif not np.isfinite(t.data).all():
+                raise GGUFError(f"tensor {name}: non-finite values (NaN or inf)")
+    return GGUFModel(config, tok, f.tensors, ternary_types.pop() if ternary_types else GGMLType.TQ2_0, f.metadata)
+
+
+def _read_tokenizer(f: GGUFFile, config: ModelConfig) -> TokenizerSpec:
+    p = "tokenizer.ggml."
+    ids = {attr: _get(f, key, ValueType.UINT32, required=False) for attr, key in TOKEN_IDS.items()}
+    types = _get(f, p + "token_type", ValueType.ARRAY, ValueType.INT32)
+    spec = TokenizerSpec(
+        tokens=tuple(_get(f, p + "tokens", ValueType.ARRAY, ValueType.STRING)),
+        merges=tuple(_get(f, p + "merges", ValueType.ARRAY, ValueType.STRING)),
+        token_type=tuple(int(t) for t in types),
+        model=_get(f, p + "model", ValueType.STRING),
+        pre=_get(f, p + "pre", ValueType.STRING, required=False) or "default",
+        chat_template=_get(f, "tokenizer.chat_template", ValueType.STRING, required=False),
+        extra={k: v for k, v in f.metadata.items() if k.startswith("tokenizer.") and k not in _TOKENIZER_KEYS},
+        **ids,
+    )
+    try:
+        spec.validate()
+    except TokenizerError as exc:
+        raise GGUFError(str(exc)) from exc
+    if len(spec.tokens) != config.vocab_size:
+        raise GGUFError(f"tokenizer.ggml.tokens has {len(spec.tokens)} entries, vocab_size is {config.vocab_size}")
+    return spec
+
+
+_TOKENIZER_KEYS = (
+    {"tokenizer.ggml." + k for k in ("tokens", "merges", "token_type", "model", "pre")}
+    | set(TOKEN_IDS.values())
+    | {"tokenizer.chat_template"}
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    path = (argv or sys.argv[1:])[0]
+    m = read_gguf(path)
+    print(m.config)
+    print(
+        f"tokenizer: {len(m.tokenizer.tokens)} tokens, {len(m.tokenizer.merges)} merges; ternary {m.ternary_type.name}"
+    )
+    for name, t in m.tensors.items():
+        print(f"  {name:32s} {t.ggml_type.name:6s} {t.shape}")
+
+
+if __name__ == "__main__":
+    main()
