@@ -56,8 +56,8 @@ def _split_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str,
 def _join_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, prefix: str) -> None:
     state: dict[int, dict] = {int(i): dict(v) for i, v in meta["scalars"].items()}
     for key, v in tensors.items():
-        p, idx, name = key.split(".", 2)
-        if p == prefix:
+        if key.startswith(prefix + "."):
+            _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 

@@ -7,7 +7,8 @@
   ``(seed, step, micro-step, rank)``, so the data position is the step and a resumed run sees exactly the batches the
   uninterrupted run would have seen.
 * Checkpoints (``train.checkpoint``): every ``ckpt_every`` steps, at the end, and on SIGTERM/SIGINT; a run restarted
-  with the same ``--out`` resumes from ``latest`` and continues exactly.
+  with the same ``--out`` resumes from ``latest`` and continues exactly. ``--run-steps N`` stops after N steps with a
+  checkpoint (for time-limited machines); the schedule still spans ``--steps``.
 * Logs: a progress bar, ``metrics.jsonl`` (loss, next-token CE, val loss, lr, grad norm, tokens/s, MFU, output
   entropy, max |logit|) and ``loss.png``.
 * Distributed: run the same command under ``torchrun --nproc_per_node N``; DDP with NCCL on GPUs, gloo on CPUs;
@@ -47,7 +48,8 @@ class TrainConfig:
     preset: str = "small"
     data: str = "data/shards"
     out: str = "runs/small"
-    steps: int = 2000
+    steps: int = 2000  # total steps: the lr schedule spans these
+    run_steps: int = 0  # >0: stop (with a checkpoint) after this many steps in this invocation; resume later
     batch_size: int = 32  # sequences per micro-batch and rank
     seq_len: int = 512
     grad_accum: int = 1
@@ -70,6 +72,10 @@ class TrainConfig:
 
     def model_config(self):
         return get_config(self.preset, **self.model_overrides)
+
+
+# settings that may differ between a checkpoint and the run resuming it (all others must match)
+RESUMABLE_CHANGES = ("steps", "run_steps", "out", "log_every", "eval_every", "eval_tokens", "ckpt_every", "compile")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -237,8 +243,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if (path := checkpoint.latest(ckpt_dir)) is not None:
         state = checkpoint.read_state(path)
         saved = state["extra"]["train_config"]
-        mismatched = [k for k in saved if k not in ("steps", "out", "log_every", "ckpt_every") and
-                      saved[k] != json.loads(json.dumps(asdict(cfg)))[k]]  # fmt: skip
+        now = json.loads(json.dumps(asdict(cfg)))
+        mismatched = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
         if mismatched:
             raise ValueError(f"{path} was trained with different settings: {mismatched}; use another --out")
         checkpoint.load(path, model, opts)
@@ -306,8 +312,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             bar.update(1)
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"loss became {float(loss.detach())} at step {done}")
-            if stop.requested:
-                status = "interrupted"
+            if stop.requested or (cfg.run_steps and done - start >= cfg.run_steps):
+                status = "interrupted" if stop.requested else "paused"
                 break
             if is_main and done % cfg.ckpt_every == 0 and done < cfg.steps:
                 checkpoint.save(ckpt_dir, done, model, opts, extra())
