@@ -15,12 +15,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_helpers import tiny_spec
 
 from model.config import get_config
 from model.gguf_io import ARCH, GGMLType, GGUFError, parse_gguf, read_gguf, tensor_specs, write_gguf
 from model.ternary.quant import TernaryWeights
 from model.transformer import Transformer
-from tests.model_helpers import tiny_spec
 
 FUZZ_PEAK_BYTES = 64 << 20  # a tiny file (~0.6 MB) must never make the reader allocate more than this
 

@@ -10,10 +10,10 @@ import dataclasses
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_helpers import SPECIALS, tiny_hf_tokenizer, tiny_spec
 
 from model.gguf_io import read_gguf, write_gguf
 from model.tokenizer import TOKEN_CONTROL, TOKEN_UNUSED, TokenizerError, hf_from_spec
-from tests.model_helpers import SPECIALS, tiny_hf_tokenizer, tiny_spec
 
 SAMPLES = [
     "def f(x):\n    return {'a': [1, 2.5e-3]}  # ok",
