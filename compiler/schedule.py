@@ -79,6 +79,7 @@ def open_database(target: str, root: Path | str | None = None, create: bool = Fa
     """The target's JSONDatabase, or None if it does not exist (and ``create`` is False)."""
     from tvm.s_tir import meta_schedule as ms
 
+    importlib.import_module("schedules.intrin_x86")  # records' traces name our intrinsics: register before parsing
     d = logs_dir(target, root)
     if not create and not (d / "database_tuning_record.json").exists():
         return None

@@ -27,6 +27,7 @@ The int32 accumulator is exact while ``K ≤ 2²²`` (``|Σ c·x| ≤ 2·128·K`
 
 from __future__ import annotations
 
+from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
@@ -39,169 +40,112 @@ AVX512BW_INTRIN = "ternary_dot_64b_avx512bw"
 AVX2_INTRIN = "ternary_dot_64b_avx2"
 
 
-@T.prim_func(s_tir=True)
-def ternary_dot_desc(
-    W: T.Buffer((64,), "uint8", offset_factor=1),
-    X: T.Buffer((4, 64), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], W[0:64], X[0:4, 0:64])
-        T.writes(C[0:16])
-        for ln, t, j in T.grid(16, 4, 4):
-            with T.sblock("update"):
-                vl, vt, vj = T.axis.remap("SRR", [ln, t, j])
-                C[vl] = C[vl] + T.Cast("int32", (W[vl * 4 + vt] >> T.Cast("uint8", vj * 2)) & T.uint8(3)) * T.Cast(
-                    "int32", X[vj, vl * 4 + vt]
-                )
+# The intrinsic bodies are built as single expressions by these helpers (called from TVMScript): a let-bound vector
+# in an intrinsic body becomes a workspace *allocation* per call once the body sits inside a parallel loop
+# (TVMBackendAllocWorkspace, measured 2x slower end to end), while a pure expression stays in registers.
+def _plane(w16, j: int, lanes16: int):
+    """Code plane j of packed bytes viewed as int16 lanes: ``(w >> 2j) & 0x0303`` reinterpreted as bytes."""
+    mask = tirx.Broadcast(tirx.const(0x0303, "int16"), lanes16)
+    v = w16 if j == 0 else tirx.shift_right(w16, tirx.Broadcast(tirx.const(2 * j, "int16"), lanes16))
+    return tirx.reinterpret(f"int8x{2 * lanes16}", v & mask)
 
 
-@T.prim_func(s_tir=True)
-def ternary_dot_vnni(
-    W: T.Buffer((64,), "uint8", offset_factor=1),
-    X: T.Buffer((4, 64), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], W[0:64], X[0:4, 0:64])
-        T.writes(C[0:16])
-        w = T.reinterpret(W.vload([0], "uint8x64"), dtype="int16x32")
-        m = T.broadcast(T.int16(0x0303), 32)
-        c0 = T.reinterpret(w & m, dtype="int8x64")
-        c1 = T.reinterpret(T.shift_right(w, T.broadcast(T.int16(2), 32)) & m, dtype="int8x64")
-        c2 = T.reinterpret(T.shift_right(w, T.broadcast(T.int16(4), 32)) & m, dtype="int8x64")
-        c3 = T.reinterpret(T.shift_right(w, T.broadcast(T.int16(6), 32)) & m, dtype="int8x64")
-        acc = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], "int32x16"),
-            c0,
-            X.vload([0, 0], "int8x64"),
-            dtype="int32x16",
-        )
-        acc = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            acc,
-            c1,
-            X.vload([1, 0], "int8x64"),
-            dtype="int32x16",
-        )
-        acc = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            acc,
-            c2,
-            X.vload([2, 0], "int8x64"),
-            dtype="int32x16",
-        )
-        acc = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            acc,
-            c3,
-            X.vload([3, 0], "int8x64"),
-            dtype="int32x16",
-        )
-        C[T.ramp(0, 1, 16)] = acc
+def _vnni_expr(W, X, C):
+    w16 = tirx.reinterpret("int16x32", W.vload([0], "uint8x64"))
+    acc = C.vload([0], "int32x16")
+    for j in range(4):
+        acc = tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, _plane(w16, j, 32),
+                                         X.vload([j, 0], "int8x64"))  # fmt: skip
+    return acc
 
 
-@T.prim_func(s_tir=True)
-def ternary_dot_avx512bw(
-    W: T.Buffer((64,), "uint8", offset_factor=1),
-    X: T.Buffer((4, 64), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], W[0:64], X[0:4, 0:64])
-        T.writes(C[0:16])
-        w = T.reinterpret(W.vload([0], "uint8x64"), dtype="int16x32")
-        m = T.broadcast(T.int16(0x0303), 32)
-        p0 = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
-            T.reinterpret(w & m, dtype="int8x64"),
-            X.vload([0, 0], "int8x64"),
-            dtype="int16x32",
-        )
-        p1 = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
-            T.reinterpret(T.shift_right(w, T.broadcast(T.int16(2), 32)) & m, dtype="int8x64"),
-            X.vload([1, 0], "int8x64"),
-            dtype="int16x32",
-        )
-        p2 = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
-            T.reinterpret(T.shift_right(w, T.broadcast(T.int16(4), 32)) & m, dtype="int8x64"),
-            X.vload([2, 0], "int8x64"),
-            dtype="int16x32",
-        )
-        p3 = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
-            T.reinterpret(T.shift_right(w, T.broadcast(T.int16(6), 32)) & m, dtype="int8x64"),
-            X.vload([3, 0], "int8x64"),
-            dtype="int16x32",
-        )
-        C[T.ramp(0, 1, 16)] = C.vload([0], "int32x16") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
-            p0 + p1 + p2 + p3,
-            T.broadcast(T.int16(1), 32),
-            dtype="int32x16",
-        )
+def _maddubs_expr(W, X, C, offset: int, nbytes: int):
+    """``C[lanes] + pmaddwd(Σ_j pmaddubsw(plane_j, X[j]), 1)`` over ``nbytes`` (32: AVX2, 64: AVX-512BW)."""
+    lanes16, lanes32 = nbytes // 2, nbytes // 4
+    ubsw = "llvm.x86.avx512.pmaddubs.w.512" if nbytes == 64 else "llvm.x86.avx2.pmadd.ub.sw"
+    wd = "llvm.x86.avx512.pmaddw.d.512" if nbytes == 64 else "llvm.x86.avx2.pmadd.wd"
+    w16 = tirx.reinterpret(f"int16x{lanes16}", W.vload([offset], f"uint8x{nbytes}"))
+    pairs = None
+    for j in range(4):
+        p = tirx.call_llvm_pure_intrin(f"int16x{lanes16}", ubsw, _plane(w16, j, lanes16),
+                                       X.vload([j, offset], f"int8x{nbytes}"))  # fmt: skip
+        pairs = p if pairs is None else pairs + p  # |Σ of 4 pair sums| ≤ 2048: no int16 overflow (module doc)
+    ones = tirx.Broadcast(tirx.const(1, "int16"), lanes16)
+    return C.vload([offset // 4], f"int32x{lanes32}") + tirx.call_llvm_pure_intrin(f"int32x{lanes32}", wd, pairs, ones)
 
 
-@T.prim_func(s_tir=True)
-def ternary_dot_avx2(
-    W: T.Buffer((64,), "uint8", offset_factor=1),
-    X: T.Buffer((4, 64), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], W[0:64], X[0:4, 0:64])
-        T.writes(C[0:16])
-        m = T.broadcast(T.int16(0x0303), 16)
-        for h in T.unroll(2):  # two 32-byte halves → lanes 8h .. 8h+7
-            w = T.reinterpret(W.vload([h * 32], "uint8x32"), dtype="int16x16")
-            p0 = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                T.reinterpret(w & m, dtype="int8x32"),
-                X.vload([0, h * 32], "int8x32"),
-                dtype="int16x16",
-            )
-            p1 = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                T.reinterpret(T.shift_right(w, T.broadcast(T.int16(2), 16)) & m, dtype="int8x32"),
-                X.vload([1, h * 32], "int8x32"),
-                dtype="int16x16",
-            )
-            p2 = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                T.reinterpret(T.shift_right(w, T.broadcast(T.int16(4), 16)) & m, dtype="int8x32"),
-                X.vload([2, h * 32], "int8x32"),
-                dtype="int16x16",
-            )
-            p3 = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                T.reinterpret(T.shift_right(w, T.broadcast(T.int16(6), 16)) & m, dtype="int8x32"),
-                X.vload([3, h * 32], "int8x32"),
-                dtype="int16x16",
-            )
-            C[T.ramp(h * 8, 1, 8)] = C.vload([h * 8], "int32x8") + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                p0 + p1 + p2 + p3,
-                T.broadcast(T.int16(1), 16),
-                dtype="int32x8",
-            )
+def _make(scope: str):
+    """(desc, vnni, avx512bw, avx2) PrimFuncs whose accumulator ``C`` lives in ``scope`` ("global" or "local")."""
+
+    @T.prim_func(s_tir=True)
+    def ternary_dot_desc(
+        W: T.Buffer((64,), "uint8", offset_factor=1),
+        X: T.Buffer((4, 64), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], W[0:64], X[0:4, 0:64])
+            T.writes(C[0:16])
+            for ln, t, j in T.grid(16, 4, 4):
+                with T.sblock("update"):
+                    vl, vt, vj = T.axis.remap("SRR", [ln, t, j])
+                    C[vl] = C[vl] + T.Cast("int32", (W[vl * 4 + vt] >> T.Cast("uint8", vj * 2)) & T.uint8(3)) * T.Cast(
+                        "int32", X[vj, vl * 4 + vt]
+                    )
+
+    @T.prim_func(s_tir=True)
+    def ternary_dot_vnni(
+        W: T.Buffer((64,), "uint8", offset_factor=1),
+        X: T.Buffer((4, 64), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], W[0:64], X[0:4, 0:64])
+            T.writes(C[0:16])
+            C[T.ramp(0, 1, 16)] = _vnni_expr(W, X, C)
+
+    @T.prim_func(s_tir=True)
+    def ternary_dot_avx512bw(
+        W: T.Buffer((64,), "uint8", offset_factor=1),
+        X: T.Buffer((4, 64), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], W[0:64], X[0:4, 0:64])
+            T.writes(C[0:16])
+            C[T.ramp(0, 1, 16)] = _maddubs_expr(W, X, C, 0, 64)
+
+    @T.prim_func(s_tir=True)
+    def ternary_dot_avx2(
+        W: T.Buffer((64,), "uint8", offset_factor=1),
+        X: T.Buffer((4, 64), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], W[0:64], X[0:4, 0:64])
+            T.writes(C[0:16])
+            C[T.ramp(0, 1, 8)] = _maddubs_expr(W, X, C, 0, 32)
+            C[T.ramp(8, 1, 8)] = _maddubs_expr(W, X, C, 32, 32)
+
+    return ternary_dot_desc, ternary_dot_vnni, ternary_dot_avx512bw, ternary_dot_avx2
 
 
-def _register(name: str, impl) -> str:
-    if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, ternary_dot_desc, impl)
-    return name
+def register() -> list[str]:
+    """Register the intrinsics (idempotent) and return their names.
 
-
-def register() -> tuple[str, str, str]:
-    """Register the three intrinsics (idempotent) and return their names."""
-    return (
-        _register(VNNI_INTRIN, ternary_dot_vnni),
-        _register(AVX512BW_INTRIN, ternary_dot_avx512bw),
-        _register(AVX2_INTRIN, ternary_dot_avx2),
-    )
+    Each comes twice: ``NAME`` with the accumulator in a global buffer, ``NAME_local`` with it in a ``local`` one —
+    the schedules use the latter, so the per-row-tile accumulators are stack arrays that LLVM keeps in registers
+    (a global rf buffer inside a parallel loop is a workspace allocation per tile and reloaded from memory per call).
+    """
+    names = []
+    for scope, suffix in (("global", ""), ("local", "_local")):
+        desc, *impls = _make(scope)
+        for base, impl in zip((VNNI_INTRIN, AVX512BW_INTRIN, AVX2_INTRIN), impls, strict=True):
+            name = base + suffix
+            if TensorIntrin.get(name, allow_missing=True) is None:
+                TensorIntrin.register(name, desc, impl)
+            names.append(name)
+    return names
 
 
 register()

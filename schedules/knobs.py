@@ -42,16 +42,34 @@ def knob(name: str, n: int, options, default: int) -> Knob:
 
 
 def choose(sch, knobs: dict | None, k: Knob):
-    """A fixed int (``knobs`` given; missing names take the knob's default) or a sampled ``ExprRV``."""
-    if knobs is not None:
-        v = int(knobs.get(k.name, k.default))
-        if v not in k.candidates:
-            raise ValueError(f"knob {k.name}={v} is not one of {k.candidates} for this shape")
-        return v
+    """The knob's value as a ``sample_categorical`` instruction (a single candidate is returned as a plain int).
+
+    With ``knobs`` given the decision is fixed to ``knobs[k.name]`` (missing names take the default), so the schedule
+    trace records the chosen value as a decision: tuning records carry their knobs, and :func:`knobs_of_trace` reads
+    them back. With ``knobs=None`` the decision is left to the sampler (MetaSchedule design space).
+    """
     if len(k.candidates) == 1:
         return k.candidates[0]
     probs = [1.0 / len(k.candidates)] * len(k.candidates)
-    return sch.sample_categorical(list(k.candidates), probs, decision=k.candidates.index(k.default))
+    if knobs is None:
+        return sch.sample_categorical(list(k.candidates), probs)
+    v = int(knobs.get(k.name, k.default))
+    if v not in k.candidates:
+        raise ValueError(f"knob {k.name}={v} is not one of {k.candidates} for this shape")
+    return sch.sample_categorical(list(k.candidates), probs, decision=k.candidates.index(v))
+
+
+def knobs_of_trace(trace, space: list[Knob]) -> dict[str, int]:
+    """The knob values a schedule trace decided, in :func:`choose` call order (single-candidate knobs implied)."""
+    sampled = [k for k in space if len(k.candidates) > 1]
+    decisions = [
+        int(trace.get_decision(inst)) for inst in trace.insts if inst.kind.name == "SampleCategorical"
+    ]  # fmt: skip
+    if len(decisions) != len(sampled):
+        raise ValueError(f"trace has {len(decisions)} categorical decisions, the knob space {len(sampled)}")
+    out = {k.name: k.candidates[0] for k in space if len(k.candidates) == 1}
+    out.update({k.name: k.candidates[d] for k, d in zip(sampled, decisions, strict=True)})
+    return {k.name: out[k.name] for k in space}
 
 
 def defaults(space: list[Knob]) -> dict[str, int]:

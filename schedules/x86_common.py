@@ -45,9 +45,9 @@ def space(op, isa: Isa) -> list[Knob]:
         return [knob("rows", op.M, (1, 2, 4, 8), 4), knob("lanes", 64, (isa.f32_lanes, 2 * isa.f32_lanes),
                 isa.f32_lanes)]  # fmt: skip
     if kind == "rmsnorm_quant":
-        return [knob("vec", op.D, (8, 16, 32), isa.f32_lanes)]
+        return [knob("vec", op.D, (8, 16, 32, 64), isa.f32_lanes)]
     if kind == "mhc_post":
-        return [knob("vec", op.D, (8, 16, 32), isa.f32_lanes), knob("unroll", op.D, (1, 2, 4), 2)]
+        return [knob("vec", op.D, (8, 16, 32), isa.f32_lanes), knob("unroll", op.D // 32, (1, 2, 4), 2)]
     raise KeyError(f"no x86 schedule for op kind {kind!r}")
 
 
@@ -118,7 +118,83 @@ def gemv_f32(sch, op, isa: Isa, knobs: dict | None = None):
     return sch
 
 
-TEMPLATES = {"gemv_i8": gemv_i8, "gemm_i8": gemm_i8, "gemv_f32": gemv_f32}
+def _lane_reduce(sch, block, loop, lanes, factor_axis):
+    """Split a reduction ``loop`` by ``lanes`` and rfactor the inner part into vector lanes; returns the rf block."""
+    _o, i = sch.split(loop, [None, lanes])
+    rf = sch.rfactor(i, factor_axis=factor_axis)
+    sch.vectorize(sch.get_loops(rf)[-1])
+    return rf
+
+
+def rmsnorm_quant(sch, op, isa: Isa, knobs: dict | None = None):
+    """Three vectorized passes per token: Σx² (lane partial sums), max|h|, then quantize + Σq (h never stored)."""
+    vec = choose(sch, knobs, {k.name: k for k in space(op, isa)}["vec"])
+    sch.compute_inline(sch.get_sblock("h"))
+    for name in ("ss", "amax"):
+        blk = sch.get_sblock(name)
+        _n, d = sch.get_loops(blk)
+        _o, i = sch.split(d, [None, vec])
+        rf = sch.rfactor(i, factor_axis=1)
+        n, do, di = sch.get_loops(rf)
+        sch.reorder(n, do, di)
+        sch.vectorize(di)
+    q = sch.get_sblock("q")
+    _n, i = sch.get_loops(q)
+    _o, qi = sch.split(i, [None, vec])
+    sch.vectorize(qi)
+    qs = sch.get_sblock("q_sum")
+    _n, d = sch.get_loops(qs)
+    _o, i = sch.split(d, [None, vec])
+    rf = sch.rfactor(i, factor_axis=1)
+    n, do, di = sch.get_loops(rf)
+    sch.vectorize(di)
+    return sch
+
+
+def mhc_post(sch, op, isa: Isa, knobs: dict | None = None):
+    """One sweep over columns: per ``vec`` columns, the S mixed streams (unrolled over s), u, and ss lane sums."""
+    ks = {k.name: k for k in space(op, isa)}
+    vec, unroll = choose(sch, knobs, ks["vec"]), choose(sch, knobs, ks["unroll"])
+    u = sch.get_sblock("u")
+    if op.last:
+        sch.compute_inline(sch.get_sblock("X_out"))
+        d, rs = sch.get_loops(u)
+        main = u
+    else:
+        main = sch.get_sblock("X_out")
+        rs, d = sch.get_loops(main)
+    do, di = sch.split(d, [None, vec])
+    doo, doi = sch.split(do, [None, unroll])
+    sch.reorder(doo, doi, rs, di)  # per column tile: the S streams (unrolled), each a vector of columns
+    sch.unroll(doi)
+    sch.unroll(rs)
+    sch.vectorize(di)
+    anchor = doo
+    if not op.last:  # u for this column tile, right after X' (reads it from L1)
+        sch.reverse_compute_at(u, doo)
+        if op.S > 1:
+            ud, urs = sch.get_loops(u)[-2:]
+            udo, udi = sch.split(ud, [None, vec])
+            sch.reorder(udo, urs, udi)
+            sch.unroll(urs)
+        else:  # reverse_compute_at drops the extent-1 stream loop
+            (ud,) = sch.get_loops(u)[-1:]
+            udo, udi = sch.split(ud, [None, vec])
+        sch.vectorize(udi)
+    ss = sch.get_sblock("ss")
+    _x, k = sch.get_loops(ss)
+    _ko, ki = sch.split(k, [None, vec])
+    rf = sch.rfactor(ki, factor_axis=0)  # ss_rf[vec] lane partial sums
+    sch.reverse_compute_at(rf, anchor)
+    lane, red = sch.get_loops(rf)[-2:]
+    sch.reorder(red, lane)
+    sch.vectorize(lane)
+    sch.decompose_reduction(rf, anchor)
+    return sch
+
+
+TEMPLATES = {"gemv_i8": gemv_i8, "gemm_i8": gemm_i8, "gemv_f32": gemv_f32, "rmsnorm_quant": rmsnorm_quant,
+             "mhc_post": mhc_post}  # fmt: skip
 
 
 if __name__ == "__main__":

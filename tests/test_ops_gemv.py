@@ -21,8 +21,16 @@ from compiler.schedule import build, schedule_module
 from model.ternary.reference import scalar_available
 from schedules import targets
 
-X86 = [pytest.param(t, marks=pytest.mark.skipif(not targets.supported(t), reason=f"CPU lacks {targets.missing_flags(t)}"))
-       for t in ("avx512", "avx2")]  # fmt: skip
+
+def x86_params():
+    """The x86 targets as pytest params, skipped (with the missing flags) where this CPU cannot run them."""
+    return [
+        pytest.param(t, marks=pytest.mark.skipif(not targets.supported(t), reason=f"lacks {targets.missing_flags(t)}"))
+        for t in ("avx512", "avx2")
+    ]
+
+
+X86 = x86_params()
 IMPL = "scalar" if scalar_available() else "numpy"
 SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -6,10 +6,14 @@ python -c "from compiler.ops import OPS; print(sorted(OPS))"
 from __future__ import annotations
 
 from compiler.ops.base import Arg, Op, OpShapeError
+from compiler.ops.mhc import MhcPost
+from compiler.ops.rmsnorm_quant import RmsNormQuant
 from compiler.ops.ternary_gemm import TernaryGemmI8
 from compiler.ops.ternary_gemv import TernaryGemvF32, TernaryGemvI8
 
-OPS: dict[str, type[Op]] = {cls.kind: cls for cls in (TernaryGemvI8, TernaryGemvF32, TernaryGemmI8)}
+OPS: dict[str, type[Op]] = {
+    cls.kind: cls for cls in (TernaryGemvI8, TernaryGemvF32, TernaryGemmI8, RmsNormQuant, MhcPost)
+}
 
 
 def register(cls: type[Op]) -> type[Op]:

@@ -62,6 +62,10 @@ class Op:
     def random_inputs(self, rng: np.random.Generator) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def tolerances(self, *inputs: np.ndarray) -> list[float]:
+        """Absolute tolerance per output vs :meth:`reference` (0 = bit-exact, the default: the integer paths)."""
+        return [0.0] * len(self.outputs())
+
     def ops(self) -> float:
         """Arithmetic operations per call (2 per multiply-add), for GOPS."""
         raise NotImplementedError

@@ -154,6 +154,9 @@ class TernaryGemvF32(Op):
     def ops(self) -> float:
         return 2.0 * self.M * self.K
 
+    def tolerances(self, W, x, w_scale) -> list[float]:
+        return [self.tolerance(x, float(w_scale[0]))]
+
     def tolerance(self, x: np.ndarray, w_scale: float) -> float:
         """Absolute error bound of a float32 sum of K terms of |x| vs the float64 reference: ``γ_K·Σ|x|·w_scale``.
 

@@ -1,0 +1,303 @@
+"""Tune the operators a model needs and store the results as MetaSchedule JSON databases under tuning_logs/<target>/.
+
+    python -m compiler.tune --target avx512 --config small                 # the shipped model's workloads
+    python -m compiler.tune --target avx2 --shape gemv_i8:4096:4096 --shape gemv_i8:M=11008:K=4096 --trials 12
+    python -m compiler.tune --target avx512 --config small --retune        # measure again (best record still wins)
+
+Search: every workload's design space is the hand schedule's knob grid (:mod:`schedules.knobs`); ``grid`` (default)
+measures the default knobs first, then the rest of the grid in a seeded random order, up to ``--trials`` per workload.
+Each trial is built, checked against the numpy reference (a wrong kernel is never recorded) and timed in-process, then
+committed to the database at once — so ``kill -9`` loses at most the trial in flight, and a rerun resumes where it
+stopped: configurations already in the database are not measured again, workloads with ``--trials`` records (or the
+whole grid) are skipped unless ``--retune``. ``--search ms`` instead runs MetaSchedule's evolutionary search over the
+same design space (``ScheduleFn``), in a scratch directory, and copies its records in.
+
+The database is append-only and a workload's schedule is its *fastest* record, so a new, worse measurement never
+replaces a better one. A line torn by a kill during a write is dropped when the database is next opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from compiler import schedule as S
+from compiler.ops import OPS, make_op
+from schedules import targets
+from schedules.knobs import grid, knobs_of_trace
+
+log = logging.getLogger("compiler.tune")
+
+PREFILL_TOKENS = 8  # gemm_i8 is tuned for this prefill tile of tokens
+BENCH_SHAPES = [("gemv_i8", {"M": 4096, "K": 4096}), ("gemv_i8", {"M": 11008, "K": 4096})]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# workloads
+# ---------------------------------------------------------------------------------------------------------------
+def parse_shape(text: str):
+    """``gemv_i8:4096:4096`` (dims in the op's field order) or ``gemv_i8:M=4096:K=4096`` → the op."""
+    kind, *parts = text.split(":")
+    if kind not in OPS:
+        raise ValueError(f"--shape {text!r}: unknown op {kind!r}; known: {sorted(OPS)}")
+    names = [f.name for f in fields(OPS[kind])]
+    try:
+        if all("=" in p for p in parts):
+            dims = {p.split("=")[0]: int(p.split("=")[1]) for p in parts}
+        else:
+            dims = dict(zip(names, (int(p) for p in parts), strict=True))
+    except ValueError:
+        raise ValueError(f"--shape {text!r}: expected {kind}:{':'.join(names)} with integer sizes") from None
+    return make_op(kind, **dims)
+
+
+def config_ops(cfg, include_prefill: bool = True) -> list:
+    """Every tunable workload of a model config: the ternary GEMVs (+ prefill GEMMs) and the fused elementwise ops."""
+    ops = []
+    for M, K in sorted(set(cfg.ternary_shapes().values())):
+        ops.append(make_op("gemv_i8", M=M, K=K))
+        if include_prefill:
+            ops.append(make_op("gemm_i8", N=PREFILL_TOKENS, M=M, K=K))
+    for kind, dims in (("rmsnorm_quant", {"D": cfg.d_model}), ("mhc_post", {"D": cfg.d_model, "S": cfg.n_streams})):
+        if kind in OPS:
+            ops.append(make_op(kind, **dims))
+    return ops
+
+
+def model_ops(path: str) -> list:
+    try:
+        from model import gguf_io
+    except ImportError:
+        raise SystemExit(f"--model {path}: not yet — there is no model/gguf_io.py; use --config or --shape") from None
+    for name in ("read_config", "load_config", "config_from_gguf"):
+        if hasattr(gguf_io, name):
+            return config_ops(getattr(gguf_io, name)(path))
+    raise SystemExit(f"--model {path}: not yet — model.gguf_io has no config reader; use --config or --shape")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# database
+# ---------------------------------------------------------------------------------------------------------------
+def repair_log(path: Path) -> int:
+    """Drop unparsable lines (a write torn by ``kill -9``) from a JSON-lines database file; return how many."""
+    if not path.exists():
+        return 0
+    good, bad = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            json.loads(line)
+            good.append(line)
+        except json.JSONDecodeError:
+            bad += 1
+    if bad:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(x + "\n" for x in good))
+        tmp.replace(path)
+        log.warning("%s: dropped %d torn line(s)", path, bad)
+    return bad
+
+
+def open_db(target: str, root=None):
+    d = S.logs_dir(target, root)
+    d.mkdir(parents=True, exist_ok=True)
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        repair_log(d / name)
+    return S.open_database(target, root, create=True)
+
+
+def tried_knobs(db, op, target: str) -> dict[tuple, float]:
+    """{knob values: best mean seconds} of the records already in ``db``."""
+    space = S.schedule_module(target).space(op)
+    out: dict[tuple, float] = {}
+    for rec in S.records(db, op):
+        try:
+            kv = tuple(knobs_of_trace(rec.trace, space).values())
+        except ValueError:  # a record from another search (ms with a different space): count it, do not key it
+            kv = ("ms", id(rec))
+        secs = float(np.mean([float(s) for s in rec.run_secs]))
+        out[kv] = min(secs, out.get(kv, float("inf")))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measuring one trial
+# ---------------------------------------------------------------------------------------------------------------
+def measure(op, ex, repeat: int = 5, min_repeat_ms: int = 20, check: bool = True) -> list[float]:
+    """Per-repeat seconds of one call (``time_evaluator``); first checks the result against the reference."""
+    import tvm
+
+    ins = op.random_inputs(np.random.default_rng(0))
+    args = [tvm.runtime.tensor(a) for a in ins + op.empty_outputs()]
+    ex.mod["main"](*args)
+    if check:
+        outs = args[len(ins) :]
+        for o, r, tol in zip(outs, op.reference(*ins), op.tolerances(*ins), strict=True):
+            if not np.allclose(o.numpy(), r, rtol=0, atol=tol):
+                raise AssertionError(f"{op.key}: kernel output differs from the reference")
+    t = ex.mod.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)(*args)
+    return [float(r) for r in t.results]
+
+
+def commit(db, op, sch, target: str, run_secs: list[float]) -> None:
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = S.workload(op)
+    rec = ms.database.TuningRecord(
+        sch.trace, db.commit_workload(mod), [tvm.runtime.convert(float(s)) for s in run_secs],
+        targets.get_target(target), ms.arg_info.ArgInfo.from_prim_func(mod["main"]),
+    )  # fmt: skip
+    db.commit_tuning_record(rec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the tuner
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    op: str
+    status: str  # "tuned" | "skipped" | "partial"
+    trials: int
+    best_ms: float | None
+    best_knobs: dict | None
+
+
+def plan(db, op, target: str, trials: int, retune: bool, seed: int) -> list[dict]:
+    space = S.schedule_module(target).space(op)
+    configs = grid(space)
+    rest = configs[1:]
+    random.Random(seed).shuffle(rest)
+    configs = [configs[0], *rest][:trials]
+    if retune:
+        return configs
+    done = tried_knobs(db, op, target)
+    if len(done) >= min(trials, len(grid(space))):
+        return []
+    return [c for c in configs if tuple(c.values()) not in done][: max(0, trials - len(done))]
+
+
+def tune(ops, target: str, trials: int = 16, retune: bool = False, root=None, seed: int = 0,
+         search: str = "grid", progress: bool = True) -> list[Result]:  # fmt: skip
+    """Tune ``ops`` on ``target`` into ``tuning_logs/<target>/`` (or ``root/<target>``); see the module doc."""
+    import tvm
+    from tqdm import tqdm
+
+    target = targets.resolve(target)
+    if not targets.supported(target):
+        raise SystemExit(f"cannot tune {target} here: this CPU lacks {targets.missing_flags(target)}")
+    db = open_db(target, root)
+    tgt = targets.get_target(target)
+    if search == "ms":
+        return [tune_ms(db, op, target, trials, seed) for op in ops]
+    plans = {op: plan(db, op, target, trials, retune, seed) for op in ops}
+    results = []
+    bar = tqdm(total=sum(len(p) for p in plans.values()), desc=f"tune {target}", unit="trial", disable=not progress,
+               file=sys.stderr)  # fmt: skip
+    for op, configs in plans.items():
+        for knobs in configs:
+            bar.set_postfix_str(f"{op.key} {knobs}")
+            try:
+                sch = S.manual(op, target, knobs)
+                secs = measure(op, tvm.compile(sch.mod, target=tgt))
+                commit(db, op, sch, target, secs)
+            except Exception as exc:  # a knob combination that fails to build or verify is logged, never recorded
+                log.warning("%s %s failed: %s", op.key, knobs, str(exc).splitlines()[0] if str(exc) else exc)
+            bar.update(1)
+        done = tried_knobs(db, op, target)
+        best = min(done.items(), key=lambda kv: kv[1]) if done else None
+        space = S.schedule_module(target).space(op)
+        best_knobs = dict(zip([k.name for k in space], best[0], strict=False)) if best else None
+        status = "tuned" if configs else "skipped"
+        results.append(Result(op.key, status, len(configs), best[1] * 1e3 if best else None, best_knobs))
+    bar.close()
+    return results
+
+
+def tune_ms(db, op, target: str, trials: int, seed: int) -> Result:
+    """MetaSchedule's evolutionary search over the hand design space; its records are copied into ``db``."""
+    import tempfile
+
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    def fast_build(mod, target, _params):  # default_build minus the 17 s tensor_intrin import (docs/TVM.md §2)
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+    with tempfile.TemporaryDirectory() as work:
+        scratch = ms.tune_tir(
+            mod=S.workload(op), target=targets.get_target(target), work_dir=work, max_trials_global=trials,
+            num_trials_per_iter=min(8, trials), space=S.design_space(op, target), seed=seed, cost_model="xgb",
+            builder=ms.builder.LocalBuilder(f_build=fast_build, timeout_sec=60),
+        )  # fmt: skip
+        for rec in scratch.get_all_tuning_records():
+            if rec.run_secs and all(float(s) < 1e9 for s in rec.run_secs):
+                commit(db, op, _replay(op, rec), target, [float(s) for s in rec.run_secs])
+    best = S.best_record(db, op)
+    secs = float(np.mean([float(s) for s in best.run_secs])) if best else None
+    return Result(op.key, "tuned", trials, secs * 1e3 if secs else None, None)
+
+
+def _replay(op, rec):
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(S.workload(op))
+    rec.trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m compiler.tune",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__[__doc__.index("\n") :],
+    )
+    p.add_argument("--target", default="auto", help="avx512 | avx2 | auto (default: the best this CPU runs)")
+    src = p.add_argument_group("workloads (combinable; default: --config small + the benchmark shapes)")
+    src.add_argument("--config", action="append", default=[], help="a model preset (model.config.PRESETS)")
+    src.add_argument("--model", help="a .gguf file (reads its config through model.gguf_io)")
+    src.add_argument("--shape", action="append", default=[], help="op:dims, e.g. gemv_i8:4096:4096 (repeatable)")
+    src.add_argument("--bench-shapes", action="store_true", help="add the benchmark shapes (4096² and 11008×4096)")
+    p.add_argument("--trials", type=int, default=16, help="trials per workload (default 16)")
+    p.add_argument("--retune", action="store_true", help="measure workloads that already have records again")
+    p.add_argument("--search", choices=["grid", "ms"], default="grid")
+    p.add_argument("--logs", default=None, help="tuning log root (default: tuning_logs/)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from model.config import get_config
+
+    ops = [op for name in a.config for op in config_ops(get_config(name))]
+    if a.model:
+        ops += model_ops(a.model)
+    ops += [parse_shape(s) for s in a.shape]
+    if a.bench_shapes or not (a.config or a.model or a.shape):
+        if not (a.config or a.model or a.shape):
+            ops += config_ops(get_config("small"))
+        ops += [make_op(k, **d) for k, d in BENCH_SHAPES]
+    ops = list(dict.fromkeys(ops))
+    t0 = time.time()
+    results = tune(ops, a.target, a.trials, a.retune, a.logs, a.seed, a.search)
+    for r in results:
+        best = f"{r.best_ms:.4f} ms {r.best_knobs}" if r.best_ms is not None else "no record"
+        print(f"{r.status:8s} {r.op:32s} trials={r.trials:3d} best={best}")
+    print(f"{len(results)} workloads in {time.time() - t0:.1f} s -> {S.logs_dir(targets.resolve(a.target), a.logs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
