@@ -47,7 +47,8 @@ def space(op, isa: Isa) -> list[Knob]:
     if kind == "rmsnorm_quant":
         return [knob("vec", op.D, (8, 16, 32, 64), isa.f32_lanes)]
     if kind == "mhc_post":
-        return [knob("vec", op.D, (8, 16, 32), isa.f32_lanes), knob("unroll", op.D // 32, (1, 2, 4), 2)]
+        # unroll ≥ 2: the Σu² lane loop of mhc_post needs a reduction loop of extent > 1 under each column tile
+        return [knob("vec", op.D, (8, 16, 32), isa.f32_lanes), knob("unroll", op.D // 32, (2, 4), 2)]
     raise KeyError(f"no x86 schedule for op kind {kind!r}")
 
 
@@ -164,8 +165,8 @@ def mhc_post(sch, op, isa: Isa, knobs: dict | None = None):
         main = sch.get_sblock("X_out")
         rs, d = sch.get_loops(main)
     do, di = sch.split(d, [None, vec])
+    sch.reorder(do, rs, di)  # per column tile: the S streams (unrolled), each a vector of columns
     doo, doi = sch.split(do, [None, unroll])
-    sch.reorder(doo, doi, rs, di)  # per column tile: the S streams (unrolled), each a vector of columns
     sch.unroll(doi)
     sch.unroll(rs)
     sch.vectorize(di)

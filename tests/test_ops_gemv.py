@@ -14,23 +14,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_helpers import X86
 
 from compiler.kernels import Kernel
 from compiler.ops import OpShapeError, make_op
 from compiler.schedule import build, schedule_module
 from model.ternary.reference import scalar_available
-from schedules import targets
 
-
-def x86_params():
-    """The x86 targets as pytest params, skipped (with the missing flags) where this CPU cannot run them."""
-    return [
-        pytest.param(t, marks=pytest.mark.skipif(not targets.supported(t), reason=f"lacks {targets.missing_flags(t)}"))
-        for t in ("avx512", "avx2")
-    ]
-
-
-X86 = x86_params()
 IMPL = "scalar" if scalar_available() else "numpy"
 SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
