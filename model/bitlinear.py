@@ -65,10 +65,13 @@ class BitLinear(nn.Module):
             raise ValueError(f"in_features={in_features}: 127·K must stay below 2^24 for an exact float32 sum")
         self.in_features = in_features
         self.out_features = out_features
+        self.quantize = True  # False: a plain float linear layer (the dense baseline of the same shape)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.normal_(self.weight, std=in_features**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantize:
+            return nn.functional.linear(x, self.weight)
         codes, s = quantize_weight_ste(self.weight)
         xq, a = quantize_activation_ste(x)
         acc = nn.functional.linear(xq, codes)  # integer-valued, exact in float32 (see module docstring)

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from model.bitlinear import BitLinear
 from model.config import get_config
 from model.transformer import IGNORE_INDEX, Transformer
 from train import checkpoint
@@ -141,6 +142,13 @@ def make_optimizers(model: Transformer, cfg: TrainConfig) -> dict[str, torch.opt
     return opts
 
 
+def set_dense(model: Transformer) -> None:
+    """Turn every BitLinear into a plain float linear layer: the dense baseline with the same shapes."""
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.quantize = False
+
+
 def flops_per_token(model: Transformer, seq_len: int) -> float:
     """Training FLOPs per token: 6 × matmul parameters + attention (12·L·d·T), the usual estimate."""
     c = model.config
@@ -236,7 +244,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     mcfg = cfg.model_config()
     model = Transformer(mcfg)
     if not cfg.ternary:
-        model.apply(lambda m: setattr(m, "quantize", False) if hasattr(m, "quantize") else None)
+        set_dense(model)
     model.to(device)
     opts = make_optimizers(model, cfg)
     start = 0

@@ -1,0 +1,196 @@
+"""Evaluate a model on held-out code: loss, bits per byte, and the code validity rate of generated function bodies.
+
+* **Loss / bits per byte** over the val split's tokens (windows of ``seq_len``; targets that are the end-of-text token
+  are left out). Bytes per target token come from the byte-level vocabulary (one character of a token = one byte),
+  so ``bpb = Σ CE / (ln 2 · Σ bytes)`` is exact and comparable across tokenizers.
+* **Code validity**: for held-out functions that have a docstring, the prompt is the (dedented) signature plus the
+  docstring; the model writes the body; the body ends at the first non-empty line back at column 0 (or at the token
+  limit, where a partial last line is dropped); the function counts as valid when ``ast.parse`` accepts it and the
+  body is not empty. The sampling settings are recorded in the report.
+
+    python -m train.eval --gguf model.gguf --data data/shards --manifest data/corpus/manifest.jsonl --out eval.json
+    python -m train.eval --run runs/dense --tokenizer data/tokenizer.json --data data/shards --manifest ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import random
+import textwrap
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from model.generate import SamplingParams, generate
+from model.transformer import Transformer
+from train.corpus import read_manifest
+from train.shards import open_split
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    seq_len: int = 512
+    max_tokens: int = 1_000_000  # val tokens scored for loss / bpb
+    batch_size: int = 16
+    n_functions: int = 200  # prompts for the validity rate
+    max_new_tokens: int = 160
+    temperature: float = 0.0  # greedy by default: the rate then measures the model, not the sampler
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def token_byte_lengths(tok) -> np.ndarray:
+    """Bytes each token id decodes to (special tokens: 0). Byte-level BPE maps one byte to one character."""
+    vocab = tok.get_vocab()
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    out = np.zeros(max(vocab.values()) + 1, np.int64)
+    for text, i in vocab.items():
+        out[i] = 0 if text in special else len(text)
+    return out
+
+
+@torch.no_grad()
+def loss_and_bpb(model: Transformer, tokens: np.ndarray, byte_len: np.ndarray, cfg: EvalConfig) -> dict:
+    model.eval()
+    device = model.tok_emb.weight.device
+    seq = min(cfg.seq_len, model.config.max_seq_len)
+    n = min(cfg.max_tokens, tokens.size - 1) // seq * seq
+    if n == 0:
+        raise ValueError(f"val split of {tokens.size} tokens is shorter than one window of {seq}")
+    data = torch.from_numpy(np.asarray(tokens[: n + 1], dtype=np.int64))
+    x, y = data[:-1].view(-1, seq), data[1:].view(-1, seq)
+    weights = torch.from_numpy(byte_len)[y]
+    nats = 0.0
+    for i in range(0, x.shape[0], cfg.batch_size):
+        xb, yb = x[i : i + cfg.batch_size].to(device), y[i : i + cfg.batch_size].to(device)
+        ce = F.cross_entropy(model(xb).float().flatten(0, 1), yb.flatten(), reduction="none").cpu()
+        nats += float((ce * (weights[i : i + cfg.batch_size].flatten() > 0)).sum())
+    scored = int((weights > 0).sum())
+    n_bytes = int(weights.sum())
+    return {"val_tokens": scored, "val_bytes": n_bytes, "val_loss": nats / scored,
+            "bits_per_byte": nats / (math.log(2) * n_bytes)}  # fmt: skip
+
+
+def function_prompts(files, n: int, seed: int) -> list[dict]:
+    """Held-out functions with a docstring and a real body: (prompt, reference body) pairs, seeded sample."""
+    found = []
+    for f in files:
+        try:
+            source = Path(f.path).read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = source.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or len(node.body) < 2:
+                continue
+            doc = node.body[0]
+            if not (isinstance(doc, ast.Expr) and isinstance(getattr(doc.value, "value", None), str)):
+                continue
+            start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+            prompt = textwrap.dedent("".join(lines[start - 1 : doc.end_lineno]))
+            if len(prompt) < 4000:
+                found.append({"file": f.path, "name": node.name, "prompt": prompt})
+    random.Random(seed).shuffle(found)
+    return found[:n]
+
+
+def cut_body(completion: str, hit_limit: bool) -> str:
+    """The generated body: lines up to the first non-empty one at column 0; drop a partial last line at the limit."""
+    lines = completion.split("\n")
+    if hit_limit and len(lines) > 1:
+        lines = lines[:-1]
+    body = []
+    for line in lines:
+        if line.strip() and not line[0].isspace():
+            break
+        body.append(line)
+    return "\n".join(body)
+
+
+def is_valid_function(prompt: str, body: str) -> bool:
+    if not body.strip():
+        return False
+    try:
+        tree = ast.parse(prompt + body)
+    except (SyntaxError, ValueError):
+        return False
+    fn = tree.body[0] if tree.body else None
+    return isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and len(fn.body) >= 2  # docstring + ≥1 statement
+
+
+def code_validity(model: Transformer, tok, prompts: list[dict], cfg: EvalConfig, eot: int | None) -> dict:
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, seed=cfg.seed, stop_token_ids=() if eot is None else (eot,),
+                            stop_strings=("\ndef ", "\nclass ", "\n@", "\nif __name__"))  # fmt: skip
+    valid, samples = 0, []
+    for p in tqdm(prompts, desc="code validity", unit="fn"):
+        ids = tok.encode(p["prompt"]).ids[-(model.config.max_seq_len - cfg.max_new_tokens - 1) :]
+        gen = generate(model, ids, params, decode=lambda t: tok.decode(t, skip_special_tokens=False))
+        body = cut_body(gen.text or "", gen.finish_reason in ("length", "context"))
+        ok = is_valid_function(p["prompt"], body)
+        valid += ok
+        if len(samples) < 8:
+            samples.append({"name": p["name"], "prompt": p["prompt"][-300:], "body": body[:600], "valid": ok})
+    return {"functions": len(prompts), "valid": valid, "validity_rate": valid / max(1, len(prompts)),
+            "samples": samples}  # fmt: skip
+
+
+def evaluate(model: Transformer, tok, data: Path, manifest: Path, cfg: EvalConfig) -> dict:
+    val = open_split(data, "val")
+    report = {"settings": asdict(cfg)} | loss_and_bpb(model, val, token_byte_lengths(tok), cfg)
+    prompts = function_prompts([f for f in read_manifest(manifest) if f.split == "val"], cfg.n_functions, cfg.seed)
+    report["code"] = code_validity(model, tok, prompts, cfg, tok.token_to_id("<|endoftext|>"))
+    return report
+
+
+def load_model(args) -> tuple[Transformer, object]:
+    from tokenizers import Tokenizer
+
+    if args.gguf:
+        from model.gguf_io import read_gguf
+        from model.tokenizer import hf_from_spec
+
+        gg = read_gguf(args.gguf)
+        return Transformer.from_gguf_tensors(gg.config, gg.model_tensors()), hf_from_spec(gg.tokenizer)
+    from train.export import load_checkpoint_model
+
+    model, _ = load_checkpoint_model(args.run)
+    return model, Tokenizer.from_file(str(args.tokenizer))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--gguf", type=Path, help="an exported model")
+    src.add_argument("--run", type=Path, help="a training run folder (e.g. the dense baseline), with --tokenizer")
+    ap.add_argument("--tokenizer", type=Path)
+    ap.add_argument("--data", type=Path, required=True, help="shard folder (val split)")
+    ap.add_argument("--manifest", type=Path, required=True, help="corpus manifest (held-out files)")
+    ap.add_argument("--out", type=Path, required=True, help="JSON report")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for name, default in asdict(EvalConfig()).items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    args = ap.parse_args(argv)
+    if args.run and not args.tokenizer:
+        ap.error("--run needs --tokenizer")
+    cfg = EvalConfig(**{k: getattr(args, k) for k in asdict(EvalConfig())})
+    model, tok = load_model(args)
+    report = evaluate(model.to(args.device), tok, args.data, args.manifest, cfg)
+    report["model"] = str(args.gguf or args.run)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "code"} | {"validity_rate": report["code"]
+                      ["validity_rate"]}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
