@@ -90,7 +90,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 class Batches:
-    """Deterministic random windows: batch ``(step, micro)`` on ``rank`` is a pure function of its arguments."""
+    """Deterministic random windows: batch ``(step, micro)`` on ``rank`` is a pure function of its arguments.
+
+    On CUDA the windows go through a small ring of pinned host buffers and an asynchronous copy, so fetching a batch
+    never waits for the GPU to drain (a pageable copy would synchronise the stream every step).
+    """
+
+    RING = 4
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch: int, seed: int, rank: int, device) -> None:
         if tokens.size <= seq_len + 1:
@@ -98,13 +104,24 @@ class Batches:
         self.tokens, self.seq_len, self.batch, self.seed, self.rank, self.device = (
             tokens, seq_len, batch, seed, rank, device)  # fmt: skip
         self.span = np.arange(seq_len + 1)
+        self.calls = 0
+        if device.type == "cuda":
+            self.pinned = [torch.empty(batch, seq_len + 1, dtype=torch.int64).pin_memory() for _ in range(self.RING)]
+            self.copied = [None] * self.RING
 
     def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, step, micro, self.rank))
         starts = rng.integers(0, self.tokens.size - self.seq_len - 1, size=self.batch)
         window = torch.from_numpy(self.tokens[starts[:, None] + self.span].astype(np.int64))
         if self.device.type == "cuda":
-            window = window.pin_memory().to(self.device, non_blocking=True)
+            slot = self.calls % self.RING
+            self.calls += 1
+            if self.copied[slot] is not None:
+                self.copied[slot].synchronize()  # the copy that last used this buffer (long finished)
+            self.pinned[slot].copy_(window)
+            window = self.pinned[slot].to(self.device, non_blocking=True)
+            self.copied[slot] = torch.cuda.Event()
+            self.copied[slot].record()
         return window[:, :-1], window[:, 1:]
 
 
@@ -318,8 +335,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 bar.set_postfix(ce=f"{last['ce']:.3f}", tps=f"{tps / 1e3:.0f}k")
                 t_last = time.perf_counter()
             bar.update(1)
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"loss became {float(loss.detach())} at step {done}")
+            if last.get("step") == done and not math.isfinite(last["loss"]):  # checked when logged: no per-step sync
+                raise FloatingPointError(f"loss became {last['loss']} at step {done}")
             if stop.requested or (cfg.run_steps and done - start >= cfg.run_steps):
                 status = "interrupted" if stop.requested else "paused"
                 break

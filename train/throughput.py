@@ -1,0 +1,123 @@
+"""Training-throughput benchmark: tokens/s and MFU of the real training step on random tokens (no data needed).
+
+It runs exactly the step of ``train.train`` (the same objective, Muon + AdamW, gradient clipping, bf16 autocast,
+optional ``torch.compile``), times ``--steps`` steps after ``--warmup`` with CUDA events, and reports the median.
+Under ``torchrun`` every rank runs its own batch with DDP, and tokens/s counts all ranks.
+
+    python -m train.throughput --preset small --batch-size 128 --seq-len 512 --compile --out throughput.json
+    torchrun --nproc_per_node 2 -m train.throughput --preset small --batch-size 128 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.transformer import Transformer
+from train.train import LossModule, TrainConfig, _dist_setup, flops_per_token, make_optimizers, set_dense
+
+
+def measure(cfg: TrainConfig, steps: int, warmup: int, profile: bool = False) -> dict:
+    rank, world, device = _dist_setup()
+    torch.manual_seed(cfg.seed)
+    model = Transformer(cfg.model_config())
+    if not cfg.ternary:
+        set_dense(model)
+    model.to(device)
+    opts = make_optimizers(model, cfg)
+    objective: nn.Module = LossModule(model, cfg.entropy_coef)
+    if world > 1:
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index])
+    step_fn = torch.compile(objective) if cfg.compile else objective
+    vocab = model.config.vocab_size
+    cuda = device.type == "cuda"
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len + 1), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss, _ = step_fn(x[:, :-1], x[:, 1:])
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for opt in opts.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if cuda:
+            end.record()
+            end.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+        else:
+            dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    if profile and rank == 0:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=acts) as prof:
+            for _ in range(3):
+                x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len + 1), device=device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss, _ = step_fn(x[:, :-1], x[:, 1:])
+                loss.backward()
+                for opt in opts.values():
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    tokens = cfg.batch_size * cfg.seq_len * world
+    med = statistics.median(times)
+    tps = tokens / med
+    result = {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "world_size": world, "preset": cfg.preset, "ternary": cfg.ternary, "compile": cfg.compile,
+        "batch_size_per_rank": cfg.batch_size, "seq_len": cfg.seq_len, "params": model.num_params(),
+        "median_step_s": med, "min_step_s": min(times), "tokens_per_s": tps,
+        "mfu": tps * flops_per_token(model, cfg.seq_len) / (cfg.peak_tflops * 1e12) if cuda else None,
+        "peak_tflops_assumed": cfg.peak_tflops, "steps_timed": steps,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+    }  # fmt: skip
+    if world > 1:
+        dist.destroy_process_group()
+    return result if rank == 0 else {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--dense", action="store_true", help="the dense baseline instead of ternary QAT")
+    ap.add_argument("--model", type=json.loads, default={}, help="model config overrides, e.g. '{\"n_streams\": 4}'")
+    ap.add_argument("--profile", action="store_true", help="print the top operators of 3 profiled steps")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, compile=args.compile,
+                      ternary=not args.dense, model_overrides=args.model)  # fmt: skip
+    result = measure(cfg, args.steps, args.warmup, args.profile)
+    if result:
+        result["train_config"] = asdict(cfg)
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
