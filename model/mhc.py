@@ -58,8 +58,13 @@ def collapse(streams: torch.Tensor) -> torch.Tensor:
 
 
 def apply_update(streams: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor) -> torch.Tensor:
-    """``X' = H_res · X + h_post ⊗ y`` for ``X [..., n, d]``, ``y [..., d]``."""
-    return torch.einsum("ij,...jd->...id", h_res, streams) + h_post.unsqueeze(-1) * y.unsqueeze(-2)
+    """``X' = H_res · X + h_post ⊗ y`` for ``X [..., n, d]``, ``y [..., d]``.
+
+    Written as broadcast multiply-and-sum over the n ≤ 4 streams rather than an einsum: an einsum lowers to a bmm
+    with a tiny inner dimension (slow on GPUs) that autocast would also run in bf16, rounding the residual streams.
+    """
+    mixed = (h_res.unsqueeze(-1) * streams.unsqueeze(-3)).sum(dim=-2)  # [..., i, j, d] summed over j
+    return mixed + h_post.unsqueeze(-1) * y.unsqueeze(-2)
 
 
 class MHCSite(nn.Module):
@@ -93,7 +98,7 @@ class MHCSite(nn.Module):
             x = streams[..., 0, :]
             return (x + sublayer(x)).unsqueeze(-2)
         h_pre, h_post, h_res = self.weights()
-        u = torch.einsum("s,...sd->...d", h_pre, streams)
+        u = (h_pre.unsqueeze(-1) * streams).sum(dim=-2)  # h_preᵀX (see apply_update for why not einsum)
         return apply_update(streams, sublayer(u), h_res, h_post)
 
     @torch.no_grad()

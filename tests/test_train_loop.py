@@ -179,3 +179,23 @@ def test_ddp_on_two_cpu_processes(shards, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rank 0 alone writes metrics
     assert rows[-1]["tokens"] == 4 * 2 * 32 * 2  # steps × batch × seq_len × world size
     assert checkpoint.read_state(checkpoint.latest(tmp_path / "checkpoints"))["step"] == 4
+
+
+def test_batched_muon_matches_torch_muon_exactly():
+    from train.muon import BatchedMuon
+
+    torch.manual_seed(0)
+    shapes = [(8, 16), (8, 16), (16, 8), (12, 12), (16, 8)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_ours, opt_ref = BatchedMuon(ours, lr=0.02, weight_decay=0.01), torch.optim.Muon(ref, lr=0.02, weight_decay=0.01)
+    for _ in range(4):
+        for a, b in zip(ours, ref, strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt_ours.step()
+        opt_ref.step()
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a, b)  # same maths, batched: bit-identical on the CPU
+    with pytest.raises(ValueError, match="2-D"):
+        BatchedMuon([torch.nn.Parameter(torch.zeros(3))])

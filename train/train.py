@@ -1,7 +1,8 @@
 """Train the BitNet-b1.58 + mHC-lite model on token shards: Muon + AdamW, warmup-stable-decay, exact resume, DDP.
 
-* Optimizers: ``torch.optim.Muon`` for the 2-D hidden matrices (every BitLinear), AdamW for embeddings, norms, the LM
-  head and the mHC logits. Learning rates follow warmup → stable → linear decay to zero (WSD).
+* Optimizers: Muon (``train.muon``, batched over same-shape matrices) for the 2-D hidden matrices (every
+  BitLinear), AdamW for embeddings, norms, the LM head and the mHC logits. Learning rates follow warmup → stable →
+  linear decay to zero (WSD).
 * Precision: bf16 autocast on CUDA (master weights float32), float32 on CPU; optional ``torch.compile``.
 * Data: windows of ``seq_len + 1`` tokens drawn from the memory-mapped train split by a generator seeded with
   ``(seed, step, micro-step, rank)``, so the data position is the step and a resumed run sees exactly the batches the
@@ -41,6 +42,7 @@ from model.bitlinear import BitLinear
 from model.config import get_config
 from model.transformer import IGNORE_INDEX, Transformer
 from train import checkpoint
+from train.muon import BatchedMuon
 from train.shards import open_split
 
 
@@ -150,7 +152,7 @@ def make_optimizers(model: Transformer, cfg: TrainConfig) -> dict[str, torch.opt
         (matrices if hidden else others).append(p)
     fused = next(model.parameters()).is_cuda
     opts = {
-        "muon": torch.optim.Muon(matrices, lr=cfg.lr_matrix, weight_decay=cfg.weight_decay),
+        "muon": BatchedMuon(matrices, lr=cfg.lr_matrix, weight_decay=cfg.weight_decay),
         "adamw": torch.optim.AdamW(others, lr=cfg.lr_embed, betas=(0.9, 0.95), weight_decay=0.0, fused=fused),
     }
     for opt in opts.values():

@@ -1,0 +1,75 @@
+"""Muon with the Newton–Schulz orthogonalisation batched over matrices of the same shape.
+
+Same update as ``torch.optim.Muon`` (momentum with Nesterov, 5 quintic Newton–Schulz steps in bf16 with the
+coefficients (3.4445, −4.7750, 2.0315), learning rate scaled by ``max(1, rows/cols)^½``, decoupled weight decay),
+but a transformer's hidden matrices come in a handful of shapes (q/o, k/v, gate/up, down), so stacking each shape
+into one ``[count, rows, cols]`` tensor turns ~15 small matmuls per matrix into ~15 batched ones per shape. On the
+``small`` preset that is 60 kernel launches a step instead of ~850, which is where its training time went.
+
+State per parameter: ``momentum_buffer`` (a plain ``Optimizer`` state dict, so checkpoints and exact resume work).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate ``U Vᵀ`` of each matrix in ``g [batch, rows, cols]`` (quintic Newton–Schulz, bf16)."""
+    a, b, c = NS_COEFFS
+    x = g.bfloat16()
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if transposed else x
+
+
+class BatchedMuon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5) -> None:  # fmt: skip
+        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
+                    "ns_steps": ns_steps}  # fmt: skip
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon only takes 2-D parameters, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            by_shape: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape[tuple(p.shape)].append(p)
+            for (rows, cols), params in by_shape.items():
+                grads = torch.stack([p.grad for p in params])
+                bufs = []
+                for p in params:
+                    st = self.state[p]
+                    if "momentum_buffer" not in st:
+                        st["momentum_buffer"] = torch.zeros_like(p)
+                    bufs.append(st["momentum_buffer"])
+                buf = torch.stack(bufs)
+                buf.lerp_(grads, 1 - group["momentum"])
+                update = grads.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
+                ortho = orthogonalize(update, group["ns_steps"]).to(params[0].dtype)
+                lr = group["lr"] * max(1.0, rows / cols) ** 0.5
+                for i, p in enumerate(params):
+                    self.state[p]["momentum_buffer"].copy_(buf[i])
+                    if group["weight_decay"]:
+                        p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(ortho[i], alpha=-lr)
+        return loss
