@@ -19,6 +19,7 @@ replaces a better one. A line torn by a kill during a write is dropped when the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
@@ -37,7 +38,14 @@ from schedules.knobs import grid, knobs_of_trace
 log = logging.getLogger("compiler.tune")
 
 PREFILL_TOKENS = 8  # gemm_i8 is tuned for this prefill tile of tokens
-BENCH_SHAPES = [("gemv_i8", {"M": 4096, "K": 4096}), ("gemv_i8", {"M": 11008, "K": 4096})]
+BENCH_SHAPES = [  # the compiler.bench default set (kept in sync by tests/test_tune.py)
+    ("gemv_i8", {"M": 4096, "K": 4096}), ("gemv_i8", {"M": 4096, "K": 4096, "tile": 8}),
+    ("gemv_i8", {"M": 11008, "K": 4096}), ("gemv_i8", {"M": 11008, "K": 4096, "tile": 8}),
+    ("gemv_i8", {"M": 32768, "K": 16384, "tile": 8}), ("gemv_i8", {"M": 1536, "K": 512}),
+    ("gemv_i8", {"M": 512, "K": 1536}), ("gemv_f32", {"M": 4096, "K": 4096}),
+    ("gemm_i8", {"N": 8, "M": 4096, "K": 4096}),
+    ("rmsnorm_quant", {"D": 4096, "N": 1}), ("mhc_post", {"D": 2048, "S": 4}),
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,7 +61,9 @@ def parse_shape(text: str):
         if all("=" in p for p in parts):
             dims = {p.split("=")[0]: int(p.split("=")[1]) for p in parts}
         else:
-            dims = dict(zip(names, (int(p) for p in parts), strict=True))
+            if len(parts) > len(names):
+                raise ValueError
+            dims = dict(zip(names, (int(p) for p in parts), strict=False))  # trailing fields keep their defaults
     except ValueError:
         raise ValueError(f"--shape {text!r}: expected {kind}:{':'.join(names)} with integer sizes") from None
     return make_op(kind, **dims)
@@ -130,16 +140,25 @@ def tried_knobs(db, op, target: str) -> dict[tuple, float]:
 # ---------------------------------------------------------------------------------------------------------------
 # measuring one trial
 # ---------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _workload_data(op):
+    """Inputs, reference outputs and tolerances of ``op`` (computed once per workload: large shapes are slow)."""
+    import tvm
+
+    ins = op.random_inputs(np.random.default_rng(0))
+    return [tvm.runtime.tensor(a) for a in ins], op.reference(*ins), op.tolerances(*ins)
+
+
 def measure(op, ex, repeat: int = 5, min_repeat_ms: int = 20, check: bool = True) -> list[float]:
     """Per-repeat seconds of one call (``time_evaluator``); first checks the result against the reference."""
     import tvm
 
-    ins = op.random_inputs(np.random.default_rng(0))
-    args = [tvm.runtime.tensor(a) for a in ins + op.empty_outputs()]
+    ins, refs, tols = _workload_data(op)
+    args = [*ins, *(tvm.runtime.tensor(a) for a in op.empty_outputs())]
     ex.mod["main"](*args)
     if check:
         outs = args[len(ins) :]
-        for o, r, tol in zip(outs, op.reference(*ins), op.tolerances(*ins), strict=True):
+        for o, r, tol in zip(outs, refs, tols, strict=True):
             if not np.allclose(o.numpy(), r, rtol=0, atol=tol):
                 raise AssertionError(f"{op.key}: kernel output differs from the reference")
     t = ex.mod.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)(*args)

@@ -19,9 +19,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Knob:
+    """A named choice. ``grid_only`` knobs pick between *different instruction sequences* (e.g. which intrinsic to
+    tensorize with), which a replayed MetaSchedule trace cannot switch: in a sampled design space they stay at
+    their default; the grid search (``compiler.tune``) still explores them."""
+
     name: str
     candidates: tuple[int, ...]
     default: int
+    grid_only: bool = False
 
     def __post_init__(self):
         if not self.candidates:
@@ -35,10 +40,10 @@ def divisors_in(n: int, options) -> tuple[int, ...]:
     return tuple(o for o in options if n % o == 0)
 
 
-def knob(name: str, n: int, options, default: int) -> Knob:
+def knob(name: str, n: int, options, default: int, grid_only: bool = False) -> Knob:
     """A knob over the ``options`` that divide ``n``; ``default`` if it fits, else the largest fitting one."""
     cands = divisors_in(n, options)
-    return Knob(name, cands, default if default in cands else max(cands))
+    return Knob(name, cands, default if default in cands else max(cands), grid_only)
 
 
 def choose(sch, knobs: dict | None, k: Knob):
@@ -48,8 +53,8 @@ def choose(sch, knobs: dict | None, k: Knob):
     trace records the chosen value as a decision: tuning records carry their knobs, and :func:`knobs_of_trace` reads
     them back. With ``knobs=None`` the decision is left to the sampler (MetaSchedule design space).
     """
-    if len(k.candidates) == 1:
-        return k.candidates[0]
+    if len(k.candidates) == 1 or (knobs is None and k.grid_only):
+        return k.default if knobs is None else int(knobs.get(k.name, k.default))
     probs = [1.0 / len(k.candidates)] * len(k.candidates)
     if knobs is None:
         return sch.sample_categorical(list(k.candidates), probs)
@@ -60,14 +65,17 @@ def choose(sch, knobs: dict | None, k: Knob):
 
 
 def knobs_of_trace(trace, space: list[Knob]) -> dict[str, int]:
-    """The knob values a schedule trace decided, in :func:`choose` call order (single-candidate knobs implied)."""
-    sampled = [k for k in space if len(k.candidates) > 1]
+    """The knob values a schedule trace decided, in :func:`choose` call order (single-candidate knobs implied;
+    a trace from a sampled design space has no grid-only decisions: those were at their defaults)."""
     decisions = [
         int(trace.get_decision(inst)) for inst in trace.insts if inst.kind.name == "SampleCategorical"
     ]  # fmt: skip
+    sampled = [k for k in space if len(k.candidates) > 1]
+    if len(decisions) != len(sampled):
+        sampled = [k for k in sampled if not k.grid_only]
     if len(decisions) != len(sampled):
         raise ValueError(f"trace has {len(decisions)} categorical decisions, the knob space {len(sampled)}")
-    out = {k.name: k.candidates[0] for k in space if len(k.candidates) == 1}
+    out = {k.name: k.default for k in space}
     out.update({k.name: k.candidates[d] for k, d in zip(sampled, decisions, strict=True)})
     return {k.name: out[k.name] for k in space}
 

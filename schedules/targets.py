@@ -39,6 +39,25 @@ def num_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def ensure_tvm_threads() -> int:
+    """Make TVM's thread pool use every core: set ``TVM_NUM_THREADS`` (if unset) before the pool starts.
+
+    TVM's default halves ``hardware_concurrency()`` on x86 ("ignore hyper-threading"), so on this 2-core machine
+    without SMT it would run every parallel kernel on ONE thread. Called on import by the compiler modules.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(num_cores()))
+    return int(os.environ["TVM_NUM_THREADS"])
+
+
+def set_tvm_threads(n: int) -> int:
+    """Resize TVM's thread pool to ``n`` threads (≤ ``TVM_NUM_THREADS``) for the following calls; returns the count."""
+    import tvm
+
+    ensure_tvm_threads()
+    tvm.get_global_func("runtime.config_threadpool")(1, int(n))
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
 def supported(name: str) -> bool:
     """Can this machine *run* code built for ``name``? (CUDA: whether TVM's CUDA runtime sees a device.)"""
     if name == "cuda":
@@ -89,6 +108,8 @@ def get_target(name: str, cores: int | None = None):
 
     return tvm.target.Target(target_dict(name, cores))
 
+
+ensure_tvm_threads()
 
 if __name__ == "__main__":
     for t in ("avx512", "avx2"):

@@ -37,7 +37,10 @@ AVX2 = Isa("avx2", intrin_x86.AVX2_INTRIN, 8)
 def space(op, isa: Isa) -> list[Knob]:
     kind = op.kind
     if kind == "gemv_i8":
-        return [knob("rows", op.M, (1, 2, 4, 8, 12), 8), knob("unroll_k", op.K // 256, (1, 2, 4), 2)]
+        rows = (op.tile,) if getattr(op, "tile", 0) else (1, 2, 4, 8, 12)  # a tiled layout fixes the row tile
+        big = op.M * op.K // 4 > 24 << 20  # weights beyond most of the L3: prefetch by default
+        return [knob("rows", op.M, rows, 8), knob("unroll_k", op.K // 256, (1, 2, 4), 2),
+                Knob("prefetch", intrin_x86.PREFETCH, 2048 if big else 0, grid_only=True)]  # fmt: skip
     if kind == "gemm_i8":
         return [knob("rows", op.M, (1, 2, 4, 8), 4), knob("tokens", op.N, (1, 2, 4), 2),
                 knob("unroll_k", op.K // 256, (1, 2), 1)]  # fmt: skip
@@ -45,7 +48,7 @@ def space(op, isa: Isa) -> list[Knob]:
         return [knob("rows", op.M, (1, 2, 4, 8), 4), knob("lanes", 64, (isa.f32_lanes, 2 * isa.f32_lanes),
                 isa.f32_lanes)]  # fmt: skip
     if kind == "rmsnorm_quant":
-        return [knob("vec", op.D, (8, 16, 32, 64), isa.f32_lanes)]
+        return [knob("vec", op.D, (8, 16, 32, 64), 32)]
     if kind == "mhc_post":
         # unroll ≥ 2: the Σu² lane loop of mhc_post needs a reduction loop of extent > 1 under each column tile
         return [knob("vec", op.D, (8, 16, 32), isa.f32_lanes), knob("unroll", op.D // 32, (2, 4), 2)]
@@ -58,6 +61,8 @@ def space(op, isa: Isa) -> list[Knob]:
 def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None):
     ks = {k.name: k for k in space(op, isa)}
     rows, uk = choose(sch, knobs, ks["rows"]), choose(sch, knobs, ks["unroll_k"])
+    choose(sch, knobs, ks["prefetch"])  # grid-only: recorded in the trace, the Python value picks the intrinsic
+    pf = ks["prefetch"].default if knobs is None else int(knobs.get("prefetch", ks["prefetch"].default))
     acc = sch.get_sblock("acc")
     _m, _c, b, _j = sch.get_loops(acc)
     ln, _t = sch.split(b, [16, 4])
@@ -70,7 +75,7 @@ def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None):
     sch.reverse_compute_at(acc, mo)
     sch.reverse_compute_at(sch.get_sblock("y"), mo)
     sch.decompose_reduction(rf, co)
-    sch.tensorize(ln, isa.intrin)
+    sch.tensorize(ln, intrin_x86.intrin_name(isa.intrin, pf))
     sch.unroll(mi)
     sch.unroll(ci)
     return sch
@@ -131,24 +136,18 @@ def rmsnorm_quant(sch, op, isa: Isa, knobs: dict | None = None):
     """Three vectorized passes per token: Σx² (lane partial sums), max|h|, then quantize + Σq (h never stored)."""
     vec = choose(sch, knobs, {k.name: k for k in space(op, isa)}["vec"])
     sch.compute_inline(sch.get_sblock("h"))
-    for name in ("ss", "amax"):
+    for name in ("ss", "amax", "q_sum"):  # lane partial results (rf[N, vec]) in vector registers, then one reduce
         blk = sch.get_sblock(name)
         _n, d = sch.get_loops(blk)
         _o, i = sch.split(d, [None, vec])
         rf = sch.rfactor(i, factor_axis=1)
-        n, do, di = sch.get_loops(rf)
-        sch.reorder(n, do, di)
+        _n, do, di = sch.get_loops(rf)
         sch.vectorize(di)
+        sch.decompose_reduction(rf, do)  # the init out of the loop: no per-iteration branch
     q = sch.get_sblock("q")
     _n, i = sch.get_loops(q)
     _o, qi = sch.split(i, [None, vec])
     sch.vectorize(qi)
-    qs = sch.get_sblock("q_sum")
-    _n, d = sch.get_loops(qs)
-    _o, i = sch.split(d, [None, vec])
-    rf = sch.rfactor(i, factor_axis=1)
-    n, do, di = sch.get_loops(rf)
-    sch.vectorize(di)
     return sch
 
 

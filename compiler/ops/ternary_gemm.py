@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compiler.ops.base import Arg, Op, check_k, check_positive
-from compiler.ops.ternary_gemv import CHUNK, random_packed, te_code, te_interleave
+from compiler.ops.ternary_gemv import CHUNK, _impl, random_packed, te_code, te_interleave
 from model.ternary import reference
 
 
@@ -58,7 +58,8 @@ class TernaryGemmI8(Op):
         Y = te.compute((N, M), lambda n, m: (acc[n, m] - Xsum[n]).astype("float32") * (Ws[0] / Xs[n]), name="y")
         return te.create_prim_func([W, X, Xsum, Xs, Ws, Y])
 
-    def reference(self, W, x, x_sum, x_scale, w_scale, impl="numpy"):
+    def reference(self, W, x, x_sum, x_scale, w_scale, impl="auto"):
+        impl = _impl(impl, self.N * self.M * self.K)
         if not np.array_equal(x_sum.astype(np.int64), x.astype(np.int64).sum(axis=1)):
             raise ValueError("x_sum must equal Σx per token (the kernel trusts it)")
         _, y = reference.ternary_matmul_i8(W, x, x_scale, float(w_scale[0]), impl=impl)

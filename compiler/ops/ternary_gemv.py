@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.ops.base import Arg, Op, check_k, check_positive
+from compiler.layouts_x86 import TILES, tile_rowmajor4, untile_rowmajor4
+from compiler.ops.base import Arg, Op, OpShapeError, check_k, check_positive
 from model.ternary import reference
 
 CHUNK = 256  # codes per interleave chunk (= 64 packed bytes = one intrinsic call)
@@ -55,26 +56,39 @@ def te_interleave(X, K: int, lead: tuple = ()):
 
 @dataclass(frozen=True)
 class TernaryGemvI8(Op):
-    """``y[M] = float32(Σ code·x − Σx) · (w_scale / x_scale)``; the reduction block is named ``acc``."""
+    """``y[M] = float32(Σ code·x − Σx) · (w_scale / x_scale)``; the reduction block is named ``acc``.
+
+    ``tile=0``: weights in ``rowmajor4 [M, K/4]``; ``tile=R``: in the ``tile{R}`` layout ``[M/R, K/256, R, 64]`` of
+    :mod:`compiler.layouts_x86` (one linear stream per row tile; the schedule's row tile is then R).
+    """
 
     M: int
     K: int
+    tile: int = 0
     kind = "gemv_i8"
 
     def __post_init__(self):
         check_positive(M=self.M, K=self.K)
         check_k(self.K)
+        if self.tile and (self.tile not in TILES or self.M % self.tile):
+            raise OpShapeError(f"tile = {self.tile}: must be one of {TILES} and divide M = {self.M}")
+
+    def w_shape(self) -> tuple[int, ...]:
+        if self.tile:
+            return (self.M // self.tile, self.K // CHUNK, self.tile, 64)
+        return (self.M, self.K // 4)
 
     def args(self) -> list[Arg]:
-        return [Arg("W", (self.M, self.K // 4), "uint8"), Arg("x", (self.K,), "int8"), Arg("x_sum", (1,), "int32"),
+        return [Arg("W", self.w_shape(), "uint8"), Arg("x", (self.K,), "int8"), Arg("x_sum", (1,), "int32"),
                 Arg("x_scale", (1,), "float32"), Arg("w_scale", (1,), "float32"),
                 Arg("y", (self.M,), "float32", output=True)]  # fmt: skip
 
     def compute(self):
+        import tvm
         from tvm import te
 
-        M, K = self.M, self.K
-        W = te.placeholder((M, K // 4), "uint8", name="W")
+        M, K, R = self.M, self.K, self.tile
+        W = te.placeholder(self.w_shape(), "uint8", name="W")
         X = te.placeholder((K,), "int8", name="x")
         Xsum = te.placeholder((1,), "int32", name="x_sum")
         Xs = te.placeholder((1,), "float32", name="x_scale")
@@ -83,24 +97,32 @@ class TernaryGemvI8(Op):
         c = te.reduce_axis((0, K // CHUNK), name="c")
         b = te.reduce_axis((0, 64), name="b")
         j = te.reduce_axis((0, 4), name="j")
+        if R:
+            three = tvm.tirx.const(3, "uint8")
+            code = lambda m: (W[m // R, c, m % R, b] >> (j * 2).astype("uint8")) & three  # noqa: E731
+        else:
+            code = lambda m: te_code(W, m, c * 64 + b, j)  # noqa: E731
         acc = te.compute(
             (M,),
-            lambda m: te.sum(
-                te_code(W, m, c * 64 + b, j).astype("int32") * Xt[c, j, b].astype("int32"), axis=[c, b, j]
-            ),
+            lambda m: te.sum(code(m).astype("int32") * Xt[c, j, b].astype("int32"), axis=[c, b, j]),
             name="acc",
         )
         Y = te.compute((M,), lambda m: (acc[m] - Xsum[0]).astype("float32") * (Ws[0] / Xs[0]), name="y")
         return te.create_prim_func([W, X, Xsum, Xs, Ws, Y])
 
-    def reference(self, W, x, x_sum, x_scale, w_scale, impl="numpy"):
+    def reference(self, W, x, x_sum, x_scale, w_scale, impl="auto"):
+        impl = _impl(impl, self.M * self.K)
         if int(x_sum[0]) != int(x.astype(np.int64).sum()):
             raise ValueError("x_sum must equal Σx (the kernel trusts it)")
+        if self.tile:
+            W = untile_rowmajor4(W)
         _, y = reference.ternary_matmul_i8(W, x, x_scale.astype(np.float32), float(w_scale[0]), impl=impl)
         return [y]
 
     def random_inputs(self, rng):
         W = random_packed(rng, self.M, self.K)
+        if self.tile:
+            W = tile_rowmajor4(W, self.tile)
         x = rng.integers(-127, 128, self.K, dtype=np.int8)
         return [W, x, np.array([x.astype(np.int32).sum()], np.int32), np.array([rng.uniform(0.5, 50)], np.float32),
                 np.array([rng.uniform(0.01, 2)], np.float32)]  # fmt: skip
@@ -144,7 +166,8 @@ class TernaryGemvF32(Op):
         Y = te.compute((M,), lambda m: acc[m] * Ws[0], name="y")
         return te.create_prim_func([W, X, Ws, Y])
 
-    def reference(self, W, x, w_scale, impl="numpy"):
+    def reference(self, W, x, w_scale, impl="auto"):
+        impl = _impl(impl, self.M * self.K)
         return [reference.ternary_matmul_f32(W, x, float(w_scale[0]), impl=impl)]
 
     def random_inputs(self, rng):
@@ -164,6 +187,13 @@ class TernaryGemvF32(Op):
         do much better, so the bound is safe and still catches a wrong code or a dropped chunk (error ≥ min|x|).
         """
         return float(self.K * 2.0**-24 * np.abs(x).astype(np.float64).sum() * w_scale) + 1e-30
+
+
+def _impl(impl: str, size: int) -> str:
+    """``auto``: numpy for small matrices, the C++ scalar loops for large ones (numpy unpacks to int32: 16 B/weight)."""
+    if impl != "auto":
+        return impl
+    return "scalar" if size > 1 << 24 and reference.scalar_available() else "numpy"
 
 
 def random_packed(rng: np.random.Generator, M: int, K: int) -> np.ndarray:

@@ -1,0 +1,352 @@
+"""Schedule benchmark: tuned kernels vs a measured roofline, the scalar reference, the untuned TE and torch.
+
+    python -m compiler.bench                        # default set, best target here (< 3 minutes): table + JSON + PNG
+    python -m compiler.bench --target avx2 --full   # + more shapes (rowmajor4 DRAM GEMV, small-model shapes)
+    python -m compiler.bench --shape gemv_i8:4096:4096 --threads 2 --no-baselines
+
+Per operator and shape: median time (``time_evaluator``, weights cache-warm), GOPS (GB/s for the memory-bound mHC and
+RMSNorm ops), and % of a roofline measured in the same run on an array of the same size: a streaming-read kernel over
+the packed weights for the GEMV/GEMM (2-bit roofline GOPS = 8 · read GB/s), a copy kernel over the same bytes for the
+elementwise ops. Ratios (×, higher = tuned is faster): vs the scalar C++ reference (``impl="scalar"``, one thread),
+vs the untuned TE (``mode="naive"``), vs ``torch.nn.functional.linear`` in fp32 and bf16 of the same shape (the
+elementwise ops: the eager torch formula). The load average at start and end goes into the JSON: a busy machine
+makes every figure lower. Writes ``bench_results/bench_<target>.json`` and ``bench_results/roofline_<target>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from compiler import schedule as S
+from compiler.ops import make_op
+from compiler.tune import BENCH_SHAPES, parse_shape
+from schedules import targets
+
+targets.ensure_tvm_threads()
+
+DEFAULT_SHAPES = [make_op(k, **d).key for k, d in BENCH_SHAPES]  # tuned by `compiler.tune` (committed logs)
+FULL_EXTRA = ["gemv_i8:32768:16384", "gemv_i8:512:512", "gemm_i8:8:1536:512", "mhc_post:D=512:S=2",
+              "mhc_post:D=4096:S=4", "rmsnorm_quant:D=512:N=1"]  # fmt: skip
+MEMORY_BOUND = ("mhc_post", "rmsnorm_quant")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing helpers
+# ---------------------------------------------------------------------------------------------------------------
+def tvm_time(ex, args, min_ms: float = 50.0, repeat: int = 7) -> float:
+    """Median seconds per call; ``number`` is chosen so one repeat lasts about ``min_ms``."""
+    import tvm
+
+    f = ex.mod if hasattr(ex, "mod") else ex
+    f["main"](*args)
+    t0 = time.perf_counter()
+    f["main"](*args)
+    one = max(time.perf_counter() - t0, 1e-7)
+    number = max(1, int(min_ms / 1e3 / one))
+    return float(f.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)(*args).median)
+
+
+def py_time(fn, min_s: float = 0.05, repeat: int = 5) -> float:
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    number = max(1, int(min_s / one))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t0) / number)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rooflines measured in the same run
+# ---------------------------------------------------------------------------------------------------------------
+_ROOF_CACHE: dict = {}
+
+
+def _roof_kernel(kind: str, nbytes: int, target: str):
+    """``read``: Σ of int32 lanes over ``nbytes`` (16 vector lanes per chunk, chunks in parallel); ``copy``: y = x."""
+    import tvm
+    from tvm import s_tir, te
+
+    n = max(1024, nbytes // 4 // 1024 * 1024)
+    P = 64
+    if kind == "read":
+        X = te.placeholder((P, n // P), "int32", name="X")
+        r = te.reduce_axis((0, n // P // 16), name="r")
+        Y = te.compute((P, 16), lambda p, i: te.sum(X[p, r * 16 + i], axis=r), name="Y")
+        sch = s_tir.Schedule(te.create_prim_func([X, Y]))
+        blk = sch.get_sblock("Y")
+        p, i, rr = sch.get_loops(blk)
+        ro, ri = sch.split(rr, [None, 4])
+        sch.reorder(p, ro, ri, i)
+        sch.parallel(p)
+        sch.unroll(ri)
+        sch.vectorize(i)
+        sch.decompose_reduction(blk, ro)
+        shapes = [((P, n // P), "int32"), ((P, 16), "int32")]
+    else:
+        X = te.placeholder((P, n // P), "float32", name="X")
+        Y = te.compute((P, n // P), lambda p, i: X[p, i], name="Y")
+        sch = s_tir.Schedule(te.create_prim_func([X, Y]))
+        p, i = sch.get_loops(sch.get_sblock("Y"))
+        _io, ii = sch.split(i, [None, 16])
+        sch.parallel(p)
+        sch.vectorize(ii)
+        shapes = [((P, n // P), "float32"), ((P, n // P), "float32")]
+    ex = tvm.compile(sch.mod, target=targets.get_target(target))
+    args = [tvm.runtime.tensor(np.ones(s, d)) for s, d in shapes]
+    return ex, args, n * 4
+
+
+def roofline_gbs(kind: str, nbytes: int, target: str, threads: int) -> float:
+    """Streaming read (``read``) or copy (``copy``, read + write counted) GB/s over an array of ``nbytes``: the best
+    of 1..``threads`` threads (a small, cache-resident array streams fastest on one thread: no parallel launch)."""
+    best = 0.0
+    for th in range(1, threads + 1):
+        key = (kind, nbytes, target, th)
+        if key not in _ROOF_CACHE:
+            targets.set_tvm_threads(th)
+            ex, args, actual = _roof_kernel(kind, nbytes, target)
+            t = tvm_time(ex, args, min_ms=30)
+            _ROOF_CACHE[key] = (2 if kind == "copy" else 1) * actual / t / 1e9
+        best = max(best, _ROOF_CACHE[key])
+    targets.set_tvm_threads(threads)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# baselines
+# ---------------------------------------------------------------------------------------------------------------
+def torch_baselines(op, threads: int) -> dict[str, float]:
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return {}
+    torch.set_num_threads(threads)
+    out = {}
+    with torch.inference_mode():
+        if op.kind in ("gemv_i8", "gemv_f32", "gemm_i8"):
+            n = getattr(op, "N", 1)
+            for dt, name in ((torch.float32, "torch_fp32"), (torch.bfloat16, "torch_bf16")):
+                w = torch.randn(op.M, op.K, dtype=dt)
+                x = torch.randn(n, op.K, dtype=dt)
+                out[name] = py_time(lambda w=w, x=x: F.linear(x, w))
+                del w
+        elif op.kind == "mhc_post":
+            X, y = torch.randn(op.S, op.D), torch.randn(op.D)
+            H, hp, hpre = torch.rand(op.S, op.S), torch.rand(op.S), torch.rand(op.S)
+
+            def mhc():
+                Xp = H @ X + hp[:, None] * y
+                u = hpre @ Xp
+                return Xp, u, (u * u).sum()
+
+            out["torch_fp32"] = py_time(mhc)
+        elif op.kind == "rmsnorm_quant":
+            x, w = torch.randn(op.N, op.D), torch.rand(op.D)
+
+            def rq():
+                h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+                s = 127.0 / h.abs().amax(-1).clamp(min=1e-5)
+                q = (h * s[:, None]).round().clamp(-127, 127).to(torch.int8)
+                return q, s, q.sum(-1, dtype=torch.int32)
+
+            out["torch_fp32"] = py_time(rq)
+    return out
+
+
+def scalar_time(op, ins) -> float | None:
+    """The C++ scalar reference (GEMV/GEMM) or the numpy reference (elementwise ops), single-threaded."""
+    from model.ternary.reference import scalar_available
+
+    if op.kind in ("gemv_i8", "gemm_i8", "gemv_f32"):
+        if not scalar_available():
+            return None
+        return py_time(lambda: op.reference(*ins, impl="scalar"), min_s=0.02, repeat=3)
+    return py_time(lambda: op.reference(*ins), min_s=0.02, repeat=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one row
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    op: str
+    target: str
+    threads: int
+    source: str  # tuned | hand
+    median_us: float
+    gops: float
+    gbs: float
+    metric: str  # "GOPS" or "GB/s": the headline figure of this op
+    roof_kind: str
+    roof_gbs: float
+    pct_roof: float
+    times_us: dict = field(default_factory=dict)  # baseline name -> µs
+    speedup: dict = field(default_factory=dict)  # baseline name -> baseline time / tuned time
+
+
+def weight_bytes(op) -> float:
+    return op.M * op.K / 4 if hasattr(op, "K") else op.bytes_moved()
+
+
+def bench_op(op, target: str, threads_list, baselines: bool = True, logs_root=None) -> list[Row]:
+    import warnings
+
+    import tvm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", S.UntunedWarning)  # the row's `source` says "hand" instead
+        sf = S.get_primfunc(op, target, logs_root)
+    ex = sf.build()
+    ins = op.random_inputs(np.random.default_rng(0))
+    args = [tvm.runtime.tensor(a) for a in ins + op.empty_outputs()]
+    ex.mod["main"](*args)
+    for o, r, tol in zip(args[len(ins) :], op.reference(*ins), op.tolerances(*ins), strict=True):
+        if not np.allclose(o.numpy(), r, rtol=0, atol=tol):
+            raise AssertionError(f"{op.key} on {target}: wrong result, refusing to time it")
+    naive = S.get_primfunc(op, target, mode="naive").build() if baselines else None
+    scalar = scalar_time(op, ins) if baselines else None
+    mem = op.kind in MEMORY_BOUND
+    roof_kind = "copy" if mem else "read"
+    rows = []
+    for th in threads_list:
+        targets.set_tvm_threads(th)
+        t = tvm_time(ex, args)
+        times = {}
+        if baselines:
+            times["untuned"] = tvm_time(naive, args, min_ms=20, repeat=3)
+            if scalar is not None:
+                times["scalar_ref"] = scalar
+            times.update(torch_baselines(op, th))
+        roof = roofline_gbs(roof_kind, int(op.bytes_moved() / 2 if mem else weight_bytes(op)), target, th)
+        gbs = (op.bytes_moved() if mem else weight_bytes(op)) / t / 1e9
+        gops = op.ops() / t / 1e9
+        rows.append(Row(op.key, target, th, sf.source, t * 1e6, gops, gbs, "GB/s" if mem else "GOPS", roof_kind, roof,
+                        100.0 * gbs / roof, {k: v * 1e6 for k, v in times.items()},
+                        {k: v / t for k, v in times.items()}))  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------------
+BASELINES = ("scalar_ref", "untuned", "torch_fp32", "torch_bf16")
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'op':36s} {'target':6s} {'thr':>3s} {'src':5s} {'median':>10s} {'figure':>13s} {'roof GB/s':>9s} "
+            f"{'%roof':>6s} " + " ".join(f"{'x' + b:>11s}" for b in BASELINES))  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        fig = f"{r.gops:8.1f} GOPS" if r.metric == "GOPS" else f"{r.gbs:7.1f} GB/s"
+        ratios = " ".join(f"{r.speedup[b]:11.1f}" if b in r.speedup else f"{'-':>11s}" for b in BASELINES)
+        lines.append(f"{r.op:36s} {r.target:6s} {r.threads:3d} {r.source:5s} {r.median_us:8.1f}us {fig:>13s} "
+                     f"{r.roof_gbs:9.1f} {r.pct_roof:5.0f}% {ratios}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_roofline(rows: list[Row], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no roofline plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    fig, ax = plt.subplots(figsize=(9, 6))
+    xs = np.logspace(-1, 2, 50)
+    roofs = sorted({(r.roof_kind, round(r.roof_gbs), r.threads) for r in rows if r.metric == "GOPS"})
+    for kind, bw, th in roofs[:: max(1, len(roofs) // 6)]:
+        ax.plot(xs, bw * xs, "--", lw=0.8, alpha=0.6, label=f"{kind} {bw} GB/s ({th} thr)")
+    for r in rows:
+        if r.metric != "GOPS":
+            continue
+        intensity = r.gops / r.gbs  # ops per byte of packed weights
+        mk = "o" if r.threads == 1 else "s"
+        ax.scatter([intensity], [r.gops], marker=mk, s=40)
+        ax.annotate(f"{r.op.split(':', 1)[1]} {r.threads}t", (intensity, r.gops), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")  # fmt: skip
+        if "torch_fp32" in r.times_us:
+            ax.scatter([0.5], [r.gops / r.speedup["torch_fp32"]], marker="x", c="gray", s=20)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("operations per byte of weights read (2-bit ternary = 8, fp32 = 0.5)")
+    ax.set_ylabel("GOPS")
+    ax.set_title(f"ternary kernels vs measured read-bandwidth roofs ({rows[0].target}); x = torch fp32")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(target: str = "auto", shapes=None, threads=(1, 2), baselines: bool = True, out_dir="bench_results",
+        full: bool = False, logs_root=None) -> dict:  # fmt: skip
+    """Benchmark ``shapes`` (op keys) on ``target``; returns the JSON-able result and writes JSON + PNG."""
+    target = targets.resolve(target)
+    if not targets.supported(target):
+        raise SystemExit(f"cannot run {target} here: this CPU lacks {targets.missing_flags(target)}")
+    threads = [t for t in threads if t <= targets.num_cores()] or [1]
+    shapes = list(shapes or DEFAULT_SHAPES + (FULL_EXTRA if full else []))
+    t0, load0 = time.time(), os.getloadavg()
+    rows: list[Row] = []
+    for key in shapes:
+        op = parse_shape(key)
+        print(f"... {op.key}", file=sys.stderr, flush=True)
+        rows.extend(bench_op(op, target, threads, baselines, logs_root))
+    result = {
+        "command": " ".join(["python -m compiler.bench", *sys.argv[1:]]), "target": target,
+        "target_dict": targets.target_dict(target), "cpu": platform.processor() or platform.machine(),
+        "cores": targets.num_cores(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+        "wall_s": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "rows": [asdict(r) for r in rows],
+    }  # fmt: skip
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"bench_{target}.json").write_text(json.dumps(result, indent=1))
+    plot_roofline(rows, out / f"roofline_{target}.png")
+    result["table"] = format_table(rows)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m compiler.bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--target", default="auto", help="avx512 | avx2 | auto (default) | all")
+    p.add_argument("--shape", action="append", default=[], help="op key, e.g. gemv_i8:4096:4096 (repeatable)")
+    p.add_argument("--full", action="store_true", help="add the DRAM-resident and small-model shapes")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--no-baselines", action="store_true", help="skip scalar/untuned/torch (faster)")
+    p.add_argument("--out", default="bench_results", help="output folder for the JSON and the PNG")
+    a = p.parse_args(argv)
+    tlist = [targets.detect()] if a.target == "auto" else (
+        [t for t in ("avx512", "avx2") if targets.supported(t)] if a.target == "all" else [a.target])  # fmt: skip
+    for t in tlist:
+        res = run(t, a.shape or None, [int(x) for x in a.threads.split(",")], not a.no_baselines, a.out, a.full)
+        print(res["table"])
+        print(f"{t}: {res['wall_s']} s, load average {res['loadavg_start'][0]:.2f} -> {res['loadavg_end'][0]:.2f}; "
+              f"wrote {a.out}/bench_{t}.json and roofline_{t}.png")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
