@@ -57,14 +57,30 @@ def collapse(streams: torch.Tensor) -> torch.Tensor:
     return streams.mean(dim=-2)
 
 
+def aggregate(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """``u = h_preᵀ X = Σ_s h_pre[s] · X[s]`` for ``X [..., n, d]`` (summed in stream order)."""
+    u = h_pre[0] * streams[..., 0, :]
+    for s in range(1, streams.shape[-2]):
+        u = u + h_pre[s] * streams[..., s, :]
+    return u
+
+
 def apply_update(streams: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor) -> torch.Tensor:
     """``X' = H_res · X + h_post ⊗ y`` for ``X [..., n, d]``, ``y [..., d]``.
 
-    Written as broadcast multiply-and-sum over the n ≤ 4 streams rather than an einsum: an einsum lowers to a bmm
-    with a tiny inner dimension (slow on GPUs) that autocast would also run in bf16, rounding the residual streams.
+    The sums over the n ≤ 4 streams are unrolled into elementwise multiply-adds. An einsum lowers to a bmm with a tiny
+    inner dimension (slow on GPUs, and autocast runs it in bf16, rounding the residual streams), and a broadcast
+    ``.sum()`` becomes a reduction kernel; unrolled, ``torch.compile`` fuses the site into pointwise kernels (4.4×
+    faster forward + backward on an H200 at 65 k tokens, n = 2, d = 512).
     """
-    mixed = (h_res.unsqueeze(-1) * streams.unsqueeze(-3)).sum(dim=-2)  # [..., i, j, d] summed over j
-    return mixed + h_post.unsqueeze(-1) * y.unsqueeze(-2)
+    n = streams.shape[-2]
+    rows = []
+    for i in range(n):
+        acc = h_res[i, 0] * streams[..., 0, :]
+        for j in range(1, n):
+            acc = acc + h_res[i, j] * streams[..., j, :]
+        rows.append(acc + h_post[i] * y)
+    return torch.stack(rows, dim=-2)
 
 
 class MHCSite(nn.Module):
@@ -98,7 +114,7 @@ class MHCSite(nn.Module):
             x = streams[..., 0, :]
             return (x + sublayer(x)).unsqueeze(-2)
         h_pre, h_post, h_res = self.weights()
-        u = (h_pre.unsqueeze(-1) * streams).sum(dim=-2)  # h_preᵀX (see apply_update for why not einsum)
+        u = aggregate(streams, h_pre)
         return apply_update(streams, sublayer(u), h_res, h_post)
 
     @torch.no_grad()
