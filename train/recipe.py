@@ -4,7 +4,7 @@ Every stage writes into ``--out`` and is skipped when its output already exists,
 where it stopped (training itself resumes from its checkpoint).
 
     python -m train.recipe --preset tiny --out runs/tiny-recipe              # CPU, minutes: the end-to-end check
-    python -m train.recipe --preset small --out runs/small --steps 3000 --batch-size 64 --compile --dense  # GPU
+    python -m train.recipe --preset small --out runs/small --steps 3000 --batch-size 128 --compile --variant both
 """
 
 from __future__ import annotations
@@ -69,10 +69,10 @@ def run(args) -> dict:
                        batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=min(100, args.steps // 10),
                        compile=args.compile, eval_every=max(1, args.steps // 8), log_every=max(1, args.steps // 100),
                        ckpt_every=max(1, args.steps // 4))  # fmt: skip
-    runs = [("ternary", tcfg)]
-    if args.dense:
-        runs.append(("dense", replace(tcfg, ternary=False, out=str(out / "dense"))))
-    summary = {"preset": args.preset, "timings_s": timings}
+    variants = {"ternary": tcfg, "dense": replace(tcfg, ternary=False, out=str(out / "dense"))}
+    chosen = {"data": [], "ternary": ["ternary"], "dense": ["dense"], "both": ["ternary", "dense"]}[args.variant]
+    runs = [(name, variants[name]) for name in chosen]
+    summary = {"preset": args.preset, "variant": args.variant, "timings_s": timings}
     ecfg = evaluation.EvalConfig(seq_len=args.seq_len, max_tokens=args.eval_tokens, n_functions=args.eval_functions)
     for name, cfg in runs:
         with _stage(f"train-{name}", timings):
@@ -95,7 +95,7 @@ def run(args) -> dict:
             (out / f"eval_{name}.json").write_text(json.dumps(report, indent=2) + "\n")
             summary[f"eval_{name}"] = {k: report[k] for k in ("val_loss", "bits_per_byte")} | {
                 "validity_rate": report["code"]["validity_rate"]}  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / f"summary_{args.variant}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -111,7 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--dense", action="store_true", help="also train the dense baseline of the same shape")
+    ap.add_argument(
+        "--variant",
+        choices=["data", "ternary", "dense", "both"],
+        default="ternary",
+        help="what to train after the data stages: the ternary model, the dense baseline, both, or none",
+    )
     ap.add_argument("--eval-tokens", type=int, default=200_000)
     ap.add_argument("--eval-functions", type=int, default=100)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
