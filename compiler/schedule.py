@@ -81,10 +81,19 @@ def open_database(target: str, root: Path | str | None = None, create: bool = Fa
 
     importlib.import_module("schedules.intrin_x86")  # records' traces name our intrinsics: register before parsing
     d = logs_dir(target, root)
-    if not create and not (d / "database_tuning_record.json").exists():
+    rec_file = d / "database_tuning_record.json"
+    if not create and not rec_file.exists():
         return None
     d.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(work_dir=str(d))
+    if create:  # the tuner writes: always a fresh handle
+        return ms.database.JSONDatabase(work_dir=str(d))
+    key = (str(d.resolve()), rec_file.stat().st_mtime_ns, rec_file.stat().st_size)
+    if key not in _DB_CACHE:  # parsing ~1 MB of traces takes a second: reuse it while the files are unchanged
+        _DB_CACHE[key] = ms.database.JSONDatabase(work_dir=str(d))
+    return _DB_CACHE[key]
+
+
+_DB_CACHE: dict = {}
 
 
 def records(db, op) -> list:

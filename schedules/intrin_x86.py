@@ -2,7 +2,7 @@
 
 One intrinsic call handles one weight row × one 256-code chunk: 64 packed bytes ``W[b]`` (code ``j`` of byte ``b`` is
 ``(W[b] >> 2j) & 3`` ∈ {0, 1, 2}) against the chunk's activations in the *k-interleaved* layout ``X[j, b] =
-x[4b + j]`` (see :func:`compiler.ops.ternary_gemv.ternary_gemv_compute`), accumulating into 16 int32 lanes:
+x[4b + j]`` (the ``Xt`` stage of :mod:`compiler.ops.ternary_gemv`), accumulating into 16 int32 lanes:
 
     C[l] += Σ_{t<4, j<4} code(W[4l + t], j) · X[j, 4l + t]        (l < 16)
 
@@ -18,6 +18,10 @@ computes ``Σ code·x − Σ x`` (the caller subtracts Σx).
   ``|x| ≤ 128`` a pair is at most ``2·2·128 = 512``, and the sum of the four planes is at most ``4·512 = 2048``, far
   below 32767, so nothing saturates for any int8 input (even −128, which the quantizer never emits).
 * ``ternary_dot_64b_avx512bw`` (AVX-512BW without VNNI): the AVX2 recipe on 512-bit registers.
+
+Each also exists as ``NAME_pf{1024,2048,4096}``: the same body plus one software prefetch ``W + pf`` bytes ahead
+(a grid-only knob of the GEMV schedule; it matters for DRAM-resident weights). Bodies are single expressions, not
+let-bound vectors: inside a parallel loop TVM turns each let-bound vector into a workspace allocation per call.
 
 The int32 accumulator is exact while ``K ≤ 2²²`` (``|Σ c·x| ≤ 2·128·K``), the bound
 :data:`model.ternary.reference.K_MAX` already enforces.

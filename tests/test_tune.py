@@ -1,0 +1,144 @@
+"""compiler.tune: records land in a MetaSchedule JSON database, replay into correct kernels, resume after kill -9,
+skip tuned workloads, never let a worse record win; and the committed tuning_logs/ load and give valid schedules.
+
+    pytest tests/test_tune.py -q            # add -m slow for the kill -9 test
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kernel_helpers import X86
+
+from compiler import schedule as S
+from compiler import tune
+from compiler.kernels import Kernel
+from compiler.ops import make_op
+from model.config import get_config
+from schedules import targets
+
+REPO = Path(__file__).resolve().parent.parent
+OP = make_op("gemv_i8", M=48, K=512)  # rows {1, 2, 4, 8, 12} × unroll_k {1, 2} × prefetch {0, 1k, 2k, 4k}
+
+
+def record_lines(root, target):
+    return (Path(root) / target / "database_tuning_record.json").read_text().splitlines()
+
+
+def test_tune_then_build_from_record(tmp_path):
+    target = targets.detect()
+    res = tune.tune([OP], target, trials=3, root=tmp_path, progress=False)
+    assert res[0].status == "tuned" and res[0].trials == 3 and res[0].best_ms > 0
+    assert len(record_lines(tmp_path, target)) == 3
+    sf = S.get_primfunc(OP, target, logs_root=tmp_path, mode="tuned")
+    assert sf.source == "tuned" and sf.run_secs == pytest.approx(res[0].best_ms / 1e3, rel=0.5)
+    ins = OP.random_inputs(np.random.default_rng(5))
+    np.testing.assert_array_equal(Kernel(OP, sf.build())(*ins)[0], OP.reference(*ins)[0])
+    # rerun: nothing left to do at this budget; a larger budget measures only the configurations not yet tried
+    assert tune.tune([OP], target, trials=3, root=tmp_path, progress=False)[0].status == "skipped"
+    res = tune.tune([OP], target, trials=5, root=tmp_path, progress=False)
+    assert res[0].trials == 2 and len(record_lines(tmp_path, target)) == 5
+    assert len(tune.tried_knobs(S.open_database(target, tmp_path), OP, target)) == 5
+
+
+def test_torn_line_is_dropped_and_tuning_resumes(tmp_path):
+    target = targets.detect()
+    tune.tune([OP], target, trials=2, root=tmp_path, progress=False)
+    path = tmp_path / target / "database_tuning_record.json"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # a kill -9 in the middle of a write
+    res = tune.tune([OP], target, trials=2, root=tmp_path, progress=False)
+    assert res[0].trials == 1  # the torn record is measured again, the intact one is not
+    assert all(json.loads(x) for x in record_lines(tmp_path, target))
+
+
+def test_worse_records_never_win(tmp_path):
+    target = targets.detect()
+    tune.tune([OP], target, trials=1, root=tmp_path, progress=False)
+    db = S.open_database(target, tmp_path)
+    best = S.best_record(db, OP)
+    slow = S.manual(OP, target, {"rows": 1, "unroll_k": 1})
+    tune.commit(db, OP, slow, target, [10.0, 10.0])  # a much worse measurement, appended later
+    db = S.open_database(target, tmp_path)
+    assert [float(s) for s in S.best_record(db, OP).run_secs] == [float(s) for s in best.run_secs]
+    fast = S.manual(OP, target, {"rows": 2, "unroll_k": 1})
+    tune.commit(db, OP, fast, target, [1e-9, 1e-9])  # a better one wins
+    db = S.open_database(target, tmp_path)
+    rec = S.best_record(db, OP)
+    knobs = tune.knobs_of_trace(rec.trace, S.schedule_module(target).space(OP))
+    assert knobs == {"rows": 2, "unroll_k": 1, "prefetch": 0}
+
+
+def test_untuned_build_warns_loudly(tmp_path):
+    with pytest.warns(S.UntunedWarning, match="UNTUNED"):
+        sf = S.get_primfunc(OP, "auto", logs_root=tmp_path)
+    assert sf.source == "hand"
+    with pytest.raises(LookupError, match=r"compiler\.tune"):
+        S.get_primfunc(OP, "auto", logs_root=tmp_path, mode="tuned")
+
+
+def test_shapes_and_workloads():
+    assert tune.parse_shape("gemv_i8:4096:4096") == make_op("gemv_i8", M=4096, K=4096)
+    assert tune.parse_shape("gemv_i8:4096:4096:8") == make_op("gemv_i8", M=4096, K=4096, tile=8)
+    assert tune.parse_shape("gemm_i8:N=8:M=512:K=1536") == make_op("gemm_i8", N=8, M=512, K=1536)
+    with pytest.raises(ValueError, match="unknown op"):
+        tune.parse_shape("conv:1:2")
+    kinds = {op.kind for op in tune.config_ops(get_config("small"))}
+    assert kinds == {"gemv_i8", "gemm_i8", "rmsnorm_quant", "mhc_post"}
+
+
+def test_cli_help_and_model_not_yet():
+    out = subprocess.run([sys.executable, "-m", "compiler.tune", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "--retune" in out.stdout and "--trials" in out.stdout
+    if importlib.util.find_spec("model.gguf_io") is None:
+        with pytest.raises(SystemExit, match="not yet"):
+            tune.model_ops("missing.gguf")
+
+
+@pytest.mark.slow
+def test_kill_9_loses_at_most_the_trial_in_flight(tmp_path):
+    target = targets.detect()
+    cmd = [sys.executable, "-m", "compiler.tune", "--target", target, "--shape", "gemv_i8:48:512", "--trials", "10",
+           "--logs", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TVM_NUM_THREADS": "1"})  # fmt: skip
+    path = tmp_path / target / "database_tuning_record.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not path.exists() or len(path.read_text().splitlines()) < 3):
+        assert proc.poll() is None, "the tuner exited before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(path.read_text().splitlines())
+    assert 3 <= killed_at < 10
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    lines = record_lines(tmp_path, target)
+    assert all(json.loads(x) for x in lines)
+    tried = tune.tried_knobs(S.open_database(target, tmp_path), OP, target)
+    assert len(tried) == 10  # the grid is complete ...
+    assert len(lines) <= 10 + 1  # ... and at most the trial in flight was measured twice
+
+
+@pytest.mark.parametrize("target", X86)
+def test_committed_logs_give_valid_schedules(target):
+    """Every shipped-model and benchmark workload has a record in tuning_logs/<target>/, and it replays correctly."""
+    db = S.open_database(target)
+    if db is None:
+        pytest.skip(f"no committed tuning logs for {target}")
+    ops = tune.config_ops(get_config("small")) + [make_op(k, **d) for k, d in tune.BENCH_SHAPES]
+    for op in ops:
+        sf = S.get_primfunc(op, target, mode="tuned")
+        assert sf.source == "tuned" and sf.run_secs > 0
+    small = make_op("gemv_i8", M=512, K=512)
+    ins = small.random_inputs(np.random.default_rng(0))
+    y = Kernel(small, S.get_primfunc(small, target, mode="tuned").build())(*ins)[0]
+    np.testing.assert_array_equal(y, small.reference(*ins)[0])
