@@ -1,0 +1,39 @@
+"""compiler.bench: a small run writes a JSON with sane figures and a roofline PNG, and the CLI parses its options.
+
+pytest tests/test_bench.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compiler import bench
+
+
+def test_small_run_writes_json_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    res = bench.run("auto", ["gemv_i8:512:512", "mhc_post:D=256:S=2"], threads=(1,), baselines=True, out_dir=tmp_path)
+    data = json.loads((tmp_path / f"bench_{res['target']}.json").read_text())
+    assert (tmp_path / f"roofline_{res['target']}.png").stat().st_size > 10_000
+    rows = {r["op"]: r for r in data["rows"]}
+    gemv, mhc = rows["gemv_i8:M=512:K=512:tile=0"], rows["mhc_post:D=256:S=2:first=0:last=0"]
+    assert gemv["metric"] == "GOPS" and gemv["gops"] > 1 and gemv["roof_gbs"] > 1 and 0 < gemv["pct_roof"] < 1000
+    assert mhc["metric"] == "GB/s" and mhc["gbs"] > 0.1
+    assert {"untuned", "scalar_ref"} <= set(gemv["speedup"])
+    assert gemv["speedup"]["untuned"] > 1  # the hand/tuned schedule beats the naive TE
+    assert len(data["loadavg_start"]) == 3 and "gemv_i8" in res["table"]
+
+
+def test_default_shapes_are_the_tuned_bench_shapes():
+    from compiler.ops import make_op
+    from compiler.tune import BENCH_SHAPES
+
+    assert bench.DEFAULT_SHAPES == [make_op(k, **d).key for k, d in BENCH_SHAPES]
+
+
+def test_cli_help():
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--help"])
+    assert exc.value.code == 0
