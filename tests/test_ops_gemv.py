@@ -95,3 +95,29 @@ def test_shape_errors_are_clear():
         make_op("gemv_i8", M=8, K=300)
     with pytest.raises(OpShapeError, match="positive"):
         make_op("gemm_i8", N=0, M=8, K=256)
+
+
+@pytest.mark.parametrize("target", X86)
+@SETTINGS
+@given(tile=st.sampled_from([4, 8, 16]), mt=st.integers(1, 6), kc=st.integers(1, 3), seed=st.integers(0, 2**16),
+       data=st.data())  # fmt: skip
+def test_gemv_i8_tiled_layout_bit_exact(target, tile, mt, kc, seed, data):
+    op = make_op("gemv_i8", M=tile * mt, K=256 * kc, tile=tile)
+    knobs = data.draw(knob_choice(op, target))
+    ins, y = run(op, build(op, target, knobs=knobs), seed)
+    np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
+
+
+def test_tiled_layout_round_trip_and_registry():
+    import compiler.layouts_x86  # noqa: F401  (registers tile4/8/16)
+    from model.ternary.layouts import LAYOUTS
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-1, 2, (32, 512)).astype(np.int8)
+    for r in (4, 8, 16):
+        lay = LAYOUTS[f"tile{r}"]
+        packed = lay.pack(codes)
+        assert packed.shape == (32 // r, 2, r, 64)
+        np.testing.assert_array_equal(lay.unpack(packed, 512), codes)
+    with pytest.raises(OpShapeError, match="tile"):
+        make_op("gemv_i8", M=12, K=256, tile=8)
