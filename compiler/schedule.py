@@ -125,6 +125,11 @@ class ScheduledFunc:
 
         return tvm.compile(tvm.IRModule({"main": self.func}), target=targets.get_target(self.target))
 
+    def for_relax(self):
+        """The PrimFunc to ``bb.add_func(f, name)`` / ``call_tir``: no ``global_symbol`` (the IRModule names it) and
+        ``op_pattern`` 8 (opaque: Relax must not try to fuse a tensorized kernel)."""
+        return self.func.without_attr("global_symbol").with_attr("op_pattern", 8)
+
 
 def _apply_record(op, rec):
     from tvm import s_tir

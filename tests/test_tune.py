@@ -143,3 +143,24 @@ def test_committed_logs_give_valid_schedules(target):
         outs = Kernel(op, S.get_primfunc(op, target, mode="tuned").build())(*ins)
         for o, r, tol in zip(outs, op.reference(*ins), op.tolerances(*ins), strict=True):
             np.testing.assert_allclose(o, r, rtol=0, atol=tol, err_msg=op.key)
+
+
+def test_relax_call_tir_of_a_scheduled_kernel():
+    """The whole-model compiler's path: get_primfunc → Relax call_tir → VM, bit-exact with the reference."""
+    import tvm
+    from tvm import relax
+
+    op = make_op("gemv_i8", M=64, K=512)
+    sf = S.get_primfunc(op, "auto", mode="hand")
+    bb = relax.BlockBuilder()
+    params = [relax.Var(a.name, relax.TensorType(a.shape, a.dtype)) for a in op.inputs()]
+    (out,) = op.outputs()
+    with bb.function("main", params):
+        gv = bb.add_func(sf.for_relax(), op.func_name)
+        y = bb.emit(relax.call_tir(gv, params, relax.TensorType(out.shape, out.dtype)))
+        bb.emit_func_output(y)
+    ex = tvm.compile(bb.get(), target=targets.get_target("auto"))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    ins = op.random_inputs(np.random.default_rng(9))
+    y = vm["main"](*[tvm.runtime.tensor(a) for a in ins]).numpy()
+    np.testing.assert_array_equal(y, op.reference(*ins)[0])
