@@ -83,14 +83,12 @@ def config_ops(cfg, include_prefill: bool = True) -> list:
 
 
 def model_ops(path: str) -> list:
+    """The workloads of the model in a ``.gguf`` file (its config, read by :func:`model.gguf_io.read_gguf`)."""
     try:
-        from model import gguf_io
+        from model.gguf_io import read_gguf
     except ImportError:
-        raise SystemExit(f"--model {path}: not yet — there is no model/gguf_io.py; use --config or --shape") from None
-    for name in ("read_config", "load_config", "config_from_gguf"):
-        if hasattr(gguf_io, name):
-            return config_ops(getattr(gguf_io, name)(path))
-    raise SystemExit(f"--model {path}: not yet — model.gguf_io has no config reader; use --config or --shape")
+        raise SystemExit(f"--model {path}: not yet — no model.gguf_io.read_gguf; use --config or --shape") from None
+    return config_ops(read_gguf(path, check_values=False).config)
 
 
 # ---------------------------------------------------------------------------------------------------------------

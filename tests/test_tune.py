@@ -6,7 +6,6 @@ skip tuned workloads, never let a worse record win; and the committed tuning_log
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -99,9 +98,22 @@ def test_shapes_and_workloads():
 def test_cli_help_and_model_not_yet():
     out = subprocess.run([sys.executable, "-m", "compiler.tune", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "--retune" in out.stdout and "--trials" in out.stdout
-    if importlib.util.find_spec("model.gguf_io") is None:
-        with pytest.raises(SystemExit, match="not yet"):
-            tune.model_ops("missing.gguf")
+
+
+def test_model_workloads_from_gguf(tmp_path):
+    """``--model X.gguf`` tunes exactly the workloads of the file's config."""
+    gguf_io = pytest.importorskip("model.gguf_io")
+    torch = pytest.importorskip("torch")
+    from model_helpers import tiny_spec
+
+    from model.transformer import Transformer
+
+    cfg = get_config("tiny", n_streams=4)
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.gguf"
+    gguf_io.write_gguf(path, cfg, Transformer(cfg).eval().gguf_tensors(), tiny_spec(cfg.vocab_size))
+    assert tune.model_ops(str(path)) == tune.config_ops(cfg)
+    assert make_op("mhc_post", D=cfg.d_model, S=4) in tune.model_ops(str(path))
 
 
 @pytest.mark.slow
