@@ -4,9 +4,10 @@
   are left out). Bytes per target token come from the byte-level vocabulary (one character of a token = one byte),
   so ``bpb = Σ CE / (ln 2 · Σ bytes)`` is exact and comparable across tokenizers.
 * **Code validity**: for held-out functions that have a docstring, the prompt is the (dedented) signature plus the
-  docstring; the model writes the body; the body ends at the first non-empty line back at column 0 (or at the token
-  limit, where a partial last line is dropped); the function counts as valid when ``ast.parse`` accepts it and the
-  body is not empty. The sampling settings are recorded in the report.
+  docstring, up to its closing quotes; the model writes the body; the body ends at the first non-empty line back at
+  column 0 (or at the token limit, where a partial last line is dropped); the function counts as valid when
+  ``ast.parse`` accepts it as one function with at least one statement after the docstring. The sampling settings
+  are recorded in the report.
 
     python -m train.eval --gguf model.gguf --data data/shards --manifest data/corpus/manifest.jsonl --out eval.json
     python -m train.eval --run runs/dense --tokenizer data/tokenizer.json --data data/shards --manifest ...
@@ -96,7 +97,7 @@ def function_prompts(files, n: int, seed: int) -> list[dict]:
             if not (isinstance(doc, ast.Expr) and isinstance(getattr(doc.value, "value", None), str)):
                 continue
             start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
-            prompt = textwrap.dedent("".join(lines[start - 1 : doc.end_lineno]))
+            prompt = textwrap.dedent("".join(lines[start - 1 : doc.end_lineno])).rstrip()
             if len(prompt) < 4000:
                 found.append({"file": f.path, "name": node.name, "prompt": prompt})
     random.Random(seed).shuffle(found)
@@ -104,27 +105,32 @@ def function_prompts(files, n: int, seed: int) -> list[dict]:
 
 
 def cut_body(completion: str, hit_limit: bool) -> str:
-    """The generated body: lines up to the first non-empty one at column 0; drop a partial last line at the limit."""
-    lines = completion.split("\n")
-    if hit_limit and len(lines) > 1:
+    """The generated body: lines up to the first non-empty one at column 0; drop a partial last line at the limit.
+
+    The prompt ends at the closing quotes of the docstring (no newline: with byte-level BPE a newline and the next
+    line's indentation are one token, so a prompt ending in a bare newline is a token sequence training never shows),
+    so the completion's first line is the rest of that line and is kept as is.
+    """
+    first, _, rest = completion.partition("\n")
+    lines = rest.split("\n") if rest else []
+    if hit_limit and lines:
         lines = lines[:-1]
     body = []
     for line in lines:
         if line.strip() and not line[0].isspace():
             break
         body.append(line)
-    return "\n".join(body)
+    return first + "\n" + "\n".join(body)
 
 
 def is_valid_function(prompt: str, body: str) -> bool:
-    if not body.strip():
-        return False
+    """``prompt + body`` parses as one function whose body holds a statement besides the docstring."""
     try:
         tree = ast.parse(prompt + body)
     except (SyntaxError, ValueError):
         return False
-    fn = tree.body[0] if tree.body else None
-    return isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and len(fn.body) >= 2  # docstring + ≥1 statement
+    fn = tree.body[0] if len(tree.body) == 1 else None
+    return isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and len(fn.body) >= 2
 
 
 def code_validity(model: Transformer, tok, prompts: list[dict], cfg: EvalConfig, eot: int | None) -> dict:

@@ -35,7 +35,8 @@ def measure(cfg: TrainConfig, steps: int, warmup: int, profile: bool = False) ->
     opts = make_optimizers(model, cfg)
     objective: nn.Module = LossModule(model, cfg.entropy_coef)
     if world > 1:
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index])
+        ids = [device.index]
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids, gradient_as_bucket_view=True)
     step_fn = torch.compile(objective) if cfg.compile else objective
     vocab = model.config.vocab_size
     cuda = device.type == "cuda"

@@ -283,8 +283,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     batches = Batches(train_tokens, cfg.seq_len, cfg.batch_size, cfg.seed, rank, device)
     objective: nn.Module = LossModule(model, cfg.entropy_coef)
     if world > 1:
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.index is not None
-                                                        else None)  # fmt: skip
+        ids = [device.index] if device.index is not None else None
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids, gradient_as_bucket_view=True)
     step_fn = torch.compile(objective) if cfg.compile else objective
     use_bf16 = device.type == "cuda"
 
