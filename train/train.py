@@ -301,7 +301,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     stop = _StopFlag()
     extra = lambda: {"train_config": asdict(cfg), "model_config": mcfg.to_dict()}  # noqa: E731
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main))
-    t_last, step, status = time.perf_counter(), start, "completed"
+    t_last, step, status, last_logged = time.perf_counter(), start, "completed", start
     last = {}
     try:
         for step in range(start, cfg.steps):
@@ -320,17 +320,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             done = step + 1
-            if is_main and (done % cfg.log_every == 0 or done == cfg.steps):
+            eval_due = done % cfg.eval_every == 0 or done == cfg.steps
+            if is_main and (done % cfg.log_every == 0 or eval_due):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.perf_counter()
-                tps = tokens_per_step * min(cfg.log_every, done - start) / (now - t_last)
+                tps = tokens_per_step * (done - last_logged) / (now - t_last)
+                last_logged = done
                 t_last = now
                 last = {"step": done, "loss": float(loss.detach()), "ce": float(ce), "grad_norm": float(grad_norm),
                         "lr_matrix": opts["muon"].param_groups[0]["lr"], "tokens_per_s": tps,
                         "mfu": tps * fpt / (cfg.peak_tflops * 1e12) if device.type == "cuda" else None,
                         "tokens": done * tokens_per_step} | output_stats(model, x)  # fmt: skip
-                if done % cfg.eval_every == 0 or done == cfg.steps:
+                if eval_due:
                     last["val_loss"] = evaluate(model, val_tokens, cfg, device, autocast)
                 with metrics_path.open("a") as fh:
                     fh.write(json.dumps(last) + "\n")
