@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from model.ternary.checks import TernaryFormatError
 from model.ternary.layouts import LAYOUTS, Layout, pack_rowmajor4, unpack_rowmajor4
 
 TILES = (4, 8, 16)
@@ -22,7 +23,7 @@ def tile_rowmajor4(w: np.ndarray, rows: int) -> np.ndarray:
     """``rowmajor4 uint8[M, K/4]`` → ``tile{rows} uint8[M/rows, K/256, rows, 64]`` (M must be a multiple of rows)."""
     m, kb = w.shape
     if m % rows or kb % 64:
-        raise ValueError(f"tile{rows}: M = {m} must be a multiple of {rows} and K/4 = {kb} of 64")
+        raise TernaryFormatError(f"tile{rows}: M = {m} must be a multiple of {rows} and K/4 = {kb} of 64")
     return np.ascontiguousarray(w.reshape(m // rows, rows, kb // 64, 64).transpose(0, 2, 1, 3))
 
 
@@ -38,6 +39,7 @@ def _layout(rows: int) -> Layout:
         lambda codes: tile_rowmajor4(pack_rowmajor4(codes), rows),
         lambda packed, k: unpack_rowmajor4(untile_rowmajor4(packed), k),
         f"uint8[M/{rows}, K/256, {rows}, 64]: rowmajor4 row tiles of {rows}, one linear stream per tile",
+        row_multiple=rows,
     )
 
 

@@ -93,9 +93,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)
+        gqa = self.n_heads != self.n_kv_heads
+        if gqa and torch.onnx.is_in_onnx_export():  # the ONNX exporter cannot convert SDPA's enable_gqa
+            group = self.n_heads // self.n_kv_heads
+            k, v, gqa = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
         if k.shape[2] == t:  # no cached prefix: plain causal attention (lets SDPA pick its flash kernel)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # query i (absolute position pos + i) sees keys 0 .. pos + i
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=u.device).tril(diagonal=k.shape[2] - t)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o(y.transpose(1, 2).reshape(b, t, -1))

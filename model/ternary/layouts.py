@@ -28,6 +28,7 @@ class Layout:
     pack: Callable[[np.ndarray], np.ndarray]
     unpack: Callable[[np.ndarray, int], np.ndarray]  # (packed, K) -> int8 codes [M, K]
     doc: str
+    row_multiple: int = 1  # M must be a multiple of this (row-tiled layouts)
 
 
 def _check_codes(codes: np.ndarray) -> np.ndarray:
