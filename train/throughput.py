@@ -22,7 +22,15 @@ import torch.distributed as dist
 from torch import nn
 
 from model.transformer import Transformer
-from train.train import LossModule, TrainConfig, _dist_setup, flops_per_token, make_optimizers, set_dense
+from train.train import (
+    LossModule,
+    TrainConfig,
+    _dist_setup,
+    compile_objective,
+    flops_per_token,
+    make_optimizers,
+    set_dense,
+)
 
 
 def measure(cfg: TrainConfig, steps: int, warmup: int, profile: bool = False) -> dict:
@@ -37,7 +45,7 @@ def measure(cfg: TrainConfig, steps: int, warmup: int, profile: bool = False) ->
     if world > 1:
         ids = [device.index]
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids, gradient_as_bucket_view=True)
-    step_fn = torch.compile(objective) if cfg.compile else objective
+    step_fn = compile_objective(objective, cfg, world)
     vocab = model.config.vocab_size
     cuda = device.type == "cuda"
     times = []
@@ -108,10 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dense", action="store_true", help="the dense baseline instead of ternary QAT")
     ap.add_argument("--model", type=json.loads, default={}, help="model config overrides, e.g. '{\"n_streams\": 4}'")
     ap.add_argument("--profile", action="store_true", help="print the top operators of 3 profiled steps")
+    ap.add_argument("--ddp-one-graph", action="store_true", help="under DDP compile one graph (no bucket splits)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, compile=args.compile,
-                      ternary=not args.dense, model_overrides=args.model)  # fmt: skip
+                      ternary=not args.dense, model_overrides=args.model,
+                      ddp_split_graphs=not args.ddp_one_graph)  # fmt: skip
     result = measure(cfg, args.steps, args.warmup, args.profile)
     if result:
         result["train_config"] = asdict(cfg)

@@ -70,6 +70,7 @@ class TrainConfig:
     eval_tokens: int = 131072
     ckpt_every: int = 500
     compile: bool = False
+    ddp_split_graphs: bool = True  # torch.compile + DDP: split graphs at gradient buckets to overlap all-reduce
     peak_tflops: float = 989.0  # bf16 dense peak of the GPU, for MFU (H100/H200 SXM datasheet)
     model_overrides: dict = field(default_factory=dict)  # e.g. {"n_streams": 4}
 
@@ -78,7 +79,17 @@ class TrainConfig:
 
 
 # settings that may differ between a checkpoint and the run resuming it (all others must match)
-RESUMABLE_CHANGES = ("steps", "run_steps", "out", "log_every", "eval_every", "eval_tokens", "ckpt_every", "compile")
+RESUMABLE_CHANGES = (
+    "steps",
+    "run_steps",
+    "out",
+    "log_every",
+    "eval_every",
+    "eval_tokens",
+    "ckpt_every",
+    "compile",
+    "ddp_split_graphs",
+)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -159,6 +170,15 @@ def make_optimizers(model: Transformer, cfg: TrainConfig) -> dict[str, torch.opt
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
     return opts
+
+
+def compile_objective(objective: nn.Module, cfg: TrainConfig, world: int):
+    """``torch.compile`` the objective when asked; under DDP optionally as one graph (all-reduce after backward)."""
+    if not cfg.compile:
+        return objective
+    if world > 1:
+        torch._dynamo.config.optimize_ddp = cfg.ddp_split_graphs
+    return torch.compile(objective)
 
 
 def set_dense(model: Transformer) -> None:
@@ -285,7 +305,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if world > 1:
         ids = [device.index] if device.index is not None else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids, gradient_as_bucket_view=True)
-    step_fn = torch.compile(objective) if cfg.compile else objective
+    step_fn = compile_objective(objective, cfg, world)
     use_bf16 = device.type == "cuda"
 
     def autocast():
