@@ -116,12 +116,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dense", action="store_true", help="the dense baseline instead of ternary QAT")
     ap.add_argument("--model", type=json.loads, default={}, help="model config overrides, e.g. '{\"n_streams\": 4}'")
     ap.add_argument("--profile", action="store_true", help="print the top operators of 3 profiled steps")
-    ap.add_argument("--ddp-one-graph", action="store_true", help="under DDP compile one graph (no bucket splits)")
+    ap.add_argument(
+        "--ddp-split-graphs",
+        action="store_true",
+        help="under DDP split the compiled graph at gradient buckets (default: one graph)",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, compile=args.compile,
                       ternary=not args.dense, model_overrides=args.model,
-                      ddp_split_graphs=not args.ddp_one_graph)  # fmt: skip
+                      ddp_split_graphs=args.ddp_split_graphs)  # fmt: skip
     result = measure(cfg, args.steps, args.warmup, args.profile)
     if result:
         result["train_config"] = asdict(cfg)
