@@ -1,0 +1,228 @@
+"""The whole-model graph's own small kernels (TE / TVMScript), next to the tuned operators of :mod:`compiler.ops`.
+
+These are the parts the issue lets TVM handle itself: embedding-side pre-aggregate, per-token int8 quantize (for the
+o/down projections, whose input has no RMSNorm), SwiGLU gate, RoPE, the in-place KV-cache write, causal GQA attention
+over the cache, the final RMSNorm, the LM head, and a token-batched mHC post for prefill. Every function follows the
+PyTorch reference's maths (``model/``) in float32; the integer steps (round half to even, clip, Σq) are exact.
+
+Each builder returns a ``tvm.tirx.PrimFunc`` without ``global_symbol``; :func:`schedule` applies a simple CPU
+schedule (parallel outer loop) to the ones that matter for speed (attention, LM head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from model.ternary.quant import ACT_QMAX, SCALE_EPS
+
+
+def _prim(tensors):
+    from tvm import te
+
+    return te.create_prim_func(tensors).without_attr("global_symbol")
+
+
+def pre_expand(T: int, D: int, S: int):
+    """``u[t] = Σ_s h_pre[s] · x[t]`` (the first site's aggregate of the expanded embedding), summed in stream order."""
+    from tvm import te
+
+    x = te.placeholder((T, D), "float32", name="x")
+    h = te.placeholder((S,), "float32", name="h_pre")
+
+    def f(t, d):
+        acc = h[0] * x[t, d]
+        for s in range(1, S):
+            acc = acc + h[s] * x[t, d]
+        return acc
+
+    return _prim([x, h, te.compute((T, D), f, name="u")])
+
+
+def quantize(T: int, K: int):
+    """Per-token int8 absmax: ``a = 127 / max(max|x|, 1e-5)``, ``q = clip(rint(x·a))``, ``Σq`` (BitLinear's input)."""
+    import tvm
+    from tvm import te
+
+    x = te.placeholder((T, K), "float32", name="x")
+    k = te.reduce_axis((0, K), name="k")
+    amax = te.compute((T,), lambda t: te.max(te.abs(x[t, k]), axis=k), name="amax")
+    scale = te.compute(
+        (T,), lambda t: tvm.tirx.const(ACT_QMAX, "float32") / te.max(amax[t], float(SCALE_EPS)), name="scale"
+    )
+    q = te.compute(
+        (T, K),
+        lambda t, i: te.min(te.max(tvm.tirx.nearbyint(x[t, i] * scale[t]), -float(ACT_QMAX)), float(ACT_QMAX)).astype(
+            "int8"
+        ),
+        name="q",
+    )
+    k2 = te.reduce_axis((0, K), name="k2")
+    qs = te.compute((T,), lambda t: te.sum(q[t, k2].astype("int32"), axis=k2), name="q_sum")
+    return _prim([x, q, scale, qs])
+
+
+def silu_mul(T: int, F: int):
+    """``silu(g) · u`` with ``silu(g) = g / (1 + exp(-g))``."""
+    from tvm import te
+
+    g = te.placeholder((T, F), "float32", name="g")
+    u = te.placeholder((T, F), "float32", name="u")
+    y = te.compute((T, F), lambda t, i: g[t, i] / (1.0 + te.exp(-g[t, i])) * u[t, i], name="y")
+    return _prim([g, u, y])
+
+
+def rope_q(T: int, H: int, hd: int, ctx: int):
+    """RoPE (GPT-NeoX rotate-half) of ``q [T, H·hd]`` at positions ``pos + t`` → ``[T, H, hd]``."""
+    import tvm
+    from tvm import te
+
+    half = hd // 2
+    q = te.placeholder((T, H * hd), "float32", name="q")
+    pos = te.placeholder((1,), "int32", name="pos")
+    cos = te.placeholder((ctx, half), "float32", name="cos")
+    sin = te.placeholder((ctx, half), "float32", name="sin")
+
+    def f(t, h, i):
+        p = te.min(pos[0] + t, ctx - 1)  # padded prefill rows past the context are clamped (never read)
+        j = tvm.tirx.indexmod(i, half)
+        a, b = q[t, h * hd + j], q[t, h * hd + j + half]
+        return tvm.tirx.Select(i < half, a * cos[p, j] - b * sin[p, j], b * cos[p, j] + a * sin[p, j])
+
+    return _prim([q, pos, cos, sin, te.compute((T, H, hd), f, name="q_rot")])
+
+
+def kv_update(T: int, Hkv: int, hd: int, ctx: int):
+    """In place: ``kc[h, pos+t] = RoPE(k[t, h])``, ``vc[h, pos+t] = v[t, h]`` (rows past the context are dropped)."""
+    from tvm.script import tirx as Tx
+
+    half = hd // 2
+    KV = Hkv * hd
+
+    @Tx.prim_func
+    def kv_write(
+        k: Tx.Buffer((T, KV), "float32"),
+        v: Tx.Buffer((T, KV), "float32"),
+        pos: Tx.Buffer((1,), "int32"),
+        cos: Tx.Buffer((ctx, half), "float32"),
+        sin: Tx.Buffer((ctx, half), "float32"),
+        kc: Tx.Buffer((Hkv, ctx, hd), "float32"),
+        vc: Tx.Buffer((Hkv, ctx, hd), "float32"),
+    ):
+        for t, h, j in Tx.grid(T, Hkv, half):
+            if pos[0] + t < ctx:
+                a = k[t, h * hd + j]
+                b = k[t, h * hd + j + half]
+                kc[h, pos[0] + t, j] = a * cos[pos[0] + t, j] - b * sin[pos[0] + t, j]
+                kc[h, pos[0] + t, j + half] = b * cos[pos[0] + t, j] + a * sin[pos[0] + t, j]
+                vc[h, pos[0] + t, j] = v[t, h * hd + j]
+                vc[h, pos[0] + t, j + half] = v[t, h * hd + j + half]
+
+    return kv_write.without_attr("global_symbol")
+
+
+def attention(T: int, H: int, Hkv: int, hd: int, ctx: int):
+    """Causal GQA softmax attention of ``q [T, H, hd]`` (at positions ``pos + t``) over the cache → ``[T, H·hd]``.
+
+    Query head ``h`` reads KV head ``h // (H / Hkv)``; key ``j`` is visible to query ``t`` iff ``j ≤ pos + t``. The
+    scan covers the whole cache (static shapes) with masked scores; masked probabilities are exactly 0.
+    """
+    import tvm
+    from tvm import te
+
+    g = H // Hkv
+    q = te.placeholder((T, H, hd), "float32", name="q")
+    kc = te.placeholder((Hkv, ctx, hd), "float32", name="kc")
+    vc = te.placeholder((Hkv, ctx, hd), "float32", name="vc")
+    pos = te.placeholder((1,), "int32", name="pos")
+    scale = tvm.tirx.const(1.0 / math.sqrt(hd), "float32")
+    neg = tvm.tirx.const(-3.0e38, "float32")
+    i = te.reduce_axis((0, hd), name="i")
+    dot = te.compute((T, H, ctx), lambda t, h, j: te.sum(q[t, h, i] * kc[h // g, j, i], axis=i), name="dot")
+    s = te.compute((T, H, ctx), lambda t, h, j: tvm.tirx.Select(j <= pos[0] + t, dot[t, h, j] * scale, neg), name="s")
+    j1 = te.reduce_axis((0, ctx), name="j1")
+    m = te.compute((T, H), lambda t, h: te.max(s[t, h, j1], axis=j1), name="m")
+    e = te.compute(
+        (T, H, ctx), lambda t, h, j: tvm.tirx.Select(j <= pos[0] + t, te.exp(s[t, h, j] - m[t, h]), 0.0), name="e"
+    )
+    j2 = te.reduce_axis((0, ctx), name="j2")
+    den = te.compute((T, H), lambda t, h: te.sum(e[t, h, j2], axis=j2), name="den")
+    j3 = te.reduce_axis((0, ctx), name="j3")
+    num = te.compute((T, H, hd), lambda t, h, d: te.sum(e[t, h, j3] * vc[h // g, j3, d], axis=j3), name="num")
+    o = te.compute((T, H * hd), lambda t, c: num[t, c // hd, c % hd] / den[t, c // hd], name="o")
+    return _prim([q, kc, vc, pos, o])
+
+
+def rmsnorm(T: int, D: int, eps: float):
+    """``x · rsqrt(mean(x²) + eps) · w`` (the final norm; float32 in, float32 out)."""
+    from tvm import te
+
+    x = te.placeholder((T, D), "float32", name="x")
+    w = te.placeholder((D,), "float32", name="w")
+    k = te.reduce_axis((0, D), name="k")
+    ss = te.compute((T,), lambda t: te.sum(x[t, k] * x[t, k], axis=k), name="ss")
+    r = te.compute((T,), lambda t: te.rsqrt(ss[t] / float(D) + float(eps)), name="r")
+    return _prim([x, w, te.compute((T, D), lambda t, d: x[t, d] * r[t] * w[d], name="h")])
+
+
+def lm_head(V: int, D: int):
+    """``logits[v] = Σ_d h[d] · E[v, d]`` (E: the tied embedding or ``output.weight``)."""
+    from tvm import te
+
+    h = te.placeholder((D,), "float32", name="h")
+    E = te.placeholder((V, D), "float32", name="E")
+    k = te.reduce_axis((0, D), name="k")
+    return _prim([h, E, te.compute((V,), lambda v: te.sum(h[k] * E[v, k], axis=k), name="logits")])
+
+
+def mhc_post_tokens(T: int, D: int, S: int, first: bool, last: bool):
+    """Token-batched twin of ``compiler.ops.mhc.MhcPost`` (same unrolled sums): ``X [T, S, D]`` (or ``x [T, D]`` when
+    ``first``), ``y [T, D]`` → ``X' [T, S, D]`` (not when ``last``) and the next site's ``u [T, D]``."""
+    import tvm
+    from tvm import te
+
+    X = te.placeholder((T, D) if first else (T, S, D), "float32", name="X")
+    y = te.placeholder((T, D), "float32", name="y")
+    H = te.placeholder((S, S), "float32", name="h_res")
+    hpost = te.placeholder((S,), "float32", name="h_post")
+    hpre = None if last else te.placeholder((S,), "float32", name="h_pre")
+    xin = (lambda t, j, d: X[t, d]) if first else (lambda t, j, d: X[t, j, d])
+
+    def mix(t, s, d):
+        acc = H[s, 0] * xin(t, 0, d)
+        for j in range(1, S):
+            acc = acc + H[s, j] * xin(t, j, d)
+        return acc + hpost[s] * y[t, d]
+
+    Xp = te.compute((T, S, D), mix, name="X_out")
+    inv_s = tvm.tirx.const(1.0 / S, "float32")
+    rs = te.reduce_axis((0, S), name="rs")
+    u = te.compute(
+        (T, D), lambda t, d: te.sum((inv_s if last else hpre[rs]) * Xp[t, rs, d], axis=rs), name="u"
+    )  # fmt: skip
+    params = [X, y, H, hpost] + ([] if last else [hpre, Xp]) + [u]
+    return _prim(params)
+
+
+def schedule(func, target):
+    """Parallelize the outermost spatial loop of every block that has one (a cheap, safe CPU schedule)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        loops = sch.get_loops(blk)
+        if not loops:
+            continue
+        try:
+            sch.parallel(loops[0])
+        except Exception:  # a reduction-only or non-affine outer loop: leave it serial
+            pass
+    return sch.mod["main"]
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """numpy twin of :func:`model.attention.rope_tables` (angles in float64, stored float32)."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

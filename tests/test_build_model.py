@@ -1,0 +1,119 @@
+"""Whole-model build (compiler.build): parity with the PyTorch reference, the cache, bad inputs."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from runtime_helpers import built, cache_dir, greedy_parity, reference, tiny_gguf, write_tiny
+
+from compiler import cache
+from compiler.build import BuildError, build
+from runtime.engine import Engine
+from schedules import targets
+
+STEPS = 64
+pytestmark = pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")  # tiny shapes: untuned
+
+
+@pytest.mark.parametrize("n_streams", [1, 2, 4])
+def test_tiny_parity_with_pytorch(n_streams):
+    """Same greedy tokens for 64 steps, logits within 1e-3 at every step (prefill over 2 chunks with padding)."""
+    gguf = tiny_gguf(n_streams)
+    eng = Engine(built(gguf).dir, gguf)
+    prompt = [int(t) for t in np.random.default_rng(n_streams).integers(0, 512, 13)]
+    ref, got, errs = greedy_parity(eng, reference(gguf), prompt, STEPS)
+    assert got == ref
+    assert max(errs) <= 1e-3, errs
+
+
+def test_prefill_chunks_equal_token_by_token_decode():
+    gguf = tiny_gguf(2)
+    eng = Engine(built(gguf).dir, gguf)
+    prompt = [5, 17, 300, 2, 9, 44, 1, 0, 511, 7, 3]
+    a = eng.prefill(prompt)
+    eng.reset()
+    for t in prompt[:-1]:
+        eng.decode(t)
+    b = eng.decode(prompt[-1])
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not targets.supported("avx2"), reason="CPU lacks AVX2")
+def test_tiny_parity_avx2():
+    gguf = tiny_gguf(4)
+    r = built(gguf, "avx2")
+    assert r.meta["target"] == "avx2"
+    ref, got, errs = greedy_parity(Engine(r.dir, gguf), reference(gguf), [1, 2, 3, 4, 5], 16)
+    assert got == ref and max(errs) <= 1e-3
+
+
+def test_second_build_compiles_nothing(monkeypatch):
+    import tvm
+
+    gguf = tiny_gguf(2)
+    first = built(gguf)
+    monkeypatch.setattr(tvm, "compile", lambda *a, **k: pytest.fail("a cached build must not compile"))
+    again = build(gguf, "auto", cache_dir())
+    assert not again.compiled and again.dir == first.dir and again.key == first.key
+
+
+def test_changed_tuning_record_rebuilds(tmp_path):
+    gguf = tiny_gguf(2)
+    target = targets.detect()
+    logs = tmp_path / "logs"
+    shutil.copytree(cache.logs_root() / target, logs / target)
+    k0 = cache.cache_key(gguf, target, logs)
+    assert k0 == cache.cache_key(gguf, target, cache.logs_root())  # same bytes, same key
+    rec = logs / target / "database_tuning_record.json"
+    lines = rec.read_text().splitlines()
+    rec.write_text("\n".join([*lines, lines[-1]]) + "\n")  # one more (duplicate) record: the logs changed
+    r = build(gguf, target, tmp_path / "cache", tuning_logs=logs)
+    assert r.compiled and r.key != k0
+    assert not build(gguf, target, tmp_path / "cache", tuning_logs=logs).compiled
+
+
+def test_corrupt_cache_entry_is_rebuilt(tmp_path):
+    gguf = tiny_gguf(2)
+    src = built(gguf)
+    d = tmp_path / "cache" / src.dir.name
+    shutil.copytree(src.dir, d)
+    with open(d / "model.so", "r+b") as f:  # truncated shared object
+        f.truncate(1000)
+    ok, why = cache.check_entry(d, src.key)
+    assert not ok and "model.so" in why
+    r = build(gguf, "auto", tmp_path / "cache")
+    assert r.compiled and r.dir == d and cache.check_entry(d, src.key)[0]
+    (d / "meta.json").write_text("{not json")
+    assert "meta.json" in cache.check_entry(d, src.key)[1]
+    assert build(gguf, "auto", tmp_path / "cache").compiled
+    eng = Engine(d, gguf)
+    assert eng.prefill([1, 2, 3]).shape == (512,)
+
+
+def test_other_architecture_is_a_clear_error(tmp_path):
+    good = write_tiny(tmp_path / "ok.gguf")
+    bad = tmp_path / "llama.gguf"
+    bad.write_bytes(good.read_bytes().replace(b"bitnet-mhc", b"bitnet-mhx"))
+    with pytest.raises(BuildError, match="architecture"):
+        build(bad, "auto", tmp_path / "cache")
+
+
+def test_missing_tensor_is_a_clear_error(tmp_path):
+    good = write_tiny(tmp_path / "ok.gguf")
+    bad = tmp_path / "missing.gguf"
+    bad.write_bytes(good.read_bytes().replace(b"blk.1.ffn_up.weight", b"blk.1.ffn_uq.weight"))
+    with pytest.raises(BuildError, match="ffn_up"):
+        build(bad, "auto", tmp_path / "cache")
+    with pytest.raises(BuildError, match="no such file"):
+        build(tmp_path / "nope.gguf", "auto", tmp_path / "cache")
+
+
+def test_dump_ir(tmp_path):
+    gguf = tiny_gguf(2)
+    r = build(gguf, "auto", tmp_path / "cache", dump_ir=tmp_path / "ir")
+    assert r.compiled
+    text = (tmp_path / "ir" / "lower.relax.py").read_text()
+    assert "def decode" in text and "def prefill" in text and "call_tir_inplace" in text
+    assert (tmp_path / "ir" / "compile.relax.py").exists()
