@@ -20,7 +20,8 @@ from runtime.engine import Engine, Generation, SamplingParams
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "small.gguf"
 
 
-def run_one(eng: Engine, prompt: str, params: SamplingParams, out=sys.stdout, echo: bool = True) -> Generation:
+def run_one(eng: Engine, prompt: str, params: SamplingParams, out=None, echo: bool = True) -> Generation:
+    out = out or sys.stdout
     result = Generation()
     if echo:
         out.write(prompt)

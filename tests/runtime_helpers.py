@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import shutil
 import tempfile
@@ -57,20 +58,37 @@ def reference(gguf: Path) -> Transformer:
     return Transformer.from_gguf_tensors(g.config, g.model_tensors()).eval()
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """PyTorch on one thread: on a loaded 2-core machine its spinning OpenMP threads run up to 45x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @torch.no_grad()
-def greedy_parity(engine, model: Transformer, prompt: list[int], steps: int):
-    """Greedy decode with both, teacher-forced on the reference's tokens: (ref tokens, engine tokens, max |Δlogits|
-    per step; step 0 is the prefill)."""
+@one_torch_thread()
+def reference_run(model: Transformer, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens and the logits before each of them (step 0: after the prompt) from the PyTorch model."""
     cache = model.new_cache(1)
+    logits = [model(torch.tensor([prompt]), cache)[0, -1].numpy()]
+    toks = [int(np.argmax(logits[0]))]
+    while len(toks) < steps:
+        logits.append(model(torch.tensor([[toks[-1]]]), cache)[0, -1].numpy())
+        toks.append(int(np.argmax(logits[-1])))
+    return toks, logits
+
+
+def greedy_parity(engine, model: Transformer, prompt: list[int], steps: int):
+    """Greedy decode with both, the engine teacher-forced on the reference's tokens: (ref tokens, engine tokens,
+    max |Δlogits| per step; step 0 is the prefill). The two never run interleaved (their thread pools would fight)."""
+    ref_toks, ref_logits = reference_run(model, prompt, steps)
     engine.reset()
-    ref = model(torch.tensor([prompt]), cache)[0, -1].numpy()
-    got = engine.prefill(prompt)
-    errs, ref_toks, got_toks = [], [], []
-    for _ in range(steps):
-        errs.append(float(np.abs(ref - got).max()))
-        ref_toks.append(int(np.argmax(ref)))
-        got_toks.append(int(np.argmax(got)))
-        tok = ref_toks[-1]
-        ref = model(torch.tensor([[tok]]), cache)[0, -1].numpy()
-        got = engine.decode(tok)
-    return ref_toks, got_toks, errs
+    got = [engine.prefill(prompt)]
+    for t in ref_toks[:-1]:
+        got.append(engine.decode(t))
+    errs = [float(np.abs(r - g).max()) for r, g in zip(ref_logits, got, strict=True)]
+    return ref_toks, [int(np.argmax(g)) for g in got], errs

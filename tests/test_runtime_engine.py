@@ -1,0 +1,168 @@
+"""The runtime (runtime.engine, runtime.chat): TVM-runtime-only loading, sampling, streaming, the shipped model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import REPO
+from runtime_helpers import built, cache_dir, greedy_parity, one_torch_thread, reference, tiny_gguf
+
+from model.generate import filter_logits as torch_filter
+from runtime import chat
+from runtime.engine import Engine, Generation, SamplingParams, filter_logits, sample
+
+pytestmark = pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    gguf = tiny_gguf(2)
+    return Engine(built(gguf).dir, gguf)
+
+
+def test_loads_with_the_tvm_runtime_only(engine):
+    """A fresh process with TVM_USE_RUNTIME_LIB=1 runs prefill + decode; libtvm_compiler is never mapped and no
+    module of compiler/ (nor tvm.relax) is imported."""
+    code = (
+        "import sys, json\n"
+        "from runtime.engine import Engine\n"
+        f"e = Engine({str(engine.dir)!r}, {str(tiny_gguf(2))!r})\n"
+        "a = e.prefill([1, 2, 3]); b = e.decode(int(a.argmax()))\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "mods = [m for m in sys.modules if m.split('.')[0] in ('compiler', 'schedules') or m.startswith('tvm.relax')]\n"
+        "print(json.dumps({'compiler_lib': 'libtvm_compiler' in maps, 'runtime_lib': 'libtvm_runtime' in maps,"
+        " 'mods': mods, 'shape': list(b.shape)}))\n"
+    )
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r == {"compiler_lib": False, "runtime_lib": True, "mods": [], "shape": [512]}
+
+
+def test_filter_logits_matches_the_torch_reference():
+    rng = np.random.default_rng(0)
+    for top_k, top_p in [(0, 1.0), (5, 1.0), (0, 0.5), (10, 0.9), (1, 1.0), (0, 1e-6)]:
+        x = rng.standard_normal(300).astype(np.float32) * 3
+        ours = np.isinf(filter_logits(x, top_k, top_p))
+        ref = torch.isinf(torch_filter(torch.from_numpy(x), top_k, top_p)).numpy()
+        np.testing.assert_array_equal(ours, ref, err_msg=f"top_k={top_k} top_p={top_p}")
+
+
+def test_sampling_modes(engine):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    greedy = list(engine.generate_tokens(prompt, SamplingParams(max_new_tokens=12)))
+    assert len(greedy) == 12
+    engine.reset()
+    first = int(np.argmax(engine.prefill(prompt)))
+    assert greedy[0] == first
+    hot = SamplingParams(max_new_tokens=12, temperature=1.5, seed=7)
+    a, b = (list(engine.generate_tokens(prompt, hot)) for _ in range(2))
+    assert a == b  # seeded: reproducible
+    assert list(engine.generate_tokens(prompt, SamplingParams(12, temperature=1.5, seed=8))) != a
+    assert list(engine.generate_tokens(prompt, SamplingParams(12, temperature=2.0, top_k=1, seed=3))) == greedy
+    assert list(engine.generate_tokens(prompt, SamplingParams(12, temperature=2.0, top_p=1e-6, seed=3))) == greedy
+    res = Generation()
+    toks = list(engine.generate_tokens(prompt, SamplingParams(12, stop_token_ids=(greedy[2],)), res))
+    assert toks == greedy[: greedy.index(greedy[2]) + 1] and res.finish_reason == "stop_token"
+    assert list(engine.generate_tokens(prompt, SamplingParams(max_new_tokens=0))) == []
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+    rng = np.random.default_rng(0)
+    assert sample(np.array([0.0, 5.0, 1.0]), SamplingParams(), rng) == 1
+
+
+def test_context_limit_and_bad_tokens(engine):
+    res = Generation()
+    toks = list(engine.generate_tokens(list(range(250)), SamplingParams(max_new_tokens=20), res))
+    assert res.finish_reason == "context" and len(toks) == 256 - 250 + 1
+    with pytest.raises(ValueError, match="out of range"):
+        engine.prefill([1, 512])
+    with pytest.raises(ValueError, match="no room"):
+        list(engine.generate_tokens(list(range(256)), SamplingParams()))
+
+
+def test_stream_text_and_stop_strings(engine):
+    params = SamplingParams(max_new_tokens=24)
+    res = Generation()
+    pieces = list(engine.stream_text("def f(x):", params, res))
+    assert "".join(pieces) == res.text == engine.detokenize(res.tokens).rstrip("\ufffd")
+    stop = res.text[5:8]
+    res2 = Generation()
+    text = "".join(engine.stream_text("def f(x):", SamplingParams(24, stop_strings=(stop,)), res2))
+    assert res2.finish_reason == "stop_string" and stop not in text and res.text.startswith(text)
+    assert text == res.text[: res.text.find(stop)]
+
+
+def test_stream_never_splits_a_utf8_character(engine, monkeypatch):
+    """Byte-level tokens of 'é' and '€' arrive one byte at a time: no piece may hold half a character."""
+    tok = engine.tokenizer
+    byte_ids = [tok.token_to_id(_byte_char(b)) for b in "é€".encode()]  # one token per byte: C3 A9 E2 82 AC
+    assert None not in byte_ids
+
+    def fake(prompt, params, result):
+        for t in byte_ids:
+            result.tokens.append(t)
+            yield t
+
+    monkeypatch.setattr(engine, "generate_tokens", fake)
+    res = Generation()
+    pieces = list(engine.stream_text("x", SamplingParams(), res))
+    assert pieces == ["é", "€"] and res.text == "é€"
+
+
+def _byte_char(b: int) -> str:
+    """The GPT-2 byte-level alphabet: printable bytes map to themselves, the others to chr(256 + i)."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    if b in keep:
+        return chr(b)
+    return chr(256 + [x for x in range(256) if x not in keep].index(b))
+
+
+def test_chat_cli_one_prompt(capsys):
+    gguf = tiny_gguf(2)
+    built(gguf)
+    chat.main(["--model", str(gguf), "-p", "def f(x):", "--max-tokens", "8", "--cache-dir", str(cache_dir())])
+    out = capsys.readouterr()
+    assert out.out.startswith("def f(x):") and "time to first token" in out.err
+
+
+@pytest.mark.slow
+def test_shipped_model_parity():
+    """models/small.gguf: same greedy tokens as PyTorch for 64 steps; prefill logits within 1e-3. Decode logits differ
+    by ~0.1 once an int8 activation rounds the other way (a value within float32 rounding of a .5 tie) and the flipped
+    K/V stays in the cache. The test shows this is the int8 path's sensitivity, not a compiler error: PyTorch itself
+    with RMSNorm written in the kernel's (equally valid) float order differs from PyTorch by the same amount."""
+    import model.attention as attention
+
+    gguf = REPO / "models" / "small.gguf"
+    eng = Engine(built(gguf).dir, gguf)
+    prompt = eng.tokenize("def fib(n):")
+    model = reference(gguf)
+    ref, got, errs = greedy_parity(eng, model, prompt, 64)
+    assert got == ref
+    assert errs[0] <= 1e-3
+
+    def kernel_order(self, x):
+        return x * (1.0 / torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + self.eps)) * self.weight
+
+    with torch.no_grad(), one_torch_thread():
+        cache_a, cache_b = model.new_cache(1), model.new_cache(1)
+        toks = [prompt, *[[t] for t in ref[:31]]]
+        self_gap = []
+        orig = attention.RMSNorm.forward
+        for t in toks:
+            a = model(torch.tensor([t]), cache_a)[0, -1]
+            attention.RMSNorm.forward = kernel_order
+            try:
+                b = model(torch.tensor([t]), cache_b)[0, -1]
+            finally:
+                attention.RMSNorm.forward = orig
+            self_gap.append(float((a - b).abs().max()))
+    assert max(errs[:32]) <= 2 * max(self_gap), (errs[:32], self_gap)
