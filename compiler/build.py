@@ -102,7 +102,8 @@ def build(
         params = lower.pack_params(g)
         log.info("%d parameter arrays, %.1f MiB", len(params), sum(a.nbytes for a in params.values()) / 2**20)
     with phase("lower"):
-        lw = lower.Lowering(cfg, target, logs_root=tuning_logs)
+        lw = lower.Lowering(cfg, target, logs_root=tuning_logs, embed_dtype=str(params["token_embd.weight"].dtype),
+                            head_dtype=str(params["lm_head.T"].dtype))  # fmt: skip
         mod = lw.module()
         untuned = sorted(k for k, s in lw.kernels.items() if s != "tuned")
         if untuned:
@@ -130,7 +131,8 @@ def build(
             meta = {
                 "key": key, "target": target, "compiler_version": cache.COMPILER_VERSION, "model": str(model),
                 "config": cfg.to_dict(), "prefill_chunk": lw.chunk,
-                "params": [[s.name, list(s.shape), s.dtype] for s in lower.param_specs(cfg)],
+                "params": [[s.name, list(s.shape), s.dtype] for s in lower.param_specs(cfg, lw.embed_dtype,
+                                                                                       lw.head_dtype)],
                 "kernels": lw.kernels, "sha256": {n: cache.sha256_file(tmp / n) for n in cache.FILES},
             }  # fmt: skip
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

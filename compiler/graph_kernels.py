@@ -123,35 +123,51 @@ def kv_update(T: int, Hkv: int, hd: int, ctx: int):
 
 
 def attention(T: int, H: int, Hkv: int, hd: int, ctx: int):
-    """Causal GQA softmax attention of ``q [T, H, hd]`` (at positions ``pos + t``) over the cache → ``[T, H·hd]``.
+    """Causal GQA softmax attention of ``q [T, H, hd]`` (at positions ``pos + t``) over the cache → ``o [T, H·hd]``.
 
-    Query head ``h`` reads KV head ``h // (H / Hkv)``; key ``j`` is visible to query ``t`` iff ``j ≤ pos + t``. The
-    scan covers the whole cache (static shapes) with masked scores; masked probabilities are exactly 0.
+    Query head ``h`` reads KV head ``h // (H / Hkv)`` and keys ``0 .. pos + t`` only (a data-dependent loop bound:
+    the cost grows with the position, not the context size); one (token, head) pair per parallel task. ``sc
+    [T·H, C]`` and ``st [T·H, 2]`` (max, denominator) are scratch outputs, so the parallel body allocates nothing.
     """
-    import tvm
-    from tvm import te
+    from tvm.script import tirx as Tx
 
     g = H // Hkv
-    q = te.placeholder((T, H, hd), "float32", name="q")
-    kc = te.placeholder((Hkv, ctx, hd), "float32", name="kc")
-    vc = te.placeholder((Hkv, ctx, hd), "float32", name="vc")
-    pos = te.placeholder((1,), "int32", name="pos")
-    scale = tvm.tirx.const(1.0 / math.sqrt(hd), "float32")
-    neg = tvm.tirx.const(-3.0e38, "float32")
-    i = te.reduce_axis((0, hd), name="i")
-    dot = te.compute((T, H, ctx), lambda t, h, j: te.sum(q[t, h, i] * kc[h // g, j, i], axis=i), name="dot")
-    s = te.compute((T, H, ctx), lambda t, h, j: tvm.tirx.Select(j <= pos[0] + t, dot[t, h, j] * scale, neg), name="s")
-    j1 = te.reduce_axis((0, ctx), name="j1")
-    m = te.compute((T, H), lambda t, h: te.max(s[t, h, j1], axis=j1), name="m")
-    e = te.compute(
-        (T, H, ctx), lambda t, h, j: tvm.tirx.Select(j <= pos[0] + t, te.exp(s[t, h, j] - m[t, h]), 0.0), name="e"
-    )
-    j2 = te.reduce_axis((0, ctx), name="j2")
-    den = te.compute((T, H), lambda t, h: te.sum(e[t, h, j2], axis=j2), name="den")
-    j3 = te.reduce_axis((0, ctx), name="j3")
-    num = te.compute((T, H, hd), lambda t, h, d: te.sum(e[t, h, j3] * vc[h // g, j3, d], axis=j3), name="num")
-    o = te.compute((T, H * hd), lambda t, c: num[t, c // hd, c % hd] / den[t, c // hd], name="o")
-    return _prim([q, kc, vc, pos, o])
+    scale = 1.0 / math.sqrt(hd)
+    TH = T * H
+
+    @Tx.prim_func
+    def attn(
+        q: Tx.Buffer((T, H, hd), "float32"),
+        kc: Tx.Buffer((Hkv, ctx, hd), "float32"),
+        vc: Tx.Buffer((Hkv, ctx, hd), "float32"),
+        pos: Tx.Buffer((1,), "int32"),
+        o: Tx.Buffer((T, H * hd), "float32"),
+        sc: Tx.Buffer((TH, ctx), "float32"),
+        st: Tx.Buffer((TH, 2), "float32"),
+    ):
+        for th in Tx.parallel(TH):
+            n = Tx.min(pos[0] + th // H + 1, ctx)
+            for j in range(n):
+                sc[th, j] = Tx.float32(0)
+                for i in range(hd):
+                    sc[th, j] = sc[th, j] + q[th // H, th % H, i] * kc[(th % H) // g, j, i]
+                sc[th, j] = sc[th, j] * Tx.float32(scale)
+            st[th, 0] = sc[th, 0]
+            for j in range(n):
+                st[th, 0] = Tx.max(st[th, 0], sc[th, j])
+            st[th, 1] = Tx.float32(0)
+            for j in range(n):
+                sc[th, j] = Tx.exp(sc[th, j] - st[th, 0])
+                st[th, 1] = st[th, 1] + sc[th, j]
+            for i in range(hd):
+                o[th // H, (th % H) * hd + i] = Tx.float32(0)
+            for j in range(n):
+                for i in range(hd):
+                    o[th // H, (th % H) * hd + i] = o[th // H, (th % H) * hd + i] + sc[th, j] * vc[(th % H) // g, j, i]
+            for i in range(hd):
+                o[th // H, (th % H) * hd + i] = o[th // H, (th % H) * hd + i] / st[th, 1]
+
+    return attn.without_attr("global_symbol")
 
 
 def rmsnorm(T: int, D: int, eps: float):
@@ -166,14 +182,24 @@ def rmsnorm(T: int, D: int, eps: float):
     return _prim([x, w, te.compute((T, D), lambda t, d: x[t, d] * r[t] * w[d], name="h")])
 
 
-def lm_head(V: int, D: int):
-    """``logits[v] = Σ_d h[d] · E[v, d]`` (E: the tied embedding or ``output.weight``)."""
-    from tvm import te
+def lm_head(V: int, D: int, dtype: str = "float32"):
+    """``logits[v] = Σ_d h[d] · ET[d, v]`` with the LM head stored transposed (``ET [D, V]``, float16 when the GGUF
+    stores the matrix as F16: exact, half the bytes): a vectorized axpy over ``v`` per ``d``, blocks of ``v`` in
+    parallel, accumulated in float32 in the order ``d = 0 .. D-1``."""
+    from tvm.script import tirx as Tx
 
-    h = te.placeholder((D,), "float32", name="h")
-    E = te.placeholder((V, D), "float32", name="E")
-    k = te.reduce_axis((0, D), name="k")
-    return _prim([h, E, te.compute((V,), lambda v: te.sum(h[k] * E[v, k], axis=k), name="logits")])
+    B = next(b for b in (64, 32, 16, 8, 4, 2, 1) if V % b == 0)
+
+    @Tx.prim_func
+    def head(h: Tx.Buffer((D,), "float32"), ET: Tx.Buffer((D, V), dtype), out: Tx.Buffer((V,), "float32")):
+        for vo in Tx.parallel(V // B):
+            for vi in Tx.vectorized(B):
+                out[vo * B + vi] = Tx.float32(0)
+            for d in range(D):
+                for vi in Tx.vectorized(B):
+                    out[vo * B + vi] = out[vo * B + vi] + h[d] * Tx.Cast("float32", ET[d, vo * B + vi])
+
+    return head.without_attr("global_symbol")
 
 
 def mhc_post_tokens(T: int, D: int, S: int, first: bool, last: bool):

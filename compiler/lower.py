@@ -39,12 +39,13 @@ class ParamSpec:
     dtype: str
 
 
-def param_specs(cfg) -> list[ParamSpec]:
-    """The compiled functions' parameters after the KV cache, in order (names as stored in ``params.npz``)."""
+def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32") -> list[ParamSpec]:
+    """The compiled functions' parameters after the KV cache, in order (names as stored in ``params.npz``).
+
+    ``token_embd.weight [V, D]`` and the transposed LM head ``lm_head.T [D, V]`` keep the GGUF's float16 when it has
+    it (exact; the kernels compute in float32)."""
     D, V, hd, C, S = cfg.d_model, cfg.vocab_size, cfg.head_dim, cfg.max_seq_len, cfg.n_streams
-    out = [ParamSpec("token_embd.weight", (V, D), "float32")]
-    if not cfg.tie_embeddings:
-        out.append(ParamSpec("output.weight", (V, D), "float32"))
+    out = [ParamSpec("token_embd.weight", (V, D), embed_dtype), ParamSpec("lm_head.T", (D, V), head_dtype)]
     out += [ParamSpec("output_norm.weight", (D,), "float32"), ParamSpec("rope.cos", (C, hd // 2), "float32"),
             ParamSpec("rope.sin", (C, hd // 2), "float32")]  # fmt: skip
     shapes = cfg.ternary_shapes()
@@ -76,9 +77,10 @@ def pack_params(g) -> dict[str, np.ndarray]:
 
     cfg = g.config
     p: dict[str, np.ndarray] = {}
-    p["token_embd.weight"] = np.ascontiguousarray(g.tensors["token_embd.weight"].to_float(), np.float32)
-    if not cfg.tie_embeddings:
-        p["output.weight"] = np.ascontiguousarray(g.tensors["output.weight"].to_float(), np.float32)
+    emb = g.tensors["token_embd.weight"]
+    head = emb if cfg.tie_embeddings else g.tensors["output.weight"]
+    p["token_embd.weight"] = np.ascontiguousarray(emb.data, float_dtype(emb))
+    p["lm_head.T"] = np.ascontiguousarray(np.asarray(head.data, float_dtype(head)).T)
     p["output_norm.weight"] = g.tensors["output_norm.weight"].to_float().astype(np.float32)
     p["rope.cos"], p["rope.sin"] = gk.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     coeffs = g.mhc_coefficients()
@@ -94,11 +96,16 @@ def pack_params(g) -> dict[str, np.ndarray]:
             p[f"blk.{i}.{site}.h_pre"] = np.asarray(c.h_pre, np.float32)
             p[f"blk.{i}.{site}.h_post"] = np.asarray(c.h_post, np.float32)
             p[f"blk.{i}.{site}.h_res"] = np.asarray(c.h_res, np.float32)
-    for s in param_specs(cfg):
+    for s in param_specs(cfg, str(p["token_embd.weight"].dtype), str(p["lm_head.T"].dtype)):
         a = p[s.name]
         if a.shape != s.shape or a.dtype != np.dtype(s.dtype):
             raise ValueError(f"packed {s.name}: {a.shape} {a.dtype}, expected {s.shape} {s.dtype}")
     return p
+
+
+def float_dtype(t) -> str:
+    """float16 for an F16 GGUF tensor (kept exactly), else float32."""
+    return "float16" if np.dtype(t.data.dtype) == np.float16 else "float32"
 
 
 @dataclass
@@ -109,6 +116,8 @@ class Lowering:
     target: str
     chunk: int = PREFILL_CHUNK
     logs_root: object = None
+    embed_dtype: str = "float32"
+    head_dtype: str = "float32"
     kernels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -194,11 +203,13 @@ class Lowering:
         cache = []
         for i in range(L):
             cache += [var(f"kc_{i}", (Hkv, C, hd), f32), var(f"vc_{i}", (Hkv, C, hd), f32)]
-        specs = param_specs(cfg)
+        specs = param_specs(cfg, self.embed_dtype, self.head_dtype)
         pv = {s.name: var(s.name, s.shape, s.dtype) for s in specs}
         with bb.function(name, inputs + cache + [pv[s.name] for s in specs]):
             with bb.dataflow():
                 x = bb.emit(relax.op.take(pv["token_embd.weight"], toks, axis=0, mode="clip"))  # [T, D]
+                if self.embed_dtype != f32:
+                    x = bb.emit(relax.op.astype(x, f32))
                 h_pre0 = pv["blk.0.mhc_attn.h_pre"]
                 u = self._call(self._te("pre_expand", gk.pre_expand, T, D, S), [x, h_pre0], [((T, D), f32)])
                 X = None
@@ -226,8 +237,8 @@ class Lowering:
                         kv_args = [kv, vv, pos, cos, sin, cache[2 * i], cache[2 * i + 1]]
                         upd = bb.emit(relax.call_tir_inplace(kvgv, kv_args, [5, 6], [ty, ty]))
                         kc, vc = bb.emit(relax.TupleGetItem(upd, 0)), bb.emit(relax.TupleGetItem(upd, 1))
-                        att = self._te("attention", gk.attention, T, H, Hkv, hd, C, sched=True)
-                        o = self._call(att, [qr, kc, vc, pos], [((T, D), f32)])
+                        att = self._te("attention", gk.attention, T, H, Hkv, hd, C)
+                        o = self._call(att, [qr, kc, vc, pos], [((T, D), f32), ((T * H, C), f32), ((T * H, 2), f32)])[0]
                         o8, osc, osum = self._call(self._te("quantize", gk.quantize, T, D), [o],
                                                    [((T, D), "int8"), ((T,), f32), ((T,), "int32")])  # fmt: skip
                         y = mm("attn_output", o8, osc, osum, D, D)
@@ -267,8 +278,9 @@ class Lowering:
                 if last is not None:
                     hn = bb.emit(relax.op.take(hn, last, axis=0, mode="clip"))
                 hv = self._reshape(hn, (D,))
-                E = pv["token_embd.weight" if cfg.tie_embeddings else "output.weight"]
-                logits = self._call(self._te("lm_head", gk.lm_head, V, D, sched=True), [hv, E], [((V,), f32)])
+                head = self._gv.get("lm_head") or self.bb.add_func(gk.lm_head(V, D, self.head_dtype), "lm_head")
+                self._gv["lm_head"] = head
+                logits = self._call(head, [hv, pv["lm_head.T"]], [((V,), f32)])
                 out = bb.emit_output(logits)
             bb.emit_func_output(out)
 
