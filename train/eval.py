@@ -133,21 +133,41 @@ def is_valid_function(prompt: str, body: str) -> bool:
     return isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and len(fn.body) >= 2
 
 
+def trim_to_statement(prompt: str, body: str) -> str:
+    """For a body cut by the token limit: its longest prefix of whole lines that parses (the last complete statement).
+
+    Only applied to generations the limit stopped, and reported beside the strict rate, never instead of it.
+    """
+    lines = body.split("\n")
+    for end in range(len(lines), 1, -1):
+        candidate = "\n".join(lines[:end])
+        if is_valid_function(prompt, candidate):
+            return candidate
+    return body
+
+
 def code_validity(model: Transformer, tok, prompts: list[dict], cfg: EvalConfig, eot: int | None) -> dict:
+    """Strict rate: the body as generated must parse. ``validity_rate_trimmed`` also accepts a body that the token
+    limit cut mid-statement when its complete statements parse (the cut is ours, not the model's)."""
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p, seed=cfg.seed, stop_token_ids=() if eot is None else (eot,),
                             stop_strings=("\ndef ", "\nclass ", "\n@", "\nif __name__"))  # fmt: skip
-    valid, samples = 0, []
+    valid = trimmed = hit_limit = 0
+    samples = []
     for p in tqdm(prompts, desc="code validity", unit="fn"):
         ids = tok.encode(p["prompt"]).ids[-(model.config.max_seq_len - cfg.max_new_tokens - 1) :]
         gen = generate(model, ids, params, decode=lambda t: tok.decode(t, skip_special_tokens=False))
-        body = cut_body(gen.text or "", gen.finish_reason in ("length", "context"))
+        cut = gen.finish_reason in ("length", "context")
+        body = cut_body(gen.text or "", cut)
         ok = is_valid_function(p["prompt"], body)
-        valid += ok
+        ok_trimmed = ok or (cut and is_valid_function(p["prompt"], trim_to_statement(p["prompt"], body)))
+        valid, trimmed, hit_limit = valid + ok, trimmed + ok_trimmed, hit_limit + cut
         if len(samples) < 8:
-            samples.append({"name": p["name"], "prompt": p["prompt"][-300:], "body": body[:600], "valid": ok})
-    return {"functions": len(prompts), "valid": valid, "validity_rate": valid / max(1, len(prompts)),
-            "samples": samples}  # fmt: skip
+            samples.append({"name": p["name"], "prompt": p["prompt"][-300:], "body": body[:600], "valid": ok,
+                            "hit_limit": cut})  # fmt: skip
+    n = max(1, len(prompts))
+    return {"functions": len(prompts), "valid": valid, "validity_rate": valid / n,
+            "validity_rate_trimmed": trimmed / n, "hit_token_limit": hit_limit, "samples": samples}  # fmt: skip
 
 
 def evaluate(model: Transformer, tok, data: Path, manifest: Path, cfg: EvalConfig) -> dict:

@@ -68,6 +68,7 @@ def run(args) -> dict:
     tcfg = TrainConfig(preset=args.preset, data=str(shards), out=str(out / "run"), steps=args.steps,
                        batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=min(100, args.steps // 10),
                        compile=args.compile, eval_every=max(1, args.steps // 8), log_every=max(1, args.steps // 100),
+                       eval_tokens=min(args.eval_tokens, TrainConfig.eval_tokens),
                        ckpt_every=max(1, args.steps // 4))  # fmt: skip
     variants = {"ternary": tcfg, "dense": replace(tcfg, ternary=False, out=str(out / "dense"))}
     chosen = {"data": [], "ternary": ["ternary"], "dense": ["dense"], "both": ["ternary", "dense"]}[args.variant]
