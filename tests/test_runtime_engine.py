@@ -166,3 +166,18 @@ def test_shipped_model_parity():
                 attention.RMSNorm.forward = orig
             self_gap.append(float((a - b).abs().max()))
     assert max(errs[:32]) <= 2 * max(self_gap), (errs[:32], self_gap)
+
+
+@pytest.mark.slow
+def test_runtime_bench_smoke(tmp_path, capsys):
+    from runtime import bench
+
+    gguf = tiny_gguf(2)
+    built(gguf)
+    out = tmp_path / "b.json"
+    bench.main(["--model", str(gguf), "--threads", "1", "--prompt-tokens", "8", "--decode-tokens", "3",
+                "--cache-dir", str(cache_dir()), "--json", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["impl"], r["threads"]) for r in rows} == {("tvm", 1), ("torch", 1)}
+    assert all(r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    assert "decode tok/s" in capsys.readouterr().out
