@@ -7,7 +7,8 @@ the same key is reused and nothing is compiled), ``pack`` (repack ternaries to t
 RoPE tables), ``lower`` (the Relax IRModule; every tuned-operator kernel says whether it is tuned, and an untuned one
 warns loudly), ``compile`` (``tvm.compile``), ``export`` (``model.so``, ``params.npz``, ``meta.json``, written into a
 temporary directory and renamed into place). ``--dump-ir DIR`` writes the Relax module after ``lower``
-(``lower.relax.py``) and after the Relax pipeline (``compile.relax.py``), and the lowered TIR of every kernel.
+(``lower.relax.py``) and after the Relax pipeline (``compile.relax.py``), and every kernel's scheduled TIR
+(``tir/<name>.py``).
 The cache layout and key are in :mod:`compiler.cache`; the graph in :mod:`compiler.lower`.
 """
 
@@ -101,6 +102,9 @@ def build(
     with phase("pack"):
         params = lower.pack_params(g)
         log.info("%d parameter arrays, %.1f MiB", len(params), sum(a.nbytes for a in params.values()) / 2**20)
+    import tvm
+    from tvm import relax
+
     with phase("lower"):
         lw = lower.Lowering(cfg, target, logs_root=tuning_logs, embed_dtype=str(params["token_embd.weight"].dtype),
                             head_dtype=str(params["lm_head.T"].dtype))  # fmt: skip
@@ -111,9 +115,11 @@ def build(
         if dump_ir:
             Path(dump_ir).mkdir(parents=True, exist_ok=True)
             (Path(dump_ir) / "lower.relax.py").write_text(mod.script())
-    import tvm
-    from tvm import relax
-
+            tir_dir = Path(dump_ir) / "tir"
+            tir_dir.mkdir(exist_ok=True)
+            for gv, func in mod.functions_items():
+                if isinstance(func, tvm.tirx.PrimFunc):
+                    (tir_dir / f"{gv.name_hint}.py").write_text(func.script())
     tgt = targets.get_target(target)
     with phase("compile"):
         if dump_ir:

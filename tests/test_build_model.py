@@ -117,3 +117,4 @@ def test_dump_ir(tmp_path):
     text = (tmp_path / "ir" / "lower.relax.py").read_text()
     assert "def decode" in text and "def prefill" in text and "call_tir_inplace" in text
     assert (tmp_path / "ir" / "compile.relax.py").exists()
+    assert (tmp_path / "ir" / "tir" / "lm_head.py").exists()
