@@ -16,24 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.sampling import SamplingParams
 from model.transformer import Transformer
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each token. ``temperature = 0`` is greedy; ``top_k = 0`` and ``top_p = 1`` disable those filters."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"invalid sampling parameters: {self}")
 
 
 @dataclass
