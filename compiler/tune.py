@@ -76,9 +76,13 @@ def config_ops(cfg, include_prefill: bool = True) -> list:
         ops.append(make_op("gemv_i8", M=M, K=K))
         if include_prefill:
             ops.append(make_op("gemm_i8", N=PREFILL_TOKENS, M=M, K=K))
-    for kind, dims in (("rmsnorm_quant", {"D": cfg.d_model}), ("mhc_post", {"D": cfg.d_model, "S": cfg.n_streams})):
-        if kind in OPS:
-            ops.append(make_op(kind, **dims))
+    # what compiler.build calls: RMSNorm+quantize per token (decode) and per prefill chunk, and the mHC site op in its
+    # three positions (a middle site, the first with expand folded in, the last with collapse folded in)
+    ops.append(make_op("rmsnorm_quant", D=cfg.d_model))
+    if include_prefill:
+        ops.append(make_op("rmsnorm_quant", D=cfg.d_model, N=PREFILL_TOKENS))
+    for first, last in ((0, 0), (1, 0), (0, 1)):
+        ops.append(make_op("mhc_post", D=cfg.d_model, S=cfg.n_streams, first=first, last=last))
     return ops
 
 

@@ -119,7 +119,7 @@ def test_model_workloads_from_gguf(tmp_path):
 @pytest.mark.slow
 def test_kill_9_loses_at_most_the_trial_in_flight(tmp_path):
     target = targets.detect()
-    cmd = [sys.executable, "-m", "compiler.tune", "--target", target, "--shape", "gemv_i8:48:512", "--trials", "10",
+    cmd = [sys.executable, "-m", "compiler.tune", "--target", target, "--shape", "gemv_i8:48:512", "--trials", "20",
            "--logs", str(tmp_path)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "TVM_NUM_THREADS": "1"})  # fmt: skip
@@ -131,13 +131,13 @@ def test_kill_9_loses_at_most_the_trial_in_flight(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = len(path.read_text().splitlines())
-    assert 3 <= killed_at < 10
+    assert 3 <= killed_at < 20  # 20 trials leave a wide window for the kill, even on a fast idle machine
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     lines = record_lines(tmp_path, target)
     assert all(json.loads(x) for x in lines)
     tried = tune.tried_knobs(S.open_database(target, tmp_path), OP, target)
-    assert len(tried) == 10  # the grid is complete ...
-    assert len(lines) <= 10 + 1  # ... and at most the trial in flight was measured twice
+    assert len(tried) == 20  # the grid is complete ...
+    assert len(lines) <= 20 + 1  # ... and at most the trial in flight was measured twice
 
 
 @pytest.mark.parametrize("target", X86)
