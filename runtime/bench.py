@@ -6,7 +6,7 @@
 Each (implementation, thread count) runs in its own subprocess (so peak memory is its own and thread pools never
 fight): prefill tokens/s (one prompt of ``--prompt-tokens`` random ids), time to first token (prefill + first greedy
 pick), decode tokens/s (``--decode-tokens`` greedy steps, median of the per-step rate over the run) and peak RSS
-(``ru_maxrss``; it includes the interpreter and the imported libraries: torch is imported by ``tvm_ffi`` too).
+(``VmHWM``; it includes the interpreter and the imported libraries: torch is imported by ``tvm_ffi`` too).
 Also printed: the bytes of weights one decode step reads, and the decode rate they imply as bytes/s. Timings on a
 shared machine are only meaningful when nothing else runs.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,15 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (``VmHWM``). ``ru_maxrss`` would not do: Linux keeps it across ``execve``,
+    so a worker started from a large parent reports the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _worker(impl: str, model: str, threads: int, prompt_tokens: int, decode_tokens: int, cache_dir) -> dict:
@@ -73,8 +81,8 @@ def _worker(impl: str, model: str, threads: int, prompt_tokens: int, decode_toke
     return {
         "impl": impl, "threads": threads, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
         "ttft_ms": ttft * 1e3, "prefill_tok_s": prompt_tokens / ttft, "decode_tok_s": 1.0 / float(np.median(steps)),
-        "decode_ms_median": float(np.median(steps)) * 1e3, "peak_rss_mib": resource.getrusage(
-            resource.RUSAGE_SELF).ru_maxrss / 1024, "block_weight_bytes_per_token": weight_bytes,
+        "decode_ms_median": float(np.median(steps)) * 1e3, "peak_rss_mib": peak_rss_mib(),
+        "block_weight_bytes_per_token": weight_bytes,
     }  # fmt: skip
 
 
