@@ -25,8 +25,8 @@ from model.transformer import Transformer
 from train.train import (
     LossModule,
     TrainConfig,
-    _dist_setup,
     compile_objective,
+    dist_setup,
     flops_per_token,
     make_optimizers,
     set_dense,
@@ -34,7 +34,7 @@ from train.train import (
 
 
 def measure(cfg: TrainConfig, steps: int, warmup: int, profile: bool = False) -> dict:
-    rank, world, device = _dist_setup()
+    rank, world, device = dist_setup()
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model_config())
     if not cfg.ternary:

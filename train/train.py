@@ -263,7 +263,7 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def _dist_setup() -> tuple[int, int, torch.device]:
+def dist_setup() -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -278,7 +278,7 @@ def _dist_setup() -> tuple[int, int, torch.device]:
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Run (or resume) training; returns a summary (final step, losses, tokens/s, status)."""
-    rank, world, device = _dist_setup()
+    rank, world, device = dist_setup()
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     torch.manual_seed(cfg.seed)
