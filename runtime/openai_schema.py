@@ -1,0 +1,176 @@
+"""OpenAI's wire format for :mod:`runtime.serve`: the request bodies (pydantic, validated) and the response, chunk and
+error bodies (plain dicts, ready for ``json.dumps``).
+
+Requests are strict (``"10"`` is not an int, ``"true"`` is not a bool) and range-checked like OpenAI's API; the
+parameters this server cannot honour (``n > 1``, ``logprobs``, penalties, tools, ``echo``...) are refused with a
+message rather than silently ignored, and unknown fields are ignored, as most OpenAI-compatible servers do. ``top_k``
+is an extension (llama.cpp and vLLM have it too). ``timings`` follows llama.cpp's server: ``prompt_ms`` runs from
+the start of prefill to the first sampled token, ``predicted_ms`` over the tokens after it, and
+``predicted_per_second`` = (predicted_n − 1) / predicted_ms.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None  # optional here (curl users); the openai client always sends it
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be 1 to {MAX_STOP_CHARS} characters")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty and frequency_penalty are not supported (leave them 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        return self
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("exactly one prompt per request (batches of prompts are not supported)")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported_completion(self):
+        if self.echo or self.logprobs is not None or self.suffix or self.best_of not in (None, 1):
+            raise ValueError("echo, logprobs, suffix and best_of are not supported")
+        return self
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _unsupported_chat(self):
+        if self.logprobs or self.tools:
+            raise ValueError("logprobs and tools are not supported")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return self
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    content: str
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    tokens: list[int]
+
+
+# --- responses -------------------------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def timings(prompt_n: int, prompt_s: float, predicted_n: int, predicted_s: float, queue_s: float) -> dict:
+    def rate(n, s):
+        return round(n / s, 2) if n > 0 and s > 0 else None
+
+    return {"queue_ms": round(queue_s * 1e3, 3),
+            "prompt_n": prompt_n, "prompt_ms": round(prompt_s * 1e3, 3), "prompt_per_second": rate(prompt_n, prompt_s),
+            "predicted_n": predicted_n, "predicted_ms": round(predicted_s * 1e3, 3),
+            "predicted_per_second": rate(predicted_n - 1, predicted_s)}  # fmt: skip
+
+
+def completion(rid: str, created: int, model: str, text: str, finish: str | None) -> dict:
+    """A ``text_completion``: the whole answer, or one streamed chunk of it (same shape)."""
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def chat_message(rid: str, created: int, model: str, text: str, finish: str) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+              "finish_reason": finish}  # fmt: skip
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice]}
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict, finish: str | None) -> dict:
+    """A ``chat.completion.chunk``: the first delta is ``{"role": "assistant", "content": ""}``, the last ``{}``."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}

@@ -1,0 +1,509 @@
+"""Serve the compiled model over an OpenAI-compatible HTTP API (FastAPI + uvicorn), with a chat page at ``/``.
+
+    python -m runtime.serve                                   # models/small.gguf on http://127.0.0.1:8000
+    python -m runtime.serve --model X.gguf --port 8080 --api-key K --metrics --cors '*' --max-queue 32
+    curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"prompt": "def fib(n):", "max_tokens": 32, "temperature": 0}'
+
+Endpoints: ``GET /v1/models``; ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``"stream": true`` for
+server-sent events: ``data: <json>\\n\\n`` chunks, the last with ``finish_reason``, ``usage`` and ``timings``, then
+``data: [DONE]``); ``POST /tokenize`` ``{"content"}``, ``POST /detokenize`` ``{"tokens"}``; ``GET /health`` (503
+while the model loads, 200 once it is ready); ``GET /metrics`` (Prometheus text, with ``--metrics``); ``GET /``, the
+chat page (``runtime/static/chat.html``).
+
+The model loads (and compiles, on first use) on the generation thread that the app's lifespan starts, so the server
+answers ``/health`` at once. Generation runs on that one thread (:mod:`runtime.worker`) behind a bounded queue
+(``--max-queue``; full → 429); a client that disconnects cancels its job within a token. Errors use OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``: 400 invalid request (bad JSON, wrong types, out-of-range
+parameters, prompt + max_tokens over the context), 401 missing or wrong API key (``--api-key`` or
+``$TERNARY_TVM_API_KEY``; ``/``, ``/health`` stay open), 404 unknown model or route, 413 body over ``--max-body-bytes``,
+429 queue full, 503 not loaded. The wire format is :mod:`runtime.openai_schema`; the chat template is the GGUF's
+(:mod:`runtime.chat_template`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.sampling import SamplingParams
+from runtime import openai_schema as oai
+from runtime.chat_template import ChatTemplateError, render_chat
+from runtime.worker import Job, NotReady, QueueFull, Stats, Worker
+
+log = logging.getLogger("runtime.serve")
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "small.gguf"
+CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: the context holds ~1k tokens, a few kB of text
+MAX_QUEUE = 16  # requests waiting behind the running one
+COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (as OpenAI); chat defaults to the rest of the context
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
+PUBLIC_PATHS = ("/", "/health")  # open without the API key
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+          "/detokenize")  # fmt: skip
+FINISH = {"length": "length", "context": "length", "stop_token": "stop", "stop_string": "stop"}
+
+
+def default_threads() -> int:
+    """TVM threads: every core but one, which the event loop needs (on 2 cores, 2 TVM threads decoded 30 % slower
+    under the server than 1: the loop's wake-ups stall TVM's parallel sections)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+@dataclass
+class ServeConfig:
+    model: str = str(DEFAULT_MODEL)
+    target: str = "auto"
+    cache_dir: str | None = None
+    threads: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queue: int = MAX_QUEUE
+    max_body_bytes: int = MAX_BODY_BYTES
+    metrics: bool = False
+    cors_origins: tuple[str, ...] = ()  # empty: no CORS headers
+    model_id: str = field(default="")  # the name clients use; "" → the GGUF's file stem
+
+    def __post_init__(self) -> None:
+        self.model_id = self.model_id or Path(self.model).stem
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type="invalid_request_error", param=None, code=None) -> None:
+        super().__init__(message)
+        self.status, self.body = status, oai.error_body(message, type, param, code)
+
+
+def _error(status: int, message: str, type="invalid_request_error", param=None, code=None) -> JSONResponse:
+    return JSONResponse(oai.error_body(message, type, param, code), status_code=status)
+
+
+# --- the model behind the API ----------------------------------------------------------------------------------------
+class Backend:
+    """The worker plus what requests need from the GGUF: context length, chat template, stop tokens."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.created = int(time.time())
+        self.template: str | None = None
+        self.eos_ids: tuple[int, ...] = ()
+        self.eos_text = ""
+        self.control_ids: tuple[int, ...] = ()  # every control token ends an assistant turn
+        self.worker = Worker(self._load, config.max_queue, Stats())
+
+    def _load(self):
+        from model.gguf_io import read_gguf
+        from model.tokenizer import TOKEN_CONTROL
+        from runtime.engine import Engine
+
+        c = self.config
+        spec = read_gguf(c.model, check_values=False).tokenizer
+        self.template = spec.chat_template
+        self.eos_ids = (spec.eos_id,) if spec.eos_id is not None else ()
+        self.eos_text = spec.tokens[spec.eos_id] if spec.eos_id is not None else ""
+        self.control_ids = tuple(i for i, t in enumerate(spec.token_type) if t == TOKEN_CONTROL)
+        return Engine.from_gguf(c.model, c.target, c.cache_dir, c.threads or default_threads())
+
+    def engine(self):
+        if self.worker.state != "ready":
+            raise APIError(503, self.worker.error or "the model is loading; retry shortly", "server_error",
+                           code="model_not_ready")  # fmt: skip
+        return self.worker.engine
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.config.model_id, self.config.model, Path(self.config.model).name):
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.config.model_id}'",
+                           param="model", code="model_not_found")  # fmt: skip
+
+    async def submit(self, prompt: str, req: oai._Request, limit: int | None, default_limit: int | None, chat: bool):
+        """Check the prompt and limits against the context, then queue the job: (job, prompt tokens)."""
+        eng = self.engine()
+        if not prompt and self.eos_text:  # an empty prompt starts a new document, as GPT-2's <|endoftext|> does
+            prompt = self.eos_text
+        n_prompt = len(await asyncio.to_thread(eng.tokenize, prompt))  # up to 1 MiB of text: not in the event loop
+        param = "messages" if chat else "prompt"
+        if n_prompt == 0:
+            raise APIError(400, "the prompt is empty", param=param)
+        room = eng.ctx - n_prompt
+        if room <= 0:
+            raise APIError(400, f"the prompt is {n_prompt} tokens; the model's context holds {eng.ctx}", param=param,
+                           code="context_length_exceeded")  # fmt: skip
+        if limit is None:
+            limit = min(default_limit or room, room)
+        elif limit > room:
+            raise APIError(400, f"max_tokens={limit} plus the prompt's {n_prompt} tokens exceed the model's context of "
+                           f"{eng.ctx} tokens; ask for at most {room}", param="max_tokens",
+                           code="context_length_exceeded")  # fmt: skip
+        stop_ids = self.control_ids if chat else self.eos_ids
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        params = SamplingParams(limit, req.temperature, req.top_k, req.top_p, seed, stop_ids, req.stop_strings())
+        try:
+            return self.worker.submit(prompt, params, asyncio.get_running_loop(), n_prompt), n_prompt
+        except QueueFull as e:
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
+        except NotReady as e:
+            raise APIError(503, str(e), "server_error", code="model_not_ready") from None
+
+
+async def _events(request: Request, job: Job) -> AsyncIterator[tuple[str, object]]:
+    """The job's events until done/error; cancels the job when the client goes away."""
+    while True:
+        try:
+            kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await request.is_disconnected():
+                job.cancel()
+                return
+            continue
+        yield kind, value
+        if kind != "text":
+            return
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _Reply:
+    """One request's answer, whole or streamed, in the completion or the chat format."""
+
+    def __init__(self, backend: Backend, job: Job, n_prompt: int, chat: bool) -> None:
+        self.job, self.n_prompt, self.chat = job, n_prompt, chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created, self.model = int(time.time()), backend.config.model_id
+
+    def _chunk(self, text: str, finish: str | None) -> dict:
+        if not self.chat:
+            return oai.completion(self.id, self.created, self.model, text, finish)
+        return oai.chat_chunk(self.id, self.created, self.model, {"content": text} if text else {}, finish)
+
+    def _accounting(self, gen) -> dict:
+        job = self.job
+        queue_s, n = (job.started or job.submitted) - job.submitted, len(gen.tokens)
+        return {"usage": oai.usage(self.n_prompt, n),
+                "timings": oai.timings(self.n_prompt, gen.prefill_s, n, gen.decode_s, queue_s)}  # fmt: skip
+
+    async def whole(self, request: Request) -> Response:
+        pieces: list[str] = []
+        async for kind, value in _events(request, self.job):
+            if kind == "text":
+                pieces.append(value)
+            elif kind == "error":
+                raise APIError(500, f"generation failed: {value}", "server_error")
+            else:
+                text, finish = "".join(pieces), FINISH[value.finish_reason]
+                body = (oai.chat_message if self.chat else oai.completion)(self.id, self.created, self.model, text,
+                                                                           finish)  # fmt: skip
+                return JSONResponse(body | self._accounting(value))
+        return Response(status_code=499)  # the client left; nobody reads this
+
+    async def stream(self, request: Request) -> AsyncIterator[str]:
+        try:
+            if self.chat:
+                role = {"role": "assistant", "content": ""}
+                yield _sse(oai.chat_chunk(self.id, self.created, self.model, role, None))
+            async for kind, value in _events(request, self.job):
+                if kind == "text":
+                    yield _sse(self._chunk(value, None))
+                elif kind == "error":
+                    yield _sse(oai.error_body(f"generation failed: {value}", "server_error"))
+                else:
+                    yield _sse(self._chunk("", FINISH[value.finish_reason]) | self._accounting(value))
+                    yield "data: [DONE]\n\n"
+        finally:
+            self.job.cancel()  # a no-op once finished; frees the slot when the client went away mid-stream
+
+
+# --- routes ----------------------------------------------------------------------------------------------------------
+router = APIRouter()
+
+
+def _backend(request: Request) -> Backend:
+    return request.app.state.backend
+
+
+async def _answer(request: Request, backend: Backend, job: Job, n_prompt: int, chat: bool, stream: bool):
+    reply = _Reply(backend, job, n_prompt, chat)
+    if stream:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(reply.stream(request), media_type="text/event-stream", headers=headers)
+    try:
+        return await reply.whole(request)
+    finally:
+        job.cancel()
+
+
+@router.post("/v1/completions")
+async def completions(req: oai.CompletionRequest, request: Request):
+    backend = _backend(request)
+    backend.check_model(req.model)
+    job, n = await backend.submit(req.prompt_text(), req, req.max_tokens, COMPLETION_MAX_TOKENS, chat=False)
+    return await _answer(request, backend, job, n, False, req.stream)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: oai.ChatCompletionRequest, request: Request):
+    backend = _backend(request)
+    backend.check_model(req.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        prompt = render_chat(messages, backend.template, eos_token=backend.eos_text)
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), param="messages") from None
+    job, n = await backend.submit(prompt, req, req.limit(), None, chat=True)
+    return await _answer(request, backend, job, n, True, req.stream)
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    backend = _backend(request)
+    card = {"id": backend.config.model_id, "object": "model", "created": backend.created, "owned_by": "ternary-tvm"}
+    if backend.worker.state == "ready":
+        card["meta"] = {"n_ctx": backend.worker.engine.ctx, "n_vocab": backend.worker.engine.vocab}
+    return {"object": "list", "data": [card]}
+
+
+@router.post("/tokenize")
+async def tokenize(req: oai.TokenizeRequest, request: Request):
+    eng = _backend(request).engine()
+    ids = await asyncio.to_thread(eng.tokenize, req.content)
+    if req.with_pieces:
+        return {"tokens": [{"id": i, "piece": eng.detokenize([i])} for i in ids]}
+    return {"tokens": ids}
+
+
+@router.post("/detokenize")
+async def detokenize(req: oai.DetokenizeRequest, request: Request):
+    eng = _backend(request).engine()
+    bad = [t for t in req.tokens if not 0 <= t < eng.vocab]
+    if bad:
+        raise APIError(400, f"token ids outside the vocabulary [0, {eng.vocab}): {bad[:5]}", param="tokens")
+    return {"content": eng.detokenize(req.tokens)}
+
+
+@router.get("/health")
+async def health(request: Request):
+    w = _backend(request).worker
+    if w.state == "ready":
+        return {"status": "ok"}
+    return JSONResponse({"status": w.state, "error": w.error}, status_code=503)
+
+
+def metrics_text(backend: Backend) -> str:
+    """Prometheus text exposition (version 0.0.4) of the counters in :class:`runtime.worker.Stats`."""
+    s, w = backend.worker.stats, backend.worker
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help: str, samples: dict[str, float]) -> None:
+        lines.extend([f"# HELP ternary_{name} {help}", f"# TYPE ternary_{name} {kind}"])
+        lines.extend(f"ternary_{name}{labels} {value:g}" for labels, value in samples.items())
+
+    with s.lock:
+        reqs = {f'{{route="{r}",status="{c}"}}': n for (r, c), n in sorted(s.requests.items())}
+        gens = {f'{{outcome="{o}"}}': n for o, n in sorted(s.generations.items())}
+        tps = s.completion_tokens / s.decode_seconds if s.decode_seconds > 0 else 0.0
+        metric("requests_total", "counter", "HTTP requests by route and status.", reqs)
+        metric("generations_total", "counter", "Generations by outcome (finish reason, cancelled, error).", gens)
+        metric("rejected_total", "counter", "Requests refused with 429 because the queue was full.", {"": s.rejected})
+        metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", {"": s.prompt_tokens})
+        metric("completion_tokens_total", "counter", "Tokens generated.", {"": s.completion_tokens})
+        metric("prompt_seconds_total", "counter", "Time spent in prefill.", {"": s.prompt_seconds})
+        metric("decode_seconds_total", "counter", "Time spent decoding.", {"": s.decode_seconds})
+        metric("tokens_per_second", "gauge", "Generated tokens per decode second, since start.", {"": tps})
+        metric("last_decode_tokens_per_second", "gauge", "Decode tokens/s of the last generation.",
+               {"": s.last_decode_tps})  # fmt: skip
+        metric("queue_depth", "gauge", "Requests waiting for the generation thread.", {"": w.depth})
+        metric("requests_processing", "gauge", "Requests being generated (0 or 1).", {"": s.busy})
+        metric("model_loaded", "gauge", "1 once the model is ready.", {"": float(w.state == "ready")})
+    return "\n".join(lines) + "\n"
+
+
+async def _metrics(request: Request):
+    return PlainTextResponse(metrics_text(_backend(request)), media_type="text/plain; version=0.0.4")
+
+
+# --- errors, limits, auth --------------------------------------------------------------------------------------------
+_TYPE_TAG = re.compile(r"str|int|float|bool|.*\[.*\]")
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    # the location without "body" and without pydantic's union-member tags ("str", "list[str]")
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _TYPE_TAG.fullmatch(str(x))]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        message, param = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
+    elif param is None and first.get("type") in ("missing", "model_attributes_type", "model_type"):
+        message = "the request body must be a JSON object"
+    else:
+        msg = str(first.get("msg", "")).removeprefix("Value error, ")
+        message = f"{param}: {msg}" if param else msg
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more)"
+    return _error(400, message, param=param)
+
+
+def _http_error(exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(oai.error_body(str(exc.detail), "invalid_request_error", None, code),
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))  # fmt: skip
+
+
+class GuardMiddleware:
+    """ASGI middleware: counts requests per route and status, checks the Bearer key, caps the body size (read whole,
+    then replayed to the app, so a chunked upload is capped too)."""
+
+    def __init__(self, app, config: ServeConfig, stats: Stats) -> None:
+        self.app, self.config, self.stats = app, config, stats
+        self.key = config.api_key.encode() if config.api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in ROUTES else "other"
+
+        async def counted_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.stats.count_request(route, message["status"])
+            await send(message)
+
+        reject = self._check_key(scope, path)
+        if reject is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            reject, receive = await self._read_body(scope, receive)
+        if reject is not None:
+            return await reject(scope, receive, counted_send)
+        await self.app(scope, receive, counted_send)
+
+    def _check_key(self, scope, path: str) -> JSONResponse | None:
+        if self.key is None or path in PUBLIC_PATHS or scope["method"] == "OPTIONS":
+            return None
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return None
+        message = "Incorrect API key provided" if auth else "Missing API key: send 'Authorization: Bearer <key>'"
+        return _error(401, message, code="invalid_api_key")
+
+    async def _read_body(self, scope, receive):
+        limit = self.config.max_body_bytes
+        too_big = _error(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return _error(400, "invalid Content-Length header"), receive
+            if int(length) > limit:
+                return too_big, receive
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return Response(status_code=400), receive
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return too_big, receive
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+        # every POST body here is JSON: read it as JSON whatever its Content-Type (curl -d sends a form's)
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        scope["headers"].append((b"content-type", b"application/json"))
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return None, replay
+
+
+# --- the app ---------------------------------------------------------------------------------------------------------
+def create_app(config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan starts the generation thread, which loads the model in the background."""
+    config = config or ServeConfig()
+    backend = Backend(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        log.info("serving %s as '%s' (target %s, %d TVM threads, queue %d)", config.model, config.model_id,
+                 config.target, config.threads or default_threads(), config.max_queue)  # fmt: skip
+        backend.worker.start()
+        yield
+        backend.worker.stop()
+
+    app = FastAPI(title="ternary-tvm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.backend = backend
+    app.include_router(router)
+    page = CHAT_PAGE.read_text()
+    app.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
+    if config.metrics:
+        app.add_api_route("/metrics", _metrics, methods=["GET"])
+    app.add_exception_handler(APIError, lambda r, e: JSONResponse(e.body, status_code=e.status))
+    app.add_exception_handler(RequestValidationError, lambda r, e: _validation_error(e))
+    app.add_exception_handler(StarletteHTTPException, lambda r, e: _http_error(e))
+    app.add_exception_handler(Exception, lambda r, e: _error(500, f"internal error: {e}", "server_error"))
+    app.add_middleware(GuardMiddleware, config=config, stats=backend.worker.stats)
+    if config.cors_origins:  # outermost: preflights and 401s get CORS headers too
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])  # fmt: skip
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="GGUF to serve (default: the shipped model)")
+    ap.add_argument("--target", default="auto", choices=["auto", "avx512", "avx2"])
+    ap.add_argument("--cache-dir", default=None, help="compiled-module cache (default: $TERNARY_TVM_CACHE or ~/.cache)")
+    ap.add_argument("--threads", type=int, default=None, help="TVM threads (default: all cores but one)")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", default=os.environ.get("TERNARY_TVM_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default: $TERNARY_TVM_API_KEY; none: open)")  # fmt: skip
+    ap.add_argument("--model-id", default="", help="the model's name in the API (default: the GGUF's file stem)")
+    ap.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests that may wait; more get 429")
+    ap.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    ap.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
+    ap.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allow this origin ('*': any)")
+    ap.add_argument("--log-level", default="info")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if not Path(a.model).exists():
+        raise SystemExit(f"error: {a.model}: no such file")
+    if a.max_queue < 1 or a.max_body_bytes < 1:
+        raise SystemExit("error: --max-queue and --max-body-bytes must be positive")
+    config = ServeConfig(a.model, a.target, a.cache_dir, a.threads, a.host, a.port, a.api_key, a.max_queue,
+                         a.max_body_bytes, a.metrics, tuple(a.cors), a.model_id)  # fmt: skip
+    if config.api_key is None and a.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without --api-key: anyone who can reach it can use it", a.host)
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()
