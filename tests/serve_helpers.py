@@ -1,0 +1,110 @@
+"""The real server for the serving tests: ``python -m runtime.serve`` with the shipped model in a subprocess, on a free
+loopback port, started once per session (the ``server`` fixture; import it into a test module to use it).
+
+The model compiles into the default cache (``$TERNARY_TVM_CACHE`` or ``~/.cache/ternary-tvm``) on first use, as
+``runtime.chat`` does; later sessions reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import REPO
+
+API_KEY = "test-key"
+CORS_ORIGIN = "http://client.test"
+MAX_QUEUE = 64
+START_TIMEOUT_S = 900  # a clean machine compiles the model first (about a minute on 2 cores)
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    health_codes: list[int] = field(default_factory=list)  # /health answers while starting
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def client(self, key: str | None = API_KEY, **kw) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        """``/metrics`` as {"name{labels}": value}."""
+        with self.client() as c:
+            text = c.get("/metrics").raise_for_status().text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str) -> Server:
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])
+    cmd = [sys.executable, "-m", "runtime.serve", "--port", str(port), "--log-level", "warning", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ.copy())
+    srv = Server(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"runtime.serve exited with {proc.returncode}:\n{srv.log_tail()}")
+        try:
+            code = httpx.get(srv.url + "/health", timeout=5).status_code
+        except httpx.TransportError:
+            time.sleep(0.05)
+            continue
+        srv.health_codes.append(code)
+        if code == 200:
+            return srv
+        time.sleep(0.05)
+    stop_server(srv)
+    raise RuntimeError(f"runtime.serve not ready after {START_TIMEOUT_S} s:\n{srv.log_tail()}")
+
+
+def stop_server(srv: Server) -> None:
+    srv.proc.terminate()
+    try:
+        srv.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
+        srv.proc.wait()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.fixture(scope="session")
+def server():
+    srv = start_server("--api-key", API_KEY, "--metrics", "--cors", CORS_ORIGIN, "--max-queue", str(MAX_QUEUE))
+    yield srv
+    stop_server(srv)
+    if srv.proc.returncode not in (0, -15):
+        print(srv.log_tail())
