@@ -32,13 +32,15 @@ def _missing() -> str | None:
     return None
 
 
+MISSING = _missing()
+if MISSING and not os.environ.get("CI"):
+    pytest.skip(MISSING, allow_module_level=True)  # before the server starts
+
+
 @pytest.fixture
 def page(tmp_path):
-    why = _missing()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the browser test: {why}")
-        pytest.skip(why)
+    if MISSING:
+        pytest.fail(f"CI must run the browser test: {MISSING}")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -51,6 +53,7 @@ def page(tmp_path):
             ctx.close()
 
 
+@pytest.mark.slow
 def test_chat_page_streams_an_answer_and_shows_code(server, page):  # noqa: F811
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
