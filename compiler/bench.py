@@ -353,9 +353,15 @@ def run(target: str = "auto", shapes=None, threads=(1, 2), baselines: bool = Tru
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "cuda" or a == "--target=cuda" for a in argv) and "--target" in " ".join(argv):
+        from compiler import bench_cuda  # GPU kernels: their own measurement (CUDA events, HBM roofline)
+
+        return bench_cuda.main([a for i, a in enumerate(argv) if a not in ("--target", "--target=cuda", "cuda")
+                                or (a == "cuda" and argv[i - 1] != "--target")])  # fmt: skip
     p = argparse.ArgumentParser(prog="python -m compiler.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--target", default="auto", help="avx512 | avx2 | auto (default) | all")
+    p.add_argument("--target", default="auto", help="avx512 | avx2 | auto (default) | all | cuda (see bench_cuda)")
     p.add_argument("--shape", action="append", default=[], help="op key, e.g. gemv_i8:4096:4096 (repeatable)")
     p.add_argument("--full", action="store_true", help="add the DRAM-resident and small-model shapes")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")

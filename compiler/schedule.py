@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 LOGS_ROOT = Path(os.environ.get("TERNARY_TUNING_LOGS", REPO / "tuning_logs"))
-SCHEDULE_MODULES = {"avx512": "schedules.x86_avx512", "avx2": "schedules.x86_avx2"}
+SCHEDULE_MODULES = {"avx512": "schedules.x86_avx512", "avx2": "schedules.x86_avx2", "cuda": "schedules.cuda"}
 
 
 class UntunedWarning(UserWarning):
@@ -123,7 +123,7 @@ class ScheduledFunc:
     def build(self):
         import tvm
 
-        return tvm.compile(tvm.IRModule({"main": self.func}), target=targets.get_target(self.target))
+        return compile_mod(tvm.IRModule({"main": self.func}), self.target)
 
     def for_relax(self):
         """The PrimFunc to ``bb.add_func(f, name)`` / ``call_tir``: no ``global_symbol`` (the IRModule names it) and
@@ -180,9 +180,23 @@ def build(op, target: str, mode: str = "auto", knobs: dict | None = None, logs_r
     import tvm
 
     if knobs is not None:
-        func = manual(op, target, knobs).mod
-        return tvm.compile(func, target=targets.get_target(target))
+        return compile_mod(manual(op, target, knobs).mod, target)
     return get_primfunc(op, target, logs_root, mode).build()
+
+
+def compile_mod(mod, target: str):
+    """``tvm.compile`` for a short target name; CUDA gets real device code here even without a GPU
+    (:mod:`compiler.cuda_cross`), and is compiled inside the target's scope (nvcc reads the arch from it)."""
+    import tvm
+
+    tgt = targets.get_target(target)
+    if targets.resolve(target) != "cuda":
+        return tvm.compile(mod, target=tgt)
+    from compiler import cuda_cross
+
+    cuda_cross.enable()
+    with tgt:
+        return tvm.compile(mod, target=tgt)
 
 
 def self_check(target: str) -> None:

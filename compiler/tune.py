@@ -69,8 +69,22 @@ def parse_shape(text: str):
     return make_op(kind, **dims)
 
 
-def config_ops(cfg, include_prefill: bool = True) -> list:
+CUDA_BENCH_SHAPES = [  # compiler.bench --target cuda: small (launch-bound), LLaMA-7B-like, and ≥ 64 MiB packed
+    ("gemv_dp4a", {"M": 4096, "K": 4096}), ("gemv_dp4a", {"M": 11008, "K": 4096}),
+    ("gemv_dp4a", {"M": 32768, "K": 8192}), ("gemv_dp4a", {"M": 32768, "K": 16384}),
+    ("gemm_dp4a", {"N": 16, "M": 4096, "K": 4096}),
+]  # fmt: skip
+CUDA_PREFILL_TOKENS = 16
+
+
+def config_ops(cfg, include_prefill: bool = True, target: str = "cpu") -> list:
     """Every tunable workload of a model config: the ternary GEMVs (+ prefill GEMMs) and the fused elementwise ops."""
+    if target == "cuda":
+        shapes = sorted(set(cfg.ternary_shapes().values()))
+        ops = [make_op("gemv_dp4a", M=M, K=K) for M, K in shapes]
+        if include_prefill:
+            ops += [make_op("gemm_dp4a", N=CUDA_PREFILL_TOKENS, M=M, K=K) for M, K in shapes]
+        return ops
     ops = []
     for M, K in sorted(set(cfg.ternary_shapes().values())):
         ops.append(make_op("gemv_i8", M=M, K=K))
@@ -86,13 +100,13 @@ def config_ops(cfg, include_prefill: bool = True) -> list:
     return ops
 
 
-def model_ops(path: str) -> list:
+def model_ops(path: str, target: str = "cpu") -> list:
     """The workloads of the model in a ``.gguf`` file (its config, read by :func:`model.gguf_io.read_gguf`)."""
     try:
         from model.gguf_io import read_gguf
     except ImportError:
         raise SystemExit(f"--model {path}: not yet — no model.gguf_io.read_gguf; use --config or --shape") from None
-    return config_ops(read_gguf(path, check_values=False).config)
+    return config_ops(read_gguf(path, check_values=False).config, target=target)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,15 +206,17 @@ class Result:
 
 
 def plan(db, op, target: str, trials: int, retune: bool, seed: int) -> list[dict]:
-    space = S.schedule_module(target).space(op)
-    configs = grid(space)
+    mod = S.schedule_module(target)
+    configs = grid(mod.space(op))
+    if hasattr(mod, "valid"):  # templates whose knobs interact (CUDA: split products must divide the dimension)
+        configs = [configs[0]] + [c for c in configs[1:] if mod.valid(op, c)]
     rest = configs[1:]
     random.Random(seed).shuffle(rest)
     configs = [configs[0], *rest][:trials]
     if retune:
         return configs
     done = tried_knobs(db, op, target)
-    if len(done) >= min(trials, len(grid(space))):
+    if len(done) >= min(trials, len(configs)):
         return []
     return [c for c in configs if tuple(c.values()) not in done][: max(0, trials - len(done))]
 
@@ -286,7 +302,7 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__[__doc__.index("\n") :],
     )
-    p.add_argument("--target", default="auto", help="avx512 | avx2 | auto (default: the best this CPU runs)")
+    p.add_argument("--target", default="auto", help="avx512 | avx2 | cuda | auto (default: the best this CPU runs)")
     src = p.add_argument_group("workloads (combinable; default: --config small + the benchmark shapes)")
     src.add_argument("--config", action="append", default=[], help="a model preset (model.config.PRESETS)")
     src.add_argument("--model", help="a .gguf file (reads its config through model.gguf_io)")
@@ -297,20 +313,35 @@ def main(argv=None) -> int:
     p.add_argument("--search", choices=["grid", "ms"], default="grid")
     p.add_argument("--logs", default=None, help="tuning log root (default: tuning_logs/)")
     p.add_argument("--seed", type=int, default=0)
+    gpu = p.add_argument_group("CUDA without a GPU here (compiler.cuda_remote)")
+    gpu.add_argument("--export-candidates", metavar="DIR", help="compile the planned trials into DIR for the GPU host")
+    gpu.add_argument("--import-timings", metavar="FILE", help="record the GPU host's timings (cuda_remote run)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from model.config import get_config
 
-    ops = [op for name in a.config for op in config_ops(get_config(name))]
+    kind = "cuda" if a.target == "cuda" else "cpu"
+    ops = [op for name in a.config for op in config_ops(get_config(name), target=kind)]
     if a.model:
-        ops += model_ops(a.model)
+        ops += model_ops(a.model, kind)
     ops += [parse_shape(s) for s in a.shape]
     if a.bench_shapes or not (a.config or a.model or a.shape):
         if not (a.config or a.model or a.shape):
-            ops += config_ops(get_config("small"))
-        ops += [make_op(k, **d) for k, d in BENCH_SHAPES]
+            ops += config_ops(get_config("small"), target=kind)
+        ops += [make_op(k, **d) for k, d in (CUDA_BENCH_SHAPES if kind == "cuda" else BENCH_SHAPES)]
     ops = list(dict.fromkeys(ops))
+    if a.import_timings:
+        from compiler.cuda_remote import import_timings
+
+        for key, n in import_timings(a.import_timings, a.logs).items():
+            print(f"imported {key:32s} +{n} records")
+        return 0
+    if a.export_candidates:
+        from compiler.cuda_remote import export_candidates
+
+        print(export_candidates(ops, a.export_candidates, a.trials, a.retune, a.logs, a.seed))
+        return 0
     t0 = time.time()
     results = tune(ops, a.target, a.trials, a.retune, a.logs, a.seed, a.search)
     for r in results:

@@ -35,7 +35,8 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def _worker(impl: str, model: str, threads: int, prompt_tokens: int, decode_tokens: int, cache_dir) -> dict:
+def _worker(impl: str, model: str, threads: int, prompt_tokens: int, decode_tokens: int, cache_dir,
+            device: str = "cpu", dtype: str = "float32") -> dict:
     rng = np.random.default_rng(0)
     if impl == "tvm":
         from runtime.engine import Engine, ensure_built
@@ -64,25 +65,31 @@ def _worker(impl: str, model: str, threads: int, prompt_tokens: int, decode_toke
 
         torch.set_num_threads(threads)
         g = read_gguf(model)
-        m = Transformer.from_gguf_tensors(g.config, g.model_tensors()).eval()
+        dt = getattr(torch, dtype)
+        m = Transformer.from_gguf_tensors(g.config, g.model_tensors()).eval().to(device=device, dtype=dt)
         prompt = [int(t) for t in rng.integers(0, g.config.vocab_size, prompt_tokens)]
+
+        def ids(t):
+            return torch.tensor(t, device=device)
+
         with torch.no_grad():
-            m(torch.tensor([prompt[:8]]), m.new_cache(1))  # warm up
+            m(ids([prompt[:8]]), m.new_cache(1))  # warm up
             cache = m.new_cache(1)
             t0 = time.perf_counter()
-            tok = int(torch.argmax(m(torch.tensor([prompt]), cache)[0, -1]))
+            tok = int(torch.argmax(m(ids([prompt]), cache)[0, -1]))  # int(): waits for the device
             ttft = time.perf_counter() - t0
             steps = []
             for _ in range(decode_tokens):
                 t = time.perf_counter()
-                tok = int(torch.argmax(m(torch.tensor([[tok]]), cache)[0, -1]))
+                tok = int(torch.argmax(m(ids([[tok]]), cache)[0, -1]))
                 steps.append(time.perf_counter() - t)
-        weight_bytes = int(sum(p.numel() * 4 for n, p in m.named_parameters() if "blocks" in n and p.dim() == 2))
+        itemsize = torch.finfo(dt).bits // 8
+        weight_bytes = int(sum(p.numel() * itemsize for n, p in m.named_parameters() if "blocks" in n and p.dim() == 2))
     return {
         "impl": impl, "threads": threads, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
         "ttft_ms": ttft * 1e3, "prefill_tok_s": prompt_tokens / ttft, "decode_tok_s": 1.0 / float(np.median(steps)),
         "decode_ms_median": float(np.median(steps)) * 1e3, "peak_rss_mib": peak_rss_mib(),
-        "block_weight_bytes_per_token": weight_bytes,
+        "block_weight_bytes_per_token": weight_bytes, "device": device, "dtype": dtype if impl == "torch" else "int8",
     }  # fmt: skip
 
 
@@ -95,20 +102,25 @@ def main(argv=None) -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--torch-device", default="cpu", help="device of the PyTorch reference (cpu | cuda)")
+    ap.add_argument("--torch-dtype", default="float32", help="dtype of the PyTorch reference (float32 | bfloat16)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        r = _worker(a.worker, a.model, a.threads[0], a.prompt_tokens, a.decode_tokens, a.cache_dir)
+        r = _worker(a.worker, a.model, a.threads[0], a.prompt_tokens, a.decode_tokens, a.cache_dir, a.torch_device,
+                    a.torch_dtype)
         print(json.dumps(r))
         return
-    from runtime.engine import ensure_built
+    if "tvm" in a.impl:
+        from runtime.engine import ensure_built
 
-    ensure_built(a.model, "auto", a.cache_dir)  # compile once, outside the timed workers
+        ensure_built(a.model, "auto", a.cache_dir)  # compile once, outside the timed workers
     rows = []
     for impl in a.impl:
         for n in a.threads:
             cmd = [sys.executable, "-m", "runtime.bench", "--worker", impl, "--model", a.model, "--threads", str(n),
-                   "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens)]  # fmt: skip
+                   "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens),
+                   "--torch-device", a.torch_device, "--torch-dtype", a.torch_dtype]  # fmt: skip
             if a.cache_dir:
                 cmd += ["--cache-dir", a.cache_dir]
             env = dict(os.environ, TVM_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))

@@ -77,7 +77,7 @@ class Op:
     # --- shared -----------------------------------------------------------------------------------------------
     @property
     def dims(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("dim", True)}
 
     @property
     def key(self) -> str:

@@ -1,0 +1,148 @@
+"""CUDA schedules (sm_90: H100/H200) for the ternary GEMV/GEMM on the ``dp4a`` layout.
+
+GEMV (``gemv_dp4a``, one token; memory-bound: the packed weights are read once). A row's ``K/16`` weight words are
+split ``w = (wo, tx, v)``: thread ``tx`` of a row group loads ``v`` consecutive words per step — ``v = 4`` is one
+16-byte load, and the ``tx`` threads of a row read one contiguous, coalesced segment — and keeps its partial sums in
+registers for ``rows`` rows at once, so each activation word it loads (``x4``, from L1/L2; ``v·4`` words a step) is
+reused ``rows`` times. Each 16-code word is decoded in int32 registers (``(W >> 2s) & 0x03030303``, s = 0..3) and
+fed to ``__dp4a`` with the activation word: no byte unpacking. The ``tx`` partial sums of a row are combined by a
+warp-shuffle reduction (rfactor + ``threadIdx.x``), then the ``Σx`` correction and float rescale. ``ty`` row groups
+share a block. With few rows (M small) and long rows, ``split`` > 1 splits K across ``threadIdx.y`` as well
+(more parallelism for tall-thin shapes) — a second reduction level through shared memory.
+
+GEMM (``gemm_dp4a``, prefill): the same, with the decoded weight planes reused across ``tokens`` tokens.
+
+Knobs (``schedules.knobs``): ``tx`` threads per row, ``v`` words per load, ``rows`` rows per thread, ``ty`` row
+groups per block, ``unroll`` of the step loop (and ``tokens`` for the GEMM).
+
+    python -m schedules.cuda          # prints the CUDA source of the default GEMV schedule for 4096×4096
+"""
+
+from __future__ import annotations
+
+from schedules.knobs import Knob, choose, knob
+
+
+def space(op) -> list[Knob]:
+    kind = op.kind
+    if kind == "gemv_dp4a":
+        words = op.K // 16  # K is a multiple of 256: words a multiple of 16
+        tx = min(32, words // 4)
+        return [knob("v", words, (2, 4), 4), knob("tx", words, (8, 16, 32, 64), tx),
+                knob("rows", op.M, (1, 2, 4, 8), 2), knob("ty", op.M, (1, 2, 4, 8), 4),
+                knob("unroll", words, (1, 2, 4, 8), max(1, min(4, words // (4 * tx))))]  # fmt: skip
+    if kind == "gemm_dp4a":
+        words = op.K // 16
+        return [knob("v", words, (2, 4), 4), knob("tx", words, (8, 16, 32), 32),
+                knob("rows", op.M, (1, 2, 4), 2), knob("ty", op.M, (1, 2, 4), 2),
+                knob("tokens", op.N, (1, 2, 4, 8), 4)]  # fmt: skip
+    raise KeyError(f"no CUDA schedule for op kind {kind!r}")
+
+
+def valid(op, knobs: dict) -> bool:
+    """Whether a grid point splits every dimension evenly (the grid search skips the rest unbuilt)."""
+    try:
+        _fits({k.name: k for k in space(op)}, knobs, _splits(op))
+        return True
+    except ValueError:
+        return False
+
+
+def _splits(op):
+    words = op.K // 16
+    kk = ("v", "tx", "unroll") if op.kind == "gemv_dp4a" else ("v", "tx")
+    return [(kk, words), (("rows", "ty"), op.M)]
+
+
+def _fits(ks, knobs, names_n) -> None:
+    """Reject knob combinations that over-split a dimension (the split factors must divide it)."""
+    for names, n in names_n:
+        prod = 1
+        for k in names:
+            prod *= int(knobs.get(k, ks[k].default)) if knobs is not None else ks[k].default
+        if n % prod:
+            raise ValueError(f"knobs {names} = {prod} do not divide {n}")
+
+
+def gemv_dp4a(sch, op, knobs: dict | None = None):
+    return _dp4a_matmul(sch, op, knobs, tokens=False)
+
+
+def gemm_dp4a(sch, op, knobs: dict | None = None):
+    return _dp4a_matmul(sch, op, knobs, tokens=True)
+
+
+def _dp4a_matmul(sch, op, knobs: dict | None, tokens: bool):
+    ks = {k.name: k for k in space(op)}
+    if knobs is not None:
+        _fits(ks, knobs, _splits(op))
+    v, tx = choose(sch, knobs, ks["v"]), choose(sch, knobs, ks["tx"])
+    rows, ty = choose(sch, knobs, ks["rows"]), choose(sch, knobs, ks["ty"])
+    un = choose(sch, knobs, ks["unroll"]) if "unroll" in ks else 1
+    nt = choose(sch, knobs, ks["tokens"]) if tokens else 1
+    acc, y = sch.get_sblock("acc"), sch.get_sblock("y")
+    if tokens:
+        n, m, w, s = sch.get_loops(acc)
+    else:
+        m, w, s = sch.get_loops(acc)
+    wo, wu, wt, wv = sch.split(w, [None, un, tx, v])
+    rf = sch.rfactor(wt, factor_axis=0)  # acc_rf[tx, (N,) M]: per-thread partial sums
+    loops = sch.get_loops(rf)
+    if tokens:
+        n, m, wo, wu, wt, wv, s = loops
+        no, ni = sch.split(n, [None, nt])
+    else:
+        m, wo, wu, wt, wv, s = loops
+    bx, by, mi = sch.split(m, [None, ty, rows])
+    if tokens:
+        sch.reorder(no, bx, by, wt, wo, wu, ni, mi, wv, s)
+        sch.bind(no, "blockIdx.y")
+    else:
+        sch.reorder(bx, by, wt, wo, wu, mi, wv, s)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(by, "threadIdx.y")
+    sch.bind(wt, "threadIdx.x")
+    sch.set_scope(rf, 0, "local")
+    wl = sch.cache_read(rf, 0, "local")  # W: v words per row per step → one vector load each
+    sch.compute_at(wl, wu)
+    sch.vectorize(sch.get_loops(wl)[-1])
+    xl = sch.cache_read(rf, 1, "local")  # x4: 4·v words per token per step, reused by every row
+    sch.compute_at(xl, wu)
+    sch.vectorize(sch.split(sch.get_loops(xl)[-1], [None, 4])[1])
+    sch.decompose_reduction(rf, wo)
+    for loop in (wu, mi, wv, s) + ((ni,) if tokens else ()):
+        sch.unroll(loop)
+    # cross-thread (warp-shuffle) reduction of the tx partial sums, then the epilogue, per row (and token)
+    sch.reverse_compute_at(acc, by)
+    def value(name):  # the Python value of a knob (the loop structure below depends on it)
+        return int(knobs.get(name, ks[name].default)) if knobs is not None else ks[name].default
+
+    # unit loops are not generated: (tx reduction, [tokens], [rows])
+    new = 1 + (value("rows") > 1) + (tokens and value("tokens") > 1)
+    t2, *rest = sch.get_loops(acc)[-new:]
+    if rest:
+        sch.reorder(*rest, t2)
+    sch.bind(t2, "threadIdx.x")
+    sch.set_scope(acc, 0, "local")
+    sch.reverse_compute_at(y, by)
+    return sch
+
+
+SCHEDULES = {"gemv_dp4a": gemv_dp4a, "gemm_dp4a": gemm_dp4a}
+
+
+if __name__ == "__main__":
+    import tvm
+    from tvm import s_tir
+
+    from compiler import cuda_cross
+    from compiler.ops import make_op
+    from schedules.targets import get_target
+
+    cuda_cross.enable()
+    op = make_op("gemv_dp4a", M=4096, K=4096)
+    sch = s_tir.Schedule(tvm.IRModule({"main": op.compute()}))
+    gemv_dp4a(sch, op, {})
+    with get_target("cuda"):
+        ex = tvm.compile(sch.mod, target=get_target("cuda"))
+    print(ex.mod.imports[0].inspect_source() if ex.mod.imports else ex)
