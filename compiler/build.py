@@ -100,7 +100,7 @@ def build(
     from compiler import lower
 
     with phase("pack"):
-        params = lower.pack_params(g)
+        params = lower.pack_params(g, gpu=target == "cuda")
         log.info("%d parameter arrays, %.1f MiB", len(params), sum(a.nbytes for a in params.values()) / 2**20)
     import tvm
     from tvm import relax
@@ -122,11 +122,20 @@ def build(
                     (tir_dir / f"{gv.name_hint}.py").write_text(func.script())
     tgt = targets.get_target(target)
     with phase("compile"):
-        if dump_ir:
-            with tgt:
+        config = {}
+        if target == "cuda":
+            from tvm.s_tir import dlight as dl
+
+            from compiler import cuda_cross
+
+            cuda_cross.enable()
+            mod = _dlight(_mark_scheduled(mod), tgt)
+            config = {"relax.backend.use_cuda_graph": True}  # the decode step replays as one CUDA graph
+        with tgt, tvm.transform.PassContext(opt_level=3, config=config):
+            if dump_ir:
                 opt = relax.get_pipeline("default")(mod)
-            (Path(dump_ir) / "compile.relax.py").write_text(opt.script())
-        ex = tvm.compile(mod, target=tgt)
+                (Path(dump_ir) / "compile.relax.py").write_text(opt.script())
+            ex = tvm.compile(mod, target=tgt)
     with phase("export"):
         root = Path(cache_dir or cache.default_cache_dir())
         root.mkdir(parents=True, exist_ok=True)
@@ -137,8 +146,7 @@ def build(
             meta = {
                 "key": key, "target": target, "compiler_version": cache.COMPILER_VERSION, "model": str(model),
                 "config": cfg.to_dict(), "prefill_chunk": lw.chunk,
-                "params": [[s.name, list(s.shape), s.dtype] for s in lower.param_specs(cfg, lw.embed_dtype,
-                                                                                       lw.head_dtype)],
+                "params": [[s.name, list(s.shape), s.dtype] for s in lw.specs()],
                 "kernels": lw.kernels, "sha256": {n: cache.sha256_file(tmp / n) for n in cache.FILES},
             }  # fmt: skip
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -152,15 +160,80 @@ def build(
     return BuildResult(d, key, True, meta)
 
 
+def repack_into(entry: Path | str, model: Path | str) -> Path:
+    """Write ``params.npz`` for an existing entry's compiled module from another GGUF of the same configuration
+    (the module depends only on the config): how a GPU host without TVM's compiler gets a large model's weights
+    without carrying them. Checks the config; updates the entry's checksums."""
+    entry = Path(entry)
+    meta = cache.read_meta(entry)
+    g = read_model(model)
+    if g.config.to_dict() != meta["config"]:
+        raise BuildError(f"{model}: its config differs from the one {entry} was compiled for")
+    from compiler import lower
+
+    params = lower.pack_params(g, gpu=meta["target"] == "cuda")
+    names = [n for n, _, _ in meta["params"]]
+    if sorted(names) != sorted(params):
+        raise BuildError(f"{entry}: parameter names differ from the packed ones")
+    np.savez(entry / "params.npz", **params)
+    meta["model"] = str(model)
+    meta["sha256"] = {n: cache.sha256_file(entry / n) for n in cache.FILES}
+    (entry / "meta.json").write_text(json.dumps(meta, indent=1))
+    return entry
+
+
+def _dlight(mod, tgt):
+    """Schedule the kernels without a CUDA template (attention, norms, RoPE, LM head...) with dlight's GPU rules,
+    per kernel, the first rule that applies (a rule whose analysis rejects a kernel is skipped)."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    rules = [dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    for gv, f in list(mod.functions_items()):
+        if not isinstance(f, tvm.tirx.PrimFunc) or f.attrs.get("tirx.is_scheduled", False):
+            continue
+        for rule in rules:
+            try:
+                with tgt:
+                    one = dl.ApplyDefaultSchedule(rule)(tvm.IRModule({"main": f}))["main"].without_attr("global_symbol")
+            except Exception:  # noqa: BLE001 - this rule's analysis does not apply to this kernel
+                continue
+            if one.attrs.get("tirx.is_scheduled", False):
+                log.info("  dlight %-40s %s", gv.name_hint, type(rule).__name__)
+                mod[gv] = one
+                break
+        else:
+            raise BuildError(f"no dlight rule schedules kernel {gv.name_hint} for CUDA")
+    return mod
+
+
+def _mark_scheduled(mod):
+    """Tag the kernels that already carry thread bindings (our CUDA templates) so dlight leaves them alone, and all
+    of ours opaque to Relax's operator fusion."""
+    import tvm
+
+    for gv, f in list(mod.functions_items()):
+        if isinstance(f, tvm.tirx.PrimFunc):
+            f = f.with_attr("op_pattern", 8)  # opaque: Relax fuses none of our kernels with its own ops
+            if "thread_binding" in f.script():
+                f = f.with_attr("tirx.is_scheduled", True)
+            mod[gv] = f
+    return mod
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="a bitnet-mhc .gguf")
-    ap.add_argument("--target", default="auto", choices=["auto", "avx512", "avx2"])
+    ap.add_argument("--target", default="auto", choices=["auto", "avx512", "avx2", "cuda"])
     ap.add_argument("--cache-dir", default=None, help=f"default {cache.default_cache_dir()}")
     ap.add_argument("--dump-ir", default=None, help="write each phase's IR here")
     ap.add_argument("--force", action="store_true", help="rebuild even if a cached entry exists")
+    ap.add_argument("--repack-into", metavar="ENTRY", help="only write ENTRY's params.npz from --model (same config)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if a.repack_into:
+        print(repack_into(a.repack_into, a.model))
+        return
     try:
         r = build(a.model, a.target, a.cache_dir, a.dump_ir, a.force)
     except BuildError as exc:

@@ -6,7 +6,8 @@ CUDA *source* in the module, which a GPU host can load only with TVM's whole com
 ``libcuda.so.1`` (every entry point answers ``CUDA_ERROR_NO_DEVICE``; ``stub_libcuda.c``), loads it, the CUDA
 runtime and TVM's CUDA runtime library into the process, and selects nvcc with the toolkit's real root; after that
 ``tvm.compile`` for a ``cuda`` target produces a device ELF, and the module loads on the GPU host with TVM's runtime
-alone (``runtime.cuda_host``). On a machine with a real driver it only selects nvcc.
+alone. On a machine with a real driver it only selects nvcc. nvcc runs without ``--use_fast_math`` (TVM's default
+adds it), so float epilogues round as on the CPU and the integer kernels stay bit-exact with the reference.
 
     python -m compiler.cuda_cross            # enables it and prints what it found
 """
@@ -81,6 +82,9 @@ def enable() -> Path:
     root = cuda_root()
     os.environ.setdefault("CUDA_PATH", str(root))
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+    # TVM passes --use_fast_math to nvcc by default: its approximate division breaks the kernels' bit-exact float
+    # epilogue (y = float(acc) · (w_scale / x_scale)), seen on an H200 as 1-ulp differences for some scales
+    os.environ.setdefault("TVM_CUDA_NVCC_NO_FAST_MATH", "1")
     if not tvm.runtime.enabled("cuda"):
         ctypes.CDLL(str(_cudart(root)), mode=ctypes.RTLD_GLOBAL)
         if not has_driver():

@@ -69,18 +69,11 @@ def export_candidates(ops, out: Path | str, trials: int, retune: bool = False, r
 # 2. run (GPU host: TVM runtime only)
 # ---------------------------------------------------------------------------------------------------------------
 def load_runtime_cuda():
-    """Import TVM's runtime with its CUDA library (torch first: it brings libcudart) and return ``tvm``."""
-    import torch  # noqa: F401  (loads libcudart.so for libtvm_runtime_cuda.so)
-    import ctypes
-
+    """Import TVM's runtime only, with its CUDA library, and return ``tvm``."""
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
-    import tvm
+    from runtime.engine import load_cuda_runtime
 
-    if not tvm.runtime.enabled("cuda"):
-        ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
-    if not tvm.runtime.enabled("cuda") or not tvm.cuda(0).exist:
-        raise RuntimeError("no CUDA device visible to TVM's runtime")
-    return tvm
+    return load_cuda_runtime()
 
 
 def cuda_time(fn, args, number: int | None = None, repeat: int = 9, target_ms: float = 20.0) -> list[float]:

@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compiler import graph_kernels as gk
+from compiler import graph_kernels_gpu as gkg
 
 log = logging.getLogger("compiler.build")
 
 PREFILL_CHUNK = 8  # = compiler.tune.PREFILL_TOKENS: the gemm_i8 tile that is tuned
+GPU_PREFILL_CHUNK = 16  # = compiler.tune.CUDA_PREFILL_TOKENS
 TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -39,11 +41,11 @@ class ParamSpec:
     dtype: str
 
 
-def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32") -> list[ParamSpec]:
+def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", gpu: bool = False) -> list[ParamSpec]:
     """The compiled functions' parameters after the KV cache, in order (names as stored in ``params.npz``).
 
     ``token_embd.weight [V, D]`` and the transposed LM head ``lm_head.T [D, V]`` keep the GGUF's float16 when it has
-    it (exact; the kernels compute in float32)."""
+    it (exact; the kernels compute in float32). On GPUs the ternaries are ``int32[M, K/16]`` (``dp4a`` layout)."""
     D, V, hd, C, S = cfg.d_model, cfg.vocab_size, cfg.head_dim, cfg.max_seq_len, cfg.n_streams
     out = [ParamSpec("token_embd.weight", (V, D), embed_dtype), ParamSpec("lm_head.T", (D, V), head_dtype)]
     out += [ParamSpec("output_norm.weight", (D,), "float32"), ParamSpec("rope.cos", (C, hd // 2), "float32"),
@@ -54,7 +56,8 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32") 
         out.append(ParamSpec(f"blk.{i}.ffn_norm.weight", (D,), "float32"))
         for t in TERNARY:
             M, K = _shape(shapes, t, cfg)
-            out.append(ParamSpec(f"blk.{i}.{t}.weight", (M, K // 4), "uint8"))
+            out.append(ParamSpec(f"blk.{i}.{t}.weight", (M, K // 16), "int32") if gpu else
+                       ParamSpec(f"blk.{i}.{t}.weight", (M, K // 4), "uint8"))  # fmt: skip
             out.append(ParamSpec(f"blk.{i}.{t}.scale", (1,), "float32"))
         for site in ("mhc_attn", "mhc_ffn"):
             out += [ParamSpec(f"blk.{i}.{site}.h_pre", (S,), "float32"),
@@ -70,11 +73,13 @@ def _shape(shapes: dict, t: str, cfg) -> tuple[int, int]:
             "ffn_up": (F, D), "ffn_down": (D, F)}[t]  # fmt: skip
 
 
-def pack_params(g) -> dict[str, np.ndarray]:
-    """The GGUF's tensors → the kernels' inputs: ternaries repacked to ``rowmajor4`` + a float32 scale, floats as
-    float32, mHC coefficients computed once, RoPE tables."""
+def pack_params(g, gpu: bool = False) -> dict[str, np.ndarray]:
+    """The GGUF's tensors → the kernels' inputs: ternaries repacked to ``rowmajor4`` (GPU: ``dp4a``) + a float32
+    scale, floats as float32, mHC coefficients computed once, RoPE tables."""
+    from compiler.layouts_gpu import pack_dp4a
     from model.ternary.layouts import pack_rowmajor4
 
+    pack = pack_dp4a if gpu else pack_rowmajor4
     cfg = g.config
     p: dict[str, np.ndarray] = {}
     emb = g.tensors["token_embd.weight"]
@@ -89,14 +94,14 @@ def pack_params(g) -> dict[str, np.ndarray]:
             p[f"blk.{i}.{n}.weight"] = g.tensors[f"blk.{i}.{n}.weight"].to_float().astype(np.float32)
         for t in TERNARY:
             tw = g.tensors[f"blk.{i}.{t}.weight"].ternary()
-            p[f"blk.{i}.{t}.weight"] = pack_rowmajor4(tw.codes)
+            p[f"blk.{i}.{t}.weight"] = pack(tw.codes)
             p[f"blk.{i}.{t}.scale"] = np.array([tw.scale], np.float32)
         for j, site in enumerate(("mhc_attn", "mhc_ffn")):
             c = coeffs[2 * i + j]
             p[f"blk.{i}.{site}.h_pre"] = np.asarray(c.h_pre, np.float32)
             p[f"blk.{i}.{site}.h_post"] = np.asarray(c.h_post, np.float32)
             p[f"blk.{i}.{site}.h_res"] = np.asarray(c.h_res, np.float32)
-    for s in param_specs(cfg, str(p["token_embd.weight"].dtype), str(p["lm_head.T"].dtype)):
+    for s in param_specs(cfg, str(p["token_embd.weight"].dtype), str(p["lm_head.T"].dtype), gpu):
         a = p[s.name]
         if a.shape != s.shape or a.dtype != np.dtype(s.dtype):
             raise ValueError(f"packed {s.name}: {a.shape} {a.dtype}, expected {s.shape} {s.dtype}")
@@ -106,6 +111,12 @@ def pack_params(g) -> dict[str, np.ndarray]:
 def float_dtype(t) -> str:
     """float16 for an F16 GGUF tensor (kept exactly), else float32."""
     return "float16" if np.dtype(t.data.dtype) == np.float16 else "float32"
+
+
+def _has_cuda_schedule(kind: str) -> bool:
+    from schedules.cuda import SCHEDULES
+
+    return kind in SCHEDULES
 
 
 @dataclass
@@ -123,6 +134,9 @@ class Lowering:
     def __post_init__(self):
         from tvm import relax
 
+        self.gpu = self.target == "cuda"
+        if self.gpu and self.chunk == PREFILL_CHUNK:
+            self.chunk = GPU_PREFILL_CHUNK
         self.bb = relax.BlockBuilder()
         self._gv: dict[str, object] = {}
         self._tgt = None
@@ -133,6 +147,10 @@ class Lowering:
         from compiler.schedule import get_primfunc
 
         op = make_op(kind, **dims)
+        if op.func_name not in self._gv and self.gpu and not _has_cuda_schedule(kind):
+            # no CUDA template (the elementwise/normalisation ops): the TE, scheduled by dlight in compiler.build
+            self.kernels[op.key] = "dlight"
+            self._gv[op.func_name] = self.bb.add_func(op.compute(), op.func_name)
         if op.func_name not in self._gv:
             sf = get_primfunc(op, self.target, self.logs_root)
             self.kernels[op.key] = sf.source
@@ -144,7 +162,7 @@ class Lowering:
         key = f"{name}_" + "_".join(str(int(a)) for a in args)
         if key not in self._gv:
             f = builder(*args)
-            if sched:
+            if sched and not self.gpu:  # GPU: dlight schedules every unscheduled kernel (compiler.build)
                 f = gk.schedule(f, self._target())
             self._gv[key] = self.bb.add_func(f, key)
         return self._gv[key]
@@ -172,6 +190,16 @@ class Lowering:
         return self.bb.emit(relax.op.reshape(x, shape))
 
     def _matmul(self, T, q8, sc, qs, W, ws, M, K):
+        if self.gpu:  # dp4a kernels read the int8 activations as int32 words: a view, no copy
+            from tvm import relax
+
+            x4 = self.bb.emit(relax.op.memory.view(q8, (T, K // 4), "int32"))
+            if T == 1:
+                gv, _ = self._op("gemv_dp4a", M=M, K=K)
+                y = self._call(gv, [W, self._reshape(x4, (K // 4,)), qs, sc, ws], [((M,), "float32")])
+                return self._reshape(y, (1, M))
+            gv, _ = self._op("gemm_dp4a", N=T, M=M, K=K)
+            return self._call(gv, [W, x4, qs, sc, ws], [((T, M), "float32")])
         if T == 1:  # decode: the tuned GEMV
             gv, _ = self._op("gemv_i8", M=M, K=K)
             y = self._call(gv, [W, self._reshape(q8, (K,)), qs, sc, ws], [((M,), "float32")])
@@ -203,7 +231,7 @@ class Lowering:
         cache = []
         for i in range(L):
             cache += [var(f"kc_{i}", (Hkv, C, hd), f32), var(f"vc_{i}", (Hkv, C, hd), f32)]
-        specs = param_specs(cfg, self.embed_dtype, self.head_dtype)
+        specs = param_specs(cfg, self.embed_dtype, self.head_dtype, self.gpu)
         pv = {s.name: var(s.name, s.shape, s.dtype) for s in specs}
         with bb.function(name, inputs + cache + [pv[s.name] for s in specs]):
             with bb.dataflow():
@@ -232,12 +260,12 @@ class Lowering:
                         cos, sin = pv["rope.cos"], pv["rope.sin"]
                         qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, pos, cos, sin],
                                         [((T, H, hd), f32)])  # fmt: skip
-                        kvgv = self._te("kv_update", gk.kv_update, T, Hkv, hd, C)
+                        kvgv = self._te("kv_update", (gkg if self.gpu else gk).kv_update, T, Hkv, hd, C)
                         ty = relax.TensorType((Hkv, C, hd), f32)
                         kv_args = [kv, vv, pos, cos, sin, cache[2 * i], cache[2 * i + 1]]
                         upd = bb.emit(relax.call_tir_inplace(kvgv, kv_args, [5, 6], [ty, ty]))
                         kc, vc = bb.emit(relax.TupleGetItem(upd, 0)), bb.emit(relax.TupleGetItem(upd, 1))
-                        att = self._te("attention", gk.attention, T, H, Hkv, hd, C)
+                        att = self._te("attention", (gkg if self.gpu else gk).attention, T, H, Hkv, hd, C)
                         o = self._call(att, [qr, kc, vc, pos], [((T, D), f32), ((T * H, C), f32), ((T * H, 2), f32)])[0]
                         o8, osc, osum = self._call(self._te("quantize", gk.quantize, T, D), [o],
                                                    [((T, D), "int8"), ((T,), f32), ((T,), "int32")])  # fmt: skip
@@ -278,7 +306,9 @@ class Lowering:
                 if last is not None:
                     hn = bb.emit(relax.op.take(hn, last, axis=0, mode="clip"))
                 hv = self._reshape(hn, (D,))
-                head = self._gv.get("lm_head") or self.bb.add_func(gk.lm_head(V, D, self.head_dtype), "lm_head")
+                head = self._gv.get("lm_head") or self.bb.add_func(
+                    (gkg if self.gpu else gk).lm_head(V, D, self.head_dtype), "lm_head"
+                )  # fmt: skip
                 self._gv["lm_head"] = head
                 logits = self._call(head, [hv, pv["lm_head.T"]], [((V,), f32)])
                 out = bb.emit_output(logits)
@@ -289,6 +319,9 @@ class Lowering:
         if key not in self._gv:
             self._gv[key] = self.bb.add_func(gk.rmsnorm(T, D, self.cfg.norm_eps), key)
         return self._gv[key]
+
+    def specs(self) -> list[ParamSpec]:
+        return param_specs(self.cfg, self.embed_dtype, self.head_dtype, self.gpu)
 
     def module(self):
         self.function("decode")

@@ -36,12 +36,12 @@ def peak_rss_mib() -> float:
 
 
 def _worker(impl: str, model: str, threads: int, prompt_tokens: int, decode_tokens: int, cache_dir,
-            device: str = "cpu", dtype: str = "float32") -> dict:
+            device: str = "cpu", dtype: str = "float32", entry: str | None = None, target: str = "auto") -> dict:
     rng = np.random.default_rng(0)
     if impl == "tvm":
         from runtime.engine import Engine, ensure_built
 
-        entry = ensure_built(model, "auto", cache_dir)
+        entry = entry or ensure_built(model, target, cache_dir)
         eng = Engine(entry, None, threads=threads)
         vocab = eng.vocab
         prompt = [int(t) for t in rng.integers(0, vocab, prompt_tokens)]
@@ -56,7 +56,8 @@ def _worker(impl: str, model: str, threads: int, prompt_tokens: int, decode_toke
             t = time.perf_counter()
             tok = int(np.argmax(eng.decode(tok)))
             steps.append(time.perf_counter() - t)
-        weight_bytes = int(sum(p.numpy().nbytes for p in eng.params if p.dtype == "uint8"))
+        weight_bytes = int(sum(p.numpy().nbytes for (n, _, dt), p in zip(eng.meta["params"], eng.params, strict=True)
+                               if n.endswith(".weight") and dt in ("uint8", "int32")))  # fmt: skip
     else:
         import torch
 
@@ -102,25 +103,29 @@ def main(argv=None) -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--target", default="auto", help="compiled module's target (auto | avx512 | avx2 | cuda)")
+    ap.add_argument("--entry", default=None, help="a prebuilt compiler.build cache entry to run (no build)")
     ap.add_argument("--torch-device", default="cpu", help="device of the PyTorch reference (cpu | cuda)")
     ap.add_argument("--torch-dtype", default="float32", help="dtype of the PyTorch reference (float32 | bfloat16)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         r = _worker(a.worker, a.model, a.threads[0], a.prompt_tokens, a.decode_tokens, a.cache_dir, a.torch_device,
-                    a.torch_dtype)
+                    a.torch_dtype, a.entry, a.target)
         print(json.dumps(r))
         return
-    if "tvm" in a.impl:
+    if "tvm" in a.impl and not a.entry:
         from runtime.engine import ensure_built
 
-        ensure_built(a.model, "auto", a.cache_dir)  # compile once, outside the timed workers
+        ensure_built(a.model, a.target, a.cache_dir)  # compile once, outside the timed workers
     rows = []
     for impl in a.impl:
         for n in a.threads:
             cmd = [sys.executable, "-m", "runtime.bench", "--worker", impl, "--model", a.model, "--threads", str(n),
                    "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens),
-                   "--torch-device", a.torch_device, "--torch-dtype", a.torch_dtype]  # fmt: skip
+                   "--torch-device", a.torch_device, "--torch-dtype", a.torch_dtype, "--target", a.target]  # fmt: skip
+            if a.entry:
+                cmd += ["--entry", a.entry]
             if a.cache_dir:
                 cmd += ["--cache-dir", a.cache_dir]
             env = dict(os.environ, TVM_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))

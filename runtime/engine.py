@@ -64,6 +64,24 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     return int(rng.choice(p.shape[0], p=p))
 
 
+def load_cuda_runtime():
+    """Make TVM's runtime able to run CUDA modules: load ``libtvm_runtime_cuda.so`` (torch, if installed, is imported
+    first: its wheels carry the ``libcudart`` that library links against). Returns ``tvm``."""
+    import ctypes
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    import tvm
+
+    if not tvm.runtime.enabled("cuda"):
+        ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
+    if not tvm.runtime.enabled("cuda") or not tvm.cuda(0).exist:
+        raise RuntimeError("no CUDA device visible to TVM's runtime")
+    return tvm
+
+
 def ensure_built(gguf: Path | str, target: str = "auto", cache_dir: Path | str | None = None) -> Path:
     """The cache entry for ``gguf`` on ``target``; compiles it (``compiler.build``, the one lazy JIT) if absent."""
     from compiler import cache
@@ -95,10 +113,16 @@ class Engine:
         self.n_layers, self.ctx, self.vocab = c["n_layers"], c["max_seq_len"], c["vocab_size"]
         self.n_kv, self.head_dim = c["n_kv_heads"], c["d_model"] // c["n_heads"]
         self.chunk = int(self.meta["prefill_chunk"])
-        self.dev = tvm.cpu()
+        self.target = self.meta.get("target", "cpu")
+        if self.target == "cuda":
+            load_cuda_runtime()
+            self.dev = tvm.cuda(0)
+            devices = [self.dev, tvm.cpu()]  # kernels and tensors on the GPU; the VM's host-side shape work on the CPU
+        else:
+            self.dev = devices = tvm.cpu()
         if threads:
             tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.dir / "model.so")), self.dev)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.dir / "model.so")), devices)
         self._decode, self._prefill = self.vm["decode"], self.vm["prefill"]
         with np.load(self.dir / "params.npz", allow_pickle=False) as z:
             self.params = [tvm.runtime.tensor(np.ascontiguousarray(z[name]), self.dev) for name, _, _ in

@@ -23,17 +23,26 @@ from __future__ import annotations
 from schedules.knobs import Knob, choose, knob
 
 
+def _k_defaults(words: int) -> tuple[int, int]:
+    """(tx, v): the widest thread row and load that split ``words`` evenly (K is a multiple of 256: words of 16)."""
+    for tx in (32, 16, 8):
+        for v in (4, 2):
+            if words % (tx * v) == 0:
+                return tx, v
+    raise ValueError(f"{words} weight words per row cannot be split")
+
+
 def space(op) -> list[Knob]:
     kind = op.kind
+    words = op.K // 16
+    tx, v = _k_defaults(words)
     if kind == "gemv_dp4a":
-        words = op.K // 16  # K is a multiple of 256: words a multiple of 16
-        tx = min(32, words // 4)
-        return [knob("v", words, (2, 4), 4), knob("tx", words, (8, 16, 32, 64), tx),
+        un = max(u for u in (1, 2, 4) if words % (tx * v * u) == 0)
+        return [knob("v", words, (2, 4), v), knob("tx", words, (8, 16, 32, 64), tx),
                 knob("rows", op.M, (1, 2, 4, 8), 2), knob("ty", op.M, (1, 2, 4, 8), 4),
-                knob("unroll", words, (1, 2, 4, 8), max(1, min(4, words // (4 * tx))))]  # fmt: skip
+                knob("unroll", words, (1, 2, 4, 8), un)]  # fmt: skip
     if kind == "gemm_dp4a":
-        words = op.K // 16
-        return [knob("v", words, (2, 4), 4), knob("tx", words, (8, 16, 32), 32),
+        return [knob("v", words, (2, 4), v), knob("tx", words, (8, 16, 32), tx),
                 knob("rows", op.M, (1, 2, 4), 2), knob("ty", op.M, (1, 2, 4), 2),
                 knob("tokens", op.N, (1, 2, 4, 8), 4)]  # fmt: skip
     raise KeyError(f"no CUDA schedule for op kind {kind!r}")
