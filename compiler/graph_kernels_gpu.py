@@ -8,7 +8,7 @@ way), with explicit thread bindings:
 * ``attention``: one block per (token, query head), ``hd`` threads. Scores are computed a key per thread (strided),
   the max and the denominator are reduced by every thread over the block's scores (``__syncthreads`` between
   phases; ``n ≤ ctx`` adds each), then thread ``i`` produces output column ``i`` (coalesced over ``i``).
-* ``lm_head``: one thread per vocabulary entry (``ET [D, V]`` is read coalesced along ``v``), ``d`` in order.
+* ``lm_head``: on the GPU the head is stored untransposed (``[V, D]``) and is a plain TE GEMV.
 
     python -c "from compiler.graph_kernels_gpu import attention; print(attention(1, 8, 4, 64, 1024).script())"
 """
@@ -99,18 +99,12 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int):
 
 
 def lm_head(V: int, D: int, dtype: str = "float32"):
-    from tvm.script import tirx as Tx
+    """``logits[v] = Σ_d W[v, d] · h[d]`` over the untransposed head ``W [V, D]`` (float16 kept as stored): a TE
+    GEMV, scheduled by :func:`schedules.cuda.rows` (a block per row, threads across ``d``, coalesced)."""
+    from tvm import te
 
-    B = next(b for b in (128, 64, 32, 16, 8, 4, 2, 1) if V % b == 0)
-
-    @Tx.prim_func
-    def head(h: Tx.Buffer((D,), "float32"), ET: Tx.Buffer((D, V), dtype), out: Tx.Buffer((V,), "float32")):
-        for vo in Tx.thread_binding(V // B, thread="blockIdx.x"):
-            for vi in Tx.thread_binding(B, thread="threadIdx.x"):
-                acc = Tx.alloc_buffer((1,), "float32", scope="local")
-                acc[0] = Tx.float32(0)
-                for d in range(D):
-                    acc[0] = acc[0] + h[d] * Tx.Cast("float32", ET[d, vo * B + vi])
-                out[vo * B + vi] = acc[0]
-
-    return head.without_attr("global_symbol")
+    h = te.placeholder((D,), "float32", name="h")
+    W = te.placeholder((V, D), dtype, name="W")
+    d = te.reduce_axis((0, D), name="d")
+    out = te.compute((V,), lambda v: te.sum(W[v, d].astype("float32") * h[d], axis=d), name="logits")
+    return te.create_prim_func([h, W, out]).without_attr("global_symbol")

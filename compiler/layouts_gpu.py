@@ -7,7 +7,7 @@ one shift, one AND and one ``dp4a`` per 4 weights, and no activation interleave 
 4×4 (byte, bit-pair) fields of every word transposed: the same size (2 bits a weight), repacked once at build time.
 Registered into :data:`model.ternary.layouts.LAYOUTS` on import.
 
-    python -c "import compiler.layouts_gpu as g, numpy as np; c = np.ones((2, 256), np.int8); print(g.pack_dp4a(c).shape)"
+    python -c "import compiler.layouts_gpu as g, numpy as np; print(g.pack_dp4a(np.ones((2, 256), np.int8)).shape)"
 """
 
 from __future__ import annotations

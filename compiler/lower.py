@@ -47,7 +47,10 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
     ``token_embd.weight [V, D]`` and the transposed LM head ``lm_head.T [D, V]`` keep the GGUF's float16 when it has
     it (exact; the kernels compute in float32). On GPUs the ternaries are ``int32[M, K/16]`` (``dp4a`` layout)."""
     D, V, hd, C, S = cfg.d_model, cfg.vocab_size, cfg.head_dim, cfg.max_seq_len, cfg.n_streams
-    out = [ParamSpec("token_embd.weight", (V, D), embed_dtype), ParamSpec("lm_head.T", (D, V), head_dtype)]
+    out = [
+        ParamSpec("token_embd.weight", (V, D), embed_dtype),
+        ParamSpec("lm_head.weight", (V, D), head_dtype) if gpu else ParamSpec("lm_head.T", (D, V), head_dtype),
+    ]
     out += [ParamSpec("output_norm.weight", (D,), "float32"), ParamSpec("rope.cos", (C, hd // 2), "float32"),
             ParamSpec("rope.sin", (C, hd // 2), "float32")]  # fmt: skip
     shapes = cfg.ternary_shapes()
@@ -85,7 +88,11 @@ def pack_params(g, gpu: bool = False) -> dict[str, np.ndarray]:
     emb = g.tensors["token_embd.weight"]
     head = emb if cfg.tie_embeddings else g.tensors["output.weight"]
     p["token_embd.weight"] = np.ascontiguousarray(emb.data, float_dtype(emb))
-    p["lm_head.T"] = np.ascontiguousarray(np.asarray(head.data, float_dtype(head)).T)
+    head_w = np.asarray(head.data, float_dtype(head))
+    if gpu:  # [V, D]: a GEMV, a block per vocabulary row (graph_kernels_gpu.lm_head)
+        p["lm_head.weight"] = np.ascontiguousarray(head_w)
+    else:
+        p["lm_head.T"] = np.ascontiguousarray(head_w.T)
     p["output_norm.weight"] = g.tensors["output_norm.weight"].to_float().astype(np.float32)
     p["rope.cos"], p["rope.sin"] = gk.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     coeffs = g.mhc_coefficients()
@@ -101,7 +108,7 @@ def pack_params(g, gpu: bool = False) -> dict[str, np.ndarray]:
             p[f"blk.{i}.{site}.h_pre"] = np.asarray(c.h_pre, np.float32)
             p[f"blk.{i}.{site}.h_post"] = np.asarray(c.h_post, np.float32)
             p[f"blk.{i}.{site}.h_res"] = np.asarray(c.h_res, np.float32)
-    for s in param_specs(cfg, str(p["token_embd.weight"].dtype), str(p["lm_head.T"].dtype), gpu):
+    for s in param_specs(cfg, str(p["token_embd.weight"].dtype), str(head_w.dtype), gpu):
         a = p[s.name]
         if a.shape != s.shape or a.dtype != np.dtype(s.dtype):
             raise ValueError(f"packed {s.name}: {a.shape} {a.dtype}, expected {s.shape} {s.dtype}")
@@ -148,8 +155,9 @@ class Lowering:
 
         op = make_op(kind, **dims)
         if op.func_name not in self._gv and self.gpu and not _has_cuda_schedule(kind):
-            # no CUDA template (the elementwise/normalisation ops): the TE, scheduled by dlight in compiler.build
-            self.kernels[op.key] = "dlight"
+            # no tunable CUDA template (the normalisation/elementwise ops): the TE, given a fixed CUDA schedule in
+            # compiler.build (schedules.cuda.rows)
+            self.kernels[op.key] = "fixed"
             self._gv[op.func_name] = self.bb.add_func(op.compute(), op.func_name)
         if op.func_name not in self._gv:
             sf = get_primfunc(op, self.target, self.logs_root)
@@ -310,7 +318,7 @@ class Lowering:
                     (gkg if self.gpu else gk).lm_head(V, D, self.head_dtype), "lm_head"
                 )  # fmt: skip
                 self._gv["lm_head"] = head
-                logits = self._call(head, [hv, pv["lm_head.T"]], [((V,), f32)])
+                logits = self._call(head, [hv, pv["lm_head.weight" if self.gpu else "lm_head.T"]], [((V,), f32)])
                 out = bb.emit_output(logits)
             bb.emit_func_output(out)
 

@@ -177,7 +177,6 @@ def get_primfunc(op, target: str, logs_root: Path | str | None = None, mode: str
 
 def build(op, target: str, mode: str = "auto", knobs: dict | None = None, logs_root=None):
     """Compile ``op`` for ``target`` → ``tvm.runtime.Executable`` (``knobs`` force a hand schedule with them)."""
-    import tvm
 
     if knobs is not None:
         return compile_mod(manual(op, target, knobs).mod, target)

@@ -35,8 +35,18 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def _worker(impl: str, model: str, threads: int, prompt_tokens: int, decode_tokens: int, cache_dir,
-            device: str = "cpu", dtype: str = "float32", entry: str | None = None, target: str = "auto") -> dict:
+def _worker(
+    impl: str,
+    model: str,
+    threads: int,
+    prompt_tokens: int,
+    decode_tokens: int,
+    cache_dir,
+    device: str = "cpu",
+    dtype: str = "float32",
+    entry: str | None = None,
+    target: str = "auto",
+) -> dict:
     rng = np.random.default_rng(0)
     if impl == "tvm":
         from runtime.engine import Engine, ensure_built
@@ -110,8 +120,18 @@ def main(argv=None) -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        r = _worker(a.worker, a.model, a.threads[0], a.prompt_tokens, a.decode_tokens, a.cache_dir, a.torch_device,
-                    a.torch_dtype, a.entry, a.target)
+        r = _worker(
+            a.worker,
+            a.model,
+            a.threads[0],
+            a.prompt_tokens,
+            a.decode_tokens,
+            a.cache_dir,
+            a.torch_device,
+            a.torch_dtype,
+            a.entry,
+            a.target,
+        )
         print(json.dumps(r))
         return
     if "tvm" in a.impl and not a.entry:

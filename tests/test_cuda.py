@@ -85,7 +85,7 @@ def test_cuda_kernels_compile_to_device_code(tmp_path, key, knobs):
     assert f"*(int{v}*)(W_local" in src  # one vector load of v weight words (16 bytes at v = 4)
     ex.export_library(str(tmp_path / "k.so"))
     blob = (tmp_path / "k.so").read_bytes()
-    assert b"__global__" not in blob and b"extern \"C\"" not in blob
+    assert b"__global__" not in blob and b'extern "C"' not in blob
 
 
 def test_invalid_knobs_are_rejected_before_building():
@@ -145,6 +145,6 @@ def test_whole_model_cuda_build(tmp_path):
     assert r.compiled and r.meta["target"] == "cuda" and r.meta["prefill_chunk"] == 16
     kinds = {k.split(":")[0] for k in r.meta["kernels"]}
     assert {"gemv_dp4a", "gemm_dp4a"} <= kinds
-    w = [p for p in r.meta["params"] if p[0].endswith("attn_q.weight")][0]
+    w = next(p for p in r.meta["params"] if p[0].endswith("attn_q.weight"))
     assert w[2] == "int32"  # the dp4a layout
     assert b"__global__" not in r.so.read_bytes()

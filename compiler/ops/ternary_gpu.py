@@ -166,8 +166,9 @@ class TernaryGemmDp4a(Op):
 
     def random_inputs(self, rng):
         x = rng.integers(-127, 128, (self.N, self.K), dtype=np.int8)
-        return [_dp4a_weights(rng, self.M, self.K), x_words(x), x.astype(np.int32).sum(axis=1).astype(np.int32),
-                rng.uniform(0.5, 50, self.N).astype(np.float32), np.array([rng.uniform(0.01, 2)], np.float32)]  # fmt: skip
+        xs = x.astype(np.int32).sum(axis=1).astype(np.int32)
+        return [_dp4a_weights(rng, self.M, self.K), x_words(x), xs, rng.uniform(0.5, 50, self.N).astype(np.float32),
+                np.array([rng.uniform(0.01, 2)], np.float32)]  # fmt: skip
 
     def ops(self) -> float:
         return 2.0 * self.N * self.M * self.K
