@@ -4,6 +4,9 @@
     python -m compiler.tune --target avx2 --shape gemv_i8:4096:4096 --shape gemv_i8:M=11008:K=4096 --trials 12
     python -m compiler.tune --target avx512 --config small --retune        # measure again (best record still wins)
 
+CUDA: the build machine usually has no GPU; ``--export-candidates DIR`` / ``--import-timings FILE`` split tuning between
+it and the GPU host (:mod:`compiler.cuda_remote`); on a machine with both, ``--target cuda`` does the three steps.
+
 Search: every workload's design space is the hand schedule's knob grid (:mod:`schedules.knobs`); ``grid`` (default)
 measures the default knobs first, then the rest of the grid in a seeded random order, up to ``--trials`` per workload.
 Each trial is built, checked against the numpy reference (a wrong kernel is never recorded) and timed in-process, then
@@ -228,6 +231,8 @@ def tune(ops, target: str, trials: int = 16, retune: bool = False, root=None, se
     from tqdm import tqdm
 
     target = targets.resolve(target)
+    if target == "cuda":
+        return tune_cuda_here(ops, trials, retune, root, seed)
     if not targets.supported(target):
         raise SystemExit(f"cannot tune {target} here: this CPU lacks {targets.missing_flags(target)}")
     db = open_db(target, root)
@@ -256,6 +261,29 @@ def tune(ops, target: str, trials: int = 16, retune: bool = False, root=None, se
         results.append(Result(op.key, status, len(configs), best[1] * 1e3 if best else None, best_knobs))
     bar.close()
     return results
+
+
+def tune_cuda_here(ops, trials: int, retune: bool, root, seed: int) -> list[Result]:
+    """CUDA on a machine with both the GPU and TVM's compiler: the remote flow of compiler.cuda_remote in one go."""
+    import tempfile
+
+    from compiler import cuda_remote
+
+    if not targets.supported("cuda"):
+        raise SystemExit("no CUDA device here: build candidates with --export-candidates DIR, run "
+                         "`python -m compiler.cuda_remote run DIR --out T.json` on the GPU host, then "
+                         "--import-timings T.json (see compiler/cuda_remote.py)")  # fmt: skip
+    with tempfile.TemporaryDirectory() as d:
+        cuda_remote.export_candidates(ops, d, trials, retune, root, seed)
+        cuda_remote.run_candidates(d, Path(d) / "timings.json")
+        cuda_remote.import_timings(Path(d) / "timings.json", root)
+    db = open_db("cuda", root)
+    out = []
+    for op in ops:
+        best = S.best_record(db, op)
+        secs = float(np.mean([float(s) for s in best.run_secs])) if best else None
+        out.append(Result(op.key, "tuned", trials, secs * 1e3 if secs else None, None))
+    return out
 
 
 def tune_ms(db, op, target: str, trials: int, seed: int) -> Result:
