@@ -76,6 +76,7 @@ CUDA_BENCH_SHAPES = [  # compiler.bench --target cuda: small (launch-bound), LLa
     ("gemv_dp4a", {"M": 4096, "K": 4096}), ("gemv_dp4a", {"M": 11008, "K": 4096}),
     ("gemv_dp4a", {"M": 32768, "K": 8192}), ("gemv_dp4a", {"M": 32768, "K": 16384}),
     ("gemm_dp4a", {"N": 16, "M": 4096, "K": 4096}),
+    ("gemv_f32_dp4a", {"M": 4096, "K": 4096}), ("gemv_f32_dp4a", {"M": 32768, "K": 8192}),
 ]  # fmt: skip
 CUDA_PREFILL_TOKENS = 16
 

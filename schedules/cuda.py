@@ -36,7 +36,7 @@ def space(op) -> list[Knob]:
     kind = op.kind
     words = op.K // 16
     tx, v = _k_defaults(words)
-    if kind == "gemv_dp4a":
+    if kind in ("gemv_dp4a", "gemv_f32_dp4a"):
         un = max(u for u in (1, 2, 4) if words % (tx * v * u) == 0)
         return [knob("v", words, (2, 4), v), knob("tx", words, (8, 16, 32, 64), tx),
                 knob("rows", op.M, (1, 2, 4, 8), 2), knob("ty", op.M, (1, 2, 4, 8), 4),
@@ -59,7 +59,7 @@ def valid(op, knobs: dict) -> bool:
 
 def _splits(op):
     words = op.K // 16
-    kk = ("v", "tx", "unroll") if op.kind == "gemv_dp4a" else ("v", "tx")
+    kk = ("v", "tx") if op.kind == "gemm_dp4a" else ("v", "tx", "unroll")
     return [(kk, words), (("rows", "ty"), op.M)]
 
 
@@ -138,7 +138,7 @@ def _dp4a_matmul(sch, op, knobs: dict | None, tokens: bool):
     return sch
 
 
-SCHEDULES = {"gemv_dp4a": gemv_dp4a, "gemm_dp4a": gemm_dp4a}
+SCHEDULES = {"gemv_dp4a": gemv_dp4a, "gemm_dp4a": gemm_dp4a, "gemv_f32_dp4a": gemv_dp4a}
 
 
 def rows(func, threads: int = 256):

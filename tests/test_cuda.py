@@ -58,6 +58,10 @@ def test_gpu_ops_integer_maths_bit_exact(mt, kb, n, seed):
         ins = op.random_inputs(rng)
         ex = tvm.compile(op.compute(), target=get_target(detect()))
         np.testing.assert_array_equal(Kernel(op, ex)(*ins)[0], op.reference(*ins)[0])
+    op = make_op("gemv_f32_dp4a", M=M, K=K)  # float activations: within the float32 summation bound
+    ins = op.random_inputs(rng)
+    got = Kernel(op, tvm.compile(op.compute(), target=get_target(detect())))(*ins)[0]
+    np.testing.assert_allclose(got, op.reference(*ins)[0], rtol=0, atol=op.tolerances(*ins)[0])
 
 
 def test_emulate_is_not_part_of_the_key():
@@ -69,7 +73,8 @@ def test_emulate_is_not_part_of_the_key():
     "key,knobs",
     [("gemv_dp4a:M=4096:K=4096", {}), ("gemv_dp4a:M=256:K=512", {"rows": 1, "ty": 8}),
      ("gemv_dp4a:M=1536:K=512", {"v": 2, "tx": 8, "rows": 4, "ty": 4, "unroll": 2}),
-     ("gemm_dp4a:N=16:M=512:K=1536", {}), ("gemm_dp4a:N=16:M=256:K=512", {"tokens": 1, "rows": 1})],
+     ("gemm_dp4a:N=16:M=512:K=1536", {}), ("gemm_dp4a:N=16:M=256:K=512", {"tokens": 1, "rows": 1}),
+     ("gemv_f32_dp4a:M=4096:K=4096", {})],
 )  # fmt: skip
 def test_cuda_kernels_compile_to_device_code(tmp_path, key, knobs):
     """Each schedule generates CUDA with dp4a and 16-byte weight loads, and nvcc turns it into device code: the
@@ -80,7 +85,7 @@ def test_cuda_kernels_compile_to_device_code(tmp_path, key, knobs):
     sch = S.manual(op, "cuda", knobs)
     ex = S.compile_mod(sch.mod, "cuda")
     src = ex.mod.imports[0].inspect_source()
-    assert "__dp4a(" in src and "__shfl_down_sync" in src
+    assert ("__dp4a(" in src or op.kind == "gemv_f32_dp4a") and "__shfl_down_sync" in src
     v = knobs.get("v", {k.name: k.default for k in S.schedule_module("cuda").space(op)}["v"])
     assert f"*(int{v}*)(W_local" in src  # one vector load of v weight words (16 bytes at v = 4)
     ex.export_library(str(tmp_path / "k.so"))

@@ -10,11 +10,20 @@ from compiler.ops.mhc import MhcPost
 from compiler.ops.rmsnorm_quant import RmsNormQuant
 from compiler.ops.ternary_gemm import TernaryGemmI8
 from compiler.ops.ternary_gemv import TernaryGemvF32, TernaryGemvI8
-from compiler.ops.ternary_gpu import TernaryGemmDp4a, TernaryGemvDp4a
+from compiler.ops.ternary_gpu import TernaryGemmDp4a, TernaryGemvDp4a, TernaryGemvF32Dp4a
 
 OPS: dict[str, type[Op]] = {
     cls.kind: cls
-    for cls in (TernaryGemvI8, TernaryGemvF32, TernaryGemmI8, RmsNormQuant, MhcPost, TernaryGemvDp4a, TernaryGemmDp4a)
+    for cls in (
+        TernaryGemvI8,
+        TernaryGemvF32,
+        TernaryGemmI8,
+        RmsNormQuant,
+        MhcPost,
+        TernaryGemvDp4a,
+        TernaryGemmDp4a,
+        TernaryGemvF32Dp4a,
+    )
 }
 
 

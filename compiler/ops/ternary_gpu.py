@@ -174,6 +174,61 @@ class TernaryGemmDp4a(Op):
         return 2.0 * self.N * self.M * self.K
 
 
+@dataclass(frozen=True)
+class TernaryGemvF32Dp4a(Op):
+    """The float-activation variant: ``y[M] = w_scale · Σ_k (code_k − 1) · x_k`` with float32 ``x [K]`` and
+    accumulation, on the same ``dp4a`` weight words. Reduction block ``acc`` over ``(w, s)``: each term decodes the
+    four codes of plane ``s`` and multiplies them with ``x[16w + 4s + 0..3]`` (summed in that order)."""
+
+    M: int
+    K: int
+    kind = "gemv_f32_dp4a"
+
+    def __post_init__(self):
+        check_positive(M=self.M, K=self.K)
+        check_k(self.K)
+
+    def args(self) -> list[Arg]:
+        return [Arg("W", (self.M, self.K // 16), "int32"), Arg("x", (self.K,), "float32"),
+                Arg("w_scale", (1,), "float32"), Arg("y", (self.M,), "float32", output=True)]  # fmt: skip
+
+    def compute(self):
+        from tvm import te
+
+        M, K = self.M, self.K
+        W = te.placeholder((M, K // 16), "int32", name="W")
+        X = te.placeholder((K,), "float32", name="x")
+        Ws = te.placeholder((1,), "float32", name="w_scale")
+        w = te.reduce_axis((0, K // 16), name="w")
+        s = te.reduce_axis((0, 4), name="s")
+
+        def term(m):
+            plane = te_plane(W, m, w, s)
+            return sum(
+                (((plane >> (8 * i)) & 3).astype("float32") - 1.0) * X[w * 16 + s * 4 + i] for i in range(4)
+            )  # fmt: skip
+
+        acc = te.compute((M,), lambda m: te.sum(term(m), axis=[w, s]), name="acc")
+        Y = te.compute((M,), lambda m: acc[m] * Ws[0], name="y")
+        return te.create_prim_func([W, X, Ws, Y])
+
+    def reference(self, W, x, w_scale, impl="auto"):
+        impl = _impl(impl, self.M * self.K)
+        return [reference.ternary_matmul_f32(_rowmajor4(W), x, float(w_scale[0]), impl=impl)]
+
+    def random_inputs(self, rng):
+        return [_dp4a_weights(rng, self.M, self.K), rng.standard_normal(self.K).astype(np.float32),
+                np.array([rng.uniform(0.01, 2)], np.float32)]  # fmt: skip
+
+    def tolerances(self, W, x, w_scale) -> list[float]:
+        from compiler.ops.ternary_gemv import TernaryGemvF32
+
+        return [TernaryGemvF32(self.M, self.K).tolerance(x, float(w_scale[0]))]
+
+    def ops(self) -> float:
+        return 2.0 * self.M * self.K
+
+
 if __name__ == "__main__":
     import tvm
 
