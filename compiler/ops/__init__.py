@@ -10,6 +10,7 @@ from compiler.ops.mhc import MhcPost
 from compiler.ops.rmsnorm_quant import RmsNormQuant
 from compiler.ops.ternary_gemm import TernaryGemmI8
 from compiler.ops.ternary_gemv import TernaryGemvF32, TernaryGemvI8
+from compiler.ops.ternary_gemv_b3 import TernaryGemvI8B3
 from compiler.ops.ternary_gpu import TernaryGemmDp4a, TernaryGemvDp4a, TernaryGemvF32Dp4a
 
 OPS: dict[str, type[Op]] = {
@@ -23,6 +24,7 @@ OPS: dict[str, type[Op]] = {
         TernaryGemvDp4a,
         TernaryGemmDp4a,
         TernaryGemvF32Dp4a,
+        TernaryGemvI8B3,
     )
 }
 
