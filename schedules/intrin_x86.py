@@ -185,6 +185,7 @@ def register() -> list[str]:
 
 
 register()
+from schedules import intrin_x86_b3  # noqa: E402,F401  (the base-3 GEMV's intrinsics: tuning records name them too)
 
 if __name__ == "__main__":
     print("\n".join(register()))
