@@ -93,12 +93,15 @@ def rope_q(T: int, H: int, hd: int, ctx: int):
     return _prim([q, pos, cos, sin, te.compute((T, H, hd), f, name="q_rot")])
 
 
-def kv_update(T: int, Hkv: int, hd: int, ctx: int):
-    """In place: ``kc[h, pos+t] = RoPE(k[t, h])``, ``vc[h, pos+t] = v[t, h]`` (rows past the context are dropped)."""
+def kv_update(T: int, Hkv: int, hd: int, ctx: int, gpu: bool = False):
+    """In place: ``kc[h, pos+t] = RoPE(k[t, h])``, ``vc[h, pos+t] = v[t, h]`` (rows past the context are dropped).
+    ``gpu``: a CUDA block per (token, KV head), a thread per rotated pair (same body)."""
     from tvm.script import tirx as Tx
 
     half = hd // 2
     KV = Hkv * hd
+    rows = (lambda n: Tx.thread_binding(n, thread="blockIdx.x")) if gpu else Tx.serial  # noqa: E731
+    cols = (lambda n: Tx.thread_binding(n, thread="threadIdx.x")) if gpu else Tx.serial  # noqa: E731
 
     @Tx.prim_func
     def kv_write(
@@ -110,14 +113,17 @@ def kv_update(T: int, Hkv: int, hd: int, ctx: int):
         kc: Tx.Buffer((Hkv, ctx, hd), "float32"),
         vc: Tx.Buffer((Hkv, ctx, hd), "float32"),
     ):
-        for t, h, j in Tx.grid(T, Hkv, half):
-            if pos[0] + t < ctx:
-                a = k[t, h * hd + j]
-                b = k[t, h * hd + j + half]
-                kc[h, pos[0] + t, j] = a * cos[pos[0] + t, j] - b * sin[pos[0] + t, j]
-                kc[h, pos[0] + t, j + half] = b * cos[pos[0] + t, j] + a * sin[pos[0] + t, j]
-                vc[h, pos[0] + t, j] = v[t, h * hd + j]
-                vc[h, pos[0] + t, j + half] = v[t, h * hd + j + half]
+        for th in rows(T * Hkv):
+            for j in cols(half):
+                t = th // Hkv
+                h = th % Hkv
+                if pos[0] + t < ctx:
+                    a = k[t, h * hd + j]
+                    b = k[t, h * hd + j + half]
+                    kc[h, pos[0] + t, j] = a * cos[pos[0] + t, j] - b * sin[pos[0] + t, j]
+                    kc[h, pos[0] + t, j + half] = b * cos[pos[0] + t, j] + a * sin[pos[0] + t, j]
+                    vc[h, pos[0] + t, j] = v[t, h * hd + j]
+                    vc[h, pos[0] + t, j + half] = v[t, h * hd + j + half]
 
     return kv_write.without_attr("global_symbol")
 

@@ -1,10 +1,10 @@
-"""CUDA twins of the graph kernels that :mod:`compiler.graph_kernels` writes as loop nests (no TE blocks, so dlight
-cannot schedule them): the in-place KV-cache write, causal GQA attention over the cache, and the LM head.
+"""CUDA twins of the graph kernels that :mod:`compiler.graph_kernels` writes as loop nests (no TE blocks, so no
+schedule rule applies): causal GQA attention over the cache, and the LM head (the KV-cache write takes ``gpu=True``
+in :func:`compiler.graph_kernels.kv_update`).
 
 Same maths and buffers as the CPU versions (float32; attention's scratch ``sc``/``st`` outputs are used the same
 way), with explicit thread bindings:
 
-* ``kv_update``: one block per (token, KV head), one thread per rotated pair.
 * ``attention``: one block per (token, query head), ``hd`` threads. Scores are computed a key per thread (strided),
   the max and the denominator are reduced by every thread over the block's scores (``__syncthreads`` between
   phases; ``n ≤ ctx`` adds each), then thread ``i`` produces output column ``i`` (coalesced over ``i``).
@@ -16,37 +16,6 @@ way), with explicit thread bindings:
 from __future__ import annotations
 
 import math
-
-
-def kv_update(T: int, Hkv: int, hd: int, ctx: int):
-    from tvm.script import tirx as Tx
-
-    half = hd // 2
-    KV = Hkv * hd
-
-    @Tx.prim_func
-    def kv_write(
-        k: Tx.Buffer((T, KV), "float32"),
-        v: Tx.Buffer((T, KV), "float32"),
-        pos: Tx.Buffer((1,), "int32"),
-        cos: Tx.Buffer((ctx, half), "float32"),
-        sin: Tx.Buffer((ctx, half), "float32"),
-        kc: Tx.Buffer((Hkv, ctx, hd), "float32"),
-        vc: Tx.Buffer((Hkv, ctx, hd), "float32"),
-    ):
-        for th in Tx.thread_binding(T * Hkv, thread="blockIdx.x"):
-            for j in Tx.thread_binding(half, thread="threadIdx.x"):
-                t = th // Hkv
-                h = th % Hkv
-                if pos[0] + t < ctx:
-                    a = k[t, h * hd + j]
-                    b = k[t, h * hd + j + half]
-                    kc[h, pos[0] + t, j] = a * cos[pos[0] + t, j] - b * sin[pos[0] + t, j]
-                    kc[h, pos[0] + t, j + half] = b * cos[pos[0] + t, j] + a * sin[pos[0] + t, j]
-                    vc[h, pos[0] + t, j] = v[t, h * hd + j]
-                    vc[h, pos[0] + t, j + half] = v[t, h * hd + j + half]
-
-    return kv_write.without_attr("global_symbol")
 
 
 def attention(T: int, H: int, Hkv: int, hd: int, ctx: int):

@@ -268,7 +268,7 @@ class Lowering:
                         cos, sin = pv["rope.cos"], pv["rope.sin"]
                         qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, pos, cos, sin],
                                         [((T, H, hd), f32)])  # fmt: skip
-                        kvgv = self._te("kv_update", (gkg if self.gpu else gk).kv_update, T, Hkv, hd, C)
+                        kvgv = self._te("kv_update", lambda *a: gk.kv_update(*a, gpu=self.gpu), T, Hkv, hd, C)
                         ty = relax.TensorType((Hkv, C, hd), f32)
                         kv_args = [kv, vv, pos, cos, sin, cache[2 * i], cache[2 * i + 1]]
                         upd = bb.emit(relax.call_tir_inplace(kvgv, kv_args, [5, 6], [ty, ty]))
