@@ -100,8 +100,8 @@ def kv_update(T: int, Hkv: int, hd: int, ctx: int, gpu: bool = False):
 
     half = hd // 2
     KV = Hkv * hd
-    rows = (lambda n: Tx.thread_binding(n, thread="blockIdx.x")) if gpu else Tx.serial  # noqa: E731
-    cols = (lambda n: Tx.thread_binding(n, thread="threadIdx.x")) if gpu else Tx.serial  # noqa: E731
+    rows = (lambda n: Tx.thread_binding(n, thread="blockIdx.x")) if gpu else Tx.serial
+    cols = (lambda n: Tx.thread_binding(n, thread="threadIdx.x")) if gpu else Tx.serial
 
     @Tx.prim_func
     def kv_write(
