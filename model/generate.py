@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.sampling import SamplingParams
+from model.sampling import SamplingParams, penalize
 from model.transformer import Transformer
 
 
@@ -72,6 +72,8 @@ def stream(
     out: list[int] = []
     reason = "length"
     while len(out) < params.max_new_tokens:
+        if params.penalized:
+            logits = torch.from_numpy(penalize(logits.float().cpu().numpy(), out, params))
         token = sample(logits, params, generator)
         out.append(token)
         yield token

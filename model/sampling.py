@@ -1,6 +1,7 @@
 """Sampling parameters shared by the PyTorch generation loop (``model.generate``) and the compiled runtime.
 
-Torch-free, so the runtime can import it without pulling in torch.
+Torch-free, so the runtime can import it without pulling in torch. :func:`penalize` applies the repetition controls
+(no-repeat n-grams, OpenAI's frequency and presence penalties) to one step's logits, the same way for both loops.
 """
 
 from __future__ import annotations
@@ -23,7 +24,39 @@ class SamplingParams:
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    no_repeat_ngram: int = 0  # > 1: never complete an n-gram of this length already in the generated tokens
+    frequency_penalty: float = 0.0  # OpenAI's: logit -= frequency_penalty · (times generated so far)
+    presence_penalty: float = 0.0  # OpenAI's: logit -= presence_penalty · (generated at least once)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"invalid sampling parameters: {self}")
+        if (
+            self.no_repeat_ngram < 0
+            or self.no_repeat_ngram == 1
+            or not (-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2)
+        ):
+            raise ValueError(f"invalid repetition controls: {self}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.no_repeat_ngram or self.frequency_penalty or self.presence_penalty)
+
+
+def penalize(logits, generated: list[int], params: SamplingParams):
+    """The repetition controls of ``params`` applied to one step's logits (numpy ``[vocab]``; a new array), given the
+    tokens generated so far (the prompt is not counted: code repeats its identifiers legitimately). Greedy and
+    sampled decoding both see the adjusted logits."""
+    import numpy as np
+
+    out = np.array(logits, dtype=np.float32, copy=True)
+    if not generated or not params.penalized:
+        return out
+    ids, counts = np.unique(np.asarray(generated, np.int64), return_counts=True)
+    out[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    n = params.no_repeat_ngram
+    if n and len(generated) >= n:
+        prefix = generated[len(generated) - n + 1 :]
+        banned = [generated[i + n - 1] for i in range(len(generated) - n + 1) if generated[i : i + n - 1] == prefix]
+        out[banned] = -np.inf
+    return out

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.sampling import SamplingParams
+from model.sampling import SamplingParams, penalize
 
 log = logging.getLogger("runtime")
 
@@ -198,7 +198,7 @@ class Engine:
         logits = self.prefill(prompt)
         t1 = None
         while len(result.tokens) < params.max_new_tokens:
-            tok = sample(logits, params, rng)
+            tok = sample(penalize(logits, result.tokens, params) if params.penalized else logits, params, rng)
             if t1 is None:
                 t1 = time.perf_counter()
                 result.prefill_s = t1 - t0

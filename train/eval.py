@@ -46,6 +46,10 @@ class EvalConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    no_repeat_ngram: int = 0  # repetition controls (model.sampling.penalize); 0 = plain decoding
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    prompt_seed: int = 0  # which held-out functions are drawn (settings chosen on one draw, reported on another)
 
 
 def token_byte_lengths(tok) -> np.ndarray:
@@ -146,19 +150,57 @@ def trim_to_statement(prompt: str, body: str) -> str:
     return body
 
 
-def code_validity(model: Transformer, tok, prompts: list[dict], cfg: EvalConfig, eot: int | None) -> dict:
+STOP_STRINGS = ("\ndef ", "\nclass ", "\n@", "\nif __name__")
+
+
+def torch_generator(model: Transformer, tok):
+    """``(prompt ids, params) -> (text, finish reason)`` with the PyTorch generation loop."""
+
+    def run(ids: list[int], params: SamplingParams) -> tuple[str, str]:
+        gen = generate(model, ids, params, decode=lambda t: tok.decode(t, skip_special_tokens=False))
+        return gen.text or "", gen.finish_reason
+
+    return run
+
+
+def engine_generator(entry: Path, tok):
+    """The same with the compiled runtime (``runtime.engine.Engine`` on a ``compiler.build`` entry, CPU or CUDA):
+    the same sampling code path, much faster than the PyTorch loop."""
+    from runtime.engine import Engine, Generation
+
+    eng = Engine(entry, None)
+
+    def run(ids: list[int], params: SamplingParams) -> tuple[str, str]:
+        res = Generation()
+        out: list[int] = []
+        for t in eng.generate_tokens(ids, params, res):
+            out.append(t)
+            if params.stop_strings and any(x in tok.decode(out[-8:], skip_special_tokens=False) for x in
+                                           params.stop_strings):  # fmt: skip
+                res.finish_reason = "stop_string"
+                break
+        text = tok.decode(out, skip_special_tokens=False)
+        cuts = [text.find(x) for x in params.stop_strings if x in text]
+        return (text[: min(cuts)] if cuts else text), res.finish_reason
+
+    return run
+
+
+def code_validity(gen, tok, prompts: list[dict], cfg: EvalConfig, eot: int | None, ctx: int) -> dict:
     """Strict rate: the body as generated must parse. ``validity_rate_trimmed`` also accepts a body that the token
-    limit cut mid-statement when its complete statements parse (the cut is ours, not the model's)."""
+    limit cut mid-statement when its complete statements parse (the cut is ours, not the model's). ``gen`` is
+    :func:`torch_generator` or :func:`engine_generator`."""
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p, seed=cfg.seed, stop_token_ids=() if eot is None else (eot,),
-                            stop_strings=("\ndef ", "\nclass ", "\n@", "\nif __name__"))  # fmt: skip
+                            stop_strings=STOP_STRINGS, no_repeat_ngram=cfg.no_repeat_ngram,
+                            frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty)  # fmt: skip
     valid = trimmed = hit_limit = 0
     samples = []
     for p in tqdm(prompts, desc="code validity", unit="fn"):
-        ids = tok.encode(p["prompt"]).ids[-(model.config.max_seq_len - cfg.max_new_tokens - 1) :]
-        gen = generate(model, ids, params, decode=lambda t: tok.decode(t, skip_special_tokens=False))
-        cut = gen.finish_reason in ("length", "context")
-        body = cut_body(gen.text or "", cut)
+        ids = tok.encode(p["prompt"]).ids[-(ctx - cfg.max_new_tokens - 1) :]
+        text, reason = gen(ids, params)
+        cut = reason in ("length", "context")
+        body = cut_body(text, cut)
         ok = is_valid_function(p["prompt"], body)
         ok_trimmed = ok or (cut and is_valid_function(p["prompt"], trim_to_statement(p["prompt"], body)))
         valid, trimmed, hit_limit = valid + ok, trimmed + ok_trimmed, hit_limit + cut
@@ -170,11 +212,16 @@ def code_validity(model: Transformer, tok, prompts: list[dict], cfg: EvalConfig,
             "validity_rate_trimmed": trimmed / n, "hit_token_limit": hit_limit, "samples": samples}  # fmt: skip
 
 
-def evaluate(model: Transformer, tok, data: Path, manifest: Path, cfg: EvalConfig) -> dict:
-    val = open_split(data, "val")
-    report = {"settings": asdict(cfg)} | loss_and_bpb(model, val, token_byte_lengths(tok), cfg)
-    prompts = function_prompts([f for f in read_manifest(manifest) if f.split == "val"], cfg.n_functions, cfg.seed)
-    report["code"] = code_validity(model, tok, prompts, cfg, tok.token_to_id("<|endoftext|>"))
+def evaluate(model: Transformer, tok, data: Path, manifest: Path, cfg: EvalConfig, gen=None) -> dict:
+    """Loss/bpb with the PyTorch model (skipped when ``cfg.max_tokens`` is 0), validity with ``gen`` (default: the
+    PyTorch loop)."""
+    report = {"settings": asdict(cfg)}
+    if cfg.max_tokens:
+        report |= loss_and_bpb(model, open_split(data, "val"), token_byte_lengths(tok), cfg)
+    prompts = function_prompts([f for f in read_manifest(manifest) if f.split == "val"], cfg.n_functions,
+                               cfg.prompt_seed)  # fmt: skip
+    gen = gen or torch_generator(model, tok)
+    report["code"] = code_validity(gen, tok, prompts, cfg, tok.token_to_id("<|endoftext|>"), model.config.max_seq_len)
     return report
 
 
@@ -203,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--manifest", type=Path, required=True, help="corpus manifest (held-out files)")
     ap.add_argument("--out", type=Path, required=True, help="JSON report")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--engine-entry", type=Path, help="generate with this compiled module (compiler.build entry)")
     for name, default in asdict(EvalConfig()).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     args = ap.parse_args(argv)
@@ -210,12 +258,13 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--run needs --tokenizer")
     cfg = EvalConfig(**{k: getattr(args, k) for k in asdict(EvalConfig())})
     model, tok = load_model(args)
-    report = evaluate(model.to(args.device), tok, args.data, args.manifest, cfg)
+    gen = engine_generator(args.engine_entry, tok) if args.engine_entry else None
+    report = evaluate(model.to(args.device), tok, args.data, args.manifest, cfg, gen)
     report["model"] = str(args.gguf or args.run)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "code"} | {"validity_rate": report["code"]
-                      ["validity_rate"]}, indent=2))  # fmt: skip
+                      ["validity_rate"], "validity_rate_trimmed": report["code"]["validity_rate_trimmed"]}))  # fmt: skip
 
 
 if __name__ == "__main__":
