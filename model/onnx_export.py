@@ -49,26 +49,31 @@ class _Logits(nn.Module):
 
 def dequantized_copy(model: Transformer) -> Transformer:
     """A copy of ``model`` (eval mode) whose BitLinear layers are :class:`DequantizedLinear`."""
-    out = copy.deepcopy(model).eval()
-    for parent in list(out.modules()):
+    return _dequantize_inplace(copy.deepcopy(model))
+
+
+def _dequantize_inplace(model: Transformer) -> Transformer:
+    model.eval()
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, BitLinear):
                 setattr(parent, name, DequantizedLinear(child))
-    return out
+    return model
 
 
-def export_onnx(model: Transformer, path: str | Path, example_len: int = 8) -> onnx.ModelProto:
-    """Export, check with ``onnx.checker`` and return the model proto."""
-    wrapped = _Logits(dequantized_copy(model))
+def export_onnx(model: Transformer, path: str | Path, example_len: int = 8, in_place: bool = False) -> onnx.ModelProto:
+    """Export, check with ``onnx.checker`` (by path: a model over 2 GB keeps its weights in external files next to
+    ``path``) and return the model proto (without loading external weights). ``in_place=True`` dequantizes
+    ``model`` itself instead of a deep copy (half the memory for a large model; ``model`` is then changed)."""
+    wrapped = _Logits(_dequantize_inplace(model) if in_place else dequantized_copy(model))
     example = torch.zeros(1, example_len, dtype=torch.long)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(wrapped, (example,), str(path), input_names=["input_ids"], output_names=["logits"],
                           dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
                           opset_version=OPSET, dynamo=False)  # fmt: skip
-    proto = onnx.load(str(path))
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
+    onnx.checker.check_model(str(path), full_check=True)
+    return onnx.load(str(path), load_external_data=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Whole-model benchmark: the compiled module vs PyTorch eager (fp32) on the same GGUF, 1 and 2 threads.
+"""Whole-model benchmark: the compiled module vs PyTorch eager (fp32) and onnxruntime on the same GGUF, 1 and 2
+threads, with the bandwidth bound measured in the same run.
 
     python -m runtime.bench --model models/small.gguf --threads 1 2 --prompt-tokens 64 --decode-tokens 64 \\
         --json bench_results/runtime_small.json
@@ -7,13 +8,28 @@ Each (implementation, thread count) runs in its own subprocess (so peak memory i
 fight): prefill tokens/s (one prompt of ``--prompt-tokens`` random ids), time to first token (prefill + first greedy
 pick), decode tokens/s (``--decode-tokens`` greedy steps, median of the per-step rate over the run) and peak RSS
 (``VmHWM``; it includes the interpreter and the imported libraries: torch is imported by ``tvm_ffi`` too).
-Also printed: the bytes of weights one decode step reads, and the decode rate they imply as bytes/s. Timings on a
-shared machine are only meaningful when nothing else runs.
+
+Implementations (``--impl``): ``tvm`` (the compiled module of ``compiler.build``), ``torch`` (PyTorch eager fp32 with
+its KV cache), ``onnxruntime`` (the ONNX export of :mod:`model.onnx_export`, CPU execution provider; skipped with a
+note when onnxruntime is not installed). The export has **no KV cache** (``input_ids → logits`` over the whole
+sequence), so its decode step recomputes the whole sequence (prompt + generated tokens): its row is labelled
+``onnxrt*`` and its decode rate is not comparable with a KV-cached one.
+
+Bandwidth bound (compiled rows): :func:`decode_bytes` counts the bytes one decode step must read from the compiled
+entry's parameter list — every packed ternary matrix in full (2 bits per weight) and its scale, the LM head in full
+(float16 when the GGUF stores F16), every norm weight, the mHC coefficients, one embedding row and one row of each
+RoPE table. The KV cache read by attention grows with the position and is reported beside it, not in the bound (the
+issue's "weight bytes per token"). Streaming read bandwidth is measured in the same run, for each thread count, in its
+own subprocess, with :func:`compiler.bench.roofline_gbs` (``read`` over a ``--roof-mib`` 512 MiB array: DRAM, not
+cache; best of 1..n threads). ``bound tok/s = read GB/s / bytes per token``; each compiled row shows its decode rate
+as % of it.
+Timings on a shared machine are only meaningful when nothing else runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +40,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+ROOF_MIB = 512  # the streaming-read array: far beyond the L3, like the weights of a decode step
+IMPLS = ("tvm", "torch", "onnxruntime")
 
 
 def peak_rss_mib() -> float:
@@ -35,80 +53,253 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def _worker(
-    impl: str,
-    model: str,
-    threads: int,
-    prompt_tokens: int,
-    decode_tokens: int,
-    cache_dir,
-    device: str = "cpu",
-    dtype: str = "float32",
-    entry: str | None = None,
-    target: str = "auto",
-) -> dict:
-    rng = np.random.default_rng(0)
-    if impl == "tvm":
-        from runtime.engine import Engine, ensure_built
+def decode_bytes(meta: dict, pos: float = 0.0) -> dict:
+    """Bytes one decode step reads, by kind, from a cache entry's ``meta.json`` (parameter names, shapes, dtypes).
 
-        entry = entry or ensure_built(model, target, cache_dir)
-        eng = Engine(entry, None, threads=threads)
-        vocab = eng.vocab
-        prompt = [int(t) for t in rng.integers(0, vocab, prompt_tokens)]
-        eng.prefill(prompt[:8])  # warm up
-        eng.reset()
+    Everything is read in full except ``token_embd.weight`` (one row) and the RoPE tables (one row each). ``kv_cache``
+    is what attention reads at position ``pos`` (keys and values of ``0..pos``, every layer, float32); it is not part
+    of ``weights``."""
+    out = {"ternary": 0, "lm_head": 0, "embedding_row": 0, "norms": 0, "scales_mhc_rope": 0}
+    for name, shape, dtype in meta["params"]:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if name == "token_embd.weight":
+            out["embedding_row"] += n // shape[0]
+        elif name.startswith("lm_head"):
+            out["lm_head"] += n
+        elif name.startswith("rope."):
+            out["scales_mhc_rope"] += n // shape[0]
+        elif name.endswith("norm.weight"):
+            out["norms"] += n
+        elif name.endswith(".weight"):
+            out["ternary"] += n
+        else:
+            out["scales_mhc_rope"] += n
+    out["weights"] = sum(out.values())
+    c = meta["config"]
+    out["kv_cache"] = int(2 * c["n_layers"] * c["n_kv_heads"] * (c["d_model"] // c["n_heads"]) * 4 * (pos + 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# workers: one implementation, one thread count, one process
+# ---------------------------------------------------------------------------------------------------------------
+def _result(impl, threads, prompt_tokens, steps, ttft, **extra) -> dict:
+    return {"impl": impl, "threads": threads, "prompt_tokens": prompt_tokens, "decode_tokens": len(steps),
+            "ttft_ms": ttft * 1e3, "prefill_tok_s": prompt_tokens / ttft, "decode_tok_s": 1.0 / float(np.median(steps)),
+            "decode_ms_median": float(np.median(steps)) * 1e3, "peak_rss_mib": peak_rss_mib(), **extra}  # fmt: skip
+
+
+def _worker_tvm(model, threads, prompt_tokens, decode_tokens, cache_dir, entry, target) -> dict:
+    from runtime.engine import Engine, ensure_built
+
+    entry = entry or ensure_built(model, target, cache_dir)
+    eng = Engine(entry, None, threads=threads)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, eng.vocab, prompt_tokens)]
+    eng.prefill(prompt[:8])  # warm up
+    eng.reset()
+    t0 = time.perf_counter()
+    tok = int(np.argmax(eng.prefill(prompt)))
+    ttft = time.perf_counter() - t0
+    steps = []
+    for _ in range(decode_tokens):
+        t = time.perf_counter()
+        tok = int(np.argmax(eng.decode(tok)))
+        steps.append(time.perf_counter() - t)
+    mean_pos = prompt_tokens + (decode_tokens - 1) / 2
+    return _result("tvm", threads, prompt_tokens, steps, ttft, device="cpu" if eng.target != "cuda" else "cuda",
+                   dtype="int8", target=eng.target, entry=str(entry), mean_decode_pos=mean_pos,
+                   bytes=decode_bytes(eng.meta, mean_pos))  # fmt: skip
+
+
+def _worker_torch(model, threads, prompt_tokens, decode_tokens, device, dtype) -> dict:
+    import torch
+
+    from model.gguf_io import read_gguf
+    from model.transformer import Transformer
+
+    torch.set_num_threads(threads)
+    g = read_gguf(model)
+    dt = getattr(torch, dtype)
+    m = Transformer.from_gguf_tensors(g.config, g.model_tensors()).eval().to(device=device, dtype=dt)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, g.config.vocab_size, prompt_tokens)]
+
+    def ids(t):
+        return torch.tensor(t, device=device)
+
+    with torch.no_grad():
+        m(ids([prompt[:8]]), m.new_cache(1))  # warm up
+        cache = m.new_cache(1)
         t0 = time.perf_counter()
-        logits = eng.prefill(prompt)
-        tok = int(np.argmax(logits))
+        tok = int(torch.argmax(m(ids([prompt]), cache)[0, -1]))  # int(): waits for the device
         ttft = time.perf_counter() - t0
         steps = []
         for _ in range(decode_tokens):
             t = time.perf_counter()
-            tok = int(np.argmax(eng.decode(tok)))
+            tok = int(torch.argmax(m(ids([[tok]]), cache)[0, -1]))
             steps.append(time.perf_counter() - t)
-        weight_bytes = int(sum(p.numpy().nbytes for (n, _, dt), p in zip(eng.meta["params"], eng.params, strict=True)
-                               if n.endswith(".weight") and dt in ("uint8", "int32")))  # fmt: skip
-    else:
-        import torch
+    itemsize = torch.finfo(dt).bits // 8
+    weight_bytes = int(sum(p.numel() * itemsize for n, p in m.named_parameters() if "blocks" in n and p.dim() == 2))
+    return _result("torch", threads, prompt_tokens, steps, ttft, device=device, dtype=dtype,
+                   block_weight_bytes_per_token=weight_bytes)  # fmt: skip
 
-        from model.gguf_io import read_gguf
-        from model.transformer import Transformer
 
-        torch.set_num_threads(threads)
-        g = read_gguf(model)
-        dt = getattr(torch, dtype)
-        m = Transformer.from_gguf_tensors(g.config, g.model_tensors()).eval().to(device=device, dtype=dt)
-        prompt = [int(t) for t in rng.integers(0, g.config.vocab_size, prompt_tokens)]
+def _worker_onnxruntime(model, threads, prompt_tokens, decode_tokens, onnx_path) -> dict:
+    """onnxruntime on the exported graph; no KV cache in the export, so each decode step runs the whole sequence."""
+    import onnxruntime as ort
 
-        def ids(t):
-            return torch.tensor(t, device=device)
+    from model.gguf_io import read_gguf
 
-        with torch.no_grad():
-            m(ids([prompt[:8]]), m.new_cache(1))  # warm up
-            cache = m.new_cache(1)
-            t0 = time.perf_counter()
-            tok = int(torch.argmax(m(ids([prompt]), cache)[0, -1]))  # int(): waits for the device
-            ttft = time.perf_counter() - t0
-            steps = []
-            for _ in range(decode_tokens):
-                t = time.perf_counter()
-                tok = int(torch.argmax(m(ids([[tok]]), cache)[0, -1]))
-                steps.append(time.perf_counter() - t)
-        itemsize = torch.finfo(dt).bits // 8
-        weight_bytes = int(sum(p.numel() * itemsize for n, p in m.named_parameters() if "blocks" in n and p.dim() == 2))
-    return {
-        "impl": impl, "threads": threads, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
-        "ttft_ms": ttft * 1e3, "prefill_tok_s": prompt_tokens / ttft, "decode_tok_s": 1.0 / float(np.median(steps)),
-        "decode_ms_median": float(np.median(steps)) * 1e3, "peak_rss_mib": peak_rss_mib(),
-        "block_weight_bytes_per_token": weight_bytes, "device": device, "dtype": dtype if impl == "torch" else "int8",
-    }  # fmt: skip
+    vocab = read_gguf(model, check_values=False).config.vocab_size
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, vocab, prompt_tokens)]
+
+    def last_logits(seq):
+        return sess.run(None, {"input_ids": np.asarray([seq], np.int64)})[0][0, -1]
+
+    last_logits(prompt[:8])  # warm up
+    t0 = time.perf_counter()
+    seq = [*prompt, int(np.argmax(last_logits(prompt)))]
+    ttft = time.perf_counter() - t0
+    steps = []
+    for _ in range(decode_tokens):
+        t = time.perf_counter()
+        seq.append(int(np.argmax(last_logits(seq))))  # the whole sequence again: the export has no KV cache
+        steps.append(time.perf_counter() - t)
+    return _result("onnxruntime", threads, prompt_tokens, steps, ttft, device="cpu", dtype="float32",
+                   decode_recomputes_sequence=True, onnxruntime=ort.__version__)  # fmt: skip
+
+
+def _worker_roofline(threads, target, mib: int = ROOF_MIB) -> dict:
+    from compiler.bench import roofline_gbs
+
+    gbs = roofline_gbs("read", mib << 20, target, threads)
+    return {"impl": "roofline", "threads": threads, "read_gbs": gbs, "array_mib": mib, "target": target}
+
+
+def _worker_onnx_export(model, onnx_path) -> dict:
+    import torch
+
+    from model.gguf_io import read_gguf
+    from model.onnx_export import export_onnx
+    from model.transformer import Transformer
+
+    g = read_gguf(model)
+    with torch.no_grad():
+        m = Transformer.from_gguf_tensors(g.config, g.model_tensors()).eval()
+    d = Path(onnx_path).parent
+    d.mkdir(parents=True, exist_ok=True)
+    export_onnx(m, onnx_path, in_place=True)  # over 2 GB: the weights go to files beside it, in the same folder
+    (d / "complete").touch()
+    return {"impl": "onnx_export", "path": str(onnx_path), "files": len(list(d.iterdir()))}
+
+
+def onnx_path_for(model: str, cache_dir) -> Path:
+    """Where the bench keeps the ONNX export of ``model``: its own folder, keyed by the GGUF's and the exporter's
+    bytes; usable once the folder holds ``complete``."""
+    import hashlib
+
+    from compiler import cache
+
+    key = "".join(cache.sha256_file(p) for p in (Path(model), REPO / "model" / "onnx_export.py"))
+    d = Path(cache_dir or cache.default_cache_dir()) / "onnx" / hashlib.sha256(key.encode()).hexdigest()[:32]
+    return d / "model.onnx"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the parent: one subprocess per measurement, then the table
+# ---------------------------------------------------------------------------------------------------------------
+def _run_worker(args: list[str], threads: int) -> dict:
+    cmd = [sys.executable, "-m", "runtime.bench", "--worker", *args, "--threads", str(threads)]
+    env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(args[:1])} x{threads} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(a) -> dict:
+    impls = list(a.impl)
+    notes = []
+    if "onnxruntime" in impls and importlib.util.find_spec("onnxruntime") is None:
+        impls.remove("onnxruntime")
+        notes.append("onnxruntime: not installed (pip install onnxruntime), skipped")
+    target = a.target
+    if "tvm" in impls:
+        from runtime.engine import ensure_built
+        from schedules.targets import resolve
+
+        target = resolve(a.target) if not a.entry else json.loads((Path(a.entry) / "meta.json").read_text())["target"]
+        if not a.entry:
+            ensure_built(a.model, target, a.cache_dir)  # compile once, outside the timed workers
+    onnx = None
+    if "onnxruntime" in impls:
+        onnx = onnx_path_for(a.model, a.cache_dir)
+        if not (onnx.parent / "complete").exists():
+            print(f"exporting ONNX to {onnx} ...", file=sys.stderr)
+            _run_worker(["onnx_export", "--model", a.model, "--onnx", str(onnx)], 1)
+    common = ["--model", a.model, "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens)]
+    rows, roofs = [], {}
+    for impl in impls:
+        for n in a.threads:
+            extra = {"tvm": ["--target", target] + (["--entry", a.entry] if a.entry else []),
+                     "torch": ["--torch-device", a.torch_device, "--torch-dtype", a.torch_dtype],
+                     "onnxruntime": ["--onnx", str(onnx)]}[impl]  # fmt: skip
+            if a.cache_dir:
+                extra += ["--cache-dir", a.cache_dir]
+            rows.append(_run_worker([impl, *common, *extra], n))
+    if "tvm" in impls and target != "cuda":
+        for n in a.threads:
+            roofs[n] = _run_worker(["roofline", "--target", target, "--roof-mib", str(a.roof_mib)], n)["read_gbs"]
+    elif "tvm" in impls:
+        notes.append("bandwidth bound: CPU read bandwidth does not bound a CUDA module (see compiler.bench_cuda)")
+    base = {r["threads"]: r for r in rows if r["impl"] == "torch"}
+    for r in rows:
+        b = base.get(r["threads"])
+        r["decode_vs_torch"] = r["decode_tok_s"] / b["decode_tok_s"] if b else float("nan")
+        if r["impl"] == "tvm" and r["threads"] in roofs:
+            gbs = roofs[r["threads"]]
+            r["read_gbs"] = gbs
+            r["bound_tok_s"] = gbs * 1e9 / r["bytes"]["weights"]
+            r["pct_of_bound"] = 100.0 * r["decode_tok_s"] / r["bound_tok_s"]
+            r["decode_gbs"] = r["decode_tok_s"] * r["bytes"]["weights"] / 1e9
+    return {"model": a.model, "target": target, "rows": rows, "read_gbs": roofs, "roof_mib": a.roof_mib, "notes": notes,
+            "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+
+
+def table(res: dict) -> str:
+    lines = [f"{'impl':8s} {'thr':>3s} {'prefill tok/s':>13s} {'TTFT ms':>8s} {'decode tok/s':>12s} {'vs torch':>8s} "
+             f"{'peak MiB':>8s} {'% bound':>7s}"]  # fmt: skip
+    for r in res["rows"]:
+        name = {"onnxruntime": "onnxrt*"}.get(r["impl"], r["impl"])
+        pct = f"{r['pct_of_bound']:7.1f}" if "pct_of_bound" in r else f"{'-':>7s}"
+        lines.append(f"{name:8s} {r['threads']:3d} {r['prefill_tok_s']:13.1f} {r['ttft_ms']:8.1f} "
+                     f"{r['decode_tok_s']:12.2f} {r['decode_vs_torch']:8.2f} {r['peak_rss_mib']:8.0f} "
+                     f"{pct}")  # fmt: skip
+    if any(r["impl"] == "onnxruntime" for r in res["rows"]):
+        lines.append("onnxrt*: the ONNX export has no KV cache; each decode step recomputes the whole sequence")
+    tvm = [r for r in res["rows"] if r["impl"] == "tvm"]
+    if tvm and res["read_gbs"]:
+        b = tvm[0]["bytes"]
+        mb = {k: v / 1e6 for k, v in b.items()}
+        lines.append(f"decode reads {mb['weights']:.2f} MB/token: ternary {mb['ternary']:.2f} + LM head "
+                     f"{mb['lm_head']:.2f} + norms {mb['norms']:.3f} + scales/mHC/RoPE rows {mb['scales_mhc_rope']:.3f}"
+                     f" + embedding row {mb['embedding_row']:.4f}; KV cache at the mean decode position "
+                     f"{tvm[0]['mean_decode_pos']:.0f}: {mb['kv_cache']:.2f} MB (not in the bound)")  # fmt: skip
+        for r in tvm:
+            lines.append(f"  {r['threads']} thread(s): read {r['read_gbs']:.1f} GB/s ({res['roof_mib']} MiB stream) "
+                         f"-> bound {r['bound_tok_s']:.1f} tok/s; compiled decode {r['decode_tok_s']:.1f} tok/s = "
+                         f"{r['pct_of_bound']:.1f} % ({r['decode_gbs']:.1f} GB/s)")  # fmt: skip
+    lines += res["notes"]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(REPO / "models" / "small.gguf"))
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--impl", nargs="+", default=["tvm", "torch"], choices=["tvm", "torch"])
+    ap.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--cache-dir", default=None)
@@ -117,53 +308,27 @@ def main(argv=None) -> None:
     ap.add_argument("--entry", default=None, help="a prebuilt compiler.build cache entry to run (no build)")
     ap.add_argument("--torch-device", default="cpu", help="device of the PyTorch reference (cpu | cuda)")
     ap.add_argument("--torch-dtype", default="float32", help="dtype of the PyTorch reference (float32 | bfloat16)")
+    ap.add_argument("--roof-mib", type=int, default=ROOF_MIB, help="size of the streaming-read array (MiB)")
+    ap.add_argument("--onnx", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        r = _worker(
-            a.worker,
-            a.model,
-            a.threads[0],
-            a.prompt_tokens,
-            a.decode_tokens,
-            a.cache_dir,
-            a.torch_device,
-            a.torch_dtype,
-            a.entry,
-            a.target,
-        )
+        n = a.threads[0]
+        p, d = a.prompt_tokens, a.decode_tokens
+        r = {
+            "tvm": lambda: _worker_tvm(a.model, n, p, d, a.cache_dir, a.entry, a.target),
+            "torch": lambda: _worker_torch(a.model, n, p, d, a.torch_device, a.torch_dtype),
+            "onnxruntime": lambda: _worker_onnxruntime(a.model, n, p, d, a.onnx),
+            "roofline": lambda: _worker_roofline(n, a.target, a.roof_mib),
+            "onnx_export": lambda: _worker_onnx_export(a.model, a.onnx),
+        }[a.worker]()
         print(json.dumps(r))
         return
-    if "tvm" in a.impl and not a.entry:
-        from runtime.engine import ensure_built
-
-        ensure_built(a.model, a.target, a.cache_dir)  # compile once, outside the timed workers
-    rows = []
-    for impl in a.impl:
-        for n in a.threads:
-            cmd = [sys.executable, "-m", "runtime.bench", "--worker", impl, "--model", a.model, "--threads", str(n),
-                   "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens),
-                   "--torch-device", a.torch_device, "--torch-dtype", a.torch_dtype, "--target", a.target]  # fmt: skip
-            if a.entry:
-                cmd += ["--entry", a.entry]
-            if a.cache_dir:
-                cmd += ["--cache-dir", a.cache_dir]
-            env = dict(os.environ, TVM_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
-            out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
-            if out.returncode:
-                raise SystemExit(f"{impl} x{n} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    base = {r["threads"]: r for r in rows if r["impl"] == "torch"}
-    print(f"{'impl':6s} {'thr':>3s} {'prefill tok/s':>13s} {'TTFT ms':>8s} {'decode tok/s':>12s} {'vs torch':>8s} "
-          f"{'peak MiB':>8s}")  # fmt: skip
-    for r in rows:
-        ratio = r["decode_tok_s"] / base[r["threads"]]["decode_tok_s"] if r["threads"] in base else float("nan")
-        r["decode_vs_torch"] = ratio
-        print(f"{r['impl']:6s} {r['threads']:3d} {r['prefill_tok_s']:13.1f} {r['ttft_ms']:8.1f} "
-              f"{r['decode_tok_s']:12.1f} {ratio:8.2f} {r['peak_rss_mib']:8.0f}")  # fmt: skip
+    res = run(a)
+    print(table(res))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"model": a.model, "rows": rows}, indent=1))
+        Path(a.json).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 
@@ -33,3 +34,18 @@ def test_onnx_export_checks_and_matches_torch(tmp_path):
         # rounding flip moves logits of magnitude ~1 by < 1e-2 (measured 7e-3), which 5e-2 bounds with margin.
         assert np.median(err) < 1e-6 and err.max() < 5e-2
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9  # measured 1.0; a near-tie may flip
+
+
+def test_onnxruntime_runs_the_export(tmp_path):
+    """runtime.bench's onnxruntime row: the CPU execution provider gives PyTorch's logits on the exported graph."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(1)
+    model = Transformer(get_config("tiny", n_streams=2, max_seq_len=64)).eval()
+    export_onnx(model, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    idx = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    got = sess.run(None, {"input_ids": idx.numpy()})[0]
+    with torch.no_grad():
+        want = model(idx).numpy()
+    err = np.abs(got - want)
+    assert np.median(err) < 1e-6 and err.max() < 5e-2  # as above: summation order, rare int8 rounding flips

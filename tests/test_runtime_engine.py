@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -170,14 +171,39 @@ def test_shipped_model_parity():
 
 @pytest.mark.slow
 def test_runtime_bench_smoke(tmp_path, capsys):
+    """Every implementation runs (onnxruntime when installed, on the ONNX export, decode recomputing the sequence);
+    the compiled row gets a bandwidth bound measured in the same run."""
     from runtime import bench
 
     gguf = tiny_gguf(2)
     built(gguf)
     out = tmp_path / "b.json"
     bench.main(["--model", str(gguf), "--threads", "1", "--prompt-tokens", "8", "--decode-tokens", "3",
-                "--cache-dir", str(cache_dir()), "--json", str(out)])  # fmt: skip
-    rows = json.loads(out.read_text())["rows"]
-    assert {(r["impl"], r["threads"]) for r in rows} == {("tvm", 1), ("torch", 1)}
+                "--cache-dir", str(cache_dir()), "--roof-mib", "64", "--json", str(out)])  # fmt: skip
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    impls = {("tvm", 1), ("torch", 1)} | ({("onnxruntime", 1)} if importlib.util.find_spec("onnxruntime") else set())
+    assert {(r["impl"], r["threads"]) for r in rows} == impls
     assert all(r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
-    assert "decode tok/s" in capsys.readouterr().out
+    (tvm,) = [r for r in rows if r["impl"] == "tvm"]
+    assert res["read_gbs"]["1"] > 0.5 and 0 < tvm["pct_of_bound"] < 200
+    assert tvm["bound_tok_s"] == pytest.approx(res["read_gbs"]["1"] * 1e9 / tvm["bytes"]["weights"])
+    text = capsys.readouterr().out
+    assert "decode tok/s" in text and "% bound" in text and "MB/token" in text
+
+
+def test_decode_bytes_counts_what_a_step_reads():
+    """Ternary matrices at 2 bits/weight, the whole LM head, one embedding row, norms; KV cache apart."""
+    from runtime.bench import decode_bytes
+
+    meta = built(tiny_gguf(2)).meta
+    c = meta["config"]
+    D, F, L, V, KV = c["d_model"], c["ffn_hidden"], c["n_layers"], c["vocab_size"], c["n_kv_heads"] * 64
+    b = decode_bytes(meta, pos=9)
+    assert b["ternary"] == L * (2 * D * D + 2 * KV * D + 3 * F * D) // 4
+    size = {n: np.dtype(dt).itemsize for n, _, dt in meta["params"]}
+    head = next(n for n in size if n.startswith("lm_head"))
+    assert b["lm_head"] == V * D * size[head] and b["embedding_row"] == D * size["token_embd.weight"]
+    assert b["norms"] == (2 * L + 1) * D * 4
+    assert b["weights"] == sum(v for k, v in b.items() if k not in ("weights", "kv_cache"))
+    assert b["kv_cache"] == 2 * L * KV * 4 * 10
