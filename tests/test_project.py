@@ -20,7 +20,9 @@ def test_all_packages_import_in_a_fresh_interpreter():
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("module", ["model", "model.ternary", "model.ternary.layouts", "model.config"])
+@pytest.mark.parametrize(
+    "module", ["model", "model.ternary", "model.ternary.layouts", "model.config", "model.exact_reference"]
+)
 def test_formats_and_configs_do_not_import_torch_or_tvm(module):
     # the runtime imports these and must start fast; torch and TVM belong to other rooms
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))"
