@@ -156,7 +156,17 @@ class Backend:
                            code="context_length_exceeded")  # fmt: skip
         stop_ids = self.control_ids if chat else self.eos_ids
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        params = SamplingParams(limit, req.temperature, req.top_k, req.top_p, seed, stop_ids, req.stop_strings())
+        params = SamplingParams(
+            limit,
+            req.temperature,
+            req.top_k,
+            req.top_p,
+            seed,
+            stop_ids,
+            req.stop_strings(),
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
+        )
         try:
             return self.worker.submit(prompt, params, asyncio.get_running_loop(), n_prompt), n_prompt
         except QueueFull as e:

@@ -3,6 +3,7 @@
 # (runtime.engine; ~30x faster than the PyTorch loop). Settings are compared on one draw of held-out functions
 # (--prompt-seed 1, "dev") and reported on the published draw (--prompt-seed 0, "test": the 200 functions of
 # docs/train/small/eval_ternary.json). The corpus manifest is rebuilt from this host's files (deterministic).
+#   SETTINGS="name:--flag_value ..." SEEDS="1 0" N=200 bash scripts/eval_validity_h200.sh   (defaults: four settings)
 # Build machine first: python -m compiler.build --model models/small.gguf --target cuda, entry's model.so +
 # meta.json → .gpu/entries/small; bash scripts/gpu_runtime_bundle.sh. Carry .gpu and .whl.
 set -uo pipefail
@@ -13,11 +14,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 R=/tmp/recipe-small; mkdir -p "$R"
 python3 -m train.corpus --out "$R/corpus" > "$R/corpus.log" 2>&1 || { tail "$R/corpus.log"; exit 1; }
 python3 -m compiler.build --model models/small.gguf --target cuda --repack-into .gpu/entries/small > /dev/null
-for seed in 1 0; do
-  for s in "plain:" "ngram4:--no-repeat-ngram 4" "ngram8:--no-repeat-ngram 8" "freq05:--frequency-penalty 0.5"; do
+SETTINGS=${SETTINGS:-"plain: ngram4:--no-repeat-ngram_4 ngram8:--no-repeat-ngram_8 freq05:--frequency-penalty_0.5"}
+for seed in ${SEEDS:-1 0}; do
+  for s in $SETTINGS; do  # name:flags, "_" for spaces inside the flags
+    s=${s//_/ }
     name=${s%%:*}; flags=${s#*:}
     python3 -m train.eval --gguf models/small.gguf --data "$R" --manifest "$R/corpus/manifest.jsonl" \
-      --engine-entry .gpu/entries/small --max-tokens 0 --n-functions 200 --prompt-seed $seed $flags \
+      --engine-entry .gpu/entries/small --max-tokens 0 --n-functions ${N:-200} --prompt-seed $seed $flags \
       --out "$OUT/validity_${name}_seed${seed}.json" 2>/dev/null | tail -1 | sed "s/^/$name seed$seed /"
   done
 done

@@ -107,6 +107,15 @@ def test_stop_string_cuts_the_text_and_finishes_with_stop(oai):
     assert got.choices[0].finish_reason == "stop"
 
 
+def test_frequency_penalty_breaks_a_greedy_loop(oai):
+    """OpenAI's penalties reach the sampler (model.sampling.penalize): the penalized text differs and repeats less."""
+    kw = {"model": MODEL, "prompt": "    if tags is None:\n        tags = {}\n", "max_tokens": 40, "temperature": 0}
+    plain = oai.completions.create(**kw).choices[0].text
+    pen = oai.completions.create(**kw, frequency_penalty=1.0, presence_penalty=0.5).choices[0].text
+    assert pen != plain
+    assert len(set(pen.split())) / max(1, len(pen.split())) >= len(set(plain.split())) / max(1, len(plain.split()))
+
+
 def test_seeded_sampling_is_reproducible(oai):
     def run(seed):
         return oai.completions.create(model=MODEL, prompt="class ", max_tokens=12, temperature=1.0, seed=seed,
@@ -150,6 +159,7 @@ USER = [{"role": "user", "content": "hi"}]
         (COMPLETIONS, {"prompt": "x", "top_k": -1}, "top_k"),
         (COMPLETIONS, {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         (COMPLETIONS, {"prompt": "x", "n": 2}, "n"),  # supported by OpenAI, not here: said, not ignored
+        (COMPLETIONS, {"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty"),
         (COMPLETIONS, {"prompt": ["a", "b"]}, "prompt"),
         (CHAT, {"messages": USER, "logprobs": True}, None),
     ],
