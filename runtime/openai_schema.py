@@ -5,9 +5,9 @@ Requests are strict (``"10"`` is not an int, ``"true"`` is not a bool) and range
 parameters this server cannot honour (``n > 1``, ``logprobs``, ``logit_bias``, tools, ``echo``...) are refused with a
 message rather than silently ignored, and unknown fields are ignored, as most OpenAI-compatible servers do. ``top_k``
 is an extension (llama.cpp and vLLM have it too). ``frequency_penalty`` and ``presence_penalty`` have OpenAI's
-meaning over the generated tokens (:func:`model.sampling.penalize`). ``timings`` follows llama.cpp's server: ``prompt_ms`` runs from
-the start of prefill to the first sampled token, ``predicted_ms`` over the tokens after it, and
-``predicted_per_second`` = (predicted_n − 1) / predicted_ms.
+meaning over the generated tokens (:func:`model.sampling.penalize`). ``timings`` follows llama.cpp's server:
+``prompt_ms`` runs from the start of prefill to the first sampled token, ``predicted_ms`` over the tokens after it,
+and ``predicted_per_second`` = (predicted_n − 1) / predicted_ms.
 """
 
 from __future__ import annotations
