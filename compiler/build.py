@@ -106,7 +106,7 @@ def build(
     from tvm import relax
 
     with phase("lower"):
-        head = params["lm_head.weight" if target == "cuda" else "lm_head.T"]
+        head = params["lm_head.weight"]
         lw = lower.Lowering(cfg, target, logs_root=tuning_logs, embed_dtype=str(params["token_embd.weight"].dtype),
                             head_dtype=str(head.dtype))  # fmt: skip
         mod = lw.module()

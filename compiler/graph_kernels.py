@@ -6,7 +6,7 @@ over the cache, the final RMSNorm, the LM head, and a token-batched mHC post for
 PyTorch reference's maths (``model/``) in float32; the integer steps (round half to even, clip, Σq) are exact.
 
 Each builder returns a ``tvm.tirx.PrimFunc`` without ``global_symbol``; :func:`schedule` applies a simple CPU
-schedule (parallel outer loop) to the ones that matter for speed (attention, LM head).
+schedule (parallel chunks) to the ones the lowering asks it for (SwiGLU); the CPU LM head comes scheduled.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def quantize(T: int, K: int):
 
 
 def silu_mul(T: int, F: int):
-    """``silu(g) · u`` with ``silu(g) = g / (1 + exp(-g))``."""
+    """``silu(g) · u`` with ``silu(g) = g / (1 + exp(-g))`` (``exp`` is a scalar libm call: on CPUs the build runs it
+    in parallel chunks through :func:`schedule`)."""
     from tvm import te
 
     g = te.placeholder((T, F), "float32", name="g")
@@ -133,13 +134,18 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int):
 
     Query head ``h`` reads KV head ``h // (H / Hkv)`` and keys ``0 .. pos + t`` only (a data-dependent loop bound:
     the cost grows with the position, not the context size); one (token, head) pair per parallel task. ``sc
-    [T·H, C]`` and ``st [T·H, 2]`` (max, denominator) are scratch outputs, so the parallel body allocates nothing.
+    [T·H, C]`` and ``st [T·H, 2]`` (max, denominator) are scratch outputs, so the parallel body allocates nothing but
+    ``L`` floats on the stack. A score ``q·k`` is ``L`` vector lanes of products summed over ``hd / L`` chunks (lane
+    ``l`` takes ``i = l, l + L, …``), then the lanes in order: independent FMA chains, where one chain over ``hd``
+    was latency-bound (3.5× slower at position 24 on nano-1b's 16 heads × 128, 5× at 500).
     """
     from tvm.script import tirx as Tx
 
     g = H // Hkv
     scale = 1.0 / math.sqrt(hd)
     TH = T * H
+    L = next(n for n in (16, 8, 4, 2, 1) if hd % n == 0)
+    NO = hd // L
 
     @Tx.prim_func
     def attn(
@@ -152,11 +158,17 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int):
         st: Tx.Buffer((TH, 2), "float32"),
     ):
         for th in Tx.parallel(TH):
+            part = Tx.alloc_buffer((L,), "float32", scope="local")
             n = Tx.min(pos[0] + th // H + 1, ctx)
             for j in range(n):
-                sc[th, j] = Tx.float32(0)
-                for i in range(hd):
-                    sc[th, j] = sc[th, j] + q[th // H, th % H, i] * kc[(th % H) // g, j, i]
+                for ln in Tx.vectorized(L):
+                    part[ln] = q[th // H, th % H, ln] * kc[(th % H) // g, j, ln]
+                for io in range(1, NO):
+                    for ln in Tx.vectorized(L):
+                        part[ln] = part[ln] + q[th // H, th % H, io * L + ln] * kc[(th % H) // g, j, io * L + ln]
+                sc[th, j] = part[0]
+                for ln in range(1, L):
+                    sc[th, j] = sc[th, j] + part[ln]
                 sc[th, j] = sc[th, j] * Tx.float32(scale)
             st[th, 0] = sc[th, 0]
             for j in range(n):
@@ -188,24 +200,30 @@ def rmsnorm(T: int, D: int, eps: float):
     return _prim([x, w, te.compute((T, D), lambda t, d: x[t, d] * r[t] * w[d], name="h")])
 
 
-def lm_head(V: int, D: int, dtype: str = "float32"):
-    """``logits[v] = Σ_d h[d] · ET[d, v]`` with the LM head stored transposed (``ET [D, V]``, float16 when the GGUF
-    stores the matrix as F16: exact, half the bytes): a vectorized axpy over ``v`` per ``d``, blocks of ``v`` in
-    parallel, accumulated in float32 in the order ``d = 0 .. D-1``."""
-    from tvm.script import tirx as Tx
+def lm_head(V: int, D: int, dtype: str = "float32", lanes: int = 64):
+    """``logits[v] = Σ_d h[d] · E[v, d]`` over the head as the GGUF stores it, ``E [V, D]`` (float16 when the GGUF has
+    it: exact, half the bytes), each row streamed once, rows in parallel (one linear range per thread). Per row
+    ``lanes`` float32 partial sums (lane ``l`` takes ``d = l, l + lanes, …`` in order, an FMA each: four independent
+    vector chains), then the lanes added in order. Measured on nano-1b's 32000 × 2048 float16 head (2 threads, Zen 4):
+    64 lanes over one row streams at the read bandwidth (33–35 GB/s), where 4 rows × 32 lanes (four streams per
+    thread) reached 26 GB/s and the former ``[D, V]`` axpy 22 GB/s."""
+    from tvm import s_tir, te
 
-    B = next(b for b in (64, 32, 16, 8, 4, 2, 1) if V % b == 0)
-
-    @Tx.prim_func
-    def head(h: Tx.Buffer((D,), "float32"), ET: Tx.Buffer((D, V), dtype), out: Tx.Buffer((V,), "float32")):
-        for vo in Tx.parallel(V // B):
-            for vi in Tx.vectorized(B):
-                out[vo * B + vi] = Tx.float32(0)
-            for d in range(D):
-                for vi in Tx.vectorized(B):
-                    out[vo * B + vi] = out[vo * B + vi] + h[d] * Tx.Cast("float32", ET[d, vo * B + vi])
-
-    return head.without_attr("global_symbol")
+    h = te.placeholder((D,), "float32", name="h")
+    E = te.placeholder((V, D), dtype, name="E")
+    d = te.reduce_axis((0, D), name="d")
+    out = te.compute((V,), lambda v: te.sum(h[d] * E[v, d].astype("float32"), axis=d), name="logits")
+    sch = s_tir.Schedule(te.create_prim_func([h, E, out]))
+    blk = sch.get_sblock("logits")
+    _v, dd = sch.get_loops(blk)
+    _do, di = sch.split(dd, [None, lanes])
+    rf = sch.rfactor(di, factor_axis=1)  # logits_rf[V, lanes]
+    v, do, di = sch.get_loops(rf)
+    sch.parallel(v)
+    sch.vectorize(di)
+    sch.reverse_compute_at(blk, v)
+    sch.decompose_reduction(rf, do)
+    return sch.mod["main"].without_attr("global_symbol")
 
 
 def mhc_post_tokens(T: int, D: int, S: int, first: bool, last: bool):
@@ -237,8 +255,10 @@ def mhc_post_tokens(T: int, D: int, S: int, first: bool, last: bool):
     return _prim(params)
 
 
-def schedule(func, target):
-    """Parallelize the outermost spatial loop of every block that has one (a cheap, safe CPU schedule)."""
+def schedule(func, target, chunk: int = 256):
+    """A cheap, safe CPU schedule: per block, its loops fused and cut into chunks of ``chunk`` iterations that run in
+    parallel (one token's SwiGLU, 5632 ``expf`` calls, took 17 µs on one thread). Blocks whose loops do not fuse
+    (a reduction, a non-affine loop) are left as they are; the arithmetic of an element never changes."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
@@ -247,8 +267,10 @@ def schedule(func, target):
         if not loops:
             continue
         try:
-            sch.parallel(loops[0])
-        except Exception:  # a reduction-only or non-affine outer loop: leave it serial
+            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            n = int(sch.get(fused).extent)
+            sch.parallel(sch.split(fused, [None, chunk])[0] if n % chunk == 0 and n > chunk else fused)
+        except Exception:  # a reduction or non-affine loop nest: leave it serial
             pass
     return sch.mod["main"]
 

@@ -15,6 +15,10 @@ Kernels: every ternary matmul, the RMSNorm+quantize before q/k/v and gate/up, an
 UNTUNED warning). Decode uses ``gemv_i8`` and ``mhc_post``; prefill uses ``gemm_i8`` with ``N = P`` (the tuned tile is
 8) and a token-batched TE twin of ``mhc_post``. Embedding, RoPE, the cache write, attention, SwiGLU, the o/down
 input quantize, the final norm and the LM head are the small kernels of :mod:`compiler.graph_kernels`.
+
+CPU weight layout: every ternary matrix is stored once, in ``tile8`` (:mod:`compiler.layouts_x86`: the 64-byte
+chunks of 8 rows side by side, so each thread of a decode GEMV streams one linear range), read by both the decode
+GEMV and the prefill GEMM (``tile=8``). The LM head is ``[V, D]`` as the GGUF stores it (rows streamed once).
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ log = logging.getLogger("compiler.build")
 PREFILL_CHUNK = 8  # = compiler.tune.PREFILL_TOKENS: the gemm_i8 tile that is tuned
 GPU_PREFILL_CHUNK = 16  # = compiler.tune.CUDA_PREFILL_TOKENS
 TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+CPU_TILE = 8  # row tile of the CPU weight layout (tile8), when it divides M
+
+
+def cpu_tile(M: int) -> int:
+    return CPU_TILE if M % CPU_TILE == 0 else 0
 
 
 @dataclass
@@ -44,12 +53,13 @@ class ParamSpec:
 def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", gpu: bool = False) -> list[ParamSpec]:
     """The compiled functions' parameters after the KV cache, in order (names as stored in ``params.npz``).
 
-    ``token_embd.weight [V, D]`` and the transposed LM head ``lm_head.T [D, V]`` keep the GGUF's float16 when it has
-    it (exact; the kernels compute in float32). On GPUs the ternaries are ``int32[M, K/16]`` (``dp4a`` layout)."""
+    ``token_embd.weight [V, D]`` and the LM head ``lm_head.weight [V, D]`` keep the GGUF's float16 when it has
+    it (exact; the kernels compute in float32). On GPUs the ternaries are ``int32[M, K/16]`` (``dp4a`` layout), on
+    CPUs ``uint8[M/8, K/256, 8, 64]`` (``tile8``)."""
     D, V, hd, C, S = cfg.d_model, cfg.vocab_size, cfg.head_dim, cfg.max_seq_len, cfg.n_streams
     out = [
         ParamSpec("token_embd.weight", (V, D), embed_dtype),
-        ParamSpec("lm_head.weight", (V, D), head_dtype) if gpu else ParamSpec("lm_head.T", (D, V), head_dtype),
+        ParamSpec("lm_head.weight", (V, D), head_dtype),
     ]
     out += [ParamSpec("output_norm.weight", (D,), "float32"), ParamSpec("rope.cos", (C, hd // 2), "float32"),
             ParamSpec("rope.sin", (C, hd // 2), "float32")]  # fmt: skip
@@ -60,7 +70,7 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
         for t in TERNARY:
             M, K = _shape(shapes, t, cfg)
             out.append(ParamSpec(f"blk.{i}.{t}.weight", (M, K // 16), "int32") if gpu else
-                       ParamSpec(f"blk.{i}.{t}.weight", (M, K // 4), "uint8"))  # fmt: skip
+                       ParamSpec(f"blk.{i}.{t}.weight", _cpu_w_shape(M, K), "uint8"))  # fmt: skip
             out.append(ParamSpec(f"blk.{i}.{t}.scale", (1,), "float32"))
         for site in ("mhc_attn", "mhc_ffn"):
             out += [ParamSpec(f"blk.{i}.{site}.h_pre", (S,), "float32"),
@@ -76,23 +86,32 @@ def _shape(shapes: dict, t: str, cfg) -> tuple[int, int]:
             "ffn_up": (F, D), "ffn_down": (D, F)}[t]  # fmt: skip
 
 
-def pack_params(g, gpu: bool = False) -> dict[str, np.ndarray]:
-    """The GGUF's tensors → the kernels' inputs: ternaries repacked to ``rowmajor4`` (GPU: ``dp4a``) + a float32
-    scale, floats as float32, mHC coefficients computed once, RoPE tables."""
-    from compiler.layouts_gpu import pack_dp4a
+def _cpu_w_shape(M: int, K: int) -> tuple[int, ...]:
+    return (M // CPU_TILE, K // 256, CPU_TILE, 64) if cpu_tile(M) else (M, K // 4)
+
+
+def _pack_cpu(codes: np.ndarray) -> np.ndarray:
+    """int8 codes ``[M, K]`` → ``tile8`` (``rowmajor4`` when 8 does not divide M)."""
+    from compiler.layouts_x86 import tile_rowmajor4
     from model.ternary.layouts import pack_rowmajor4
 
-    pack = pack_dp4a if gpu else pack_rowmajor4
+    w = pack_rowmajor4(codes)
+    return tile_rowmajor4(w, CPU_TILE) if cpu_tile(codes.shape[0]) else w
+
+
+def pack_params(g, gpu: bool = False) -> dict[str, np.ndarray]:
+    """The GGUF's tensors → the kernels' inputs: ternaries repacked to ``tile8`` (GPU: ``dp4a``) + a float32
+    scale, floats as float32, mHC coefficients computed once, RoPE tables."""
+    from compiler.layouts_gpu import pack_dp4a
+
+    pack = pack_dp4a if gpu else _pack_cpu
     cfg = g.config
     p: dict[str, np.ndarray] = {}
     emb = g.tensors["token_embd.weight"]
     head = emb if cfg.tie_embeddings else g.tensors["output.weight"]
     p["token_embd.weight"] = np.ascontiguousarray(emb.data, float_dtype(emb))
     head_w = np.asarray(head.data, float_dtype(head))
-    if gpu:  # [V, D]: a GEMV, a block per vocabulary row (graph_kernels_gpu.lm_head)
-        p["lm_head.weight"] = np.ascontiguousarray(head_w)
-    else:
-        p["lm_head.T"] = np.ascontiguousarray(head_w.T)
+    p["lm_head.weight"] = np.ascontiguousarray(head_w)  # [V, D]: a GEMV streaming rows (graph_kernels*.lm_head)
     p["output_norm.weight"] = g.tensors["output_norm.weight"].to_float().astype(np.float32)
     p["rope.cos"], p["rope.sin"] = gk.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     coeffs = g.mhc_coefficients()
@@ -209,10 +228,10 @@ class Lowering:
             gv, _ = self._op("gemm_dp4a", N=T, M=M, K=K)
             return self._call(gv, [W, x4, qs, sc, ws], [((T, M), "float32")])
         if T == 1:  # decode: the tuned GEMV
-            gv, _ = self._op("gemv_i8", M=M, K=K)
+            gv, _ = self._op("gemv_i8", M=M, K=K, tile=cpu_tile(M))
             y = self._call(gv, [W, self._reshape(q8, (K,)), qs, sc, ws], [((M,), "float32")])
             return self._reshape(y, (1, M))
-        gv, _ = self._op("gemm_i8", N=T, M=M, K=K)
+        gv, _ = self._op("gemm_i8", N=T, M=M, K=K, tile=cpu_tile(M))
         return self._call(gv, [W, q8, qs, sc, ws], [((T, M), "float32")])
 
     # --- the functions -----------------------------------------------------------------------------------------
@@ -281,7 +300,7 @@ class Lowering:
                     else:
                         gt = mm("ffn_gate", q8, sc, qs, F, D)
                         up = mm("ffn_up", q8, sc, qs, F, D)
-                        hh = self._call(self._te("silu_mul", gk.silu_mul, T, F), [gt, up], [((T, F), f32)])
+                        hh = self._call(self._te("silu_mul", gk.silu_mul, T, F, sched=True), [gt, up], [((T, F), f32)])
                         h8, hsc, hsum = self._call(self._te("quantize", gk.quantize, T, F), [hh],
                                                    [((T, F), "int8"), ((T,), f32), ((T,), "int32")])  # fmt: skip
                         y = mm("ffn_down", h8, hsc, hsum, D, F)
@@ -318,7 +337,7 @@ class Lowering:
                     (gkg if self.gpu else gk).lm_head(V, D, self.head_dtype), "lm_head"
                 )  # fmt: skip
                 self._gv["lm_head"] = head
-                logits = self._call(head, [hv, pv["lm_head.weight" if self.gpu else "lm_head.T"]], [((V,), f32)])
+                logits = self._call(head, [hv, pv["lm_head.weight"]], [((V,), f32)])
                 out = bb.emit_output(logits)
             bb.emit_func_output(out)
 

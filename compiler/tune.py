@@ -89,11 +89,13 @@ def config_ops(cfg, include_prefill: bool = True, target: str = "cpu") -> list:
         if include_prefill:
             ops += [make_op("gemm_dp4a", N=CUDA_PREFILL_TOKENS, M=M, K=K) for M, K in shapes]
         return ops
+    from compiler.lower import cpu_tile  # the CPU build's weight layout (tile8): its GEMV and GEMM read it
+
     ops = []
     for M, K in sorted(set(cfg.ternary_shapes().values())):
-        ops.append(make_op("gemv_i8", M=M, K=K))
+        ops.append(make_op("gemv_i8", M=M, K=K, tile=cpu_tile(M)))
         if include_prefill:
-            ops.append(make_op("gemm_i8", N=PREFILL_TOKENS, M=M, K=K))
+            ops.append(make_op("gemm_i8", N=PREFILL_TOKENS, M=M, K=K, tile=cpu_tile(M)))
     # what compiler.build calls: RMSNorm+quantize per token (decode) and per prefill chunk, and the mHC site op in its
     # three positions (a middle site, the first with expand folded in, the last with collapse folded in)
     ops.append(make_op("rmsnorm_quant", D=cfg.d_model))

@@ -21,10 +21,10 @@ What it mirrors (kernels of :mod:`compiler.graph_kernels` and :mod:`compiler.ops
   ``q = clip(round_half_even(h·scale))``.
 * Ternary matmuls: exact integers ``Σ w·q`` (a float32 matmul of integer values below 2²⁴ is exact), then
   ``float32(acc) · (w_scale / x_scale)``.
-* RoPE, attention (dot products as FMA chains over the head dimension, ``·1/√hd``, ``expf``, the denominator summed
-  in key order, the output as FMA chains over keys, ``/ denominator``), SwiGLU ``g / (1 + expf(−g)) · u``, the mHC
-  site mix and aggregate, the final RMSNorm (a serial FMA chain) and the LM head (``Σ_d h[d]·E[d, v]`` in ``d``
-  order, FMA).
+* RoPE, attention (dot products in 16 lanes of FMA chains then the lanes in order, ``·1/√hd``, ``expf``, the
+  denominator summed in key order, the output as FMA chains over keys, ``/ denominator``), SwiGLU
+  ``g / (1 + expf(−g)) · u``, the mHC site mix and aggregate, the final RMSNorm (a serial FMA chain) and the LM
+  head (per row, 64 lanes of FMA chains over ``d``, then the lanes in order).
 
 The prefill of the compiled module runs chunks of tokens; every kernel treats a token's row on its own, so this
 reference runs prompts a token at a time (with the prefill kernel's RMSNorm lanes) and gets the same numbers.
@@ -165,9 +165,13 @@ def attention(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, n: int) -> np.ndarr
     g = H // kc.shape[0]
     k = np.repeat(kc[:, :n], g, axis=0)  # [H, n, hd]
     v = np.repeat(vc[:, :n], g, axis=0)
-    sc = np.zeros((H, n), F32)
-    for i in range(hd):
-        sc = fma(q[:, i : i + 1], k[:, :, i], sc)
+    L = next(m for m in (16, 8, 4, 2, 1) if hd % m == 0)  # the kernel's vector lanes of a dot product
+    part = (q[:, None, :L] * k[:, :, :L]).astype(F32)  # [H, n, L]
+    for io in range(1, hd // L):
+        part = fma(q[:, None, io * L : (io + 1) * L], k[:, :, io * L : (io + 1) * L], part)
+    sc = part[..., 0]
+    for lane in range(1, L):
+        sc = (sc + part[..., lane]).astype(F32)
     sc = (sc * F32(1.0 / math.sqrt(hd))).astype(F32)
     e = expf(sc - sc.max(axis=1, keepdims=True))
     den = np.zeros(H, F32)
@@ -196,12 +200,23 @@ def mhc_aggregate(X: np.ndarray, h: np.ndarray) -> np.ndarray:
     return u
 
 
-def lm_head(h: np.ndarray, emb: np.ndarray) -> np.ndarray:
-    """``logits[v] = Σ_d h[d]·E[v, d]``, an FMA chain in ``d`` order (``emb [V, D]``, float16 or float32)."""
-    out = np.zeros(emb.shape[0], F64)
-    for d in range(emb.shape[1]):
-        out = (h[d].astype(F64) * emb[:, d].astype(F64) + out).astype(F32).astype(F64)
-    return out.astype(F32)
+def lane_dot(h: np.ndarray, E: np.ndarray, lanes: int) -> np.ndarray:
+    """``Σ_d h[d]·E[v, d]`` for every row ``v`` in ``lanes`` FMA chains (lane ``l`` takes ``d = l, l + lanes, …``),
+    then ``((0 + r₀) + r₁) + …`` (the LM head)."""
+    Ev = E.reshape(E.shape[0], -1, lanes)
+    hv = np.asarray(h, F32).reshape(-1, lanes)
+    r = np.zeros((E.shape[0], lanes), F32)
+    for o in range(Ev.shape[1]):
+        r = fma(hv[o], Ev[:, o].astype(F32), r)
+    s = np.zeros(E.shape[0], F32)
+    for i in range(lanes):
+        s = (s + r[:, i]).astype(F32)
+    return s
+
+
+def lm_head(h: np.ndarray, emb: np.ndarray, lanes: int = 64) -> np.ndarray:
+    """``logits = E·h`` as ``compiler.graph_kernels.lm_head`` computes it (``emb [V, D]``, float16 or float32)."""
+    return lane_dot(h, emb, lanes)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ def space(op, isa: Isa) -> list[Knob]:
         return [knob("rows", op.M, rows, 8), knob("unroll_k", op.K // 256, (1, 2, 4), 2),
                 Knob("prefetch", intrin_x86.PREFETCH, 2048 if big else 0, grid_only=True)]  # fmt: skip
     if kind == "gemm_i8":
-        return [knob("rows", op.M, (1, 2, 4, 8), 4), knob("tokens", op.N, (1, 2, 4), 2),
+        rows = tuple(r for r in (1, 2, 4, 8) if getattr(op, "tile", 0) % r == 0)  # a row tile within a layout tile
+        return [knob("rows", op.M, rows, 4), knob("tokens", op.N, (1, 2, 4), 2),
                 knob("unroll_k", op.K // 256, (1, 2), 1)]  # fmt: skip
     if kind == "gemv_f32":
         return [knob("rows", op.M, (1, 2, 4, 8), 4), knob("lanes", 64, (isa.f32_lanes, 2 * isa.f32_lanes),

@@ -108,6 +108,18 @@ def test_gemv_i8_tiled_layout_bit_exact(target, tile, mt, kc, seed, data):
     np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
 
 
+@pytest.mark.parametrize("target", X86)
+@SETTINGS
+@given(tile=st.sampled_from([4, 8, 16]), N=st.integers(1, 9), mt=st.integers(1, 4), kc=st.integers(1, 3),
+       seed=st.integers(0, 2**16), data=st.data())  # fmt: skip
+def test_gemm_i8_tiled_layout_bit_exact(target, tile, N, mt, kc, seed, data):
+    """Prefill reads the decode GEMV's tile layout (the CPU build stores each matrix once, in tile8)."""
+    op = make_op("gemm_i8", N=N, M=tile * mt, K=256 * kc, tile=tile)
+    knobs = data.draw(knob_choice(op, target))
+    ins, y = run(op, build(op, target, knobs=knobs), seed)
+    np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
+
+
 def test_tiled_layout_round_trip_and_registry():
     import compiler.layouts_x86  # noqa: F401  (registers tile4/8/16)
     from model.ternary.layouts import LAYOUTS
@@ -121,3 +133,5 @@ def test_tiled_layout_round_trip_and_registry():
         np.testing.assert_array_equal(lay.unpack(packed, 512), codes)
     with pytest.raises(OpShapeError, match="tile"):
         make_op("gemv_i8", M=12, K=256, tile=8)
+    with pytest.raises(OpShapeError, match="tile"):
+        make_op("gemm_i8", N=8, M=12, K=256, tile=8)

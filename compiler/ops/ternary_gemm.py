@@ -1,8 +1,10 @@
 """Ternary GEMM for prefill (N tokens at once), W2A8: ``y[n, m] = float32(Σ_k code·x[n] − Σx[n]) · (w_s/x_s[n])``.
 
-Same weight layout, activation interleave and integer maths as ``gemv_i8`` (see :mod:`compiler.ops.ternary_gemv`),
-with per-token ``x_sum`` and ``x_scale``; bit-exact with :func:`model.ternary.reference.ternary_matmul_i8` on
-``[N, K]`` activations. The x86 schedules decode each 64-byte weight chunk once and reuse it for a tile of tokens.
+Same weight layouts (``tile=0``: ``rowmajor4``; ``tile=R``: the ``tile{R}`` row tiles of :mod:`compiler.layouts_x86`,
+so prefill can read the very array the decode GEMV streams), activation interleave and integer maths as ``gemv_i8``
+(see :mod:`compiler.ops.ternary_gemv`), with per-token ``x_sum`` and ``x_scale``; bit-exact with
+:func:`model.ternary.reference.ternary_matmul_i8` on ``[N, K]`` activations. The x86 schedules decode each 64-byte
+weight chunk once and reuse it for a tile of tokens.
 
     python -m compiler.ops.ternary_gemm        # builds the untuned TE for 4×256×512 and checks it against numpy
 """
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.ops.base import Arg, Op, check_k, check_positive
+from compiler.layouts_x86 import TILES, tile_rowmajor4, untile_rowmajor4
+from compiler.ops.base import Arg, Op, OpShapeError, check_k, check_positive
 from compiler.ops.ternary_gemv import CHUNK, _impl, random_packed, te_code, te_interleave
 from model.ternary import reference
 
@@ -23,23 +26,32 @@ class TernaryGemmI8(Op):
     N: int
     M: int
     K: int
+    tile: int = 0
     kind = "gemm_i8"
 
     def __post_init__(self):
         check_positive(N=self.N, M=self.M, K=self.K)
         check_k(self.K)
+        if self.tile and (self.tile not in TILES or self.M % self.tile):
+            raise OpShapeError(f"tile = {self.tile}: must be one of {TILES} and divide M = {self.M}")
+
+    def w_shape(self) -> tuple[int, ...]:
+        if self.tile:
+            return (self.M // self.tile, self.K // CHUNK, self.tile, 64)
+        return (self.M, self.K // 4)
 
     def args(self) -> list[Arg]:
         N, M, K = self.N, self.M, self.K
-        return [Arg("W", (M, K // 4), "uint8"), Arg("x", (N, K), "int8"), Arg("x_sum", (N,), "int32"),
+        return [Arg("W", self.w_shape(), "uint8"), Arg("x", (N, K), "int8"), Arg("x_sum", (N,), "int32"),
                 Arg("x_scale", (N,), "float32"), Arg("w_scale", (1,), "float32"),
                 Arg("y", (N, M), "float32", output=True)]  # fmt: skip
 
     def compute(self):
+        import tvm
         from tvm import te
 
-        N, M, K = self.N, self.M, self.K
-        W = te.placeholder((M, K // 4), "uint8", name="W")
+        N, M, K, R = self.N, self.M, self.K, self.tile
+        W = te.placeholder(self.w_shape(), "uint8", name="W")
         X = te.placeholder((N, K), "int8", name="x")
         Xsum = te.placeholder((N,), "int32", name="x_sum")
         Xs = te.placeholder((N,), "float32", name="x_scale")
@@ -48,11 +60,14 @@ class TernaryGemmI8(Op):
         c = te.reduce_axis((0, K // CHUNK), name="c")
         b = te.reduce_axis((0, 64), name="b")
         j = te.reduce_axis((0, 4), name="j")
+        if R:
+            three = tvm.tirx.const(3, "uint8")
+            code = lambda m: (W[m // R, c, m % R, b] >> (j * 2).astype("uint8")) & three  # noqa: E731
+        else:
+            code = lambda m: te_code(W, m, c * 64 + b, j)  # noqa: E731
         acc = te.compute(
             (N, M),
-            lambda n, m: te.sum(
-                te_code(W, m, c * 64 + b, j).astype("int32") * Xt[n, c, j, b].astype("int32"), axis=[c, b, j]
-            ),
+            lambda n, m: te.sum(code(m).astype("int32") * Xt[n, c, j, b].astype("int32"), axis=[c, b, j]),
             name="acc",
         )
         Y = te.compute((N, M), lambda n, m: (acc[n, m] - Xsum[n]).astype("float32") * (Ws[0] / Xs[n]), name="y")
@@ -62,6 +77,8 @@ class TernaryGemmI8(Op):
         impl = _impl(impl, self.N * self.M * self.K)
         if not np.array_equal(x_sum.astype(np.int64), x.astype(np.int64).sum(axis=1)):
             raise ValueError("x_sum must equal Σx per token (the kernel trusts it)")
+        if self.tile:
+            W = untile_rowmajor4(W)
         _, y = reference.ternary_matmul_i8(W, x, x_scale, float(w_scale[0]), impl=impl)
         return [y]
 
@@ -69,7 +86,10 @@ class TernaryGemmI8(Op):
         x = rng.integers(-127, 128, (self.N, self.K), dtype=np.int8)
         xs = x.astype(np.int32).sum(axis=1).astype(np.int32)
         scales = rng.uniform(0.5, 50, self.N).astype(np.float32)
-        return [random_packed(rng, self.M, self.K), x, xs, scales, np.array([rng.uniform(0.01, 2)], np.float32)]
+        W = random_packed(rng, self.M, self.K)
+        if self.tile:
+            W = tile_rowmajor4(W, self.tile)
+        return [W, x, xs, scales, np.array([rng.uniform(0.01, 2)], np.float32)]
 
     def ops(self) -> float:
         return 2.0 * self.N * self.M * self.K
