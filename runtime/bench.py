@@ -20,9 +20,9 @@ entry's parameter list — every packed ternary matrix in full (2 bits per weigh
 (float16 when the GGUF stores F16), every norm weight, the mHC coefficients, one embedding row and one row of each
 RoPE table. The KV cache read by attention grows with the position and is reported beside it, not in the bound (the
 issue's "weight bytes per token"). Streaming read bandwidth is measured in the same run, for each thread count, in its
-own subprocess, with :func:`compiler.bench.roofline_gbs` (``read`` over a ``--roof-mib`` 512 MiB array: DRAM, not
-cache; best of 1..n threads). ``bound tok/s = read GB/s / bytes per token``; each compiled row shows its decode rate
-as % of it.
+own subprocess right after the compiled row, with :func:`compiler.bench.roofline_gbs` (``read`` over a ``--roof-mib``
+512 MiB array: DRAM, not cache; best of 1..n threads). ``bound tok/s = read GB/s / bytes per token``; each compiled
+row shows its decode rate as % of it.
 Timings on a shared machine are only meaningful when nothing else runs.
 """
 
@@ -220,6 +220,7 @@ def _run_worker(args: list[str], threads: int) -> dict:
 
 
 def run(a) -> dict:
+    load0 = os.getloadavg()
     impls = list(a.impl)
     notes = []
     if "onnxruntime" in impls and importlib.util.find_spec("onnxruntime") is None:
@@ -241,6 +242,9 @@ def run(a) -> dict:
             _run_worker(["onnx_export", "--model", a.model, "--onnx", str(onnx)], 1)
     common = ["--model", a.model, "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens)]
     rows, roofs = [], {}
+    roof = "tvm" in impls and target != "cuda"
+    if "tvm" in impls and not roof:
+        notes.append("bandwidth bound: CPU read bandwidth does not bound a CUDA module (see compiler.bench_cuda)")
     for impl in impls:
         for n in a.threads:
             extra = {"tvm": ["--target", target] + (["--entry", a.entry] if a.entry else []),
@@ -249,11 +253,8 @@ def run(a) -> dict:
             if a.cache_dir:
                 extra += ["--cache-dir", a.cache_dir]
             rows.append(_run_worker([impl, *common, *extra], n))
-    if "tvm" in impls and target != "cuda":
-        for n in a.threads:
-            roofs[n] = _run_worker(["roofline", "--target", target, "--roof-mib", str(a.roof_mib)], n)["read_gbs"]
-    elif "tvm" in impls:
-        notes.append("bandwidth bound: CPU read bandwidth does not bound a CUDA module (see compiler.bench_cuda)")
+            if impl == "tvm" and roof:  # right after the compiled row: the bound under the same conditions
+                roofs[n] = _run_worker(["roofline", "--target", target, "--roof-mib", str(a.roof_mib)], n)["read_gbs"]
     base = {r["threads"]: r for r in rows if r["impl"] == "torch"}
     for r in rows:
         b = base.get(r["threads"])
@@ -264,8 +265,9 @@ def run(a) -> dict:
             r["bound_tok_s"] = gbs * 1e9 / r["bytes"]["weights"]
             r["pct_of_bound"] = 100.0 * r["decode_tok_s"] / r["bound_tok_s"]
             r["decode_gbs"] = r["decode_tok_s"] * r["bytes"]["weights"] / 1e9
-    return {"model": a.model, "target": target, "rows": rows, "read_gbs": roofs, "roof_mib": a.roof_mib, "notes": notes,
-            "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+    return {"model": a.model, "target": target, "rows": rows, "read_gbs": roofs, "roof_mib": a.roof_mib,
+            "notes": notes, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
 
 
 def table(res: dict) -> str:
