@@ -18,7 +18,7 @@ def ngrams(seq, n):
 def test_no_repeat_ngram_bans_exactly_the_completions(gen, n):
     out = penalize(np.zeros(6, np.float32), gen, SamplingParams(no_repeat_ngram=n))
     for t in range(6):
-        repeats = len(gen) >= n - 1 and tuple(gen[len(gen) - n + 1 :] + [t]) in set(ngrams(gen, n))
+        repeats = len(gen) >= n - 1 and tuple([*gen[len(gen) - n + 1 :], t]) in set(ngrams(gen, n))
         assert (out[t] == -np.inf) == repeats
 
 

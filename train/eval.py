@@ -263,8 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     report["model"] = str(args.gguf or args.run)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "code"} | {"validity_rate": report["code"]
-                      ["validity_rate"], "validity_rate_trimmed": report["code"]["validity_rate_trimmed"]}))  # fmt: skip
+    code = report["code"]
+    rates = {"validity_rate": code["validity_rate"], "validity_rate_trimmed": code["validity_rate_trimmed"]}
+    print(json.dumps({k: v for k, v in report.items() if k != "code"} | rates))
 
 
 if __name__ == "__main__":
