@@ -155,6 +155,11 @@ def main(argv=None) -> int:
     if src is None:  # GPU and compiler on one machine: build then measure
         import tempfile
 
+        from schedules.targets import supported
+
+        if not supported("cuda"):
+            raise SystemExit("no CUDA device here: compile with --export DIR, then run --from DIR on the GPU host")
+
         src = export(ops, tempfile.mkdtemp(prefix="bench_cuda_"))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     res = run(src, a.json)
