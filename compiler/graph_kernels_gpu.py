@@ -77,3 +77,99 @@ def lm_head(V: int, D: int, dtype: str = "float32"):
     d = te.reduce_axis((0, D), name="d")
     out = te.compute((V,), lambda v: te.sum(W[v, d].astype("float32") * h[d], axis=d), name="logits")
     return te.create_prim_func([h, W, out]).without_attr("global_symbol")
+
+
+def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256):
+    """RMSNorm (``eps`` given; else none) + int8 per-token quantize in ONE kernel: a CUDA block per token, ``threads``
+    threads striding over ``D``, the three reductions (Σx², max|h|, Σq) as shared-memory trees. Same outputs and
+    maths as :class:`compiler.ops.rmsnorm_quant.RmsNormQuant` (``eps`` given: parameters ``x, weight, q, scale,
+    q_sum``) or :func:`compiler.graph_kernels.quantize` (``x, q, scale, q_sum``); only the order of the float sums
+    differs (a tree instead of lanes), which that op's tolerances cover. Replaces the 7 (4) kernels a per-block
+    schedule makes of them: the decode step is launch-bound."""
+    from tvm.script import tirx as Tx
+
+    from model.ternary.quant import ACT_QMAX, SCALE_EPS
+
+    if D % threads:
+        raise ValueError(f"D = {D} must be a multiple of {threads}")
+    per, levels = D // threads, threads.bit_length() - 1
+    norm = eps is not None
+    epsv = float(eps or 0.0)
+
+    @Tx.macro
+    def body(X, W, Q, S, QS):
+        for t in Tx.thread_binding(T, thread="blockIdx.x"):
+            for tx in Tx.thread_binding(threads, thread="threadIdx.x"):
+                red = Tx.alloc_buffer((threads,), "float32", scope="shared")
+                redi = Tx.alloc_buffer((threads,), "int32", scope="shared")
+                h = Tx.alloc_buffer((per,), "float32", scope="local")
+                acc = Tx.alloc_buffer((2,), "float32", scope="local")
+                isum = Tx.alloc_buffer((1,), "int32", scope="local")
+                acc[1] = Tx.float32(1)
+                if norm:
+                    acc[0] = Tx.float32(0)
+                    for i in range(per):
+                        acc[0] = acc[0] + X[t, i * threads + tx] * X[t, i * threads + tx]
+                    red[tx] = acc[0]
+                    Tx.tvm_storage_sync("shared")
+                    for s in Tx.unroll(levels):
+                        if tx < Tx.shift_right(threads, s + 1):
+                            red[tx] = red[tx] + red[tx + Tx.shift_right(threads, s + 1)]
+                        Tx.tvm_storage_sync("shared")
+                    acc[1] = Tx.float32(1) / Tx.sqrt(red[0] / Tx.float32(D) + Tx.float32(epsv))
+                    Tx.tvm_storage_sync("shared")
+                acc[0] = Tx.float32(0)
+                for i in range(per):
+                    if norm:
+                        h[i] = X[t, i * threads + tx] * acc[1] * W[i * threads + tx]
+                    else:
+                        h[i] = X[t, i * threads + tx]
+                    acc[0] = Tx.max(acc[0], Tx.fabs(h[i]))
+                red[tx] = acc[0]
+                Tx.tvm_storage_sync("shared")
+                for s in Tx.unroll(levels):
+                    if tx < Tx.shift_right(threads, s + 1):
+                        red[tx] = Tx.max(red[tx], red[tx + Tx.shift_right(threads, s + 1)])
+                    Tx.tvm_storage_sync("shared")
+                acc[1] = Tx.float32(ACT_QMAX) / Tx.max(red[0], Tx.float32(SCALE_EPS))
+                if tx == 0:
+                    S[t] = acc[1]
+                isum[0] = 0
+                for i in range(per):
+                    acc[0] = Tx.min(Tx.max(Tx.nearbyint(h[i] * acc[1]), Tx.float32(-ACT_QMAX)), Tx.float32(ACT_QMAX))
+                    Q[t, i * threads + tx] = Tx.Cast("int8", acc[0])
+                    isum[0] = isum[0] + Tx.Cast("int32", acc[0])
+                redi[tx] = isum[0]
+                Tx.tvm_storage_sync("shared")
+                for s in Tx.unroll(levels):
+                    if tx < Tx.shift_right(threads, s + 1):
+                        redi[tx] = redi[tx] + redi[tx + Tx.shift_right(threads, s + 1)]
+                    Tx.tvm_storage_sync("shared")
+                if tx == 0:
+                    QS[t] = redi[0]
+
+    if norm:
+
+        @Tx.prim_func
+        def rms_quant(
+            x: Tx.Buffer((T, D), "float32"),
+            w: Tx.Buffer((D,), "float32"),
+            q: Tx.Buffer((T, D), "int8"),
+            scale: Tx.Buffer((T,), "float32"),
+            q_sum: Tx.Buffer((T,), "int32"),
+        ):
+            body(x, w, q, scale, q_sum)
+
+        return rms_quant.without_attr("global_symbol")
+
+    @Tx.prim_func(check_well_formed=False)  # a root block around loop-style code: legal, but unverified
+    def quant(
+        x: Tx.Buffer((T, D), "float32"),
+        q: Tx.Buffer((T, D), "int8"),
+        scale: Tx.Buffer((T,), "float32"),
+        q_sum: Tx.Buffer((T,), "int32"),
+    ):
+        with Tx.sblock("root"):  # a block body: Relax's reshape analysis asserts one on single-input kernels
+            body(x, x, q, scale, q_sum)  # no weight: the norm branch that reads it is not generated
+
+    return quant.without_attr("global_symbol")

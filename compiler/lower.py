@@ -177,7 +177,13 @@ class Lowering:
             # no tunable CUDA template (the normalisation/elementwise ops): the TE, given a fixed CUDA schedule in
             # compiler.build (schedules.cuda.rows)
             self.kernels[op.key] = "fixed"
-            self._gv[op.func_name] = self.bb.add_func(op.compute(), op.func_name)
+            if kind == "rmsnorm_quant":  # one fused kernel (shared-memory reductions) instead of seven
+                from compiler.ops.rmsnorm_quant import NORM_EPS
+
+                func = gkg.norm_quantize(op.N, op.D, eps=NORM_EPS)
+            else:
+                func = op.compute()
+            self._gv[op.func_name] = self.bb.add_func(func, op.func_name)
         if op.func_name not in self._gv:
             sf = get_primfunc(op, self.target, self.logs_root)
             self.kernels[op.key] = sf.source
@@ -193,6 +199,9 @@ class Lowering:
                 f = gk.schedule(f, self._target())
             self._gv[key] = self.bb.add_func(f, key)
         return self._gv[key]
+
+    def _quantize(self, T: int, K: int):
+        return gkg.norm_quantize(T, K) if self.gpu else gk.quantize(T, K)
 
     def _target(self):
         if self._tgt is None:
@@ -294,14 +303,14 @@ class Lowering:
                         kc, vc = bb.emit(relax.TupleGetItem(upd, 0)), bb.emit(relax.TupleGetItem(upd, 1))
                         att = self._te("attention", (gkg if self.gpu else gk).attention, T, H, Hkv, hd, C)
                         o = self._call(att, [qr, kc, vc, pos], [((T, D), f32), ((T * H, C), f32), ((T * H, 2), f32)])[0]
-                        o8, osc, osum = self._call(self._te("quantize", gk.quantize, T, D), [o],
+                        o8, osc, osum = self._call(self._te("quantize", self._quantize, T, D), [o],
                                                    [((T, D), "int8"), ((T,), f32), ((T,), "int32")])  # fmt: skip
                         y = mm("attn_output", o8, osc, osum, D, D)
                     else:
                         gt = mm("ffn_gate", q8, sc, qs, F, D)
                         up = mm("ffn_up", q8, sc, qs, F, D)
                         hh = self._call(self._te("silu_mul", gk.silu_mul, T, F, sched=True), [gt, up], [((T, F), f32)])
-                        h8, hsc, hsum = self._call(self._te("quantize", gk.quantize, T, F), [hh],
+                        h8, hsc, hsum = self._call(self._te("quantize", self._quantize, T, F), [hh],
                                                    [((T, F), "int8"), ((T,), f32), ((T,), "int32")])  # fmt: skip
                         y = mm("ffn_down", h8, hsc, hsum, D, F)
                     first, lst = site == 0, site == n_sites - 1

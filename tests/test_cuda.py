@@ -93,6 +93,25 @@ def test_cuda_kernels_compile_to_device_code(tmp_path, key, knobs):
     assert b"__global__" not in blob and b'extern "C"' not in blob
 
 
+@needs_nvcc
+@pytest.mark.parametrize("eps", [1e-5, None])
+def test_fused_norm_quantize_is_one_kernel_with_block_barriers(eps):
+    """RMSNorm+quantize (and quantize) as one CUDA kernel: shared-memory tree reductions with barriers between the
+    levels (the whole-model parity run on the GPU checks its numbers: docs/bench/cuda)."""
+    import tvm
+
+    from compiler.graph_kernels_gpu import norm_quantize
+
+    f = norm_quantize(2, 1536, eps)
+    assert len(f.params) == (5 if eps else 4)
+    ex = S.compile_mod(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), "cuda")
+    src = ex.mod.imports[0].inspect_source()
+    assert src.count("__global__") == 2  # declaration + definition: one kernel
+    assert src.count("__syncthreads()") >= (3 if eps else 2) * 8  # (Σx²,) max|h|, Σq over 256 threads: 8 levels
+    with pytest.raises(ValueError, match="multiple of 256"):
+        norm_quantize(1, 100)
+
+
 def test_invalid_knobs_are_rejected_before_building():
     from schedules import cuda
 
