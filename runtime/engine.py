@@ -208,7 +208,10 @@ class Engine:
                 result.finish_reason = "stop_token"
                 break
             if params.stop_strings and self.tokenizer is not None:
-                text = self.detokenize(result.tokens)
+                # a stop string that the newest token completes lies in the last (its bytes + 1) tokens: decode
+                # only those (a whole-list decode per token made long generations quadratic)
+                window = max(len(s.encode()) for s in params.stop_strings) + 2
+                text = self.detokenize(result.tokens[-window:])
                 if any(s in text for s in params.stop_strings):
                     result.finish_reason = "stop_string"
                     break
@@ -229,23 +232,26 @@ class Engine:
 
     def stream_text(self, prompt: str, params: SamplingParams, result: Generation | None = None) -> Iterator[str]:
         """Yield the generated text in pieces; a piece never ends inside a UTF-8 character (an incomplete byte
-        sequence decodes to U+FFFD and is held back until the following tokens complete it). Stop strings are cut."""
+        sequence decodes to U+FFFD and is held back until the following tokens complete it). Stop strings are cut.
+        Decoding is incremental: only the tokens after the last character boundary are decoded each step."""
         if self.tokenizer is None:
             raise ValueError("no tokenizer: construct the Engine with the GGUF")
         result = result if result is not None else Generation()
         ids = self.tokenize(prompt)
-        emitted = ""
+        emitted = text = ""
+        read = 0  # tokens[:read] decode to `text`, ending on a character boundary
         held = max((len(s) for s in params.stop_strings), default=1) - 1
         for _ in self.generate_tokens(ids, params, result):
-            text = self.detokenize(result.tokens)
-            if text.endswith("\ufffd"):
+            piece = self.detokenize(result.tokens[read:])  # byte-level BPE: text of tokens[:read] + this
+            if piece.endswith("\ufffd"):
                 continue
+            text, read = text + piece, len(result.tokens)
             cut = _stop_cut(text, params.stop_strings)
             safe = text[:cut] if cut is not None else text[: len(text) - held]  # hold back a stop string's prefix
             if len(safe) > len(emitted) and safe.startswith(emitted):
                 yield safe[len(emitted) :]
                 emitted = safe
-        text = self.detokenize(result.tokens)
+        text += self.detokenize(result.tokens[read:])
         cut = _stop_cut(text, params.stop_strings)
         final = text[:cut] if cut is not None else text.rstrip("\ufffd")
         if len(final) > len(emitted) and final.startswith(emitted):

@@ -54,3 +54,23 @@ def test_greedy_generation_never_repeats_an_ngram():
     toks = generate(model, [5, 6], SamplingParams(max_new_tokens=48, no_repeat_ngram=3)).tokens
     assert len(set(ngrams(toks, 3))) == len(ngrams(toks, 3))
     assert len(set(ngrams(plain, 3))) < len(ngrams(plain, 3))  # the control did something on this model
+
+
+def test_incremental_detokenization_equals_whole_decode():
+    """Engine.stream_text decodes only the tokens after the last character boundary: for byte-level BPE that is the
+    whole decode's suffix, also across multi-byte characters split over tokens."""
+    from model.gguf_io import read_gguf
+    from model.tokenizer import hf_from_spec
+
+    tok = hf_from_spec(read_gguf("models/small.gguf", check_values=False).tokenizer)
+    text = "def f(x):\n    return 'héllo → wörld 🙂' * x  # ünïcode\n"
+    ids = tok.encode(text).ids
+    out, read, held = "", 0, 0
+    for n in range(1, len(ids) + 1):
+        piece = tok.decode(ids[read:n], skip_special_tokens=False)
+        if piece.endswith("\ufffd"):
+            held += 1
+            continue
+        out, read = out + piece, n
+    assert out == tok.decode(ids, skip_special_tokens=False) == text
+    assert held, "no character was split across tokens: the case this test is for did not occur"
