@@ -173,3 +173,77 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256):
             body(x, x, q, scale, q_sum)  # no weight: the norm branch that reads it is not generated
 
     return quant.without_attr("global_symbol")
+
+
+def mhc_post(D: int, S: int, first: bool, last: bool, threads: int = 256):
+    """The decode-time mHC site op (:class:`compiler.ops.mhc.MhcPost`) as ONE CUDA kernel: ``threads`` threads
+    striding over the columns, each column's ``S`` outputs and ``u`` kept in registers (same sums in the same order
+    as the op's TE), ``Σu²`` reduced as a shared-memory tree. Parameters as the op's, except that the first site's
+    embedding comes as ``x [1, D]``. Replaces the 3 kernels a per-block schedule makes of it."""
+    from tvm.script import tirx as Tx
+
+    if D % threads:
+        raise ValueError(f"D = {D} must be a multiple of {threads}")
+    per, levels = D // threads, threads.bit_length() - 1
+    rows, inv_s = (1 if first else S), 1.0 / S
+
+    @Tx.macro
+    def body(X, Y, H, HP, HPRE, XO, U, SS):
+        for _b in Tx.thread_binding(1, thread="blockIdx.x"):
+            for tx in Tx.thread_binding(threads, thread="threadIdx.x"):
+                red = Tx.alloc_buffer((threads,), "float32", scope="shared")
+                acc = Tx.alloc_buffer((S + 2,), "float32", scope="local")
+                acc[S + 1] = Tx.float32(0)
+                for i in range(per):
+                    acc[S] = Tx.float32(0)
+                    for s in Tx.unroll(S):
+                        acc[s] = H[s, 0] * X[0, i * threads + tx]
+                        for j in Tx.unroll(1, S):
+                            acc[s] = acc[s] + H[s, j] * X[j * (rows - 1) // max(S - 1, 1), i * threads + tx]
+                        acc[s] = acc[s] + HP[s] * Y[i * threads + tx]
+                        if not last:
+                            XO[s, i * threads + tx] = acc[s]
+                        if last:
+                            acc[S] = acc[S] + Tx.float32(inv_s) * acc[s]
+                        else:
+                            acc[S] = acc[S] + HPRE[s] * acc[s]
+                    U[i * threads + tx] = acc[S]
+                    acc[S + 1] = acc[S + 1] + acc[S] * acc[S]
+                red[tx] = acc[S + 1]
+                Tx.tvm_storage_sync("shared")
+                for s in Tx.unroll(levels):
+                    if tx < Tx.shift_right(threads, s + 1):
+                        red[tx] = red[tx] + red[tx + Tx.shift_right(threads, s + 1)]
+                    Tx.tvm_storage_sync("shared")
+                if tx == 0:
+                    SS[0] = red[0]
+
+    if not last:
+
+        @Tx.prim_func
+        def site(
+            x: Tx.Buffer((rows, D), "float32"),
+            y: Tx.Buffer((D,), "float32"),
+            h_res: Tx.Buffer((S, S), "float32"),
+            h_post: Tx.Buffer((S,), "float32"),
+            h_pre: Tx.Buffer((S,), "float32"),
+            x_out: Tx.Buffer((S, D), "float32"),
+            u: Tx.Buffer((D,), "float32"),
+            ss: Tx.Buffer((1,), "float32"),
+        ):
+            body(x, y, h_res, h_post, h_pre, x_out, u, ss)
+
+        return site.without_attr("global_symbol")
+
+    @Tx.prim_func
+    def last_site(
+        x: Tx.Buffer((rows, D), "float32"),
+        y: Tx.Buffer((D,), "float32"),
+        h_res: Tx.Buffer((S, S), "float32"),
+        h_post: Tx.Buffer((S,), "float32"),
+        u: Tx.Buffer((D,), "float32"),
+        ss: Tx.Buffer((1,), "float32"),
+    ):
+        body(x, y, h_res, h_post, h_post, x, u, ss)  # no h_pre, no X': their branches are not generated
+
+    return last_site.without_attr("global_symbol")

@@ -181,6 +181,8 @@ class Lowering:
                 from compiler.ops.rmsnorm_quant import NORM_EPS
 
                 func = gkg.norm_quantize(op.N, op.D, eps=NORM_EPS)
+            elif kind == "mhc_post":  # one kernel instead of three
+                func = gkg.mhc_post(op.D, op.S, bool(op.first), bool(op.last))
             else:
                 func = op.compute()
             self._gv[op.func_name] = self.bb.add_func(func, op.func_name)
@@ -320,7 +322,7 @@ class Lowering:
                         coef.append(pv[f"blk.{nxt // 2}.{'mhc_attn' if nxt % 2 == 0 else 'mhc_ffn'}.h_pre"])
                     if T == 1:
                         gv, _ = self._op("mhc_post", D=D, S=S, first=int(first), last=int(lst))
-                        xin = self._reshape(x, (D,)) if first else X
+                        xin = self._reshape(x, (1, D) if self.gpu else (D,)) if first else X
                         outs = ([] if lst else [((S, D), f32)]) + [((D,), f32), ((1,), f32)]
                         r = self._call(gv, [xin, self._reshape(y, (D,)), *coef], outs)
                         if not lst:

@@ -112,6 +112,22 @@ def test_fused_norm_quantize_is_one_kernel_with_block_barriers(eps):
         norm_quantize(1, 100)
 
 
+@needs_nvcc
+@pytest.mark.parametrize("first,last", [(0, 0), (1, 0), (0, 1)])
+def test_fused_mhc_site_is_one_kernel(first, last):
+    import tvm
+
+    from compiler.graph_kernels_gpu import mhc_post
+    from compiler.ops import make_op
+
+    f = mhc_post(512, 2, bool(first), bool(last))
+    op = make_op("mhc_post", D=512, S=2, first=first, last=last)
+    assert len(f.params) == len(op.args())  # the op's parameters (the first site's x as [1, D])
+    src = S.compile_mod(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), "cuda").mod.imports[0]
+    text = src.inspect_source()
+    assert text.count("__global__") == 2 and ("x_out_ptr[" in text) == (not last)
+
+
 def test_invalid_knobs_are_rejected_before_building():
     from schedules import cuda
 
