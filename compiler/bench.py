@@ -355,12 +355,13 @@ def run(target: str = "auto", shapes=None, threads=(1, 2), baselines: bool = Tru
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a == "cuda" or a == "--target=cuda" for a in argv) and "--target" in " ".join(argv):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--target", default="auto")
+    known, rest = pre.parse_known_args(argv)
+    if known.target == "cuda":
         from compiler import bench_cuda  # GPU kernels: their own measurement (CUDA events, HBM roofline)
 
-        return bench_cuda.main([a for i, a in enumerate(argv) if a not in ("--target", "--target=cuda", "cuda")
-                                or (a == "cuda" and argv[i - 1] != "--target")])  # fmt: skip
+        return bench_cuda.main(rest)
     p = argparse.ArgumentParser(prog="python -m compiler.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--target", default="auto", help="avx512 | avx2 | auto (default) | all | cuda (see bench_cuda)")

@@ -102,7 +102,10 @@ def ensure_built(gguf: Path | str, target: str = "auto", cache_dir: Path | str |
 class Engine:
     """One sequence at a time: :meth:`prefill` the prompt, then :meth:`decode` a token at a time."""
 
-    def __init__(self, entry: Path | str, gguf: Path | str | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self, entry: Path | str, gguf: Path | str | None = None, threads: int | None = None, tokenizer=None
+    ) -> None:
+        """``gguf`` supplies the tokenizer (and end-of-text id); or pass an HF ``tokenizer`` directly."""
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or len(os.sched_getaffinity(0))))
         import tvm
         from tvm.runtime.vm import VirtualMachine
@@ -131,7 +134,7 @@ class Engine:
         self.cache = [tvm.runtime.tensor(np.zeros(shape, np.float32), self.dev) for _ in range(2 * self.n_layers)]
         self._tvm = tvm
         self.pos = 0
-        self.tokenizer = None
+        self.tokenizer = tokenizer
         self.eos = None
         if gguf is not None:
             from model.gguf_io import read_gguf

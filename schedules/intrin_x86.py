@@ -105,60 +105,23 @@ def _impl(isa: str, pf: int):
     hi = lambda W, X, C: _maddubs_expr(W, X, C, 32, 32)  # noqa: E731  (AVX2: the upper 32 bytes → lanes 8..15)
     n = 8 if isa == "avx2" else 16
 
-    if isa == "avx2" and pf:
+    prefetch, avx2 = pf > 0, isa == "avx2"  # Python constants: the parser drops the branches not taken
 
-        @T.prim_func(s_tir=True)
-        def impl(
-            W: T.Buffer((64,), "uint8", offset_factor=1),
-            X: T.Buffer((4, 64), "int8", offset_factor=1),
-            C: T.Buffer((16,), "int32", offset_factor=1),
-        ) -> None:
-            with T.sblock("root"):
-                T.reads(C[0:16], W[0:64], X[0:4, 0:64])
-                T.writes(C[0:16])
+    @T.prim_func(s_tir=True)
+    def impl(
+        W: T.Buffer((64,), "uint8", offset_factor=1),
+        X: T.Buffer((4, 64), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], W[0:64], X[0:4, 0:64])
+            T.writes(C[0:16])
+            if prefetch:
                 T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[pf]), 0, 3, 1))
+            if avx2:
                 C[T.ramp(0, 1, 8)] = lo(W, X, C)
                 C[T.ramp(8, 1, 8)] = hi(W, X, C)
-
-    elif isa == "avx2":
-
-        @T.prim_func(s_tir=True)
-        def impl(
-            W: T.Buffer((64,), "uint8", offset_factor=1),
-            X: T.Buffer((4, 64), "int8", offset_factor=1),
-            C: T.Buffer((16,), "int32", offset_factor=1),
-        ) -> None:
-            with T.sblock("root"):
-                T.reads(C[0:16], W[0:64], X[0:4, 0:64])
-                T.writes(C[0:16])
-                C[T.ramp(0, 1, 8)] = lo(W, X, C)
-                C[T.ramp(8, 1, 8)] = hi(W, X, C)
-
-    elif pf:
-
-        @T.prim_func(s_tir=True)
-        def impl(
-            W: T.Buffer((64,), "uint8", offset_factor=1),
-            X: T.Buffer((4, 64), "int8", offset_factor=1),
-            C: T.Buffer((16,), "int32", offset_factor=1),
-        ) -> None:
-            with T.sblock("root"):
-                T.reads(C[0:16], W[0:64], X[0:4, 0:64])
-                T.writes(C[0:16])
-                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[pf]), 0, 3, 1))
-                C[T.ramp(0, 1, n)] = lo(W, X, C)
-
-    else:
-
-        @T.prim_func(s_tir=True)
-        def impl(
-            W: T.Buffer((64,), "uint8", offset_factor=1),
-            X: T.Buffer((4, 64), "int8", offset_factor=1),
-            C: T.Buffer((16,), "int32", offset_factor=1),
-        ) -> None:
-            with T.sblock("root"):
-                T.reads(C[0:16], W[0:64], X[0:4, 0:64])
-                T.writes(C[0:16])
+            else:
                 C[T.ramp(0, 1, n)] = lo(W, X, C)
 
     return impl

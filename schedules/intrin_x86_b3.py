@@ -87,34 +87,21 @@ def _dot(W, X, C, s: int, gfni: bool):
 
 
 def _impl(pf: int, gfni: bool):
-    if pf:
+    prefetch = pf > 0  # a Python constant: the parser drops the prefetch when it is off
 
-        @T.prim_func(s_tir=True)
-        def impl(
-            W: T.Buffer((64,), "uint8", offset_factor=1),
-            X: T.Buffer((5, 64), "int8", offset_factor=1),
-            C: T.Buffer((2, 16), "int32", offset_factor=1),
-        ) -> None:
-            with T.sblock("root"):
-                T.reads(C[0:2, 0:16], W[0:64], X[0:5, 0:64])
-                T.writes(C[0:2, 0:16])
+    @T.prim_func(s_tir=True)
+    def impl(
+        W: T.Buffer((64,), "uint8", offset_factor=1),
+        X: T.Buffer((5, 64), "int8", offset_factor=1),
+        C: T.Buffer((2, 16), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:16], W[0:64], X[0:5, 0:64])
+            T.writes(C[0:2, 0:16])
+            if prefetch:
                 T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[pf]), 0, 3, 1))
-                C[0, T.ramp(0, 1, 16)] = _dot(W, X, C, 0, gfni)
-                C[1, T.ramp(0, 1, 16)] = _dot(W, X, C, 1, gfni)
-
-    else:
-
-        @T.prim_func(s_tir=True)
-        def impl(
-            W: T.Buffer((64,), "uint8", offset_factor=1),
-            X: T.Buffer((5, 64), "int8", offset_factor=1),
-            C: T.Buffer((2, 16), "int32", offset_factor=1),
-        ) -> None:
-            with T.sblock("root"):
-                T.reads(C[0:2, 0:16], W[0:64], X[0:5, 0:64])
-                T.writes(C[0:2, 0:16])
-                C[0, T.ramp(0, 1, 16)] = _dot(W, X, C, 0, gfni)
-                C[1, T.ramp(0, 1, 16)] = _dot(W, X, C, 1, gfni)
+            C[0, T.ramp(0, 1, 16)] = _dot(W, X, C, 0, gfni)
+            C[1, T.ramp(0, 1, 16)] = _dot(W, X, C, 1, gfni)
 
     return impl
 

@@ -165,20 +165,14 @@ def torch_generator(model: Transformer, tok):
 
 def engine_generator(entry: Path, tok):
     """The same with the compiled runtime (``runtime.engine.Engine`` on a ``compiler.build`` entry, CPU or CUDA):
-    the same sampling code path, much faster than the PyTorch loop."""
+    the same sampling and stop-string code path, much faster than the PyTorch loop."""
     from runtime.engine import Engine, Generation
 
-    eng = Engine(entry, None)
+    eng = Engine(entry, None, tokenizer=tok)
 
     def run(ids: list[int], params: SamplingParams) -> tuple[str, str]:
         res = Generation()
-        out: list[int] = []
-        for t in eng.generate_tokens(ids, params, res):
-            out.append(t)
-            if params.stop_strings and any(x in tok.decode(out[-8:], skip_special_tokens=False) for x in
-                                           params.stop_strings):  # fmt: skip
-                res.finish_reason = "stop_string"
-                break
+        out = list(eng.generate_tokens(ids, params, res))
         text = tok.decode(out, skip_special_tokens=False)
         cuts = [text.find(x) for x in params.stop_strings if x in text]
         return (text[: min(cuts)] if cuts else text), res.finish_reason

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.layouts_x86 import TILES, tile_rowmajor4, untile_rowmajor4
-from compiler.ops.base import Arg, Op, OpShapeError, check_k, check_positive
-from compiler.ops.ternary_gemv import CHUNK, _impl, random_packed, te_code, te_interleave
+from compiler.layouts_x86 import tile_rowmajor4, untile_rowmajor4
+from compiler.ops.base import Arg, Op, check_k, check_positive
+from compiler.ops.ternary_gemv import CHUNK, _impl, check_tile, random_packed, te_code, te_interleave, weight_shape
 from model.ternary import reference
 
 
@@ -32,13 +32,10 @@ class TernaryGemmI8(Op):
     def __post_init__(self):
         check_positive(N=self.N, M=self.M, K=self.K)
         check_k(self.K)
-        if self.tile and (self.tile not in TILES or self.M % self.tile):
-            raise OpShapeError(f"tile = {self.tile}: must be one of {TILES} and divide M = {self.M}")
+        check_tile(self.M, self.tile)
 
     def w_shape(self) -> tuple[int, ...]:
-        if self.tile:
-            return (self.M // self.tile, self.K // CHUNK, self.tile, 64)
-        return (self.M, self.K // 4)
+        return weight_shape(self.M, self.K, self.tile)
 
     def args(self) -> list[Arg]:
         N, M, K = self.N, self.M, self.K

@@ -36,6 +36,16 @@ def interleave_x(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(*x.shape[:-1], k // CHUNK, 64, 4).swapaxes(-1, -2))
 
 
+def check_tile(M: int, tile: int) -> None:
+    if tile and (tile not in TILES or M % tile):
+        raise OpShapeError(f"tile = {tile}: must be one of {TILES} and divide M = {M}")
+
+
+def weight_shape(M: int, K: int, tile: int) -> tuple[int, ...]:
+    """The packed weights' shape: ``rowmajor4 [M, K/4]`` (tile 0) or ``tile{R} [M/R, K/256, R, 64]``."""
+    return (M // tile, K // CHUNK, tile, 64) if tile else (M, K // 4)
+
+
 def te_code(W, m, kb, j):
     """The storage code {0,1,2} (uint8) of weight ``(m, 4·kb + j)``."""
     import tvm
@@ -70,13 +80,10 @@ class TernaryGemvI8(Op):
     def __post_init__(self):
         check_positive(M=self.M, K=self.K)
         check_k(self.K)
-        if self.tile and (self.tile not in TILES or self.M % self.tile):
-            raise OpShapeError(f"tile = {self.tile}: must be one of {TILES} and divide M = {self.M}")
+        check_tile(self.M, self.tile)
 
     def w_shape(self) -> tuple[int, ...]:
-        if self.tile:
-            return (self.M // self.tile, self.K // CHUNK, self.tile, 64)
-        return (self.M, self.K // 4)
+        return weight_shape(self.M, self.K, self.tile)
 
     def args(self) -> list[Arg]:
         return [Arg("W", self.w_shape(), "uint8"), Arg("x", (self.K,), "int8"), Arg("x_sum", (1,), "int32"),
