@@ -119,13 +119,11 @@ def run_candidates(cand_dir: Path | str, out: Path | str) -> list[dict]:
 
     cand_dir = Path(cand_dir)
     entries = json.loads((cand_dir / MANIFEST).read_text())["candidates"]
-    results, data = [], {}
-    for e in entries:
+    results, key = [], None
+    for e in entries:  # the manifest lists a workload's candidates together: one workload's data at a time
         op = parse_key(e["op"])
-        if e["op"] not in data:
-            data.clear()  # one workload's data at a time (large shapes)
-            data[e["op"]] = device_inputs(tvm, op)
-        ins, refs, args = data[e["op"]]
+        if e["op"] != key:
+            key, (ins, refs, args) = e["op"], device_inputs(tvm, op)
         rec = dict(e, ok=False, run_secs=None, error=None)
         try:
             f = tvm.runtime.load_module(str(cand_dir / e["file"]))["main"]
