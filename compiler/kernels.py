@@ -21,6 +21,8 @@ import functools
 
 import numpy as np
 
+from schedules import targets
+
 ALIGN = 64
 
 
@@ -66,6 +68,9 @@ class Kernel:
     """``Kernel(op, executable)(*inputs, out=None) -> [outputs]`` with full argument checking (see module doc)."""
 
     def __init__(self, op, executable, entry: str = "main"):
+        missing = targets.missing_op_flags(op)
+        if missing:  # the kernel's instructions would kill the process (SIGILL), not raise
+            raise RuntimeError(f"{op.key}: its kernel needs the CPU flags {missing}, which this machine lacks")
         self.op = op
         mod = getattr(executable, "mod", executable)  # tvm.runtime.Executable or runtime.Module
         self.module = mod

@@ -76,6 +76,11 @@ def missing_flags(name: str) -> list[str]:
     return sorted(set(REQUIRED_FLAGS.get(name, ())) - cpu_flags())
 
 
+def missing_op_flags(op) -> list[str]:
+    """CPU flags an op's kernels need beyond their target's (``op.cpu_flags``, e.g. VBMI) that this machine lacks."""
+    return sorted(set(getattr(op, "cpu_flags", ())) - cpu_flags())
+
+
 def detect() -> str:
     """The best CPU target this machine runs: ``avx512`` if it has VNNI, else ``avx2``."""
     for name in ("avx512", "avx2"):

@@ -1,0 +1,217 @@
+"""Ternary GEMV by table lookup on 1.67-bit weights: ``gemv_i8_tl``, W1.67A8, bit-exact with ``gemv_i8``.
+
+Weights in the ``tl{R}`` layout of :mod:`compiler.layouts_x86_tl`: three weights per code, stored as a 4-bit index
+``|c − 13|`` and a sign bit. Two stages:
+
+1. ``lut``: for every group of three activations ``(x0, x1, x2)`` (K zero-padded to a multiple of 24), the 16-entry
+   table of ``v(i) = Σ t·x`` over the positive combinations ``t`` of code ``13 + i`` (entries 14, 15 are 0), split into
+   bytes: ``lo = v & 255`` (unsigned) and ``hi = (v >> 8) + 2`` ∈ 0..3 (|v| ≤ 381). Stored as
+   ``LUT[b, half, h, 16j + i]`` for code ``j`` of half ``half`` of block ``b``: one 64-byte ``vpermb`` table per
+   (block, half, byte). K/24 · 256 bytes, built once per call and read by every row.
+2. ``acc[h, m] = Σ_{b, half, j} LUT[b, half, h] byte (16j + index) · sign`` (int32), the row's lookups times ±1, for
+   both bytes h. Then ``Σ w·x = acc[0] + 256·(acc[1] − 2·Σ sign)``, with the row's ``Σ sign`` stored in the layout,
+   and ``y = float32(Σ w·x) · (w_scale / x_scale)``: the float epilogue of ``gemv_i8``, so y is bit-exact with
+   :func:`model.ternary.reference.ternary_matmul_i8`. The kernel does not need Σx (the codes are not offset).
+
+The AVX-512 kernel (:mod:`schedules.intrin_x86_tl`) does the lookups with ``vpermb`` (AVX-512 VBMI) and the
+multiply-accumulate with ``vpdpbusd`` (table byte unsigned, sign ±1 signed): no weight is ever decoded.
+
+    python -m compiler.ops.ternary_gemv_tl     # builds the untuned TE for 64×1024 and checks it against numpy
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from compiler.layouts_x86_tl import (
+    BLOCK_K,
+    GROUP,
+    HALF_CODES,
+    TILE_ROWS,
+    TL_TILES,
+    ZERO_CODE,
+    blocks,
+    pack_tl,
+    shape,  # fmt: skip
+    unpack_tl,
+)
+from compiler.ops.base import Arg, Op, OpShapeError, check_k, check_positive
+from model.ternary import reference
+from model.ternary.layouts import pack_rowmajor4
+
+LUT_BYTES = 2 * 2 * 64  # per block: (half, lo/hi) × 64-byte table
+
+
+def lut_numpy(x: np.ndarray, k: int) -> np.ndarray:
+    """numpy twin of the ``lut`` stage: int8 ``x[K]`` → ``uint64[B, 2, 2, 4, 2]`` (bytes of ``uint8[B, 2, 2, 64]``)."""
+    b = blocks(k)
+    xp = np.zeros(b * BLOCK_K, np.int64)
+    xp[:k] = x
+    xg = xp.reshape(b, 2, HALF_CODES, GROUP)
+    c = ZERO_CODE + np.arange(16)
+    t = np.stack([c // 9, c // 3 % 3, c % 3], axis=-1) - 1  # [16, 3]
+    v = np.einsum("bhjg,ig->bhji", xg, t) * (np.arange(16) <= ZERO_CODE)  # [b, half, j, i]
+    out = np.stack([v & 255, (v >> 8) + 2], axis=2).astype(np.uint8)  # [b, half, h, j, i]
+    return np.ascontiguousarray(out).view("<u8").reshape(b, 2, 2, HALF_CODES, 2)
+
+
+def te_lut_word(xg, h, w):
+    """Word ``w`` (entries 8w..8w+7) of byte ``h`` of one group's table, uint64: byte ``i`` is the lo (h = 0) or hi
+    byte of ``v = Σ_g t_g·xg(g)`` for the positive combination ``t`` of code ``13 + 8w + i`` (0 past code 26).
+    ``xg(g)`` returns the group's activation g (int8). Shared by the TE compute and the table-building intrinsic;
+    the four (h, w) words are spelled out with Python-constant digits (± activations, no arithmetic on h or w) so that
+    the simplifier leaves both sides alike."""
+    import tvm
+
+    i32 = lambda v: tvm.tirx.const(v, "int32")  # noqa: E731
+
+    def word(hc: int, wc: int):
+        out = tvm.tirx.const(0, "uint64")
+        for i in range(8):
+            c = ZERO_CODE + 8 * wc + i
+            v = i32(0)
+            if c <= 2 * ZERO_CODE:
+                for g, digit in enumerate((c // 9 - 1, c // 3 % 3 - 1, c % 3 - 1)):
+                    if digit:
+                        v = v + xg(g).astype("int32") if digit > 0 else v - xg(g).astype("int32")
+            byte = v & i32(255) if hc == 0 else (v >> 8) + i32(2)
+            out = out | (byte.astype("uint64") << tvm.tirx.const(8 * i, "uint64"))
+        return out
+
+    return tvm.tirx.Select(h == 0, tvm.tirx.Select(w == 0, word(0, 0), word(0, 1)),
+                           tvm.tirx.Select(w == 0, word(1, 0), word(1, 1)))  # fmt: skip
+
+
+def te_term(table_word, nib_byte, sign_byte, half, bit):
+    """One lookup times its sign, int32. The 16-byte table is two uint64 words (``table_word(0)``, ``(1)``), and entry
+    ``i`` (the nibble ``half`` of ``nib_byte``) is byte ``i % 8`` of word ``i // 8``: the data-dependent part is a
+    select and a shift, never a buffer index — tensorize compares indices arithmetically, and an index holding a load
+    of W could not be matched. The sign is bit ``bit`` of ``sign_byte``: ``· (1 − 2·bit)``.
+
+    Shared by the TE compute and the tensor intrinsic's description (schedules/intrin_x86_tl.py): tensorize matches
+    the two structurally, so they must build the same expression."""
+    import tvm
+
+    u8 = lambda v: tvm.tirx.const(v, "uint8")  # noqa: E731
+    index = (nib_byte >> (u8(4) * half.astype("uint8"))) & u8(15)
+    word = tvm.tirx.Select(index < u8(8), table_word(0), table_word(1))
+    entry = (word >> ((index & u8(7)) * u8(8)).astype("uint64")) & tvm.tirx.const(255, "uint64")
+    neg = ((sign_byte >> bit.astype("uint8")) & u8(1)).astype("int32")
+    return entry.astype("int32") * (tvm.tirx.const(1, "int32") - tvm.tirx.const(2, "int32") * neg)
+
+
+@dataclass(frozen=True)
+class TernaryGemvI8TL(Op):
+    """``y[M] = float32(Σ w·x) · (w_scale / x_scale)`` on ``tl{tile}`` weights; stages ``lut``, ``acc``, ``y``."""
+
+    M: int
+    K: int
+    tile: int = 8
+    kind = "gemv_i8_tl"
+    cpu_flags = ("avx512vbmi",)  # vpermb: a machine without it must not run the kernel (see compiler.kernels)
+
+    def __post_init__(self):
+        check_positive(M=self.M, K=self.K)
+        check_k(self.K)
+        if self.tile not in TL_TILES or self.M % (TILE_ROWS * self.tile):
+            raise OpShapeError(f"tile = {self.tile}: must be one of {TL_TILES}, and M = {self.M} a multiple of "
+                               f"{TILE_ROWS}·tile")  # fmt: skip
+
+    @property
+    def B(self) -> int:
+        return blocks(self.K)
+
+    def w_shape(self) -> tuple[int, ...]:
+        return shape(self.M, self.K, self.tile)
+
+    def weight_bytes(self) -> float:
+        return float(np.prod(self.w_shape()))
+
+    def args(self) -> list[Arg]:
+        return [Arg("W", self.w_shape(), "uint8"), Arg("x", (self.K,), "int8"), Arg("x_scale", (1,), "float32"),
+                Arg("w_scale", (1,), "float32"), Arg("y", (self.M,), "float32", output=True)]  # fmt: skip
+
+    def compute(self):
+        import tvm
+        from tvm import te
+
+        M, K, R, B = self.M, self.K, self.tile, self.B
+        W = te.placeholder(self.w_shape(), "uint8", name="W")
+        X = te.placeholder((K,), "int8", name="x")
+        Xs = te.placeholder((1,), "float32", name="x_scale")
+        Ws = te.placeholder((1,), "float32", name="w_scale")
+
+        Xp = te.compute(  # x zero-padded to the 24-weight blocks
+            (B * BLOCK_K,),
+            lambda n: tvm.tirx.if_then_else(n < K, X[tvm.tirx.min(n, K - 1)], tvm.tirx.const(0, "int8")),
+            name="xp",
+        )
+
+        def lut(b, half, h, j, w):
+            return te_lut_word(lambda g: Xp[(b * 2 + half) * (HALF_CODES * GROUP) + j * GROUP + g], h, w)
+
+        L = te.compute((B, 2, 2, HALF_CODES, 2), lut, name="lut")
+        b = te.reduce_axis((0, B), name="b")
+        half = te.reduce_axis((0, 2), name="half")
+        j = te.reduce_axis((0, HALF_CODES), name="j")
+
+        def acc(h, m):
+            g, t, r = m // (TILE_ROWS * R), m // TILE_ROWS % R, m % TILE_ROWS
+            return te.sum(
+                te_term(
+                    lambda w: L[b, half, h, j, w],
+                    W[g, b, t, r * 4 + j],
+                    W[g, b, t, 64 + half * 8 + r // 2],
+                    half,
+                    r % 2 * 4 + j,
+                ),
+                axis=[b, half, j],
+            )
+
+        A = te.compute((2, M), acc, name="acc")
+        h2 = te.reduce_axis((0, 2), name="h")
+        D = te.compute(  # acc[0] + 256·acc[1] as a reduction, so schedules can compute it at the row group (a
+            (M,),  # consumer reading acc[0, m] and acc[1, m] cannot be reverse_compute_at'ed)
+            lambda m: te.sum(A[h2, m] << (h2 * 8), axis=h2),
+            name="dot",
+        )
+
+        def y(m):
+            g, t, r = m // (TILE_ROWS * R), m // TILE_ROWS % R, m % TILE_ROWS
+            s = W[g, B, t, r * 4].astype("int32")
+            for byte in range(1, 4):
+                s = s | (W[g, B, t, r * 4 + byte].astype("int32") << byte * 8)
+            return (D[m] - (s << 9)).astype("float32") * (Ws[0] / Xs[0])  # 256·(acc[1] − 2·Σ sign)
+
+        Y = te.compute((M,), y, name="y")
+        return te.create_prim_func([W, X, Xs, Ws, Y])
+
+    def reference(self, W, x, x_scale, w_scale, impl="auto"):
+        if impl == "auto":
+            impl = "scalar" if self.M * self.K > 1 << 24 and reference.scalar_available() else "numpy"
+        w2 = pack_rowmajor4(unpack_tl(W, self.K))
+        _, y = reference.ternary_matmul_i8(w2, x, x_scale.astype(np.float32), float(w_scale[0]), impl=impl)
+        return [y]
+
+    def random_inputs(self, rng):
+        codes = rng.integers(-1, 2, (self.M, self.K), dtype=np.int8)
+        x = rng.integers(-127, 128, self.K, dtype=np.int8)
+        return [pack_tl(codes, self.tile), x, np.array([rng.uniform(0.5, 50)], np.float32),
+                np.array([rng.uniform(0.01, 2)], np.float32)]  # fmt: skip
+
+    def ops(self) -> float:
+        return 2.0 * self.M * self.K
+
+
+if __name__ == "__main__":
+    import tvm
+
+    from schedules.targets import get_target
+
+    op = TernaryGemvI8TL(64, 1024, tile=2)
+    ins = op.random_inputs(np.random.default_rng(0))
+    args = [tvm.runtime.tensor(a) for a in ins + op.empty_outputs()]
+    tvm.compile(op.compute(), target=get_target("auto"))["main"](*args)
+    print(op, "bit-exact:", np.array_equal(args[-1].numpy(), op.reference(*ins)[0]))

@@ -1,0 +1,145 @@
+"""Table-lookup (1.67-bit) GEMV ``gemv_i8_tl`` and its ``tl{R}`` layouts == the scalar/numpy reference, bit-exact.
+
+Layout round trips and corruption checks (hypothesis), the table arithmetic in numpy (lo/hi bytes, signs, the stored
+sign sums), the AVX-512 VBMI kernel with knobs drawn from its design space (K not a multiple of 24, one to three row
+groups), the naive TE, the extreme activations (±127 and −128 against all-(±1) weights at a large K), and the
+committed tuning records.
+
+    pytest tests/test_ops_gemv_tl.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kernel_helpers import X86
+
+import compiler.layouts_x86_tl as TL
+from compiler.kernels import Kernel
+from compiler.ops import OpShapeError, make_op
+from compiler.ops.ternary_gemv_tl import lut_numpy
+from compiler.schedule import build, schedule_module
+from model.ternary.checks import TernaryFormatError
+from model.ternary.layouts import LAYOUTS
+from model.ternary.reference import scalar_available
+from schedules import targets
+
+IMPL = "scalar" if scalar_available() else "numpy"
+SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+VBMI = "avx512vbmi" in targets.cpu_flags()
+AVX512 = [pytest.param(p.values[0], marks=[*p.marks, pytest.mark.skipif(not VBMI, reason="lacks avx512vbmi")])
+          for p in X86 if p.values[0] == "avx512"]  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None)
+@given(tile=st.sampled_from(TL.TL_TILES), groups=st.integers(1, 3), kc=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_tl_layout_round_trip(tile, groups, kc, seed):
+    m, k = 16 * tile * groups, 256 * kc
+    codes = np.random.default_rng(seed).integers(-1, 2, (m, k)).astype(np.int8)
+    packed = LAYOUTS[f"tl{tile}"].pack(codes)
+    assert packed.shape == TL.shape(m, k, tile) == (groups, -(-k // 24) + 1, tile, 80) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(LAYOUTS[f"tl{tile}"].unpack(packed, k), codes)
+
+
+def test_tl_bits_per_weight():
+    assert TL.bits_per_weight(16384) < 1.671 and TL.bits_per_weight(4096) < 1.681
+    assert max(TL.bits_per_weight(k) for k in range(1536, 32768 + 1, 256)) <= 1.7  # K padded to 24s + the sums
+
+
+def test_tl_unpack_rejects_corruption():
+    codes = np.random.default_rng(0).integers(-1, 2, (32, 512)).astype(np.int8)
+    good = TL.pack_tl(codes, 2)
+    bad = good.copy()
+    bad[0, 0, 0, 0] = 0xEE  # index 14: no such code
+    with pytest.raises(TernaryFormatError, match="above 13"):
+        TL.unpack_tl(bad, 512)
+    bad = good.copy()
+    bad[0, 0, 1, 64] ^= 1  # one sign bit flipped: the stored Σ sign no longer matches
+    with pytest.raises(TernaryFormatError, match="sign sums"):
+        TL.unpack_tl(bad, 512)
+    bad = good.copy()
+    bad[0, -2, 0, 63] = 0xDD  # K = 512 = 21·24 + 8: the last block's padding codes must be zero weights
+    with pytest.raises(TernaryFormatError):
+        TL.unpack_tl(bad, 512)
+    with pytest.raises(TernaryFormatError, match="expected uint8"):
+        TL.unpack_tl(good[:, :-1], 512)
+    with pytest.raises(TernaryFormatError, match="multiple of 32"):
+        TL.pack_tl(codes[:16], 2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(kc=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_table_lookup_arithmetic(kc, seed):
+    """The kernel's sums in numpy: Σ_lookups lo·s + 256·(Σ hi·s − 2·Σs) == Σ w·x for every row (x down to −128)."""
+    rng = np.random.default_rng(seed)
+    k, m = 256 * kc, 16
+    codes = rng.integers(-1, 2, (m, k)).astype(np.int8)
+    x = rng.integers(-128, 128, k).astype(np.int8)
+    lut = np.ascontiguousarray(lut_numpy(x, k)).view(np.uint8).reshape(-1, 2, 2, 4, 16).astype(np.int64)
+    c = TL._codes3(codes).astype(np.int64)  # [m, B, half, j]
+    idx, s = np.abs(c - TL.ZERO_CODE), np.where(c < TL.ZERO_CODE, -1, 1)
+    b, half, j = np.meshgrid(*[np.arange(n) for n in c.shape[1:]], indexing="ij")
+    lo = (lut[b, half, 0, j, idx] * s).sum(axis=(1, 2, 3))
+    hi = (lut[b, half, 1, j, idx] * s).sum(axis=(1, 2, 3))
+    got = lo + 256 * (hi - 2 * s.sum(axis=(1, 2, 3)))
+    np.testing.assert_array_equal(got, codes.astype(np.int64) @ x.astype(np.int64))
+
+
+@pytest.mark.parametrize("target", AVX512)
+@SETTINGS
+@given(tile=st.sampled_from(TL.TL_TILES), groups=st.integers(1, 3), kc=st.integers(1, 6), seed=st.integers(0, 2**16),
+       data=st.data())  # fmt: skip
+def test_gemv_i8_tl_bit_exact(target, tile, groups, kc, seed, data):
+    op = make_op("gemv_i8_tl", M=16 * tile * groups, K=256 * kc, tile=tile)
+    space = schedule_module(target).space(op)
+    knobs = {k.name: data.draw(st.sampled_from(k.candidates)) for k in space}
+    ins = op.random_inputs(np.random.default_rng(seed))
+    y = Kernel(op, build(op, target, knobs=knobs))(*ins)[0]
+    np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
+
+
+def test_naive_te_matches():
+    op = make_op("gemv_i8_tl", M=32, K=768, tile=1)
+    ins = op.random_inputs(np.random.default_rng(3))
+    y = Kernel(op, build(op, "auto", mode="naive"))(*ins)[0]
+    np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
+
+
+@pytest.mark.parametrize("target", AVX512)
+@pytest.mark.parametrize("w, xv", [(1, 127), (1, -127), (-1, -128), (1, -128)])
+def test_extremes(target, w, xv):
+    """All weights ±1 against constant activations: every lookup at |v| = 3·|x| (the table's hi byte at 0 or 3)."""
+    k = 16384
+    op = make_op("gemv_i8_tl", M=128, K=k, tile=8)
+    W = TL.pack_tl(np.full((128, k), w, np.int8), 8)
+    x = np.full(k, xv, np.int8)
+    ins = [W, x, np.ones(1, np.float32), np.ones(1, np.float32)]
+    y = Kernel(op, build(op, target, mode="hand"))(*ins)[0]
+    np.testing.assert_array_equal(y, np.full(128, float(w * xv * k), np.float32))
+    np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(OpShapeError, match="multiple of 16"):
+        make_op("gemv_i8_tl", M=24, K=256, tile=1)
+    with pytest.raises(OpShapeError, match="tile"):
+        make_op("gemv_i8_tl", M=128, K=256, tile=3)
+    if targets.supported("avx2"):
+        with pytest.raises(NotImplementedError, match="no avx2 schedule"):
+            build(make_op("gemv_i8_tl", M=16, K=256, tile=1), "avx2", mode="hand")
+
+
+@pytest.mark.parametrize("target", AVX512)
+@pytest.mark.parametrize("shape", [(4096, 4096), (32768, 16384)])
+def test_committed_record_replays_bit_exact(target, shape):
+    """The tuned schedules of the benchmark shapes (tuning_logs/avx512) replay and are bit-exact."""
+    from compiler.schedule import get_primfunc, open_database, records
+
+    op = make_op("gemv_i8_tl", M=shape[0], K=shape[1], tile=8)
+    if not records(open_database(target), op):
+        pytest.skip(f"no committed record for {op.key}")
+    sf = get_primfunc(op, target, mode="tuned")
+    ins = op.random_inputs(np.random.default_rng(1))
+    np.testing.assert_array_equal(Kernel(op, sf.build())(*ins)[0], op.reference(*ins, impl=IMPL)[0])
