@@ -9,8 +9,10 @@ RMSNorm ops), and % of a roofline measured in the same run on an array of the sa
 the packed weights for the GEMV/GEMM (2-bit roofline GOPS = 8 · read GB/s), a copy kernel over the same bytes for the
 elementwise ops. Ratios (×, higher = tuned is faster): vs the scalar C++ reference (``impl="scalar"``, one thread),
 vs the untuned TE (``mode="naive"``), vs ``torch.nn.functional.linear`` in fp32 and bf16 of the same shape (the
-elementwise ops: the eager torch formula). The load average at start and end goes into the JSON: a busy machine
-makes every figure lower. Writes ``bench_results/bench_<target>.json`` and ``bench_results/roofline_<target>.png``.
+elementwise ops: the eager torch formula); for the sub-2-bit GEMV (``gemv_i8_tl``), vs the tuned 2-bit ``gemv_i8`` of
+the same shape, timed alternately with it (``x2bit``: the median of 5 paired ratios). The load average at start and
+end goes into the JSON: a busy machine makes every figure lower. Writes ``bench_results/bench_<target>.json`` and
+``bench_results/roofline_<target>.png``.
 """
 
 from __future__ import annotations
@@ -29,13 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from compiler import schedule as S
-from compiler.ops import make_op
-from compiler.tune import BENCH_SHAPES, parse_shape
+from compiler.tune import bench_ops, parse_shape
 from schedules import targets
 
 targets.ensure_tvm_threads()
 
-DEFAULT_SHAPES = [make_op(k, **d).key for k, d in BENCH_SHAPES]  # tuned by `compiler.tune` (committed logs)
 FULL_EXTRA = ["gemv_i8:32768:16384", "gemv_i8:512:512", "gemm_i8:8:1536:512", "mhc_post:D=512:S=2",
               "mhc_post:D=4096:S=4", "rmsnorm_quant:D=512:N=1"]  # fmt: skip
 MEMORY_BOUND = ("mhc_post", "rmsnorm_quant")
@@ -153,7 +153,7 @@ def torch_baselines(op, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     out = {}
     with torch.inference_mode():
-        if op.kind in ("gemv_i8", "gemv_f32", "gemm_i8"):
+        if op.kind in ("gemv_i8", "gemv_f32", "gemm_i8", "gemv_i8_tl"):
             for name, (w, x) in _torch_linear_inputs(op).items():
                 out[name] = py_time(lambda w=w, x=x: F.linear(x, w))
         elif op.kind == "mhc_post":
@@ -183,6 +183,9 @@ def scalar_time(op, ins) -> float | None:
     """The C++ scalar reference (GEMV/GEMM) or the numpy reference (elementwise ops), single-threaded."""
     from model.ternary.reference import scalar_available
 
+    if hasattr(op, "two_bit_twin"):  # the same product by the scalar kernel, on the 2-bit weights it reads
+        op = op.two_bit_twin()
+        ins = op.random_inputs(np.random.default_rng(0))
     if op.kind in ("gemv_i8", "gemm_i8", "gemv_f32"):
         if not scalar_available():
             return None
@@ -216,6 +219,31 @@ def weight_bytes(op) -> float:
     return op.M * op.K / 4 if hasattr(op, "K") else op.bytes_moved()
 
 
+DRAM_BYTES = 48 << 20  # weights past the 32 MiB L3: DRAM-resident, where the shared machine's bandwidth drifts
+
+
+def paired_times(kernels, rounds: int = 5) -> np.ndarray:
+    """Time the ``(executable, args)`` kernels in turn, ``rounds`` times (3 repeats each): seconds ``[rounds, n]``.
+    Ratios taken within a round cancel most of the drift of a shared machine's DRAM bandwidth, which moves by ±20 %
+    between minutes here."""
+    return np.array([[tvm_time(ex, args, repeat=3) for ex, args in kernels] for _ in range(rounds)])
+
+
+def two_bit_twin(op, target: str, logs_root=None):
+    """For an op on a sub-2-bit layout (``op.two_bit_twin()``): the tuned 2-bit ``gemv_i8`` of the same shape, built,
+    with its inputs — the baseline the ≤ 1.7-bit layout must beat."""
+    import warnings
+
+    import tvm
+
+    twin = op.two_bit_twin()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", S.UntunedWarning)
+        ex = S.get_primfunc(twin, target, logs_root).build()
+    args = [tvm.runtime.tensor(a) for a in twin.random_inputs(np.random.default_rng(0)) + twin.empty_outputs()]
+    return ex, args
+
+
 def bench_op(op, target: str, threads_list, baselines: bool = True, logs_root=None) -> list[Row]:
     import warnings
 
@@ -233,6 +261,7 @@ def bench_op(op, target: str, threads_list, baselines: bool = True, logs_root=No
             raise AssertionError(f"{op.key} on {target}: wrong result, refusing to time it")
     naive = S.get_primfunc(op, target, mode="naive").build() if baselines else None
     scalar = scalar_time(op, ins) if baselines else None
+    twin = two_bit_twin(op, target, logs_root) if hasattr(op, "two_bit_twin") else None
     mem = op.kind in MEMORY_BOUND
     roof_kind = "copy" if mem else "read"
     rows = []
@@ -245,19 +274,33 @@ def bench_op(op, target: str, threads_list, baselines: bool = True, logs_root=No
             if scalar is not None:
                 times["scalar_ref"] = scalar
             times.update(torch_baselines(op, th))
-        roof = roofline_gbs(roof_kind, int(op.bytes_moved() / 2 if mem else weight_bytes(op)), target, th)
-        gbs = (op.bytes_moved() if mem else weight_bytes(op)) / t / 1e9
-        gops = op.ops() / t / 1e9
+        nbytes = op.bytes_moved() if mem else weight_bytes(op)
+        roof = roofline_gbs(roof_kind, int(nbytes / 2 if mem else nbytes), target, th)
+        pct = 100.0 * nbytes / t / 1e9 / roof
+        roof_k = _roof_kernel(roof_kind, int(nbytes), target) if nbytes > DRAM_BYTES else None
+        paired = [(ex, args)] + ([roof_k[:2]] if roof_k else []) + ([twin] if twin else [])
+        if len(paired) > 1:  # the roof (DRAM-resident) and the 2-bit twin, timed in turn with the kernel
+            ts = paired_times(paired)
+            t = float(np.median(ts[:, 0]))
+            if roof_k:
+                roof = float(np.median(roof_k[2] / ts[:, 1] / 1e9))
+                pct = 100.0 * float(np.median(nbytes / ts[:, 0] / (roof_k[2] / ts[:, 1])))
+            if twin:
+                times["2bit"] = float(np.median(ts[:, -1]))
+        speedup = {k: v / t for k, v in times.items()}
+        if twin:
+            speedup["2bit"] = float(np.median(ts[:, -1] / ts[:, 0]))  # the median of the paired ratios
+        gbs, gops = nbytes / t / 1e9, op.ops() / t / 1e9
         rows.append(Row(op.key, target, th, sf.source, t * 1e6, gops, gbs, "GB/s" if mem else "GOPS", roof_kind, roof,
-                        100.0 * gbs / roof, {k: v * 1e6 for k, v in times.items()},
-                        {k: v / t for k, v in times.items()}))  # fmt: skip
+                        pct, {k: v * 1e6 for k, v in times.items()}, speedup))  # fmt: skip
+        del roof_k
     return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------------------------
-BASELINES = ("scalar_ref", "untuned", "torch_fp32", "torch_bf16")
+BASELINES = ("scalar_ref", "untuned", "torch_fp32", "torch_bf16", "2bit")
 
 
 def format_table(rows: list[Row]) -> str:
@@ -266,7 +309,8 @@ def format_table(rows: list[Row]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         fig = f"{r.gops:8.1f} GOPS" if r.metric == "GOPS" else f"{r.gbs:7.1f} GB/s"
-        ratios = " ".join(f"{r.speedup[b]:11.1f}" if b in r.speedup else f"{'-':>11s}" for b in BASELINES)
+        ratios = " ".join(f"{r.speedup[b]:11.{2 if b == '2bit' else 1}f}" if b in r.speedup else f"{'-':>11s}"
+                          for b in BASELINES)  # fmt: skip
         lines.append(f"{r.op:36s} {r.target:6s} {r.threads:3d} {r.source:5s} {r.median_us:8.1f}us {fig:>13s} "
                      f"{r.roof_gbs:9.1f} {r.pct_roof:5.0f}% {ratios}")  # fmt: skip
     return "\n".join(lines)
@@ -331,11 +375,14 @@ def run(target: str = "auto", shapes=None, threads=(1, 2), baselines: bool = Tru
     if not targets.supported(target):
         raise SystemExit(f"cannot run {target} here: this CPU lacks {targets.missing_flags(target)}")
     threads = [t for t in threads if t <= targets.num_cores()] or [1]
-    shapes = list(shapes or DEFAULT_SHAPES + (FULL_EXTRA if full else []))
+    shapes = list(shapes or [op.key for op in bench_ops(target)] + (FULL_EXTRA if full else []))
     t0, load0 = time.time(), os.getloadavg()
     rows: list[Row] = []
     for key in shapes:
         op = parse_shape(key)
+        if targets.missing_op_flags(op):
+            print(f"... {op.key}: skipped, this CPU lacks {targets.missing_op_flags(op)}", file=sys.stderr)
+            continue
         print(f"... {op.key}", file=sys.stderr, flush=True)
         rows.extend(bench_op(op, target, threads, baselines, logs_root))
         _torch_linear_inputs.cache_clear()

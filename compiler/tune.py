@@ -48,6 +48,8 @@ BENCH_SHAPES = [  # the compiler.bench default set (kept in sync by tests/test_t
     ("gemv_i8", {"M": 512, "K": 1536}), ("gemv_f32", {"M": 4096, "K": 4096}),
     ("gemm_i8", {"N": 8, "M": 4096, "K": 4096}),
     ("rmsnorm_quant", {"D": 4096, "N": 1}), ("mhc_post", {"D": 2048, "S": 4}),
+    ("gemv_i8_tl", {"M": 4096, "K": 4096}), ("gemv_i8_tl", {"M": 11008, "K": 4096}),
+    ("gemv_i8_tl", {"M": 32768, "K": 16384}),
 ]  # fmt: skip
 
 
@@ -70,6 +72,14 @@ def parse_shape(text: str):
     except ValueError:
         raise ValueError(f"--shape {text!r}: expected {kind}:{':'.join(names)} with integer sizes") from None
     return make_op(kind, **dims)
+
+
+def bench_ops(target: str) -> list:
+    """The :data:`BENCH_SHAPES` ops that ``target`` has a schedule for (``gemv_i8_tl`` is AVX-512 VBMI only)."""
+    from compiler.schedule import schedule_module
+
+    have = schedule_module(target).SCHEDULES
+    return [op for op in (make_op(k, **d) for k, d in BENCH_SHAPES) if op.kind in have]
 
 
 CUDA_BENCH_SHAPES = [  # compiler.bench --target cuda: small (launch-bound), LLaMA-7B-like, and ≥ 64 MiB packed
@@ -360,7 +370,7 @@ def main(argv=None) -> int:
     if a.bench_shapes or not (a.config or a.model or a.shape):
         if not (a.config or a.model or a.shape):
             ops += config_ops(get_config("small"), target=kind)
-        ops += [make_op(k, **d) for k, d in (CUDA_BENCH_SHAPES if kind == "cuda" else BENCH_SHAPES)]
+        ops += [make_op(k, **d) for k, d in CUDA_BENCH_SHAPES] if kind == "cuda" else bench_ops(a.target)
     ops = list(dict.fromkeys(ops))
     if a.import_timings:
         from compiler.cuda_remote import import_timings

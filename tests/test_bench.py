@@ -26,11 +26,13 @@ def test_small_run_writes_json_and_png(tmp_path):
     assert len(data["loadavg_start"]) == 3 and "gemv_i8" in res["table"]
 
 
-def test_default_shapes_are_the_tuned_bench_shapes():
-    from compiler.ops import make_op
-    from compiler.tune import BENCH_SHAPES
+def test_bench_shapes_per_target():
+    """The default set is the tuned BENCH_SHAPES a target has schedules for: the table-lookup GEMV on AVX-512 only."""
+    from compiler.tune import BENCH_SHAPES, bench_ops
 
-    assert bench.DEFAULT_SHAPES == [make_op(k, **d).key for k, d in BENCH_SHAPES]
+    avx512, avx2 = [op.key for op in bench_ops("avx512")], [op.key for op in bench_ops("avx2")]
+    assert len(avx512) == len(BENCH_SHAPES) and {k for k, _ in BENCH_SHAPES} >= {"gemv_i8", "gemv_i8_tl"}
+    assert avx2 == [k for k in avx512 if not k.startswith("gemv_i8_tl")]
 
 
 def test_cli_help():

@@ -146,7 +146,7 @@ def test_committed_logs_give_valid_schedules(target):
     db = S.open_database(target)
     if db is None:
         pytest.skip(f"no committed tuning logs for {target}")
-    ops = tune.config_ops(get_config("small")) + [make_op(k, **d) for k, d in tune.BENCH_SHAPES]
+    ops = tune.config_ops(get_config("small")) + tune.bench_ops(target)
     for op in ops:
         sf = S.get_primfunc(op, target, mode="tuned")
         assert sf.source == "tuned" and sf.run_secs > 0

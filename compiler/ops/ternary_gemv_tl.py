@@ -204,6 +204,12 @@ class TernaryGemvI8TL(Op):
     def ops(self) -> float:
         return 2.0 * self.M * self.K
 
+    def two_bit_twin(self):
+        """The 2-bit ``gemv_i8`` of the same shape (tile8 weights): the kernel this layout must beat."""
+        from compiler.ops.ternary_gemv import TernaryGemvI8
+
+        return TernaryGemvI8(self.M, self.K, tile=8)
+
 
 if __name__ == "__main__":
     import tvm
