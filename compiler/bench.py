@@ -214,7 +214,7 @@ class Row:
 
 
 def weight_bytes(op) -> float:
-    if hasattr(op, "weight_bytes"):  # layouts that are not 2-bit (gemv_i8_b3: 1.6 bits, K padded to 320)
+    if hasattr(op, "weight_bytes"):  # layouts that are not 2-bit (gemv_i8_tl: 1.67 bits, K padded to 24)
         return op.weight_bytes()
     return op.M * op.K / 4 if hasattr(op, "K") else op.bytes_moved()
 

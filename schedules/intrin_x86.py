@@ -148,7 +148,7 @@ def register() -> list[str]:
 
 
 register()
-from schedules import intrin_x86_b3, intrin_x86_tl  # noqa: E402,F401  (the 1.6/1.67-bit GEMVs' intrinsics: tuning records name them too)
+from schedules import intrin_x86_tl  # noqa: E402,F401  (the 1.67-bit GEMV's intrinsics: tuning records name them too)
 
 if __name__ == "__main__":
     print("\n".join(register()))

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import functools
 
-from schedules import x86_b3, x86_common, x86_tl
+from schedules import x86_common, x86_tl
 from schedules.x86_common import AVX512 as ISA
 
 NAME = "avx512"
 SCHEDULES = {kind: functools.partial(fn, isa=ISA) for kind, fn in x86_common.TEMPLATES.items()}
-SCHEDULES.update(x86_b3.SCHEDULES)  # base-3 (1.6-bit) GEMV: VNNI only
 SCHEDULES.update(x86_tl.SCHEDULES)  # table-lookup (1.67-bit) GEMV: VBMI + VNNI only
 
 
 def space(op):
-    for mod in (x86_b3, x86_tl):
-        if op.kind in mod.KINDS:
-            return mod.space(op)
-    return x86_common.space(op, ISA)
+    return x86_tl.space(op) if op.kind in x86_tl.KINDS else x86_common.space(op, ISA)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from compiler.ops.mhc import MhcPost
 from compiler.ops.rmsnorm_quant import RmsNormQuant
 from compiler.ops.ternary_gemm import TernaryGemmI8
 from compiler.ops.ternary_gemv import TernaryGemvF32, TernaryGemvI8
-from compiler.ops.ternary_gemv_b3 import TernaryGemvI8B3
 from compiler.ops.ternary_gemv_tl import TernaryGemvI8TL
 from compiler.ops.ternary_gpu import TernaryGemmDp4a, TernaryGemvDp4a, TernaryGemvF32Dp4a
 
@@ -25,7 +24,6 @@ OPS: dict[str, type[Op]] = {
         TernaryGemvDp4a,
         TernaryGemmDp4a,
         TernaryGemvF32Dp4a,
-        TernaryGemvI8B3,
         TernaryGemvI8TL,
     )
 }
