@@ -1,6 +1,7 @@
 """Whole-model build: GGUF → one Relax module (``prefill`` + ``decode`` over a KV cache) → ``model.so`` + packed params.
 
     python -m compiler.build --model models/small.gguf --target auto [--cache-dir DIR] [--dump-ir DIR] [--force]
+    python -m compiler.build --model models/small.gguf --target avx512 --weights tl   # 1.67-bit ternary weights
 
 Phases (each logged with its time): ``read`` (parse + validate the GGUF), ``key`` (cache lookup: a complete entry with
 the same key is reused and nothing is compiled), ``pack`` (repack ternaries to the kernels' layout, mHC coefficients,
@@ -77,14 +78,22 @@ def build(
     dump_ir: Path | str | None = None,
     force: bool = False,
     tuning_logs: Path | str | None = None,
+    weights: str = "tile8",
 ) -> BuildResult:
-    """Compile ``model`` for ``target`` into the cache (or reuse the cached entry); see the module docstring."""
+    """Compile ``model`` for ``target`` into the cache (or reuse the cached entry); see the module docstring.
+    ``weights``: the CPU ternary layout, ``tile8`` (2-bit) or ``tl`` (1.67-bit, AVX-512 VBMI)."""
+    from compiler import lower
+
     model = Path(model)
     target = targets.resolve(target)
     if not model.exists():
         raise BuildError(f"{model}: no such file")
+    try:
+        lower.check_weights(weights, target == "cuda")
+    except ValueError as exc:
+        raise BuildError(str(exc)) from exc
     with phase("key"):
-        key = cache.cache_key(model, target, tuning_logs)
+        key = cache.cache_key(model, target, tuning_logs, weights)
         d = cache.entry_dir(cache_dir, key)
         ok, why = cache.check_entry(d, key)
         log.info("cache entry %s: %s", d, why)
@@ -97,10 +106,11 @@ def build(
         log.info("model %s: d=%d layers=%d heads=%d/%d ffn=%d streams=%d vocab=%d ctx=%d", cfg.name, cfg.d_model,
                  cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, cfg.n_streams, cfg.vocab_size,
                  cfg.max_seq_len)  # fmt: skip
-    from compiler import lower
-
     with phase("pack"):
-        params = lower.pack_params(g, gpu=target == "cuda")
+        try:
+            params = lower.pack_params(g, gpu=target == "cuda", weights=weights)
+        except ValueError as exc:  # a shape the layout cannot take
+            raise BuildError(f"{model}: {exc}") from exc
         log.info("%d parameter arrays, %.1f MiB", len(params), sum(a.nbytes for a in params.values()) / 2**20)
     import tvm
     from tvm import relax
@@ -108,7 +118,7 @@ def build(
     with phase("lower"):
         head = params["lm_head.weight"]
         lw = lower.Lowering(cfg, target, logs_root=tuning_logs, embed_dtype=str(params["token_embd.weight"].dtype),
-                            head_dtype=str(head.dtype))  # fmt: skip
+                            head_dtype=str(head.dtype), weights=weights)  # fmt: skip
         mod = lw.module()
         untuned = sorted(k for k, s in lw.kernels.items() if s == "hand")
         if untuned:
@@ -143,7 +153,8 @@ def build(
             ex.export_library(str(tmp / "model.so"))
             np.savez(tmp / "params.npz", **params)
             meta = {
-                "key": key, "target": target, "compiler_version": cache.COMPILER_VERSION, "model": str(model),
+                "key": key, "target": target, "weights": weights, "compiler_version": cache.COMPILER_VERSION,
+                "model": str(model),
                 "config": cfg.to_dict(), "prefill_chunk": lw.chunk,
                 "params": [[s.name, list(s.shape), s.dtype] for s in lw.specs()],
                 "kernels": lw.kernels, "sha256": {n: cache.sha256_file(tmp / n) for n in cache.FILES},
@@ -170,7 +181,7 @@ def repack_into(entry: Path | str, model: Path | str) -> Path:
         raise BuildError(f"{model}: its config differs from the one {entry} was compiled for")
     from compiler import lower
 
-    params = lower.pack_params(g, gpu=meta["target"] == "cuda")
+    params = lower.pack_params(g, gpu=meta["target"] == "cuda", weights=meta.get("weights", "tile8"))
     names = [n for n, _, _ in meta["params"]]
     if sorted(names) != sorted(params):
         raise BuildError(f"{entry}: parameter names differ from the packed ones")
@@ -237,13 +248,15 @@ def main(argv=None) -> None:
     ap.add_argument("--dump-ir", default=None, help="write each phase's IR here")
     ap.add_argument("--force", action="store_true", help="rebuild even if a cached entry exists")
     ap.add_argument("--repack-into", metavar="ENTRY", help="only write ENTRY's params.npz from --model (same config)")
+    ap.add_argument("--weights", default="tile8", choices=["tile8", "tl"],
+                    help="CPU ternary layout: tile8 (2-bit, default) or tl (1.67-bit table lookup, AVX-512 VBMI)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if a.repack_into:
         print(repack_into(a.repack_into, a.model))
         return
     try:
-        r = build(a.model, a.target, a.cache_dir, a.dump_ir, a.force)
+        r = build(a.model, a.target, a.cache_dir, a.dump_ir, a.force, weights=a.weights)
     except BuildError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(r.dir)

@@ -53,12 +53,14 @@ def source_files() -> list[Path]:
     return out
 
 
-def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = None) -> str:
-    """sha256 of (GGUF bytes, target, tuning records of that target, compiler version + sources)."""
+def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = None, weights: str = "tile8") -> str:
+    """sha256 of (GGUF bytes, target, weight layout, tuning records of that target, compiler version + sources)."""
     h = hashlib.sha256()
     h.update(b"gguf\0")
     _sha_file(h, Path(gguf))
     h.update(f"\0target\0{target}\0version\0{COMPILER_VERSION}\0".encode())
+    if weights != "tile8":  # the default keeps the keys of existing entries
+        h.update(f"\0weights\0{weights}\0".encode())
     d = Path(tuning_logs or logs_root()) / target
     for name in ("database_workload.json", "database_tuning_record.json"):
         h.update(f"\0{name}\0".encode())

@@ -19,6 +19,9 @@ input quantize, the final norm and the LM head are the small kernels of :mod:`co
 CPU weight layout: every ternary matrix is stored once, in ``tile8`` (:mod:`compiler.layouts_x86`: the 64-byte
 chunks of 8 rows side by side, so each thread of a decode GEMV streams one linear range), read by both the decode
 GEMV and the prefill GEMM (``tile=8``). The LM head is ``[V, D]`` as the GGUF stores it (rows streamed once).
+``weights="tl"`` (AVX-512 VBMI) stores them in the 1.67-bit ``tl{R}`` layout instead
+(:mod:`compiler.layouts_x86_tl`): decode calls ``gemv_i8_tl``, prefill calls it once per token of the chunk. Both
+layouts give the same integer dot products, hence bit-identical logits.
 """
 
 from __future__ import annotations
@@ -37,10 +40,26 @@ PREFILL_CHUNK = 8  # = compiler.tune.PREFILL_TOKENS: the gemm_i8 tile that is tu
 GPU_PREFILL_CHUNK = 16  # = compiler.tune.CUDA_PREFILL_TOKENS
 TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 CPU_TILE = 8  # row tile of the CPU weight layout (tile8), when it divides M
+WEIGHT_LAYOUTS = ("tile8", "tl")  # CPU ternary weights: 2-bit tile8 (default) or 1.67-bit tl{R} (AVX-512 VBMI)
 
 
 def cpu_tile(M: int) -> int:
     return CPU_TILE if M % CPU_TILE == 0 else 0
+
+
+def tl_tile(M: int) -> int:
+    """Row tiles (16 rows each) per group of the ``tl`` layout for output size M: the largest of 8, 4, 2, 1 that fits."""
+    for r in (8, 4, 2, 1):
+        if M % (16 * r) == 0:
+            return r
+    raise ValueError(f"weights='tl' needs every ternary matrix's output size to be a multiple of 16; M = {M}")
+
+
+def check_weights(weights: str, gpu: bool) -> None:
+    if weights not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_LAYOUTS}")
+    if weights == "tl" and gpu:
+        raise ValueError("weights='tl' is a CPU (AVX-512 VBMI) layout; the CUDA build uses dp4a")
 
 
 @dataclass
@@ -50,7 +69,8 @@ class ParamSpec:
     dtype: str
 
 
-def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", gpu: bool = False) -> list[ParamSpec]:
+def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", gpu: bool = False,
+                weights: str = "tile8") -> list[ParamSpec]:  # fmt: skip
     """The compiled functions' parameters after the KV cache, in order (names as stored in ``params.npz``).
 
     ``token_embd.weight [V, D]`` and the LM head ``lm_head.weight [V, D]`` keep the GGUF's float16 when it has
@@ -70,7 +90,7 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
         for t in TERNARY:
             M, K = _shape(shapes, t, cfg)
             out.append(ParamSpec(f"blk.{i}.{t}.weight", (M, K // 16), "int32") if gpu else
-                       ParamSpec(f"blk.{i}.{t}.weight", _cpu_w_shape(M, K), "uint8"))  # fmt: skip
+                       ParamSpec(f"blk.{i}.{t}.weight", _cpu_w_shape(M, K, weights), "uint8"))  # fmt: skip
             out.append(ParamSpec(f"blk.{i}.{t}.scale", (1,), "float32"))
         for site in ("mhc_attn", "mhc_ffn"):
             out += [ParamSpec(f"blk.{i}.{site}.h_pre", (S,), "float32"),
@@ -86,25 +106,33 @@ def _shape(shapes: dict, t: str, cfg) -> tuple[int, int]:
             "ffn_up": (F, D), "ffn_down": (D, F)}[t]  # fmt: skip
 
 
-def _cpu_w_shape(M: int, K: int) -> tuple[int, ...]:
+def _cpu_w_shape(M: int, K: int, weights: str = "tile8") -> tuple[int, ...]:
+    if weights == "tl":
+        from compiler.layouts_x86_tl import shape
+
+        return shape(M, K, tl_tile(M))
     return (M // CPU_TILE, K // 256, CPU_TILE, 64) if cpu_tile(M) else (M, K // 4)
 
 
-def _pack_cpu(codes: np.ndarray) -> np.ndarray:
-    """int8 codes ``[M, K]`` → ``tile8`` (``rowmajor4`` when 8 does not divide M)."""
+def _pack_cpu(codes: np.ndarray, weights: str = "tile8") -> np.ndarray:
+    """int8 codes ``[M, K]`` → ``tile8`` (``rowmajor4`` when 8 does not divide M), or ``tl{R}``."""
     from compiler.layouts_x86 import tile_rowmajor4
+    from compiler.layouts_x86_tl import pack_tl
     from model.ternary.layouts import pack_rowmajor4
 
+    if weights == "tl":
+        return pack_tl(codes, tl_tile(codes.shape[0]))
     w = pack_rowmajor4(codes)
     return tile_rowmajor4(w, CPU_TILE) if cpu_tile(codes.shape[0]) else w
 
 
-def pack_params(g, gpu: bool = False) -> dict[str, np.ndarray]:
-    """The GGUF's tensors → the kernels' inputs: ternaries repacked to ``tile8`` (GPU: ``dp4a``) + a float32
-    scale, floats as float32, mHC coefficients computed once, RoPE tables."""
+def pack_params(g, gpu: bool = False, weights: str = "tile8") -> dict[str, np.ndarray]:
+    """The GGUF's tensors → the kernels' inputs: ternaries repacked to ``tile8`` or ``tl{R}`` (GPU: ``dp4a``) + a
+    float32 scale, floats as float32, mHC coefficients computed once, RoPE tables."""
     from compiler.layouts_gpu import pack_dp4a
 
-    pack = pack_dp4a if gpu else _pack_cpu
+    check_weights(weights, gpu)
+    pack = pack_dp4a if gpu else (lambda codes: _pack_cpu(codes, weights))
     cfg = g.config
     p: dict[str, np.ndarray] = {}
     emb = g.tensors["token_embd.weight"]
@@ -127,7 +155,7 @@ def pack_params(g, gpu: bool = False) -> dict[str, np.ndarray]:
             p[f"blk.{i}.{site}.h_pre"] = np.asarray(c.h_pre, np.float32)
             p[f"blk.{i}.{site}.h_post"] = np.asarray(c.h_post, np.float32)
             p[f"blk.{i}.{site}.h_res"] = np.asarray(c.h_res, np.float32)
-    for s in param_specs(cfg, str(p["token_embd.weight"].dtype), str(head_w.dtype), gpu):
+    for s in param_specs(cfg, str(p["token_embd.weight"].dtype), str(head_w.dtype), gpu, weights):
         a = p[s.name]
         if a.shape != s.shape or a.dtype != np.dtype(s.dtype):
             raise ValueError(f"packed {s.name}: {a.shape} {a.dtype}, expected {s.shape} {s.dtype}")
@@ -155,12 +183,14 @@ class Lowering:
     logs_root: object = None
     embed_dtype: str = "float32"
     head_dtype: str = "float32"
+    weights: str = "tile8"
     kernels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         from tvm import relax
 
         self.gpu = self.target == "cuda"
+        check_weights(self.weights, self.gpu)
         if self.gpu and self.chunk == PREFILL_CHUNK:
             self.chunk = GPU_PREFILL_CHUNK
         self.bb = relax.BlockBuilder()
@@ -238,6 +268,16 @@ class Lowering:
                 return self._reshape(y, (1, M))
             gv, _ = self._op("gemm_dp4a", N=T, M=M, K=K)
             return self._call(gv, [W, x4, qs, sc, ws], [((T, M), "float32")])
+        if self.weights == "tl":  # 1.67-bit weights: the table-lookup GEMV, once per token (x_sum is not needed)
+            from tvm import relax
+
+            gv, _ = self._op("gemv_i8_tl", M=M, K=K, tile=tl_tile(M))
+            rows = []
+            for t in range(T):
+                xt, st = (self.bb.emit(relax.op.strided_slice(a, axes=[0], begin=[t], end=[t + 1])) for a in (q8, sc))
+                rows.append(self._reshape(self._call(gv, [W, self._reshape(xt, (K,)), st, ws], [((M,), "float32")]),
+                                          (1, M)))  # fmt: skip
+            return rows[0] if T == 1 else self.bb.emit(relax.op.concat(rows, axis=0))
         if T == 1:  # decode: the tuned GEMV
             gv, _ = self._op("gemv_i8", M=M, K=K, tile=cpu_tile(M))
             y = self._call(gv, [W, self._reshape(q8, (K,)), qs, sc, ws], [((M,), "float32")])
@@ -269,7 +309,7 @@ class Lowering:
         cache = []
         for i in range(L):
             cache += [var(f"kc_{i}", (Hkv, C, hd), f32), var(f"vc_{i}", (Hkv, C, hd), f32)]
-        specs = param_specs(cfg, self.embed_dtype, self.head_dtype, self.gpu)
+        specs = self.specs()
         pv = {s.name: var(s.name, s.shape, s.dtype) for s in specs}
         with bb.function(name, inputs + cache + [pv[s.name] for s in specs]):
             with bb.dataflow():
@@ -359,7 +399,7 @@ class Lowering:
         return self._gv[key]
 
     def specs(self) -> list[ParamSpec]:
-        return param_specs(self.cfg, self.embed_dtype, self.head_dtype, self.gpu)
+        return param_specs(self.cfg, self.embed_dtype, self.head_dtype, self.gpu, self.weights)
 
     def module(self):
         self.function("decode")

@@ -91,18 +91,22 @@ CUDA_BENCH_SHAPES = [  # compiler.bench --target cuda: small (launch-bound), LLa
 CUDA_PREFILL_TOKENS = 16
 
 
-def config_ops(cfg, include_prefill: bool = True, target: str = "cpu") -> list:
-    """Every tunable workload of a model config: the ternary GEMVs (+ prefill GEMMs) and the fused elementwise ops."""
+def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: str = "tile8") -> list:
+    """Every tunable workload of a model config: the ternary GEMVs (+ prefill GEMMs) and the fused elementwise ops.
+    ``weights="tl"``: the CPU build's 1.67-bit layout, whose GEMV serves prefill too (once per token)."""
     if target == "cuda":
         shapes = sorted(set(cfg.ternary_shapes().values()))
         ops = [make_op("gemv_dp4a", M=M, K=K) for M, K in shapes]
         if include_prefill:
             ops += [make_op("gemm_dp4a", N=CUDA_PREFILL_TOKENS, M=M, K=K) for M, K in shapes]
         return ops
-    from compiler.lower import cpu_tile  # the CPU build's weight layout (tile8): its GEMV and GEMM read it
+    from compiler.lower import cpu_tile, tl_tile  # the CPU build's weight layouts: its GEMV and GEMM read them
 
     ops = []
     for M, K in sorted(set(cfg.ternary_shapes().values())):
+        if weights == "tl":
+            ops.append(make_op("gemv_i8_tl", M=M, K=K, tile=tl_tile(M)))
+            continue
         ops.append(make_op("gemv_i8", M=M, K=K, tile=cpu_tile(M)))
         if include_prefill:
             ops.append(make_op("gemm_i8", N=PREFILL_TOKENS, M=M, K=K, tile=cpu_tile(M)))
@@ -116,13 +120,13 @@ def config_ops(cfg, include_prefill: bool = True, target: str = "cpu") -> list:
     return ops
 
 
-def model_ops(path: str, target: str = "cpu") -> list:
+def model_ops(path: str, target: str = "cpu", weights: str = "tile8") -> list:
     """The workloads of the model in a ``.gguf`` file (its config, read by :func:`model.gguf_io.read_gguf`)."""
     try:
         from model.gguf_io import read_gguf
     except ImportError:
         raise SystemExit(f"--model {path}: not yet — no model.gguf_io.read_gguf; use --config or --shape") from None
-    return config_ops(read_gguf(path, check_values=False).config, target=target)
+    return config_ops(read_gguf(path, check_values=False).config, target=target, weights=weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,6 +352,8 @@ def main(argv=None) -> int:
     src.add_argument("--config", action="append", default=[], help="a model preset (model.config.PRESETS)")
     src.add_argument("--model", help="a .gguf file (reads its config through model.gguf_io)")
     src.add_argument("--shape", action="append", default=[], help="op:dims, e.g. gemv_i8:4096:4096 (repeatable)")
+    src.add_argument("--weights", default="tile8", choices=["tile8", "tl"],
+                     help="the CPU weight layout of --config/--model (compiler.build --weights)")
     src.add_argument("--bench-shapes", action="store_true", help="add the benchmark shapes (4096² and 11008×4096)")
     p.add_argument("--trials", type=int, default=16, help="trials per workload (default 16)")
     p.add_argument("--retune", action="store_true", help="measure workloads that already have records again")
@@ -363,13 +369,13 @@ def main(argv=None) -> int:
     from model.config import get_config
 
     kind = "cuda" if a.target == "cuda" else "cpu"
-    ops = [op for name in a.config for op in config_ops(get_config(name), target=kind)]
+    ops = [op for name in a.config for op in config_ops(get_config(name), target=kind, weights=a.weights)]
     if a.model:
-        ops += model_ops(a.model, kind)
+        ops += model_ops(a.model, kind, a.weights)
     ops += [parse_shape(s) for s in a.shape]
     if a.bench_shapes or not (a.config or a.model or a.shape):
         if not (a.config or a.model or a.shape):
-            ops += config_ops(get_config("small"), target=kind)
+            ops += config_ops(get_config("small"), target=kind, weights=a.weights)
         ops += [make_op(k, **d) for k, d in CUDA_BENCH_SHAPES] if kind == "cuda" else bench_ops(a.target)
     ops = list(dict.fromkeys(ops))
     if a.import_timings:

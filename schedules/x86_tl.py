@@ -9,7 +9,7 @@
   ``unroll_k``. The epilogue (``Σ w·x`` from the two byte sums and the stored ``Σ sign``, the float rescale) runs per
   row group.
 
-Knobs: ``unroll_k``, and the grid-only ``lut_parallel`` and ``prefetch`` (the latter picks the intrinsic variant).
+Knobs: ``unroll_k``, and the grid-only ``lut_at`` and ``prefetch`` (the latter picks the intrinsic variant).
 ``vpermb`` is AVX-512 VBMI (Ice Lake, Zen 4): there is no AVX2 schedule (the untuned TE runs anywhere).
 
     python -m schedules.x86_tl            # hand schedule of a 256×4096 tl8 GEMV, bit-exact check
@@ -18,17 +18,26 @@ Knobs: ``unroll_k``, and the grid-only ``lut_parallel`` and ``prefetch`` (the la
 from __future__ import annotations
 
 from compiler.layouts_x86_tl import TILE_ROWS
-from schedules import intrin_x86_tl
+from schedules import intrin_x86_tl, targets
 from schedules.knobs import Knob, choose, knob
 
 KINDS = ("gemv_i8_tl",)
+
+
+LUT_AT = ("root", "parallel", "thread")  # where the tables are built (knob lut_at: the index)
+
+
+def _groups(op) -> int:
+    return op.M // (TILE_ROWS * op.tile)
 
 
 def space(op) -> list[Knob]:
     if op.kind != "gemv_i8_tl":
         raise KeyError(f"no table-lookup schedule for op kind {op.kind!r}")
     big = op.weight_bytes() > 24 << 20  # beyond most of the L3: prefetch by default
-    return [knob("unroll_k", op.B, (1, 2, 4), 2), Knob("lut_parallel", (0, 1), int(op.K >= 8192), grid_only=True),
+    per_thread = _groups(op) % targets.num_cores() == 0  # the threads split the row groups evenly (no predicate)
+    lut_at = (0, 1, 2) if per_thread else (0, 1)
+    return [knob("unroll_k", op.B, (1, 2, 4), 2), Knob("lut_at", lut_at, max(lut_at), grid_only=True),
             Knob("prefetch", intrin_x86_tl.PREFETCH, 2048 if big else 0, grid_only=True)]  # fmt: skip
 
 
@@ -36,26 +45,19 @@ def gemv_i8_tl(sch, op, knobs: dict | None = None):
     ks = {k.name: k for k in space(op)}
     uk = choose(sch, knobs, ks["unroll_k"])
     fixed = {}
-    for name in ("lut_parallel", "prefetch"):  # grid-only: recorded in the trace, the Python value shapes the code
+    for name in ("lut_at", "prefetch"):  # grid-only: recorded in the trace, the Python value shapes the code
         choose(sch, knobs, ks[name])
         fixed[name] = ks[name].default if knobs is None else int(knobs.get(name, ks[name].default))
-    lut_par, pf = fixed["lut_parallel"], fixed["prefetch"]
-
-    xp = sch.get_sblock("xp")
-    sch.vectorize(sch.split(sch.get_loops(xp)[0], [None, 64])[1])
-    lut = sch.get_sblock("lut")
-    b, half, h, _j, _w = sch.get_loops(lut)
-    fused = sch.fuse(b, half)
-    if lut_par:
-        sch.parallel(fused)
-    sch.tensorize(h, intrin_x86_tl.LUT_INTRIN)
+    lut_at, pf = LUT_AT[fixed["lut_at"]], fixed["prefetch"]
 
     acc = sch.get_sblock("acc")
     h, m, b, half, j = sch.get_loops(acc)
     g, t, r = sch.split(m, [None, op.tile, TILE_ROWS])
+    if lut_at == "thread":  # one parallel region: each thread builds the tables, then streams its rows
+        par, g = sch.split(g, [targets.num_cores(), None])
     bo, bi = sch.split(b, [None, uk])
-    sch.reorder(g, bo, bi, t, h, r, half, j)
-    sch.parallel(g)
+    sch.reorder(*([par] if lut_at == "thread" else []), g, bo, bi, t, h, r, half, j)
+    sch.parallel(par if lut_at == "thread" else g)
     y = sch.get_sblock("y")
     sch.reverse_compute_at(sch.get_sblock("dot"), g)
     sch.reverse_compute_at(y, g)
@@ -64,8 +66,19 @@ def gemv_i8_tl(sch, op, knobs: dict | None = None):
     sch.set_scope(init, 0, "local")  # 2·tile zmm of int32: registers, not a workspace call
     sch.unroll(t)
     sch.unroll(bi)
-    (ym,) = sch.get_loops(y)[1:]
+    (ym,) = sch.get_loops(y)[-1:]
     sch.vectorize(sch.split(ym, [None, TILE_ROWS])[1])
+
+    xp, lut = sch.get_sblock("xp"), sch.get_sblock("lut")
+    if lut_at == "thread":
+        sch.compute_at(lut, par)
+        sch.compute_at(xp, par)
+    sch.vectorize(sch.split(sch.get_loops(xp)[-1], [None, 64])[1])
+    b, half, h, _j, _w = sch.get_loops(lut)[-5:]
+    fused = sch.fuse(b, half)
+    if lut_at == "parallel":
+        sch.parallel(fused)
+    sch.tensorize(h, intrin_x86_tl.LUT_INTRIN)
     return sch
 
 

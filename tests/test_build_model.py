@@ -118,3 +118,31 @@ def test_dump_ir(tmp_path):
     assert "def decode" in text and "def prefill" in text and "call_tir_inplace" in text
     assert (tmp_path / "ir" / "compile.relax.py").exists()
     assert (tmp_path / "ir" / "tir" / "lm_head.py").exists()
+
+
+@pytest.mark.skipif(not targets.supported("avx512") or "avx512vbmi" not in targets.cpu_flags(),
+                    reason="the tl layout's kernel needs AVX-512 VBMI")  # fmt: skip
+def test_tl_weights_give_identical_logits():
+    """The 1.67-bit build (``weights="tl"``) computes the same integer dot products: logits bit-identical to tile8,
+    in prefill (two chunks, padded) and decode, from fewer weight bytes."""
+    gguf = tiny_gguf(2)
+    a = built(gguf, "avx512")
+    b = build(gguf, "avx512", cache_dir(), weights="tl")
+    assert b.meta["weights"] == "tl" and b.key != a.key
+    assert any(k.startswith("gemv_i8_tl") for k in b.meta["kernels"])
+    assert not any(k.startswith(("gemv_i8:", "gemm_i8")) for k in b.meta["kernels"])
+    ea, eb = Engine(a.dir, gguf), Engine(b.dir, gguf)
+    prompt = [int(t) for t in np.random.default_rng(7).integers(0, 512, 13)]
+    np.testing.assert_array_equal(ea.prefill(prompt), eb.prefill(prompt))
+    for t in (5, 300, 2, 511):
+        np.testing.assert_array_equal(ea.decode(t), eb.decode(t))
+    wa = sum(np.prod(s) for n, s, _ in a.meta["params"] if n.endswith("_weight") or ".attn_" in n or ".ffn_" in n)
+    wb = sum(np.prod(s) for n, s, _ in b.meta["params"] if n.endswith("_weight") or ".attn_" in n or ".ffn_" in n)
+    assert wb < wa
+
+
+def test_tl_weights_are_cpu_only():
+    with pytest.raises(BuildError, match="CPU"):
+        build(tiny_gguf(2), "cuda", cache_dir(), weights="tl")
+    with pytest.raises(BuildError, match="expected one of"):
+        build(tiny_gguf(2), "avx512", cache_dir(), weights="b3")

@@ -100,6 +100,22 @@ def test_gemv_i8_tl_bit_exact(target, tile, groups, kc, seed, data):
     np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
 
 
+@pytest.mark.parametrize("target", AVX512)
+@pytest.mark.parametrize("lut_at", [0, 1, 2])
+@pytest.mark.parametrize("groups", [1, 3, 4])
+def test_every_table_placement(target, lut_at, groups):
+    """Each place the tables can be built (root, in parallel, per thread) with 1, 3 and 4 row groups: a per-thread
+    build splits the groups across the threads, which must keep every group's accumulators private."""
+    op = make_op("gemv_i8_tl", M=32 * groups, K=768, tile=2)
+    if lut_at not in {k.name: k for k in schedule_module(target).space(op)}["lut_at"].candidates:
+        with pytest.raises(ValueError, match="lut_at"):  # an uneven split of the groups over the threads
+            build(op, target, knobs={"lut_at": lut_at})
+        return
+    ins = op.random_inputs(np.random.default_rng(groups))
+    y = Kernel(op, build(op, target, knobs={"lut_at": lut_at}))(*ins)[0]
+    np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
+
+
 def test_naive_te_matches():
     op = make_op("gemv_i8_tl", M=32, K=768, tile=1)
     ins = op.random_inputs(np.random.default_rng(3))
