@@ -1,7 +1,9 @@
 """AVX-512 (VBMI + VNNI) schedule of the table-lookup GEMV ``gemv_i8_tl`` (:mod:`compiler.ops.ternary_gemv_tl`).
 
-* ``lut``: the tables are built before the rows, blocks in parallel (knob ``lut_parallel``: a parallel launch costs
-  more than it saves on small K), the 8 words of a table vectorized.
+* ``lut`` (knob ``lut_at``): the tables are built once before the rows (``root``), the same with the blocks in
+  parallel (``parallel``), or by every thread at the start of its share of the row groups (``thread``: one parallel
+  region instead of two, for a redundant build of K/24·256 bytes; offered when the groups split evenly over the
+  cores, since tensorize cannot take the predicate of an uneven split). One intrinsic call builds a block's tables.
 * ``acc``: rows are split into row groups of ``tile`` 16-row tiles (the layout's), the groups run in parallel, and
   for each block the ``(h, r, half, j)`` nest of every tile — 16 rows × 24 weights × both table bytes — is
   tensorized with :mod:`schedules.intrin_x86_tl`. Tiles are unrolled so the block's four table registers are loaded
@@ -22,7 +24,6 @@ from schedules import intrin_x86_tl, targets
 from schedules.knobs import Knob, choose, knob
 
 KINDS = ("gemv_i8_tl",)
-
 
 LUT_AT = ("root", "parallel", "thread")  # where the tables are built (knob lut_at: the index)
 
