@@ -48,7 +48,7 @@ def cpu_tile(M: int) -> int:
 
 
 def tl_tile(M: int) -> int:
-    """Row tiles (16 rows each) per group of the ``tl`` layout for output size M: the largest of 8, 4, 2, 1 that fits."""
+    """Row tiles (16 rows each) per group of the ``tl`` layout for output size M: the largest of 8, 4, 2, 1 fitting."""
     for r in (8, 4, 2, 1):
         if M % (16 * r) == 0:
             return r
@@ -272,12 +272,14 @@ class Lowering:
             from tvm import relax
 
             gv, _ = self._op("gemv_i8_tl", M=M, K=K, tile=tl_tile(M))
+            if T == 1:
+                return self._reshape(self._call(gv, [W, self._reshape(q8, (K,)), sc, ws], [((M,), "float32")]), (1, M))
             rows = []
             for t in range(T):
                 xt, st = (self.bb.emit(relax.op.strided_slice(a, axes=[0], begin=[t], end=[t + 1])) for a in (q8, sc))
                 rows.append(self._reshape(self._call(gv, [W, self._reshape(xt, (K,)), st, ws], [((M,), "float32")]),
                                           (1, M)))  # fmt: skip
-            return rows[0] if T == 1 else self.bb.emit(relax.op.concat(rows, axis=0))
+            return self.bb.emit(relax.op.concat(rows, axis=0))
         if T == 1:  # decode: the tuned GEMV
             gv, _ = self._op("gemv_i8", M=M, K=K, tile=cpu_tile(M))
             y = self._call(gv, [W, self._reshape(q8, (K,)), qs, sc, ws], [((M,), "float32")])

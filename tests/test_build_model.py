@@ -139,6 +139,18 @@ def test_tl_weights_give_identical_logits():
     wa = sum(np.prod(s) for n, s, _ in a.meta["params"] if n.endswith("_weight") or ".attn_" in n or ".ffn_" in n)
     wb = sum(np.prod(s) for n, s, _ in b.meta["params"] if n.endswith("_weight") or ".attn_" in n or ".ffn_" in n)
     assert wb < wa
+    from runtime.compare import compare  # the paired A/B decode measurement runs on the two entries
+
+    r = compare(str(a.dir), str(b.dir), rounds=2, tokens=3)
+    assert r["a"]["weights"] == "tile8" and r["b"]["weights"] == "tl" and len(r["b"]["tok_s"]) == 2
+    assert r["ratio_b_over_a"] > 0
+
+
+def test_compare_rejects_a_non_entry(tmp_path):
+    from runtime.compare import main
+
+    with pytest.raises(SystemExit, match=r"not a compiler\.build cache entry"):
+        main([str(tmp_path), str(tmp_path)])
 
 
 def test_tl_weights_are_cpu_only():
