@@ -248,8 +248,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dump-ir", default=None, help="write each phase's IR here")
     ap.add_argument("--force", action="store_true", help="rebuild even if a cached entry exists")
     ap.add_argument("--repack-into", metavar="ENTRY", help="only write ENTRY's params.npz from --model (same config)")
-    ap.add_argument("--weights", default="tile8", choices=["tile8", "tl"],
-                    help="CPU ternary layout: tile8 (2-bit, default) or tl (1.67-bit table lookup, AVX-512 VBMI)")
+    ap.add_argument(
+        "--weights",
+        default="tile8",
+        choices=["tile8", "tl"],
+        help="CPU ternary layout: tile8 (2-bit, default) or tl (1.67-bit table lookup, AVX-512 VBMI)",
+    )
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if a.repack_into:

@@ -352,8 +352,12 @@ def main(argv=None) -> int:
     src.add_argument("--config", action="append", default=[], help="a model preset (model.config.PRESETS)")
     src.add_argument("--model", help="a .gguf file (reads its config through model.gguf_io)")
     src.add_argument("--shape", action="append", default=[], help="op:dims, e.g. gemv_i8:4096:4096 (repeatable)")
-    src.add_argument("--weights", default="tile8", choices=["tile8", "tl"],
-                     help="the CPU weight layout of --config/--model (compiler.build --weights)")
+    src.add_argument(
+        "--weights",
+        default="tile8",
+        choices=["tile8", "tl"],
+        help="the CPU weight layout of --config/--model (compiler.build --weights)",
+    )
     src.add_argument("--bench-shapes", action="store_true", help="add the benchmark shapes (4096² and 11008×4096)")
     p.add_argument("--trials", type=int, default=16, help="trials per workload (default 16)")
     p.add_argument("--retune", action="store_true", help="measure workloads that already have records again")
