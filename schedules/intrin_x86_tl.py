@@ -1,4 +1,4 @@
-"""AVX-512 VBMI + VNNI tensor intrinsic for the table-lookup ternary GEMV (``gemv_i8_tl``): 16 rows × 24 weights.
+"""AVX-512 tensor intrinsics of the table-lookup ternary GEMV (``gemv_i8_tl``): lookups (16 rows × 24 weights), tables.
 
 One call handles one 16-row tile × one 24-weight block: the tile's 80-byte record ``W`` (64 index bytes, byte
 ``p = 4r + j`` = codes j and 4 + j of row r in its two nibbles; 16 sign bytes) against the block's tables
@@ -6,15 +6,19 @@ One call handles one 16-row tile × one 24-weight block: the tile's 80-byte reco
 
     C[h, r] += Σ_{half<2, j<4} LUT[half, h, 16j + index(r, half, j)] · sign(r, half, j)
 
-Per call: 1 load, 1 shift, 2 ternary-logic ops (``(W >> 4·half) & 15 | 16·j``, the table offset of code j),
-2 ``kmovq`` + 2 sign selects (±1 bytes from the sign bits), 4 ``vpermb`` (64-entry byte lookups: the index picks
-one of the four 16-entry tables of the zmm) and 4 ``vpdpbusd`` (table byte × ±1, four codes per int32 lane = row).
-That is 15 instructions per 384 weights (80 bytes), against 13.9 per 256 weights (64 bytes) for the 2-bit kernel;
-no weight is decoded. The four table registers of a block are the same for every tile of a row group: LLVM loads
-them once per block when the tiles are unrolled.
+Per call: 1 load, the two index vectors ``(W >> 4·half) & 15 | 16·j`` (the nibble plus the table offset of code j;
+LLVM emits ``vpternlogq``, ``vgf2p8affineqb`` and ``vporq``), 2 ``kmovq`` + 2 ``vpblendmb`` (±1 bytes from the sign
+bits), 4 ``vpermb`` (64-entry byte lookups: the index picks one of the four 16-entry tables of the zmm) and 4
+``vpdpbusd`` (table byte × ±1, four codes per int32 lane = row). About 16 instructions per 384 weights (80 bytes),
+against 13.9 per 256 weights (64 bytes) for the 2-bit kernel; no weight is decoded. The four table registers of a
+block are the same for every tile of a row group: LLVM loads them once per block when the tiles are unrolled.
 
 ``NAME[_pf{1024,2048,4096}]``: plus one ``prefetcht0 [W + pf]`` and one at ``W + pf + 64`` per call (records are
 80 bytes, so one line per call would leave gaps); a grid-only knob.
+
+``ternary_tl_tables_4x3_avx512`` builds one (block, half)'s tables: for each of the 4 groups, ``v = Σ_g t_g·x_g`` in
+16 int16 lanes (constant digit vectors × broadcast activations), then its lo and hi bytes narrowed and stored as the
+two uint64 words the lookup description reads.
 
     python -m schedules.intrin_x86_tl      # registers the intrinsics and prints their names
 """

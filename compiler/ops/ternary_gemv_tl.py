@@ -1,17 +1,17 @@
 """Ternary GEMV by table lookup on 1.67-bit weights: ``gemv_i8_tl``, W1.67A8, bit-exact with ``gemv_i8``.
 
 Weights in the ``tl{R}`` layout of :mod:`compiler.layouts_x86_tl`: three weights per code, stored as a 4-bit index
-``|c − 13|`` and a sign bit. Two stages:
+``|c − 13|`` and a sign bit. The stages (after ``xp``, x zero-padded to a multiple of 24):
 
-1. ``lut``: for every group of three activations ``(x0, x1, x2)`` (K zero-padded to a multiple of 24), the 16-entry
-   table of ``v(i) = Σ t·x`` over the positive combinations ``t`` of code ``13 + i`` (entries 14, 15 are 0), split into
-   bytes: ``lo = v & 255`` (unsigned) and ``hi = (v >> 8) + 2`` ∈ 0..3 (|v| ≤ 381). Stored as
+1. ``lut``: for every group of three activations ``(x0, x1, x2)``, the 16-entry table of ``v(i) = Σ t·x`` over the
+   positive combinations ``t`` of code ``13 + i`` (entries 14, 15 are 0), split into bytes: ``lo = v & 255``
+   (unsigned) and ``hi = (v >> 8) + 2`` ∈ 0..3 (|v| ≤ 381). Stored as
    ``LUT[b, half, h, 16j + i]`` for code ``j`` of half ``half`` of block ``b``: one 64-byte ``vpermb`` table per
    (block, half, byte). K/24 · 256 bytes, built once per call and read by every row.
 2. ``acc[h, m] = Σ_{b, half, j} LUT[b, half, h] byte (16j + index) · sign`` (int32), the row's lookups times ±1, for
-   both bytes h. Then ``Σ w·x = acc[0] + 256·(acc[1] − 2·Σ sign)``, with the row's ``Σ sign`` stored in the layout,
-   and ``y = float32(Σ w·x) · (w_scale / x_scale)``: the float epilogue of ``gemv_i8``, so y is bit-exact with
-   :func:`model.ternary.reference.ternary_matmul_i8`. The kernel does not need Σx (the codes are not offset).
+   both bytes h. Then ``dot = acc[0] + 256·acc[1]`` and ``Σ w·x = dot − 512·Σ sign``, with the row's ``Σ sign``
+   stored in the layout, and ``y = float32(Σ w·x) · (w_scale / x_scale)``: the float epilogue of ``gemv_i8``, so y is
+   bit-exact with :func:`model.ternary.reference.ternary_matmul_i8`. The kernel does not need Σx (no offset codes).
 
 The AVX-512 kernel (:mod:`schedules.intrin_x86_tl`) does the lookups with ``vpermb`` (AVX-512 VBMI) and the
 multiply-accumulate with ``vpdpbusd`` (table byte unsigned, sign ±1 signed): no weight is ever decoded.
@@ -34,14 +34,12 @@ from compiler.layouts_x86_tl import (
     ZERO_CODE,
     blocks,
     pack_tl,
-    shape,  # fmt: skip
+    shape,
     unpack_tl,
 )
 from compiler.ops.base import Arg, Op, OpShapeError, check_k, check_positive
 from model.ternary import reference
 from model.ternary.layouts import pack_rowmajor4
-
-LUT_BYTES = 2 * 2 * 64  # per block: (half, lo/hi) × 64-byte table
 
 
 def lut_numpy(x: np.ndarray, k: int) -> np.ndarray:
