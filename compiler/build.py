@@ -153,7 +153,8 @@ def build(
             ex.export_library(str(tmp / "model.so"))
             np.savez(tmp / "params.npz", **params)
             meta = {
-                "key": key, "target": target, "weights": weights, "compiler_version": cache.COMPILER_VERSION,
+                "key": key, "target": target, "weights": weights, "cpu_flags": lower.cpu_flags_needed(target, weights),
+                "compiler_version": cache.COMPILER_VERSION,
                 "model": str(model),
                 "config": cfg.to_dict(), "prefill_chunk": lw.chunk,
                 "params": [[s.name, list(s.shape), s.dtype] for s in lw.specs()],

@@ -55,6 +55,13 @@ def tl_tile(M: int) -> int:
     raise ValueError(f"weights='tl' needs every ternary matrix's output size to be a multiple of 16; M = {M}")
 
 
+def cpu_flags_needed(target: str, weights: str) -> list[str]:
+    """The CPU flags a build's kernels execute (recorded in its ``meta.json``; ``runtime.cpu.check_flags``)."""
+    from schedules.targets import REQUIRED_FLAGS
+
+    return sorted(set(REQUIRED_FLAGS.get(target, ())) | ({"avx512vbmi"} if weights == "tl" else set()))
+
+
 def check_weights(weights: str, gpu: bool) -> None:
     if weights not in WEIGHT_LAYOUTS:
         raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_LAYOUTS}")

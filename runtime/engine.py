@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from model.sampling import SamplingParams, penalize
+from runtime.cpu import check_flags
 
 log = logging.getLogger("runtime")
 
@@ -117,6 +118,9 @@ class Engine:
         self.n_kv, self.head_dim = c["n_kv_heads"], c["d_model"] // c["n_heads"]
         self.chunk = int(self.meta["prefill_chunk"])
         self.target = self.meta.get("target", "cpu")
+        check_flags(
+            self.meta.get("cpu_flags", ()), f"{self.dir.name} ({self.target}, {self.meta.get('weights', 'tile8')})"
+        )
         if self.target == "cuda":
             load_cuda_runtime()
             self.dev = tvm.cuda(0)

@@ -9,7 +9,6 @@ only F/BW/VL/VNNI, which Ice Lake and later Intel parts have too).
 
 from __future__ import annotations
 
-import functools
 import os
 
 TARGET_NAMES = ("avx2", "avx512", "cuda")
@@ -22,17 +21,7 @@ REQUIRED_FLAGS = {
 MCPU = {"avx2": "haswell", "avx512": "znver4"}
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The flags of the first CPU in /proc/cpuinfo (empty on systems without it)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+from runtime.cpu import cpu_flags  # noqa: E402  (the runtime checks the same flags, without TVM)
 
 
 def num_cores() -> int:

@@ -158,3 +158,14 @@ def test_tl_weights_are_cpu_only():
         build(tiny_gguf(2), "cuda", cache_dir(), weights="tl")
     with pytest.raises(BuildError, match="expected one of"):
         build(tiny_gguf(2), "avx512", cache_dir(), weights="b3")
+
+
+def test_engine_refuses_an_entry_this_cpu_cannot_run(monkeypatch):
+    """An entry records the CPU flags its kernels execute; on a CPU without them the Engine raises (no SIGILL)."""
+    import runtime.cpu
+
+    r = built(tiny_gguf(2))
+    assert r.meta["cpu_flags"] and set(r.meta["cpu_flags"]) <= runtime.cpu.cpu_flags()
+    monkeypatch.setattr(runtime.cpu, "cpu_flags", lambda: frozenset({"sse2"}))
+    with pytest.raises(RuntimeError, match="needs the CPU flags"):
+        Engine(r.dir, tiny_gguf(2))
