@@ -183,9 +183,6 @@ def scalar_time(op, ins) -> float | None:
     """The C++ scalar reference (GEMV/GEMM) or the numpy reference (elementwise ops), single-threaded."""
     from model.ternary.reference import scalar_available
 
-    if hasattr(op, "two_bit_twin"):  # the same product by the scalar kernel, on the 2-bit weights it reads
-        op = op.two_bit_twin()
-        ins = op.random_inputs(np.random.default_rng(0))
     if op.kind in ("gemv_i8", "gemm_i8", "gemv_f32"):
         if not scalar_available():
             return None
@@ -231,17 +228,14 @@ def paired_times(kernels, rounds: int = 5) -> np.ndarray:
 
 def two_bit_twin(op, target: str, logs_root=None):
     """For an op on a sub-2-bit layout (``op.two_bit_twin()``): the tuned 2-bit ``gemv_i8`` of the same shape, built,
-    with its inputs — the baseline the ≤ 1.7-bit layout must beat."""
+    with its numpy inputs — the baseline the ≤ 1.7-bit layout must beat (and what the scalar reference reads)."""
     import warnings
-
-    import tvm
 
     twin = op.two_bit_twin()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", S.UntunedWarning)
         ex = S.get_primfunc(twin, target, logs_root).build()
-    args = [tvm.runtime.tensor(a) for a in twin.random_inputs(np.random.default_rng(0)) + twin.empty_outputs()]
-    return ex, args
+    return twin, ex, twin.random_inputs(np.random.default_rng(0))
 
 
 def bench_op(op, target: str, threads_list, baselines: bool = True, logs_root=None) -> list[Row]:
@@ -260,8 +254,11 @@ def bench_op(op, target: str, threads_list, baselines: bool = True, logs_root=No
         if not np.allclose(o.numpy(), r, rtol=0, atol=tol):
             raise AssertionError(f"{op.key} on {target}: wrong result, refusing to time it")
     naive = S.get_primfunc(op, target, mode="naive").build() if baselines else None
-    scalar = scalar_time(op, ins) if baselines else None
-    twin = two_bit_twin(op, target, logs_root) if hasattr(op, "two_bit_twin") else None
+    twin = None
+    if hasattr(op, "two_bit_twin"):  # built once; its inputs also feed the scalar reference (the same product)
+        twin_op, twin_ex, twin_ins = two_bit_twin(op, target, logs_root)
+        twin = (twin_ex, [tvm.runtime.tensor(a) for a in twin_ins + twin_op.empty_outputs()])
+    scalar = (scalar_time(twin_op, twin_ins) if twin else scalar_time(op, ins)) if baselines else None
     mem = op.kind in MEMORY_BOUND
     roof_kind = "copy" if mem else "read"
     rows = []
@@ -275,9 +272,10 @@ def bench_op(op, target: str, threads_list, baselines: bool = True, logs_root=No
                 times["scalar_ref"] = scalar
             times.update(torch_baselines(op, th))
         nbytes = op.bytes_moved() if mem else weight_bytes(op)
-        roof = roofline_gbs(roof_kind, int(nbytes / 2 if mem else nbytes), target, th)
-        pct = 100.0 * nbytes / t / 1e9 / roof
-        roof_k = _roof_kernel(roof_kind, int(nbytes), target) if nbytes > DRAM_BYTES else None
+        roof_k = _roof_kernel("read", int(nbytes), target) if nbytes > DRAM_BYTES and not mem else None
+        if roof_k is None:  # cache-resident: the roof measured once per size (DRAM-resident: in turn, below)
+            roof = roofline_gbs(roof_kind, int(nbytes / 2 if mem else nbytes), target, th)
+            pct = 100.0 * nbytes / t / 1e9 / roof
         paired = [(ex, args)] + ([roof_k[:2]] if roof_k else []) + ([twin] if twin else [])
         if len(paired) > 1:  # the roof (DRAM-resident) and the 2-bit twin, timed in turn with the kernel
             ts = paired_times(paired)

@@ -153,7 +153,7 @@ def build(
             ex.export_library(str(tmp / "model.so"))
             np.savez(tmp / "params.npz", **params)
             meta = {
-                "key": key, "target": target, "weights": weights, "cpu_flags": lower.cpu_flags_needed(target, weights),
+                "key": key, "target": target, "weights": weights, "cpu_flags": lw.cpu_flags(),
                 "compiler_version": cache.COMPILER_VERSION,
                 "model": str(model),
                 "config": cfg.to_dict(), "prefill_chunk": lw.chunk,

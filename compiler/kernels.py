@@ -21,7 +21,7 @@ import functools
 
 import numpy as np
 
-from schedules import targets
+from runtime.cpu import check_flags
 
 ALIGN = 64
 
@@ -68,9 +68,7 @@ class Kernel:
     """``Kernel(op, executable)(*inputs, out=None) -> [outputs]`` with full argument checking (see module doc)."""
 
     def __init__(self, op, executable, entry: str = "main"):
-        missing = targets.missing_op_flags(op)
-        if missing:  # the kernel's instructions would kill the process (SIGILL), not raise
-            raise RuntimeError(f"{op.key}: its kernel needs the CPU flags {missing}, which this machine lacks")
+        check_flags(getattr(op, "cpu_flags", ()), f"{op.key}'s kernel")  # a missing one would SIGILL, not raise
         self.op = op
         mod = getattr(executable, "mod", executable)  # tvm.runtime.Executable or runtime.Module
         self.module = mod

@@ -55,13 +55,6 @@ def tl_tile(M: int) -> int:
     raise ValueError(f"weights='tl' needs every ternary matrix's output size to be a multiple of 16; M = {M}")
 
 
-def cpu_flags_needed(target: str, weights: str) -> list[str]:
-    """The CPU flags a build's kernels execute (recorded in its ``meta.json``; ``runtime.cpu.check_flags``)."""
-    from schedules.targets import REQUIRED_FLAGS
-
-    return sorted(set(REQUIRED_FLAGS.get(target, ())) | ({"avx512vbmi"} if weights == "tl" else set()))
-
-
 def check_weights(weights: str, gpu: bool) -> None:
     if weights not in WEIGHT_LAYOUTS:
         raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_LAYOUTS}")
@@ -192,6 +185,7 @@ class Lowering:
     head_dtype: str = "float32"
     weights: str = "tile8"
     kernels: dict[str, str] = field(default_factory=dict)
+    op_flags: set[str] = field(default_factory=set)  # CPU flags the tuned-operator kernels need beyond the target's
 
     def __post_init__(self):
         from tvm import relax
@@ -210,6 +204,7 @@ class Lowering:
         from compiler.schedule import get_primfunc
 
         op = make_op(kind, **dims)
+        self.op_flags.update(getattr(op, "cpu_flags", ()))
         if op.func_name not in self._gv and self.gpu and not _has_cuda_schedule(kind):
             # no tunable CUDA template (the normalisation/elementwise ops): the TE, given a fixed CUDA schedule in
             # compiler.build (schedules.cuda.rows)
@@ -406,6 +401,13 @@ class Lowering:
         if key not in self._gv:
             self._gv[key] = self.bb.add_func(gk.rmsnorm(T, D, self.cfg.norm_eps), key)
         return self._gv[key]
+
+    def cpu_flags(self) -> list[str]:
+        """The CPU flags the module's kernels execute: the target's and its operators' (``meta.json`` ``cpu_flags``,
+        checked by :func:`runtime.cpu.check_flags`)."""
+        from schedules.targets import REQUIRED_FLAGS
+
+        return sorted(set(REQUIRED_FLAGS.get(self.target, ())) | self.op_flags)
 
     def specs(self) -> list[ParamSpec]:
         return param_specs(self.cfg, self.embed_dtype, self.head_dtype, self.gpu, self.weights)

@@ -31,10 +31,10 @@ from tvm.script import tirx as T
 
 from compiler.layouts_x86_tl import ZERO_CODE
 from compiler.ops.ternary_gemv_tl import te_lut_word, te_term
+from schedules.intrin_x86 import PREFETCH  # the same prefetch distances as the 2-bit kernel
 
 TL_INTRIN = "ternary_tl_lookup_16x24_vnni"
 LUT_INTRIN = "ternary_tl_tables_4x3_avx512"
-PREFETCH = (0, 1024, 2048, 4096)
 
 
 @T.prim_func(s_tir=True)

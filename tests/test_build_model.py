@@ -10,6 +10,7 @@ from runtime_helpers import built, cache_dir, greedy_parity, reference, tiny_ggu
 
 from compiler import cache
 from compiler.build import BuildError, build
+from compiler.lower import TERNARY
 from runtime.engine import Engine
 from schedules import targets
 
@@ -136,9 +137,10 @@ def test_tl_weights_give_identical_logits():
     np.testing.assert_array_equal(ea.prefill(prompt), eb.prefill(prompt))
     for t in (5, 300, 2, 511):
         np.testing.assert_array_equal(ea.decode(t), eb.decode(t))
-    wa = sum(np.prod(s) for n, s, _ in a.meta["params"] if n.endswith("_weight") or ".attn_" in n or ".ffn_" in n)
-    wb = sum(np.prod(s) for n, s, _ in b.meta["params"] if n.endswith("_weight") or ".attn_" in n or ".ffn_" in n)
+    ternary = tuple(f".{t}.weight" for t in TERNARY)
+    wa, wb = (sum(np.prod(s) for n, s, _ in r.meta["params"] if n.endswith(ternary)) for r in (a, b))
     assert wb < wa
+    assert "avx512vbmi" in b.meta["cpu_flags"] and "avx512vbmi" not in a.meta["cpu_flags"]
     from runtime.compare import compare  # the paired A/B decode measurement runs on the two entries
 
     r = compare(str(a.dir), str(b.dir), rounds=2, tokens=3)
