@@ -67,8 +67,11 @@ def _as_numpy(value, name: str) -> np.ndarray:
 class Kernel:
     """``Kernel(op, executable)(*inputs, out=None) -> [outputs]`` with full argument checking (see module doc)."""
 
-    def __init__(self, op, executable, entry: str = "main"):
-        check_flags(getattr(op, "cpu_flags", ()), f"{op.key}'s kernel")  # a missing one would SIGILL, not raise
+    def __init__(self, op, executable, entry: str = "main", cpu_flags=None):
+        """``cpu_flags``: the flags the executable's code needs beyond its target's; None means the op's scheduled
+        kernels' (``op.cpu_flags``, e.g. VBMI), ``()`` an executable built from the naive TE, which needs none."""
+        needs = getattr(op, "cpu_flags", ()) if cpu_flags is None else cpu_flags
+        check_flags(needs, f"{op.key}'s kernel")  # a missing one would SIGILL, not raise
         self.op = op
         mod = getattr(executable, "mod", executable)  # tvm.runtime.Executable or runtime.Module
         self.module = mod
@@ -117,7 +120,7 @@ def get_kernel(op, target: str = "auto", mode: str = "auto") -> Kernel:
     """A cached :class:`Kernel` for ``op`` (ops are frozen dataclasses, hence hashable) on ``target``."""
     from compiler.schedule import build
 
-    return Kernel(op, build(op, target, mode=mode))
+    return Kernel(op, build(op, target, mode=mode), cpu_flags=() if mode == "naive" else None)
 
 
 if __name__ == "__main__":

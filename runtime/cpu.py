@@ -4,17 +4,24 @@ A compiled entry records the flags its kernels need (``meta.json`` ``cpu_flags``
 layout's); :func:`check_flags` refuses to load one whose instructions this CPU lacks, which would otherwise kill the
 process with SIGILL instead of raising.
 
-    python -m runtime.cpu        # prints the flags
+``TERNARY_CPU_MASK`` hides flags from everything that asks (comma-separated ``fnmatch`` patterns), so a machine can
+behave as a smaller one would: with ``TERNARY_CPU_MASK='avx512*,avx_vnni*'`` an AVX-512 machine picks the ``avx2``
+target, skips the AVX-512 tests and refuses AVX-512 entries exactly as a Zen 3 does.
+
+    python -m runtime.cpu                                   # prints the flags
+    TERNARY_CPU_MASK='avx512*,avx_vnni*' pytest -q          # the suite as an AVX2-only CPU runs it
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
+import os
+
+MASK_ENV = "TERNARY_CPU_MASK"
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The flags of the first CPU in /proc/cpuinfo (empty on systems without it)."""
+def _proc_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -25,6 +32,18 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def mask_patterns() -> tuple[str, ...]:
+    """The patterns of ``TERNARY_CPU_MASK`` (empty when unset)."""
+    return tuple(p.strip() for p in os.environ.get(MASK_ENV, "").split(",") if p.strip())
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The flags of the first CPU in /proc/cpuinfo less those ``TERNARY_CPU_MASK`` hides (empty without /proc)."""
+    pats = mask_patterns()
+    return frozenset(f for f in _proc_flags() if not any(fnmatch.fnmatchcase(f, p) for p in pats))
+
+
 def check_flags(needed, what: str) -> None:
     missing = sorted(set(needed) - cpu_flags())
     if missing:
@@ -32,4 +51,5 @@ def check_flags(needed, what: str) -> None:
 
 
 if __name__ == "__main__":
-    print(" ".join(sorted(cpu_flags())))
+    masked = f"  (hidden by {MASK_ENV}: {sorted(_proc_flags() - cpu_flags())})" if mask_patterns() else ""
+    print(" ".join(sorted(cpu_flags())) + masked)

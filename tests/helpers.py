@@ -1,4 +1,4 @@
-"""Helpers shared by tests: ternary test-data strategies, CPU-feature skips, the repo root.
+"""Helpers shared by tests: ternary test-data strategies and the repo root.
 
 Import as ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path``).
 """
@@ -8,26 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def require_isa(*flags: str):
-    """Decorator: skip (with the reason) unless the CPU has every flag, e.g. ``require_isa("avx512_vnni")``."""
-    missing = [f for f in flags if f not in cpu_flags()]
-    return pytest.mark.skipif(bool(missing), reason=f"CPU lacks {', '.join(missing)}")
 
 
 # --- hypothesis strategies for ternary data ------------------------------------------------------------------------

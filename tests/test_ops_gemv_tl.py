@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from kernel_helpers import X86
 
 import compiler.layouts_x86_tl as TL
-from compiler.kernels import Kernel
+from compiler.kernels import Kernel, get_kernel
 from compiler.ops import OpShapeError, make_op
 from compiler.ops.ternary_gemv_tl import lut_numpy
 from compiler.schedule import build, schedule_module
@@ -117,9 +117,10 @@ def test_every_table_placement(target, lut_at, groups):
 
 
 def test_naive_te_matches():
+    """The naive TE is plain LLVM code for the machine's own target: it runs on any CPU, VBMI or not (Zen 3)."""
     op = make_op("gemv_i8_tl", M=32, K=768, tile=1)
     ins = op.random_inputs(np.random.default_rng(3))
-    y = Kernel(op, build(op, "auto", mode="naive"))(*ins)[0]
+    y = get_kernel(op, "auto", mode="naive")(*ins)[0]
     np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
 
 
