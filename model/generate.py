@@ -1,7 +1,9 @@
 """Text generation with the PyTorch model and a KV cache: the numerical reference and eager baseline for the runtime.
 
 :func:`stream` prefills the prompt once, then decodes one token per step from the cache and yields each token as it
-is chosen (greedy at ``temperature = 0``, else temperature → top-k → top-p sampling from a seeded generator). It stops
+is chosen (greedy at a temperature below :data:`GREEDY_BELOW`, 1e-5, else temperature → top-k → top-p sampling from a
+seeded generator, in float64 with the maximum subtracted first: NaN logits count as -inf, +inf logits share the mass,
+so no finite setting makes it raise or see a NaN probability, as in ``runtime.engine.sample``). It stops
 at ``max_new_tokens``, a stop token id, a stop string (needs ``decode``), or the context limit. :func:`generate`
 collects the stream into a :class:`Generation`.
 
@@ -27,25 +29,51 @@ class Generation:
     text: str | None = None
 
 
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing by it would overflow; the result is argmax anyway)
+
+
+def _finite_or_inf(logits: torch.Tensor) -> torch.Tensor:
+    """A float64 copy with NaN as -inf."""
+    x = logits.detach().to(torch.float64)
+    return torch.where(torch.isnan(x), float("-inf"), x)
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """Probabilities over the last dimension, never NaN: +inf logits share the mass; all -inf gives the uniform."""
+    top = x.amax(-1, keepdim=True)
+    p = torch.where(top == float("inf"), (x == float("inf")).to(x.dtype), torch.exp(x - top))
+    p = torch.where(top == float("-inf"), torch.ones_like(x), p)
+    return p / p.sum(-1, keepdim=True)
+
+
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k, then outside the smallest set whose probability reaches top-p."""
+    """Set to -inf every logit outside the top-k, then outside the smallest set whose probability reaches top-p
+    (float64; NaN counts as -inf; the most likely token always stays)."""
+    logits = _finite_or_inf(logits)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[..., -1, None]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep a token while the mass before it is < top_p
+        p = _softmax(sorted_logits)
+        drop = p.cumsum(-1) - p >= top_p  # keep a token while the mass before it is < top_p
+        drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token id from the logits ``[vocab]`` of the last position."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """One token id from the logits ``[vocab]`` of the last position (never raises for finite settings)."""
+    x = _finite_or_inf(logits)
+    t = params.temperature
+    if not t >= GREEDY_BELOW:
+        return int(torch.argmax(x))
+    top = x.max()
+    if torch.isfinite(top):
+        x = (x - top) / t  # ≤ 0: overflow can only reach -inf
+        x = torch.where(torch.isnan(x), float("-inf"), x)  # -inf / inf
+    probs = _softmax(filter_logits(x, params.top_k, params.top_p))
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
 @torch.no_grad()

@@ -4,14 +4,21 @@
     python -m runtime.chat --model X.gguf -p "import os" --max-tokens 128 --temperature 0.8 --top-p 0.95 --seed 1
     python -m runtime.chat                                       # interactive: one prompt per line, empty line quits
 
-Text streams as it is generated (never splitting a UTF-8 character); a stats line (prompt tokens, time to first
-token, decode tokens/s) goes to stderr. ``--stop`` may be given several times.
+Text streams as it is generated (never splitting a UTF-8 character, never showing a special token; the model's
+end-of-text token ends it); a stats line (tokens, time to first token, decode tokens/s) goes to stderr. ``--stop`` may
+be given several times. A prompt that ends inside a word, a newline or indentation is token-healed (the last word is
+generated again under constraint, see ``runtime.healing``); ``--no-token-healing`` turns that off. The arguments,
+including that ``--model`` is a regular file starting with the GGUF magic, are checked before anything loads; a bad
+one ends the run with a one-line error and exit status 2.
+
+Tests: ``pytest -q tests/test_runtime_engine.py -k chat``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -36,6 +43,43 @@ def run_one(eng: Engine, prompt: str, params: SamplingParams, out=None, echo: bo
     return result
 
 
+def check_model_file(path: str) -> str | None:
+    """Why ``path`` cannot be a GGUF model (None if it may be): it must be a readable regular file starting with
+    ``GGUF``. Cheap, so a directory, ``/dev/zero`` or a text file is refused before anything is hashed or loaded."""
+    p = Path(path)
+    if not p.exists():
+        return f"--model {path}: no such file"
+    if not p.is_file():
+        return f"--model {path}: not a regular file"
+    try:
+        with p.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return f"--model {path}: cannot read it ({e.strerror})"
+    if magic != b"GGUF":
+        return f"--model {path}: not a GGUF file (it does not start with the GGUF magic)"
+    return None
+
+
+def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Every argument in range, or ``ap.error`` (one line on stderr, exit status 2) before anything is loaded."""
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        ap.error(f"--temperature must be a finite number >= 0 (0: greedy), not {a.temperature}")
+    if not (math.isfinite(a.top_p) and 0 < a.top_p <= 1):
+        ap.error(f"--top-p must be in (0, 1], not {a.top_p}")
+    if a.top_k < 0:
+        ap.error(f"--top-k must be >= 0 (0: off), not {a.top_k}")
+    if a.max_tokens < 1:
+        ap.error(f"--max-tokens must be >= 1, not {a.max_tokens}")
+    if a.threads is not None and a.threads < 1:
+        ap.error(f"--threads must be >= 1, not {a.threads}")
+    if a.prompt == "":
+        ap.error("--prompt is empty")
+    why = check_model_file(a.model)
+    if why:
+        ap.error(why)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -43,17 +87,18 @@ def main(argv=None) -> None:
     ap.add_argument("--target", default="auto", choices=["auto", "avx512", "avx2"])
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (so is anything below 1e-5)")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-token-healing", action="store_true",
+                    help="do not regenerate the prompt's last word (see runtime.healing)")  # fmt: skip
     a = ap.parse_args(argv)
+    check_args(ap, a)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if not Path(a.model).exists():
-        raise SystemExit(f"error: {a.model}: no such file")
-    eng = Engine.from_gguf(a.model, a.target, a.cache_dir, a.threads)
+    eng = Engine.from_gguf(a.model, a.target, a.cache_dir, a.threads, token_healing=not a.no_token_healing)
     stops = (eng.eos,) if eng.eos is not None else ()
     params = SamplingParams(a.max_tokens, a.temperature, a.top_k, a.top_p, a.seed, stops, tuple(a.stop))
     if a.prompt is not None:

@@ -8,13 +8,27 @@
 :class:`Engine` needs ``model.so`` + ``params.npz`` + ``meta.json`` (a cache entry of :mod:`compiler.build`) and the
 GGUF (for the tokenizer). It imports ``tvm.runtime`` only (set ``TVM_USE_RUNTIME_LIB=1`` and ``libtvm_compiler`` is
 never loaded); the one exception is :func:`ensure_built`, the lazy JIT entry point, which imports
-:mod:`compiler.build` when the cache has no usable entry. Sampling is numpy (no torch): greedy at temperature 0,
-else temperature → top-k → top-p (same filter rules as :func:`model.generate.filter_logits`) from a seeded
-``numpy.random.Generator``. :meth:`Engine.stream_text` yields text pieces that never split a UTF-8 character.
+:mod:`compiler.build` when the cache has no usable entry.
+
+Sampling is numpy (no torch), in float64: greedy at a temperature below :data:`GREEDY_BELOW` (1e-5: at that scale a
+0.01 logit gap is already a factor e^1000), else temperature → top-k → top-p (same filter rules as
+:func:`model.generate.filter_logits`) from a seeded ``numpy.random.Generator``. Any finite setting works: NaN logits
+count as -inf, +inf logits share the mass between them, the maximum is subtracted before dividing by the temperature,
+``top_k`` above the vocabulary keeps everything; sampling never raises and never sees a NaN probability.
+
+The text the user sees never holds a special token: end-of-generation tokens (the GGUF's EOS, EOT, EOM and control
+tokens named like ``<|end|>``) stop every generation whatever the stop ids, unused tokens are never sampled, and
+:meth:`Engine.detokenize` drops control tokens. :meth:`Engine.stream_text` heals the prompt's last word
+(:mod:`runtime.healing`; on by default, ``Engine(token_healing=False)``, ``stream_text(..., token_healing=False)`` or a
+``token_healing`` field on the sampling parameters turn it off) and yields text pieces that never split a UTF-8
+character.
+
+Tests: ``pytest -q tests/test_runtime_engine.py tests/test_token_healing.py tests/test_special_tokens.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,8 +41,14 @@ import numpy as np
 
 from model.sampling import SamplingParams, penalize
 from runtime.cpu import check_flags
+from runtime.healing import Heal, TokenTable, plan
 
 log = logging.getLogger("runtime")
+
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing by it would overflow; the result is argmax anyway)
+# control tokens that end a generation by their name alone (as llama.cpp treats them), besides the GGUF's EOS/EOT/EOM
+EOG_NAMES = frozenset({"<|endoftext|>", "<|end|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "</s>"})
+EOG_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
 @dataclass
@@ -38,31 +58,67 @@ class Generation:
     finish_reason: str = "length"  # length | stop_token | stop_string | context
     prefill_s: float = 0.0  # time to first token (prefill + first sample)
     decode_s: float = 0.0
+    healed: str = ""  # token healing: the prompt's last characters, generated again (``tokens`` spell them first)
+    healed_tokens: int = 0  # the prompt tokens they held (backed off; ``tokens`` may hold more or fewer for them)
+
+
+def _finite_or_inf(logits) -> np.ndarray:
+    """A float64 copy with NaN as -inf."""
+    x = np.array(logits, dtype=np.float64)
+    x[np.isnan(x)] = -np.inf
+    return x
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Probabilities from float64 logits, never NaN: +inf logits share the mass; all -inf gives the uniform."""
+    top = x.max()
+    if top == np.inf:
+        p = (x == np.inf).astype(np.float64)
+    elif top == -np.inf:
+        p = np.ones_like(x)
+    else:
+        p = np.exp(x - top)
+    return p / p.sum()
 
 
 def filter_logits(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """numpy twin of :func:`model.generate.filter_logits`: -inf outside the top-k, then outside the top-p nucleus."""
-    logits = logits.astype(np.float64)
-    if top_k and top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k)[-top_k]
-        logits = np.where(logits < kth, -np.inf, logits)
+    """numpy twin of :func:`model.generate.filter_logits`: -inf outside the top-k, then outside the top-p nucleus
+    (float64; NaN counts as -inf; the most likely token always stays)."""
+    x = _finite_or_inf(logits)
+    if top_k and top_k < x.shape[-1]:
+        kth = np.partition(x, -top_k)[-top_k]
+        x[x < kth] = -np.inf
     if top_p < 1.0:
-        order = np.argsort(-logits, kind="stable")
-        srt = logits[order]
-        p = np.exp(srt - srt[0])
-        p /= p.sum()
+        order = np.argsort(-x, kind="stable")
+        p = softmax(x[order])
         drop = np.cumsum(p) - p >= top_p
-        logits[order[drop]] = -np.inf
-    return logits
+        drop[0] = False
+        x[order[drop]] = -np.inf
+    return x
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    if params.temperature == 0:
-        return int(np.argmax(logits))
-    lg = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    p = np.exp(lg - lg.max())
-    p /= p.sum()
+    """One token id. Greedy below :data:`GREEDY_BELOW` (and for a NaN temperature); never raises for finite
+    settings, whatever the logits hold (NaN counts as -inf; if +inf logits are present, they alone share the mass)."""
+    x = _finite_or_inf(logits)
+    t = params.temperature
+    if not t >= GREEDY_BELOW:
+        return int(np.argmax(x))
+    top = x.max()
+    if np.isfinite(top):
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = (x - top) / t  # ≤ 0: overflow can only reach -inf
+        x[np.isnan(x)] = -np.inf  # -inf / inf
+    p = softmax(filter_logits(x, params.top_k, params.top_p))
     return int(rng.choice(p.shape[0], p=p))
+
+
+def constrain(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """float64 logits with every id outside ``allowed`` at -inf; if no allowed id has a usable logit, they tie."""
+    x = np.full(np.shape(logits), -np.inf)
+    v = _finite_or_inf(np.asarray(logits)[allowed])
+    x[allowed] = v if (v > -np.inf).any() else 0.0
+    return x
 
 
 def load_cuda_runtime():
@@ -104,9 +160,15 @@ class Engine:
     """One sequence at a time: :meth:`prefill` the prompt, then :meth:`decode` a token at a time."""
 
     def __init__(
-        self, entry: Path | str, gguf: Path | str | None = None, threads: int | None = None, tokenizer=None
+        self,
+        entry: Path | str,
+        gguf: Path | str | None = None,
+        threads: int | None = None,
+        tokenizer=None,
+        token_healing: bool = True,
     ) -> None:
-        """``gguf`` supplies the tokenizer (and end-of-text id); or pass an HF ``tokenizer`` directly."""
+        """``gguf`` supplies the tokenizer (and its special tokens); or pass an HF ``tokenizer`` directly.
+        ``token_healing`` is the default of :meth:`stream_text`."""
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or len(os.sched_getaffinity(0))))
         import tvm
         from tvm.runtime.vm import VirtualMachine
@@ -138,19 +200,41 @@ class Engine:
         self.cache = [tvm.runtime.tensor(np.zeros(shape, np.float32), self.dev) for _ in range(2 * self.n_layers)]
         self._tvm = tvm
         self.pos = 0
+        self.token_healing = token_healing
         self.tokenizer = tokenizer
         self.eos = None
+        self.hidden: frozenset[int] = frozenset()  # control and unused tokens: never in user-visible text
+        self.eog: frozenset[int] = frozenset()  # end-of-generation tokens: every generation stops at them
+        unused: list[int] = []  # never sampled
         if gguf is not None:
             from model.gguf_io import read_gguf
-            from model.tokenizer import hf_from_spec
+            from model.tokenizer import TOKEN_CONTROL, TOKEN_UNUSED, hf_from_spec
 
             spec = read_gguf(gguf, check_values=False).tokenizer
             self.tokenizer = hf_from_spec(spec)
             self.eos = getattr(spec, "eos_id", None)
+            control = {i for i, t in enumerate(spec.token_type) if t == TOKEN_CONTROL}
+            unused = [i for i, t in enumerate(spec.token_type) if t == TOKEN_UNUSED]
+            declared = [self.eos, *(spec.extra.get(k) for k in EOG_KEYS)]
+            named = {i for i in control if spec.tokens[i] in EOG_NAMES}
+            self.eog = frozenset({int(i) for i in declared if i is not None and 0 <= int(i) < self.vocab} | named)
+            self.hidden = frozenset(control | set(unused))
+        elif tokenizer is not None:
+            special = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+            self.hidden = frozenset(special)
+            self.eog = frozenset(i for i, name in special.items() if name in EOG_NAMES)
+        self._never = np.array([i for i in unused if i < self.vocab], dtype=np.int64)
 
     @classmethod
-    def from_gguf(cls, gguf: Path | str, target: str = "auto", cache_dir=None, threads: int | None = None) -> Engine:
-        return cls(ensure_built(gguf, target, cache_dir), gguf, threads)
+    def from_gguf(
+        cls, gguf: Path | str, target: str = "auto", cache_dir=None, threads: int | None = None, **kw
+    ) -> Engine:
+        return cls(ensure_built(gguf, target, cache_dir), gguf, threads, **kw)
+
+    @functools.cached_property
+    def token_table(self) -> TokenTable:
+        """Token bytes and prefix index for token healing (built on first use, ~25 ms for 8k tokens)."""
+        return TokenTable(self.tokenizer, self.hidden)
 
     # --- model steps -------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -193,39 +277,62 @@ class Engine:
 
     # --- generation --------------------------------------------------------------------------------------------
     def generate_tokens(
-        self, prompt: list[int], params: SamplingParams, result: Generation | None = None
+        self, prompt: list[int], params: SamplingParams, result: Generation | None = None, heal: Heal | None = None
     ) -> Iterator[int]:
-        """Yield generated ids; ``result`` (if given) gets the tokens, finish reason and timings."""
+        """Yield generated ids; ``result`` (if given) gets the tokens, finish reason and timings. With ``heal`` (a
+        :func:`runtime.healing.plan` of the prompt, of which ``prompt`` is the kept part) the first tokens are
+        constrained to spell ``heal.prefix`` again and ``max_new_tokens`` counts from the whole prompt (it grows by the
+        tokens backed off); stop strings are looked for in the text after ``heal.text``. Generation always stops at
+        :attr:`eog` tokens and never samples an unused token."""
         result = result if result is not None else Generation()
         if len(prompt) >= self.ctx:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {self.ctx}")
+        heal = heal if heal is not None and params.max_new_tokens > 0 else None
+        pending = heal.prefix if heal else b""  # healed bytes still to be spelled
+        result.healed, result.healed_tokens = (heal.text, heal.removed) if heal else ("", 0)
+        limit = params.max_new_tokens + result.healed_tokens
+        stop_ids = self.eog.union(params.stop_token_ids)
+        n_heal = 0  # generated tokens that (partly) spell the healed text
         rng = np.random.default_rng(params.seed)
         self.reset()
         t0 = time.perf_counter()
         logits = self.prefill(prompt)
         t1 = None
-        while len(result.tokens) < params.max_new_tokens:
-            tok = sample(penalize(logits, result.tokens, params) if params.penalized else logits, params, rng)
+        while len(result.tokens) < limit:
+            if params.penalized:
+                logits = penalize(logits, result.tokens[n_heal:], params)
+            if self._never.size:
+                logits = np.array(logits, dtype=np.float32)  # a copy: the step's own array may be read-only
+                logits[self._never] = -np.inf
+            if pending:
+                logits = constrain(logits, self.token_table.allowed(pending))
+            tok = sample(logits, params, rng)
             if t1 is None:
                 t1 = time.perf_counter()
                 result.prefill_s = t1 - t0
             result.tokens.append(tok)
             yield tok
-            if tok in params.stop_token_ids:
+            if pending:
+                pending, n_heal = self.token_table.advance(pending, tok), n_heal + 1
+            if tok in stop_ids:
                 result.finish_reason = "stop_token"
                 break
-            if params.stop_strings and self.tokenizer is not None:
+            if params.stop_strings and self.tokenizer is not None and not pending:
                 # a stop string that the newest token completes lies in the last (its bytes + 1) tokens: decode
-                # only those (a whole-list decode per token made long generations quadratic)
+                # only those (a whole-list decode per token made long generations quadratic); while the window
+                # reaches back to the healed text, decode from the start and drop it
                 window = max(len(s.encode()) for s in params.stop_strings) + 2
-                text = self.detokenize(result.tokens[-window:])
+                if len(result.tokens) - window < n_heal:
+                    text = self.detokenize(result.tokens)[len(result.healed) :]
+                else:
+                    text = self.detokenize(result.tokens[-window:])
                 if any(s in text for s in params.stop_strings):
                     result.finish_reason = "stop_string"
                     break
             if self.pos >= self.ctx:
                 result.finish_reason = "context"
                 break
-            if len(result.tokens) >= params.max_new_tokens:
+            if len(result.tokens) >= limit:
                 break
             logits = self.decode(tok)
         if t1 is not None:
@@ -234,41 +341,62 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
-    def detokenize(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+    def detokenize(self, ids: list[int], skip_special: bool = True) -> str:
+        """The text of ``ids``; control and unused tokens are dropped unless ``skip_special=False``."""
+        if skip_special:
+            ids = [i for i in ids if i not in self.hidden]
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
 
-    def stream_text(self, prompt: str, params: SamplingParams, result: Generation | None = None) -> Iterator[str]:
+    def heal_plan(self, prompt: str, enabled: bool = True) -> tuple[list[int], Heal | None]:
+        """The prompt's ids and, when ``enabled``, what token healing backs off (None: nothing to heal)."""
+        enc = self.tokenizer.encode(prompt)
+        return enc.ids, plan(enc, self.token_table) if enabled else None
+
+    def stream_text(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        result: Generation | None = None,
+        token_healing: bool | None = None,
+    ) -> Iterator[str]:
         """Yield the generated text in pieces; a piece never ends inside a UTF-8 character (an incomplete byte
         sequence decodes to U+FFFD and is held back until the following tokens complete it). Stop strings are cut.
-        Decoding is incremental: only the tokens after the last character boundary are decoded each step."""
+        Decoding is incremental: only the tokens after the last character boundary are decoded each step.
+        Token healing (:mod:`runtime.healing`) is on unless ``token_healing`` (else a ``token_healing`` attribute of
+        ``params``, else the Engine's default) is False; the healed characters are not yielded again."""
         if self.tokenizer is None:
             raise ValueError("no tokenizer: construct the Engine with the GGUF")
         result = result if result is not None else Generation()
-        ids = self.tokenize(prompt)
+        for flag in (token_healing, getattr(params, "token_healing", None), self.token_healing):
+            if flag is not None:
+                break
+        ids, heal = self.heal_plan(prompt, bool(flag) and params.max_new_tokens > 0)
         emitted = text = ""
         read = 0  # tokens[:read] decode to `text`, ending on a character boundary
         held = max((len(s) for s in params.stop_strings), default=1) - 1
-        for _ in self.generate_tokens(ids, params, result):
+        for _ in self.generate_tokens(ids[: heal.keep] if heal else ids, params, result, heal):
             piece = self.detokenize(result.tokens[read:])  # byte-level BPE: text of tokens[:read] + this
             if piece.endswith("\ufffd"):
                 continue
             text, read = text + piece, len(result.tokens)
-            cut = _stop_cut(text, params.stop_strings)
-            safe = text[:cut] if cut is not None else text[: len(text) - held]  # hold back a stop string's prefix
+            visible = text[len(result.healed) :]  # empty until the healed characters are spelled again
+            cut = _stop_cut(visible, params.stop_strings)
+            safe = visible[:cut] if cut is not None else visible[: len(visible) - held]  # hold back a stop's prefix
             if len(safe) > len(emitted) and safe.startswith(emitted):
                 yield safe[len(emitted) :]
                 emitted = safe
         text += self.detokenize(result.tokens[read:])
-        cut = _stop_cut(text, params.stop_strings)
-        final = text[:cut] if cut is not None else text.rstrip("\ufffd")
+        visible = text[len(result.healed) :]
+        cut = _stop_cut(visible, params.stop_strings)
+        final = visible[:cut] if cut is not None else visible.rstrip("\ufffd")
         if len(final) > len(emitted) and final.startswith(emitted):
             yield final[len(emitted) :]
             emitted = final
         result.text = emitted
 
-    def generate(self, prompt: str, params: SamplingParams) -> Generation:
+    def generate(self, prompt: str, params: SamplingParams, token_healing: bool | None = None) -> Generation:
         result = Generation()
-        for _ in self.stream_text(prompt, params, result):
+        for _ in self.stream_text(prompt, params, result, token_healing):
             pass
         return result
 
