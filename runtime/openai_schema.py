@@ -8,16 +8,36 @@ is an extension (llama.cpp and vLLM have it too). ``frequency_penalty`` and ``pr
 meaning over the generated tokens (:func:`model.sampling.penalize`). ``timings`` follows llama.cpp's server:
 ``prompt_ms`` runs from the start of prefill to the first sampled token, ``predicted_ms`` over the tokens after it,
 and ``predicted_per_second`` = (predicted_n − 1) / predicted_ms.
+
+Bounds (every violation is a 400 naming the field): ``temperature`` in [0, 2], and below :data:`MIN_TEMPERATURE` it
+means greedy (0), as vLLM does for tiny temperatures (dividing logits by 1e-45 overflows); ``top_p`` in (0, 1];
+``top_k`` in [0, 2^31); penalties in [-2, 2]; ``max_tokens`` ≥ 1; ``seed`` in [0, 2^63). NaN and ±Infinity (which
+Python's JSON reader accepts) are refused, and so is any text with a lone surrogate (``"\ud800"``: JSON can spell
+it, UTF-8 cannot).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 256
+MIN_TEMPERATURE = 1e-2  # a smaller positive temperature samples greedily
+MAX_TOP_K = 2**31 - 1
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text has a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every string a request carries
+STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
@@ -25,22 +45,27 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = STRICT
 
-    model: str | None = None  # optional here (curl users); the openai client always sends it
+    model: Text | None = None  # optional here (curl users); the openai client always sends it
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = 1
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_below_min(cls, v: float) -> float:
+        return 0.0 if v < MIN_TEMPERATURE else v
 
     @field_validator("n")
     @classmethod
@@ -70,10 +95,10 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: bool = False
     logprobs: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
     @field_validator("prompt")
@@ -94,16 +119,16 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = STRICT
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -131,13 +156,13 @@ class ChatCompletionRequest(_Request):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    content: str
+    model_config = STRICT
+    content: Text
     with_pieces: bool = False
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = STRICT
     tokens: list[int]
 
 

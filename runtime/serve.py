@@ -18,14 +18,26 @@ answers ``/health`` at once. Generation runs on that one thread (:mod:`runtime.w
 parameters, prompt + max_tokens over the context), 401 missing or wrong API key (``--api-key`` or
 ``$TERNARY_TVM_API_KEY``; ``/``, ``/health`` stay open), 404 unknown model or route, 413 body over ``--max-body-bytes``,
 429 queue full, 503 not loaded. The wire format is :mod:`runtime.openai_schema`; the chat template is the GGUF's
-(:mod:`runtime.chat_template`).
+(:mod:`runtime.chat_template`) or ``--chat-template FILE``.
+
+Hostile requests and templates: the chat template renders in a child process under a wall-time (``--template-timeout``,
+1 s), memory and output budget (:class:`runtime.chat_template.Renderer`), one render at a time, never in the event
+loop; a template that fails a trial render when the model loads is refused (chat requests then get 400
+``chat_template_refused``), one that runs past its budget on a request gets 400 ``chat_template_budget``. Tokenizing
+runs in threads with the GIL released (``encode_batch``); ``/tokenize`` takes at most :data:`MAX_TOKENIZE_CHARS`
+characters and ``/detokenize`` :data:`MAX_DETOKENIZE_TOKENS` ids (more: 413), and a prompt too long to fit the context
+whatever its tokens is refused before it is tokenized. A connection must deliver its request line and headers within
+``--read-timeout`` seconds (10) of opening (or of its previous response), and its body within as many again, or it
+is closed (a slow body gets 408). Text that is not valid UTF-8, lone surrogates, NaN and infinities are 400s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -39,14 +51,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h11
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from model.sampling import SamplingParams
 from runtime import openai_schema as oai
-from runtime.chat_template import ChatTemplateError, render_chat
+from runtime.chat_template import TIMEOUT_S, ChatTemplateError, Renderer
 from runtime.worker import Job, NotReady, QueueFull, Stats, Worker
 
 log = logging.getLogger("runtime.serve")
@@ -57,6 +71,10 @@ MAX_BODY_BYTES = 1 << 20  # 1 MiB: the context holds ~1k tokens, a few kB of tex
 MAX_QUEUE = 16  # requests waiting behind the running one
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (as OpenAI); chat defaults to the rest of the context
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
+READ_TIMEOUT_S = 10.0  # for a request's line and headers, and again for its body
+MAX_TOKENIZE_CHARS = 1 << 16  # /tokenize content (64× what the 1k-token context holds)
+MAX_DETOKENIZE_TOKENS = 1 << 16
+TRIAL_MESSAGES = [{"role": "user", "content": "Hello"}]  # rendered once when the model loads
 PUBLIC_PATHS = ("/", "/health")  # open without the API key
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
           "/detokenize")  # fmt: skip
@@ -83,6 +101,9 @@ class ServeConfig:
     metrics: bool = False
     cors_origins: tuple[str, ...] = ()  # empty: no CORS headers
     model_id: str = field(default="")  # the name clients use; "" → the GGUF's file stem
+    chat_template: str | None = None  # instead of the GGUF's
+    template_timeout_s: float = TIMEOUT_S
+    read_timeout_s: float = READ_TIMEOUT_S
 
     def __post_init__(self) -> None:
         self.model_id = self.model_id or Path(self.model).stem
@@ -94,8 +115,8 @@ class APIError(Exception):
         self.status, self.body = status, oai.error_body(message, type, param, code)
 
 
-def _error(status: int, message: str, type="invalid_request_error", param=None, code=None) -> JSONResponse:
-    return JSONResponse(oai.error_body(message, type, param, code), status_code=status)
+def _error(status: int, message: str, type="invalid_request_error", param=None, code=None, headers=None):
+    return JSONResponse(oai.error_body(message, type, param, code), status_code=status, headers=headers)
 
 
 # --- the model behind the API ----------------------------------------------------------------------------------------
@@ -106,23 +127,53 @@ class Backend:
         self.config = config
         self.created = int(time.time())
         self.template: str | None = None
+        self.template_error: str | None = None  # why the template was refused when the model loaded
         self.eos_ids: tuple[int, ...] = ()
         self.eos_text = ""
         self.control_ids: tuple[int, ...] = ()  # every control token ends an assistant turn
+        self.max_token_bytes = 0  # the longest token: a prompt over ctx × this many characters cannot fit
         self.worker = Worker(self._load, config.max_queue, Stats())
+        self.renderer = Renderer(config.template_timeout_s)
+        self._render_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chat-template")
 
-    def _load(self):
+    def _open(self):
+        """The Engine; sets the template and the stop tokens from the GGUF."""
         from model.gguf_io import read_gguf
         from model.tokenizer import TOKEN_CONTROL
         from runtime.engine import Engine
 
         c = self.config
         spec = read_gguf(c.model, check_values=False).tokenizer
-        self.template = spec.chat_template
+        self.template = c.chat_template if c.chat_template is not None else spec.chat_template
         self.eos_ids = (spec.eos_id,) if spec.eos_id is not None else ()
         self.eos_text = spec.tokens[spec.eos_id] if spec.eos_id is not None else ""
         self.control_ids = tuple(i for i, t in enumerate(spec.token_type) if t == TOKEN_CONTROL)
         return Engine.from_gguf(c.model, c.target, c.cache_dir, c.threads or default_threads())
+
+    def _load(self):
+        engine = self._open()
+        self.max_token_bytes = _longest_token_bytes(engine)
+        try:  # a template that cannot render one user turn within its budget is refused now, once
+            self.renderer.render(TRIAL_MESSAGES, self.template, eos_token=self.eos_text)
+        except ChatTemplateError as e:
+            if e.code != "chat_template_raised":  # its own raise_exception: it may just want another conversation
+                self.template_error = f"the model's chat template was refused when it loaded: {e}"
+                log.warning("%s", self.template_error)
+        return engine
+
+    def close(self) -> None:
+        self._render_pool.shutdown(wait=False, cancel_futures=True)
+        self.renderer.close()
+
+    async def render(self, messages: list[dict]) -> str:
+        """The chat prompt, rendered in the template's child process (one at a time, off the event loop)."""
+        if self.template_error:
+            raise APIError(400, self.template_error, param="messages", code="chat_template_refused")
+        render = functools.partial(self.renderer.render, messages, self.template, eos_token=self.eos_text)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._render_pool, render)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param="messages", code=e.code) from None
 
     def engine(self):
         if self.worker.state != "ready":
@@ -140,8 +191,11 @@ class Backend:
         eng = self.engine()
         if not prompt and self.eos_text:  # an empty prompt starts a new document, as GPT-2's <|endoftext|> does
             prompt = self.eos_text
-        n_prompt = len(await asyncio.to_thread(eng.tokenize, prompt))  # up to 1 MiB of text: not in the event loop
         param = "messages" if chat else "prompt"
+        if len(prompt) > eng.ctx * max(1, self.max_token_bytes):  # more tokens than the context, whatever they are
+            raise APIError(400, f"the prompt is {len(prompt)} characters: more than the model's context of {eng.ctx} "
+                           "tokens holds", param=param, code="context_length_exceeded")  # fmt: skip
+        n_prompt = len(await asyncio.to_thread(_tokenize, eng, prompt))
         if n_prompt == 0:
             raise APIError(400, "the prompt is empty", param=param)
         room = eng.ctx - n_prompt
@@ -159,7 +213,7 @@ class Backend:
         params = SamplingParams(
             limit,
             req.temperature,
-            req.top_k,
+            req.top_k if req.top_k < eng.vocab else 0,  # a top_k at or above the vocabulary keeps every token
             req.top_p,
             seed,
             stop_ids,
@@ -173,6 +227,25 @@ class Backend:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
         except NotReady as e:
             raise APIError(503, str(e), "server_error", code="model_not_ready") from None
+
+
+def _tokenize(eng, text: str) -> list[int]:
+    """``eng.tokenize(text)`` with the GIL released: the HF tokenizer's ``encode`` holds it (about 0.5 s per MiB, which
+    stalls the event loop even from another thread); ``encode_batch`` does not."""
+    tok = getattr(eng, "tokenizer", None)
+    if hasattr(tok, "encode_batch"):
+        return tok.encode_batch([text])[0].ids
+    return eng.tokenize(text)
+
+
+def _longest_token_bytes(eng) -> int:
+    """The most UTF-8 bytes one token stands for (a byte of a split character counts as U+FFFD's 3: an upper bound)."""
+    tok, ids = getattr(eng, "tokenizer", None), [[i] for i in range(eng.vocab)]
+    if hasattr(tok, "decode_batch"):
+        texts = tok.decode_batch(ids, skip_special_tokens=False)
+    else:
+        texts = map(eng.detokenize, ids)
+    return max(len(t.encode("utf-8", "surrogatepass")) for t in texts)
 
 
 async def _events(request: Request, job: Job) -> AsyncIterator[tuple[str, object]]:
@@ -228,6 +301,8 @@ class _Reply:
         return Response(status_code=499)  # the client left; nobody reads this
 
     async def stream(self, request: Request) -> AsyncIterator[str]:
+        """The SSE events; whatever happens after the first byte, a stream read to its end ends in ``[DONE]`` (after an
+        error event when generation failed)."""
         try:
             if self.chat:
                 role = {"role": "assistant", "content": ""}
@@ -237,9 +312,14 @@ class _Reply:
                     yield _sse(self._chunk(value, None))
                 elif kind == "error":
                     yield _sse(oai.error_body(f"generation failed: {value}", "server_error"))
+                    yield "data: [DONE]\n\n"
                 else:
                     yield _sse(self._chunk("", FINISH[value.finish_reason]) | self._accounting(value))
                     yield "data: [DONE]\n\n"
+        except Exception as e:  # a bug here must not leave the client waiting for [DONE]
+            log.exception("streaming failed")
+            yield _sse(oai.error_body(f"streaming failed: {type(e).__name__}", "server_error"))
+            yield "data: [DONE]\n\n"
         finally:
             self.job.cancel()  # a no-op once finished; frees the slot when the client went away mid-stream
 
@@ -276,10 +356,7 @@ async def chat_completions(req: oai.ChatCompletionRequest, request: Request):
     backend = _backend(request)
     backend.check_model(req.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    try:
-        prompt = render_chat(messages, backend.template, eos_token=backend.eos_text)
-    except ChatTemplateError as e:
-        raise APIError(400, str(e), param="messages") from None
+    prompt = await backend.render(messages)
     job, n = await backend.submit(prompt, req, req.limit(), None, chat=True)
     return await _answer(request, backend, job, n, True, req.stream)
 
@@ -293,22 +370,37 @@ async def models(request: Request):
     return {"object": "list", "data": [card]}
 
 
+def _json_bytes(obj) -> Response:
+    return Response(json.dumps(obj, ensure_ascii=False).encode(), media_type="application/json")
+
+
 @router.post("/tokenize")
 async def tokenize(req: oai.TokenizeRequest, request: Request):
     eng = _backend(request).engine()
-    ids = await asyncio.to_thread(eng.tokenize, req.content)
-    if req.with_pieces:
-        return {"tokens": [{"id": i, "piece": eng.detokenize([i])} for i in ids]}
-    return {"tokens": ids}
+    if len(req.content) > MAX_TOKENIZE_CHARS:
+        raise APIError(413, f"content is {len(req.content)} characters; /tokenize takes at most {MAX_TOKENIZE_CHARS}",
+                       param="content", code="request_too_large")  # fmt: skip
+
+    def run() -> Response:  # tokens, pieces and the JSON all off the event loop
+        ids = _tokenize(eng, req.content)
+        if req.with_pieces:
+            pieces = [eng.detokenize([i]) for i in ids]  # short calls: the GIL changes hands between them
+            return _json_bytes({"tokens": [{"id": i, "piece": p} for i, p in zip(ids, pieces, strict=True)]})
+        return _json_bytes({"tokens": ids})
+
+    return await asyncio.to_thread(run)
 
 
 @router.post("/detokenize")
 async def detokenize(req: oai.DetokenizeRequest, request: Request):
     eng = _backend(request).engine()
+    if len(req.tokens) > MAX_DETOKENIZE_TOKENS:
+        raise APIError(413, f"{len(req.tokens)} tokens; /detokenize takes at most {MAX_DETOKENIZE_TOKENS}",
+                       param="tokens", code="request_too_large")  # fmt: skip
     bad = [t for t in req.tokens if not 0 <= t < eng.vocab]
     if bad:
         raise APIError(400, f"token ids outside the vocabulary [0, {eng.vocab}): {bad[:5]}", param="tokens")
-    return {"content": eng.detokenize(req.tokens)}
+    return await asyncio.to_thread(lambda: _json_bytes({"content": eng.detokenize(req.tokens)}))
 
 
 @router.get("/health")
@@ -358,7 +450,9 @@ _TYPE_TAG = re.compile(r"str|int|float|bool|.*\[.*\]")
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    # a value error says what is wrong ("a lone surrogate"); prefer it to a union's other member's type mismatch
+    values = [e for e in errors if e.get("type") == "value_error"]
+    first = (values or errors or [{"loc": (), "msg": "invalid request", "type": ""}])[0]
     # the location without "body" and without pydantic's union-member tags ("str", "list[str]")
     loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _TYPE_TAG.fullmatch(str(x))]
     param = ".".join(loc) or None
@@ -381,8 +475,8 @@ def _http_error(exc: StarletteHTTPException) -> JSONResponse:
 
 
 class GuardMiddleware:
-    """ASGI middleware: counts requests per route and status, checks the Bearer key, caps the body size (read whole,
-    then replayed to the app, so a chunked upload is capped too)."""
+    """ASGI middleware: counts requests per route and status, checks the Bearer key, caps the body size and the time
+    to send it (read whole, then replayed to the app, so a chunked upload is capped too) and checks it is UTF-8."""
 
     def __init__(self, app, config: ServeConfig, stats: Stats) -> None:
         self.app, self.config, self.stats = app, config, stats
@@ -426,16 +520,25 @@ class GuardMiddleware:
             if int(length) > limit:
                 return too_big, receive
         chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left while sending
-                return Response(status_code=400), receive
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return too_big, receive
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(self.config.read_timeout_s):
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client left while sending
+                        return Response(status_code=400), receive
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > limit:
+                        return too_big, receive
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            slow = f"the request body did not arrive within {self.config.read_timeout_s:g} s"
+            return _error(408, slow, code="request_timeout", headers={"Connection": "close"}), receive
         body, replayed = b"".join(chunks), False
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:  # JSON between systems is UTF-8 (RFC 8259)
+            return _error(400, f"the request body is not valid UTF-8 (byte {e.start})", code="invalid_utf8"), receive
         # every POST body here is JSON: read it as JSON whatever its Content-Type (curl -d sends a form's)
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
         scope["headers"].append((b"content-type", b"application/json"))
@@ -450,11 +553,61 @@ class GuardMiddleware:
         return None, replay
 
 
+class ReadTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on the request line and headers: a connection that has not sent them
+    ``read_timeout_s`` after it opened, or after its previous response, is closed (uvicorn itself waits forever for a
+    first request, and restarts its keep-alive timer at every byte, so a client sending one byte a second never
+    leaves)."""
+
+    read_timeout_s = READ_TIMEOUT_S
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the request line and headers are in
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm()  # the next request on this keep-alive connection
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.read_timeout_s, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def uvicorn_config(app, config: ServeConfig, log_level: str = "info"):
+    """The uvicorn config the server runs with (the tests use it too): the header deadline, graceful shutdown."""
+    import uvicorn
+
+    protocol = type("Protocol", (ReadTimeoutH11Protocol,), {"read_timeout_s": config.read_timeout_s})
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, http=protocol,
+                          timeout_graceful_shutdown=5)  # fmt: skip
+
+
 # --- the app ---------------------------------------------------------------------------------------------------------
-def create_app(config: ServeConfig | None = None) -> FastAPI:
+def create_app(config: ServeConfig | None = None, backend: Backend | None = None) -> FastAPI:
     """The FastAPI app; its lifespan starts the generation thread, which loads the model in the background."""
     config = config or ServeConfig()
-    backend = Backend(config)
+    backend = backend or Backend(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -463,6 +616,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         backend.worker.start()
         yield
         backend.worker.stop()
+        backend.close()
 
     app = FastAPI(title="ternary-tvm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend = backend
@@ -498,6 +652,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests that may wait; more get 429")
     ap.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     ap.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
+    ap.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the GGUF's")
+    ap.add_argument("--template-timeout", type=float, default=TIMEOUT_S,
+                    help=f"seconds one chat-template render may take (default {TIMEOUT_S:g})")  # fmt: skip
+    ap.add_argument(
+        "--read-timeout",
+        type=float,
+        default=READ_TIMEOUT_S,
+        help=f"seconds a client has to send its headers, and then its body (default {READ_TIMEOUT_S:g})",
+    )
     ap.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allow this origin ('*': any)")
     ap.add_argument("--log-level", default="info")
     a = ap.parse_args(argv)
@@ -506,13 +669,22 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {a.model}: no such file")
     if a.max_queue < 1 or a.max_body_bytes < 1:
         raise SystemExit("error: --max-queue and --max-body-bytes must be positive")
+    if not (a.template_timeout > 0 and a.read_timeout > 0):  # NaN too
+        raise SystemExit("error: --template-timeout and --read-timeout must be positive")
+    template = None
+    if a.chat_template:
+        try:
+            template = Path(a.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: --chat-template {a.chat_template}: {e}") from None
     config = ServeConfig(a.model, a.target, a.cache_dir, a.threads, a.host, a.port, a.api_key, a.max_queue,
-                         a.max_body_bytes, a.metrics, tuple(a.cors), a.model_id)  # fmt: skip
+                         a.max_body_bytes, a.metrics, tuple(a.cors), a.model_id, template, a.template_timeout,
+                         a.read_timeout)  # fmt: skip
     if config.api_key is None and a.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", a.host)
     import uvicorn
 
-    uvicorn.run(create_app(config), host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(uvicorn_config(create_app(config), config, a.log_level)).run()
 
 
 if __name__ == "__main__":

@@ -3,22 +3,31 @@ loopback port, started once per session (the ``server`` fixture; import it into 
 
 The model compiles into the default cache (``$TERNARY_TVM_CACHE`` or ``~/.cache/ternary-tvm``) on first use, as
 ``runtime.chat`` does; later sessions reuse it.
+
+``run_app(FakeBackend(ServeConfig(...)))`` serves the real app with uvicorn (the server's own config) in a thread on a
+free loopback port, over a :class:`FakeEngine` (bytes as tokens, no model): for what the real model cannot be made to
+do on demand, such as failing in the middle of a generation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 from helpers import REPO
+
+from runtime.serve import Backend
 
 API_KEY = "test-key"
 CORS_ORIGIN = "http://client.test"
@@ -108,3 +117,62 @@ def server():
     stop_server(srv)
     if srv.proc.returncode not in (0, -15):
         print(srv.log_tail())
+
+
+# --- the app over a fake engine, in-process ---------------------------------------------------------------------------
+FAIL = "@fail"  # a prompt with this makes FakeEngine fail after its first piece
+
+
+class FakeEngine:
+    """What the server uses of :class:`runtime.engine.Engine`: UTF-8 bytes as tokens, and a generation that echoes
+    ``"ok"`` pieces (or fails midway when the prompt contains :data:`FAIL`)."""
+
+    ctx, vocab, tokenizer = 1024, 256, None
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def detokenize(self, ids: list[int]) -> str:
+        return bytes(ids).decode(errors="replace")
+
+    def stream_text(self, prompt, params, result):
+        yield "ok"
+        if FAIL in prompt:
+            raise RuntimeError("the fake engine failed on purpose")
+        for _ in range(params.max_new_tokens - 1):
+            yield "k"
+        result.tokens, result.finish_reason = [111] * params.max_new_tokens, "length"
+
+
+class FakeBackend(Backend):
+    def _open(self):
+        self.template = self.config.chat_template
+        return FakeEngine()
+
+
+@contextlib.contextmanager
+def run_app(backend: Backend, timeout_s: float = 30) -> Iterator[str]:
+    """Serve ``create_app(backend.config, backend)`` with uvicorn on a free loopback port; yields the base URL once
+    ``/health`` answers 200."""
+    import uvicorn
+
+    from runtime.serve import create_app, uvicorn_config
+
+    config = backend.config
+    config.host, config.port = "127.0.0.1", free_port()
+    server = uvicorn.Server(uvicorn_config(create_app(config, backend), config, "warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{config.port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.02)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(15)
