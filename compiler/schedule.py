@@ -75,22 +75,94 @@ def design_space(op, target: str):
     )  # fmt: skip
 
 
+class TornDatabaseWarning(UserWarning):
+    """Emitted when a tuning database has lines that do not parse (a write torn by a kill) and they are skipped."""
+
+
+DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+def clean_database(d: Path) -> tuple[str, str, int]:
+    """The two files of the database in ``d`` without malformed lines: ``(workloads, records, lines dropped)``.
+
+    A workload line must be ``[hash, module]``, a record line ``[workload index, record]`` naming a kept workload;
+    anything else (a line torn by ``kill -9``, say) is dropped. A record's index is the line number of its workload,
+    so the indices of the records after a dropped workload are renumbered. Nothing is written.
+    """
+    import json
+
+    def lines(name: str) -> list:
+        path = d / name
+        return path.read_text(errors="replace").splitlines() if path.exists() else []
+
+    def parse(line: str):
+        try:
+            return json.loads(line)
+        except ValueError:
+            return None
+
+    keep_wl, index, dropped = [], {}, 0  # index: old line number -> new one
+    for i, line in enumerate(lines(DB_FILES[0])):
+        v = parse(line)
+        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v):
+            index[i] = len(keep_wl)
+            keep_wl.append(line)
+        else:
+            dropped += 1
+    keep_rec = []
+    for line in lines(DB_FILES[1]):
+        v = parse(line)
+        ok = isinstance(v, list) and len(v) == 2 and type(v[0]) is int and v[0] in index and isinstance(v[1], list)
+        if not ok:
+            dropped += 1
+        elif index[v[0]] == v[0]:
+            keep_rec.append(line)
+        else:
+            keep_rec.append(json.dumps([index[v[0]], v[1]], separators=(",", ":")))
+    return "".join(x + "\n" for x in keep_wl), "".join(x + "\n" for x in keep_rec), dropped
+
+
 def open_database(target: str, root: Path | str | None = None, create: bool = False):
-    """The target's JSONDatabase, or None if it does not exist (and ``create`` is False)."""
+    """The target's JSONDatabase, or None if it does not exist (and ``create`` is False).
+
+    A database with malformed lines (a write torn by ``kill -9``) is read through a cleaned copy
+    (:func:`clean_database`), with a :class:`TornDatabaseWarning`; its files are left as they are (``compiler.tune``
+    repairs them). Such a handle is for reading: its commits would go nowhere.
+    """
+    import tempfile
+    import warnings
+
     from tvm.s_tir import meta_schedule as ms
 
     importlib.import_module("schedules.intrin_x86")  # records' traces name our intrinsics: register before parsing
     d = logs_dir(target, root)
-    rec_file = d / "database_tuning_record.json"
+    rec_file = d / DB_FILES[1]
     if not create and not rec_file.exists():
         return None
-    d.mkdir(parents=True, exist_ok=True)
     if create:  # the tuner writes: always a fresh handle
+        d.mkdir(parents=True, exist_ok=True)
         return ms.database.JSONDatabase(work_dir=str(d))
-    key = (str(d.resolve()), rec_file.stat().st_mtime_ns, rec_file.stat().st_size)
-    if key not in _DB_CACHE:  # parsing ~1 MB of traces takes a second: reuse it while the files are unchanged
-        _DB_CACHE[key] = ms.database.JSONDatabase(work_dir=str(d))
-    return _DB_CACHE[key]
+    stats = [(d / n).stat() if (d / n).exists() else None for n in DB_FILES]
+    key = (str(d.resolve()), *((s.st_ino, s.st_mtime_ns, s.st_size) if s else None for s in stats))
+    if key in _DB_CACHE:  # parsing ~1 MB of traces takes a second: reuse it while the files are unchanged
+        return _DB_CACHE[key]
+    workloads, recs, dropped = clean_database(d)
+    if not dropped:
+        db = ms.database.JSONDatabase(work_dir=str(d))
+    else:
+        msg = (
+            f"tuning database {d}: skipped {dropped} malformed line(s) (a write torn by a kill?); the files are left "
+            f"as they are; `python -m compiler.tune --target {targets.resolve(target)}` repairs them"
+        )
+        log.warning(msg)
+        warnings.warn(msg, TornDatabaseWarning, stacklevel=2)
+        with tempfile.TemporaryDirectory(prefix="tuning-db-") as tmp:
+            paths = [Path(tmp) / n for n in DB_FILES]
+            paths[0].write_text(workloads)
+            paths[1].write_text(recs)
+            db = ms.database.JSONDatabase(str(paths[0]), str(paths[1]), allow_missing=False)
+    _DB_CACHE[key] = db
+    return db
 
 
 _DB_CACHE: dict = {}

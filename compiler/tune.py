@@ -10,23 +10,29 @@ it and the GPU host (:mod:`compiler.cuda_remote`); on a machine with both, ``--t
 Search: every workload's design space is the hand schedule's knob grid (:mod:`schedules.knobs`); ``grid`` (default)
 measures the default knobs first, then the rest of the grid in a seeded random order, up to ``--trials`` per workload.
 Each trial is built, checked against the numpy reference (a wrong kernel is never recorded) and timed in-process, then
-committed to the database at once — so ``kill -9`` loses at most the trial in flight, and a rerun resumes where it
+committed to the database at once and atomically (:class:`TuningDatabase`: written to a scratch copy, then put in place
+by rename) — so ``kill -9`` loses at most the trial in flight and never leaves a torn line, and a rerun resumes where it
 stopped: configurations already in the database are not measured again, workloads with ``--trials`` records (or the
 whole grid) are skipped unless ``--retune``. ``--search ms`` instead runs MetaSchedule's evolutionary search over the
 same design space (``ScheduleFn``), in a scratch directory, and copies its records in.
 
 The database is append-only and a workload's schedule is its *fastest* record, so a new, worse measurement never
-replaces a better one. A line torn by a kill during a write is dropped when the database is next opened.
+replaces a better one. A torn line (from a tuner before writes were atomic) is dropped when the tuner next opens the
+database; ``compiler.build`` skips such lines with a warning and leaves the files alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import logging
+import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -132,31 +138,112 @@ def model_ops(path: str, target: str = "cpu", weights: str = "tile8") -> list:
 # ---------------------------------------------------------------------------------------------------------------
 # database
 # ---------------------------------------------------------------------------------------------------------------
-def repair_log(path: Path) -> int:
-    """Drop unparsable lines (a write torn by ``kill -9``) from a JSON-lines database file; return how many."""
-    if not path.exists():
-        return 0
-    good, bad = [], 0
-    for line in path.read_text().splitlines():
+class TuningDatabaseError(RuntimeError):
+    """A tuning record could not be written whole (disk full, file size limit, ...)."""
+
+
+def _replace_atomically(src_text_or_path, dest: Path) -> None:
+    """Put ``src`` (a str, or a file to copy) at ``dest`` by write-temp + fsync + rename: ``dest`` is always whole."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    if isinstance(src_text_or_path, str):
+        tmp.write_text(src_text_or_path)
+    else:
+        shutil.copyfile(src_text_or_path, tmp)
+    with tmp.open("rb+") as fh:
+        os.fsync(fh.fileno())
+    if dest.exists():
+        shutil.copymode(dest, tmp)
+    os.replace(tmp, dest)
+    dir_fd = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def repair_database(d: Path) -> int:
+    """Drop malformed lines (a write torn by ``kill -9`` before writes were atomic) from the database in ``d`` and
+    remove temporary files a killed tuner left there; return how many lines were dropped."""
+    for stale in sorted(d.glob(".database_*.tmp-*")):
+        log.warning("%s: removing %s, left by a tuner that was killed while writing", d, stale.name)
+        stale.unlink(missing_ok=True)
+    workloads, records, dropped = S.clean_database(d)
+    if dropped:
+        _replace_atomically(workloads, d / S.DB_FILES[0])
+        _replace_atomically(records, d / S.DB_FILES[1])
+        log.warning("%s: dropped %d torn or malformed line(s)", d, dropped)
+    return dropped
+
+
+class TuningDatabase:
+    """A target's database for the tuner, written so that a kill at any instant leaves no torn line.
+
+    TVM's JSONDatabase appends each commit with a buffered stream (several ``write`` calls, no fsync), so it works on
+    a scratch copy here; after each commit :meth:`publish` checks the new lines parse and puts the scratch files in
+    place by write-temp + fsync + rename. The workload file goes first, so a record never names a missing workload.
+    Everything else (``has_workload``, ``get_top_k``, ...) is the JSONDatabase's.
+    """
+
+    def __init__(self, d: Path) -> None:
+        from tvm.s_tir import meta_schedule as ms
+
+        importlib.import_module("schedules.intrin_x86")  # records' traces name our intrinsics: register before parsing
+        _remove_dead_scratch()
+        self.dir = d
+        self._scratch = tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+        self.scratch = Path(self._scratch.name)
+        for name in S.DB_FILES:
+            if (d / name).exists():
+                shutil.copyfile(d / name, self.scratch / name)
+        self.db = ms.database.JSONDatabase(work_dir=str(self.scratch))
+        self.published = {n: self._size(self.scratch / n) for n in S.DB_FILES}
+
+    @staticmethod
+    def _size(path: Path) -> int:
+        return path.stat().st_size if path.exists() else 0
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+    def publish(self) -> None:
+        for name in S.DB_FILES:
+            src = self.scratch / name
+            if self._size(src) == self.published[name]:
+                continue
+            with src.open("rb") as fh:
+                fh.seek(self.published[name])
+                new = fh.read()
+            try:
+                ok = new.endswith(b"\n") and all(json.loads(x) is not None for x in new.splitlines())
+            except ValueError:
+                ok = False
+            if not ok:
+                raise TuningDatabaseError(f"{self.dir / name}: a record was not written whole (disk full?); "
+                                          f"the database was left as it was before it")  # fmt: skip
+            _replace_atomically(src, self.dir / name)
+            self.published[name] = len(new) + self.published[name]
+
+
+SCRATCH_PREFIX = "ternary-tune-db-"
+
+
+def _remove_dead_scratch() -> None:
+    """Remove the scratch copies of tuners that were killed (the pid in the name is no longer running)."""
+    for p in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
         try:
-            json.loads(line)
-            good.append(line)
-        except json.JSONDecodeError:
-            bad += 1
-    if bad:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(x + "\n" for x in good))
-        tmp.replace(path)
-        log.warning("%s: dropped %d torn line(s)", path, bad)
-    return bad
+            os.kill(int(p.name[len(SCRATCH_PREFIX) :].split("-")[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
 
 
-def open_db(target: str, root=None):
+def open_db(target: str, root=None) -> TuningDatabase:
+    """The tuner's handle on ``tuning_logs/<target>/`` (or ``root/<target>``): repaired, written atomically."""
     d = S.logs_dir(target, root)
     d.mkdir(parents=True, exist_ok=True)
-    for name in ("database_workload.json", "database_tuning_record.json"):
-        repair_log(d / name)
-    return S.open_database(target, root, create=True)
+    repair_database(d)
+    return TuningDatabase(d)
 
 
 def tried_knobs(db, op, target: str) -> dict[tuple, float]:
@@ -211,6 +298,8 @@ def commit(db, op, sch, target: str, run_secs: list[float]) -> None:
         targets.get_target(target), ms.arg_info.ArgInfo.from_prim_func(mod["main"]),
     )  # fmt: skip
     db.commit_tuning_record(rec)
+    if isinstance(db, TuningDatabase):
+        db.publish()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,9 +355,10 @@ def tune(ops, target: str, trials: int = 16, retune: bool = False, root=None, se
             try:
                 sch = S.manual(op, target, knobs)
                 secs = measure(op, tvm.compile(sch.mod, target=tgt))
-                commit(db, op, sch, target, secs)
             except Exception as exc:  # a knob combination that fails to build or verify is logged, never recorded
                 log.warning("%s %s failed: %s", op.key, knobs, str(exc).splitlines()[0] if str(exc) else exc)
+            else:
+                commit(db, op, sch, target, secs)  # a failed write stops tuning: it is not the knobs' fault
             bar.update(1)
         done = tried_knobs(db, op, target)
         best = min(done.items(), key=lambda kv: kv[1]) if done else None

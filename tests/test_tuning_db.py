@@ -1,0 +1,153 @@
+"""Tuning databases after kill -9: the build reads a database with torn or malformed lines (skipping them with a
+warning, leaving the files alone), and the tuner writes records atomically, so a write cut off mid-line leaves the
+database whole. Every test works on a temporary copy; the committed tuning_logs/ are only read.
+
+    pytest tests/test_tuning_db.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compiler import schedule as S
+from compiler import tune
+from compiler.kernels import Kernel
+from compiler.ops import make_op
+from schedules import targets
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET = targets.detect()
+SHIPPED_OP = make_op("gemv_i8", M=256, K=512)  # a shipped-model workload: the committed logs have records for it
+TILED_OP = make_op("gemv_i8", M=256, K=512, tile=8)  # the shipped model's layout: a later line of the workloads
+SMALL_OP = make_op("gemv_i8", M=48, K=512)  # cheap to tune
+NEW_OP = make_op("gemv_i8", M=64, K=512)
+FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+@pytest.fixture
+def logs_copy(tmp_path):
+    """A copy of the committed tuning_logs/<this CPU's target>."""
+    src = REPO / "tuning_logs" / TARGET
+    if not (src / FILES[1]).exists():
+        pytest.skip(f"no committed tuning logs for {TARGET}")
+    shutil.copytree(src, tmp_path / TARGET)
+    return tmp_path
+
+
+def tear_last_line(path: Path) -> None:
+    """What a kill in the middle of appending a line leaves: the last line cut in half, no newline."""
+    lines = path.read_text().splitlines()
+    path.write_text("".join(x + "\n" for x in lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def all_lines_parse(d: Path) -> bool:
+    return all(json.loads(x) is not None for n in FILES for x in (d / n).read_text().splitlines())
+
+
+def assert_builds_correctly(sf) -> None:
+    ins = sf.op.random_inputs(np.random.default_rng(0))
+    np.testing.assert_array_equal(Kernel(sf.op, sf.build())(*ins)[0], sf.op.reference(*ins)[0])
+
+
+def test_build_skips_a_torn_last_record_with_a_warning(logs_copy):
+    d = logs_copy / TARGET
+    tear_last_line(d / FILES[1])
+    before = snapshot(d)
+    with pytest.warns(S.TornDatabaseWarning, match="skipped 1 malformed line"):
+        sf = S.get_primfunc(SHIPPED_OP, TARGET, logs_root=logs_copy, mode="tuned")
+    assert sf.source == "tuned"
+    assert_builds_correctly(sf)
+    assert snapshot(d) == before  # read through a cleaned copy: the files are not modified
+
+
+def test_malformed_workload_lines_renumber_the_records(logs_copy):
+    """Records name their workload by line number: dropping a workload line must not point records at another one."""
+    d = logs_copy / TARGET
+    lines = (d / FILES[0]).read_text().splitlines()
+    lines[0] = lines[0][: len(lines[0]) // 2]  # the first workload (another op's) torn in place: later ones move up
+    (d / FILES[0]).write_text("".join(x + "\n" for x in lines))
+    tear_last_line(d / FILES[0])
+    with pytest.warns(S.TornDatabaseWarning, match="malformed line"):
+        sf = S.get_primfunc(TILED_OP, TARGET, logs_root=logs_copy, mode="tuned")
+    assert sf.source == "tuned"
+    assert sf.run_secs == S.get_primfunc(TILED_OP, TARGET, mode="tuned").run_secs  # the same best record
+    assert_builds_correctly(sf)
+
+
+CUT_OFF_WRITER = """
+import resource, signal, sys
+from compiler import tune
+from compiler.ops import make_op
+root, target, limit, sigxfsz = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+tune.tune([make_op("gemv_i8", M=48, K=512)], target, trials=1, root=root, progress=False)  # tuned: warms up only
+if sigxfsz == "die":  # the write that crosses the limit kills the process, as kill -9 mid-write would
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # "ignore" (Python's default): the write fails, short
+tune.tune([make_op("gemv_i8", M=64, K=512)], target, trials=1, root=root, progress=False)  # a new workload line
+"""
+
+
+@pytest.mark.parametrize("sigxfsz", ["die", "ignore"])
+def test_a_write_cut_off_mid_line_leaves_the_database_whole(tmp_path, sigxfsz):
+    """RLIMIT_FSIZE stops the next workload line half-way (and SIGXFSZ kills the tuner, or the write just fails as on
+    a full disk): the database must still hold whole lines only, and tuning must resume."""
+    tune.tune([SMALL_OP], TARGET, trials=1, root=tmp_path, progress=False)
+    d = tmp_path / TARGET
+    before = snapshot(d)
+    size = len(before[FILES[0]])  # one workload line, about as long as the next one
+    env = {**os.environ, "TVM_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    args = [str(tmp_path), TARGET, str(size + size // 2), sigxfsz]  # the file may grow by half a line
+    proc = subprocess.Popen([sys.executable, "-c", CUT_OFF_WRITER, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _, err = proc.communicate(timeout=600)
+    if sigxfsz == "die":
+        assert proc.returncode == -signal.SIGXFSZ, f"the write was not cut off: {err[-2000:]}"
+    else:  # the short write is noticed before anything is published
+        assert proc.returncode != 0 and "TuningDatabaseError" in err, f"the write was not cut off: {err[-2000:]}"
+    assert all_lines_parse(d), "a torn line reached the database"
+    assert snapshot(d) == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", S.TornDatabaseWarning)
+        assert S.get_primfunc(SMALL_OP, TARGET, logs_root=tmp_path, mode="tuned").source == "tuned"
+    res = tune.tune([NEW_OP], TARGET, trials=1, root=tmp_path, progress=False)
+    assert res[0].status == "tuned" and len((d / FILES[1]).read_text().splitlines()) == 2
+    assert not list(Path(tempfile.gettempdir()).glob(f"{tune.SCRATCH_PREFIX}{proc.pid}-*"))  # its scratch: removed
+
+
+def test_a_kill_before_the_rename_leaves_the_old_file_and_the_next_run_cleans_up(tmp_path, monkeypatch, caplog):
+    """The tuner dies after writing a record's temporary file, before renaming it into place."""
+    tune.tune([SMALL_OP], TARGET, trials=1, root=tmp_path, progress=False)
+    d = tmp_path / TARGET
+    before = snapshot(d)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args):
+        raise Killed
+
+    monkeypatch.setattr(tune.os, "replace", killed)
+    with pytest.raises(Killed):
+        tune.tune([SMALL_OP], TARGET, trials=2, root=tmp_path, progress=False)
+    monkeypatch.undo()
+    assert [p.name for p in d.glob(".database_*.tmp-*")] == [f".{FILES[1]}.tmp-{os.getpid()}"]
+    assert {n: (d / n).read_bytes() for n in FILES} == before  # the old files, untouched
+    res = tune.tune([SMALL_OP], TARGET, trials=2, root=tmp_path, progress=False)
+    assert "left by a tuner that was killed" in caplog.text
+    assert not list(d.glob(".database_*.tmp-*")) and all_lines_parse(d)
+    assert res[0].trials == 1 and len((d / FILES[1]).read_text().splitlines()) == 2
