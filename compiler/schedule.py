@@ -53,15 +53,20 @@ def workload(op):
     return tvm.IRModule({"main": op.compute()})
 
 
-def manual(op, target: str, knobs: dict | None = None):
-    """The hand schedule (``knobs`` override the defaults) as an ``s_tir.Schedule`` (its ``.trace`` replays it)."""
+def manual(op, target: str, knobs: dict | None = None, cores: int | None = None):
+    """The hand schedule (``knobs`` override the defaults) as an ``s_tir.Schedule`` (its ``.trace`` replays it).
+
+    ``cores``: the thread count a CPU kernel is built for (default :func:`schedules.targets.build_cores`); only
+    schedules with per-thread work use it (the table-lookup GEMV). CUDA schedules take none."""
     from tvm import s_tir
 
+    target = targets.resolve(target)
     mod = schedule_module(target)
     if op.kind not in mod.SCHEDULES:
         raise NotImplementedError(f"no {target} schedule for {op.kind}")
     sch = s_tir.Schedule(workload(op))
-    mod.SCHEDULES[op.kind](sch, op, knobs=knobs if knobs is not None else {})
+    extra = {} if target == "cuda" else {"cores": cores or targets.build_cores()}
+    mod.SCHEDULES[op.kind](sch, op, knobs=knobs if knobs is not None else {}, **extra)
     return sch
 
 
@@ -203,17 +208,32 @@ class ScheduledFunc:
         return self.func.without_attr("global_symbol").with_attr("op_pattern", 8)
 
 
-def _apply_record(op, rec):
+def _apply_record(op, rec, target: str, cores: int | None = None):
+    """The record's schedule. On CPU targets the record is read as its knob values and the hand schedule is rebuilt
+    with them for ``cores`` threads: a trace also carries the loop splits its tuning machine derived from its own
+    core count, which must not travel to a machine with more (docs/threads.md). A trace whose decisions are not our
+    knobs (MetaSchedule's own search) and every CUDA record replay verbatim."""
     from tvm import s_tir
 
+    from schedules.knobs import knobs_of_trace
+
     importlib.import_module("schedules.intrin_x86")  # the traces tensorize with our intrinsics
+    if target != "cuda":
+        try:
+            knobs = knobs_of_trace(rec.trace, schedule_module(target).space(op))
+        except ValueError:
+            knobs = None
+        if knobs is not None:
+            return manual(op, target, knobs, cores)
     sch = s_tir.Schedule(workload(op))
     rec.trace.apply_to_schedule(sch, remove_postproc=False)
     return sch
 
 
-def get_primfunc(op, target: str, logs_root: Path | str | None = None, mode: str = "auto") -> ScheduledFunc:
-    """The scheduled PrimFunc for ``op`` on ``target``.
+def get_primfunc(
+    op, target: str, logs_root: Path | str | None = None, mode: str = "auto", cores: int | None = None
+) -> ScheduledFunc:
+    """The scheduled PrimFunc for ``op`` on ``target``, built for ``cores`` threads (see :func:`manual`).
 
     ``mode``: ``"auto"`` (tuned if a record exists, else the hand schedule with a loud warning), ``"tuned"`` (raise if
     no record), ``"hand"`` (default knobs, no database), ``"naive"`` (the unscheduled TE: the "untuned default").
@@ -233,7 +253,7 @@ def get_primfunc(op, target: str, logs_root: Path | str | None = None, mode: str
             raise LookupError(f"no tuning record for {op.key} in {logs_dir(target, logs_root)}; "
                               f"run: python -m compiler.tune --target {target} --shape {op.key}")  # fmt: skip
     if rec is not None:
-        sch = _apply_record(op, rec)
+        sch = _apply_record(op, rec, target, cores)
         secs = [float(s) for s in rec.run_secs]
         return ScheduledFunc(op, target, sch.mod["main"].with_attr("global_symbol", sym), "tuned", min(secs))
     if mode == "auto":
@@ -243,16 +263,16 @@ def get_primfunc(op, target: str, logs_root: Path | str | None = None, mode: str
         )
         log.warning(msg)
         warnings.warn(msg, UntunedWarning, stacklevel=2)
-    sch = manual(op, target)
+    sch = manual(op, target, cores=cores)
     return ScheduledFunc(op, target, sch.mod["main"].with_attr("global_symbol", sym), "hand")
 
 
-def build(op, target: str, mode: str = "auto", knobs: dict | None = None, logs_root=None):
+def build(op, target: str, mode: str = "auto", knobs: dict | None = None, logs_root=None, cores: int | None = None):
     """Compile ``op`` for ``target`` → ``tvm.runtime.Executable`` (``knobs`` force a hand schedule with them)."""
 
     if knobs is not None:
-        return compile_mod(manual(op, target, knobs).mod, target)
-    return get_primfunc(op, target, logs_root, mode).build()
+        return compile_mod(manual(op, target, knobs, cores).mod, target)
+    return get_primfunc(op, target, logs_root, mode, cores).build()
 
 
 def compile_mod(mod, target: str):

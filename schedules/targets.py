@@ -38,6 +38,13 @@ def ensure_tvm_threads() -> int:
     return int(os.environ["TVM_NUM_THREADS"])
 
 
+def build_cores() -> int:
+    """The thread count CPU kernels are built for unless a caller says otherwise: TVM's pool size
+    (``TVM_NUM_THREADS``, which :func:`ensure_tvm_threads` sets to this machine's cores when unset). Only schedules
+    with per-thread work (the table-lookup GEMV's per-thread table build) depend on it; see docs/threads.md."""
+    return ensure_tvm_threads()
+
+
 def set_tvm_threads(n: int) -> int:
     """Resize TVM's thread pool to ``n`` threads (≤ ``TVM_NUM_THREADS``) for the following calls; returns the count."""
     import tvm

@@ -1,7 +1,9 @@
 """x86 schedule templates shared by AVX2 and AVX-512; the ISA enters as the tensor intrinsic and the vector width.
 
-Each template is ``fn(sch, op, isa, knobs=None)`` (see :mod:`schedules.knobs`) and returns the scheduled
-``s_tir.Schedule``; :mod:`schedules.x86_avx512` and :mod:`schedules.x86_avx2` bind ``isa``.
+Each template is ``fn(sch, op, isa, knobs=None, cores=None)`` (see :mod:`schedules.knobs`) and returns the scheduled
+``s_tir.Schedule``; :mod:`schedules.x86_avx512` and :mod:`schedules.x86_avx2` bind ``isa``. ``cores`` (the thread
+count a kernel is built for) is part of every CPU schedule's signature, but these templates never use it: their
+parallel loops run over row tiles or tokens, an extent the shape fixes, so a kernel splits over any thread count.
 
 Ternary GEMV/GEMM (int8): the reduction ``acc[m] = Σ_{c,b,j}`` is split ``b = 4l + t`` and rfactored over ``l`` into
 16 int32 lanes per row (``acc_rf[m, l]``); the inner ``(l, t, j)`` block — 64 packed bytes × 256 activations — is
@@ -59,7 +61,7 @@ def space(op, isa: Isa) -> list[Knob]:
 # ---------------------------------------------------------------------------------------------------------------
 # templates
 # ---------------------------------------------------------------------------------------------------------------
-def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None):
+def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = None):
     ks = {k.name: k for k in space(op, isa)}
     rows, uk = choose(sch, knobs, ks["rows"]), choose(sch, knobs, ks["unroll_k"])
     choose(sch, knobs, ks["prefetch"])  # grid-only: recorded in the trace, the Python value picks the intrinsic
@@ -82,7 +84,7 @@ def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None):
     return sch
 
 
-def gemm_i8(sch, op, isa: Isa, knobs: dict | None = None):
+def gemm_i8(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = None):
     ks = {k.name: k for k in space(op, isa)}
     rows, tok, uk = (choose(sch, knobs, ks[n]) for n in ("rows", "tokens", "unroll_k"))
     acc = sch.get_sblock("acc")
@@ -105,7 +107,7 @@ def gemm_i8(sch, op, isa: Isa, knobs: dict | None = None):
     return sch
 
 
-def gemv_f32(sch, op, isa: Isa, knobs: dict | None = None):
+def gemv_f32(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = None):
     ks = {k.name: k for k in space(op, isa)}
     rows, lanes = choose(sch, knobs, ks["rows"]), choose(sch, knobs, ks["lanes"])
     acc = sch.get_sblock("y_acc")
@@ -125,15 +127,7 @@ def gemv_f32(sch, op, isa: Isa, knobs: dict | None = None):
     return sch
 
 
-def _lane_reduce(sch, block, loop, lanes, factor_axis):
-    """Split a reduction ``loop`` by ``lanes`` and rfactor the inner part into vector lanes; returns the rf block."""
-    _o, i = sch.split(loop, [None, lanes])
-    rf = sch.rfactor(i, factor_axis=factor_axis)
-    sch.vectorize(sch.get_loops(rf)[-1])
-    return rf
-
-
-def rmsnorm_quant(sch, op, isa: Isa, knobs: dict | None = None):
+def rmsnorm_quant(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = None):
     """Three vectorized passes per token: Σx² (lane partial sums), max|h|, then quantize + Σq (h never stored)."""
     vec = choose(sch, knobs, {k.name: k for k in space(op, isa)}["vec"])
     sch.compute_inline(sch.get_sblock("h"))
@@ -152,7 +146,7 @@ def rmsnorm_quant(sch, op, isa: Isa, knobs: dict | None = None):
     return sch
 
 
-def mhc_post(sch, op, isa: Isa, knobs: dict | None = None):
+def mhc_post(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = None):
     """One sweep over columns: per ``vec`` columns, the S mixed streams (unrolled over s), u, and ss lane sums."""
     ks = {k.name: k for k in space(op, isa)}
     vec, unroll = choose(sch, knobs, ks["vec"]), choose(sch, knobs, ks["unroll"])

@@ -32,17 +32,26 @@ def _groups(op) -> int:
     return op.M // (TILE_ROWS * op.tile)
 
 
+def tasks(op, cores: int) -> int:
+    """Parallel tasks of the per-thread table build for a kernel built for ``cores`` threads: the largest divisor
+    of the row groups not above ``cores`` (each task builds the tables once, then streams an equal share of rows)."""
+    g = _groups(op)
+    return max(d for d in range(1, min(g, max(1, int(cores))) + 1) if g % d == 0)
+
+
 def space(op) -> list[Knob]:
+    """The knobs; the same on every machine (a record's decisions index these candidates, so they must not depend
+    on the core count)."""
     if op.kind != "gemv_i8_tl":
         raise KeyError(f"no table-lookup schedule for op kind {op.kind!r}")
     big = op.weight_bytes() > 24 << 20  # beyond most of the L3: prefetch by default
-    per_thread = _groups(op) % targets.num_cores() == 0  # the threads split the row groups evenly (no predicate)
-    lut_at = (0, 1, 2) if per_thread else (0, 1)
-    return [knob("unroll_k", op.B, (1, 2, 4), 2), Knob("lut_at", lut_at, max(lut_at), grid_only=True),
+    return [knob("unroll_k", op.B, (1, 2, 4), 2), Knob("lut_at", (0, 1, 2), 2, grid_only=True),
             Knob("prefetch", intrin_x86_tl.PREFETCH, 2048 if big else 0, grid_only=True)]  # fmt: skip
 
 
-def gemv_i8_tl(sch, op, knobs: dict | None = None):
+def gemv_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
+    """``cores``: the thread count the kernel is built for (default :func:`schedules.targets.build_cores`); only
+    ``lut_at = thread`` depends on it (:func:`tasks`)."""
     ks = {k.name: k for k in space(op)}
     uk = choose(sch, knobs, ks["unroll_k"])
     fixed = {}
@@ -55,7 +64,7 @@ def gemv_i8_tl(sch, op, knobs: dict | None = None):
     h, m, b, half, j = sch.get_loops(acc)
     g, t, r = sch.split(m, [None, op.tile, TILE_ROWS])
     if lut_at == "thread":  # one parallel region: each thread builds the tables, then streams its rows
-        par, g = sch.split(g, [targets.num_cores(), None])
+        par, g = sch.split(g, [tasks(op, cores or targets.build_cores()), None])
     bo, bi = sch.split(b, [None, uk])
     sch.reorder(*([par] if lut_at == "thread" else []), g, bo, bi, t, h, r, half, j)
     sch.parallel(par if lut_at == "thread" else g)
