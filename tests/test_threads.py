@@ -32,6 +32,7 @@ import pytest
 
 from compiler import schedule as S
 from compiler import tune
+from compiler.bench import FULL_EXTRA
 from compiler.ops import make_op
 from model.config import PRESETS
 from schedules import targets, x86_tl
@@ -55,8 +56,7 @@ def known_ops(target: str) -> tuple:
             ops += tune.config_ops(cfg, weights="tl")
         for M, K in set(cfg.ternary_shapes().values()):  # the row-major layout's records (`--shape` without tile)
             ops += [make_op("gemv_i8", M=M, K=K), make_op("gemm_i8", N=tune.PREFILL_TOKENS, M=M, K=K)]
-    ops += [tune.parse_shape(s) for s in ("gemv_i8:32768:16384", "gemv_i8:512:512", "gemm_i8:8:1536:512",
-                                           "mhc_post:D=512:S=2", "mhc_post:D=4096:S=4", "rmsnorm_quant:D=512:N=1")]  # fmt: skip
+    ops += [tune.parse_shape(s) for s in FULL_EXTRA]  # compiler.bench --full
     return tuple({op.key: op for op in ops}.values())
 
 
