@@ -79,9 +79,11 @@ def build(
     force: bool = False,
     tuning_logs: Path | str | None = None,
     weights: str = "tile8",
+    cores: int | None = None,
 ) -> BuildResult:
     """Compile ``model`` for ``target`` into the cache (or reuse the cached entry); see the module docstring.
-    ``weights``: the CPU ternary layout, ``tile8`` (2-bit) or ``tl`` (1.67-bit, AVX-512 VBMI)."""
+    ``weights``: the CPU ternary layout, ``tile8`` (2-bit) or ``tl`` (1.67-bit, AVX-512 VBMI). ``cores``: the
+    thread count the CPU kernels are built for (default :func:`schedules.targets.build_cores`: TVM's pool size)."""
     from compiler import lower
 
     model = Path(model)
@@ -93,7 +95,8 @@ def build(
     except ValueError as exc:
         raise BuildError(str(exc)) from exc
     with phase("key"):
-        key = cache.cache_key(model, target, tuning_logs, weights)
+        cores = None if target == "cuda" else int(cores or targets.build_cores())
+        key = cache.cache_key(model, target, tuning_logs, weights, cores)
         d = cache.entry_dir(cache_dir, key)
         ok, why = cache.check_entry(d, key)
         log.info("cache entry %s: %s", d, why)
@@ -118,7 +121,7 @@ def build(
     with phase("lower"):
         head = params["lm_head.weight"]
         lw = lower.Lowering(cfg, target, logs_root=tuning_logs, embed_dtype=str(params["token_embd.weight"].dtype),
-                            head_dtype=str(head.dtype), weights=weights)  # fmt: skip
+                            head_dtype=str(head.dtype), weights=weights, cores=cores)  # fmt: skip
         mod = lw.module()
         untuned = sorted(k for k, s in lw.kernels.items() if s == "hand")
         if untuned:
@@ -153,7 +156,7 @@ def build(
             ex.export_library(str(tmp / "model.so"))
             np.savez(tmp / "params.npz", **params)
             meta = {
-                "key": key, "target": target, "weights": weights, "cpu_flags": lw.cpu_flags(),
+                "key": key, "target": target, "weights": weights, "cores": cores, "cpu_flags": lw.cpu_flags(),
                 "compiler_version": cache.COMPILER_VERSION,
                 "model": str(model),
                 "config": cfg.to_dict(), "prefill_chunk": lw.chunk,
@@ -255,13 +258,22 @@ def main(argv=None) -> None:
         choices=["tile8", "tl"],
         help="CPU ternary layout: tile8 (2-bit, default) or tl (1.67-bit table lookup, AVX-512 VBMI)",
     )
+    ap.add_argument(
+        "--cores",
+        type=int,
+        default=None,
+        help="build the CPU kernels for this many threads (default: "
+        "TVM_NUM_THREADS, else this machine's cores); to build for a machine with more cores",
+    )
     a = ap.parse_args(argv)
+    if a.cores is not None and not 1 <= a.cores <= 1024:
+        ap.error(f"--cores {a.cores}: expected 1..1024")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if a.repack_into:
         print(repack_into(a.repack_into, a.model))
         return
     try:
-        r = build(a.model, a.target, a.cache_dir, a.dump_ir, a.force, weights=a.weights)
+        r = build(a.model, a.target, a.cache_dir, a.dump_ir, a.force, weights=a.weights, cores=a.cores)
     except BuildError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(r.dir)

@@ -53,14 +53,20 @@ def source_files() -> list[Path]:
     return out
 
 
-def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = None, weights: str = "tile8") -> str:
-    """sha256 of (GGUF bytes, target, weight layout, tuning records of that target, compiler version + sources)."""
+def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = None, weights: str = "tile8",
+              cores: int | None = None) -> str:  # fmt: skip
+    """sha256 of (GGUF bytes, target, weight layout, the thread count CPU kernels are built for, tuning records of
+    that target, compiler version + sources). ``cores`` None: :func:`schedules.targets.build_cores` (CPU targets)."""
+    from schedules import targets
+
     h = hashlib.sha256()
     h.update(b"gguf\0")
     _sha_file(h, Path(gguf))
     h.update(f"\0target\0{target}\0version\0{COMPILER_VERSION}\0".encode())
     if weights != "tile8":  # the default keeps the keys of existing entries
         h.update(f"\0weights\0{weights}\0".encode())
+    if target != "cuda":  # per-thread splits (schedules.x86_tl.tasks) follow the cores a module is built for
+        h.update(f"\0cores\0{int(cores or targets.build_cores())}\0".encode())
     d = Path(tuning_logs or logs_root()) / target
     for name in ("database_workload.json", "database_tuning_record.json"):
         h.update(f"\0{name}\0".encode())

@@ -184,6 +184,7 @@ class Lowering:
     embed_dtype: str = "float32"
     head_dtype: str = "float32"
     weights: str = "tile8"
+    cores: int | None = None  # the thread count CPU kernels are built for (None: schedules.targets.build_cores)
     kernels: dict[str, str] = field(default_factory=dict)
     op_flags: set[str] = field(default_factory=set)  # CPU flags the tuned-operator kernels need beyond the target's
 
@@ -219,7 +220,7 @@ class Lowering:
                 func = op.compute()
             self._gv[op.func_name] = self.bb.add_func(func, op.func_name)
         if op.func_name not in self._gv:
-            sf = get_primfunc(op, self.target, self.logs_root)
+            sf = get_primfunc(op, self.target, self.logs_root, cores=self.cores)
             self.kernels[op.key] = sf.source
             log.info("  kernel %-40s %s", op.key, sf.source.upper() if sf.source != "tuned" else "tuned")
             self._gv[op.func_name] = self.bb.add_func(sf.for_relax(), op.func_name)
