@@ -248,6 +248,12 @@ def _longest_token_bytes(eng) -> int:
     return max(len(t.encode("utf-8", "surrogatepass")) for t in texts)
 
 
+def completion_tokens(gen) -> int:
+    """The tokens a generation added to the prompt's: token healing backs off the prompt's last ``healed_tokens``
+    tokens and generates them again, so those count as prompt (the n_prompt the request was checked with)."""
+    return max(0, len(gen.tokens) - getattr(gen, "healed_tokens", 0))
+
+
 async def _events(request: Request, job: Job) -> AsyncIterator[tuple[str, object]]:
     """The job's events until done/error; cancels the job when the client goes away."""
     while True:
@@ -282,7 +288,7 @@ class _Reply:
 
     def _accounting(self, gen) -> dict:
         job = self.job
-        queue_s, n = (job.started or job.submitted) - job.submitted, len(gen.tokens)
+        queue_s, n = (job.started or job.submitted) - job.submitted, completion_tokens(gen)
         return {"usage": oai.usage(self.n_prompt, n),
                 "timings": oai.timings(self.n_prompt, gen.prefill_s, n, gen.decode_s, queue_s)}  # fmt: skip
 

@@ -25,6 +25,7 @@ from runtime.chat_template import DEFAULT_CHAT_TEMPLATE
 from runtime.serve import MAX_DETOKENIZE_TOKENS, MAX_TOKENIZE_CHARS, ServeConfig
 
 HEALTH_BOUND_S = 0.1  # issue 13: /health answers in < 100 ms while a hostile request is handled
+STALL_S = 0.5  # a stalled event loop (the template or tokenizer in it) took 0.5 to 3 s and more per request
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 SPIN = "{% for i in range(9000) %}{% for j in range(9000) %}{% for k in range(9000) %}" + "{% endfor %}" * 3
 TRIGGERS = {  # content → what the template does with it
@@ -91,6 +92,14 @@ def health_while(url: str, busy: threading.Thread, max_s: float = 60) -> list[fl
     return out
 
 
+def assert_health_fast(latencies: list[float]) -> None:
+    """Every /health under 100 ms, but for one in 50 (at least one) under 500 ms: on a loaded machine the scheduler
+    alone delays a few answers that much (measured: 106 ms worst of 300 with no request in flight, load average 7 on
+    2 cores), where a stalled event loop delays every answer due while it is stalled by 0.5 s or more."""
+    slow = [t for t in latencies if t >= HEALTH_BOUND_S]
+    assert len(slow) <= max(1, len(latencies) // 50) and max(latencies) < STALL_S, (len(latencies), sorted(slow))
+
+
 def in_thread(fn) -> tuple[threading.Thread, list]:
     results: list = []
     thread = threading.Thread(target=lambda: results.append(fn()), daemon=True)
@@ -116,7 +125,7 @@ def test_runaway_template_is_400_and_health_stays_fast(hostile):
         err = assert_error(resp, 400, "messages", "chat_template_budget")
         assert "1 s budget" in err["message"]
     assert len(latencies) >= 10, latencies  # two renders of 1 s each: /health was asked all along
-    assert max(latencies) < HEALTH_BOUND_S, sorted(latencies)[-5:]
+    assert_health_fast(latencies)
     assert chat(hostile, "hi").status_code == 200  # the renderer was restarted
     assert_clean_log(hostile)
 
@@ -191,7 +200,7 @@ def test_health_stays_fast_during_large_tokenizes_and_prompts(hostile):
     thread.join(60)
     assert results and results[0] == [200, 413, 400, 400, 400] * 3
     assert len(latencies) >= 10, latencies
-    assert max(latencies) < HEALTH_BOUND_S, sorted(latencies)[-5:]
+    assert_health_fast(latencies)
     assert_clean_log(hostile)
 
 
