@@ -3,7 +3,9 @@
 An entry is a directory ``<cache_dir>/<key>/`` holding ``model.so`` (the Relax VM executable), ``params.npz`` (the
 packed weights, plain arrays, no pickle) and ``meta.json`` (config, parameter order, kernel sources, and the sha256
 of the two other files). ``key`` is the sha256 of the GGUF bytes, the target name, the target's tuning-log bytes and
-:data:`COMPILER_VERSION` plus the source of the compiler/schedule modules (an edited kernel rebuilds).
+:data:`COMPILER_VERSION` plus the source of the compiler/schedule modules (an edited kernel rebuilds). The GGUF path
+goes through :func:`model.gguf_io.check_model_file` first (a regular file of bounded size with the GGUF magic), so a
+directory, ``/dev/zero`` or a FIFO is refused with a ``GGUFError`` instead of being hashed forever.
 ``meta.json`` is written last, and an entry is used only if its files still hash to what it records; anything else
 is a *corrupt* entry that the build replaces.
 
@@ -56,12 +58,14 @@ def source_files() -> list[Path]:
 def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = None, weights: str = "tile8",
               cores: int | None = None) -> str:  # fmt: skip
     """sha256 of (GGUF bytes, target, weight layout, the thread count CPU kernels are built for, tuning records of
-    that target, compiler version + sources). ``cores`` None: :func:`schedules.targets.build_cores` (CPU targets)."""
+    that target, compiler version + sources). ``cores`` None: :func:`schedules.targets.build_cores` (CPU targets).
+    Raises ``model.gguf_io.GGUFError`` for a path that cannot be a model file (checked before hashing)."""
+    from model.gguf_io import check_model_file
     from schedules import targets
 
     h = hashlib.sha256()
     h.update(b"gguf\0")
-    _sha_file(h, Path(gguf))
+    _sha_file(h, check_model_file(gguf))
     h.update(f"\0target\0{target}\0version\0{COMPILER_VERSION}\0".encode())
     if weights != "tile8":  # the default keeps the keys of existing entries
         h.update(f"\0weights\0{weights}\0".encode())
@@ -95,7 +99,7 @@ def check_entry(d: Path, key: str) -> tuple[bool, str]:
         return False, "corrupt (key mismatch)"
     for name in FILES:
         p = d / name
-        if not p.exists():
+        if not p.is_file():
             return False, f"corrupt ({name} missing)"
         if sha256_file(p) != meta.get("sha256", {}).get(name):
             return False, f"corrupt ({name} does not match its recorded sha256)"

@@ -1,6 +1,11 @@
-"""Model configurations: one dataclass, named presets, and the shapes of every ternary matrix.
+"""Model configurations: one dataclass, named presets, the shapes of every ternary matrix, and the limits a
+compiled model must respect (context length, memory).
 
-Numpy/stdlib only (no torch): the compiler and the tuner read shapes from here.
+Numpy/stdlib only (no torch): the compiler and the tuner read shapes from here. :meth:`ModelConfig.validate` checks
+what any model needs (divisibility, finite in-range floats, ``max_seq_len ≤ MAX_CONTEXT``);
+:func:`compile_problems` adds what the compiled graph needs (a context of at least one prefill chunk, static mHC,
+even head size, and the memory the build and the runtime would allocate, from :func:`memory_estimate`, within
+:func:`memory_limit`). The GGUF reader applies both before anything is allocated.
 
     python -m model.config            # prints every preset and its ternary matmul shapes
 """
@@ -8,15 +13,59 @@ Numpy/stdlib only (no torch): the compiler and the tuner read shapes from here.
 from __future__ import annotations
 
 import logging
+import math
+import os
+import resource
 from dataclasses import asdict, dataclass, field, replace
 
 log = logging.getLogger(__name__)
 
 QK = 256  # every ternary matrix's input dimension is a multiple of the TQ2_0 block
+# The compiled graph is static in the context: the KV cache, the RoPE tables and the attention scratch are all
+# sized by ``max_seq_len``. 32768 is 16x the largest preset; nano-1b's KV cache at 32768 tokens is 2.5 GiB.
+MAX_CONTEXT = 1 << 15
+MIN_CONTEXT = 16  # one prefill chunk of the CUDA build (the CPU build's is 8)
+PREFILL_TOKENS = 16  # the largest prefill chunk: the attention scratch holds one score row per (token, head)
+NORM_EPS_RANGE = (0.0, 1.0)  # exclusive
+ROPE_THETA_RANGE = (1.0, 1e12)  # (exclusive, inclusive]: ≤ 1 turns every rotation into one of ≥ 1 radian per step
+MEMORY_ENV = "TERNARY_TVM_MAX_MEMORY_GIB"  # overrides memory_limit()
+GiB = 1 << 30
 
 
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
+
+
+def config_problems(c) -> list[tuple[str, str]]:
+    """``(field, what is wrong)`` for every constraint ``c`` violates (the text starts with ``field=value``); ``c`` is
+    a :class:`ModelConfig` or anything with its fields (the GGUF reader checks its values before building one)."""
+    out = []
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
+        if getattr(c, name) <= 0:
+            out.append((name, f"{name}={getattr(c, name)} must be positive"))
+    if out:
+        return out  # the checks below divide by these
+    if c.d_model % QK:
+        out.append(("d_model", f"d_model={c.d_model} is not a multiple of {QK}"))
+    if c.ffn_hidden % QK:
+        out.append(("ffn_hidden", f"ffn_hidden={c.ffn_hidden} is not a multiple of {QK}"))
+    if c.d_model % c.n_heads:
+        out.append(("n_heads", f"n_heads={c.n_heads} does not divide d_model={c.d_model}"))
+    if c.n_heads % c.n_kv_heads:
+        out.append(("n_kv_heads", f"n_kv_heads={c.n_kv_heads} does not divide n_heads={c.n_heads}"))
+    if c.n_streams not in (1, 2, 4):
+        out.append(("n_streams", f"n_streams={c.n_streams} must be 1, 2 or 4"))
+    if c.max_seq_len > MAX_CONTEXT:
+        out.append(("max_seq_len", f"max_seq_len={c.max_seq_len} exceeds the maximum context {MAX_CONTEXT}"))
+    lo, hi = NORM_EPS_RANGE
+    if not (math.isfinite(c.norm_eps) and lo < c.norm_eps < hi):
+        out.append(("norm_eps", f"norm_eps={c.norm_eps} must be finite and in ({lo:g}, {hi:g})"))
+    lo, hi = ROPE_THETA_RANGE
+    if not (math.isfinite(c.rope_theta) and lo < c.rope_theta <= hi):
+        out.append(("rope_theta", f"rope_theta={c.rope_theta} must be finite and in ({lo:g}, {hi:g}]"))
+    if c.mtp_heads < 0:
+        out.append(("mtp_heads", f"mtp_heads={c.mtp_heads} must be ≥ 0"))
+    return out
 
 
 @dataclass(frozen=True)
@@ -58,22 +107,13 @@ class ModelConfig:
             log.info("config %s: derived %s", self.name, ", ".join(f"{k}={v}" for k, v in derived.items()))
         self.validate()
 
+    def problems(self) -> list[tuple[str, str]]:
+        return config_problems(self)
+
     def validate(self) -> None:
-        problems = []
-        if self.d_model % QK:
-            problems.append(f"d_model={self.d_model} is not a multiple of {QK}")
-        if self.ffn_hidden % QK:
-            problems.append(f"ffn_hidden={self.ffn_hidden} is not a multiple of {QK}")
-        if self.d_model % self.n_heads:
-            problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-        if self.n_streams not in (1, 2, 4):
-            problems.append(f"n_streams={self.n_streams} must be 1, 2 or 4")
-        if min(self.vocab_size, self.n_layers, self.max_seq_len) <= 0:
-            problems.append("vocab_size, n_layers and max_seq_len must be positive")
+        problems = self.problems()
         if problems:
-            raise ValueError(f"invalid ModelConfig {self.name!r}: " + "; ".join(problems))
+            raise ValueError(f"invalid ModelConfig {self.name!r}: " + "; ".join(text for _, text in problems))
 
     @property
     def head_dim(self) -> int:
@@ -108,6 +148,59 @@ PRESETS: dict[str, ModelConfig] = {
     "nano-1b": ModelConfig(name="nano-1b", vocab_size=32000, d_model=2048, n_layers=20, n_heads=16, n_kv_heads=4,
                            ffn_hidden=5632, max_seq_len=2048, tie_embeddings=False),
 }  # fmt: skip
+
+
+def memory_estimate(cfg: ModelConfig) -> dict[str, int]:
+    """Bytes the compiled model allocates, from the config alone (nothing is allocated here).
+
+    ``build``: the packed parameters (2-bit ternaries, float32 embeddings and LM head as an upper bound, norms) plus
+    the RoPE tables and the float64 temporaries ``compiler.graph_kernels.rope_tables`` makes (angles, cos, sin).
+    ``runtime``: the packed parameters, the RoPE tables, the KV cache (``runtime.engine``: K and V per layer,
+    ``[n_kv_heads, max_seq_len, head_dim]`` float32) and the attention scratch (``compiler.graph_kernels.attention``:
+    a ``max_seq_len`` score row per (prefill token, head)). The parts are returned too."""
+    d, hd, ctx = cfg.d_model, cfg.head_dim, cfg.max_seq_len
+    ternary = cfg.n_layers * sum(m * k for m, k in cfg.ternary_shapes().values()) + cfg.mtp_heads * d * d
+    weights = ternary // 4 + cfg.vocab_size * d * 4 * (1 if cfg.tie_embeddings else 2) + (2 * cfg.n_layers + 1) * d * 4
+    rope = 2 * ctx * (hd // 2) * 4
+    kv_cache = 2 * cfg.n_layers * cfg.n_kv_heads * ctx * hd * 4
+    scratch = PREFILL_TOKENS * cfg.n_heads * ctx * 4
+    return {"build": weights + rope + 3 * ctx * (hd // 2) * 8, "runtime": weights + rope + kv_cache + scratch,
+            "weights": weights, "rope_tables": rope, "kv_cache": kv_cache}  # fmt: skip
+
+
+def memory_limit() -> int:
+    """What a model may need: ``$TERNARY_TVM_MAX_MEMORY_GIB`` if set, else this machine's physical memory (and the
+    process's address-space limit, ``RLIMIT_AS``, when lower)."""
+    if os.environ.get(MEMORY_ENV):
+        return int(float(os.environ[MEMORY_ENV]) * GiB)
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        limit = 64 * GiB
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return min(limit, soft) if soft != resource.RLIM_INFINITY else limit
+
+
+def compile_problems(cfg: ModelConfig, limit: int | None = None) -> list[tuple[str, str]]:
+    """``(field, what is wrong)`` for what the compiled graph cannot take, beyond :meth:`ModelConfig.problems`: a
+    context shorter than a prefill chunk, dynamic mHC, an odd head size (RoPE rotates pairs), or a model whose build
+    or runtime would need more than ``limit`` bytes (default :func:`memory_limit`)."""
+    out = []
+    if cfg.max_seq_len < MIN_CONTEXT:
+        out.append(("max_seq_len", f"max_seq_len={cfg.max_seq_len} is below the minimum context {MIN_CONTEXT}"))
+    if cfg.mhc_dynamic:
+        out.append(("mhc_dynamic", "mhc_dynamic=True is not supported (only static mHC-lite is compiled)"))
+    if cfg.head_dim % 2:
+        out.append(("n_heads", f"n_heads={cfg.n_heads} gives head_dim={cfg.head_dim}; RoPE needs an even head_dim"))
+    need = memory_estimate(cfg)
+    limit = memory_limit() if limit is None else limit
+    if max(need["build"], need["runtime"]) > limit:
+        g = lambda n: f"{n / GiB:.3g} GiB"  # noqa: E731
+        out.append(("max_seq_len", f"max_seq_len={cfg.max_seq_len}: the model needs {g(need['build'])} to build and "
+                    f"{g(need['runtime'])} to run (KV cache {g(need['kv_cache'])}, RoPE tables "
+                    f"{g(need['rope_tables'])}, weights {g(need['weights'])}), more than the {g(limit)} allowed "
+                    f"(physical memory or RLIMIT_AS; ${MEMORY_ENV} overrides)"))  # fmt: skip
+    return out
 
 
 def get_config(name: str, **overrides) -> ModelConfig:

@@ -50,6 +50,13 @@ file), one per-tensor absmean scale stored in every non-zero block; ``y = W x`` 
 
 The mHC logits become coefficients with :func:`model.mhc_static.coefficients` (:meth:`GGUFModel.mhc_coefficients`).
 
+Before anything is parsed, :func:`check_model_file` checks the path (a readable regular file of at most
+``MAX_FILE_BYTES`` starting with the GGUF magic and version: never a directory, a device or a FIFO), and
+``compiler.cache`` calls it before hashing. :func:`read_gguf` then validates the values, not only the structure: every
+hyperparameter named by its key (non-zero counts, finite in-range floats, ``context_length`` between
+``model.config.MIN_CONTEXT`` and ``MAX_CONTEXT`` and within the memory its KV cache and RoPE tables imply,
+``mhc.dynamic`` false), and the tokenizer (merges name known tokens, special token ids in range).
+
     python -m model.gguf_io model.gguf          # validate a file and print its config and tensors
 """
 
@@ -57,16 +64,19 @@ from __future__ import annotations
 
 import itertools
 import mmap
+import os
+import stat
 import struct
 import sys
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from model.config import ModelConfig
+from model.config import ModelConfig, compile_problems, config_problems
 from model.mhc_static import MHCCoefficients, coefficients, res_logits_size
 from model.ternary import ggml
 from model.ternary.checks import QK, TernaryFormatError
@@ -80,6 +90,8 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 MAX_KEY_BYTES = 65535
 MAX_ELEMENTS = 1 << 40  # per tensor; far above any model we build, far below overflow
+MAX_FILE_BYTES = 64 << 30  # a model file larger than this is refused before it is hashed or mapped
+MIN_FILE_BYTES = 24  # magic, version, tensor count, metadata count
 
 
 class GGUFError(ValueError):
@@ -355,15 +367,56 @@ def _tensor_nbytes(name: str, gtype: GGMLType, ne: list[int]) -> int:
     return rows * ggml.row_bytes(ne[0], ggml.TernaryType(int(gtype)))
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+def check_model_file(path: str | Path) -> Path:
+    """``path`` if it can be a GGUF model: a readable regular file of ``MIN_FILE_BYTES`` to ``MAX_FILE_BYTES`` bytes
+    that starts with the GGUF magic and version 3; else a one-line :class:`GGUFError`. Reads 8 bytes and never blocks
+    (opened non-blocking, so a FIFO cannot stall it): the check to make before a file is hashed, mapped or parsed."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise GGUFError(f"{p}: no such file") from None
+    except OSError as exc:
+        raise GGUFError(f"{p}: cannot open: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a plain file")
+            raise GGUFError(f"{p}: not a regular file ({kind}), expected a .gguf model")
+        if st.st_size > MAX_FILE_BYTES:
+            raise GGUFError(f"{p}: {st.st_size / 2**30:.1f} GiB is larger than the {MAX_FILE_BYTES >> 30} GiB a "
+                            "model file may be")  # fmt: skip
+        if st.st_size < MIN_FILE_BYTES:
+            raise GGUFError(f"{p}: {'empty' if not st.st_size else f'{st.st_size} bytes'}, too small for a GGUF header")
+        try:
+            head = os.pread(fd, 8, 0)
+        except OSError as exc:
+            raise GGUFError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if head[:4] != GGUF_MAGIC:
+        raise GGUFError(f"{p}: not a GGUF file: magic {head[:4]!r}, expected {GGUF_MAGIC!r}")
+    version = struct.unpack("<I", head[4:8])[0] if len(head) == 8 else None
+    if version != GGUF_VERSION:
+        raise GGUFError(f"{p}: unsupported GGUF version {version} (expected {GGUF_VERSION})")
+    return p
+
+
 def parse_gguf(source: str | Path | bytes) -> GGUFFile:
-    """Structural parse of a GGUF v3 file (path → memory-mapped, or bytes); tensor data stays zero-copy."""
+    """Structural parse of a GGUF v3 file (path → checked by :func:`check_model_file`, then memory-mapped, or bytes);
+    tensor data stays zero-copy."""
     if isinstance(source, bytes | bytearray | memoryview):
         buf = bytes(source)
     else:
+        path = check_model_file(source)
         try:
-            with open(source, "rb") as fh:
-                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if Path(source).stat().st_size else b""
-        except OSError as exc:
+            with open(path, "rb") as fh:
+                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:  # ValueError: the file was emptied since the check
             raise GGUFError(f"cannot open {source}: {exc}") from exc
     cur = _Cursor(buf)
     magic = bytes(cur.take(4, "magic"))
@@ -493,11 +546,16 @@ def read_gguf(source: str | Path | bytes, check_values: bool = True) -> GGUFMode
     fields: dict[str, Any] = {"name": _get(f, "general.name", ValueType.STRING, required=False) or "custom"}
     for key, attr, vtype in HPARAMS:
         v = _get(f, f"{ARCH}.{key}", vtype)
+        if vtype == ValueType.UINT32 and v == 0 and attr != "mtp_heads":  # 0 would make ModelConfig derive a value
+            raise GGUFError(f"hyperparameter {ARCH}.{key} = 0 must be positive")
         fields[attr] = _float32_value(v) if vtype == ValueType.FLOAT32 else v
-    try:
-        config = ModelConfig(**fields)
-    except ValueError as exc:
-        raise GGUFError(f"hyperparameters: {exc}") from exc
+    _check_config(config_problems(SimpleNamespace(**fields)))  # before ModelConfig raises, to name the keys
+    config = ModelConfig(**fields)
+    n_tensors = _tensor_count(config)
+    if n_tensors != len(f.tensors):  # before tensor_specs: a huge block_count must not build a huge dict
+        raise GGUFError(f"{ARCH}.block_count = {config.n_layers} (and mtp.head_count = {config.mtp_heads}) implies "
+                        f"{n_tensors} tensors, the file has {len(f.tensors)}")  # fmt: skip
+    _check_config(compile_problems(config))
     tok = _read_tokenizer(f, config)
     specs = tensor_specs(config)
     _check_names(set(f.tensors), specs)
@@ -521,6 +579,20 @@ def read_gguf(source: str | Path | bytes, check_values: bool = True) -> GGUFMode
             elif not np.isfinite(t.data).all():
                 raise GGUFError(f"tensor {name}: non-finite values (NaN or inf)")
     return GGUFModel(config, tok, f.tensors, ternary_types.pop() if ternary_types else GGMLType.TQ2_0, f.metadata)
+
+
+_KEY_OF = {attr: f"{ARCH}.{key}" for key, attr, _ in HPARAMS}
+
+
+def _check_config(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        raise GGUFError("; ".join(f"hyperparameter {_KEY_OF.get(attr, attr)}: {text}" for attr, text in problems))
+
+
+def _tensor_count(cfg: ModelConfig) -> int:
+    """len(tensor_specs(cfg)), by arithmetic (no dict of block_count entries)."""
+    per_block = 2 + 7 + (6 if cfg.n_streams > 1 else 0)
+    return 2 + (0 if cfg.tie_embeddings else 1) + cfg.n_layers * per_block + cfg.mtp_heads
 
 
 def _read_tokenizer(f: GGUFFile, config: ModelConfig) -> TokenizerSpec:

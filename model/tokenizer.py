@@ -57,9 +57,15 @@ class TokenizerSpec:
             v = getattr(self, name)
             if v is not None and not 0 <= v < n:
                 raise TokenizerError(f"tokenizer {name} = {v} is outside the vocabulary [0, {n})")
-        for m in self.merges:
-            if len(m.split(" ")) != 2:
-                raise TokenizerError(f"tokenizer.ggml.merges: {m[:40]!r} is not 'left right'")
+        vocab = set(self.tokens)
+        for i, m in enumerate(self.merges):
+            pair = m.split(" ")
+            if len(pair) != 2:
+                raise TokenizerError(f"tokenizer.ggml.merges[{i}]: {m[:40]!r} is not 'left right'")
+            unknown = [t for t in (*pair, "".join(pair)) if t not in vocab]
+            if unknown:
+                raise TokenizerError(f"tokenizer.ggml.merges[{i}] = {m[:40]!r} names {unknown[0][:40]!r}, which is not "
+                                     "a token of the vocabulary")  # fmt: skip
 
     def padded(self, vocab_size: int) -> TokenizerSpec:
         """Fill the vocabulary up to ``vocab_size`` with unused ``<|unused_i|>`` tokens (a model may be larger)."""
@@ -105,10 +111,7 @@ def hf_from_spec(spec: TokenizerSpec):
 
     spec.validate()
     vocab = {t: i for i, t in enumerate(spec.tokens)}
-    merges = [tuple(m.split(" ")) for m in spec.merges]
-    missing = [m for m in merges if m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab]
-    if missing:
-        raise TokenizerError(f"{len(missing)} merges use tokens outside the vocabulary, e.g. {missing[0]}")
+    merges = [tuple(m.split(" ")) for m in spec.merges]  # validate() checked that they name known tokens
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
