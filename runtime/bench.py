@@ -171,9 +171,18 @@ def _worker_onnxruntime(model, threads, prompt_tokens, decode_tokens, onnx_path)
                    decode_recomputes_sequence=True, onnxruntime=ort.__version__)  # fmt: skip
 
 
-def _worker_roofline(threads, target, mib: int = ROOF_MIB) -> dict:
+def _worker_roofline(threads, target, mib: int = ROOF_MIB, roof_dir: str | None = None) -> dict:
+    """Read GB/s at ``threads``: over an array of at least twice this machine's last-level cache (so from DRAM), or,
+    with ``roof_dir`` (a ``compiler.bench_threads export``: no TVM compiler needed), its prebuilt read kernel rotated
+    over enough arrays to exceed the cache the same way."""
+    from compiler.bench_threads import llc_bytes, read_roof_gbs
+
+    if roof_dir:
+        gbs, nbytes = read_roof_gbs(roof_dir, threads)
+        return {"impl": "roofline", "threads": threads, "read_gbs": gbs, "array_mib": nbytes >> 20, "target": target}
     from compiler.bench import roofline_gbs
 
+    mib = max(mib, 2 * llc_bytes() >> 20)
     gbs = roofline_gbs("read", mib << 20, target, threads)
     return {"impl": "roofline", "threads": threads, "read_gbs": gbs, "array_mib": mib, "target": target}
 
@@ -254,7 +263,9 @@ def run(a) -> dict:
                 extra += ["--cache-dir", a.cache_dir]
             rows.append(_run_worker([impl, *common, *extra], n))
             if impl == "tvm" and roof:  # right after the compiled row: the bound under the same conditions
-                roofs[n] = _run_worker(["roofline", "--target", target, "--roof-mib", str(a.roof_mib)], n)["read_gbs"]
+                roof_args = ["--roof-dir", a.roof_dir] if a.roof_dir else []
+                roofs[n] = _run_worker(["roofline", "--target", target, "--roof-mib", str(a.roof_mib), *roof_args],
+                                       n)["read_gbs"]  # fmt: skip
     base = {r["threads"]: r for r in rows if r["impl"] == "torch"}
     for r in rows:
         b = base.get(r["threads"])
@@ -311,6 +322,11 @@ def main(argv=None) -> None:
     ap.add_argument("--torch-device", default="cpu", help="device of the PyTorch reference (cpu | cuda)")
     ap.add_argument("--torch-dtype", default="float32", help="dtype of the PyTorch reference (float32 | bfloat16)")
     ap.add_argument("--roof-mib", type=int, default=ROOF_MIB, help="size of the streaming-read array (MiB)")
+    ap.add_argument(
+        "--roof-dir",
+        default=None,
+        help="the read roof from a `compiler.bench_threads export` folder (for a machine with TVM's runtime only)",
+    )
     ap.add_argument("--onnx", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -321,7 +337,7 @@ def main(argv=None) -> None:
             "tvm": lambda: _worker_tvm(a.model, n, p, d, a.cache_dir, a.entry, a.target),
             "torch": lambda: _worker_torch(a.model, n, p, d, a.torch_device, a.torch_dtype),
             "onnxruntime": lambda: _worker_onnxruntime(a.model, n, p, d, a.onnx),
-            "roofline": lambda: _worker_roofline(n, a.target, a.roof_mib),
+            "roofline": lambda: _worker_roofline(n, a.target, a.roof_mib, a.roof_dir),
             "onnx_export": lambda: _worker_onnx_export(a.model, a.onnx),
         }[a.worker]()
         print(json.dumps(r))
