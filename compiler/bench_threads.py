@@ -229,7 +229,8 @@ def table(res: dict) -> str:
     for r in res["rows"]:
         x2 = f"{r['x2bit']:6.2f}" if "x2bit" in r else f"{'-':>6s}"
         lines.append(f"{r['op']:36s} {r['threads']:3d} {r['median_us']:8.1f}us {r['gops']:8.1f} "
-                     f"{r['weights_gbs']:7.1f} {r['roof_gbs']:7.1f} {r['pct_roof']:5.0f}% {x2} {r['speedup_vs_fewest']:6.2f}")  # fmt: skip
+                     f"{r['weights_gbs']:7.1f} {r['roof_gbs']:7.1f} {r['pct_roof']:5.0f}% {x2} "
+                     f"{r['speedup_vs_fewest']:6.2f}")  # fmt: skip
     return "\n".join(lines)
 
 
