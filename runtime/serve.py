@@ -23,7 +23,8 @@ parameters, prompt + max_tokens over the context), 401 missing or wrong API key 
 Hostile requests and templates: the chat template renders in a child process under a wall-time (``--template-timeout``,
 1 s), memory and output budget (:class:`runtime.chat_template.Renderer`), one render at a time, never in the event
 loop; a template that fails a trial render when the model loads is refused (chat requests then get 400
-``chat_template_refused``), one that runs past its budget on a request gets 400 ``chat_template_budget``. Tokenizing
+``chat_template_refused``), one that runs past its budget on a request gets 400 ``chat_template_budget``; more than
+``--max-queue`` renders waiting: 429. Tokenizing
 runs in threads with the GIL released (``encode_batch``); ``/tokenize`` takes at most :data:`MAX_TOKENIZE_CHARS`
 characters and ``/detokenize`` :data:`MAX_DETOKENIZE_TOKENS` ids (more: 413), and a prompt too long to fit the context
 whatever its tokens is refused before it is tokenized. A connection must deliver its request line and headers within
@@ -135,6 +136,7 @@ class Backend:
         self.worker = Worker(self._load, config.max_queue, Stats())
         self.renderer = Renderer(config.template_timeout_s)
         self._render_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chat-template")
+        self._renders = 0  # renders running or waiting (at most max_queue + 1)
 
     def _open(self):
         """The Engine; sets the template and the stop tokens from the GGUF."""
@@ -169,11 +171,17 @@ class Backend:
         """The chat prompt, rendered in the template's child process (one at a time, off the event loop)."""
         if self.template_error:
             raise APIError(400, self.template_error, param="messages", code="chat_template_refused")
+        if self._renders > self.config.max_queue:
+            raise APIError(429, f"{self.config.max_queue} chat templates are already waiting to render; retry later",
+                           "rate_limit_error", code="queue_full")  # fmt: skip
         render = functools.partial(self.renderer.render, messages, self.template, eos_token=self.eos_text)
+        self._renders += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._render_pool, render)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages", code=e.code) from None
+        finally:
+            self._renders -= 1
 
     def engine(self):
         if self.worker.state != "ready":

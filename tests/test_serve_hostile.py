@@ -166,6 +166,25 @@ def test_template_refused_when_the_model_loads():
         assert httpx.post(url + COMPLETIONS, json={"prompt": "x", "max_tokens": 2}, timeout=10).status_code == 200
 
 
+def test_renders_waiting_behind_a_runaway_template_are_bounded():
+    """A flood of chat requests that each take the whole budget: one renders, ``max_queue`` wait, the rest get 429 at
+    once, and every request is answered."""
+    import asyncio
+
+    backend = FakeBackend(ServeConfig(chat_template=HOSTILE_TEMPLATE, template_timeout_s=1.0, max_queue=2))
+
+    async def flood(url):
+        body = {"messages": [{"role": "user", "content": "@spin"}], "max_tokens": 1}
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            return await asyncio.gather(*(c.post(CHAT, json=body) for _ in range(8)))
+
+    with run_app(backend) as url:
+        answers = asyncio.run(asyncio.wait_for(flood(url), 60))
+    codes = sorted(r.status_code for r in answers)
+    assert set(codes) == {400, 429} and codes.count(400) >= 3, codes  # 3 when all 8 arrive within the first render
+    assert all(r.json()["error"]["code"] in ("chat_template_budget", "queue_full") for r in answers)
+
+
 # --- tokenize and long prompts ------------------------------------------------------------------------------------
 def test_tokenize_and_detokenize_are_capped(hostile):
     at_cap = (TEXT * (MAX_TOKENIZE_CHARS // len(TEXT) + 1))[:MAX_TOKENIZE_CHARS]
