@@ -551,8 +551,8 @@ def read_gguf(source: str | Path | bytes, check_values: bool = True) -> GGUFMode
         fields[attr] = _float32_value(v) if vtype == ValueType.FLOAT32 else v
     _check_config(config_problems(SimpleNamespace(**fields)))  # before ModelConfig raises, to name the keys
     config = ModelConfig(**fields)
-    n_tensors = _tensor_count(config)
-    if n_tensors != len(f.tensors):  # before tensor_specs: a huge block_count must not build a huge dict
+    n_tensors, per_block = _tensor_count(config)
+    if n_tensors > len(f.tensors) + per_block:  # before tensor_specs: a huge block_count must not build a huge dict
         raise GGUFError(f"{ARCH}.block_count = {config.n_layers} (and mtp.head_count = {config.mtp_heads}) implies "
                         f"{n_tensors} tensors, the file has {len(f.tensors)}")  # fmt: skip
     _check_config(compile_problems(config))
@@ -589,10 +589,10 @@ def _check_config(problems: list[tuple[str, str]]) -> None:
         raise GGUFError("; ".join(f"hyperparameter {_KEY_OF.get(attr, attr)}: {text}" for attr, text in problems))
 
 
-def _tensor_count(cfg: ModelConfig) -> int:
-    """len(tensor_specs(cfg)), by arithmetic (no dict of block_count entries)."""
+def _tensor_count(cfg: ModelConfig) -> tuple[int, int]:
+    """``len(tensor_specs(cfg))`` by arithmetic (no dict of block_count entries), and the tensors of one block."""
     per_block = 2 + 7 + (6 if cfg.n_streams > 1 else 0)
-    return 2 + (0 if cfg.tie_embeddings else 1) + cfg.n_layers * per_block + cfg.mtp_heads
+    return 2 + (0 if cfg.tie_embeddings else 1) + cfg.n_layers * per_block + cfg.mtp_heads, per_block
 
 
 def _read_tokenizer(f: GGUFFile, config: ModelConfig) -> TokenizerSpec:
