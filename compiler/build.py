@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -71,6 +72,43 @@ def read_model(path: Path | str):
         raise BuildError(f"{path}: cannot compile: {exc}") from exc
 
 
+def check_model(path: Path | str) -> Path:
+    """``path`` if it can be a model file (:func:`model.gguf_io.check_model_file`: a regular file of bounded size
+    with the GGUF magic), else a one-line :class:`BuildError`; reads 8 bytes."""
+    from model.gguf_io import GGUFError, check_model_file
+
+    try:
+        return check_model_file(path)
+    except GGUFError as exc:
+        raise BuildError(str(exc)) from None
+
+
+def check_writable(d: Path, what: str) -> Path:
+    """Create ``d`` if needed and write (then remove) a file in it: an unwritable cache fails before the compile."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BuildError(f"{what} {d} is not writable: {exc.strerror or exc}") from None
+    return d
+
+
+def check_cpu_layout(weights: str, target: str) -> None:
+    """``weights="tl"`` needs the avx512 target and a CPU with the instructions its kernel executes (AVX-512 VBMI's
+    ``vpermb``): refused here, before the model is read and packed (the module could not run on this CPU)."""
+    if weights != "tl" or target == "cuda":  # lower.check_weights has refused tl for CUDA
+        return
+    from compiler.ops.ternary_gemv_tl import TernaryGemvI8TL
+
+    missing = sorted(set(TernaryGemvI8TL.cpu_flags) - targets.cpu_flags())
+    if target != "avx512" or missing:
+        why = f"this CPU lacks {', '.join(missing)}" if missing else f"the target is {target}"
+        raise BuildError(f"--weights tl needs the avx512 target on a CPU with AVX-512 VBMI (avx512vbmi), but {why}; "
+                         "use --weights tile8")  # fmt: skip
+
+
 def build(
     model: Path | str,
     target: str = "auto",
@@ -86,14 +124,15 @@ def build(
     thread count the CPU kernels are built for (default :func:`schedules.targets.build_cores`: TVM's pool size)."""
     from compiler import lower
 
-    model = Path(model)
-    target = targets.resolve(target)
-    if not model.exists():
-        raise BuildError(f"{model}: no such file")
+    model = check_model(model)
     try:
+        target = targets.resolve(target)
         lower.check_weights(weights, target == "cuda")
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:
         raise BuildError(str(exc)) from exc
+    check_cpu_layout(weights, target)
+    if dump_ir:
+        check_writable(Path(dump_ir), "--dump-ir directory")
     with phase("key"):
         cores = None if target == "cuda" else int(cores or targets.build_cores())
         key = cache.cache_key(model, target, tuning_logs, weights, cores)
@@ -103,6 +142,7 @@ def build(
     if ok and not force:
         log.info("reusing %s (nothing to compile)", d)
         return BuildResult(d, key, False, cache.read_meta(d))
+    root = check_writable(Path(cache_dir or cache.default_cache_dir()), "cache directory")  # before any compiling
     with phase("read"):
         g = read_model(model)
         cfg = g.config
@@ -149,8 +189,6 @@ def build(
                 (Path(dump_ir) / "compile.relax.py").write_text(opt.script())
             ex = tvm.compile(mod, target=tgt)
     with phase("export"):
-        root = Path(cache_dir or cache.default_cache_dir())
-        root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
         try:
             ex.export_library(str(tmp / "model.so"))
@@ -179,13 +217,22 @@ def repack_into(entry: Path | str, model: Path | str) -> Path:
     (the module depends only on the config): how a GPU host without TVM's compiler gets a large model's weights
     without carrying them. Checks the config; updates the entry's checksums."""
     entry = Path(entry)
-    meta = cache.read_meta(entry)
+    check_model(model)
+    try:
+        meta = cache.read_meta(entry)
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"{entry}: not a compiler.build cache entry ({exc})") from None
+    if not isinstance(meta, dict) or not {"config", "params", "target"} <= set(meta):
+        raise BuildError(f"{entry}: not a compiler.build cache entry (meta.json lacks config, params or target)")
     g = read_model(model)
     if g.config.to_dict() != meta["config"]:
         raise BuildError(f"{model}: its config differs from the one {entry} was compiled for")
     from compiler import lower
 
-    params = lower.pack_params(g, gpu=meta["target"] == "cuda", weights=meta.get("weights", "tile8"))
+    try:
+        params = lower.pack_params(g, gpu=meta["target"] == "cuda", weights=meta.get("weights", "tile8"))
+    except ValueError as exc:
+        raise BuildError(f"{model}: {exc}") from exc
     names = [n for n, _, _ in meta["params"]]
     if sorted(names) != sorted(params):
         raise BuildError(f"{entry}: parameter names differ from the packed ones")
@@ -269,13 +316,15 @@ def main(argv=None) -> None:
     if a.cores is not None and not 1 <= a.cores <= 1024:
         ap.error(f"--cores {a.cores}: expected 1..1024")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if a.repack_into:
-        print(repack_into(a.repack_into, a.model))
-        return
-    try:
+    try:  # every failure a user can cause is one line on stderr and exit status 1 (argparse's are status 2)
+        if a.repack_into:
+            print(repack_into(a.repack_into, a.model))
+            return
         r = build(a.model, a.target, a.cache_dir, a.dump_ir, a.force, weights=a.weights, cores=a.cores)
     except BuildError as exc:
         raise SystemExit(f"error: {exc}") from None
+    except OSError as exc:  # e.g. the disk filled up while exporting
+        raise SystemExit(f"error: {exc.filename or ''}: {exc.strerror or exc}") from None
     print(r.dir)
 
 

@@ -26,7 +26,7 @@ QK = 256  # every ternary matrix's input dimension is a multiple of the TQ2_0 bl
 MAX_CONTEXT = 1 << 15
 MIN_CONTEXT = 16  # one prefill chunk of the CUDA build (the CPU build's is 8)
 PREFILL_TOKENS = 16  # the largest prefill chunk: the attention scratch holds one score row per (token, head)
-NORM_EPS_RANGE = (0.0, 1.0)  # exclusive
+NORM_EPS_RANGE = (1e-12, 1.0)  # [inclusive, exclusive): a denormal epsilon flushes to 0 in compiled float32
 ROPE_THETA_RANGE = (1.0, 1e12)  # (exclusive, inclusive]: ≤ 1 turns every rotation into one of ≥ 1 radian per step
 MEMORY_ENV = "TERNARY_TVM_MAX_MEMORY_GIB"  # overrides memory_limit()
 GiB = 1 << 30
@@ -58,8 +58,8 @@ def config_problems(c) -> list[tuple[str, str]]:
     if c.max_seq_len > MAX_CONTEXT:
         out.append(("max_seq_len", f"max_seq_len={c.max_seq_len} exceeds the maximum context {MAX_CONTEXT}"))
     lo, hi = NORM_EPS_RANGE
-    if not (math.isfinite(c.norm_eps) and lo < c.norm_eps < hi):
-        out.append(("norm_eps", f"norm_eps={c.norm_eps} must be finite and in ({lo:g}, {hi:g})"))
+    if not (math.isfinite(c.norm_eps) and lo <= c.norm_eps < hi):
+        out.append(("norm_eps", f"norm_eps={c.norm_eps} must be finite and in [{lo:g}, {hi:g})"))
     lo, hi = ROPE_THETA_RANGE
     if not (math.isfinite(c.rope_theta) and lo < c.rope_theta <= hi):
         out.append(("rope_theta", f"rope_theta={c.rope_theta} must be finite and in ({lo:g}, {hi:g}]"))

@@ -578,7 +578,15 @@ def read_gguf(source: str | Path | bytes, check_values: bool = True) -> GGUFMode
                 t.ternary()
             elif not np.isfinite(t.data).all():
                 raise GGUFError(f"tensor {name}: non-finite values (NaN or inf)")
-    return GGUFModel(config, tok, f.tensors, ternary_types.pop() if ternary_types else GGMLType.TQ2_0, f.metadata)
+    ternary_type = ternary_types.pop() if ternary_types else GGMLType.TQ2_0
+    file_type = _get(f, "general.file_type", ValueType.UINT32, required=False)
+    if file_type is not None and file_type != FILE_TYPE[ternary_type]:
+        raise GGUFError(f"general.file_type = {file_type}, but the ternary tensors are {ternary_type.name} "
+                        f"(file type {FILE_TYPE[ternary_type]})")  # fmt: skip
+    quant_version = _get(f, "general.quantization_version", ValueType.UINT32, required=False)
+    if quant_version not in (None, 2):
+        raise GGUFError(f"general.quantization_version = {quant_version}, expected 2")
+    return GGUFModel(config, tok, f.tensors, ternary_type, f.metadata)
 
 
 _KEY_OF = {attr: f"{ARCH}.{key}" for key, attr, _ in HPARAMS}

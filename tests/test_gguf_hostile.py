@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import re
 import resource
 import signal
 import struct
@@ -165,13 +166,17 @@ def cli(module: str, *args, env: dict | None = None, timeout: float = 60) -> sub
 
 # --- 1. the config, validated at the reader --------------------------------------------------------------------------
 
-EPS, THETA, CTX = (f"value:{ARCH}.{k}" for k in ("attention.layer_norm_rms_epsilon", "rope.freq_base", "context_length"))
+EPS, THETA, CTX = (
+    f"value:{ARCH}.{k}" for k in ("attention.layer_norm_rms_epsilon", "rope.freq_base", "context_length")
+)
 
 
 @pytest.mark.parametrize(
     ("what", "value", "message"),
     [(EPS, math.nan, "layer_norm_rms_epsilon"), (EPS, -1.0, "layer_norm_rms_epsilon"),
      (EPS, 0.0, "layer_norm_rms_epsilon"), (EPS, math.inf, "layer_norm_rms_epsilon"),
+     (EPS, 1e-45, "layer_norm_rms_epsilon"), ("value:general.file_type", 0, "general.file_type"),
+     ("value:general.quantization_version", 7, "general.quantization_version"),
      (THETA, math.nan, "rope.freq_base"), (THETA, math.inf, "rope.freq_base"), (THETA, 0.0, "rope.freq_base"),
      (THETA, -10000.0, "rope.freq_base"),
      (CTX, 3, "context_length"), (CTX, 0, "context_length"), (CTX, 1 << 24, "context_length"),
@@ -210,10 +215,10 @@ def test_tokenizer_merges_must_name_known_tokens(tiny, tmp_path):
 
     f = parse_gguf(tiny)
     merges = list(f.metadata["tokenizer.ggml.merges"])
-    strings = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
+    array, string = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING
     for i, merge in enumerate(["Ġ zzzqqq", "zzz qqq", "Ġ"]):  # unknown right, both unknown, not a pair
-        bad = rewrite(tiny, tmp_path / f"m{i}.gguf",
-                      {"tokenizer.ggml.merges": ([*merges[:5], merge, *merges[5:]], strings[1], strings[0])})  # fmt: skip
+        value = [*merges[:5], merge, *merges[5:]]
+        bad = rewrite(tiny, tmp_path / f"m{i}.gguf", {"tokenizer.ggml.merges": (value, array, string)})
         with pytest.raises(GGUFError, match="merges"):
             read_gguf(bad)
 
@@ -336,28 +341,36 @@ HOSTILE = {
 
 
 def mutations(raw: bytes):
-    """A hypothesis strategy of hostile variants of ``raw``: header fields replaced by hostile values (also value
-    types replaced by other types), byte flips (half of them in the header), truncations, and mixes of these."""
+    """A hypothesis strategy of hostile variants of ``raw``, of five kinds: hyperparameter and token-id values
+    replaced (semantic checks), any header field replaced (counts, lengths, value types, dims, offsets), bit flips in
+    the tensor data, a truncation, or all of these mixed."""
     from hypothesis import strategies as st
 
     fields = header_fields(raw)
-    header_end = max(f.offset for f in fields) + 8
+    values = [f for f in fields if f.what.startswith("value:")]
+    data_start = max(f.offset for f in fields) + 8
+
+    def replace(draw, buf, pool_of_fields, n):
+        for _ in range(n):
+            f = draw(st.sampled_from(pool_of_fields), label="field")
+            lo, hi = {"<I": (0, 2**32 - 1), "<Q": (0, 2**64 - 1)}.get(f.fmt, (0, 0))
+            pool = st.sampled_from(HOSTILE[f.fmt])
+            struct.pack_into(f.fmt, buf, f.offset, draw(st.one_of(pool, st.integers(lo, hi)) if hi else pool, f.what))
 
     @st.composite
     def mutate(draw):
+        kind = draw(st.sampled_from(["value", "header", "data", "truncate", "mixed"]), label="kind")
         buf = bytearray(raw)
-        for _ in range(draw(st.integers(0, 3), label="fields")):
-            f = draw(st.sampled_from(fields), label="field")
-            lo, hi = {"<I": (0, 2**32 - 1), "<Q": (0, 2**64 - 1)}.get(f.fmt, (0, 0))
-            pool = st.sampled_from(HOSTILE[f.fmt])
-            value = draw(st.one_of(pool, st.integers(lo, hi)) if hi else pool, label=f.what)
-            struct.pack_into(f.fmt, buf, f.offset, value)
-        for _ in range(draw(st.integers(0, 4), label="flips")):
-            at = draw(st.integers(0, header_end if draw(st.booleans()) else len(buf) - 1), label="at")
-            buf[at] ^= 1 << draw(st.integers(0, 7), label="bit")
-        if draw(st.integers(0, 4), label="truncate?") == 0:
+        if kind in ("value", "mixed"):
+            replace(draw, buf, values, draw(st.integers(1, 2)))
+        if kind in ("header", "mixed"):
+            replace(draw, buf, fields, draw(st.integers(1, 3)))
+        if kind in ("data", "mixed"):
+            for _ in range(draw(st.integers(1, 8), label="flips")):
+                buf[draw(st.integers(data_start, len(buf) - 1), label="at")] ^= 1 << draw(st.integers(0, 7))
+        if kind in ("truncate", "mixed"):
             del buf[draw(st.integers(0, len(buf) - 1), label="cut") :]
-        return bytes(buf)
+        return kind, bytes(buf)
 
     return mutate()
 
@@ -377,9 +390,9 @@ def verdict(data: bytes, path: Path) -> str:
         g = read_gguf(path)
     except GGUFError as exc:
         assert "\n" not in str(exc), str(exc)
-        return "error"
+        return "error:" + re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", str(exc).replace(str(path), "FILE")))[:60]
     cfg = g.config  # the values the build would compile, checked the way the build and runtime use them
-    assert math.isfinite(cfg.norm_eps) and 0 < cfg.norm_eps < 1, cfg
+    assert math.isfinite(cfg.norm_eps) and 1e-12 <= cfg.norm_eps < 1, cfg
     assert math.isfinite(cfg.rope_theta) and cfg.rope_theta > 1, cfg
     assert MIN_CONTEXT <= cfg.max_seq_len <= MAX_CONTEXT and not cfg.mhc_dynamic, cfg
     assert max(memory_estimate(cfg).values()) <= memory_limit(), cfg
@@ -406,16 +419,22 @@ def fuzz_worker(src: Path, examples: int, workdir: Path) -> dict:
     signal.signal(signal.SIGALRM, alarm)
     raw = src.read_bytes()
     outcomes: Counter = Counter()
+    kinds: Counter = Counter()
+    errors: Counter = Counter()
     slowest = [0.0]
 
     @settings(max_examples=examples, deadline=None, database=None, derandomize=bool(os.environ.get("CI")),
               suppress_health_check=list(HealthCheck))  # fmt: skip
-    @given(data=mutations(raw))
-    def one(data):
+    @given(mutant=mutations(raw))
+    def one(mutant):
+        kind, data = mutant
         t0 = time.perf_counter()
         signal.alarm(FILE_SECONDS)
         try:
-            outcomes[verdict(data, workdir / "mutant.gguf")] += 1
+            outcome, _, message = verdict(data, workdir / "mutant.gguf").partition(":")
+            outcomes[outcome] += 1
+            kinds[f"{kind}:{outcome}"] += 1
+            errors[message] += outcome == "error"
         except MemoryError:
             raise AssertionError(f"allocation above the {CAP_BYTES >> 30} GiB cap") from None
         finally:
@@ -423,7 +442,22 @@ def fuzz_worker(src: Path, examples: int, workdir: Path) -> dict:
         slowest[0] = max(slowest[0], time.perf_counter() - t0)
 
     one()
-    return {"files": sum(outcomes.values()), **outcomes, "slowest_s": round(slowest[0], 3)}
+    return {"files": sum(outcomes.values()), **outcomes, "slowest_s": round(slowest[0], 3), "by_kind": dict(kinds),
+            "errors": dict(errors.most_common(12))}  # fmt: skip
+
+
+def test_every_hostile_value_of_every_metadata_value(tmp_path):
+    """Each scalar metadata value (hyperparameters, token ids, file type...) replaced in turn by each hostile value
+    of its type: a one-line GGUFError, or a model the build and the runtime can use (see :func:`verdict`)."""
+    raw = tiny_bytes()
+    outcomes = Counter()
+    for f in header_fields(raw):
+        if f.what.startswith("value:"):
+            for v in HOSTILE[f.fmt]:
+                buf = bytearray(raw)
+                struct.pack_into(f.fmt, buf, f.offset, v)
+                outcomes[verdict(bytes(buf), tmp_path / "m.gguf").partition(":")[0]] += 1
+    assert outcomes["error"] > 150 and outcomes["valid"] > 0, outcomes
 
 
 def test_fuzz_mutated_files_under_a_memory_cap(tmp_path, tiny):
