@@ -12,12 +12,17 @@ It is written into a temporary folder and renamed into place, then ``latest`` (a
 atomically, so a run killed at any instant leaves either the old or the new checkpoint, never half of one. Loading
 re-hashes the files: a truncated or bit-flipped checkpoint is refused with :class:`CheckpointError`, not loaded.
 Nothing is unpickled.
+
+A run resumes from :func:`resumable`: the newest checkpoint that verifies, with a warning for every newer one that
+does not (a disk error, a hand-edited file). :func:`remove_stale` removes what a kill during :func:`save` leaves
+(``.tmp-ckpt-*`` folders, ``latest.tmp``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+TMP_PREFIX = ".tmp-ckpt-"
+
+log = logging.getLogger("train.checkpoint")
 
 
 class CheckpointError(RuntimeError):
@@ -83,7 +91,7 @@ def save(folder: Path, step: int, model: torch.nn.Module, optimizers: dict[str, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"ckpt-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=folder))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=folder))
     try:
         model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(model_sd, str(tmp / "model.safetensors"))
@@ -119,6 +127,49 @@ def latest(folder: Path) -> Path | None:
     if not path.is_dir():
         raise CheckpointError(f"{pointer} points at {path.name}, which does not exist")
     return path
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Remove the temporary files a run killed during :func:`save` left in ``folder``; returns what was removed.
+    Call it only while no other process writes checkpoints there."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(TMP_PREFIX + "*")) + sorted(folder.glob(LATEST + ".tmp"))
+    for path in stale:
+        log.warning("removing %s: a checkpoint write that was killed before it finished", path)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
+def resumable(folder: Path) -> tuple[Path, dict] | tuple[None, None]:
+    """The newest checkpoint in ``folder`` that verifies and its state, or ``(None, None)`` when there is none.
+
+    Every newer checkpoint that does not verify (or a ``latest`` naming a missing one) is skipped with a warning.
+    Raises :class:`CheckpointError` when checkpoints exist but none verifies: starting over would discard them.
+    """
+    folder = Path(folder)
+    pointer = folder / LATEST
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    steps = {p: p.name.removeprefix("ckpt-") for p in folder.glob("ckpt-*") if p.is_dir()}
+    candidates = sorted((p for p, s in steps.items() if s.isdigit()), key=lambda p: int(steps[p]), reverse=True)
+    if named and not (folder / named).is_dir():
+        log.warning("%s names %s, which does not exist; looking for an older checkpoint", pointer, named)
+    errors = []
+    for path in candidates:
+        try:
+            state = read_state(path)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s: %s; falling back to the previous one", path.name, exc)
+            errors.append(str(exc))
+            continue
+        if errors or (named and named != path.name):
+            log.warning("resuming from %s (step %d), not from %s", path.name, state["step"], named or "latest")
+        return path, state
+    if errors:
+        raise CheckpointError(f"no valid checkpoint in {folder}: " + "; ".join(errors))
+    return None, None
 
 
 def read_state(path: Path) -> dict:

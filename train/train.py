@@ -8,10 +8,14 @@
   ``(seed, step, micro-step, rank)``, so the data position is the step and a resumed run sees exactly the batches the
   uninterrupted run would have seen.
 * Checkpoints (``train.checkpoint``): every ``ckpt_every`` steps, at the end, and on SIGTERM/SIGINT; a run restarted
-  with the same ``--out`` resumes from ``latest`` and continues exactly. ``--run-steps N`` stops after N steps with a
-  checkpoint (for time-limited machines); the schedule still spans ``--steps``.
+  with the same ``--out`` resumes from the newest checkpoint that verifies (warning about any newer, corrupt one) and
+  continues exactly; temporary folders left by a kill during a checkpoint write are removed on start.
+  ``--run-steps N`` stops after N steps with a checkpoint (for time-limited machines); the schedule still spans
+  ``--steps``.
 * Logs: a progress bar, ``metrics.jsonl`` (loss, next-token CE, val loss, lr, grad norm, tokens/s, MFU, output
-  entropy, max |logit|) and ``loss.png``.
+  entropy, max |logit|; on resume, the rows logged after the restored checkpoint are dropped, so each step appears
+  once) and ``loss.png``.
+* Arguments are checked before anything is loaded; a bad flag, path or checkpoint ends in one ``error:`` line.
 * Distributed: run the same command under ``torchrun --nproc_per_node N``; DDP with NCCL on GPUs, gloo on CPUs;
   rank 0 alone logs and checkpoints.
 
@@ -24,9 +28,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -43,7 +49,13 @@ from model.config import get_config
 from model.transformer import IGNORE_INDEX, Transformer
 from train import checkpoint
 from train.muon import BatchedMuon
-from train.shards import open_split
+from train.shards import ShardError, open_split
+
+log = logging.getLogger("train")
+
+
+class TrainError(ValueError):
+    """A run that cannot start or continue as asked: bad settings, data that does not fit the model, ..."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,47 @@ class TrainConfig:
 
     def model_config(self):
         return get_config(self.preset, **self.model_overrides)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (flags, paths), checked before anything is loaded; [] if nothing."""
+        out = []
+        flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                out.append(f"{flag(name)} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("run_steps", "warmup_steps", "eval_tokens", "seed"):
+            if getattr(self, name) < 0:
+                out.append(f"{flag(name)} must be ≥ 0, got {getattr(self, name)}")
+        for name in ("lr_matrix", "lr_embed", "weight_decay", "entropy_coef"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                out.append(f"{flag(name)} must be finite and ≥ 0, got {getattr(self, name)}")
+        for name in ("grad_clip", "peak_tflops"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                out.append(f"{flag(name)} must be finite and > 0, got {getattr(self, name)}")
+        if not 0 <= self.decay_frac <= 1:
+            out.append(f"--decay-frac must be in [0, 1], got {self.decay_frac}")
+        if not isinstance(self.model_overrides, dict):
+            out.append(f"--model must be a JSON object of model config fields, got {self.model_overrides!r}")
+        else:
+            try:
+                mcfg = self.model_config()
+            except (KeyError, TypeError, ValueError) as exc:
+                out.append(f"--preset {self.preset} / --model: {exc.args[0] if exc.args else exc}")
+            else:
+                if self.seq_len > mcfg.max_seq_len:
+                    out.append(f"--seq-len {self.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+        data = Path(self.data)
+        if not (data / "meta.json").is_file():
+            why = "does not exist" if not data.exists() else "holds no meta.json"
+            out.append(f"--data {data}: {why}; make token shards with python -m train.shards")
+        o = Path(self.out)
+        if o.exists() and not o.is_dir():
+            out.append(f"--out {o}: exists and is not a directory")
+        else:
+            parent = next(p for p in (o, *o.absolute().parents) if p.exists())
+            if not os.access(parent, os.W_OK):
+                out.append(f"--out {o}: {parent} is not writable")
+        return out
 
 
 # settings that may differ between a checkpoint and the run resuming it (all others must match)
@@ -225,6 +278,29 @@ def evaluate(model: Transformer, tokens: np.ndarray, cfg: TrainConfig, device, a
     return total / n
 
 
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop the rows of ``metrics.jsonl`` after ``step`` (logged after the checkpoint a run resumes from; the resumed
+    run logs those steps again) and torn lines (a kill mid-write); returns how many rows went."""
+    if not path.exists():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            ok = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        tmp.replace(path)
+        log.warning("%s: dropped %d row(s) logged after step %d (the step resumed from) or torn", path, dropped, step)
+    return dropped
+
+
 def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     import matplotlib
 
@@ -278,9 +354,14 @@ def dist_setup() -> tuple[int, int, torch.device]:
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Run (or resume) training; returns a summary (final step, losses, tokens/s, status)."""
+    if problems := cfg.problems():
+        raise TrainError("; ".join(problems))
     rank, world, device = dist_setup()
+    is_main = rank == 0
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
+    if is_main and ckpt_dir.is_dir():
+        checkpoint.remove_stale(ckpt_dir)
     torch.manual_seed(cfg.seed)
     mcfg = cfg.model_config()
     model = Transformer(mcfg)
@@ -289,20 +370,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     model.to(device)
     opts = make_optimizers(model, cfg)
     start = 0
-    if (path := checkpoint.latest(ckpt_dir)) is not None:
-        state = checkpoint.read_state(path)
+    path, state = checkpoint.resumable(ckpt_dir)
+    if path is not None:
         saved = state["extra"]["train_config"]
         now = json.loads(json.dumps(asdict(cfg)))
         mismatched = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
         if mismatched:
-            raise ValueError(f"{path} was trained with different settings: {mismatched}; use another --out")
+            raise TrainError(f"{path} was trained with different settings: {mismatched}; use another --out")
         checkpoint.load(path, model, opts)
         start = state["step"]
+        log.info("resuming from %s (step %d)", path, start)
     train_tokens = open_split(Path(cfg.data), "train")
     val_tokens = open_split(Path(cfg.data), "val")
     if int(train_tokens.max(initial=0)) >= mcfg.vocab_size:
-        raise ValueError(f"shards hold token ids ≥ the model's vocab_size {mcfg.vocab_size}")
-    batches = Batches(train_tokens, cfg.seq_len, cfg.batch_size, cfg.seed, rank, device)
+        raise TrainError(f"--data {cfg.data}: token ids ≥ the model's vocab_size {mcfg.vocab_size}")
+    try:
+        batches = Batches(train_tokens, cfg.seq_len, cfg.batch_size, cfg.seed, rank, device)
+    except ValueError as exc:
+        raise TrainError(f"--data {cfg.data}: {exc}") from None
     objective: nn.Module = LossModule(model, cfg.entropy_coef)
     if world > 1:
         ids = [device.index] if device.index is not None else None
@@ -313,10 +398,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    is_main = rank == 0
     metrics_path = out / "metrics.jsonl"
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        trim_metrics(metrics_path, start)
         (out / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict()}, indent=2))
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     fpt = flops_per_token(model, cfg.seq_len)
@@ -382,8 +467,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     return {"status": status, "step": done, "last": last}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block and no stack trace
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line as a :class:`TrainConfig`; a bad flag or path exits with one ``error:`` line."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    ap = _Parser(prog="python -m train.train", description=__doc__, formatter_class=fmt)
     for f in fields(TrainConfig):
         if f.name == "model_overrides":
             ap.add_argument("--model", type=json.loads, default={}, dest="model_overrides",
@@ -393,11 +485,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
-    return TrainConfig(**vars(ap.parse_args(argv)))
+    cfg = TrainConfig(**vars(ap.parse_args(argv)))
+    if problems := cfg.problems():
+        ap.error("; ".join(problems))
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> None:
-    summary = train(parse_args(argv))
+    cfg = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        summary = train(cfg)
+    except (TrainError, checkpoint.CheckpointError, ShardError, OSError) as exc:
+        raise SystemExit(f"python -m train.train: error: {exc}") from None
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary, indent=2))
 
