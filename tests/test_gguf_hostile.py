@@ -232,6 +232,26 @@ def test_special_token_ids_in_range(tiny, tmp_path):
             read_gguf(bad)
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")  # tiny shapes: untuned
+def test_smallest_context_compiles_and_runs():
+    """MIN_CONTEXT is usable: a model with the smallest context the reader takes compiles, prefills over two
+    chunks and decodes until its context is full, then refuses one token more."""
+    from runtime_helpers import built, tiny_gguf
+
+    from model.config import MIN_CONTEXT
+    from runtime.engine import Engine
+
+    gguf = tiny_gguf(2, max_seq_len=MIN_CONTEXT)
+    eng = Engine(built(gguf).dir, gguf)
+    logits = eng.prefill(list(range(1, 12)))
+    while eng.pos < MIN_CONTEXT:
+        assert np.isfinite(logits).all()
+        logits = eng.decode(int(np.argmax(logits)))
+    with pytest.raises(ValueError, match="full"):
+        eng.decode(1)
+
+
 # --- 2. input files: type, size and magic before anything is hashed --------------------------------------------------
 
 
