@@ -77,7 +77,10 @@ def parse_shape(text: str):
             dims = dict(zip(names, (int(p) for p in parts), strict=False))  # trailing fields keep their defaults
     except ValueError:
         raise ValueError(f"--shape {text!r}: expected {kind}:{':'.join(names)} with integer sizes") from None
-    return make_op(kind, **dims)
+    try:
+        return make_op(kind, **dims)
+    except (TypeError, ValueError) as exc:  # a size the op refuses, a dimension it does not have
+        raise ValueError(f"--shape {text!r}: {exc}") from None
 
 
 def bench_ops(target: str) -> list:
@@ -430,14 +433,61 @@ def _replay(op, rec):
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block and no stack trace
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def check_args(a) -> list[str]:
+    """What is wrong with the command line (flags, paths), checked before anything is loaded; [] if nothing."""
+    from model.config import PRESETS
+
+    out = []
+    if a.trials < 1:
+        out.append(f"--trials must be ≥ 1, got {a.trials}")
+    out += [f"--config {c}: unknown preset; known: {', '.join(sorted(PRESETS))}" for c in a.config if c not in PRESETS]
+    for text in a.shape:
+        try:
+            parse_shape(text)
+        except ValueError as exc:
+            out.append(str(exc))
+    if a.model and not Path(a.model).is_file():
+        out.append(f"--model {a.model}: not a file")
+    if a.logs:
+        logs = Path(a.logs)
+        if logs.exists() and not logs.is_dir():
+            out.append(f"--logs {logs}: exists and is not a directory")
+        elif not os.access(next(x for x in (logs, *logs.absolute().parents) if x.exists()), os.W_OK):
+            out.append(f"--logs {logs}: not writable")
+    if a.weights == "tl" and a.target != "cuda" and targets.resolve(a.target) != "avx512":
+        out.append("--weights tl is the AVX-512 VBMI layout: it needs --target avx512")
+    if (a.import_timings or a.export_candidates) and a.target != "cuda":
+        out.append("--import-timings and --export-candidates are for --target cuda")
+    if a.import_timings and a.export_candidates:
+        out.append("--import-timings and --export-candidates are two steps: give one at a time")
+    if a.export_candidates and Path(a.export_candidates).exists() and not Path(a.export_candidates).is_dir():
+        out.append(f"--export-candidates {a.export_candidates}: exists and is not a directory")
+    if a.import_timings:
+        try:
+            ok = isinstance(json.loads(Path(a.import_timings).read_text()).get("results"), list)
+        except (OSError, ValueError, AttributeError) as exc:
+            ok = False
+            out.append(f"--import-timings {a.import_timings}: unreadable ({exc})")
+        else:
+            if not ok:
+                out.append(f"--import-timings {a.import_timings}: no results list (made by cuda_remote run?)")
+    return out
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m compiler.tune",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__[__doc__.index("\n") :],
     )
-    p.add_argument("--target", default="auto", help="avx512 | avx2 | cuda | auto (default: the best this CPU runs)")
+    p.add_argument("--target", default="auto", choices=["auto", *targets.TARGET_NAMES],
+                   help="avx512 | avx2 | cuda | auto (default: the best this CPU runs)")  # fmt: skip
     src = p.add_argument_group("workloads (combinable; default: --config small + the benchmark shapes)")
     src.add_argument("--config", action="append", default=[], help="a model preset (model.config.PRESETS)")
     src.add_argument("--model", help="a .gguf file (reads its config through model.gguf_io)")
@@ -458,8 +508,17 @@ def main(argv=None) -> int:
     gpu.add_argument("--export-candidates", metavar="DIR", help="compile the planned trials into DIR for the GPU host")
     gpu.add_argument("--import-timings", metavar="FILE", help="record the GPU host's timings (cuda_remote run)")
     a = p.parse_args(argv)
+    if problems := check_args(a):
+        p.error("; ".join(problems))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(a)
+    except (ValueError, OSError, TuningDatabaseError) as exc:  # a bad GGUF, a disk error: one line, no stack trace
+        raise SystemExit(f"{p.prog}: error: {exc}") from None
 
+
+def run(a) -> int:
+    """The command line's work, its arguments checked (:func:`check_args`)."""
     from model.config import get_config
 
     kind = "cuda" if a.target == "cuda" else "cpu"

@@ -38,6 +38,14 @@ train(TrainConfig(**json.loads(sys.argv[1])), progress=False)
 """
 
 
+@pytest.fixture(scope="module")
+def whole(shards, tmp_path_factory):  # noqa: F811
+    """The final tensors of a 12-step run with checkpoints every 4 steps, never interrupted."""
+    out = tmp_path_factory.mktemp("whole")
+    train(tiny_cfg(shards, out, ckpt_every=4), progress=False)
+    return final_tensors(out)
+
+
 def steps_logged(out: Path) -> list[int]:
     return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -71,7 +79,7 @@ def test_metrics_hold_each_step_once_after_a_resume(shards, tmp_path):  # noqa: 
 
 
 @pytest.mark.parametrize("damage", ["bit flip", "state.json", "missing"])
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(shards, tmp_path, caplog, damage):  # noqa: F811
+def test_a_corrupt_newest_checkpoint_falls_back(shards, whole, tmp_path, caplog, damage):  # noqa: F811
     parts = tiny_cfg(shards, tmp_path / "parts", ckpt_every=4, run_steps=6)
     train(parts, progress=False)  # checkpoints at 4 and 6
     newest = tmp_path / "parts" / "checkpoints" / "ckpt-00000006"
@@ -86,9 +94,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(shards, tmp_
     summary = train(replace(parts, run_steps=0), progress=False)
     assert "ckpt-00000006" in caplog.text and "resuming from ckpt-00000004" in caplog.text
     assert summary["status"] == "completed" and summary["step"] == 12
-    whole = tiny_cfg(shards, tmp_path / "whole", ckpt_every=4)
-    train(whole, progress=False)
-    a, b = final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "parts")
+    a, b = whole, final_tensors(tmp_path / "parts")
     for k in a:  # resumed from step 4, the run still ends bit-exactly where an uninterrupted one does
         assert torch.equal(a[k], b[k]), k
     assert steps_logged(tmp_path / "parts") == list(range(1, 13))

@@ -176,3 +176,36 @@ def test_relax_call_tir_of_a_scheduled_kernel():
     ins = op.random_inputs(np.random.default_rng(9))
     y = vm["main"](*[tvm.runtime.tensor(a) for a in ins]).numpy()
     np.testing.assert_array_equal(y, op.reference(*ins)[0])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--trials", "0"], "--trials must be ≥ 1"),
+        (["--shape", "conv:1:2"], "unknown op 'conv'"),
+        (["--shape", "gemv_i8:100:100"], "must be a multiple of 256"),
+        (["--shape", "gemv_i8:M=64:Q=512"], "unexpected keyword argument 'Q'"),
+        (["--config", "nope"], "--config nope: unknown preset"),
+        (["--model", "/nonexistent.gguf"], "--model /nonexistent.gguf: not a file"),
+        (["--logs", "/etc/hostname"], "exists and is not a directory"),
+        (["--target", "avx3"], "invalid choice: 'avx3'"),
+        (["--trials", "x"], "invalid int value"),
+        (["--target", "avx512", "--import-timings", "t.json"], "are for --target cuda"),
+        (["--target", "cuda", "--import-timings", "/nonexistent.json"], "unreadable"),
+    ],
+)
+def test_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys, flags, message):
+    """Arguments are checked before anything is loaded or written; the error is one line, no stack trace."""
+    with pytest.raises(SystemExit) as exc:
+        tune.main(["--logs", str(tmp_path / "logs"), "--shape", "gemv_i8:48:512", *flags])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_cli_reports_a_bad_model_file_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "compiler.tune", "--model", "README.md", "--logs", str(tmp_path), "--trials", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("python -m compiler.tune: error: README.md") and "GGUF" in line, line
