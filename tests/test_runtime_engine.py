@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import REPO
+from hypothesis import given
+from hypothesis import strategies as st
 from runtime_helpers import built, cache_dir, greedy_parity, one_torch_thread, reference, tiny_gguf
 
 from model.generate import filter_logits as torch_filter
+from model.generate import sample as torch_sample
 from runtime import chat
 from runtime.engine import Engine, Generation, SamplingParams, filter_logits, sample
 
@@ -77,6 +80,86 @@ def test_sampling_modes(engine):
         SamplingParams(top_p=0)
     rng = np.random.default_rng(0)
     assert sample(np.array([0.0, 5.0, 1.0]), SamplingParams(), rng) == 1
+
+
+def test_sample_temperature_underflow_is_greedy():
+    """Issue 13: temperature 1e-45 gave "Probabilities contain NaN" (float32 logits / 1e-45 = inf, inf - inf)."""
+    x = np.array([0.5, 3.0, -1.0, 2.9], np.float32)
+    for t in (1e-45, 5e-324, 1e-9, 0.0):
+        assert sample(x, SamplingParams(temperature=t), np.random.default_rng(0)) == 1
+        assert torch_sample(torch.from_numpy(x), SamplingParams(temperature=t), torch.Generator().manual_seed(0)) == 1
+
+
+LOGITS = st.lists(
+    st.floats(allow_nan=True, allow_infinity=True, width=32) | st.sampled_from([np.nan, np.inf, -np.inf, 0.0]),
+    min_size=1,
+    max_size=40,
+)
+SETTINGS = st.tuples(
+    st.floats(0, 1e300, allow_subnormal=True) | st.sampled_from([1e-45, 5e-324, 1e-5, 1.0]),  # temperature
+    st.integers(0, 100),  # top_k: 0 (off) or any size, also above the vocabulary
+    st.floats(5e-324, 1.0, exclude_min=False) | st.sampled_from([1e-300, 1e-6, 1.0]),  # top_p
+    st.integers(0, 2**32),
+)
+
+
+@given(LOGITS, SETTINGS)
+def test_sampler_never_fails(logits, settings):
+    """Any finite settings, any logits (NaN, ±inf, float32 extremes): a valid id, no exception, no NaN; a usable
+    logit (finite or +inf) exists, so the chosen one is usable; +inf logits win over finite ones. Same for torch."""
+    temperature, top_k, top_p, seed = settings
+    x = np.array(logits, np.float32)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    usable = ~np.isnan(x) & (x > -np.inf)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # none reaches numpy unguarded (underflow may)
+        f = filter_logits(x, top_k, top_p)
+        got = sample(x, params, np.random.default_rng(seed))
+    tgot = torch_sample(torch.from_numpy(x), params, torch.Generator().manual_seed(seed))
+    assert not np.isnan(f).any() and not torch.isnan(torch_filter(torch.from_numpy(x), top_k, top_p)).any()
+    for i in (got, tgot):
+        assert 0 <= i < x.size
+        if usable.any():
+            assert usable[i]
+        if np.isposinf(x).any():
+            assert x[i] == np.inf
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "nan"], "--temperature"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--temperature", "inf"], "--temperature"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--top-k", "-2"], "--top-k"),
+        (["--max-tokens", "-5"], "--max-tokens"),
+        (["--threads", "-1"], "--threads"),
+        (["--threads", "0"], "--threads"),
+        (["-p", ""], "--prompt"),
+        (["--model", "/dev/null"], "not a regular file"),
+        (["--model", "/dev/zero"], "not a regular file"),
+        (["--model", "DIR"], "not a regular file"),
+        (["--model", "TEXT"], "not a GGUF file"),
+        (["--model", "MISSING"], "no such file"),
+    ],
+)
+def test_chat_cli_rejects_bad_arguments_before_loading(args, message, tmp_path, monkeypatch, capsys):
+    """Issue 13 item 5: a one-line argparse error and exit status 2, and nothing loaded (Engine.from_gguf unused)."""
+    (tmp_path / "text.gguf").write_text("not a model\n")
+    paths = {"DIR": str(tmp_path), "TEXT": str(tmp_path / "text.gguf"), "MISSING": str(tmp_path / "no.gguf")}
+    args = [paths.get(a, a) for a in args]
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(chat.Engine, "from_gguf", loaded)
+    with pytest.raises(SystemExit) as e:
+        chat.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("chat.py: error:") or "error:" in err[-1]
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
 
 
 def test_context_limit_and_bad_tokens(engine):
