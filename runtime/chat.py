@@ -38,8 +38,9 @@ def run_one(eng: Engine, prompt: str, params: SamplingParams, out=None, echo: bo
     out.write("\n")
     n = len(result.tokens)
     tps = (n - 1) / result.decode_s if n > 1 and result.decode_s > 0 else float("nan")
-    print(f"[{n} tokens, {result.finish_reason}; time to first token {result.prefill_s * 1e3:.1f} ms; "
-          f"decode {tps:.1f} tokens/s]", file=sys.stderr)  # fmt: skip
+    healed = f", healed {result.healed!r}" if result.healed else ""
+    print(f"[{n - result.healed_tokens} tokens{healed}, {result.finish_reason}; time to first token "
+          f"{result.prefill_s * 1e3:.1f} ms; decode {tps:.1f} tokens/s]", file=sys.stderr)  # fmt: skip
     return result
 
 
@@ -81,7 +82,7 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m runtime.chat", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("-p", "--prompt", default=None, help="generate once for this prompt (else: interactive)")
     ap.add_argument("--target", default="auto", choices=["auto", "avx512", "avx2"])
