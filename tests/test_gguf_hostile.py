@@ -361,38 +361,54 @@ HOSTILE = {
 
 
 def mutations(raw: bytes):
-    """A hypothesis strategy of hostile variants of ``raw``, of five kinds: hyperparameter and token-id values
-    replaced (semantic checks), any header field replaced (counts, lengths, value types, dims, offsets), bit flips in
-    the tensor data, a truncation, or all of these mixed."""
+    """A hypothesis strategy of ``(kind, ops)``, hostile edits of ``raw`` (applied by :func:`mutate`) of five kinds:
+    hyperparameter and token-id values replaced (semantic checks), any header field replaced (counts, lengths, value
+    types, dims, offsets), bit flips in the tensor data, a truncation, or all of these mixed."""
     from hypothesis import strategies as st
 
     fields = header_fields(raw)
     values = [f for f in fields if f.what.startswith("value:")]
     data_start = max(f.offset for f in fields) + 8
 
-    def replace(draw, buf, pool_of_fields, n):
+    def replace(draw, pool_of_fields, n):
+        out = []
         for _ in range(n):
             f = draw(st.sampled_from(pool_of_fields), label="field")
             lo, hi = {"<I": (0, 2**32 - 1), "<Q": (0, 2**64 - 1)}.get(f.fmt, (0, 0))
             pool = st.sampled_from(HOSTILE[f.fmt])
-            struct.pack_into(f.fmt, buf, f.offset, draw(st.one_of(pool, st.integers(lo, hi)) if hi else pool, f.what))
+            out.append(("set", f.what, draw(st.one_of(pool, st.integers(lo, hi)) if hi else pool, label=f.what)))
+        return out
 
     @st.composite
-    def mutate(draw):
+    def edits(draw):
         kind = draw(st.sampled_from(["value", "header", "data", "truncate", "mixed"]), label="kind")
-        buf = bytearray(raw)
+        ops = []
         if kind in ("value", "mixed"):
-            replace(draw, buf, values, draw(st.integers(1, 2)))
+            ops += replace(draw, values, draw(st.integers(1, 2)))
         if kind in ("header", "mixed"):
-            replace(draw, buf, fields, draw(st.integers(1, 3)))
+            ops += replace(draw, fields, draw(st.integers(1, 3)))
         if kind in ("data", "mixed"):
             for _ in range(draw(st.integers(1, 8), label="flips")):
-                buf[draw(st.integers(data_start, len(buf) - 1), label="at")] ^= 1 << draw(st.integers(0, 7))
+                ops.append(("flip", draw(st.integers(data_start, len(raw) - 1)), draw(st.integers(0, 7))))
         if kind in ("truncate", "mixed"):
-            del buf[draw(st.integers(0, len(buf) - 1), label="cut") :]
-        return kind, bytes(buf)
+            ops.append(("cut", draw(st.integers(0, len(raw) - 1), label="cut")))
+        return kind, tuple(ops)
 
-    return mutate()
+    return edits()
+
+
+def mutate(raw: bytes, ops) -> bytes:
+    """``raw`` with the edits of :func:`mutations` applied in order."""
+    where = {f.what: f for f in header_fields(raw)}
+    buf = bytearray(raw)
+    for op, a, b in (o if len(o) == 3 else (*o, None) for o in ops):
+        if op == "set":
+            struct.pack_into(where[a].fmt, buf, where[a].offset, b)
+        elif op == "flip":
+            buf[a] ^= 1 << b
+        else:
+            del buf[a:]
+    return bytes(buf)
 
 
 class Hang(BaseException):
@@ -428,8 +444,8 @@ def verdict(data: bytes, path: Path) -> str:
 
 def fuzz_worker(src: Path, examples: int, workdir: Path) -> dict:
     """Run in a subprocess: cap the address space, then read ``examples`` mutated files (hypothesis), each under a
-    time limit; any other outcome than a one-line GGUFError or a fully valid model fails (hypothesis shrinks it)."""
-    from hypothesis import HealthCheck, given, settings
+    time limit; any other outcome than a one-line GGUFError or a fully valid model fails, naming the edits."""
+    from hypothesis import HealthCheck, Phase, given, settings
 
     resource.setrlimit(resource.RLIMIT_AS, (CAP_BYTES, CAP_BYTES))
 
@@ -443,22 +459,31 @@ def fuzz_worker(src: Path, examples: int, workdir: Path) -> dict:
     errors: Counter = Counter()
     slowest = [0.0]
 
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=bool(os.environ.get("CI")),
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=bool(os.environ.get("CI")),
+        phases=[Phase.generate],  # no shrinking: a failure names its edits, and the run stays bounded
+        suppress_health_check=list(HealthCheck),
+    )
     @given(mutant=mutations(raw))
     def one(mutant):
-        kind, data = mutant
+        kind, ops = mutant
+        data = mutate(raw, ops)
         t0 = time.perf_counter()
         signal.alarm(FILE_SECONDS)
         try:
             outcome, _, message = verdict(data, workdir / "mutant.gguf").partition(":")
-            outcomes[outcome] += 1
-            kinds[f"{kind}:{outcome}"] += 1
-            errors[message] += outcome == "error"
-        except MemoryError:
-            raise AssertionError(f"allocation above the {CAP_BYTES >> 30} GiB cap") from None
+        except (Exception, Hang) as exc:  # a crash, a hang, an allocation above the cap, a bad value accepted
+            (workdir / "failing.gguf").write_bytes(data)
+            why = f"allocation above the {CAP_BYTES >> 30} GiB cap" if isinstance(exc, MemoryError) else repr(exc)
+            raise AssertionError(f"{why[:500]} (kept in {workdir / 'failing.gguf'})") from None
         finally:
             signal.alarm(0)
+        outcomes[outcome] += 1
+        kinds[f"{kind}:{outcome}"] += 1
+        errors[message] += outcome == "error"
         slowest[0] = max(slowest[0], time.perf_counter() - t0)
 
     one()
