@@ -92,10 +92,18 @@ MAX_KEY_BYTES = 65535
 MAX_ELEMENTS = 1 << 40  # per tensor; far above any model we build, far below overflow
 MAX_FILE_BYTES = 64 << 30  # a model file larger than this is refused before it is hashed or mapped
 MIN_FILE_BYTES = 24  # magic, version, tensor count, metadata count
+MAX_MESSAGE = 500  # characters of a GGUFError (a key read from a corrupt file can be 64 KiB of anything)
 
 
 class GGUFError(ValueError):
-    """A GGUF file that is malformed or does not follow the bitnet-mhc contract; the message says what and where."""
+    """A GGUF file that is malformed or does not follow the bitnet-mhc contract; the message says what and where, on
+    one line (control characters from the file escaped, at most ``MAX_MESSAGE`` characters: the middle elided)."""
+
+    def __init__(self, message: str) -> None:
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+        if len(text) > MAX_MESSAGE:
+            text = text[: MAX_MESSAGE // 2] + " … " + text[-MAX_MESSAGE // 2 :]
+        super().__init__(text)
 
 
 class ValueType(IntEnum):

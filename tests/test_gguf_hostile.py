@@ -196,6 +196,27 @@ def test_bad_hyperparameters_are_refused_by_name(what, value, message):
     assert "\n" not in str(info.value)
 
 
+def test_errors_are_one_short_line():
+    """A key length that swallows the following bytes puts NULs, newlines and kilobytes into the key the error names:
+    the message escapes them and stays short (it was one 4 KB line, or several)."""
+    raw = tiny_bytes()
+    at = raw.index(b"tokenizer.ggml.tokens") - 8
+    for n in range(4000, 4100):  # a length ending on a character boundary: the key is then valid UTF-8
+        with pytest.raises(GGUFError) as info:
+            read_gguf(set_u64(raw, at, n))
+        if "invalid UTF-8" not in str(info.value):
+            break
+    message = str(info.value)
+    assert "tokenizer.ggml.tokens" in message and len(message) < 600, message
+    assert message.isprintable(), message
+
+
+def set_u64(raw: bytes, at: int, value: int) -> bytes:
+    buf = bytearray(raw)
+    struct.pack_into("<Q", buf, at, value)
+    return bytes(buf)
+
+
 def test_context_bounded_by_the_memory_it_implies(monkeypatch):
     """A context under the documented maximum is still refused, with the figure, when the memory its KV cache and
     RoPE tables need exceeds what this machine (or ``TERNARY_TVM_MAX_MEMORY_GIB``) allows."""
