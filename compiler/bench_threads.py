@@ -71,11 +71,24 @@ def roof_bytes(op) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # export (the machine with TVM's compiler)
 # ---------------------------------------------------------------------------------------------------------------
-def export(out: Path | str, target: str, threads: list[int], shapes: list[str]) -> Path:
+def _variants(text: list[str]) -> list[dict]:
+    """``--knobs prefetch=0,cores_mult=2`` → [{"prefetch": 0, "cores_mult": 2}]: knob values that replace the tuned
+    record's (``cores_mult``: build for that multiple of the thread count it runs with)."""
+    out = []
+    for v in text:
+        try:
+            out.append({k: int(x) for k, x in (kv.split("=") for kv in v.split(","))})
+        except ValueError:
+            raise SystemExit(f"--knobs {v!r}: expected name=int[,name=int...]") from None
+    return out
+
+
+def export(out: Path | str, target: str, threads: list[int], shapes: list[str], variants=()) -> Path:
     from compiler import schedule as S
     from compiler.bench import _roof_kernel
     from compiler.ops import parse_key
     from schedules import targets
+    from schedules.knobs import knobs_of_trace
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,12 +96,26 @@ def export(out: Path | str, target: str, threads: list[int], shapes: list[str]) 
     kernels, roofs = [], {}
     for key in shapes:
         op = parse_key(key)
-        for t in threads:
-            name = f"k{len(kernels):03d}.so"
-            sf = S.get_primfunc(op, target, cores=t)
-            sf.build().export_library(str(out / name))
-            kernels.append({"op": op.key, "threads": t, "file": name, "source": sf.source})
-            print(f"built {op.key} for {t} threads ({sf.source}) -> {name}", file=sys.stderr)
+        rec = S.best_record(S.open_database(target), op)
+        space = S.schedule_module(target).space(op)
+        tuned = knobs_of_trace(rec.trace, space) if rec is not None else {k.name: k.default for k in space}
+        for var in [{}, *variants]:
+            knobs = {**tuned, **{k: v for k, v in var.items() if k != "cores_mult"}}
+            if any(k.name in knobs and knobs[k.name] not in k.candidates for k in space):
+                continue  # a variant this shape's knob space does not have
+            label = op.key + ("[" + ",".join(f"{k}={v}" for k, v in var.items()) + "]" if var else "")
+            for t in threads:
+                name = f"k{len(kernels):03d}.so"
+                cores = t * var.get("cores_mult", 1)
+                if var:
+                    ex, source = S.build(op, target, knobs=knobs, cores=cores), "variant"
+                else:
+                    sf = S.get_primfunc(op, target, cores=cores)
+                    ex, source = sf.build(), sf.source
+                ex.export_library(str(out / name))
+                kernels.append({"op": op.key, "label": label, "threads": t, "file": name, "source": source,
+                                "knobs": knobs, "cores": cores})  # fmt: skip
+                print(f"built {label} for {t} threads ({source}) -> {name}", file=sys.stderr)
         nb = roof_bytes(op)
         if nb not in roofs:
             ex, args, actual = _roof_kernel("read", nb, target)
@@ -171,29 +198,32 @@ def run(d: Path | str, rounds: int = 5, min_s: float = 0.05) -> dict:
     rows = []
     for t in man["threads"]:
         got = _set_threads(t)
-        mods = {k["op"]: tvm.runtime.load_module(str(d / k["file"])) for k in man["kernels"] if k["threads"] == t}
-        for key, mod in mods.items():  # correct before timed
+        ks = {k.get("label", k["op"]): k for k in man["kernels"] if k["threads"] == t}
+        mods = {lab: tvm.runtime.load_module(str(d / k["file"])) for lab, k in ks.items()}
+        for lab, mod in mods.items():  # correct before timed
+            key = ks[lab]["op"]
             op, sets, refs, tols, _ = data[key]
             mod["main"](*sets[0])
             for o, ref, tol in zip(sets[0][len(sets[0]) - len(refs) :], refs, tols, strict=True):
                 if not np.allclose(o.numpy(), ref, rtol=0, atol=tol):
-                    raise SystemExit(f"{key} built for {t} threads: wrong result, refusing to time it")
+                    raise SystemExit(f"{lab} built for {t} threads: wrong result, refusing to time it")
         order = [("kernel", k) for k in mods] + [("roof", nb) for nb in roofs]
         times = {x: [] for x in order}
         for _ in range(rounds):
             for kind, k in order:
                 if kind == "kernel":
-                    times[(kind, k)].append(_time(mods[k]["main"], data[k][1], min_s))
+                    times[(kind, k)].append(_time(mods[k]["main"], data[ks[k]["op"]][1], min_s))
                 else:
                     f, arrs, _ = roofs[k]
                     times[(kind, k)].append(_time(f["main"], arrs, min_s))
-        for key in mods:
+        for lab in mods:
+            key = ks[lab]["op"]
             op = data[key][0]
-            ts = np.array(times[("kernel", key)])
+            ts = np.array(times[("kernel", lab)])
             nb = roof_bytes(op)
             roof_ts = np.array(times[("roof", nb)])
             roof_gbs = roofs[nb][2] / roof_ts / 1e9
-            row = {"op": key, "threads": t, "pool_threads": got, "copies": data[key][4],
+            row = {"op": lab, "threads": t, "pool_threads": got, "copies": data[key][4], "knobs": ks[lab].get("knobs"),
                    "median_us": float(np.median(ts) * 1e6), "times_us": (ts * 1e6).round(2).tolist(),
                    "gops": float(op.ops() / np.median(ts) / 1e9),
                    "weights_gbs": float(weight_bytes(op) / np.median(ts) / 1e9),
@@ -222,13 +252,13 @@ def cpu_name() -> str:
 
 
 def table(res: dict) -> str:
-    head = (f"{'op':36s} {'thr':>3s} {'median':>10s} {'GOPS':>8s} {'GB/s':>7s} {'roof':>7s} {'%roof':>6s} "
+    head = (f"{'op':52s} {'thr':>3s} {'median':>10s} {'GOPS':>8s} {'GB/s':>7s} {'roof':>7s} {'%roof':>6s} "
             f"{'x2bit':>6s} {'xfew':>6s}")  # fmt: skip
     lines = [f"{res['cpu']} ({res['cores']} cpus, LLC {res['llc_bytes'] >> 20} MiB), {res['target']}", head,
              "-" * len(head)]  # fmt: skip
     for r in res["rows"]:
         x2 = f"{r['x2bit']:6.2f}" if "x2bit" in r else f"{'-':>6s}"
-        lines.append(f"{r['op']:36s} {r['threads']:3d} {r['median_us']:8.1f}us {r['gops']:8.1f} "
+        lines.append(f"{r['op']:52s} {r['threads']:3d} {r['median_us']:8.1f}us {r['gops']:8.1f} "
                      f"{r['weights_gbs']:7.1f} {r['roof_gbs']:7.1f} {r['pct_roof']:5.0f}% {x2} "
                      f"{r['speedup_vs_fewest']:6.2f}")  # fmt: skip
     return "\n".join(lines)
@@ -246,13 +276,19 @@ def main(argv=None) -> int:
             s.add_argument("--target", default="avx512", choices=["avx512", "avx2", "auto"])
             s.add_argument("--threads", type=_threads, default=[1, 2, 4, 8, 16])
             s.add_argument("--shape", action="append", default=[], help=f"op key (repeatable; default {SHAPES})")
+            s.add_argument(
+                "--knobs",
+                action="append",
+                default=[],
+                help="also time a variant of the tuned knobs, e.g. prefetch=0 or lut_at=2,cores_mult=2 (repeatable)",
+            )
         if name != "export":
             s.add_argument("--rounds", type=int, default=5)
             s.add_argument("--json", type=Path, default=None, help="write the result here")
     a = p.parse_args(argv)
     if a.cmd in ("export", "all"):
         d = a.dir if a.cmd == "export" else Path(os.environ.get("TMPDIR", "/tmp")) / "bench_threads"
-        print(export(d, a.target, a.threads, a.shape or SHAPES))
+        print(export(d, a.target, a.threads, a.shape or SHAPES, _variants(a.knobs)))
         if a.cmd == "export":
             return 0
         a.dir = d
