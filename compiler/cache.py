@@ -118,7 +118,10 @@ def main(argv=None) -> None:
     ap.add_argument("--target", default="auto")
     ap.add_argument("--cache-dir", default=None)
     a = ap.parse_args(argv)
-    key = cache_key(a.model, resolve(a.target))
+    try:
+        key = cache_key(a.model, resolve(a.target))
+    except ValueError as exc:  # GGUFError (the model file), or an unknown target
+        raise SystemExit(f"error: {exc}") from None
     d = entry_dir(a.cache_dir, key)
     print(key, d, check_entry(d, key)[1])
 

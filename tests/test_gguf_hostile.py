@@ -323,6 +323,11 @@ def test_build_cli_refuses_hostile_model_paths(tmp_path, tiny, path):
     assert str(model) in line
 
 
+def test_cache_cli_refuses_dev_zero():
+    assert "not a regular file" in one_line_error(cli("compiler.cache", "--model", "/dev/zero", timeout=30))
+    assert "unknown target" in one_line_error(cli("compiler.cache", "--model", "models/small.gguf", "--target", "x"))
+
+
 def test_chat_cli_does_not_hang_on_dev_zero(tmp_path):
     """``runtime.chat --model /dev/zero`` reaches the check through compiler.cache (it hashed /dev/zero forever)."""
     run = cli("runtime.chat", "--model", "/dev/zero", "--cache-dir", tmp_path, "-p", "x", timeout=60)
