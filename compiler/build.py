@@ -11,6 +11,11 @@ temporary directory and renamed into place). ``--dump-ir DIR`` writes the Relax 
 (``lower.relax.py``) and after the Relax pipeline (``compile.relax.py``), and every kernel's scheduled TIR
 (``tir/<name>.py``).
 The cache layout and key are in :mod:`compiler.cache`; the graph in :mod:`compiler.lower`.
+
+Nothing is read or compiled before the arguments hold: the model path (:func:`model.gguf_io.check_model_file`: a
+regular file of bounded size with the GGUF magic), the target, the weight layout (``tl`` needs the avx512 target and
+a CPU with AVX-512 VBMI), ``--dump-ir``, and, when there is something to compile, a writable cache directory. The CLI
+reports every such failure, and every invalid model, as one ``error:`` line with exit status 1.
 """
 
 from __future__ import annotations
