@@ -223,7 +223,8 @@ def test_shipped_model_parity():
     """models/small.gguf: same greedy tokens as PyTorch for 64 steps; prefill logits within 1e-3. Decode logits differ
     by ~0.1 once an int8 activation rounds the other way (a value within float32 rounding of a .5 tie) and the flipped
     K/V stays in the cache. The test shows this is the int8 path's sensitivity, not a compiler error: PyTorch itself
-    with RMSNorm written in the kernel's (equally valid) float order differs from PyTorch by the same amount."""
+    with RMSNorm written in the kernel's (equally valid) float order, a few ulps apart, differs from PyTorch by the same
+    amount (the nudge makes the witness independent of how this CPU's torch rounds either order)."""
     import model.attention as attention
 
     gguf = REPO / "models" / "small.gguf"
@@ -234,8 +235,9 @@ def test_shipped_model_parity():
     assert got == ref
     assert errs[0] <= 1e-3
 
-    def kernel_order(self, x):
-        return x * (1.0 / torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + self.eps)) * self.weight
+    def kernel_order(self, x):  # nudged by 4 ulps: on some CPUs torch computes both orders bit-identically
+        inv = (1.0 + 2.0**-21) / torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + self.eps)
+        return x * inv * self.weight
 
     with torch.no_grad(), one_torch_thread():
         cache_a, cache_b = model.new_cache(1), model.new_cache(1)
