@@ -139,7 +139,7 @@ def build(
     if dump_ir:
         check_writable(Path(dump_ir), "--dump-ir directory")
     with phase("key"):
-        cores = None if target == "cuda" else int(cores or targets.build_cores())
+        cores = None if target == "cuda" else int(cores or targets.build_cores())  # meta.json records it
         key = cache.cache_key(model, target, tuning_logs, weights, cores)
         d = cache.entry_dir(cache_dir, key)
         ok, why = cache.check_entry(d, key)

@@ -55,11 +55,16 @@ def source_files() -> list[Path]:
     return out
 
 
+PER_THREAD_WEIGHTS = ("tl",)  # gemv_i8_tl's per-thread table build: schedules.x86_tl.tasks(op, cores)
+
+
 def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = None, weights: str = "tile8",
               cores: int | None = None) -> str:  # fmt: skip
-    """sha256 of (GGUF bytes, target, weight layout, the thread count CPU kernels are built for, tuning records of
-    that target, compiler version + sources). ``cores`` None: :func:`schedules.targets.build_cores` (CPU targets).
-    Raises ``model.gguf_io.GGUFError`` for a path that cannot be a model file (checked before hashing)."""
+    """sha256 of (GGUF bytes, target, weight layout, tuning records of that target, compiler version + sources, and
+    for layouts whose kernels split work per thread, the thread count they are built for: ``cores``, None meaning
+    :func:`schedules.targets.build_cores`). Every other CPU kernel splits over any thread count, so a 2-bit entry
+    serves every thread count and is not rebuilt when ``TVM_NUM_THREADS`` changes. Raises
+    ``model.gguf_io.GGUFError`` for a path that cannot be a model file (checked before hashing)."""
     from model.gguf_io import check_model_file
     from schedules import targets
 
@@ -69,7 +74,7 @@ def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = No
     h.update(f"\0target\0{target}\0version\0{COMPILER_VERSION}\0".encode())
     if weights != "tile8":  # the default keeps the keys of existing entries
         h.update(f"\0weights\0{weights}\0".encode())
-    if target != "cuda":  # per-thread splits (schedules.x86_tl.tasks) follow the cores a module is built for
+    if target != "cuda" and weights in PER_THREAD_WEIGHTS:
         h.update(f"\0cores\0{int(cores or targets.build_cores())}\0".encode())
     d = Path(tuning_logs or logs_root()) / target
     for name in ("database_workload.json", "database_tuning_record.json"):

@@ -6,6 +6,7 @@ Torch-free, so the runtime can import it without pulling in torch. :func:`penali
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -29,7 +30,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: logit -= presence_penalty · (generated at least once)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+        if self.max_new_tokens < 0 or not 0 <= self.temperature < math.inf or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"invalid sampling parameters: {self}")
         if (
             self.no_repeat_ngram < 0

@@ -139,13 +139,16 @@ def load_cuda_runtime():
     return tvm
 
 
-def ensure_built(gguf: Path | str, target: str = "auto", cache_dir: Path | str | None = None) -> Path:
-    """The cache entry for ``gguf`` on ``target``; compiles it (``compiler.build``, the one lazy JIT) if absent."""
+def ensure_built(
+    gguf: Path | str, target: str = "auto", cache_dir: Path | str | None = None, cores: int | None = None
+) -> Path:
+    """The cache entry for ``gguf`` on ``target``; compiles it (``compiler.build``, the one lazy JIT) if absent.
+    ``cores``: the thread count it will run with (default TVM's pool size; see docs/threads.md)."""
     from compiler import cache
     from schedules.targets import resolve
 
     target = resolve(target)
-    key = cache.cache_key(gguf, target)
+    key = cache.cache_key(gguf, target, cores=cores)
     d = cache.entry_dir(cache_dir, key)
     ok, why = cache.check_entry(d, key)
     if ok:
@@ -153,7 +156,7 @@ def ensure_built(gguf: Path | str, target: str = "auto", cache_dir: Path | str |
     log.warning("no usable compiled module for %s on %s (%s): compiling (first use)", gguf, target, why)
     from compiler.build import build  # the JIT exception: only here does the runtime reach the compiler
 
-    return build(gguf, target, cache_dir).dir
+    return build(gguf, target, cache_dir, cores=cores).dir
 
 
 class Engine:
@@ -231,7 +234,7 @@ class Engine:
     def from_gguf(
         cls, gguf: Path | str, target: str = "auto", cache_dir=None, threads: int | None = None, **kw
     ) -> Engine:
-        return cls(ensure_built(gguf, target, cache_dir), gguf, threads, **kw)
+        return cls(ensure_built(gguf, target, cache_dir, cores=threads), gguf, threads, **kw)
 
     @functools.cached_property
     def token_table(self) -> TokenTable:

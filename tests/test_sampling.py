@@ -35,7 +35,9 @@ def test_frequency_and_presence_penalties(gen, f, p):
 def test_plain_params_change_nothing_and_bad_ones_are_refused():
     logits = np.array([1.0, 2.0], np.float32)
     np.testing.assert_array_equal(penalize(logits, [1, 1, 1], SamplingParams()), logits)
-    for bad in ({"no_repeat_ngram": 1}, {"no_repeat_ngram": -2}, {"frequency_penalty": 3.0}, {"presence_penalty": -9}):
+    for bad in ({"no_repeat_ngram": 1}, {"no_repeat_ngram": -2}, {"frequency_penalty": 3.0}, {"presence_penalty": -9},
+                {"temperature": float("nan")}, {"temperature": float("inf")}, {"temperature": -1.0},
+                {"top_p": float("nan")}, {"frequency_penalty": float("nan")}):  # fmt: skip
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 

@@ -175,3 +175,18 @@ def test_same_bits_at_every_thread_count(target):
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(results) == len(keys) * 16 and all(results.values()), [k for k, ok in results.items() if not ok]
+
+
+def test_cache_key_follows_cores_only_where_kernels_split_per_thread(monkeypatch):
+    """A 2-bit entry serves every thread count (its kernels split over row tiles): the same key whatever the pool
+    size. A 1.67-bit entry's per-thread table build is fixed at build time: one key per thread count."""
+    from compiler import cache
+
+    gguf = REPO / "models" / "small.gguf"
+    keys = {}
+    for n in ("2", "16"):
+        monkeypatch.setenv("TVM_NUM_THREADS", n)
+        keys[n] = (cache.cache_key(gguf, "avx512"), cache.cache_key(gguf, "avx512", weights="tl"))
+    assert keys["2"][0] == keys["16"][0]
+    assert keys["2"][1] != keys["16"][1]
+    assert cache.cache_key(gguf, "avx512", weights="tl", cores=16) == keys["16"][1]
