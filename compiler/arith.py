@@ -36,7 +36,7 @@ def arith_of(cfg, target: str, logs_root=None, chunk: int = PREFILL_CHUNK) -> Ar
 
 def main(argv=None) -> None:
     from model.gguf_io import read_gguf
-    from schedules.targets import resolve
+    from targets import resolve
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)

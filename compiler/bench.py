@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+import targets
 from compiler import schedule as S
 from compiler.tune import bench_ops, parse_shape
-from schedules import targets
 
 targets.ensure_tvm_threads()
 

@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     if src is None:  # GPU and compiler on one machine: build then measure
         import tempfile
 
-        from schedules.targets import supported
+        from targets import supported
 
         if not supported("cuda"):
             raise SystemExit("no CUDA device here: compile with --export DIR, then run --from DIR on the GPU host")

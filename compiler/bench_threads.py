@@ -84,10 +84,10 @@ def _variants(text: list[str]) -> list[dict]:
 
 
 def export(out: Path | str, target: str, threads: list[int], shapes: list[str], variants=()) -> Path:
+    import targets
     from compiler import schedule as S
     from compiler.bench import _roof_kernel
     from compiler.ops import parse_key
-    from schedules import targets
     from schedules.knobs import knobs_of_trace
 
     out = Path(out)

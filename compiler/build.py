@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+import targets
 from compiler import cache
-from schedules import targets
 
 log = logging.getLogger("compiler.build")
 
@@ -126,7 +126,7 @@ def build(
 ) -> BuildResult:
     """Compile ``model`` for ``target`` into the cache (or reuse the cached entry); see the module docstring.
     ``weights``: the CPU ternary layout, ``tile8`` (2-bit) or ``tl`` (1.67-bit, AVX-512 VBMI). ``cores``: the
-    thread count the CPU kernels are built for (default :func:`schedules.targets.build_cores`: TVM's pool size)."""
+    thread count the CPU kernels are built for (default :func:`targets.build_cores`: TVM's pool size)."""
     from compiler import lower
 
     model = check_model(model)

@@ -62,11 +62,11 @@ def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = No
               cores: int | None = None) -> str:  # fmt: skip
     """sha256 of (GGUF bytes, target, weight layout, tuning records of that target, compiler version + sources, and
     for layouts whose kernels split work per thread, the thread count they are built for: ``cores``, None meaning
-    :func:`schedules.targets.build_cores`). Every other CPU kernel splits over any thread count, so a 2-bit entry
+    :func:`targets.build_cores`). Every other CPU kernel splits over any thread count, so a 2-bit entry
     serves every thread count and is not rebuilt when ``TVM_NUM_THREADS`` changes. Raises
     ``model.gguf_io.GGUFError`` for a path that cannot be a model file (checked before hashing)."""
+    import targets
     from model.gguf_io import check_model_file
-    from schedules import targets
 
     h = hashlib.sha256()
     h.update(b"gguf\0")
@@ -116,7 +116,7 @@ def read_meta(d: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    from schedules.targets import resolve
+    from targets import resolve
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)

@@ -21,7 +21,7 @@ import functools
 
 import numpy as np
 
-from runtime.cpu import check_flags
+from targets.cpu import check_flags
 
 ALIGN = 64
 

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from schedules import targets
+import targets
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def workload(op):
 def manual(op, target: str, knobs: dict | None = None, cores: int | None = None):
     """The hand schedule (``knobs`` override the defaults) as an ``s_tir.Schedule`` (its ``.trace`` replays it).
 
-    ``cores``: the thread count a CPU kernel is built for (default :func:`schedules.targets.build_cores`); only
+    ``cores``: the thread count a CPU kernel is built for (default :func:`targets.build_cores`); only
     schedules with per-thread work use it (the table-lookup GEMV). CUDA schedules take none."""
     from tvm import s_tir
 

@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+import targets
 from compiler import schedule as S
 from compiler.ops import OPS, make_op
-from schedules import targets
 from schedules.knobs import grid, knobs_of_trace
 
 log = logging.getLogger("compiler.tune")

@@ -238,7 +238,7 @@ def run(a) -> dict:
     target = a.target
     if "tvm" in impls:
         from runtime.engine import ensure_built
-        from schedules.targets import resolve
+        from targets import resolve
 
         target = resolve(a.target) if not a.entry else json.loads((Path(a.entry) / "meta.json").read_text())["target"]
         if not a.entry:

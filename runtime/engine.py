@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from model.sampling import SamplingParams, penalize
-from runtime.cpu import check_flags
 from runtime.healing import Heal, TokenTable, plan
+from targets.cpu import check_flags
+from targets.cuda import load_cuda_runtime
 
 log = logging.getLogger("runtime")
 
@@ -121,31 +122,13 @@ def constrain(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return x
 
 
-def load_cuda_runtime():
-    """Make TVM's runtime able to run CUDA modules: load ``libtvm_runtime_cuda.so`` (torch, if installed, is imported
-    first: its wheels carry the ``libcudart`` that library links against). Returns ``tvm``."""
-    import ctypes
-
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        pass
-    import tvm
-
-    if not tvm.runtime.enabled("cuda"):
-        ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
-    if not tvm.runtime.enabled("cuda") or not tvm.cuda(0).exist:
-        raise RuntimeError("no CUDA device visible to TVM's runtime")
-    return tvm
-
-
 def ensure_built(
     gguf: Path | str, target: str = "auto", cache_dir: Path | str | None = None, cores: int | None = None
 ) -> Path:
     """The cache entry for ``gguf`` on ``target``; compiles it (``compiler.build``, the one lazy JIT) if absent.
     ``cores``: the thread count it will run with (default TVM's pool size; see docs/threads.md)."""
     from compiler import cache
-    from schedules.targets import resolve
+    from targets import resolve
 
     target = resolve(target)
     key = cache.cache_key(gguf, target, cores=cores)

@@ -185,7 +185,7 @@ if __name__ == "__main__":
 
     from compiler import cuda_cross
     from compiler.ops import make_op
-    from schedules.targets import get_target
+    from targets import get_target
 
     cuda_cross.enable()
     op = make_op("gemv_dp4a", M=4096, K=4096)

@@ -1,6 +1,6 @@
 """AVX-512 (VNNI) schedules: the x86 templates bound to the ``vpdpbusd`` ternary intrinsic and 16 float lanes.
 
-Target: ``{"kind": "llvm", "mcpu": "znver4", ...}`` (see :mod:`schedules.targets`). ``SCHEDULES[kind](sch, op,
+Target: ``{"kind": "llvm", "mcpu": "znver4", ...}`` (see :mod:`targets`). ``SCHEDULES[kind](sch, op,
 knobs=None)`` applies the hand schedule (fixed knobs) or samples it (a MetaSchedule design space).
 
     python -m schedules.x86_avx512            # schedules and checks a 512×1024 W2A8 GEMV with default knobs

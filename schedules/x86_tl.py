@@ -50,7 +50,7 @@ def space(op) -> list[Knob]:
 
 
 def gemv_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
-    """``cores``: the thread count the kernel is built for (default :func:`schedules.targets.build_cores`); only
+    """``cores``: the thread count the kernel is built for (default :func:`targets.build_cores`); only
     ``lut_at = thread`` depends on it (:func:`tasks`)."""
     ks = {k.name: k for k in space(op)}
     uk = choose(sch, knobs, ks["unroll_k"])

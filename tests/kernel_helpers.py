@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from schedules import targets
+import targets
 
 
 def x86_params():

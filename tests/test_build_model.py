@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from runtime_helpers import built, cache_dir, greedy_parity, reference, tiny_gguf, write_tiny
 
+import targets
 from compiler import cache
 from compiler.build import BuildError, build
 from compiler.lower import TERNARY
 from runtime.engine import Engine
-from schedules import targets
 
 STEPS = 64
 pytestmark = pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")  # tiny shapes: untuned
@@ -164,10 +164,10 @@ def test_tl_weights_are_cpu_only():
 
 def test_engine_refuses_an_entry_this_cpu_cannot_run(monkeypatch):
     """An entry records the CPU flags its kernels execute; on a CPU without them the Engine raises (no SIGILL)."""
-    import runtime.cpu
+    import targets.cpu
 
     r = built(tiny_gguf(2))
-    assert r.meta["cpu_flags"] and set(r.meta["cpu_flags"]) <= runtime.cpu.cpu_flags()
-    monkeypatch.setattr(runtime.cpu, "cpu_flags", lambda: frozenset({"sse2"}))
+    assert r.meta["cpu_flags"] and set(r.meta["cpu_flags"]) <= targets.cpu.cpu_flags()
+    monkeypatch.setattr(targets.cpu, "cpu_flags", lambda: frozenset({"sse2"}))
     with pytest.raises(RuntimeError, match="needs the CPU flags"):
         Engine(r.dir, tiny_gguf(2))

@@ -50,7 +50,7 @@ def test_gpu_ops_integer_maths_bit_exact(mt, kb, n, seed):
     import tvm
 
     from compiler.kernels import Kernel
-    from schedules.targets import detect, get_target
+    from targets import detect, get_target
 
     M, K = 8 * mt + 3, 256 * kb  # M not a multiple of any tile
     rng = np.random.default_rng(seed)

@@ -21,6 +21,7 @@ from helpers import REPO
 from kernel_helpers import X86
 from runtime_helpers import built, one_torch_thread, reference, tiny_gguf
 
+import targets
 from compiler import graph_kernels as gk
 from compiler.arith import arith_of, norm_lanes
 from compiler.ops import make_op
@@ -31,8 +32,7 @@ from model.gguf_io import read_gguf
 from model.ternary.layouts import pack_rowmajor4
 from model.ternary.reference import ternary_matmul_i8
 from runtime.engine import Engine
-from schedules import targets
-from schedules.targets import get_target
+from targets import get_target
 
 STEPS = 64
 SHIPPED = REPO / "models" / "small.gguf"

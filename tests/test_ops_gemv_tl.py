@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from kernel_helpers import X86
 
 import compiler.layouts_x86_tl as TL
+import targets
 from compiler.kernels import Kernel, get_kernel
 from compiler.ops import OpShapeError, make_op
 from compiler.ops.ternary_gemv_tl import lut_numpy
@@ -24,7 +25,6 @@ from compiler.schedule import build, schedule_module
 from model.ternary.checks import TernaryFormatError
 from model.ternary.layouts import LAYOUTS
 from model.ternary.reference import scalar_available
-from schedules import targets
 
 IMPL = "scalar" if scalar_available() else "numpy"
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])

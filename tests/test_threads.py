@@ -30,12 +30,13 @@ from pathlib import Path
 
 import pytest
 
+import targets
 from compiler import schedule as S
 from compiler import tune
 from compiler.bench import FULL_EXTRA
 from compiler.ops import make_op
 from model.config import PRESETS
-from schedules import targets, x86_tl
+from schedules import x86_tl
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_TARGETS = ("avx512", "avx2")
@@ -144,7 +145,7 @@ import numpy as np
 from compiler import schedule as S
 from compiler.kernels import Kernel
 from compiler.ops import parse_key
-from schedules import targets
+import targets
 target, keys = sys.argv[1], sys.argv[2:]
 out = {}
 for key in keys:

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from kernel_helpers import X86
 
+import targets
 from compiler import schedule as S
 from compiler import tune
 from compiler.kernels import Kernel
 from compiler.ops import make_op
 from model.config import get_config
-from schedules import targets
 
 REPO = Path(__file__).resolve().parent.parent
 OP = make_op("gemv_i8", M=48, K=512)  # rows {1, 2, 4, 8, 12} × unroll_k {1, 2} × prefetch {0, 1k, 2k, 4k}

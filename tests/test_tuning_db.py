@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import targets
 from compiler import schedule as S
 from compiler import tune
 from compiler.kernels import Kernel
 from compiler.ops import make_op
-from schedules import targets
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = targets.detect()

@@ -138,7 +138,7 @@ class MhcPost(Op):
 if __name__ == "__main__":
     import tvm
 
-    from schedules.targets import get_target
+    from targets import get_target
 
     for op in (MhcPost(512, 4), MhcPost(512, 2, first=1), MhcPost(512, 4, last=1)):
         ins = op.random_inputs(np.random.default_rng(0))

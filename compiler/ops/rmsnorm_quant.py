@@ -98,7 +98,7 @@ class RmsNormQuant(Op):
 if __name__ == "__main__":
     import tvm
 
-    from schedules.targets import get_target
+    from targets import get_target
 
     op = RmsNormQuant(D=512, N=2)
     ins = op.random_inputs(np.random.default_rng(0))

@@ -95,7 +95,7 @@ class TernaryGemmI8(Op):
 if __name__ == "__main__":
     import tvm
 
-    from schedules.targets import get_target
+    from targets import get_target
 
     op = TernaryGemmI8(4, 256, 512)
     ins = op.random_inputs(np.random.default_rng(0))

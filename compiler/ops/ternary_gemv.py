@@ -212,7 +212,7 @@ def random_packed(rng: np.random.Generator, M: int, K: int) -> np.ndarray:
 if __name__ == "__main__":
     import tvm
 
-    from schedules.targets import get_target
+    from targets import get_target
 
     rng = np.random.default_rng(0)
     for op in (TernaryGemvI8(256, 512), TernaryGemvF32(256, 512)):

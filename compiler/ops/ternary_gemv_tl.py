@@ -212,7 +212,7 @@ class TernaryGemvI8TL(Op):
 if __name__ == "__main__":
     import tvm
 
-    from schedules.targets import get_target
+    from targets import get_target
 
     op = TernaryGemvI8TL(64, 1024, tile=2)
     ins = op.random_inputs(np.random.default_rng(0))

@@ -232,7 +232,7 @@ class TernaryGemvF32Dp4a(Op):
 if __name__ == "__main__":
     import tvm
 
-    from schedules.targets import get_target
+    from targets import get_target
 
     rng = np.random.default_rng(0)
     for op in (TernaryGemvDp4a(256, 512, emulate=1), TernaryGemmDp4a(3, 256, 512, emulate=1)):

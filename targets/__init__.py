@@ -1,15 +1,21 @@
 """Compilation targets by short name (``avx2``, ``avx512``, ``cuda``) and ``auto`` detection from the CPU flags.
 
+The leaf every room may import: it imports nothing of ours but its own submodules (:mod:`targets.cpu`, the CPU flags;
+:mod:`targets.cuda`, loading TVM's CUDA runtime), and TVM only inside the functions that need it.
+
 TVM 0.27 takes JSON-dict targets only; MetaSchedule needs ``num-cores`` (see docs/TVM.md). ``avx2`` is
 ``-mcpu=haswell`` (AVX2 + FMA, no AVX-512), ``avx512`` is ``-mcpu=znver4`` (AVX-512 with VNNI/VBMI; the kernels use
 only F/BW/VL/VNNI, which Ice Lake and later Intel parts have too).
 
-    python -m schedules.targets            # prints the detected target and what this CPU supports
+    python -m targets                      # prints the detected target and what this CPU supports
 """
 
 from __future__ import annotations
 
 import os
+
+from targets.cpu import check_flags, cpu_flags
+from targets.cuda import load_cuda_runtime
 
 TARGET_NAMES = ("avx2", "avx512", "cuda")
 
@@ -21,9 +27,6 @@ REQUIRED_FLAGS = {
 MCPU = {"avx2": "haswell", "avx512": "znver4"}
 
 
-from runtime.cpu import cpu_flags  # noqa: E402  (the runtime checks the same flags, without TVM)
-
-
 def num_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -32,7 +35,8 @@ def ensure_tvm_threads() -> int:
     """Make TVM's thread pool use every core: set ``TVM_NUM_THREADS`` (if unset) before the pool starts.
 
     TVM's default halves ``hardware_concurrency()`` on x86 ("ignore hyper-threading"), so on this 2-core machine
-    without SMT it would run every parallel kernel on ONE thread. Called on import by the compiler modules.
+    without SMT it would run every parallel kernel on ONE thread. Called when :mod:`schedules` is imported (so by
+    every compiler module), not when this package is: the runtime sizes its pool itself.
     """
     os.environ.setdefault("TVM_NUM_THREADS", str(num_cores()))
     return int(os.environ["TVM_NUM_THREADS"])
@@ -110,9 +114,8 @@ def get_target(name: str, cores: int | None = None):
     return tvm.target.Target(target_dict(name, cores))
 
 
-ensure_tvm_threads()
-
-if __name__ == "__main__":
-    for t in ("avx512", "avx2"):
-        print(f"{t:7s} supported={supported(t)} missing={missing_flags(t)} target={target_dict(t)}")
-    print("auto ->", detect())
+__all__ = [
+    "MCPU", "REQUIRED_FLAGS", "TARGET_NAMES", "build_cores", "check_flags", "cpu_flags", "detect",
+    "ensure_tvm_threads", "get_target", "load_cuda_runtime", "missing_flags", "missing_op_flags", "num_cores",
+    "resolve", "set_tvm_threads", "supported", "target_dict",
+]  # fmt: skip

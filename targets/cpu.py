@@ -8,7 +8,7 @@ process with SIGILL instead of raising.
 behave as a smaller one would: with ``TERNARY_CPU_MASK='avx512*,avx_vnni*'`` an AVX-512 machine picks the ``avx2``
 target, skips the AVX-512 tests and refuses AVX-512 entries exactly as a Zen 3 does.
 
-    python -m runtime.cpu                                   # prints the flags
+    python -m targets                                       # prints the flags (and the targets they allow)
     TERNARY_CPU_MASK='avx512*,avx_vnni*' pytest -q          # the suite as an AVX2-only CPU runs it
 """
 
@@ -49,7 +49,3 @@ def check_flags(needed, what: str) -> None:
     if missing:
         raise RuntimeError(f"{what} needs the CPU flags {missing}, which this CPU lacks")
 
-
-if __name__ == "__main__":
-    masked = f"  (hidden by {MASK_ENV}: {sorted(_proc_flags() - cpu_flags())})" if mask_patterns() else ""
-    print(" ".join(sorted(cpu_flags())) + masked)
