@@ -22,22 +22,30 @@ GEMV and the prefill GEMM (``tile=8``). The LM head is ``[V, D]`` as the GGUF st
 ``weights="tl"`` (AVX-512 VBMI) stores them in the 1.67-bit ``tl{R}`` layout instead
 (:mod:`compiler.layouts_x86_tl`): decode calls ``gemv_i8_tl``, prefill calls it once per token of the chunk. Both
 layouts give the same integer dot products, hence bit-identical logits.
+
+Structure: :class:`Lowering` has one builder per block (``embedding``, ``attention``, ``ffn``, ``mhc_site``,
+``head``), each reading top to bottom; everything that differs between builds (which operator serves the ternary
+GEMV and GEMM, which kernels are fixed rather than tuned, the graph kernels' GPU variants, the prefill chunk) is one
+row of :data:`KERNELS` (CPU ``tile8``, CPU ``tl``, CUDA ``dp4a``). Chunk sizes shared with tuning live in
+:mod:`compiler.constants`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from compiler import graph_kernels as gk
 from compiler import graph_kernels_gpu as gkg
+from compiler.constants import CPU_PREFILL_CHUNK, CUDA_PREFILL_CHUNK
 
 log = logging.getLogger("compiler.build")
 
-PREFILL_CHUNK = 8  # = compiler.tune.PREFILL_TOKENS: the gemm_i8 tile that is tuned
-GPU_PREFILL_CHUNK = 16  # = compiler.tune.CUDA_PREFILL_TOKENS
+PREFILL_CHUNK = CPU_PREFILL_CHUNK  # a CPU build's prefill chunk (compiler.arith's default)
 TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 CPU_TILE = 8  # row tile of the CPU weight layout (tile8), when it divides M
 WEIGHT_LAYOUTS = ("tile8", "tl")  # CPU ternary weights: 2-bit tile8 (default) or 1.67-bit tl{R} (AVX-512 VBMI)
@@ -83,12 +91,12 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
     ]
     out += [ParamSpec("output_norm.weight", (D,), "float32"), ParamSpec("rope.cos", (C, hd // 2), "float32"),
             ParamSpec("rope.sin", (C, hd // 2), "float32")]  # fmt: skip
-    shapes = cfg.ternary_shapes()
+    shapes = ternary_shapes(cfg)
     for i in range(cfg.n_layers):
         out.append(ParamSpec(f"blk.{i}.attn_norm.weight", (D,), "float32"))
         out.append(ParamSpec(f"blk.{i}.ffn_norm.weight", (D,), "float32"))
         for t in TERNARY:
-            M, K = _shape(shapes, t, cfg)
+            M, K = shapes[t]
             out.append(ParamSpec(f"blk.{i}.{t}.weight", (M, K // 16), "int32") if gpu else
                        ParamSpec(f"blk.{i}.{t}.weight", _cpu_w_shape(M, K, weights), "uint8"))  # fmt: skip
             out.append(ParamSpec(f"blk.{i}.{t}.scale", (1,), "float32"))
@@ -99,11 +107,23 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
     return out
 
 
-def _shape(shapes: dict, t: str, cfg) -> tuple[int, int]:
-    """(M, K) of a block's ternary matrix, from ``ModelConfig.ternary_shapes`` (keys by projection name)."""
-    D, F, KV = cfg.d_model, cfg.ffn_hidden, cfg.kv_dim
-    return {"attn_q": (D, D), "attn_k": (KV, D), "attn_v": (KV, D), "attn_output": (D, D), "ffn_gate": (F, D),
-            "ffn_up": (F, D), "ffn_down": (D, F)}[t]  # fmt: skip
+GGUF_NAMES = {"attn_o": "attn_output"}  # the one place a config projection name differs from the GGUF's
+
+
+def ternary_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """(M, K) of each ternary matrix of a block, by its GGUF name (:data:`TERNARY`), from ``cfg.ternary_shapes``."""
+    return {GGUF_NAMES.get(n, n): mk for n, mk in cfg.ternary_shapes().items()}
+
+
+def _var(name: str, shape, dtype: str):
+    from tvm import relax
+
+    return relax.Var(name.replace(".", "_"), relax.TensorType(shape, dtype))
+
+
+def _site_param(site: int, name: str) -> str:
+    """The parameter ``name`` of mHC site ``site`` (``2i``: layer i's ``mhc_attn``, ``2i + 1``: its ``mhc_ffn``)."""
+    return f"blk.{site // 2}.{'mhc_attn' if site % 2 == 0 else 'mhc_ffn'}.{name}"
 
 
 def _cpu_w_shape(M: int, K: int, weights: str = "tile8") -> tuple[int, ...]:
@@ -167,10 +187,77 @@ def float_dtype(t) -> str:
     return "float16" if np.dtype(t.data.dtype) == np.float16 else "float32"
 
 
-def _has_cuda_schedule(kind: str) -> bool:
-    from schedules.cuda import SCHEDULES
+# --- the per-target kernel table ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TargetKernels:
+    """Which kernel serves each step of a block on one kind of build: the only place lowering depends on the target.
 
-    return kind in SCHEDULES
+    The ternary matmuls are tuned operators (:mod:`compiler.ops`): ``gemv`` for decode (one token), ``gemm`` for a
+    prefill chunk of ``prefill_chunk`` tokens, or, without a ``gemm``, the GEMV once per token of the chunk. ``fixed``
+    names the operators served by a fixed kernel instead of a tuning record (op → PrimFunc); every other operator
+    (RMSNorm+quantize, the mHC site) comes from ``tuning_logs/<target>/`` or its hand schedule. The rest are the
+    small graph kernels' builders."""
+
+    name: str
+    prefill_chunk: int
+    gemv: str  # op kind of the decode ternary GEMV
+    gemm: str | None  # op kind of the prefill ternary GEMM; None: the GEMV once per token
+    tile: Callable[[int], int] | None  # the weight layout's row tile for output size M (the ops' ``tile``), if any
+    x_words: bool  # the matmuls read the int8 activations as int32 words ([T, K/4], a view)
+    x_sum: bool  # the matmuls take the activations' per-token sums (the zero-point correction)
+    fixed: dict[str, Callable]  # op kind → builder of its fixed kernel from the op
+    quantize: Callable  # per-token int8 quantize (T, K) of the o/down inputs
+    attention: Callable  # (T, H, Hkv, hd, C)
+    lm_head: Callable  # (V, D, dtype)
+    kv_update: Callable  # (T, Hkv, hd, C)
+    schedule_small: bool  # schedule the elementwise graph kernels here (else compiler.build's dlight pass does)
+    mhc_x_row: bool  # the decode mHC kernel takes the first site's embedding as x [1, D] (else [D])
+
+
+def _cuda_norm_quant(op):  # RMSNorm+quantize as one kernel (shared-memory reductions) instead of seven
+    from compiler.ops.rmsnorm_quant import NORM_EPS
+
+    return gkg.norm_quantize(op.N, op.D, eps=NORM_EPS)
+
+
+def _cuda_mhc_post(op):  # the mHC site as one kernel instead of three
+    return gkg.mhc_post(op.D, op.S, bool(op.first), bool(op.last))
+
+
+KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), CPU tl (avx512 VBMI), CUDA dp4a
+    "tile8": TargetKernels(
+        name="tile8", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8", gemm="gemm_i8", tile=cpu_tile,
+        x_words=False, x_sum=True, fixed={}, quantize=gk.quantize, attention=gk.attention, lm_head=gk.lm_head,
+        kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False,
+    ),
+    "tl": TargetKernels(
+        name="tl", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8_tl", gemm=None, tile=tl_tile,
+        x_words=False, x_sum=False, fixed={}, quantize=gk.quantize, attention=gk.attention, lm_head=gk.lm_head,
+        kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False,
+    ),
+    "dp4a": TargetKernels(
+        name="dp4a", prefill_chunk=CUDA_PREFILL_CHUNK, gemv="gemv_dp4a", gemm="gemm_dp4a", tile=None,
+        x_words=True, x_sum=True, fixed={"rmsnorm_quant": _cuda_norm_quant, "mhc_post": _cuda_mhc_post},
+        quantize=gkg.norm_quantize, attention=gkg.attention, lm_head=gkg.lm_head,
+        kv_update=functools.partial(gk.kv_update, gpu=True), schedule_small=False, mhc_x_row=True,
+    ),
+}  # fmt: skip
+
+
+def kernels_for(target: str, weights: str = "tile8") -> TargetKernels:
+    """The :data:`KERNELS` entry of a build: ``dp4a`` on CUDA, else the CPU weight layout."""
+    check_weights(weights, target == "cuda")
+    return KERNELS["dp4a" if target == "cuda" else weights]
+
+
+@dataclass
+class _Frame:
+    """What the block builders of one function (``decode`` or ``prefill``) share: its token count, inputs, params."""
+
+    T: int
+    pos: object
+    cache: list
+    pv: dict
 
 
 @dataclass
@@ -179,7 +266,7 @@ class Lowering:
 
     cfg: object
     target: str
-    chunk: int = PREFILL_CHUNK
+    chunk: int | None = None  # tokens per prefill call (None: the table's prefill_chunk)
     logs_root: object = None
     embed_dtype: str = "float32"
     head_dtype: str = "float32"
@@ -192,51 +279,208 @@ class Lowering:
         from tvm import relax
 
         self.gpu = self.target == "cuda"
-        check_weights(self.weights, self.gpu)
-        if self.gpu and self.chunk == PREFILL_CHUNK:
-            self.chunk = GPU_PREFILL_CHUNK
+        self.k = kernels_for(self.target, self.weights)
+        if self.chunk is None:
+            self.chunk = self.k.prefill_chunk
         self.bb = relax.BlockBuilder()
         self._gv: dict[str, object] = {}
         self._tgt = None
 
+    # --- the functions: one builder per block ------------------------------------------------------------------
+    def module(self):
+        self.function("decode")
+        self.function("prefill")
+        return self.bb.get()
+
+    def function(self, name: str):
+        """``decode`` (one token) or ``prefill`` (a chunk): the embedding, then per layer its attention and its FFN,
+        each followed by its mHC site, then the head."""
+        cfg, bb = self.cfg, self.bb
+        T = 1 if name == "decode" else self.chunk
+        f32 = "float32"
+        toks, pos = _var("tokens", (T,), "int32"), _var("pos", (1,), "int32")
+        last = _var("last", (1,), "int32") if name == "prefill" else None
+        inputs = [toks, pos] + ([last] if last is not None else [])
+        cache = []
+        for i in range(cfg.n_layers):
+            shape = (cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+            cache += [_var(f"kc_{i}", shape, f32), _var(f"vc_{i}", shape, f32)]
+        specs = self.specs()
+        pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
+        f = _Frame(T, pos, cache, pv)
+        with bb.function(name, inputs + cache + [pv[s.name] for s in specs]):
+            with bb.dataflow():
+                x, u = self.embedding(f, toks)
+                X = None  # the residual streams [T, S, D] between sites
+                for site in range(2 * cfg.n_layers):
+                    y = (self.attention if site % 2 == 0 else self.ffn)(f, site // 2, u)
+                    X, u = self.mhc_site(f, site, x, X, y)
+                out = bb.emit_output(self.head(f, u, last))
+            bb.emit_func_output(out)
+
+    def embedding(self, f: _Frame, toks):
+        """Token rows ``x [T, D]`` (float32) and the first block's input ``u = Σ_s h_pre[s] · x``."""
+        from tvm import relax
+
+        D, S = self.cfg.d_model, self.cfg.n_streams
+        x = self.bb.emit(relax.op.take(f.pv["token_embd.weight"], toks, axis=0, mode="clip"))  # [T, D]
+        if self.embed_dtype != "float32":
+            x = self.bb.emit(relax.op.astype(x, "float32"))
+        pre = self._te("pre_expand", gk.pre_expand, f.T, D, S)
+        u = self._call(pre, [x, f.pv["blk.0.mhc_attn.h_pre"]], [((f.T, D), "float32")])
+        return x, u
+
+    def attention(self, f: _Frame, i: int, u):
+        """Layer ``i``'s attention block on ``u [T, D]``: RMSNorm+quantize, q/k/v, RoPE, the in-place cache write,
+        causal attention over the cache, quantize, the output projection → ``y [T, D]``."""
+        from tvm import relax
+
+        cfg, T, f32 = self.cfg, f.T, "float32"
+        D, H, Hkv, hd, C, KV = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.max_seq_len, cfg.kv_dim
+        q8, sc, qs = self._norm_quant(f, f"blk.{i}.attn_norm.weight", u)
+        qv = self._ternary(f, i, "attn_q", q8, sc, qs, D, D)
+        kv = self._ternary(f, i, "attn_k", q8, sc, qs, KV, D)
+        vv = self._ternary(f, i, "attn_v", q8, sc, qs, KV, D)
+        cos, sin = f.pv["rope.cos"], f.pv["rope.sin"]
+        qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, f.pos, cos, sin], [((T, H, hd), f32)])
+        upd_gv = self._te("kv_update", self.k.kv_update, T, Hkv, hd, C)
+        ty = relax.TensorType((Hkv, C, hd), f32)
+        kv_args = [kv, vv, f.pos, cos, sin, f.cache[2 * i], f.cache[2 * i + 1]]
+        upd = self.bb.emit(relax.call_tir_inplace(upd_gv, kv_args, [5, 6], [ty, ty]))
+        kc, vc = self.bb.emit(relax.TupleGetItem(upd, 0)), self.bb.emit(relax.TupleGetItem(upd, 1))
+        att = self._te("attention", self.k.attention, T, H, Hkv, hd, C)
+        o = self._call(att, [qr, kc, vc, f.pos], [((T, D), f32), ((T * H, C), f32), ((T * H, 2), f32)])[0]
+        o8, osc, osum = self._quantize(T, D, o)
+        return self._ternary(f, i, "attn_output", o8, osc, osum, D, D)
+
+    def ffn(self, f: _Frame, i: int, u):
+        """Layer ``i``'s SwiGLU FFN on ``u [T, D]``: RMSNorm+quantize, gate/up, ``silu(gate) · up``, quantize, down
+        → ``y [T, D]``."""
+        D, F, T = self.cfg.d_model, self.cfg.ffn_hidden, f.T
+        q8, sc, qs = self._norm_quant(f, f"blk.{i}.ffn_norm.weight", u)
+        gt = self._ternary(f, i, "ffn_gate", q8, sc, qs, F, D)
+        up = self._ternary(f, i, "ffn_up", q8, sc, qs, F, D)
+        hh = self._call(self._te("silu_mul", gk.silu_mul, T, F, sched=True), [gt, up], [((T, F), "float32")])
+        h8, hsc, hsum = self._quantize(T, F, hh)
+        return self._ternary(f, i, "ffn_down", h8, hsc, hsum, D, F)
+
+    def mhc_site(self, f: _Frame, site: int, x, X, y):
+        """mHC site ``site`` (``2i``: after layer i's attention, ``2i + 1``: after its FFN): mixes the block output
+        ``y`` into the residual streams ``X`` (the first site expands the embedding ``x`` instead, the last collapses
+        them) and aggregates the next block's input. Returns the new streams (``X`` after the last) and that input."""
+        D, S, T, f32 = self.cfg.d_model, self.cfg.n_streams, f.T, "float32"
+        first, lst = site == 0, site == 2 * self.cfg.n_layers - 1
+        coef = [f.pv[_site_param(site, "h_res")], f.pv[_site_param(site, "h_post")]]
+        if not lst:
+            coef.append(f.pv[_site_param(site + 1, "h_pre")])
+        if T == 1:  # decode: the tuned site op
+            gv, _ = self._op("mhc_post", D=D, S=S, first=int(first), last=int(lst))
+            xin = self._reshape(x, (1, D) if self.k.mhc_x_row else (D,)) if first else X
+            outs = ([] if lst else [((S, D), f32)]) + [((D,), f32), ((1,), f32)]
+            r = self._call(gv, [xin, self._reshape(y, (D,)), *coef], outs)
+            return (X if lst else r[0]), self._reshape(r[-2], (1, D))
+        gv = self._te(
+            "mhc_post_tokens", lambda *a: gk.mhc_post_tokens(*a[:3], bool(a[3]), bool(a[4])),
+            T, D, S, int(first), int(lst),
+        )  # fmt: skip
+        outs = ([] if lst else [((T, S, D), f32)]) + [((T, D), f32)]
+        r = self._call(gv, [x if first else X, y, *coef], outs)
+        return (X, r) if lst else (r[0], r[1])
+
+    def head(self, f: _Frame, u, last):
+        """Final RMSNorm, the row ``last`` (prefill) and the LM head → ``logits [V]``."""
+        from tvm import relax
+
+        D, V = self.cfg.d_model, self.cfg.vocab_size
+        hn = self._call(self._rmsnorm(f.T, D), [u, f.pv["output_norm.weight"]], [((f.T, D), "float32")])
+        if last is not None:
+            hn = self.bb.emit(relax.op.take(hn, last, axis=0, mode="clip"))
+        hv = self._reshape(hn, (D,))
+        if "lm_head" not in self._gv:
+            self._gv["lm_head"] = self.bb.add_func(self.k.lm_head(V, D, self.head_dtype), "lm_head")
+        return self._call(self._gv["lm_head"], [hv, f.pv["lm_head.weight"]], [((V,), "float32")])
+
+    # --- steps shared by the blocks --------------------------------------------------------------------------
+    def _norm_quant(self, f: _Frame, weight: str, u):
+        """RMSNorm + per-token int8 quantize of a block input → ``(q8 [T, D], scale [T], row sums [T])``."""
+        D, T = self.cfg.d_model, f.T
+        gv, _ = self._op("rmsnorm_quant", D=D, N=T)
+        return self._call(gv, [u, f.pv[weight]], [((T, D), "int8"), ((T,), "float32"), ((T,), "int32")])
+
+    def _quantize(self, T: int, K: int, x):
+        """Per-token int8 quantize of an o/down projection input → ``(q8 [T, K], scale [T], row sums [T])``."""
+        gv = self._te("quantize", self.k.quantize, T, K)
+        return self._call(gv, [x], [((T, K), "int8"), ((T,), "float32"), ((T,), "int32")])
+
+    def _ternary(self, f: _Frame, i: int, t: str, q8, sc, qs, M: int, K: int):
+        """``y [T, M]``: block ``i``'s ternary matrix ``t`` times the int8 activations ``q8 [T, K]`` (scale ``sc``,
+        row sums ``qs``), by the table's GEMV (decode), GEMM (prefill) or GEMV once per token."""
+        from tvm import relax
+
+        k, T = self.k, f.T
+        W, ws = f.pv[f"blk.{i}.{t}.weight"], f.pv[f"blk.{i}.{t}.scale"]
+        width = K // 4 if k.x_words else K
+        if k.x_words:  # e.g. dp4a reads the int8 activations as int32 words: a view, no copy
+            q8 = self.bb.emit(relax.op.memory.view(q8, (T, width), "int32"))
+        dims = {"M": M, "K": K} | ({"tile": k.tile(M)} if k.tile else {})
+
+        def args(x, s, q):
+            return [W, x, *([q] if k.x_sum else []), s, ws]
+
+        if T > 1 and k.gemm:
+            gv, _ = self._op(k.gemm, N=T, **dims)
+            return self._call(gv, args(q8, sc, qs), [((T, M), "float32")])
+        gv, _ = self._op(k.gemv, **dims)
+        if T == 1:
+            return self._reshape(self._call(gv, args(self._reshape(q8, (width,)), sc, qs), [((M,), "float32")]), (1, M))
+        rows = []  # no GEMM: the GEMV once per token of the chunk
+        for r in range(T):
+            xr, sr, *qr = (self._row(a, r) for a in (q8, sc, *([qs] if k.x_sum else [])))
+            y = self._call(gv, args(self._reshape(xr, (width,)), sr, qr[0] if qr else None), [((M,), "float32")])
+            rows.append(self._reshape(y, (1, M)))
+        return self.bb.emit(relax.op.concat(rows, axis=0))
+
+    def _row(self, a, r: int):
+        from tvm import relax
+
+        return self.bb.emit(relax.op.strided_slice(a, axes=[0], begin=[r], end=[r + 1]))
+
     # --- kernels -----------------------------------------------------------------------------------------------
     def _op(self, kind: str, **dims):
+        """The kernel of a tuned operator: the table's fixed kernel, else the tuning record (or hand schedule)."""
         from compiler.ops import make_op
         from compiler.schedule import get_primfunc
 
         op = make_op(kind, **dims)
         self.op_flags.update(getattr(op, "cpu_flags", ()))
-        if op.func_name not in self._gv and self.gpu and not _has_cuda_schedule(kind):
-            # no tunable CUDA template (the normalisation/elementwise ops): the TE, given a fixed CUDA schedule in
-            # compiler.build (schedules.cuda.rows)
-            self.kernels[op.key] = "fixed"
-            if kind == "rmsnorm_quant":  # one fused kernel (shared-memory reductions) instead of seven
-                from compiler.ops.rmsnorm_quant import NORM_EPS
-
-                func = gkg.norm_quantize(op.N, op.D, eps=NORM_EPS)
-            elif kind == "mhc_post":  # one kernel instead of three
-                func = gkg.mhc_post(op.D, op.S, bool(op.first), bool(op.last))
-            else:
-                func = op.compute()
-            self._gv[op.func_name] = self.bb.add_func(func, op.func_name)
         if op.func_name not in self._gv:
-            sf = get_primfunc(op, self.target, self.logs_root, cores=self.cores)
-            self.kernels[op.key] = sf.source
-            log.info("  kernel %-40s %s", op.key, sf.source.upper() if sf.source != "tuned" else "tuned")
-            self._gv[op.func_name] = self.bb.add_func(sf.for_relax(), op.func_name)
+            if kind in self.k.fixed:  # compiler.build gives it a fixed CUDA schedule (schedules.cuda.rows)
+                self.kernels[op.key] = "fixed"
+                func = self.k.fixed[kind](op)
+            else:
+                sf = get_primfunc(op, self.target, self.logs_root, cores=self.cores)
+                self.kernels[op.key] = sf.source
+                log.info("  kernel %-40s %s", op.key, sf.source.upper() if sf.source != "tuned" else "tuned")
+                func = sf.for_relax()
+            self._gv[op.func_name] = self.bb.add_func(func, op.func_name)
         return self._gv[op.func_name], op
 
     def _te(self, name: str, builder, *args, sched: bool = False):
+        """A small graph kernel ``builder(*args)``, added once per shape (``sched``: an elementwise one that the
+        table's target schedules here)."""
         key = f"{name}_" + "_".join(str(int(a)) for a in args)
         if key not in self._gv:
             f = builder(*args)
-            if sched and not self.gpu:  # GPU: dlight schedules every unscheduled kernel (compiler.build)
+            if sched and self.k.schedule_small:
                 f = gk.schedule(f, self._target())
             self._gv[key] = self.bb.add_func(f, key)
         return self._gv[key]
 
-    def _quantize(self, T: int, K: int):
-        return gkg.norm_quantize(T, K) if self.gpu else gk.quantize(T, K)
+    def _rmsnorm(self, T, D):
+        key = f"rmsnorm_{T}_{D}"
+        if key not in self._gv:
+            self._gv[key] = self.bb.add_func(gk.rmsnorm(T, D, self.cfg.norm_eps), key)
+        return self._gv[key]
 
     def _target(self):
         if self._tgt is None:
@@ -245,7 +489,6 @@ class Lowering:
             self._tgt = get_target(self.target)
         return self._tgt
 
-    # --- helpers -----------------------------------------------------------------------------------------------
     def _call(self, gv, args, outs):
         from tvm import relax
 
@@ -260,149 +503,6 @@ class Lowering:
 
         return self.bb.emit(relax.op.reshape(x, shape))
 
-    def _matmul(self, T, q8, sc, qs, W, ws, M, K):
-        if self.gpu:  # dp4a kernels read the int8 activations as int32 words: a view, no copy
-            from tvm import relax
-
-            x4 = self.bb.emit(relax.op.memory.view(q8, (T, K // 4), "int32"))
-            if T == 1:
-                gv, _ = self._op("gemv_dp4a", M=M, K=K)
-                y = self._call(gv, [W, self._reshape(x4, (K // 4,)), qs, sc, ws], [((M,), "float32")])
-                return self._reshape(y, (1, M))
-            gv, _ = self._op("gemm_dp4a", N=T, M=M, K=K)
-            return self._call(gv, [W, x4, qs, sc, ws], [((T, M), "float32")])
-        if self.weights == "tl":  # 1.67-bit weights: the table-lookup GEMV, once per token (x_sum is not needed)
-            from tvm import relax
-
-            gv, _ = self._op("gemv_i8_tl", M=M, K=K, tile=tl_tile(M))
-            if T == 1:
-                return self._reshape(self._call(gv, [W, self._reshape(q8, (K,)), sc, ws], [((M,), "float32")]), (1, M))
-            rows = []
-            for t in range(T):
-                xt, st = (self.bb.emit(relax.op.strided_slice(a, axes=[0], begin=[t], end=[t + 1])) for a in (q8, sc))
-                rows.append(self._reshape(self._call(gv, [W, self._reshape(xt, (K,)), st, ws], [((M,), "float32")]),
-                                          (1, M)))  # fmt: skip
-            return self.bb.emit(relax.op.concat(rows, axis=0))
-        if T == 1:  # decode: the tuned GEMV
-            gv, _ = self._op("gemv_i8", M=M, K=K, tile=cpu_tile(M))
-            y = self._call(gv, [W, self._reshape(q8, (K,)), qs, sc, ws], [((M,), "float32")])
-            return self._reshape(y, (1, M))
-        gv, _ = self._op("gemm_i8", N=T, M=M, K=K, tile=cpu_tile(M))
-        return self._call(gv, [W, q8, qs, sc, ws], [((T, M), "float32")])
-
-    # --- the functions -----------------------------------------------------------------------------------------
-    def function(self, name: str):
-        from tvm import relax
-
-        cfg, bb = self.cfg, self.bb
-        T = 1 if name == "decode" else self.chunk
-        D, V, S, L = cfg.d_model, cfg.vocab_size, cfg.n_streams, cfg.n_layers
-        H, Hkv, hd, C, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.max_seq_len, cfg.ffn_hidden
-        KV = cfg.kv_dim
-        f32 = "float32"
-
-        def var(n, shape, dtype):
-            return relax.Var(n.replace(".", "_"), relax.TensorType(shape, dtype))
-
-        toks = var("tokens", (T,), "int32")
-        pos = var("pos", (1,), "int32")
-        inputs = [toks, pos]
-        last = None
-        if name == "prefill":
-            last = var("last", (1,), "int32")
-            inputs.append(last)
-        cache = []
-        for i in range(L):
-            cache += [var(f"kc_{i}", (Hkv, C, hd), f32), var(f"vc_{i}", (Hkv, C, hd), f32)]
-        specs = self.specs()
-        pv = {s.name: var(s.name, s.shape, s.dtype) for s in specs}
-        with bb.function(name, inputs + cache + [pv[s.name] for s in specs]):
-            with bb.dataflow():
-                x = bb.emit(relax.op.take(pv["token_embd.weight"], toks, axis=0, mode="clip"))  # [T, D]
-                if self.embed_dtype != f32:
-                    x = bb.emit(relax.op.astype(x, f32))
-                h_pre0 = pv["blk.0.mhc_attn.h_pre"]
-                u = self._call(self._te("pre_expand", gk.pre_expand, T, D, S), [x, h_pre0], [((T, D), f32)])
-                X = None
-                n_sites = 2 * L
-                for site in range(n_sites):
-                    i, is_attn = site // 2, site % 2 == 0
-                    sname = "mhc_attn" if is_attn else "mhc_ffn"
-                    pre = f"blk.{i}."
-                    gv, _ = self._op("rmsnorm_quant", D=D, N=T)
-                    norm_w = pv[pre + ("attn_norm" if is_attn else "ffn_norm") + ".weight"]
-                    q8, sc, qs = self._call(gv, [u, norm_w], [((T, D), "int8"), ((T,), f32), ((T,), "int32")])
-
-                    def mm(t, q8, sc, qs, M, K, pre=pre):
-                        return self._matmul(T, q8, sc, qs, pv[pre + t + ".weight"], pv[pre + t + ".scale"], M, K)
-
-                    if is_attn:
-                        qv = mm("attn_q", q8, sc, qs, D, D)
-                        kv = mm("attn_k", q8, sc, qs, KV, D)
-                        vv = mm("attn_v", q8, sc, qs, KV, D)
-                        cos, sin = pv["rope.cos"], pv["rope.sin"]
-                        qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, pos, cos, sin],
-                                        [((T, H, hd), f32)])  # fmt: skip
-                        kvgv = self._te("kv_update", lambda *a: gk.kv_update(*a, gpu=self.gpu), T, Hkv, hd, C)
-                        ty = relax.TensorType((Hkv, C, hd), f32)
-                        kv_args = [kv, vv, pos, cos, sin, cache[2 * i], cache[2 * i + 1]]
-                        upd = bb.emit(relax.call_tir_inplace(kvgv, kv_args, [5, 6], [ty, ty]))
-                        kc, vc = bb.emit(relax.TupleGetItem(upd, 0)), bb.emit(relax.TupleGetItem(upd, 1))
-                        att = self._te("attention", (gkg if self.gpu else gk).attention, T, H, Hkv, hd, C)
-                        o = self._call(att, [qr, kc, vc, pos], [((T, D), f32), ((T * H, C), f32), ((T * H, 2), f32)])[0]
-                        o8, osc, osum = self._call(self._te("quantize", self._quantize, T, D), [o],
-                                                   [((T, D), "int8"), ((T,), f32), ((T,), "int32")])  # fmt: skip
-                        y = mm("attn_output", o8, osc, osum, D, D)
-                    else:
-                        gt = mm("ffn_gate", q8, sc, qs, F, D)
-                        up = mm("ffn_up", q8, sc, qs, F, D)
-                        hh = self._call(self._te("silu_mul", gk.silu_mul, T, F, sched=True), [gt, up], [((T, F), f32)])
-                        h8, hsc, hsum = self._call(self._te("quantize", self._quantize, T, F), [hh],
-                                                   [((T, F), "int8"), ((T,), f32), ((T,), "int32")])  # fmt: skip
-                        y = mm("ffn_down", h8, hsc, hsum, D, F)
-                    first, lst = site == 0, site == n_sites - 1
-                    coef = [pv[f"{pre}{sname}.h_res"], pv[f"{pre}{sname}.h_post"]]
-                    if not lst:
-                        nxt = site + 1
-                        coef.append(pv[f"blk.{nxt // 2}.{'mhc_attn' if nxt % 2 == 0 else 'mhc_ffn'}.h_pre"])
-                    if T == 1:
-                        gv, _ = self._op("mhc_post", D=D, S=S, first=int(first), last=int(lst))
-                        xin = self._reshape(x, (1, D) if self.gpu else (D,)) if first else X
-                        outs = ([] if lst else [((S, D), f32)]) + [((D,), f32), ((1,), f32)]
-                        r = self._call(gv, [xin, self._reshape(y, (D,)), *coef], outs)
-                        if not lst:
-                            X = r[0]
-                        u = self._reshape(r[-2], (1, D))
-                    else:
-                        gv = self._te(
-                            "mhc_post_tokens", lambda *a: gk.mhc_post_tokens(*a[:3], bool(a[3]), bool(a[4])),
-                            T, D, S, int(first), int(lst),
-                        )  # fmt: skip
-                        xin = x if first else X
-                        outs = ([] if lst else [((T, S, D), f32)]) + [((T, D), f32)]
-                        r = self._call(gv, [xin, y, *coef], outs)
-                        if lst:
-                            u = r
-                        else:
-                            X, u = r[0], r[1]
-                hn = self._call(self._rmsnorm(T, D), [u, pv["output_norm.weight"]], [((T, D), f32)])
-                if last is not None:
-                    hn = bb.emit(relax.op.take(hn, last, axis=0, mode="clip"))
-                hv = self._reshape(hn, (D,))
-                head = self._gv.get("lm_head") or self.bb.add_func(
-                    (gkg if self.gpu else gk).lm_head(V, D, self.head_dtype), "lm_head"
-                )  # fmt: skip
-                self._gv["lm_head"] = head
-                logits = self._call(head, [hv, pv["lm_head.weight"]], [((V,), f32)])
-                out = bb.emit_output(logits)
-            bb.emit_func_output(out)
-
-    def _rmsnorm(self, T, D):
-        key = f"rmsnorm_{T}_{D}"
-        if key not in self._gv:
-            self._gv[key] = self.bb.add_func(gk.rmsnorm(T, D, self.cfg.norm_eps), key)
-        return self._gv[key]
-
     def cpu_flags(self) -> list[str]:
         """The CPU flags the module's kernels execute: the target's and its operators' (``meta.json`` ``cpu_flags``,
         checked by :func:`targets.cpu.check_flags`)."""
@@ -412,8 +512,3 @@ class Lowering:
 
     def specs(self) -> list[ParamSpec]:
         return param_specs(self.cfg, self.embed_dtype, self.head_dtype, self.gpu, self.weights)
-
-    def module(self):
-        self.function("decode")
-        self.function("prefill")
-        return self.bb.get()
