@@ -46,7 +46,8 @@ from schedules.knobs import grid, knobs_of_trace
 
 log = logging.getLogger("compiler.tune")
 
-PREFILL_TOKENS = 8  # gemm_i8 is tuned for this prefill tile of tokens
+from compiler.constants import CPU_PREFILL_CHUNK as PREFILL_TOKENS  # noqa: E402 (gemm_i8 tuned N)
+
 BENCH_SHAPES = [  # the compiler.bench default set (kept in sync by tests/test_tune.py)
     ("gemv_i8", {"M": 4096, "K": 4096}), ("gemv_i8", {"M": 4096, "K": 4096, "tile": 8}),
     ("gemv_i8", {"M": 11008, "K": 4096}), ("gemv_i8", {"M": 11008, "K": 4096, "tile": 8}),
@@ -97,7 +98,7 @@ CUDA_BENCH_SHAPES = [  # compiler.bench --target cuda: small (launch-bound), LLa
     ("gemm_dp4a", {"N": 16, "M": 4096, "K": 4096}),
     ("gemv_f32_dp4a", {"M": 4096, "K": 4096}), ("gemv_f32_dp4a", {"M": 32768, "K": 8192}),
 ]  # fmt: skip
-CUDA_PREFILL_TOKENS = 16
+from compiler.constants import CUDA_PREFILL_CHUNK as CUDA_PREFILL_TOKENS  # noqa: E402 (gemm_dp4a tuned N)
 
 
 def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: str = "tile8") -> list:
