@@ -14,20 +14,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from model.sampling import SamplingParams, penalize
+from model.sampling import Generation, SamplingParams, penalize
 from model.transformer import Transformer
-
-
-@dataclass
-class Generation:
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "length", "stop_token", "stop_string" or "context"
-    text: str | None = None
-
 
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing by it would overflow; the result is argmax anyway)
 

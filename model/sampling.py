@@ -7,7 +7,7 @@ Torch-free, so the runtime can import it without pulling in torch. :func:`penali
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -61,3 +61,18 @@ def penalize(logits, generated: list[int], params: SamplingParams):
         banned = [generated[i + n - 1] for i in range(len(generated) - n + 1) if generated[i : i + n - 1] == prefix]
         out[banned] = -np.inf
     return out
+
+
+@dataclass
+class Generation:
+    """One generation's result, from the PyTorch loop (:func:`model.generate.generate`) or the compiled runtime
+    (``runtime.engine.Engine``): the new tokens, their text (cut before a stop string), why it ended, and the
+    runtime's timings and token healing (left at their defaults by the PyTorch loop)."""
+
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"  # length | stop_token | stop_string | context
+    prefill_s: float = 0.0  # time to first token (prefill + first sample)
+    decode_s: float = 0.0
+    healed: str = ""  # token healing: the prompt's last characters, generated again (``tokens`` spell them first)
+    healed_tokens: int = 0  # the prompt tokens they held (backed off; ``tokens`` may hold more or fewer for them)

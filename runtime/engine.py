@@ -34,12 +34,11 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from model.sampling import SamplingParams, penalize
+from model.sampling import Generation, SamplingParams, penalize  # Generation: re-exported
 from runtime.healing import Heal, TokenTable, plan
 from targets.cpu import check_flags
 from targets.cuda import load_cuda_runtime
@@ -50,17 +49,6 @@ GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing by it would 
 # control tokens that end a generation by their name alone (as llama.cpp treats them), besides the GGUF's EOS/EOT/EOM
 EOG_NAMES = frozenset({"<|endoftext|>", "<|end|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "</s>"})
 EOG_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-
-
-@dataclass
-class Generation:
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str = "length"  # length | stop_token | stop_string | context
-    prefill_s: float = 0.0  # time to first token (prefill + first sample)
-    decode_s: float = 0.0
-    healed: str = ""  # token healing: the prompt's last characters, generated again (``tokens`` spell them first)
-    healed_tokens: int = 0  # the prompt tokens they held (backed off; ``tokens`` may hold more or fewer for them)
 
 
 def _finite_or_inf(logits) -> np.ndarray:
