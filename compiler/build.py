@@ -21,10 +21,10 @@ reports every such failure, and every invalid model, as one ``error:`` line with
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +36,7 @@ import numpy as np
 
 import targets
 from compiler import cache
+from model.files import atomic_dir
 
 log = logging.getLogger("compiler.build")
 
@@ -114,6 +115,24 @@ def check_cpu_layout(weights: str, target: str) -> None:
                          "use --weights tile8")  # fmt: skip
 
 
+def selected_records(kernels: dict[str, str], target: str, tuning_logs: Path | str | None = None) -> dict:
+    """The tuning records a build selected: for each tuned kernel (op key), the sha256 of its record (the best one of
+    the target's database, as :func:`compiler.schedule.get_primfunc` chose it) and its measured seconds. Written to
+    ``meta.json`` (the key, computed before the build, hashes the whole database)."""
+    from compiler import schedule as S
+    from compiler.ops import parse_key
+
+    tuned = sorted(k for k, source in kernels.items() if source == "tuned")
+    db = S.open_database(target, tuning_logs) if tuned else None  # already parsed by the lowering: cached
+    out = {}
+    for k in tuned:
+        rec = S.best_record(db, parse_key(k))
+        if rec is not None:
+            text = json.dumps(rec.as_json(), sort_keys=True, default=str)
+            out[k] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "run_secs": min(map(float, rec.run_secs))}
+    return out
+
+
 def build(
     model: Path | str,
     target: str = "auto",
@@ -147,7 +166,7 @@ def build(
     if ok and not force:
         log.info("reusing %s (nothing to compile)", d)
         return BuildResult(d, key, False, cache.read_meta(d))
-    root = check_writable(Path(cache_dir or cache.default_cache_dir()), "cache directory")  # before any compiling
+    check_writable(Path(cache_dir or cache.default_cache_dir()), "cache directory")  # before any compiling
     with phase("read"):
         g = read_model(model)
         cfg = g.config
@@ -193,27 +212,20 @@ def build(
                 opt = relax.get_pipeline("default")(mod)
                 (Path(dump_ir) / "compile.relax.py").write_text(opt.script())
             ex = tvm.compile(mod, target=tgt)
-    with phase("export"):
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
-        try:
-            ex.export_library(str(tmp / "model.so"))
-            np.savez(tmp / "params.npz", **params)
-            meta = {
-                "key": key, "target": target, "weights": weights, "cores": cores, "cpu_flags": lw.cpu_flags(),
-                "compiler_version": cache.COMPILER_VERSION,
-                "model": str(model),
-                "config": cfg.to_dict(), "prefill_chunk": lw.chunk,
-                "params": [[s.name, list(s.shape), s.dtype] for s in lw.specs()],
-                "kernels": lw.kernels, "sha256": {n: cache.sha256_file(tmp / n) for n in cache.FILES},
-            }  # fmt: skip
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if d.exists():
-                shutil.rmtree(d)
-            tmp.rename(d)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        log.info("wrote %s", d)
+    with phase("export"), atomic_dir(d, prefix=".build-") as tmp:
+        ex.export_library(str(tmp / "model.so"))
+        np.savez(tmp / "params.npz", **params)
+        meta = {
+            "key": key, "target": target, "weights": weights, "cores": cores, "cpu_flags": lw.cpu_flags(),
+            "compiler_version": cache.compiler_version(),
+            "model": str(model),
+            "config": cfg.to_dict(), "prefill_chunk": lw.chunk,
+            "params": [[s.name, list(s.shape), s.dtype] for s in lw.specs()],
+            "kernels": lw.kernels, "tuning_records": selected_records(lw.kernels, target, tuning_logs),
+            "sha256": {n: cache.sha256_file(tmp / n) for n in cache.FILES},
+        }  # fmt: skip
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    log.info("wrote %s", d)
     return BuildResult(d, key, True, meta)
 
 

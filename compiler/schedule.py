@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +26,6 @@ import targets
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
-LOGS_ROOT = Path(os.environ.get("TERNARY_TUNING_LOGS", REPO / "tuning_logs"))
 SCHEDULE_MODULES = {"avx512": "schedules.x86_avx512", "avx2": "schedules.x86_avx2", "cuda": "schedules.cuda"}
 
 
@@ -44,7 +41,11 @@ def schedule_module(target: str):
 
 
 def logs_dir(target: str, root: Path | str | None = None) -> Path:
-    return Path(root or LOGS_ROOT) / targets.resolve(target)
+    """``root/<target>``; ``root`` defaults to :func:`compiler.cache.logs_root` (``$TERNARY_TUNING_LOGS``, the
+    checkout's ``tuning_logs/`` or the installed package's copy)."""
+    from compiler.cache import logs_root
+
+    return Path(root or logs_root()) / targets.resolve(target)
 
 
 def workload(op):

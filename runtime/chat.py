@@ -9,7 +9,10 @@ end-of-text token ends it); a stats line (tokens, time to first token, decode to
 be given several times. A prompt that ends inside a word, a newline or indentation is token-healed (the last word is
 generated again under constraint, see ``runtime.healing``); ``--no-token-healing`` turns that off. The arguments,
 including that ``--model`` is a regular file starting with the GGUF magic, are checked before anything loads; a bad
-one ends the run with a one-line error and exit status 2.
+one ends the run with a one-line error and exit status 2. ``--jit-policy`` says when the model is compiled
+(``on``/``off``/``redo``/``readonly``, see :func:`runtime.engine.ensure_built`); with ``off`` and no compiled module
+the run ends with one error line naming the ``compiler.build`` command (exit status 1). ``--model`` defaults to the
+shipped model, in a checkout or an installed package (:func:`default_model`).
 
 Tests: ``pytest -q tests/test_runtime_engine.py -k chat``.
 """
@@ -20,11 +23,22 @@ import argparse
 import logging
 import math
 import sys
+from importlib import resources
 from pathlib import Path
 
-from runtime.engine import Engine, Generation, SamplingParams
+from runtime.engine import JIT_POLICIES, Engine, Generation, JITError, SamplingParams
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "small.gguf"
+
+def default_model() -> Path:
+    """The shipped model: ``models/small.gguf`` of a source checkout, else the copy an installed package carries as
+    ``runtime/models/small.gguf`` (setup.py puts it there)."""
+    checkout = Path(__file__).resolve().parent.parent / "models" / "small.gguf"
+    if checkout.is_file():
+        return checkout
+    return Path(str(resources.files("runtime") / "models" / "small.gguf"))
+
+
+DEFAULT_MODEL = default_model()
 
 
 def run_one(eng: Engine, prompt: str, params: SamplingParams, out=None, echo: bool = True) -> Generation:
@@ -96,10 +110,18 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-token-healing", action="store_true",
                     help="do not regenerate the prompt's last word (see runtime.healing)")  # fmt: skip
+    ap.add_argument("--jit-policy", default="on", choices=JIT_POLICIES,
+                    help="on: reuse the cached module, compile it if absent (default); off: never compile (error if "
+                    "absent); redo: always recompile; readonly: compile into a temporary directory if absent, never "
+                    "write the cache")  # fmt: skip
     a = ap.parse_args(argv)
     check_args(ap, a)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    eng = Engine.from_gguf(a.model, a.target, a.cache_dir, a.threads, token_healing=not a.no_token_healing)
+    try:
+        eng = Engine.from_gguf(a.model, a.target, a.cache_dir, a.threads, a.jit_policy,
+                               token_healing=not a.no_token_healing)  # fmt: skip
+    except JITError as exc:
+        raise SystemExit(f"{ap.prog}: error: {exc}") from None
     stops = (eng.eos,) if eng.eos is not None else ()
     params = SamplingParams(a.max_tokens, a.temperature, a.top_k, a.top_p, a.seed, stops, tuple(a.stop))
     if a.prompt is not None:

@@ -110,24 +110,60 @@ def constrain(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return x
 
 
+JIT_POLICIES = ("on", "off", "redo", "readonly")  # as mlc-llm's JIT cache: see ensure_built
+
+
+class JITError(RuntimeError):
+    """``jit_policy="off"`` and no usable compiled module: the message names the build command."""
+
+
 def ensure_built(
-    gguf: Path | str, target: str = "auto", cache_dir: Path | str | None = None, cores: int | None = None
+    gguf: Path | str,
+    target: str = "auto",
+    cache_dir: Path | str | None = None,
+    cores: int | None = None,
+    jit_policy: str = "on",
 ) -> Path:
-    """The cache entry for ``gguf`` on ``target``; compiles it (``compiler.build``, the one lazy JIT) if absent.
-    ``cores``: the thread count it will run with (default TVM's pool size; see docs/threads.md)."""
+    """The cache entry for ``gguf`` on ``target`` (key: :func:`compiler.cache.cache_key`, the one place it is
+    computed); ``cores``: the thread count it will run with (default TVM's pool size; see docs/threads.md).
+    ``jit_policy`` says when ``compiler.build`` (the runtime's one lazy JIT into the compiler) runs:
+
+    * ``on``: reuse a usable entry, compile into the cache if there is none;
+    * ``off``: never compile; no usable entry is a :class:`JITError` naming the ``compiler.build`` command;
+    * ``redo``: always compile, replacing the cache entry;
+    * ``readonly``: reuse a usable entry, else compile into a temporary directory (removed at exit); the cache is
+      never written."""
     from compiler import cache
     from targets import resolve
 
+    if jit_policy not in JIT_POLICIES:
+        raise ValueError(f"jit_policy must be one of {', '.join(JIT_POLICIES)}; got {jit_policy!r}")
     target = resolve(target)
     key = cache.cache_key(gguf, target, cores=cores)
     d = cache.entry_dir(cache_dir, key)
     ok, why = cache.check_entry(d, key)
-    if ok:
+    if ok and jit_policy != "redo":
         return d
-    log.warning("no usable compiled module for %s on %s (%s): compiling (first use)", gguf, target, why)
+    if jit_policy == "off":
+        cmd = f"python -m compiler.build --model {gguf} --target {target}"
+        cmd += f" --cache-dir {cache_dir}" if cache_dir else ""
+        raise JITError(f"no usable compiled module for {gguf} on {target} in {d.parent} ({why}) and the JIT policy "
+                       f"is off; build it first: {cmd}")  # fmt: skip
     from compiler.build import build  # the JIT exception: only here does the runtime reach the compiler
 
-    return build(gguf, target, cache_dir, cores=cores).dir
+    if jit_policy == "readonly":
+        import atexit
+        import shutil
+        import tempfile
+
+        tmp = tempfile.mkdtemp(prefix="ternary-tvm-jit-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        log.warning("no usable compiled module for %s on %s (%s): compiling into %s (read-only cache)", gguf, target,
+                    why, tmp)  # fmt: skip
+        return build(gguf, target, tmp, cores=cores).dir
+    if jit_policy == "on":
+        log.warning("no usable compiled module for %s on %s (%s): compiling (first use)", gguf, target, why)
+    return build(gguf, target, cache_dir, cores=cores, force=jit_policy == "redo").dir
 
 
 class Engine:
@@ -203,9 +239,16 @@ class Engine:
 
     @classmethod
     def from_gguf(
-        cls, gguf: Path | str, target: str = "auto", cache_dir=None, threads: int | None = None, **kw
+        cls,
+        gguf: Path | str,
+        target: str = "auto",
+        cache_dir=None,
+        threads: int | None = None,
+        jit_policy: str = "on",
+        **kw,
     ) -> Engine:
-        return cls(ensure_built(gguf, target, cache_dir, cores=threads), gguf, threads, **kw)
+        """Build (per ``jit_policy``, see :func:`ensure_built`) or reuse ``gguf``'s module, then load it."""
+        return cls(ensure_built(gguf, target, cache_dir, cores=threads, jit_policy=jit_policy), gguf, threads, **kw)
 
     @functools.cached_property
     def token_table(self) -> TokenTable:

@@ -12,7 +12,9 @@ while the model loads, 200 once it is ready); ``GET /metrics`` (Prometheus text,
 chat page (``runtime/static/chat.html``).
 
 The model loads (and compiles, on first use) on the generation thread that the app's lifespan starts, so the server
-answers ``/health`` at once. Generation runs on that one thread (:mod:`runtime.worker`) behind a bounded queue
+answers ``/health`` at once; ``--jit-policy`` (``on``/``off``/``redo``/``readonly``,
+:func:`runtime.engine.ensure_built`) says when it compiles, and with ``off`` a model without a compiled module ends
+the server before it listens. Generation runs on that one thread (:mod:`runtime.worker`) behind a bounded queue
 (``--max-queue``; full → 429); a client that disconnects cancels its job within a token. Errors use OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 invalid request (bad JSON, wrong types, out-of-range
 parameters, prompt + max_tokens over the context), 401 missing or wrong API key (``--api-key`` or
@@ -61,12 +63,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from model.sampling import SamplingParams
 from runtime import openai_schema as oai
+from runtime.chat import DEFAULT_MODEL
 from runtime.chat_template import TIMEOUT_S, ChatTemplateError, Renderer
+from runtime.engine import JIT_POLICIES, JITError, ensure_built
 from runtime.worker import Job, NotReady, QueueFull, Stats, Worker
 
 log = logging.getLogger("runtime.serve")
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "small.gguf"
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: the context holds ~1k tokens, a few kB of text
 MAX_QUEUE = 16  # requests waiting behind the running one
@@ -105,6 +108,7 @@ class ServeConfig:
     chat_template: str | None = None  # instead of the GGUF's
     template_timeout_s: float = TIMEOUT_S
     read_timeout_s: float = READ_TIMEOUT_S
+    jit_policy: str = "on"  # when the model is compiled: runtime.engine.ensure_built
 
     def __post_init__(self) -> None:
         self.model_id = self.model_id or Path(self.model).stem
@@ -150,7 +154,7 @@ class Backend:
         self.eos_ids = (spec.eos_id,) if spec.eos_id is not None else ()
         self.eos_text = spec.tokens[spec.eos_id] if spec.eos_id is not None else ""
         self.control_ids = tuple(i for i, t in enumerate(spec.token_type) if t == TOKEN_CONTROL)
-        return Engine.from_gguf(c.model, c.target, c.cache_dir, c.threads or default_threads())
+        return Engine.from_gguf(c.model, c.target, c.cache_dir, c.threads or default_threads(), c.jit_policy)
 
     def _load(self):
         engine = self._open()
@@ -676,6 +680,10 @@ def main(argv: list[str] | None = None) -> None:
         help=f"seconds a client has to send its headers, and then its body (default {READ_TIMEOUT_S:g})",
     )
     ap.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allow this origin ('*': any)")
+    ap.add_argument("--jit-policy", default="on", choices=JIT_POLICIES,
+                    help="on: reuse the cached module, compile it if absent (default); off: never compile (exit at "
+                    "once if absent); redo: always recompile; readonly: compile into a temporary directory if absent, "
+                    "never write the cache")  # fmt: skip
     ap.add_argument("--log-level", default="info")
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -693,7 +701,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: --chat-template {a.chat_template}: {e}") from None
     config = ServeConfig(a.model, a.target, a.cache_dir, a.threads, a.host, a.port, a.api_key, a.max_queue,
                          a.max_body_bytes, a.metrics, tuple(a.cors), a.model_id, template, a.template_timeout,
-                         a.read_timeout)  # fmt: skip
+                         a.read_timeout, a.jit_policy)  # fmt: skip
+    if a.jit_policy == "off":  # nothing to compile in the background: a missing module fails now, not on /health
+        try:
+            ensure_built(config.model, config.target, config.cache_dir, config.threads or default_threads(), "off")
+        except (JITError, ValueError) as e:  # ValueError: GGUFError (not a model file) or an unknown target
+            raise SystemExit(f"error: {e}") from None
     if config.api_key is None and a.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", a.host)
     import uvicorn
