@@ -16,11 +16,11 @@ UNTUNED warning). Decode uses ``gemv_i8`` and ``mhc_post``; prefill uses ``gemm_
 8) and a token-batched TE twin of ``mhc_post``. Embedding, RoPE, the cache write, attention, SwiGLU, the o/down
 input quantize, the final norm and the LM head are the small kernels of :mod:`compiler.graph_kernels`.
 
-CPU weight layout: every ternary matrix is stored once, in ``tile8`` (:mod:`compiler.layouts_x86`: the 64-byte
+CPU weight layout: every ternary matrix is stored once, in ``tile8`` (:mod:`model.ternary.layouts_x86`: the 64-byte
 chunks of 8 rows side by side, so each thread of a decode GEMV streams one linear range), read by both the decode
 GEMV and the prefill GEMM (``tile=8``). The LM head is ``[V, D]`` as the GGUF stores it (rows streamed once).
 ``weights="tl"`` (AVX-512 VBMI) stores them in the 1.67-bit ``tl{R}`` layout instead
-(:mod:`compiler.layouts_x86_tl`): decode calls ``gemv_i8_tl``, prefill calls it once per token of the chunk. Both
+(:mod:`model.ternary.layouts_tl`): decode calls ``gemv_i8_tl``, prefill calls it once per token of the chunk. Both
 layouts give the same integer dot products, hence bit-identical logits.
 
 Structure: :class:`Lowering` has one builder per block (``embedding``, ``attention``, ``ffn``, ``mhc_site``,
@@ -128,7 +128,7 @@ def _site_param(site: int, name: str) -> str:
 
 def _cpu_w_shape(M: int, K: int, weights: str = "tile8") -> tuple[int, ...]:
     if weights == "tl":
-        from compiler.layouts_x86_tl import shape
+        from model.ternary.layouts_tl import shape
 
         return shape(M, K, tl_tile(M))
     return (M // CPU_TILE, K // 256, CPU_TILE, 64) if cpu_tile(M) else (M, K // 4)
@@ -136,23 +136,20 @@ def _cpu_w_shape(M: int, K: int, weights: str = "tile8") -> tuple[int, ...]:
 
 def _pack_cpu(codes: np.ndarray, weights: str = "tile8") -> np.ndarray:
     """int8 codes ``[M, K]`` → ``tile8`` (``rowmajor4`` when 8 does not divide M), or ``tl{R}``."""
-    from compiler.layouts_x86 import tile_rowmajor4
-    from compiler.layouts_x86_tl import pack_tl
-    from model.ternary.layouts import pack_rowmajor4
+    from model.ternary.layouts import get_layout
 
-    if weights == "tl":
-        return pack_tl(codes, tl_tile(codes.shape[0]))
-    w = pack_rowmajor4(codes)
-    return tile_rowmajor4(w, CPU_TILE) if cpu_tile(codes.shape[0]) else w
+    m = codes.shape[0]
+    name = f"tl{tl_tile(m)}" if weights == "tl" else f"tile{CPU_TILE}" if cpu_tile(m) else "rowmajor4"
+    return get_layout(name).pack(codes)
 
 
 def pack_params(g, gpu: bool = False, weights: str = "tile8") -> dict[str, np.ndarray]:
     """The GGUF's tensors → the kernels' inputs: ternaries repacked to ``tile8`` or ``tl{R}`` (GPU: ``dp4a``) + a
     float32 scale, floats as float32, mHC coefficients computed once, RoPE tables."""
-    from compiler.layouts_gpu import pack_dp4a
+    from model.ternary.layouts import get_layout
 
     check_weights(weights, gpu)
-    pack = pack_dp4a if gpu else (lambda codes: _pack_cpu(codes, weights))
+    pack = get_layout("dp4a").pack if gpu else (lambda codes: _pack_cpu(codes, weights))
     cfg = g.config
     p: dict[str, np.ndarray] = {}
     emb = g.tensors["token_embd.weight"]

@@ -29,8 +29,8 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from compiler.layouts_x86_tl import ZERO_CODE
 from compiler.ops.ternary_gemv_tl import te_lut_word, te_term
+from model.ternary.layouts_tl import ZERO_CODE
 from schedules.intrin_x86 import PREFETCH  # the same prefetch distances as the 2-bit kernel
 
 TL_INTRIN = "ternary_tl_lookup_16x24_vnni"

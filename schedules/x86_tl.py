@@ -19,7 +19,7 @@ Knobs: ``unroll_k``, and the grid-only ``lut_at`` and ``prefetch`` (the latter p
 
 from __future__ import annotations
 
-from compiler.layouts_x86_tl import TILE_ROWS
+from model.ternary.layouts_tl import TILE_ROWS
 from schedules import intrin_x86_tl, targets
 from schedules.knobs import Knob, choose, knob
 

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from compiler import cuda_cross
 from compiler import schedule as S
-from compiler.layouts_gpu import pack_dp4a, rowmajor4_to_dp4a, unpack_dp4a
 from compiler.ops import make_op
 from model.ternary.layouts import LAYOUTS, pack_rowmajor4
+from model.ternary.layouts_gpu import pack_dp4a, rowmajor4_to_dp4a, unpack_dp4a
 
 needs_nvcc = pytest.mark.skipif(not cuda_cross.available(), reason="no CUDA toolkit (nvcc + headers) on this machine")
 

@@ -121,7 +121,6 @@ def test_gemm_i8_tiled_layout_bit_exact(target, tile, N, mt, kc, seed, data):
 
 
 def test_tiled_layout_round_trip_and_registry():
-    import compiler.layouts_x86  # noqa: F401  (registers tile4/8/16)
     from model.ternary.layouts import LAYOUTS
 
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_helpers import X86
 
-import compiler.layouts_x86_tl as TL
+import model.ternary.layouts_tl as TL
 import targets
 from compiler.kernels import Kernel, get_kernel
 from compiler.ops import OpShapeError, make_op

@@ -6,7 +6,6 @@ from helpers import ks, ms, random_codes, seeds
 from hypothesis import given
 from hypothesis import strategies as st
 
-import compiler.layouts_x86  # noqa: F401  (registers the x86 row-tiled layouts, so every layout is tested)
 from model.ternary import ggml, quantize_weights
 from model.ternary.checks import TernaryFormatError
 from model.ternary.layouts import LAYOUTS, get_layout, pack_weights, repack_gguf

@@ -1,10 +1,10 @@
 """Ternary GEMM for prefill (N tokens at once), W2A8: ``y[n, m] = float32(Σ_k code·x[n] − Σx[n]) · (w_s/x_s[n])``.
 
-Same weight layouts (``tile=0``: ``rowmajor4``; ``tile=R``: the ``tile{R}`` row tiles of :mod:`compiler.layouts_x86`,
-so prefill can read the very array the decode GEMV streams), activation interleave and integer maths as ``gemv_i8``
-(see :mod:`compiler.ops.ternary_gemv`), with per-token ``x_sum`` and ``x_scale``; bit-exact with
-:func:`model.ternary.reference.ternary_matmul_i8` on ``[N, K]`` activations. The x86 schedules decode each 64-byte
-weight chunk once and reuse it for a tile of tokens.
+Same weight layouts (``tile=0``: ``rowmajor4``; ``tile=R``: the ``tile{R}`` row tiles of
+:mod:`model.ternary.layouts_x86`, so prefill can read the very array the decode GEMV streams), activation interleave
+and integer maths as ``gemv_i8`` (see :mod:`compiler.ops.ternary_gemv`), with per-token ``x_sum`` and ``x_scale``;
+bit-exact with :func:`model.ternary.reference.ternary_matmul_i8` on ``[N, K]`` activations. The x86 schedules decode
+each 64-byte weight chunk once and reuse it for a tile of tokens.
 
     python -m compiler.ops.ternary_gemm        # builds the untuned TE for 4×256×512 and checks it against numpy
 """
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.layouts_x86 import tile_rowmajor4, untile_rowmajor4
 from compiler.ops.base import Arg, Op, check_k, check_positive
 from compiler.ops.ternary_gemv import CHUNK, _impl, check_tile, random_packed, te_code, te_interleave, weight_shape
 from model.ternary import reference
+from model.ternary.layouts_x86 import tile_rowmajor4, untile_rowmajor4
 
 
 @dataclass(frozen=True)

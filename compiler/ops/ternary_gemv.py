@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.layouts_x86 import TILES, tile_rowmajor4, untile_rowmajor4
 from compiler.ops.base import Arg, Op, OpShapeError, check_k, check_positive
 from model.ternary import reference
+from model.ternary.layouts_x86 import TILES, tile_rowmajor4, untile_rowmajor4
 
 CHUNK = 256  # codes per interleave chunk (= 64 packed bytes = one intrinsic call)
 
@@ -69,7 +69,7 @@ class TernaryGemvI8(Op):
     """``y[M] = float32(Σ code·x − Σx) · (w_scale / x_scale)``; the reduction block is named ``acc``.
 
     ``tile=0``: weights in ``rowmajor4 [M, K/4]``; ``tile=R``: in the ``tile{R}`` layout ``[M/R, K/256, R, 64]`` of
-    :mod:`compiler.layouts_x86` (one linear stream per row tile; the schedule's row tile is then R).
+    :mod:`model.ternary.layouts_x86` (one linear stream per row tile; the schedule's row tile is then R).
     """
 
     M: int

@@ -1,6 +1,6 @@
 """Ternary GEMV by table lookup on 1.67-bit weights: ``gemv_i8_tl``, W1.67A8, bit-exact with ``gemv_i8``.
 
-Weights in the ``tl{R}`` layout of :mod:`compiler.layouts_x86_tl`: three weights per code, stored as a 4-bit index
+Weights in the ``tl{R}`` layout of :mod:`model.ternary.layouts_tl`: three weights per code, stored as a 4-bit index
 ``|c − 13|`` and a sign bit. The stages (after ``xp``, x zero-padded to a multiple of 24):
 
 1. ``lut``: for every group of three activations ``(x0, x1, x2)``, the 16-entry table of ``v(i) = Σ t·x`` over the
@@ -25,7 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.layouts_x86_tl import (
+from compiler.ops.base import Arg, Op, OpShapeError, check_k, check_positive
+from model.ternary import reference
+from model.ternary.layouts import pack_rowmajor4
+from model.ternary.layouts_tl import (
     BLOCK_K,
     GROUP,
     HALF_CODES,
@@ -37,9 +40,6 @@ from compiler.layouts_x86_tl import (
     shape,
     unpack_tl,
 )
-from compiler.ops.base import Arg, Op, OpShapeError, check_k, check_positive
-from model.ternary import reference
-from model.ternary.layouts import pack_rowmajor4
 
 
 def lut_numpy(x: np.ndarray, k: int) -> np.ndarray:

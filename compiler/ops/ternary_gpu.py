@@ -1,6 +1,6 @@
 """Ternary GEMV / GEMM for GPUs, W2A8 on the ``dp4a`` layout: ``y = float32(Σ code·x − Σx) · (w_scale / x_scale)``.
 
-Weights ``W int32[M, K/16]`` (:mod:`compiler.layouts_gpu`), activations ``x4 int32[.., K/4]`` — the int8
+Weights ``W int32[M, K/16]`` (:mod:`model.ternary.layouts_gpu`), activations ``x4 int32[.., K/4]`` — the int8
 activations read as int32 words, so no interleave stage — and, as in :mod:`compiler.ops.ternary_gemv`, the
 activation sum and scales from ``rmsnorm_quant``. The reduction is over ``(w, s)``: word ``w`` of a row, bit-pair
 plane ``s``; each term is one ``dp4a`` of the plane's four code bytes ``(W >> 2s) & 0x03030303`` with the activation
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compiler.layouts_gpu import rowmajor4_to_dp4a
 from compiler.ops.base import Arg, Op, check_k, check_positive
 from compiler.ops.ternary_gemv import _impl, random_packed
 from model.ternary import reference
+from model.ternary.layouts_gpu import rowmajor4_to_dp4a
 
 PLANES = 0x03030303
 
@@ -57,8 +57,8 @@ def _dp4a_weights(rng, M: int, K: int) -> np.ndarray:
 
 
 def _rowmajor4(W: np.ndarray) -> np.ndarray:
-    from compiler.layouts_gpu import unpack_dp4a
     from model.ternary.layouts import pack_rowmajor4
+    from model.ternary.layouts_gpu import unpack_dp4a
 
     return pack_rowmajor4(unpack_dp4a(W, W.shape[1] * 16))
 

@@ -18,7 +18,8 @@ Formats
 * GGUF (:mod:`.ggml`): the standard ggml types TQ2_0 (type 35, 66 bytes per 256 weights) and TQ1_0 (type 34,
   54 bytes per 256 weights), bit-identical to ``gguf.quants.quantize``. Input dimension K must be a multiple of 256.
 * Kernel layouts (:mod:`.layouts`): what the compiled kernels read. ``rowmajor4``: ``uint8[M, K/4]`` with
-  ``code(m, k) = (W[m, k // 4] >> 2·(k % 4)) & 3``. New layouts register themselves in ``layouts.LAYOUTS``.
+  ``code(m, k) = (W[m, k // 4] >> 2·(k % 4)) & 3``; ``tile{R}``, ``tl{R}`` and ``dp4a``, all listed in
+  ``layouts.LAYOUTS``.
 
 Reference
 ---------

@@ -1,63 +1,33 @@
 """Kernel weight layouts: how the compiled kernels want ternary codes laid out, and the repack from GGUF into them.
 
 The GGUF file stays the portable artifact (TQ2_0/TQ1_0); the compiler repacks each tensor into the layout of the
-kernel that will read it, once, at build time. A layout is registered in :data:`LAYOUTS` by name with a ``pack``
-(int8 codes ``[M, K]`` in {-1,0,+1} → packed array) and an exact inverse ``unpack``.
+kernel that will read it, once, at build time. :data:`LAYOUTS` is the one registry of every layout, listed here
+statically (no layout registers itself by being imported): each a :class:`Layout` with a ``pack`` (int8 codes
+``[M, K]`` in {-1,0,+1} → packed array) and an exact inverse ``unpack``. All numpy-only:
 
-``rowmajor4`` (the plain layout of the TVM kernels): ``uint8[M, K/4]``, four 2-bit codes ``c = q + 1`` per byte,
-``code(m, k) = (W[m, k // 4] >> 2·(k % 4)) & 3``.
+* ``rowmajor4`` (:mod:`.rowmajor4`, the plain layout of the TVM kernels): ``uint8[M, K/4]``, four 2-bit codes
+  ``c = q + 1`` per byte, ``code(m, k) = (W[m, k // 4] >> 2·(k % 4)) & 3``;
+* ``tile4``, ``tile8``, ``tile16`` (:mod:`.layouts_x86`): row tiles of ``rowmajor4``, one linear stream per tile;
+* ``tl1``, ``tl2``, ``tl4``, ``tl8`` (:mod:`.layouts_tl`): 1.67 bits a weight for the table-lookup GEMV;
+* ``dp4a`` (:mod:`.layouts_gpu`): 16 codes per int32 word for CUDA's ``__dp4a``.
 
     python -c "from model.ternary.layouts import LAYOUTS; print(list(LAYOUTS))"
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import numpy as np
 
-from model.ternary import ggml
-from model.ternary.checks import TernaryFormatError, as_array, check_k
+from model.ternary import ggml, layouts_gpu, layouts_tl, layouts_x86
+from model.ternary.checks import TernaryFormatError
 from model.ternary.quant import TernaryWeights
-
-
-@dataclass(frozen=True)
-class Layout:
-    name: str
-    pack: Callable[[np.ndarray], np.ndarray]
-    unpack: Callable[[np.ndarray, int], np.ndarray]  # (packed, K) -> int8 codes [M, K]
-    doc: str
-    row_multiple: int = 1  # M must be a multiple of this (row-tiled layouts)
-
-
-def _check_codes(codes: np.ndarray) -> np.ndarray:
-    codes = as_array(codes, "codes", np.int8, (2,))
-    check_k(codes.shape[1])
-    if codes.size and (codes.min() < -1 or codes.max() > 1):
-        raise TernaryFormatError("codes: values outside {-1, 0, +1}")
-    return codes
-
-
-def pack_rowmajor4(codes: np.ndarray) -> np.ndarray:
-    c = (_check_codes(codes) + 1).astype(np.uint8).reshape(codes.shape[0], -1, 4)
-    return c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6
-
-
-def unpack_rowmajor4(packed: np.ndarray, k: int) -> np.ndarray:
-    packed = as_array(packed, "packed", np.uint8, (2,))
-    check_k(k)
-    if packed.shape[1] * 4 != k:
-        raise TernaryFormatError(f"packed: {packed.shape[1]} bytes per row, but K = {k} needs {k // 4}")
-    c = (packed[..., None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
-    if c.max(initial=0) > 2:
-        raise TernaryFormatError("packed: holds the invalid 2-bit code 3")
-    return (c.astype(np.int8) - 1).reshape(packed.shape[0], k)
-
+from model.ternary.rowmajor4 import ROWMAJOR4, Layout, _check_codes, pack_rowmajor4, unpack_rowmajor4
 
 LAYOUTS: dict[str, Layout] = {
-    "rowmajor4": Layout("rowmajor4", pack_rowmajor4, unpack_rowmajor4, "uint8[M, K/4], code k at bits 2·(k%4)"),
+    lay.name: lay for lay in (ROWMAJOR4, *layouts_x86.TILE_LAYOUTS, *layouts_tl.TL_LAYOUTS, layouts_gpu.DP4A)
 }
+__all__ = ["LAYOUTS", "Layout", "_check_codes", "get_layout", "pack_rowmajor4", "pack_weights", "repack_gguf",
+           "unpack_rowmajor4"]  # fmt: skip
 
 
 def get_layout(name: str) -> Layout:

@@ -5,9 +5,9 @@
 ``16w + 4s + 0..3`` — which line up with the activation word ``x4[4w + s]`` (the int8 activations read as int32):
 one shift, one AND and one ``dp4a`` per 4 weights, and no activation interleave at all. It is ``rowmajor4`` with the
 4×4 (byte, bit-pair) fields of every word transposed: the same size (2 bits a weight), repacked once at build time.
-Registered into :data:`model.ternary.layouts.LAYOUTS` on import.
+Listed in :data:`model.ternary.layouts.LAYOUTS`.
 
-    python -c "import compiler.layouts_gpu as g, numpy as np; print(g.pack_dp4a(np.ones((2, 256), np.int8)).shape)"
+    python -c "import model.ternary.layouts_gpu as g, numpy as np; print(g.pack_dp4a(np.ones((2, 256), np.int8)).shape)"
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from model.ternary.checks import TernaryFormatError
-from model.ternary.layouts import LAYOUTS, Layout, pack_rowmajor4, unpack_rowmajor4
+from model.ternary.rowmajor4 import Layout, pack_rowmajor4, unpack_rowmajor4
 
 
 def _transpose_fields(codes: np.ndarray) -> np.ndarray:
@@ -44,7 +44,4 @@ def rowmajor4_to_dp4a(w: np.ndarray) -> np.ndarray:
     return pack_dp4a(unpack_rowmajor4(w, w.shape[1] * 4))
 
 
-LAYOUTS.setdefault(
-    "dp4a",
-    Layout("dp4a", pack_dp4a, unpack_dp4a, "int32[M, K/16]: bits 8i+2s of word w = code of weight 16w+4s+i"),
-)
+DP4A = Layout("dp4a", pack_dp4a, unpack_dp4a, "int32[M, K/16]: bits 8i+2s of word w = code of weight 16w+4s+i")

@@ -15,13 +15,13 @@ a tile has one 80-byte record:
   one ``kmovq`` each.
 
 After the last block each tile has one more record whose first 64 bytes are the 16 rows' ``Σ sign`` (int32,
-little-endian); the kernel's epilogue needs it (:mod:`compiler.ops.ternary_gemv_tl`).
+little-endian); the kernel's epilogue needs it (``compiler.ops.ternary_gemv_tl``).
 
 ``tl{R}`` (R ∈ {1, 2, 4, 8}): ``uint8[M/(16R), B + 1, R, 80]``, ``B = ⌈K/24⌉``, ``T[g, b, t]`` = record of block
 ``b`` of tile ``t`` of row group ``g``. Bits per weight: ``640·(B + 1) / (16·K)`` = 1.670 for K = 16384, 1.680 for
 K = 4096 (≤ 1.7 for every K ≥ 1536; 1.875 for K = 256).
 
-    python -c "import compiler.layouts_x86_tl as L; print([(k, round(L.bits_per_weight(k), 3)) for k in (4096, 16384)])"
+    python -c "from model.ternary import layouts_tl as L; print([round(L.bits_per_weight(k), 3) for k in (4096, 1536)])"
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from model.ternary.checks import TernaryFormatError, check_k
-from model.ternary.layouts import LAYOUTS, Layout, _check_codes
+from model.ternary.rowmajor4 import Layout, _check_codes
 
 TL_TILES = (1, 2, 4, 8)
 TILE_ROWS = 16  # rows per tile: the 16 int32 lanes of one zmm accumulator
@@ -126,5 +126,4 @@ def _layout(rows: int) -> Layout:
     )
 
 
-for _r in TL_TILES:
-    LAYOUTS.setdefault(f"tl{_r}", _layout(_r))
+TL_LAYOUTS = tuple(_layout(r) for r in TL_TILES)

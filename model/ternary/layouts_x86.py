@@ -3,10 +3,10 @@
 ``tile{R}`` (R ∈ {4, 8, 16}): ``uint8[M/R, K/256, R, 64]`` with ``T[mo, c, mi, b] = rowmajor4[mo·R + mi, 64c + b]``
 — the 64 packed bytes (256 codes) of each of the R rows of a tile, chunk after chunk. The ``rowmajor4`` GEMV with
 ``rows=R`` reads the same bytes as R streams 4·K/… bytes apart; with ``tile{R}`` the hardware prefetcher sees one
-sequential stream per thread, which is what keeps a DRAM-resident GEMV near the read bandwidth. Registered into
-:data:`model.ternary.layouts.LAYOUTS` on import (``pack`` takes int8 codes ``[M, K]``, ``unpack`` inverts it).
+sequential stream per thread, which is what keeps a DRAM-resident GEMV near the read bandwidth. Listed in
+:data:`model.ternary.layouts.LAYOUTS` (``pack`` takes int8 codes ``[M, K]``, ``unpack`` inverts it).
 
-    python -c "import compiler.layouts_x86; from model.ternary.layouts import LAYOUTS; print(sorted(LAYOUTS))"
+    python -c "from model.ternary.layouts_x86 import TILE_LAYOUTS; print([t.name for t in TILE_LAYOUTS])"
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from model.ternary.checks import TernaryFormatError
-from model.ternary.layouts import LAYOUTS, Layout, pack_rowmajor4, unpack_rowmajor4
+from model.ternary.rowmajor4 import Layout, pack_rowmajor4, unpack_rowmajor4
 
 TILES = (4, 8, 16)
 
@@ -43,5 +43,4 @@ def _layout(rows: int) -> Layout:
     )
 
 
-for _r in TILES:
-    LAYOUTS.setdefault(f"tile{_r}", _layout(_r))
+TILE_LAYOUTS = tuple(_layout(r) for r in TILES)
