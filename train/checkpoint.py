@@ -20,15 +20,15 @@ does not (a disk error, a hand-edited file). :func:`remove_stale` removes what a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from model.files import atomic_dir, sha256_file
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-ckpt-"
@@ -38,14 +38,6 @@ log = logging.getLogger("train.checkpoint")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, partial or corrupt."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _split_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -91,8 +83,7 @@ def save(folder: Path, step: int, model: torch.nn.Module, optimizers: dict[str, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"ckpt-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=folder))
-    try:
+    with atomic_dir(final, prefix=TMP_PREFIX) as tmp:
         model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(model_sd, str(tmp / "model.safetensors"))
         optim_tensors, optim_meta = rng_state(), {}
@@ -102,14 +93,8 @@ def save(folder: Path, step: int, model: torch.nn.Module, optimizers: dict[str, 
             optim_meta[name] = m
         save_file(optim_tensors, str(tmp / "optim.safetensors"))
         state = {"step": step, "optimizers": optim_meta, "extra": extra,
-                 "sha256": {f: _sha256(tmp / f) for f in ("model.safetensors", "optim.safetensors")}}  # fmt: skip
+                 "sha256": {f: sha256_file(tmp / f) for f in ("model.safetensors", "optim.safetensors")}}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.replace(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     pointer = folder / (LATEST + ".tmp")
     pointer.write_text(final.name + "\n")
     pointer.replace(folder / LATEST)
@@ -182,7 +167,7 @@ def read_state(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable state.json ({exc})") from exc
     for name, digest in expected.items():
         f = path / name
-        if not f.is_file() or _sha256(f) != digest:
+        if not f.is_file() or sha256_file(f) != digest:
             raise CheckpointError(f"{path}: {name} is missing or does not match its sha256 (partial or corrupt)")
     return state
 

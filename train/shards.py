@@ -11,7 +11,6 @@ the tokenizer that made them. :func:`open_split` checks all of it before trainin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from model.files import sha256_file
 from train.corpus import SourceFile, read_manifest
 from train.tokenizer import EOT
 
@@ -28,10 +28,6 @@ FORMAT_VERSION = 1
 
 class ShardError(ValueError):
     """A shard folder that does not match its metadata or its tokenizer."""
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def tokenize_files(files: list[SourceFile], tok: Tokenizer, batch: int = 256, desc: str = "") -> np.ndarray:
@@ -86,7 +82,7 @@ def build_shards(manifest: Path, tokenizer_path: Path, out: Path) -> dict:
         chosen = [f for f in files if f.split == split]
         splits[split] = tokenize_files(chosen, tok, desc=split)
         info[split] = {"files": len(chosen), "bytes": sum(f.size for f in chosen)}
-    return write_shards(out, splits, tok.get_vocab_size(), file_sha256(tokenizer_path), tok.token_to_id(EOT), info)
+    return write_shards(out, splits, tok.get_vocab_size(), sha256_file(tokenizer_path), tok.token_to_id(EOT), info)
 
 
 def open_split(folder: Path, split: str, tokenizer_path: Path | None = None) -> np.ndarray:
@@ -98,7 +94,7 @@ def open_split(folder: Path, split: str, tokenizer_path: Path | None = None) -> 
         raise ShardError(f"{folder}: unreadable meta.json ({exc})") from exc
     if meta.get("format") != FORMAT_VERSION or meta.get("dtype") != TOKEN_DTYPE.name:
         raise ShardError(f"{folder}: format {meta.get('format')}/{meta.get('dtype')}, expected {FORMAT_VERSION}/uint16")
-    if tokenizer_path is not None and file_sha256(tokenizer_path) != meta["tokenizer_sha256"]:
+    if tokenizer_path is not None and sha256_file(tokenizer_path) != meta["tokenizer_sha256"]:
         raise ShardError(f"{folder}: made by a different tokenizer than {tokenizer_path}")
     try:
         tokens = np.load(folder / f"{split}.npy", mmap_mode="r", allow_pickle=False)
