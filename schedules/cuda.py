@@ -15,7 +15,7 @@ GEMM (``gemm_dp4a``, prefill): the same, with the decoded weight planes reused a
 Knobs (``schedules.knobs``): ``tx`` threads per row, ``v`` words per load, ``rows`` rows per thread, ``ty`` row
 groups per block, ``unroll`` of the step loop (and ``tokens`` for the GEMM).
 
-    python -m schedules.cuda          # prints the CUDA source of the default GEMV schedule for 4096×4096
+    python -m compiler.schedule --target cuda --op gemv_dp4a:M=4096:K=4096 --trace   # this schedule of one GEMV
 """
 
 from __future__ import annotations
@@ -177,20 +177,3 @@ def rows(func, threads: int = 256):
             sch.bind(bx, "blockIdx.x")
             sch.bind(tx, "threadIdx.x")
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
-
-
-if __name__ == "__main__":
-    import tvm
-    from tvm import s_tir
-
-    from compiler import cuda_cross
-    from compiler.ops import make_op
-    from targets import get_target
-
-    cuda_cross.enable()
-    op = make_op("gemv_dp4a", M=4096, K=4096)
-    sch = s_tir.Schedule(tvm.IRModule({"main": op.compute()}))
-    gemv_dp4a(sch, op, {})
-    with get_target("cuda"):
-        ex = tvm.compile(sch.mod, target=get_target("cuda"))
-    print(ex.mod.imports[0].inspect_source() if ex.mod.imports else ex)

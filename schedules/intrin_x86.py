@@ -35,6 +35,8 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from schedules.knobs import PREFETCH  # software prefetch distances (0 = none), a knob
+
 LANES = 16  # int32 accumulator lanes per intrinsic call
 CHUNK_BYTES = 64  # packed weight bytes per call
 CHUNK = 4 * CHUNK_BYTES  # codes per call (256 = one TQ2_0 block)
@@ -76,9 +78,6 @@ def _maddubs_expr(W, X, C, offset: int, nbytes: int):
         pairs = p if pairs is None else pairs + p  # |Σ of 4 pair sums| ≤ 2048: no int16 overflow (module doc)
     ones = tirx.Broadcast(tirx.const(1, "int16"), lanes16)
     return C.vload([offset // 4], f"int32x{lanes32}") + tirx.call_llvm_pure_intrin(f"int32x{lanes32}", wd, pairs, ones)
-
-
-PREFETCH = (0, 1024, 2048, 4096)  # software prefetch distance in bytes ahead of the chunk (0 = none)
 
 
 @T.prim_func(s_tir=True)

@@ -2,7 +2,7 @@
 
 One call handles one 16-row tile × one 24-weight block: the tile's 80-byte record ``W`` (64 index bytes, byte
 ``p = 4r + j`` = codes j and 4 + j of row r in its two nibbles; 16 sign bytes) against the block's tables
-``LUT[half, h]`` (64 bytes) (:mod:`compiler.ops.ternary_gemv_tl`), accumulating both table bytes h of all 16 rows:
+``LUT[half, h]`` (64 bytes) (``compiler.ops.ternary_gemv_tl``), accumulating both table bytes h of all 16 rows:
 
     C[h, r] += Σ_{half<2, j<4} LUT[half, h, 16j + index(r, half, j)] · sign(r, half, j)
 
@@ -29,9 +29,9 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from compiler.ops.ternary_gemv_tl import te_lut_word, te_term
 from model.ternary.layouts_tl import ZERO_CODE
-from schedules.intrin_x86 import PREFETCH  # the same prefetch distances as the 2-bit kernel
+from schedules.knobs import PREFETCH  # the same prefetch distances as the 2-bit kernel
+from schedules.tl_exprs import te_lut_word, te_term
 
 TL_INTRIN = "ternary_tl_lookup_16x24_vnni"
 LUT_INTRIN = "ternary_tl_tables_4x3_avx512"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+PREFETCH = (0, 1024, 2048, 4096)  # x86 kernels' software prefetch distance in bytes ahead of the chunk (0 = none)
+
 
 @dataclass(frozen=True)
 class Knob:

@@ -11,7 +11,7 @@ tensorized with the ISA's ternary dot intrinsic. Rows go in tiles of ``rows`` (i
 loaded once per tile), the 256-code chunks loop is unrolled by ``unroll_k``; row tiles run in parallel. The
 cross-lane sum, the ``Σx`` correction and the float rescale happen per row tile, right after its reduction.
 
-    python -m schedules.x86_common            # prints the knob spaces for a 4096×4096 GEMV
+    python -m compiler.schedule --op gemv_i8:M=4096:K=4096 --trace    # this schedule of one GEMV, as the build picks it
 """
 
 from __future__ import annotations
@@ -190,11 +190,3 @@ def mhc_post(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = N
 
 TEMPLATES = {"gemv_i8": gemv_i8, "gemm_i8": gemm_i8, "gemv_f32": gemv_f32, "rmsnorm_quant": rmsnorm_quant,
              "mhc_post": mhc_post}  # fmt: skip
-
-
-if __name__ == "__main__":
-    from compiler.ops import make_op
-
-    for kind in ("gemv_i8", "gemv_f32"):
-        op = make_op(kind, M=4096, K=4096)
-        print(op, [(k.name, k.candidates, k.default) for k in space(op, AVX512)])

@@ -14,7 +14,7 @@
 Knobs: ``unroll_k``, and the grid-only ``lut_at`` and ``prefetch`` (the latter picks the intrinsic variant).
 ``vpermb`` is AVX-512 VBMI (Ice Lake, Zen 4): there is no AVX2 schedule (the untuned TE runs anywhere).
 
-    python -m schedules.x86_tl            # hand schedule of a 256×4096 tl8 GEMV, bit-exact check
+    python -m compiler.schedule --target avx512 --op gemv_i8_tl:M=256:K=4096:tile=8 --trace   # one GEMV
 """
 
 from __future__ import annotations
@@ -93,16 +93,3 @@ def gemv_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
 
 
 SCHEDULES = {"gemv_i8_tl": gemv_i8_tl}
-
-
-if __name__ == "__main__":
-    import numpy as np
-
-    from compiler.kernels import Kernel
-    from compiler.ops import make_op
-    from compiler.schedule import build
-
-    op = make_op("gemv_i8_tl", M=256, K=4096, tile=8)
-    ins = op.random_inputs(np.random.default_rng(0))
-    y = Kernel(op, build(op, "avx512", mode="hand"))(*ins)[0]
-    print(op, "hand schedule bit-exact:", np.array_equal(y, op.reference(*ins)[0]))
