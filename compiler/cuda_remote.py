@@ -44,7 +44,7 @@ def export_candidates(ops, out: Path | str, trials: int, retune: bool = False, r
     from tqdm import tqdm
 
     from compiler import schedule as S
-    from compiler.tune import open_db, plan
+    from compiler.tuning_db import open_db, plan
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def export_candidates(ops, out: Path | str, trials: int, retune: bool = False, r
 def load_runtime_cuda():
     """Import TVM's runtime only, with its CUDA library, and return ``tvm``."""
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
-    from runtime.engine import load_cuda_runtime
+    from targets.cuda import load_cuda_runtime
 
     return load_cuda_runtime()
 
@@ -155,7 +155,7 @@ def import_timings(path: Path | str, root=None) -> dict[str, int]:
     """Append every correct, timed candidate of ``path`` to ``tuning_logs/cuda``; {op key: records added}."""
     from compiler import schedule as S
     from compiler.ops import parse_key
-    from compiler.tune import commit, open_db
+    from compiler.tuning_db import commit, open_db
 
     info = json.loads(Path(path).read_text())
     db = open_db("cuda", root)

@@ -12,12 +12,11 @@ TVM kernels assume 64-byte-aligned, C-contiguous data and check nothing about al
 
 Accepts numpy arrays and CPU torch tensors (zero-copy through numpy), returns numpy arrays.
 
-    python -m compiler.kernels            # builds a small GEMV and calls it with a misaligned view
+Built and wrapped in one call by :func:`compiler.schedule.get_kernel` (tests/test_kernels_safety.py calls one with
+misaligned views).
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 
@@ -113,22 +112,3 @@ class Kernel:
         for o, r in zip(out, results, strict=True):
             o[...] = r
         return out
-
-
-@functools.cache
-def get_kernel(op, target: str = "auto", mode: str = "auto") -> Kernel:
-    """A cached :class:`Kernel` for ``op`` (ops are frozen dataclasses, hence hashable) on ``target``."""
-    from compiler.schedule import build
-
-    return Kernel(op, build(op, target, mode=mode), cpu_flags=() if mode == "naive" else None)
-
-
-if __name__ == "__main__":
-    from compiler.ops import make_op
-
-    op = make_op("gemv_i8", M=256, K=512)
-    k = get_kernel(op, "auto", "hand")
-    W, x, xs, xsc, ws = op.random_inputs(np.random.default_rng(0))
-    xv = np.concatenate([np.zeros(1, np.int8), x])[1:]  # misaligned by one byte
-    y = k(W, xv, xs, xsc, ws)[0]
-    print("copies:", k.copies, "bit-exact:", np.array_equal(y, op.reference(W, x, xs, xsc, ws)[0]))

@@ -17,6 +17,7 @@ PrimFunc (structural hash), the best record is the one with the lowest measured 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 from dataclasses import dataclass
@@ -274,6 +275,15 @@ def build(op, target: str, mode: str = "auto", knobs: dict | None = None, logs_r
     if knobs is not None:
         return compile_mod(manual(op, target, knobs, cores).mod, target)
     return get_primfunc(op, target, logs_root, mode, cores).build()
+
+
+@functools.cache
+def get_kernel(op, target: str = "auto", mode: str = "auto"):
+    """A cached :class:`compiler.kernels.Kernel` for ``op`` (ops are frozen dataclasses, hence hashable) on
+    ``target``."""
+    from compiler.kernels import Kernel
+
+    return Kernel(op, build(op, target, mode=mode), cpu_flags=() if mode == "naive" else None)
 
 
 def compile_mod(mod, target: str):

@@ -13,8 +13,8 @@ Each trial is built, checked against the numpy reference (a wrong kernel is neve
 committed to the database at once and atomically (:class:`TuningDatabase`: written to a scratch copy, then put in place
 by rename) — so ``kill -9`` loses at most the trial in flight and never leaves a torn line, and a rerun resumes where it
 stopped: configurations already in the database are not measured again, workloads with ``--trials`` records (or the
-whole grid) are skipped unless ``--retune``. ``--search ms`` instead runs MetaSchedule's evolutionary search over the
-same design space (``ScheduleFn``), in a scratch directory, and copies its records in.
+whole grid) are skipped unless ``--retune``. The database itself (atomic writes, repair, the plan of a workload's
+trials) is :mod:`compiler.tuning_db`.
 
 The database is append-only and a workload's schedule is its *fastest* record, so a new, worse measurement never
 replaces a better one. A torn line (from a tuner before writes were atomic) is dropped when the tuner next opens the
@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import json
 import logging
 import os
-import random
-import shutil
 import sys
 import tempfile
 import time
@@ -42,7 +39,17 @@ import numpy as np
 import targets
 from compiler import schedule as S
 from compiler.ops import OPS, make_op
-from schedules.knobs import grid, knobs_of_trace
+from compiler.tuning_db import (  # noqa: F401  (re-exported: the tuner's database API, as before)
+    SCRATCH_PREFIX,
+    TuningDatabase,
+    TuningDatabaseError,
+    commit,
+    open_db,
+    plan,
+    repair_database,
+    tried_knobs,
+)
+from schedules.knobs import knobs_of_trace  # noqa: F401  (re-exported)
 
 log = logging.getLogger("compiler.tune")
 
@@ -132,136 +139,9 @@ def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: 
 
 def model_ops(path: str, target: str = "cpu", weights: str = "tile8") -> list:
     """The workloads of the model in a ``.gguf`` file (its config, read by :func:`model.gguf_io.read_gguf`)."""
-    try:
-        from model.gguf_io import read_gguf
-    except ImportError:
-        raise SystemExit(f"--model {path}: not yet — no model.gguf_io.read_gguf; use --config or --shape") from None
+    from model.gguf_io import read_gguf
+
     return config_ops(read_gguf(path, check_values=False).config, target=target, weights=weights)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# database
-# ---------------------------------------------------------------------------------------------------------------
-class TuningDatabaseError(RuntimeError):
-    """A tuning record could not be written whole (disk full, file size limit, ...)."""
-
-
-def _replace_atomically(src_text_or_path, dest: Path) -> None:
-    """Put ``src`` (a str, or a file to copy) at ``dest`` by write-temp + fsync + rename: ``dest`` is always whole."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    if isinstance(src_text_or_path, str):
-        tmp.write_text(src_text_or_path)
-    else:
-        shutil.copyfile(src_text_or_path, tmp)
-    with tmp.open("rb+") as fh:
-        os.fsync(fh.fileno())
-    if dest.exists():
-        shutil.copymode(dest, tmp)
-    os.replace(tmp, dest)
-    dir_fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
-
-
-def repair_database(d: Path) -> int:
-    """Drop malformed lines (a write torn by ``kill -9`` before writes were atomic) from the database in ``d`` and
-    remove temporary files a killed tuner left there; return how many lines were dropped."""
-    for stale in sorted(d.glob(".database_*.tmp-*")):
-        log.warning("%s: removing %s, left by a tuner that was killed while writing", d, stale.name)
-        stale.unlink(missing_ok=True)
-    workloads, records, dropped = S.clean_database(d)
-    if dropped:
-        _replace_atomically(workloads, d / S.DB_FILES[0])
-        _replace_atomically(records, d / S.DB_FILES[1])
-        log.warning("%s: dropped %d torn or malformed line(s)", d, dropped)
-    return dropped
-
-
-class TuningDatabase:
-    """A target's database for the tuner, written so that a kill at any instant leaves no torn line.
-
-    TVM's JSONDatabase appends each commit with a buffered stream (several ``write`` calls, no fsync), so it works on
-    a scratch copy here; after each commit :meth:`publish` checks the new lines parse and puts the scratch files in
-    place by write-temp + fsync + rename. The workload file goes first, so a record never names a missing workload.
-    Everything else (``has_workload``, ``get_top_k``, ...) is the JSONDatabase's.
-    """
-
-    def __init__(self, d: Path) -> None:
-        from tvm.s_tir import meta_schedule as ms
-
-        importlib.import_module("schedules.intrin_x86")  # records' traces name our intrinsics: register before parsing
-        _remove_dead_scratch()
-        self.dir = d
-        self._scratch = tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
-        self.scratch = Path(self._scratch.name)
-        for name in S.DB_FILES:
-            if (d / name).exists():
-                shutil.copyfile(d / name, self.scratch / name)
-        self.db = ms.database.JSONDatabase(work_dir=str(self.scratch))
-        self.published = {n: self._size(self.scratch / n) for n in S.DB_FILES}
-
-    @staticmethod
-    def _size(path: Path) -> int:
-        return path.stat().st_size if path.exists() else 0
-
-    def __getattr__(self, name):
-        return getattr(self.db, name)
-
-    def publish(self) -> None:
-        for name in S.DB_FILES:
-            src = self.scratch / name
-            if self._size(src) == self.published[name]:
-                continue
-            with src.open("rb") as fh:
-                fh.seek(self.published[name])
-                new = fh.read()
-            try:
-                ok = new.endswith(b"\n") and all(json.loads(x) is not None for x in new.splitlines())
-            except ValueError:
-                ok = False
-            if not ok:
-                raise TuningDatabaseError(f"{self.dir / name}: a record was not written whole (disk full?); "
-                                          f"the database was left as it was before it")  # fmt: skip
-            _replace_atomically(src, self.dir / name)
-            self.published[name] = len(new) + self.published[name]
-
-
-SCRATCH_PREFIX = "ternary-tune-db-"
-
-
-def _remove_dead_scratch() -> None:
-    """Remove the scratch copies of tuners that were killed (the pid in the name is no longer running)."""
-    for p in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
-        try:
-            os.kill(int(p.name[len(SCRATCH_PREFIX) :].split("-")[0]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
-
-
-def open_db(target: str, root=None) -> TuningDatabase:
-    """The tuner's handle on ``tuning_logs/<target>/`` (or ``root/<target>``): repaired, written atomically."""
-    d = S.logs_dir(target, root)
-    d.mkdir(parents=True, exist_ok=True)
-    repair_database(d)
-    return TuningDatabase(d)
-
-
-def tried_knobs(db, op, target: str) -> dict[tuple, float]:
-    """{knob values: best mean seconds} of the records already in ``db``."""
-    space = S.schedule_module(target).space(op)
-    out: dict[tuple, float] = {}
-    for rec in S.records(db, op):
-        try:
-            kv = tuple(knobs_of_trace(rec.trace, space).values())
-        except ValueError:  # a record from another search (ms with a different space): count it, do not key it
-            kv = ("ms", id(rec))
-        secs = float(np.mean([float(s) for s in rec.run_secs]))
-        out[kv] = min(secs, out.get(kv, float("inf")))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,20 +172,6 @@ def measure(op, ex, repeat: int = 5, min_repeat_ms: int = 20, check: bool = True
     return [float(r) for r in t.results]
 
 
-def commit(db, op, sch, target: str, run_secs: list[float]) -> None:
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    mod = S.workload(op)
-    rec = ms.database.TuningRecord(
-        sch.trace, db.commit_workload(mod), [tvm.runtime.convert(float(s)) for s in run_secs],
-        targets.get_target(target), ms.arg_info.ArgInfo.from_prim_func(mod["main"]),
-    )  # fmt: skip
-    db.commit_tuning_record(rec)
-    if isinstance(db, TuningDatabase):
-        db.publish()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the tuner
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,24 +184,8 @@ class Result:
     best_knobs: dict | None
 
 
-def plan(db, op, target: str, trials: int, retune: bool, seed: int) -> list[dict]:
-    mod = S.schedule_module(target)
-    configs = grid(mod.space(op))
-    if hasattr(mod, "valid"):  # templates whose knobs interact (CUDA: split products must divide the dimension)
-        configs = [configs[0]] + [c for c in configs[1:] if mod.valid(op, c)]
-    rest = configs[1:]
-    random.Random(seed).shuffle(rest)
-    configs = [configs[0], *rest][:trials]
-    if retune:
-        return configs
-    done = tried_knobs(db, op, target)
-    if len(done) >= min(trials, len(configs)):
-        return []
-    return [c for c in configs if tuple(c.values()) not in done][: max(0, trials - len(done))]
-
-
 def tune(ops, target: str, trials: int = 16, retune: bool = False, root=None, seed: int = 0,
-         search: str = "grid", progress: bool = True) -> list[Result]:  # fmt: skip
+         progress: bool = True) -> list[Result]:  # fmt: skip
     """Tune ``ops`` on ``target`` into ``tuning_logs/<target>/`` (or ``root/<target>``); see the module doc."""
     import tvm
     from tqdm import tqdm
@@ -347,8 +197,6 @@ def tune(ops, target: str, trials: int = 16, retune: bool = False, root=None, se
         raise SystemExit(f"cannot tune {target} here: this CPU lacks {targets.missing_flags(target)}")
     db = open_db(target, root)
     tgt = targets.get_target(target)
-    if search == "ms":
-        return [tune_ms(db, op, target, trials, seed) for op in ops]
     plans = {op: plan(db, op, target, trials, retune, seed) for op in ops}
     results = []
     bar = tqdm(total=sum(len(p) for p in plans.values()), desc=f"tune {target}", unit="trial", disable=not progress,
@@ -376,7 +224,6 @@ def tune(ops, target: str, trials: int = 16, retune: bool = False, root=None, se
 
 def tune_cuda_here(ops, trials: int, retune: bool, root, seed: int) -> list[Result]:
     """CUDA on a machine with both the GPU and TVM's compiler: the remote flow of compiler.cuda_remote in one go."""
-    import tempfile
 
     from compiler import cuda_remote
 
@@ -395,40 +242,6 @@ def tune_cuda_here(ops, trials: int, retune: bool, root, seed: int) -> list[Resu
         secs = float(np.mean([float(s) for s in best.run_secs])) if best else None
         out.append(Result(op.key, "tuned", trials, secs * 1e3 if secs else None, None))
     return out
-
-
-def tune_ms(db, op, target: str, trials: int, seed: int) -> Result:
-    """MetaSchedule's evolutionary search over the hand design space; its records are copied into ``db``."""
-    import tempfile
-
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    def fast_build(mod, target, _params):  # default_build minus the 17 s tensor_intrin import (docs/TVM.md §2)
-        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
-        return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
-
-    with tempfile.TemporaryDirectory() as work:
-        scratch = ms.tune_tir(
-            mod=S.workload(op), target=targets.get_target(target), work_dir=work, max_trials_global=trials,
-            num_trials_per_iter=min(8, trials), space=S.design_space(op, target), seed=seed, cost_model="xgb",
-            builder=ms.builder.LocalBuilder(f_build=fast_build, timeout_sec=60),
-        )  # fmt: skip
-        for rec in scratch.get_all_tuning_records():
-            if rec.run_secs and all(float(s) < 1e9 for s in rec.run_secs):
-                commit(db, op, _replay(op, rec), target, [float(s) for s in rec.run_secs])
-    best = S.best_record(db, op)
-    secs = float(np.mean([float(s) for s in best.run_secs])) if best else None
-    return Result(op.key, "tuned", trials, secs * 1e3 if secs else None, None)
-
-
-def _replay(op, rec):
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(S.workload(op))
-    rec.trace.apply_to_schedule(sch, remove_postproc=False)
-    return sch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -502,7 +315,6 @@ def main(argv=None) -> int:
     src.add_argument("--bench-shapes", action="store_true", help="add the benchmark shapes (4096² and 11008×4096)")
     p.add_argument("--trials", type=int, default=16, help="trials per workload (default 16)")
     p.add_argument("--retune", action="store_true", help="measure workloads that already have records again")
-    p.add_argument("--search", choices=["grid", "ms"], default="grid")
     p.add_argument("--logs", default=None, help="tuning log root (default: tuning_logs/)")
     p.add_argument("--seed", type=int, default=0)
     gpu = p.add_argument_group("CUDA without a GPU here (compiler.cuda_remote)")
@@ -544,7 +356,7 @@ def run(a) -> int:
         print(export_candidates(ops, a.export_candidates, a.trials, a.retune, a.logs, a.seed))
         return 0
     t0 = time.time()
-    results = tune(ops, a.target, a.trials, a.retune, a.logs, a.seed, a.search)
+    results = tune(ops, a.target, a.trials, a.retune, a.logs, a.seed)
     for r in results:
         best = f"{r.best_ms:.4f} ms {r.best_knobs}" if r.best_ms is not None else "no record"
         print(f"{r.status:8s} {r.op:32s} trials={r.trials:3d} best={best}")

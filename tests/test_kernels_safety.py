@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compiler.kernels import KernelArgError, aligned_copy, aligned_empty, get_kernel, is_aligned
+from compiler.kernels import KernelArgError, aligned_copy, aligned_empty, is_aligned
 from compiler.ops import make_op
+from compiler.schedule import get_kernel
 
 OP = make_op("gemv_i8", M=64, K=512)
 

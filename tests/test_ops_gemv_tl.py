@@ -18,10 +18,10 @@ from kernel_helpers import X86
 
 import model.ternary.layouts_tl as TL
 import targets
-from compiler.kernels import Kernel, get_kernel
+from compiler.kernels import Kernel
 from compiler.ops import OpShapeError, make_op
 from compiler.ops.ternary_gemv_tl import lut_numpy
-from compiler.schedule import build, schedule_module
+from compiler.schedule import build, get_kernel, schedule_module
 from model.ternary.checks import TernaryFormatError
 from model.ternary.layouts import LAYOUTS
 from model.ternary.reference import scalar_available

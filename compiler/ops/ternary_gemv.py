@@ -30,12 +30,6 @@ from model.ternary.layouts_x86 import TILES, tile_rowmajor4, untile_rowmajor4
 CHUNK = 256  # codes per interleave chunk (= 64 packed bytes = one intrinsic call)
 
 
-def interleave_x(x: np.ndarray) -> np.ndarray:
-    """numpy twin of the compute's ``Xt`` stage: ``[..., K]`` → ``[..., K/256, 4, 64]``."""
-    k = x.shape[-1]
-    return np.ascontiguousarray(x.reshape(*x.shape[:-1], k // CHUNK, 64, 4).swapaxes(-1, -2))
-
-
 def check_tile(M: int, tile: int) -> None:
     if tile and (tile not in TILES or M % tile):
         raise OpShapeError(f"tile = {tile}: must be one of {TILES} and divide M = {M}")

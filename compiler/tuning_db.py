@@ -1,0 +1,181 @@
+"""The tuner's MetaSchedule JSON database under ``tuning_logs/<target>/``: opened repaired, written atomically,
+append-only; and the plan of a workload's trials (the hand schedule's knob grid, less what is already recorded).
+
+Used by :mod:`compiler.tune` (local tuning) and :mod:`compiler.cuda_remote` (candidates built here, timed on the GPU
+host, recorded here); it imports neither. A torn line (from a tuner before writes were atomic) is dropped when a tuner
+next opens the database; ``compiler.build`` skips such lines with a warning and leaves the files alone.
+
+    python -c "from compiler.tuning_db import open_db; print(open_db('avx512').dir)"
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import targets
+from compiler import schedule as S
+from schedules.knobs import grid, knobs_of_trace
+
+log = logging.getLogger("compiler.tune")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class TuningDatabaseError(RuntimeError):
+    """A tuning record could not be written whole (disk full, file size limit, ...)."""
+
+
+def _replace_atomically(src_text_or_path, dest: Path) -> None:
+    """Put ``src`` (a str, or a file to copy) at ``dest`` by write-temp + fsync + rename: ``dest`` is always whole."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    if isinstance(src_text_or_path, str):
+        tmp.write_text(src_text_or_path)
+    else:
+        shutil.copyfile(src_text_or_path, tmp)
+    with tmp.open("rb+") as fh:
+        os.fsync(fh.fileno())
+    if dest.exists():
+        shutil.copymode(dest, tmp)
+    os.replace(tmp, dest)
+    dir_fd = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def repair_database(d: Path) -> int:
+    """Drop malformed lines (a write torn by ``kill -9`` before writes were atomic) from the database in ``d`` and
+    remove temporary files a killed tuner left there; return how many lines were dropped."""
+    for stale in sorted(d.glob(".database_*.tmp-*")):
+        log.warning("%s: removing %s, left by a tuner that was killed while writing", d, stale.name)
+        stale.unlink(missing_ok=True)
+    workloads, records, dropped = S.clean_database(d)
+    if dropped:
+        _replace_atomically(workloads, d / S.DB_FILES[0])
+        _replace_atomically(records, d / S.DB_FILES[1])
+        log.warning("%s: dropped %d torn or malformed line(s)", d, dropped)
+    return dropped
+
+
+class TuningDatabase:
+    """A target's database for the tuner, written so that a kill at any instant leaves no torn line.
+
+    TVM's JSONDatabase appends each commit with a buffered stream (several ``write`` calls, no fsync), so it works on
+    a scratch copy here; after each commit :meth:`publish` checks the new lines parse and puts the scratch files in
+    place by write-temp + fsync + rename. The workload file goes first, so a record never names a missing workload.
+    Everything else (``has_workload``, ``get_top_k``, ...) is the JSONDatabase's.
+    """
+
+    def __init__(self, d: Path) -> None:
+        from tvm.s_tir import meta_schedule as ms
+
+        importlib.import_module("schedules.intrin_x86")  # records' traces name our intrinsics: register before parsing
+        _remove_dead_scratch()
+        self.dir = d
+        self._scratch = tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+        self.scratch = Path(self._scratch.name)
+        for name in S.DB_FILES:
+            if (d / name).exists():
+                shutil.copyfile(d / name, self.scratch / name)
+        self.db = ms.database.JSONDatabase(work_dir=str(self.scratch))
+        self.published = {n: self._size(self.scratch / n) for n in S.DB_FILES}
+
+    @staticmethod
+    def _size(path: Path) -> int:
+        return path.stat().st_size if path.exists() else 0
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+    def publish(self) -> None:
+        for name in S.DB_FILES:
+            src = self.scratch / name
+            if self._size(src) == self.published[name]:
+                continue
+            with src.open("rb") as fh:
+                fh.seek(self.published[name])
+                new = fh.read()
+            try:
+                ok = new.endswith(b"\n") and all(json.loads(x) is not None for x in new.splitlines())
+            except ValueError:
+                ok = False
+            if not ok:
+                raise TuningDatabaseError(f"{self.dir / name}: a record was not written whole (disk full?); "
+                                          f"the database was left as it was before it")  # fmt: skip
+            _replace_atomically(src, self.dir / name)
+            self.published[name] = len(new) + self.published[name]
+
+
+SCRATCH_PREFIX = "ternary-tune-db-"
+
+
+def _remove_dead_scratch() -> None:
+    """Remove the scratch copies of tuners that were killed (the pid in the name is no longer running)."""
+    for p in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        try:
+            os.kill(int(p.name[len(SCRATCH_PREFIX) :].split("-")[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def open_db(target: str, root=None) -> TuningDatabase:
+    """The tuner's handle on ``tuning_logs/<target>/`` (or ``root/<target>``): repaired, written atomically."""
+    d = S.logs_dir(target, root)
+    d.mkdir(parents=True, exist_ok=True)
+    repair_database(d)
+    return TuningDatabase(d)
+
+
+def tried_knobs(db, op, target: str) -> dict[tuple, float]:
+    """{knob values: best mean seconds} of the records already in ``db``."""
+    space = S.schedule_module(target).space(op)
+    out: dict[tuple, float] = {}
+    for rec in S.records(db, op):
+        try:
+            kv = tuple(knobs_of_trace(rec.trace, space).values())
+        except ValueError:  # a record whose trace is not our knobs (MetaSchedule's own search): count it, do not key it
+            kv = ("ms", id(rec))
+        secs = float(np.mean([float(s) for s in rec.run_secs]))
+        out[kv] = min(secs, out.get(kv, float("inf")))
+    return out
+
+
+def commit(db, op, sch, target: str, run_secs: list[float]) -> None:
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = S.workload(op)
+    rec = ms.database.TuningRecord(
+        sch.trace, db.commit_workload(mod), [tvm.runtime.convert(float(s)) for s in run_secs],
+        targets.get_target(target), ms.arg_info.ArgInfo.from_prim_func(mod["main"]),
+    )  # fmt: skip
+    db.commit_tuning_record(rec)
+    if isinstance(db, TuningDatabase):
+        db.publish()
+
+
+def plan(db, op, target: str, trials: int, retune: bool, seed: int) -> list[dict]:
+    mod = S.schedule_module(target)
+    configs = grid(mod.space(op))
+    if hasattr(mod, "valid"):  # templates whose knobs interact (CUDA: split products must divide the dimension)
+        configs = [configs[0]] + [c for c in configs[1:] if mod.valid(op, c)]
+    rest = configs[1:]
+    random.Random(seed).shuffle(rest)
+    configs = [configs[0], *rest][:trials]
+    if retune:
+        return configs
+    done = tried_knobs(db, op, target)
+    if len(done) >= min(trials, len(configs)):
+        return []
+    return [c for c in configs if tuple(c.values()) not in done][: max(0, trials - len(done))]
