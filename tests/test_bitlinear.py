@@ -16,6 +16,8 @@ from model.ternary import quantize_activations, quantize_weights
 from model.ternary.layouts import pack_weights
 from model.ternary.reference import scalar_available, ternary_matmul_i8
 
+pytestmark = pytest.mark.unit
+
 needs_scalar = pytest.mark.skipif(not scalar_available(), reason="C++ scalar reference not built (pip install -e .)")
 
 

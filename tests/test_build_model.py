@@ -15,7 +15,10 @@ from compiler.lower import TERNARY
 from runtime.engine import Engine
 
 STEPS = 64
-pytestmark = pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")  # tiny shapes: untuned
+pytestmark = [
+    pytest.mark.build,
+    pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning"),
+]  # tiny shapes: untuned
 
 
 @pytest.mark.parametrize("n_streams", [1, 2, 4])

@@ -46,6 +46,7 @@ def comment(path: Path) -> str:
     return "\n# edited\n" if path.suffix == ".py" else "\n// edited\n"
 
 
+@pytest.mark.unit
 def test_every_source_file_is_in_the_key(tmp_path):
     """Appending a comment to any file of the hashed trees (every .py and C/C++ source of model/, compiler/,
     schedules/, targets/) changes the key; putting it back restores it."""
@@ -71,6 +72,7 @@ def test_every_source_file_is_in_the_key(tmp_path):
     assert key() == base
 
 
+@pytest.mark.unit
 def test_files_outside_the_trees_do_not_change_the_key(tmp_path):
     root = copy_trees(tmp_path / "repo")
     gguf, logs = tiny_gguf(2), cache.logs_root()
@@ -84,6 +86,7 @@ def test_files_outside_the_trees_do_not_change_the_key(tmp_path):
     assert cache.cache_key(gguf, TARGET, logs, root=root) == base
 
 
+@pytest.mark.unit
 def test_added_or_removed_source_changes_the_key(tmp_path):
     root = copy_trees(tmp_path / "repo")
     gguf, logs = tiny_gguf(2), cache.logs_root()
@@ -100,6 +103,7 @@ def test_added_or_removed_source_changes_the_key(tmp_path):
     assert cache.cache_key(gguf, TARGET, logs, root=root) != base
 
 
+@pytest.mark.e2e
 def test_the_build_imports_only_hashed_sources(tmp_path):
     """A build, stopped at ``tvm.compile`` in a fresh process, has loaded no module of ours outside the trees the key
     hashes (so no imported source can change without changing the key)."""
@@ -122,6 +126,7 @@ def test_the_build_imports_only_hashed_sources(tmp_path):
     assert ours and ours <= hashed, sorted(str(f.relative_to(REPO)) for f in ours - hashed)
 
 
+@pytest.mark.unit
 def test_compiler_version_and_tuning_logs_are_in_the_key(tmp_path, monkeypatch):
     gguf = tiny_gguf(2)
     logs = tmp_path / "logs"
@@ -142,6 +147,7 @@ def test_compiler_version_and_tuning_logs_are_in_the_key(tmp_path, monkeypatch):
     assert cache.cache_key(gguf, TARGET, logs) != base
 
 
+@pytest.mark.unit
 def test_one_tuning_log_default(tmp_path, monkeypatch):
     """``$TERNARY_TUNING_LOGS``, else the checkout's tuning_logs/, else the installed package's compiler/tuning_logs;
     compiler.schedule.logs_dir follows it at call time."""
@@ -158,6 +164,7 @@ def test_one_tuning_log_default(tmp_path, monkeypatch):
     assert cache.logs_root().resolve() == Path(cache.__file__).resolve().parent / "tuning_logs"
 
 
+@pytest.mark.build
 def test_meta_lists_the_selected_tuning_records():
     from compiler.ops import make_op
 
@@ -169,6 +176,7 @@ def test_meta_lists_the_selected_tuning_records():
     assert meta["compiler_version"] == cache.compiler_version()
 
 
+@pytest.mark.unit
 def test_file_helpers(tmp_path):
     p = tmp_path / "f"
     p.write_bytes(b"abc" * 1000)
@@ -208,6 +216,7 @@ def no_compile(monkeypatch):
     return calls
 
 
+@pytest.mark.build
 def test_jit_on_reuses_and_off_never_compiles(no_compile, tmp_path):
     gguf, entry = tiny_gguf(2), built(tiny_gguf(2)).dir
     for policy in ("on", "off", "readonly"):  # a usable entry: reused, nothing compiled
@@ -224,6 +233,7 @@ def test_jit_on_reuses_and_off_never_compiles(no_compile, tmp_path):
     assert JIT_POLICIES == ("on", "off", "redo", "readonly")
 
 
+@pytest.mark.build
 def test_jit_redo_always_compiles(no_compile):
     gguf = tiny_gguf(2)
     d = ensure_built(gguf, "auto", cache_dir(), jit_policy="redo")
@@ -231,6 +241,7 @@ def test_jit_redo_always_compiles(no_compile):
     assert cache.check_entry(d, built(gguf).key)[0]
 
 
+@pytest.mark.build
 def test_jit_readonly_never_writes_the_cache(no_compile, tmp_path):
     gguf = tiny_gguf(2)
     ro = tmp_path / "ro"
@@ -241,6 +252,7 @@ def test_jit_readonly_never_writes_the_cache(no_compile, tmp_path):
     assert eng.prefill([1, 2, 3]).shape == (eng.vocab,)
 
 
+@pytest.mark.build
 def test_from_gguf_passes_the_policy(no_compile, tmp_path):
     with pytest.raises(JITError):
         Engine.from_gguf(tiny_gguf(2), "auto", tmp_path / "none", None, "off")
@@ -248,6 +260,7 @@ def test_from_gguf_passes_the_policy(no_compile, tmp_path):
     assert eng.dir == built(tiny_gguf(2)).dir and no_compile == []
 
 
+@pytest.mark.build
 def test_chat_jit_policy(no_compile, tmp_path, capsys):
     gguf = str(tiny_gguf(2))
     with pytest.raises(SystemExit) as e:
@@ -261,11 +274,13 @@ def test_chat_jit_policy(no_compile, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("def f(x):") and no_compile == []
 
 
+@pytest.mark.unit
 def test_chat_default_model_is_the_shipped_one():
     assert chat.default_model() == REPO / "models" / "small.gguf" == chat.DEFAULT_MODEL
     assert serve.DEFAULT_MODEL == chat.DEFAULT_MODEL
 
 
+@pytest.mark.unit
 def test_serve_jit_policy(no_compile, tmp_path, monkeypatch):
     gguf = str(tiny_gguf(2))
     with pytest.raises(SystemExit, match=r"error: .*python -m compiler\.build"):  # before it listens

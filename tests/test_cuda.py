@@ -26,6 +26,7 @@ from model.ternary.layouts_gpu import pack_dp4a, rowmajor4_to_dp4a, unpack_dp4a
 needs_nvcc = pytest.mark.skipif(not cuda_cross.available(), reason="no CUDA toolkit (nvcc + headers) on this machine")
 
 
+@pytest.mark.unit
 @given(m=st.integers(1, 5), kb=st.integers(1, 3), seed=st.integers(0, 2**31))
 def test_dp4a_layout_round_trip_and_planes(m, kb, seed):
     k = 256 * kb
@@ -44,6 +45,7 @@ def test_dp4a_layout_round_trip_and_planes(m, kb, seed):
     assert "dp4a" in LAYOUTS
 
 
+@pytest.mark.build
 @given(mt=st.integers(1, 6), kb=st.integers(1, 3), n=st.integers(1, 5), seed=st.integers(0, 2**31))
 def test_gpu_ops_integer_maths_bit_exact(mt, kb, n, seed):
     """The GEMV/GEMM computes, with dp4a spelled out in shifts, == the reference: the dp4a-layout maths is right."""
@@ -64,10 +66,12 @@ def test_gpu_ops_integer_maths_bit_exact(mt, kb, n, seed):
     np.testing.assert_allclose(got, op.reference(*ins)[0], rtol=0, atol=op.tolerances(*ins)[0])
 
 
+@pytest.mark.unit
 def test_emulate_is_not_part_of_the_key():
     assert make_op("gemv_dp4a", M=256, K=512, emulate=1).key == "gemv_dp4a:M=256:K=512"
 
 
+@pytest.mark.build
 @needs_nvcc
 @pytest.mark.parametrize(
     "key,knobs",
@@ -93,6 +97,7 @@ def test_cuda_kernels_compile_to_device_code(tmp_path, key, knobs):
     assert b"__global__" not in blob and b'extern "C"' not in blob
 
 
+@pytest.mark.build
 @needs_nvcc
 @pytest.mark.parametrize("eps", [1e-5, None])
 def test_fused_norm_quantize_is_one_kernel_with_block_barriers(eps):
@@ -112,6 +117,7 @@ def test_fused_norm_quantize_is_one_kernel_with_block_barriers(eps):
         norm_quantize(1, 100)
 
 
+@pytest.mark.build
 @needs_nvcc
 @pytest.mark.parametrize("first,last", [(0, 0), (1, 0), (0, 1)])
 def test_fused_mhc_site_is_one_kernel(first, last):
@@ -128,6 +134,7 @@ def test_fused_mhc_site_is_one_kernel(first, last):
     assert text.count("__global__") == 2 and ("x_out_ptr[" in text) == (not last)
 
 
+@pytest.mark.unit
 def test_invalid_knobs_are_rejected_before_building():
     from schedules import cuda
 
@@ -138,6 +145,7 @@ def test_invalid_knobs_are_rejected_before_building():
         S.manual(op, "cuda", {"v": 4, "tx": 32})
 
 
+@pytest.mark.build
 @needs_nvcc
 def test_remote_tuning_round_trip(tmp_path):
     """export → (the GPU host's timings file) → import: records land in the JSON database and the fastest wins."""
@@ -158,6 +166,7 @@ def test_remote_tuning_round_trip(tmp_path):
     assert [c["knobs"] for c in again["candidates"]] == [cands[1]["knobs"]]
 
 
+@pytest.mark.build
 def test_committed_cuda_records_replay():
     """Every workload in tuning_logs/cuda replays into a scheduled PrimFunc (the traces match the templates)."""
     db = S.open_database("cuda")
@@ -174,6 +183,7 @@ def test_committed_cuda_records_replay():
         assert "threadIdx.x" in sf.func.script()
 
 
+@pytest.mark.build
 @needs_nvcc
 def test_whole_model_cuda_build(tmp_path):
     """A tiny model compiles for CUDA: tuned/hand dp4a kernels, dlight for the rest, device code in model.so."""

@@ -113,6 +113,7 @@ def _mhc_cases(target, rng, T, D, S, first, last) -> list:
                    [X, y, *ins[2:]], specs, want)]  # fmt: skip
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("target", X86)
 def test_every_kernel_is_bit_exact_with_its_mirror(target):
     import tvm
@@ -132,6 +133,7 @@ def test_every_kernel_is_bit_exact_with_its_mirror(target):
                 np.testing.assert_array_equal(got.numpy(), w, err_msg=f"{target} {name} output {i}")
 
 
+@pytest.mark.unit
 def test_exact_fma_and_expf():
     rng = np.random.default_rng(1)
     a, b, c = (rng.standard_normal(10_000).astype(F32) for _ in range(3))
@@ -143,6 +145,7 @@ def test_exact_fma_and_expf():
     np.testing.assert_array_equal(er.expf(x), np.array([libm(float(v)) for v in x], F32))
 
 
+@pytest.mark.unit
 def test_matmul_is_the_integer_path():
     rng = np.random.default_rng(2)
     codes = rng.integers(-1, 2, (96, 512)).astype(np.int8)
@@ -176,6 +179,7 @@ def _exact(gguf, target) -> er.ExactReference:
     return er.ExactReference(g, arith_of(g.config, target))
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("target", X86)
 @pytest.mark.parametrize("n_streams", [1, 2, 4])
 def test_tiny_models_match_the_exact_reference(n_streams, target):
@@ -187,6 +191,7 @@ def test_tiny_models_match_the_exact_reference(n_streams, target):
     assert max(errs) <= 1e-3, errs  # measured: 0.0 (bit-identical logits)
 
 
+@pytest.mark.build
 @pytest.mark.slow
 @pytest.mark.parametrize("target", X86)
 def test_shipped_model_matches_the_exact_reference(target):
@@ -231,6 +236,7 @@ def _torch_run(model, prompt: list[int], toks: list[int]):
     return logits, acts, scaled
 
 
+@pytest.mark.build
 @pytest.mark.slow
 def test_pytorch_gap_is_int8_rounding_flips():
     """On the shipped model PyTorch's logits drift ~0.1 away from the compiled module's after some tokens. The exact
@@ -269,6 +275,7 @@ def test_pytorch_gap_is_int8_rounding_flips():
           f"compiled vs exact max {gap_compiled.max():.1e}")  # fmt: skip
 
 
+@pytest.mark.build
 def test_parity_cli_against_the_exact_reference(tmp_path, capsys):
     from runtime import parity
 

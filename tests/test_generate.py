@@ -12,6 +12,8 @@ from model.config import get_config
 from model.generate import Generation, SamplingParams, filter_logits, generate, stream
 from model.transformer import Transformer
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:

@@ -171,6 +171,7 @@ EPS, THETA, CTX = (
 )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("what", "value", "message"),
     [(EPS, math.nan, "layer_norm_rms_epsilon"), (EPS, -1.0, "layer_norm_rms_epsilon"),
@@ -196,6 +197,7 @@ def test_bad_hyperparameters_are_refused_by_name(what, value, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.unit
 def test_errors_are_one_short_line():
     """A key length that swallows the following bytes puts NULs, newlines and kilobytes into the key the error names:
     the message escapes them and stays short (it was one 4 KB line, or several)."""
@@ -217,6 +219,7 @@ def set_u64(raw: bytes, at: int, value: int) -> bytes:
     return bytes(buf)
 
 
+@pytest.mark.unit
 def test_context_bounded_by_the_memory_it_implies(monkeypatch):
     """A context under the documented maximum is still refused, with the figure, when the memory its KV cache and
     RoPE tables need exceeds what this machine (or ``TERNARY_TVM_MAX_MEMORY_GIB``) allows."""
@@ -231,6 +234,7 @@ def test_context_bounded_by_the_memory_it_implies(monkeypatch):
     read_gguf(tiny_bytes())  # 256 tokens fit
 
 
+@pytest.mark.unit
 def test_tokenizer_merges_must_name_known_tokens(tiny, tmp_path):
     import gguf
 
@@ -244,6 +248,7 @@ def test_tokenizer_merges_must_name_known_tokens(tiny, tmp_path):
             read_gguf(bad)
 
 
+@pytest.mark.unit
 def test_special_token_ids_in_range(tiny, tmp_path):
     import gguf
 
@@ -253,6 +258,7 @@ def test_special_token_ids_in_range(tiny, tmp_path):
             read_gguf(bad)
 
 
+@pytest.mark.build
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")  # tiny shapes: untuned
 def test_smallest_context_compiles_and_runs():
@@ -294,6 +300,7 @@ def hostile_paths(tmp_path: Path, tiny: Path) -> dict[str, Path]:
             "magic": text, "empty": empty, "version 2": v2}  # fmt: skip
 
 
+@pytest.mark.unit
 def test_check_model_file_refuses_without_reading(tmp_path, tiny):
     """/dev/zero, /dev/null, a directory, a FIFO, a missing file, a > 64 GiB file, a wrong magic or version: a
     GGUFError at once (a FIFO with no writer, or /dev/zero, would otherwise block or never end)."""
@@ -313,6 +320,7 @@ def test_check_model_file_refuses_without_reading(tmp_path, tiny):
         assert time.perf_counter() - t0 < 2, message
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path", ["/dev/zero", "/dev/null", "DIR", "FIFO", "absent.gguf", "notes.gguf"])
 def test_build_cli_refuses_hostile_model_paths(tmp_path, tiny, path):
     """``compiler.build --model /dev/zero`` hung hashing an endless file; now every bad path is one line, exit 1."""
@@ -323,11 +331,13 @@ def test_build_cli_refuses_hostile_model_paths(tmp_path, tiny, path):
     assert str(model) in line
 
 
+@pytest.mark.e2e
 def test_cache_cli_refuses_dev_zero():
     assert "not a regular file" in one_line_error(cli("compiler.cache", "--model", "/dev/zero", timeout=30))
     assert "unknown target" in one_line_error(cli("compiler.cache", "--model", "models/small.gguf", "--target", "x"))
 
 
+@pytest.mark.e2e
 def test_chat_cli_does_not_hang_on_dev_zero(tmp_path):
     """``runtime.chat --model /dev/zero`` reaches the check through compiler.cache (it hashed /dev/zero forever)."""
     run = cli("runtime.chat", "--model", "/dev/zero", "--cache-dir", tmp_path, "-p", "x", timeout=60)
@@ -337,6 +347,7 @@ def test_chat_cli_does_not_hang_on_dev_zero(tmp_path):
 # --- 3. the compiler.build CLI ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_build_cli_unwritable_cache_dir_fails_before_compiling(tmp_path, tiny):
     """The cache directory is checked before reading and compiling (it failed after a full compile, with a trace)."""
     blocker = tmp_path / "file"
@@ -348,6 +359,7 @@ def test_build_cli_unwritable_cache_dir_fails_before_compiling(tmp_path, tiny):
     assert "--dump-ir" in one_line_error(run) and "[read]" not in run.stderr
 
 
+@pytest.mark.e2e
 def test_build_cli_refuses_tl_weights_without_vbmi(tmp_path, tiny):
     """``--weights tl`` on a CPU without AVX-512 VBMI (hidden here by TERNARY_CPU_MASK) is refused before the model
     is read; it used to read and pack the whole model, then fail with NotImplementedError."""
@@ -360,6 +372,7 @@ def test_build_cli_refuses_tl_weights_without_vbmi(tmp_path, tiny):
         assert time.perf_counter() - t0 < 30
 
 
+@pytest.mark.e2e
 def test_build_cli_bad_flags_and_entries(tmp_path, tiny):
     assert "invalid choice" in one_line_error(cli("compiler.build", "--model", tiny, "--target", "avx9"))
     assert "invalid choice" in one_line_error(cli("compiler.build", "--model", tiny, "--weights", "b3"))
@@ -517,6 +530,7 @@ def fuzz_worker(src: Path, examples: int, workdir: Path) -> dict:
             "errors": dict(errors.most_common(12))}  # fmt: skip
 
 
+@pytest.mark.unit
 def test_every_hostile_value_of_every_metadata_value(tmp_path):
     """Each scalar metadata value (hyperparameters, token ids, file type...) replaced in turn by each hostile value
     of its type: a one-line GGUFError, or a model the build and the runtime can use (see :func:`verdict`)."""
@@ -531,6 +545,7 @@ def test_every_hostile_value_of_every_metadata_value(tmp_path):
     assert outcomes["error"] > 150 and outcomes["valid"] > 0, outcomes
 
 
+@pytest.mark.e2e
 def test_fuzz_mutated_files_under_a_memory_cap(tmp_path, tiny):
     """Hypothesis-mutated copies of a tiny model, read in a subprocess with 2 GiB of address space: each file is a
     clean GGUFError or a valid model (usable tokenizer, finite RoPE tables and mHC coefficients, in-range config)."""

@@ -44,6 +44,7 @@ def tiny_file(tmp_path_factory):
     return build(tmp_path_factory.mktemp("gguf"), n_streams=4, mtp_heads=1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("ttype", "etype", "overrides"),
     [(GGMLType.TQ2_0, GGMLType.F16, {"n_streams": 2}), (GGMLType.TQ1_0, GGMLType.F32, {"n_streams": 4}),
@@ -78,6 +79,7 @@ def test_round_trip_is_exact(tmp_path, ttype, etype, overrides):
             np.testing.assert_allclose(a, b, rtol=0, atol=2.4e-7)  # ≤ 2 float32 ulps (float64 libm differences)
 
 
+@pytest.mark.unit
 def test_gguf_package_reads_our_files(tiny_file):
     path, cfg, _, _ = tiny_file
     ours = read_gguf(path)
@@ -96,6 +98,7 @@ def test_gguf_package_reads_our_files(tiny_file):
             assert np.array_equal(deq, mine.to_float())
 
 
+@pytest.mark.e2e
 def test_gguf_dump_script_runs(tiny_file):
     out = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_dump", str(tiny_file[0])],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -156,6 +159,7 @@ def corrupt_cases(path, tmp_path):
     return {msg: rewrite(path, tmp_path / f"bad{i}.gguf", **kw) for i, (msg, kw) in enumerate(cases.items())}
 
 
+@pytest.mark.unit
 def test_invalid_files_name_the_problem(tiny_file, tmp_path):
     for message, bad in corrupt_cases(tiny_file[0], tmp_path).items():
         with pytest.raises(GGUFError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -168,6 +172,7 @@ def put_u64(data: bytearray, at: int, value: int) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.unit
 def test_huge_declared_sizes_fail_fast(tiny_file):
     raw = tiny_file[0].read_bytes()
     tokens_key = raw.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens")
@@ -198,6 +203,7 @@ def data_end(path) -> int:
     return raw.rfind(last.data.tobytes()) + last.data.nbytes
 
 
+@pytest.mark.unit
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_truncated_and_bit_flipped_files(tiny_file, data):
@@ -227,6 +233,7 @@ def test_fuzz_truncated_and_bit_flipped_files(tiny_file, data):
     assert peak < FUZZ_PEAK_BYTES
 
 
+@pytest.mark.unit
 def test_writer_rejects_inconsistent_input(tmp_path):
     cfg = get_config("tiny")
     tensors = Transformer(cfg).gguf_tensors()

@@ -24,6 +24,7 @@ SAMPLES = [
 ]
 
 
+@pytest.mark.unit
 def test_spec_records_specials_and_padding():
     spec = tiny_spec(512)
     assert len(spec.tokens) == 512 and spec.model == "gpt2"
@@ -32,6 +33,7 @@ def test_spec_records_specials_and_padding():
     assert spec.chat_template and all(len(m.split(" ")) == 2 for m in spec.merges)
 
 
+@pytest.mark.unit
 @settings(deadline=None, max_examples=50)
 @given(text=st.one_of(st.sampled_from(SAMPLES), st.text(max_size=200)))
 def test_rebuilt_tokenizer_matches_the_trained_one(text):
@@ -41,6 +43,7 @@ def test_rebuilt_tokenizer_matches_the_trained_one(text):
     assert rebuilt.decode(ids, skip_special_tokens=False) == original.decode(ids, skip_special_tokens=False)
 
 
+@pytest.mark.unit
 def test_tokenizer_survives_the_gguf_file(tmp_path):
     from model.config import get_config
     from model.transformer import Transformer
@@ -52,6 +55,7 @@ def test_tokenizer_survives_the_gguf_file(tmp_path):
         assert rebuilt.encode(text).ids == tiny_hf_tokenizer().encode(text).ids
 
 
+@pytest.mark.unit
 def test_invalid_specs_are_rejected():
     spec = tiny_spec()
     for bad in (dataclasses.replace(spec, model="llama"), dataclasses.replace(spec, token_type=spec.token_type[:-1]),
@@ -63,6 +67,7 @@ def test_invalid_specs_are_rejected():
         hf_from_spec(dataclasses.replace(spec, merges=("zzz_not_a_token Ġ",)))
 
 
+@pytest.mark.e2e
 def test_reader_modules_do_not_import_torch():
     import subprocess
     import sys

@@ -15,6 +15,8 @@ from compiler.kernels import KernelArgError, aligned_copy, aligned_empty, is_ali
 from compiler.ops import make_op
 from compiler.schedule import get_kernel
 
+pytestmark = pytest.mark.build
+
 OP = make_op("gemv_i8", M=64, K=512)
 
 

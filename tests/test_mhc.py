@@ -17,6 +17,8 @@ from model.config import get_config
 from model.mhc_static import PERMUTATIONS_S4, coefficients, permutation_matrices, res_logits_size
 from model.transformer import Transformer
 
+pytestmark = pytest.mark.unit
+
 F32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7
 # H_res is computed in float64 and rounded once to float32: each entry is off by ≤ half an ulp, so a row of n ≤ 4
 # entries sums to 1 within 4 · eps/2 = 2.4e-7; 1e-6 leaves margin and is the bound MHC.md asks for.

@@ -15,6 +15,8 @@ from model.config import get_config
 from model.onnx_export import export_onnx
 from model.transformer import Transformer
 
+pytestmark = pytest.mark.unit
+
 
 def test_onnx_export_checks_and_matches_torch(tmp_path):
     torch.manual_seed(0)

@@ -21,6 +21,8 @@ from compiler.ops import OpShapeError, make_op
 from compiler.schedule import build, schedule_module
 from model.ternary.reference import scalar_available
 
+pytestmark = pytest.mark.build
+
 IMPL = "scalar" if scalar_available() else "numpy"
 SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -33,6 +33,7 @@ AVX512 = [pytest.param(p.values[0], marks=[*p.marks, pytest.mark.skipif(not VBMI
           for p in X86 if p.values[0] == "avx512"]  # fmt: skip
 
 
+@pytest.mark.unit
 @settings(max_examples=25, deadline=None)
 @given(tile=st.sampled_from(TL.TL_TILES), groups=st.integers(1, 3), kc=st.integers(1, 7), seed=st.integers(0, 2**16))
 def test_tl_layout_round_trip(tile, groups, kc, seed):
@@ -43,11 +44,13 @@ def test_tl_layout_round_trip(tile, groups, kc, seed):
     np.testing.assert_array_equal(LAYOUTS[f"tl{tile}"].unpack(packed, k), codes)
 
 
+@pytest.mark.unit
 def test_tl_bits_per_weight():
     assert TL.bits_per_weight(16384) < 1.671 and TL.bits_per_weight(4096) < 1.681
     assert max(TL.bits_per_weight(k) for k in range(1536, 32768 + 1, 256)) <= 1.7  # K padded to 24s + the sums
 
 
+@pytest.mark.unit
 def test_tl_unpack_rejects_corruption():
     codes = np.random.default_rng(0).integers(-1, 2, (32, 512)).astype(np.int8)
     good = TL.pack_tl(codes, 2)
@@ -69,6 +72,7 @@ def test_tl_unpack_rejects_corruption():
         TL.pack_tl(codes[:16], 2)
 
 
+@pytest.mark.unit
 @settings(max_examples=20, deadline=None)
 @given(kc=st.integers(1, 6), seed=st.integers(0, 2**16))
 def test_table_lookup_arithmetic(kc, seed):
@@ -87,6 +91,7 @@ def test_table_lookup_arithmetic(kc, seed):
     np.testing.assert_array_equal(got, codes.astype(np.int64) @ x.astype(np.int64))
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("target", AVX512)
 @SETTINGS
 @given(tile=st.sampled_from(TL.TL_TILES), groups=st.integers(1, 3), kc=st.integers(1, 6), seed=st.integers(0, 2**16),
@@ -100,6 +105,7 @@ def test_gemv_i8_tl_bit_exact(target, tile, groups, kc, seed, data):
     np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("target", AVX512)
 @pytest.mark.parametrize("lut_at", [0, 1, 2])
 @pytest.mark.parametrize("groups", [1, 3, 4])
@@ -116,6 +122,7 @@ def test_every_table_placement(target, lut_at, groups):
     np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
 
 
+@pytest.mark.build
 def test_naive_te_matches():
     """The naive TE is plain LLVM code for the machine's own target: it runs on any CPU, VBMI or not (Zen 3)."""
     op = make_op("gemv_i8_tl", M=32, K=768, tile=1)
@@ -124,6 +131,7 @@ def test_naive_te_matches():
     np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("target", AVX512)
 @pytest.mark.parametrize("w, xv", [(1, 127), (1, -127), (-1, -128), (1, -128)])
 def test_extremes(target, w, xv):
@@ -138,6 +146,7 @@ def test_extremes(target, w, xv):
     np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
 
 
+@pytest.mark.build
 def test_shape_errors_are_clear():
     with pytest.raises(OpShapeError, match="multiple of 16"):
         make_op("gemv_i8_tl", M=24, K=256, tile=1)
@@ -148,6 +157,7 @@ def test_shape_errors_are_clear():
             build(make_op("gemv_i8_tl", M=16, K=256, tile=1), "avx2", mode="hand")
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("target", AVX512)
 @pytest.mark.parametrize("shape", [(4096, 4096), (32768, 16384)])
 def test_committed_record_replays_bit_exact(target, shape):

@@ -18,6 +18,8 @@ from compiler.kernels import Kernel, aligned_copy
 from compiler.ops import OpShapeError, make_op
 from compiler.schedule import build, schedule_module
 
+pytestmark = pytest.mark.build
+
 SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

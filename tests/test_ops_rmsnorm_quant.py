@@ -22,6 +22,8 @@ from compiler.ops.rmsnorm_quant import rmsnorm_numpy
 from compiler.schedule import build, schedule_module
 from model.ternary.quant import quantize_activations
 
+pytestmark = pytest.mark.build
+
 SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -15,11 +15,13 @@ def quick_start_commands(readme: str) -> list[str]:
     return [line for b in blocks for line in b.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+@pytest.mark.e2e
 def test_all_packages_import_in_a_fresh_interpreter():
     out = subprocess.run([sys.executable, "-c", f"import {', '.join(PACKAGES)}"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "module", ["model", "model.ternary", "model.ternary.layouts", "model.config", "model.exact_reference"]
 )
@@ -30,6 +32,7 @@ def test_formats_and_configs_do_not_import_torch_or_tvm(module):
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.unit
 def test_readme_quick_start_is_exactly_two_commands_and_ci_runs_the_second(repo):
     commands = quick_start_commands((repo / "README.md").read_text())
     assert len(commands) == 2, commands
@@ -38,6 +41,7 @@ def test_readme_quick_start_is_exactly_two_commands_and_ci_runs_the_second(repo)
     assert "set -euo pipefail" in ci  # so a failing test fails CI
 
 
+@pytest.mark.unit
 def test_pyproject_pins_what_must_be_pinned(repo):
     text = (repo / "pyproject.toml").read_text()
     for pin in ('"torch==2.13.0"', '"apache-tvm==0.27.0.post1"', '"apache-tvm-ffi==0.1.14.post1"'):

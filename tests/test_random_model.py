@@ -7,6 +7,8 @@ from model.gguf_io import read_gguf
 from model.random_model import byte_tokens, write_random_gguf
 from model.tokenizer import hf_from_spec
 
+pytestmark = pytest.mark.unit
+
 
 def test_byte_tokens_are_gpt2s_256_distinct_printable_characters():
     toks = byte_tokens()

@@ -30,6 +30,7 @@ def engine():
     return Engine(built(gguf).dir, gguf)
 
 
+@pytest.mark.e2e
 def test_loads_with_the_tvm_runtime_only(engine):
     """A fresh process with TVM_USE_RUNTIME_LIB=1 runs prefill + decode; libtvm_compiler is never mapped and no
     module of compiler/ (nor tvm.relax) is imported."""
@@ -50,6 +51,7 @@ def test_loads_with_the_tvm_runtime_only(engine):
     assert r == {"compiler_lib": False, "runtime_lib": True, "mods": [], "shape": [512]}
 
 
+@pytest.mark.unit
 def test_filter_logits_matches_the_torch_reference():
     rng = np.random.default_rng(0)
     for top_k, top_p in [(0, 1.0), (5, 1.0), (0, 0.5), (10, 0.9), (1, 1.0), (0, 1e-6)]:
@@ -59,6 +61,7 @@ def test_filter_logits_matches_the_torch_reference():
         np.testing.assert_array_equal(ours, ref, err_msg=f"top_k={top_k} top_p={top_p}")
 
 
+@pytest.mark.build
 def test_sampling_modes(engine):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     greedy = list(engine.generate_tokens(prompt, SamplingParams(max_new_tokens=12)))
@@ -82,6 +85,7 @@ def test_sampling_modes(engine):
     assert sample(np.array([0.0, 5.0, 1.0]), SamplingParams(), rng) == 1
 
 
+@pytest.mark.unit
 def test_sample_temperature_underflow_is_greedy():
     """Issue 13: temperature 1e-45 gave "Probabilities contain NaN" (float32 logits / 1e-45 = inf, inf - inf)."""
     x = np.array([0.5, 3.0, -1.0, 2.9], np.float32)
@@ -103,6 +107,7 @@ SETTINGS = st.tuples(
 )
 
 
+@pytest.mark.unit
 @given(LOGITS, SETTINGS)
 def test_sampler_never_fails(logits, settings):
     """Any finite settings, any logits (NaN, ±inf, float32 extremes): a valid id, no exception, no NaN; a usable
@@ -124,6 +129,7 @@ def test_sampler_never_fails(logits, settings):
             assert x[i] == np.inf
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -162,6 +168,7 @@ def test_chat_cli_rejects_bad_arguments_before_loading(args, message, tmp_path, 
     assert message in err[-1] and "Traceback" not in "\n".join(err)
 
 
+@pytest.mark.build
 def test_context_limit_and_bad_tokens(engine):
     res = Generation()
     toks = list(engine.generate_tokens(list(range(250)), SamplingParams(max_new_tokens=20), res))
@@ -172,6 +179,7 @@ def test_context_limit_and_bad_tokens(engine):
         list(engine.generate_tokens(list(range(256)), SamplingParams()))
 
 
+@pytest.mark.build
 def test_stream_text_and_stop_strings(engine):
     params = SamplingParams(max_new_tokens=24)
     res = Generation()
@@ -185,6 +193,7 @@ def test_stream_text_and_stop_strings(engine):
     assert text == res.text[: res.text.find(stop)]
 
 
+@pytest.mark.build
 def test_stream_never_splits_a_utf8_character(engine, monkeypatch):
     """Byte-level tokens of 'é' and '€' arrive one byte at a time: no piece may hold half a character."""
     tok = engine.tokenizer
@@ -210,6 +219,7 @@ def _byte_char(b: int) -> str:
     return chr(256 + [x for x in range(256) if x not in keep].index(b))
 
 
+@pytest.mark.build
 def test_chat_cli_one_prompt(capsys):
     gguf = tiny_gguf(2)
     built(gguf)
@@ -218,6 +228,7 @@ def test_chat_cli_one_prompt(capsys):
     assert out.out.startswith("def f(x):") and "time to first token" in out.err
 
 
+@pytest.mark.build
 @pytest.mark.slow
 def test_shipped_model_parity():
     """models/small.gguf: same greedy tokens as PyTorch for 64 steps; prefill logits within 1e-3. Decode logits differ
@@ -255,6 +266,7 @@ def test_shipped_model_parity():
     assert max(errs[:32]) <= 2 * max(self_gap), (errs[:32], self_gap)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_runtime_bench_smoke(tmp_path, capsys):
     """Every implementation runs (onnxruntime when installed, on the ONNX export, decode recomputing the sequence);
@@ -278,6 +290,7 @@ def test_runtime_bench_smoke(tmp_path, capsys):
     assert "decode tok/s" in text and "% bound" in text and "MB/token" in text
 
 
+@pytest.mark.build
 def test_decode_bytes_counts_what_a_step_reads():
     """Ternary matrices at 2 bits/weight, the whole LM head, one embedding row, norms; KV cache apart."""
     from runtime.bench import decode_bytes

@@ -14,6 +14,7 @@ def ngrams(seq, n):
     return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
 
 
+@pytest.mark.unit
 @given(gen=st.lists(st.integers(0, 5), max_size=40), n=st.integers(2, 5))
 def test_no_repeat_ngram_bans_exactly_the_completions(gen, n):
     out = penalize(np.zeros(6, np.float32), gen, SamplingParams(no_repeat_ngram=n))
@@ -22,6 +23,7 @@ def test_no_repeat_ngram_bans_exactly_the_completions(gen, n):
         assert (out[t] == -np.inf) == repeats
 
 
+@pytest.mark.unit
 @given(gen=st.lists(st.integers(0, 5), max_size=30), f=st.floats(-2, 2), p=st.floats(-2, 2))
 def test_frequency_and_presence_penalties(gen, f, p):
     logits = np.arange(6, dtype=np.float32)
@@ -32,6 +34,7 @@ def test_frequency_and_presence_penalties(gen, f, p):
     assert out is not logits
 
 
+@pytest.mark.unit
 def test_plain_params_change_nothing_and_bad_ones_are_refused():
     logits = np.array([1.0, 2.0], np.float32)
     np.testing.assert_array_equal(penalize(logits, [1, 1, 1], SamplingParams()), logits)
@@ -42,6 +45,7 @@ def test_plain_params_change_nothing_and_bad_ones_are_refused():
             SamplingParams(**bad)
 
 
+@pytest.mark.unit
 def test_greedy_generation_never_repeats_an_ngram():
     """Through the PyTorch loop on a random tiny model (greedy loops are what it breaks)."""
     import torch
@@ -58,6 +62,7 @@ def test_greedy_generation_never_repeats_an_ngram():
     assert len(set(ngrams(plain, 3))) < len(ngrams(plain, 3))  # the control did something on this model
 
 
+@pytest.mark.build
 def test_incremental_detokenization_equals_whole_decode():
     """Engine.stream_text decodes only the tokens after the last character boundary: for byte-level BPE that is the
     whole decode's suffix, also across multi-byte characters split over tokens."""

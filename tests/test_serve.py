@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
 import time
 
 import httpx
@@ -53,17 +51,20 @@ def assert_error(resp: httpx.Response, status: int, param: str | None = None, co
 
 
 # --- the openai client ---------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_health_was_503_while_loading_then_200(server):  # noqa: F811
     assert server.health_codes[-1] == 200
     assert 503 in server.health_codes, server.health_codes  # the model takes seconds to load; /health answered
 
 
+@pytest.mark.e2e
 def test_models_lists_the_shipped_model(oai):
     models = oai.models.list().data
     assert [m.id for m in models] == [MODEL]
     assert models[0].model_extra["meta"]["n_ctx"] == 1024
 
 
+@pytest.mark.e2e
 def test_completion_whole_and_streamed_agree(oai):
     whole = oai.completions.create(model=MODEL, prompt="def fib(n):", max_tokens=12, temperature=0)
     choice = whole.choices[0]
@@ -80,6 +81,7 @@ def test_completion_whole_and_streamed_agree(oai):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+@pytest.mark.e2e
 def test_chat_whole_and_streamed_agree_with_the_gguf_template(oai, server):  # noqa: F811
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list."}]
     whole = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
@@ -98,6 +100,7 @@ def test_chat_whole_and_streamed_agree_with_the_gguf_template(oai, server):  # n
     assert chunks[-1].usage.prompt_tokens == len(ids)
 
 
+@pytest.mark.e2e
 def test_stop_string_cuts_the_text_and_finishes_with_stop(oai):
     full = oai.completions.create(model=MODEL, prompt="import os\n", max_tokens=24, temperature=0).choices[0].text
     stop = full[len(full) // 2 : len(full) // 2 + 3]
@@ -107,6 +110,7 @@ def test_stop_string_cuts_the_text_and_finishes_with_stop(oai):
     assert got.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.e2e
 def test_frequency_penalty_breaks_a_greedy_loop(oai):
     """OpenAI's penalties reach the sampler (model.sampling.penalize): the penalized text differs and repeats less."""
     kw = {"model": MODEL, "prompt": "    if tags is None:\n        tags = {}\n", "max_tokens": 40, "temperature": 0}
@@ -116,6 +120,7 @@ def test_frequency_penalty_breaks_a_greedy_loop(oai):
     assert len(set(pen.split())) / max(1, len(pen.split())) >= len(set(plain.split())) / max(1, len(plain.split()))
 
 
+@pytest.mark.e2e
 def test_seeded_sampling_is_reproducible(oai):
     def run(seed):
         return oai.completions.create(model=MODEL, prompt="class ", max_tokens=12, temperature=1.0, seed=seed,
@@ -124,6 +129,7 @@ def test_seeded_sampling_is_reproducible(oai):
     assert run(7) == run(7)
 
 
+@pytest.mark.e2e
 def test_openai_client_errors(server, oai):  # noqa: F811
     bad_key = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -140,6 +146,7 @@ COMPLETIONS = "/v1/completions"
 USER = [{"role": "user", "content": "hi"}]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
@@ -172,6 +179,7 @@ def test_malformed_requests_are_400(server, path, body, param):  # noqa: F811
     assert err["type"] == "invalid_request_error"
 
 
+@pytest.mark.e2e
 def test_context_limits_are_400(server):  # noqa: F811
     with server.client() as c:
         err = assert_error(c.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 10**6}), 400, "max_tokens",
@@ -195,6 +203,7 @@ def test_context_limits_are_400(server):  # noqa: F811
         assert usage["prompt_tokens"] == n and usage["total_tokens"] <= 1024
 
 
+@pytest.mark.e2e
 def test_empty_prompt_starts_a_new_document(server):  # noqa: F811
     with server.client() as c:
         r = c.post(COMPLETIONS, json={"prompt": "", "max_tokens": 3, "temperature": 0})
@@ -202,6 +211,7 @@ def test_empty_prompt_starts_a_new_document(server):  # noqa: F811
     assert r.json()["usage"]["prompt_tokens"] == 1  # <|endoftext|>
 
 
+@pytest.mark.e2e
 def test_api_key_is_required_except_for_health_and_the_page(server):  # noqa: F811
     with server.client(key=None) as c:
         assert_error(c.get("/v1/models"), 401, code="invalid_api_key")
@@ -214,6 +224,7 @@ def test_api_key_is_required_except_for_health_and_the_page(server):  # noqa: F8
         assert c.get("/").status_code == 200
 
 
+@pytest.mark.e2e
 def test_unknown_model_route_and_method(server):  # noqa: F811
     with server.client() as c:
         assert_error(c.post(COMPLETIONS, json={"prompt": "x", "model": "gpt-4"}), 404, "model", "model_not_found")
@@ -221,6 +232,7 @@ def test_unknown_model_route_and_method(server):  # noqa: F811
         assert_error(c.get(COMPLETIONS), 405)
 
 
+@pytest.mark.e2e
 def test_body_over_the_limit_is_413(server):  # noqa: F811
     big = json.dumps({"prompt": "x" * (2 << 20)}).encode()
     with server.client() as c:
@@ -234,6 +246,7 @@ def test_body_over_the_limit_is_413(server):  # noqa: F811
         assert c.get("/health").status_code == 200
 
 
+@pytest.mark.e2e
 def test_tokenize_detokenize_round_trip(server):  # noqa: F811
     text = "def f(x):\n    return x ** 2  # ünïcode ✓\n"
     with server.client() as c:
@@ -246,6 +259,7 @@ def test_tokenize_detokenize_round_trip(server):  # noqa: F811
         assert_error(c.post("/detokenize", json={"tokens": ["a"]}), 400)
 
 
+@pytest.mark.e2e
 def test_raw_sse_framing_usage_and_done(server):  # noqa: F811
     with server.client() as c, c.stream("POST", CHAT, json={"messages": USER, "max_tokens": 8, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -259,6 +273,7 @@ def test_raw_sse_framing_usage_and_done(server):  # noqa: F811
     assert all(ch["choices"][0]["finish_reason"] is None and "usage" not in ch for ch in chunks[:-1])
 
 
+@pytest.mark.e2e
 def test_metrics_are_prometheus_text(server):  # noqa: F811
     with server.client() as c:
         c.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 2}).raise_for_status()
@@ -272,6 +287,7 @@ def test_metrics_are_prometheus_text(server):  # noqa: F811
     assert m['ternary_requests_total{route="/metrics",status="200"}'] >= 1  # the fetch of `text` above
 
 
+@pytest.mark.e2e
 def test_cors_when_enabled(server):  # noqa: F811
     with server.client(key=None) as c:
         pre = c.options(CHAT, headers={"Origin": CORS_ORIGIN, "Access-Control-Request-Method": "POST",
@@ -283,6 +299,7 @@ def test_cors_when_enabled(server):  # noqa: F811
         assert "access-control-allow-origin" not in other.headers
 
 
+@pytest.mark.e2e
 def test_chat_page_is_one_self_contained_file(server):  # noqa: F811
     with server.client(key=None) as c:
         page = c.get("/")
@@ -291,6 +308,7 @@ def test_chat_page_is_one_self_contained_file(server):  # noqa: F811
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page.text)  # nothing fetched from elsewhere
 
 
+@pytest.mark.e2e
 def test_health_answers_while_generating(server):  # noqa: F811
     with server.client() as c, c.stream("POST", COMPLETIONS, json={"prompt": "def main():", "max_tokens": 400,
                                                                    "temperature": 0, "stream": True}) as r:  # fmt: skip
@@ -301,6 +319,7 @@ def test_health_answers_while_generating(server):  # noqa: F811
         assert time.perf_counter() - t0 < 2.0  # the event loop is not the generation thread
 
 
+@pytest.mark.e2e
 def test_hangup_mid_stream_stops_the_generation(server):  # noqa: F811
     before = server.metrics()
     body = {"prompt": "def main():", "max_tokens": 1000, "temperature": 0, "stream": True}
@@ -317,6 +336,7 @@ def test_hangup_mid_stream_stops_the_generation(server):  # noqa: F811
     assert m["ternary_completion_tokens_total"] - before["ternary_completion_tokens_total"] < 1000
 
 
+@pytest.mark.e2e
 def test_queue_full_is_429_and_hangups_free_their_slots(server):  # noqa: F811
     """Hold streams that each want the whole context until one is refused; hang up on all: every job is cancelled
     (a waiting one before it starts, the running one within a token) and the queue drains at once."""
@@ -355,6 +375,7 @@ def test_queue_full_is_429_and_hangups_free_their_slots(server):  # noqa: F811
     assert m["ternary_rejected_total"] > before["ternary_rejected_total"]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_load_64_streaming_clients_some_hanging_up(server):  # noqa: F811
     """64 concurrent streaming clients (chat and completions), every fourth hanging up after its first token: no 5xx,
@@ -414,6 +435,7 @@ def test_load_64_streaming_clients_some_hanging_up(server):  # noqa: F811
 
 
 # --- the app without the flags, in-process (no model: it never leaves "loading") -----------------------------------
+@pytest.mark.e2e
 def test_without_flags_no_key_no_metrics_no_cors_and_503_while_loading():
     from starlette.testclient import TestClient
 
@@ -428,6 +450,7 @@ def test_without_flags_no_key_no_metrics_no_cors_and_503_while_loading():
     assert "access-control-allow-origin" not in c.get("/health", headers={"Origin": CORS_ORIGIN}).headers
 
 
+@pytest.mark.unit
 def test_chat_template_is_the_training_one():
     from train.tokenizer import CHAT_TEMPLATE
 
@@ -436,7 +459,20 @@ def test_chat_template_is_the_training_one():
     assert render_chat(msgs, CHAT_TEMPLATE) == "<|system|>\nS<|end|>\n<|user|>\nU<|end|>\n<|assistant|>\n"
 
 
-def test_cli_help():
-    out = subprocess.run([sys.executable, "-m", "runtime.serve", "--help"], capture_output=True, text=True, check=True)
-    for flag in ("--model", "--target", "--host", "--port", "--api-key", "--max-queue", "--metrics", "--cors"):
-        assert flag in out.stdout
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "/nonexistent.gguf"], "no such file"),
+        (["--max-queue", "0"], "must be positive"),
+        (["--read-timeout", "nan"], "must be positive"),
+        (["--chat-template", "/nonexistent.jinja"], "--chat-template /nonexistent.jinja"),
+    ],
+)
+def test_cli_refuses_bad_arguments_before_loading(args, message, monkeypatch):
+    """The command line is checked before a model is loaded or a port is bound: one error line, no traceback."""
+    from runtime import serve
+
+    monkeypatch.setattr(serve, "create_app", lambda *a, **k: pytest.fail("the server started"))
+    with pytest.raises(SystemExit, match=message):
+        serve.main(args)

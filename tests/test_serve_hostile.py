@@ -24,6 +24,8 @@ from serve_helpers import FAIL, FakeBackend, run_app, start_server, stop_server
 from runtime.chat_template import DEFAULT_CHAT_TEMPLATE
 from runtime.serve import MAX_DETOKENIZE_TOKENS, MAX_TOKENIZE_CHARS, ServeConfig
 
+pytestmark = pytest.mark.e2e
+
 HEALTH_BOUND_S = 0.1  # issue 13: /health answers in < 100 ms while a hostile request is handled
 STALL_S = 0.5  # a stalled event loop (the template or tokenizer in it) took 0.5 to 3 s and more per request
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"

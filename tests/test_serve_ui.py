@@ -17,6 +17,8 @@ import pytest
 from helpers import REPO
 from serve_helpers import API_KEY, server  # noqa: F401 (server is a fixture)
 
+pytestmark = pytest.mark.e2e
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update"]  # fmt: skip

@@ -22,7 +22,7 @@ from model.tokenizer import TOKEN_CONTROL, TOKEN_UNUSED
 from runtime import chat
 from runtime.engine import Engine, Generation, SamplingParams
 
-pytestmark = pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")
+pytestmark = [pytest.mark.build, pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")]
 
 SMALL = REPO / "models" / "small.gguf"
 EOS_PROMPT = 'def is_palindrome(s: str) -> bool:\n    """Return True if s reads the same backwards."""\n'

@@ -13,6 +13,8 @@ from model.ternary import ggml, quantize_weights
 from model.ternary.checks import TernaryFormatError
 from model.ternary.quant import TernaryWeights
 
+pytestmark = pytest.mark.unit
+
 TYPES = [ggml.TernaryType.TQ2_0, ggml.TernaryType.TQ1_0]
 qtypes = st.sampled_from(TYPES)
 

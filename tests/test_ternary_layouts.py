@@ -10,6 +10,8 @@ from model.ternary import ggml, quantize_weights
 from model.ternary.checks import TernaryFormatError
 from model.ternary.layouts import LAYOUTS, get_layout, pack_weights, repack_gguf
 
+pytestmark = pytest.mark.unit
+
 
 @given(seeds, ms, ks, st.sampled_from(sorted(LAYOUTS)))
 def test_every_layout_round_trips(seed, m, k, name):

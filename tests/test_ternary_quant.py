@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from model.ternary import ACT_QMAX, SCALE_EPS, quantize_activations, quantize_weights
 from model.ternary.checks import TernaryFormatError
 
+pytestmark = pytest.mark.unit
+
 scales = st.floats(min_value=1e-3, max_value=1e3)
 
 

@@ -11,6 +11,8 @@ from model.ternary.layouts import pack_weights
 from model.ternary.quant import TernaryWeights
 from model.ternary.reference import _scalar, scalar_available, ternary_matmul_f32, ternary_matmul_i8
 
+pytestmark = pytest.mark.unit
+
 IMPLS = ["numpy", "scalar"]
 
 

@@ -90,6 +90,7 @@ def check_extents(op, by_cores: dict[int, list[str]]) -> None:
             assert e >= WIDE or per_thread, f"{op.key}: a parallel loop of {e} built for {cores} cores: {by_cores}"
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("target", CPU_TARGETS)
 def test_committed_records_do_not_freeze_parallelism(target):
     ops = committed_ops(target)
@@ -99,6 +100,7 @@ def test_committed_records_do_not_freeze_parallelism(target):
         check_extents(op, by_cores)
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("target", CPU_TARGETS)
 def test_records_rebuilt_from_knobs_are_what_was_measured(target):
     """At the core count a record was measured with, the schedule rebuilt from its knobs is its own trace's."""
@@ -115,6 +117,7 @@ def test_records_rebuilt_from_knobs_are_what_was_measured(target):
         assert tvm_ffi.structural_equal(sch.mod["main"], rebuilt.with_attr("global_symbol", "main")), op.key
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("target", CPU_TARGETS)
 def test_hand_schedules_do_not_freeze_parallelism(target):
     kinds = {}
@@ -130,6 +133,7 @@ def test_hand_schedules_do_not_freeze_parallelism(target):
         check_extents(op, by_cores)
 
 
+@pytest.mark.build
 def test_tasks_divide_the_row_groups():
     for groups in (1, 2, 3, 4, 6, 44, 86, 256):
         op = make_op("gemv_i8_tl", M=16 * 8 * groups, K=256, tile=8)
@@ -163,6 +167,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("target", CPU_TARGETS)
 def test_same_bits_at_every_thread_count(target):
     if not targets.supported(target):
@@ -178,6 +183,7 @@ def test_same_bits_at_every_thread_count(target):
     assert len(results) == len(keys) * 16 and all(results.values()), [k for k, ok in results.items() if not ok]
 
 
+@pytest.mark.unit
 def test_cache_key_follows_cores_only_where_kernels_split_per_thread(monkeypatch):
     """A 2-bit entry serves every thread count (its kernels split over row tiles): the same key whatever the pool
     size. A 1.67-bit entry's per-thread table build is fixed at build time: one key per thread count."""

@@ -53,6 +53,7 @@ def engine():
 PREFIXES = st.binary(min_size=1, max_size=6) | st.sampled_from([b"\n", b"\n    ", b" ", b"pal", b"\xc3", b" \xe2\x82"])
 
 
+@pytest.mark.unit
 @given(PREFIXES)
 def test_allowed_matches_a_brute_force_scan(p):
     """allowed(p): exactly the tokens that start with p or are a non-empty prefix of it; no special token."""
@@ -62,6 +63,7 @@ def test_allowed_matches_a_brute_force_scan(p):
     assert table.complete and all(table.bytes[i] is not None for i in want)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("prompt", "removed"),
     [
@@ -89,6 +91,7 @@ def test_plan_backs_off_the_last_word(prompt, removed):
 
 
 # --- on the shipped model ------------------------------------------------------------------------------------------
+@pytest.mark.build
 @pytest.mark.slow
 def test_prompt_ending_after_the_docstring_newline_gets_a_body(engine):
     """Issue 23: ending after the docstring's newline gave end-of-text (no body); with healing it gives the body that
@@ -109,6 +112,7 @@ def test_prompt_ending_after_the_docstring_newline_gets_a_body(engine):
     assert engine.generate(DOC + "\n    ", params, token_healing=False).text.startswith(" ")
 
 
+@pytest.mark.build
 @pytest.mark.slow
 def test_stop_strings_do_not_see_the_healed_text(engine):
     """A stop string that the healed characters hold ("\\n") must not end the generation before it starts."""
@@ -116,6 +120,7 @@ def test_stop_strings_do_not_see_the_healed_text(engine):
     assert res.finish_reason == "stop_string" and res.text.strip().startswith("return") and "\n" not in res.text
 
 
+@pytest.mark.build
 @pytest.mark.slow
 def test_healing_can_be_turned_off(engine):
     """Per call, per Engine, or by a ``token_healing`` field on the sampling parameters (as a server would pass)."""
@@ -140,6 +145,7 @@ def test_healing_can_be_turned_off(engine):
     assert off.tokens[0] == int(np.argmax(engine.prefill(ids)))  # off: plain greedy after the whole prompt
 
 
+@pytest.mark.build
 @pytest.mark.slow
 @settings(max_examples=30)
 @given(cut=st.integers(10, len(SOURCE)), length=st.integers(1, 300), seed=st.integers(0, 3), hot=st.booleans())
@@ -168,6 +174,7 @@ def test_healed_generation_respells_the_removed_text(engine, cut, length, seed, 
         assert res.tokens[0] == allowed[int(np.argmax(logits[allowed]))]
 
 
+@pytest.mark.build
 @pytest.mark.slow
 def test_code_validity_after_the_newline_matches_the_closing_quotes(engine):
     """Issue 23's goal on 30 standard-library functions (train.eval's prompts and validity check, greedy): ending

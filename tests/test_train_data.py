@@ -9,6 +9,8 @@ from train.corpus import CorpusConfig, build_corpus, read_manifest, write_manife
 from train.shards import ShardError, build_shards, open_split, write_shards
 from train.tokenizer import CHAT_TEMPLATE, EOT, SPECIAL_TOKENS, iter_texts, train_tokenizer
 
+pytestmark = pytest.mark.unit
+
 SOURCE = '''def add(a, b):
     """Add two numbers."""
     return a + b

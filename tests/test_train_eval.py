@@ -27,6 +27,7 @@ from train.eval import (
 PROMPT = 'def area(r):\n    """Area of a circle of radius r."""'
 
 
+@pytest.mark.unit
 def test_body_ends_at_column_zero_and_partial_lines_are_dropped():
     completion = "\n    x = r * r\n    return 3.14 * x\n\nclass Next:\n    pass"
     body = cut_body(completion, hit_limit=False)
@@ -37,6 +38,7 @@ def test_body_ends_at_column_zero_and_partial_lines_are_dropped():
     assert not is_valid_function(PROMPT, "\n    return r\nx = 1\n")  # more than the one function
 
 
+@pytest.mark.unit
 def test_trimming_keeps_complete_statements_only():
     body = "\n    if r:\n        return 1\n    if r:"
     assert not is_valid_function(PROMPT, body)
@@ -45,6 +47,7 @@ def test_trimming_keeps_complete_statements_only():
     assert trim_to_statement(PROMPT, "\n    (((") == "\n    ((("  # nothing parses: unchanged
 
 
+@pytest.mark.unit
 def test_function_prompts_are_docstring_functions_with_bodies(tmp_path):
     src = tmp_path / "m.py"
     src.write_text(
@@ -61,6 +64,7 @@ def test_function_prompts_are_docstring_functions_with_bodies(tmp_path):
     assert d["prompt"] == '@staticmethod\ndef d(y):\n    """Doc d."""'  # dedented, decorator kept, ends at the quotes
 
 
+@pytest.mark.unit
 def test_bits_per_byte_counts_every_byte_once():
     tok = tiny_hf_tokenizer()
     text = "def f(x):\n    return x + 1\n" * 40
@@ -74,6 +78,7 @@ def test_bits_per_byte_counts_every_byte_once():
     assert out["bits_per_byte"] == pytest.approx(out["val_loss"] * out["val_tokens"] / math.log(2) / out["val_bytes"])
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_cpu_recipe_runs_end_to_end_and_exports_an_exact_gguf(tmp_path):
     from train.recipe import run

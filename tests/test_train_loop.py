@@ -43,6 +43,7 @@ def final_tensors(out) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors")) | load_file(str(path / "optim.safetensors"))
 
 
+@pytest.mark.unit
 def test_wsd_schedule_shape():
     cfg = TrainConfig(steps=100, warmup_steps=10, decay_frac=0.2)
     f = [lr_factor(s, cfg) for s in range(100)]
@@ -51,6 +52,7 @@ def test_wsd_schedule_shape():
     assert all(a > b for a, b in itertools.pairwise(f[80:])) and f[99] == pytest.approx(1 / 20)  # decay
 
 
+@pytest.mark.unit
 def test_batches_are_a_pure_function_of_step_micro_and_rank():
     tokens = np.arange(10_000, dtype=np.uint16)
     a = Batches(tokens, 16, 4, seed=1, rank=0, device=torch.device("cpu"))
@@ -61,6 +63,7 @@ def test_batches_are_a_pure_function_of_step_micro_and_rank():
     assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one: next-token prediction
 
 
+@pytest.mark.e2e
 def test_training_learns_the_next_token(shards, tmp_path):
     summary = train(tiny_cfg(shards, tmp_path, steps=60, lr_embed=1e-2, log_every=10, eval_every=60), progress=False)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -72,6 +75,7 @@ def test_training_learns_the_next_token(shards, tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.e2e
 def test_paused_and_resumed_run_equals_uninterrupted_run(shards, tmp_path):
     whole = tiny_cfg(shards, tmp_path / "whole")
     train(whole, progress=False)
@@ -86,6 +90,7 @@ def test_paused_and_resumed_run_equals_uninterrupted_run(shards, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_continues_exactly(shards, tmp_path):
     cmd = [sys.executable, "-m", "train.train", "--preset", "tiny", "--data", str(shards), "--batch-size", "4",
@@ -114,6 +119,7 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(shards, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.e2e
 def test_corrupt_or_partial_checkpoints_are_refused(shards, tmp_path):
     train(tiny_cfg(shards, tmp_path, steps=2), progress=False)
     path = checkpoint.latest(tmp_path / "checkpoints")
@@ -136,12 +142,14 @@ def test_corrupt_or_partial_checkpoints_are_refused(shards, tmp_path):
         checkpoint.latest(tmp_path / "checkpoints")
 
 
+@pytest.mark.e2e
 def test_resume_with_different_settings_is_refused(shards, tmp_path):
     train(tiny_cfg(shards, tmp_path, steps=2), progress=False)
     with pytest.raises(ValueError, match="different settings"):
         train(tiny_cfg(shards, tmp_path, steps=4, lr_matrix=0.5), progress=False)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(shards, tmp_path):
     cmd = [
@@ -181,6 +189,7 @@ def test_ddp_on_two_cpu_processes(shards, tmp_path):
     assert checkpoint.read_state(checkpoint.latest(tmp_path / "checkpoints"))["step"] == 4
 
 
+@pytest.mark.unit
 def test_batched_muon_matches_torch_muon_exactly():
     from train.muon import BatchedMuon
 

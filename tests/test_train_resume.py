@@ -22,6 +22,8 @@ from test_train_loop import final_tensors, shards, tiny_cfg  # noqa: F401  (shar
 from train import checkpoint
 from train.train import main, parse_args, train
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 
 KILLED_IN_SAVE = """

@@ -13,6 +13,8 @@ from model.config import PRESETS, get_config
 from model.generate import SamplingParams, generate
 from model.transformer import Transformer
 
+pytestmark = pytest.mark.unit
+
 
 def small_model(**overrides) -> Transformer:
     torch.manual_seed(0)

@@ -33,6 +33,7 @@ def record_lines(root, target):
     return (Path(root) / target / "database_tuning_record.json").read_text().splitlines()
 
 
+@pytest.mark.build
 def test_tune_then_build_from_record(tmp_path):
     target = targets.detect()
     res = tune.tune([OP], target, trials=3, root=tmp_path, progress=False)
@@ -49,6 +50,7 @@ def test_tune_then_build_from_record(tmp_path):
     assert len(tune.tried_knobs(S.open_database(target, tmp_path), OP, target)) == 5
 
 
+@pytest.mark.build
 def test_torn_line_is_dropped_and_tuning_resumes(tmp_path):
     target = targets.detect()
     tune.tune([OP], target, trials=2, root=tmp_path, progress=False)
@@ -60,6 +62,7 @@ def test_torn_line_is_dropped_and_tuning_resumes(tmp_path):
     assert all(json.loads(x) for x in record_lines(tmp_path, target))
 
 
+@pytest.mark.build
 def test_worse_records_never_win(tmp_path):
     target = targets.detect()
     tune.tune([OP], target, trials=1, root=tmp_path, progress=False)
@@ -77,6 +80,7 @@ def test_worse_records_never_win(tmp_path):
     assert knobs == {"rows": 2, "unroll_k": 1, "prefetch": 0}
 
 
+@pytest.mark.build
 def test_untuned_build_warns_loudly(tmp_path):
     with pytest.warns(S.UntunedWarning, match="UNTUNED"):
         sf = S.get_primfunc(OP, "auto", logs_root=tmp_path)
@@ -85,6 +89,7 @@ def test_untuned_build_warns_loudly(tmp_path):
         S.get_primfunc(OP, "auto", logs_root=tmp_path, mode="tuned")
 
 
+@pytest.mark.unit
 def test_shapes_and_workloads():
     assert tune.parse_shape("gemv_i8:4096:4096") == make_op("gemv_i8", M=4096, K=4096)
     assert tune.parse_shape("gemv_i8:4096:4096:8") == make_op("gemv_i8", M=4096, K=4096, tile=8)
@@ -95,11 +100,7 @@ def test_shapes_and_workloads():
     assert kinds == {"gemv_i8", "gemm_i8", "rmsnorm_quant", "mhc_post"}
 
 
-def test_cli_help_and_model_not_yet():
-    out = subprocess.run([sys.executable, "-m", "compiler.tune", "--help"], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0 and "--retune" in out.stdout and "--trials" in out.stdout
-
-
+@pytest.mark.build
 def test_model_workloads_from_gguf(tmp_path):
     """``--model X.gguf`` tunes exactly the workloads of the file's config."""
     gguf_io = pytest.importorskip("model.gguf_io")
@@ -116,6 +117,7 @@ def test_model_workloads_from_gguf(tmp_path):
     assert make_op("mhc_post", D=cfg.d_model, S=4) in tune.model_ops(str(path))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_kill_9_loses_at_most_the_trial_in_flight(tmp_path):
     target = targets.detect()
@@ -140,6 +142,7 @@ def test_kill_9_loses_at_most_the_trial_in_flight(tmp_path):
     assert len(lines) <= 20 + 1  # ... and at most the trial in flight was measured twice
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("target", X86)
 def test_committed_logs_give_valid_schedules(target):
     """Every shipped-model and benchmark workload has a record in tuning_logs/<target>/, and it replays correctly."""
@@ -157,6 +160,7 @@ def test_committed_logs_give_valid_schedules(target):
             np.testing.assert_allclose(o, r, rtol=0, atol=tol, err_msg=op.key)
 
 
+@pytest.mark.build
 def test_relax_call_tir_of_a_scheduled_kernel():
     """The whole-model compiler's path: get_primfunc → Relax call_tir → VM, bit-exact with the reference."""
     import tvm
@@ -178,6 +182,7 @@ def test_relax_call_tir_of_a_scheduled_kernel():
     np.testing.assert_array_equal(y, op.reference(*ins)[0])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -203,6 +208,7 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys, flags, message)
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.e2e
 def test_cli_reports_a_bad_model_file_in_one_line(tmp_path):
     cmd = [sys.executable, "-m", "compiler.tune", "--model", "README.md", "--logs", str(tmp_path), "--trials", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)

@@ -64,6 +64,7 @@ def assert_builds_correctly(sf) -> None:
     np.testing.assert_array_equal(Kernel(sf.op, sf.build())(*ins)[0], sf.op.reference(*ins)[0])
 
 
+@pytest.mark.build
 def test_build_skips_a_torn_last_record_with_a_warning(logs_copy):
     d = logs_copy / TARGET
     tear_last_line(d / FILES[1])
@@ -75,6 +76,7 @@ def test_build_skips_a_torn_last_record_with_a_warning(logs_copy):
     assert snapshot(d) == before  # read through a cleaned copy: the files are not modified
 
 
+@pytest.mark.build
 def test_malformed_workload_lines_renumber_the_records(logs_copy):
     """Records name their workload by line number: dropping a workload line must not point records at another one."""
     d = logs_copy / TARGET
@@ -102,6 +104,7 @@ tune.tune([make_op("gemv_i8", M=64, K=512)], target, trials=1, root=root, progre
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sigxfsz", ["die", "ignore"])
 def test_a_write_cut_off_mid_line_leaves_the_database_whole(tmp_path, sigxfsz):
     """RLIMIT_FSIZE stops the next workload line half-way (and SIGXFSZ kills the tuner, or the write just fails as on
@@ -129,6 +132,7 @@ def test_a_write_cut_off_mid_line_leaves_the_database_whole(tmp_path, sigxfsz):
     assert not list(Path(tempfile.gettempdir()).glob(f"{tune.SCRATCH_PREFIX}{proc.pid}-*"))  # its scratch: removed
 
 
+@pytest.mark.build
 def test_a_kill_before_the_rename_leaves_the_old_file_and_the_next_run_cleans_up(tmp_path, monkeypatch, caplog):
     """The tuner dies after writing a record's temporary file, before renaming it into place."""
     tune.tune([SMALL_OP], TARGET, trials=1, root=tmp_path, progress=False)

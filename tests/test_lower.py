@@ -1,0 +1,77 @@
+"""compiler.lower's per-target kernel table (KERNELS) and the facts it shares with tuning (compiler.constants).
+
+That the lowered model computes the right thing on each target is held by the builds that run it:
+``test_build_model.py`` (avx512 tile8 and tl, avx2) and ``test_cuda.py::test_whole_model_cuda_build``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from runtime_helpers import tiny_gguf
+
+from compiler import constants, lower, tune
+from model import config as model_config
+from model.config import get_config
+from model.gguf_io import read_gguf
+
+BUILDS = {"tile8": ("avx2", "tile8"), "tl": ("avx512", "tl"), "dp4a": ("cuda", "tile8")}  # a (target, weights) each
+
+
+@pytest.mark.unit
+def test_every_table_entry_has_a_build():
+    assert set(BUILDS) == set(lower.KERNELS)
+    for key, (target, weights) in BUILDS.items():
+        assert lower.kernels_for(target, weights) is lower.KERNELS[key]
+    with pytest.raises(ValueError, match="CPU"):
+        lower.kernels_for("cuda", "tl")
+
+
+@pytest.mark.unit
+def test_prefill_chunks_are_shared_with_tuning_and_fit_the_model_bounds():
+    assert tune.PREFILL_TOKENS == lower.KERNELS["tile8"].prefill_chunk == constants.CPU_PREFILL_CHUNK
+    assert tune.CUDA_PREFILL_TOKENS == lower.KERNELS["dp4a"].prefill_chunk == constants.CUDA_PREFILL_CHUNK
+    largest = max(k.prefill_chunk for k in lower.KERNELS.values())
+    assert largest <= model_config.PREFILL_TOKENS  # the attention scratch's bound
+    assert largest <= model_config.MIN_CONTEXT  # the smallest context holds one chunk
+
+
+@pytest.mark.unit
+def test_ternary_shapes_use_the_gguf_names():
+    cfg = get_config("tiny")
+    assert set(lower.ternary_shapes(cfg)) == set(lower.TERNARY)
+    assert lower.ternary_shapes(cfg)["attn_output"] == cfg.ternary_shapes()["attn_o"]
+
+
+@pytest.mark.build
+@pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")
+@pytest.mark.parametrize("key", sorted(BUILDS))
+def test_lowering_uses_every_field_of_its_table_entry(key, monkeypatch):
+    """Lowering a tiny model calls each builder of its entry, picks its operators and chunk, and fixes exactly the
+    operators the entry names fixed (no IR is compiled)."""
+    target, weights = BUILDS[key]
+    entry = lower.KERNELS[key]
+    called: set[str] = set()
+
+    def spy(name, f):
+        def wrapped(*a, **k):
+            called.add(name)
+            return f(*a, **k)
+
+        return wrapped
+
+    builders = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry) if callable(getattr(entry, f.name))}
+    fixed = {kind: spy(f"fixed.{kind}", f) for kind, f in entry.fixed.items()}
+    spied = dataclasses.replace(entry, fixed=fixed, **{n: spy(n, f) for n, f in builders.items() if n != "tile"})
+    if entry.tile:
+        spied = dataclasses.replace(spied, tile=spy("tile", entry.tile))
+    monkeypatch.setitem(lower.KERNELS, key, spied)
+    g = read_gguf(tiny_gguf(2))
+    lw = lower.Lowering(g.config, target, weights=weights, cores=1)
+    lw.module()
+    assert called == set(builders) | {f"fixed.{k}" for k in entry.fixed}
+    assert lw.chunk == entry.prefill_chunk
+    kinds = {k.split(":")[0]: s for k, s in lw.kernels.items()}
+    assert entry.gemv in kinds and (entry.gemm is None or entry.gemm in kinds)
+    assert {k for k, s in kinds.items() if s == "fixed"} == set(entry.fixed)
