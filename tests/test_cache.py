@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import REPO
@@ -198,80 +199,80 @@ def test_file_helpers(tmp_path):
 
 # --- the JIT policy --------------------------------------------------------------------------------------------------
 @pytest.fixture
-def no_compile(monkeypatch):
-    """compiler.build.build replaced: records its calls; with ``fake[0]`` set, copies the tiny entry into the cache
-    directory it is given instead of compiling."""
+def jit(monkeypatch):
+    """The tiny model's cache entry (the one real build, shared with the other runtime tests), then
+    compiler.build.build replaced: it records its calls and copies that entry into the cache directory it is given
+    instead of compiling. ``jit.entry``, ``jit.calls``."""
+    gguf = tiny_gguf(2)
+    built(gguf)
+    entry = ensure_built(gguf, "auto", cache_dir())  # the same entry (rebuilt only if a source changed since)
+    meta = cache.read_meta(entry)
     calls = []
-    src = built(tiny_gguf(2))  # the one real build
 
     def fake(gguf, target="auto", cache_dir=None, *a, force=False, cores=None, **k):
         calls.append({"cache_dir": cache_dir, "force": force})
-        d = Path(cache_dir) / src.dir.name
-        if d != src.dir:
+        d = Path(cache_dir) / entry.name
+        if d != entry:
             shutil.rmtree(d, ignore_errors=True)
-            shutil.copytree(src.dir, d)
-        return build_mod.BuildResult(d, src.key, True, src.meta)
+            shutil.copytree(entry, d)
+        return build_mod.BuildResult(d, meta["key"], True, meta)
 
     monkeypatch.setattr(build_mod, "build", fake)
-    return calls
+    return SimpleNamespace(entry=entry, calls=calls, gguf=gguf)
 
 
 @pytest.mark.build
-def test_jit_on_reuses_and_off_never_compiles(no_compile, tmp_path):
-    gguf, entry = tiny_gguf(2), built(tiny_gguf(2)).dir
+def test_jit_on_reuses_and_off_never_compiles(jit, tmp_path):
     for policy in ("on", "off", "readonly"):  # a usable entry: reused, nothing compiled
-        assert ensure_built(gguf, "auto", cache_dir(), jit_policy=policy) == entry
-    assert no_compile == []
+        assert ensure_built(jit.gguf, "auto", cache_dir(), jit_policy=policy) == jit.entry
+    assert jit.calls == []
     empty = tmp_path / "empty"
     with pytest.raises(JITError, match=r"JIT policy is off.*python -m compiler\.build --model .* --cache-dir") as e:
-        ensure_built(gguf, "auto", empty, jit_policy="off")
-    assert "absent" in str(e.value) and no_compile == [] and not empty.exists()
-    assert ensure_built(gguf, "auto", empty, jit_policy="on").parent == empty  # absent: compiled into the cache
-    assert no_compile == [{"cache_dir": empty, "force": False}]
+        ensure_built(jit.gguf, "auto", empty, jit_policy="off")
+    assert "absent" in str(e.value) and jit.calls == [] and not empty.exists()
+    assert ensure_built(jit.gguf, "auto", empty, jit_policy="on").parent == empty  # absent: compiled into the cache
+    assert jit.calls == [{"cache_dir": empty, "force": False}]
     with pytest.raises(ValueError, match="jit_policy"):
-        ensure_built(gguf, "auto", empty, jit_policy="sometimes")
+        ensure_built(jit.gguf, "auto", empty, jit_policy="sometimes")
     assert JIT_POLICIES == ("on", "off", "redo", "readonly")
 
 
 @pytest.mark.build
-def test_jit_redo_always_compiles(no_compile):
-    gguf = tiny_gguf(2)
-    d = ensure_built(gguf, "auto", cache_dir(), jit_policy="redo")
-    assert d == built(gguf).dir and no_compile == [{"cache_dir": cache_dir(), "force": True}]
-    assert cache.check_entry(d, built(gguf).key)[0]
+def test_jit_redo_always_compiles(jit):
+    d = ensure_built(jit.gguf, "auto", cache_dir(), jit_policy="redo")
+    assert d == jit.entry and jit.calls == [{"cache_dir": cache_dir(), "force": True}]
 
 
 @pytest.mark.build
-def test_jit_readonly_never_writes_the_cache(no_compile, tmp_path):
-    gguf = tiny_gguf(2)
+def test_jit_readonly_never_writes_the_cache(jit, tmp_path):
     ro = tmp_path / "ro"
-    d = ensure_built(gguf, "auto", ro, jit_policy="readonly")
+    d = ensure_built(jit.gguf, "auto", ro, jit_policy="readonly")
     assert not ro.exists() and not d.is_relative_to(ro) and (d / "model.so").is_file()
-    assert no_compile[0]["force"] is False and Path(no_compile[0]["cache_dir"]).name.startswith("ternary-tvm-jit-")
-    eng = Engine(d, gguf)  # the temporary entry loads
+    assert jit.calls[0]["force"] is False and Path(jit.calls[0]["cache_dir"]).name.startswith("ternary-tvm-jit-")
+    eng = Engine(d, jit.gguf)  # the temporary entry loads
     assert eng.prefill([1, 2, 3]).shape == (eng.vocab,)
 
 
 @pytest.mark.build
-def test_from_gguf_passes_the_policy(no_compile, tmp_path):
+def test_from_gguf_passes_the_policy(jit, tmp_path):
     with pytest.raises(JITError):
-        Engine.from_gguf(tiny_gguf(2), "auto", tmp_path / "none", None, "off")
-    eng = Engine.from_gguf(tiny_gguf(2), "auto", cache_dir(), jit_policy="off")
-    assert eng.dir == built(tiny_gguf(2)).dir and no_compile == []
+        Engine.from_gguf(jit.gguf, "auto", tmp_path / "none", None, "off")
+    eng = Engine.from_gguf(jit.gguf, "auto", cache_dir(), jit_policy="off")
+    assert eng.dir == jit.entry and jit.calls == []
 
 
 @pytest.mark.build
-def test_chat_jit_policy(no_compile, tmp_path, capsys):
-    gguf = str(tiny_gguf(2))
+def test_chat_jit_policy(jit, tmp_path, capsys):
+    gguf = str(jit.gguf)
     with pytest.raises(SystemExit) as e:
         chat.main(["--model", gguf, "-p", "x", "--cache-dir", str(tmp_path / "none"), "--jit-policy", "off"])
-    assert "python -m compiler.build --model" in str(e.value) and no_compile == []
+    assert "python -m compiler.build --model" in str(e.value) and jit.calls == []
     with pytest.raises(SystemExit) as e:
         chat.main(["--model", gguf, "-p", "x", "--jit-policy", "never"])
     assert e.value.code == 2 and "--jit-policy" in capsys.readouterr().err
     chat.main(["--model", gguf, "-p", "def f(x):", "--max-tokens", "4", "--cache-dir", str(cache_dir()),
                "--jit-policy", "off"])  # fmt: skip
-    assert capsys.readouterr().out.startswith("def f(x):") and no_compile == []
+    assert capsys.readouterr().out.startswith("def f(x):") and jit.calls == []
 
 
 @pytest.mark.unit
@@ -280,9 +281,9 @@ def test_chat_default_model_is_the_shipped_one():
     assert serve.DEFAULT_MODEL == chat.DEFAULT_MODEL
 
 
-@pytest.mark.unit
-def test_serve_jit_policy(no_compile, tmp_path, monkeypatch):
-    gguf = str(tiny_gguf(2))
+@pytest.mark.build
+def test_serve_jit_policy(jit, tmp_path, monkeypatch):
+    gguf = str(jit.gguf)
     with pytest.raises(SystemExit, match=r"error: .*python -m compiler\.build"):  # before it listens
         serve.main(["--model", gguf, "--cache-dir", str(tmp_path / "none"), "--jit-policy", "off"])
     with pytest.raises(SystemExit) as e:
@@ -295,4 +296,4 @@ def test_serve_jit_policy(no_compile, tmp_path, monkeypatch):
         assert backend._open() == "engine" and seen[0][-1] == "readonly"
     finally:
         backend.close()
-    assert no_compile == []
+    assert jit.calls == []
