@@ -12,8 +12,6 @@ from model.config import get_config
 from model.generate import Generation, SamplingParams, filter_logits, generate, stream
 from model.transformer import Transformer
 
-pytestmark = pytest.mark.unit
-
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
@@ -24,6 +22,7 @@ def model() -> Transformer:
 PROMPT = [1, 17, 42, 99]
 
 
+@pytest.mark.e2e
 def test_greedy_equals_argmax_of_full_forward(model):
     out = generate(model, PROMPT, SamplingParams(max_new_tokens=10)).tokens
     seq = list(PROMPT)
@@ -33,6 +32,7 @@ def test_greedy_equals_argmax_of_full_forward(model):
     assert out == seq[len(PROMPT) :]
 
 
+@pytest.mark.e2e
 def test_sampling_is_seeded(model):
     params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7)
     a = generate(model, PROMPT, params).tokens
@@ -42,6 +42,7 @@ def test_sampling_is_seeded(model):
     assert any(o != a for o in others)  # 12 draws at T=1 over 512 tokens: equal for 4 seeds would be absurd
 
 
+@pytest.mark.e2e
 def test_top_k_one_and_tiny_top_p_are_greedy(model):
     greedy = generate(model, PROMPT, SamplingParams(max_new_tokens=6)).tokens
     for filters in ({"top_k": 1}, {"top_p": 1e-6}):
@@ -49,6 +50,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy(model):
         assert generate(model, PROMPT, params).tokens == greedy
 
 
+@pytest.mark.unit
 def test_filter_logits():
     logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))
     kept = torch.isfinite(filter_logits(logits, top_k=2, top_p=1.0))
@@ -59,6 +61,7 @@ def test_filter_logits():
     assert kept.tolist() == [False, False, True, False]
 
 
+@pytest.mark.unit
 def test_stop_token_and_stop_string(model):
     greedy = generate(model, PROMPT, SamplingParams(max_new_tokens=10)).tokens
     stop = greedy[3]
@@ -75,6 +78,7 @@ def test_stop_token_and_stop_string(model):
     assert res.tokens == greedy[: len(res.tokens)] and len(res.tokens) <= 3
 
 
+@pytest.mark.unit
 def test_stream_yields_incrementally_and_respects_context():
     torch.manual_seed(0)
     small = Transformer(get_config("tiny", max_seq_len=8)).eval()

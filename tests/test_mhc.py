@@ -17,8 +17,6 @@ from model.config import get_config
 from model.mhc_static import PERMUTATIONS_S4, coefficients, permutation_matrices, res_logits_size
 from model.transformer import Transformer
 
-pytestmark = pytest.mark.unit
-
 F32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7
 # H_res is computed in float64 and rounded once to float32: each entry is off by ≤ half an ulp, so a row of n ≤ 4
 # entries sums to 1 within 4 · eps/2 = 2.4e-7; 1e-6 leaves margin and is the bound MHC.md asks for.
@@ -39,6 +37,7 @@ def assert_doubly_stochastic(h: torch.Tensor, tol: float) -> None:
     assert torch.allclose(h.double().sum(1), torch.ones(h.shape[0], dtype=torch.float64), atol=tol, rtol=0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", [2, 4])
 @given(data=st.data())
 def test_h_res_doubly_stochastic_and_contractive(n, data):
@@ -53,6 +52,7 @@ def test_h_res_doubly_stochastic_and_contractive(n, data):
                               atol=1e-6)  # fmt: skip
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", [2, 4])
 @given(data=st.data())
 def test_long_products_stay_doubly_stochastic(n, data):
@@ -67,6 +67,7 @@ def test_long_products_stay_doubly_stochastic(n, data):
         assert abs(float(2 * prod[0, 0] - 1 - expected)) < length * DS_TOL
 
 
+@pytest.mark.unit
 def test_corners():
     # logits ±30: sigmoid is 1 − 9e-14 or 9e-14, i.e. identity or swap up to 1e-13
     assert torch.allclose(h_res(2, np.array([30.0])), torch.eye(2), atol=1e-13, rtol=0)
@@ -81,6 +82,7 @@ def test_corners():
         assert torch.allclose(h_res(n, np.zeros(res_logits_size(n))), torch.full((n, n), 1 / n), atol=F32_EPS, rtol=0)
 
 
+@pytest.mark.unit
 def test_sinkhorn_fails_where_exact_form_passes():
     """Why H_res is built exactly: 20 Sinkhorn–Knopp iterations on a near-triangular (ill-conditioned) matrix leave
     its column sums off by several percent, while the exact Birkhoff–von Neumann form is doubly stochastic."""
@@ -94,6 +96,7 @@ def test_sinkhorn_fails_where_exact_form_passes():
         assert_doubly_stochastic(h_res(n, np.full(res_logits_size(n), -30.0)), DS_TOL)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", [2, 4])
 @given(data=st.data())
 def test_apply_invariants(n, data):
@@ -116,6 +119,7 @@ def test_apply_invariants(n, data):
     assert torch.allclose(got, x1 + h_post.mean() * y, atol=1e-6)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_torch_and_numpy_coefficients_agree(n):
     torch.manual_seed(n)
@@ -134,6 +138,7 @@ def test_torch_and_numpy_coefficients_agree(n):
             np.testing.assert_allclose(a, b, rtol=0, atol=2 * F32_EPS)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", [2, 4])
 def test_init_breaks_symmetry(n):
     sites = [mhc.MHCSite(n, s) for s in range(2 * n)]
@@ -145,6 +150,7 @@ def test_init_breaks_symmetry(n):
         assert_doubly_stochastic(torch.from_numpy(c.h_res), DS_TOL)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 4])
 def test_training_diverges_streams_and_moves_h_res(n):
