@@ -1,4 +1,4 @@
 """TVM operators (tensor expressions), whole-model lowering, tuning and kernel benchmarks.
 
-Kernel benchmark: ``python -m compiler.bench --help``.
+Kernel benchmark: ``python -m bench.kernels --help``.
 """

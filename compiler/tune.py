@@ -55,7 +55,7 @@ log = logging.getLogger("compiler.tune")
 
 from compiler.constants import CPU_PREFILL_CHUNK as PREFILL_TOKENS  # noqa: E402 (gemm_i8 tuned N)
 
-BENCH_SHAPES = [  # the compiler.bench default set (kept in sync by tests/test_tune.py)
+BENCH_SHAPES = [  # the bench.kernels default set (kept in sync by tests/test_tune.py)
     ("gemv_i8", {"M": 4096, "K": 4096}), ("gemv_i8", {"M": 4096, "K": 4096, "tile": 8}),
     ("gemv_i8", {"M": 11008, "K": 4096}), ("gemv_i8", {"M": 11008, "K": 4096, "tile": 8}),
     ("gemv_i8", {"M": 32768, "K": 16384, "tile": 8}), ("gemv_i8", {"M": 1536, "K": 512}),
@@ -99,7 +99,7 @@ def bench_ops(target: str) -> list:
     return [op for op in (make_op(k, **d) for k, d in BENCH_SHAPES) if op.kind in have]
 
 
-CUDA_BENCH_SHAPES = [  # compiler.bench --target cuda: small (launch-bound), LLaMA-7B-like, and ≥ 64 MiB packed
+CUDA_BENCH_SHAPES = [  # bench.kernels --target cuda: small (launch-bound), LLaMA-7B-like, and ≥ 64 MiB packed
     ("gemv_dp4a", {"M": 4096, "K": 4096}), ("gemv_dp4a", {"M": 11008, "K": 4096}),
     ("gemv_dp4a", {"M": 32768, "K": 8192}), ("gemv_dp4a", {"M": 32768, "K": 16384}),
     ("gemm_dp4a", {"N": 16, "M": 4096, "K": 4096}),

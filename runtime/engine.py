@@ -133,7 +133,7 @@ def ensure_built(
     * ``redo``: always compile, replacing the cache entry;
     * ``readonly``: reuse a usable entry, else compile into a temporary directory (removed at exit); the cache is
       never written."""
-    from compiler import cache
+    from compiler.build import cache  # the JIT entry point and its cache: the runtime's one way into the compiler
     from targets import resolve
 
     if jit_policy not in JIT_POLICIES:

@@ -19,7 +19,7 @@ for seed in ${SEEDS:-1 0}; do
   for s in $SETTINGS; do  # name:flags, "_" for spaces inside the flags
     s=${s//_/ }
     name=${s%%:*}; flags=${s#*:}
-    python3 -m train.eval --gguf models/small.gguf --data "$R" --manifest "$R/corpus/manifest.jsonl" \
+    python3 -m bench.eval_engine --gguf models/small.gguf --data "$R" --manifest "$R/corpus/manifest.jsonl" \
       --engine-entry .gpu/entries/small --max-tokens 0 --n-functions ${N:-200} --prompt-seed $seed $flags \
       --out "$OUT/validity_${name}_seed${seed}.json" 2>/dev/null | tail -1 | sed "s/^/$name seed$seed /"
   done

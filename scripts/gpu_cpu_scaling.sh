@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU host's CPU (16 cores here): thread scaling of the tuned CPU kernels and of whole-model decode, with TVM's
 # runtime only. The kernels and the model's module are built on the build machine, for the thread counts they run with:
-#   python -m compiler.bench_threads export .gpu/threads --threads 1,2,4,8,16
+#   python -m bench.threads export .gpu/threads --threads 1,2,4,8,16
 #   python -m model.random_model --preset nano-1b --out /tmp/nano1b.gguf
 #   python -m compiler.build --model /tmp/nano1b.gguf --target avx512 --cores 16 --cache-dir /tmp/cc
 #   mkdir -p .gpu/entries/nano1b_avx512 && cp /tmp/cc/<entry>/{model.so,meta.json} .gpu/entries/nano1b_avx512/
@@ -16,12 +16,12 @@ ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps 
 THREADS=${THREADS:-1 2 4 8 16}
 lscpu > "$OUT/lscpu.txt"
 grep -m1 "model name" /proc/cpuinfo; nproc
-[ "${SKIP_KERNELS:-0}" = 1 ] || python3 -m compiler.bench_threads run .gpu/threads --json "$OUT/scaling_kernels_avx512.json"
+[ "${SKIP_KERNELS:-0}" = 1 ] || python3 -m bench.threads run .gpu/threads --json "$OUT/scaling_kernels_avx512.json"
 if [ -f .gpu/entries/nano1b_avx512/model.so ]; then
   python3 -m model.random_model --preset nano-1b --out /tmp/nano1b.gguf > /dev/null
   python3 -m compiler.build --model /tmp/nano1b.gguf --target avx512 --repack-into .gpu/entries/nano1b_avx512 > /dev/null
-  python3 -m runtime.bench --impl tvm --model /tmp/nano1b.gguf --entry .gpu/entries/nano1b_avx512 --threads $THREADS \
+  python3 -m bench.runtime --impl tvm --model /tmp/nano1b.gguf --entry .gpu/entries/nano1b_avx512 --threads $THREADS \
     --roof-dir .gpu/threads --prompt-tokens 64 --decode-tokens 64 --json "$OUT/scaling_nano1b_avx512.json"
-  python3 -m runtime.profile --entry .gpu/entries/nano1b_avx512 --threads $THREADS --steps 32 \
+  python3 -m bench.profile --entry .gpu/entries/nano1b_avx512 --threads $THREADS --steps 32 \
     --json "$OUT/profile_nano1b_avx512.json"
 fi

@@ -15,10 +15,10 @@ declare -A GGUF=([small]=models/small.gguf [nano1b]=/tmp/nano1b.gguf)
 for e in small nano1b; do
   [ -f ".gpu/entries/$e/model.so" ] || continue
   python3 -m compiler.build --model "${GGUF[$e]}" --target cuda --repack-into ".gpu/entries/$e" > /dev/null
-  python3 -m runtime.parity --model "${GGUF[$e]}" --entry ".gpu/entries/$e" --torch-device cuda --steps 64 \
+  python3 -m bench.parity --model "${GGUF[$e]}" --entry ".gpu/entries/$e" --torch-device cuda --steps 64 \
     --json "$OUT/parity_${e}_cuda.json" 2>&1 | tail -1
   impls="tvm torch"; [ "$e" = nano1b ] && [ "${SKIP_TORCH_NANO:-0}" = 1 ] && impls=tvm
-  python3 -m runtime.bench --impl $impls --model "${GGUF[$e]}" --entry ".gpu/entries/$e" --target cuda --threads 16 \
+  python3 -m bench.runtime --impl $impls --model "${GGUF[$e]}" --entry ".gpu/entries/$e" --target cuda --threads 16 \
     --torch-device cuda --torch-dtype bfloat16 --prompt-tokens 64 --decode-tokens 128 \
     --json "$OUT/runtime_${e}_cuda.json" 2>&1 | tail -4
 done

@@ -4,7 +4,7 @@
 # Build machine first:
 #   bash scripts/gpu_runtime_bundle.sh
 #   python -m compiler.tune --target cuda --config small --config nano-1b --bench-shapes --export-candidates .gpu/cands
-#   python -m compiler.bench --target cuda --export .gpu/bench
+#   python -m bench.kernels --target cuda --export .gpu/bench
 # then carry .gpu (and .whl with the gguf wheel) and run: bash scripts/gpu_tune.sh
 # and back here: python -m compiler.tune --target cuda --import-timings <OUT>/timings.json
 set -uo pipefail
@@ -20,10 +20,10 @@ if [ -f .gpu/cands/manifest.json ]; then
   echo "tune exit $?"; grep -c FAILED "$OUT/tune.log"; tail -3 "$OUT/tune.log"
 fi
 if [ -f .gpu/bench/bench_manifest.json ]; then
-  python3 -m compiler.bench --target cuda --from .gpu/bench --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
+  python3 -m bench.kernels --target cuda --from .gpu/bench --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
 fi
 if [ "${TORCH_BASELINE:-1}" = 1 ]; then
   python3 -m model.random_model --preset nano-1b --out /tmp/nano1b.gguf > /dev/null &&
-  python3 -m runtime.bench --impl torch --model /tmp/nano1b.gguf --threads 16 --torch-device cuda \
+  python3 -m bench.runtime --impl torch --model /tmp/nano1b.gguf --threads 16 --torch-device cuda \
     --torch-dtype bfloat16 --decode-tokens 64 --json "$OUT/torch_nano1b_bf16.json" 2>&1 | tail -4
 fi

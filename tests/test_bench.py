@@ -1,4 +1,4 @@
-"""compiler.bench: a small run writes a JSON with sane figures and a roofline PNG; the default shapes per target.
+"""bench.kernels: a small run writes a JSON with sane figures and a roofline PNG; the default shapes per target.
 
 pytest tests/test_bench.py -q
 """
@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from compiler import bench
+from bench import kernels as bench
 
 
 @pytest.mark.build

@@ -144,7 +144,7 @@ def test_tl_weights_give_identical_logits():
     wa, wb = (sum(np.prod(s) for n, s, _ in r.meta["params"] if n.endswith(ternary)) for r in (a, b))
     assert wb < wa
     assert "avx512vbmi" in b.meta["cpu_flags"] and "avx512vbmi" not in a.meta["cpu_flags"]
-    from runtime.compare import compare  # the paired A/B decode measurement runs on the two entries
+    from bench.compare import compare  # the paired A/B decode measurement runs on the two entries
 
     r = compare(str(a.dir), str(b.dir), rounds=2, tokens=3)
     assert r["a"]["weights"] == "tile8" and r["b"]["weights"] == "tl" and len(r["b"]["tok_s"]) == 2
@@ -152,7 +152,7 @@ def test_tl_weights_give_identical_logits():
 
 
 def test_compare_rejects_a_non_entry(tmp_path):
-    from runtime.compare import main
+    from bench.compare import main
 
     with pytest.raises(SystemExit, match=r"not a compiler\.build cache entry"):
         main([str(tmp_path), str(tmp_path)])

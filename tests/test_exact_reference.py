@@ -277,7 +277,7 @@ def test_pytorch_gap_is_int8_rounding_flips():
 
 @pytest.mark.build
 def test_parity_cli_against_the_exact_reference(tmp_path, capsys):
-    from runtime import parity
+    from bench import parity
 
     gguf = tiny_gguf(2)
     out = tmp_path / "p.json"

@@ -39,7 +39,7 @@ def test_onnx_export_checks_and_matches_torch(tmp_path):
 
 
 def test_onnxruntime_runs_the_export(tmp_path):
-    """runtime.bench's onnxruntime row: the CPU execution provider gives PyTorch's logits on the exported graph."""
+    """bench.runtime's onnxruntime row: the CPU execution provider gives PyTorch's logits on the exported graph."""
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(1)
     model = Transformer(get_config("tiny", n_streams=2, max_seq_len=64)).eval()

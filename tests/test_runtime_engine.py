@@ -271,7 +271,7 @@ def test_shipped_model_parity():
 def test_runtime_bench_smoke(tmp_path, capsys):
     """Every implementation runs (onnxruntime when installed, on the ONNX export, decode recomputing the sequence);
     the compiled row gets a bandwidth bound measured in the same run."""
-    from runtime import bench
+    from bench import runtime as bench
 
     gguf = tiny_gguf(2)
     built(gguf)
@@ -293,7 +293,7 @@ def test_runtime_bench_smoke(tmp_path, capsys):
 @pytest.mark.build
 def test_decode_bytes_counts_what_a_step_reads():
     """Ternary matrices at 2 bits/weight, the whole LM head, one embedding row, norms; KV cache apart."""
-    from runtime.bench import decode_bytes
+    from bench.runtime import decode_bytes
 
     meta = built(tiny_gguf(2)).meta
     c = meta["config"]

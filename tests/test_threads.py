@@ -33,7 +33,7 @@ import pytest
 import targets
 from compiler import schedule as S
 from compiler import tune
-from compiler.bench import FULL_EXTRA
+from bench.kernels import FULL_EXTRA
 from compiler.ops import make_op
 from model.config import PRESETS
 from schedules import x86_tl
@@ -57,7 +57,7 @@ def known_ops(target: str) -> tuple:
             ops += tune.config_ops(cfg, weights="tl")
         for M, K in set(cfg.ternary_shapes().values()):  # the row-major layout's records (`--shape` without tile)
             ops += [make_op("gemv_i8", M=M, K=K), make_op("gemm_i8", N=tune.PREFILL_TOKENS, M=M, K=K)]
-    ops += [tune.parse_shape(s) for s in FULL_EXTRA]  # compiler.bench --full
+    ops += [tune.parse_shape(s) for s in FULL_EXTRA]  # bench.kernels --full
     return tuple({op.key: op for op in ops}.values())
 
 

@@ -11,6 +11,9 @@
 
     python -m train.eval --gguf model.gguf --data data/shards --manifest data/corpus/manifest.jsonl --out eval.json
     python -m train.eval --run runs/dense --tokenizer data/tokenizer.json --data data/shards --manifest ...
+
+Generating with the compiled engine instead of the PyTorch loop is ``python -m bench.eval_engine`` (same flags plus
+``--engine-entry``): ``train`` never imports ``runtime``.
 """
 
 from __future__ import annotations
@@ -163,27 +166,10 @@ def torch_generator(model: Transformer, tok):
     return run
 
 
-def engine_generator(entry: Path, tok):
-    """The same with the compiled runtime (``runtime.engine.Engine`` on a ``compiler.build`` entry, CPU or CUDA):
-    the same sampling and stop-string code path, much faster than the PyTorch loop."""
-    from runtime.engine import Engine, Generation
-
-    eng = Engine(entry, None, tokenizer=tok)
-
-    def run(ids: list[int], params: SamplingParams) -> tuple[str, str]:
-        res = Generation()
-        out = list(eng.generate_tokens(ids, params, res))
-        text = tok.decode(out, skip_special_tokens=False)
-        cuts = [text.find(x) for x in params.stop_strings if x in text]
-        return (text[: min(cuts)] if cuts else text), res.finish_reason
-
-    return run
-
-
 def code_validity(gen, tok, prompts: list[dict], cfg: EvalConfig, eot: int | None, ctx: int) -> dict:
     """Strict rate: the body as generated must parse. ``validity_rate_trimmed`` also accepts a body that the token
     limit cut mid-statement when its complete statements parse (the cut is ours, not the model's). ``gen`` is
-    :func:`torch_generator` or :func:`engine_generator`."""
+    :func:`torch_generator` or :func:`bench.eval_engine.engine_generator`."""
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p, seed=cfg.seed, stop_token_ids=() if eot is None else (eot,),
                             stop_strings=STOP_STRINGS, no_repeat_ngram=cfg.no_repeat_ngram,
@@ -234,8 +220,8 @@ def load_model(args) -> tuple[Transformer, object]:
     return model, Tokenizer.from_file(str(args.tokenizer))
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(prog: str | None = None, doc: str = __doc__) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--gguf", type=Path, help="an exported model")
     src.add_argument("--run", type=Path, help="a training run folder (e.g. the dense baseline), with --tokenizer")
@@ -244,15 +230,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--manifest", type=Path, required=True, help="corpus manifest (held-out files)")
     ap.add_argument("--out", type=Path, required=True, help="JSON report")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--engine-entry", type=Path, help="generate with this compiled module (compiler.build entry)")
     for name, default in asdict(EvalConfig()).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None, make_gen=None) -> None:
+    """The command line; ``make_gen(tok)`` makes the validity generator (default: the PyTorch loop)."""
+    ap = parser()
+    run(ap, ap.parse_args(argv), make_gen)
+
+
+def run(ap: argparse.ArgumentParser, args, make_gen=None) -> None:
     if args.run and not args.tokenizer:
         ap.error("--run needs --tokenizer")
     cfg = EvalConfig(**{k: getattr(args, k) for k in asdict(EvalConfig())})
     model, tok = load_model(args)
-    gen = engine_generator(args.engine_entry, tok) if args.engine_entry else None
+    gen = make_gen(tok) if make_gen else None
     report = evaluate(model.to(args.device), tok, args.data, args.manifest, cfg, gen)
     report["model"] = str(args.gguf or args.run)
     args.out.parent.mkdir(parents=True, exist_ok=True)

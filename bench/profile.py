@@ -1,6 +1,6 @@
 """Where a compiled module's decode step spends its time: per kernel, from the Relax VM's instrument hook.
 
-    python -m runtime.profile --entry ENTRY --threads 1 16 --steps 32 [--json out.json]
+    python -m bench.profile --entry ENTRY --threads 1 16 --steps 32 [--json out.json]
 
 For each thread count (each in its own process: TVM's pool is sized once), the entry decodes ``--steps`` tokens
 after a short prompt, with a hook that timestamps every VM call instruction before and after it. Per kernel name:
@@ -74,7 +74,7 @@ def table(res: dict, top: int = 25) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.profile", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
     ap.add_argument("--entry", required=True, help="a compiler.build cache entry (model.so + params.npz + meta.json)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--steps", type=int, default=32)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     results = []
     for t in a.threads:
         env = dict(os.environ, TVM_NUM_THREADS=str(t))
-        cmd = [sys.executable, "-m", "runtime.profile", "--worker", "--entry", a.entry, "--threads", str(t),
+        cmd = [sys.executable, "-m", "bench.profile", "--worker", "--entry", a.entry, "--threads", str(t),
                "--steps", str(a.steps)]  # fmt: skip
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode:
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         print(table(results[-1], a.top))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"command": " ".join(["python -m runtime.profile", *sys.argv[1:]]), "results": results}, f,
+            json.dump({"command": " ".join(["python -m bench.profile", *sys.argv[1:]]), "results": results}, f,
                       indent=1)  # fmt: skip
     return 0
 

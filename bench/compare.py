@@ -1,11 +1,11 @@
 """Decode speed of two compiled entries, measured in turn in one process: the ratio survives a drifting machine.
 
-On a shared VM the DRAM bandwidth moves by ±20 % from minute to minute, so two ``runtime.bench`` runs a minute apart
+On a shared VM the DRAM bandwidth moves by ±20 % from minute to minute, so two ``bench.runtime`` runs a minute apart
 cannot tell a 5 % difference. This loads both entries (``compiler.build`` cache directories of the same model, e.g.
 ``--weights tile8`` and ``--weights tl``), then alternates rounds of ``--tokens`` decode steps between them and
 reports each one's median tokens/s and the median of the per-round ratios B/A.
 
-    python -m runtime.compare ENTRY_A ENTRY_B [--rounds 11] [--tokens 24] [--threads 2] [--json out.json]
+    python -m bench.compare ENTRY_A ENTRY_B [--rounds 11] [--tokens 24] [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def compare(entry_a: str, entry_b: str, rounds: int = 11, tokens: int = 24, thre
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.compare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
     p.add_argument("entry_a")
     p.add_argument("entry_b")
     p.add_argument("--rounds", type=int, default=11)

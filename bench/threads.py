@@ -3,9 +3,9 @@
 Each kernel is built for the thread count it runs with (``cores``: the table-lookup GEMV splits its per-thread table
 build by it, see docs/threads.md), so the build happens where TVM's compiler is and the timing where the cores are:
 
-    python -m compiler.bench_threads export DIR --threads 1,2,4,8,16      # here: kernels + read roof + manifest
-    python -m compiler.bench_threads run DIR --json scaling.json           # there, TVM's runtime only
-    python -m compiler.bench_threads all --threads 1,2 --json s.json       # both here
+    python -m bench.threads export DIR --threads 1,2,4,8,16      # here: kernels + read roof + manifest
+    python -m bench.threads run DIR --json scaling.json           # there, TVM's runtime only
+    python -m bench.threads all --threads 1,2 --json s.json       # both here
 
 Per thread count, every kernel and the read roof are timed in turn, ``--rounds`` times (default 5): figures are the
 medians, ratios are medians of the ratios within a round (a shared machine's bandwidth drifts between minutes), and
@@ -33,7 +33,7 @@ import numpy as np
 MANIFEST = "manifest.json"
 SHAPES = ["gemv_i8:M=32768:K=16384:tile=8", "gemv_i8_tl:M=32768:K=16384:tile=8", "gemv_i8:M=4096:K=4096:tile=8",
           "gemv_i8_tl:M=4096:K=4096:tile=8"]  # fmt: skip
-ROOF_CHUNKS = 64  # the read roof's parallel chunks (compiler.bench._roof_kernel): enough for 64 threads
+ROOF_CHUNKS = 64  # the read roof's parallel chunks (bench.kernels._roof_kernel): enough for 64 threads
 
 
 def _threads(text: str) -> list[int]:
@@ -85,8 +85,8 @@ def _variants(text: list[str]) -> list[dict]:
 
 def export(out: Path | str, target: str, threads: list[int], shapes: list[str], variants=()) -> Path:
     import targets
+    from bench.kernels import _roof_kernel
     from compiler import schedule as S
-    from compiler.bench import _roof_kernel
     from compiler.ops import parse_key
     from schedules.knobs import knobs_of_trace
 
@@ -124,7 +124,7 @@ def export(out: Path | str, target: str, threads: list[int], shapes: list[str], 
             roofs[nb] = {"file": name, "shape": [int(s) for s in args[0].shape], "bytes": int(actual)}
     manifest = {"target": target, "threads": threads, "kernels": kernels,
                 "roofs": {str(k): v for k, v in roofs.items()}, "built_on": platform.node(),
-                "command": " ".join(["python -m compiler.bench_threads", *sys.argv[1:]])}  # fmt: skip
+                "command": " ".join(["python -m bench.threads", *sys.argv[1:]])}  # fmt: skip
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out / MANIFEST
 
@@ -236,7 +236,7 @@ def run(d: Path | str, rounds: int = 5, min_s: float = 0.05) -> dict:
     base = {r["op"]: r["median_us"] for r in rows if r["threads"] == min(man["threads"])}
     for r in rows:
         r["speedup_vs_fewest"] = base[r["op"]] / r["median_us"]
-    return {"command": " ".join(["python -m compiler.bench_threads", *sys.argv[1:]]), "export": man["command"],
+    return {"command": " ".join(["python -m bench.threads", *sys.argv[1:]]), "export": man["command"],
             "target": man["target"], "cpu": cpu_name(), "cores": os.cpu_count(), "llc_bytes": llc, "rounds": rounds,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}  # fmt: skip
 
@@ -265,7 +265,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m compiler.bench_threads", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.threads", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("export", "run", "all"):

@@ -1,8 +1,8 @@
 """Schedule benchmark: tuned kernels vs a measured roofline, the scalar reference, the untuned TE and torch.
 
-    python -m compiler.bench                        # default set, best target here (< 3 minutes): table + JSON + PNG
-    python -m compiler.bench --target avx2 --full   # + more shapes (rowmajor4 DRAM GEMV, small-model shapes)
-    python -m compiler.bench --shape gemv_i8:4096:4096 --threads 2 --no-baselines
+    python -m bench.kernels                        # default set, best target here (< 3 minutes): table + JSON + PNG
+    python -m bench.kernels --target avx2 --full   # + more shapes (rowmajor4 DRAM GEMV, small-model shapes)
+    python -m bench.kernels --shape gemv_i8:4096:4096 --threads 2 --no-baselines
 
 Per operator and shape: median time (``time_evaluator``, weights cache-warm), GOPS (GB/s for the memory-bound mHC and
 RMSNorm ops), and % of a roofline measured in the same run on an array of the same size: a streaming-read kernel over
@@ -374,7 +374,7 @@ def run(target: str = "auto", shapes=None, threads=(1, 2), baselines: bool = Tru
         raise SystemExit(f"cannot run {target} here: this CPU lacks {targets.missing_flags(target)}")
     if max(threads) > targets.num_cores():  # more threads than cores: a scaling check of the kernels' structure
         print(f"note: {max(threads)} threads on {targets.num_cores()} cores (oversubscribed; for the thread scaling "
-              "of a bigger machine, run compiler.bench_threads there)", file=sys.stderr)  # fmt: skip
+              "of a bigger machine, run bench.threads there)", file=sys.stderr)  # fmt: skip
     os.environ["TVM_NUM_THREADS"] = str(max(threads))  # before TVM's pool starts: it cannot grow later
     shapes = list(shapes or [op.key for op in bench_ops(target)] + (FULL_EXTRA if full else []))
     t0, load0 = time.time(), os.getloadavg()
@@ -388,7 +388,7 @@ def run(target: str = "auto", shapes=None, threads=(1, 2), baselines: bool = Tru
         rows.extend(bench_op(op, target, threads, baselines, logs_root))
         _torch_linear_inputs.cache_clear()
     result = {
-        "command": " ".join(["python -m compiler.bench", *sys.argv[1:]]), "target": target,
+        "command": " ".join(["python -m bench.kernels", *sys.argv[1:]]), "target": target,
         "target_dict": targets.target_dict(target), "cpu": platform.processor() or platform.machine(),
         "cores": targets.num_cores(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "wall_s": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -407,19 +407,20 @@ def main(argv=None) -> int:
     pre.add_argument("--target", default="auto")
     known, rest = pre.parse_known_args(argv)
     if known.target == "cuda":
-        from compiler import bench_cuda  # GPU kernels: their own measurement (CUDA events, HBM roofline)
+        from bench import kernels_cuda  # GPU kernels: their own measurement (CUDA events, HBM roofline)
 
-        return bench_cuda.main(rest)
-    p = argparse.ArgumentParser(prog="python -m compiler.bench", description=__doc__.split("\n")[0],
+        return kernels_cuda.main(rest)
+    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--target", default="auto", help="avx512 | avx2 | auto (default) | all | cuda (see bench_cuda)")
+    p.add_argument(
+        "--target", default="auto", help="avx512 | avx2 | auto (default) | all | cuda (see bench.kernels_cuda)"
+    )
     p.add_argument("--shape", action="append", default=[], help="op key, e.g. gemv_i8:4096:4096 (repeatable)")
     p.add_argument("--full", action="store_true", help="add the DRAM-resident and small-model shapes")
     p.add_argument(
         "--threads",
         default="1,2",
-        help="comma-separated thread counts (default 1,2; may exceed the "
-        "cores; for other machines see compiler.bench_threads)",
+        help="comma-separated thread counts (default 1,2; may exceed the cores; for other machines see bench.threads)",
     )
     p.add_argument("--no-baselines", action="store_true", help="skip scalar/untuned/torch (faster)")
     p.add_argument("--out", default="bench_results", help="output folder for the JSON and the PNG")

@@ -1,8 +1,8 @@
 """CUDA kernel benchmark: tuned ternary kernels vs the measured HBM roofline, the launch floor and torch bf16.
 
-    python -m compiler.bench --target cuda                      # on a machine with a GPU and TVM's compiler
-    python -m compiler.bench --target cuda --export DIR         # build machine (no GPU): compile the kernels to DIR
-    python -m compiler.bench --target cuda --from DIR           # GPU host, TVM runtime only: measure DIR's kernels
+    python -m bench.kernels --target cuda                      # on a machine with a GPU and TVM's compiler
+    python -m bench.kernels --target cuda --export DIR         # build machine (no GPU): compile the kernels to DIR
+    python -m bench.kernels --target cuda --from DIR           # GPU host, TVM runtime only: measure DIR's kernels
 
 Per operator and shape (default: ``compiler.tune.CUDA_BENCH_SHAPES``): median kernel time from CUDA events around
 back-to-back calls (weights ≥ 64 MiB stream from HBM: they exceed the L2), the effective bandwidth (bytes the kernel
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     from compiler.ops import make_op
     from compiler.tune import CUDA_BENCH_SHAPES, parse_shape
 
-    p = argparse.ArgumentParser(prog="python -m compiler.bench --target cuda", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.kernels --target cuda", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--shape", action="append", default=[], help="op key, e.g. gemv_dp4a:32768:8192 (repeatable)")
     p.add_argument("--export", metavar="DIR", help="only compile the kernels into DIR (no GPU needed)")

@@ -1,8 +1,8 @@
 """Compiled runtime vs the PyTorch reference on the same GGUF: greedy tokens and logits, on any device.
 
-    python -m runtime.parity --model models/small.gguf                           # this CPU's compiled module
-    python -m runtime.parity --model X.gguf --entry DIR --torch-device cuda      # a prebuilt (e.g. CUDA) entry
-    python -m runtime.parity --model models/small.gguf --reference exact         # vs model.exact_reference (CPU)
+    python -m bench.parity --model models/small.gguf                           # this CPU's compiled module
+    python -m bench.parity --model X.gguf --entry DIR --torch-device cuda      # a prebuilt (e.g. CUDA) entry
+    python -m bench.parity --model models/small.gguf --reference exact         # vs model.exact_reference (CPU)
 
 Both run the same random prompt; the compiled module is teacher-forced with the reference's greedy tokens (so one
 flipped argmax does not make every later step differ) and the report gives: how many greedy tokens agree from the
@@ -72,7 +72,7 @@ def run(model: str, entry: str | None, target: str, steps: int, prompt_len: int,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.parity", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.parity", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--entry", default=None, help="prebuilt compiler.build entry (default: build/reuse for --target)")
     p.add_argument("--target", default="auto")

@@ -1,7 +1,7 @@
 """Whole-model benchmark: the compiled module vs PyTorch eager (fp32) and onnxruntime on the same GGUF, 1 and 2
 threads, with the bandwidth bound measured in the same run.
 
-    python -m runtime.bench --model models/small.gguf --threads 1 2 --prompt-tokens 64 --decode-tokens 64 \\
+    python -m bench.runtime --model models/small.gguf --threads 1 2 --prompt-tokens 64 --decode-tokens 64 \\
         --json bench_results/runtime_small.json
 
 Each (implementation, thread count) runs in its own subprocess (so peak memory is its own and thread pools never
@@ -20,7 +20,7 @@ entry's parameter list — every packed ternary matrix in full (2 bits per weigh
 (float16 when the GGUF stores F16), every norm weight, the mHC coefficients, one embedding row and one row of each
 RoPE table. The KV cache read by attention grows with the position and is reported beside it, not in the bound (the
 issue's "weight bytes per token"). Streaming read bandwidth is measured in the same run, for each thread count, in its
-own subprocess right after the compiled row, with :func:`compiler.bench.roofline_gbs` (``read`` over a ``--roof-mib``
+own subprocess right after the compiled row, with :func:`bench.kernels.roofline_gbs` (``read`` over a ``--roof-mib``
 512 MiB array: DRAM, not cache; best of 1..n threads). ``bound tok/s = read GB/s / bytes per token``; each compiled
 row shows its decode rate as % of it.
 Timings on a shared machine are only meaningful when nothing else runs.
@@ -173,14 +173,14 @@ def _worker_onnxruntime(model, threads, prompt_tokens, decode_tokens, onnx_path)
 
 def _worker_roofline(threads, target, mib: int = ROOF_MIB, roof_dir: str | None = None) -> dict:
     """Read GB/s at ``threads``: over an array of at least twice this machine's last-level cache (so from DRAM), or,
-    with ``roof_dir`` (a ``compiler.bench_threads export``: no TVM compiler needed), its prebuilt read kernel rotated
+    with ``roof_dir`` (a ``bench.threads export``: no TVM compiler needed), its prebuilt read kernel rotated
     over enough arrays to exceed the cache the same way."""
-    from compiler.bench_threads import llc_bytes, read_roof_gbs
+    from bench.threads import llc_bytes, read_roof_gbs
 
     if roof_dir:
         gbs, nbytes = read_roof_gbs(roof_dir, threads)
         return {"impl": "roofline", "threads": threads, "read_gbs": gbs, "array_mib": nbytes >> 20, "target": target}
-    from compiler.bench import roofline_gbs
+    from bench.kernels import roofline_gbs
 
     mib = max(mib, 2 * llc_bytes() >> 20)
     gbs = roofline_gbs("read", mib << 20, target, threads)
@@ -220,7 +220,7 @@ def onnx_path_for(model: str, cache_dir) -> Path:
 # the parent: one subprocess per measurement, then the table
 # ---------------------------------------------------------------------------------------------------------------
 def _run_worker(args: list[str], threads: int) -> dict:
-    cmd = [sys.executable, "-m", "runtime.bench", "--worker", *args, "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "bench.runtime", "--worker", *args, "--threads", str(threads)]
     env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
     if out.returncode:
@@ -253,7 +253,7 @@ def run(a) -> dict:
     rows, roofs = [], {}
     roof = "tvm" in impls and target != "cuda"
     if "tvm" in impls and not roof:
-        notes.append("bandwidth bound: CPU read bandwidth does not bound a CUDA module (see compiler.bench_cuda)")
+        notes.append("bandwidth bound: CPU read bandwidth does not bound a CUDA module (see bench.kernels_cuda)")
     for impl in impls:
         for n in a.threads:
             extra = {"tvm": ["--target", target] + (["--entry", a.entry] if a.entry else []),
@@ -325,7 +325,7 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--roof-dir",
         default=None,
-        help="the read roof from a `compiler.bench_threads export` folder (for a machine with TVM's runtime only)",
+        help="the read roof from a `bench.threads export` folder (for a machine with TVM's runtime only)",
     )
     ap.add_argument("--onnx", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
