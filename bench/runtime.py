@@ -309,7 +309,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.runtime", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(REPO / "models" / "small.gguf"))
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)

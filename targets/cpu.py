@@ -48,4 +48,3 @@ def check_flags(needed, what: str) -> None:
     missing = sorted(set(needed) - cpu_flags())
     if missing:
         raise RuntimeError(f"{what} needs the CPU flags {missing}, which this CPU lacks")
-

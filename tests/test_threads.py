@@ -31,9 +31,9 @@ from pathlib import Path
 import pytest
 
 import targets
+from bench.kernels import FULL_EXTRA
 from compiler import schedule as S
 from compiler import tune
-from bench.kernels import FULL_EXTRA
 from compiler.ops import make_op
 from model.config import PRESETS
 from schedules import x86_tl
