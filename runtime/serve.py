@@ -687,8 +687,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-level", default="info")
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    if not Path(a.model).exists():
-        raise SystemExit(f"error: {a.model}: no such file")
+    from model.gguf_io import GGUFError, check_model_file
+
+    try:  # a regular file with the GGUF magic, before anything loads (not /dev/zero, a directory, a FIFO)
+        check_model_file(a.model)
+    except GGUFError as e:
+        raise SystemExit(f"error: --model {e}") from None
+    if a.threads is not None and not 1 <= a.threads <= 1024:
+        raise SystemExit(f"error: --threads {a.threads}: expected 1..1024")
+    if not 0 <= a.port <= 65535:
+        raise SystemExit(f"error: --port {a.port}: expected 0..65535")
     if a.max_queue < 1 or a.max_body_bytes < 1:
         raise SystemExit("error: --max-queue and --max-body-bytes must be positive")
     if not (a.template_timeout > 0 and a.read_timeout > 0):  # NaN too

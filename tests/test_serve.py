@@ -467,6 +467,11 @@ def test_chat_template_is_the_training_one():
         (["--max-queue", "0"], "must be positive"),
         (["--read-timeout", "nan"], "must be positive"),
         (["--chat-template", "/nonexistent.jinja"], "--chat-template /nonexistent.jinja"),
+        (["--model", "/dev/zero"], "--model"),
+        (["--model", "/"], "--model"),
+        (["--threads", "-1"], "--threads -1"),
+        (["--threads", "0"], "--threads 0"),
+        (["--port", "70000"], "--port 70000"),
     ],
 )
 def test_cli_refuses_bad_arguments_before_loading(args, message, monkeypatch):
