@@ -4,7 +4,9 @@
     python -m bench.kernels --target avx2 --full   # + more shapes (rowmajor4 DRAM GEMV, small-model shapes)
     python -m bench.kernels --shape gemv_i8:4096:4096 --threads 2 --no-baselines
 
-Per operator and shape: median time (``time_evaluator``, weights cache-warm), GOPS (GB/s for the memory-bound mHC and
+Per operator and shape: median time (``time_evaluator`` while the weights fit in a quarter of the last-level cache,
+read from sysfs; beyond that the weights are DRAM-resident and every call reads another of enough copies to exceed
+twice the cache, the roof and the 2-bit twin likewise, timed in turn), GOPS (GB/s for the memory-bound mHC and
 RMSNorm ops), and % of a roofline measured in the same run on an array of the same size: a streaming-read kernel over
 the packed weights for the GEMV/GEMM (2-bit roofline GOPS = 8 · read GB/s), a copy kernel over the same bytes for the
 elementwise ops. Ratios (×, higher = tuned is faster): vs the scalar C++ reference (``impl="scalar"``, one thread),
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 import targets
+from bench.threads import cycle_time, llc_bytes
 from compiler import schedule as S
 from compiler.tune import bench_ops, parse_shape
 
@@ -216,14 +220,37 @@ def weight_bytes(op) -> float:
     return op.M * op.K / 4 if hasattr(op, "K") else op.bytes_moved()
 
 
-DRAM_BYTES = 48 << 20  # weights past the 32 MiB L3: DRAM-resident, where the shared machine's bandwidth drifts
+def dram_copies(nbytes: float) -> int:
+    """How many copies of an operand of ``nbytes`` to rotate over so that no call finds it in cache: 1 (cache-warm)
+    up to a quarter of this machine's last-level cache (read from sysfs), else enough to exceed twice the cache."""
+    llc = llc_bytes()
+    return 1 if nbytes <= llc / 4 else math.ceil(2 * llc / nbytes) + 1
+
+
+def rotated(arrays: list, copies: int, first: int = 0) -> list[list]:
+    """``copies`` argument lists: the first is ``arrays``; the others copy ``arrays[first]`` (the weights)."""
+    import tvm
+
+    out = [arrays]
+    for _ in range(copies - 1):
+        own = list(arrays)
+        own[first] = tvm.runtime.tensor(arrays[first].numpy())
+        out.append(own)
+    return out
 
 
 def paired_times(kernels, rounds: int = 5) -> np.ndarray:
-    """Time the ``(executable, args)`` kernels in turn, ``rounds`` times (3 repeats each): seconds ``[rounds, n]``.
-    Ratios taken within a round cancel most of the drift of a shared machine's DRAM bandwidth, which moves by ±20 %
-    between minutes here."""
-    return np.array([[tvm_time(ex, args, repeat=3) for ex, args in kernels] for _ in range(rounds)])
+    """Time the ``(executable, [argument lists])`` kernels in turn, ``rounds`` times: seconds ``[rounds, n]``. One
+    argument list: ``time_evaluator`` (3 repeats); several (DRAM-resident weights): calls cycle over them. Ratios taken
+    within a round cancel most of the drift of a shared machine's DRAM bandwidth, which moves by ±20 % between
+    minutes."""
+
+    def one(ex, sets):
+        if len(sets) == 1:
+            return tvm_time(ex, sets[0], repeat=3)
+        return cycle_time((ex.mod if hasattr(ex, "mod") else ex)["main"], sets, 0.05)
+
+    return np.array([[one(ex, sets) for ex, sets in kernels] for _ in range(rounds)])
 
 
 def two_bit_twin(op, target: str, logs_root=None):
@@ -254,29 +281,33 @@ def bench_op(op, target: str, threads_list, baselines: bool = True, logs_root=No
         if not np.allclose(o.numpy(), r, rtol=0, atol=tol):
             raise AssertionError(f"{op.key} on {target}: wrong result, refusing to time it")
     naive = S.get_primfunc(op, target, mode="naive").build() if baselines else None
+    mem = op.kind in MEMORY_BOUND
+    roof_kind = "copy" if mem else "read"
+    nbytes = op.bytes_moved() if mem else weight_bytes(op)
+    copies = 1 if mem else dram_copies(nbytes)  # DRAM-resident weights: rotate so no call finds them in cache
+    sets = rotated(args, copies)
     twin = None
     if hasattr(op, "two_bit_twin"):  # built once; its inputs also feed the scalar reference (the same product)
         twin_op, twin_ex, twin_ins = two_bit_twin(op, target, logs_root)
-        twin = (twin_ex, [tvm.runtime.tensor(a) for a in twin_ins + twin_op.empty_outputs()])
+        twin_args = [tvm.runtime.tensor(a) for a in twin_ins + twin_op.empty_outputs()]
+        twin = (twin_ex, rotated(twin_args, dram_copies(weight_bytes(twin_op))))
     scalar = (scalar_time(twin_op, twin_ins) if twin else scalar_time(op, ins)) if baselines else None
-    mem = op.kind in MEMORY_BOUND
-    roof_kind = "copy" if mem else "read"
     rows = []
     for th in threads_list:
         targets.set_tvm_threads(th)
-        t = tvm_time(ex, args)
+        t = tvm_time(ex, args) if copies == 1 else cycle_time(ex.mod["main"], sets, 0.05)
         times = {}
         if baselines:
             times["untuned"] = tvm_time(naive, args, min_ms=20, repeat=3)
             if scalar is not None:
                 times["scalar_ref"] = scalar
             times.update(torch_baselines(op, th))
-        nbytes = op.bytes_moved() if mem else weight_bytes(op)
-        roof_k = _roof_kernel("read", int(nbytes), target) if nbytes > DRAM_BYTES and not mem else None
+        roof_k = _roof_kernel("read", int(nbytes), target) if copies > 1 else None
         if roof_k is None:  # cache-resident: the roof measured once per size (DRAM-resident: in turn, below)
             roof = roofline_gbs(roof_kind, int(nbytes / 2 if mem else nbytes), target, th)
             pct = 100.0 * nbytes / t / 1e9 / roof
-        paired = [(ex, args)] + ([roof_k[:2]] if roof_k else []) + ([twin] if twin else [])
+        roof_pair = [(roof_k[0], rotated(roof_k[1], copies))] if roof_k else []
+        paired = [(ex, sets), *roof_pair] + ([twin] if twin else [])
         if len(paired) > 1:  # the roof (DRAM-resident) and the 2-bit twin, timed in turn with the kernel
             ts = paired_times(paired)
             t = float(np.median(ts[:, 0]))

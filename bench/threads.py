@@ -132,7 +132,7 @@ def export(out: Path | str, target: str, threads: list[int], shapes: list[str], 
 # ---------------------------------------------------------------------------------------------------------------
 # run (TVM's runtime only)
 # ---------------------------------------------------------------------------------------------------------------
-def _time(f, arg_sets, min_s: float) -> float:
+def cycle_time(f, arg_sets, min_s: float) -> float:
     """Seconds per call, cycling over ``arg_sets`` (each call reads other weights) for at least ``min_s``."""
     f(*arg_sets[0])
     calls, t0 = 0, time.perf_counter()
@@ -164,7 +164,7 @@ def read_roof_gbs(d: Path | str, threads: int, repeat: int = 5) -> tuple[float, 
              np.int32))] for _ in range(copies)]  # fmt: skip
     f = tvm.runtime.load_module(str(Path(d) / r["file"]))["main"]
     _set_threads(threads)
-    return statistics.median(r["bytes"] / _time(f, arrs, 0.1) / 1e9 for _ in range(repeat)), nb
+    return statistics.median(r["bytes"] / cycle_time(f, arrs, 0.1) / 1e9 for _ in range(repeat)), nb
 
 
 def run(d: Path | str, rounds: int = 5, min_s: float = 0.05) -> dict:
@@ -212,10 +212,10 @@ def run(d: Path | str, rounds: int = 5, min_s: float = 0.05) -> dict:
         for _ in range(rounds):
             for kind, k in order:
                 if kind == "kernel":
-                    times[(kind, k)].append(_time(mods[k]["main"], data[ks[k]["op"]][1], min_s))
+                    times[(kind, k)].append(cycle_time(mods[k]["main"], data[ks[k]["op"]][1], min_s))
                 else:
                     f, arrs, _ = roofs[k]
-                    times[(kind, k)].append(_time(f["main"], arrs, min_s))
+                    times[(kind, k)].append(cycle_time(f["main"], arrs, min_s))
         for lab in mods:
             key = ks[lab]["op"]
             op = data[key][0]
