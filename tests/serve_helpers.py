@@ -176,3 +176,15 @@ def run_app(backend: Backend, timeout_s: float = 30) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def assert_error(resp: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """An error response in OpenAI's shape, with this status (and param/code when given); returns its ``error``."""
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err

@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_helpers import API_KEY, CORS_ORIGIN, MAX_QUEUE, rss_kib, server  # noqa: F401 (server is a fixture)
+from serve_helpers import API_KEY, CORS_ORIGIN, MAX_QUEUE, assert_error, rss_kib, server  # noqa: F401 (server is a fixture)
 
 from runtime.chat_template import DEFAULT_CHAT_TEMPLATE, render_chat
 
@@ -37,17 +37,6 @@ def sse_events(lines) -> list[str]:
         out.append(line[len("data: ") :])
         expect_blank = True
     return out
-
-
-def assert_error(resp: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 # --- the openai client ---------------------------------------------------------------------------------------------

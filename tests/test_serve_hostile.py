@@ -19,7 +19,7 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import FAIL, FakeBackend, run_app, start_server, stop_server
+from serve_helpers import FAIL, FakeBackend, assert_error, run_app, start_server, stop_server
 
 from runtime.chat_template import DEFAULT_CHAT_TEMPLATE
 from runtime.serve import MAX_DETOKENIZE_TOKENS, MAX_TOKENIZE_CHARS, ServeConfig
@@ -59,17 +59,6 @@ def hostile(tmp_path_factory):
     srv = start_server("--chat-template", str(template), "--read-timeout", "1", "--template-timeout", "1")
     yield srv
     stop_server(srv)
-
-
-def assert_error(resp: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 def assert_clean_log(srv) -> None:
