@@ -137,7 +137,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int):
     [T·H, C]`` and ``st [T·H, 2]`` (max, denominator) are scratch outputs, so the parallel body allocates nothing but
     ``L`` floats on the stack. A score ``q·k`` is ``L`` vector lanes of products summed over ``hd / L`` chunks (lane
     ``l`` takes ``i = l, l + L, …``), then the lanes in order: independent FMA chains, where one chain over ``hd``
-    was latency-bound (3.5× slower at position 24 on nano-1b's 16 heads × 128, 5× at 500).
+    was latency-bound (measured: docs/architecture.md, "Measurements behind the code").
     """
     from tvm.script import tirx as Tx
 
@@ -204,9 +204,8 @@ def lm_head(V: int, D: int, dtype: str = "float32", lanes: int = 64):
     """``logits[v] = Σ_d h[d] · E[v, d]`` over the head as the GGUF stores it, ``E [V, D]`` (float16 when the GGUF has
     it: exact, half the bytes), each row streamed once, rows in parallel (one linear range per thread). Per row
     ``lanes`` float32 partial sums (lane ``l`` takes ``d = l, l + lanes, …`` in order, an FMA each: four independent
-    vector chains), then the lanes added in order. Measured on nano-1b's 32000 × 2048 float16 head (2 threads, Zen 4):
-    64 lanes over one row streams at the read bandwidth (33–35 GB/s), where 4 rows × 32 lanes (four streams per
-    thread) reached 26 GB/s and the former ``[D, V]`` axpy 22 GB/s."""
+    vector chains), then the lanes added in order. 64 lanes over one row streamed faster than 4 rows × 32 lanes and
+    the former ``[D, V]`` axpy (measured: docs/architecture.md, "Measurements behind the code")."""
     from tvm import s_tir, te
 
     h = te.placeholder((D,), "float32", name="h")
@@ -257,7 +256,8 @@ def mhc_post_tokens(T: int, D: int, S: int, first: bool, last: bool):
 
 def schedule(func, target, chunk: int = 256):
     """A cheap, safe CPU schedule: per block, its loops fused and cut into chunks of ``chunk`` iterations that run in
-    parallel (one token's SwiGLU, 5632 ``expf`` calls, took 17 µs on one thread). Blocks whose loops do not fuse
+    parallel (one token's SwiGLU on one thread was slow enough to matter: docs/architecture.md, "Measurements behind
+    the code"). Blocks whose loops do not fuse
     (a reduction, a non-affine loop) are left as they are; the arithmetic of an element never changes."""
     from tvm import s_tir
 

@@ -1,7 +1,7 @@
 """Safe callable wrappers around compiled kernels: a caller can never crash the process.
 
-TVM kernels assume 64-byte-aligned, C-contiguous data and check nothing about alignment (docs/TVM.md §4: a
-16-byte-aligned numpy array segfaults). :class:`Kernel` therefore
+TVM kernels assume 64-byte-aligned, C-contiguous data and check nothing about alignment (docs/tvm.md, "64-byte
+alignment": a 16-byte-aligned numpy array segfaults). :class:`Kernel` therefore
 
 * rejects wrong argument counts, types, dtypes and shapes with a :class:`KernelArgError` naming the argument — no
   silent casts (an int64 ``x_sum`` from ``torch.sum`` is a bug in the caller, not something to paper over);

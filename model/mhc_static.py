@@ -1,7 +1,7 @@
 """Static mHC-lite coefficients in numpy: what the compiler and the runtime fold into their kernels (no torch).
 
 Each mHC site (two per block: attention, then FFN) stores three logit vectors; this module turns them into the
-coefficients of the residual update (see ``shared/docs/MHC.md`` and :mod:`model.mhc`, the torch side)::
+coefficients of the residual update (see ``docs/mhc.md`` and :mod:`model.mhc`, the torch side)::
 
     h_pre  = sigmoid(pre_logits)                      # (n,)   in (0, 1)
     h_post = 2 · sigmoid(post_logits)                 # (n,)   in (0, 2)

@@ -86,8 +86,8 @@ FINISH = {"length": "length", "context": "length", "stop_token": "stop", "stop_s
 
 
 def default_threads() -> int:
-    """TVM threads: every core but one, which the event loop needs (on 2 cores, 2 TVM threads decoded 30 % slower
-    under the server than 1: the loop's wake-ups stall TVM's parallel sections)."""
+    """TVM threads: every core but one, which the event loop needs (all cores decoded slower under the server: the
+    loop's wake-ups stall TVM's parallel sections; docs/architecture.md, "Measurements behind the code")."""
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 

@@ -134,7 +134,7 @@ def register() -> list[str]:
     """Register every (ISA, prefetch distance) intrinsic (idempotent) and return the names.
 
     The prefetch variants issue one ``prefetcht0 [W + pf]`` per 64-byte chunk: for a DRAM-resident GEMV the hardware
-    prefetcher alone leaves bandwidth unused (measured: tile8 layout, 2 threads, 27 → 33 GB/s with pf = 2048).
+    prefetcher alone leaves bandwidth unused (measured: docs/architecture.md, "Measurements behind the code").
     """
     names = []
     for base, isa in ((VNNI_INTRIN, "vnni"), (AVX512BW_INTRIN, "avx512bw"), (AVX2_INTRIN, "avx2")):

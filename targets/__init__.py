@@ -3,7 +3,7 @@
 The leaf every room may import: it imports nothing of ours but its own submodules (:mod:`targets.cpu`, the CPU flags;
 :mod:`targets.cuda`, loading TVM's CUDA runtime), and TVM only inside the functions that need it.
 
-TVM 0.27 takes JSON-dict targets only; MetaSchedule needs ``num-cores`` (see docs/TVM.md). ``avx2`` is
+TVM 0.27 takes JSON-dict targets only; MetaSchedule needs ``num-cores`` (see docs/tvm.md). ``avx2`` is
 ``-mcpu=haswell`` (AVX2 + FMA, no AVX-512), ``avx512`` is ``-mcpu=znver4`` (AVX-512 with VNNI/VBMI; the kernels use
 only F/BW/VL/VNNI, which Ice Lake and later Intel parts have too).
 

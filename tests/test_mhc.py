@@ -1,4 +1,4 @@
-"""mHC-lite properties (shared/docs/MHC.md): exact doubly stochastic H_res, the apply invariants, symmetry breaking.
+"""mHC-lite properties (docs/mhc.md): exact doubly stochastic H_res, the apply invariants, symmetry breaking.
 
 pytest tests/test_mhc.py -q
 """
@@ -19,7 +19,7 @@ from model.transformer import Transformer
 
 F32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7
 # H_res is computed in float64 and rounded once to float32: each entry is off by ≤ half an ulp, so a row of n ≤ 4
-# entries sums to 1 within 4 · eps/2 = 2.4e-7; 1e-6 leaves margin and is the bound MHC.md asks for.
+# entries sums to 1 within 4 · eps/2 = 2.4e-7; 1e-6 leaves margin and is the bound docs/mhc.md states.
 DS_TOL = 1e-6
 
 

@@ -40,7 +40,7 @@ def test_mhc_post_matches_reference(target, S, dk, first, last, seed, data):
 
 
 def test_zero_update_conserves_stream_sum():
-    """With y = 0 and a doubly stochastic H_res, Σ_s X'[s] = Σ_s X[s] (MHC.md invariant)."""
+    """With y = 0 and a doubly stochastic H_res, Σ_s X'[s] = Σ_s X[s] (docs/mhc.md invariant)."""
     op = make_op("mhc_post", D=512, S=4)
     X, _y, H, hp, hpre = op.random_inputs(np.random.default_rng(1))
     H = np.full((4, 4), 0.25, np.float32)

@@ -1,8 +1,9 @@
 """The operator unit (T-MAC style): a TE compute, a numpy reference, random inputs, cost figures, a workload key.
 
 Each operator module in :mod:`compiler.ops` defines one :class:`Op` subclass; per-target schedules live in
-``schedules/`` and are looked up by :attr:`Op.kind` (see :mod:`schedules.registry`). An op instance is a *workload*:
-the kind plus its static shape; :attr:`Op.key` is the stable string used as the tuning-log key.
+``schedules/``: each target's module (``schedules.x86_avx512``, ``x86_avx2``, ``cuda``) has a ``SCHEDULES`` dict keyed
+by :attr:`Op.kind`, and :func:`compiler.schedule.schedule_module` picks the module by target name. An op instance is a
+*workload*: the kind plus its static shape; :attr:`Op.key` is the stable string used as the tuning-log key.
 
     python -c "from compiler.ops import make_op; print(make_op('gemv_i8', M=4096, K=4096))"
 """

@@ -1,4 +1,4 @@
-"""Fused mHC-lite site epilogue: post+mix of the streams and the next site's pre-aggregate, in one pass (MHC.md).
+"""Fused mHC-lite site epilogue: post+mix of the streams and the next site's pre-aggregate, in one pass (docs/mhc.md).
 
 Per token, with ``S`` streams of width ``D`` (float32) and the static coefficients of this site (``h_res [S, S]``,
 ``h_post [S]``) and of the next one (``h_pre [S]``)::
