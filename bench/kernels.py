@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import targets
-from bench.threads import cycle_time, llc_bytes
+from bench.timing import cycle_time, llc_bytes, py_time, tvm_time
 from compiler import schedule as S
 from compiler.tune import bench_ops, parse_shape
 
@@ -48,33 +47,6 @@ MEMORY_BOUND = ("mhc_post", "rmsnorm_quant")
 # ---------------------------------------------------------------------------------------------------------------
 # timing helpers
 # ---------------------------------------------------------------------------------------------------------------
-def tvm_time(ex, args, min_ms: float = 50.0, repeat: int = 7) -> float:
-    """Median seconds per call; ``number`` is chosen so one repeat lasts about ``min_ms``."""
-    import tvm
-
-    f = ex.mod if hasattr(ex, "mod") else ex
-    f["main"](*args)
-    t0 = time.perf_counter()
-    f["main"](*args)
-    one = max(time.perf_counter() - t0, 1e-7)
-    number = max(1, int(min_ms / 1e3 / one))
-    return float(f.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)(*args).median)
-
-
-def py_time(fn, min_s: float = 0.05, repeat: int = 5) -> float:
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    number = max(1, int(min_s / one))
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - t0) / number)
-    return statistics.median(times)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # rooflines measured in the same run

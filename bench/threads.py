@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.timing import cycle_time, llc_bytes
+
 MANIFEST = "manifest.json"
 SHAPES = ["gemv_i8:M=32768:K=16384:tile=8", "gemv_i8_tl:M=32768:K=16384:tile=8", "gemv_i8:M=4096:K=4096:tile=8",
           "gemv_i8_tl:M=4096:K=4096:tile=8"]  # fmt: skip
@@ -44,19 +46,6 @@ def _threads(text: str) -> list[int]:
     if not ts or ts[0] < 1 or ts[-1] > 256:
         raise argparse.ArgumentTypeError(f"--threads {text!r}: each must be in 1..256")
     return ts
-
-
-def llc_bytes() -> int:
-    """The largest CPU cache of this machine (sysfs), or 32 MiB if it cannot be read."""
-    best = 0
-    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (d / "size").read_text().strip().upper()
-        except OSError:
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        best = max(best, int(text.rstrip("KMG") or 0) * mult)
-    return best or 32 << 20
 
 
 def weight_bytes(op) -> int:
@@ -132,19 +121,6 @@ def export(out: Path | str, target: str, threads: list[int], shapes: list[str], 
 # ---------------------------------------------------------------------------------------------------------------
 # run (TVM's runtime only)
 # ---------------------------------------------------------------------------------------------------------------
-def cycle_time(f, arg_sets, min_s: float) -> float:
-    """Seconds per call, cycling over ``arg_sets`` (each call reads other weights) for at least ``min_s``."""
-    f(*arg_sets[0])
-    calls, t0 = 0, time.perf_counter()
-    while True:
-        for args in arg_sets:
-            f(*args)
-        calls += len(arg_sets)
-        el = time.perf_counter() - t0
-        if el >= min_s:
-            return el / calls
-
-
 def _set_threads(n: int) -> int:
     import tvm
 

@@ -72,16 +72,6 @@ def manual(op, target: str, knobs: dict | None = None, cores: int | None = None)
     return sch
 
 
-def design_space(op, target: str):
-    """The hand schedule as a MetaSchedule design space (knobs sampled; tensorize kept)."""
-    from tvm.s_tir import meta_schedule as ms
-
-    fn = schedule_module(target).SCHEDULES[op.kind]
-    return ms.space_generator.ScheduleFn(
-        lambda sch: fn(sch, op, knobs=None), sch_rules=[], postprocs=[], mutator_probs={}
-    )  # fmt: skip
-
-
 class TornDatabaseWarning(UserWarning):
     """Emitted when a tuning database has lines that do not parse (a write torn by a kill) and they are skipped."""
 

@@ -19,8 +19,9 @@ Knobs: ``unroll_k``, and the grid-only ``lut_at`` and ``prefetch`` (the latter p
 
 from __future__ import annotations
 
+import targets
 from model.ternary.layouts_tl import TILE_ROWS
-from schedules import intrin_x86_tl, targets
+from schedules import intrin_x86_tl
 from schedules.knobs import Knob, choose, knob
 
 KINDS = ("gemv_i8_tl",)
