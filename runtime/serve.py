@@ -69,6 +69,7 @@ from runtime.engine import JIT_POLICIES, JITError, ensure_built
 from runtime.worker import Job, NotReady, QueueFull, Stats, Worker
 
 log = logging.getLogger("runtime.serve")
+CHAT_TUNED_KEY = "training.chat_tuned"  # bool; an instruction-tuning stage writes it true (docs/gguf.md)
 
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: the context holds ~1k tokens, a few kB of text
@@ -137,6 +138,7 @@ class Backend:
         self.eos_text = ""
         self.control_ids: tuple[int, ...] = ()  # every control token ends an assistant turn
         self.max_token_bytes = 0  # the longest token: a prompt over ctx × this many characters cannot fit
+        self.chat_tuned = False  # the GGUF's training.chat_tuned: the chat page opens in chat mode only then
         self.worker = Worker(self._load, config.max_queue, Stats())
         self.renderer = Renderer(config.template_timeout_s)
         self._render_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chat-template")
@@ -149,7 +151,9 @@ class Backend:
         from runtime.engine import Engine
 
         c = self.config
-        spec = read_gguf(c.model, check_values=False).tokenizer
+        g = read_gguf(c.model, check_values=False)
+        spec = g.tokenizer
+        self.chat_tuned = bool(g.metadata.get(CHAT_TUNED_KEY, False))
         self.template = c.chat_template if c.chat_template is not None else spec.chat_template
         self.eos_ids = (spec.eos_id,) if spec.eos_id is not None else ()
         self.eos_text = spec.tokens[spec.eos_id] if spec.eos_id is not None else ""
@@ -384,7 +388,8 @@ async def models(request: Request):
     backend = _backend(request)
     card = {"id": backend.config.model_id, "object": "model", "created": backend.created, "owned_by": "ternary-tvm"}
     if backend.worker.state == "ready":
-        card["meta"] = {"n_ctx": backend.worker.engine.ctx, "n_vocab": backend.worker.engine.vocab}
+        card["meta"] = {"n_ctx": backend.worker.engine.ctx, "n_vocab": backend.worker.engine.vocab,
+                        "chat_tuned": backend.chat_tuned}  # fmt: skip
     return {"object": "list", "data": [card]}
 
 

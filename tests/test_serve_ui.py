@@ -62,6 +62,11 @@ def test_chat_page_streams_an_answer_and_shows_code(server, page):  # noqa: F811
     page.goto(server.url + "/")
     page.locator("summary").click()
     page.fill("#api_key", API_KEY)
+    # the shipped model is not chat-tuned: the page opens in complete mode and says so
+    page.wait_for_function("document.getElementById('mode').dataset.supported !== undefined", timeout=60_000)
+    assert page.locator("#mode").input_value() == "complete"
+    assert "not chat-tuned" in page.locator("#status").inner_text()
+    page.select_option("#mode", "chat")  # the user may still chat
     page.fill("#temperature", "0")
     page.fill("#max_tokens", "48")
     # record every text the answer shows, to see it grow in several steps
