@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import sys
@@ -33,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 import targets
-from bench.timing import cycle_time, llc_bytes, py_time, tvm_time
+from bench.timing import py_time, tvm_time
 from compiler import schedule as S
+from compiler.measure import cycle_time, dram_copies, weight_bytes
 from compiler.tune import bench_ops, parse_shape
 
 targets.ensure_tvm_threads()
@@ -184,19 +184,6 @@ class Row:
     pct_roof: float
     times_us: dict = field(default_factory=dict)  # baseline name -> µs
     speedup: dict = field(default_factory=dict)  # baseline name -> baseline time / tuned time
-
-
-def weight_bytes(op) -> float:
-    if hasattr(op, "weight_bytes"):  # layouts that are not 2-bit (gemv_i8_tl: 1.67 bits, K padded to 24)
-        return op.weight_bytes()
-    return op.M * op.K / 4 if hasattr(op, "K") else op.bytes_moved()
-
-
-def dram_copies(nbytes: float) -> int:
-    """How many copies of an operand of ``nbytes`` to rotate over so that no call finds it in cache: 1 (cache-warm)
-    up to a quarter of this machine's last-level cache (read from sysfs), else enough to exceed twice the cache."""
-    llc = llc_bytes()
-    return 1 if nbytes <= llc / 4 else math.ceil(2 * llc / nbytes) + 1
 
 
 def rotated(arrays: list, copies: int, first: int = 0) -> list[list]:

@@ -176,7 +176,7 @@ def _worker_roofline(threads, target, mib: int = ROOF_MIB, roof_dir: str | None 
     with ``roof_dir`` (a ``bench.threads export``: no TVM compiler needed), its prebuilt read kernel rotated
     over enough arrays to exceed the cache the same way."""
     from bench.threads import read_roof_gbs
-    from bench.timing import llc_bytes
+    from targets.cpu import llc_bytes
 
     if roof_dir:
         gbs, nbytes = read_roof_gbs(roof_dir, threads)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.timing import cycle_time, llc_bytes
+from compiler.measure import cycle_time, dram_copies, weight_bytes
+from targets.cpu import llc_bytes
 
 MANIFEST = "manifest.json"
 SHAPES = ["gemv_i8:M=32768:K=16384:tile=8", "gemv_i8_tl:M=32768:K=16384:tile=8", "gemv_i8:M=4096:K=4096:tile=8",
@@ -46,10 +47,6 @@ def _threads(text: str) -> list[int]:
     if not ts or ts[0] < 1 or ts[-1] > 256:
         raise argparse.ArgumentTypeError(f"--threads {text!r}: each must be in 1..256")
     return ts
-
-
-def weight_bytes(op) -> int:
-    return int(op.weight_bytes() if hasattr(op, "weight_bytes") else op.M * op.K / 4)
 
 
 def roof_bytes(op) -> int:
@@ -158,7 +155,7 @@ def run(d: Path | str, rounds: int = 5, min_s: float = 0.05) -> dict:
         op = parse_key(key)
         ins = op.random_inputs(rng)
         refs, tols = op.reference(*ins, impl="numpy"), op.tolerances(*ins)
-        copies = max(1, math.ceil(2 * llc / weight_bytes(op)) + 1) if weight_bytes(op) > llc / 4 else 1
+        copies = dram_copies(weight_bytes(op), llc)
         sets = []
         for c in range(copies):
             own = [ins[0].copy() if c else ins[0], *ins[1:]]
@@ -167,7 +164,7 @@ def run(d: Path | str, rounds: int = 5, min_s: float = 0.05) -> dict:
         print(f"{key}: {copies} weight copies (LLC {llc >> 20} MiB)", file=sys.stderr)
     roofs = {}
     for nb, r in man["roofs"].items():
-        copies = max(1, math.ceil(2 * llc / int(nb)) + 1) if int(nb) > llc / 4 else 1
+        copies = dram_copies(int(nb), llc)
         arrs = [[tvm.runtime.tensor(np.ones(r["shape"], np.int32)), tvm.runtime.tensor(np.zeros((ROOF_CHUNKS, 16),
                  np.int32))] for _ in range(copies)]  # fmt: skip
         roofs[int(nb)] = (tvm.runtime.load_module(str(d / r["file"])), arrs, r["bytes"])

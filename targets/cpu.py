@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
+from pathlib import Path
 
 MASK_ENV = "TERNARY_CPU_MASK"
 
@@ -42,6 +43,20 @@ def cpu_flags() -> frozenset[str]:
     """The flags of the first CPU in /proc/cpuinfo less those ``TERNARY_CPU_MASK`` hides (empty without /proc)."""
     pats = mask_patterns()
     return frozenset(f for f in _proc_flags() if not any(fnmatch.fnmatchcase(f, p) for p in pats))
+
+
+def llc_bytes() -> int:
+    """This machine's last-level cache in bytes: the largest CPU cache sysfs lists (32 MiB if it cannot be read).
+    Benchmarks and the tuner size their DRAM-resident working sets by it (never by an assumed size)."""
+    best = 0
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (d / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        best = max(best, int(text.rstrip("KMG") or 0) * mult)
+    return best or 32 << 20
 
 
 def check_flags(needed, what: str) -> None:

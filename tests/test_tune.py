@@ -215,3 +215,31 @@ def test_cli_reports_a_bad_model_file_in_one_line(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("python -m compiler.tune: error: README.md") and "GGUF" in line, line
+
+
+@pytest.mark.build
+def test_dram_resident_weights_are_measured_from_dram(monkeypatch):
+    """Weights beyond a quarter of the last-level cache are timed while cycling over copies that exceed twice it:
+    with a 256 KiB 'cache', a 512×1024 GEMV (128 KiB of weights) is measured over 5 copies; on the real cache one."""
+    from compiler import measure
+
+    op = make_op("gemv_i8", M=512, K=1024)
+    ex = S.build(op, targets.detect(), mode="hand")
+    seen = []
+    real_cycle = tune.cycle_time
+    monkeypatch.setattr(tune, "cycle_time", lambda f, sets, s: seen.append(len(sets)) or real_cycle(f, sets, s))
+    monkeypatch.setattr(measure, "llc_bytes", lambda: 256 << 10)
+    secs = tune.measure(op, ex, repeat=3, min_repeat_ms=2)
+    assert len(secs) == 3 and all(s > 0 for s in secs) and seen == [5, 5, 5]
+    monkeypatch.setattr(measure, "llc_bytes", lambda: 256 << 20)
+    seen.clear()
+    assert len(tune.measure(op, ex, repeat=3, min_repeat_ms=2)) == 3 and seen == []
+
+
+@pytest.mark.unit
+def test_dram_copies_rule():
+    from compiler.measure import dram_copies
+
+    assert dram_copies(64 << 20, llc=256 << 20) == 1  # a quarter of the cache: cache-warm
+    assert dram_copies(128 << 20, llc=256 << 20) == 5  # 5 × 128 MiB > 2 × 256 MiB
+    assert dram_copies(128 << 20, llc=32 << 20) == 2
