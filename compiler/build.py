@@ -108,7 +108,7 @@ def check_cpu_layout(weights: str, target: str) -> None:
         return
     from compiler.ops.ternary_gemv_tl import TernaryGemvI8TL
 
-    missing = sorted(set(TernaryGemvI8TL.cpu_flags) - targets.cpu_flags())
+    missing = targets.missing_op_flags(TernaryGemvI8TL)
     if target != "avx512" or missing:
         why = f"this CPU lacks {', '.join(missing)}" if missing else f"the target is {target}"
         raise BuildError(f"--weights tl needs the avx512 target on a CPU with AVX-512 VBMI (avx512vbmi), but {why}; "

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import targets
+from compiler.cache import DB_FILES, logs_root
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ def schedule_module(target: str):
 def logs_dir(target: str, root: Path | str | None = None) -> Path:
     """``root/<target>``; ``root`` defaults to :func:`compiler.cache.logs_root` (``$TERNARY_TUNING_LOGS``, the
     checkout's ``tuning_logs/`` or the installed package's copy)."""
-    from compiler.cache import logs_root
 
     return Path(root or logs_root()) / targets.resolve(target)
 
@@ -74,9 +74,6 @@ def manual(op, target: str, knobs: dict | None = None, cores: int | None = None)
 
 class TornDatabaseWarning(UserWarning):
     """Emitted when a tuning database has lines that do not parse (a write torn by a kill) and they are skipped."""
-
-
-DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
 def clean_database(d: Path) -> tuple[str, str, int]:
