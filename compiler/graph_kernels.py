@@ -75,18 +75,19 @@ def silu_mul(T: int, F: int):
 
 
 def rope_q(T: int, H: int, hd: int, ctx: int):
-    """RoPE (GPT-NeoX rotate-half) of ``q [T, H·hd]`` at positions ``pos + t`` → ``[T, H, hd]``."""
+    """RoPE (GPT-NeoX rotate-half) of ``q [T, H·hd]``, row ``t`` at position ``pos[t]`` → ``[T, H, hd]`` (a padding
+    row, ``pos < 0``, is rotated as position 0 and never read)."""
     import tvm
     from tvm import te
 
     half = hd // 2
     q = te.placeholder((T, H * hd), "float32", name="q")
-    pos = te.placeholder((1,), "int32", name="pos")
+    pos = te.placeholder((T,), "int32", name="pos")
     cos = te.placeholder((ctx, half), "float32", name="cos")
     sin = te.placeholder((ctx, half), "float32", name="sin")
 
     def f(t, h, i):
-        p = te.min(pos[0] + t, ctx - 1)  # padded prefill rows past the context are clamped (never read)
+        p = te.min(te.max(pos[t], 0), ctx - 1)
         j = tvm.tirx.indexmod(i, half)
         a, b = q[t, h * hd + j], q[t, h * hd + j + half]
         return tvm.tirx.Select(i < half, a * cos[p, j] - b * sin[p, j], b * cos[p, j] + a * sin[p, j])
@@ -94,13 +95,21 @@ def rope_q(T: int, H: int, hd: int, ctx: int):
     return _prim([q, pos, cos, sin, te.compute((T, H, hd), f, name="q_rot")])
 
 
-def kv_update(T: int, Hkv: int, hd: int, ctx: int, gpu: bool = False):
-    """In place: ``kc[h, pos+t] = RoPE(k[t, h])``, ``vc[h, pos+t] = v[t, h]`` (rows past the context are dropped).
-    ``gpu``: a CUDA block per (token, KV head), a thread per rotated pair (same body)."""
+def table_width(ctx: int, block: int) -> int:
+    """Entries of a sequence's block table: enough blocks of ``block`` tokens for the whole context."""
+    return -(-ctx // block)
+
+
+def kv_update(T: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = False):
+    """In place, into the paged cache ``kc, vc [n_blocks, Hkv, block, hd]`` (``n_blocks`` is the runtime's choice):
+    row ``t``'s key (RoPE'd) and value at position ``p = pos[t]`` go to block ``table[t, p // block]``, slot
+    ``p % block``. Rows with ``pos`` outside ``[0, ctx)`` (padding) write nothing. ``gpu``: a CUDA block per (row,
+    KV head), a thread per rotated pair (same body)."""
     from tvm.script import tirx as Tx
 
     half = hd // 2
     KV = Hkv * hd
+    W = table_width(ctx, block)
     rows = (lambda n: Tx.thread_binding(n, thread="blockIdx.x")) if gpu else Tx.serial
     cols = (lambda n: Tx.thread_binding(n, thread="threadIdx.x")) if gpu else Tx.serial
 
@@ -108,82 +117,104 @@ def kv_update(T: int, Hkv: int, hd: int, ctx: int, gpu: bool = False):
     def kv_write(
         k: Tx.Buffer((T, KV), "float32"),
         v: Tx.Buffer((T, KV), "float32"),
-        pos: Tx.Buffer((1,), "int32"),
+        pos: Tx.Buffer((T,), "int32"),
+        table: Tx.Buffer((T, W), "int32"),
         cos: Tx.Buffer((ctx, half), "float32"),
         sin: Tx.Buffer((ctx, half), "float32"),
-        kc: Tx.Buffer((Hkv, ctx, hd), "float32"),
-        vc: Tx.Buffer((Hkv, ctx, hd), "float32"),
+        kc_h: Tx.handle,
+        vc_h: Tx.handle,
     ):
+        nb = Tx.int64()
+        kc = Tx.match_buffer(kc_h, (nb, Hkv, block, hd), "float32")
+        vc = Tx.match_buffer(vc_h, (nb, Hkv, block, hd), "float32")
         for th in rows(T * Hkv):
             for j in cols(half):
                 t = th // Hkv
                 h = th % Hkv
-                if pos[0] + t < ctx:
-                    a = k[t, h * hd + j]
-                    b = k[t, h * hd + j + half]
-                    kc[h, pos[0] + t, j] = a * cos[pos[0] + t, j] - b * sin[pos[0] + t, j]
-                    kc[h, pos[0] + t, j + half] = b * cos[pos[0] + t, j] + a * sin[pos[0] + t, j]
-                    vc[h, pos[0] + t, j] = v[t, h * hd + j]
-                    vc[h, pos[0] + t, j + half] = v[t, h * hd + j + half]
+                p = pos[t]
+                if p >= 0 and p < ctx:
+                    b = Tx.Cast("int64", table[t, p // block])
+                    s = p % block
+                    x0 = k[t, h * hd + j]
+                    x1 = k[t, h * hd + j + half]
+                    kc[b, h, s, j] = x0 * cos[p, j] - x1 * sin[p, j]
+                    kc[b, h, s, j + half] = x1 * cos[p, j] + x0 * sin[p, j]
+                    vc[b, h, s, j] = v[t, h * hd + j]
+                    vc[b, h, s, j + half] = v[t, h * hd + j + half]
 
     return kv_write.without_attr("global_symbol")
 
 
-def attention(T: int, H: int, Hkv: int, hd: int, ctx: int):
-    """Causal GQA softmax attention of ``q [T, H, hd]`` (at positions ``pos + t``) over the cache → ``o [T, H·hd]``.
+def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int):
+    """Causal GQA softmax attention of ``q [T, H, hd]`` over the paged cache → ``o [T, H·hd]``: row ``t`` reads its
+    own sequence's keys ``0 .. pos[t]`` through its block table ``table[t]`` (rows of one prefill chunk share a
+    table, rows of a decode batch each have their sequence's); a padding row (``pos < 0``) outputs zeros.
 
-    Query head ``h`` reads KV head ``h // (H / Hkv)`` and keys ``0 .. pos + t`` only (a data-dependent loop bound:
-    the cost grows with the position, not the context size); one (token, head) pair per parallel task. ``sc
-    [T·H, C]`` and ``st [T·H, 2]`` (max, denominator) are scratch outputs, so the parallel body allocates nothing but
-    ``L`` floats on the stack. A score ``q·k`` is ``L`` vector lanes of products summed over ``hd / L`` chunks (lane
-    ``l`` takes ``i = l, l + L, …``), then the lanes in order: independent FMA chains, where one chain over ``hd``
-    was latency-bound (measured: docs/architecture.md, "Measurements behind the code").
+    Query head ``h`` reads KV head ``h // (H / Hkv)``; the loop bound is data-dependent (the cost grows with the
+    position, not the context size); one (row, head) pair per parallel task. ``sc [T·H, C]`` and ``st [T·H, 2]``
+    (max, denominator) are scratch outputs, so the parallel body allocates nothing but ``L`` floats on the stack. A
+    score ``q·k`` is ``L`` vector lanes of products summed over ``hd / L`` chunks (lane ``l`` takes ``i = l, l + L,
+    …``), then the lanes in order: independent FMA chains, where one chain over ``hd`` was latency-bound (measured:
+    docs/architecture.md, "Measurements behind the code").
     """
     from tvm.script import tirx as Tx
 
     g = H // Hkv
     scale = 1.0 / math.sqrt(hd)
     TH = T * H
+    W = table_width(ctx, block)
     L = next(n for n in (16, 8, 4, 2, 1) if hd % n == 0)
     NO = hd // L
 
     @Tx.prim_func
     def attn(
         q: Tx.Buffer((T, H, hd), "float32"),
-        kc: Tx.Buffer((Hkv, ctx, hd), "float32"),
-        vc: Tx.Buffer((Hkv, ctx, hd), "float32"),
-        pos: Tx.Buffer((1,), "int32"),
+        kc_h: Tx.handle,
+        vc_h: Tx.handle,
+        pos: Tx.Buffer((T,), "int32"),
+        table: Tx.Buffer((T, W), "int32"),
         o: Tx.Buffer((T, H * hd), "float32"),
         sc: Tx.Buffer((TH, ctx), "float32"),
         st: Tx.Buffer((TH, 2), "float32"),
     ):
+        nb = Tx.int64()
+        kc = Tx.match_buffer(kc_h, (nb, Hkv, block, hd), "float32")
+        vc = Tx.match_buffer(vc_h, (nb, Hkv, block, hd), "float32")
         for th in Tx.parallel(TH):
             part = Tx.alloc_buffer((L,), "float32", scope="local")
-            n = Tx.min(pos[0] + th // H + 1, ctx)
-            for j in range(n):
-                for ln in Tx.vectorized(L):
-                    part[ln] = q[th // H, th % H, ln] * kc[(th % H) // g, j, ln]
-                for io in range(1, NO):
-                    for ln in Tx.vectorized(L):
-                        part[ln] = part[ln] + q[th // H, th % H, io * L + ln] * kc[(th % H) // g, j, io * L + ln]
-                sc[th, j] = part[0]
-                for ln in range(1, L):
-                    sc[th, j] = sc[th, j] + part[ln]
-                sc[th, j] = sc[th, j] * Tx.float32(scale)
-            st[th, 0] = sc[th, 0]
-            for j in range(n):
-                st[th, 0] = Tx.max(st[th, 0], sc[th, j])
-            st[th, 1] = Tx.float32(0)
-            for j in range(n):
-                sc[th, j] = Tx.exp(sc[th, j] - st[th, 0])
-                st[th, 1] = st[th, 1] + sc[th, j]
-            for i in range(hd):
-                o[th // H, (th % H) * hd + i] = Tx.float32(0)
-            for j in range(n):
+            t = th // H
+            kh = (th % H) // g
+            n = Tx.min(pos[t] + 1, ctx)
+            if n <= 0:
                 for i in range(hd):
-                    o[th // H, (th % H) * hd + i] = o[th // H, (th % H) * hd + i] + sc[th, j] * vc[(th % H) // g, j, i]
-            for i in range(hd):
-                o[th // H, (th % H) * hd + i] = o[th // H, (th % H) * hd + i] / st[th, 1]
+                    o[t, (th % H) * hd + i] = Tx.float32(0)
+            else:
+                for j in range(n):
+                    b = Tx.Cast("int64", table[t, j // block])
+                    for ln in Tx.vectorized(L):
+                        part[ln] = q[t, th % H, ln] * kc[b, kh, j % block, ln]
+                    for io in range(1, NO):
+                        for ln in Tx.vectorized(L):
+                            part[ln] = part[ln] + q[t, th % H, io * L + ln] * kc[b, kh, j % block, io * L + ln]
+                    sc[th, j] = part[0]
+                    for ln in range(1, L):
+                        sc[th, j] = sc[th, j] + part[ln]
+                    sc[th, j] = sc[th, j] * Tx.float32(scale)
+                st[th, 0] = sc[th, 0]
+                for j in range(n):
+                    st[th, 0] = Tx.max(st[th, 0], sc[th, j])
+                st[th, 1] = Tx.float32(0)
+                for j in range(n):
+                    sc[th, j] = Tx.exp(sc[th, j] - st[th, 0])
+                    st[th, 1] = st[th, 1] + sc[th, j]
+                for i in range(hd):
+                    o[t, (th % H) * hd + i] = Tx.float32(0)
+                for j in range(n):
+                    b = Tx.Cast("int64", table[t, j // block])
+                    for i in range(hd):
+                        o[t, (th % H) * hd + i] = o[t, (th % H) * hd + i] + sc[th, j] * vc[b, kh, j % block, i]
+                for i in range(hd):
+                    o[t, (th % H) * hd + i] = o[t, (th % H) * hd + i] / st[th, 1]
 
     return attn.without_attr("global_symbol")
 
@@ -200,29 +231,35 @@ def rmsnorm(T: int, D: int, eps: float):
     return _prim([x, w, te.compute((T, D), lambda t, d: x[t, d] * r[t] * w[d], name="h")])
 
 
-def lm_head(V: int, D: int, dtype: str = "float32", lanes: int = 64):
-    """``logits[v] = Σ_d h[d] · E[v, d]`` over the head as the GGUF stores it, ``E [V, D]`` (float16 when the GGUF has
-    it: exact, half the bytes), each row streamed once, rows in parallel (one linear range per thread). Per row
-    ``lanes`` float32 partial sums (lane ``l`` takes ``d = l, l + lanes, …`` in order, an FMA each: four independent
-    vector chains), then the lanes added in order. 64 lanes over one row streamed faster than 4 rows × 32 lanes and
-    the former ``[D, V]`` axpy (measured: docs/architecture.md, "Measurements behind the code")."""
-    from tvm import s_tir, te
+def lm_head(B: int, V: int, D: int, dtype: str = "float32", lanes: int = 64):
+    """``logits[b, v] = Σ_d h[b, d] · E[v, d]`` for ``B`` rows over the head as the GGUF stores it, ``E [V, D]``
+    (float16 when the GGUF has it: exact, half the bytes): each head row is streamed once for all ``B`` rows, head
+    rows in parallel (one linear range per thread). Per (row, head row) ``lanes`` float32 partial sums (lane ``l``
+    takes ``d = l, l + lanes, …`` in order, an FMA each: four independent vector chains), then the lanes added in
+    order, so a row's logits do not depend on ``B`` or on the other rows. 64 lanes over one row streamed faster than
+    4 rows × 32 lanes and the former ``[D, V]`` axpy (measured: docs/architecture.md, "Measurements behind the
+    code")."""
+    from tvm.script import tirx as Tx
 
-    h = te.placeholder((D,), "float32", name="h")
-    E = te.placeholder((V, D), dtype, name="E")
-    d = te.reduce_axis((0, D), name="d")
-    out = te.compute((V,), lambda v: te.sum(h[d] * E[v, d].astype("float32"), axis=d), name="logits")
-    sch = s_tir.Schedule(te.create_prim_func([h, E, out]))
-    blk = sch.get_sblock("logits")
-    _v, dd = sch.get_loops(blk)
-    _do, di = sch.split(dd, [None, lanes])
-    rf = sch.rfactor(di, factor_axis=1)  # logits_rf[V, lanes]
-    v, do, di = sch.get_loops(rf)
-    sch.parallel(v)
-    sch.vectorize(di)
-    sch.reverse_compute_at(blk, v)
-    sch.decompose_reduction(rf, do)
-    return sch.mod["main"].without_attr("global_symbol")
+    if D % lanes:
+        raise ValueError(f"d_model {D} must be a multiple of the head's {lanes} lanes")
+    NO = D // lanes
+
+    @Tx.prim_func
+    def head(h: Tx.Buffer((B, D), "float32"), E: Tx.Buffer((V, D), dtype), logits: Tx.Buffer((B, V), "float32")):
+        for v in Tx.parallel(V):
+            for b in range(B):
+                part = Tx.alloc_buffer((lanes,), "float32", scope="local")
+                for ln in Tx.vectorized(lanes):
+                    part[ln] = Tx.float32(0)
+                for io in range(NO):
+                    for ln in Tx.vectorized(lanes):
+                        part[ln] = part[ln] + h[b, io * lanes + ln] * Tx.Cast("float32", E[v, io * lanes + ln])
+                logits[b, v] = Tx.float32(0)
+                for ln in range(lanes):
+                    logits[b, v] = logits[b, v] + part[ln]
+
+    return head.without_attr("global_symbol")
 
 
 def mhc_post_tokens(T: int, D: int, S: int, first: bool, last: bool):

@@ -1,19 +1,26 @@
-"""GGUF model → one Relax IRModule with ``prefill`` and ``decode`` over an explicit, in-place KV cache.
+"""GGUF model → one Relax IRModule with ``prefill`` and ``decode_b{B}`` over a paged, in-place KV cache.
 
-Signatures (``L`` layers, ``Hkv`` KV heads, context ``C``, head dim ``hd``; params in :func:`param_specs` order)::
+Signatures (``L`` layers, ``Hkv`` KV heads, context ``C``, head dim ``hd``, KV block ``K`` = :data:`KV_BLOCK` tokens,
+table width ``W = ⌈C / K⌉``; params in :func:`param_specs` order)::
 
-    decode(tok int32[1], pos int32[1], kc_0, vc_0, ..., kc_{L-1}, vc_{L-1}, *params) -> logits float32[V]
-    prefill(toks int32[P], pos int32[1], last int32[1], kc_0, vc_0, ..., *params)   -> logits float32[V]
+    decode_b{B}(toks int32[B], pos int32[B], table int32[B, W], kc_0, vc_0, ..., *params) -> logits float32[B, V]
+    prefill(toks int32[P], pos int32[P], table int32[P, W], last int32[1], kc_0, vc_0, ..., *params) -> float32[V]
 
-Each ``kc_l``/``vc_l`` is ``float32[Hkv, C, hd]``; the graph writes the new keys/values into them **in place**
-(``call_tir_inplace``) at ``pos .. pos+T-1`` and attends over ``[0, pos+t]``. ``prefill`` takes a fixed chunk of
-``P`` tokens (padding allowed: rows past the real tokens write cache slots that later tokens overwrite before anyone
-reads them, and causal masking keeps them out of the real rows) and returns the logits of row ``last``.
+Each ``kc_l``/``vc_l`` is ``float32[n_blocks, Hkv, K, hd]``, ``n_blocks`` symbolic: the runtime sizes the cache
+(:mod:`runtime.kv_cache`). Row ``t`` holds one token at position ``pos[t]`` of the sequence whose block table is
+``table[t]`` (position ``p`` lives in block ``table[t, p // K]``, slot ``p % K``); the graph writes the row's key and
+value there **in place** (``call_tir_inplace``) and attends over that sequence's positions ``0 .. pos[t]``. A
+``decode_b{B}`` row is one sequence's next token (the batch: each sequence at its own position, each ternary matrix
+read once for all ``B``); a ``prefill`` chunk is ``P`` consecutive tokens of one sequence (every row the same
+table) and returns the logits of row ``last``. A row with ``pos < 0`` is padding: it writes nothing and attends to
+nothing, so a short chunk or a batch below ``B`` never touches another sequence's blocks. A row's logits do not
+depend on the other rows or on ``B`` (the exactness of batching, ``tests/test_batch.py``).
 
 Kernels: every ternary matmul, the RMSNorm+quantize before q/k/v and gate/up, and the mHC site post+mix go through
 :func:`compiler.schedule.get_primfunc` (the tuned record of ``tuning_logs/<target>/``, or the hand schedule with a loud
-UNTUNED warning). Decode uses ``gemv_i8`` and ``mhc_post``; prefill uses ``gemm_i8`` with ``N = P`` (the tuned tile is
-8) and a token-batched TE twin of ``mhc_post``. Embedding, RoPE, the cache write, attention, SwiGLU, the o/down
+UNTUNED warning). ``decode_b1`` uses ``gemv_i8`` and ``mhc_post``; prefill uses ``gemm_i8`` with ``N = P`` (the tuned
+tile is 8) and a token-batched TE twin of ``mhc_post``, as does ``decode_b{B}`` with ``N = B`` (a GEMM without its own
+record borrows the prefill chunk's knobs; the batch's RMSNorm always takes the one-token kernel's). Embedding, RoPE, the cache write, attention, SwiGLU, the o/down
 input quantize, the final norm and the LM head are the small kernels of :mod:`compiler.graph_kernels`.
 
 CPU weight layout: every ternary matrix is stored once, in ``tile8`` (:mod:`model.ternary.layouts_x86`: the 64-byte
@@ -41,7 +48,8 @@ import numpy as np
 
 from compiler import graph_kernels as gk
 from compiler import graph_kernels_gpu as gkg
-from compiler.constants import CPU_PREFILL_CHUNK, CUDA_PREFILL_CHUNK
+from compiler.constants import CPU_BATCH_SIZES, CPU_PREFILL_CHUNK, CUDA_BATCH_SIZES, CUDA_PREFILL_CHUNK, KV_BLOCK
+from compiler.ops import make_op
 
 log = logging.getLogger("compiler.build")
 
@@ -206,7 +214,8 @@ class TargetKernels:
     quantize: Callable  # per-token int8 quantize (T, K) of the o/down inputs
     attention: Callable  # (T, H, Hkv, hd, C)
     lm_head: Callable  # (V, D, dtype)
-    kv_update: Callable  # (T, Hkv, hd, C)
+    kv_update: Callable  # (T, Hkv, hd, C, block)
+    batch_sizes: tuple[int, ...]  # the decode functions' batch sizes (sequences per step): decode_b{B}
     schedule_small: bool  # schedule the elementwise graph kernels here (else compiler.build's dlight pass does)
     mhc_x_row: bool  # the decode mHC kernel takes the first site's embedding as x [1, D] (else [D])
 
@@ -225,18 +234,19 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
     "tile8": TargetKernels(
         name="tile8", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8", gemm="gemm_i8", tile=cpu_tile,
         x_words=False, x_sum=True, fixed={}, quantize=gk.quantize, attention=gk.attention, lm_head=gk.lm_head,
-        kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False,
+        kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES,
     ),
     "tl": TargetKernels(
         name="tl", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8_tl", gemm=None, tile=tl_tile,
         x_words=False, x_sum=False, fixed={}, quantize=gk.quantize, attention=gk.attention, lm_head=gk.lm_head,
-        kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False,
+        kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES,
     ),
     "dp4a": TargetKernels(
         name="dp4a", prefill_chunk=CUDA_PREFILL_CHUNK, gemv="gemv_dp4a", gemm="gemm_dp4a", tile=None,
         x_words=True, x_sum=True, fixed={"rmsnorm_quant": _cuda_norm_quant, "mhc_post": _cuda_mhc_post},
         quantize=gkg.norm_quantize, attention=gkg.attention, lm_head=gkg.lm_head,
         kv_update=functools.partial(gk.kv_update, gpu=True), schedule_small=False, mhc_x_row=True,
+        batch_sizes=CUDA_BATCH_SIZES,
     ),
 }  # fmt: skip
 
@@ -249,12 +259,17 @@ def kernels_for(target: str, weights: str = "tile8") -> TargetKernels:
 
 @dataclass
 class _Frame:
-    """What the block builders of one function (``decode`` or ``prefill``) share: its token count, inputs, params."""
+    """What the block builders of one function (``decode_b{B}`` or ``prefill``) share: its row count, inputs
+    (every row's position and block table), the paged KV cache and the params. ``batch``: rows are sequences (a
+    decode step), else tokens of one sequence (a prefill chunk)."""
 
     T: int
     pos: object
+    table: object
     cache: list
     pv: dict
+    batch: bool
+    kv_shape: tuple  # a layer's key (or value) cache: (n_blocks, Hkv, block, hd), n_blocks symbolic
 
 
 @dataclass
@@ -285,26 +300,35 @@ class Lowering:
 
     # --- the functions: one builder per block ------------------------------------------------------------------
     def module(self):
-        self.function("decode")
+        for B in self.k.batch_sizes:
+            self.function(f"decode_b{B}")
         self.function("prefill")
         return self.bb.get()
 
     def function(self, name: str):
-        """``decode`` (one token) or ``prefill`` (a chunk): the embedding, then per layer its attention and its FFN,
-        each followed by its mHC site, then the head."""
+        """``decode_b{B}`` (one token for each of ``B`` sequences → logits ``[B, V]``) or ``prefill`` (a chunk of one
+        sequence → the logits ``[V]`` of row ``last``): the embedding, then per layer its attention and its FFN, each
+        followed by its mHC site, then the head. Every row has its own position ``pos[t]`` (< 0: a padding row, which
+        writes nothing) and block table ``table[t]`` into the paged KV cache ``kc_i, vc_i [n_blocks, Hkv, block,
+        hd]``, whose ``n_blocks`` the runtime chooses (a symbolic dimension)."""
+        from tvm import tirx
+
         cfg, bb = self.cfg, self.bb
-        T = 1 if name == "decode" else self.chunk
+        batch = name.startswith("decode_b")
+        T = int(name[len("decode_b") :]) if batch else self.chunk
         f32 = "float32"
-        toks, pos = _var("tokens", (T,), "int32"), _var("pos", (1,), "int32")
-        last = _var("last", (1,), "int32") if name == "prefill" else None
-        inputs = [toks, pos] + ([last] if last is not None else [])
+        W = gk.table_width(cfg.max_seq_len, KV_BLOCK)
+        toks, pos, table = _var("tokens", (T,), "int32"), _var("pos", (T,), "int32"), _var("table", (T, W), "int32")
+        last = None if batch else _var("last", (1,), "int32")
+        inputs = [toks, pos, table] + ([last] if last is not None else [])
+        nb = tirx.Var("n_blocks", "int64")
         cache = []
         for i in range(cfg.n_layers):
-            shape = (cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+            shape = (nb, cfg.n_kv_heads, KV_BLOCK, cfg.head_dim)
             cache += [_var(f"kc_{i}", shape, f32), _var(f"vc_{i}", shape, f32)]
         specs = self.specs()
         pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
-        f = _Frame(T, pos, cache, pv)
+        f = _Frame(T, pos, table, cache, pv, batch, shape)
         with bb.function(name, inputs + cache + [pv[s.name] for s in specs]):
             with bb.dataflow():
                 x, u = self.embedding(f, toks)
@@ -340,13 +364,13 @@ class Lowering:
         vv = self._ternary(f, i, "attn_v", q8, sc, qs, KV, D)
         cos, sin = f.pv["rope.cos"], f.pv["rope.sin"]
         qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, f.pos, cos, sin], [((T, H, hd), f32)])
-        upd_gv = self._te("kv_update", self.k.kv_update, T, Hkv, hd, C)
-        ty = relax.TensorType((Hkv, C, hd), f32)
-        kv_args = [kv, vv, f.pos, cos, sin, f.cache[2 * i], f.cache[2 * i + 1]]
-        upd = self.bb.emit(relax.call_tir_inplace(upd_gv, kv_args, [5, 6], [ty, ty]))
+        upd_gv = self._te("kv_update", self.k.kv_update, T, Hkv, hd, C, KV_BLOCK)
+        ty = relax.TensorType(f.kv_shape, f32)
+        kv_args = [kv, vv, f.pos, f.table, cos, sin, f.cache[2 * i], f.cache[2 * i + 1]]
+        upd = self.bb.emit(relax.call_tir_inplace(upd_gv, kv_args, [6, 7], [ty, ty]))
         kc, vc = self.bb.emit(relax.TupleGetItem(upd, 0)), self.bb.emit(relax.TupleGetItem(upd, 1))
-        att = self._te("attention", self.k.attention, T, H, Hkv, hd, C)
-        o = self._call(att, [qr, kc, vc, f.pos], [((T, D), f32), ((T * H, C), f32), ((T * H, 2), f32)])[0]
+        att = self._te("attention", self.k.attention, T, H, Hkv, hd, C, KV_BLOCK)
+        o = self._call(att, [qr, kc, vc, f.pos, f.table], [((T, D), f32), ((T * H, C), f32), ((T * H, 2), f32)])[0]
         o8, osc, osum = self._quantize(T, D, o)
         return self._ternary(f, i, "attn_output", o8, osc, osum, D, D)
 
@@ -385,23 +409,27 @@ class Lowering:
         return (X, r) if lst else (r[0], r[1])
 
     def head(self, f: _Frame, u, last):
-        """Final RMSNorm, the row ``last`` (prefill) and the LM head → ``logits [V]``."""
+        """Final RMSNorm, then the LM head → ``logits [T, V]`` (a decode batch) or, of the row ``last``, ``[V]``
+        (prefill)."""
         from tvm import relax
 
         D, V = self.cfg.d_model, self.cfg.vocab_size
         hn = self._call(self._rmsnorm(f.T, D), [u, f.pv["output_norm.weight"]], [((f.T, D), "float32")])
+        rows = f.T
         if last is not None:
-            hn = self.bb.emit(relax.op.take(hn, last, axis=0, mode="clip"))
-        hv = self._reshape(hn, (D,))
-        if "lm_head" not in self._gv:
-            self._gv["lm_head"] = self.bb.add_func(self.k.lm_head(V, D, self.head_dtype), "lm_head")
-        return self._call(self._gv["lm_head"], [hv, f.pv["lm_head.weight"]], [((V,), "float32")])
+            hn, rows = self.bb.emit(relax.op.take(hn, last, axis=0, mode="clip")), 1
+        gv = self._te("lm_head", lambda B: self.k.lm_head(B, V, D, self.head_dtype), rows)
+        logits = self._call(gv, [hn, f.pv["lm_head.weight"]], [((rows, V), "float32")])
+        return logits if last is None else self._reshape(logits, (V,))
 
     # --- steps shared by the blocks --------------------------------------------------------------------------
     def _norm_quant(self, f: _Frame, weight: str, u):
-        """RMSNorm + per-token int8 quantize of a block input → ``(q8 [T, D], scale [T], row sums [T])``."""
+        """RMSNorm + per-token int8 quantize of a block input → ``(q8 [T, D], scale [T], row sums [T])``. A decode
+        batch's kernel takes the one-token kernel's knobs: a row's ``Σx²`` is then summed in the same order whatever
+        the batch (the exactness of batching)."""
         D, T = self.cfg.d_model, f.T
-        gv, _ = self._op("rmsnorm_quant", D=D, N=T)
+        like = {"like": make_op("rmsnorm_quant", D=D, N=1), "mode": "like"} if f.batch and T > 1 else {}
+        gv, _ = self._op("rmsnorm_quant", D=D, N=T, **like)
         return self._call(gv, [u, f.pv[weight]], [((T, D), "int8"), ((T,), "float32"), ((T,), "int32")])
 
     def _quantize(self, T: int, K: int, x):
@@ -424,8 +452,9 @@ class Lowering:
         def args(x, s, q):
             return [W, x, *([q] if k.x_sum else []), s, ws]
 
-        if T > 1 and k.gemm:
-            gv, _ = self._op(k.gemm, N=T, **dims)
+        if T > 1 and k.gemm:  # a decode batch's GEMM without its own record borrows the prefill chunk's knobs
+            like = {"like": make_op(k.gemm, N=self.chunk, **dims)} if T != self.chunk else {}
+            gv, _ = self._op(k.gemm, N=T, **dims, **like)
             return self._call(gv, args(q8, sc, qs), [((T, M), "float32")])
         gv, _ = self._op(k.gemv, **dims)
         if T == 1:
@@ -443,9 +472,9 @@ class Lowering:
         return self.bb.emit(relax.op.strided_slice(a, axes=[0], begin=[r], end=[r + 1]))
 
     # --- kernels -----------------------------------------------------------------------------------------------
-    def _op(self, kind: str, **dims):
-        """The kernel of a tuned operator: the table's fixed kernel, else the tuning record (or hand schedule)."""
-        from compiler.ops import make_op
+    def _op(self, kind: str, like=None, mode: str = "auto", **dims):
+        """The kernel of a tuned operator: the table's fixed kernel, else the tuning record (or hand schedule);
+        ``like``/``mode``: see :func:`compiler.schedule.get_primfunc`."""
         from compiler.schedule import get_primfunc
 
         op = make_op(kind, **dims)
@@ -455,7 +484,7 @@ class Lowering:
                 self.kernels[op.key] = "fixed"
                 func = self.k.fixed[kind](op)
             else:
-                sf = get_primfunc(op, self.target, self.logs_root, cores=self.cores)
+                sf = get_primfunc(op, self.target, self.logs_root, mode=mode, cores=self.cores, like=like)
                 self.kernels[op.key] = sf.source
                 log.info("  kernel %-40s %s", op.key, sf.source.upper() if sf.source != "tuned" else "tuned")
                 func = sf.for_relax()

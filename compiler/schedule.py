@@ -219,20 +219,54 @@ def _apply_record(op, rec, target: str, cores: int | None = None):
     return sch
 
 
+def borrowed_knobs(op, like, target: str, logs_root: Path | str | None = None) -> dict | None:
+    """The knob values of ``like``'s best tuning record, fitted to ``op`` (same kind, another token count ``N``): a
+    value that ``op``'s shape does not allow (``tokens=4`` at ``N=2``) becomes the largest allowed one below it. None
+    when ``like`` has no record or the target replays traces (CUDA)."""
+    target = targets.resolve(target)
+    if target == "cuda" or like.kind != op.kind:
+        return None
+    rec = best_record(open_database(target, logs_root), like)
+    if rec is None:
+        return None
+    from schedules.knobs import knobs_of_trace
+
+    mod = schedule_module(target)
+    try:
+        knobs = knobs_of_trace(rec.trace, mod.space(like))
+    except ValueError:
+        return None
+    out = {}
+    for k in mod.space(op):
+        v = int(knobs.get(k.name, k.default))
+        out[k.name] = v if v in k.candidates else max((c for c in k.candidates if c <= v), default=k.default)
+    return out
+
+
 def get_primfunc(
-    op, target: str, logs_root: Path | str | None = None, mode: str = "auto", cores: int | None = None
+    op, target: str, logs_root: Path | str | None = None, mode: str = "auto", cores: int | None = None, like=None
 ) -> ScheduledFunc:
     """The scheduled PrimFunc for ``op`` on ``target``, built for ``cores`` threads (see :func:`manual`).
 
     ``mode``: ``"auto"`` (tuned if a record exists, else the hand schedule with a loud warning), ``"tuned"`` (raise if
     no record), ``"hand"`` (default knobs, no database), ``"naive"`` (the unscheduled TE: the "untuned default").
+    ``like``: an op of the same kind whose record's knobs serve ``op`` when ``op`` has no record of its own (the
+    decode batch's GEMMs borrow the prefill chunk's); ``mode="like"`` uses them (or, without a record, the hand
+    defaults) even when ``op`` has a record: the decode batch's RMSNorm takes the one-token kernel's knobs, so a
+    row's float sums do not depend on the batch. The source is then ``"borrowed"``.
     """
     import warnings
 
     target = targets.resolve(target)
-    if mode not in ("auto", "tuned", "hand", "naive"):
-        raise ValueError(f"mode must be auto, tuned, hand or naive; got {mode!r}")
+    if mode not in ("auto", "tuned", "hand", "naive", "like"):
+        raise ValueError(f"mode must be auto, tuned, hand, naive or like; got {mode!r}")
     sym = op.func_name
+    if mode == "like":
+        if like is None:
+            raise ValueError("mode='like' needs the op to take the knobs of (like=...)")
+        knobs = borrowed_knobs(op, like, target, logs_root) or {}
+        sch = manual(op, target, knobs, cores)
+        return ScheduledFunc(op, target, sch.mod["main"].with_attr("global_symbol", sym), "borrowed")
     if mode == "naive":
         return ScheduledFunc(op, target, op.compute().with_attr("global_symbol", sym), "naive")
     rec = None
@@ -245,6 +279,11 @@ def get_primfunc(
         sch = _apply_record(op, rec, target, cores)
         secs = [float(s) for s in rec.run_secs]
         return ScheduledFunc(op, target, sch.mod["main"].with_attr("global_symbol", sym), "tuned", min(secs))
+    if mode == "auto" and like is not None:
+        knobs = borrowed_knobs(op, like, target, logs_root)
+        if knobs is not None:
+            sch = manual(op, target, knobs, cores)
+            return ScheduledFunc(op, target, sch.mod["main"].with_attr("global_symbol", sym), "borrowed")
     if mode == "auto":
         msg = (
             f"UNTUNED: no tuning record for {op.key} on {target} in {logs_dir(target, logs_root)}; using the hand "

@@ -40,6 +40,7 @@ import numpy as np
 
 from model.sampling import Generation, SamplingParams, penalize  # Generation: re-exported
 from runtime.healing import Heal, TokenTable, plan
+from runtime.kv_cache import BlockPool, CacheFull, Sequence
 from targets.cpu import check_flags
 from targets.cuda import load_cuda_runtime
 
@@ -166,8 +167,14 @@ def ensure_built(
     return build(gguf, target, cache_dir, cores=cores, force=jit_policy == "redo").dir
 
 
+KV_CONTEXTS = 4  # the default KV cache holds this many full contexts' worth of tokens
+
+
 class Engine:
-    """One sequence at a time: :meth:`prefill` the prompt, then :meth:`decode` a token at a time."""
+    """A compiled model over a paged KV cache (:mod:`runtime.kv_cache`). One sequence at a time: :meth:`prefill` the
+    prompt, then :meth:`decode` a token at a time (the Engine's own :class:`Sequence`, or any other); many at once:
+    :meth:`decode_batch` advances several sequences by a token each in one call (:mod:`runtime.batch` schedules
+    them)."""
 
     def __init__(
         self,
@@ -176,9 +183,11 @@ class Engine:
         threads: int | None = None,
         tokenizer=None,
         token_healing: bool = True,
+        kv_tokens: int | None = None,
     ) -> None:
         """``gguf`` supplies the tokenizer (and its special tokens); or pass an HF ``tokenizer`` directly.
-        ``token_healing`` is the default of :meth:`stream_text`."""
+        ``token_healing`` is the default of :meth:`stream_text`. ``kv_tokens``: the KV cache's capacity in tokens
+        over all sequences (default :data:`KV_CONTEXTS` full contexts; at least one)."""
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or len(os.sched_getaffinity(0))))
         import tvm
         from tvm.runtime.vm import VirtualMachine
@@ -202,14 +211,18 @@ class Engine:
         if threads:
             tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
         self.vm = VirtualMachine(tvm.runtime.load_module(str(self.dir / "model.so")), devices)
-        self._decode, self._prefill = self.vm["decode"], self.vm["prefill"]
+        self.batch_sizes = tuple(int(b) for b in self.meta["batch_sizes"])
+        self._decode = {b: self.vm[f"decode_b{b}"] for b in self.batch_sizes}
+        self._prefill = self.vm["prefill"]
         with np.load(self.dir / "params.npz", allow_pickle=False) as z:
             self.params = [tvm.runtime.tensor(np.ascontiguousarray(z[name]), self.dev) for name, _, _ in
                            self.meta["params"]]  # fmt: skip
-        shape = (self.n_kv, self.ctx, self.head_dim)
-        self.cache = [tvm.runtime.tensor(np.zeros(shape, np.float32), self.dev) for _ in range(2 * self.n_layers)]
+        self.pool = BlockPool(int(kv_tokens or KV_CONTEXTS * self.ctx), int(self.meta["kv_block"]), self.ctx)
+        shape = (self.pool.n_blocks, self.n_kv, self.pool.block, self.head_dim)
+        # never read before written (a position's key is written by the step that reads it first): no zero fill
+        self.cache = [tvm.runtime.empty(shape, "float32", self.dev) for _ in range(2 * self.n_layers)]
         self._tvm = tvm
-        self.pos = 0
+        self.seq = Sequence()  # the single-sequence API's sequence
         self.token_healing = token_healing
         self.tokenizer = tokenizer
         self.eos = None
@@ -256,38 +269,87 @@ class Engine:
         return TokenTable(self.tokenizer, self.hidden)
 
     # --- model steps -------------------------------------------------------------------------------------------
-    def reset(self) -> None:
-        self.pos = 0  # stale cache rows are overwritten before they are read (causal mask)
+    @property
+    def pos(self) -> int:
+        """The single-sequence API's position (tokens in its cache)."""
+        return self.seq.length
+
+    def reset(self, seq: Sequence | None = None) -> None:
+        """Free ``seq``'s (default: the Engine's own sequence's) cache blocks; it starts again at position 0."""
+        self.pool.release(self.seq if seq is None else seq)
 
     def _i32(self, values) -> object:
         return self._tvm.runtime.tensor(np.asarray(values, np.int32), self.dev)
 
-    def prefill(self, tokens: list[int]) -> np.ndarray:
-        """Append ``tokens`` at the current position (chunks of ``prefill_chunk``); logits after the last one."""
+    def _grow(self, seq: Sequence, length: int) -> None:
+        if length > self.ctx:
+            raise ValueError(f"{length} tokens exceed the context of {self.ctx}")
+        if not self.pool.reserve(seq, length):
+            raise CacheFull(f"the KV cache has {self.pool.free} free blocks of {self.pool.block} tokens; "
+                            f"{self.pool.blocks_for(length) - len(seq.blocks)} more are needed")  # fmt: skip
+
+    def prefill(self, tokens: list[int], seq: Sequence | None = None) -> np.ndarray:
+        """Append ``tokens`` to ``seq`` (default: the Engine's own; chunks of ``prefill_chunk``); the logits after
+        the last one."""
+        seq = self.seq if seq is None else seq
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("prefill needs at least one token")
         self._check(tokens)
-        if self.pos + len(tokens) > self.ctx:
-            raise ValueError(f"{self.pos + len(tokens)} tokens exceed the context of {self.ctx}")
+        self._grow(seq, seq.length + len(tokens))
         logits = None
         for s in range(0, len(tokens), self.chunk):
-            part = tokens[s : s + self.chunk]
-            n = len(part)
-            padded = part + [0] * (self.chunk - n)
-            out = self._prefill(self._i32(padded), self._i32([self.pos]), self._i32([n - 1]), *self.cache, *self.params)
-            self.pos += n
-            logits = out
-        return logits.numpy()
+            logits = self.prefill_chunk(seq, tokens[s : s + self.chunk])
+        return logits
 
-    def decode(self, token: int) -> np.ndarray:
-        """Append one token; the logits for the next."""
-        self._check([token])
-        if self.pos >= self.ctx:
-            raise ValueError(f"the context of {self.ctx} tokens is full")
-        out = self._decode(self._i32([token]), self._i32([self.pos]), *self.cache, *self.params)
-        self.pos += 1
+    def prefill_chunk(self, seq: Sequence, tokens: list[int]) -> np.ndarray:
+        """One ``prefill`` call: at most ``prefill_chunk`` tokens appended to ``seq`` (whose blocks must already
+        hold them: :meth:`prefill` reserves them); the logits after the last."""
+        n = len(tokens)
+        if not 0 < n <= self.chunk:
+            raise ValueError(f"a prefill chunk takes 1..{self.chunk} tokens, not {n}")
+        pos = np.full(self.chunk, -1, np.int32)  # padding rows write nothing
+        pos[:n] = np.arange(seq.length, seq.length + n)
+        table = np.broadcast_to(seq.table(self.pool.width), (self.chunk, self.pool.width))
+        out = self._prefill(self._i32(list(tokens) + [0] * (self.chunk - n)), self._i32(pos), self._i32(table),
+                            self._i32([n - 1]), *self.cache, *self.params)  # fmt: skip
+        seq.length += n
         return out.numpy()
+
+    def decode(self, token: int, seq: Sequence | None = None) -> np.ndarray:
+        """Append one token to ``seq`` (default: the Engine's own); the logits for the next."""
+        return self.decode_batch([self.seq if seq is None else seq], [token])[0]
+
+    def decode_batch(self, seqs: list[Sequence], tokens: list[int]) -> np.ndarray:
+        """Append ``tokens[i]`` to ``seqs[i]`` for every ``i`` in one step per :attr:`batch_sizes` group (the
+        smallest compiled batch that holds them, padding rows writing nothing): each ternary matrix is read once
+        for the whole batch. The logits ``[len(seqs), V]``; a row equals what :meth:`decode` alone gives."""
+        tokens = [int(t) for t in tokens]
+        if len(seqs) != len(tokens) or not seqs:
+            raise ValueError(f"decode_batch needs one token per sequence; got {len(tokens)} for {len(seqs)}")
+        if len({id(s) for s in seqs}) != len(seqs):
+            raise ValueError("a sequence appears twice in one decode batch")
+        self._check(tokens)
+        for seq in seqs:
+            if seq.length >= self.ctx:
+                raise ValueError(f"the context of {self.ctx} tokens is full")
+        for seq in seqs:
+            self._grow(seq, seq.length + 1)
+        out, top = [], self.batch_sizes[-1]
+        for s in range(0, len(seqs), top):
+            part, toks = seqs[s : s + top], tokens[s : s + top]
+            B = next(b for b in self.batch_sizes if b >= len(part))
+            pos = np.full(B, -1, np.int32)
+            pos[: len(part)] = [q.length for q in part]
+            table = np.zeros((B, self.pool.width), np.int32)
+            for i, q in enumerate(part):
+                table[i] = q.table(self.pool.width)
+            logits = self._decode[B](self._i32(toks + [0] * (B - len(part))), self._i32(pos), self._i32(table),
+                                     *self.cache, *self.params)  # fmt: skip
+            out.append(logits.numpy()[: len(part)])
+            for q in part:
+                q.length += 1
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     def _check(self, tokens: list[int]) -> None:
         bad = [t for t in tokens if not 0 <= t < self.vocab]
