@@ -1,16 +1,23 @@
 """CUDA twins of the graph kernels that :mod:`compiler.graph_kernels` writes as loop nests (no TE blocks, so no
-schedule rule applies): causal GQA attention over the cache, and the LM head (the KV-cache write takes ``gpu=True``
-in :func:`compiler.graph_kernels.kv_update`).
+schedule rule applies): causal GQA attention over the paged KV cache, the batched LM head, and the fused
+RMSNorm+quantize and mHC site kernels (the KV-cache write takes ``gpu=True`` in
+:func:`compiler.graph_kernels.kv_update`).
 
-Same maths and buffers as the CPU versions (float32; attention's scratch ``sc``/``st`` outputs are used the same
-way), with explicit thread bindings:
+Same arguments, maths and buffers as the CPU versions (float32; attention's scratch ``sc``/``st`` outputs are used
+the same way), with explicit thread bindings. A row's result never depends on the other rows or on the batch size:
+each output is summed by one thread (or one block) in an order fixed by the shapes of that row alone, so a
+sequence's greedy tokens are the same alone (``decode_b1``) or in any batch (``decode_b{B}``).
 
-* ``attention``: one block per (token, query head), ``hd`` threads. Scores are computed a key per thread (strided),
-  the max and the denominator are reduced by every thread over the block's scores (``__syncthreads`` between
-  phases; ``n ≤ ctx`` adds each), then thread ``i`` produces output column ``i`` (coalesced over ``i``).
-* ``lm_head``: on the GPU the head is stored untransposed (``[V, D]``) and is a plain TE GEMV.
+* ``attention``: one CUDA block per (row, query head), ``hd`` threads, in phases separated by block barriers:
+  scores (a key per thread, strided; the dot product over ``hd`` in order), the max (thread 0), ``exp`` (a key per
+  thread), then thread ``i`` sums output column ``i`` over the keys in order (coalesced over ``i``). Each phase is
+  its own thread loop, so ``gpu=False`` turns the bindings into serial loops that run the phases one after another:
+  the same kernel, runnable on the CPU (``tests/test_cuda_batch.py`` checks it there).
+* ``lm_head``: a thread per head row ``v``, which streams ``E[v]`` once (8 elements per step, one 16-byte load in
+  float16) and keeps all ``B`` rows' sums in registers: each head row is read once for the whole batch, and each
+  logit is one FMA chain over ``d = 0 .. D-1`` whatever ``B`` is.
 
-    python -c "from compiler.graph_kernels_gpu import attention; print(attention(1, 8, 4, 64, 1024).script())"
+    python -c "from compiler.graph_kernels_gpu import attention; print(attention(2, 8, 4, 64, 1024, 16).script())"
 """
 
 from __future__ import annotations
@@ -18,65 +25,123 @@ from __future__ import annotations
 import math
 
 
-def attention(T: int, H: int, Hkv: int, hd: int, ctx: int):
+def _bindings(gpu: bool):
+    """(blocks, threads) loop constructors: CUDA thread bindings, or serial loops (``gpu=False``: a CPU twin)."""
     from tvm.script import tirx as Tx
+
+    if not gpu:
+        return Tx.serial, Tx.serial
+    return (lambda n: Tx.thread_binding(n, thread="blockIdx.x")), (lambda n: Tx.thread_binding(n, thread="threadIdx.x"))
+
+
+def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = True):
+    """Causal GQA softmax attention of ``q [T, H, hd]`` over the paged cache ``kc, vc [n_blocks, Hkv, block, hd]``
+    → ``o [T, H·hd]``, as :func:`compiler.graph_kernels.attention` (same parameters): row ``t`` reads its sequence's
+    keys ``0 .. pos[t]`` through ``table[t]``; a padding row (``pos < 0``) outputs zeros. ``gpu=False``: the same
+    body with serial loops instead of thread bindings (runs on the CPU)."""
+    from tvm.script import tirx as Tx
+
+    from compiler.graph_kernels import table_width
 
     g = H // Hkv
     scale = 1.0 / math.sqrt(hd)
     TH = T * H
+    W = table_width(ctx, block)
+    blocks, threads = _bindings(gpu)
+    sync = (lambda: Tx.tvm_storage_sync("shared")) if gpu else (lambda: Tx.evaluate(0))
 
     @Tx.prim_func
     def attn(
         q: Tx.Buffer((T, H, hd), "float32"),
-        kc: Tx.Buffer((Hkv, ctx, hd), "float32"),
-        vc: Tx.Buffer((Hkv, ctx, hd), "float32"),
-        pos: Tx.Buffer((1,), "int32"),
+        kc_h: Tx.handle,
+        vc_h: Tx.handle,
+        pos: Tx.Buffer((T,), "int32"),
+        table: Tx.Buffer((T, W), "int32"),
         o: Tx.Buffer((T, H * hd), "float32"),
         sc: Tx.Buffer((TH, ctx), "float32"),
         st: Tx.Buffer((TH, 2), "float32"),
     ):
-        for th in Tx.thread_binding(TH, thread="blockIdx.x"):
-            for tx in Tx.thread_binding(hd, thread="threadIdx.x"):
-                acc = Tx.alloc_buffer((2,), "float32", scope="local")
-                n = Tx.min(pos[0] + th // H + 1, ctx)
-                kh = (th % H) // g
-                for jo in range((n + hd - 1) // hd):
+        nb = Tx.int64()
+        kc = Tx.match_buffer(kc_h, (nb, Hkv, block, hd), "float32")
+        vc = Tx.match_buffer(vc_h, (nb, Hkv, block, hd), "float32")
+        for th in blocks(TH):
+            for tx in threads(hd):  # scores: key j = jo·hd + tx, q·k over hd in order
+                acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                n = Tx.min(pos[th // H] + 1, ctx)
+                for jo in range((Tx.max(n, 0) + hd - 1) // hd):
                     if jo * hd + tx < n:
                         acc[0] = Tx.float32(0)
                         for i in range(hd):
-                            acc[0] = acc[0] + q[th // H, th % H, i] * kc[kh, jo * hd + tx, i]
+                            acc[0] = acc[0] + q[th // H, th % H, i] * kc[
+                                Tx.Cast("int64", table[th // H, (jo * hd + tx) // block]),
+                                (th % H) // g, (jo * hd + tx) % block, i]  # fmt: skip
                         sc[th, jo * hd + tx] = acc[0] * Tx.float32(scale)
-                Tx.tvm_storage_sync("shared")
-                acc[0] = sc[th, 0]
-                for j in range(n):
-                    acc[0] = Tx.max(acc[0], sc[th, j])
-                Tx.tvm_storage_sync("shared")
-                for jo in range((n + hd - 1) // hd):
+            sync()
+            for tx in threads(hd):  # the max, by thread 0
+                n = Tx.min(pos[th // H] + 1, ctx)
+                if tx == 0 and n > 0:
+                    st[th, 0] = sc[th, 0]
+                    for j in range(1, n):
+                        st[th, 0] = Tx.max(st[th, 0], sc[th, j])
+            sync()
+            for tx in threads(hd):  # exp(score - max), a key per thread
+                n = Tx.min(pos[th // H] + 1, ctx)
+                for jo in range((Tx.max(n, 0) + hd - 1) // hd):
                     if jo * hd + tx < n:
-                        sc[th, jo * hd + tx] = Tx.exp(sc[th, jo * hd + tx] - acc[0])
-                Tx.tvm_storage_sync("shared")
+                        sc[th, jo * hd + tx] = Tx.exp(sc[th, jo * hd + tx] - st[th, 0])
+            sync()
+            for tx in threads(hd):  # output column tx: Σ_j p_j · v_j[tx] / Σ_j p_j, keys in order
+                acc = Tx.alloc_buffer((2,), "float32", scope="local")
+                n = Tx.min(pos[th // H] + 1, ctx)
                 acc[0] = Tx.float32(0)
                 acc[1] = Tx.float32(0)
-                for j in range(n):
+                for j in range(Tx.max(n, 0)):
                     acc[0] = acc[0] + sc[th, j]
-                    acc[1] = acc[1] + sc[th, j] * vc[kh, j, tx]
-                o[th // H, (th % H) * hd + tx] = acc[1] / acc[0]
+                    acc[1] = acc[1] + sc[th, j] * vc[Tx.Cast("int64", table[th // H, j // block]), (th % H) // g,
+                                                      j % block, tx]  # fmt: skip
+                if n > 0:
+                    o[th // H, (th % H) * hd + tx] = acc[1] / acc[0]
+                else:
+                    o[th // H, (th % H) * hd + tx] = Tx.float32(0)
                 if tx == 0:
                     st[th, 1] = acc[0]
 
     return attn.without_attr("global_symbol")
 
 
-def lm_head(V: int, D: int, dtype: str = "float32"):
-    """``logits[v] = Σ_d W[v, d] · h[d]`` over the untransposed head ``W [V, D]`` (float16 kept as stored): a TE
-    GEMV, scheduled by :func:`schedules.cuda.rows` (a block per row, threads across ``d``, coalesced)."""
-    from tvm import te
+def lm_head(B: int, V: int, D: int, dtype: str = "float32", gpu: bool = True, threads: int = 128):
+    """``logits[b, v] = Σ_d h[b, d] · E[v, d]`` for ``B`` rows over the head as the GGUF stores it, ``E [V, D]``
+    (float16 kept as stored), as :func:`compiler.graph_kernels.lm_head`: a thread per head row ``v`` (``threads``
+    per CUDA block) streams ``E[v]`` once, 16 bytes at a time, and updates all ``B`` rows' sums (registers)
+    with each; every logit is one FMA chain over ``d`` in order, so it does not depend on ``B`` or the other rows.
+    ``gpu=False``: serial loops (runs on the CPU)."""
+    from tvm.script import tirx as Tx
 
-    h = te.placeholder((D,), "float32", name="h")
-    W = te.placeholder((V, D), dtype, name="W")
-    d = te.reduce_axis((0, D), name="d")
-    out = te.compute((V,), lambda v: te.sum(W[v, d].astype("float32") * h[d], axis=d), name="logits")
-    return te.create_prim_func([h, W, out]).without_attr("global_symbol")
+    step = 16 // (2 if dtype == "float16" else 4)  # elements per 16-byte load
+    if D % step:
+        raise ValueError(f"d_model {D} must be a multiple of the head's step {step}")
+    nblk = -(-V // threads)
+    blocks, thr = _bindings(gpu)
+
+    @Tx.prim_func
+    def head(h: Tx.Buffer((B, D), "float32"), E: Tx.Buffer((V, D), dtype), logits: Tx.Buffer((B, V), "float32")):
+        for bx in blocks(nblk):
+            for tx in thr(threads):
+                acc = Tx.alloc_buffer((B,), "float32", scope="local")
+                e = Tx.alloc_buffer((step,), dtype, scope="local")
+                if bx * threads + tx < V:
+                    for b in Tx.unroll(B):
+                        acc[b] = Tx.float32(0)
+                    for do in range(D // step):
+                        for k in Tx.vectorized(step):
+                            e[k] = E[bx * threads + tx, do * step + k]
+                        for k in Tx.unroll(step):
+                            for b in Tx.unroll(B):
+                                acc[b] = acc[b] + h[b, do * step + k] * Tx.Cast("float32", e[k])
+                    for b in Tx.unroll(B):
+                        logits[b, bx * threads + tx] = acc[b]
+
+    return head.without_attr("global_symbol")
 
 
 def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256):

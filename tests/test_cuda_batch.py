@@ -1,0 +1,165 @@
+"""Batched decode on CUDA without a GPU: the paged attention and the batched LM head of
+:mod:`compiler.graph_kernels_gpu` run on the CPU as their serial twins (``gpu=False``: the same loop body, thread
+bindings replaced by serial loops, the block barriers' phases run in order), against numpy and against themselves
+one row at a time (a row's result does not depend on the batch: bit-identical); the CUDA versions compile to one
+device kernel each; the shipped model builds for CUDA with every ``decode_b{B}``.
+
+Running the kernels needs a GPU: ``scripts/gpu_batch.sh`` checks greedy tokens alone against batched on the H200
+and times the batch sizes (``docs/runtime/cuda_batch.json``). Tests that compile CUDA need the toolkit (nvcc) and
+skip with a reason without it.
+
+    pytest tests/test_cuda_batch.py -q
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compiler import cuda_cross
+
+needs_nvcc = pytest.mark.skipif(not cuda_cross.available(), reason="no CUDA toolkit (nvcc + headers) on this machine")
+
+
+def _run_cpu(func, args):
+    """Compile a PrimFunc for this CPU and run it in place on numpy ``args``; the arrays after the call."""
+    import tvm
+
+    from targets import detect, get_target
+
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=get_target(detect()))
+    ts = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args]
+    ex["main"](*ts)
+    return [t.numpy() for t in ts]
+
+
+def _attention_cpu(T, H, Hkv, hd, ctx, block, q, kc, vc, pos, table):
+    from compiler.graph_kernels_gpu import attention
+
+    o = np.full((T, H * hd), np.nan, np.float32)  # every element must be written (padding rows: zeros)
+    sc = np.zeros((T * H, ctx), np.float32)
+    st = np.zeros((T * H, 2), np.float32)
+    return _run_cpu(attention(T, H, Hkv, hd, ctx, block, gpu=False), [q, kc, vc, pos, table, o, sc, st])[5]
+
+
+def _attention_reference(q, kc, vc, pos, table, block):
+    """float64 softmax attention of each row over its own sequence's keys 0..pos through its block table."""
+    T, H, hd = q.shape
+    g = H // kc.shape[1]
+    out = np.zeros((T, H * hd))
+    for t in range(T):
+        if pos[t] < 0:
+            continue
+        js = np.arange(pos[t] + 1)
+        K = kc[table[t, js // block], :, js % block].astype(np.float64)  # [n, Hkv, hd]
+        V = vc[table[t, js // block], :, js % block].astype(np.float64)
+        for h in range(H):
+            s = K[:, h // g] @ q[t, h] / math.sqrt(hd)
+            p = np.exp(s - s.max())
+            out[t, h * hd : (h + 1) * hd] = (p / p.sum()) @ V[:, h // g]
+    return out
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("H,Hkv,hd", [(4, 2, 16), (8, 8, 32)])
+def test_paged_attention_rows_do_not_depend_on_the_batch(H, Hkv, hd):
+    """Rows at their own positions, through their own (shuffled) block tables, with padding rows between: each row
+    equals the reference, is bit-identical to the same row run alone (T = 1), and a padding row is zeros."""
+    ctx, block, n_blocks = 80, 16, 23
+    W = -(-ctx // block)
+    rng = np.random.default_rng(H * hd)
+    kc = rng.standard_normal((n_blocks, Hkv, block, hd)).astype(np.float32)
+    vc = rng.standard_normal((n_blocks, Hkv, block, hd)).astype(np.float32)
+    pos = np.array([0, 37, -1, 79, 15, 16, -1], np.int32)  # block edges, a full context, padding
+    T = len(pos)
+    q = rng.standard_normal((T, H, hd)).astype(np.float32)
+    table = np.stack([rng.permutation(n_blocks)[:W] for _ in range(T)]).astype(np.int32)
+    o = _attention_cpu(T, H, Hkv, hd, ctx, block, q, kc, vc, pos, table)
+    np.testing.assert_allclose(o, _attention_reference(q, kc, vc, pos, table, block), rtol=1e-5, atol=1e-5)
+    assert not o[pos < 0].any()
+    for t in range(T):
+        alone = _attention_cpu(1, H, Hkv, hd, ctx, block, q[t : t + 1], kc, vc, pos[t : t + 1], table[t : t + 1])
+        np.testing.assert_array_equal(alone[0], o[t])
+
+
+@pytest.mark.build
+def test_paged_attention_reads_only_its_own_blocks():
+    """Blocks of other sequences (here: NaN) are never read, and neither are a row's table entries past its
+    position: a batch of sequences on disjoint blocks attends exactly as the reference."""
+    H, Hkv, hd, ctx, block = 4, 2, 16, 64, 16
+    rng = np.random.default_rng(1)
+    kc = np.full((12, Hkv, block, hd), np.nan, np.float32)
+    vc = np.full_like(kc, np.nan)
+    pos = np.array([20, 3], np.int32)
+    table = np.full((2, ctx // block), 11, np.int32)  # unused entries point at a NaN block
+    table[0, :2], table[1, :1] = [4, 7], [2]
+    for t, p in enumerate(pos):
+        for j in range(p + 1):
+            kc[table[t, j // block], :, j % block] = rng.standard_normal((Hkv, hd))
+            vc[table[t, j // block], :, j % block] = rng.standard_normal((Hkv, hd))
+    q = rng.standard_normal((2, H, hd)).astype(np.float32)
+    o = _attention_cpu(2, H, Hkv, hd, ctx, block, q, kc, vc, pos, table)
+    assert np.isfinite(o).all()
+    np.testing.assert_allclose(o, _attention_reference(q, kc, vc, pos, table, block), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_lm_head_rows_do_not_depend_on_the_batch(dtype):
+    """logits [B, V] == h @ E^T within float32 rounding, and each row bit-identical to B = 1 on that row alone;
+    V not a multiple of the kernel's thread block (the tail rows)."""
+    from compiler.graph_kernels_gpu import lm_head
+
+    B, V, D = 5, 333, 64
+    rng = np.random.default_rng(2)
+    E = rng.standard_normal((V, D)).astype(dtype)
+    h = rng.standard_normal((B, D)).astype(np.float32)
+    out = _run_cpu(lm_head(B, V, D, dtype, gpu=False), [h, E, np.full((B, V), np.nan, np.float32)])[2]
+    np.testing.assert_allclose(out, h.astype(np.float64) @ E.astype(np.float64).T, rtol=1e-4, atol=1e-4)
+    for b in range(B):
+        one = _run_cpu(lm_head(1, V, D, dtype, gpu=False), [h[b : b + 1], E, np.zeros((1, V), np.float32)])[2]
+        np.testing.assert_array_equal(one[0], out[b])
+    with pytest.raises(ValueError, match="multiple"):
+        lm_head(2, V, 60, "float16")
+
+
+@pytest.mark.build
+@needs_nvcc
+def test_cuda_attention_and_head_are_one_kernel_each():
+    """The CUDA versions: one kernel each; attention's phases are separated by block barriers (3), the head reads
+    its float16 rows with 16-byte loads and keeps the batch's sums in registers (no shared memory, no barrier)."""
+    import tvm
+
+    from compiler import schedule as S
+    from compiler.graph_kernels_gpu import attention, lm_head
+
+    def source(f):
+        return S.compile_mod(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), "cuda").mod.imports[0]
+
+    att = source(attention(4, 16, 4, 128, 2048, 16)).inspect_source()
+    assert att.count("__global__") == 2 and att.count("__syncthreads()") == 3
+    head = source(lm_head(8, 32000, 2048, "float16")).inspect_source()
+    assert head.count("__global__") == 2 and "uint4" in head and "__syncthreads" not in head
+
+
+@pytest.mark.build
+@needs_nvcc
+def test_shipped_model_builds_for_cuda_with_every_batch(tmp_path):
+    """models/small.gguf compiles for CUDA to device code with decode_b{B} for every CUDA batch size: the one-token
+    step keeps the tuned GEMVs, a batch runs the GEMM (N = B), and the head is the batched kernel."""
+    from compiler.build import build
+    from compiler.constants import CUDA_BATCH_SIZES
+
+    model = Path(__file__).resolve().parents[1] / "models" / "small.gguf"
+    r = build(model, "cuda", tmp_path / "cache", dump_ir=tmp_path / "ir")
+    assert r.compiled and r.meta["batch_sizes"] == list(CUDA_BATCH_SIZES) and r.meta["kv_block"] == 16
+    kernels = r.meta["kernels"]
+    assert all(s == "tuned" for k, s in kernels.items() if k.startswith("gemv_dp4a"))
+    assert {f"gemm_dp4a:N={b}" for b in CUDA_BATCH_SIZES if b > 1} <= {k.split(":M=")[0] for k in kernels}
+    assert b"__global__" not in r.so.read_bytes()  # cubin, not CUDA source
+    relax = (tmp_path / "ir" / "lower.relax.py").read_text()
+    for b in CUDA_BATCH_SIZES:
+        assert f"def decode_b{b}(" in relax and f"def lm_head_{b}(" in relax
