@@ -27,9 +27,9 @@ from train.sft import (
     SFTConfig,
     build_pairs,
     corpus_functions,
+    encode_pairs,
     encode_turn,
     eval_request,
-    export_gguf,
     inputs_and_labels,
     load_gguf_model,
     render_chat,
@@ -158,8 +158,8 @@ def test_loss_mask_covers_exactly_the_assistant_tokens():
     ids, n_prompt = encode_turn(tok, pair, CHAT_TEMPLATE)
     prompt = render_chat([{"role": "user", "content": pair["user"]}], CHAT_TEMPLATE)
     assert prompt == f"<|user|>\n{pair['user']}<|end|>\n<|assistant|>\n"
-    whole = render_chat([{"role": "user", "content": pair["user"]}, {"role": "assistant", "content": pair["assistant"]}],
-                        CHAT_TEMPLATE, add_generation_prompt=False)  # fmt: skip
+    turns = [{"role": "user", "content": pair["user"]}, {"role": "assistant", "content": pair["assistant"]}]
+    whole = render_chat(turns, CHAT_TEMPLATE, add_generation_prompt=False)
     assert whole.startswith(prompt + pair["assistant"] + END)
     x, y = inputs_and_labels(ids, n_prompt)
     assert len(x) == len(y) == len(ids) - 1 and (x == ids[:-1]).all()
@@ -167,6 +167,8 @@ def test_loss_mask_covers_exactly_the_assistant_tokens():
     assert (y[: n_prompt - 1] == IGNORE_INDEX).all() and (y[n_prompt - 1 :] != IGNORE_INDEX).all()
     assert tok.decode(scored.tolist(), skip_special_tokens=False) == pair["assistant"] + END
     assert tok.decode(ids[:n_prompt].tolist(), skip_special_tokens=False) == prompt
+    batched = encode_pairs(tok, [pair], CHAT_TEMPLATE, max_len=512, max_answer_tokens=512)
+    assert len(batched) == 1 and np.array_equal(batched[0][0], ids) and batched[0][1] == n_prompt
 
 
 @pytest.mark.unit

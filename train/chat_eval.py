@@ -127,7 +127,7 @@ class ChatEvalConfig:
     offset: int = 0  # first request of the seeded order (a dev slice: --offset 200)
     prompt_seed: int = 0
     max_new_tokens: int = 256
-    batch_size: int = 64  # requests generated together
+    batch_size: int = 100  # requests generated together
     bpb_tokens: int = 1_000_000  # held-out tokens for bits/byte (0: skip)
     seq_len: int = 512  # bits/byte windows
 
@@ -162,6 +162,7 @@ def _control_tokens(tok) -> set[str]:
 
 def evaluate_gguf(gguf: Path, manifest: Path, shards: Path | None, cfg: ChatEvalConfig, device: str,
                   workers: int = 0) -> dict:  # fmt: skip
+    functions = held_out_functions(manifest, cfg.n, cfg.offset, cfg.prompt_seed, workers)  # forks before CUDA starts
     model, gg = load_gguf_model(gguf)
     model.to(device)
     tok = hf_from_spec(gg.tokenizer)
@@ -170,7 +171,6 @@ def evaluate_gguf(gguf: Path, manifest: Path, shards: Path | None, cfg: ChatEval
     if shards is not None and cfg.bpb_tokens:
         ecfg = EvalConfig(seq_len=cfg.seq_len, max_tokens=cfg.bpb_tokens, batch_size=32)
         report |= loss_and_bpb(model, open_split(shards, "val"), token_byte_lengths(tok), ecfg)
-    functions = held_out_functions(manifest, cfg.n, cfg.offset, cfg.prompt_seed, workers)
     report |= chat_eval(model, tok, gg.tokenizer.chat_template, functions, cfg)
     return report
 

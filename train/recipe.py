@@ -1,10 +1,13 @@
-"""One recipe from nothing to a shipped model: corpus → tokenizer → shards → train → export → eval (→ dense baseline).
+"""One recipe from nothing to a shipped model: corpus → tokenizer → shards → train → export → eval (→ dense baseline)
+(→ SFT: with ``--sft-steps N``, instruction tuning of the exported model into ``sft/model.gguf``, chat-tuned, and its
+chat evaluation; see ``train.sft``).
 
 Every stage writes into ``--out`` and is skipped when its output already exists, so a recipe killed anywhere picks up
 where it stopped (training itself resumes from its checkpoint).
 
     python -m train.recipe --preset tiny --out runs/tiny-recipe              # CPU, minutes: the end-to-end check
     python -m train.recipe --preset small --out runs/small --steps 3000 --batch-size 128 --compile --variant both
+    python -m train.recipe --preset small --out runs/small --steps 3000 --batch-size 128 --compile --sft-steps 800
 """
 
 from __future__ import annotations
@@ -96,6 +99,22 @@ def run(args) -> dict:
             (out / f"eval_{name}.json").write_text(json.dumps(report, indent=2) + "\n")
             summary[f"eval_{name}"] = {k: report[k] for k in ("val_loss", "bits_per_byte")} | {
                 "validity_rate": report["code"]["validity_rate"]}  # fmt: skip
+    sft_steps = getattr(args, "sft_steps", 0)
+    if sft_steps and "ternary" in chosen and not (out / "sft" / "model.gguf").exists():
+        with _stage("sft", timings):
+            from train.chat_eval import ChatEvalConfig, evaluate_gguf
+            from train.sft import SFTConfig, train_sft
+
+            device = "cuda" if args.device == "cuda" else "cpu"
+            scfg = SFTConfig(gguf=str(out / "model.gguf"), out=str(out / "sft"), manifest=str(manifest),
+                             shards=str(shards), steps=sft_steps, seq_len=min(512, mcfg.max_seq_len),
+                             device=device)  # fmt: skip
+            sft = train_sft(scfg)
+            summary["sft"] = {k: sft[k] for k in ("turns", "turns_used", "last", "seconds")}
+            ccfg = ChatEvalConfig(n=args.eval_functions, bpb_tokens=args.eval_tokens, seq_len=args.seq_len)
+            report = evaluate_gguf(out / "sft" / "model.gguf", manifest, shards, ccfg, device)
+            (out / "sft" / "chat_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            summary["eval_sft"] = {k: report[k] for k in ("bits_per_byte", "pass_rate")}
     (out / f"summary_{args.variant}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -121,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-tokens", type=int, default=200_000)
     ap.add_argument("--eval-functions", type=int, default=100)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sft-steps", type=int, default=0, help="> 0: instruction-tune the exported model (train.sft)")
     print(json.dumps(run(ap.parse_args(argv)), indent=2))
 
 

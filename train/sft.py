@@ -23,7 +23,7 @@
 
 Standalone, from a shipped model (builds the corpus, the tokenizer file and shards in ``<out>/data`` if missing):
 
-    python -m train.sft --gguf models/small.gguf --out runs/sft --steps 600
+    python -m train.sft --gguf models/small.gguf --out runs/sft --steps 800
     python -m train.sft --gguf runs/tiny/model.gguf --out runs/tiny-sft --manifest runs/tiny/corpus/manifest.jsonl \
         --shards runs/tiny/shards --steps 20 --device cpu
 
@@ -42,7 +42,6 @@ import math
 import os
 import random
 import re
-import sys
 import textwrap
 import time
 from dataclasses import asdict, dataclass, fields
@@ -334,12 +333,18 @@ def inputs_and_labels(ids: np.ndarray, n_prompt: int) -> tuple[np.ndarray, np.nd
 
 
 def encode_pairs(tok, pairs: list[dict], template: str | None, max_len: int, max_answer_tokens: int) -> list[tuple]:
-    """``(ids, n_prompt)`` of every pair that fits ``max_len`` tokens and ``max_answer_tokens`` answer tokens."""
+    """``(ids, n_prompt)`` of every pair that fits ``max_len`` tokens and ``max_answer_tokens`` answer tokens (the same
+    tokens as :func:`encode_turn`, encoded in parallel batches)."""
     out = []
-    for pair in tqdm(pairs, desc="tokenizing pairs", unit="pair", disable=len(pairs) < 2000):
-        ids, n_prompt = encode_turn(tok, pair, template)
-        if len(ids) <= max_len + 1 and len(ids) - n_prompt <= max_answer_tokens:
-            out.append((ids, n_prompt))
+    for i in tqdm(range(0, len(pairs), 4096), desc="tokenizing turns", unit="batch", disable=len(pairs) < 4096):
+        chunk = pairs[i : i + 4096]
+        prompts = [render_chat([{"role": "user", "content": p["user"]}], template) for p in chunk]
+        p_ids = tok.encode_batch(prompts, add_special_tokens=False)
+        a_ids = tok.encode_batch([p["assistant"] + END for p in chunk], add_special_tokens=False)
+        for p, a in zip(p_ids, a_ids, strict=True):
+            ids = p.ids + a.ids
+            if len(ids) <= max_len + 1 and len(a.ids) <= max_answer_tokens:
+                out.append((np.asarray(ids, np.int64), len(p.ids)))
     return out
 
 
@@ -399,12 +404,12 @@ class SFTConfig:
     shards: str = ""  # token shards made with the GGUF's tokenizer; empty: build them in <out>/data
     roots: str = "stdlib,site-packages"  # corpus roots when building one
     plain_mb: float = 48.0  # MB of the train split tokenized for plain batches when building shards
-    steps: int = 600
-    batch_size: int = 32  # chat turns per step
+    steps: int = 800
+    batch_size: int = 64  # chat turns per step
     plain_batch_size: int = 16  # plain pretraining windows per step (0: none)
     plain_weight: float = 1.0  # weight of the plain loss next to the chat loss
     seq_len: int = 512  # plain windows; chat turns longer than this are dropped
-    max_answer_tokens: int = 240
+    max_answer_tokens: int = 200
     named_frac: float = 0.8  # requests that name the function (the rest describe it only)
     complete_frac: float = 0.15  # "complete this code" turns
     lr_matrix: float = 0.004  # Muon (ternary matrices' master weights)
@@ -414,6 +419,7 @@ class SFTConfig:
     grad_clip: float = 1.0
     seed: int = 0
     workers: int = 0  # processes that parse the corpus (0: one per core, at most 16)
+    prepare_only: int = 0  # 1: build the corpus and shards in <out>/data, then stop (other runs can share them)
     log_every: int = 25
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -450,6 +456,8 @@ def train_sft(cfg: SFTConfig, progress: bool = True) -> dict:
     manifest, shards = prepare_data(gg, out / "data", Path(cfg.manifest) if cfg.manifest else None,
                                     Path(cfg.shards) if cfg.shards else None, tuple(cfg.roots.split(",")),
                                     cfg.plain_mb, cfg.seed)  # fmt: skip
+    if cfg.prepare_only:
+        return {"manifest": str(manifest), "shards": str(shards)}
     train_files = [f for f in read_manifest(manifest) if f.split == "train"]
     functions = corpus_functions(train_files, cfg.workers)
     pairs = build_pairs(functions, cfg.seed, cfg.named_frac, cfg.complete_frac)
@@ -538,4 +546,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
