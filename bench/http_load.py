@@ -659,6 +659,10 @@ async def measure(cfg: LoadConfig, url: str, log=print) -> tuple[str, list[dict]
                 bad = Counter(r.error for r in recs if r.error)
                 if bad:
                     log(f"warm-up at concurrency {c}: errors {dict(bad)}")
+        for c in cfg.concurrency:
+            n = cfg.requests_for(c)
+            if n is not None and n < c:
+                log(f"concurrency {c} with {n} requests per level: only {n} clients will be busy")
         runs: dict[int, list[dict]] = {c: [] for c in cfg.concurrency}
         for rep in range(cfg.repeats):
             for c in cfg.concurrency:
@@ -706,6 +710,26 @@ def _openai_version() -> str:
     return openai.__version__
 
 
+def isa_summary(isa: list[str]) -> str:
+    """``avx512+vnni+vbmi``-like: the widest vector ISA and its integer dot-product extensions."""
+    base = "avx512" if "avx512f" in isa else "avx2" if "avx2" in isa else "no avx2"
+    ext = [x for x in ("vnni", "vbmi") if f"avx512_{x}" in isa] if base == "avx512" else []
+    if base == "avx2" and "avx_vnni" in isa:
+        ext = ["vnni"]
+    return "+".join([base, *ext])
+
+
+def rounded(obj, digits: int = 4):
+    """``obj`` with every float rounded to ``digits`` decimals (the JSON stays readable)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
 def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -715,7 +739,7 @@ def table(doc: dict) -> str:
     cols = [("agg tok/s", "aggregate_tok_s"), ("stream tok/s", "per_stream_tok_s"), ("TTFT p50", "ttft_p50_ms"),
             ("TTFT p99", "ttft_p99_ms"), ("TBT p50", "tbt_p50_ms"), ("TBT p99", "tbt_p99_ms")]  # fmt: skip
     m, c = doc["machine"], doc["config"]
-    lines = [f"{m['cpu']} ({m['cores_usable']} cores; {', '.join(m['isa'][-3:])}); {doc['model']} via "
+    lines = [f"{m['cpu']} ({m['cores_usable']} cores, {isa_summary(m['isa'])}); {doc['model']} via "
              f"{c['endpoint']}, max_tokens {c['max_tokens']}, temperature {c['temperature']:g}, {c['repeats']} "
              f"repeat(s): median [min-max], times in ms"]  # fmt: skip
     rows = [["conc", "reqs", *(h for h, _ in cols), "errors", "ended", "finish"]]
@@ -761,7 +785,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, argparse.Name
     src.add_argument("--url", help="a running server's API base, http://127.0.0.1:PORT/v1 (loopback only)")
     src.add_argument("--model", help="start runtime.serve with this GGUF on a free loopback port")
     p.add_argument("--threads", type=int, default=None, help="the started server's --threads (default: its own)")
-    p.add_argument("--server-args", default="", help="more arguments for the started server, one shell string")
+    p.add_argument(
+        "--server-args",
+        default="",
+        help='more arguments for the started server, one shell string: --server-args="--max-batch 8"',
+    )
     p.add_argument("--api-key", default="x", help="Bearer key (sent to a started server too unless 'x')")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     p.add_argument("--concurrency", type=_levels, default=(1, 4, 16), help="levels, e.g. 1,4,16; each is a phase")
@@ -806,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=1) + "\n")
+        out.write_text(json.dumps(rounded(doc), indent=1) + "\n")
         print(f"wrote {out}")
     if not doc["ok"]:
         print("errors, 5xx or streams that did not end properly: see the table", file=sys.stderr)
