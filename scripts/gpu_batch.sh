@@ -8,7 +8,8 @@
 #   2. speed: Engine.decode_batch at concurrency 1, 2, 4, ..., 64 (a greedy step: decode_batch + argmax per
 #      sequence), interleaved over $RUNS rounds; aggregate and per-stream decode tokens/s, median with min/max;
 #      also the module's own step time (the compiled decode_b{B} called back to back, one device sync).
-# JSON: $OUT/cuda_batch.json (committed as docs/runtime/cuda_batch.json).
+# JSON: $OUT/cuda_batch.json (committed as docs/runtime/cuda_batch.json). Every entry under $ENTRIES (default
+# .gpu/batch) is measured: <model>[_<variant>], model small or nano1b (the variant names another build of it).
 # Build machine first:
 #   bash scripts/gpu_runtime_bundle.sh
 #   python -m compiler.build --model models/small.gguf --target cuda         → model.so + meta.json to .gpu/batch/small
@@ -25,11 +26,14 @@ if [ "${NO_GPU:-0}" != 1 ]; then
   ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt"
 fi
-[ -f /tmp/nano1b.gguf ] || python3 -m model.random_model --preset nano-1b --out /tmp/nano1b.gguf > /dev/null
-for e in small nano1b; do
-  g=models/small.gguf; [ $e = nano1b ] && g=/tmp/nano1b.gguf
-  [ -f "$ENTRIES/$e/model.so" ] && [ ! -f "$ENTRIES/$e/params.npz" ] &&
-    python3 -m compiler.build --model $g --target cuda --repack-into "$ENTRIES/$e" > /dev/null
+ls "$ENTRIES"/nano1b*/model.so >/dev/null 2>&1 && [ ! -f /tmp/nano1b.gguf ] &&
+  python3 -m model.random_model --preset nano-1b --out /tmp/nano1b.gguf > /dev/null
+for d in "$ENTRIES"/*/; do  # entries <model>[_<variant>]: the weights are repacked once per model, then linked
+  e=$(basename "$d"); m=${e%%_*}; g=models/small.gguf; [ "$m" = nano1b ] && g=/tmp/nano1b.gguf
+  [ -f "$d/model.so" ] && [ ! -f "$d/params.npz" ] || continue
+  src=$(ls "$ENTRIES/$m"*/params.npz 2>/dev/null | head -1)
+  if [ -n "$src" ]; then ln -f "$src" "$d/params.npz"
+  else python3 -m compiler.build --model $g --target cuda --repack-into "$d" > /dev/null; fi
 done
 python3 - "$ENTRIES" "$OUT" <<'PY'
 import json, os, statistics, sys, time
@@ -44,8 +48,9 @@ entries, out = Path(sys.argv[1]), Path(sys.argv[2])
 CONC = [int(c) for c in os.environ.get("CONCURRENCY", "1,2,4,8,16,32,64").split(",")]
 RUNS, STEPS, WARM, PROMPT = (int(os.environ.get(k, d)) for k, d in
                              (("RUNS", 5), ("STEPS", 64), ("WARM", 4), ("PROMPT", 16)))
-MODELS = [m for m in os.environ.get("MODELS", "small,nano1b").split(",") if (entries / m / "model.so").exists()]
-GGUF = {"small": "models/small.gguf", "nano1b": "/tmp/nano1b.gguf"}
+MODELS = os.environ.get("MODELS", "").split(",") if os.environ.get("MODELS") else \
+    sorted(d.name for d in entries.iterdir() if (d / "model.so").exists())
+GGUF = {"small": "models/small.gguf", "nano1b": "/tmp/nano1b.gguf"}  # by the entry name's model part
 
 
 def sync(eng):
@@ -154,7 +159,7 @@ result = {"command": os.environ.get("BATCH_COMMAND", "bash scripts/gpu_batch.sh"
                     "decode_b{B} called back to back on fixed inputs (no sampling, no logits copy), one device sync",
           "models": {}}
 for m in MODELS:
-    eng = Engine(entries / m, GGUF[m], kv_tokens=64 * 256)
+    eng = Engine(entries / m, GGUF[m.split("_")[0]], kv_tokens=64 * 256)
     meta = eng.meta
     r = {"entry_key": meta["key"], "batch_sizes": meta["batch_sizes"], "exactness": exactness(eng)}
     print(m, "exactness", r["exactness"], flush=True)
