@@ -26,6 +26,10 @@ Figures per run of a level (:func:`summarize_level`):
   ended). Tokens are the server's ``usage.completion_tokens`` from the stream's last chunk (``runtime.serve`` always
   sends it; ``stream_options={"include_usage": true}`` is sent too, for other servers); a stream without usage
   counts its text chunks (``token_count`` says which).
+* ``steady_tok_s``: the same over only the span when every client had a request in flight (from the last client's
+  first request to the first client's last answer; a stream's tokens spread evenly over its text chunks): the rate
+  at the full concurrency, without the ramp-up and the tail. None when the span is empty (fewer requests than
+  clients, or one request per client).
 * ``per_stream_tok_s``: the median over streams of (tokens − 1) / (last text chunk − first text chunk): the decode rate
   one user sees, time to first token excluded.
 * ``ttft_p50_ms`` / ``ttft_p99_ms``: request sent → first chunk with text (a chat stream's role-only first chunk does
@@ -97,8 +101,8 @@ MAX_REPEATS = 100
 START_TIMEOUT_S = 900.0  # a clean machine compiles the model on the server's first start
 STOP_TIMEOUT_S = 15.0
 WARMUP_MAX_TOKENS = 4
-FIGURES = ("aggregate_tok_s", "per_stream_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms", "tbt_p99_ms",
-           "e2e_p50_ms", "requests", "tokens", "wall_s", "client_cpu_s")  # fmt: skip
+FIGURES = ("aggregate_tok_s", "steady_tok_s", "per_stream_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms",
+           "tbt_p99_ms", "e2e_p50_ms", "requests", "tokens", "wall_s", "client_cpu_s")  # fmt: skip
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
              "avx512_vbmi", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8")  # fmt: skip
 
@@ -176,6 +180,7 @@ class StreamRecord:
     error: str | None = None  # the kind; None: no error
     detail: str = ""  # the error's message
     done: bool | None = None  # [DONE] seen (only the raw client knows; None: not checked)
+    client: int = 0  # which of the level's clients sent it
 
     @property
     def tokens(self) -> int:
@@ -230,6 +235,31 @@ def stream_rate(rec: StreamRecord) -> float | None:
     return (rec.tokens - 1) / span if span > 0 else None
 
 
+def steady_window(records: list[StreamRecord], concurrency: int) -> tuple[float, float] | None:
+    """The span during which every client had a request in flight: from the last client's first request to the
+    first client's last answer (None when some client sent nothing or the span is empty)."""
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    for r in records:
+        first[r.client] = min(first.get(r.client, math.inf), r.start)
+        last[r.client] = max(last.get(r.client, -math.inf), r.end if r.end is not None else r.start)
+    if len(first) < concurrency:
+        return None
+    lo, hi = max(first.values()), min(last.values())
+    return (lo, hi) if hi > lo else None
+
+
+def steady_rate(records: list[StreamRecord], concurrency: int) -> float | None:
+    """Tokens/s that arrived inside :func:`steady_window` (a stream's tokens spread evenly over its text chunks):
+    the aggregate at the full concurrency, without the ramp-up and the tail where clients run out of work."""
+    window = steady_window(records, concurrency)
+    if window is None:
+        return None
+    lo, hi = window
+    tokens = sum(r.tokens / len(r.arrivals) * sum(lo <= t <= hi for t in r.arrivals) for r in records if r.arrivals)
+    return tokens / (hi - lo)
+
+
 def _ms(x: float | None) -> float | None:
     return None if x is None else x * 1e3
 
@@ -256,6 +286,7 @@ def summarize_level(records: list[StreamRecord], wall_s: float, concurrency: int
         "token_count": "usage" if kinds == {True} else "chunks" if kinds == {False} else "mixed",
         "wall_s": wall_s,
         "aggregate_tok_s": tokens / wall_s if wall_s > 0 else None,
+        "steady_tok_s": steady_rate(records, concurrency),
         "per_stream_tok_s": statistics.median(rates) if rates else None,
         "ttft_p50_ms": _ms(percentile(firsts, 50)),
         "ttft_p99_ms": _ms(percentile(firsts, 99)),
@@ -301,6 +332,10 @@ def combine_runs(runs: list[dict]) -> dict:
 
 
 # --- SSE -------------------------------------------------------------------------------------------------------------
+class ServerError(RuntimeError):
+    """The server did not start or did not become ready."""
+
+
 class SSEError(ValueError):
     """The stream broke the ``data: ...`` + blank line framing."""
 
@@ -464,19 +499,19 @@ async def run_level(read, cfg: LoadConfig, model: str, concurrency: int, max_tok
     t0 = time.perf_counter()
     deadline = t0 + duration_s if duration_s is not None else math.inf
 
-    async def client() -> None:
+    async def client(k: int) -> None:
         nonlocal sent
         while (requests is None or sent < requests) and time.perf_counter() < deadline:
             i, sent = sent, sent + 1
             body = request_body(cfg, model, i)
             if max_tokens is not None:
                 body["max_tokens"] = max_tokens
-            rec = StreamRecord(time.perf_counter())
+            rec = StreamRecord(time.perf_counter(), client=k)
             records.append(rec)
             await _timed(rec, read(rec, body))
 
     limit = cfg.level_timeout_s + (duration_s or 0)
-    tasks = [asyncio.ensure_future(client()) for _ in range(concurrency)]
+    tasks = [asyncio.ensure_future(client(k)) for k in range(concurrency)]
     _, late = await asyncio.wait(tasks, timeout=limit)
     for task in late:
         task.cancel()
@@ -512,18 +547,18 @@ def _root(url: str) -> str:
 
 
 def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``/health`` until 200; raises RuntimeError when the process exits or the time runs out."""
+    """Poll ``/health`` until 200; raises :class:`ServerError` when the process exits or the time runs out."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"runtime.serve exited with {proc.returncode}")
+            raise ServerError(f"runtime.serve exited with {proc.returncode}")
         with contextlib.suppress(httpx.TransportError):
             if httpx.get(_root(url) + "/health", timeout=5).status_code == 200:
                 return
         time.sleep(0.1)
-    raise RuntimeError(f"{url}: /health did not answer 200 within {timeout_s:g} s")
+    raise ServerError(f"{url}: /health did not answer 200 within {timeout_s:g} s")
 
 
 def server_command(cfg: LoadConfig, port: int) -> list[str]:
@@ -736,8 +771,9 @@ def _fmt(x: float | None, digits: int = 1) -> str:
 
 def table(doc: dict) -> str:
     """The levels as a text table: each figure's median [min–max] over the repeats."""
-    cols = [("agg tok/s", "aggregate_tok_s"), ("stream tok/s", "per_stream_tok_s"), ("TTFT p50", "ttft_p50_ms"),
-            ("TTFT p99", "ttft_p99_ms"), ("TBT p50", "tbt_p50_ms"), ("TBT p99", "tbt_p99_ms")]  # fmt: skip
+    cols = [("agg tok/s", "aggregate_tok_s"), ("steady tok/s", "steady_tok_s"), ("stream tok/s", "per_stream_tok_s"),
+            ("TTFT p50", "ttft_p50_ms"), ("TTFT p99", "ttft_p99_ms"), ("TBT p50", "tbt_p50_ms"),
+            ("TBT p99", "tbt_p99_ms")]  # fmt: skip
     m, c = doc["machine"], doc["config"]
     lines = [f"{m['cpu']} ({m['cores_usable']} cores, {isa_summary(m['isa'])}); {doc['model']} via "
              f"{c['endpoint']}, max_tokens {c['max_tokens']}, temperature {c['temperature']:g}, {c['repeats']} "
@@ -829,7 +865,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, argparse.Name
 
 def main(argv: list[str] | None = None) -> int:
     cfg, a = parse_args(argv)
-    doc = run(cfg, argv, log=lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        doc = run(cfg, argv, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except ServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(table(doc))
     if a.out:
         out = Path(a.out)

@@ -89,6 +89,20 @@ def test_level_summary_on_synthetic_streams():
 
 
 @pytest.mark.unit
+def test_steady_rate_counts_only_while_every_client_is_busy():
+    a = rec(0, list(range(1, 11)), tokens=10, client=0)  # client 0: two requests back to back
+    b = rec(10.001, list(range(11, 16)), tokens=5, client=0)
+    c = rec(2, list(range(3, 21)), tokens=36, client=1)  # client 1 starts late, ends late; two tokens a chunk
+    lo, hi = hl.steady_window([a, b, c], 2)
+    assert (lo, hi) == (2, pytest.approx(15.001))  # client 1's first request → client 0's last answer
+    # inside: a's chunks 2..10 (9 tokens), all of b (5), c's chunks 3..15 (13 chunks × 2 tokens)
+    assert hl.steady_rate([a, b, c], 2) == pytest.approx((9 + 5 + 26) / 13.001)
+    assert hl.steady_rate([a, b, c], 3) is None  # a client that sent nothing: never all busy
+    assert hl.steady_rate([rec(0, [1, 2], tokens=2, client=0), rec(5, [6], tokens=1, client=1)], 2) is None
+    assert hl.summarize_level([a, b, c], 20.0, 2)["steady_tok_s"] == pytest.approx(40 / 13.001)
+
+
+@pytest.mark.unit
 def test_empty_level_and_streams_done():
     s = hl.summarize_level([], wall_s=0.0, concurrency=1)
     assert s["requests"] == 0 and s["aggregate_tok_s"] is None and s["ttft_p50_ms"] is None and s["all_ended"]
@@ -239,6 +253,7 @@ def test_run_level_sends_the_budget_at_the_concurrency():
     assert wall >= 3 * 3 * 0.002  # 7 requests over 3 clients: 3 rounds of 3 chunks
     s = hl.summarize_level(recs, wall, 3)
     assert s["tokens"] == 21 and s["aggregate_tok_s"] == pytest.approx(21 / wall)
+    assert sorted({r.client for r in recs}) == [0, 1, 2] and s["steady_tok_s"] > 0
 
 
 @pytest.mark.unit
