@@ -8,7 +8,8 @@
 
 The server: with ``--model`` this starts ``python -m runtime.serve`` itself (``--threads``, ``--server-args "..."``)
 on a free loopback port with ``--metrics``, waits until ``/health`` answers 200 (``--start-timeout``: the first start
-compiles the model) and stops it at the end; with ``--url`` it talks to a running server. Loopback only: a URL whose
+compiles the model; a server that exits or does not become ready is one error line and its log's tail) and stops it
+at the end; with ``--url`` it talks to a running server. Loopback only: a URL whose
 host is not ``127.0.0.1``, ``localhost`` or ``::1`` is refused.
 
 Each concurrency level of ``--concurrency`` is a phase: that many clients send streaming requests back to back until
@@ -99,6 +100,7 @@ MAX_REQUESTS = 100_000
 MAX_DURATION_S = 3600.0
 MAX_REPEATS = 100
 START_TIMEOUT_S = 900.0  # a clean machine compiles the model on the server's first start
+URL_WAIT_S = 30.0  # for --url: a server that is still loading gets this long to answer /health 200
 STOP_TIMEOUT_S = 15.0
 WARMUP_MAX_TOKENS = 4
 FIGURES = ("aggregate_tok_s", "steady_tok_s", "per_stream_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms",
@@ -127,7 +129,7 @@ class LoadConfig:
     warmup: int = 1  # bursts of `c` short requests per level before the measured runs
     timeout_s: float = 300.0  # one request
     level_timeout_s: float = 900.0  # one run of one level
-    start_timeout_s: float = START_TIMEOUT_S
+    start_timeout_s: float | None = None  # None: START_TIMEOUT_S for a server this starts, URL_WAIT_S for --url
     compare_inprocess: bool = False
 
     def requests_for(self, concurrency: int) -> int | None:
@@ -135,6 +137,13 @@ class LoadConfig:
         if self.requests is not None:
             return self.requests
         return None if self.duration_s is not None else 4 * concurrency
+
+    @property
+    def wait_s(self) -> float:
+        """How long to wait for ``/health`` to answer 200."""
+        if self.start_timeout_s is not None:
+            return self.start_timeout_s
+        return URL_WAIT_S if self.url is not None else START_TIMEOUT_S
 
     def check(self) -> None:
         """Raises ValueError naming the first out-of-range setting."""
@@ -156,7 +165,7 @@ class LoadConfig:
             raise ValueError("--max-tokens must be ≥ 1 and --warmup ≥ 0")
         if not 0 <= self.temperature <= 2:
             raise ValueError(f"--temperature {self.temperature}: expected 0..2")
-        if not all(t > 0 and math.isfinite(t) for t in (self.timeout_s, self.level_timeout_s, self.start_timeout_s)):
+        if not all(t > 0 and math.isfinite(t) for t in (self.timeout_s, self.level_timeout_s, self.wait_s)):
             raise ValueError("--timeout, --level-timeout and --start-timeout must be positive")
         if not self.prompts:
             raise ValueError("no prompts")
@@ -577,7 +586,7 @@ def server_command(cfg: LoadConfig, port: int) -> list[str]:
 def serving(cfg: LoadConfig, info: dict) -> Iterator[str]:
     """The API base URL: ``cfg.url`` once ready, or a ``runtime.serve`` this starts (and stops on the way out)."""
     if cfg.url is not None:
-        wait_ready(cfg.url, cfg.start_timeout_s)
+        wait_ready(cfg.url, cfg.wait_s)
         yield cfg.url.rstrip("/")
         return
     port = free_port()
@@ -591,7 +600,7 @@ def serving(cfg: LoadConfig, info: dict) -> Iterator[str]:
     try:
         url = f"http://127.0.0.1:{port}/v1"
         t0 = time.perf_counter()
-        wait_ready(url, cfg.start_timeout_s, proc)
+        wait_ready(url, cfg.wait_s, proc)
         info["start_s"] = time.perf_counter() - t0
         yield url
         ok = True
@@ -840,7 +849,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, argparse.Name
     p.add_argument("--warmup", type=int, default=1, help="unmeasured bursts of c short requests per level")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take")
     p.add_argument("--level-timeout", type=float, default=900.0, help="seconds one run of a level may take")
-    p.add_argument("--start-timeout", type=float, default=START_TIMEOUT_S, help="seconds to wait for /health")
+    p.add_argument("--start-timeout", type=float, default=None,
+                   help=f"seconds to wait for /health 200 (default: {START_TIMEOUT_S:g} for a server this starts, "
+                   f"{URL_WAIT_S:g} for --url)")  # fmt: skip
     p.add_argument(
         "--compare-inprocess",
         action="store_true",

@@ -405,6 +405,15 @@ def test_broken_streams_are_errors(fake_url):
     assert lv["errors"] == {"http_500": 1, "stream_error": 1} and lv["streams_done"] is None and not doc["ok"]
 
 
+@pytest.mark.e2e
+def test_a_server_that_does_not_start_is_one_error_line(capsys):
+    assert hl.main(["--model", "/dev/null", "--repeats", "1"]) == 2  # runtime.serve refuses it and exits
+    err = capsys.readouterr().err
+    assert "error: runtime.serve exited with 1" in err and "not a regular file" in err  # with the server's log
+    assert hl.main(["--url", f"http://127.0.0.1:{hl.free_port()}/v1", "--start-timeout", "0.5"]) == 2
+    assert "did not answer 200 within 0.5 s" in capsys.readouterr().err
+
+
 # --- the CLI against runtime.serve with the shipped model ------------------------------------------------------------
 @pytest.mark.e2e
 def test_cli_against_the_shipped_model(tmp_path):
