@@ -6,11 +6,11 @@
     python -m bench.http_load --model models/small.gguf --concurrency 1,2 --requests 2 --max-tokens 8 --repeats 1 \\
         --check-done
 
-The server: with ``--model`` this starts ``python -m runtime.serve`` itself (``--threads``, ``--server-args "..."``)
-on a free loopback port with ``--metrics``, waits until ``/health`` answers 200 (``--start-timeout``: the first start
-compiles the model; a server that exits or does not become ready is one error line and its log's tail) and stops it
-at the end; with ``--url`` it talks to a running server. Loopback only: a URL whose
-host is not ``127.0.0.1``, ``localhost`` or ``::1`` is refused.
+The server: with ``--model`` this starts ``python -m runtime.serve`` itself (``--threads``,
+``--server-args="--max-batch 8 --kv-tokens 8192"``) on a free loopback port with ``--metrics``, waits until
+``/health`` answers 200 (``--start-timeout``: the first start compiles the model; a server that exits or does not
+become ready is one error line and its log's tail) and stops it at the end; with ``--url`` it talks to a running
+server. Loopback only: a URL whose host is not ``127.0.0.1``, ``localhost`` or ``::1`` is refused.
 
 Each concurrency level of ``--concurrency`` is a phase: that many clients send streaming requests back to back until
 the level has sent ``--requests`` (default 4 per client) or ``--duration`` seconds have passed (whichever comes first
@@ -40,7 +40,8 @@ Figures per run of a level (:func:`summarize_level`):
 * ``e2e_p50_ms``, ``requests``, ``tokens``, ``wall_s``, ``client_cpu_s`` (this process's CPU time during the level:
   the load generator shares the machine with the server), ``errors`` by kind (``http_<status>``, ``timeout``,
   ``connection``, ``stream_error`` for an error event mid-stream, ``no_finish`` for a stream that ended without a
-  finish_reason, ``level_timeout``, or the exception's name), ``finish_reasons``, ``streams_ended`` (no error and a
+  finish_reason, ``level_timeout``, with ``--check-done`` also ``no_done`` and ``sse_framing``, or the exception's
+  name; a 5xx is an ``http_5..`` error), ``finish_reasons``, ``streams_ended`` (no error and a
   finish_reason) and, when the server has ``--metrics``, its own count of 5xx answers and of generated tokens during
   the level (``server``).
 
@@ -732,8 +733,10 @@ def run(cfg: LoadConfig, argv: list[str] | None = None, log=print) -> dict:
         model, levels = asyncio.run(measure(cfg, url, log))
     settings = dataclasses.asdict(cfg)
     settings["prompts"] = len(cfg.prompts)
+    settings["api_key"] = "***" if cfg.api_key != "x" else "x"
+    server["command"] = redact(server.get("command"))
     return {
-        "command": shlex.join(["python", "-m", "bench.http_load", *(sys.argv[1:] if argv is None else argv)]),
+        "command": redact(shlex.join(["python", "-m", "bench.http_load", *(sys.argv[1:] if argv is None else argv)])),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "git": git_commit(),
         "machine": machine(),
@@ -746,6 +749,13 @@ def run(cfg: LoadConfig, argv: list[str] | None = None, log=print) -> dict:
         "ok": all(lv["all_ended"] and not lv["errors"] and not lv["server_5xx"] for lv in levels),
         "levels": levels,
     }
+
+
+def redact(command: str | None) -> str | None:
+    """``command`` with the value of ``--api-key`` hidden (the JSON gets committed)."""
+    if command is None:
+        return None
+    return re.sub(r"(--api-key[= ])('[^']*'|\S+)", r"\1***", command)
 
 
 def _openai_version() -> str:

@@ -221,6 +221,15 @@ def test_arguments_and_prompts_file(tmp_path):
 
 
 @pytest.mark.unit
+def test_api_keys_stay_out_of_the_json():
+    assert (
+        hl.redact("python -m bench.http_load --api-key s3cret --url u")
+        == "python -m bench.http_load --api-key *** --url u"
+    )
+    assert hl.redact("x --api-key=s3cret") == "x --api-key=***" and hl.redact(None) is None
+
+
+@pytest.mark.unit
 def test_isa_summary():
     assert hl.isa_summary(["avx2", "avx512f", "avx512_vnni", "avx512_vbmi"]) == "avx512+vnni+vbmi"
     assert hl.isa_summary(["avx2", "avx_vnni"]) == "avx2+vnni" and hl.isa_summary([]) == "no avx2"
@@ -390,6 +399,7 @@ def test_both_clients_on_a_well_behaved_server(fake_url, endpoint, check_done):
     text = hl.table(doc)
     assert "agg tok/s" in text and len(text.splitlines()) == 2 + len(doc["levels"])
     json.dumps(hl.rounded(doc))
+    assert doc["config"]["api_key"] == "x"
 
 
 @pytest.mark.e2e
