@@ -32,13 +32,13 @@ import functools
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from model.sampling import Generation, SamplingParams, penalize  # Generation: re-exported
+from model.sampling import Generation, SamplingParams  # re-exported
+from runtime.decoding import TextStream, TokenPicker
 from runtime.healing import Heal, TokenTable, plan
 from runtime.kv_cache import BlockPool, CacheFull, Sequence
 from targets.cpu import check_flags
@@ -356,68 +356,32 @@ class Engine:
         if bad:
             raise ValueError(f"token ids out of range [0, {self.vocab}): {bad[:5]}")
 
+    def batcher(self, max_batch: int | None = None):
+        """A :class:`runtime.batch.Batcher` over this Engine (continuous batching)."""
+        from runtime.batch import Batcher
+
+        return Batcher(self, max_batch)
+
     # --- generation --------------------------------------------------------------------------------------------
     def generate_tokens(
         self, prompt: list[int], params: SamplingParams, result: Generation | None = None, heal: Heal | None = None
     ) -> Iterator[int]:
         """Yield generated ids; ``result`` (if given) gets the tokens, finish reason and timings. With ``heal`` (a
         :func:`runtime.healing.plan` of the prompt, of which ``prompt`` is the kept part) the first tokens are
-        constrained to spell ``heal.prefix`` again and ``max_new_tokens`` counts from the whole prompt (it grows by the
-        tokens backed off); stop strings are looked for in the text after ``heal.text``. Generation always stops at
-        :attr:`eog` tokens and never samples an unused token."""
+        constrained to spell ``heal.prefix`` again (:class:`runtime.decoding.TokenPicker`). Generation always stops
+        at :attr:`eog` tokens and never samples an unused token."""
         result = result if result is not None else Generation()
         if len(prompt) >= self.ctx:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {self.ctx}")
-        heal = heal if heal is not None and params.max_new_tokens > 0 else None
-        pending = heal.prefix if heal else b""  # healed bytes still to be spelled
-        result.healed, result.healed_tokens = (heal.text, heal.removed) if heal else ("", 0)
-        limit = params.max_new_tokens + result.healed_tokens
-        stop_ids = self.eog.union(params.stop_token_ids)
-        n_heal = 0  # generated tokens that (partly) spell the healed text
-        rng = np.random.default_rng(params.seed)
+        picker = TokenPicker(self, params, result, heal)
         self.reset()
-        t0 = time.perf_counter()
         logits = self.prefill(prompt)
-        t1 = None
-        while len(result.tokens) < limit:
-            if params.penalized:
-                logits = penalize(logits, result.tokens[n_heal:], params)
-            if self._never.size:
-                logits = np.array(logits, dtype=np.float32)  # a copy: the step's own array may be read-only
-                logits[self._never] = -np.inf
-            if pending:
-                logits = constrain(logits, self.token_table.allowed(pending))
-            tok = sample(logits, params, rng)
-            if t1 is None:
-                t1 = time.perf_counter()
-                result.prefill_s = t1 - t0
-            result.tokens.append(tok)
+        while not picker.done:
+            tok = picker.pick(logits, self.pos)
             yield tok
-            if pending:
-                pending, n_heal = self.token_table.advance(pending, tok), n_heal + 1
-            if tok in stop_ids:
-                result.finish_reason = "stop_token"
-                break
-            if params.stop_strings and self.tokenizer is not None and not pending:
-                # a stop string that the newest token completes lies in the last (its bytes + 1) tokens: decode
-                # only those (a whole-list decode per token made long generations quadratic); while the window
-                # reaches back to the healed text, decode from the start and drop it
-                window = max(len(s.encode()) for s in params.stop_strings) + 2
-                if len(result.tokens) - window < n_heal:
-                    text = self.detokenize(result.tokens)[len(result.healed) :]
-                else:
-                    text = self.detokenize(result.tokens[-window:])
-                if any(s in text for s in params.stop_strings):
-                    result.finish_reason = "stop_string"
-                    break
-            if self.pos >= self.ctx:
-                result.finish_reason = "context"
-                break
-            if len(result.tokens) >= limit:
+            if picker.done:
                 break
             logits = self.decode(tok)
-        if t1 is not None:
-            result.decode_s = time.perf_counter() - t1
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -440,40 +404,30 @@ class Engine:
         result: Generation | None = None,
         token_healing: bool | None = None,
     ) -> Iterator[str]:
-        """Yield the generated text in pieces; a piece never ends inside a UTF-8 character (an incomplete byte
-        sequence decodes to U+FFFD and is held back until the following tokens complete it). Stop strings are cut.
-        Decoding is incremental: only the tokens after the last character boundary are decoded each step.
-        Token healing (:mod:`runtime.healing`) is on unless ``token_healing`` (else a ``token_healing`` attribute of
-        ``params``, else the Engine's default) is False; the healed characters are not yielded again."""
+        """Yield the generated text in pieces (:class:`runtime.decoding.TextStream`: never inside a UTF-8
+        character, stop strings cut). Token healing (:mod:`runtime.healing`) is on unless ``token_healing`` (else a
+        ``token_healing`` attribute of ``params``, else the Engine's default) is False; the healed characters are
+        not yielded again."""
+        result = result if result is not None else Generation()
+        ids, heal = self.plan_prompt(prompt, params, token_healing)
+        text = TextStream(self, params, result)
+        for _ in self.generate_tokens(ids[: heal.keep] if heal else ids, params, result, heal):
+            piece = text.push()
+            if piece:
+                yield piece
+        piece = text.finish()
+        if piece:
+            yield piece
+
+    def plan_prompt(self, prompt: str, params: SamplingParams, token_healing: bool | None = None):
+        """The prompt's ids and its token-healing plan (None: healing off or nothing to heal), ``token_healing``
+        resolved as :meth:`stream_text` says."""
         if self.tokenizer is None:
             raise ValueError("no tokenizer: construct the Engine with the GGUF")
-        result = result if result is not None else Generation()
         for flag in (token_healing, getattr(params, "token_healing", None), self.token_healing):
             if flag is not None:
                 break
-        ids, heal = self.heal_plan(prompt, bool(flag) and params.max_new_tokens > 0)
-        emitted = text = ""
-        read = 0  # tokens[:read] decode to `text`, ending on a character boundary
-        held = max((len(s) for s in params.stop_strings), default=1) - 1
-        for _ in self.generate_tokens(ids[: heal.keep] if heal else ids, params, result, heal):
-            piece = self.detokenize(result.tokens[read:])  # byte-level BPE: text of tokens[:read] + this
-            if piece.endswith("\ufffd"):
-                continue
-            text, read = text + piece, len(result.tokens)
-            visible = text[len(result.healed) :]  # empty until the healed characters are spelled again
-            cut = _stop_cut(visible, params.stop_strings)
-            safe = visible[:cut] if cut is not None else visible[: len(visible) - held]  # hold back a stop's prefix
-            if len(safe) > len(emitted) and safe.startswith(emitted):
-                yield safe[len(emitted) :]
-                emitted = safe
-        text += self.detokenize(result.tokens[read:])
-        visible = text[len(result.healed) :]
-        cut = _stop_cut(visible, params.stop_strings)
-        final = visible[:cut] if cut is not None else visible.rstrip("\ufffd")
-        if len(final) > len(emitted) and final.startswith(emitted):
-            yield final[len(emitted) :]
-            emitted = final
-        result.text = emitted
+        return self.heal_plan(prompt, bool(flag) and params.max_new_tokens > 0)
 
     def generate(self, prompt: str, params: SamplingParams, token_healing: bool | None = None) -> Generation:
         result = Generation()
@@ -481,7 +435,3 @@ class Engine:
             pass
         return result
 
-
-def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
-    cuts = [text.find(s) for s in stops if s and s in text]
-    return min(cuts) if cuts else None

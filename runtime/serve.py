@@ -14,8 +14,12 @@ chat page (``runtime/static/chat.html``).
 The model loads (and compiles, on first use) on the generation thread that the app's lifespan starts, so the server
 answers ``/health`` at once; ``--jit-policy`` (``on``/``off``/``redo``/``readonly``,
 :func:`runtime.engine.ensure_built`) says when it compiles, and with ``off`` a model without a compiled module ends
-the server before it listens. Generation runs on that one thread (:mod:`runtime.worker`) behind a bounded queue
-(``--max-queue``; full → 429); a client that disconnects cancels its job within a token. Errors use OpenAI's shape
+the server before it listens. Generation runs on that one thread (:mod:`runtime.worker`) as continuous batching
+(:mod:`runtime.batch`): requests join and leave the running batch between steps, each step decodes a token for every
+running request at once (at most ``--max-batch``) and prefills one chunk of a new prompt; a request waits in a bounded
+queue (``--max-queue``; full → 429) until the batch has a slot and the KV cache (``--kv-tokens``) has room for its
+prompt + ``max_tokens``, so running requests never fail for lack of cache. A client that disconnects frees its slot
+within a step. ``/metrics`` shows running requests, queue depth, batch size and KV-cache occupancy. Errors use OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 invalid request (bad JSON, wrong types, out-of-range
 parameters, prompt + max_tokens over the context), 401 missing or wrong API key (``--api-key`` or
 ``$TERNARY_TVM_API_KEY``; ``/``, ``/health`` stay open), 404 unknown model or route, 413 body over ``--max-body-bytes``,
@@ -110,6 +114,8 @@ class ServeConfig:
     template_timeout_s: float = TIMEOUT_S
     read_timeout_s: float = READ_TIMEOUT_S
     jit_policy: str = "on"  # when the model is compiled: runtime.engine.ensure_built
+    max_batch: int | None = None  # requests decoded together (None: the largest compiled decode batch)
+    kv_tokens: int | None = None  # KV-cache capacity in tokens over all requests (None: the Engine's default)
 
     def __post_init__(self) -> None:
         self.model_id = self.model_id or Path(self.model).stem
@@ -139,7 +145,7 @@ class Backend:
         self.control_ids: tuple[int, ...] = ()  # every control token ends an assistant turn
         self.max_token_bytes = 0  # the longest token: a prompt over ctx × this many characters cannot fit
         self.chat_tuned = False  # the GGUF's training.chat_tuned: the chat page opens in chat mode only then
-        self.worker = Worker(self._load, config.max_queue, Stats())
+        self.worker = Worker(self._load, config.max_queue, Stats(), config.max_batch)
         self.renderer = Renderer(config.template_timeout_s)
         self._render_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chat-template")
         self._renders = 0  # renders running or waiting (at most max_queue + 1)
@@ -158,7 +164,8 @@ class Backend:
         self.eos_ids = (spec.eos_id,) if spec.eos_id is not None else ()
         self.eos_text = spec.tokens[spec.eos_id] if spec.eos_id is not None else ""
         self.control_ids = tuple(i for i, t in enumerate(spec.token_type) if t == TOKEN_CONTROL)
-        return Engine.from_gguf(c.model, c.target, c.cache_dir, c.threads or default_threads(), c.jit_policy)
+        return Engine.from_gguf(c.model, c.target, c.cache_dir, c.threads or default_threads(), c.jit_policy,
+                                kv_tokens=c.kv_tokens)  # fmt: skip
 
     def _load(self):
         engine = self._open()
@@ -446,7 +453,7 @@ def metrics_text(backend: Backend) -> str:
     with s.lock:
         reqs = {f'{{route="{r}",status="{c}"}}': n for (r, c), n in sorted(s.requests.items())}
         gens = {f'{{outcome="{o}"}}': n for o, n in sorted(s.generations.items())}
-        tps = s.completion_tokens / s.decode_seconds if s.decode_seconds > 0 else 0.0
+        tps = s.completion_tokens / s.busy_seconds if s.busy_seconds > 0 else 0.0
         metric("requests_total", "counter", "HTTP requests by route and status.", reqs)
         metric("generations_total", "counter", "Generations by outcome (finish reason, cancelled, error).", gens)
         metric("rejected_total", "counter", "Requests refused with 429 because the queue was full.", {"": s.rejected})
@@ -454,11 +461,18 @@ def metrics_text(backend: Backend) -> str:
         metric("completion_tokens_total", "counter", "Tokens generated.", {"": s.completion_tokens})
         metric("prompt_seconds_total", "counter", "Time spent in prefill.", {"": s.prompt_seconds})
         metric("decode_seconds_total", "counter", "Time spent decoding.", {"": s.decode_seconds})
-        metric("tokens_per_second", "gauge", "Generated tokens per decode second, since start.", {"": tps})
+        metric("tokens_per_second", "gauge", "Generated tokens per second of batch steps (all streams), since start.",
+               {"": tps})  # fmt: skip
         metric("last_decode_tokens_per_second", "gauge", "Decode tokens/s of the last generation.",
                {"": s.last_decode_tps})  # fmt: skip
-        metric("queue_depth", "gauge", "Requests waiting for the generation thread.", {"": w.depth})
-        metric("requests_processing", "gauge", "Requests being generated (0 or 1).", {"": s.busy})
+        metric("queue_depth", "gauge", "Requests waiting for a batch slot or KV-cache blocks.", {"": w.depth})
+        metric("requests_processing", "gauge", "Requests in the running batch.", {"": s.running})
+        metric("batch_size", "gauge", "Sequences decoded by the last batch step.", {"": s.batch})
+        metric("kv_cache_blocks", "gauge", "KV-cache blocks (of the engine's block size in tokens).",
+               {"": s.cache_blocks})  # fmt: skip
+        metric("kv_cache_used_blocks", "gauge", "KV-cache blocks held by running requests.", {"": s.cache_used})
+        metric("kv_cache_occupancy", "gauge", "Fraction of the KV cache held by running requests.",
+               {"": s.cache_used / s.cache_blocks if s.cache_blocks else 0.0})  # fmt: skip
         metric("model_loaded", "gauge", "1 once the model is ready.", {"": float(w.state == "ready")})
     return "\n".join(lines) + "\n"
 
@@ -673,6 +687,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="require 'Authorization: Bearer KEY' (default: $TERNARY_TVM_API_KEY; none: open)")  # fmt: skip
     ap.add_argument("--model-id", default="", help="the model's name in the API (default: the GGUF's file stem)")
     ap.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests that may wait; more get 429")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="requests decoded together, each step (default: the largest compiled batch, 16 on CPU)")
+    ap.add_argument("--kv-tokens", type=int, default=None,
+                    help="KV-cache capacity in tokens, over all running requests (default: 4 contexts); a request "
+                    "waits until its prompt + max_tokens fit")  # fmt: skip
     ap.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     ap.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
     ap.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the GGUF's")
@@ -704,6 +723,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --port {a.port}: expected 0..65535")
     if a.max_queue < 1 or a.max_body_bytes < 1:
         raise SystemExit("error: --max-queue and --max-body-bytes must be positive")
+    if a.max_batch is not None and not 1 <= a.max_batch <= 4096:
+        raise SystemExit(f"error: --max-batch {a.max_batch}: expected 1..4096")
+    if a.kv_tokens is not None and not 1 <= a.kv_tokens <= 1 << 24:
+        raise SystemExit(f"error: --kv-tokens {a.kv_tokens}: expected 1..16777216")
     if not (a.template_timeout > 0 and a.read_timeout > 0):  # NaN too
         raise SystemExit("error: --template-timeout and --read-timeout must be positive")
     template = None
@@ -714,7 +737,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: --chat-template {a.chat_template}: {e}") from None
     config = ServeConfig(a.model, a.target, a.cache_dir, a.threads, a.host, a.port, a.api_key, a.max_queue,
                          a.max_body_bytes, a.metrics, tuple(a.cors), a.model_id, template, a.template_timeout,
-                         a.read_timeout, a.jit_policy)  # fmt: skip
+                         a.read_timeout, a.jit_policy, a.max_batch, a.kv_tokens)  # fmt: skip
     if a.jit_policy == "off":  # nothing to compile in the background: a missing module fails now, not on /health
         try:
             ensure_built(config.model, config.target, config.cache_dir, config.threads or default_threads(), "off")

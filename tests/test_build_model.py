@@ -119,9 +119,10 @@ def test_dump_ir(tmp_path):
     r = build(gguf, "auto", tmp_path / "cache", dump_ir=tmp_path / "ir")
     assert r.compiled
     text = (tmp_path / "ir" / "lower.relax.py").read_text()
-    assert "def decode" in text and "def prefill" in text and "call_tir_inplace" in text
+    assert "def decode_b1" in text and "def decode_b16" in text and "def prefill" in text
+    assert "call_tir_inplace" in text
     assert (tmp_path / "ir" / "compile.relax.py").exists()
-    assert (tmp_path / "ir" / "tir" / "lm_head.py").exists()
+    assert (tmp_path / "ir" / "tir" / "lm_head_1.py").exists() and (tmp_path / "ir" / "tir" / "lm_head_16.py").exists()
 
 
 @pytest.mark.skipif(not targets.supported("avx512") or "avx512vbmi" not in targets.cpu_flags(),

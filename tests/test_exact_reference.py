@@ -24,6 +24,7 @@ from runtime_helpers import built, one_torch_thread, reference, tiny_gguf
 import targets
 from compiler import graph_kernels as gk
 from compiler.arith import arith_of, norm_lanes
+from compiler.constants import KV_BLOCK
 from compiler.ops import make_op
 from compiler.schedule import get_primfunc
 from model import exact_reference as er
@@ -59,17 +60,26 @@ def _kernel_cases(target: str, rng) -> list:
     silu = gk.schedule(gk.silu_mul(T, F), None)  # as the CPU build schedules it
     cases.append(("silu_mul", silu, [g, u], [((T, F), "float32")], [er.silu_mul(g, u)]))
     cos, sin = gk.rope_tables(hd, C, 10000.0)
-    pos = np.array([5], np.int32)
+    pos = np.array([5 + t for t in range(T)], np.int32)
     q = rng.standard_normal((T, H * hd)).astype(F32)
     want = np.stack([er.rope(q[t].reshape(H, hd), cos[5 + t], sin[5 + t]) for t in range(T)])
     cases.append(("rope_q", gk.rope_q(T, H, hd, C), [q, pos, cos, sin], [((T, H, hd), "float32")], [want]))
     kc, vc = (rng.standard_normal((Hkv, C, hd)).astype(F32) for _ in range(2))
-    o = np.stack([er.attention(want[t], kc, vc, 5 + t + 1) for t in range(T)])
+    # the paged cache: the dense rows scattered over shuffled blocks (two spare), read through one table per row
+    blk = KV_BLOCK
+    width = gk.table_width(C, blk)
+    order = rng.permutation(width + 2)[:width].astype(np.int32)
+    paged = [np.zeros((width + 2, Hkv, blk, hd), F32) for _ in range(2)]
+    for j in range(width):
+        for dense, pg in zip((kc, vc), paged):
+            pg[order[j]] = dense[:, j * blk : (j + 1) * blk]
+    apos = np.array([5, 40, -1], np.int32)  # the last row is padding: zeros
+    o = np.stack([er.attention(want[0], kc, vc, 6), er.attention(want[1], kc, vc, 41), np.zeros(H * hd, F32)])
     cases.append(
         (
             "attention",
-            gk.attention(T, H, Hkv, hd, C),
-            [want, kc, vc, pos],
+            gk.attention(T, H, Hkv, hd, C, blk),
+            [want, *paged, apos, np.broadcast_to(order, (T, width))],
             [((T, H * hd), "float32"), ((T * H, C), "float32"), ((T * H, 2), "float32")],
             [o, None, None],
         )
@@ -78,8 +88,10 @@ def _kernel_cases(target: str, rng) -> list:
     x = (rng.standard_normal((T, D)) * 2).astype(F32)
     cases.append(("rmsnorm", gk.rmsnorm(T, D, 1e-5), [x, w], [((T, D), "float32")], [er.rmsnorm(x, w, 1e-5)]))
     for dt in ("float32", "float16"):
-        E, hv = rng.standard_normal((256, D)).astype(dt), rng.standard_normal(D).astype(F32)
-        cases.append((f"lm_head_{dt}", gk.lm_head(256, D, dt), [hv, E], [((256,), "float32")], [er.lm_head(hv, E)]))
+        E, hv = rng.standard_normal((256, D)).astype(dt), rng.standard_normal((T, D)).astype(F32)
+        for B in (1, T):  # a row's logits do not depend on the batch
+            cases.append((f"lm_head_{dt}_{B}", gk.lm_head(B, 256, D, dt), [hv[:B], E], [((B, 256), "float32")],
+                          [np.stack([er.lm_head(hv[b], E) for b in range(B)])]))  # fmt: skip
     for N in (1, 8):  # the shipped model's width: tuned records, whose lane knob compiler.arith reads
         op = make_op("rmsnorm_quant", D=D, N=N)
         x = (rng.standard_normal((N, D)) * 3).astype(F32)

@@ -117,7 +117,7 @@ def forced(eng: Engine, monkeypatch, order: list[int]) -> None:
     logits[order] = np.arange(len(order), 0, -1, dtype=np.float32) * 10
 
     def step(*_):
-        eng.pos += 1
+        eng.seq.length += 1
         return logits.copy()
 
     monkeypatch.setattr(eng, "prefill", step)

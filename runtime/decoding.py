@@ -1,0 +1,136 @@
+"""One generation's state between model steps: which token comes next (:class:`TokenPicker`) and which text the user
+sees (:class:`TextStream`).
+
+Both are driven from outside, a step at a time, so the same code serves one sequence (:meth:`runtime.engine.Engine.
+generate_tokens` / ``stream_text``) and many at once (:mod:`runtime.batch`, where each request has its own pair):
+
+    picker = TokenPicker(engine, params, result, heal)     # then, for each step's logits:
+    tok = picker.pick(logits, cache_length)               # picker.done says whether the generation has ended
+    piece = text.push()                                   # the visible text that token completed ("" if none)
+
+:class:`TokenPicker` applies the repetition penalties, never samples an unused token, constrains the first tokens to
+spell the healed prompt text again (:mod:`runtime.healing`), samples (:func:`runtime.engine.sample`) and decides when
+to stop: an end-of-generation token, a stop string, the token limit or the context. :class:`TextStream` turns the
+tokens into text pieces that never end inside a UTF-8 character and never show a stop string or its prefix.
+
+Tests: ``pytest -q tests/test_runtime_engine.py tests/test_token_healing.py tests/test_batch.py``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from model.sampling import Generation, SamplingParams, penalize
+from runtime.healing import Heal
+
+
+class TokenPicker:
+    """The sampling and stopping state of one generation (``result`` receives the tokens, finish reason, timings).
+
+    With ``heal`` (a :func:`runtime.healing.plan` of the prompt) the first tokens are constrained to spell
+    ``heal.prefix`` again and ``max_new_tokens`` counts from the whole prompt (it grows by the tokens backed off);
+    stop strings are looked for in the text after ``heal.text``."""
+
+    def __init__(self, engine, params: SamplingParams, result: Generation, heal: Heal | None = None) -> None:
+        self.engine, self.params, self.result = engine, params, result
+        heal = heal if heal is not None and params.max_new_tokens > 0 else None
+        self.pending = heal.prefix if heal else b""  # healed bytes still to be spelled
+        result.healed, result.healed_tokens = (heal.text, heal.removed) if heal else ("", 0)
+        self.limit = params.max_new_tokens + result.healed_tokens
+        self.stop_ids = engine.eog.union(params.stop_token_ids)
+        self.n_heal = 0  # generated tokens that (partly) spell the healed text
+        self.rng = np.random.default_rng(params.seed)
+        self.done = self.limit <= 0
+        self.t0 = time.perf_counter()  # the request's start: prefill_s runs from here to the first token
+        self.t1: float | None = None
+
+    def pick(self, logits: np.ndarray, length: int) -> int:
+        """The next token from this step's ``logits``, the sequence holding ``length`` tokens in its cache."""
+        from runtime.engine import constrain, sample
+
+        eng, params, result = self.engine, self.params, self.result
+        if params.penalized:
+            logits = penalize(logits, result.tokens[self.n_heal :], params)
+        if eng._never.size:
+            logits = np.array(logits, dtype=np.float32)  # a copy: the step's own array may be read-only
+            logits[eng._never] = -np.inf
+        if self.pending:
+            logits = constrain(logits, eng.token_table.allowed(self.pending))
+        tok = sample(logits, params, self.rng)
+        now = time.perf_counter()
+        if self.t1 is None:
+            self.t1 = now
+            result.prefill_s = now - self.t0
+        result.decode_s = now - self.t1
+        result.tokens.append(tok)
+        if self.pending:
+            self.pending, self.n_heal = eng.token_table.advance(self.pending, tok), self.n_heal + 1
+        if tok in self.stop_ids:
+            self._finish("stop_token")
+        elif params.stop_strings and eng.tokenizer is not None and not self.pending and self._stop_string():
+            self._finish("stop_string")
+        elif length >= eng.ctx:
+            self._finish("context")
+        elif len(result.tokens) >= self.limit:
+            self.done = True
+        return tok
+
+    def _finish(self, reason: str) -> None:
+        self.result.finish_reason, self.done = reason, True
+
+    def _stop_string(self) -> bool:
+        # a stop string that the newest token completes lies in the last (its bytes + 1) tokens: decode only those
+        # (a whole-list decode per token made long generations quadratic); while the window reaches back to the
+        # healed text, decode from the start and drop it
+        toks, eng = self.result.tokens, self.engine
+        window = max(len(s.encode()) for s in self.params.stop_strings) + 2
+        if len(toks) - window < self.n_heal:
+            text = eng.detokenize(toks)[len(self.result.healed) :]
+        else:
+            text = eng.detokenize(toks[-window:])
+        return any(s in text for s in self.params.stop_strings)
+
+
+class TextStream:
+    """The visible text of a generation, a piece per :meth:`push`: a piece never ends inside a UTF-8 character (an
+    incomplete byte sequence decodes to U+FFFD and is held back until the following tokens complete it), stop strings
+    are cut (and their prefixes held back until they cannot be one), the healed characters are not shown again.
+    Decoding is incremental: only the tokens after the last character boundary are decoded each step.
+    :meth:`finish` returns the last piece and sets ``result.text``."""
+
+    def __init__(self, engine, params: SamplingParams, result: Generation) -> None:
+        self.engine, self.stops, self.result = engine, params.stop_strings, result
+        self.emitted = self.text = ""
+        self.read = 0  # result.tokens[:read] decode to `text`, ending on a character boundary
+        self.held = max((len(s) for s in self.stops), default=1) - 1
+
+    def push(self) -> str:
+        piece = self.engine.detokenize(self.result.tokens[self.read :])  # byte-level BPE: text of tokens[:read] + this
+        if piece.endswith("\ufffd"):
+            return ""
+        self.text, self.read = self.text + piece, len(self.result.tokens)
+        visible = self.text[len(self.result.healed) :]  # empty until the healed characters are spelled again
+        cut = _stop_cut(visible, self.stops)
+        safe = visible[:cut] if cut is not None else visible[: len(visible) - self.held]  # hold back a stop's prefix
+        return self._emit(safe)
+
+    def finish(self) -> str:
+        text = self.text + self.engine.detokenize(self.result.tokens[self.read :])
+        visible = text[len(self.result.healed) :]
+        cut = _stop_cut(visible, self.stops)
+        piece = self._emit(visible[:cut] if cut is not None else visible.rstrip("\ufffd"))
+        self.result.text = self.emitted
+        return piece
+
+    def _emit(self, safe: str) -> str:
+        if len(safe) > len(self.emitted) and safe.startswith(self.emitted):
+            piece, self.emitted = safe[len(self.emitted) :], safe
+            return piece
+        return ""
+
+
+def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return min(cuts) if cuts else None
