@@ -20,7 +20,8 @@ Kernels: every ternary matmul, the RMSNorm+quantize before q/k/v and gate/up, an
 :func:`compiler.schedule.get_primfunc` (the tuned record of ``tuning_logs/<target>/``, or the hand schedule with a loud
 UNTUNED warning). ``decode_b1`` uses ``gemv_i8`` and ``mhc_post``; prefill uses ``gemm_i8`` with ``N = P`` (the tuned
 tile is 8) and a token-batched TE twin of ``mhc_post``, as does ``decode_b{B}`` with ``N = B`` (a GEMM without its own
-record borrows the prefill chunk's knobs; the batch's RMSNorm always takes the one-token kernel's). Embedding, RoPE, the cache write, attention, SwiGLU, the o/down
+record borrows the prefill chunk's knobs; the batch's RMSNorm always takes the one-token kernel's). Embedding, RoPE,
+the cache write, attention, SwiGLU, the o/down
 input quantize, the final norm and the LM head are the small kernels of :mod:`compiler.graph_kernels`.
 
 CPU weight layout: every ternary matrix is stored once, in ``tile8`` (:mod:`model.ternary.layouts_x86`: the 64-byte

@@ -134,7 +134,7 @@ class Batcher:
                 for r in live:
                     self._end(r, str(exc))
                 live, out = [], []
-            for r, logits in zip(live, out):
+            for r, logits in zip(live, out, strict=True):
                 self._pick(r, logits)
         stats.batch, stats.seconds = len(live), time.perf_counter() - t0
         self.last = stats

@@ -434,4 +434,3 @@ class Engine:
         for _ in self.stream_text(prompt, params, result, token_healing):
             pass
         return result
-

@@ -19,7 +19,8 @@ the server before it listens. Generation runs on that one thread (:mod:`runtime.
 running request at once (at most ``--max-batch``) and prefills one chunk of a new prompt; a request waits in a bounded
 queue (``--max-queue``; full → 429) until the batch has a slot and the KV cache (``--kv-tokens``) has room for its
 prompt + ``max_tokens``, so running requests never fail for lack of cache. A client that disconnects frees its slot
-within a step. ``/metrics`` shows running requests, queue depth, batch size and KV-cache occupancy. Errors use OpenAI's shape
+within a step. ``/metrics`` shows running requests, queue depth, batch size and KV-cache occupancy.
+Errors use OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 invalid request (bad JSON, wrong types, out-of-range
 parameters, prompt + max_tokens over the context), 401 missing or wrong API key (``--api-key`` or
 ``$TERNARY_TVM_API_KEY``; ``/``, ``/health`` stay open), 404 unknown model or route, 413 body over ``--max-body-bytes``,
@@ -687,8 +688,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="require 'Authorization: Bearer KEY' (default: $TERNARY_TVM_API_KEY; none: open)")  # fmt: skip
     ap.add_argument("--model-id", default="", help="the model's name in the API (default: the GGUF's file stem)")
     ap.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests that may wait; more get 429")
-    ap.add_argument("--max-batch", type=int, default=None,
-                    help="requests decoded together, each step (default: the largest compiled batch, 16 on CPU)")
+    ap.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="requests decoded together, each step (default: the largest compiled batch, 16 on CPU)",
+    )
     ap.add_argument("--kv-tokens", type=int, default=None,
                     help="KV-cache capacity in tokens, over all running requests (default: 4 contexts); a request "
                     "waits until its prompt + max_tokens fit")  # fmt: skip

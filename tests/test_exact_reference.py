@@ -71,7 +71,7 @@ def _kernel_cases(target: str, rng) -> list:
     order = rng.permutation(width + 2)[:width].astype(np.int32)
     paged = [np.zeros((width + 2, Hkv, blk, hd), F32) for _ in range(2)]
     for j in range(width):
-        for dense, pg in zip((kc, vc), paged):
+        for dense, pg in zip((kc, vc), paged, strict=True):
             pg[order[j]] = dense[:, j * blk : (j + 1) * blk]
     apos = np.array([5, 40, -1], np.int32)  # the last row is padding: zeros
     o = np.stack([er.attention(want[0], kc, vc, 6), er.attention(want[1], kc, vc, 41), np.zeros(H * hd, F32)])
