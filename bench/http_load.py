@@ -693,8 +693,9 @@ async def measure(cfg: LoadConfig, url: str, log=print) -> tuple[str, list[dict]
     timeout = httpx.Timeout(cfg.timeout_s, connect=30)
     async with (
         httpx.AsyncClient(base_url=url + "/", headers=headers, limits=limits, timeout=timeout) as http,
-        openai.AsyncOpenAI(base_url=url, api_key=cfg.api_key, max_retries=0, timeout=cfg.timeout_s) as client,
-    ):
+        openai.AsyncOpenAI(base_url=url, api_key=cfg.api_key, max_retries=0, timeout=cfg.timeout_s,
+                           http_client=_openai_http_client(max(cfg.concurrency) + 8)) as client,
+    ):  # fmt: skip
         model = (await client.models.list()).data[0].id
         read = raw_streamer(http, cfg) if cfg.check_done else openai_streamer(client, cfg)
         for c in cfg.concurrency:
@@ -756,6 +757,19 @@ def redact(command: str | None) -> str | None:
     if command is None:
         return None
     return re.sub(r"(--api-key[= ])('[^']*'|\S+)", r"\1***", command)
+
+
+def _openai_http_client(connections: int):
+    """openai's own HTTP client, keeping every connection alive (its default keeps 100: more clients than that would
+    reconnect for every request)."""
+    import openai
+
+    try:  # openai 3 runs on httpx2, earlier versions on httpx
+        import httpx2 as hx
+    except ImportError:
+        import httpx as hx
+    return openai.DefaultAsyncHttpxClient(limits=hx.Limits(max_connections=connections,
+                                                           max_keepalive_connections=connections))  # fmt: skip
 
 
 def _openai_version() -> str:
