@@ -7,7 +7,8 @@
         --check-done
 
 The server: with ``--model`` this starts ``python -m runtime.serve`` itself (``--threads``,
-``--server-args="--max-batch 8 --kv-tokens 8192"``) on a free loopback port with ``--metrics``, waits until
+``--server-args="--max-batch 8 --kv-tokens 8192"``) on a free loopback port with ``--metrics`` and a
+``--max-queue`` that holds every client (unless ``--server-args`` sets one), waits until
 ``/health`` answers 200 (``--start-timeout``: the first start compiles the model; a server that exits or does not
 become ready is one error line and its log's tail) and stops it at the end; with ``--url`` it talks to a running
 server. Loopback only: a URL whose host is not ``127.0.0.1``, ``localhost`` or ``::1`` is refused.
@@ -104,6 +105,7 @@ START_TIMEOUT_S = 900.0  # a clean machine compiles the model on the server's fi
 URL_WAIT_S = 30.0  # for --url: a server that is still loading gets this long to answer /health 200
 STOP_TIMEOUT_S = 15.0
 WARMUP_MAX_TOKENS = 4
+SERVER_MAX_QUEUE = 16  # runtime.serve's default --max-queue
 FIGURES = ("aggregate_tok_s", "steady_tok_s", "per_stream_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms",
            "tbt_p99_ms", "e2e_p50_ms", "requests", "tokens", "wall_s", "client_cpu_s")  # fmt: skip
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -578,6 +580,8 @@ def server_command(cfg: LoadConfig, port: int) -> list[str]:
         cmd += ["--threads", str(cfg.threads)]
     if "--metrics" not in cfg.server_args:
         cmd.append("--metrics")
+    if not any(a.split("=")[0] == "--max-queue" for a in cfg.server_args):  # every client may wait: no 429
+        cmd += ["--max-queue", str(max(SERVER_MAX_QUEUE, *cfg.concurrency))]
     if cfg.api_key != "x" and "--api-key" not in cfg.server_args:
         cmd += ["--api-key", cfg.api_key]
     return cmd + list(cfg.server_args)

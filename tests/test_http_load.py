@@ -217,6 +217,11 @@ def test_arguments_and_prompts_file(tmp_path):
     cmd = hl.server_command(cfg, 1234)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "1234"
     assert cmd[-4:] == ["--max-batch", "8", "--kv-tokens", "4096"] and "--metrics" in cmd and "--threads" in cmd
+    assert cmd[cmd.index("--max-queue") + 1] == "16"  # the server's default already holds 8 clients
+    cmd = hl.server_command(LoadConfig(model="m", concurrency=(1, 64)), 1234)
+    assert cmd[cmd.index("--max-queue") + 1] == "64"  # every client may wait: no 429
+    cmd = hl.server_command(LoadConfig(model="m", concurrency=(64,), server_args=("--max-queue=4",)), 1234)
+    assert cmd.count("--max-queue") == 0 and cmd[-1] == "--max-queue=4"
     assert LoadConfig(model="m", duration_s=5).requests_for(4) is None
 
 
