@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,11 +124,55 @@ def server():
 FAIL = "@fail"  # a prompt with this makes FakeEngine fail after its first piece
 
 
+class FakeBatcher:
+    """:class:`runtime.batch.Batcher`'s protocol over :meth:`FakeEngine.stream_text`: every step gives each running
+    request its next piece."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.reqs = engine, []
+
+    @property
+    def running(self) -> int:
+        return len(self.reqs)
+
+    def admit(self, req) -> bool:
+        self.reqs.append((req, self.engine.stream_text(req.prompt, req.params, req.result)))
+        return True
+
+    def step(self):
+        from runtime.batch import StepStats
+
+        for req, pieces in list(self.reqs):
+            kind, value = "text", None
+            if req.cancelled():
+                kind = "cancelled"
+            else:
+                try:
+                    value = next(pieces)
+                except StopIteration:
+                    kind, value = "done", req.result
+                except RuntimeError as e:
+                    kind, value = "error", str(e)
+            if kind != "text":
+                self.reqs.remove((req, pieces))
+            req.emit(kind, value)
+        return StepStats(batch=len(self.reqs))
+
+    def abort(self, message: str) -> None:
+        for req, _ in self.reqs:
+            req.emit("error", message)
+        self.reqs.clear()
+
+
 class FakeEngine:
     """What the server uses of :class:`runtime.engine.Engine`: UTF-8 bytes as tokens, and a generation that echoes
     ``"ok"`` pieces (or fails midway when the prompt contains :data:`FAIL`)."""
 
     ctx, vocab, tokenizer = 1024, 256, None
+    pool = types.SimpleNamespace(n_blocks=64, used=0)
+
+    def batcher(self, max_batch=None) -> FakeBatcher:
+        return FakeBatcher(self)
 
     def tokenize(self, text: str) -> list[int]:
         return list(text.encode())
