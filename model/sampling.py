@@ -28,6 +28,7 @@ class SamplingParams:
     no_repeat_ngram: int = 0  # > 1: never complete an n-gram of this length already in the generated tokens
     frequency_penalty: float = 0.0  # OpenAI's: logit -= frequency_penalty · (times generated so far)
     presence_penalty: float = 0.0  # OpenAI's: logit -= presence_penalty · (generated at least once)
+    ignore_eos: bool = False  # (vLLM's, llama.cpp's) end-of-generation tokens do not stop it: benchmarks' fixed lengths
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or not 0 <= self.temperature < math.inf or self.top_k < 0 or not 0 < self.top_p <= 1:

@@ -39,7 +39,8 @@ class TokenPicker:
         self.pending = heal.prefix if heal else b""  # healed bytes still to be spelled
         result.healed, result.healed_tokens = (heal.text, heal.removed) if heal else ("", 0)
         self.limit = params.max_new_tokens + result.healed_tokens
-        self.stop_ids = engine.eog.union(params.stop_token_ids)
+        eog = frozenset() if params.ignore_eos else engine.eog
+        self.stop_ids = eog.union(params.stop_token_ids)
         self.n_heal = 0  # generated tokens that (partly) spell the healed text
         self.rng = np.random.default_rng(params.seed)
         self.done = self.limit <= 0

@@ -4,8 +4,8 @@ error bodies (plain dicts, ready for ``json.dumps``).
 Requests are strict (``"10"`` is not an int, ``"true"`` is not a bool) and range-checked like OpenAI's API; the
 parameters this server cannot honour (``n > 1``, ``logprobs``, ``logit_bias``, tools, ``echo``...) are refused with a
 message rather than silently ignored, and unknown fields are ignored, as most OpenAI-compatible servers do. ``top_k``
-is an extension (llama.cpp and vLLM have it too). ``frequency_penalty`` and ``presence_penalty`` have OpenAI's
-meaning over the generated tokens (:func:`model.sampling.penalize`). ``timings`` follows llama.cpp's server:
+and ``ignore_eos`` are extensions (llama.cpp and vLLM have them too). ``frequency_penalty`` and
+``presence_penalty`` have OpenAI's meaning over the generated tokens (:func:`model.sampling.penalize`). ``timings`` follows llama.cpp's server:
 ``prompt_ms`` runs from the start of prefill to the first sampled token, ``predicted_ms`` over the tokens after it,
 and ``predicted_per_second`` = (predicted_n − 1) / predicted_ms.
 
@@ -59,6 +59,7 @@ class _Request(BaseModel):
     n: int = 1
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    ignore_eos: bool = False  # extension (vLLM, llama.cpp): generate max_tokens whatever the tokens (benchmarks)
     logit_bias: dict[str, float] | None = None
     user: Text | None = None
 

@@ -232,7 +232,7 @@ class Backend:
             raise APIError(400, f"max_tokens={limit} plus the prompt's {n_prompt} tokens exceed the model's context of "
                            f"{eng.ctx} tokens; ask for at most {room}", param="max_tokens",
                            code="context_length_exceeded")  # fmt: skip
-        stop_ids = self.control_ids if chat else self.eos_ids
+        stop_ids = () if req.ignore_eos else self.control_ids if chat else self.eos_ids
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         params = SamplingParams(
             limit,
@@ -244,6 +244,7 @@ class Backend:
             req.stop_strings(),
             frequency_penalty=req.frequency_penalty,
             presence_penalty=req.presence_penalty,
+            ignore_eos=req.ignore_eos,
         )
         try:
             return self.worker.submit(prompt, params, asyncio.get_running_loop(), n_prompt), n_prompt
