@@ -4,10 +4,10 @@ error bodies (plain dicts, ready for ``json.dumps``).
 Requests are strict (``"10"`` is not an int, ``"true"`` is not a bool) and range-checked like OpenAI's API; the
 parameters this server cannot honour (``n > 1``, ``logprobs``, ``logit_bias``, tools, ``echo``...) are refused with a
 message rather than silently ignored, and unknown fields are ignored, as most OpenAI-compatible servers do. ``top_k``
-and ``ignore_eos`` are extensions (llama.cpp and vLLM have them too). ``frequency_penalty`` and
-``presence_penalty`` have OpenAI's meaning over the generated tokens (:func:`model.sampling.penalize`). ``timings`` follows llama.cpp's server:
-``prompt_ms`` runs from the start of prefill to the first sampled token, ``predicted_ms`` over the tokens after it,
-and ``predicted_per_second`` = (predicted_n − 1) / predicted_ms.
+and ``ignore_eos`` are extensions (llama.cpp and vLLM have them too). ``frequency_penalty`` and ``presence_penalty``
+have OpenAI's meaning over the generated tokens (:func:`model.sampling.penalize`). ``timings`` follows llama.cpp's
+server: ``prompt_ms`` runs from the start of prefill to the first sampled token, ``predicted_ms`` over the tokens after
+it, and ``predicted_per_second`` = (predicted_n − 1) / predicted_ms.
 
 Bounds (every violation is a 400 naming the field): ``temperature`` in [0, 2], and below :data:`MIN_TEMPERATURE` it
 means greedy (0), as vLLM does for tiny temperatures (dividing logits by 1e-45 overflows); ``top_p`` in (0, 1];
