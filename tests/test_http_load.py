@@ -272,9 +272,11 @@ def test_run_level_sends_the_budget_at_the_concurrency():
 
 @pytest.mark.unit
 def test_run_level_duration_and_level_timeout():
-    cfg = LoadConfig(url="http://127.0.0.1:1/v1", level_timeout_s=0.3)
+    cfg = LoadConfig(url="http://127.0.0.1:1/v1", level_timeout_s=10)
     recs, wall = asyncio.run(hl.run_level(fake_reader(0.001, 2, [0, 0]), cfg, "m", 2, duration_s=0.05))
-    assert len(recs) >= 2 and all(r.ended for r in recs) and wall < 0.3
+    assert len(recs) >= 2 and all(r.ended for r in recs) and wall < 5  # no request starts after the duration
+    assert max(r.start for r in recs) - min(r.start for r in recs) < 0.05 + 0.5  # (a loaded machine lags)
+    cfg.level_timeout_s = 0.3
     recs, _ = asyncio.run(hl.run_level(fake_reader(10.0, 2, [0, 0]), cfg, "m", 2, requests=4))  # never finishes
     assert [r.error for r in recs] == ["level_timeout"] * 2 and all(r.end is not None for r in recs)
 
@@ -399,7 +401,9 @@ def test_both_clients_on_a_well_behaved_server(fake_url, endpoint, check_done):
         assert lv["streams_done"] == (12 if check_done else None) and lv["finish_reasons"] == {"length": 12}
         for run in lv["runs"]:
             assert run["tokens"] == 30 and run["token_count"] == "usage" and run["server"]["completion_tokens"] == 30
-            assert run["ttft_p50_ms"] > 0.5 and 0.5 < run["tbt_p50_ms"] < 500 and run["per_stream_tok_s"] > 0
+            # chunks leave a millisecond apart, but a busy client reads several at once: gaps are only > 0
+            assert run["ttft_p50_ms"] > 0.5 and 0 < run["tbt_p50_ms"] <= run["tbt_p99_ms"] < 500
+            assert run["per_stream_tok_s"] > 0
         assert lv["figures"]["aggregate_tok_s"]["n"] == 2
     text = hl.table(doc)
     assert "agg tok/s" in text and len(text.splitlines()) == 2 + len(doc["levels"])
