@@ -146,6 +146,41 @@ def measure(eng, c, seed):
     return c * STEPS / dt, 1e3 * dt / STEPS, 1e3 * mod / STEPS
 
 
+def profile(eng, c, seed, steps=3):
+    """Where a decode_b{B} step's time goes: every VM call (kernel, captured CUDA graph, builtin) timed between
+    device syncs (so each includes its launch and a sync: an upper bound per kernel), summed over ``steps`` steps
+    after one untimed step; the top 12 by time per step, and the sum."""
+    import collections
+    import re
+
+    seqs = [Sequence() for _ in range(c)]
+    toks = greedy(np.stack([eng.prefill(p, s) for p, s in zip(prompts(c, PROMPT, eng.vocab, seed), seqs)]))
+    toks = greedy(eng.decode_batch(seqs, toks))
+    acc, t0 = collections.defaultdict(lambda: [0.0, 0]), [0.0]
+
+    def inst(func, sym, before, ret, *args):
+        sync(eng)
+        if before:
+            t0[0] = time.perf_counter()
+        else:
+            k = acc[re.sub(r"^vm\.builtin\..*", "vm.builtin.*", sym)]
+            k[0] += time.perf_counter() - t0[0]
+            k[1] += 1
+        return 0
+
+    eng.vm.set_instrument(inst)
+    try:
+        for _ in range(steps):
+            toks = greedy(eng.decode_batch(seqs, toks))
+    finally:
+        eng.vm.set_instrument(lambda *a: 0)
+    for s in seqs:
+        eng.reset(s)
+    rows = sorted(((k, 1e3 * v[0] / steps, v[1] // steps) for k, v in acc.items()), key=lambda r: -r[1])
+    return {"batch": c, "sum_ms_per_step": sum(r[1] for r in rows), "calls_per_step": sum(r[2] for r in rows),
+            "top": [{"name": k, "ms_per_step": ms, "calls_per_step": n} for k, ms, n in rows[:12]]}
+
+
 def stats(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
@@ -180,6 +215,10 @@ for m in MODELS:
     r["concurrency"] = table
     base = table[str(CONC[0])]["aggregate_tok_s"]["median"]
     r["aggregate_vs_c1"] = {c: table[c]["aggregate_tok_s"]["median"] / base for c in table}
+    if os.environ.get("PROFILE", "1") == "1":
+        r["profile"] = [profile(eng, c, 9) for c in (CONC[0], CONC[-1])]
+        for p in r["profile"]:
+            print(m, "profile B =", p["batch"], f"{p['sum_ms_per_step']:.2f} ms", p["top"][:4], flush=True)
     result["models"][m] = r
     print(f"{m}: c  aggregate tok/s (min-max)  per-stream  step ms  module ms  ×c1", flush=True)
     for c, row in table.items():
