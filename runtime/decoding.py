@@ -1,5 +1,5 @@
-"""One generation's state between model steps: which token comes next (:class:`TokenPicker`) and which text the user
-sees (:class:`TextStream`).
+"""Sampling (numpy, float64: :func:`sample`, :func:`filter_logits`, :func:`constrain`) and one generation's state
+between model steps: which token comes next (:class:`TokenPicker`) and which text the user sees (:class:`TextStream`).
 
 Both are driven from outside, a step at a time, so the same code serves one sequence (:meth:`runtime.engine.Engine.
 generate_tokens` / ``stream_text``) and many at once (:mod:`runtime.batch`, where each request has its own pair):
@@ -9,7 +9,7 @@ generate_tokens` / ``stream_text``) and many at once (:mod:`runtime.batch`, wher
     piece = text.push()                                   # the visible text that token completed ("" if none)
 
 :class:`TokenPicker` applies the repetition penalties, never samples an unused token, constrains the first tokens to
-spell the healed prompt text again (:mod:`runtime.healing`), samples (:func:`runtime.engine.sample`) and decides when
+spell the healed prompt text again (:mod:`runtime.healing`), samples (:func:`sample`) and decides when
 to stop: an end-of-generation token, a stop string, the token limit or the context. :class:`TextStream` turns the
 tokens into text pieces that never end inside a UTF-8 character and never show a stop string or its prefix.
 
@@ -24,6 +24,67 @@ import numpy as np
 
 from model.sampling import Generation, SamplingParams, penalize
 from runtime.healing import Heal
+
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing by it would overflow; the result is argmax anyway)
+
+
+def _finite_or_inf(logits) -> np.ndarray:
+    """A float64 copy with NaN as -inf."""
+    x = np.array(logits, dtype=np.float64)
+    x[np.isnan(x)] = -np.inf
+    return x
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Probabilities from float64 logits, never NaN: +inf logits share the mass; all -inf gives the uniform."""
+    top = x.max()
+    if top == np.inf:
+        p = (x == np.inf).astype(np.float64)
+    elif top == -np.inf:
+        p = np.ones_like(x)
+    else:
+        p = np.exp(x - top)
+    return p / p.sum()
+
+
+def filter_logits(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """numpy twin of :func:`model.generate.filter_logits`: -inf outside the top-k, then outside the top-p nucleus
+    (float64; NaN counts as -inf; the most likely token always stays)."""
+    x = _finite_or_inf(logits)
+    if top_k and top_k < x.shape[-1]:
+        kth = np.partition(x, -top_k)[-top_k]
+        x[x < kth] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(-x, kind="stable")
+        p = softmax(x[order])
+        drop = np.cumsum(p) - p >= top_p
+        drop[0] = False
+        x[order[drop]] = -np.inf
+    return x
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One token id. Greedy below :data:`GREEDY_BELOW` (and for a NaN temperature); never raises for finite
+    settings, whatever the logits hold (NaN counts as -inf; if +inf logits are present, they alone share the mass)."""
+    x = _finite_or_inf(logits)
+    t = params.temperature
+    if not t >= GREEDY_BELOW:
+        return int(np.argmax(x))
+    top = x.max()
+    if np.isfinite(top):
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = (x - top) / t  # ≤ 0: overflow can only reach -inf
+        x[np.isnan(x)] = -np.inf  # -inf / inf
+    p = softmax(filter_logits(x, params.top_k, params.top_p))
+    return int(rng.choice(p.shape[0], p=p))
+
+
+def constrain(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """float64 logits with every id outside ``allowed`` at -inf; if no allowed id has a usable logit, they tie."""
+    x = np.full(np.shape(logits), -np.inf)
+    v = _finite_or_inf(np.asarray(logits)[allowed])
+    x[allowed] = v if (v > -np.inf).any() else 0.0
+    return x
 
 
 class TokenPicker:
@@ -49,8 +110,6 @@ class TokenPicker:
 
     def pick(self, logits: np.ndarray, length: int) -> int:
         """The next token from this step's ``logits``, the sequence holding ``length`` tokens in its cache."""
-        from runtime.engine import constrain, sample
-
         eng, params, result = self.engine, self.params, self.result
         if params.penalized:
             logits = penalize(logits, result.tokens[self.n_heal :], params)

@@ -38,7 +38,15 @@ from pathlib import Path
 import numpy as np
 
 from model.sampling import Generation, SamplingParams  # re-exported
-from runtime.decoding import TextStream, TokenPicker
+from runtime.decoding import (  # noqa: F401 (the sampling functions are re-exported)
+    GREEDY_BELOW,
+    TextStream,
+    TokenPicker,
+    constrain,
+    filter_logits,
+    sample,
+    softmax,
+)
 from runtime.healing import Heal, TokenTable, plan
 from runtime.kv_cache import BlockPool, CacheFull, Sequence
 from targets.cpu import check_flags
@@ -46,69 +54,9 @@ from targets.cuda import load_cuda_runtime
 
 log = logging.getLogger("runtime")
 
-GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing by it would overflow; the result is argmax anyway)
 # control tokens that end a generation by their name alone (as llama.cpp treats them), besides the GGUF's EOS/EOT/EOM
 EOG_NAMES = frozenset({"<|endoftext|>", "<|end|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "</s>"})
 EOG_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-
-
-def _finite_or_inf(logits) -> np.ndarray:
-    """A float64 copy with NaN as -inf."""
-    x = np.array(logits, dtype=np.float64)
-    x[np.isnan(x)] = -np.inf
-    return x
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Probabilities from float64 logits, never NaN: +inf logits share the mass; all -inf gives the uniform."""
-    top = x.max()
-    if top == np.inf:
-        p = (x == np.inf).astype(np.float64)
-    elif top == -np.inf:
-        p = np.ones_like(x)
-    else:
-        p = np.exp(x - top)
-    return p / p.sum()
-
-
-def filter_logits(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """numpy twin of :func:`model.generate.filter_logits`: -inf outside the top-k, then outside the top-p nucleus
-    (float64; NaN counts as -inf; the most likely token always stays)."""
-    x = _finite_or_inf(logits)
-    if top_k and top_k < x.shape[-1]:
-        kth = np.partition(x, -top_k)[-top_k]
-        x[x < kth] = -np.inf
-    if top_p < 1.0:
-        order = np.argsort(-x, kind="stable")
-        p = softmax(x[order])
-        drop = np.cumsum(p) - p >= top_p
-        drop[0] = False
-        x[order[drop]] = -np.inf
-    return x
-
-
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id. Greedy below :data:`GREEDY_BELOW` (and for a NaN temperature); never raises for finite
-    settings, whatever the logits hold (NaN counts as -inf; if +inf logits are present, they alone share the mass)."""
-    x = _finite_or_inf(logits)
-    t = params.temperature
-    if not t >= GREEDY_BELOW:
-        return int(np.argmax(x))
-    top = x.max()
-    if np.isfinite(top):
-        with np.errstate(over="ignore", invalid="ignore"):
-            x = (x - top) / t  # ≤ 0: overflow can only reach -inf
-        x[np.isnan(x)] = -np.inf  # -inf / inf
-    p = softmax(filter_logits(x, params.top_k, params.top_p))
-    return int(rng.choice(p.shape[0], p=p))
-
-
-def constrain(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """float64 logits with every id outside ``allowed`` at -inf; if no allowed id has a usable logit, they tie."""
-    x = np.full(np.shape(logits), -np.inf)
-    v = _finite_or_inf(np.asarray(logits)[allowed])
-    x[allowed] = v if (v > -np.inf).any() else 0.0
-    return x
 
 
 JIT_POLICIES = ("on", "off", "redo", "readonly")  # as mlc-llm's JIT cache: see ensure_built
