@@ -1,6 +1,6 @@
 """Where a compiled module's decode step spends its time: per kernel, from the Relax VM's instrument hook.
 
-    python -m bench.profile --entry ENTRY --threads 1 16 --steps 32 [--json out.json]
+    python -m bench.profile --entry ENTRY --threads 1 16 --steps 32 [--batch 8] [--json out.json]
 
 For each thread count (each in its own process: TVM's pool is sized once), the entry decodes ``--steps`` tokens
 after a short prompt, with a hook that timestamps every VM call instruction before and after it. Per kernel name:
@@ -22,11 +22,14 @@ from collections import defaultdict
 import numpy as np
 
 
-def profile(entry: str, threads: int, steps: int, prompt: int = 16) -> dict:
+def profile(entry: str, threads: int, steps: int, prompt: int = 16, batch: int = 1) -> dict:
     from runtime.engine import Engine
+    from runtime.kv_cache import Sequence
 
-    eng = Engine(entry, None, threads=threads)
-    eng.prefill(list(range(1, prompt + 1)))
+    eng = Engine(entry, None, threads=threads, kv_tokens=None)
+    seqs = [Sequence() for _ in range(batch)]
+    for i, q in enumerate(seqs):
+        eng.prefill(list(range(1 + i, prompt + 1 + i)), q)
     per_step: list[dict] = []
     cur: dict = defaultdict(float)
     calls: dict = defaultdict(int)
@@ -47,10 +50,10 @@ def profile(entry: str, threads: int, steps: int, prompt: int = 16) -> dict:
         calls.clear()
         eng.vm.set_instrument(hook)
         t0 = time.perf_counter()
-        logits = eng.decode(tok)
+        logits = eng.decode_batch(seqs, [tok] * batch)
         wall = time.perf_counter() - t0
         eng.vm.set_instrument(lambda *a: 0)
-        tok = int(np.argmax(logits))
+        tok = int(np.argmax(logits[0]))
         if i >= 2:
             per_step.append({"wall": wall, "kernels": dict(cur), "calls": dict(calls)})
     names = sorted({n for s in per_step for n in s["kernels"]})
@@ -61,11 +64,13 @@ def profile(entry: str, threads: int, steps: int, prompt: int = 16) -> dict:
     wall_us = float(np.median([s["wall"] for s in per_step]) * 1e6)
     rows.sort(key=lambda r: -r["us_per_step"])
     rows.append({"kernel": "vm/python", "calls": 0, "us_per_step": wall_us - sum(r["us_per_step"] for r in rows)})
-    return {"entry": entry, "threads": threads, "steps": steps, "wall_us_per_step": wall_us, "rows": rows}
+    return {"entry": entry, "threads": threads, "batch": batch, "steps": steps, "wall_us_per_step": wall_us,
+            "rows": rows}  # fmt: skip
 
 
 def table(res: dict, top: int = 25) -> str:
-    lines = [f"{res['threads']} thread(s): {res['wall_us_per_step']:.0f} µs per decode step (instrumented)",
+    lines = [f"{res['threads']} thread(s), batch {res.get('batch', 1)}: {res['wall_us_per_step']:.0f} µs per decode "
+             "step (instrumented)",
              f"{'kernel':60s} {'calls':>5s} {'µs/step':>9s} {'share':>6s}"]  # fmt: skip
     for r in res["rows"][:top] + ([res["rows"][-1]] if len(res["rows"]) > top else []):
         share = 100 * r["us_per_step"] / res["wall_us_per_step"]
@@ -78,20 +83,21 @@ def main(argv=None) -> int:
     ap.add_argument("--entry", required=True, help="a compiler.build cache entry (model.so + params.npz + meta.json)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1, help="sequences per decode step (decode_batch)")
     ap.add_argument("--top", type=int, default=25, help="rows of the table")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if any(t < 1 for t in a.threads) or a.steps < 1:
-        ap.error("--threads and --steps must be positive")
+    if any(t < 1 for t in a.threads) or a.steps < 1 or a.batch < 1:
+        ap.error("--threads, --steps and --batch must be positive")
     if a.worker:
-        print(json.dumps(profile(a.entry, a.threads[0], a.steps)))
+        print(json.dumps(profile(a.entry, a.threads[0], a.steps, batch=a.batch)))
         return 0
     results = []
     for t in a.threads:
         env = dict(os.environ, TVM_NUM_THREADS=str(t))
         cmd = [sys.executable, "-m", "bench.profile", "--worker", "--entry", a.entry, "--threads", str(t),
-               "--steps", str(a.steps)]  # fmt: skip
+               "--steps", str(a.steps), "--batch", str(a.batch)]  # fmt: skip
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"profile with {t} threads failed:\n{r.stderr[-3000:]}")

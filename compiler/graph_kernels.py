@@ -17,6 +17,8 @@ import numpy as np
 
 from model.ternary.quant import ACT_QMAX, SCALE_EPS
 
+HEAD_LANES = 64  # the LM head's partial sums per dot product (folded in halves: see lm_head)
+
 
 def _prim(tensors):
     from tvm import te
@@ -181,7 +183,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int):
         kc = Tx.match_buffer(kc_h, (nb, Hkv, block, hd), "float32")
         vc = Tx.match_buffer(vc_h, (nb, Hkv, block, hd), "float32")
         for th in Tx.parallel(TH):
-            part = Tx.alloc_buffer((L,), "float32", scope="local")
+            part = Tx.alloc_buffer((L,), "float32", scope="global")
             t = th // H
             kh = (th % H) // g
             n = Tx.min(pos[t] + 1, ctx)
@@ -231,33 +233,55 @@ def rmsnorm(T: int, D: int, eps: float):
     return _prim([x, w, te.compute((T, D), lambda t, d: x[t, d] * r[t] * w[d], name="h")])
 
 
-def lm_head(B: int, V: int, D: int, dtype: str = "float32", lanes: int = 64):
+def lm_head(B: int, V: int, D: int, dtype: str = "float32"):
     """``logits[b, v] = Σ_d h[b, d] · E[v, d]`` for ``B`` rows over the head as the GGUF stores it, ``E [V, D]``
-    (float16 when the GGUF has it: exact, half the bytes): each head row is streamed once for all ``B`` rows, head
-    rows in parallel (one linear range per thread). Per (row, head row) ``lanes`` float32 partial sums (lane ``l``
-    takes ``d = l, l + lanes, …`` in order, an FMA each: four independent vector chains), then the lanes added in
-    order, so a row's logits do not depend on ``B`` or on the other rows. 64 lanes over one row streamed faster than
-    4 rows × 32 lanes and the former ``[D, V]`` axpy (measured: docs/architecture.md, "Measurements behind the
-    code")."""
+    (float16 when the GGUF has it: exact, half the bytes), head rows in parallel (one linear range per thread), each
+    streamed once for all ``B`` rows. Per (row, head row) :data:`HEAD_LANES` float32 partial sums (lane ``l`` takes
+    ``d = l, l + 64, …`` in order, an FMA each), then folded in halves (lane ``l`` += lane ``l + 32``, then ``+ 16``,
+    … ``+ 1``: six vector adds, where a chain of 64 dependent scalar adds was the head's bottleneck), so a row's
+    logits do not depend on ``B`` or on the other rows (:func:`model.exact_reference.lm_head` mirrors the order). A
+    tile of ``VT`` head rows × ``BT`` rows (2 pairs) is computed together, fully unrolled: its partial sums stay in 8
+    vector registers and a head chunk is converted once for ``BT`` rows. The partial sums are a small ``"global"``
+    buffer, which TVM places on the stack (under 1 KiB); a ``"local"`` one (or a larger one) is heap workspace,
+    allocated per tile and stored back at every step: that made the head 2–5× slower."""
     from tvm.script import tirx as Tx
 
-    if D % lanes:
-        raise ValueError(f"d_model {D} must be a multiple of the head's {lanes} lanes")
-    NO = D // lanes
+    L = HEAD_LANES
+    if D % L:
+        raise ValueError(f"d_model {D} must be a multiple of the head's {L} lanes")
+    NO = D // L
+    BT = 2 if B % 2 == 0 else 1  # 2 pairs: 512 bytes of partial sums, under TVM's 1 KiB stack-allocation limit
+    VT = 2 if BT == 1 and V % 2 == 0 else 1
 
     @Tx.prim_func
     def head(h: Tx.Buffer((B, D), "float32"), E: Tx.Buffer((V, D), dtype), logits: Tx.Buffer((B, V), "float32")):
-        for v in Tx.parallel(V):
-            for b in range(B):
-                part = Tx.alloc_buffer((lanes,), "float32", scope="local")
-                for ln in Tx.vectorized(lanes):
-                    part[ln] = Tx.float32(0)
+        for vo in Tx.parallel(V // VT):
+            for bo in range(B // BT):
+                p = Tx.alloc_buffer((VT, BT, L), "float32", scope="global")  # small "global": a stack array
+                for vi in Tx.unroll(VT):
+                    for bi in Tx.unroll(BT):
+                        for ln in Tx.vectorized(L):
+                            p[vi, bi, ln] = Tx.float32(0)
                 for io in range(NO):
-                    for ln in Tx.vectorized(lanes):
-                        part[ln] = part[ln] + h[b, io * lanes + ln] * Tx.Cast("float32", E[v, io * lanes + ln])
-                logits[b, v] = Tx.float32(0)
-                for ln in range(lanes):
-                    logits[b, v] = logits[b, v] + part[ln]
+                    for vi in Tx.unroll(VT):
+                        for bi in Tx.unroll(BT):
+                            for ln in Tx.vectorized(L):
+                                p[vi, bi, ln] = p[vi, bi, ln] + h[bo * BT + bi, io * L + ln] * Tx.Cast(
+                                    "float32", E[vo * VT + vi, io * L + ln]
+                                )
+                for vi in Tx.unroll(VT):
+                    for bi in Tx.unroll(BT):
+                        for ln in Tx.vectorized(32):
+                            p[vi, bi, ln] = p[vi, bi, ln] + p[vi, bi, ln + 32]
+                        for ln in Tx.vectorized(16):
+                            p[vi, bi, ln] = p[vi, bi, ln] + p[vi, bi, ln + 16]
+                        for ln in Tx.vectorized(8):
+                            p[vi, bi, ln] = p[vi, bi, ln] + p[vi, bi, ln + 8]
+                        for ln in Tx.vectorized(4):
+                            p[vi, bi, ln] = p[vi, bi, ln] + p[vi, bi, ln + 4]
+                        for ln in Tx.vectorized(2):
+                            p[vi, bi, ln] = p[vi, bi, ln] + p[vi, bi, ln + 2]
+                        logits[bo * BT + bi, vo * VT + vi] = p[vi, bi, 0] + p[vi, bi, 1]
 
     return head.without_attr("global_symbol")
 

@@ -202,16 +202,17 @@ def mhc_aggregate(X: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 def lane_dot(h: np.ndarray, E: np.ndarray, lanes: int) -> np.ndarray:
     """``Σ_d h[d]·E[v, d]`` for every row ``v`` in ``lanes`` FMA chains (lane ``l`` takes ``d = l, l + lanes, …``),
-    then ``((0 + r₀) + r₁) + …`` (the LM head)."""
+    then the lanes folded in halves: lane ``l`` += lane ``l + lanes/2``, then ``+ lanes/4``, … ``+ 1`` (the LM
+    head)."""
     Ev = E.reshape(E.shape[0], -1, lanes)
     hv = np.asarray(h, F32).reshape(-1, lanes)
     r = np.zeros((E.shape[0], lanes), F32)
     for o in range(Ev.shape[1]):
         r = fma(hv[o], Ev[:, o].astype(F32), r)
-    s = np.zeros(E.shape[0], F32)
-    for i in range(lanes):
-        s = (s + r[:, i]).astype(F32)
-    return s
+    while r.shape[1] > 1:
+        half = r.shape[1] // 2
+        r = (r[:, :half] + r[:, half:]).astype(F32)
+    return r[:, 0]
 
 
 def lm_head(h: np.ndarray, emb: np.ndarray, lanes: int = 64) -> np.ndarray:
