@@ -70,7 +70,6 @@ import ipaddress
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import socket
@@ -85,7 +84,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.machine import REPO, git_commit, machine
+
 PROMPTS = (
     "def fib(n):",
     'def is_prime(n: int) -> bool:\n    """Return True if n is a prime number."""\n',
@@ -108,8 +108,6 @@ WARMUP_MAX_TOKENS = 4
 SERVER_MAX_QUEUE = 16  # runtime.serve's default --max-queue
 FIGURES = ("aggregate_tok_s", "steady_tok_s", "per_stream_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tbt_p50_ms",
            "tbt_p99_ms", "e2e_p50_ms", "requests", "tokens", "wall_s", "client_cpu_s")  # fmt: skip
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-             "avx512_vbmi", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8")  # fmt: skip
 
 
 @dataclass
@@ -657,36 +655,6 @@ def metrics_delta(before: dict | None, after: dict | None) -> dict | None:
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
-def machine() -> dict:
-    from targets.cpu import cpu_flags
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        mem = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1]) / (1 << 20)
-    flags = cpu_flags()
-    return {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
-            "isa": [f for f in ISA_FLAGS if f in flags], "mem_gib": round(mem, 1) if mem else None,
-            "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
-
-
-def git_commit() -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()  # fmt: skip
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
-
-
 async def measure(cfg: LoadConfig, url: str, log=print) -> tuple[str, list[dict]]:
     """Warm up, then every level ``cfg.repeats`` times (interleaved); returns the model id and the levels."""
     import httpx

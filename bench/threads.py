@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.machine import cpu_name
 from compiler.measure import cycle_time, dram_copies, weight_bytes
 from targets.cpu import llc_bytes
 
@@ -212,16 +213,6 @@ def run(d: Path | str, rounds: int = 5, min_s: float = 0.05) -> dict:
     return {"command": " ".join(["python -m bench.threads", *sys.argv[1:]]), "export": man["command"],
             "target": man["target"], "cpu": cpu_name(), "cores": os.cpu_count(), "llc_bytes": llc, "rounds": rounds,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}  # fmt: skip
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def table(res: dict) -> str:
