@@ -366,6 +366,39 @@ def test_queue_full_is_429_and_hangups_free_their_slots(server):  # noqa: F811
 
 
 @pytest.mark.e2e
+def test_concurrent_streams_run_in_one_batch_with_their_solo_tokens(oai, server):  # noqa: F811
+    """Four streams at once, each with its own sampling parameters: every one starts before any ends (they share
+    decode steps: continuous batching), each gets exactly the text it gets alone, and their cache blocks are freed."""
+    prompts = ["def fib(n):", "import os\n", "class Stack:\n", "def parse(line):"]
+    params = [{"temperature": 0}, {"temperature": 0.9, "seed": 5}, {"temperature": 0, "frequency_penalty": 0.8},
+              {"temperature": 0.7, "top_p": 0.9, "seed": 11}]  # fmt: skip
+    body = {"max_tokens": 40, "ignore_eos": True}
+    solo = [oai.completions.create(model=MODEL, prompt=p, max_tokens=40, extra_body={"ignore_eos": True}, **kw)
+            .choices[0].text for p, kw in zip(prompts, params, strict=True)]  # fmt: skip
+
+    async def stream(c: httpx.AsyncClient, prompt: str, kw: dict):
+        times, events = [], []
+        async with c.stream("POST", COMPLETIONS, json={"prompt": prompt, "stream": True, **body, **kw}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    times.append(time.perf_counter())
+                    events.append(json.loads(line[len("data: ") :]))
+        return times, "".join(e["choices"][0]["text"] for e in events)
+
+    async def run():
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=120) as c:
+            return await asyncio.gather(*(stream(c, p, kw) for p, kw in zip(prompts, params, strict=True)))
+
+    results = asyncio.run(run())
+    assert [text for _, text in results] == solo
+    assert max(t[0] for t, _ in results) < min(t[-1] for t, _ in results), "a stream ended before another started"
+    m = server.metrics()
+    assert m["ternary_kv_cache_blocks"] > 0 and m["ternary_kv_cache_used_blocks"] == 0  # all freed
+
+
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_load_64_streaming_clients_some_hanging_up(server):  # noqa: F811
     """64 concurrent streaming clients (chat and completions), every fourth hanging up after its first token: no 5xx,
