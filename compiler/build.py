@@ -205,8 +205,8 @@ def build(
             from compiler import cuda_cross
 
             cuda_cross.enable()
-            mod = _dlight(_mark_scheduled(mod), tgt)
-            config = {"relax.backend.use_cuda_graph": True}  # the decode step replays as one CUDA graph
+            mod = _dlight(_static_inputs(_mark_scheduled(mod)), tgt)
+            config = {"relax.backend.use_cuda_graph": True}  # see _static_inputs: what the CUDA graphs capture
         with tgt, tvm.transform.PassContext(opt_level=3, config=config):
             if dump_ir:
                 opt = relax.get_pipeline("default")(mod)
@@ -292,6 +292,26 @@ def _dlight(mod, tgt):
                 break
         else:
             raise BuildError(f"no dlight rule schedules kernel {gv.name_hint} for CUDA")
+    return mod
+
+
+def _static_inputs(mod):
+    """Mark each Relax function's parameters from the KV cache on (``kc_0, vc_0, ..., *params``) as static
+    (``num_input``: the count before them), so ``relax.backend.use_cuda_graph`` captures the runs of kernels between
+    those that read the per-call inputs (tokens, positions, block tables: the embedding, RoPE, the cache write and
+    attention) as CUDA graphs replayed on later calls. Without it every parameter is a per-call input and only the
+    few kernels that touch none of them were captured (a decode step launched ~6 kernels per layer one by one).
+    The symbolic ``n_blocks`` of the cache is no obstacle: the graphs capture no kernel that reads the cache.
+    Contract: the caller passes the same weight and cache tensors on every call (``runtime.engine.Engine`` does:
+    both are allocated once); a captured graph keeps the device addresses it saw first, and a function's result
+    may live in memory the next call of that function reuses (the Engine copies it to the host at once)."""
+    from tvm import relax
+
+    for gv, f in list(mod.functions_items()):
+        if isinstance(f, relax.Function):
+            names = [p.name for p in f.params]
+            if "kc_0" in names:
+                mod[gv] = f.with_attr("num_input", names.index("kc_0"))
     return mod
 
 

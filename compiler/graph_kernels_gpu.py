@@ -13,9 +13,9 @@ sequence's greedy tokens are the same alone (``decode_b1``) or in any batch (``d
   thread), then thread ``i`` sums output column ``i`` over the keys in order (coalesced over ``i``). Each phase is
   its own thread loop, so ``gpu=False`` turns the bindings into serial loops that run the phases one after another:
   the same kernel, runnable on the CPU (``tests/test_cuda_batch.py`` checks it there).
-* ``lm_head``: a thread per head row ``v``, which streams ``E[v]`` once (8 elements per step, one 16-byte load in
-  float16) and keeps all ``B`` rows' sums in registers: each head row is read once for the whole batch, and each
-  logit is one FMA chain over ``d = 0 .. D-1`` whatever ``B`` is.
+* ``lm_head``: a thread per head row (two from 16 rows on), which streams the row once (16-byte loads) and keeps
+  all ``B`` rows' sums in registers: each head row is read once for the whole batch, and each logit is one FMA
+  chain over ``d = 0 .. D-1`` whatever ``B`` is.
 
     python -c "from compiler.graph_kernels_gpu import attention; print(attention(2, 8, 4, 64, 1024, 16).script())"
 """
@@ -111,35 +111,46 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
 
 def lm_head(B: int, V: int, D: int, dtype: str = "float32", gpu: bool = True, threads: int = 128):
     """``logits[b, v] = Σ_d h[b, d] · E[v, d]`` for ``B`` rows over the head as the GGUF stores it, ``E [V, D]``
-    (float16 kept as stored), as :func:`compiler.graph_kernels.lm_head`: a thread per head row ``v`` (``threads``
-    per CUDA block) streams ``E[v]`` once, 16 bytes at a time, and updates all ``B`` rows' sums (registers)
-    with each; every logit is one FMA chain over ``d`` in order, so it does not depend on ``B`` or the other rows.
-    ``gpu=False``: serial loops (runs on the CPU)."""
+    (float16 kept as stored), as :func:`compiler.graph_kernels.lm_head`: a thread per ``R`` head rows (``R = 2``
+    from 16 rows on, when ``V`` is even; else 1; ``threads`` threads per CUDA block) streams those rows once, 16
+    bytes per row a step, and keeps the ``B · R`` sums in registers; ``h`` is read 4 floats per load and each
+    value serves ``R`` rows. Every logit is one FMA chain over ``d = 0 .. D-1`` in order, whatever ``B`` and ``R``
+    are, so it does not depend on the batch. ``gpu=False``: serial loops (runs on the CPU)."""
     from tvm.script import tirx as Tx
 
-    step = 16 // (2 if dtype == "float16" else 4)  # elements per 16-byte load
+    step = 16 // (2 if dtype == "float16" else 4)  # elements of a 16-byte load
     if D % step:
         raise ValueError(f"d_model {D} must be a multiple of the head's step {step}")
-    nblk = -(-V // threads)
+    R = 2 if B >= 16 and V % 2 == 0 else 1
+    nblk = -(-(V // R) // threads)
     blocks, thr = _bindings(gpu)
 
     @Tx.prim_func
     def head(h: Tx.Buffer((B, D), "float32"), E: Tx.Buffer((V, D), dtype), logits: Tx.Buffer((B, V), "float32")):
         for bx in blocks(nblk):
             for tx in thr(threads):
-                acc = Tx.alloc_buffer((B,), "float32", scope="local")
-                e = Tx.alloc_buffer((step,), dtype, scope="local")
-                if bx * threads + tx < V:
-                    for b in Tx.unroll(B):
-                        acc[b] = Tx.float32(0)
+                acc = Tx.alloc_buffer((B * R,), "float32", scope="local")
+                e = Tx.alloc_buffer((R * step,), dtype, scope="local")
+                hv = Tx.alloc_buffer((4,), "float32", scope="local")
+                if (bx * threads + tx) * R < V:
+                    for i in Tx.unroll(B * R):
+                        acc[i] = Tx.float32(0)
                     for do in range(D // step):
-                        for k in Tx.vectorized(step):
-                            e[k] = E[bx * threads + tx, do * step + k]
-                        for k in Tx.unroll(step):
+                        for r in Tx.unroll(R):
+                            for k in Tx.vectorized(step):
+                                e[r * step + k] = E[(bx * threads + tx) * R + r, do * step + k]
+                        for k4 in Tx.unroll(step // 4):
                             for b in Tx.unroll(B):
-                                acc[b] = acc[b] + h[b, do * step + k] * Tx.Cast("float32", e[k])
+                                for kk in Tx.vectorized(4):
+                                    hv[kk] = h[b, do * step + k4 * 4 + kk]
+                                for kk in Tx.unroll(4):
+                                    for r in Tx.unroll(R):
+                                        acc[b * R + r] = acc[b * R + r] + hv[kk] * Tx.Cast(
+                                            "float32", e[r * step + k4 * 4 + kk]
+                                        )
                     for b in Tx.unroll(B):
-                        logits[b, bx * threads + tx] = acc[b]
+                        for r in Tx.unroll(R):
+                            logits[b, (bx * threads + tx) * R + r] = acc[b * R + r]
 
     return head.without_attr("global_symbol")
 
