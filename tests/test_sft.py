@@ -19,7 +19,15 @@ from model.gguf_io import read_gguf, write_gguf
 from model.sampling import SamplingParams
 from model.tokenizer import hf_from_spec, spec_from_hf
 from model.transformer import IGNORE_INDEX, Transformer
-from train.chat_eval import ChatEvalConfig, evaluate_gguf, first_code_block, greedy_batch, score_answer
+from train.chat_eval import (
+    ChatEvalConfig,
+    evaluate_gguf,
+    first_code_block,
+    greedy_batch,
+    greedy_sequential,
+    requests_of,
+    score_answer,
+)
 from train.corpus import SourceFile
 from train.sft import (
     CHAT_TUNED_KEY,
@@ -217,6 +225,7 @@ def test_batched_greedy_matches_one_prompt_at_a_time():
     model = Transformer(get_config("tiny")).eval()
     prompts = [[5, 9, 30, 2], [7], [11, 12, 13, 14, 15, 16, 17, 18, 19], [40, 41]]
     got = greedy_batch(model, prompts, max_new_tokens=6, stop_ids={0}, batch_size=3)
+    assert greedy_sequential(model, prompts, max_new_tokens=6, stop_ids={0}) == got
     for p, g in zip(prompts, got, strict=True):
         ref = generate(model, p, SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=(0,)))
         stopped = ref.tokens[-1:] == [0]
@@ -247,3 +256,8 @@ def test_tiny_cpu_sft_writes_a_chat_tuned_gguf_and_evaluates(tmp_path):
     assert report["bits_per_byte"] > 0 and {s["name"] for s in report["samples"]} == {"held_out_function",
                                                                                      "another_held_out"}  # fmt: skip
     assert hf_from_spec(gg.tokenizer).token_to_id(END) is not None
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    again = evaluate_gguf(out, None, None, ChatEvalConfig(n=2, max_new_tokens=4, kv_cache=1), "cpu",
+                          requests=tmp_path / "report.json")  # fmt: skip
+    assert [s["request"] for s in again["samples"]] == [r["request"] for r in requests_of(tmp_path / "report.json")]
+    assert [s["answer"] for s in again["samples"]] == [s["answer"] for s in report["samples"]]

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from model.generate import generate
+from model.sampling import SamplingParams
 from model.tokenizer import hf_from_spec
 from model.transformer import Transformer
 from train.corpus import read_manifest
@@ -121,6 +123,22 @@ def greedy_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     return out
 
 
+@torch.no_grad()
+def greedy_sequential(
+    model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int]
+) -> list[dict]:
+    """The same answers one prompt at a time with the KV cache (``model.generate``): much cheaper on a CPU, where the
+    batched path's recomputation of every prefix dominates."""
+    model.eval()
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(sorted(stop_ids)))
+    out = []
+    for p in tqdm(prompts, desc="chat answers", unit="req"):
+        ids = generate(model, p[-(model.config.max_seq_len - max_new_tokens) :], params).tokens
+        stopped = bool(ids) and ids[-1] in stop_ids
+        out.append({"ids": ids[: len(ids) - stopped], "finish_reason": "stop" if stopped else "length"})
+    return out
+
+
 @dataclass(frozen=True)
 class ChatEvalConfig:
     n: int = 200  # requests
@@ -130,15 +148,19 @@ class ChatEvalConfig:
     batch_size: int = 100  # requests generated together
     bpb_tokens: int = 1_000_000  # held-out tokens for bits/byte (0: skip)
     seq_len: int = 512  # bits/byte windows
+    kv_cache: int = 0  # 1: generate one request at a time with the KV cache (faster on a CPU)
 
 
 def chat_eval(model: Transformer, tok, template: str | None, functions: list[dict], cfg: ChatEvalConfig) -> dict:
     """Answer every function's request and score it; the report holds the rates and every sample."""
     stop_ids = {tok.token_to_id(t) for t in _control_tokens(tok)}
-    requests = [eval_request(fn) for fn in functions]
+    requests = [fn.get("request") or eval_request(fn) for fn in functions]
     prompts = [tok.encode(render_chat([{"role": "user", "content": r}], template), add_special_tokens=False).ids
                for r in requests]  # fmt: skip
-    answers = greedy_batch(model, prompts, cfg.max_new_tokens, stop_ids, cfg.batch_size)
+    if cfg.kv_cache:
+        answers = greedy_sequential(model, prompts, cfg.max_new_tokens, stop_ids)
+    else:
+        answers = greedy_batch(model, prompts, cfg.max_new_tokens, stop_ids, cfg.batch_size)
     samples, counts = [], {"has_block": 0, "parses": 0, "defines": 0, "ok": 0, "hit_limit": 0}
     for fn, req, ans in zip(functions, requests, answers, strict=True):
         text = tok.decode(ans["ids"], skip_special_tokens=True)
@@ -160,9 +182,19 @@ def _control_tokens(tok) -> set[str]:
     return {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
 
 
-def evaluate_gguf(gguf: Path, manifest: Path, shards: Path | None, cfg: ChatEvalConfig, device: str,
-                  workers: int = 0) -> dict:  # fmt: skip
-    functions = held_out_functions(manifest, cfg.n, cfg.offset, cfg.prompt_seed, workers)  # forks before CUDA starts
+def requests_of(report: Path) -> list[dict]:
+    """The requests (name, file, request text) of an earlier report, to ask another model exactly the same."""
+    data = json.loads(Path(report).read_text())
+    first = data[0] if isinstance(data, list) else data
+    return [{"name": s["name"], "file": s["file"], "request": s["request"]} for s in first["samples"]]
+
+
+def evaluate_gguf(gguf: Path, manifest: Path | None, shards: Path | None, cfg: ChatEvalConfig, device: str,
+                  workers: int = 0, requests: Path | None = None) -> dict:  # fmt: skip
+    if requests is not None:
+        functions = requests_of(requests)[cfg.offset : cfg.offset + cfg.n]
+    else:  # forks the parsing workers before CUDA starts
+        functions = held_out_functions(manifest, cfg.n, cfg.offset, cfg.prompt_seed, workers)
     model, gg = load_gguf_model(gguf)
     model.to(device)
     tok = hf_from_spec(gg.tokenizer)
@@ -189,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.chat_eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--gguf", type=Path, nargs="+", required=True, help="one or more models, evaluated in turn")
-    ap.add_argument("--manifest", type=Path, required=True, help="corpus manifest (its val split is held out)")
+    ap.add_argument("--manifest", type=Path, help="corpus manifest (its val split is held out)")
+    ap.add_argument("--requests", type=Path, help="ask the requests of this earlier report instead (no --manifest)")
     ap.add_argument("--shards", type=Path, default=None, help="token shards for bits/byte (the GGUF's tokenizer)")
     ap.add_argument("--out", type=Path, required=True, help="JSON report (a list when several models)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -197,8 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, default in asdict(ChatEvalConfig()).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     args = ap.parse_args(argv)
+    if (args.manifest is None) == (args.requests is None):
+        ap.error("give --manifest or --requests")
     cfg = ChatEvalConfig(**{k: getattr(args, k) for k in asdict(ChatEvalConfig())})
-    reports = [evaluate_gguf(g, args.manifest, args.shards, cfg, args.device, args.workers) for g in args.gguf]
+    reports = [evaluate_gguf(g, args.manifest, args.shards, cfg, args.device, args.workers, args.requests)
+               for g in args.gguf]  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2) + "\n")
     print(table(reports))
