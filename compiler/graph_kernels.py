@@ -17,7 +17,7 @@ import numpy as np
 
 from model.ternary.quant import ACT_QMAX, SCALE_EPS
 
-HEAD_LANES = 64  # the LM head's partial sums per dot product (folded in halves: see lm_head)
+HEAD_LANES = 16  # the LM head's partial sums per dot product (folded in halves: see lm_head)
 
 
 def _prim(tensors):
@@ -235,53 +235,69 @@ def rmsnorm(T: int, D: int, eps: float):
 
 def lm_head(B: int, V: int, D: int, dtype: str = "float32"):
     """``logits[b, v] = Σ_d h[b, d] · E[v, d]`` for ``B`` rows over the head as the GGUF stores it, ``E [V, D]``
-    (float16 when the GGUF has it: exact, half the bytes), head rows in parallel (one linear range per thread), each
-    streamed once for all ``B`` rows. Per (row, head row) :data:`HEAD_LANES` float32 partial sums (lane ``l`` takes
-    ``d = l, l + 64, …`` in order, an FMA each), then folded in halves (lane ``l`` += lane ``l + 32``, then ``+ 16``,
-    … ``+ 1``: six vector adds, where a chain of 64 dependent scalar adds was the head's bottleneck), so a row's
-    logits do not depend on ``B`` or on the other rows (:func:`model.exact_reference.lm_head` mirrors the order). A
-    tile of ``VT`` head rows × ``BT`` rows (2 pairs) is computed together, fully unrolled: its partial sums stay in 8
-    vector registers and a head chunk is converted once for ``BT`` rows. The partial sums are a small ``"global"``
-    buffer, which TVM places on the stack (under 1 KiB); a ``"local"`` one (or a larger one) is heap workspace,
-    allocated per tile and stored back at every step: that made the head 2–5× slower."""
+    (float16 when the GGUF has it: exact, half the bytes), each head row streamed once for all ``B`` rows.
+
+    Order of the sums (:func:`model.exact_reference.lm_head` mirrors it, so a row's logits do not depend on ``B`` or
+    on the other rows): per (row, head row) :data:`HEAD_LANES` float32 partial sums, lane ``l`` taking ``d = l,
+    l + 16, …`` in order, an FMA each; then the lanes folded in halves (lane ``l`` += lane ``l + 8``, ``+ 4``, ``+ 2``,
+    ``+ 1``).
+
+    Register tiling: a tile of 16 (head row, row) pairs — ``VT`` head rows × ``BT`` rows — runs over ``D`` together,
+    fully unrolled, its 16 partial-sum vectors in registers; a head chunk is loaded and converted once for ``BT`` rows
+    and a row chunk once for ``VT`` head rows, so ``h`` is read ``V / VT`` times instead of ``V`` (at ``B = 8`` on
+    ``nano-1b`` that re-read, 64 KiB per head row from L2, was the head's bottleneck). Tiles of head rows run in
+    parallel. The partial sums are two small ``"global"`` buffers, which TVM places on the stack (each under its 1 KiB
+    limit); a ``"local"`` buffer is heap workspace, allocated per tile and stored back at every step."""
     from tvm.script import tirx as Tx
 
     L = HEAD_LANES
     if D % L:
         raise ValueError(f"d_model {D} must be a multiple of the head's {L} lanes")
     NO = D // L
-    BT = 2 if B % 2 == 0 else 1  # 2 pairs: 512 bytes of partial sums, under TVM's 1 KiB stack-allocation limit
-    VT = 2 if BT == 1 and V % 2 == 0 else 1
+    BT = next(t for t in (4, 2, 1) if B % t == 0)
+    VT = next(t for t in (16 // BT, 8, 4, 2, 1) if V % t == 0 and t * BT <= 16)
+    P = VT * BT  # pairs per tile: pa holds 0..7, pb 8..15
 
     @Tx.prim_func
     def head(h: Tx.Buffer((B, D), "float32"), E: Tx.Buffer((V, D), dtype), logits: Tx.Buffer((B, V), "float32")):
         for vo in Tx.parallel(V // VT):
             for bo in range(B // BT):
-                p = Tx.alloc_buffer((VT, BT, L), "float32", scope="global")  # small "global": a stack array
-                for vi in Tx.unroll(VT):
-                    for bi in Tx.unroll(BT):
-                        for ln in Tx.vectorized(L):
-                            p[vi, bi, ln] = Tx.float32(0)
+                pa = Tx.alloc_buffer((8, L), "float32", scope="global")  # a stack array
+                pb = Tx.alloc_buffer((8, L), "float32", scope="global")
+                for k in Tx.unroll(P):
+                    for ln in Tx.vectorized(L):
+                        if k < 8:
+                            pa[k, ln] = Tx.float32(0)
+                        else:
+                            pb[k - 8, ln] = Tx.float32(0)
                 for io in range(NO):
-                    for vi in Tx.unroll(VT):
-                        for bi in Tx.unroll(BT):
-                            for ln in Tx.vectorized(L):
-                                p[vi, bi, ln] = p[vi, bi, ln] + h[bo * BT + bi, io * L + ln] * Tx.Cast(
-                                    "float32", E[vo * VT + vi, io * L + ln]
+                    for k in Tx.unroll(P):  # pair k: head row vo·VT + k // BT, row bo·BT + k % BT
+                        for ln in Tx.vectorized(L):
+                            if k < 8:
+                                pa[k, ln] = pa[k, ln] + h[bo * BT + k % BT, io * L + ln] * Tx.Cast(
+                                    "float32", E[vo * VT + k // BT, io * L + ln]
                                 )
-                for vi in Tx.unroll(VT):
-                    for bi in Tx.unroll(BT):
-                        for ln in Tx.vectorized(32):
-                            p[vi, bi, ln] = p[vi, bi, ln] + p[vi, bi, ln + 32]
-                        for ln in Tx.vectorized(16):
-                            p[vi, bi, ln] = p[vi, bi, ln] + p[vi, bi, ln + 16]
+                            else:
+                                pb[k - 8, ln] = pb[k - 8, ln] + h[bo * BT + k % BT, io * L + ln] * Tx.Cast(
+                                    "float32", E[vo * VT + k // BT, io * L + ln]
+                                )
+                for k in Tx.unroll(P):
+                    if k < 8:
                         for ln in Tx.vectorized(8):
-                            p[vi, bi, ln] = p[vi, bi, ln] + p[vi, bi, ln + 8]
+                            pa[k, ln] = pa[k, ln] + pa[k, ln + 8]
                         for ln in Tx.vectorized(4):
-                            p[vi, bi, ln] = p[vi, bi, ln] + p[vi, bi, ln + 4]
+                            pa[k, ln] = pa[k, ln] + pa[k, ln + 4]
                         for ln in Tx.vectorized(2):
-                            p[vi, bi, ln] = p[vi, bi, ln] + p[vi, bi, ln + 2]
-                        logits[bo * BT + bi, vo * VT + vi] = p[vi, bi, 0] + p[vi, bi, 1]
+                            pa[k, ln] = pa[k, ln] + pa[k, ln + 2]
+                        logits[bo * BT + k % BT, vo * VT + k // BT] = pa[k, 0] + pa[k, 1]
+                    else:
+                        for ln in Tx.vectorized(8):
+                            pb[k - 8, ln] = pb[k - 8, ln] + pb[k - 8, ln + 8]
+                        for ln in Tx.vectorized(4):
+                            pb[k - 8, ln] = pb[k - 8, ln] + pb[k - 8, ln + 4]
+                        for ln in Tx.vectorized(2):
+                            pb[k - 8, ln] = pb[k - 8, ln] + pb[k - 8, ln + 2]
+                        logits[bo * BT + k % BT, vo * VT + k // BT] = pb[k - 8, 0] + pb[k - 8, 1]
 
     return head.without_attr("global_symbol")
 

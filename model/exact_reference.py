@@ -215,8 +215,9 @@ def lane_dot(h: np.ndarray, E: np.ndarray, lanes: int) -> np.ndarray:
     return r[:, 0]
 
 
-def lm_head(h: np.ndarray, emb: np.ndarray, lanes: int = 64) -> np.ndarray:
-    """``logits = E·h`` as ``compiler.graph_kernels.lm_head`` computes it (``emb [V, D]``, float16 or float32)."""
+def lm_head(h: np.ndarray, emb: np.ndarray, lanes: int = 16) -> np.ndarray:
+    """``logits = E·h`` as ``compiler.graph_kernels.lm_head`` computes it (``emb [V, D]``, float16 or float32;
+    ``lanes``: its ``HEAD_LANES``, which ``tests/test_exact_reference.py`` checks)."""
     return lane_dot(h, emb, lanes)
 
 

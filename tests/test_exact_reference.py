@@ -91,7 +91,7 @@ def _kernel_cases(target: str, rng) -> list:
         E, hv = rng.standard_normal((256, D)).astype(dt), rng.standard_normal((T, D)).astype(F32)
         for B in (1, T):  # a row's logits do not depend on the batch
             cases.append((f"lm_head_{dt}_{B}", gk.lm_head(B, 256, D, dt), [hv[:B], E], [((B, 256), "float32")],
-                          [np.stack([er.lm_head(hv[b], E) for b in range(B)])]))  # fmt: skip
+                          [np.stack([er.lm_head(hv[b], E, gk.HEAD_LANES) for b in range(B)])]))  # fmt: skip
     for N in (1, 8):  # the shipped model's width: tuned records, whose lane knob compiler.arith reads
         op = make_op("rmsnorm_quant", D=D, N=N)
         x = (rng.standard_normal((N, D)) * 3).astype(F32)
