@@ -111,14 +111,16 @@ class TokenPicker:
     def pick(self, logits: np.ndarray, length: int) -> int:
         """The next token from this step's ``logits``, the sequence holding ``length`` tokens in its cache."""
         eng, params, result = self.engine, self.params, self.result
-        if params.penalized:
-            logits = penalize(logits, result.tokens[self.n_heal :], params)
-        if eng._never.size:
-            logits = np.array(logits, dtype=np.float32)  # a copy: the step's own array may be read-only
-            logits[eng._never] = -np.inf
-        if self.pending:
-            logits = constrain(logits, eng.token_table.allowed(self.pending))
-        tok = sample(logits, params, self.rng)
+        tok = self._greedy(logits)
+        if tok is None:
+            if params.penalized:
+                logits = penalize(logits, result.tokens[self.n_heal :], params)
+            if eng._never.size:
+                logits = np.array(logits, dtype=np.float32)  # a copy: the step's own array may be read-only
+                logits[eng._never] = -np.inf
+            if self.pending:
+                logits = constrain(logits, eng.token_table.allowed(self.pending))
+            tok = sample(logits, params, self.rng)
         now = time.perf_counter()
         if self.t1 is None:
             self.t1 = now
@@ -136,6 +138,18 @@ class TokenPicker:
         elif len(result.tokens) >= self.limit:
             self.done = True
         return tok
+
+    def _greedy(self, logits: np.ndarray) -> int | None:
+        """The greedy pick without copying the logits, when nothing else applies (no penalties, no healing
+        constraint) and the argmax is an ordinary token with a number for a logit; else None (the full path). Same
+        result as the full path: ``np.argmax`` returns the first maximum, as it does on the float64 copy."""
+        p = self.params
+        if p.temperature >= GREEDY_BELOW or p.penalized or self.pending:
+            return None
+        i = int(np.argmax(logits))
+        if np.isnan(logits[i]) or i in self.engine.never_ids:
+            return None
+        return i
 
     def _finish(self, reason: str) -> None:
         self.result.finish_reason, self.done = reason, True

@@ -195,6 +195,7 @@ class Engine:
             self.hidden = frozenset(special)
             self.eog = frozenset(i for i, name in special.items() if name in EOG_NAMES)
         self._never = np.array([i for i in unused if i < self.vocab], dtype=np.int64)
+        self.never_ids = frozenset(int(i) for i in self._never)  # never sampled (the same ids, for lookups)
         if self.tokenizer is not None and token_healing:
             self.token_table.allowed(b"\n")  # built now (~25 ms for 8k tokens), not in the first request's time
 
