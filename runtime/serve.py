@@ -282,13 +282,17 @@ def completion_tokens(gen) -> int:
 async def _events(request: Request, job: Job) -> AsyncIterator[tuple[str, object]]:
     """The job's events until done/error; cancels the job when the client goes away."""
     while True:
-        try:
-            kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                return
-            continue
+        if job.events.empty():  # wait (checking the client now and then); a ready event needs no timer
+            try:
+                async with asyncio.timeout(DISCONNECT_POLL_S):
+                    kind, value = await job.events.get()
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    return
+                continue
+        else:
+            kind, value = job.events.get_nowait()
         yield kind, value
         if kind != "text":
             return
