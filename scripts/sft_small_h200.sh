@@ -18,7 +18,7 @@ W=${W:-/tmp/sft-small}
 STEPS=${STEPS:-800} N=${N:-200} NDEV=${NDEV:-100} NEW=${NEW:-256} BPB=${BPB:-1000000}
 ROOTS=${ROOTS:-stdlib,site-packages}
 SFT_ARGS=${SFT_ARGS:-} EVAL_ARGS=${EVAL_ARGS:-}
-BASE=models/small.gguf
+BASE=${BASE:-models/small.gguf}  # the base (pre-SFT) model: since SFT it is git show 3a4026f:models/small.gguf
 mkdir -p "$OUT" "$W"
 logs() {  # on any exit: the logs, metrics and data summaries that exist so far
     (cd "$W" && tar czf "$OUT/logs.tgz" --ignore-failed-read log_*.txt */metrics.jsonl */sft_summary.json \

@@ -15,7 +15,7 @@ W=${W:-/tmp/sft-small}
 STEPS=${STEPS:-800} N=${N:-200} NEW=${NEW:-256} BPB=${BPB:-1000000}
 ROOTS=${ROOTS:-stdlib,site-packages}
 SFT_ARGS=${SFT_ARGS:-} EVAL_ARGS=${EVAL_ARGS:-}
-BASE=models/small.gguf
+BASE=${BASE:-models/small.gguf}  # the base (pre-SFT) model: since SFT it is git show 3a4026f:models/small.gguf
 mkdir -p "$OUT" "$W"
 logs() {
     (cd "$W" && tar czf "$OUT/logs_final.tgz" --ignore-failed-read log_*.txt c/metrics.jsonl c/sft_summary.json \

@@ -21,9 +21,10 @@
   ``training.sft_steps``; read back and checked against the trained model's logits; ``<out>/sft_summary.json`` and
   ``<out>/metrics.jsonl``.
 
-Standalone, from a shipped model (builds the corpus, the tokenizer file and shards in ``<out>/data`` if missing):
+Standalone, from a shipped model (builds the corpus, the tokenizer file and shards in ``<out>/data`` if missing; the
+defaults are the settings of the shipped SFT model, whose base is ``git show 3a4026f:models/small.gguf``):
 
-    python -m train.sft --gguf models/small.gguf --out runs/sft --steps 800
+    python -m train.sft --gguf base.gguf --out runs/sft --steps 800
     python -m train.sft --gguf runs/tiny/model.gguf --out runs/tiny-sft --manifest runs/tiny/corpus/manifest.jsonl \
         --shards runs/tiny/shards --steps 20 --device cpu
 
@@ -409,7 +410,7 @@ class SFTConfig:
     plain_batch_size: int = 16  # plain pretraining windows per step (0: none)
     plain_weight: float = 1.0  # weight of the plain loss next to the chat loss
     seq_len: int = 512  # plain windows; chat turns longer than this are dropped
-    max_answer_tokens: int = 200
+    max_answer_tokens: int = 128
     named_frac: float = 0.8  # requests that name the function (the rest describe it only)
     complete_frac: float = 0.15  # "complete this code" turns
     lr_matrix: float = 0.004  # Muon (ternary matrices' master weights)
