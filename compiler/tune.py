@@ -106,17 +106,20 @@ CUDA_BENCH_SHAPES = [  # bench.kernels --target cuda: small (launch-bound), LLaM
     ("gemm_dp4a", {"N": 16, "M": 4096, "K": 4096}),
     ("gemv_f32_dp4a", {"M": 4096, "K": 4096}), ("gemv_f32_dp4a", {"M": 32768, "K": 8192}),
 ]  # fmt: skip
+from compiler.constants import CPU_BATCH_SIZES, CUDA_BATCH_SIZES  # noqa: E402 (decode batches: their GEMMs' N)
 from compiler.constants import CUDA_PREFILL_CHUNK as CUDA_PREFILL_TOKENS  # noqa: E402 (gemm_dp4a tuned N)
 
 
 def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: str = "tile8") -> list:
-    """Every tunable workload of a model config: the ternary GEMVs (+ prefill GEMMs) and the fused elementwise ops.
-    ``weights="tl"``: the CPU build's 1.67-bit layout, whose GEMV serves prefill too (once per token)."""
+    """Every tunable workload of a model config: the ternary GEMVs (+ the GEMMs of prefill and of the decode
+    batches, ``decode_b{B}``) and the fused elementwise ops. ``weights="tl"``: the CPU build's 1.67-bit layout, whose
+    GEMV serves prefill and batches too (once per token)."""
     if target == "cuda":
         shapes = sorted(set(cfg.ternary_shapes().values()))
         ops = [make_op("gemv_dp4a", M=M, K=K) for M, K in shapes]
         if include_prefill:
-            ops += [make_op("gemm_dp4a", N=CUDA_PREFILL_TOKENS, M=M, K=K) for M, K in shapes]
+            ns = sorted({CUDA_PREFILL_TOKENS, *(b for b in CUDA_BATCH_SIZES if b > 1)})
+            ops += [make_op("gemm_dp4a", N=n, M=M, K=K) for n in ns for M, K in shapes]
         return ops
     from compiler.lower import cpu_tile, tl_tile  # the CPU build's weight layouts: its GEMV and GEMM read them
 
@@ -127,7 +130,8 @@ def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: 
             continue
         ops.append(make_op("gemv_i8", M=M, K=K, tile=cpu_tile(M)))
         if include_prefill:
-            ops.append(make_op("gemm_i8", N=PREFILL_TOKENS, M=M, K=K, tile=cpu_tile(M)))
+            for n in sorted({PREFILL_TOKENS, *(b for b in CPU_BATCH_SIZES if b > 1)}):
+                ops.append(make_op("gemm_i8", N=n, M=M, K=K, tile=cpu_tile(M)))
     # what compiler.build calls: RMSNorm+quantize per token (decode) and per prefill chunk, and the mHC site op in its
     # three positions (a middle site, the first with expand folded in, the last with collapse folded in)
     ops.append(make_op("rmsnorm_quant", D=cfg.d_model))
