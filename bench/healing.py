@@ -7,7 +7,7 @@ Prompts are held-out functions with a docstring (:func:`train.eval.function_prom
 corpus manifest; ``--manifest``, else one built here from this machine's stdlib and site-packages with the training
 split rule, so the held-out packages are held out from the shipped model's training too). Each function gives three
 prompts: ending at the docstring's closing quotes (the form training saw), after them a newline, and after them a
-newline and the body's 4-space indentation. A completion is greedy, at most
+newline and the body's indentation (:func:`ending`). A completion is greedy, at most
 ``--max-new-tokens``, stopped at the next top-level ``def``/``class``/decorator (:data:`train.eval.STOP_STRINGS`);
 the body is the prompt's text after the closing quotes plus the completion, cut as :func:`train.eval.cut_body`
 does, and it is valid if the function parses with a statement besides its docstring
@@ -29,7 +29,15 @@ from pathlib import Path
 
 from bench.machine import git_commit, machine
 
-ENDINGS = {"quotes": "", "newline": "\n", "indent": "\n    "}
+ENDINGS = ("quotes", "newline", "indent")
+
+
+def ending(prompt: str, kind: str) -> str:
+    """What a prompt of that kind adds after the closing quotes: nothing, a newline, or a newline and the body's
+    indentation (the docstring's last line's: 4 spaces in most code, 2 in Google's)."""
+    last = prompt.rsplit("\n", 1)[-1]
+    indent = last[: len(last) - len(last.lstrip())]
+    return {"quotes": "", "newline": "\n", "indent": "\n" + indent}[kind]
 
 
 @dataclass
@@ -65,7 +73,7 @@ def run(cfg: HealingBenchConfig) -> dict:
     eng = Engine.from_gguf(cfg.gguf, threads=cfg.threads)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, stop_strings=train_eval.STOP_STRINGS)
     variants = [("quotes", True), ("newline", True), ("indent", True), ("newline", False), ("indent", False)]
-    reqs = {(i, end, heal): Request(f["prompt"] + ENDINGS[end], params, token_healing=heal)
+    reqs = {(i, end, heal): Request(f["prompt"] + ending(f["prompt"], end), params, token_healing=heal)
             for i, f in enumerate(funcs) for end, heal in variants}  # fmt: skip
     t0 = time.perf_counter()
     Batcher(eng).run(list(reqs.values()))
@@ -75,7 +83,7 @@ def run(cfg: HealingBenchConfig) -> dict:
         ok = 0
         for i, f in enumerate(funcs):
             res = reqs[i, end, heal].result
-            body = train_eval.cut_body(ENDINGS[end] + res.text, res.finish_reason == "length")
+            body = train_eval.cut_body(ending(f["prompt"], end) + res.text, res.finish_reason == "length")
             valid = train_eval.is_valid_function(f["prompt"], body)
             ok += valid
             samples.append({"name": f["name"], "file": f["file"], "ending": end, "healing": heal, "valid": valid,
