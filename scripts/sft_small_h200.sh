@@ -9,10 +9,7 @@
 # CPU dry run: STEPS=2 N=2 NDEV=2 NEW=8 BPB=2048 SFT_ARGS="--batch-size 2 --plain-batch-size 1 --workers 1
 #   --device cpu" EVAL_ARGS="--device cpu --workers 1" ROOTS=<a small folder> OUT=/tmp/o W=/tmp/w bash scripts/...
 set -euo pipefail
-if ! python3 -c "import gguf" 2> /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
-fi
-export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+. scripts/gpu_train_env.sh
 OUT=${OUT:?set OUT to a results folder}
 W=${W:-/tmp/sft-small}
 STEPS=${STEPS:-800} N=${N:-200} NDEV=${NDEV:-100} NEW=${NEW:-256} BPB=${BPB:-1000000}

@@ -6,10 +6,7 @@
 # fresh slice that no choice has seen (offset 300, 200 requests), and the shipped model's bits/byte again.
 #   OUT=<results folder> bash scripts/sft_small_h200_final.sh      (device tool: carry .whl)
 set -euo pipefail
-if ! python3 -c "import gguf" 2> /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
-fi
-export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+. scripts/gpu_train_env.sh
 OUT=${OUT:?set OUT to a results folder}
 W=${W:-/tmp/sft-small}
 STEPS=${STEPS:-800} N=${N:-200} NEW=${NEW:-256} BPB=${BPB:-1000000}

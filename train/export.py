@@ -40,6 +40,29 @@ def load_checkpoint_model(run: Path, ckpt: Path | None = None) -> tuple[Transfor
     return model.eval(), state
 
 
+def write_checked(model: Transformer, out: Path, spec, ternary_type, metadata: dict, ids: torch.Tensor) -> float:
+    """Write ``model`` as a GGUF (tokenizer ``spec``) to ``out`` through a temporary file, read it back and check it:
+    the ternary matrices, norms and mHC logits are stored exactly and F16 embeddings are the one rounding, so the
+    reloaded model must give the logits of ``model`` with its embeddings rounded to F16 (which this does to
+    ``model``) on ``ids`` exactly, not merely closely. Returns the largest logit gap."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    model = model.float().cpu().eval()
+    write_gguf(tmp, model.config, model.gguf_tensors(), spec, ternary_type=ternary_type, metadata=metadata)
+    back = read_gguf(tmp)
+    reloaded = Transformer.from_gguf_tensors(back.config, back.model_tensors()).eval()
+    with torch.no_grad():
+        for emb in (model.tok_emb.weight, None if model.lm_head is None else model.lm_head.weight):
+            if emb is not None:
+                emb.copy_(emb.half().float())
+        gap = float((model(ids) - reloaded(ids)).abs().max())
+    if gap > 1e-5:
+        raise RuntimeError(f"the exported model's logits differ from the model's by {gap:.3g}")
+    tmp.replace(out)
+    return gap
+
+
 def export(run: Path, tokenizer_path: Path, out: Path, tq1: bool = False, ckpt: Path | None = None) -> dict:
     model, state = load_checkpoint_model(run, ckpt)
     tcfg = state["extra"]["train_config"]
@@ -49,23 +72,8 @@ def export(run: Path, tokenizer_path: Path, out: Path, tq1: bool = False, ckpt: 
     spec = spec_from_hf(tok, chat_template=CHAT_TEMPLATE, eos=EOT).padded(model.config.vocab_size)
     meta = {"training.steps": int(state["step"]), "training.preset": str(tcfg["preset"]),
             "training.seq_len": int(tcfg["seq_len"])}  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    write_gguf(tmp, model.config, model.gguf_tensors(), spec,
-               ternary_type=GGMLType.TQ1_0 if tq1 else GGMLType.TQ2_0, metadata=meta)  # fmt: skip
-    back = read_gguf(tmp)
-    reloaded = Transformer.from_gguf_tensors(back.config, back.model_tensors()).eval()
-    # the ternary matrices, norms and mHC logits are stored exactly and F16 embeddings are the one rounding, so the
-    # reloaded model must match the checkpoint's with its embeddings rounded to F16 exactly, not merely closely
-    with torch.no_grad():
-        for emb in (model.tok_emb.weight, None if model.lm_head is None else model.lm_head.weight):
-            if emb is not None:
-                emb.copy_(emb.half().float())
-        ids = torch.tensor([tok.encode("def fibonacci(n):\n    return n if n < 2 else").ids])
-        gap = float((model(ids) - reloaded(ids)).abs().max())
-    if gap > 1e-5:
-        raise RuntimeError(f"exported model's logits differ from the checkpoint's by {gap:.3g}")
-    tmp.replace(out)
+    ids = torch.tensor([tok.encode("def fibonacci(n):\n    return n if n < 2 else").ids])
+    gap = write_checked(model, out, spec, GGMLType.TQ1_0 if tq1 else GGMLType.TQ2_0, meta, ids)
     return {"out": str(out), "bytes": out.stat().st_size, "step": state["step"], "max_logit_gap": gap}
 
 

@@ -54,10 +54,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model.gguf_io import GGUFModel, read_gguf, write_gguf
+from model.gguf_io import GGUFModel, read_gguf
 from model.tokenizer import hf_from_spec
 from model.transformer import IGNORE_INDEX, Transformer
 from train.corpus import CorpusConfig, SourceFile, build_corpus, read_manifest, write_manifest
+from train.export import write_checked
 from train.shards import open_split, tokenize_files, write_shards
 from train.tokenizer import CHAT_TEMPLATE, EOT
 from train.train import Batches, TrainConfig, lr_factor, make_optimizers
@@ -79,21 +80,8 @@ def export_gguf(model: Transformer, gg: GGUFModel, out: Path, extra_metadata: di
     it back and check that the reloaded model reproduces ``model`` (embeddings rounded to F16, the one lossy step)."""
     meta = {k: v for k, v in gg.metadata.items() if k.startswith("training.")} | (extra_metadata or {})
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    model = model.float().cpu().eval()
-    write_gguf(tmp, model.config, model.gguf_tensors(), gg.tokenizer, ternary_type=gg.ternary_type, metadata=meta)
-    back = read_gguf(tmp)
-    reloaded = Transformer.from_gguf_tensors(back.config, back.model_tensors()).eval()
-    with torch.no_grad():
-        for emb in (model.tok_emb.weight, None if model.lm_head is None else model.lm_head.weight):
-            if emb is not None:
-                emb.copy_(emb.half().float())
-        ids = torch.arange(min(32, model.config.max_seq_len))[None] % model.config.vocab_size
-        gap = float((model(ids) - reloaded(ids)).abs().max())
-    if gap > 1e-5:
-        raise RuntimeError(f"exported model's logits differ from the trained model's by {gap:.3g}")
-    tmp.replace(out)
+    ids = torch.arange(min(32, model.config.max_seq_len))[None] % model.config.vocab_size
+    gap = write_checked(model, out, gg.tokenizer, gg.ternary_type, meta, ids)
     return {"out": str(out), "bytes": out.stat().st_size, "max_logit_gap": gap, "metadata": meta}
 
 
