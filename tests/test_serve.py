@@ -51,7 +51,7 @@ def test_models_lists_the_shipped_model(oai):
     models = oai.models.list().data
     assert [m.id for m in models] == [MODEL]
     assert models[0].model_extra["meta"]["n_ctx"] == 1024
-    assert models[0].model_extra["meta"]["chat_tuned"] is False  # the shipped GGUF has no training.chat_tuned
+    assert models[0].model_extra["meta"]["chat_tuned"] is True  # the shipped GGUF is instruction-tuned (train.sft)
 
 
 @pytest.mark.e2e

@@ -62,11 +62,10 @@ def test_chat_page_streams_an_answer_and_shows_code(server, page):  # noqa: F811
     page.goto(server.url + "/")
     page.locator("summary").click()
     page.fill("#api_key", API_KEY)
-    # the shipped model is not chat-tuned: the page opens in complete mode and says so
+    # the shipped model is chat-tuned (training.chat_tuned): the page opens in chat mode and says so
     page.wait_for_function("document.getElementById('mode').dataset.supported !== undefined", timeout=60_000)
-    assert page.locator("#mode").input_value() == "complete"
-    assert "not chat-tuned" in page.locator("#status").inner_text()
-    page.select_option("#mode", "chat")  # the user may still chat
+    assert page.locator("#mode").input_value() == "chat"
+    assert "chat-tuned: chat mode" in page.locator("#status").inner_text()
     page.fill("#temperature", "0")
     page.fill("#max_tokens", "48")
     # record every text the answer shows, to see it grow in several steps
@@ -105,3 +104,24 @@ def test_chat_page_streams_an_answer_and_shows_code(server, page):  # noqa: F811
     shot = out / "chat_page.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"\nscreenshot: {shot}")
+
+
+@pytest.mark.slow
+def test_chat_page_opens_in_complete_mode_for_a_plain_code_model(page):
+    """A model without ``training.chat_tuned`` (the fake engine's): the page picks complete mode and says why; the
+    user may still switch to chat."""
+    from serve_helpers import FakeBackend, run_app
+
+    from runtime.serve import ServeConfig
+
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with run_app(FakeBackend(ServeConfig())) as url:
+        page.goto(url + "/")
+        page.locator("summary").click()  # the settings, where the mode is
+        page.wait_for_function("document.getElementById('mode').dataset.supported !== undefined", timeout=60_000)
+        assert page.locator("#mode").input_value() == "complete"
+        assert "not chat-tuned" in page.locator("#status").inner_text()
+        page.select_option("#mode", "chat")
+        assert page.locator("#mode").input_value() == "chat"
+    assert not errors, errors
