@@ -1,4 +1,5 @@
-"""Run a compiled model with TVM's runtime only: prefill, decode over the KV cache, sampling, streaming text.
+"""Run a compiled model with TVM's runtime only: prefill, decode (one sequence or a batch) over the paged KV cache,
+sampling, streaming text.
 
     from runtime.engine import Engine, SamplingParams
     eng = Engine.from_gguf("models/small.gguf")          # JIT: builds into the cache on first use (compiler.build)
@@ -9,6 +10,12 @@
 GGUF (for the tokenizer). It imports ``tvm.runtime`` only (set ``TVM_USE_RUNTIME_LIB=1`` and ``libtvm_compiler`` is
 never loaded); the one exception is :func:`ensure_built`, the lazy JIT entry point, which imports
 :mod:`compiler.build` when the cache has no usable entry.
+
+The KV cache is paged (:mod:`runtime.kv_cache`: 16-token blocks shared by every sequence, ``kv_tokens`` of them in
+all). :meth:`Engine.prefill` / :meth:`Engine.decode` advance one :class:`~runtime.kv_cache.Sequence` (the Engine's
+own by default); :meth:`Engine.decode_batch` advances several by a token each in one call of the compiled
+``decode_b{B}``, with the logits each would get alone; :meth:`Engine.batcher` gives the continuous-batching scheduler
+(:mod:`runtime.batch`) that the server runs.
 
 Sampling is numpy (no torch), in float64: greedy at a temperature below :data:`GREEDY_BELOW` (1e-5: at that scale a
 0.01 logit gap is already a factor e^1000), else temperature → top-k → top-p (same filter rules as
@@ -23,7 +30,8 @@ tokens named like ``<|end|>``) stop every generation whatever the stop ids, unus
 ``token_healing`` field on the sampling parameters turn it off) and yields text pieces that never split a UTF-8
 character.
 
-Tests: ``pytest -q tests/test_runtime_engine.py tests/test_token_healing.py tests/test_special_tokens.py``.
+Tests: ``pytest -q tests/test_runtime_engine.py tests/test_token_healing.py tests/test_special_tokens.py
+tests/test_batch.py``.
 """
 
 from __future__ import annotations
