@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.machine import REPO, git_commit, machine
+from bench.machine import REPO, git_commit, machine, save_json
 
 PROMPT = '''import os
 import sys
@@ -187,9 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                            a.repeats, a.target, a.cache_dir)  # fmt: skip
     res = run(cfg, argv)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1))
-        print(f"wrote {a.json}")
+        save_json(a.json, res)
 
 
 if __name__ == "__main__":

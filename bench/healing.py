@@ -20,14 +20,13 @@ The issue's goal: with healing on, each newline-ended variant within 2 points of
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.machine import git_commit, machine
+from bench.machine import git_commit, machine, save_json
 
 ENDINGS = ("quotes", "newline", "indent")
 
@@ -118,9 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     res = run(HealingBenchConfig(a.gguf, a.manifest, a.n, a.max_new_tokens, a.seed, a.threads))
     print(table(res))
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1))
-        print(f"wrote {a.out}")
+        save_json(a.out, res)
 
 
 if __name__ == "__main__":

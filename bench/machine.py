@@ -1,4 +1,5 @@
-"""Where a benchmark ran: the CPU (model, cores, ISA flags that matter here), memory, Python, the git commit.
+"""Where a benchmark ran: the CPU (model, cores, ISA flags that matter here), memory, Python, the git commit; and
+where its report goes (:func:`save_json`).
 
 Every benchmark JSON carries :func:`machine` and :func:`git_commit`, so a figure names its machine.
 
@@ -49,6 +50,13 @@ def git_commit() -> dict:
 
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def save_json(path: str | Path, report: dict) -> None:
+    """Write a benchmark's report (creating its folder) and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def profile(entry: str, threads: int, steps: int, prompt: int = 16, batch: int =
     from runtime.engine import Engine
     from runtime.kv_cache import Sequence
 
-    eng = Engine(entry, None, threads=threads, kv_tokens=None)
+    eng = Engine(entry, None, threads=threads)
     seqs = [Sequence() for _ in range(batch)]
     for i, q in enumerate(seqs):
         eng.prefill(list(range(1 + i, prompt + 1 + i)), q)
