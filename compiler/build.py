@@ -312,6 +312,8 @@ def _static_inputs(mod):
             names = [p.name for p in f.params]
             if "kc_0" in names:
                 mod[gv] = f.with_attr("num_input", names.index("kc_0"))
+            elif gv.name_hint.startswith("draft_b"):  # draft_b{B}(hidden, *params): all but the hidden are static
+                mod[gv] = f.with_attr("num_input", 1)
     return mod
 
 

@@ -76,6 +76,17 @@ def silu_mul(T: int, F: int):
     return _prim([g, u, y])
 
 
+def mtp_residual(T: int, D: int):
+    """A multi-token-prediction head's hidden state ``h + silu(y)`` (``y = P h``; :class:`model.transformer.MTPHead`),
+    ``silu`` as in :func:`silu_mul`."""
+    from tvm import te
+
+    h = te.placeholder((T, D), "float32", name="h")
+    y = te.placeholder((T, D), "float32", name="y")
+    u = te.compute((T, D), lambda t, i: h[t, i] + y[t, i] / (1.0 + te.exp(-y[t, i])), name="u")
+    return _prim([h, y, u])
+
+
 def rope_q(T: int, H: int, hd: int, ctx: int):
     """RoPE (GPT-NeoX rotate-half) of ``q [T, H·hd]``, row ``t`` at position ``pos[t]`` → ``[T, H, hd]`` (a padding
     row, ``pos < 0``, is rotated as position 0 and never read)."""

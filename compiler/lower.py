@@ -6,6 +6,12 @@ table width ``W = ⌈C / K⌉``; params in :func:`param_specs` order)::
     decode_b{B}(toks int32[B], pos int32[B], table int32[B, W], kc_0, vc_0, ..., *params) -> logits float32[B, V]
     prefill(toks int32[P], pos int32[P], table int32[P, W], last int32[1], kc_0, vc_0, ..., *params) -> float32[V]
 
+With ``m = mtp_heads > 0`` (self-speculative decoding, :mod:`runtime.speculative`) both also return the normed hidden
+states, ``(logits, hidden float32[B, D])`` (prefill: row ``last``, ``[1, D]``), and ``draft_b{B}(hidden float32[B, D],
+*params) -> float32[m, B, V]`` gives the heads' logits (:meth:`Lowering.draft`). Rows of one sequence at consecutive
+positions in one ``decode_b{B}`` call (the last token and its drafts) are the speculative verify step: each row's
+key and value are written before any row attends, so row ``t`` sees the rows before it.
+
 Each ``kc_l``/``vc_l`` is ``float32[n_blocks, Hkv, K, hd]``, ``n_blocks`` symbolic: the runtime sizes the cache
 (:mod:`runtime.kv_cache`). Row ``t`` holds one token at position ``pos[t]`` of the sequence whose block table is
 ``table[t]`` (position ``p`` lives in block ``table[t, p // K]``, slot ``p % K``); the graph writes the row's key and
@@ -58,6 +64,7 @@ PREFILL_CHUNK = CPU_PREFILL_CHUNK  # a CPU build's prefill chunk (compiler.arith
 TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 CPU_TILE = 8  # row tile of the CPU weight layout (tile8), when it divides M
 WEIGHT_LAYOUTS = ("tile8", "tl")  # CPU ternary weights: 2-bit tile8 (default) or 1.67-bit tl{R} (AVX-512 VBMI)
+HEAD_ROWS = 16  # draft_b{B}: up to this many rows (heads × B) share one LM head call
 
 
 def cpu_tile(M: int) -> int:
@@ -113,6 +120,10 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
             out += [ParamSpec(f"blk.{i}.{site}.h_pre", (S,), "float32"),
                     ParamSpec(f"blk.{i}.{site}.h_post", (S,), "float32"),
                     ParamSpec(f"blk.{i}.{site}.h_res", (S, S), "float32")]  # fmt: skip
+    for k in range(cfg.mtp_heads):  # the multi-token-prediction heads' projections (draft_b{B})
+        out.append(ParamSpec(f"mtp.{k}.proj.weight", (D, D // 16), "int32") if gpu else
+                   ParamSpec(f"mtp.{k}.proj.weight", _cpu_w_shape(D, D, weights), "uint8"))  # fmt: skip
+        out.append(ParamSpec(f"mtp.{k}.proj.scale", (1,), "float32"))
     return out
 
 
@@ -181,6 +192,10 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8") -> dict[str, np.nd
             p[f"blk.{i}.{site}.h_pre"] = np.asarray(c.h_pre, np.float32)
             p[f"blk.{i}.{site}.h_post"] = np.asarray(c.h_post, np.float32)
             p[f"blk.{i}.{site}.h_res"] = np.asarray(c.h_res, np.float32)
+    for k in range(cfg.mtp_heads):
+        tw = g.tensors[f"mtp.{k}.proj.weight"].ternary()
+        p[f"mtp.{k}.proj.weight"] = pack(tw.codes)
+        p[f"mtp.{k}.proj.scale"] = np.array([tw.scale], np.float32)
     for s in param_specs(cfg, str(p["token_embd.weight"].dtype), str(head_w.dtype), gpu, weights):
         a = p[s.name]
         if a.shape != s.shape or a.dtype != np.dtype(s.dtype):
@@ -303,6 +318,8 @@ class Lowering:
     def module(self):
         for B in self.k.batch_sizes:
             self.function(f"decode_b{B}")
+            if self.cfg.mtp_heads:
+                self.draft(B)
         self.function("prefill")
         return self.bb.get()
 
@@ -312,7 +329,7 @@ class Lowering:
         followed by its mHC site, then the head. Every row has its own position ``pos[t]`` (< 0: a padding row, which
         writes nothing) and block table ``table[t]`` into the paged KV cache ``kc_i, vc_i [n_blocks, Hkv, block,
         hd]``, whose ``n_blocks`` the runtime chooses (a symbolic dimension)."""
-        from tvm import tirx
+        from tvm import relax, tirx
 
         cfg, bb = self.cfg, self.bb
         batch = name.startswith("decode_b")
@@ -337,7 +354,8 @@ class Lowering:
                 for site in range(2 * cfg.n_layers):
                     y = (self.attention if site % 2 == 0 else self.ffn)(f, site // 2, u)
                     X, u = self.mhc_site(f, site, x, X, y)
-                out = bb.emit_output(self.head(f, u, last))
+                logits, hn = self.head(f, u, last)
+                out = bb.emit_output(relax.Tuple([logits, hn]) if cfg.mtp_heads else logits)
             bb.emit_func_output(out)
 
     def embedding(self, f: _Frame, toks):
@@ -360,9 +378,9 @@ class Lowering:
         cfg, T, f32 = self.cfg, f.T, "float32"
         D, H, Hkv, hd, C, KV = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.max_seq_len, cfg.kv_dim
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.attn_norm.weight", u)
-        qv = self._ternary(f, i, "attn_q", q8, sc, qs, D, D)
-        kv = self._ternary(f, i, "attn_k", q8, sc, qs, KV, D)
-        vv = self._ternary(f, i, "attn_v", q8, sc, qs, KV, D)
+        qv = self._ternary(f, f"blk.{i}.attn_q", q8, sc, qs, D, D)
+        kv = self._ternary(f, f"blk.{i}.attn_k", q8, sc, qs, KV, D)
+        vv = self._ternary(f, f"blk.{i}.attn_v", q8, sc, qs, KV, D)
         cos, sin = f.pv["rope.cos"], f.pv["rope.sin"]
         qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, f.pos, cos, sin], [((T, H, hd), f32)])
         upd_gv = self._te("kv_update", self.k.kv_update, T, Hkv, hd, C, KV_BLOCK)
@@ -373,18 +391,18 @@ class Lowering:
         att = self._te("attention", self.k.attention, T, H, Hkv, hd, C, KV_BLOCK)
         o = self._call(att, [qr, kc, vc, f.pos, f.table], [((T, D), f32), ((T * H, C), f32), ((T * H, 2), f32)])[0]
         o8, osc, osum = self._quantize(T, D, o)
-        return self._ternary(f, i, "attn_output", o8, osc, osum, D, D)
+        return self._ternary(f, f"blk.{i}.attn_output", o8, osc, osum, D, D)
 
     def ffn(self, f: _Frame, i: int, u):
         """Layer ``i``'s SwiGLU FFN on ``u [T, D]``: RMSNorm+quantize, gate/up, ``silu(gate) · up``, quantize, down
         → ``y [T, D]``."""
         D, F, T = self.cfg.d_model, self.cfg.ffn_hidden, f.T
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.ffn_norm.weight", u)
-        gt = self._ternary(f, i, "ffn_gate", q8, sc, qs, F, D)
-        up = self._ternary(f, i, "ffn_up", q8, sc, qs, F, D)
+        gt = self._ternary(f, f"blk.{i}.ffn_gate", q8, sc, qs, F, D)
+        up = self._ternary(f, f"blk.{i}.ffn_up", q8, sc, qs, F, D)
         hh = self._call(self._te("silu_mul", gk.silu_mul, T, F, sched=True), [gt, up], [((T, F), "float32")])
         h8, hsc, hsum = self._quantize(T, F, hh)
-        return self._ternary(f, i, "ffn_down", h8, hsc, hsum, D, F)
+        return self._ternary(f, f"blk.{i}.ffn_down", h8, hsc, hsum, D, F)
 
     def mhc_site(self, f: _Frame, site: int, x, X, y):
         """mHC site ``site`` (``2i``: after layer i's attention, ``2i + 1``: after its FFN): mixes the block output
@@ -410,8 +428,8 @@ class Lowering:
         return (X, r) if lst else (r[0], r[1])
 
     def head(self, f: _Frame, u, last):
-        """Final RMSNorm, then the LM head → ``logits [T, V]`` (a decode batch) or, of the row ``last``, ``[V]``
-        (prefill)."""
+        """Final RMSNorm, then the LM head → ``(logits, hidden)``: ``[T, V]`` and the normed hidden states ``[T, D]``
+        (a decode batch) or, of the row ``last``, ``[V]`` and ``[1, D]`` (prefill)."""
         from tvm import relax
 
         D, V = self.cfg.d_model, self.cfg.vocab_size
@@ -421,7 +439,38 @@ class Lowering:
             hn, rows = self.bb.emit(relax.op.take(hn, last, axis=0, mode="clip")), 1
         gv = self._te("lm_head", lambda B: self.k.lm_head(B, V, D, self.head_dtype), rows)
         logits = self._call(gv, [hn, f.pv["lm_head.weight"]], [((rows, V), "float32")])
-        return logits if last is None else self._reshape(logits, (V,))
+        return (logits if last is None else self._reshape(logits, (V,))), hn
+
+    def draft(self, B: int):
+        """``draft_b{B}(hidden float32[B, D], *params) -> float32[m, B, V]``: the ``m`` multi-token-prediction
+        heads on ``B`` normed hidden states (what ``decode_b{B}``/``prefill`` return beside the logits when the
+        model has heads): head ``k`` gives ``lm_head(h + silu(P_k h))``, ``P_k`` ternary (the int8 quantize of ``h``
+        shared by the heads), the logits of the token ``k + 2`` positions after ``h``'s. Up to 16 rows in all go
+        through one LM head call (the head read once), else one call per head."""
+        from tvm import relax
+
+        cfg, bb, f32 = self.cfg, self.bb, "float32"
+        D, V, m = cfg.d_model, cfg.vocab_size, cfg.mtp_heads
+        h = _var("hidden", (B, D), f32)
+        specs = self.specs()
+        pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
+        f = _Frame(B, None, None, [], pv, True, ())
+        with bb.function(f"draft_b{B}", [h] + [pv[s.name] for s in specs]):
+            with bb.dataflow():
+                q8, sc, qs = self._quantize(B, D, h)
+                res = self._te("mtp_residual", gk.mtp_residual, B, D, sched=True)
+                us = [self._call(res, [h, self._ternary(f, f"mtp.{k}.proj", q8, sc, qs, D, D)], [((B, D), f32)])
+                      for k in range(m)]  # fmt: skip
+                groups = [us] if m * B <= HEAD_ROWS else [[u] for u in us]
+                logits = []
+                for g in groups:
+                    rows = len(g) * B
+                    x = g[0] if len(g) == 1 else bb.emit(relax.op.concat(g, axis=0))
+                    gv = self._te("lm_head", lambda n: self.k.lm_head(n, V, D, self.head_dtype), rows)
+                    logits.append(self._call(gv, [x, pv["lm_head.weight"]], [((rows, V), f32)]))
+                out = logits[0] if len(logits) == 1 else bb.emit(relax.op.concat(logits, axis=0))
+                out = bb.emit_output(self._reshape(out, (m, B, V)))
+            bb.emit_func_output(out)
 
     # --- steps shared by the blocks --------------------------------------------------------------------------
     def _norm_quant(self, f: _Frame, weight: str, u):
@@ -438,13 +487,14 @@ class Lowering:
         gv = self._te("quantize", self.k.quantize, T, K)
         return self._call(gv, [x], [((T, K), "int8"), ((T,), "float32"), ((T,), "int32")])
 
-    def _ternary(self, f: _Frame, i: int, t: str, q8, sc, qs, M: int, K: int):
-        """``y [T, M]``: block ``i``'s ternary matrix ``t`` times the int8 activations ``q8 [T, K]`` (scale ``sc``,
-        row sums ``qs``), by the table's GEMV (decode), GEMM (prefill) or GEMV once per token."""
+    def _ternary(self, f: _Frame, name: str, q8, sc, qs, M: int, K: int):
+        """``y [T, M]``: the ternary matrix ``name`` (``blk.{i}.{t}``, ``mtp.{k}.proj``) times the int8 activations
+        ``q8 [T, K]`` (scale ``sc``, row sums ``qs``), by the table's GEMV (decode), GEMM (prefill) or GEMV once per
+        token."""
         from tvm import relax
 
         k, T = self.k, f.T
-        W, ws = f.pv[f"blk.{i}.{t}.weight"], f.pv[f"blk.{i}.{t}.scale"]
+        W, ws = f.pv[f"{name}.weight"], f.pv[f"{name}.scale"]
         width = K // 4 if k.x_words else K
         if k.x_words:  # e.g. dp4a reads the int8 activations as int32 words: a view, no copy
             q8 = self.bb.emit(relax.op.memory.view(q8, (T, width), "int32"))

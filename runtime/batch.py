@@ -5,9 +5,10 @@ Each :meth:`Batcher.step` does, in order:
 1. drops the requests whose clients went away (their cache blocks are free for the next admission);
 2. prefills **one chunk** of the oldest request that still has prompt tokens (so a long prompt delays the running
    streams by one chunk per step, never by its whole length); a request whose prompt is done samples its first token;
-3. decodes **one token for every other running request in one call** (:meth:`Engine.decode_batch`: each ternary
-   matrix is read once for the whole batch), and each samples its next token with its own parameters, seed, stop
-   strings, penalties, token healing and limit (:mod:`runtime.decoding`).
+3. decodes **one token for every other running request in one call** (:meth:`Engine.step`: each ternary matrix is
+   read once for the whole batch), and each samples its next token with its own parameters, seed, stop strings,
+   penalties, token healing and limit (:mod:`runtime.decoding`). On a model with multi-token-prediction heads each
+   request also verifies its drafted tokens in that call and may gain several tokens (:mod:`runtime.spec_decode`).
 
 Admission (:meth:`Batcher.admit`) reserves a request's cache blocks for its whole possible length (prompt plus
 ``max_new_tokens``, at most the context) up front, so a running request never fails for lack of cache: when the
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from model.sampling import Generation, SamplingParams
 from runtime.decoding import TextStream, TokenPicker
 from runtime.kv_cache import Sequence
+from runtime.spec_decode import advance
 
 log = logging.getLogger("runtime.batch")
 
@@ -128,30 +130,35 @@ class Batcher:
         live = [r for r in self.requests if r.next_token is not None]
         if live:
             try:
-                out = eng.decode_batch([r.seq for r in live], [r.next_token for r in live])
+                out = advance(eng, [r.picker for r in live], [r.seq for r in live], [r.next_token for r in live])
             except Exception as exc:  # the step failed for every sequence in it: say so to each, keep serving
                 log.exception("decode step failed")
                 for r in live:
                     self._end(r, str(exc))
                 live, out = [], []
-            for r, logits in zip(live, out, strict=True):
-                self._pick(r, logits)
+            for r, new in zip(live, out, strict=True):
+                r.next_token = new[-1]
+                self._emit(r)
         stats.batch, stats.seconds = len(live), time.perf_counter() - t0
         self.last = stats
         return stats
 
     def _pick(self, req: Request, logits) -> None:
         if not req.picker.done:  # (max_new_tokens = 0 is done before its first token)
-            tok = req.picker.pick(logits, req.seq.length)
+            req.next_token = req.picker.pick(logits, req.seq.length)
+        self._emit(req)
+
+    def _emit(self, req: Request) -> None:
+        """Send the text the new tokens completed; end the request if its generation is done."""
+        if not req.picker.done:
             piece = req.text.push()
             if piece:
                 req.emit("text", piece)
-            req.next_token = None if req.picker.done else tok
-        if req.picker.done:
-            piece = req.text.finish()
-            if piece:
-                req.emit("text", piece)
-            self._end(req, "")
+            return
+        piece = req.text.push() + req.text.finish()
+        if piece:
+            req.emit("text", piece)
+        self._end(req, "")
 
     def abort(self, message: str) -> None:
         """End every running request with an ``error`` event (the step itself failed)."""

@@ -63,19 +63,27 @@ def filter_logits(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     return x
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id. Greedy below :data:`GREEDY_BELOW` (and for a NaN temperature); never raises for finite
-    settings, whatever the logits hold (NaN counts as -inf; if +inf logits are present, they alone share the mass)."""
+def distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray | None:
+    """The probabilities (float64) :func:`sample` draws from: temperature, then top-k, then top-p; None when greedy
+    (below :data:`GREEDY_BELOW`, or a NaN temperature: :func:`sample` takes the argmax)."""
     x = _finite_or_inf(logits)
     t = params.temperature
     if not t >= GREEDY_BELOW:
-        return int(np.argmax(x))
+        return None
     top = x.max()
     if np.isfinite(top):
         with np.errstate(over="ignore", invalid="ignore"):
             x = (x - top) / t  # ≤ 0: overflow can only reach -inf
         x[np.isnan(x)] = -np.inf  # -inf / inf
-    p = softmax(filter_logits(x, params.top_k, params.top_p))
+    return softmax(filter_logits(x, params.top_k, params.top_p))
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One token id. Greedy below :data:`GREEDY_BELOW` (and for a NaN temperature); never raises for finite
+    settings, whatever the logits hold (NaN counts as -inf; if +inf logits are present, they alone share the mass)."""
+    p = distribution(logits, params)
+    if p is None:
+        return int(np.argmax(_finite_or_inf(logits)))
     return int(rng.choice(p.shape[0], p=p))
 
 
@@ -110,17 +118,29 @@ class TokenPicker:
 
     def pick(self, logits: np.ndarray, length: int) -> int:
         """The next token from this step's ``logits``, the sequence holding ``length`` tokens in its cache."""
-        eng, params, result = self.engine, self.params, self.result
         tok = self._greedy(logits)
         if tok is None:
-            if params.penalized:
-                logits = penalize(logits, result.tokens[self.n_heal :], params)
-            if eng._never.size:
-                logits = np.array(logits, dtype=np.float32)  # a copy: the step's own array may be read-only
-                logits[eng._never] = -np.inf
-            if self.pending:
-                logits = constrain(logits, eng.token_table.allowed(self.pending))
-            tok = sample(logits, params, self.rng)
+            tok = sample(self.processed(logits), self.params, self.rng)
+        self.push(tok, length)
+        return tok
+
+    def processed(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` as this generation samples from them: the repetition penalties over the tokens so far, unused
+        tokens at -inf, the token-healing constraint (the raw array when none applies)."""
+        eng, params = self.engine, self.params
+        if params.penalized:
+            logits = penalize(logits, self.result.tokens[self.n_heal :], params)
+        if eng._never.size:
+            logits = np.array(logits, dtype=np.float32)  # a copy: the step's own array may be read-only
+            logits[eng._never] = -np.inf
+        if self.pending:
+            logits = constrain(logits, eng.token_table.allowed(self.pending))
+        return logits
+
+    def push(self, tok: int, length: int) -> None:
+        """Record ``tok`` as the next token (picked by :meth:`pick` or accepted from a draft) and decide whether the
+        generation ends; ``length``: the tokens in the sequence's cache when ``tok`` was chosen."""
+        eng, params, result = self.engine, self.params, self.result
         now = time.perf_counter()
         if self.t1 is None:
             self.t1 = now
@@ -137,7 +157,6 @@ class TokenPicker:
             self._finish("context")
         elif len(result.tokens) >= self.limit:
             self.done = True
-        return tok
 
     def _greedy(self, logits: np.ndarray) -> int | None:
         """The greedy pick without copying the logits, when nothing else applies (no penalties, no healing

@@ -57,6 +57,7 @@ from runtime.decoding import (  # noqa: F401 (the sampling functions are re-expo
 )
 from runtime.healing import Heal, TokenTable, plan
 from runtime.kv_cache import BlockPool, CacheFull, Sequence
+from runtime.spec_decode import advance
 from targets.cpu import check_flags
 from targets.cuda import load_cuda_runtime
 
@@ -124,6 +125,12 @@ def ensure_built(
 
 
 KV_CONTEXTS = 4  # the default KV cache holds this many full contexts' worth of tokens
+DRAFT_TOKENS = {"cuda": 3, "cpu": 2}  # default drafts per step, by target kind (docs/speculative.md: measured)
+
+
+def default_draft_tokens(target: str, heads: int) -> int:
+    """Tokens drafted per step by default: :data:`DRAFT_TOKENS` for the target's kind, at most the model's heads."""
+    return min(heads, DRAFT_TOKENS["cuda" if target == "cuda" else "cpu"])
 
 
 class Engine:
@@ -140,10 +147,13 @@ class Engine:
         tokenizer=None,
         token_healing: bool = True,
         kv_tokens: int | None = None,
+        draft_tokens: int | None = None,
     ) -> None:
         """``gguf`` supplies the tokenizer (and its special tokens); or pass an HF ``tokenizer`` directly.
         ``token_healing`` is the default of :meth:`stream_text`. ``kv_tokens``: the KV cache's capacity in tokens
-        over all sequences (default :data:`KV_CONTEXTS` full contexts; at least one)."""
+        over all sequences (default :data:`KV_CONTEXTS` full contexts; at least one). ``draft_tokens``: tokens
+        drafted per step by the model's multi-token-prediction heads (:mod:`runtime.spec_decode`; default
+        :func:`default_draft_tokens`, at most the heads; 0 turns speculative decoding off)."""
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or len(os.sched_getaffinity(0))))
         import tvm
         from tvm.runtime.vm import VirtualMachine
@@ -170,6 +180,13 @@ class Engine:
         self.batch_sizes = tuple(int(b) for b in self.meta["batch_sizes"])
         self._decode = {b: self.vm[f"decode_b{b}"] for b in self.batch_sizes}
         self._prefill = self.vm["prefill"]
+        self.mtp_heads = int(c.get("mtp_heads", 0))  # compiled functions return (logits, hidden) when > 0
+        self._draft = {b: self.vm[f"draft_b{b}"] for b in self.batch_sizes} if self.mtp_heads else {}
+        if draft_tokens is None:
+            draft_tokens = default_draft_tokens(self.target, self.mtp_heads)
+        if not 0 <= draft_tokens <= self.mtp_heads:
+            raise ValueError(f"draft_tokens={draft_tokens}: this model has {self.mtp_heads} MTP heads")
+        self.draft_tokens = int(draft_tokens)
         with np.load(self.dir / "params.npz", allow_pickle=False) as z:
             self.params = [tvm.runtime.tensor(np.ascontiguousarray(z[name]), self.dev) for name, _, _ in
                            self.meta["params"]]  # fmt: skip
@@ -271,6 +288,8 @@ class Engine:
         out = self._prefill(self._i32(list(tokens) + [0] * (self.chunk - n)), self._i32(pos), self._i32(table),
                             self._i32([n - 1]), *self.cache, *self.params)  # fmt: skip
         seq.length += n
+        if self.mtp_heads:
+            out, seq.hidden = out[0], out[1].numpy()[0]
         return out.numpy()
 
     def decode(self, token: int, seq: Sequence | None = None) -> np.ndarray:
@@ -281,31 +300,72 @@ class Engine:
         """Append ``tokens[i]`` to ``seqs[i]`` for every ``i`` in one step per :attr:`batch_sizes` group (the
         smallest compiled batch that holds them, padding rows writing nothing): each ternary matrix is read once
         for the whole batch. The logits ``[len(seqs), V]``; a row equals what :meth:`decode` alone gives."""
-        tokens = [int(t) for t in tokens]
         if len(seqs) != len(tokens) or not seqs:
             raise ValueError(f"decode_batch needs one token per sequence; got {len(tokens)} for {len(seqs)}")
+        return np.concatenate([logits for logits, _ in self.step(seqs, [[t] for t in tokens])])
+
+    def step(self, seqs: list[Sequence], rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Append the tokens ``rows[i]`` (one or more) to ``seqs[i]``, all in as few ``decode_b{B}`` calls as the
+        rows need (a sequence's rows in order; a row attends to the rows before it in the same call): per sequence
+        its logits ``[len(rows[i]), V]`` and, on a model with MTP heads, the normed hidden states ``[len(rows[i]),
+        D]`` (``seq.hidden`` becomes the last row's). Several rows for one sequence are the speculative verify step:
+        row ``j`` gives what :meth:`decode` would after ``rows[i][:j + 1]``; rejected rows are dropped by setting
+        ``seq.length`` back (their keys are overwritten later; nothing is copied)."""
+        rows = [[int(t) for t in r] for r in rows]
+        if len(seqs) != len(rows) or not seqs or not all(rows):
+            raise ValueError(f"step needs one non-empty token list per sequence; got {len(rows)} for {len(seqs)}")
         if len({id(s) for s in seqs}) != len(seqs):
             raise ValueError("a sequence appears twice in one decode batch")
-        self._check(tokens)
-        for seq in seqs:
-            if seq.length >= self.ctx:
+        for r in rows:
+            self._check(r)
+        for seq, r in zip(seqs, rows, strict=True):
+            if seq.length + len(r) > self.ctx:
                 raise ValueError(f"the context of {self.ctx} tokens is full")
-        for seq in seqs:
-            self._grow(seq, seq.length + 1)
-        out, top = [], self.batch_sizes[-1]
-        for s in range(0, len(seqs), top):
-            part, toks = seqs[s : s + top], tokens[s : s + top]
+        for seq, r in zip(seqs, rows, strict=True):
+            self._grow(seq, seq.length + len(r))
+        flat = [(i, seq.length + j, t) for i, (seq, r) in enumerate(zip(seqs, rows, strict=True))
+                for j, t in enumerate(r)]  # fmt: skip
+        logits, hidden, top = [], [], self.batch_sizes[-1]
+        for s in range(0, len(flat), top):
+            part = flat[s : s + top]
             B = next(b for b in self.batch_sizes if b >= len(part))
-            pos = np.full(B, -1, np.int32)
-            pos[: len(part)] = [q.length for q in part]
+            toks, pos = np.zeros(B, np.int32), np.full(B, -1, np.int32)
             table = np.zeros((B, self.pool.width), np.int32)
-            for i, q in enumerate(part):
-                table[i] = q.table(self.pool.width)
-            logits = self._decode[B](self._i32(toks + [0] * (B - len(part))), self._i32(pos), self._i32(table),
-                                     *self.cache, *self.params)  # fmt: skip
-            out.append(logits.numpy()[: len(part)])
-            for q in part:
-                q.length += 1
+            for r, (i, p, t) in enumerate(part):
+                toks[r], pos[r], table[r] = t, p, seqs[i].table(self.pool.width)
+            out = self._decode[B](self._i32(toks), self._i32(pos), self._i32(table), *self.cache, *self.params)
+            if self.mtp_heads:
+                out, h = out[0], out[1]
+                hidden.append(h.numpy()[: len(part)])
+            logits.append(out.numpy()[: len(part)])
+        logits = logits[0] if len(logits) == 1 else np.concatenate(logits)
+        hidden = (hidden[0] if len(hidden) == 1 else np.concatenate(hidden)) if hidden else None
+        res, start = [], 0
+        for seq, r in zip(seqs, rows, strict=True):
+            end = start + len(r)
+            h = hidden[start:end] if hidden is not None else None
+            res.append((logits[start:end], h))
+            seq.length += len(r)
+            if h is not None:
+                seq.hidden = h[-1]
+            start = end
+        return res
+
+    def draft(self, hidden: np.ndarray) -> np.ndarray:
+        """The MTP heads' logits ``[n, m, V]`` for ``n`` normed hidden states ``[n, D]`` (``seq.hidden``): head
+        ``k`` of row ``i`` predicts the token ``k + 2`` positions after that state's (one ``draft_b{B}`` call per
+        :attr:`batch_sizes` group)."""
+        if not self.mtp_heads:
+            raise ValueError("this model has no multi-token-prediction heads")
+        hidden = np.asarray(hidden, np.float32)
+        out, top = [], self.batch_sizes[-1]
+        for s in range(0, len(hidden), top):
+            part = hidden[s : s + top]
+            B = next(b for b in self.batch_sizes if b >= len(part))
+            h = np.zeros((B, hidden.shape[1]), np.float32)
+            h[: len(part)] = part
+            logits = self._draft[B](self._tvm.runtime.tensor(h, self.dev), *self.params).numpy()
+            out.append(logits[:, : len(part)].transpose(1, 0, 2))
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def _check(self, tokens: list[int]) -> None:
@@ -333,12 +393,14 @@ class Engine:
         picker = TokenPicker(self, params, result, heal)
         self.reset()
         logits = self.prefill(prompt)
+        if picker.done:
+            return
+        tok = picker.pick(logits, self.pos)
+        yield tok
         while not picker.done:
-            tok = picker.pick(logits, self.pos)
-            yield tok
-            if picker.done:
-                break
-            logits = self.decode(tok)
+            new = advance(self, [picker], [self.seq], [tok])[0]  # 1 .. draft_tokens + 1 tokens
+            yield from new
+            tok = new[-1]
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids

@@ -31,6 +31,7 @@ class Sequence:
 
     blocks: list[int] = field(default_factory=list)
     length: int = 0
+    hidden: np.ndarray | None = None  # the normed hidden state at the last position (models with MTP heads)
 
     def table(self, width: int) -> np.ndarray:
         """The block-table row (int32, ``width`` entries; entries past the sequence's blocks are never read)."""
@@ -80,4 +81,4 @@ class BlockPool:
         """Return all of ``seq``'s blocks; it is empty afterwards."""
         self._free.extend(reversed(seq.blocks))
         seq.blocks.clear()
-        seq.length = 0
+        seq.length, seq.hidden = 0, None

@@ -1,0 +1,116 @@
+"""Self-speculative decoding with the model's own multi-token-prediction (MTP) heads: draft, verify in one step,
+accept. :func:`advance` moves any number of generations forward by one step; without heads (or with
+``Engine.draft_tokens = 0``) it is plain batched decoding.
+
+Per step and sequence, ``t`` being the token picked last (not in the cache yet) and ``h`` the normed hidden state at
+the cache's last position (the one whose logits gave ``t``):
+
+1. **draft**: the MTP heads on ``h`` (:meth:`runtime.engine.Engine.draft`, one call for every sequence) give ``k``
+   tokens for the positions after ``t``: greedy takes each head's argmax; sampling draws each from its head's
+   distribution under the generation's temperature, top-k and top-p (never an unused token);
+2. **verify**: ``t`` and the drafts go into one ``decode_b{B}`` call as consecutive rows of the sequence
+   (:meth:`~runtime.engine.Engine.step`): row ``j`` holds the main model's logits after ``t, d_1 .. d_j``;
+3. **accept**: row by row, the generation's own :class:`~runtime.decoding.TokenPicker` (penalties, stop conditions)
+   decides. Greedy picks the argmax and goes on while it equals the draft, so the tokens are exactly those of plain
+   greedy decoding (a row's logits do not depend on the other rows of its call). Sampling accepts draft ``d_j`` with
+   probability ``min(1, p(d_j) / q(d_j))`` and otherwise samples the residual ``max(0, p − q)``
+   (:func:`runtime.speculative.accept`), which keeps the main model's distribution exactly. The row after the last
+   accepted draft gives one more token, so a step yields 1 .. k + 1 tokens. The cache keeps the rows up to the last
+   accepted draft: ``seq.length`` is set back past the rest, whose keys are overwritten later (nothing is copied).
+
+Drafts per sequence: ``Engine.draft_tokens``, fewer when the step's rows would not fit the largest compiled batch
+(the verify rows of all sequences share it, so speculation gives way as the batch fills), none while token healing
+constrains the tokens, never past the context or the token limit.
+
+Tests: ``pytest -q tests/test_spec_decode.py tests/test_speculative_rule.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.decoding import GREEDY_BELOW, TokenPicker, distribution
+from runtime.kv_cache import Sequence
+from runtime.speculative import accept
+
+
+@dataclass
+class Draft:
+    """The drafted tokens of one sequence and the distribution each was drawn from (None: a head's argmax)."""
+
+    tokens: list[int]
+    q: list[np.ndarray | None]
+
+
+def draft_counts(engine, pickers: list[TokenPicker], seqs: list[Sequence]) -> list[int]:
+    """Drafts per sequence this step (see the module docstring)."""
+    if not engine.draft_tokens:
+        return [0] * len(seqs)
+    share = max(0, engine.batch_sizes[-1] // len(seqs) - 1)  # verify rows of all sequences in one call
+    out = []
+    for picker, seq in zip(pickers, seqs, strict=True):
+        room = engine.ctx - seq.length - 1  # the verify rows t, d_1 .. d_k must fit the context
+        left = picker.limit - len(picker.result.tokens) - 1  # drafts past the token limit could never be used
+        usable = seq.hidden is not None and not picker.pending
+        out.append(max(0, min(engine.draft_tokens, share, room, left)) if usable else 0)
+    return out
+
+
+def make_drafts(engine, pickers: list[TokenPicker], seqs: list[Sequence], counts: list[int]) -> list[Draft]:
+    """Each sequence's drafts from its ``seq.hidden`` (one :meth:`Engine.draft` call for all that take any)."""
+    drafts = [Draft([], []) for _ in seqs]
+    need = [i for i, c in enumerate(counts) if c]
+    if not need:
+        return drafts
+    heads = engine.draft(np.stack([seqs[i].hidden for i in need]))  # [n, m, V]
+    for i, rows in zip(need, heads, strict=True):
+        picker = pickers[i]
+        for x in rows[: counts[i]]:
+            if engine._never.size:
+                x = np.array(x, dtype=np.float32)
+                x[engine._never] = -np.inf
+            q = distribution(x, picker.params)
+            drafts[i].tokens.append(int(np.argmax(x)) if q is None else int(picker.rng.choice(q.shape[0], p=q)))
+            drafts[i].q.append(q)
+    return drafts
+
+
+def settle(picker: TokenPicker, seq: Sequence, base: int, logits: np.ndarray, hidden, draft: Draft) -> list[int]:
+    """Accept the verified rows of one sequence (``base``: its cache length before the step); the new tokens, in
+    order (already recorded by ``picker``). Sets ``seq.length`` and ``seq.hidden`` to the last kept row's."""
+    k, sampled = len(draft.tokens), picker.params.temperature >= GREEDY_BELOW
+    new, kept = [], 0
+    for j in range(k + 1):
+        length = base + 1 + j  # tokens in the cache once row j's token is chosen
+        if j < k and sampled:
+            p = distribution(picker.processed(logits[j]), picker.params)
+            tok, ok = accept(p, draft.tokens[j], draft.q[j], picker.rng)
+            picker.push(tok, length)
+        else:
+            tok = picker.pick(logits[j], length)
+            ok = j < k and tok == draft.tokens[j]
+        new.append(tok)
+        if not ok:
+            break
+        kept = j + 1
+        if picker.done:
+            break
+    picker.result.drafted += k
+    picker.result.accepted += kept
+    seq.length = base + 1 + kept
+    if hidden is not None:
+        seq.hidden = hidden[kept]
+    return new
+
+
+def advance(engine, pickers: list[TokenPicker], seqs: list[Sequence], tokens: list[int]) -> list[list[int]]:
+    """One step for every generation: ``tokens[i]`` (picked last, not in the cache) goes into ``seqs[i]`` with its
+    drafts; the tokens each generation gained (1 .. k + 1; ``pickers[i].done`` says whether it has ended)."""
+    counts = draft_counts(engine, pickers, seqs)
+    drafts = make_drafts(engine, pickers, seqs, counts)
+    bases = [s.length for s in seqs]
+    out = engine.step(seqs, [[t, *d.tokens] for t, d in zip(tokens, drafts, strict=True)])
+    return [settle(p, s, b, logits, hidden, d)
+            for p, s, b, (logits, hidden), d in zip(pickers, seqs, bases, out, drafts, strict=True)]  # fmt: skip
