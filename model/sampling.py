@@ -77,5 +77,6 @@ class Generation:
     decode_s: float = 0.0
     healed: str = ""  # token healing: the prompt's last characters, generated again (``tokens`` spell them first)
     healed_tokens: int = 0  # the prompt tokens they held (backed off; ``tokens`` may hold more or fewer for them)
-    drafted: int = 0  # speculative decoding: tokens drafted by the MTP heads, and those the main model accepted
-    accepted: int = 0
+    drafted: int = 0  # speculative decoding: tokens drafted by the MTP heads, those the main model accepted, and
+    accepted: int = 0  # the verify steps that had drafts (each gives its accepted drafts + 1 tokens)
+    spec_steps: int = 0

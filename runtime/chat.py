@@ -6,8 +6,11 @@
 
 Text streams as it is generated (never splitting a UTF-8 character, never showing a special token; the model's
 end-of-text token ends it); a stats line (tokens, time to first token, decode tokens/s) goes to stderr. ``--stop`` may
-be given several times. A prompt that ends inside a word, a newline or indentation is token-healed (the last word is
-generated again under constraint, see ``runtime.healing``); ``--no-token-healing`` turns that off. The arguments,
+be given several times. A model with multi-token-prediction heads decodes speculatively (``--draft-tokens K``,
+``--no-speculative``; :mod:`runtime.spec_decode`): the same tokens as plain decoding when greedy, the same
+distribution when sampling; the stats line says how many drafted tokens were accepted. A prompt that ends inside a
+word, a newline or indentation is token-healed (the last word is generated again under constraint, see
+``runtime.healing``); ``--no-token-healing`` turns that off. The arguments,
 including that ``--model`` is a regular file starting with the GGUF magic, are checked before anything loads; a bad
 one ends the run with a one-line error and exit status 2. ``--jit-policy`` says when the model is compiled
 (``on``/``off``/``redo``/``readonly``, see :func:`runtime.engine.ensure_built`); with ``off`` and no compiled module
@@ -53,8 +56,9 @@ def run_one(eng: Engine, prompt: str, params: SamplingParams, out=None, echo: bo
     n = len(result.tokens)
     tps = (n - 1) / result.decode_s if n > 1 and result.decode_s > 0 else float("nan")
     healed = f", healed {result.healed!r}" if result.healed else ""
+    drafts = f"; {result.accepted}/{result.drafted} drafted tokens accepted" if result.drafted else ""
     print(f"[{n - result.healed_tokens} tokens{healed}, {result.finish_reason}; time to first token "
-          f"{result.prefill_s * 1e3:.1f} ms; decode {tps:.1f} tokens/s]", file=sys.stderr)  # fmt: skip
+          f"{result.prefill_s * 1e3:.1f} ms; decode {tps:.1f} tokens/s{drafts}]", file=sys.stderr)  # fmt: skip
     return result
 
 
@@ -76,6 +80,28 @@ def check_model_file(path: str) -> str | None:
     return None
 
 
+def add_draft_args(ap: argparse.ArgumentParser) -> None:
+    """``--draft-tokens`` / ``--no-speculative`` (shared with ``runtime.serve``)."""
+    ap.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                    help="speculative decoding: tokens the model's MTP heads draft per step (default: per target, "
+                    "at most the heads; see docs/speculative.md)")  # fmt: skip
+    ap.add_argument("--no-speculative", action="store_true",
+                    help="plain decoding even when the model has MTP heads (same as --draft-tokens 0)")  # fmt: skip
+
+
+def check_draft_args(a: argparse.Namespace) -> str | None:
+    if a.draft_tokens is not None and not 0 <= a.draft_tokens <= 16:
+        return f"--draft-tokens must be in 0..16, not {a.draft_tokens}"
+    if a.no_speculative and a.draft_tokens:
+        return "--no-speculative and --draft-tokens > 0 contradict each other"
+    return None
+
+
+def draft_tokens(a: argparse.Namespace) -> int | None:
+    """The Engine's ``draft_tokens`` from the arguments (None: its default)."""
+    return 0 if a.no_speculative else a.draft_tokens
+
+
 def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Every argument in range, or ``ap.error`` (one line on stderr, exit status 2) before anything is loaded."""
     if not (math.isfinite(a.temperature) and a.temperature >= 0):
@@ -90,6 +116,9 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         ap.error(f"--threads must be >= 1, not {a.threads}")
     if a.prompt == "":
         ap.error("--prompt is empty")
+    why = check_draft_args(a)
+    if why:
+        ap.error(why)
     why = check_model_file(a.model)
     if why:
         ap.error(why)
@@ -114,13 +143,14 @@ def main(argv=None) -> None:
                     help="on: reuse the cached module, compile it if absent (default); off: never compile (error if "
                     "absent); redo: always recompile; readonly: compile into a temporary directory if absent, never "
                     "write the cache")  # fmt: skip
+    add_draft_args(ap)
     a = ap.parse_args(argv)
     check_args(ap, a)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         eng = Engine.from_gguf(a.model, a.target, a.cache_dir, a.threads, a.jit_policy,
-                               token_healing=not a.no_token_healing)  # fmt: skip
-    except JITError as exc:
+                               token_healing=not a.no_token_healing, draft_tokens=draft_tokens(a))  # fmt: skip
+    except (JITError, ValueError) as exc:
         raise SystemExit(f"{ap.prog}: error: {exc}") from None
     stops = (eng.eos,) if eng.eos is not None else ()
     params = SamplingParams(a.max_tokens, a.temperature, a.top_k, a.top_p, a.seed, stops, tuple(a.stop))

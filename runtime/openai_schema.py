@@ -173,11 +173,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
-def timings(prompt_n: int, prompt_s: float, predicted_n: int, predicted_s: float, queue_s: float) -> dict:
+def timings(prompt_n: int, prompt_s: float, predicted_n: int, predicted_s: float, queue_s: float,
+            draft_n: int = 0, draft_accepted: int = 0, spec_steps: int = 0) -> dict:  # fmt: skip
+    """llama.cpp's ``timings`` (plus ``queue_ms``); with speculative decoding also its ``draft_n`` and
+    ``draft_n_accepted`` (tokens drafted by the MTP heads, and those accepted), their ratio ``draft_acceptance`` and
+    ``tokens_per_step`` (tokens per verify step: accepted drafts + 1)."""
+
     def rate(n, s):
         return round(n / s, 2) if n > 0 and s > 0 else None
 
-    return {"queue_ms": round(queue_s * 1e3, 3),
+    drafts = {}
+    if draft_n and spec_steps:
+        drafts = {"draft_n": draft_n, "draft_n_accepted": draft_accepted,
+                  "draft_acceptance": round(draft_accepted / draft_n, 4),
+                  "tokens_per_step": round((draft_accepted + spec_steps) / spec_steps, 3)}  # fmt: skip
+    return drafts | {"queue_ms": round(queue_s * 1e3, 3),
             "prompt_n": prompt_n, "prompt_ms": round(prompt_s * 1e3, 3), "prompt_per_second": rate(prompt_n, prompt_s),
             "predicted_n": predicted_n, "predicted_ms": round(predicted_s * 1e3, 3),
             "predicted_per_second": rate(predicted_n - 1, predicted_s)}  # fmt: skip

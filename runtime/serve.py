@@ -68,7 +68,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from model.sampling import SamplingParams
 from runtime import openai_schema as oai
-from runtime.chat import DEFAULT_MODEL
+from runtime.chat import DEFAULT_MODEL, add_draft_args, check_draft_args, draft_tokens
 from runtime.chat_template import TIMEOUT_S, ChatTemplateError, Renderer
 from runtime.engine import JIT_POLICIES, JITError, ensure_built
 from runtime.worker import Job, NotReady, QueueFull, Stats, Worker
@@ -117,6 +117,7 @@ class ServeConfig:
     jit_policy: str = "on"  # when the model is compiled: runtime.engine.ensure_built
     max_batch: int | None = None  # requests decoded together (None: the largest compiled decode batch)
     kv_tokens: int | None = None  # KV-cache capacity in tokens over all requests (None: the Engine's default)
+    draft_tokens: int | None = None  # speculative decoding with the MTP heads (None: the Engine's default; 0: off)
 
     def __post_init__(self) -> None:
         self.model_id = self.model_id or Path(self.model).stem
@@ -166,7 +167,7 @@ class Backend:
         self.eos_text = spec.tokens[spec.eos_id] if spec.eos_id is not None else ""
         self.control_ids = tuple(i for i, t in enumerate(spec.token_type) if t == TOKEN_CONTROL)
         return Engine.from_gguf(c.model, c.target, c.cache_dir, c.threads or default_threads(), c.jit_policy,
-                                kv_tokens=c.kv_tokens)  # fmt: skip
+                                kv_tokens=c.kv_tokens, draft_tokens=c.draft_tokens)  # fmt: skip
 
     def _load(self):
         engine = self._open()
@@ -319,7 +320,8 @@ class _Reply:
         job = self.job
         queue_s, n = (job.started or job.submitted) - job.submitted, completion_tokens(gen)
         return {"usage": oai.usage(self.n_prompt, n),
-                "timings": oai.timings(self.n_prompt, gen.prefill_s, n, gen.decode_s, queue_s)}  # fmt: skip
+                "timings": oai.timings(self.n_prompt, gen.prefill_s, n, gen.decode_s, queue_s, gen.drafted,
+                                       gen.accepted, gen.spec_steps)}  # fmt: skip
 
     async def whole(self, request: Request) -> Response:
         pieces: list[str] = []
@@ -471,6 +473,15 @@ def metrics_text(backend: Backend) -> str:
                {"": tps})  # fmt: skip
         metric("last_decode_tokens_per_second", "gauge", "Decode tokens/s of the last generation.",
                {"": s.last_decode_tps})  # fmt: skip
+        metric("draft_tokens_total", "counter", "Tokens drafted by the MTP heads (speculative decoding).",
+               {"": s.drafted})  # fmt: skip
+        metric("draft_accepted_tokens_total", "counter", "Drafted tokens the main model accepted.", {"": s.accepted})
+        metric("speculative_steps_total", "counter", "Verify steps with drafts (each gives its accepted drafts + 1).",
+               {"": s.spec_steps})  # fmt: skip
+        metric("draft_acceptance", "gauge", "Accepted / drafted tokens, since start.",
+               {"": s.accepted / s.drafted if s.drafted else 0.0})  # fmt: skip
+        metric("tokens_per_speculative_step", "gauge", "Tokens per verify step with drafts, since start.",
+               {"": (s.accepted + s.spec_steps) / s.spec_steps if s.spec_steps else 0.0})  # fmt: skip
         metric("queue_depth", "gauge", "Requests waiting for a batch slot or KV-cache blocks.", {"": w.depth})
         metric("requests_processing", "gauge", "Requests in the running batch.", {"": s.running})
         metric("batch_size", "gauge", "Sequences decoded by the last batch step.", {"": s.batch})
@@ -719,6 +730,7 @@ def main(argv: list[str] | None = None) -> None:
                     "once if absent); redo: always recompile; readonly: compile into a temporary directory if absent, "
                     "never write the cache")  # fmt: skip
     ap.add_argument("--log-level", default="info")
+    add_draft_args(ap)
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     from model.gguf_io import GGUFError, check_model_file
@@ -737,6 +749,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --max-batch {a.max_batch}: expected 1..4096")
     if a.kv_tokens is not None and not 1 <= a.kv_tokens <= 1 << 24:
         raise SystemExit(f"error: --kv-tokens {a.kv_tokens}: expected 1..16777216")
+    why = check_draft_args(a)
+    if why:
+        raise SystemExit(f"error: {why}")
+    if a.draft_tokens:
+        from model.gguf_io import read_gguf
+
+        try:
+            heads = read_gguf(a.model, check_values=False).config.mtp_heads
+        except (GGUFError, ValueError) as e:
+            raise SystemExit(f"error: --model {e}") from None
+        if a.draft_tokens > heads:
+            raise SystemExit(f"error: --draft-tokens {a.draft_tokens}: {a.model} has {heads} MTP heads")
     if not (a.template_timeout > 0 and a.read_timeout > 0):  # NaN too
         raise SystemExit("error: --template-timeout and --read-timeout must be positive")
     template = None
@@ -747,7 +771,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: --chat-template {a.chat_template}: {e}") from None
     config = ServeConfig(a.model, a.target, a.cache_dir, a.threads, a.host, a.port, a.api_key, a.max_queue,
                          a.max_body_bytes, a.metrics, tuple(a.cors), a.model_id, template, a.template_timeout,
-                         a.read_timeout, a.jit_policy, a.max_batch, a.kv_tokens)  # fmt: skip
+                         a.read_timeout, a.jit_policy, a.max_batch, a.kv_tokens, draft_tokens(a))  # fmt: skip
     if a.jit_policy == "off":  # nothing to compile in the background: a missing module fails now, not on /health
         try:
             ensure_built(config.model, config.target, config.cache_dir, config.threads or default_threads(), "off")

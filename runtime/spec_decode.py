@@ -97,8 +97,10 @@ def settle(picker: TokenPicker, seq: Sequence, base: int, logits: np.ndarray, hi
         kept = j + 1
         if picker.done:
             break
-    picker.result.drafted += k
-    picker.result.accepted += kept
+    if k:
+        picker.result.drafted += k
+        picker.result.accepted += kept
+        picker.result.spec_steps += 1
     seq.length = base + 1 + kept
     if hidden is not None:
         seq.hidden = hidden[kept]

@@ -81,6 +81,9 @@ class Stats:
     decode_seconds: float = 0.0  # summed over requests
     busy_seconds: float = 0.0  # wall time spent in batch steps
     last_decode_tps: float = 0.0
+    drafted: int = 0  # speculative decoding (Generation.drafted, .accepted, .spec_steps summed)
+    accepted: int = 0
+    spec_steps: int = 0
     running: int = 0  # requests in the batch
     waiting: int = 0  # taken from the queue, waiting for a slot or cache blocks
     batch: int = 0  # sequences decoded by the last step
@@ -224,6 +227,9 @@ class Worker:
             self.stats.completion_tokens += n
             self.stats.prompt_seconds += result.prefill_s
             self.stats.decode_seconds += result.decode_s
+            self.stats.drafted += result.drafted
+            self.stats.accepted += result.accepted
+            self.stats.spec_steps += result.spec_steps
             if n > 1 and result.decode_s > 0:
                 self.stats.last_decode_tps = (n - 1) / result.decode_s
             self.stats.generations[result.finish_reason] += 1

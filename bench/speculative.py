@@ -1,0 +1,152 @@
+"""Speculative decoding with the model's MTP heads against plain decoding, in one run: decode tokens/s, acceptance,
+tokens per verify step, and whether the greedy tokens are identical.
+
+    python -m bench.speculative --model models/small.gguf --threads 2 --draft-tokens 0 1 2 3 --rounds 5 \\
+        --json docs/speculative/spec_small_avx512.json
+    python -m bench.speculative --entry <cuda cache entry> --model models/small.gguf ...   # prebuilt (GPU host)
+
+Prompts: ``bench/data/heldout_code_prompts.json``, signatures + docstrings of held-out functions (the corpus's val
+split: never trained on). Each prompt is generated greedily for ``--tokens`` tokens (``ignore_eos``, so every setting
+decodes the same number of tokens) with each ``--draft-tokens`` setting (0 = plain decoding) on one Engine, switching
+``Engine.draft_tokens`` between generations. The settings are interleaved: each of ``--rounds`` rounds runs every
+setting over all prompts, in a rotated order. Decode tokens/s of a round = its tokens after the first (per prompt) /
+their decode time; the table gives the median over rounds, the range, and the ratio to plain decoding taken within
+each round. ``identical``: every setting's tokens equal plain decoding's for every prompt (greedy speculation is exact).
+Acceptance = accepted / drafted tokens; tokens per step = (accepted + verify steps) / verify steps.
+
+Timings on a shared machine are only meaningful when nothing else runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.machine import REPO, git_commit, machine, save_json
+
+PROMPTS = REPO / "bench" / "data" / "heldout_code_prompts.json"
+
+
+@dataclass
+class SpecBenchConfig:
+    model: str = str(REPO / "models" / "small.gguf")
+    entry: str | None = None  # a prebuilt compiler.build entry (else built or reused for --target)
+    target: str = "auto"
+    threads: int | None = None
+    draft_tokens: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    prompts: str = str(PROMPTS)
+    n_prompts: int = 16
+    tokens: int = 128
+    rounds: int = 5
+
+
+def stats(x) -> dict:
+    x = np.asarray(x, np.float64)
+    return {"median": float(np.median(x)), "min": float(x.min()), "max": float(x.max())}
+
+
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def run(cfg: SpecBenchConfig) -> dict:
+    from runtime.engine import Engine, SamplingParams
+
+    eng = (Engine(cfg.entry, cfg.model, cfg.threads) if cfg.entry else
+           Engine.from_gguf(cfg.model, cfg.target, threads=cfg.threads))  # fmt: skip
+    bad = [k for k in cfg.draft_tokens if not 0 <= k <= eng.mtp_heads]
+    if bad:
+        raise SystemExit(f"error: --draft-tokens {bad}: the model has {eng.mtp_heads} MTP heads")
+    prompts = [p["prompt"] for p in json.loads(Path(cfg.prompts).read_text())["prompts"][: cfg.n_prompts]]
+    params = SamplingParams(max_new_tokens=cfg.tokens, ignore_eos=True)
+    eng.draft_tokens = 0
+    for p in prompts[:2]:  # warm-up (first calls of each function, the token table)
+        eng.generate(p, params)
+    plain_tokens: dict[int, list[int]] = {}
+    rows = {k: {"tps": [], "ratio": [], "acceptance": [], "tokens_per_step": [], "identical": True}
+            for k in cfg.draft_tokens}  # fmt: skip
+    for r in range(cfg.rounds):
+        order = cfg.draft_tokens[r % len(cfg.draft_tokens) :] + cfg.draft_tokens[: r % len(cfg.draft_tokens)]
+        rate = {}
+        for k in order:
+            eng.draft_tokens = k
+            toks = secs = drafted = accepted = steps = 0
+            for i, p in enumerate(prompts):
+                g = eng.generate(p, params)
+                if k == 0:
+                    plain_tokens.setdefault(i, g.tokens)
+                elif i in plain_tokens and g.tokens != plain_tokens[i]:
+                    rows[k]["identical"] = False
+                toks, secs = toks + len(g.tokens) - 1, secs + g.decode_s
+                drafted, accepted, steps = drafted + g.drafted, accepted + g.accepted, steps + g.spec_steps
+            rate[k] = toks / secs
+            rows[k]["tps"].append(rate[k])
+            rows[k]["acceptance"].append(accepted / drafted if drafted else 0.0)
+            rows[k]["tokens_per_step"].append((accepted + steps) / steps if steps else 1.0)
+            print(f"round {r + 1}/{cfg.rounds} draft {k}: {rate[k]:.1f} tokens/s", file=sys.stderr, flush=True)
+        if 0 in rate:
+            for k in cfg.draft_tokens:
+                rows[k]["ratio"].append(rate[k] / rate[0])
+    out = []
+    for k, v in rows.items():
+        out.append({"draft_tokens": k, "decode_tok_s": stats(v["tps"]), "runs": cfg.rounds,
+                    "x_plain": stats(v["ratio"]) if v["ratio"] else None,
+                    "acceptance": stats(v["acceptance"]), "tokens_per_step": stats(v["tokens_per_step"]),
+                    "identical": v["identical"] if 0 in cfg.draft_tokens else None})  # fmt: skip
+    return {"target": eng.target, "mtp_heads": eng.mtp_heads, "threads": cfg.threads, "gpu": gpu_name(),
+            "rows": out}  # fmt: skip
+
+
+def table(res: dict) -> str:
+    head = f"{'draft':>5} {'decode tok/s (median, range)':>30} {'x plain':>16} {'accept':>7} {'tok/step':>8}"
+    lines = [head + " identical"]
+    for r in res["rows"]:
+        d, x = r["decode_tok_s"], r["x_plain"]
+        xs = f"{x['median']:.2f} ({x['min']:.2f}-{x['max']:.2f})" if x else "-"
+        rate = f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f})"
+        acc, tps = r["acceptance"]["median"], r["tokens_per_step"]["median"]
+        lines.append(f"{r['draft_tokens']:>5} {rate:>30} {xs:>16} {acc:>7.3f} {tps:>8.2f} {r['identical']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.speculative", description=__doc__.split("\n")[0])
+    d = SpecBenchConfig()
+    ap.add_argument("--model", default=d.model, help="the GGUF (weights, tokenizer)")
+    ap.add_argument("--entry", default=None, help="a prebuilt compiler.build cache entry to run (no build)")
+    ap.add_argument("--target", default=d.target, help="auto | avx512 | avx2 | cuda (ignored with --entry)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--draft-tokens", type=int, nargs="+", default=d.draft_tokens, help="settings; 0 = plain")
+    ap.add_argument("--prompts", default=d.prompts)
+    ap.add_argument("--n-prompts", type=int, default=d.n_prompts)
+    ap.add_argument("--tokens", type=int, default=d.tokens, help="generated per prompt")
+    ap.add_argument("--rounds", type=int, default=d.rounds)
+    ap.add_argument("--json", default=None, help="write the report here")
+    a = ap.parse_args(argv)
+    if a.rounds < 1 or a.tokens < 2 or a.n_prompts < 1:
+        ap.error("--rounds ≥ 1, --tokens ≥ 2 and --n-prompts ≥ 1")
+    if a.threads:
+        os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
+    cfg = SpecBenchConfig(a.model, a.entry, a.target, a.threads, a.draft_tokens, a.prompts, a.n_prompts, a.tokens,
+                          a.rounds)  # fmt: skip
+    res = run(cfg)
+    print(table(res))
+    if a.json:
+        cmd = "python -m bench.speculative " + " ".join(argv if argv is not None else sys.argv[1:])
+        save_json(a.json, {"command": cmd, "machine": machine(), "git": git_commit(), "config": asdict(cfg)} | res)
+
+
+if __name__ == "__main__":
+    main()
