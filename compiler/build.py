@@ -222,6 +222,7 @@ def build(
             "config": cfg.to_dict(), "prefill_chunk": lw.chunk, "batch_sizes": list(lw.k.batch_sizes),
             "kv_block": lower.KV_BLOCK,
             "params": [[s.name, list(s.shape), s.dtype] for s in lw.specs()],
+            "draft_params": [s.name for s in lower.draft_specs(lw.specs())] if cfg.mtp_heads else [],
             "kernels": lw.kernels, "tuning_records": selected_records(lw.kernels, target, tuning_logs),
             "sha256": {n: cache.sha256_file(tmp / n) for n in cache.FILES},
         }  # fmt: skip
@@ -312,7 +313,7 @@ def _static_inputs(mod):
             names = [p.name for p in f.params]
             if "kc_0" in names:
                 mod[gv] = f.with_attr("num_input", names.index("kc_0"))
-            elif gv.name_hint.startswith("draft_b"):  # draft_b{B}(hidden, *params): all but the hidden are static
+            elif gv.name_hint.startswith("draft"):  # draft{k}_b{B}(hidden, *params): all but the hidden are static
                 mod[gv] = f.with_attr("num_input", 1)
     return mod
 

@@ -265,7 +265,7 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32"):
     if D % L:
         raise ValueError(f"d_model {D} must be a multiple of the head's {L} lanes")
     NO = D // L
-    BT = next(t for t in (4, 2, 1) if B % t == 0)
+    BT = next(t for t in (4, 2, 3, 1) if B % t == 0)  # 3: the draft rows of three MTP heads
     VT = next(t for t in (16 // BT, 8, 4, 2, 1) if V % t == 0 and t * BT <= 16)
     P = VT * BT  # pairs per tile: pa holds 0..7, pb 8..15
 

@@ -6,11 +6,12 @@ table width ``W = ⌈C / K⌉``; params in :func:`param_specs` order)::
     decode_b{B}(toks int32[B], pos int32[B], table int32[B, W], kc_0, vc_0, ..., *params) -> logits float32[B, V]
     prefill(toks int32[P], pos int32[P], table int32[P, W], last int32[1], kc_0, vc_0, ..., *params) -> float32[V]
 
-With ``m = mtp_heads > 0`` (self-speculative decoding, :mod:`runtime.speculative`) both also return the normed hidden
-states, ``(logits, hidden float32[B, D])`` (prefill: row ``last``, ``[1, D]``), and ``draft_b{B}(hidden float32[B, D],
-*params) -> float32[m, B, V]`` gives the heads' logits (:meth:`Lowering.draft`). Rows of one sequence at consecutive
-positions in one ``decode_b{B}`` call (the last token and its drafts) are the speculative verify step: each row's
-key and value are written before any row attends, so row ``t`` sees the rows before it.
+With ``m = mtp_heads > 0`` (self-speculative decoding, :mod:`runtime.spec_decode`) both also return the normed
+hidden states, ``(logits, hidden float32[B, D])`` (prefill: row ``last``, ``[1, D]``), and ``draft{k}_b{B}(hidden
+float32[B, D], *draft_params) -> float32[k, B, V]`` gives the first ``k ≤ m`` heads' logits
+(:meth:`Lowering.draft`). Rows of one sequence at consecutive positions in one ``decode_b{B}`` call (the last token
+and its drafts) are the speculative verify step: each row's key and value are written before any row attends, so
+row ``t`` sees the rows before it.
 
 Each ``kc_l``/``vc_l`` is ``float32[n_blocks, Hkv, K, hd]``, ``n_blocks`` symbolic: the runtime sizes the cache
 (:mod:`runtime.kv_cache`). Row ``t`` holds one token at position ``pos[t]`` of the sequence whose block table is
@@ -64,7 +65,7 @@ PREFILL_CHUNK = CPU_PREFILL_CHUNK  # a CPU build's prefill chunk (compiler.arith
 TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 CPU_TILE = 8  # row tile of the CPU weight layout (tile8), when it divides M
 WEIGHT_LAYOUTS = ("tile8", "tl")  # CPU ternary weights: 2-bit tile8 (default) or 1.67-bit tl{R} (AVX-512 VBMI)
-HEAD_ROWS = 16  # draft_b{B}: up to this many rows (heads × B) share one LM head call
+HEAD_ROWS = 16  # draft{k}_b{B}: up to this many rows (heads × B) share one LM head call
 
 
 def cpu_tile(M: int) -> int:
@@ -120,11 +121,16 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
             out += [ParamSpec(f"blk.{i}.{site}.h_pre", (S,), "float32"),
                     ParamSpec(f"blk.{i}.{site}.h_post", (S,), "float32"),
                     ParamSpec(f"blk.{i}.{site}.h_res", (S, S), "float32")]  # fmt: skip
-    for k in range(cfg.mtp_heads):  # the multi-token-prediction heads' projections (draft_b{B})
+    for k in range(cfg.mtp_heads):  # the multi-token-prediction heads' projections (draft{k}_b{B})
         out.append(ParamSpec(f"mtp.{k}.proj.weight", (D, D // 16), "int32") if gpu else
                    ParamSpec(f"mtp.{k}.proj.weight", _cpu_w_shape(D, D, weights), "uint8"))  # fmt: skip
         out.append(ParamSpec(f"mtp.{k}.proj.scale", (1,), "float32"))
     return out
+
+
+def draft_specs(specs: list[ParamSpec]) -> list[ParamSpec]:
+    """The parameters of the ``draft{k}_b{B}`` functions, in ``specs`` order: the LM head and the MTP heads'."""
+    return [s for s in specs if s.name == "lm_head.weight" or s.name.startswith("mtp.")]
 
 
 GGUF_NAMES = {"attn_o": "attn_output"}  # the one place a config projection name differs from the GGUF's
@@ -318,8 +324,8 @@ class Lowering:
     def module(self):
         for B in self.k.batch_sizes:
             self.function(f"decode_b{B}")
-            if self.cfg.mtp_heads:
-                self.draft(B)
+            for heads in range(1, self.cfg.mtp_heads + 1):
+                self.draft(B, heads)
         self.function("prefill")
         return self.bb.get()
 
@@ -441,21 +447,23 @@ class Lowering:
         logits = self._call(gv, [hn, f.pv["lm_head.weight"]], [((rows, V), "float32")])
         return (logits if last is None else self._reshape(logits, (V,))), hn
 
-    def draft(self, B: int):
-        """``draft_b{B}(hidden float32[B, D], *params) -> float32[m, B, V]``: the ``m`` multi-token-prediction
-        heads on ``B`` normed hidden states (what ``decode_b{B}``/``prefill`` return beside the logits when the
-        model has heads): head ``k`` gives ``lm_head(h + silu(P_k h))``, ``P_k`` ternary (the int8 quantize of ``h``
-        shared by the heads), the logits of the token ``k + 2`` positions after ``h``'s. Up to 16 rows in all go
-        through one LM head call (the head read once), else one call per head."""
+    def draft(self, B: int, heads: int):
+        """``draft{heads}_b{B}(hidden float32[B, D], *draft_params) -> float32[heads, B, V]`` (the parameters of
+        :func:`draft_specs` only: a Relax VM call checks every argument): the first ``heads`` of the
+        model's multi-token-prediction heads on ``B`` normed hidden states (what ``decode_b{B}``/``prefill`` return
+        beside the logits when the model has heads): head ``k`` gives ``lm_head(h + silu(P_k h))``, ``P_k`` ternary
+        (the int8 quantize of ``h`` shared by the heads), the logits of the token ``k + 2`` positions after ``h``'s.
+        One function per head count, so drafting ``k`` tokens computes ``k`` heads. Up to 16 rows in all go through
+        one LM head call (the head read once), else one call per head."""
         from tvm import relax
 
         cfg, bb, f32 = self.cfg, self.bb, "float32"
-        D, V, m = cfg.d_model, cfg.vocab_size, cfg.mtp_heads
+        D, V, m = cfg.d_model, cfg.vocab_size, heads
         h = _var("hidden", (B, D), f32)
-        specs = self.specs()
+        specs = draft_specs(self.specs())
         pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
         f = _Frame(B, None, None, [], pv, True, ())
-        with bb.function(f"draft_b{B}", [h] + [pv[s.name] for s in specs]):
+        with bb.function(f"draft{heads}_b{B}", [h] + [pv[s.name] for s in specs]):
             with bb.dataflow():
                 q8, sc, qs = self._quantize(B, D, h)
                 res = self._te("mtp_residual", gk.mtp_residual, B, D, sched=True)

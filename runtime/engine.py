@@ -181,7 +181,8 @@ class Engine:
         self._decode = {b: self.vm[f"decode_b{b}"] for b in self.batch_sizes}
         self._prefill = self.vm["prefill"]
         self.mtp_heads = int(c.get("mtp_heads", 0))  # compiled functions return (logits, hidden) when > 0
-        self._draft = {b: self.vm[f"draft_b{b}"] for b in self.batch_sizes} if self.mtp_heads else {}
+        self._draft = {(k, b): self.vm[f"draft{k}_b{b}"] for k in range(1, self.mtp_heads + 1)
+                       for b in self.batch_sizes}  # fmt: skip
         if draft_tokens is None:
             draft_tokens = default_draft_tokens(self.target, self.mtp_heads)
         if not 0 <= draft_tokens <= self.mtp_heads:
@@ -190,6 +191,8 @@ class Engine:
         with np.load(self.dir / "params.npz", allow_pickle=False) as z:
             self.params = [tvm.runtime.tensor(np.ascontiguousarray(z[name]), self.dev) for name, _, _ in
                            self.meta["params"]]  # fmt: skip
+        index = {name: i for i, (name, _, _) in enumerate(self.meta["params"])}
+        self._draft_params = [self.params[index[n]] for n in self.meta.get("draft_params", [])]  # the heads' only
         self.pool = BlockPool(int(kv_tokens or KV_CONTEXTS * self.ctx), int(self.meta["kv_block"]), self.ctx)
         shape = (self.pool.n_blocks, self.n_kv, self.pool.block, self.head_dim)
         # never read before written (a position's key is written by the step that reads it first): no zero fill
@@ -351,12 +354,13 @@ class Engine:
             start = end
         return res
 
-    def draft(self, hidden: np.ndarray) -> np.ndarray:
-        """The MTP heads' logits ``[n, m, V]`` for ``n`` normed hidden states ``[n, D]`` (``seq.hidden``): head
-        ``k`` of row ``i`` predicts the token ``k + 2`` positions after that state's (one ``draft_b{B}`` call per
-        :attr:`batch_sizes` group)."""
-        if not self.mtp_heads:
-            raise ValueError("this model has no multi-token-prediction heads")
+    def draft(self, hidden: np.ndarray, heads: int | None = None) -> np.ndarray:
+        """The first ``heads`` (default all) MTP heads' logits ``[n, heads, V]`` for ``n`` normed hidden states
+        ``[n, D]`` (``seq.hidden``): head ``k`` of row ``i`` predicts the token ``k + 2`` positions after that
+        state's (one ``draft{heads}_b{B}`` call per :attr:`batch_sizes` group)."""
+        heads = self.mtp_heads if heads is None else heads
+        if not 1 <= heads <= self.mtp_heads:
+            raise ValueError(f"heads={heads}: this model has {self.mtp_heads} multi-token-prediction heads")
         hidden = np.asarray(hidden, np.float32)
         out, top = [], self.batch_sizes[-1]
         for s in range(0, len(hidden), top):
@@ -364,7 +368,7 @@ class Engine:
             B = next(b for b in self.batch_sizes if b >= len(part))
             h = np.zeros((B, hidden.shape[1]), np.float32)
             h[: len(part)] = part
-            logits = self._draft[B](self._tvm.runtime.tensor(h, self.dev), *self.params).numpy()
+            logits = self._draft[heads, B](self._tvm.runtime.tensor(h, self.dev), *self._draft_params).numpy()
             out.append(logits[:, : len(part)].transpose(1, 0, 2))
         return out[0] if len(out) == 1 else np.concatenate(out)
 

@@ -64,7 +64,7 @@ def make_drafts(engine, pickers: list[TokenPicker], seqs: list[Sequence], counts
     need = [i for i, c in enumerate(counts) if c]
     if not need:
         return drafts
-    heads = engine.draft(np.stack([seqs[i].hidden for i in need]))  # [n, m, V]
+    heads = engine.draft(np.stack([seqs[i].hidden for i in need]), max(counts))  # [n, max(counts), V]
     for i, rows in zip(need, heads, strict=True):
         picker = pickers[i]
         for x in rows[: counts[i]]:
