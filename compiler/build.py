@@ -223,6 +223,7 @@ def build(
             "kv_block": lower.KV_BLOCK,
             "params": [[s.name, list(s.shape), s.dtype] for s in lw.specs()],
             "draft_params": [s.name for s in lower.draft_specs(lw.specs())] if cfg.mtp_heads else [],
+            "draft_vocab": lower.draft_vocab(cfg.vocab_size, target == "cuda"),
             "kernels": lw.kernels, "tuning_records": selected_records(lw.kernels, target, tuning_logs),
             "sha256": {n: cache.sha256_file(tmp / n) for n in cache.FILES},
         }  # fmt: skip

@@ -244,9 +244,10 @@ def rmsnorm(T: int, D: int, eps: float):
     return _prim([x, w, te.compute((T, D), lambda t, d: x[t, d] * r[t] * w[d], name="h")])
 
 
-def lm_head(B: int, V: int, D: int, dtype: str = "float32"):
+def lm_head(B: int, V: int, D: int, dtype: str = "float32", rows: int | None = None):
     """``logits[b, v] = Σ_d h[b, d] · E[v, d]`` for ``B`` rows over the head as the GGUF stores it, ``E [V, D]``
-    (float16 when the GGUF has it: exact, half the bytes), each head row streamed once for all ``B`` rows.
+    (float16 when the GGUF has it: exact, half the bytes), each head row streamed once for all ``B`` rows. ``rows``:
+    only the first ``rows`` head rows (``logits [B, rows]``; the MTP heads' draft vocabulary), default all.
 
     Order of the sums (:func:`model.exact_reference.lm_head` mirrors it, so a row's logits do not depend on ``B`` or
     on the other rows): per (row, head row) :data:`HEAD_LANES` float32 partial sums, lane ``l`` taking ``d = l,
@@ -265,13 +266,16 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32"):
     if D % L:
         raise ValueError(f"d_model {D} must be a multiple of the head's {L} lanes")
     NO = D // L
+    R = V if rows is None else rows
+    if not 0 < R <= V:
+        raise ValueError(f"rows={rows}: the head has {V} rows")
     BT = next(t for t in (4, 2, 3, 1) if B % t == 0)  # 3: the draft rows of three MTP heads
-    VT = next(t for t in (16 // BT, 8, 4, 2, 1) if V % t == 0 and t * BT <= 16)
+    VT = next(t for t in (16 // BT, 8, 4, 2, 1) if R % t == 0 and t * BT <= 16)
     P = VT * BT  # pairs per tile: pa holds 0..7, pb 8..15
 
     @Tx.prim_func
-    def head(h: Tx.Buffer((B, D), "float32"), E: Tx.Buffer((V, D), dtype), logits: Tx.Buffer((B, V), "float32")):
-        for vo in Tx.parallel(V // VT):
+    def head(h: Tx.Buffer((B, D), "float32"), E: Tx.Buffer((V, D), dtype), logits: Tx.Buffer((B, R), "float32")):
+        for vo in Tx.parallel(R // VT):
             for bo in range(B // BT):
                 pa = Tx.alloc_buffer((8, L), "float32", scope="global")  # a stack array
                 pb = Tx.alloc_buffer((8, L), "float32", scope="global")

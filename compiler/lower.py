@@ -8,10 +8,10 @@ table width ``W = ⌈C / K⌉``; params in :func:`param_specs` order)::
 
 With ``m = mtp_heads > 0`` (self-speculative decoding, :mod:`runtime.spec_decode`) both also return the normed
 hidden states, ``(logits, hidden float32[B, D])`` (prefill: row ``last``, ``[1, D]``), and ``draft{k}_b{B}(hidden
-float32[B, D], *draft_params) -> float32[k, B, V]`` gives the first ``k ≤ m`` heads' logits
-(:meth:`Lowering.draft`). Rows of one sequence at consecutive positions in one ``decode_b{B}`` call (the last token
-and its drafts) are the speculative verify step: each row's key and value are written before any row attends, so
-row ``t`` sees the rows before it.
+float32[B, D], *draft_params) -> float32[k, B, Vd]`` gives the first ``k ≤ m`` heads' logits over the draft
+vocabulary (:meth:`Lowering.draft`, :func:`draft_vocab`). Rows of one sequence at consecutive positions in one
+``decode_b{B}`` call (the last token and its drafts) are the speculative verify step: each row's key and value are
+written before any row attends, so row ``t`` sees the rows before it.
 
 Each ``kc_l``/``vc_l`` is ``float32[n_blocks, Hkv, K, hd]``, ``n_blocks`` symbolic: the runtime sizes the cache
 (:mod:`runtime.kv_cache`). Row ``t`` holds one token at position ``pos[t]`` of the sequence whose block table is
@@ -66,6 +66,7 @@ TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "f
 CPU_TILE = 8  # row tile of the CPU weight layout (tile8), when it divides M
 WEIGHT_LAYOUTS = ("tile8", "tl")  # CPU ternary weights: 2-bit tile8 (default) or 1.67-bit tl{R} (AVX-512 VBMI)
 HEAD_ROWS = 16  # draft{k}_b{B}: up to this many rows (heads × B) share one LM head call
+DRAFT_VOCAB_CPU = 8192  # CPU drafts: the LM head over the first ids only (draft_vocab)
 
 
 def cpu_tile(M: int) -> int:
@@ -126,6 +127,13 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
                    ParamSpec(f"mtp.{k}.proj.weight", _cpu_w_shape(D, D, weights), "uint8"))  # fmt: skip
         out.append(ParamSpec(f"mtp.{k}.proj.scale", (1,), "float32"))
     return out
+
+
+def draft_vocab(V: int, gpu: bool) -> int:
+    """The ids the MTP heads draft from: all on GPUs; on CPUs the first :data:`DRAFT_VOCAB_CPU` (byte-level BPE ids
+    run from the bytes through the merges in training order, roughly by frequency), which cuts the draft's LM head,
+    the bulk of its cost there. A draft from a subset is still exact: it is only a proposal (docs/speculative.md)."""
+    return V if gpu else min(V, DRAFT_VOCAB_CPU)
 
 
 def draft_specs(specs: list[ParamSpec]) -> list[ParamSpec]:
@@ -448,11 +456,12 @@ class Lowering:
         return (logits if last is None else self._reshape(logits, (V,))), hn
 
     def draft(self, B: int, heads: int):
-        """``draft{heads}_b{B}(hidden float32[B, D], *draft_params) -> float32[heads, B, V]`` (the parameters of
+        """``draft{heads}_b{B}(hidden float32[B, D], *draft_params) -> float32[heads, B, Vd]`` (the parameters of
         :func:`draft_specs` only: a Relax VM call checks every argument): the first ``heads`` of the
         model's multi-token-prediction heads on ``B`` normed hidden states (what ``decode_b{B}``/``prefill`` return
         beside the logits when the model has heads): head ``k`` gives ``lm_head(h + silu(P_k h))``, ``P_k`` ternary
-        (the int8 quantize of ``h`` shared by the heads), the logits of the token ``k + 2`` positions after ``h``'s.
+        (the int8 quantize of ``h`` shared by the heads), the logits of the token ``k + 2`` positions after ``h``'s,
+        over the ids ``0 .. Vd - 1`` (:func:`draft_vocab`).
         One function per head count, so drafting ``k`` tokens computes ``k`` heads. Up to 16 rows in all go through
         one LM head call (the head read once), else one call per head."""
         from tvm import relax
@@ -470,14 +479,17 @@ class Lowering:
                 us = [self._call(res, [h, self._ternary(f, f"mtp.{k}.proj", q8, sc, qs, D, D)], [((B, D), f32)])
                       for k in range(m)]  # fmt: skip
                 groups = [us] if m * B <= HEAD_ROWS else [[u] for u in us]
-                logits = []
+                logits, Vd = [], draft_vocab(V, self.gpu)
                 for g in groups:
                     rows = len(g) * B
                     x = g[0] if len(g) == 1 else bb.emit(relax.op.concat(g, axis=0))
-                    gv = self._te("lm_head", lambda n: self.k.lm_head(n, V, D, self.head_dtype), rows)
-                    logits.append(self._call(gv, [x, pv["lm_head.weight"]], [((rows, V), f32)]))
+                    if Vd < V:  # the CPU head over the draft vocabulary
+                        gv = self._te("lm_head_draft", lambda n, r: gk.lm_head(n, V, D, self.head_dtype, r), rows, Vd)
+                    else:
+                        gv = self._te("lm_head", lambda n: self.k.lm_head(n, V, D, self.head_dtype), rows)
+                    logits.append(self._call(gv, [x, pv["lm_head.weight"]], [((rows, Vd), f32)]))
                 out = logits[0] if len(logits) == 1 else bb.emit(relax.op.concat(logits, axis=0))
-                out = bb.emit_output(self._reshape(out, (m, B, V)))
+                out = bb.emit_output(self._reshape(out, (m, B, Vd)))
             bb.emit_func_output(out)
 
     # --- steps shared by the blocks --------------------------------------------------------------------------

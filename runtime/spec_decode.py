@@ -67,10 +67,10 @@ def make_drafts(engine, pickers: list[TokenPicker], seqs: list[Sequence], counts
     heads = engine.draft(np.stack([seqs[i].hidden for i in need]), max(counts))  # [n, max(counts), V]
     for i, rows in zip(need, heads, strict=True):
         picker = pickers[i]
-        for x in rows[: counts[i]]:
-            if engine._never.size:
-                x = np.array(x, dtype=np.float32)
-                x[engine._never] = -np.inf
+        for row in rows[: counts[i]]:
+            x = np.full(engine.vocab, -np.inf, np.float32)  # the heads draft from ids 0 .. Vd - 1 only
+            x[: row.shape[0]] = row
+            x[engine._never] = -np.inf
             q = distribution(x, picker.params)
             drafts[i].tokens.append(int(np.argmax(x)) if q is None else int(picker.rng.choice(q.shape[0], p=q)))
             drafts[i].q.append(q)

@@ -92,6 +92,9 @@ def _kernel_cases(target: str, rng) -> list:
         for B in (1, T):  # a row's logits do not depend on the batch
             cases.append((f"lm_head_{dt}_{B}", gk.lm_head(B, 256, D, dt), [hv[:B], E], [((B, 256), "float32")],
                           [np.stack([er.lm_head(hv[b], E, gk.HEAD_LANES) for b in range(B)])]))  # fmt: skip
+        # the MTP heads' draft vocabulary: the first 96 head rows, three draft rows tiled together
+        cases.append((f"lm_head_{dt}_rows96", gk.lm_head(3, 256, D, dt, rows=96), [hv[:3], E], [((3, 96), "float32")],
+                      [np.stack([er.lm_head(hv[b], E[:96], gk.HEAD_LANES) for b in range(3)])]))  # fmt: skip
     for N in (1, 8):  # the shipped model's width: tuned records, whose lane knob compiler.arith reads
         op = make_op("rmsnorm_quant", D=D, N=N)
         x = (rng.standard_normal((N, D)) * 3).astype(F32)
