@@ -159,7 +159,7 @@ def memory_estimate(cfg: ModelConfig) -> dict[str, int]:
     ``[n_kv_heads, max_seq_len, head_dim]`` float32) and the attention scratch (``compiler.graph_kernels.attention``:
     a ``max_seq_len`` score row per (prefill token, head)). The parts are returned too."""
     d, hd, ctx = cfg.d_model, cfg.head_dim, cfg.max_seq_len
-    ternary = cfg.n_layers * sum(m * k for m, k in cfg.ternary_shapes().values()) + cfg.mtp_heads * d * d
+    ternary = cfg.n_layers * sum(m * k for m, k in cfg.ternary_shapes().values()) + 2 * cfg.mtp_heads * d * d
     weights = ternary // 4 + cfg.vocab_size * d * 4 * (1 if cfg.tie_embeddings else 2) + (2 * cfg.n_layers + 1) * d * 4
     rope = 2 * ctx * (hd // 2) * 4
     kv_cache = 2 * cfg.n_layers * cfg.n_kv_heads * ctx * hd * 4

@@ -45,7 +45,8 @@ file), one per-tensor absmean scale stored in every non-zero block; ``y = W x`` 
 ``blk.{i}.mhc_{attn,ffn}.pre_logits``               [n]                    F32   (n > 1 only)
 ``blk.{i}.mhc_{attn,ffn}.post_logits``              [n]                    F32   (n > 1 only)
 ``blk.{i}.mhc_{attn,ffn}.res_logits``               [1] (n=2) / [24] (n=4) F32   (n > 1 only)
-``mtp.{k}.proj.weight``                             [d, d]                 ternary
+``mtp.{k}.proj.weight`` / ``embed_proj.weight``     [d, d]                 ternary
+``mtp.{k}.embed_norm.weight``                       [d]                    F32
 ==================================================  =====================  ==========================
 
 The mHC logits become coefficients with :func:`model.mhc_static.coefficients` (:meth:`GGUFModel.mhc_coefficients`).
@@ -170,8 +171,9 @@ def tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
             for site in ("mhc_attn", "mhc_ffn"):
                 specs[f"{p}{site}.pre_logits"] = specs[f"{p}{site}.post_logits"] = TensorSpec((cfg.n_streams,), "float")
                 specs[f"{p}{site}.res_logits"] = TensorSpec((res_logits_size(cfg.n_streams),), "float")
-    for k in range(cfg.mtp_heads):
-        specs[f"mtp.{k}.proj.weight"] = TensorSpec((d, d), "ternary")
+    for k in range(cfg.mtp_heads):  # model.transformer.MTPHead
+        specs[f"mtp.{k}.proj.weight"] = specs[f"mtp.{k}.embed_proj.weight"] = TensorSpec((d, d), "ternary")
+        specs[f"mtp.{k}.embed_norm.weight"] = TensorSpec((d,), "float")
     return specs
 
 
@@ -608,7 +610,7 @@ def _check_config(problems: list[tuple[str, str]]) -> None:
 def _tensor_count(cfg: ModelConfig) -> tuple[int, int]:
     """``len(tensor_specs(cfg))`` by arithmetic (no dict of block_count entries), and the tensors of one block."""
     per_block = 2 + 7 + (6 if cfg.n_streams > 1 else 0)
-    return 2 + (0 if cfg.tie_embeddings else 1) + cfg.n_layers * per_block + cfg.mtp_heads, per_block
+    return 2 + (0 if cfg.tie_embeddings else 1) + cfg.n_layers * per_block + 3 * cfg.mtp_heads, per_block
 
 
 def _read_tokenizer(f: GGUFFile, config: ModelConfig) -> TokenizerSpec:

@@ -5,9 +5,11 @@ attention (:mod:`model.attention`) and a SwiGLU FFN, each starting with its own 
 ``logits = lm_head(RMSNorm(mean_s X[s]))``. The LM head is the (float) token embedding when ``tie_embeddings``, else
 its own float matrix. All seven matrices of a block are ternary :class:`~model.bitlinear.BitLinear`.
 
-Optional multi-token-prediction heads (``mtp_heads = m``, Medusa-style, for self-speculative decoding): with ``h``
-the final normed hidden state, head ``k`` gives ``lm_head(h + silu(P_k h))`` (``P_k`` ternary, d × d) and predicts the
-token ``k + 2`` positions ahead (the main head predicts ``k = -1``, the next token).
+Optional multi-token-prediction heads (``mtp_heads = m``, for self-speculative decoding; EAGLE-like, recurrent): with
+``h_t`` the final normed hidden state after token ``t`` and ``x_{t+1}`` the token after it, step 0 gives ``g_0 = h_t
++ silu(P_0 h_t + Q_0 norm_0(emb(x_{t+1})))`` and step ``k`` ``g_k = g_{k-1} + silu(P_k g_{k-1} + Q_k
+norm_k(emb(x_{t+k+1})))``; ``lm_head(g_k)`` predicts the token ``t + k + 2`` (``P_k``, ``Q_k`` ternary d × d). At
+decode time the tokens fed are the main model's pick and then each step's own draft (:mod:`runtime.spec_decode`).
 
 Weights move to and from GGUF through :meth:`Transformer.gguf_tensors` / :meth:`Transformer.from_gguf_tensors`,
 keyed by the tensor names of :mod:`model.gguf_io`.
@@ -66,14 +68,17 @@ class Block(nn.Module):
 
 
 class MTPHead(nn.Module):
-    """``h + silu(P h)``: a residual ternary projection feeding the shared LM head."""
+    """One draft step: ``g' = g + silu(P g + Q norm(e))`` from the previous step's hidden state ``g`` and the
+    embedding ``e`` of the token after it (``P``, ``Q`` ternary); the next token's logits are ``lm_head(g')``."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.proj = BitLinear(config.d_model, config.d_model)
+        self.embed_proj = BitLinear(config.d_model, config.d_model)
+        self.embed_norm = RMSNorm(config.d_model, config.norm_eps)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + F.silu(self.proj(h))
+    def forward(self, g: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return g + F.silu(self.proj(g) + self.embed_proj(self.embed_norm(e)))
 
 
 class Transformer(nn.Module):
@@ -123,9 +128,17 @@ class Transformer(nn.Module):
         """Next-token logits ``[B, T, vocab]``."""
         return self.head(self.hidden(idx, cache))
 
-    def mtp_logits(self, h: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of each MTP head from the hidden state ``h``: head ``k`` predicts ``k + 2`` tokens ahead."""
-        return [self.head(m(h)) for m in self.mtp]
+    def mtp_chain(self, h: torch.Tensor, nxt: torch.Tensor) -> list[torch.Tensor]:
+        """The draft steps' hidden states, teacher-forced: ``h [B, T, d]`` the final normed hidden states, ``nxt [B,
+        T]`` the token after each position (the data's next tokens, or the main model's picks; negative ids count as
+        0). Step ``k`` gives ``[B, T - k, d]``: at ``t`` it has seen ``h_t`` and the tokens ``t + 1 .. t + k + 1``, and
+        its logits (:meth:`head`) predict the token at ``t + k + 2``."""
+        e = self.tok_emb(nxt.clamp(min=0))
+        out, g = [], h
+        for k, step in enumerate(self.mtp):
+            g = step(g if k == 0 else g[:, :-1], e[:, k:])
+            out.append(g)
+        return out
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(total, next_token_ce)``; ``targets[:, t]`` is the token after ``idx[:, t]`` (or ``IGNORE_INDEX``)."""
@@ -134,10 +147,9 @@ class Transformer(nn.Module):
         if not self.mtp:
             return ce, ce.detach()
         mtp = []
-        for k, logits in enumerate(self.mtp_logits(h)):
-            shift = k + 1  # head k at position t predicts targets[t + k + 1]
-            mtp.append(F.cross_entropy(logits[:, :-shift].flatten(0, 1), targets[:, shift:].flatten(),
-                                       ignore_index=IGNORE_INDEX))  # fmt: skip
+        for k, g in enumerate(self.mtp_chain(h, targets)):  # step k at t predicts targets[t + k + 1]
+            logits = self.head(g[:, :-1])
+            mtp.append(F.cross_entropy(logits.flatten(0, 1), targets[:, k + 1 :].flatten(), ignore_index=IGNORE_INDEX))
         return ce + MTP_LOSS_WEIGHT * torch.stack(mtp).mean(), ce.detach()
 
     # --- what the compiler and the GGUF file see ------------------------------------------------------------------
@@ -165,7 +177,8 @@ class Transformer(nn.Module):
             for site_name, site in (("mhc_attn", b.mhc_attn), ("mhc_ffn", b.mhc_ffn)):
                 out |= {f"{p}{site_name}.{k}": v for k, v in site.logits().items()}
         for k, m in enumerate(self.mtp):
-            out[f"mtp.{k}.proj.weight"] = m.proj
+            out |= {f"mtp.{k}.proj.weight": m.proj, f"mtp.{k}.embed_proj.weight": m.embed_proj,
+                    f"mtp.{k}.embed_norm.weight": m.embed_norm.weight}  # fmt: skip
         return out
 
     @torch.no_grad()

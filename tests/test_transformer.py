@@ -106,11 +106,27 @@ def test_mtp_loss_uses_further_shifted_targets():
     idx = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(3))
     total, ce = model.loss(idx[:, :-1], idx[:, 1:])
     assert total.item() > ce.item()  # the MTP terms add a positive cross-entropy
-    h = model.hidden(idx)
-    logits = model.mtp_logits(h)
-    assert len(logits) == 2 and logits[0].shape == (2, 12, 512)
     total.backward()
-    assert model.mtp[1].proj.weight.grad.abs().sum() > 0
+    assert model.mtp[1].proj.weight.grad.abs().sum() > 0 and model.mtp[0].embed_proj.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_mtp_chain_sees_only_the_tokens_it_may():
+    """Step k at position t sees h_t and the tokens t+1 .. t+k+1 (what the runtime feeds it), never a later one."""
+    model = small_model(mtp_heads=2).eval()
+    idx = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(5))
+    h, nxt = model.hidden(idx), idx[:, 1:]
+    h = h[:, :-1]  # the positions whose next token is known
+    chain = model.mtp_chain(h, nxt)
+    assert [tuple(g.shape) for g in chain] == [(1, 11, 256), (1, 10, 256)]
+    t = 4
+    for k, g in enumerate(chain):
+        later = nxt.clone()
+        later[0, t + k + 1 :] = (later[0, t + k + 1 :] + 7) % 512  # tokens after t + k + 1
+        assert torch.equal(model.mtp_chain(h, later)[k][0, t], g[0, t])
+        seen = nxt.clone()
+        seen[0, t + k] = (seen[0, t + k] + 7) % 512  # the token at t + k + 1
+        assert not torch.equal(model.mtp_chain(h, seen)[k][0, t], g[0, t])
 
 
 def test_gguf_tensors_reload_exactly():
@@ -119,7 +135,7 @@ def test_gguf_tensors_reload_exactly():
         for site in model.mhc_sites():
             site.res_logits.add_(torch.randn_like(site.res_logits))
     tensors = model.gguf_tensors()
-    assert "output.weight" in tensors and "mtp.0.proj.weight" in tensors and "blk.1.mhc_ffn.res_logits" in tensors
+    assert "output.weight" in tensors and "mtp.0.embed_proj.weight" in tensors and "blk.1.mhc_ffn.res_logits" in tensors
     again = Transformer.from_gguf_tensors(model.config, tensors).eval()
     idx = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
