@@ -77,14 +77,37 @@ def silu_mul(T: int, F: int):
 
 
 def mtp_residual(T: int, D: int):
-    """A multi-token-prediction head's hidden state ``h + silu(y)`` (``y = P h``; :class:`model.transformer.MTPHead`),
-    ``silu`` as in :func:`silu_mul`."""
+    """A draft step's new hidden state ``g + silu(a + b)`` (``a = P g``, ``b = Q norm(e)``;
+    :class:`model.transformer.MTPHead`), ``silu`` as in :func:`silu_mul`."""
     from tvm import te
 
-    h = te.placeholder((T, D), "float32", name="h")
-    y = te.placeholder((T, D), "float32", name="y")
-    u = te.compute((T, D), lambda t, i: h[t, i] + y[t, i] / (1.0 + te.exp(-y[t, i])), name="u")
-    return _prim([h, y, u])
+    g = te.placeholder((T, D), "float32", name="g")
+    a = te.placeholder((T, D), "float32", name="a")
+    b = te.placeholder((T, D), "float32", name="b")
+    u = te.compute((T, D), lambda t, i: g[t, i] + (a[t, i] + b[t, i]) / (1.0 + te.exp(-(a[t, i] + b[t, i]))), name="u")
+    return _prim([g, a, b, u])
+
+
+def argmax(B: int, V: int):
+    """Each row's first maximum and its value, ``(at int32[B], best float32[B])`` (the MTP heads' greedy drafts): a
+    reduction over ``v`` in order that moves only on a strictly larger value (NaN never wins). Two outputs: Relax
+    would take a one-in, one-out kernel for a possible reshape and analyse it as one."""
+    import tvm
+    from tvm import te
+
+    x = te.placeholder((B, V), "float32", name="x")
+
+    def combine(a, b):
+        take = b[1] > a[1]
+        return tvm.tirx.Select(take, b[0], a[0]), tvm.tirx.Select(take, b[1], a[1])
+
+    def identity(t0, t1):
+        return tvm.tirx.const(0, t0), te.min_value(t1)
+
+    first_max = te.comm_reducer(combine, identity, name="first_max")
+    v = te.reduce_axis((0, V), name="v")
+    at, best = te.compute((B,), lambda b: first_max((v.astype("int32"), x[b, v]), axis=v), name="argmax")
+    return _prim([x, at, best])
 
 
 def rope_q(T: int, H: int, hd: int, ctx: int):

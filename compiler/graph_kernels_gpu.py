@@ -155,6 +155,59 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", gpu: bool = True, th
     return head.without_attr("global_symbol")
 
 
+def argmax(B: int, V: int, threads: int = 256):
+    """Each row's first maximum and its value, ``(at int32[B], best float32[B])``, as
+    :func:`compiler.graph_kernels.argmax`: a CUDA block per row, each thread scanning its strided share in order, then
+    a shared-memory tree that keeps the larger value (the smaller index on a tie)."""
+    from tvm.script import tirx as Tx
+
+    levels = threads.bit_length() - 1
+    per = -(-V // threads)
+
+    @Tx.macro
+    def body(x, out, top):
+        for b in Tx.thread_binding(B, thread="blockIdx.x"):
+            for tx in Tx.thread_binding(threads, thread="threadIdx.x"):
+                val = Tx.alloc_buffer((threads,), "float32", scope="shared")
+                idx = Tx.alloc_buffer((threads,), "int32", scope="shared")
+                best = Tx.alloc_buffer((1,), "float32", scope="local")
+                at = Tx.alloc_buffer((1,), "int32", scope="local")
+                mine = Tx.alloc_buffer((1,), "float32", scope="local")
+                mine_at = Tx.alloc_buffer((1,), "int32", scope="local")
+                best[0] = Tx.min_value("float32")
+                at[0] = V
+                for i in range(per):
+                    if i * threads + tx < V:
+                        if x[b, i * threads + tx] > best[0] or at[0] == V:
+                            best[0] = x[b, i * threads + tx]
+                            at[0] = i * threads + tx
+                val[tx] = best[0]
+                idx[tx] = at[0]
+                Tx.tvm_storage_sync("shared")
+                for s in Tx.unroll(levels):  # a read phase and a write phase, each ended by a barrier
+                    if tx < Tx.shift_right(threads, s + 1):
+                        best[0] = val[tx + Tx.shift_right(threads, s + 1)]
+                        at[0] = idx[tx + Tx.shift_right(threads, s + 1)]
+                        mine[0] = val[tx]
+                        mine_at[0] = idx[tx]
+                    Tx.tvm_storage_sync("shared")
+                    if tx < Tx.shift_right(threads, s + 1):
+                        if best[0] > mine[0] or (best[0] == mine[0] and at[0] < mine_at[0]):
+                            val[tx] = best[0]
+                            idx[tx] = at[0]
+                    Tx.tvm_storage_sync("shared")
+                if tx == 0:
+                    out[b] = Tx.min(idx[0], V - 1)
+                    top[b] = val[0]
+
+    @Tx.prim_func(check_well_formed=False)  # a root block around loop-style code, as norm_quantize's quantize
+    def pick(x: Tx.Buffer((B, V), "float32"), out: Tx.Buffer((B,), "int32"), top: Tx.Buffer((B,), "float32")):
+        with Tx.sblock("root"):  # Relax's reshape analysis asserts a block on single-input kernels
+            body(x, out, top)
+
+    return pick.without_attr("global_symbol")
+
+
 def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256):
     """RMSNorm (``eps`` given; else none) + int8 per-token quantize in ONE kernel: a CUDA block per token, ``threads``
     threads striding over ``D``, the three reductions (Σx², max|h|, Σq) as shared-memory trees. Same outputs and

@@ -8,10 +8,10 @@ table width ``W = ⌈C / K⌉``; params in :func:`param_specs` order)::
 
 With ``m = mtp_heads > 0`` (self-speculative decoding, :mod:`runtime.spec_decode`) both also return the normed
 hidden states, ``(logits, hidden float32[B, D])`` (prefill: row ``last``, ``[1, D]``), and ``draft{k}_b{B}(hidden
-float32[B, D], *draft_params) -> float32[k, B, Vd]`` gives the first ``k ≤ m`` heads' logits over the draft
-vocabulary (:meth:`Lowering.draft`, :func:`draft_vocab`). Rows of one sequence at consecutive positions in one
-``decode_b{B}`` call (the last token and its drafts) are the speculative verify step: each row's key and value are
-written before any row attends, so row ``t`` sees the rows before it.
+float32[B, D], token int32[B], *draft_params) -> int32[k, B]`` gives ``k ≤ m`` greedy draft tokens from the
+recurrent heads, fed the token picked after ``hidden`` (:meth:`Lowering.draft`). Rows of one sequence at consecutive
+positions in one ``decode_b{B}`` call (the last token and its drafts) are the speculative verify step: each row's
+key and value are written before any row attends, so row ``t`` sees the rows before it.
 
 Each ``kc_l``/``vc_l`` is ``float32[n_blocks, Hkv, K, hd]``, ``n_blocks`` symbolic: the runtime sizes the cache
 (:mod:`runtime.kv_cache`). Row ``t`` holds one token at position ``pos[t]`` of the sequence whose block table is
@@ -63,9 +63,9 @@ log = logging.getLogger("compiler.build")
 
 PREFILL_CHUNK = CPU_PREFILL_CHUNK  # a CPU build's prefill chunk (compiler.arith's default)
 TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+MTP_TERNARY = ("proj", "embed_proj")  # each MTP head's ternary matrices (model.transformer.MTPHead)
 CPU_TILE = 8  # row tile of the CPU weight layout (tile8), when it divides M
 WEIGHT_LAYOUTS = ("tile8", "tl")  # CPU ternary weights: 2-bit tile8 (default) or 1.67-bit tl{R} (AVX-512 VBMI)
-HEAD_ROWS = 16  # draft{k}_b{B}: up to this many rows (heads × B) share one LM head call
 DRAFT_VOCAB_CPU = 8192  # CPU drafts: the LM head over the first ids only (draft_vocab)
 
 
@@ -122,10 +122,12 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
             out += [ParamSpec(f"blk.{i}.{site}.h_pre", (S,), "float32"),
                     ParamSpec(f"blk.{i}.{site}.h_post", (S,), "float32"),
                     ParamSpec(f"blk.{i}.{site}.h_res", (S, S), "float32")]  # fmt: skip
-    for k in range(cfg.mtp_heads):  # the multi-token-prediction heads' projections (draft{k}_b{B})
-        out.append(ParamSpec(f"mtp.{k}.proj.weight", (D, D // 16), "int32") if gpu else
-                   ParamSpec(f"mtp.{k}.proj.weight", _cpu_w_shape(D, D, weights), "uint8"))  # fmt: skip
-        out.append(ParamSpec(f"mtp.{k}.proj.scale", (1,), "float32"))
+    for k in range(cfg.mtp_heads):  # the multi-token-prediction heads (draft{k}_b{B})
+        for t in MTP_TERNARY:
+            out.append(ParamSpec(f"mtp.{k}.{t}.weight", (D, D // 16), "int32") if gpu else
+                       ParamSpec(f"mtp.{k}.{t}.weight", _cpu_w_shape(D, D, weights), "uint8"))  # fmt: skip
+            out.append(ParamSpec(f"mtp.{k}.{t}.scale", (1,), "float32"))
+        out.append(ParamSpec(f"mtp.{k}.embed_norm.weight", (D,), "float32"))
     return out
 
 
@@ -137,8 +139,9 @@ def draft_vocab(V: int, gpu: bool) -> int:
 
 
 def draft_specs(specs: list[ParamSpec]) -> list[ParamSpec]:
-    """The parameters of the ``draft{k}_b{B}`` functions, in ``specs`` order: the LM head and the MTP heads'."""
-    return [s for s in specs if s.name == "lm_head.weight" or s.name.startswith("mtp.")]
+    """The parameters of the ``draft{k}_b{B}`` functions, in ``specs`` order: the embedding, the LM head and the MTP
+    heads'."""
+    return [s for s in specs if s.name in ("token_embd.weight", "lm_head.weight") or s.name.startswith("mtp.")]
 
 
 GGUF_NAMES = {"attn_o": "attn_output"}  # the one place a config projection name differs from the GGUF's
@@ -207,9 +210,11 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8") -> dict[str, np.nd
             p[f"blk.{i}.{site}.h_post"] = np.asarray(c.h_post, np.float32)
             p[f"blk.{i}.{site}.h_res"] = np.asarray(c.h_res, np.float32)
     for k in range(cfg.mtp_heads):
-        tw = g.tensors[f"mtp.{k}.proj.weight"].ternary()
-        p[f"mtp.{k}.proj.weight"] = pack(tw.codes)
-        p[f"mtp.{k}.proj.scale"] = np.array([tw.scale], np.float32)
+        for t in MTP_TERNARY:
+            tw = g.tensors[f"mtp.{k}.{t}.weight"].ternary()
+            p[f"mtp.{k}.{t}.weight"] = pack(tw.codes)
+            p[f"mtp.{k}.{t}.scale"] = np.array([tw.scale], np.float32)
+        p[f"mtp.{k}.embed_norm.weight"] = g.tensors[f"mtp.{k}.embed_norm.weight"].to_float().astype(np.float32)
     for s in param_specs(cfg, str(p["token_embd.weight"].dtype), str(head_w.dtype), gpu, weights):
         a = p[s.name]
         if a.shape != s.shape or a.dtype != np.dtype(s.dtype):
@@ -244,6 +249,7 @@ class TargetKernels:
     quantize: Callable  # per-token int8 quantize (T, K) of the o/down inputs
     attention: Callable  # (T, H, Hkv, hd, C)
     lm_head: Callable  # (V, D, dtype)
+    argmax: Callable  # (B, V): each row's first maximum (int32) and its value (the MTP heads' greedy drafts)
     kv_update: Callable  # (T, Hkv, hd, C, block)
     batch_sizes: tuple[int, ...]  # the decode functions' batch sizes (sequences per step): decode_b{B}
     schedule_small: bool  # schedule the elementwise graph kernels here (else compiler.build's dlight pass does)
@@ -264,17 +270,17 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
     "tile8": TargetKernels(
         name="tile8", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8", gemm="gemm_i8", tile=cpu_tile,
         x_words=False, x_sum=True, fixed={}, quantize=gk.quantize, attention=gk.attention, lm_head=gk.lm_head,
-        kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES,
+        argmax=gk.argmax, kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES,
     ),
     "tl": TargetKernels(
         name="tl", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8_tl", gemm=None, tile=tl_tile,
         x_words=False, x_sum=False, fixed={}, quantize=gk.quantize, attention=gk.attention, lm_head=gk.lm_head,
-        kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES,
+        argmax=gk.argmax, kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES,
     ),
     "dp4a": TargetKernels(
         name="dp4a", prefill_chunk=CUDA_PREFILL_CHUNK, gemv="gemv_dp4a", gemm="gemm_dp4a", tile=None,
         x_words=True, x_sum=True, fixed={"rmsnorm_quant": _cuda_norm_quant, "mhc_post": _cuda_mhc_post},
-        quantize=gkg.norm_quantize, attention=gkg.attention, lm_head=gkg.lm_head,
+        quantize=gkg.norm_quantize, attention=gkg.attention, lm_head=gkg.lm_head, argmax=gkg.argmax,
         kv_update=functools.partial(gk.kv_update, gpu=True), schedule_small=False, mhc_x_row=True,
         batch_sizes=CUDA_BATCH_SIZES,
     ),
@@ -456,40 +462,44 @@ class Lowering:
         return (logits if last is None else self._reshape(logits, (V,))), hn
 
     def draft(self, B: int, heads: int):
-        """``draft{heads}_b{B}(hidden float32[B, D], *draft_params) -> float32[heads, B, Vd]`` (the parameters of
-        :func:`draft_specs` only: a Relax VM call checks every argument): the first ``heads`` of the
-        model's multi-token-prediction heads on ``B`` normed hidden states (what ``decode_b{B}``/``prefill`` return
-        beside the logits when the model has heads): head ``k`` gives ``lm_head(h + silu(P_k h))``, ``P_k`` ternary
-        (the int8 quantize of ``h`` shared by the heads), the logits of the token ``k + 2`` positions after ``h``'s,
-        over the ids ``0 .. Vd - 1`` (:func:`draft_vocab`).
-        One function per head count, so drafting ``k`` tokens computes ``k`` heads. Up to 16 rows in all go through
-        one LM head call (the head read once), else one call per head."""
+        """``draft{heads}_b{B}(hidden float32[B, D], token int32[B], *draft_params) -> int32[heads, B]`` (the
+        parameters of :func:`draft_specs` only: a Relax VM call checks every argument): ``heads`` greedy draft tokens
+        for each of ``B`` sequences from the model's recurrent multi-token-prediction heads
+        (:class:`model.transformer.MTPHead`). ``hidden`` is the normed hidden state that ``decode_b{B}``/``prefill``
+        returned beside the logits and ``token`` the token picked from those logits; step ``k`` computes ``g = g +
+        silu(P_k g + Q_k norm_k(emb(token)))`` (each input int8-quantized for its ternary matrix), the logits
+        ``lm_head(g)`` over the ids ``0 .. Vd - 1`` (:func:`draft_vocab`) and their argmax, the next step's token."""
         from tvm import relax
 
         cfg, bb, f32 = self.cfg, self.bb, "float32"
-        D, V, m = cfg.d_model, cfg.vocab_size, heads
-        h = _var("hidden", (B, D), f32)
+        D, V = cfg.d_model, cfg.vocab_size
+        Vd = draft_vocab(V, self.gpu)
+        g, tok = _var("hidden", (B, D), f32), _var("token", (B,), "int32")
         specs = draft_specs(self.specs())
         pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
         f = _Frame(B, None, None, [], pv, True, ())
-        with bb.function(f"draft{heads}_b{B}", [h] + [pv[s.name] for s in specs]):
+        if Vd < V:  # the CPU head over the draft vocabulary
+            head = self._te("lm_head_draft", lambda n, r: gk.lm_head(n, V, D, self.head_dtype, r), B, Vd)
+        else:
+            head = self._te("lm_head", lambda n: self.k.lm_head(n, V, D, self.head_dtype), B)
+        step = self._te("mtp_residual", gk.mtp_residual, B, D, sched=True)
+        pick = self._te("argmax", self.k.argmax, B, Vd)
+        with bb.function(f"draft{heads}_b{B}", [g, tok] + [pv[s.name] for s in specs]):
             with bb.dataflow():
-                q8, sc, qs = self._quantize(B, D, h)
-                res = self._te("mtp_residual", gk.mtp_residual, B, D, sched=True)
-                us = [self._call(res, [h, self._ternary(f, f"mtp.{k}.proj", q8, sc, qs, D, D)], [((B, D), f32)])
-                      for k in range(m)]  # fmt: skip
-                groups = [us] if m * B <= HEAD_ROWS else [[u] for u in us]
-                logits, Vd = [], draft_vocab(V, self.gpu)
-                for g in groups:
-                    rows = len(g) * B
-                    x = g[0] if len(g) == 1 else bb.emit(relax.op.concat(g, axis=0))
-                    if Vd < V:  # the CPU head over the draft vocabulary
-                        gv = self._te("lm_head_draft", lambda n, r: gk.lm_head(n, V, D, self.head_dtype, r), rows, Vd)
-                    else:
-                        gv = self._te("lm_head", lambda n: self.k.lm_head(n, V, D, self.head_dtype), rows)
-                    logits.append(self._call(gv, [x, pv["lm_head.weight"]], [((rows, Vd), f32)]))
-                out = logits[0] if len(logits) == 1 else bb.emit(relax.op.concat(logits, axis=0))
-                out = bb.emit_output(self._reshape(out, (m, B, Vd)))
+                toks = []
+                for k in range(heads):
+                    e = bb.emit(relax.op.take(pv["token_embd.weight"], tok, axis=0, mode="clip"))
+                    if self.embed_dtype != "float32":
+                        e = bb.emit(relax.op.astype(e, f32))
+                    e = self._call(self._rmsnorm(B, D), [e, pv[f"mtp.{k}.embed_norm.weight"]], [((B, D), f32)])
+                    a = self._ternary(f, f"mtp.{k}.proj", *self._quantize(B, D, g), D, D)
+                    b = self._ternary(f, f"mtp.{k}.embed_proj", *self._quantize(B, D, e), D, D)
+                    g = self._call(step, [g, a, b], [((B, D), f32)])
+                    logits = self._call(head, [g, pv["lm_head.weight"]], [((B, Vd), f32)])
+                    tok = self._call(pick, [logits], [((B,), "int32"), ((B,), f32)])[0]
+                    toks.append(self._reshape(tok, (1, B)))
+                out = toks[0] if heads == 1 else bb.emit(relax.op.concat(toks, axis=0))
+                out = bb.emit_output(out)
             bb.emit_func_output(out)
 
     # --- steps shared by the blocks --------------------------------------------------------------------------

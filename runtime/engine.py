@@ -354,22 +354,26 @@ class Engine:
             start = end
         return res
 
-    def draft(self, hidden: np.ndarray, heads: int | None = None) -> np.ndarray:
-        """The first ``heads`` (default all) MTP heads' logits ``[n, heads, V]`` for ``n`` normed hidden states
-        ``[n, D]`` (``seq.hidden``): head ``k`` of row ``i`` predicts the token ``k + 2`` positions after that
-        state's (one ``draft{heads}_b{B}`` call per :attr:`batch_sizes` group)."""
+    def draft(self, hidden: np.ndarray, tokens, heads: int | None = None) -> np.ndarray:
+        """Greedy draft tokens ``[n, heads]`` (default all heads) from the recurrent MTP heads, for ``n`` sequences:
+        ``hidden [n, D]`` the normed hidden state at each one's last cached position (``seq.hidden``) and ``tokens``
+        the token picked after it (not yet in the cache); draft ``k`` is the guess for the token ``k + 1`` places
+        after that one (one ``draft{heads}_b{B}`` call per :attr:`batch_sizes` group)."""
         heads = self.mtp_heads if heads is None else heads
         if not 1 <= heads <= self.mtp_heads:
             raise ValueError(f"heads={heads}: this model has {self.mtp_heads} multi-token-prediction heads")
-        hidden = np.asarray(hidden, np.float32)
+        hidden, tokens = np.asarray(hidden, np.float32), [int(t) for t in tokens]
+        if len(tokens) != len(hidden):
+            raise ValueError(f"draft needs one token per hidden state; got {len(tokens)} for {len(hidden)}")
+        self._check(tokens)
         out, top = [], self.batch_sizes[-1]
         for s in range(0, len(hidden), top):
             part = hidden[s : s + top]
             B = next(b for b in self.batch_sizes if b >= len(part))
-            h = np.zeros((B, hidden.shape[1]), np.float32)
-            h[: len(part)] = part
-            logits = self._draft[heads, B](self._tvm.runtime.tensor(h, self.dev), *self._draft_params).numpy()
-            out.append(logits[:, : len(part)].transpose(1, 0, 2))
+            h, t = np.zeros((B, hidden.shape[1]), np.float32), np.zeros(B, np.int32)
+            h[: len(part)], t[: len(part)] = part, tokens[s : s + top]
+            toks = self._draft[heads, B](self._tvm.runtime.tensor(h, self.dev), self._i32(t), *self._draft_params)
+            out.append(toks.numpy()[:, : len(part)].T)
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def _check(self, tokens: list[int]) -> None:

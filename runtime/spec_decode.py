@@ -5,18 +5,19 @@ accept. :func:`advance` moves any number of generations forward by one step; wit
 Per step and sequence, ``t`` being the token picked last (not in the cache yet) and ``h`` the normed hidden state at
 the cache's last position (the one whose logits gave ``t``):
 
-1. **draft**: the MTP heads on ``h`` (:meth:`runtime.engine.Engine.draft`, one call for every sequence) give ``k``
-   tokens for the positions after ``t``: greedy takes each head's argmax; sampling draws each from its head's
-   distribution under the generation's temperature, top-k and top-p (never an unused token);
+1. **draft**: the recurrent MTP heads on ``h`` and ``t`` (:meth:`runtime.engine.Engine.draft`, one call for every
+   sequence) give ``k`` greedy tokens for the positions after ``t``, each step fed the previous one's draft;
 2. **verify**: ``t`` and the drafts go into one ``decode_b{B}`` call as consecutive rows of the sequence
    (:meth:`~runtime.engine.Engine.step`): row ``j`` holds the main model's logits after ``t, d_1 .. d_j``;
 3. **accept**: row by row, the generation's own :class:`~runtime.decoding.TokenPicker` (penalties, stop conditions)
    decides. Greedy picks the argmax and goes on while it equals the draft, so the tokens are exactly those of plain
    greedy decoding (a row's logits do not depend on the other rows of its call). Sampling accepts draft ``d_j`` with
    probability ``min(1, p(d_j) / q(d_j))`` and otherwise samples the residual ``max(0, p − q)``
-   (:func:`runtime.speculative.accept`), which keeps the main model's distribution exactly. The row after the last
-   accepted draft gives one more token, so a step yields 1 .. k + 1 tokens. The cache keeps the rows up to the last
-   accepted draft: ``seq.length`` is set back past the rest, whose keys are overwritten later (nothing is copied).
+   (:func:`runtime.speculative.accept`; the drafts are argmaxes, so ``q`` is one-hot: accept with probability
+   ``p(d_j)``, else sample ``p`` without ``d_j``), which keeps the main model's distribution exactly. The row after
+   the last accepted draft gives one more token, so a step yields 1 .. k + 1 tokens. The cache keeps the rows up to
+   the last accepted draft: ``seq.length`` is set back past the rest, whose keys are overwritten later (nothing is
+   copied).
 
 Drafts per sequence: ``Engine.draft_tokens``, fewer when the step's rows would not fit the largest compiled batch
 (the verify rows of all sequences share it, so speculation gives way as the batch fills), none while token healing
@@ -38,7 +39,8 @@ from runtime.speculative import accept
 
 @dataclass
 class Draft:
-    """The drafted tokens of one sequence and the distribution each was drawn from (None: a head's argmax)."""
+    """The drafted tokens of one sequence and the distribution each was drawn from (None: deterministic, the heads'
+    argmax)."""
 
     tokens: list[int]
     q: list[np.ndarray | None]
@@ -58,22 +60,16 @@ def draft_counts(engine, pickers: list[TokenPicker], seqs: list[Sequence]) -> li
     return out
 
 
-def make_drafts(engine, pickers: list[TokenPicker], seqs: list[Sequence], counts: list[int]) -> list[Draft]:
-    """Each sequence's drafts from its ``seq.hidden`` (one :meth:`Engine.draft` call for all that take any)."""
+def make_drafts(engine, seqs: list[Sequence], tokens: list[int], counts: list[int]) -> list[Draft]:
+    """Each sequence's greedy drafts from its ``seq.hidden`` and the token picked after it (one
+    :meth:`Engine.draft` call for all that take any)."""
     drafts = [Draft([], []) for _ in seqs]
     need = [i for i, c in enumerate(counts) if c]
     if not need:
         return drafts
-    heads = engine.draft(np.stack([seqs[i].hidden for i in need]), max(counts))  # [n, max(counts), V]
-    for i, rows in zip(need, heads, strict=True):
-        picker = pickers[i]
-        for row in rows[: counts[i]]:
-            x = np.full(engine.vocab, -np.inf, np.float32)  # the heads draft from ids 0 .. Vd - 1 only
-            x[: row.shape[0]] = row
-            x[engine._never] = -np.inf
-            q = distribution(x, picker.params)
-            drafts[i].tokens.append(int(np.argmax(x)) if q is None else int(picker.rng.choice(q.shape[0], p=q)))
-            drafts[i].q.append(q)
+    out = engine.draft(np.stack([seqs[i].hidden for i in need]), [tokens[i] for i in need], max(counts))
+    for i, row in zip(need, out, strict=True):
+        drafts[i] = Draft([int(t) for t in row[: counts[i]]], [None] * counts[i])
     return drafts
 
 
@@ -111,7 +107,7 @@ def advance(engine, pickers: list[TokenPicker], seqs: list[Sequence], tokens: li
     """One step for every generation: ``tokens[i]`` (picked last, not in the cache) goes into ``seqs[i]`` with its
     drafts; the tokens each generation gained (1 .. k + 1; ``pickers[i].done`` says whether it has ended)."""
     counts = draft_counts(engine, pickers, seqs)
-    drafts = make_drafts(engine, pickers, seqs, counts)
+    drafts = make_drafts(engine, seqs, tokens, counts)
     bases = [s.length for s in seqs]
     out = engine.step(seqs, [[t, *d.tokens] for t, d in zip(tokens, drafts, strict=True)])
     return [settle(p, s, b, logits, hidden, d)

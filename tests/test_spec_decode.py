@@ -39,21 +39,25 @@ def engine(entry, gguf, draft_tokens: int) -> Engine:
     return Engine(entry, gguf, threads=2, draft_tokens=draft_tokens)
 
 
-def test_heads_and_hidden_match_pytorch(entry, gguf):
+def test_drafts_and_hidden_match_pytorch(entry, gguf):
     eng, model = engine(entry, gguf, 0), reference(gguf)
     for prompt in PROMPTS:
         eng.reset()
         logits = eng.prefill(prompt)
-        heads = eng.draft(eng.seq.hidden[None])[0]
+        tok = int(np.argmax(logits))
+        drafts = eng.draft(eng.seq.hidden[None], [tok])[0]
         with torch.no_grad(), one_torch_thread():
             h = model.hidden(torch.tensor([prompt]))
-            ref = [x[0, -1].numpy() for x in model.mtp_logits(h)]
             ref_logits = model.head(h)[0, -1].numpy()
+            g, t, ref = h[:, -1:], tok, []
+            for step in model.mtp:  # the recurrent heads, fed their own argmax
+                g = step(g, model.tok_emb(torch.tensor([[t]])))
+                t = int(model.head(g)[0, -1].argmax())
+                ref.append(t)
         np.testing.assert_allclose(eng.seq.hidden, h[0, -1].numpy(), atol=1e-5)
         np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
-        for k in range(2):
-            np.testing.assert_allclose(heads[k], ref[k], atol=1e-4)
-            assert np.argmax(heads[k]) == np.argmax(ref[k])
+        assert drafts.tolist() == ref
+        assert eng.draft(eng.seq.hidden[None], [tok], 1).tolist() == [ref[:1]]
 
 
 def test_verify_rows_equal_one_token_decoding(entry, gguf):
@@ -73,14 +77,15 @@ def test_verify_rows_equal_one_token_decoding(entry, gguf):
     assert np.array_equal(again, plain[1])
 
 
-def oracle(plan: dict[int, list[int]], wrong_every: int = 3):
-    """make_drafts that proposes each generation's own plain-run future (keyed by id(result)), every
-    ``wrong_every``-th proposal replaced by a wrong token."""
+def oracle(plan: dict[int, tuple[int, list[int]]], wrong_every: int = 3):
+    """make_drafts that proposes each sequence's own plain-run future (``plan``: id(seq) → (prompt length, plain
+    tokens)), every ``wrong_every``-th proposal replaced by a wrong token."""
 
-    def make(engine, pickers, seqs, counts):
+    def make(engine, seqs, tokens, counts):
         out = []
-        for picker, c in zip(pickers, counts, strict=True):
-            n, future = len(picker.result.tokens), plan.get(id(picker.result), [])
+        for seq, c in zip(seqs, counts, strict=True):
+            start, future = plan[id(seq)]
+            n = seq.length - start + 1  # tokens generated so far (the last one is not in the cache yet)
             toks = [future[i] if i < len(future) else 0 for i in range(n, n + c)]
             toks = [(t + 1) % engine.vocab if (n + i) % wrong_every == 0 else t for i, t in enumerate(toks)]
             out.append(spec_decode.Draft(toks, [None] * c))
@@ -104,7 +109,7 @@ def test_greedy_is_plain_greedy(entry, gguf, monkeypatch, params, draft_tokens):
         assert real.drafted > 0
         with monkeypatch.context() as m:
             got = Generation()
-            m.setattr(spec_decode, "make_drafts", oracle({id(got): want}))
+            m.setattr(spec_decode, "make_drafts", oracle({id(spec.seq): (len(prompt), want)}))
             assert list(spec.generate_tokens(prompt, params, got)) == want
             assert got.accepted > got.drafted // 3  # two of three proposals are right
             assert got.drafted >= len(want) // (draft_tokens + 1)
@@ -118,11 +123,10 @@ def test_stop_inside_accepted_drafts(entry, gguf, monkeypatch):
     cut = list(plain.generate_tokens(PROMPTS[1], params))
     assert cut == want[: want.index(stop) + 1]
     got = Generation()
-    monkeypatch.setattr(spec_decode, "make_drafts", oracle({id(got): want}, wrong_every=1000))
+    monkeypatch.setattr(spec_decode, "make_drafts", oracle({id(spec.seq): (len(PROMPTS[1]), want)}, 1000))
     assert list(spec.generate_tokens(PROMPTS[1], params, got)) == cut and got.finish_reason == "stop_token"
     for limit in (1, 2, 3, 4, 5):  # the token limit inside a step's accepted drafts
         got = Generation()
-        monkeypatch.setattr(spec_decode, "make_drafts", oracle({id(got): want}, wrong_every=1000))
         assert list(spec.generate_tokens(PROMPTS[1], SamplingParams(max_new_tokens=limit), got)) == want[:limit]
 
 
@@ -132,7 +136,8 @@ def test_batch_gives_solo_tokens(entry, gguf, monkeypatch):
               SamplingParams(max_new_tokens=30)]  # fmt: skip
     want = [list(plain.generate_tokens(p, sp)) for p, sp in zip(PROMPTS, params, strict=True)]
     reqs = [Request(None, sp, prompt_ids=p) for p, sp in zip(PROMPTS, params, strict=True)]
-    monkeypatch.setattr(spec_decode, "make_drafts", oracle({id(r.result): w for r, w in zip(reqs, want, strict=True)}))
+    plan = {id(r.seq): (len(p), w) for r, p, w in zip(reqs, PROMPTS, want, strict=True)}
+    monkeypatch.setattr(spec_decode, "make_drafts", oracle(plan))
     got = spec.batcher().run(reqs)
     assert [g.tokens for g in got] == want
     assert all(g.accepted > 0 for g in got)
