@@ -66,7 +66,7 @@ TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "f
 MTP_TERNARY = ("proj", "embed_proj")  # each MTP head's ternary matrices (model.transformer.MTPHead)
 CPU_TILE = 8  # row tile of the CPU weight layout (tile8), when it divides M
 WEIGHT_LAYOUTS = ("tile8", "tl")  # CPU ternary weights: 2-bit tile8 (default) or 1.67-bit tl{R} (AVX-512 VBMI)
-DRAFT_VOCAB_CPU = 8192  # CPU drafts: the LM head over the first ids only (draft_vocab)
+DRAFT_VOCAB_CPU = 2048  # CPU drafts: the LM head over the first ids only (draft_vocab; docs/speculative.md)
 
 
 def cpu_tile(M: int) -> int:
