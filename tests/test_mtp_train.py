@@ -1,6 +1,6 @@
 """MTP heads by self-distillation (train/mtp.py): the loss falls while the frozen backbone stays bit for bit, the
-chained acceptance count equals a position-by-position loop, and a tiny CPU run writes a GGUF whose backbone tensors
-are the input's and whose three heads read back."""
+chained acceptance count equals the runtime's drafting loop (each step fed the previous step's own draft), position
+by position, and a tiny CPU run writes a GGUF whose backbone tensors are the input's and whose three heads read back."""
 
 from __future__ import annotations
 
@@ -67,16 +67,20 @@ def test_distillation_lowers_the_loss_and_leaves_the_backbone_bit_identical():
     model = with_heads(_model(), 3, seed=1)
     backbone = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("mtp.")}
     heads = [p for p in model.parameters() if p.requires_grad]
-    assert len(heads) == 3 and all(p is m.proj.weight for p, m in zip(heads, model.mtp, strict=True))
+    expected = [p for m in model.mtp for p in (m.proj.weight, m.embed_proj.weight, m.embed_norm.weight)]
+    assert {id(p) for p in heads} == {id(p) for p in expected} and len(heads) == 9
+    assert all(torch.equal(m.embed_norm.weight, torch.ones_like(m.embed_norm.weight)) for m in model.mtp)
     x = torch.randint(0, model.config.vocab_size, (4, 48), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(x, dtype=torch.bool)
-    opt = BatchedMuon(heads, lr=0.05)
+    opts = [BatchedMuon([p for p in heads if p.ndim == 2], lr=0.05),
+            torch.optim.AdamW([p for p in heads if p.ndim == 1], lr=3e-3)]  # fmt: skip
     first, kl0 = (t.detach() for t in distill_loss(model, x, mask))
     for _ in range(15):
         loss, _ = distill_loss(model, x, mask)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     last, kl = (t.detach() for t in distill_loss(model, x, mask))
     assert float(last) < 0.8 * float(first) and (kl < kl0).all()
     after = model.state_dict()
@@ -87,9 +91,10 @@ def test_distillation_lowers_the_loss_and_leaves_the_backbone_bit_identical():
 @pytest.mark.unit
 def test_chained_acceptance_counts_equal_a_position_by_position_loop():
     model = with_heads(_model(2), 3, seed=3).eval()
-    with torch.no_grad():  # a zero projection drafts the main argmax at t itself: right where the text repeats
-        model.mtp[0].proj.weight.zero_()
-        model.mtp[2].proj.weight.zero_()
+    with torch.no_grad():  # zero projections draft the main argmax at t itself: right where the text repeats
+        for k in (0, 2):
+            model.mtp[k].proj.weight.zero_()
+            model.mtp[k].embed_proj.weight.zero_()
     x = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
     x[0, :] = 7
     x[2, 10:30] = 9
@@ -98,18 +103,29 @@ def test_chained_acceptance_counts_equal_a_position_by_position_loop():
     with torch.no_grad():
         h = model.hidden(x)
         main = model.head(h).argmax(-1)
-        drafts = [lg.argmax(-1) for lg in model.mtp_logits(h)]
+
+        def drafts(b: int, t: int) -> list[int]:
+            """The runtime's drafting at ``t`` of row ``b``, one position at a time: step 0 is fed the main pick,
+            step k > 0 the previous step's own draft."""
+            g, tok, out = h[b, t], main[b, t], []
+            for step in model.mtp:
+                g = step(g, model.tok_emb(tok))
+                tok = model.head(g).argmax(-1)
+                out.append(int(tok))
+            return out
+
     positions, agree, chain, data = 0, [0] * 3, [0] * 3, [0] * 3
     for b in range(3):
         for t in range(int(first[b]), int(length[b]) - 3 - 1):
             positions += 1
             ok = True
+            d = drafts(b, t)
             for k in range(3):
-                hit = bool(drafts[k][b, t] == main[b, t + k + 1])
+                hit = bool(d[k] == main[b, t + k + 1])
                 ok = ok and hit
                 agree[k] += hit
                 chain[k] += ok
-                data[k] += bool(drafts[k][b, t] == x[b, t + k + 2])
+                data[k] += bool(d[k] == x[b, t + k + 2])
     assert (counts["positions"], counts["agree"], counts["chain"], counts["data"]) == (positions, agree, chain, data)
     assert 0 < chain[2] < chain[0] < positions and agree[1] < agree[0]
     assert all(0 < p <= positions + 1e-3 for p in counts["accept_prob"])
@@ -142,7 +158,8 @@ def test_tiny_cpu_run_writes_three_heads_on_the_unchanged_backbone(tmp_path):
     report = train_mtp(run, progress=False)
     out = tmp_path / "mtp" / "model.gguf"
     gg, orig = read_gguf(out), read_gguf(src)
-    assert gg.config.mtp_heads == 3 and {f"mtp.{k}.proj.weight" for k in range(3)} <= set(gg.tensors)
+    names = {f"mtp.{k}.{n}.weight" for k in range(3) for n in ("proj", "embed_proj", "embed_norm")}
+    assert gg.config.mtp_heads == 3 and names <= set(gg.tensors)
     assert backbone_differences(src, out) == [] and report["backbone_byte_identical"]
     ours, theirs = gg.model_tensors(), orig.model_tensors()
     for name, t in theirs.items():

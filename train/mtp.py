@@ -1,19 +1,24 @@
 """Multi-token-prediction (MTP) heads for a shipped GGUF, trained by self-distillation on a frozen backbone.
 
-The heads are the drafters of self-speculative decoding: head ``k`` gives ``lm_head(h + silu(P_k h))`` (``P_k`` a
-ternary d × d BitLinear, ``h`` the final normed hidden state; :class:`model.transformer.MTPHead`) and proposes the
-token ``k + 2`` positions ahead; the runtime keeps a draft only when the main model agrees with it.
+The heads are the drafters of self-speculative decoding, recurrent draft steps (EAGLE-like;
+:class:`model.transformer.MTPHead`, :meth:`model.transformer.Transformer.mtp_chain`): step ``k`` gives
+``g_k = g_{k-1} + silu(P_k g_{k-1} + Q_k norm_k(emb(x_{t+k+1})))`` with ``g_{-1} = h_t`` (the final normed hidden
+state; ``P_k``, ``Q_k`` ternary d × d BitLinears, ``norm_k`` an RMSNorm) and proposes ``lm_head(g_k)``'s argmax as the
+token ``k + 2`` positions ahead; the runtime feeds step 0 the main model's pick at ``t`` and step ``k > 0`` the
+previous step's draft, and keeps a draft only when the main model agrees with it.
 
 * **Model**: the GGUF is rebuilt in PyTorch (``train.sft.load_gguf_model``, exact), ``--heads`` fresh heads are added
-  (any it had are replaced) and every other parameter is frozen, the embedding / LM head included. Only the ``P_k``
-  train: ternary QAT through BitLinear, Muon, warmup then linear decay, bf16 autocast on CUDA. The main model is
-  therefore unchanged by construction: its held-out bits/byte is measured before and after (from the written file),
-  and the backbone tensors of the written GGUF are checked byte for byte against the input's.
-* **Objective**: self-distillation. The target of head ``k`` at position ``t`` is the main model's own next-token
-  distribution at position ``t + k + 1``, computed in the same forward under ``no_grad``; the loss is
-  ``KL(p_main(t + k + 1) ‖ q_k(t))``, optionally mixed with the data token's cross-entropy (``--data-weight``). A
-  draft is accepted when it equals the main model's argmax (greedy) or with probability ``min(1, p/q)`` (speculative
-  sampling), so what matters is agreeing with the main model, not with the data.
+  (any it had are replaced) and every other parameter is frozen, the embedding / LM head included. Only the heads
+  train: ``P_k`` and ``Q_k`` by ternary QAT through BitLinear with Muon, the norm gains with AdamW; warmup then linear
+  decay, bf16 autocast on CUDA. The main model is therefore unchanged by construction: its held-out bits/byte is
+  measured before and after (from the written file), and the backbone tensors of the written GGUF are checked byte
+  for byte against the input's.
+* **Objective**: self-distillation, on-policy for greedy decoding. The chain is fed the main model's own argmax
+  tokens (what the runtime feeds it while its drafts hold), and the target of step ``k`` at position ``t`` is the main
+  model's next-token distribution at position ``t + k + 1``, both computed in the same forward under ``no_grad``;
+  the loss is ``KL(p_main(t + k + 1) ‖ q_k(t))``, optionally mixed with the data token's cross-entropy
+  (``--data-weight``). A draft is accepted when it equals the main model's argmax (greedy) or with probability
+  ``min(1, p/q)`` (speculative sampling), so what matters is agreeing with the main model, not with the data.
 * **Data**: as ``train.sft``: the corpus (by default the host's stdlib and site-packages) and shards tokenized with
   the GGUF's own tokenizer (``train.sft.prepare_data``), train split only: plain windows of ``--seq-len`` tokens and
   chat turns (``train.sft`` request/answer pairs rendered with the GGUF's chat template; answer positions only).
@@ -92,6 +97,7 @@ class MTPConfig:
     max_answer_tokens: int = 256  # chat turns with longer answers are dropped
     data_weight: float = 0.0  # weight of the data token's cross-entropy next to the distillation KL
     lr: float = 0.015  # Muon, the heads' matrices (0.05 plateaued by step 300, then drifted up: docs/train/mtp)
+    lr_norm: float = 3e-3  # AdamW, the gains of the heads' embedding norms
     warmup_steps: int = 50
     decay_frac: float = 0.3
     grad_clip: float = 1.0
@@ -120,8 +126,9 @@ class MTPConfig:
         for name in ("data_weight", "decay_frac"):
             if not 0 <= getattr(self, name) <= 1:
                 out.append(f"--{name.replace('_', '-')} must be in [0, 1]")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            out.append("--lr must be finite and > 0")
+        for name in ("lr", "lr_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                out.append(f"--{name.replace('_', '-')} must be finite and > 0")
         if not Path(self.gguf).is_file():
             out.append(f"--gguf {self.gguf}: no such file")
         return out
@@ -143,16 +150,21 @@ def with_heads(model: Transformer, heads: int, seed: int = 0) -> Transformer:
 
 def distill_loss(model: Transformer, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor | None = None,
                  data_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(loss, kl per head)`` on tokens ``x [B, T]``: head ``k`` at ``t`` against the main model's distribution at
-    ``t + k + 1``, over the positions where ``mask`` holds at both; ``y`` (the next tokens) is needed only when
-    ``data_weight > 0`` (head ``k``'s data token at ``t`` is ``y[t + k + 1]``). The loss is the mean over heads."""
+    """``(loss, kl per step)`` on tokens ``x [B, T]``: the draft chain (:meth:`Transformer.mtp_chain`) is fed the main
+    model's argmax at every position (what the runtime feeds it under greedy decoding while its drafts hold), and
+    step ``k`` at ``t`` is trained against the main model's distribution at ``t + k + 1``, over the positions where
+    ``mask`` holds at both; ``y`` (the next tokens) is needed only when ``data_weight > 0`` (step ``k``'s data token
+    at ``t`` is ``y[t + k + 1]``). The loss is the mean over the steps."""
     with torch.no_grad():
         h = model.hidden(x)
-        logp = model.head(h).float().log_softmax(-1)
+        logits = model.head(h)
+        nxt = logits.argmax(-1)
+        logp = logits.float().log_softmax(-1)
+        del logits
     losses, kls = [], []
-    for k, head in enumerate(model.mtp):
+    for k, g in enumerate(model.mtp_chain(h, nxt)):
         s = k + 1
-        logq = model.head(head(h[:, :-s])).float().log_softmax(-1)
+        logq = model.head(g[:, :-1]).float().log_softmax(-1)
         target = logp[:, s:]
         valid = (mask[:, :-s] & mask[:, s:]).float()
         n = valid.sum().clamp(min=1)
@@ -170,8 +182,10 @@ def distill_loss(model: Transformer, x: torch.Tensor, mask: torch.Tensor, y: tor
 @torch.no_grad()
 def draft_counts(model: Transformer, x: torch.Tensor, first: torch.Tensor, length: torch.Tensor) -> dict:
     """Summed draft statistics of rows ``x [B, L]`` (right-padded to ``length``): the drafting positions of row ``b``
-    are ``first[b] ≤ t ≤ length[b] − m − 2`` (``m`` heads: every head's target and data token exist). Head ``k``'s
-    draft at ``t`` is compared with the main argmax at ``t + k + 1`` and with the token ``x[t + k + 2]``."""
+    are ``first[b] ≤ t ≤ length[b] − m − 2`` (``m`` steps: every step's target and data token exist). The chain is fed
+    the main model's argmax tokens, as the runtime feeds it while the drafts hold (step 0 the main model's pick at
+    ``t``, step ``k > 0`` its own previous draft, which equals the main pick whenever the chain still counts); step
+    ``k``'s draft at ``t`` is compared with the main argmax at ``t + k + 1`` and with the token ``x[t + k + 2]``."""
     m = len(model.mtp)
     t_end = x.shape[1] - m - 1
     if t_end <= 0:
@@ -184,8 +198,8 @@ def draft_counts(model: Transformer, x: torch.Tensor, first: torch.Tensor, lengt
     out = {"positions": int(at.sum()), "main_data": int((main[:, :t_end] == x[:, 1 : t_end + 1])[at].sum()),
            "agree": [], "data": [], "accept_prob": [], "chain": []}  # fmt: skip
     chain = torch.ones_like(at)
-    for k, head in enumerate(model.mtp):
-        q = model.head(head(h[:, :t_end])).float().softmax(-1)
+    for k, g in enumerate(model.mtp_chain(h, main)):
+        q = model.head(g[:, :t_end]).float().softmax(-1)
         draft = q.argmax(-1)
         agree = draft == main[:, k + 1 : t_end + k + 1]
         chain &= agree
@@ -307,7 +321,10 @@ def train_mtp(cfg: MTPConfig, progress: bool = True) -> dict:
     model = with_heads(base, cfg.heads, cfg.seed).to(device).train()
     del base
     heads = [p for p in model.parameters() if p.requires_grad]
-    opt = BatchedMuon(heads, lr=cfg.lr)
+    muon = BatchedMuon([p for p in heads if p.ndim == 2], lr=cfg.lr)  # P_k, Q_k
+    adamw = torch.optim.AdamW([p for p in heads if p.ndim != 2], lr=cfg.lr_norm, betas=(0.9, 0.95),
+                              weight_decay=0.0)  # the embedding norms' gains  # fmt: skip
+    opts = ((muon, cfg.lr), (adamw, cfg.lr_norm))
     plain = Batches(open_split(shards, "train"), seq, cfg.batch_size, cfg.seed + 1, 0, device)
     pad_id = tok.token_to_id(PAD)
     pad_id = tok.token_to_id(EOT) if pad_id is None else pad_id
@@ -319,8 +336,9 @@ def train_mtp(cfg: MTPConfig, progress: bool = True) -> dict:
     t_train = time.perf_counter()
     bar = tqdm(total=cfg.steps, desc="mtp", unit="step", disable=not progress)
     while done < 1:
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step, done, cfg)
+        for opt, lr in opts:
+            for g in opt.param_groups:
+                g["lr"] = lr * lr_factor(step, done, cfg)
         x, y = plain.get(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             plain_loss, plain_kl = distill_loss(model, x, torch.ones_like(x, dtype=torch.bool), y, cfg.data_weight)
@@ -334,15 +352,16 @@ def train_mtp(cfg: MTPConfig, progress: bool = True) -> dict:
         positions += x.numel()
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(heads, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt, _ in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         step += 1
         bar.update()
         elapsed = time.perf_counter() - t_train
         done = max(step / cfg.steps, elapsed / cfg.time_limit_s if cfg.time_limit_s else 0.0)
         if step % cfg.log_every == 0 or done >= 1:
             last = {"step": step, "loss": float(loss.detach()), "plain_kl": [round(float(v), 4) for v in plain_kl],
-                    "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm), "lr": muon.param_groups[0]["lr"],
                     "elapsed_s": round(time.perf_counter() - t0, 1), "positions": positions}  # fmt: skip
             if encoded:
                 last["chat_kl"] = [round(float(v), 4) for v in chat_kl]
