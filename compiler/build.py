@@ -224,6 +224,7 @@ def build(
             "params": [[s.name, list(s.shape), s.dtype] for s in lw.specs()],
             "draft_params": [s.name for s in lower.draft_specs(lw.specs())] if cfg.mtp_heads else [],
             "draft_vocab": lower.draft_vocab(cfg.vocab_size, target == "cuda"),
+            "fused_draft": bool(cfg.mtp_heads and lw.k.fused_draft),  # verify_b{B} functions
             "kernels": lw.kernels, "tuning_records": selected_records(lw.kernels, target, tuning_logs),
             "sha256": {n: cache.sha256_file(tmp / n) for n in cache.FILES},
         }  # fmt: skip
@@ -314,8 +315,8 @@ def _static_inputs(mod):
             names = [p.name for p in f.params]
             if "kc_0" in names:
                 mod[gv] = f.with_attr("num_input", names.index("kc_0"))
-            elif gv.name_hint.startswith("draft"):  # draft{k}_b{B}(hidden, *params): all but the hidden are static
-                mod[gv] = f.with_attr("num_input", 1)
+            elif gv.name_hint.startswith("draft"):  # draft{k}_b{B}(hidden, token, *params): the params are static
+                mod[gv] = f.with_attr("num_input", 2)
     return mod
 
 

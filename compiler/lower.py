@@ -253,6 +253,7 @@ class TargetKernels:
     kv_update: Callable  # (T, Hkv, hd, C, block)
     batch_sizes: tuple[int, ...]  # the decode functions' batch sizes (sequences per step): decode_b{B}
     schedule_small: bool  # schedule the elementwise graph kernels here (else compiler.build's dlight pass does)
+    fused_draft: bool  # verify_b{B}: decode_b{B} that also drafts for every row (a GPU step is launch-bound)
     mhc_x_row: bool  # the decode mHC kernel takes the first site's embedding as x [1, D] (else [D])
 
 
@@ -271,17 +272,19 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         name="tile8", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8", gemm="gemm_i8", tile=cpu_tile,
         x_words=False, x_sum=True, fixed={}, quantize=gk.quantize, attention=gk.attention, lm_head=gk.lm_head,
         argmax=gk.argmax, kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES,
+        fused_draft=False,
     ),
     "tl": TargetKernels(
         name="tl", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8_tl", gemm=None, tile=tl_tile,
         x_words=False, x_sum=False, fixed={}, quantize=gk.quantize, attention=gk.attention, lm_head=gk.lm_head,
         argmax=gk.argmax, kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES,
+        fused_draft=False,
     ),
     "dp4a": TargetKernels(
         name="dp4a", prefill_chunk=CUDA_PREFILL_CHUNK, gemv="gemv_dp4a", gemm="gemm_dp4a", tile=None,
         x_words=True, x_sum=True, fixed={"rmsnorm_quant": _cuda_norm_quant, "mhc_post": _cuda_mhc_post},
         quantize=gkg.norm_quantize, attention=gkg.attention, lm_head=gkg.lm_head, argmax=gkg.argmax,
-        kv_update=functools.partial(gk.kv_update, gpu=True), schedule_small=False, mhc_x_row=True,
+        kv_update=functools.partial(gk.kv_update, gpu=True), schedule_small=False, mhc_x_row=True, fused_draft=True,
         batch_sizes=CUDA_BATCH_SIZES,
     ),
 }  # fmt: skip
@@ -338,6 +341,8 @@ class Lowering:
     def module(self):
         for B in self.k.batch_sizes:
             self.function(f"decode_b{B}")
+            if self.cfg.mtp_heads and self.k.fused_draft:
+                self.function(f"verify_b{B}")
             for heads in range(1, self.cfg.mtp_heads + 1):
                 self.draft(B, heads)
         self.function("prefill")
@@ -352,8 +357,8 @@ class Lowering:
         from tvm import relax, tirx
 
         cfg, bb = self.cfg, self.bb
-        batch = name.startswith("decode_b")
-        T = int(name[len("decode_b") :]) if batch else self.chunk
+        batch = name.startswith(("decode_b", "verify_b"))
+        T = int(name.split("_b")[1]) if batch else self.chunk
         f32 = "float32"
         W = gk.table_width(cfg.max_seq_len, KV_BLOCK)
         toks, pos, table = _var("tokens", (T,), "int32"), _var("pos", (T,), "int32"), _var("table", (T, W), "int32")
@@ -375,7 +380,12 @@ class Lowering:
                     y = (self.attention if site % 2 == 0 else self.ffn)(f, site // 2, u)
                     X, u = self.mhc_site(f, site, x, X, y)
                 logits, hn = self.head(f, u, last)
-                out = bb.emit_output(relax.Tuple([logits, hn]) if cfg.mtp_heads else logits)
+                outs = [logits, hn] if cfg.mtp_heads else [logits]
+                if name.startswith("verify_b"):  # decode_b{B} that also drafts for every row after its argmax
+                    top = self._call(self._te("argmax", self.k.argmax, T, cfg.vocab_size), [logits],
+                                     [((T,), "int32"), ((T,), f32)])[0]  # fmt: skip
+                    outs.append(self._draft_steps(f, hn, top, cfg.mtp_heads))
+                out = bb.emit_output(relax.Tuple(outs) if len(outs) > 1 else logits)
             bb.emit_func_output(out)
 
     def embedding(self, f: _Frame, toks):
@@ -469,38 +479,41 @@ class Lowering:
         returned beside the logits and ``token`` the token picked from those logits; step ``k`` computes ``g = g +
         silu(P_k g + Q_k norm_k(emb(token)))`` (each input int8-quantized for its ternary matrix), the logits
         ``lm_head(g)`` over the ids ``0 .. Vd - 1`` (:func:`draft_vocab`) and their argmax, the next step's token."""
-        from tvm import relax
-
-        cfg, bb, f32 = self.cfg, self.bb, "float32"
-        D, V = cfg.d_model, cfg.vocab_size
-        Vd = draft_vocab(V, self.gpu)
-        g, tok = _var("hidden", (B, D), f32), _var("token", (B,), "int32")
+        g, tok = _var("hidden", (B, self.cfg.d_model), "float32"), _var("token", (B,), "int32")
         specs = draft_specs(self.specs())
         pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
-        f = _Frame(B, None, None, [], pv, True, ())
+        with self.bb.function(f"draft{heads}_b{B}", [g, tok] + [pv[s.name] for s in specs]):
+            with self.bb.dataflow():
+                out = self.bb.emit_output(self._draft_steps(_Frame(B, None, None, [], pv, True, ()), g, tok, heads))
+            self.bb.emit_func_output(out)
+
+    def _draft_steps(self, f: _Frame, g, tok, heads: int):
+        """``heads`` recurrent draft steps from hidden states ``g [B, D]`` and tokens ``tok [B]`` → ``int32 [heads,
+        B]`` (see :meth:`draft`)."""
+        from tvm import relax
+
+        cfg, bb, f32, B = self.cfg, self.bb, "float32", f.T
+        D, V = cfg.d_model, cfg.vocab_size
+        Vd = draft_vocab(V, self.gpu)
         if Vd < V:  # the CPU head over the draft vocabulary
             head = self._te("lm_head_draft", lambda n, r: gk.lm_head(n, V, D, self.head_dtype, r), B, Vd)
         else:
             head = self._te("lm_head", lambda n: self.k.lm_head(n, V, D, self.head_dtype), B)
         step = self._te("mtp_residual", gk.mtp_residual, B, D, sched=True)
         pick = self._te("argmax", self.k.argmax, B, Vd)
-        with bb.function(f"draft{heads}_b{B}", [g, tok] + [pv[s.name] for s in specs]):
-            with bb.dataflow():
-                toks = []
-                for k in range(heads):
-                    e = bb.emit(relax.op.take(pv["token_embd.weight"], tok, axis=0, mode="clip"))
-                    if self.embed_dtype != "float32":
-                        e = bb.emit(relax.op.astype(e, f32))
-                    e = self._call(self._rmsnorm(B, D), [e, pv[f"mtp.{k}.embed_norm.weight"]], [((B, D), f32)])
-                    a = self._ternary(f, f"mtp.{k}.proj", *self._quantize(B, D, g), D, D)
-                    b = self._ternary(f, f"mtp.{k}.embed_proj", *self._quantize(B, D, e), D, D)
-                    g = self._call(step, [g, a, b], [((B, D), f32)])
-                    logits = self._call(head, [g, pv["lm_head.weight"]], [((B, Vd), f32)])
-                    tok = self._call(pick, [logits], [((B,), "int32"), ((B,), f32)])[0]
-                    toks.append(self._reshape(tok, (1, B)))
-                out = toks[0] if heads == 1 else bb.emit(relax.op.concat(toks, axis=0))
-                out = bb.emit_output(out)
-            bb.emit_func_output(out)
+        toks = []
+        for k in range(heads):
+            e = bb.emit(relax.op.take(f.pv["token_embd.weight"], tok, axis=0, mode="clip"))
+            if self.embed_dtype != "float32":
+                e = bb.emit(relax.op.astype(e, f32))
+            e = self._call(self._rmsnorm(B, D), [e, f.pv[f"mtp.{k}.embed_norm.weight"]], [((B, D), f32)])
+            a = self._ternary(f, f"mtp.{k}.proj", *self._quantize(B, D, g), D, D)
+            b = self._ternary(f, f"mtp.{k}.embed_proj", *self._quantize(B, D, e), D, D)
+            g = self._call(step, [g, a, b], [((B, D), f32)])
+            logits = self._call(head, [g, f.pv["lm_head.weight"]], [((B, Vd), f32)])
+            tok = self._call(pick, [logits], [((B,), "int32"), ((B,), f32)])[0]
+            toks.append(self._reshape(tok, (1, B)))
+        return toks[0] if heads == 1 else bb.emit(relax.op.concat(toks, axis=0))
 
     # --- steps shared by the blocks --------------------------------------------------------------------------
     def _norm_quant(self, f: _Frame, weight: str, u):

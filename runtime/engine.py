@@ -181,6 +181,8 @@ class Engine:
         self._decode = {b: self.vm[f"decode_b{b}"] for b in self.batch_sizes}
         self._prefill = self.vm["prefill"]
         self.mtp_heads = int(c.get("mtp_heads", 0))  # compiled functions return (logits, hidden) when > 0
+        self.fused_draft = bool(self.meta.get("fused_draft", False))  # verify_b{B}: decode + every row's drafts
+        self._verify = {b: self.vm[f"verify_b{b}"] for b in self.batch_sizes} if self.fused_draft else {}
         self._draft = {(k, b): self.vm[f"draft{k}_b{b}"] for k in range(1, self.mtp_heads + 1)
                        for b in self.batch_sizes}  # fmt: skip
         if draft_tokens is None:
@@ -292,7 +294,7 @@ class Engine:
                             self._i32([n - 1]), *self.cache, *self.params)  # fmt: skip
         seq.length += n
         if self.mtp_heads:
-            out, seq.hidden = out[0], out[1].numpy()[0]
+            out, seq.hidden, seq.drafts = out[0], out[1].numpy()[0], None
         return out.numpy()
 
     def decode(self, token: int, seq: Sequence | None = None) -> np.ndarray:
@@ -305,15 +307,18 @@ class Engine:
         for the whole batch. The logits ``[len(seqs), V]``; a row equals what :meth:`decode` alone gives."""
         if len(seqs) != len(tokens) or not seqs:
             raise ValueError(f"decode_batch needs one token per sequence; got {len(tokens)} for {len(seqs)}")
-        return np.concatenate([logits for logits, _ in self.step(seqs, [[t] for t in tokens])])
+        return np.concatenate([r[0] for r in self.step(seqs, [[t] for t in tokens])])
 
-    def step(self, seqs: list[Sequence], rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    def step(self, seqs: list[Sequence], rows: list[list[int]], draft: bool = False) -> list[tuple]:
         """Append the tokens ``rows[i]`` (one or more) to ``seqs[i]``, all in as few ``decode_b{B}`` calls as the
-        rows need (a sequence's rows in order; a row attends to the rows before it in the same call): per sequence
-        its logits ``[len(rows[i]), V]`` and, on a model with MTP heads, the normed hidden states ``[len(rows[i]),
-        D]`` (``seq.hidden`` becomes the last row's). Several rows for one sequence are the speculative verify step:
-        row ``j`` gives what :meth:`decode` would after ``rows[i][:j + 1]``; rejected rows are dropped by setting
-        ``seq.length`` back (their keys are overwritten later; nothing is copied)."""
+        rows need (a sequence's rows in order; a row attends to the rows before it in the same call). Per sequence a
+        tuple: its logits ``[len(rows[i]), V]``; on a model with MTP heads the normed hidden states ``[len(rows[i]),
+        D]`` (``seq.hidden`` becomes the last row's), else None; with ``draft`` where the build fuses drafting into
+        decode (CUDA: ``verify_b{B}``), each row's greedy drafts ``[m, len(rows[i])]`` after that row's argmax, else
+        None. Several rows for one
+        sequence are the speculative verify step: row ``j`` gives what :meth:`decode` would after ``rows[i][:j +
+        1]``; rejected rows are dropped by setting ``seq.length`` back (their keys are overwritten later; nothing is
+        copied)."""
         rows = [[int(t) for t in r] for r in rows]
         if len(seqs) != len(rows) or not seqs or not all(rows):
             raise ValueError(f"step needs one non-empty token list per sequence; got {len(rows)} for {len(seqs)}")
@@ -328,7 +333,7 @@ class Engine:
             self._grow(seq, seq.length + len(r))
         flat = [(i, seq.length + j, t) for i, (seq, r) in enumerate(zip(seqs, rows, strict=True))
                 for j, t in enumerate(r)]  # fmt: skip
-        logits, hidden, top = [], [], self.batch_sizes[-1]
+        logits, hidden, drafts, top = [], [], [], self.batch_sizes[-1]
         for s in range(0, len(flat), top):
             part = flat[s : s + top]
             B = next(b for b in self.batch_sizes if b >= len(part))
@@ -336,18 +341,23 @@ class Engine:
             table = np.zeros((B, self.pool.width), np.int32)
             for r, (i, p, t) in enumerate(part):
                 toks[r], pos[r], table[r] = t, p, seqs[i].table(self.pool.width)
-            out = self._decode[B](self._i32(toks), self._i32(pos), self._i32(table), *self.cache, *self.params)
+            fused = draft and self.fused_draft
+            fn = (self._verify if fused else self._decode)[B]
+            out = fn(self._i32(toks), self._i32(pos), self._i32(table), *self.cache, *self.params)
             if self.mtp_heads:
+                if fused:
+                    drafts.append(out[2].numpy()[:, : len(part)])
                 out, h = out[0], out[1]
                 hidden.append(h.numpy()[: len(part)])
             logits.append(out.numpy()[: len(part)])
-        logits = logits[0] if len(logits) == 1 else np.concatenate(logits)
-        hidden = (hidden[0] if len(hidden) == 1 else np.concatenate(hidden)) if hidden else None
+        logits = np.concatenate(logits) if len(logits) > 1 else logits[0]
+        hidden = (np.concatenate(hidden) if len(hidden) > 1 else hidden[0]) if hidden else None
+        drafts = (np.concatenate(drafts, axis=1) if len(drafts) > 1 else drafts[0]) if drafts else None
         res, start = [], 0
         for seq, r in zip(seqs, rows, strict=True):
             end = start + len(r)
             h = hidden[start:end] if hidden is not None else None
-            res.append((logits[start:end], h))
+            res.append((logits[start:end], h, drafts[:, start:end] if drafts is not None else None))
             seq.length += len(r)
             if h is not None:
                 seq.hidden = h[-1]

@@ -32,6 +32,8 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     length: int = 0
     hidden: np.ndarray | None = None  # the normed hidden state at the last position (models with MTP heads)
+    drafts: np.ndarray | None = None  # the drafts a fused decode step made after ``drafts_after`` from ``hidden``
+    drafts_after: int = -1
 
     def table(self, width: int) -> np.ndarray:
         """The block-table row (int32, ``width`` entries; entries past the sequence's blocks are never read)."""
@@ -81,4 +83,4 @@ class BlockPool:
         """Return all of ``seq``'s blocks; it is empty afterwards."""
         self._free.extend(reversed(seq.blocks))
         seq.blocks.clear()
-        seq.length, seq.hidden = 0, None
+        seq.length, seq.hidden, seq.drafts = 0, None, None

@@ -64,7 +64,12 @@ def make_drafts(engine, seqs: list[Sequence], tokens: list[int], counts: list[in
     """Each sequence's greedy drafts from its ``seq.hidden`` and the token picked after it (one
     :meth:`Engine.draft` call for all that take any)."""
     drafts = [Draft([], []) for _ in seqs]
-    need = [i for i, c in enumerate(counts) if c]
+    need = []
+    for i, (seq, c) in enumerate(zip(seqs, counts, strict=True)):
+        if c and seq.drafts is not None and seq.drafts_after == tokens[i]:  # the last step drafted after this token
+            drafts[i] = Draft([int(t) for t in seq.drafts[:c]], [None] * c)
+        elif c:
+            need.append(i)
     if not need:
         return drafts
     out = engine.draft(np.stack([seqs[i].hidden for i in need]), [tokens[i] for i in need], max(counts))
@@ -73,9 +78,11 @@ def make_drafts(engine, seqs: list[Sequence], tokens: list[int], counts: list[in
     return drafts
 
 
-def settle(picker: TokenPicker, seq: Sequence, base: int, logits: np.ndarray, hidden, draft: Draft) -> list[int]:
-    """Accept the verified rows of one sequence (``base``: its cache length before the step); the new tokens, in
-    order (already recorded by ``picker``). Sets ``seq.length`` and ``seq.hidden`` to the last kept row's."""
+def settle(picker: TokenPicker, seq: Sequence, base: int, rows: tuple, draft: Draft) -> list[int]:
+    """Accept the verified rows ``(logits, hidden, fused drafts or None)`` of one sequence (``base``: its cache
+    length before the step); the new tokens, in order (already recorded by ``picker``). Sets ``seq.length``, and
+    ``seq.hidden`` (and the fused drafts) to the last kept row's."""
+    logits, hidden, fused = rows
     k, sampled = len(draft.tokens), picker.params.temperature >= GREEDY_BELOW
     new, kept = [], 0
     for j in range(k + 1):
@@ -100,6 +107,8 @@ def settle(picker: TokenPicker, seq: Sequence, base: int, logits: np.ndarray, hi
     seq.length = base + 1 + kept
     if hidden is not None:
         seq.hidden = hidden[kept]
+    seq.drafts = fused[:, kept] if fused is not None else None  # made after the row's argmax: used if it is picked
+    seq.drafts_after = int(np.argmax(logits[kept])) if fused is not None else -1
     return new
 
 
@@ -109,6 +118,5 @@ def advance(engine, pickers: list[TokenPicker], seqs: list[Sequence], tokens: li
     counts = draft_counts(engine, pickers, seqs)
     drafts = make_drafts(engine, seqs, tokens, counts)
     bases = [s.length for s in seqs]
-    out = engine.step(seqs, [[t, *d.tokens] for t, d in zip(tokens, drafts, strict=True)])
-    return [settle(p, s, b, logits, hidden, d)
-            for p, s, b, (logits, hidden), d in zip(pickers, seqs, bases, out, drafts, strict=True)]  # fmt: skip
+    out = engine.step(seqs, [[t, *d.tokens] for t, d in zip(tokens, drafts, strict=True)], draft=any(counts))
+    return [settle(p, s, b, rows, d) for p, s, b, rows, d in zip(pickers, seqs, bases, out, drafts, strict=True)]
