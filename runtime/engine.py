@@ -125,12 +125,14 @@ def ensure_built(
 
 
 KV_CONTEXTS = 4  # the default KV cache holds this many full contexts' worth of tokens
-DRAFT_TOKENS = {"cuda": 3, "cpu": 2}  # default drafts per step, by target kind (docs/speculative.md: measured)
+# default drafts per step, by target: the setting that decoded fastest on the shipped model (docs/speculative.md;
+# AVX2: speculation did not pay there, 0.99x at one draft)
+DRAFT_TOKENS = {"cuda": 3, "avx512": 1, "avx2": 0}
 
 
 def default_draft_tokens(target: str, heads: int) -> int:
-    """Tokens drafted per step by default: :data:`DRAFT_TOKENS` for the target's kind, at most the model's heads."""
-    return min(heads, DRAFT_TOKENS["cuda" if target == "cuda" else "cpu"])
+    """Tokens drafted per step by default: :data:`DRAFT_TOKENS` for the target, at most the model's heads."""
+    return min(heads, DRAFT_TOKENS.get(target, 0))
 
 
 class Engine:
@@ -200,6 +202,7 @@ class Engine:
         # never read before written (a position's key is written by the step that reads it first): no zero fill
         self.cache = [tvm.runtime.empty(shape, "float32", self.dev) for _ in range(2 * self.n_layers)]
         self._tvm = tvm
+        self._inputs: dict[tuple, object] = {}  # per-call input tensors, refilled (_in)
         self.seq = Sequence()  # the single-sequence API's sequence
         self.token_healing = token_healing
         self.tokenizer = tokenizer
@@ -257,8 +260,16 @@ class Engine:
         """Free ``seq``'s (default: the Engine's own sequence's) cache blocks; it starts again at position 0."""
         self.pool.release(self.seq if seq is None else seq)
 
-    def _i32(self, values) -> object:
-        return self._tvm.runtime.tensor(np.asarray(values, np.int32), self.dev)
+    def _in(self, slot: str, values, dtype=np.int32) -> object:
+        """A per-call input as a device tensor: one tensor per (slot, shape) kept and refilled (``copyfrom``), which
+        costs a third of making a new one each call (``tvm.runtime.tensor``: ~40 µs, several per step)."""
+        a = np.ascontiguousarray(values, dtype)
+        key = (slot, a.shape, a.dtype.str)
+        t = self._inputs.get(key)
+        if t is None:
+            t = self._inputs[key] = self._tvm.runtime.empty(a.shape, str(a.dtype), self.dev)
+        t.copyfrom(a)
+        return t
 
     def _grow(self, seq: Sequence, length: int) -> None:
         if length > self.ctx:
@@ -290,8 +301,8 @@ class Engine:
         pos = np.full(self.chunk, -1, np.int32)  # padding rows write nothing
         pos[:n] = np.arange(seq.length, seq.length + n)
         table = np.broadcast_to(seq.table(self.pool.width), (self.chunk, self.pool.width))
-        out = self._prefill(self._i32(list(tokens) + [0] * (self.chunk - n)), self._i32(pos), self._i32(table),
-                            self._i32([n - 1]), *self.cache, *self.params)  # fmt: skip
+        out = self._prefill(self._in("tokens", list(tokens) + [0] * (self.chunk - n)), self._in("pos", pos),
+                            self._in("table", table), self._in("last", [n - 1]), *self.cache, *self.params)  # fmt: skip
         seq.length += n
         if self.mtp_heads:
             out, seq.hidden, seq.drafts = out[0], out[1].numpy()[0], None
@@ -343,7 +354,8 @@ class Engine:
                 toks[r], pos[r], table[r] = t, p, seqs[i].table(self.pool.width)
             fused = draft and self.fused_draft
             fn = (self._verify if fused else self._decode)[B]
-            out = fn(self._i32(toks), self._i32(pos), self._i32(table), *self.cache, *self.params)
+            ins = (self._in("tokens", toks), self._in("pos", pos), self._in("table", table))
+            out = fn(*ins, *self.cache, *self.params)
             if self.mtp_heads:
                 if fused:
                     drafts.append(out[2].numpy()[:, : len(part)])
@@ -382,7 +394,7 @@ class Engine:
             B = next(b for b in self.batch_sizes if b >= len(part))
             h, t = np.zeros((B, hidden.shape[1]), np.float32), np.zeros(B, np.int32)
             h[: len(part)], t[: len(part)] = part, tokens[s : s + top]
-            toks = self._draft[heads, B](self._tvm.runtime.tensor(h, self.dev), self._i32(t), *self._draft_params)
+            toks = self._draft[heads, B](self._in("hidden", h, np.float32), self._in("token", t), *self._draft_params)
             out.append(toks.numpy()[:, : len(part)].T)
         return out[0] if len(out) == 1 else np.concatenate(out)
 
