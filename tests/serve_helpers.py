@@ -113,7 +113,9 @@ def rss_kib(pid: int) -> int:
 
 @pytest.fixture(scope="session")
 def server():
-    srv = start_server("--api-key", API_KEY, "--metrics", "--cors", CORS_ORIGIN, "--max-queue", str(MAX_QUEUE))
+    srv = start_server(
+        "--api-key", API_KEY, "--metrics", "--cors", CORS_ORIGIN, "--max-queue", str(MAX_QUEUE), "--draft-tokens", "1"
+    )  # speculative on every ISA (the default is per target)
     yield srv
     stop_server(srv)
     if srv.proc.returncode not in (0, -15):

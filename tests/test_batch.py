@@ -148,7 +148,8 @@ def test_batcher_tokens_equal_alone_with_joins_leaves_and_cancellation(small):
 
 @pytest.mark.e2e
 def test_prefill_interleaves_with_decode(small):
-    """A long prompt is prefilled a chunk per step while the running stream gets a token every step."""
+    """A long prompt is prefilled a chunk per step while the running stream gets a token (or, speculating, more)
+    every step."""
     b = Batcher(small)
     first = Request(PROMPTS[0], SamplingParams(max_new_tokens=40))
     assert b.admit(first)
@@ -160,7 +161,7 @@ def test_prefill_interleaves_with_decode(small):
     for _ in range(n_chunks):
         before = len(first.result.tokens)
         stats = b.step()
-        assert stats.prefill_tokens > 0 and len(first.result.tokens) == before + 1
+        assert stats.prefill_tokens > 0 and len(first.result.tokens) >= before + 1
     b.run([])
     assert len(late.result.tokens) == 4
 

@@ -201,3 +201,23 @@ def test_sampling_keeps_the_main_distribution(entry, gguf, monkeypatch, rule):
     pvalue, accepted = _joint_fit(engine(entry, gguf, 2), engine(entry, gguf, 0), PROMPTS[0], 1500)
     assert accepted > 0
     assert (pvalue > 1e-3) == (rule == "exact")
+
+
+@pytest.mark.e2e
+def test_shipped_model_speculation_keeps_greedy_tokens():
+    """The shipped model's own MTP heads: 1 and 3 drafted tokens per step give plain greedy's tokens exactly on
+    held-out code prompts, with drafts accepted (bench.speculative measures the speed)."""
+    import json
+    from pathlib import Path
+
+    gguf = "models/small.gguf"
+    eng = Engine(built(gguf).dir, gguf, threads=2, draft_tokens=0)
+    assert eng.mtp_heads == 3
+    prompts = [p["prompt"] for p in json.loads(Path("bench/data/heldout_code_prompts.json").read_text())["prompts"][:3]]
+    params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+    plain = [eng.generate(p, params).tokens for p in prompts]
+    for k in (1, 3):
+        eng.draft_tokens = k
+        gens = [eng.generate(p, params) for p in prompts]
+        assert [g.tokens for g in gens] == plain, k
+        assert sum(g.accepted for g in gens) > 0

@@ -116,12 +116,17 @@ def forced(eng: Engine, monkeypatch, order: list[int]) -> None:
     logits = np.zeros(eng.vocab, np.float32)
     logits[order] = np.arange(len(order), 0, -1, dtype=np.float32) * 10
 
-    def step(*_):
+    def prefill(*_):
         eng.seq.length += 1
         return logits.copy()
 
-    monkeypatch.setattr(eng, "prefill", step)
-    monkeypatch.setattr(eng, "decode", step)
+    def step(seqs, rows, draft=False):  # Engine.step: every row gets the forced logits
+        for seq, r in zip(seqs, rows, strict=True):
+            seq.length += len(r)
+        return [(np.tile(logits, (len(r), 1)), None, None) for r in rows]
+
+    monkeypatch.setattr(eng, "prefill", prefill)
+    monkeypatch.setattr(eng, "step", step)
 
 
 def test_unused_tokens_are_never_sampled(tiny, monkeypatch):
