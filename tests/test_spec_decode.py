@@ -203,7 +203,6 @@ def test_sampling_keeps_the_main_distribution(entry, gguf, monkeypatch, rule):
     assert (pvalue > 1e-3) == (rule == "exact")
 
 
-@pytest.mark.e2e
 def test_shipped_model_speculation_keeps_greedy_tokens():
     """The shipped model's own MTP heads: 1 and 3 drafted tokens per step give plain greedy's tokens exactly on
     held-out code prompts, with drafts accepted (bench.speculative measures the speed)."""
