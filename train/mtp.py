@@ -42,11 +42,10 @@ On the GPU host: ``OUT=<folder> bash scripts/mtp_small_h200.sh`` (docs/train/mtp
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +58,7 @@ from model.gguf_io import parse_gguf
 from model.tokenizer import hf_from_spec
 from model.transformer import IGNORE_INDEX, Transformer
 from train.chat_eval import greedy_batch, held_out_functions
+from train.cli import parse_config
 from train.corpus import read_manifest
 from train.eval import EvalConfig, loss_and_bpb, token_byte_lengths
 from train.muon import BatchedMuon
@@ -406,15 +406,7 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> MTPConfig:
-    ap = argparse.ArgumentParser(prog="python -m train.mtp", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    for f in fields(MTPConfig):
-        kind = {"int": int, "float": float, "str": str}[str(f.type)]
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
-    cfg = MTPConfig(**vars(ap.parse_args(argv)))
-    if problems := cfg.problems():
-        ap.error("; ".join(problems))
-    return cfg
+    return parse_config(MTPConfig, "python -m train.mtp", __doc__, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,6 @@ after export.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import functools
 import hashlib
@@ -45,7 +44,7 @@ import random
 import re
 import textwrap
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -57,6 +56,7 @@ from tqdm import tqdm
 from model.gguf_io import GGUFModel, read_gguf
 from model.tokenizer import hf_from_spec
 from model.transformer import IGNORE_INDEX, Transformer
+from train.cli import parse_config
 from train.corpus import CorpusConfig, SourceFile, build_corpus, read_manifest, write_manifest
 from train.export import write_checked
 from train.shards import open_split, tokenize_files, write_shards
@@ -514,15 +514,7 @@ def train_sft(cfg: SFTConfig, progress: bool = True) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> SFTConfig:
-    ap = argparse.ArgumentParser(prog="python -m train.sft", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    for f in fields(SFTConfig):
-        kind = {"int": int, "float": float, "str": str}[str(f.type)]
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
-    cfg = SFTConfig(**vars(ap.parse_args(argv)))
-    if problems := cfg.problems():
-        ap.error("; ".join(problems))
-    return cfg
+    return parse_config(SFTConfig, "python -m train.sft", __doc__, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
