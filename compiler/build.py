@@ -207,10 +207,16 @@ def build(
             cuda_cross.enable()
             mod = _dlight(_static_inputs(_mark_scheduled(mod)), tgt)
             config = {"relax.backend.use_cuda_graph": True}  # see _static_inputs: what the CUDA graphs capture
+        census = None
         with tgt, tvm.transform.PassContext(opt_level=3, config=config):
-            if dump_ir:
+            if dump_ir or target == "cuda":
                 opt = relax.get_pipeline("default")(mod)
-                (Path(dump_ir) / "compile.relax.py").write_text(opt.script())
+                if target == "cuda":  # what each call launches: one graph, no host launch, no allocation
+                    from compiler.graph_census import census as count
+
+                    census = count(opt)
+                if dump_ir:
+                    (Path(dump_ir) / "compile.relax.py").write_text(opt.script())
             ex = tvm.compile(mod, target=tgt)
     with phase("export"), atomic_dir(d, prefix=".build-") as tmp:
         ex.export_library(str(tmp / "model.so"))
@@ -226,6 +232,7 @@ def build(
             "draft_vocab": lower.draft_vocab(cfg.vocab_size, target == "cuda"),
             "fused_draft": bool(cfg.mtp_heads and lw.k.fused_draft),  # verify_b{B} functions
             "kernels": lw.kernels, "tuning_records": selected_records(lw.kernels, target, tuning_logs),
+            "census": census,  # CUDA: per function, graph replays, kernels in and out of them, allocations per call
             "sha256": {n: cache.sha256_file(tmp / n) for n in cache.FILES},
         }  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -299,24 +306,19 @@ def _dlight(mod, tgt):
 
 
 def _static_inputs(mod):
-    """Mark each Relax function's parameters from the KV cache on (``kc_0, vc_0, ..., *params``) as static
-    (``num_input``: the count before them), so ``relax.backend.use_cuda_graph`` captures the runs of kernels between
-    those that read the per-call inputs (tokens, positions, block tables: the embedding, RoPE, the cache write and
-    attention) as CUDA graphs replayed on later calls. Without it every parameter is a per-call input and only the
-    few kernels that touch none of them were captured (a decode step launched ~6 kernels per layer one by one).
-    The symbolic ``n_blocks`` of the cache is no obstacle: the graphs capture no kernel that reads the cache.
-    Contract: the caller passes the same weight and cache tensors on every call (``runtime.engine.Engine`` does:
-    both are allocated once); a captured graph keeps the device addresses it saw first, and a function's result
-    may live in memory the next call of that function reuses (the Engine copies it to the host at once)."""
+    """Mark every parameter of every Relax function static (``num_input = 0``), so ``relax.backend.use_cuda_graph``
+    captures each function's whole body as one CUDA graph, replayed on later calls: a decode step is one graph
+    launch, with no kernel launched by the host and no allocation (the results are written into tensors the caller
+    passes, :func:`compiler.lower.output_specs`). The symbolic ``n_blocks`` of the paged cache is captured too (a
+    graph per value; the runtime fixes it once).
+    Contract: the caller passes the same tensors on every call of a function, inputs included, and changes only
+    their contents (``runtime.engine.Engine`` does: the weights, the cache and the results are allocated once and the
+    per-call inputs refilled in place, ``Engine._in``); a captured graph keeps the device addresses it saw first."""
     from tvm import relax
 
     for gv, f in list(mod.functions_items()):
         if isinstance(f, relax.Function):
-            names = [p.name for p in f.params]
-            if "kc_0" in names:
-                mod[gv] = f.with_attr("num_input", names.index("kc_0"))
-            elif gv.name_hint.startswith("draft"):  # draft{k}_b{B}(hidden, token, *params): the params are static
-                mod[gv] = f.with_attr("num_input", 2)
+            mod[gv] = f.with_attr("num_input", 0)
     return mod
 
 

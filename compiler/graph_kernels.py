@@ -88,6 +88,15 @@ def mtp_residual(T: int, D: int):
     return _prim([g, a, b, u])
 
 
+def copy(shape: tuple[int, ...], dtype: str):
+    """``out = x``: a function's result written into the destination the caller passed (``call_tir_inplace``; see
+    :meth:`compiler.lower.Lowering.function`)."""
+    from tvm import te
+
+    x = te.placeholder(shape, dtype, name="x")
+    return _prim([x, te.compute(shape, lambda *i: x[i], name="out")])
+
+
 def argmax(B: int, V: int):
     """Each row's first maximum and its value, ``(at int32[B], best float32[B])`` (the MTP heads' greedy drafts): a
     reduction over ``v`` in order that moves only on a strictly larger value (NaN never wins). Two outputs: Relax
@@ -179,6 +188,11 @@ def kv_update(T: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = False
                     vc[b, h, s, j + half] = v[t, h * hd + j + half]
 
     return kv_write.without_attr("global_symbol")
+
+
+def attention_scratch(T: int, H: int, hd: int, ctx: int) -> list[tuple]:
+    """Shapes of :func:`attention`'s scratch outputs ``sc`` and ``st``."""
+    return [(T * H, ctx), (T * H, 2)]
 
 
 def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int):

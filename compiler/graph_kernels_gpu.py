@@ -34,11 +34,40 @@ def _bindings(gpu: bool):
     return (lambda n: Tx.thread_binding(n, thread="blockIdx.x")), (lambda n: Tx.thread_binding(n, thread="threadIdx.x"))
 
 
-def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = True):
+ATTN_CHUNK = 32  # keys per CUDA block of the split attention (fewer when hd is smaller)
+
+
+def attention_chunk(hd: int) -> int:
+    return min(ATTN_CHUNK, hd)
+
+
+def attention_scratch(T: int, H: int, hd: int, ctx: int) -> list[tuple]:
+    """Shapes of :func:`attention`'s scratch outputs: each (row, head, chunk)'s partial output ``[T·H·NC, hd]`` and
+    its (max, sum of exponentials) ``[T·H·NC, 2]``, ``NC = ⌈ctx / chunk⌉``."""
+    nc = -(-ctx // attention_chunk(hd))
+    return [(T * H * nc, hd), (T * H * nc, 2)]
+
+
+def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = True, rope: bool = False):
     """Causal GQA softmax attention of ``q [T, H, hd]`` over the paged cache ``kc, vc [n_blocks, Hkv, block, hd]``
     → ``o [T, H·hd]``, as :func:`compiler.graph_kernels.attention` (same parameters): row ``t`` reads its sequence's
-    keys ``0 .. pos[t]`` through ``table[t]``; a padding row (``pos < 0``) outputs zeros. ``gpu=False``: the same
-    body with serial loops instead of thread bindings (runs on the CPU)."""
+    keys ``0 .. pos[t]`` through ``table[t]``; a padding row (``pos < 0``) outputs zeros. Split over the keys (flash
+    decoding), so its time follows the position over many CUDA blocks, not one block per head:
+
+    1. a CUDA block per (row, query head, chunk of ``c`` keys; :func:`attention_chunk`), ``hd`` threads: each key's
+       score (``hd / c`` threads per key, each over its share of ``hd`` in order, the shares then added in order),
+       the chunk's max and ``Σ exp`` (shared-memory trees), and the chunk's unnormalised output (thread ``i``:
+       column ``i`` over the chunk's keys in order) into the scratch outputs ``part``/``st``; a block whose chunk
+       starts past the position does nothing;
+    2. a block per (row, head), a thread per column: the chunks combined in order, rescaled to their common max.
+
+    With ``rope`` the query comes unrotated, ``q [T, H·hd]``, with the RoPE tables ``cos, sin [ctx, hd/2]`` after
+    ``table``, and each block rotates its row's query into shared memory first, exactly as
+    :func:`compiler.graph_kernels.rope_q` (a padding row is never read): one kernel fewer per layer.
+
+    One PrimFunc, two kernels. A row's result depends only on that row (the batch-invariance of
+    ``tests/test_cuda_batch.py``). ``gpu=False``: the same body with serial loops instead of thread bindings, each
+    phase run after the other (runs on the CPU)."""
     from tvm.script import tirx as Tx
 
     from compiler.graph_kernels import table_width
@@ -47,8 +76,133 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     scale = 1.0 / math.sqrt(hd)
     TH = T * H
     W = table_width(ctx, block)
+    c = attention_chunk(hd)
+    if c & (c - 1) or hd % c:
+        raise ValueError(f"head_dim {hd}: the attention chunk {c} must be a power of two dividing it")
+    NC = -(-ctx // c)
+    r = hd // c  # threads per key in the scores
+    (P, _), _ = attention_scratch(T, H, hd, ctx)
     blocks, threads = _bindings(gpu)
     sync = (lambda: Tx.tvm_storage_sync("shared")) if gpu else (lambda: Tx.evaluate(0))
+    scope = "shared" if gpu else "global"
+    steps = []
+    k = c // 2
+    while k:
+        steps.append(k)
+        k //= 2
+    neg = -3.4028234663852886e38
+
+    half = hd // 2
+
+    @Tx.macro
+    def body(q, kc_h, vc_h, pos, table, cos, sin, o, part, st):
+        nb = Tx.int64()
+        kc = Tx.match_buffer(kc_h, (nb, Hkv, block, hd), "float32")
+        vc = Tx.match_buffer(vc_h, (nb, Hkv, block, hd), "float32")
+        for b in blocks(P):  # (row, head, chunk) = (b // (H·NC), b // NC % H, b % NC)
+            qs = Tx.alloc_buffer((hd,), "float32", scope=scope)  # the row's query (rotated here with rope)
+            dot = Tx.alloc_buffer((hd,), "float32", scope=scope)  # partial dot products, r per key
+            row = Tx.alloc_buffer((c,), "int32", scope=scope)  # each key's cache block (its table entry)
+            p = Tx.alloc_buffer((c,), "float32", scope=scope)  # scores, then exp(score - max)
+            mx = Tx.alloc_buffer((c,), "float32", scope=scope)
+            sm = Tx.alloc_buffer((c,), "float32", scope=scope)
+            if (b % NC) * c < Tx.min(pos[b // (H * NC)] + 1, ctx):
+                for tx in threads(hd):
+                    if rope:  # as compiler.graph_kernels.rope_q, element tx
+                        if tx < half:
+                            qs[tx] = q[b // (H * NC), b // NC % H * hd + tx] * cos[Tx.min(pos[b // (H * NC)], ctx - 1), tx] - q[
+                                b // (H * NC), b // NC % H * hd + tx + half] * sin[Tx.min(pos[b // (H * NC)], ctx - 1), tx]
+                        else:
+                            qs[tx] = q[b // (H * NC), b // NC % H * hd + tx] * cos[Tx.min(pos[b // (H * NC)], ctx - 1), tx - half] + q[
+                                b // (H * NC), b // NC % H * hd + tx - half] * sin[Tx.min(pos[b // (H * NC)], ctx - 1), tx - half]
+                    else:
+                        qs[tx] = q[b // (H * NC), b // NC % H, tx]
+                sync()
+                for tx in threads(hd):  # r threads per key: key tx % c, dims [tx // c · hd / r, ...) in order
+                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                    acc[0] = Tx.float32(0)
+                    if (b % NC) * c + tx % c < Tx.min(pos[b // (H * NC)] + 1, ctx):
+                        for i in range(hd // r):
+                            acc[0] = acc[0] + qs[tx // c * (hd // r) + i] * kc[
+                                Tx.Cast("int64", table[b // (H * NC), ((b % NC) * c + tx % c) // block]),
+                                b // NC % H // g, ((b % NC) * c + tx % c) % block, tx // c * (hd // r) + i]  # fmt: skip
+                    dot[tx] = acc[0]
+                sync()
+                for tx in threads(hd):  # the key's score: its r partial sums in order
+                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                    if tx < c:
+                        if (b % NC) * c + tx < Tx.min(pos[b // (H * NC)] + 1, ctx):
+                            acc[0] = dot[tx]
+                            for j in range(1, r):
+                                acc[0] = acc[0] + dot[j * c + tx]
+                            p[tx] = acc[0] * Tx.float32(scale)
+                            row[tx] = table[b // (H * NC), ((b % NC) * c + tx) // block]  # for the values
+                        else:
+                            p[tx] = Tx.float32(neg)
+                        mx[tx] = p[tx]
+                sync()
+                for s in Tx.unroll(len(steps)):  # the chunk's max: a tree
+                    for tx in threads(hd):
+                        if tx < Tx.shift_right(c, s + 1):
+                            mx[tx] = Tx.max(mx[tx], mx[tx + Tx.shift_right(c, s + 1)])
+                    sync()
+                for tx in threads(hd):  # exp(score - max); 0 past the position
+                    if tx < c:
+                        if (b % NC) * c + tx < Tx.min(pos[b // (H * NC)] + 1, ctx):
+                            p[tx] = Tx.exp(p[tx] - mx[0])
+                        else:
+                            p[tx] = Tx.float32(0)
+                        sm[tx] = p[tx]
+                sync()
+                for s in Tx.unroll(len(steps)):  # Σ exp: a tree
+                    for tx in threads(hd):
+                        if tx < Tx.shift_right(c, s + 1):
+                            sm[tx] = sm[tx] + sm[tx + Tx.shift_right(c, s + 1)]
+                    sync()
+                for tx in threads(hd):  # column tx over the chunk's keys, in order
+                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                    acc[0] = Tx.float32(0)
+                    for jj in range(Tx.min(c, Tx.min(pos[b // (H * NC)] + 1, ctx) - (b % NC) * c)):  # valid keys
+                        acc[0] = acc[0] + p[jj] * vc[Tx.Cast("int64", row[jj]), b // NC % H // g,
+                                                     ((b % NC) * c + jj) % block, tx]  # fmt: skip
+                    part[b, tx] = acc[0]
+                    if tx == 0:
+                        st[b, 0] = mx[0]
+                        st[b, 1] = sm[0]
+        for th in blocks(TH):  # combine the row's chunks, in order
+            for tx in threads(hd):
+                acc = Tx.alloc_buffer((3,), "float32", scope="local")  # max, Σ weight·sum, Σ weight·part
+                if pos[th // H] >= 0:
+                    acc[0] = st[th * NC, 0]
+                    for ci in range(1, (Tx.min(pos[th // H] + 1, ctx) + c - 1) // c):
+                        acc[0] = Tx.max(acc[0], st[th * NC + ci, 0])
+                    acc[1] = Tx.float32(0)
+                    acc[2] = Tx.float32(0)
+                    for ci in range((Tx.min(pos[th // H] + 1, ctx) + c - 1) // c):
+                        acc[1] = acc[1] + Tx.exp(st[th * NC + ci, 0] - acc[0]) * st[th * NC + ci, 1]
+                        acc[2] = acc[2] + Tx.exp(st[th * NC + ci, 0] - acc[0]) * part[th * NC + ci, tx]
+                    o[th // H, th % H * hd + tx] = acc[2] / acc[1]
+                else:
+                    o[th // H, th % H * hd + tx] = Tx.float32(0)
+
+    if rope:
+
+        @Tx.prim_func
+        def attn_rope(
+            q: Tx.Buffer((T, H * hd), "float32"),
+            kc_h: Tx.handle,
+            vc_h: Tx.handle,
+            pos: Tx.Buffer((T,), "int32"),
+            table: Tx.Buffer((T, W), "int32"),
+            cos: Tx.Buffer((ctx, half), "float32"),
+            sin: Tx.Buffer((ctx, half), "float32"),
+            o: Tx.Buffer((T, H * hd), "float32"),
+            part: Tx.Buffer((P, hd), "float32"),
+            st: Tx.Buffer((P, 2), "float32"),
+        ):
+            body(q, kc_h, vc_h, pos, table, cos, sin, o, part, st)
+
+        return attn_rope.without_attr("global_symbol")
 
     @Tx.prim_func
     def attn(
@@ -58,53 +212,10 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
         pos: Tx.Buffer((T,), "int32"),
         table: Tx.Buffer((T, W), "int32"),
         o: Tx.Buffer((T, H * hd), "float32"),
-        sc: Tx.Buffer((TH, ctx), "float32"),
-        st: Tx.Buffer((TH, 2), "float32"),
+        part: Tx.Buffer((P, hd), "float32"),
+        st: Tx.Buffer((P, 2), "float32"),
     ):
-        nb = Tx.int64()
-        kc = Tx.match_buffer(kc_h, (nb, Hkv, block, hd), "float32")
-        vc = Tx.match_buffer(vc_h, (nb, Hkv, block, hd), "float32")
-        for th in blocks(TH):
-            for tx in threads(hd):  # scores: key j = jo·hd + tx, q·k over hd in order
-                acc = Tx.alloc_buffer((1,), "float32", scope="local")
-                n = Tx.min(pos[th // H] + 1, ctx)
-                for jo in range((Tx.max(n, 0) + hd - 1) // hd):
-                    if jo * hd + tx < n:
-                        acc[0] = Tx.float32(0)
-                        for i in range(hd):
-                            acc[0] = acc[0] + q[th // H, th % H, i] * kc[
-                                Tx.Cast("int64", table[th // H, (jo * hd + tx) // block]),
-                                (th % H) // g, (jo * hd + tx) % block, i]  # fmt: skip
-                        sc[th, jo * hd + tx] = acc[0] * Tx.float32(scale)
-            sync()
-            for tx in threads(hd):  # the max, by thread 0
-                n = Tx.min(pos[th // H] + 1, ctx)
-                if tx == 0 and n > 0:
-                    st[th, 0] = sc[th, 0]
-                    for j in range(1, n):
-                        st[th, 0] = Tx.max(st[th, 0], sc[th, j])
-            sync()
-            for tx in threads(hd):  # exp(score - max), a key per thread
-                n = Tx.min(pos[th // H] + 1, ctx)
-                for jo in range((Tx.max(n, 0) + hd - 1) // hd):
-                    if jo * hd + tx < n:
-                        sc[th, jo * hd + tx] = Tx.exp(sc[th, jo * hd + tx] - st[th, 0])
-            sync()
-            for tx in threads(hd):  # output column tx: Σ_j p_j · v_j[tx] / Σ_j p_j, keys in order
-                acc = Tx.alloc_buffer((2,), "float32", scope="local")
-                n = Tx.min(pos[th // H] + 1, ctx)
-                acc[0] = Tx.float32(0)
-                acc[1] = Tx.float32(0)
-                for j in range(Tx.max(n, 0)):
-                    acc[0] = acc[0] + sc[th, j]
-                    acc[1] = acc[1] + sc[th, j] * vc[Tx.Cast("int64", table[th // H, j // block]), (th % H) // g,
-                                                      j % block, tx]  # fmt: skip
-                if n > 0:
-                    o[th // H, (th % H) * hd + tx] = acc[1] / acc[0]
-                else:
-                    o[th // H, (th % H) * hd + tx] = Tx.float32(0)
-                if tx == 0:
-                    st[th, 1] = acc[0]
+        body(q, kc_h, vc_h, pos, table, None, None, o, part, st)
 
     return attn.without_attr("global_symbol")
 
@@ -208,7 +319,23 @@ def argmax(B: int, V: int, threads: int = 256):
     return pick.without_attr("global_symbol")
 
 
-def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256):
+def swiglu_quantize(T: int, F: int, threads: int | None = None):
+    """``silu(g) · u`` (:func:`compiler.graph_kernels.silu_mul`, the same float expression) and its int8 per-token
+    quantize in ONE kernel: parameters ``g, u, q, scale, q_sum``, outputs as :func:`norm_quantize`'s. The FFN's
+    SwiGLU and the down projection's input quantize, one kernel fewer per layer, bit-identical to the two."""
+    return norm_quantize(T, F, threads=threads or _threads_for(F), glu=True)
+
+
+def _threads_for(n: int, most: int = 1024) -> int:
+    """The largest power of two up to ``most`` that divides ``n``: one CUDA block per token works through a row with
+    as many threads as divide it evenly."""
+    t = most
+    while n % t:
+        t //= 2
+    return t
+
+
+def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, glu: bool = False):
     """RMSNorm (``eps`` given; else none) + int8 per-token quantize in ONE kernel: a CUDA block per token, ``threads``
     threads striding over ``D``, the three reductions (Σx², max|h|, Σq) as shared-memory trees. Same outputs and
     maths as :class:`compiler.ops.rmsnorm_quant.RmsNormQuant` (``eps`` given: parameters ``x, weight, q, scale,
@@ -251,6 +378,9 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256):
                 for i in range(per):
                     if norm:
                         h[i] = X[t, i * threads + tx] * acc[1] * W[i * threads + tx]
+                    elif glu:
+                        h[i] = X[t, i * threads + tx] / (Tx.float32(1) + Tx.exp(-X[t, i * threads + tx])) * W[
+                            t, i * threads + tx]  # fmt: skip
                     else:
                         h[i] = X[t, i * threads + tx]
                     acc[0] = Tx.max(acc[0], Tx.fabs(h[i]))
@@ -290,6 +420,20 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256):
             body(x, w, q, scale, q_sum)
 
         return rms_quant.without_attr("global_symbol")
+
+    if glu:
+
+        @Tx.prim_func
+        def glu_quant(
+            g: Tx.Buffer((T, D), "float32"),
+            u: Tx.Buffer((T, D), "float32"),
+            q: Tx.Buffer((T, D), "int8"),
+            scale: Tx.Buffer((T,), "float32"),
+            q_sum: Tx.Buffer((T,), "int32"),
+        ):
+            body(g, u, q, scale, q_sum)
+
+        return glu_quant.without_attr("global_symbol")
 
     @Tx.prim_func(check_well_formed=False)  # a root block around loop-style code: legal, but unverified
     def quant(

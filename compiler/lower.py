@@ -3,15 +3,17 @@
 Signatures (``L`` layers, ``Hkv`` KV heads, context ``C``, head dim ``hd``, KV block ``K`` = :data:`KV_BLOCK` tokens,
 table width ``W = ⌈C / K⌉``; params in :func:`param_specs` order)::
 
-    decode_b{B}(toks int32[B], pos int32[B], table int32[B, W], kc_0, vc_0, ..., *params) -> logits float32[B, V]
-    prefill(toks int32[P], pos int32[P], table int32[P, W], last int32[1], kc_0, vc_0, ..., *params) -> float32[V]
+    decode_b{B}(toks int32[B], pos int32[B], table int32[B, W], logits float32[B, V], kc_0, vc_0, ..., *params)
+    prefill(toks int32[P], pos int32[P], table int32[P, W], last int32[1], logits float32[1, V], kc_0, ..., *params)
 
-With ``m = mtp_heads > 0`` (self-speculative decoding, :mod:`runtime.spec_decode`) both also return the normed
-hidden states, ``(logits, hidden float32[B, D])`` (prefill: row ``last``, ``[1, D]``), and ``draft{k}_b{B}(hidden
-float32[B, D], token int32[B], *draft_params) -> int32[k, B]`` gives ``k ≤ m`` greedy draft tokens from the
-recurrent heads, fed the token picked after ``hidden`` (:meth:`Lowering.draft`). Rows of one sequence at consecutive
-positions in one ``decode_b{B}`` call (the last token and its drafts) are the speculative verify step: each row's
-key and value are written before any row attends, so row ``t`` sees the rows before it.
+The results are written into tensors the caller passes after the inputs (:func:`output_specs`; the function
+returns them): no allocation per call, so on CUDA the whole step is one captured graph. With ``m = mtp_heads > 0``
+(self-speculative decoding, :mod:`runtime.spec_decode`) both also write the normed hidden states, ``hidden
+float32[B, D]`` after ``logits`` (prefill: row ``last``, ``[1, D]``), and ``draft{k}_b{B}(hidden float32[B, D],
+token int32[B], drafts int32[k, B], *draft_params)`` writes ``k ≤ m`` greedy draft tokens from the recurrent heads,
+fed the token picked after ``hidden`` (:meth:`Lowering.draft`). Rows of one sequence at consecutive positions in one
+``decode_b{B}`` call (the last token and its drafts) are the speculative verify step: each row's key and value are
+written before any row attends, so row ``t`` sees the rows before it.
 
 Each ``kc_l``/``vc_l`` is ``float32[n_blocks, Hkv, K, hd]``, ``n_blocks`` symbolic: the runtime sizes the cache
 (:mod:`runtime.kv_cache`). Row ``t`` holds one token at position ``pos[t]`` of the sequence whose block table is
@@ -131,6 +133,21 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
     return out
 
 
+def output_specs(cfg, name: str, T: int) -> list[ParamSpec]:
+    """The results of ``decode_b{B}``, ``verify_b{B}`` and ``prefill`` (``T`` rows), in order: the caller passes
+    them as tensors after the inputs and the function writes into them (destination passing: no allocation per
+    call, and on CUDA the whole step is one captured graph; :func:`compiler.build._static_inputs`). ``logits``
+    ``[rows, V]`` (prefill: ``rows = 1``, the row ``last``); with MTP heads the normed hidden states ``hidden [rows,
+    D]``; ``verify_b{B}`` also every row's greedy drafts ``drafts int32[m, B]``."""
+    rows = T if name.startswith(("decode_b", "verify_b")) else 1
+    out = [ParamSpec("logits", (rows, cfg.vocab_size), "float32")]
+    if cfg.mtp_heads:
+        out.append(ParamSpec("hidden", (rows, cfg.d_model), "float32"))
+    if name.startswith("verify_b"):
+        out.append(ParamSpec("drafts", (cfg.mtp_heads, T), "int32"))
+    return out
+
+
 def draft_vocab(V: int, gpu: bool) -> int:
     """The ids the MTP heads draft from: all on GPUs; on CPUs the first :data:`DRAFT_VOCAB_CPU` (byte-level BPE ids
     run from the bytes through the merges in training order, roughly by frequency), which cuts the draft's LM head,
@@ -156,6 +173,14 @@ def _var(name: str, shape, dtype: str):
     from tvm import relax
 
     return relax.Var(name.replace(".", "_"), relax.TensorType(shape, dtype))
+
+
+def _results(outs):
+    """A function's results as a tuple made by a VM builtin, which no CUDA graph captures: Relax's graph rewrite then
+    passes them out of the captured region (TVM 0.27 drops a result that is bound inside the region)."""
+    from tvm import relax
+
+    return relax.call_pure_packed("vm.builtin.make_tuple", *outs, ty_args=relax.TupleType([o.ty for o in outs]))
 
 
 def _site_param(site: int, name: str) -> str:
@@ -248,6 +273,9 @@ class TargetKernels:
     fixed: dict[str, Callable]  # op kind → builder of its fixed kernel from the op
     quantize: Callable  # per-token int8 quantize (T, K) of the o/down inputs
     attention: Callable  # (T, H, Hkv, hd, C)
+    attention_scratch: Callable  # (T, H, hd, C) -> the shapes of attention's two scratch outputs
+    rope_in_attention: bool  # attention rotates the query itself (takes q [T, D] and the RoPE tables): no rope_q
+    swiglu_quant: Callable | None  # (T, F): silu(gate)·up and its quantize as one kernel; None: silu_mul, quantize
     lm_head: Callable  # (V, D, dtype)
     argmax: Callable  # (B, V): each row's first maximum (int32) and its value (the MTP heads' greedy drafts)
     kv_update: Callable  # (T, Hkv, hd, C, block)
@@ -270,22 +298,25 @@ def _cuda_mhc_post(op):  # the mHC site as one kernel instead of three
 KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), CPU tl (avx512 VBMI), CUDA dp4a
     "tile8": TargetKernels(
         name="tile8", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8", gemm="gemm_i8", tile=cpu_tile,
-        x_words=False, x_sum=True, fixed={}, quantize=gk.quantize, attention=gk.attention, lm_head=gk.lm_head,
-        argmax=gk.argmax, kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES,
-        fused_draft=False,
+        x_words=False, x_sum=True, fixed={}, quantize=gk.quantize, attention=gk.attention,
+        attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
+        schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
+        rope_in_attention=False, swiglu_quant=None,
     ),
     "tl": TargetKernels(
         name="tl", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8_tl", gemm=None, tile=tl_tile,
-        x_words=False, x_sum=False, fixed={}, quantize=gk.quantize, attention=gk.attention, lm_head=gk.lm_head,
-        argmax=gk.argmax, kv_update=gk.kv_update, schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES,
-        fused_draft=False,
+        x_words=False, x_sum=False, fixed={}, quantize=gk.quantize, attention=gk.attention,
+        attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
+        schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
+        rope_in_attention=False, swiglu_quant=None,
     ),
     "dp4a": TargetKernels(
         name="dp4a", prefill_chunk=CUDA_PREFILL_CHUNK, gemv="gemv_dp4a", gemm="gemm_dp4a", tile=None,
         x_words=True, x_sum=True, fixed={"rmsnorm_quant": _cuda_norm_quant, "mhc_post": _cuda_mhc_post},
-        quantize=gkg.norm_quantize, attention=gkg.attention, lm_head=gkg.lm_head, argmax=gkg.argmax,
-        kv_update=functools.partial(gk.kv_update, gpu=True), schedule_small=False, mhc_x_row=True, fused_draft=True,
-        batch_sizes=CUDA_BATCH_SIZES,
+        quantize=gkg.norm_quantize, attention=gkg.attention, attention_scratch=gkg.attention_scratch,
+        lm_head=gkg.lm_head, argmax=gkg.argmax, kv_update=functools.partial(gk.kv_update, gpu=True),
+        schedule_small=False, mhc_x_row=True, fused_draft=True, batch_sizes=CUDA_BATCH_SIZES,
+        rope_in_attention=True, swiglu_quant=gkg.swiglu_quantize,
     ),
 }  # fmt: skip
 
@@ -364,6 +395,7 @@ class Lowering:
         toks, pos, table = _var("tokens", (T,), "int32"), _var("pos", (T,), "int32"), _var("table", (T, W), "int32")
         last = None if batch else _var("last", (1,), "int32")
         inputs = [toks, pos, table] + ([last] if last is not None else [])
+        dst = {o.name: _var(o.name, o.shape, o.dtype) for o in output_specs(cfg, name, T)}
         nb = tirx.Var("n_blocks", "int64")
         cache = []
         for i in range(cfg.n_layers):
@@ -372,20 +404,22 @@ class Lowering:
         specs = self.specs()
         pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
         f = _Frame(T, pos, table, cache, pv, batch, shape)
-        with bb.function(name, inputs + cache + [pv[s.name] for s in specs]):
+        with bb.function(name, inputs + list(dst.values()) + cache + [pv[s.name] for s in specs]):
             with bb.dataflow():
                 x, u = self.embedding(f, toks)
                 X = None  # the residual streams [T, S, D] between sites
                 for site in range(2 * cfg.n_layers):
                     y = (self.attention if site % 2 == 0 else self.ffn)(f, site // 2, u)
                     X, u = self.mhc_site(f, site, x, X, y)
-                logits, hn = self.head(f, u, last)
+                logits, hn = self.head(f, u, last, dst)
                 outs = [logits, hn] if cfg.mtp_heads else [logits]
                 if name.startswith("verify_b"):  # decode_b{B} that also drafts for every row after its argmax
                     top = self._call(self._te("argmax", self.k.argmax, T, cfg.vocab_size), [logits],
                                      [((T,), "int32"), ((T,), f32)])[0]  # fmt: skip
-                    outs.append(self._draft_steps(f, hn, top, cfg.mtp_heads))
-                out = bb.emit_output(relax.Tuple(outs) if len(outs) > 1 else logits)
+                    drafts = self._draft_steps(f, hn, top, cfg.mtp_heads)
+                    shape = (cfg.mtp_heads, T)
+                    outs.append(self._into(self._te("copy_i32", lambda *d: gk.copy(d, "int32"), *shape, sched=True), [drafts], dst["drafts"]))
+                out = bb.emit_output(_results(outs))
             bb.emit_func_output(out)
 
     def embedding(self, f: _Frame, toks):
@@ -412,14 +446,20 @@ class Lowering:
         kv = self._ternary(f, f"blk.{i}.attn_k", q8, sc, qs, KV, D)
         vv = self._ternary(f, f"blk.{i}.attn_v", q8, sc, qs, KV, D)
         cos, sin = f.pv["rope.cos"], f.pv["rope.sin"]
-        qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, f.pos, cos, sin], [((T, H, hd), f32)])
         upd_gv = self._te("kv_update", self.k.kv_update, T, Hkv, hd, C, KV_BLOCK)
         ty = relax.TensorType(f.kv_shape, f32)
         kv_args = [kv, vv, f.pos, f.table, cos, sin, f.cache[2 * i], f.cache[2 * i + 1]]
         upd = self.bb.emit(relax.call_tir_inplace(upd_gv, kv_args, [6, 7], [ty, ty]))
         kc, vc = self.bb.emit(relax.TupleGetItem(upd, 0)), self.bb.emit(relax.TupleGetItem(upd, 1))
-        att = self._te("attention", self.k.attention, T, H, Hkv, hd, C, KV_BLOCK)
-        o = self._call(att, [qr, kc, vc, f.pos, f.table], [((T, D), f32), ((T * H, C), f32), ((T * H, 2), f32)])[0]
+        scratch = [(shape, f32) for shape in self.k.attention_scratch(T, H, hd, C)]
+        if self.k.rope_in_attention:
+            att = self._te("attention_rope", lambda *a: self.k.attention(*a, rope=True), T, H, Hkv, hd, C, KV_BLOCK)
+            args = [qv, kc, vc, f.pos, f.table, cos, sin]
+        else:
+            qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, f.pos, cos, sin], [((T, H, hd), f32)])
+            att = self._te("attention", self.k.attention, T, H, Hkv, hd, C, KV_BLOCK)
+            args = [qr, kc, vc, f.pos, f.table]
+        o = self._call(att, args, [((T, D), f32), *scratch])[0]
         o8, osc, osum = self._quantize(T, D, o)
         return self._ternary(f, f"blk.{i}.attn_output", o8, osc, osum, D, D)
 
@@ -430,8 +470,12 @@ class Lowering:
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.ffn_norm.weight", u)
         gt = self._ternary(f, f"blk.{i}.ffn_gate", q8, sc, qs, F, D)
         up = self._ternary(f, f"blk.{i}.ffn_up", q8, sc, qs, F, D)
-        hh = self._call(self._te("silu_mul", gk.silu_mul, T, F, sched=True), [gt, up], [((T, F), "float32")])
-        h8, hsc, hsum = self._quantize(T, F, hh)
+        outs8 = [((T, F), "int8"), ((T,), "float32"), ((T,), "int32")]
+        if self.k.swiglu_quant:
+            h8, hsc, hsum = self._call(self._te("swiglu_quantize", self.k.swiglu_quant, T, F), [gt, up], outs8)
+        else:
+            hh = self._call(self._te("silu_mul", gk.silu_mul, T, F, sched=True), [gt, up], [((T, F), "float32")])
+            h8, hsc, hsum = self._quantize(T, F, hh)
         return self._ternary(f, f"blk.{i}.ffn_down", h8, hsc, hsum, D, F)
 
     def mhc_site(self, f: _Frame, site: int, x, X, y):
@@ -457,34 +501,45 @@ class Lowering:
         r = self._call(gv, [x if first else X, y, *coef], outs)
         return (X, r) if lst else (r[0], r[1])
 
-    def head(self, f: _Frame, u, last):
-        """Final RMSNorm, then the LM head → ``(logits, hidden)``: ``[T, V]`` and the normed hidden states ``[T, D]``
-        (a decode batch) or, of the row ``last``, ``[V]`` and ``[1, D]`` (prefill)."""
+    def head(self, f: _Frame, u, last, dst: dict):
+        """Final RMSNorm, then the LM head → ``(logits, hidden)``, written into the caller's ``dst["logits"]`` and
+        ``dst["hidden"]`` (with MTP heads): ``[T, V]`` and the normed hidden states ``[T, D]`` (a decode batch) or,
+        of the row ``last`` only, ``[1, V]`` and ``[1, D]`` (prefill)."""
         from tvm import relax
 
-        D, V = self.cfg.d_model, self.cfg.vocab_size
-        hn = self._call(self._rmsnorm(f.T, D), [u, f.pv["output_norm.weight"]], [((f.T, D), "float32")])
+        D, V, f32 = self.cfg.d_model, self.cfg.vocab_size, "float32"
         rows = f.T
-        if last is not None:
-            hn, rows = self.bb.emit(relax.op.take(hn, last, axis=0, mode="clip")), 1
+        if last is not None:  # the norm is per row: only the last row's is needed
+            u, rows = self.bb.emit(relax.op.take(u, last, axis=0, mode="clip")), 1
+        norm = [u, f.pv["output_norm.weight"]]
+        if "hidden" in dst:
+            hn = self._into(self._rmsnorm(rows, D), norm, dst["hidden"])
+        else:
+            hn = self._call(self._rmsnorm(rows, D), norm, [((rows, D), f32)])
         gv = self._te("lm_head", lambda B: self.k.lm_head(B, V, D, self.head_dtype), rows)
-        logits = self._call(gv, [hn, f.pv["lm_head.weight"]], [((rows, V), "float32")])
-        return (logits if last is None else self._reshape(logits, (V,))), hn
+        return self._into(gv, [hn, f.pv["lm_head.weight"]], dst["logits"]), hn
 
     def draft(self, B: int, heads: int):
-        """``draft{heads}_b{B}(hidden float32[B, D], token int32[B], *draft_params) -> int32[heads, B]`` (the
+        """``draft{heads}_b{B}(hidden float32[B, D], token int32[B], drafts int32[heads, B], *draft_params)`` (the
         parameters of :func:`draft_specs` only: a Relax VM call checks every argument): ``heads`` greedy draft tokens
         for each of ``B`` sequences from the model's recurrent multi-token-prediction heads
         (:class:`model.transformer.MTPHead`). ``hidden`` is the normed hidden state that ``decode_b{B}``/``prefill``
         returned beside the logits and ``token`` the token picked from those logits; step ``k`` computes ``g = g +
         silu(P_k g + Q_k norm_k(emb(token)))`` (each input int8-quantized for its ternary matrix), the logits
-        ``lm_head(g)`` over the ids ``0 .. Vd - 1`` (:func:`draft_vocab`) and their argmax, the next step's token."""
+        ``lm_head(g)`` over the ids ``0 .. Vd - 1`` (:func:`draft_vocab`) and their argmax, the next step's token,
+        written into ``drafts[k]``."""
+        from tvm import relax
+
         g, tok = _var("hidden", (B, self.cfg.d_model), "float32"), _var("token", (B,), "int32")
+        dst = _var("drafts", (heads, B), "int32")
         specs = draft_specs(self.specs())
         pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
-        with self.bb.function(f"draft{heads}_b{B}", [g, tok] + [pv[s.name] for s in specs]):
+        with self.bb.function(f"draft{heads}_b{B}", [g, tok, dst] + [pv[s.name] for s in specs]):
             with self.bb.dataflow():
-                out = self.bb.emit_output(self._draft_steps(_Frame(B, None, None, [], pv, True, ()), g, tok, heads))
+                toks = self._draft_steps(_Frame(B, None, None, [], pv, True, ()), g, tok, heads)
+                toks = self._into(self._te("copy_i32", lambda *d: gk.copy(d, "int32"), heads, B, sched=True), [toks],
+                                  dst)  # fmt: skip
+                out = self.bb.emit_output(_results([toks]))
             self.bb.emit_func_output(out)
 
     def _draft_steps(self, f: _Frame, g, tok, heads: int):
@@ -617,6 +672,13 @@ class Lowering:
         if len(tys) == 1:
             return r
         return [self.bb.emit(relax.TupleGetItem(r, i)) for i in range(len(tys))]
+
+    def _into(self, gv, args, dst):
+        """``gv(*args, dst)``, its one output written into ``dst`` in place (a result the caller passed in): the
+        kernel needs no output allocation, so a CUDA graph can capture it."""
+        from tvm import relax
+
+        return self.bb.emit(relax.call_tir_inplace(gv, [*args, dst], [len(args)], dst.ty))
 
     def _reshape(self, x, shape):
         from tvm import relax

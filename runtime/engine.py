@@ -164,7 +164,7 @@ class Engine:
         self.meta = json.loads((self.dir / "meta.json").read_text())
         c = self.meta["config"]
         self.n_layers, self.ctx, self.vocab = c["n_layers"], c["max_seq_len"], c["vocab_size"]
-        self.n_kv, self.head_dim = c["n_kv_heads"], c["d_model"] // c["n_heads"]
+        self.n_kv, self.head_dim, self.d_model = c["n_kv_heads"], c["d_model"] // c["n_heads"], c["d_model"]
         self.chunk = int(self.meta["prefill_chunk"])
         self.target = self.meta.get("target", "cpu")
         check_flags(
@@ -203,6 +203,7 @@ class Engine:
         self.cache = [tvm.runtime.empty(shape, "float32", self.dev) for _ in range(2 * self.n_layers)]
         self._tvm = tvm
         self._inputs: dict[tuple, object] = {}  # per-call input tensors, refilled (_in)
+        self._results: dict[str, list] = {}  # each function's result tensors, written in place (_out)
         self.seq = Sequence()  # the single-sequence API's sequence
         self.token_healing = token_healing
         self.tokenizer = tokenizer
@@ -271,6 +272,24 @@ class Engine:
         t.copyfrom(a)
         return t
 
+    def _out(self, name: str, rows: int) -> list:
+        """The tensors function ``name`` writes its results into (``compiler.lower.output_specs``): ``logits [rows,
+        V]``, with MTP heads ``hidden [rows, D]``, for ``verify_b{B}`` ``drafts int32[m, B]``; for ``draft{k}_b{B}``
+        the drafts ``int32[k, B]``. Allocated once per function (a CUDA graph replays the addresses it captured) and
+        read right after each call."""
+        t = self._results.get(name)
+        if t is None:
+            if name.startswith("draft"):
+                shapes = [((int(name[5 : name.index("_")]), rows), "int32")]
+            else:
+                shapes = [((rows, self.vocab), "float32")]
+                if self.mtp_heads:
+                    shapes.append(((rows, self.d_model), "float32"))
+                if name.startswith("verify_b"):
+                    shapes.append(((self.mtp_heads, rows), "int32"))
+            t = self._results[name] = [self._tvm.runtime.empty(s, d, self.dev) for s, d in shapes]
+        return t
+
     def _grow(self, seq: Sequence, length: int) -> None:
         if length > self.ctx:
             raise ValueError(f"{length} tokens exceed the context of {self.ctx}")
@@ -301,12 +320,13 @@ class Engine:
         pos = np.full(self.chunk, -1, np.int32)  # padding rows write nothing
         pos[:n] = np.arange(seq.length, seq.length + n)
         table = np.broadcast_to(seq.table(self.pool.width), (self.chunk, self.pool.width))
-        out = self._prefill(self._in("tokens", list(tokens) + [0] * (self.chunk - n)), self._in("pos", pos),
-                            self._in("table", table), self._in("last", [n - 1]), *self.cache, *self.params)  # fmt: skip
+        outs = self._out("prefill", 1)
+        self._prefill(self._in("tokens", list(tokens) + [0] * (self.chunk - n)), self._in("pos", pos),
+                      self._in("table", table), self._in("last", [n - 1]), *outs, *self.cache, *self.params)  # fmt: skip
         seq.length += n
         if self.mtp_heads:
-            out, seq.hidden, seq.drafts = out[0], out[1].numpy()[0], None
-        return out.numpy()
+            seq.hidden, seq.drafts = outs[1].numpy()[0], None
+        return outs[0].numpy()[0]
 
     def decode(self, token: int, seq: Sequence | None = None) -> np.ndarray:
         """Append one token to ``seq`` (default: the Engine's own); the logits for the next."""
@@ -355,13 +375,13 @@ class Engine:
             fused = draft and self.fused_draft
             fn = (self._verify if fused else self._decode)[B]
             ins = (self._in("tokens", toks), self._in("pos", pos), self._in("table", table))
-            out = fn(*ins, *self.cache, *self.params)
+            outs = self._out(f"{'verify' if fused else 'decode'}_b{B}", B)
+            fn(*ins, *outs, *self.cache, *self.params)
+            logits.append(outs[0].numpy()[: len(part)])
             if self.mtp_heads:
-                if fused:
-                    drafts.append(out[2].numpy()[:, : len(part)])
-                out, h = out[0], out[1]
-                hidden.append(h.numpy()[: len(part)])
-            logits.append(out.numpy()[: len(part)])
+                hidden.append(outs[1].numpy()[: len(part)])
+            if fused:
+                drafts.append(outs[2].numpy()[:, : len(part)])
         logits = np.concatenate(logits) if len(logits) > 1 else logits[0]
         hidden = (np.concatenate(hidden) if len(hidden) > 1 else hidden[0]) if hidden else None
         drafts = (np.concatenate(drafts, axis=1) if len(drafts) > 1 else drafts[0]) if drafts else None
@@ -394,7 +414,8 @@ class Engine:
             B = next(b for b in self.batch_sizes if b >= len(part))
             h, t = np.zeros((B, hidden.shape[1]), np.float32), np.zeros(B, np.int32)
             h[: len(part)], t[: len(part)] = part, tokens[s : s + top]
-            toks = self._draft[heads, B](self._in("hidden", h, np.float32), self._in("token", t), *self._draft_params)
+            (toks,) = self._out(f"draft{heads}_b{B}", B)
+            self._draft[heads, B](self._in("hidden", h, np.float32), self._in("token", t), toks, *self._draft_params)
             out.append(toks.numpy()[:, : len(part)].T)
         return out[0] if len(out) == 1 else np.concatenate(out)
 

@@ -119,6 +119,22 @@ def test_fused_norm_quantize_is_one_kernel_with_block_barriers(eps):
 
 @pytest.mark.build
 @needs_nvcc
+def test_fused_swiglu_quantize_is_one_kernel():
+    """silu(gate)·up and the down projection's input quantize as one CUDA kernel (parameters g, u, q, scale,
+    q_sum), with the two trees of the quantize (max|h|, Σq); its numbers are checked by the GPU parity run."""
+    import tvm
+
+    from compiler.graph_kernels_gpu import swiglu_quantize
+
+    f = swiglu_quantize(2, 1536)
+    assert [str(p.name) for p in f.params] == ["g", "u", "q", "scale", "q_sum"]
+    src = S.compile_mod(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), "cuda").mod.imports[0]
+    text = src.inspect_source()
+    assert text.count("__global__") == 2 and "expf" in text and text.count("__syncthreads()") >= 2 * 8
+
+
+@pytest.mark.build
+@needs_nvcc
 @pytest.mark.parametrize("first,last", [(0, 0), (1, 0), (0, 1)])
 def test_fused_mhc_site_is_one_kernel(first, last):
     import tvm
