@@ -106,9 +106,16 @@ def _worker_tvm(model, threads, prompt_tokens, decode_tokens, cache_dir, entry, 
         tok = int(np.argmax(eng.decode(tok)))
         steps.append(time.perf_counter() - t)
     mean_pos = prompt_tokens + (decode_tokens - 1) / 2
+    extra = {}
+    if eng.target == "cuda":  # where a step's time goes (bench.cuda_trace) and what the build says it launches
+        from bench.cuda_trace import trace
+
+        extra["trace"] = trace(lambda: eng.decode(tok), calls=50)
+        extra["census"] = (eng.meta.get("census") or {}).get("decode_b1")
+        eng.reset()
     return _result("tvm", threads, prompt_tokens, steps, ttft, device="cpu" if eng.target != "cuda" else "cuda",
                    dtype="int8", target=eng.target, entry=str(entry), mean_decode_pos=mean_pos,
-                   bytes=decode_bytes(eng.meta, mean_pos))  # fmt: skip
+                   bytes=decode_bytes(eng.meta, mean_pos), n_layers=eng.n_layers, **extra)  # fmt: skip
 
 
 def _worker_torch(model, threads, prompt_tokens, decode_tokens, device, dtype) -> dict:
@@ -175,6 +182,10 @@ def _worker_roofline(threads, target, mib: int = ROOF_MIB, roof_dir: str | None 
     """Read GB/s at ``threads``: over an array of at least twice this machine's last-level cache (so from DRAM), or,
     with ``roof_dir`` (a ``bench.threads export``: no TVM compiler needed), its prebuilt read kernel rotated
     over enough arrays to exceed the cache the same way."""
+    if target == "cuda":  # the HBM roof: a device-to-device copy (read + write), as bench.kernels --target cuda
+        from bench.cuda_trace import copy_gbs
+
+        return {"impl": "roofline", "threads": threads, "copy_gbs": copy_gbs(), "array_mib": 2048, "target": target}
     from bench.threads import read_roof_gbs
     from targets.cpu import llc_bytes
 
@@ -229,6 +240,19 @@ def _run_worker(args: list[str], threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _median_row(runs: list[dict]) -> dict:
+    """One row from the runs of one (implementation, thread count): the run with the median decode rate, with the
+    number of runs and the range of the decode rate, TTFT and prefill rate over them."""
+    runs = sorted(runs, key=lambda r: r["decode_tok_s"])
+    row = dict(runs[(len(runs) - 1) // 2])
+    row["runs"] = len(runs)
+    for k in ("decode_tok_s", "ttft_ms", "prefill_tok_s"):
+        v = [r[k] for r in runs]
+        row[k] = float(np.median(v))
+        row[f"{k}_range"] = [float(min(v)), float(max(v))]
+    return row
+
+
 def run(a) -> dict:
     load0 = os.getloadavg()
     impls = list(a.impl)
@@ -251,22 +275,24 @@ def run(a) -> dict:
             print(f"exporting ONNX to {onnx} ...", file=sys.stderr)
             _run_worker(["onnx_export", "--model", a.model, "--onnx", str(onnx)], 1)
     common = ["--model", a.model, "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens)]
-    rows, roofs = [], {}
-    roof = "tvm" in impls and target != "cuda"
-    if "tvm" in impls and not roof:
-        notes.append("bandwidth bound: CPU read bandwidth does not bound a CUDA module (see bench.kernels_cuda)")
-    for impl in impls:
-        for n in a.threads:
-            extra = {"tvm": ["--target", target] + (["--entry", a.entry] if a.entry else []),
-                     "torch": ["--torch-device", a.torch_device, "--torch-dtype", a.torch_dtype],
-                     "onnxruntime": ["--onnx", str(onnx)]}[impl]  # fmt: skip
-            if a.cache_dir:
-                extra += ["--cache-dir", a.cache_dir]
-            rows.append(_run_worker([impl, *common, *extra], n))
-            if impl == "tvm" and roof:  # right after the compiled row: the bound under the same conditions
-                roof_args = ["--roof-dir", a.roof_dir] if a.roof_dir else []
-                roofs[n] = _run_worker(["roofline", "--target", target, "--roof-mib", str(a.roof_mib), *roof_args],
-                                       n)["read_gbs"]  # fmt: skip
+    samples: dict[tuple, list] = {}
+    roof_runs: dict[int, list] = {}
+    roof = "tvm" in impls
+    for _ in range(a.runs):  # interleaved: every implementation (and the roof) once per run
+        for impl in impls:
+            for n in a.threads:
+                extra = {"tvm": ["--target", target] + (["--entry", a.entry] if a.entry else []),
+                         "torch": ["--torch-device", a.torch_device, "--torch-dtype", a.torch_dtype],
+                         "onnxruntime": ["--onnx", str(onnx)]}[impl]  # fmt: skip
+                if a.cache_dir:
+                    extra += ["--cache-dir", a.cache_dir]
+                samples.setdefault((impl, n), []).append(_run_worker([impl, *common, *extra], n))
+                if impl == "tvm" and roof:  # right after the compiled row: the bound under the same conditions
+                    roof_args = ["--roof-dir", a.roof_dir] if a.roof_dir else []
+                    r = _run_worker(["roofline", "--target", target, "--roof-mib", str(a.roof_mib), *roof_args], n)
+                    roof_runs.setdefault(n, []).append(r.get("copy_gbs", r.get("read_gbs")))
+    rows = [_median_row(runs) for runs in samples.values()]
+    roofs = {n: float(np.median(v)) for n, v in roof_runs.items()}
     base = {r["threads"]: r for r in rows if r["impl"] == "torch"}
     for r in rows:
         b = base.get(r["threads"])
@@ -274,37 +300,54 @@ def run(a) -> dict:
         if r["impl"] == "tvm" and r["threads"] in roofs:
             gbs = roofs[r["threads"]]
             r["read_gbs"] = gbs
-            r["bound_tok_s"] = gbs * 1e9 / r["bytes"]["weights"]
+            per_token = r["bytes"]["weights"] + (r["bytes"]["kv_cache"] if target == "cuda" else 0)
+            r["bound_tok_s"] = gbs * 1e9 / per_token
             r["pct_of_bound"] = 100.0 * r["decode_tok_s"] / r["bound_tok_s"]
-            r["decode_gbs"] = r["decode_tok_s"] * r["bytes"]["weights"] / 1e9
-    return {"model": a.model, "target": target, "rows": rows, "read_gbs": roofs, "roof_mib": a.roof_mib,
+            r["decode_gbs"] = r["decode_tok_s"] * per_token / 1e9
+    return {"model": a.model, "target": target, "rows": rows, "read_gbs": roofs, "roof_mib": a.roof_mib, "runs": a.runs,
             "notes": notes, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
 
 
 def table(res: dict) -> str:
-    lines = [f"{'impl':8s} {'thr':>3s} {'prefill tok/s':>13s} {'TTFT ms':>8s} {'decode tok/s':>12s} {'vs torch':>8s} "
-             f"{'peak MiB':>8s} {'% bound':>7s}"]  # fmt: skip
+    lines = [f"medians of {res.get('runs', 1)} interleaved runs (decode range in brackets)",
+             f"{'impl':8s} {'thr':>3s} {'prefill tok/s':>13s} {'TTFT ms':>8s} {'decode tok/s':>12s} {'range':>17s} "
+             f"{'vs torch':>8s} {'peak MiB':>8s} {'% bound':>7s}"]  # fmt: skip
     for r in res["rows"]:
         name = {"onnxruntime": "onnxrt*"}.get(r["impl"], r["impl"])
         pct = f"{r['pct_of_bound']:7.1f}" if "pct_of_bound" in r else f"{'-':>7s}"
+        lo, hi = r.get("decode_tok_s_range", [r["decode_tok_s"]] * 2)
         lines.append(f"{name:8s} {r['threads']:3d} {r['prefill_tok_s']:13.1f} {r['ttft_ms']:8.1f} "
-                     f"{r['decode_tok_s']:12.2f} {r['decode_vs_torch']:8.2f} {r['peak_rss_mib']:8.0f} "
-                     f"{pct}")  # fmt: skip
+                     f"{r['decode_tok_s']:12.2f} {f'[{lo:.1f}, {hi:.1f}]':>17s} {r['decode_vs_torch']:8.2f} "
+                     f"{r['peak_rss_mib']:8.0f} {pct}")  # fmt: skip
     if any(r["impl"] == "onnxruntime" for r in res["rows"]):
         lines.append("onnxrt*: the ONNX export has no KV cache; each decode step recomputes the whole sequence")
     tvm = [r for r in res["rows"] if r["impl"] == "tvm"]
+    cuda = res["target"] == "cuda"
     if tvm and res["read_gbs"]:
         b = tvm[0]["bytes"]
         mb = {k: v / 1e6 for k, v in b.items()}
+        kv = "in the bound" if cuda else "not in the bound"
         lines.append(f"decode reads {mb['weights']:.2f} MB/token: ternary {mb['ternary']:.2f} + LM head "
                      f"{mb['lm_head']:.2f} + norms {mb['norms']:.3f} + scales/mHC/RoPE rows {mb['scales_mhc_rope']:.3f}"
                      f" + embedding row {mb['embedding_row']:.4f}; KV cache at the mean decode position "
-                     f"{tvm[0]['mean_decode_pos']:.0f}: {mb['kv_cache']:.2f} MB (not in the bound)")  # fmt: skip
+                     f"{tvm[0]['mean_decode_pos']:.0f}: {mb['kv_cache']:.2f} MB ({kv})")  # fmt: skip
+        roof = "device copy, read + write" if cuda else f"{res['roof_mib']} MiB stream"
         for r in tvm:
-            lines.append(f"  {r['threads']} thread(s): read {r['read_gbs']:.1f} GB/s ({res['roof_mib']} MiB stream) "
-                         f"-> bound {r['bound_tok_s']:.1f} tok/s; compiled decode {r['decode_tok_s']:.1f} tok/s = "
+            lines.append(f"  {r['threads']} thread(s): {r['read_gbs']:.1f} GB/s ({roof}) -> bound "
+                         f"{r['bound_tok_s']:.1f} tok/s; compiled decode {r['decode_tok_s']:.1f} tok/s = "
                          f"{r['pct_of_bound']:.1f} % ({r['decode_gbs']:.1f} GB/s)")  # fmt: skip
+    for r in tvm:
+        t, c = r.get("trace"), r.get("census")
+        if t:
+            lines.append(f"  per decode step (profiler, {t['calls']} steps): {t['wall_us']:.0f} us wall, GPU busy "
+                         f"{t['busy_us']:.0f} us ({100 * t['busy_fraction']:.0f} %), {t['kernels']:.0f} kernels, "
+                         f"{t['graph_launches']:.0f} graph launches, {t['host_launches']:.0f} host kernel launches, "
+                         f"{t['allocations']:.0f} allocations, {t['syncs']:.0f} syncs, {t['copies']:.0f} copies")  # fmt: skip
+        if c:
+            lines.append(f"  compiled decode_b1: {c['graphs']} graph, {c['kernels_in_graphs']} kernels in graphs "
+                         f"({c['kernels_in_graphs'] / r['n_layers']:.1f} per layer), {c['kernels_outside']} outside, "
+                         f"{c['allocations']} allocations per call")  # fmt: skip
     lines += res["notes"]
     return "\n".join(lines)
 
@@ -316,6 +359,7 @@ def main(argv=None) -> None:
     ap.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5, help="runs of every row, interleaved; the table gives medians")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--target", default="auto", help="compiled module's target (auto | avx512 | avx2 | cuda)")

@@ -1,8 +1,9 @@
-# GPU host (sourced): unpack the runtime bundle of scripts/gpu_runtime_bundle.sh into /tmp/site and put it and the
-# repository on PYTHONPATH; TVM then loads its runtime library only (TVM_USE_RUNTIME_LIB=1).
+# GPU host (sourced): unpack the runtime bundle of scripts/gpu_runtime_bundle.sh (TVM's runtime, the tvm-ffi and gguf
+# wheels) into /tmp/site and put it and the repository on PYTHONPATH; TVM then loads its runtime library only
+# (TVM_USE_RUNTIME_LIB=1).
 site=/tmp/site
 if [ ! -d "$site/tvm" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/rt/apache_tvm_ffi-*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/rt/*.whl  # tvm-ffi, gguf
   tar -C "$site" -xJf .gpu/rt/tvm_runtime.tar.xz
 fi
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1

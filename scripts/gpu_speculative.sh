@@ -3,21 +3,17 @@
 # run with TVM's runtime only: (1) the compiled drafts (CUDA argmax and all) against the PyTorch heads' on the held-out
 # prompts ($OUT/draft_parity.json); (2) bench.speculative over those prompts, plain decoding (0 drafts) against 1, 2
 # and 3 drafted tokens per step, interleaved over $ROUNDS rounds, with the identical-token check.
-# Build machine first:
-#   bash scripts/gpu_runtime_bundle.sh                                    → .gpu/rt (TVM's runtime, the ffi wheel)
-#   e=$(python -m compiler.build --model models/small.gguf --target cuda | tail -1)
-#   mkdir -p .gpu/spec/small && cp $e/model.so $e/meta.json .gpu/spec/small/
-# then carry .gpu/rt, .gpu/spec and .whl (the gguf wheel) and run: OUT=<results folder> bash scripts/gpu_speculative.sh
+# Build machine first: bash scripts/gpu_prepare.sh small   (→ .gpu/rt and .gpu/entries/small)
+# then carry .gpu/rt and .gpu/entries/small and run: OUT=<results folder> bash scripts/gpu_speculative.sh
 # JSON: $OUT/spec_small_cuda.json (committed as docs/speculative/spec_small_cuda.json).
 # CPU smoke test (a CPU entry in $ENTRY; nothing is compiled): ENTRY=<cpu entry> NO_GPU=1 OUT=/tmp/o bash ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-ENTRY=${ENTRY:-.gpu/spec/small}
+ENTRY=${ENTRY:-.gpu/entries/small}
 ROUNDS=${ROUNDS:-5} PROMPTS=${PROMPTS:-16} TOKENS=${TOKENS:-128} DRAFTS=${DRAFTS:-0 1 2 3}
 if [ "${NO_GPU:-0}" != 1 ]; then
   source scripts/gpu_env.sh
-  ls .whl/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt"
   [ -f "$ENTRY/params.npz" ] || python3 -m compiler.build --model models/small.gguf --target cuda --repack-into "$ENTRY" > /dev/null
 fi
