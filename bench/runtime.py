@@ -23,6 +23,14 @@ issue's "weight bytes per token"). Streaming read bandwidth is measured in the s
 own subprocess right after the compiled row, with :func:`bench.kernels.roofline_gbs` (``read`` over a ``--roof-mib``
 512 MiB array: DRAM, not cache; best of 1..n threads). ``bound tok/s = read GB/s / bytes per token``; each compiled
 row shows its decode rate as % of it.
+CUDA modules (``--target cuda`` with ``--entry``, on the GPU host: ``scripts/gpu_model.sh``): the bound is the bytes
+a step reads, weights **and** the KV cache at the mean decode position, over a 2 GiB device-to-device copy (read +
+write) timed in the same run (:func:`bench.cuda_trace.copy_gbs`); each compiled row also carries a ``torch.profiler``
+trace of 50 decode steps (:func:`bench.cuda_trace.trace`: kernels, graph and host launches, allocations, GPU-busy
+time per step) and the build's census of ``decode_b1`` (``meta.json``).
+
+``--runs N`` (default 5) repeats every row N times, interleaved (every implementation, then the roof, once per run);
+a row is the run with the median decode rate, with ``runs`` and the ``*_range`` of decode, TTFT and prefill.
 Timings on a shared machine are only meaningful when nothing else runs.
 """
 

@@ -9,12 +9,12 @@
 #      sequence), interleaved over $RUNS rounds; aggregate and per-stream decode tokens/s, median with min/max;
 #      also the module's own step time (the compiled decode_b{B} called back to back, one device sync).
 # JSON: $OUT/cuda_batch.json (committed as docs/runtime/cuda_batch.json). Every entry under $ENTRIES (default
-# .gpu/batch) is measured: <model>[_<variant>], model small or nano1b (the variant names another build of it).
+# .gpu/batch) is measured: <model>[_<variant>], model small or nano-1b (the variant names another build of it).
 # Build machine first:
 #   bash scripts/gpu_runtime_bundle.sh
 #   python -m compiler.build --model models/small.gguf --target cuda         → model.so + meta.json to .gpu/batch/small
-#   python -m model.random_model --preset nano-1b --out /tmp/nano1b.gguf && \
-#     python -m compiler.build --model /tmp/nano1b.gguf --target cuda        → .gpu/batch/nano1b
+#   python -m model.random_model --preset nano-1b --out /tmp/nano-1b.gguf && \
+#     python -m compiler.build --model /tmp/nano-1b.gguf --target cuda        → .gpu/batch/nano-1b
 # then carry .gpu/rt, .gpu/batch and .whl (the gguf wheel) and run: bash scripts/gpu_batch.sh
 # CPU smoke test of the Python part (CPU entries; nothing is compiled): ENTRIES=DIR NO_GPU=1 bash scripts/gpu_batch.sh
 set -uo pipefail
@@ -26,10 +26,10 @@ if [ "${NO_GPU:-0}" != 1 ]; then
   ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt"
 fi
-ls "$ENTRIES"/nano1b*/model.so >/dev/null 2>&1 && [ ! -f /tmp/nano1b.gguf ] &&
-  python3 -m model.random_model --preset nano-1b --out /tmp/nano1b.gguf > /dev/null
+ls "$ENTRIES"/nano-1b*/model.so >/dev/null 2>&1 && [ ! -f /tmp/nano-1b.gguf ] &&
+  python3 -m model.random_model --preset nano-1b --out /tmp/nano-1b.gguf > /dev/null
 for d in "$ENTRIES"/*/; do  # entries <model>[_<variant>]: the weights are repacked once per model, then linked
-  e=$(basename "$d"); m=${e%%_*}; g=models/small.gguf; [ "$m" = nano1b ] && g=/tmp/nano1b.gguf
+  e=$(basename "$d"); m=${e%%_*}; g=models/small.gguf; [ "$m" = nano-1b ] && g=/tmp/nano-1b.gguf
   [ -f "$d/model.so" ] && [ ! -f "$d/params.npz" ] || continue
   src=$(ls "$ENTRIES/$m"*/params.npz 2>/dev/null | head -1)
   if [ -n "$src" ]; then ln -f "$src" "$d/params.npz"
@@ -50,7 +50,7 @@ RUNS, STEPS, WARM, PROMPT = (int(os.environ.get(k, d)) for k, d in
                              (("RUNS", 5), ("STEPS", 64), ("WARM", 4), ("PROMPT", 16)))
 MODELS = os.environ.get("MODELS", "").split(",") if os.environ.get("MODELS") else \
     sorted(d.name for d in entries.iterdir() if (d / "model.so").exists())
-GGUF = {"small": "models/small.gguf", "nano1b": "/tmp/nano1b.gguf"}  # by the entry name's model part
+GGUF = {"small": "models/small.gguf", "nano-1b": "/tmp/nano-1b.gguf"}  # by the entry name's model part
 
 
 def sync(eng):

@@ -23,7 +23,7 @@ if [ -f .gpu/bench/bench_manifest.json ]; then
   python3 -m bench.kernels --target cuda --from .gpu/bench --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
 fi
 if [ "${TORCH_BASELINE:-1}" = 1 ]; then
-  python3 -m model.random_model --preset nano-1b --out /tmp/nano1b.gguf > /dev/null &&
-  python3 -m bench.runtime --impl torch --model /tmp/nano1b.gguf --threads 16 --torch-device cuda \
-    --torch-dtype bfloat16 --decode-tokens 64 --json "$OUT/torch_nano1b_bf16.json" 2>&1 | tail -4
+  python3 -m model.random_model --preset nano-1b --out /tmp/nano-1b.gguf > /dev/null &&
+  python3 -m bench.runtime --impl torch --model /tmp/nano-1b.gguf --threads 16 --torch-device cuda \
+    --torch-dtype bfloat16 --decode-tokens 64 --json "$OUT/torch_nano-1b_bf16.json" 2>&1 | tail -4
 fi
