@@ -6,9 +6,9 @@
 Per call: the device kernels that ran and their summed time (``busy_us``; the kernels of one step run one after
 another on one stream, so the sum is the time the GPU was busy), the host's launches by API (``cudaGraphLaunch``;
 ``cuLaunchKernel`` / ``cudaLaunchKernel``: kernels launched one by one), device allocations (``cudaMalloc`` /
-``cudaFree``, ``cuMemAlloc`` / ``cuMemFree``), copies, and synchronising calls; ``busy_fraction`` is ``busy_us`` over the
-wall time of the traced calls. ``top`` lists the kernels by total time. Used by ``bench.runtime`` for the CUDA rows
-and by ``scripts/gpu_model.sh`` (the trace behind ``docs/bench/cuda``).
+``cudaFree``, ``cuMemAlloc`` / ``cuMemFree``), copies, and synchronising calls; ``busy_fraction`` is ``busy_us``
+over the wall time of the traced calls. ``top`` lists the kernels by total time. Used by ``bench.runtime`` for the
+CUDA rows and by ``scripts/gpu_model.sh`` (the trace behind ``docs/bench/cuda``).
 """
 
 from __future__ import annotations
@@ -71,8 +71,10 @@ def trace(call, calls: int = 50, warmup: int = 5, top: int = 12) -> dict:
         "allocations": count(ALLOC),
         "syncs": count(SYNC),
         "copies": copies / calls,
-        "top": [{"kernel": k, "us_per_call": per_kernel[k] / calls, "launches_per_call": kernels[k] / calls}
-                for k in sorted(per_kernel, key=per_kernel.get, reverse=True)[:top]],  # fmt: skip
+        "top": [
+            {"kernel": k, "us_per_call": per_kernel[k] / calls, "launches_per_call": kernels[k] / calls}
+            for k in sorted(per_kernel, key=per_kernel.get, reverse=True)[:top]
+        ],
     }
 
 

@@ -351,7 +351,8 @@ def table(res: dict) -> str:
             lines.append(f"  per decode step (profiler, {t['calls']} steps): {t['wall_us']:.0f} us wall, GPU busy "
                          f"{t['busy_us']:.0f} us ({100 * t['busy_fraction']:.0f} %), {t['kernels']:.0f} kernels, "
                          f"{t['graph_launches']:.0f} graph launches, {t['host_launches']:.0f} host kernel launches, "
-                         f"{t['allocations']:.0f} allocations, {t['syncs']:.0f} syncs, {t['copies']:.0f} copies")  # fmt: skip
+                         f"{t['allocations']:.0f} allocations, {t['syncs']:.0f} syncs, "
+                         f"{t['copies']:.0f} copies")  # fmt: skip
         if c:
             lines.append(f"  compiled decode_b1: {c['graphs']} graph, {c['kernels_in_graphs']} kernels in graphs "
                          f"({c['kernels_in_graphs'] / r['n_layers']:.1f} per layer), {c['kernels_outside']} outside, "

@@ -48,7 +48,7 @@ def attention_scratch(T: int, H: int, hd: int, ctx: int) -> list[tuple]:
     return [(T * H * nc, hd), (T * H * nc, 2)]
 
 
-def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = True, rope: bool = False):
+def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = True):
     """Causal GQA softmax attention of ``q [T, H, hd]`` over the paged cache ``kc, vc [n_blocks, Hkv, block, hd]``
     → ``o [T, H·hd]``, as :func:`compiler.graph_kernels.attention` (same parameters): row ``t`` reads its sequence's
     keys ``0 .. pos[t]`` through ``table[t]``; a padding row (``pos < 0``) outputs zeros. Split over the keys (flash
@@ -61,9 +61,9 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
        starts past the position does nothing;
     2. a block per (row, head), a thread per column: the chunks combined in order, rescaled to their common max.
 
-    With ``rope`` the query comes unrotated, ``q [T, H·hd]``, with the RoPE tables ``cos, sin [ctx, hd/2]`` after
-    ``table``, and each block rotates its row's query into shared memory first, exactly as
-    :func:`compiler.graph_kernels.rope_q` (a padding row is never read): one kernel fewer per layer.
+    The query comes unrotated, ``q [T, H·hd]``, with the RoPE tables ``cos, sin [ctx, hd/2]`` after ``table``: each
+    block rotates its row's query into shared memory first, exactly as :func:`compiler.graph_kernels.rope_q` (a
+    padding row is never read), one kernel fewer per layer than the CPU build's.
 
     One PrimFunc, two kernels. A row's result depends only on that row (the batch-invariance of
     ``tests/test_cuda_batch.py``). ``gpu=False``: the same body with serial loops instead of thread bindings, each
@@ -107,16 +107,14 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
             mx = Tx.alloc_buffer((c,), "float32", scope=scope)
             sm = Tx.alloc_buffer((c,), "float32", scope=scope)
             if (b % NC) * c < Tx.min(pos[b // (H * NC)] + 1, ctx):
-                for tx in threads(hd):
-                    if rope:  # as compiler.graph_kernels.rope_q, element tx
-                        if tx < half:
-                            qs[tx] = q[b // (H * NC), b // NC % H * hd + tx] * cos[Tx.min(pos[b // (H * NC)], ctx - 1), tx] - q[
-                                b // (H * NC), b // NC % H * hd + tx + half] * sin[Tx.min(pos[b // (H * NC)], ctx - 1), tx]
-                        else:
-                            qs[tx] = q[b // (H * NC), b // NC % H * hd + tx] * cos[Tx.min(pos[b // (H * NC)], ctx - 1), tx - half] + q[
-                                b // (H * NC), b // NC % H * hd + tx - half] * sin[Tx.min(pos[b // (H * NC)], ctx - 1), tx - half]
+                for tx in threads(hd):  # the query rotated as compiler.graph_kernels.rope_q, element tx
+                    t = b // (H * NC)
+                    pc = Tx.min(pos[b // (H * NC)], ctx - 1)
+                    h0 = b // NC % H * hd
+                    if tx < half:
+                        qs[tx] = q[t, h0 + tx] * cos[pc, tx] - q[t, h0 + tx + half] * sin[pc, tx]
                     else:
-                        qs[tx] = q[b // (H * NC), b // NC % H, tx]
+                        qs[tx] = q[t, h0 + tx] * cos[pc, tx - half] + q[t, h0 + tx - half] * sin[pc, tx - half]
                 sync()
                 for tx in threads(hd):  # r threads per key: key tx % c, dims [tx // c · hd / r, ...) in order
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
@@ -185,37 +183,20 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                 else:
                     o[th // H, th % H * hd + tx] = Tx.float32(0)
 
-    if rope:
-
-        @Tx.prim_func
-        def attn_rope(
-            q: Tx.Buffer((T, H * hd), "float32"),
-            kc_h: Tx.handle,
-            vc_h: Tx.handle,
-            pos: Tx.Buffer((T,), "int32"),
-            table: Tx.Buffer((T, W), "int32"),
-            cos: Tx.Buffer((ctx, half), "float32"),
-            sin: Tx.Buffer((ctx, half), "float32"),
-            o: Tx.Buffer((T, H * hd), "float32"),
-            part: Tx.Buffer((P, hd), "float32"),
-            st: Tx.Buffer((P, 2), "float32"),
-        ):
-            body(q, kc_h, vc_h, pos, table, cos, sin, o, part, st)
-
-        return attn_rope.without_attr("global_symbol")
-
     @Tx.prim_func
     def attn(
-        q: Tx.Buffer((T, H, hd), "float32"),
+        q: Tx.Buffer((T, H * hd), "float32"),
         kc_h: Tx.handle,
         vc_h: Tx.handle,
         pos: Tx.Buffer((T,), "int32"),
         table: Tx.Buffer((T, W), "int32"),
+        cos: Tx.Buffer((ctx, half), "float32"),
+        sin: Tx.Buffer((ctx, half), "float32"),
         o: Tx.Buffer((T, H * hd), "float32"),
         part: Tx.Buffer((P, hd), "float32"),
         st: Tx.Buffer((P, 2), "float32"),
     ):
-        body(q, kc_h, vc_h, pos, table, None, None, o, part, st)
+        body(q, kc_h, vc_h, pos, table, cos, sin, o, part, st)
 
     return attn.without_attr("global_symbol")
 

@@ -274,7 +274,7 @@ class TargetKernels:
     quantize: Callable  # per-token int8 quantize (T, K) of the o/down inputs
     attention: Callable  # (T, H, Hkv, hd, C)
     attention_scratch: Callable  # (T, H, hd, C) -> the shapes of attention's two scratch outputs
-    rope_in_attention: bool  # attention rotates the query itself (takes q [T, D] and the RoPE tables): no rope_q
+    rope_in_attention: bool  # attention rotates the query (q [T, D], then the RoPE tables after table): no rope_q
     swiglu_quant: Callable | None  # (T, F): silu(gate)·up and its quantize as one kernel; None: silu_mul, quantize
     lm_head: Callable  # (V, D, dtype)
     argmax: Callable  # (B, V): each row's first maximum (int32) and its value (the MTP heads' greedy drafts)
@@ -385,7 +385,7 @@ class Lowering:
         followed by its mHC site, then the head. Every row has its own position ``pos[t]`` (< 0: a padding row, which
         writes nothing) and block table ``table[t]`` into the paged KV cache ``kc_i, vc_i [n_blocks, Hkv, block,
         hd]``, whose ``n_blocks`` the runtime chooses (a symbolic dimension)."""
-        from tvm import relax, tirx
+        from tvm import tirx
 
         cfg, bb = self.cfg, self.bb
         batch = name.startswith(("decode_b", "verify_b"))
@@ -418,7 +418,8 @@ class Lowering:
                                      [((T,), "int32"), ((T,), f32)])[0]  # fmt: skip
                     drafts = self._draft_steps(f, hn, top, cfg.mtp_heads)
                     shape = (cfg.mtp_heads, T)
-                    outs.append(self._into(self._te("copy_i32", lambda *d: gk.copy(d, "int32"), *shape, sched=True), [drafts], dst["drafts"]))
+                    copy = self._te("copy_i32", lambda *d: gk.copy(d, "int32"), *shape, sched=True)
+                    outs.append(self._into(copy, [drafts], dst["drafts"]))
                 out = bb.emit_output(_results(outs))
             bb.emit_func_output(out)
 
@@ -453,7 +454,7 @@ class Lowering:
         kc, vc = self.bb.emit(relax.TupleGetItem(upd, 0)), self.bb.emit(relax.TupleGetItem(upd, 1))
         scratch = [(shape, f32) for shape in self.k.attention_scratch(T, H, hd, C)]
         if self.k.rope_in_attention:
-            att = self._te("attention_rope", lambda *a: self.k.attention(*a, rope=True), T, H, Hkv, hd, C, KV_BLOCK)
+            att = self._te("attention_rope", self.k.attention, T, H, Hkv, hd, C, KV_BLOCK)
             args = [qv, kc, vc, f.pos, f.table, cos, sin]
         else:
             qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, f.pos, cos, sin], [((T, H, hd), f32)])
@@ -528,8 +529,6 @@ class Lowering:
         silu(P_k g + Q_k norm_k(emb(token)))`` (each input int8-quantized for its ternary matrix), the logits
         ``lm_head(g)`` over the ids ``0 .. Vd - 1`` (:func:`draft_vocab`) and their argmax, the next step's token,
         written into ``drafts[k]``."""
-        from tvm import relax
-
         g, tok = _var("hidden", (B, self.cfg.d_model), "float32"), _var("token", (B,), "int32")
         dst = _var("drafts", (heads, B), "int32")
         specs = draft_specs(self.specs())

@@ -321,8 +321,9 @@ class Engine:
         pos[:n] = np.arange(seq.length, seq.length + n)
         table = np.broadcast_to(seq.table(self.pool.width), (self.chunk, self.pool.width))
         outs = self._out("prefill", 1)
-        self._prefill(self._in("tokens", list(tokens) + [0] * (self.chunk - n)), self._in("pos", pos),
-                      self._in("table", table), self._in("last", [n - 1]), *outs, *self.cache, *self.params)  # fmt: skip
+        ins = (self._in("tokens", list(tokens) + [0] * (self.chunk - n)), self._in("pos", pos),
+               self._in("table", table), self._in("last", [n - 1]))  # fmt: skip
+        self._prefill(*ins, *outs, *self.cache, *self.params)
         seq.length += n
         if self.mtp_heads:
             seq.hidden, seq.drafts = outs[1].numpy()[0], None

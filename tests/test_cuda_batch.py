@@ -42,7 +42,9 @@ def _attention_cpu(T, H, Hkv, hd, ctx, block, q, kc, vc, pos, table):
 
     o = np.full((T, H * hd), np.nan, np.float32)  # every element must be written (padding rows: zeros)
     part, st = (np.full(s, np.nan, np.float32) for s in attention_scratch(T, H, hd, ctx))  # only valid chunks read
-    return _run_cpu(attention(T, H, Hkv, hd, ctx, block, gpu=False), [q, kc, vc, pos, table, o, part, st])[5]
+    cos, sin = np.ones((ctx, hd // 2), np.float32), np.zeros((ctx, hd // 2), np.float32)  # RoPE as the identity
+    args = [q.reshape(T, H * hd), kc, vc, pos, table, cos, sin, o, part, st]
+    return _run_cpu(attention(T, H, Hkv, hd, ctx, block, gpu=False), args)[7]
 
 
 def _attention_reference(q, kc, vc, pos, table, block):
@@ -87,8 +89,8 @@ def test_paged_attention_rows_do_not_depend_on_the_batch(H, Hkv, hd):
 
 @pytest.mark.build
 def test_attention_with_rope_equals_rope_then_attention():
-    """The CUDA build's attention rotates the query itself (``rope=True``): bit-identical to compiler.graph_kernels'
-    rope_q followed by the attention kernel, padding rows included."""
+    """The CUDA build's attention rotates the query itself: bit-identical to compiler.graph_kernels' rope_q followed
+    by the same kernel with the identity rotation (cos 1, sin 0), padding rows included."""
     from compiler.graph_kernels import rope_q, rope_tables
     from compiler.graph_kernels_gpu import attention, attention_scratch
 
@@ -104,7 +106,7 @@ def test_attention_with_rope_equals_rope_then_attention():
     want = _attention_cpu(T, H, Hkv, hd, ctx, block, qr, kc, vc, pos, table)
     o = np.full((T, H * hd), np.nan, np.float32)
     part, st = (np.full(s, np.nan, np.float32) for s in attention_scratch(T, H, hd, ctx))
-    f = attention(T, H, Hkv, hd, ctx, block, gpu=False, rope=True)
+    f = attention(T, H, Hkv, hd, ctx, block, gpu=False)
     got = _run_cpu(f, [q, kc, vc, pos, table, cos, sin, o, part, st])[7]
     np.testing.assert_array_equal(got, want)
 
@@ -156,7 +158,8 @@ def test_lm_head_rows_do_not_depend_on_the_batch(dtype, B, V):
 def test_cuda_attention_and_head_are_one_kernel_each():
     """The CUDA versions: attention is two kernels (the split over chunks of keys, then the combine; each declared
     and defined: 4 mentions), the first with its query and scores in shared memory and its phases separated by block
-    barriers (four, plus two trees of log2(chunk) steps); the head is one kernel that reads its float16 rows with 16-byte loads
+    barriers (four, plus two trees of log2(chunk) steps); the head is one kernel that reads its float16 rows with
+    16-byte loads
     and keeps the batch's sums in registers (no shared memory, no barrier)."""
     import tvm
 
