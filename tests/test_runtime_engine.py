@@ -269,25 +269,40 @@ def test_shipped_model_parity():
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_runtime_bench_smoke(tmp_path, capsys):
-    """Every implementation runs (onnxruntime when installed, on the ONNX export, decode recomputing the sequence);
-    the compiled row gets a bandwidth bound measured in the same run."""
+    """Every implementation runs (onnxruntime when installed, on the ONNX export, decode recomputing the sequence),
+    twice, interleaved; each row is the median run with the range over both; the compiled row gets a bandwidth bound
+    measured in the same run."""
     from bench import runtime as bench
 
     gguf = tiny_gguf(2)
     built(gguf)
     out = tmp_path / "b.json"
     bench.main(["--model", str(gguf), "--threads", "1", "--prompt-tokens", "8", "--decode-tokens", "3",
-                "--cache-dir", str(cache_dir()), "--roof-mib", "64", "--json", str(out)])  # fmt: skip
+                "--cache-dir", str(cache_dir()), "--roof-mib", "64", "--runs", "2", "--json", str(out)])  # fmt: skip
     res = json.loads(out.read_text())
     rows = res["rows"]
     impls = {("tvm", 1), ("torch", 1)} | ({("onnxruntime", 1)} if importlib.util.find_spec("onnxruntime") else set())
     assert {(r["impl"], r["threads"]) for r in rows} == impls
     assert all(r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    assert res["runs"] == 2 and all(r["runs"] == 2 for r in rows)
+    assert all(r["decode_tok_s_range"][0] <= r["decode_tok_s"] <= r["decode_tok_s_range"][1] for r in rows)
     (tvm,) = [r for r in rows if r["impl"] == "tvm"]
     assert res["read_gbs"]["1"] > 0.5 and 0 < tvm["pct_of_bound"] < 200
     assert tvm["bound_tok_s"] == pytest.approx(res["read_gbs"]["1"] * 1e9 / tvm["bytes"]["weights"])
     text = capsys.readouterr().out
     assert "decode tok/s" in text and "% bound" in text and "MB/token" in text
+
+
+@pytest.mark.unit
+def test_a_row_is_the_median_run_with_the_ranges():
+    from bench.runtime import _median_row
+
+    runs = [{"decode_tok_s": d, "ttft_ms": t, "prefill_tok_s": p, "run": i}
+            for i, (d, t, p) in enumerate([(30.0, 5.0, 100.0), (10.0, 9.0, 50.0), (20.0, 1.0, 80.0)])]  # fmt: skip
+    row = _median_row(runs)
+    assert row["run"] == 2 and row["runs"] == 3  # the run with the median decode rate, and how many runs
+    assert (row["decode_tok_s"], row["ttft_ms"], row["prefill_tok_s"]) == (20.0, 5.0, 80.0)  # each one's median
+    assert row["decode_tok_s_range"] == [10.0, 30.0] and row["ttft_ms_range"] == [1.0, 9.0]
 
 
 @pytest.mark.build
