@@ -231,6 +231,7 @@ def build(
             "draft_params": [s.name for s in lower.draft_specs(lw.specs())] if cfg.mtp_heads else [],
             "draft_vocab": lower.draft_vocab(cfg.vocab_size, target == "cuda"),
             "fused_draft": bool(cfg.mtp_heads and lw.k.fused_draft),  # verify_b{B} functions
+            "outputs": lw.outputs(),  # per function, the result tensors the caller passes (lower.output_specs)
             "kernels": lw.kernels, "tuning_records": selected_records(lw.kernels, target, tuning_logs),
             "census": census,  # CUDA: per function, graph replays, kernels in and out of them, allocations per call
             "sha256": {n: cache.sha256_file(tmp / n) for n in cache.FILES},

@@ -138,7 +138,10 @@ def output_specs(cfg, name: str, T: int) -> list[ParamSpec]:
     them as tensors after the inputs and the function writes into them (destination passing: no allocation per
     call, and on CUDA the whole step is one captured graph; :func:`compiler.build._static_inputs`). ``logits``
     ``[rows, V]`` (prefill: ``rows = 1``, the row ``last``); with MTP heads the normed hidden states ``hidden [rows,
-    D]``; ``verify_b{B}`` also every row's greedy drafts ``drafts int32[m, B]``."""
+    D]``; ``verify_b{B}`` also every row's greedy drafts ``drafts int32[m, B]``; ``draft{k}_b{B}`` only its drafts
+    ``int32[k, B]``. ``compiler.build`` writes them to ``meta.json`` (``outputs``) for the runtime."""
+    if name.startswith("draft"):
+        return [ParamSpec("drafts", (int(name[5 : name.index("_")]), T), "int32")]
     rows = T if name.startswith(("decode_b", "verify_b")) else 1
     out = [ParamSpec("logits", (rows, cfg.vocab_size), "float32")]
     if cfg.mtp_heads:
@@ -173,6 +176,11 @@ def _var(name: str, shape, dtype: str):
     from tvm import relax
 
     return relax.Var(name.replace(".", "_"), relax.TensorType(shape, dtype))
+
+
+def _rows(name: str, chunk: int) -> int:
+    """The rows ``T`` of function ``name``: its batch ``B``, or the prefill chunk."""
+    return int(name.split("_b")[1]) if "_b" in name else chunk
 
 
 def _results(outs):
@@ -389,7 +397,7 @@ class Lowering:
 
         cfg, bb = self.cfg, self.bb
         batch = name.startswith(("decode_b", "verify_b"))
-        T = int(name.split("_b")[1]) if batch else self.chunk
+        T = _rows(name, self.chunk)
         f32 = "float32"
         W = gk.table_width(cfg.max_seq_len, KV_BLOCK)
         toks, pos, table = _var("tokens", (T,), "int32"), _var("pos", (T,), "int32"), _var("table", (T, W), "int32")
@@ -416,10 +424,7 @@ class Lowering:
                 if name.startswith("verify_b"):  # decode_b{B} that also drafts for every row after its argmax
                     top = self._call(self._te("argmax", self.k.argmax, T, cfg.vocab_size), [logits],
                                      [((T,), "int32"), ((T,), f32)])[0]  # fmt: skip
-                    drafts = self._draft_steps(f, hn, top, cfg.mtp_heads)
-                    shape = (cfg.mtp_heads, T)
-                    copy = self._te("copy_i32", lambda *d: gk.copy(d, "int32"), *shape, sched=True)
-                    outs.append(self._into(copy, [drafts], dst["drafts"]))
+                    outs.append(self._copy_into(self._draft_steps(f, hn, top, cfg.mtp_heads), dst["drafts"]))
                 out = bb.emit_output(_results(outs))
             bb.emit_func_output(out)
 
@@ -530,14 +535,13 @@ class Lowering:
         ``lm_head(g)`` over the ids ``0 .. Vd - 1`` (:func:`draft_vocab`) and their argmax, the next step's token,
         written into ``drafts[k]``."""
         g, tok = _var("hidden", (B, self.cfg.d_model), "float32"), _var("token", (B,), "int32")
-        dst = _var("drafts", (heads, B), "int32")
+        (spec,) = output_specs(self.cfg, f"draft{heads}_b{B}", B)
+        dst = _var(spec.name, spec.shape, spec.dtype)
         specs = draft_specs(self.specs())
         pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
         with self.bb.function(f"draft{heads}_b{B}", [g, tok, dst] + [pv[s.name] for s in specs]):
             with self.bb.dataflow():
-                toks = self._draft_steps(_Frame(B, None, None, [], pv, True, ()), g, tok, heads)
-                toks = self._into(self._te("copy_i32", lambda *d: gk.copy(d, "int32"), heads, B, sched=True), [toks],
-                                  dst)  # fmt: skip
+                toks = self._copy_into(self._draft_steps(_Frame(B, None, None, [], pv, True, ()), g, tok, heads), dst)
                 out = self.bb.emit_output(_results([toks]))
             self.bb.emit_func_output(out)
 
@@ -679,6 +683,11 @@ class Lowering:
 
         return self.bb.emit(relax.call_tir_inplace(gv, [*args, dst], [len(args)], dst.ty))
 
+    def _copy_into(self, src, dst):
+        """``src`` (int32 drafts) copied into the caller's ``dst`` (of the same shape)."""
+        shape = [int(d) for d in dst.ty.shape]
+        return self._into(self._te("copy_i32", lambda *d: gk.copy(d, "int32"), *shape, sched=True), [src], dst)
+
     def _reshape(self, x, shape):
         from tvm import relax
 
@@ -690,6 +699,14 @@ class Lowering:
         from targets import REQUIRED_FLAGS
 
         return sorted(set(REQUIRED_FLAGS.get(self.target, ())) | self.op_flags)
+
+    def outputs(self) -> dict[str, list]:
+        """Per function built, its results' ``[shape, dtype]`` (:func:`output_specs`), for ``meta.json``."""
+        bs, m = self.k.batch_sizes, self.cfg.mtp_heads
+        names = [f"decode_b{b}" for b in bs] + ([f"verify_b{b}" for b in bs] if m and self.k.fused_draft else [])
+        names += [f"draft{k}_b{b}" for b in bs for k in range(1, m + 1)]
+        return {n: [[list(s.shape), s.dtype] for s in output_specs(self.cfg, n, _rows(n, self.chunk))]
+                for n in [*names, "prefill"]}  # fmt: skip
 
     def specs(self) -> list[ParamSpec]:
         return param_specs(self.cfg, self.embed_dtype, self.head_dtype, self.gpu, self.weights)

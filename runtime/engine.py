@@ -164,7 +164,7 @@ class Engine:
         self.meta = json.loads((self.dir / "meta.json").read_text())
         c = self.meta["config"]
         self.n_layers, self.ctx, self.vocab = c["n_layers"], c["max_seq_len"], c["vocab_size"]
-        self.n_kv, self.head_dim, self.d_model = c["n_kv_heads"], c["d_model"] // c["n_heads"], c["d_model"]
+        self.n_kv, self.head_dim = c["n_kv_heads"], c["d_model"] // c["n_heads"]
         self.chunk = int(self.meta["prefill_chunk"])
         self.target = self.meta.get("target", "cpu")
         check_flags(
@@ -272,22 +272,14 @@ class Engine:
         t.copyfrom(a)
         return t
 
-    def _out(self, name: str, rows: int) -> list:
-        """The tensors function ``name`` writes its results into (``compiler.lower.output_specs``): ``logits [rows,
-        V]``, with MTP heads ``hidden [rows, D]``, for ``verify_b{B}`` ``drafts int32[m, B]``; for ``draft{k}_b{B}``
-        the drafts ``int32[k, B]``. Allocated once per function (a CUDA graph replays the addresses it captured) and
-        read right after each call."""
+    def _out(self, name: str) -> list:
+        """The tensors function ``name`` writes its results into (``meta.json`` ``outputs``, from
+        ``compiler.lower.output_specs``: logits, with MTP heads the hidden states, drafts). Allocated once per
+        function (a CUDA graph replays the addresses it captured) and read right after each call."""
         t = self._results.get(name)
         if t is None:
-            if name.startswith("draft"):
-                shapes = [((int(name[5 : name.index("_")]), rows), "int32")]
-            else:
-                shapes = [((rows, self.vocab), "float32")]
-                if self.mtp_heads:
-                    shapes.append(((rows, self.d_model), "float32"))
-                if name.startswith("verify_b"):
-                    shapes.append(((self.mtp_heads, rows), "int32"))
-            t = self._results[name] = [self._tvm.runtime.empty(s, d, self.dev) for s, d in shapes]
+            specs = self.meta["outputs"][name]
+            t = self._results[name] = [self._tvm.runtime.empty(tuple(s), d, self.dev) for s, d in specs]
         return t
 
     def _grow(self, seq: Sequence, length: int) -> None:
@@ -320,7 +312,7 @@ class Engine:
         pos = np.full(self.chunk, -1, np.int32)  # padding rows write nothing
         pos[:n] = np.arange(seq.length, seq.length + n)
         table = np.broadcast_to(seq.table(self.pool.width), (self.chunk, self.pool.width))
-        outs = self._out("prefill", 1)
+        outs = self._out("prefill")
         ins = (self._in("tokens", list(tokens) + [0] * (self.chunk - n)), self._in("pos", pos),
                self._in("table", table), self._in("last", [n - 1]))  # fmt: skip
         self._prefill(*ins, *outs, *self.cache, *self.params)
@@ -376,7 +368,7 @@ class Engine:
             fused = draft and self.fused_draft
             fn = (self._verify if fused else self._decode)[B]
             ins = (self._in("tokens", toks), self._in("pos", pos), self._in("table", table))
-            outs = self._out(f"{'verify' if fused else 'decode'}_b{B}", B)
+            outs = self._out(f"{'verify' if fused else 'decode'}_b{B}")
             fn(*ins, *outs, *self.cache, *self.params)
             logits.append(outs[0].numpy()[: len(part)])
             if self.mtp_heads:
@@ -415,7 +407,7 @@ class Engine:
             B = next(b for b in self.batch_sizes if b >= len(part))
             h, t = np.zeros((B, hidden.shape[1]), np.float32), np.zeros(B, np.int32)
             h[: len(part)], t[: len(part)] = part, tokens[s : s + top]
-            (toks,) = self._out(f"draft{heads}_b{B}", B)
+            (toks,) = self._out(f"draft{heads}_b{B}")
             self._draft[heads, B](self._in("hidden", h, np.float32), self._in("token", t), toks, *self._draft_params)
             out.append(toks.numpy()[:, : len(part)].T)
         return out[0] if len(out) == 1 else np.concatenate(out)
