@@ -69,7 +69,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """RMSNorm → q/k/v (ternary) → RoPE → causal GQA → o (ternary)."""
+    """RMSNorm → q/k/v (ternary) → RoPE → causal GQA → [sub-norm, arch "bitnet"] → o (ternary)."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -80,6 +80,7 @@ class Attention(nn.Module):
         self.k = BitLinear(config.d_model, config.kv_dim)
         self.v = BitLinear(config.d_model, config.kv_dim)
         self.o = BitLinear(config.d_model, config.d_model)
+        self.sub_norm = RMSNorm(config.d_model, config.norm_eps) if config.sub_norms else None
 
     def forward(
         self, u: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None, pos: int = 0
@@ -102,4 +103,5 @@ class Attention(nn.Module):
         else:  # query i (absolute position pos + i) sees keys 0 .. pos + i
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=u.device).tril(diagonal=k.shape[2] - t)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+        y = y.transpose(1, 2).reshape(b, t, -1)
+        return self.o(y if self.sub_norm is None else self.sub_norm(y))

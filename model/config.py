@@ -30,6 +30,10 @@ NORM_EPS_RANGE = (1e-12, 1.0)  # [inclusive, exclusive): a denormal epsilon flus
 ROPE_THETA_RANGE = (1.0, 1e12)  # (exclusive, inclusive]: ≤ 1 turns every rotation into one of ≥ 1 radian per step
 MEMORY_ENV = "TERNARY_TVM_MAX_MEMORY_GIB"  # overrides memory_limit()
 GiB = 1 << 30
+# "bitnet-mhc": ours (SwiGLU, mHC-lite residual streams, optional MTP heads). The foreign ones, as llama.cpp names
+# them: "bitnet" (Microsoft's BitNet b1.58: ReLU² gated FFN, an RMSNorm before the output and down projections) and
+# "llama" (SwiGLU) whose matrices are ternary (TQ1_0/TQ2_0). Both have a plain residual (n_streams = 1).
+ARCHS = ("bitnet-mhc", "bitnet", "llama")
 
 
 def _round_up(x: int, m: int) -> int:
@@ -65,6 +69,16 @@ def config_problems(c) -> list[tuple[str, str]]:
         out.append(("rope_theta", f"rope_theta={c.rope_theta} must be finite and in ({lo:g}, {hi:g}]"))
     if c.mtp_heads < 0:
         out.append(("mtp_heads", f"mtp_heads={c.mtp_heads} must be ≥ 0"))
+    arch = getattr(c, "arch", ARCHS[0])
+    if arch not in ARCHS:
+        out.append(("arch", f"arch={arch!r} must be one of {ARCHS}"))
+    elif arch != "bitnet-mhc":  # the foreign architectures: a plain residual, no draft heads
+        if c.n_streams != 1:
+            out.append(("n_streams", f"n_streams={c.n_streams}: arch {arch!r} has a plain residual (n_streams=1)"))
+        if c.mtp_heads:
+            out.append(("mtp_heads", f"mtp_heads={c.mtp_heads}: arch {arch!r} has no multi-token-prediction heads"))
+        if arch == "bitnet" and not c.tie_embeddings:  # llama.cpp's bitnet graph has no output.weight
+            out.append(("tie_embeddings", "tie_embeddings=False: arch 'bitnet' always ties the LM head to the embedding"))
     return out
 
 
@@ -90,6 +104,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     mtp_heads: int = 0  # extra multi-token-prediction heads (self-speculative decoding)
     mhc_dynamic: bool = False
+    arch: str = "bitnet-mhc"  # one of ARCHS
     filled: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +137,16 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def sub_norms(self) -> bool:
+        """An RMSNorm on the attention output before ``attn_output`` and on the FFN's hidden before ``ffn_down``."""
+        return self.arch == "bitnet"
+
+    @property
+    def ffn_act(self) -> str:
+        """The gate's activation: ``silu`` (SwiGLU) or ``relu2`` (``relu(x)²``, BitNet b1.58)."""
+        return "relu2" if self.arch == "bitnet" else "silu"
 
     def ternary_shapes(self) -> dict[str, tuple[int, int]]:
         """(M, K) = (out, in) of each ternary matrix of one block: ``y[M] = W[M, K] · x[K]``."""

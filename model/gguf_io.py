@@ -77,7 +77,7 @@ from typing import Any
 
 import numpy as np
 
-from model.config import ModelConfig, compile_problems, config_problems
+from model.config import ARCHS, ModelConfig, compile_problems, config_problems
 from model.mhc_static import MHCCoefficients, coefficients, res_logits_size
 from model.ternary import ggml
 from model.ternary.checks import QK, TernaryFormatError
@@ -142,6 +142,22 @@ HPARAMS: tuple[tuple[str, str, ValueType], ...] = (
     ("tie_embeddings", "tie_embeddings", ValueType.BOOL),
     ("mtp.head_count", "mtp_heads", ValueType.UINT32),
 )
+# llama.cpp's keys for the foreign architectures ("bitnet", "llama"): (key, field, type, default when absent; None:
+# required). vocab_size defaults to the tokenizer's size, head_count_kv to head_count; the embeddings are tied when
+# the file has no output.weight.
+FOREIGN_HPARAMS: tuple[tuple[str, str, ValueType, Any], ...] = (
+    ("vocab_size", "vocab_size", ValueType.UINT32, "tokens"),
+    ("context_length", "max_seq_len", ValueType.UINT32, None),
+    ("embedding_length", "d_model", ValueType.UINT32, None),
+    ("block_count", "n_layers", ValueType.UINT32, None),
+    ("feed_forward_length", "ffn_hidden", ValueType.UINT32, None),
+    ("attention.head_count", "n_heads", ValueType.UINT32, None),
+    ("attention.head_count_kv", "n_kv_heads", ValueType.UINT32, "n_heads"),
+    ("attention.layer_norm_rms_epsilon", "norm_eps", ValueType.FLOAT32, None),
+    ("rope.freq_base", "rope_theta", ValueType.FLOAT32, 10000.0),
+)
+FOREIGN_ARCHS = tuple(a for a in ARCHS if a != ARCH)
+ROPE_NORM_ARCHS = ("llama",)  # llama.cpp rotates adjacent pairs there and permutes attn_q/attn_k rows to match
 TOKEN_IDS = {"bos_id": "tokenizer.ggml.bos_token_id", "eos_id": "tokenizer.ggml.eos_token_id",
              "pad_id": "tokenizer.ggml.padding_token_id", "unk_id": "tokenizer.ggml.unknown_token_id"}  # fmt: skip
 
@@ -167,6 +183,9 @@ def tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
         p = f"blk.{i}."
         specs[p + "attn_norm.weight"] = specs[p + "ffn_norm.weight"] = TensorSpec((d,), "float")
         specs |= {f"{p}{name}.weight": TensorSpec(shape, "ternary") for name, shape in shapes.items()}
+        if cfg.sub_norms:
+            specs[p + "attn_sub_norm.weight"] = TensorSpec((d,), "float")
+            specs[p + "ffn_sub_norm.weight"] = TensorSpec((f,), "float")
         if cfg.n_streams > 1:
             for site in ("mhc_attn", "mhc_ffn"):
                 specs[f"{p}{site}.pre_logits"] = specs[f"{p}{site}.post_logits"] = TensorSpec((cfg.n_streams,), "float")
@@ -205,15 +224,16 @@ def write_gguf(
     if len(tokenizer.tokens) != config.vocab_size:
         raise GGUFError(f"tokenizer has {len(tokenizer.tokens)} tokens but vocab_size = {config.vocab_size} "
                         "(use TokenizerSpec.padded)")  # fmt: skip
-    w = gguf.GGUFWriter(str(path), ARCH)
+    arch = config.arch
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name(config.name)
     w.add_file_type(FILE_TYPE[ternary_type])
     w.add_quantization_version(2)
-    for key, attr, vtype in HPARAMS:
-        value = getattr(config, attr)
-        {ValueType.UINT32: w.add_uint32, ValueType.FLOAT32: w.add_float32, ValueType.BOOL: w.add_bool}[vtype](
-            f"{ARCH}.{key}", value
-        )
+    adders = {ValueType.UINT32: w.add_uint32, ValueType.FLOAT32: w.add_float32, ValueType.BOOL: w.add_bool}
+    for key, attr, vtype, *_ in (HPARAMS if arch == ARCH else FOREIGN_HPARAMS):
+        adders[vtype](f"{arch}.{key}", getattr(config, attr))
+    if arch != ARCH:
+        w.add_uint32(f"{arch}.rope.dimension_count", config.head_dim)
     w.add_tokenizer_model(tokenizer.model)
     w.add_tokenizer_pre(tokenizer.pre)
     w.add_token_list(list(tokenizer.tokens))
@@ -225,19 +245,38 @@ def write_gguf(
     if tokenizer.chat_template is not None:
         w.add_chat_template(tokenizer.chat_template)
     for key, value in (metadata or {}).items():
-        if key.startswith(("general.", "tokenizer.", f"{ARCH}.")):
+        if key.startswith(("general.", "tokenizer.", f"{arch}.")):
             raise GGUFError(f"metadata key {key!r} is reserved by the contract")
         adders = {bool: w.add_bool, int: w.add_int64, float: w.add_float64, str: w.add_string}
         if type(value) not in adders:
             raise GGUFError(f"metadata {key!r}: unsupported value type {type(value).__name__}")
         adders[type(value)](key, value)
     for name, spec in specs.items():
-        arr, qtype = _encode(name, tensors[name], spec, ternary_type, embed_type)
+        value = tensors[name]
+        if arch in ROPE_NORM_ARCHS and name.endswith(_ROPE_ROWS):  # as llama.cpp's converter stores them
+            heads = config.n_heads if name.endswith(_ROPE_ROWS[0]) else config.n_kv_heads
+            value = TernaryWeights(codes=rope_norm_rows(value.codes, heads), scale=value.scale)
+        arr, qtype = _encode(name, value, spec, ternary_type, embed_type)
         w.add_tensor(name, arr, raw_dtype=gguf.GGMLQuantizationType(int(qtype)))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+_ROPE_ROWS = ("attn_q.weight", "attn_k.weight")
+
+
+def rope_norm_rows(rows: np.ndarray, heads: int, inverse: bool = False) -> np.ndarray:
+    """Reorder each head's rows from rotate-half pairing (row ``i`` with ``i + hd/2``: ours, HF's) to adjacent pairs
+    (``2i`` with ``2i + 1``: llama.cpp's ``llama`` RoPE), as llama.cpp's converter permutes ``attn_q``/``attn_k``;
+    ``inverse`` undoes it. A row permutation: exact for ternary codes."""
+    n, rest = rows.shape[0], rows.shape[1:]
+    hd = n // heads
+    if heads <= 0 or n % heads or hd % 2:
+        raise GGUFError(f"cannot split {n} rows into {heads} heads of an even size")
+    a, b = (hd // 2, 2) if inverse else (2, hd // 2)
+    return np.ascontiguousarray(rows.reshape(heads, a, b, *rest).swapaxes(1, 2).reshape(n, *rest))
 
 
 def _encode(name, value, spec: TensorSpec, ternary_type: GGMLType, embed_type: GGMLType):
@@ -511,10 +550,19 @@ class GGUFModel:
     ternary_type: GGMLType
     metadata: dict[str, Any] = field(repr=False)
 
+    def ternary(self, name: str) -> TernaryWeights:
+        """A ternary tensor's codes and scale, its rows in rotate-half RoPE order (a ``llama`` file's ``attn_q`` and
+        ``attn_k`` rows are stored permuted for llama.cpp's adjacent-pair RoPE: undone here)."""
+        tw = self.tensors[name].ternary()
+        if self.config.arch in ROPE_NORM_ARCHS and name.endswith(_ROPE_ROWS):
+            heads = self.config.n_heads if name.endswith(_ROPE_ROWS[0]) else self.config.n_kv_heads
+            tw = TernaryWeights(codes=rope_norm_rows(tw.codes, heads, inverse=True), scale=tw.scale)
+        return tw
+
     def model_tensors(self) -> dict[str, np.ndarray | TernaryWeights]:
         """What :meth:`model.transformer.Transformer.from_gguf_tensors` takes: ternaries as ``TernaryWeights``."""
         specs = tensor_specs(self.config)
-        return {n: (t.ternary() if specs[n].kind == "ternary" else t.to_float()) for n, t in self.tensors.items()}
+        return {n: (self.ternary(n) if specs[n].kind == "ternary" else t.to_float()) for n, t in self.tensors.items()}
 
     def mhc_coefficients(self) -> list[MHCCoefficients]:
         """Static ``(h_pre, h_post, H_res)`` per site in execution order (block 0 attn, block 0 FFN, ...)."""
@@ -551,21 +599,17 @@ def read_gguf(source: str | Path | bytes, check_values: bool = True) -> GGUFMode
     and checks every float for NaN/inf (O(size); turn it off only for files already validated)."""
     f = parse_gguf(source)
     arch = _get(f, "general.architecture", ValueType.STRING)
-    if arch != ARCH:
-        raise GGUFError(f"general.architecture = {arch!r}, expected {ARCH!r}")
+    if arch not in ARCHS:
+        raise GGUFError(f"general.architecture = {arch!r}; supported: {', '.join(ARCHS)}")
     fields: dict[str, Any] = {"name": _get(f, "general.name", ValueType.STRING, required=False) or "custom"}
-    for key, attr, vtype in HPARAMS:
-        v = _get(f, f"{ARCH}.{key}", vtype)
-        if vtype == ValueType.UINT32 and v == 0 and attr != "mtp_heads":  # 0 would make ModelConfig derive a value
-            raise GGUFError(f"hyperparameter {ARCH}.{key} = 0 must be positive")
-        fields[attr] = _float32_value(v) if vtype == ValueType.FLOAT32 else v
-    _check_config(config_problems(SimpleNamespace(**fields)))  # before ModelConfig raises, to name the keys
+    fields |= _own_fields(f) if arch == ARCH else _foreign_fields(f, arch)
+    _check_config(config_problems(SimpleNamespace(**fields)), arch)  # before ModelConfig raises, to name the keys
     config = ModelConfig(**fields)
     n_tensors, per_block = _tensor_count(config)
     if n_tensors > len(f.tensors) + per_block:  # before tensor_specs: a huge block_count must not build a huge dict
-        raise GGUFError(f"{ARCH}.block_count = {config.n_layers} (and mtp.head_count = {config.mtp_heads}) implies "
+        raise GGUFError(f"{arch}.block_count = {config.n_layers} (and mtp.head_count = {config.mtp_heads}) implies "
                         f"{n_tensors} tensors, the file has {len(f.tensors)}")  # fmt: skip
-    _check_config(compile_problems(config))
+    _check_config(compile_problems(config), arch)
     tok = _read_tokenizer(f, config)
     specs = tensor_specs(config)
     _check_names(set(f.tensors), specs)
@@ -599,17 +643,59 @@ def read_gguf(source: str | Path | bytes, check_values: bool = True) -> GGUFMode
     return GGUFModel(config, tok, f.tensors, ternary_type, f.metadata)
 
 
-_KEY_OF = {attr: f"{ARCH}.{key}" for key, attr, _ in HPARAMS}
+def _own_fields(f: GGUFFile) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for key, attr, vtype in HPARAMS:
+        v = _get(f, f"{ARCH}.{key}", vtype)
+        if vtype == ValueType.UINT32 and v == 0 and attr != "mtp_heads":  # 0 would make ModelConfig derive a value
+            raise GGUFError(f"hyperparameter {ARCH}.{key} = 0 must be positive")
+        fields[attr] = _float32_value(v) if vtype == ValueType.FLOAT32 else v
+    return fields
 
 
-def _check_config(problems: list[tuple[str, str]]) -> None:
+def _foreign_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
+    """The config of a llama.cpp ``bitnet``/``llama`` file, refusing what the compiled graph does not do (experts,
+    RoPE scaling, a partial rotary dimension, head sizes other than d / heads)."""
+    fields: dict[str, Any] = {"arch": arch, "n_streams": 1, "mhc_dynamic": False, "mtp_heads": 0,
+                              "tie_embeddings": "output.weight" not in f.tensors}  # fmt: skip
+    for key, attr, vtype, default in FOREIGN_HPARAMS:
+        v = _get(f, f"{arch}.{key}", vtype, required=default is None)
+        if v is None:
+            v = len(f.metadata.get("tokenizer.ggml.tokens") or ()) if default == "tokens" else fields.get(default, default)
+        if vtype == ValueType.UINT32 and v == 0:  # 0 would make ModelConfig derive a value
+            raise GGUFError(f"hyperparameter {arch}.{key} = 0 must be positive")
+        fields[attr] = _float32_value(v) if vtype == ValueType.FLOAT32 else v
+    for key in ("expert_count", "expert_used_count"):
+        if f.metadata.get(f"{arch}.{key}"):
+            raise GGUFError(f"{arch}.{key} = {f.metadata[f'{arch}.{key}']}: mixture-of-experts files are not supported")
+    head_dim = fields["d_model"] // fields["n_heads"] if fields["n_heads"] else 0
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        v = f.metadata.get(f"{arch}.{key}")
+        if v is not None and v != head_dim:
+            raise GGUFError(f"{arch}.{key} = {v}: only a head size (and rotary dimension) of embedding_length / "
+                            f"head_count = {head_dim} is supported")  # fmt: skip
+    scaling = f.metadata.get(f"{arch}.rope.scaling.type")
+    factor = f.metadata.get(f"{arch}.rope.scaling.factor", 1.0)
+    if scaling not in (None, "none", "linear") or (scaling == "linear" and factor != 1.0):
+        raise GGUFError(f"{arch}.rope.scaling.type = {scaling!r} (factor {factor}): RoPE scaling is not supported")
+    if "rope_freqs.weight" in f.tensors:
+        raise GGUFError("rope_freqs.weight: per-dimension RoPE frequency factors (Llama 3.1 scaling) are not supported")
+    return fields
+
+
+def _key_of(arch: str, attr: str) -> str:
+    rows = HPARAMS if arch == ARCH else FOREIGN_HPARAMS
+    return next((f"{arch}.{row[0]}" for row in rows if row[1] == attr), attr)
+
+
+def _check_config(problems: list[tuple[str, str]], arch: str = ARCH) -> None:
     if problems:
-        raise GGUFError("; ".join(f"hyperparameter {_KEY_OF.get(attr, attr)}: {text}" for attr, text in problems))
+        raise GGUFError("; ".join(f"hyperparameter {_key_of(arch, attr)}: {text}" for attr, text in problems))
 
 
 def _tensor_count(cfg: ModelConfig) -> tuple[int, int]:
     """``len(tensor_specs(cfg))`` by arithmetic (no dict of block_count entries), and the tensors of one block."""
-    per_block = 2 + 7 + (6 if cfg.n_streams > 1 else 0)
+    per_block = 2 + 7 + (6 if cfg.n_streams > 1 else 0) + (2 if cfg.sub_norms else 0)
     return 2 + (0 if cfg.tie_embeddings else 1) + cfg.n_layers * per_block + 3 * cfg.mtp_heads, per_block
 
 

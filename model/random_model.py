@@ -11,11 +11,12 @@ self-contained, and its text output is meaningless by design.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from model.config import ModelConfig, get_config
+from model.config import ARCHS, ModelConfig, get_config
 from model.gguf_io import tensor_specs, write_gguf
 from model.ternary.quant import TernaryWeights
 from model.tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TokenizerSpec
@@ -75,8 +76,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="nano-1b")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", choices=ARCHS, help="the preset's architecture replaced (the foreign ones get a plain "
+                    "residual and no draft heads)")  # fmt: skip
     args = ap.parse_args(argv)
-    path = write_random_gguf(args.preset, args.out, args.seed)
+    cfg = get_config(args.preset)
+    if args.arch and args.arch != cfg.arch:
+        foreign = args.arch != "bitnet-mhc"
+        cfg = replace(cfg, arch=args.arch, n_streams=1 if foreign else cfg.n_streams,
+                      mtp_heads=0 if foreign else cfg.mtp_heads, tie_embeddings=cfg.tie_embeddings or args.arch == "bitnet")
+    path = write_random_gguf(cfg, args.out, args.seed)
     print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB")
 
 

@@ -37,8 +37,14 @@ EMBED_INIT_STD = 0.02
 MTP_LOSS_WEIGHT = 0.3  # weight of the mean multi-token-prediction loss next to the next-token loss
 
 
-class SwiGLU(nn.Module):
-    """RMSNorm → ``down(silu(gate(x)) · up(x))`` with ternary gate, up and down."""
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """``relu(x)²``: the gate activation of BitNet b1.58 (``ffn_act = "relu2"``)."""
+    return torch.square(F.relu(x))
+
+
+class GatedFFN(nn.Module):
+    """RMSNorm → ``down(act(gate(x)) · up(x))`` with ternary gate, up and down; ``act`` is silu (SwiGLU) or relu²,
+    and with ``sub_norms`` (arch ``bitnet``) the hidden is RMS-normed before ``down``."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -46,10 +52,13 @@ class SwiGLU(nn.Module):
         self.gate = BitLinear(config.d_model, config.ffn_hidden)
         self.up = BitLinear(config.d_model, config.ffn_hidden)
         self.down = BitLinear(config.ffn_hidden, config.d_model)
+        self.act = relu2 if config.ffn_act == "relu2" else F.silu
+        self.sub_norm = RMSNorm(config.ffn_hidden, config.norm_eps) if config.sub_norms else None
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         x = self.norm(u)
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        h = self.act(self.gate(x)) * self.up(x)
+        return self.down(h if self.sub_norm is None else self.sub_norm(h))
 
 
 class Block(nn.Module):
@@ -58,7 +67,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn = Attention(config, layer)
-        self.ffn = SwiGLU(config)
+        self.ffn = GatedFFN(config)
         self.mhc_attn = mhc.MHCSite(config.n_streams, 2 * layer)
         self.mhc_ffn = mhc.MHCSite(config.n_streams, 2 * layer + 1)
 
@@ -174,6 +183,8 @@ class Transformer(nn.Module):
                     p + "attn_k.weight": b.attn.k, p + "attn_v.weight": b.attn.v, p + "attn_output.weight": b.attn.o,
                     p + "ffn_norm.weight": b.ffn.norm.weight, p + "ffn_gate.weight": b.ffn.gate,
                     p + "ffn_up.weight": b.ffn.up, p + "ffn_down.weight": b.ffn.down}  # fmt: skip
+            if self.config.sub_norms:
+                out |= {p + "attn_sub_norm.weight": b.attn.sub_norm.weight, p + "ffn_sub_norm.weight": b.ffn.sub_norm.weight}
             for site_name, site in (("mhc_attn", b.mhc_attn), ("mhc_ffn", b.mhc_ffn)):
                 out |= {f"{p}{site_name}.{k}": v for k, v in site.logits().items()}
         for k, m in enumerate(self.mtp):

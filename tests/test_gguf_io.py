@@ -148,7 +148,7 @@ def corrupt_cases(path, tmp_path):
     cases = {  # expected message → rewrite() arguments
         "missing metadata key 'bitnet-mhc.block_count'": {"drop_keys": {f"{ARCH}.block_count"}},
         "has type STRING, expected UINT32": {"set_keys": {f"{ARCH}.block_count": ("2", string)}},
-        "general.architecture = 'llama'": {"set_keys": {"general.architecture": ("llama", string)}},
+        "general.architecture = 'gpt2'; supported": {"set_keys": {"general.architecture": ("gpt2", string)}},
         "hyperparameter bitnet-mhc.mhc.stream_count: n_streams=3": {"set_keys": {f"{ARCH}.mhc.stream_count": (3, u32)}},
         "missing ['blk.1.ffn_up.weight']": {"drop_tensors": {"blk.1.ffn_up.weight"}},
         "output_norm.weight: non-finite": {"patch_tensors": {"output_norm.weight": norm}},
