@@ -31,7 +31,9 @@ def arith_of(cfg, target: str, logs_root=None, chunk: int = PREFILL_CHUNK) -> Ar
     """The :class:`~model.exact_reference.Arith` of a build of ``cfg`` for a CPU ``target``."""
     if target == "cuda":
         raise ValueError("model.exact_reference mirrors the CPU kernels only")
-    return Arith(norm_lanes(cfg.d_model, 1, target, logs_root), norm_lanes(cfg.d_model, chunk, target, logs_root))
+    d, f = cfg.d_model, cfg.ffn_hidden
+    lanes = [norm_lanes(D, N, target, logs_root) for D in (d, f) for N in (1, chunk)]
+    return Arith(*lanes)
 
 
 def main(argv=None) -> None:

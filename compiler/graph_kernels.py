@@ -76,6 +76,19 @@ def silu_mul(T: int, F: int):
     return _prim([g, u, y])
 
 
+def relu2_mul(T: int, F: int):
+    """``relu(g)² · u`` (BitNet b1.58's gate, :func:`model.transformer.relu2`): ``(r · r) · u`` with ``r = max(g, 0)``."""
+    from tvm import te
+
+    g = te.placeholder((T, F), "float32", name="g")
+    u = te.placeholder((T, F), "float32", name="u")
+    y = te.compute((T, F), lambda t, i: te.max(g[t, i], 0.0) * te.max(g[t, i], 0.0) * u[t, i], name="y")
+    return _prim([g, u, y])
+
+
+GATED = {"silu": silu_mul, "relu2": relu2_mul}  # ModelConfig.ffn_act → the gate kernel
+
+
 def mtp_residual(T: int, D: int):
     """A draft step's new hidden state ``g + silu(a + b)`` (``a = P g``, ``b = Q norm(e)``;
     :class:`model.transformer.MTPHead`), ``silu`` as in :func:`silu_mul`."""

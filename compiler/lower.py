@@ -115,6 +115,9 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
     for i in range(cfg.n_layers):
         out.append(ParamSpec(f"blk.{i}.attn_norm.weight", (D,), "float32"))
         out.append(ParamSpec(f"blk.{i}.ffn_norm.weight", (D,), "float32"))
+        if cfg.sub_norms:
+            out.append(ParamSpec(f"blk.{i}.attn_sub_norm.weight", (D,), "float32"))
+            out.append(ParamSpec(f"blk.{i}.ffn_sub_norm.weight", (cfg.ffn_hidden,), "float32"))
         for t in TERNARY:
             M, K = shapes[t]
             out.append(ParamSpec(f"blk.{i}.{t}.weight", (M, K // 16), "int32") if gpu else
@@ -231,10 +234,10 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8") -> dict[str, np.nd
     p["rope.cos"], p["rope.sin"] = gk.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     coeffs = g.mhc_coefficients()
     for i in range(cfg.n_layers):
-        for n in ("attn_norm", "ffn_norm"):
+        for n in ("attn_norm", "ffn_norm") + (("attn_sub_norm", "ffn_sub_norm") if cfg.sub_norms else ()):
             p[f"blk.{i}.{n}.weight"] = g.tensors[f"blk.{i}.{n}.weight"].to_float().astype(np.float32)
         for t in TERNARY:
-            tw = g.tensors[f"blk.{i}.{t}.weight"].ternary()
+            tw = g.ternary(f"blk.{i}.{t}.weight")
             p[f"blk.{i}.{t}.weight"] = pack(tw.codes)
             p[f"blk.{i}.{t}.scale"] = np.array([tw.scale], np.float32)
         for j, site in enumerate(("mhc_attn", "mhc_ffn")):
@@ -294,9 +297,7 @@ class TargetKernels:
 
 
 def _cuda_norm_quant(op):  # RMSNorm+quantize as one kernel (shared-memory reductions) instead of seven
-    from compiler.ops.rmsnorm_quant import NORM_EPS
-
-    return gkg.norm_quantize(op.N, op.D, eps=NORM_EPS)
+    return gkg.norm_quantize(op.N, op.D, eps=op.eps)
 
 
 def _cuda_mhc_post(op):  # the mHC site as one kernel instead of three
@@ -466,22 +467,30 @@ class Lowering:
             att = self._te("attention", self.k.attention, T, H, Hkv, hd, C, KV_BLOCK)
             args = [qr, kc, vc, f.pos, f.table]
         o = self._call(att, args, [((T, D), f32), *scratch])[0]
-        o8, osc, osum = self._quantize(T, D, o)
+        if cfg.sub_norms:  # arch bitnet: RMSNorm before the output projection
+            o8, osc, osum = self._norm_quant(f, f"blk.{i}.attn_sub_norm.weight", o)
+        else:
+            o8, osc, osum = self._quantize(T, D, o)
         return self._ternary(f, f"blk.{i}.attn_output", o8, osc, osum, D, D)
 
     def ffn(self, f: _Frame, i: int, u):
-        """Layer ``i``'s SwiGLU FFN on ``u [T, D]``: RMSNorm+quantize, gate/up, ``silu(gate) · up``, quantize, down
-        → ``y [T, D]``."""
-        D, F, T = self.cfg.d_model, self.cfg.ffn_hidden, f.T
+        """Layer ``i``'s gated FFN on ``u [T, D]``: RMSNorm+quantize, gate/up, ``act(gate) · up`` (silu or relu²),
+        [RMSNorm (arch bitnet) +] quantize, down → ``y [T, D]``."""
+        cfg, T = self.cfg, f.T
+        D, F = cfg.d_model, cfg.ffn_hidden
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.ffn_norm.weight", u)
         gt = self._ternary(f, f"blk.{i}.ffn_gate", q8, sc, qs, F, D)
         up = self._ternary(f, f"blk.{i}.ffn_up", q8, sc, qs, F, D)
         outs8 = [((T, F), "int8"), ((T,), "float32"), ((T,), "int32")]
-        if self.k.swiglu_quant:
+        if self.k.swiglu_quant and cfg.ffn_act == "silu" and not cfg.sub_norms:
             h8, hsc, hsum = self._call(self._te("swiglu_quantize", self.k.swiglu_quant, T, F), [gt, up], outs8)
         else:
-            hh = self._call(self._te("silu_mul", gk.silu_mul, T, F, sched=True), [gt, up], [((T, F), "float32")])
-            h8, hsc, hsum = self._quantize(T, F, hh)
+            act = f"{cfg.ffn_act}_mul"
+            hh = self._call(self._te(act, gk.GATED[cfg.ffn_act], T, F, sched=True), [gt, up], [((T, F), "float32")])
+            if cfg.sub_norms:
+                h8, hsc, hsum = self._norm_quant(f, f"blk.{i}.ffn_sub_norm.weight", hh, F)
+            else:
+                h8, hsc, hsum = self._quantize(T, F, hh)
         return self._ternary(f, f"blk.{i}.ffn_down", h8, hsc, hsum, D, F)
 
     def mhc_site(self, f: _Frame, site: int, x, X, y):
@@ -574,13 +583,13 @@ class Lowering:
         return toks[0] if heads == 1 else bb.emit(relax.op.concat(toks, axis=0))
 
     # --- steps shared by the blocks --------------------------------------------------------------------------
-    def _norm_quant(self, f: _Frame, weight: str, u):
-        """RMSNorm + per-token int8 quantize of a block input → ``(q8 [T, D], scale [T], row sums [T])``. A decode
-        batch's kernel takes the one-token kernel's knobs: a row's ``Σx²`` is then summed in the same order whatever
-        the batch (the exactness of batching)."""
-        D, T = self.cfg.d_model, f.T
-        like = {"like": make_op("rmsnorm_quant", D=D, N=1), "mode": "like"} if f.batch and T > 1 else {}
-        gv, _ = self._op("rmsnorm_quant", D=D, N=T, **like)
+    def _norm_quant(self, f: _Frame, weight: str, u, D: int | None = None):
+        """RMSNorm + per-token int8 quantize of ``u [T, D]`` (a block input, or a sub-norm's) → ``(q8 [T, D], scale
+        [T], row sums [T])``. A decode batch's kernel takes the one-token kernel's knobs: a row's ``Σx²`` is then
+        summed in the same order whatever the batch (the exactness of batching)."""
+        D, T, eps = D or self.cfg.d_model, f.T, self.cfg.norm_eps
+        like = {"like": make_op("rmsnorm_quant", D=D, N=1, eps=eps), "mode": "like"} if f.batch and T > 1 else {}
+        gv, _ = self._op("rmsnorm_quant", D=D, N=T, eps=eps, **like)
         return self._call(gv, [u, f.pv[weight]], [((T, D), "int8"), ((T,), "float32"), ((T,), "int32")])
 
     def _quantize(self, T: int, K: int, x):

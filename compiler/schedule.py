@@ -166,7 +166,7 @@ def records(db, op) -> list:
     """All tuning records of ``op`` in ``db``, best (lowest mean run time) first; [] if none."""
     if db is None:
         return []
-    mod = workload(op)
+    mod = workload(op.canonical())
     if not db.has_workload(mod):
         return []
     wl = db.commit_workload(mod)  # no write: the workload exists

@@ -155,7 +155,7 @@ def commit(db, op, sch, target: str, run_secs: list[float]) -> None:
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    mod = S.workload(op)
+    mod = S.workload(op.canonical())
     rec = ms.database.TuningRecord(
         sch.trace, db.commit_workload(mod), [tvm.runtime.convert(float(s)) for s in run_secs],
         targets.get_target(target), ms.arg_info.ArgInfo.from_prim_func(mod["main"]),

@@ -17,7 +17,7 @@ What it mirrors (kernels of :mod:`compiler.graph_kernels` and :mod:`compiler.ops
   every candidate against the compiled kernels; ``tests/test_exact_reference.py`` pins each kernel bit for bit).
 * RMSNorm + quantize (``rmsnorm_quant``): ``Σx²`` in ``lanes`` partial sums (``lanes`` = the schedule's vector knob,
   which can differ between the decode and the prefill kernels: :class:`Arith`), each an FMA chain, then the lanes
-  added in order; ``inv = 1 / sqrt(Σ/D + 1e-5)``, ``h = x·inv·w``, ``scale = 127 / max(max|h|, 1e-5)``,
+  added in order; ``inv = 1 / sqrt(Σ/D + eps)``, ``h = x·inv·w``, ``scale = 127 / max(max|h|, 1e-5)``,
   ``q = clip(round_half_even(h·scale))``.
 * Ternary matmuls: exact integers ``Σ w·q`` (a float32 matmul of integer values below 2²⁴ is exact), then
   ``float32(acc) · (w_scale / x_scale)``.
@@ -46,7 +46,6 @@ import numpy as np
 from model.ternary.quant import ACT_QMAX, SCALE_EPS
 
 F16, F32, F64 = np.float16, np.float32, np.float64
-NORM_EPS_FUSED = F32(1e-5)  # compiler.ops.rmsnorm_quant.NORM_EPS: the fused kernel's epsilon (not cfg.norm_eps)
 TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -131,9 +130,9 @@ def quantize(h: np.ndarray) -> Quantized:
     return Quantized(q, scale, q.sum(axis=-1, dtype=np.int32))
 
 
-def rmsnorm_quant(x: np.ndarray, w: np.ndarray, lanes: int) -> Quantized:
+def rmsnorm_quant(x: np.ndarray, w: np.ndarray, lanes: int, eps: float = 1e-5) -> Quantized:
     ss = lane_sum_squares(x, lanes)
-    inv = (F32(1) / np.sqrt((ss / F32(x.shape[-1])).astype(F32) + NORM_EPS_FUSED)).astype(F32)
+    inv = (F32(1) / np.sqrt((ss / F32(x.shape[-1])).astype(F32) + F32(eps))).astype(F32)
     return quantize(((x * inv[..., None]).astype(F32) * w).astype(F32))
 
 
@@ -186,6 +185,14 @@ def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     return ((g / (F32(1) + expf(-g))).astype(F32) * u).astype(F32)
 
 
+def relu2_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    r = np.maximum(g, F32(0))
+    return ((r * r).astype(F32) * u).astype(F32)
+
+
+GATED = {"silu": silu_mul, "relu2": relu2_mul}
+
+
 def mhc_mix(X: np.ndarray, y: np.ndarray, h_res: np.ndarray, h_post: np.ndarray) -> np.ndarray:
     """``X'[s] = h_res[s, 0]·X[0] + … + h_res[s, S-1]·X[S-1] + h_post[s]·y``, an :func:`fma_chain` (``X [S, D]``)."""
     S = X.shape[0]
@@ -232,6 +239,9 @@ class Arith:
 
     norm_lanes_decode: int = 32
     norm_lanes_prefill: int = 32
+    # the FFN sub-norm's kernel (D = ffn_hidden; arch bitnet); the attention sub-norm shares the d_model kernel
+    ffn_norm_lanes_decode: int = 32
+    ffn_norm_lanes_prefill: int = 32
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -260,9 +270,10 @@ class ExactReference:
         self.layers = []
         coeffs = g.mhc_coefficients()
         for i in range(cfg.n_layers):
-            lay = {n: t[f"blk.{i}.{n}.weight"].to_float().astype(F32) for n in ("attn_norm", "ffn_norm")}
+            norms = ("attn_norm", "ffn_norm") + (("attn_sub_norm", "ffn_sub_norm") if cfg.sub_norms else ())
+            lay = {n: t[f"blk.{i}.{n}.weight"].to_float().astype(F32) for n in norms}
             for n in TERNARY:
-                tw = t[f"blk.{i}.{n}.weight"].ternary()
+                tw = g.ternary(f"blk.{i}.{n}.weight")
                 lay[n] = (tw.codes.astype(F32), F32(tw.scale))
             lay["mhc"] = (coeffs[2 * i], coeffs[2 * i + 1])
             self.layers.append(lay)
@@ -284,18 +295,18 @@ class ExactReference:
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Append ``tokens``; the logits after the last (the prefill kernels' RMSNorm lanes)."""
         for tok in tokens:
-            logits = self._step(int(tok), self.arith.norm_lanes_prefill)
+            logits = self._step(int(tok), self.arith.norm_lanes_prefill, self.arith.ffn_norm_lanes_prefill)
         return logits
 
     def decode(self, token: int) -> np.ndarray:
-        return self._step(int(token), self.arith.norm_lanes_decode)
+        return self._step(int(token), self.arith.norm_lanes_decode, self.arith.ffn_norm_lanes_decode)
 
     def _keep(self, layer: int, kind: str, q: Quantized) -> None:
         if self.record is not None:
             self.record[(self.pos, layer, kind)] = q.q.copy()
 
-    def _step(self, tok: int, lanes: int) -> np.ndarray:
-        cfg, p = self.cfg, self.pos
+    def _step(self, tok: int, lanes: int, ffn_lanes: int) -> np.ndarray:
+        cfg, p, eps = self.cfg, self.pos, self.cfg.norm_eps
         if p >= cfg.max_seq_len:
             raise ValueError(f"the context of {cfg.max_seq_len} tokens is full")
         H, Hkv, hd, S = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_streams
@@ -307,7 +318,7 @@ class ExactReference:
         for i, lay in enumerate(self.layers):
             for site, c in enumerate(lay["mhc"]):
                 if site == 0:
-                    a = rmsnorm_quant(u, lay["attn_norm"], lanes)
+                    a = rmsnorm_quant(u, lay["attn_norm"], lanes, eps)
                     self._keep(i, "qkv", a)
                     q = matmul(a, *lay["attn_q"]).reshape(H, hd)
                     k = matmul(a, *lay["attn_k"]).reshape(Hkv, hd)
@@ -315,14 +326,14 @@ class ExactReference:
                     self.kc[i][:, p] = rope(k, cos, sin)
                     self.vc[i][:, p] = v
                     o = attention(rope(q, cos, sin), self.kc[i], self.vc[i], p + 1)
-                    o8 = quantize(o)
+                    o8 = rmsnorm_quant(o, lay["attn_sub_norm"], lanes, eps) if cfg.sub_norms else quantize(o)
                     self._keep(i, "o", o8)
                     y = matmul(o8, *lay["attn_output"])
                 else:
-                    a = rmsnorm_quant(u, lay["ffn_norm"], lanes)
+                    a = rmsnorm_quant(u, lay["ffn_norm"], lanes, eps)
                     self._keep(i, "gate_up", a)
-                    hh = silu_mul(matmul(a, *lay["ffn_gate"]), matmul(a, *lay["ffn_up"]))
-                    h8 = quantize(hh)
+                    hh = GATED[cfg.ffn_act](matmul(a, *lay["ffn_gate"]), matmul(a, *lay["ffn_up"]))
+                    h8 = rmsnorm_quant(hh, lay["ffn_sub_norm"], ffn_lanes, eps) if cfg.sub_norms else quantize(hh)
                     self._keep(i, "down", h8)
                     y = matmul(h8, *lay["ffn_down"])
                 X = mhc_mix(X, y, c.h_res, c.h_post)

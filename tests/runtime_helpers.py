@@ -30,6 +30,10 @@ def write_tiny(path: Path, n_streams: int = 2, seed: int = 0, **overrides) -> Pa
         for site in model.mhc_sites():
             for p in site.parameters():
                 p.add_(torch.randn_like(p))
+        if cfg.arch != "bitnet-mhc":  # norm weights away from 1, so that a norm (or sub-norm) mix-up would show
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.mul_(1 + 0.3 * torch.randn_like(p))
     write_gguf(path, cfg, model.gguf_tensors(), tiny_spec(cfg.vocab_size))
     return path
 

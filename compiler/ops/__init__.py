@@ -34,8 +34,8 @@ def register(cls: type[Op]) -> type[Op]:
     return cls
 
 
-def make_op(kind: str, **dims: int) -> Op:
-    """``make_op("gemv_i8", M=4096, K=4096)``."""
+def make_op(kind: str, **dims) -> Op:
+    """``make_op("gemv_i8", M=4096, K=4096)`` (and any non-dimension field, e.g. ``rmsnorm_quant``'s ``eps``)."""
     if kind not in OPS:
         raise KeyError(f"unknown op kind {kind!r}; known: {sorted(OPS)}")
     return OPS[kind](**dims)

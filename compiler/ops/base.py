@@ -10,7 +10,7 @@ by :attr:`Op.kind`, and :func:`compiler.schedule.schedule_module` picks the modu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -79,6 +79,12 @@ class Op:
     @property
     def dims(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("dim", True)}
+
+    def canonical(self) -> Op:
+        """This op with its non-dimension fields (``metadata={"dim": False}``, e.g. a norm's epsilon) at their
+        defaults: the workload its tuning records are stored under — such fields change a constant, not the
+        schedule."""
+        return replace(self, **{f.name: f.default for f in fields(self) if not f.metadata.get("dim", True)})
 
     @property
     def key(self) -> str:

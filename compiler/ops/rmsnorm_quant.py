@@ -18,7 +18,7 @@ half-integer (the tests bound both).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,6 +40,7 @@ def rmsnorm_numpy(x: np.ndarray, weight: np.ndarray, eps: float = NORM_EPS) -> n
 class RmsNormQuant(Op):
     D: int
     N: int = 1
+    eps: float = field(default=NORM_EPS, metadata={"dim": False})  # the model's norm_eps: not in the key (same schedule)
     kind = "rmsnorm_quant"
 
     def __post_init__(self):
@@ -50,11 +51,12 @@ class RmsNormQuant(Op):
         return [Arg("x", (N, D), "float32"), Arg("weight", (D,), "float32"), Arg("q", (N, D), "int8", True),
                 Arg("scale", (N,), "float32", True), Arg("q_sum", (N,), "int32", True)]  # fmt: skip
 
-    def compute(self, eps: float = NORM_EPS):
+    def compute(self, eps: float | None = None):
         import tvm
         from tvm import te
 
         N, D = self.N, self.D
+        eps = self.eps if eps is None else eps
         X = te.placeholder((N, D), "float32", name="x")
         Wt = te.placeholder((D,), "float32", name="weight")
         d = te.reduce_axis((0, D), name="d")
