@@ -164,10 +164,23 @@ def _pre_name(pre: dict | None) -> str:
                 and byte_level.get("type") == "ByteLevel" and not byte_level.get("add_prefix_space")
                 and not byte_level.get("use_regex", True)):  # fmt: skip
             return PRE_LLAMA3
-    text = json.dumps(pre)
     raise TokenizerError("expected a ByteLevel(add_prefix_space=False) pre-tokenizer (GPT-2) or Sequence[Split(<the "
                          "Llama 3 regex>, Isolated), ByteLevel(add_prefix_space=False, use_regex=False)] (Llama 3), "
-                         f"got {text[:300]}{' …' if len(text) > 300 else ''}")  # fmt: skip
+                         f"got {_describe(pre)[:400]}")  # fmt: skip
+
+
+def _describe(node: dict) -> str:
+    """A pre-tokenizer's JSON form as ``Type(key=value, ...)``, a Llama 3 pattern named rather than spelled out."""
+    if not node:
+        return "none"
+    if node.get("type") == "Sequence":
+        return f"Sequence[{', '.join(_describe(s) for s in node.get('pretokenizers') or [])}]"
+    args = []
+    for key, value in node.items():
+        if key != "type":
+            text = "<the Llama 3 regex>" if value == {"Regex": LLAMA3_PATTERN} else json.dumps(value)
+            args.append(f"{key}={text[:80]}")
+    return f"{node.get('type')}({', '.join(args)})"
 
 
 def _check_pipeline(data: dict, model: dict) -> None:
