@@ -77,7 +77,7 @@ def silu_mul(T: int, F: int):
 
 
 def relu2_mul(T: int, F: int):
-    """``relu(g)² · u`` (BitNet b1.58's gate, :func:`model.transformer.relu2`): ``(r · r) · u`` with ``r = max(g, 0)``."""
+    """``relu(g)² · u`` (BitNet b1.58's gate, :func:`model.transformer.relu2`): ``(r · r) · u``, ``r = max(g, 0)``."""
     from tvm import te
 
     g = te.placeholder((T, F), "float32", name="g")

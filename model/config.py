@@ -78,7 +78,9 @@ def config_problems(c) -> list[tuple[str, str]]:
         if c.mtp_heads:
             out.append(("mtp_heads", f"mtp_heads={c.mtp_heads}: arch {arch!r} has no multi-token-prediction heads"))
         if arch == "bitnet" and not c.tie_embeddings:  # llama.cpp's bitnet graph has no output.weight
-            out.append(("tie_embeddings", "tie_embeddings=False: arch 'bitnet' always ties the LM head to the embedding"))
+            out.append(
+                ("tie_embeddings", "tie_embeddings=False: arch 'bitnet' always ties the LM head to the embedding")
+            )
     return out
 
 

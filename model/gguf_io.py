@@ -230,7 +230,7 @@ def write_gguf(
     w.add_file_type(FILE_TYPE[ternary_type])
     w.add_quantization_version(2)
     adders = {ValueType.UINT32: w.add_uint32, ValueType.FLOAT32: w.add_float32, ValueType.BOOL: w.add_bool}
-    for key, attr, vtype, *_ in (HPARAMS if arch == ARCH else FOREIGN_HPARAMS):
+    for key, attr, vtype, *_ in HPARAMS if arch == ARCH else FOREIGN_HPARAMS:
         adders[vtype](f"{arch}.{key}", getattr(config, attr))
     if arch != ARCH:
         w.add_uint32(f"{arch}.rope.dimension_count", config.head_dim)
@@ -661,7 +661,11 @@ def _foreign_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
     for key, attr, vtype, default in FOREIGN_HPARAMS:
         v = _get(f, f"{arch}.{key}", vtype, required=default is None)
         if v is None:
-            v = len(f.metadata.get("tokenizer.ggml.tokens") or ()) if default == "tokens" else fields.get(default, default)
+            v = (
+                len(f.metadata.get("tokenizer.ggml.tokens") or ())
+                if default == "tokens"
+                else fields.get(default, default)
+            )
         if vtype == ValueType.UINT32 and v == 0:  # 0 would make ModelConfig derive a value
             raise GGUFError(f"hyperparameter {arch}.{key} = 0 must be positive")
         fields[attr] = _float32_value(v) if vtype == ValueType.FLOAT32 else v

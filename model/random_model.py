@@ -82,8 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = get_config(args.preset)
     if args.arch and args.arch != cfg.arch:
         foreign = args.arch != "bitnet-mhc"
-        cfg = replace(cfg, arch=args.arch, n_streams=1 if foreign else cfg.n_streams,
-                      mtp_heads=0 if foreign else cfg.mtp_heads, tie_embeddings=cfg.tie_embeddings or args.arch == "bitnet")
+        cfg = replace(
+            cfg,
+            arch=args.arch,
+            n_streams=1 if foreign else cfg.n_streams,
+            mtp_heads=0 if foreign else cfg.mtp_heads,
+            tie_embeddings=cfg.tie_embeddings or args.arch == "bitnet",
+        )
     path = write_random_gguf(cfg, args.out, args.seed)
     print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB")
 

@@ -184,7 +184,10 @@ class Transformer(nn.Module):
                     p + "ffn_norm.weight": b.ffn.norm.weight, p + "ffn_gate.weight": b.ffn.gate,
                     p + "ffn_up.weight": b.ffn.up, p + "ffn_down.weight": b.ffn.down}  # fmt: skip
             if self.config.sub_norms:
-                out |= {p + "attn_sub_norm.weight": b.attn.sub_norm.weight, p + "ffn_sub_norm.weight": b.ffn.sub_norm.weight}
+                out |= {
+                    p + "attn_sub_norm.weight": b.attn.sub_norm.weight,
+                    p + "ffn_sub_norm.weight": b.ffn.sub_norm.weight,
+                }
             for site_name, site in (("mhc_attn", b.mhc_attn), ("mhc_ffn", b.mhc_ffn)):
                 out |= {f"{p}{site_name}.{k}": v for k, v in site.logits().items()}
         for k, m in enumerate(self.mtp):

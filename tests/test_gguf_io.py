@@ -109,8 +109,8 @@ def test_gguf_dump_script_runs(tiny_file):
 # --- malformed and malicious files --------------------------------------------------------------------------------
 
 
-def rewrite(src, dst, drop_keys=(), set_keys=None, drop_tensors=(), patch_tensors=None):
-    """Copy a file through gguf.GGUFWriter with keys/tensors dropped or replaced (to craft invalid files)."""
+def rewrite(src, dst, drop_keys=(), set_keys=None, drop_tensors=(), patch_tensors=None, add_tensors=None):
+    """Copy a file through gguf.GGUFWriter with keys/tensors dropped, replaced or added (to craft invalid files)."""
     f = parse_gguf(src)
     w = gguf.GGUFWriter(str(dst), f.metadata["general.architecture"])
     for key, value in f.metadata.items():
@@ -129,6 +129,8 @@ def rewrite(src, dst, drop_keys=(), set_keys=None, drop_tensors=(), patch_tensor
             continue
         data = np.array((patch_tensors or {}).get(name, t.data))
         w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType(int(t.ggml_type)))
+    for name, data in (add_tensors or {}).items():
+        w.add_tensor(name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -40,7 +40,9 @@ def rmsnorm_numpy(x: np.ndarray, weight: np.ndarray, eps: float = NORM_EPS) -> n
 class RmsNormQuant(Op):
     D: int
     N: int = 1
-    eps: float = field(default=NORM_EPS, metadata={"dim": False})  # the model's norm_eps: not in the key (same schedule)
+    eps: float = field(
+        default=NORM_EPS, metadata={"dim": False}
+    )  # the model's norm_eps: not in the key (same schedule)
     kind = "rmsnorm_quant"
 
     def __post_init__(self):
