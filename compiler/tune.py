@@ -134,9 +134,10 @@ def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: 
                 ops.append(make_op("gemm_i8", N=n, M=M, K=K, tile=cpu_tile(M)))
     # what compiler.build calls: RMSNorm+quantize per token (decode) and per prefill chunk, and the mHC site op in its
     # three positions (a middle site, the first with expand folded in, the last with collapse folded in)
-    ops.append(make_op("rmsnorm_quant", D=cfg.d_model))
-    if include_prefill:
-        ops.append(make_op("rmsnorm_quant", D=cfg.d_model, N=PREFILL_TOKENS))
+    for D in (cfg.d_model, cfg.ffn_hidden) if cfg.sub_norms else (cfg.d_model,):  # + the FFN's sub-norm (bitnet)
+        ops.append(make_op("rmsnorm_quant", D=D))
+        if include_prefill:
+            ops.append(make_op("rmsnorm_quant", D=D, N=PREFILL_TOKENS))
     for first, last in ((0, 0), (1, 0), (0, 1)):
         ops.append(make_op("mhc_post", D=cfg.d_model, S=cfg.n_streams, first=first, last=last))
     return ops

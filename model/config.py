@@ -34,6 +34,7 @@ GiB = 1 << 30
 # them: "bitnet" (Microsoft's BitNet b1.58: ReLU² gated FFN, an RMSNorm before the output and down projections) and
 # "llama" (SwiGLU) whose matrices are ternary (TQ1_0/TQ2_0). Both have a plain residual (n_streams = 1).
 ARCHS = ("bitnet-mhc", "bitnet", "llama")
+FFN_ACTS = ("silu", "relu2")
 
 
 def _round_up(x: int, m: int) -> int:
@@ -69,7 +70,11 @@ def config_problems(c) -> list[tuple[str, str]]:
         out.append(("rope_theta", f"rope_theta={c.rope_theta} must be finite and in ({lo:g}, {hi:g}]"))
     if c.mtp_heads < 0:
         out.append(("mtp_heads", f"mtp_heads={c.mtp_heads} must be ≥ 0"))
-    arch = getattr(c, "arch", ARCHS[0])
+    arch, act = getattr(c, "arch", ARCHS[0]), getattr(c, "ffn_act", FFN_ACTS[0])
+    if act not in FFN_ACTS:
+        out.append(("ffn_act", f"ffn_act={act!r} must be one of {FFN_ACTS}"))
+    elif act != "silu" and arch != "bitnet":
+        out.append(("ffn_act", f"ffn_act={act!r}: only arch 'bitnet' has another gate activation than silu"))
     if arch not in ARCHS:
         out.append(("arch", f"arch={arch!r} must be one of {ARCHS}"))
     elif arch != "bitnet-mhc":  # the foreign architectures: a plain residual, no draft heads
@@ -107,6 +112,7 @@ class ModelConfig:
     mtp_heads: int = 0  # extra multi-token-prediction heads (self-speculative decoding)
     mhc_dynamic: bool = False
     arch: str = "bitnet-mhc"  # one of ARCHS
+    ffn_act: str = "silu"  # the gate's activation: "silu" (SwiGLU) or "relu2" (relu(x)², BitNet b1.58 2B-4T)
     filled: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -145,11 +151,6 @@ class ModelConfig:
         """An RMSNorm on the attention output before ``attn_output`` and on the FFN's hidden before ``ffn_down``."""
         return self.arch == "bitnet"
 
-    @property
-    def ffn_act(self) -> str:
-        """The gate's activation: ``silu`` (SwiGLU) or ``relu2`` (``relu(x)²``, BitNet b1.58)."""
-        return "relu2" if self.arch == "bitnet" else "silu"
-
     def ternary_shapes(self) -> dict[str, tuple[int, int]]:
         """(M, K) = (out, in) of each ternary matrix of one block: ``y[M] = W[M, K] · x[K]``."""
         d, f, kv = self.d_model, self.ffn_hidden, self.kv_dim
@@ -174,6 +175,10 @@ PRESETS: dict[str, ModelConfig] = {
                              n_kv_heads=4, ffn_hidden=2304, max_seq_len=2048),
     "nano-1b": ModelConfig(name="nano-1b", vocab_size=32000, d_model=2048, n_layers=20, n_heads=16, n_kv_heads=4,
                            ffn_hidden=5632, max_seq_len=2048, tie_embeddings=False),
+    # the exact shape of Microsoft's BitNet b1.58 2B-4T (llama.cpp arch "bitnet"), for speed benchmarks
+    "bitnet-2b4t": ModelConfig(name="bitnet-2b4t", arch="bitnet", ffn_act="relu2", n_streams=1, vocab_size=128256,
+                               d_model=2560, n_layers=30, n_heads=20, n_kv_heads=5, ffn_hidden=6912, max_seq_len=4096,
+                               rope_theta=500000.0),
 }  # fmt: skip
 
 

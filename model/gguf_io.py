@@ -157,6 +157,9 @@ FOREIGN_HPARAMS: tuple[tuple[str, str, ValueType, Any], ...] = (
     ("rope.freq_base", "rope_theta", ValueType.FLOAT32, 10000.0),
 )
 FOREIGN_ARCHS = tuple(a for a in ARCHS if a != ARCH)
+# llama.cpp's bitnet graph gates with silu (the 1bitLLM models); BitNet b1.58 2B-4T uses relu². Our writer says which
+# (llama.cpp ignores the key and computes silu); a file without it is read as llama.cpp reads it.
+ACT_KEY = "bitnet.feed_forward_activation"
 ROPE_NORM_ARCHS = ("llama",)  # llama.cpp rotates adjacent pairs there and permutes attn_q/attn_k rows to match
 TOKEN_IDS = {"bos_id": "tokenizer.ggml.bos_token_id", "eos_id": "tokenizer.ggml.eos_token_id",
              "pad_id": "tokenizer.ggml.padding_token_id", "unk_id": "tokenizer.ggml.unknown_token_id"}  # fmt: skip
@@ -234,6 +237,8 @@ def write_gguf(
         adders[vtype](f"{arch}.{key}", getattr(config, attr))
     if arch != ARCH:
         w.add_uint32(f"{arch}.rope.dimension_count", config.head_dim)
+    if arch == "bitnet":
+        w.add_string(ACT_KEY, config.ffn_act)
     w.add_tokenizer_model(tokenizer.model)
     w.add_tokenizer_pre(tokenizer.pre)
     w.add_token_list(list(tokenizer.tokens))
@@ -656,8 +661,9 @@ def _own_fields(f: GGUFFile) -> dict[str, Any]:
 def _foreign_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
     """The config of a llama.cpp ``bitnet``/``llama`` file, refusing what the compiled graph does not do (experts,
     RoPE scaling, a partial rotary dimension, head sizes other than d / heads)."""
+    act = _get(f, ACT_KEY, ValueType.STRING, required=False) if arch == "bitnet" else None
     fields: dict[str, Any] = {"arch": arch, "n_streams": 1, "mhc_dynamic": False, "mtp_heads": 0,
-                              "tie_embeddings": "output.weight" not in f.tensors}  # fmt: skip
+                              "ffn_act": act or "silu", "tie_embeddings": "output.weight" not in f.tensors}  # fmt: skip
     for key, attr, vtype, default in FOREIGN_HPARAMS:
         v = _get(f, f"{arch}.{key}", vtype, required=default is None)
         if v is None:
@@ -688,6 +694,8 @@ def _foreign_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
 
 
 def _key_of(arch: str, attr: str) -> str:
+    if attr == "ffn_act":
+        return ACT_KEY
     rows = HPARAMS if arch == ARCH else FOREIGN_HPARAMS
     return next((f"{arch}.{row[0]}" for row in rows if row[1] == attr), attr)
 

@@ -30,11 +30,12 @@ from runtime.engine import Engine
 
 pytestmark = pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")
 FOREIGN = ("bitnet", "llama")
+BUILT = [("bitnet", "relu2"), ("llama", "silu")]  # arch, ffn_act
 STEPS = 24
 
 
-def _cfg(arch: str):
-    return replace(get_config("tiny"), arch=arch, n_streams=1, name=f"tiny-{arch}")
+def _cfg(arch: str, act: str = "silu"):
+    return replace(get_config("tiny"), arch=arch, ffn_act=act, n_streams=1, name=f"tiny-{arch}")
 
 
 @pytest.mark.unit
@@ -57,6 +58,20 @@ def test_files_carry_llama_cpp_names(arch, tmp_path):
     assert not any("mhc" in n for n in names) and "output.weight" not in names  # tied, plain residual
     g = read_gguf(path)
     assert g.config == cfg
+
+
+@pytest.mark.unit
+def test_the_bitnet_gate_activation_is_stored_and_defaults_to_llama_cpps(tmp_path):
+    path = write_random_gguf(_cfg("bitnet", "relu2"), tmp_path / "m.gguf")
+    assert read_gguf(path).config.ffn_act == "relu2"
+    plain = rewrite(path, tmp_path / "plain.gguf", drop_keys={"bitnet.feed_forward_activation"})
+    assert read_gguf(plain).config.ffn_act == "silu"  # what llama.cpp's bitnet graph computes
+    s = gguf.GGUFValueType.STRING
+    bad = rewrite(path, tmp_path / "bad.gguf", set_keys={"bitnet.feed_forward_activation": ("gelu", s)})
+    with pytest.raises(GGUFError, match="bitnet.feed_forward_activation: ffn_act='gelu'"):
+        read_gguf(bad)
+    with pytest.raises(ValueError, match="only arch 'bitnet'"):
+        _cfg("llama", "relu2")
 
 
 @pytest.mark.unit
@@ -130,9 +145,9 @@ def test_unsupported_foreign_files_are_refused_by_name(tmp_path):
 
 @pytest.mark.build
 @pytest.mark.parametrize("target", X86)
-@pytest.mark.parametrize("arch", FOREIGN)
-def test_compiled_foreign_models_match_the_exact_reference_and_pytorch(arch, target):
-    gguf_path = tiny_gguf(1, arch=arch)
+@pytest.mark.parametrize(("arch", "act"), BUILT)
+def test_compiled_foreign_models_match_the_exact_reference_and_pytorch(arch, act, target):
+    gguf_path = tiny_gguf(1, arch=arch, ffn_act=act)
     eng = Engine(built(gguf_path, target).dir, gguf_path)
     prompt = [int(t) for t in np.random.default_rng(7).integers(0, 512, 13)]
     toks, mine, errs = exact_parity(eng, _exact(gguf_path, target), prompt, STEPS)
@@ -146,7 +161,7 @@ def test_compiled_foreign_models_match_the_exact_reference_and_pytorch(arch, tar
 def test_bitnet_builds_for_cuda_as_one_graph_per_call(tmp_path):
     from compiler.build import build
 
-    r = build(tiny_gguf(1, arch="bitnet"), "cuda", tmp_path / "cache")
+    r = build(tiny_gguf(1, arch="bitnet", ffn_act="relu2"), "cuda", tmp_path / "cache")
     assert r.compiled
     for name, c in r.meta["census"].items():
         assert (c["graphs"], c["kernels_outside"], c["allocations"]) == (1, 0, 0), (name, c)
