@@ -68,7 +68,7 @@ def test_the_bitnet_gate_activation_is_stored_and_defaults_to_llama_cpps(tmp_pat
     assert read_gguf(plain).config.ffn_act == "silu"  # what llama.cpp's bitnet graph computes
     s = gguf.GGUFValueType.STRING
     bad = rewrite(path, tmp_path / "bad.gguf", set_keys={"bitnet.feed_forward_activation": ("gelu", s)})
-    with pytest.raises(GGUFError, match="bitnet.feed_forward_activation: ffn_act='gelu'"):
+    with pytest.raises(GGUFError, match=r"bitnet\.feed_forward_activation: ffn_act='gelu'"):
         read_gguf(bad)
     with pytest.raises(ValueError, match="only arch 'bitnet'"):
         _cfg("llama", "relu2")
