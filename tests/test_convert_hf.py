@@ -24,13 +24,14 @@ from model.convert_hf import (
     build_config,
     convert,
     main,
+    model_fields,
     parse_config,
     quantize_master,
     ternary_from_master,
     ternary_from_packed,
     unpack_ternary,
 )
-from model.gguf_io import tensor_specs
+from model.gguf_io import ACT_KEY, tensor_specs
 from model.tokenizer import TOKEN_CONTROL, TOKEN_UNUSED, hf_from_spec
 
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")]
@@ -263,6 +264,22 @@ def test_autobitlinear_packed_scale_multiplies(tmp_path, hf):
         assert tw.scale == np.float32(np.float16(src[module + ".weight_scale"].float().item())), module
 
 
+def test_the_2b4t_config_gives_the_preset_shape():
+    """config.json of microsoft/bitnet-b1.58-2B-4T (transcribed here, not downloaded) → the bitnet-2b4t preset."""
+    from model.config import PRESETS
+
+    published = {"architectures": ["BitNetForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                 "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "relu2", "hidden_size": 2560,
+                 "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 4096,
+                 "model_type": "bitnet", "rms_norm_eps": 1e-05, "num_attention_heads": 20, "num_hidden_layers": 30,
+                 "num_key_value_heads": 5, "rope_theta": 500000.0, "tie_word_embeddings": True,
+                 "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 128256,
+                 "quantization_config": {"quant_method": "bitnet", "linear_class": "bitlinear",
+                                         "quantization_mode": "offline"}}  # fmt: skip
+    assert build_config(model_fields(parse_config(published), "bitnet-2b4t")) == PRESETS["bitnet-2b4t"]
+    assert build_config(model_fields(parse_config(published), "x", context=1024)).max_seq_len == 1024
+
+
 def test_absent_fields_take_transformers_bitnetconfig_defaults(hf):
     from transformers import BitNetConfig
 
@@ -445,6 +462,7 @@ def test_cli_writes_a_bitnet_gguf_that_gguf_tools_read(tmp_path, hf, capsys, arg
 
     tok = llama3_hf_tokenizer()
     assert value("general.architecture") == "bitnet" and value("general.name") == "bitnet-tiny"
+    assert value(ACT_KEY) == "relu2"  # absent, a reader would gate with silu
     assert (value("bitnet.block_count"), value("bitnet.embedding_length"), value("bitnet.feed_forward_length")) == (
         L, D, F)  # fmt: skip
     assert (value("bitnet.attention.head_count"), value("bitnet.attention.head_count_kv")) == (H, KV)
