@@ -8,9 +8,9 @@ The source directory holds ``config.json``, the weights as ``model.safetensors``
 
 config.json is read as transformers' ``BitNetConfig`` reads it (the defaults of absent fields are its defaults,
 :data:`DEFAULTS`). What the ``bitnet`` graph does not compute is refused with a :class:`ConvertError` naming the
-config.json field and its value: another architecture, ``hidden_act`` other than ``relu2``, ``attention_bias``,
-``rope_scaling`` other than none / linear 1.0, a ``head_dim`` other than ``hidden_size / num_attention_heads``, a
-``quantization_config`` whose BitLinear layers differ from the published ones, and sizes that
+config.json field and its value: another architecture, ``hidden_act`` other than ``relu2`` (2B-4T) or ``silu``,
+``attention_bias``, ``rope_scaling`` other than none / linear 1.0, a ``head_dim`` other than ``hidden_size /
+num_attention_heads``, a ``quantization_config`` whose BitLinear layers differ from the published ones, and sizes that
 :func:`model.config.config_problems` refuses (``hidden_size`` and ``intermediate_size`` multiples of 256, ...).
 ``max_position_embeddings`` becomes the context (``max_seq_len``); ``--context`` shortens it, since the KV cache is
 allocated up front (2B-4T says 4096).
@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from model.config import MIN_CONTEXT, ModelConfig, config_problems
+from model.config import FFN_ACTS, MIN_CONTEXT, ModelConfig, config_problems
 from model.ternary.quant import SCALE_EPS, TernaryWeights
 from model.tokenizer import TokenizerError, TokenizerSpec, spec_from_hf
 
@@ -106,6 +106,7 @@ class HFConfig:
     rope_theta: float
     rms_norm_eps: float
     tie_word_embeddings: bool
+    hidden_act: str = "relu2"  # the gate's activation (model.config.FFN_ACTS)
     linear_class: str = "bitlinear"  # quantization_config.linear_class: how a packed weight_scale is applied
 
     @property
@@ -175,8 +176,9 @@ def parse_config(raw: dict) -> HFConfig:
     missing = [k for k in REQUIRED if k not in raw]
     if missing:
         raise ConvertError(f"config.json: missing {', '.join(missing)}")
-    if raw["hidden_act"] != "relu2":
-        raise ConvertError(f"config.json: hidden_act = {raw['hidden_act']!r}; the bitnet graph computes relu2 only")
+    if raw["hidden_act"] not in FFN_ACTS:
+        raise ConvertError(f"config.json: hidden_act = {raw['hidden_act']!r}; the bitnet graph gates with "
+                           f"{' or '.join(FFN_ACTS)}")  # fmt: skip
     for key in ("attention_bias", "mlp_bias"):
         if raw.get(key):
             raise ConvertError(f"config.json: {key} = {raw[key]!r}; biases are not supported")
@@ -200,7 +202,8 @@ def parse_config(raw: dict) -> HFConfig:
     if not isinstance(tie, bool):
         raise ConvertError(f"config.json: tie_word_embeddings = {tie!r} must be true or false")
     cfg = HFConfig(**ints, rope_theta=_float(raw, "rope_theta"), rms_norm_eps=_float(raw, "rms_norm_eps"),
-                   tie_word_embeddings=tie, linear_class=_quantization(raw.get("quantization_config")))  # fmt: skip
+                   tie_word_embeddings=tie, hidden_act=raw["hidden_act"],
+                   linear_class=_quantization(raw.get("quantization_config")))  # fmt: skip
     return cfg
 
 
@@ -248,7 +251,7 @@ def model_fields(cfg: HFConfig, name: str, context: int | None = None) -> dict[s
            "n_kv_heads": cfg.num_key_value_heads, "ffn_hidden": cfg.intermediate_size, "n_streams": 1,
            "max_seq_len": cfg.max_position_embeddings if context is None else context, "rope_theta": cfg.rope_theta,
            "norm_eps": cfg.rms_norm_eps, "tie_embeddings": cfg.tie_word_embeddings, "mtp_heads": 0,
-           "ffn_act": "relu2"}  # fmt: skip
+           "ffn_act": cfg.hidden_act}  # fmt: skip
     problems = config_problems(SimpleNamespace(**out))
     if problems:
         raise ConvertError("config.json: " + "; ".join(f"{HF_FIELD.get(f, f)}: {text}" for f, text in problems))

@@ -302,7 +302,7 @@ def test_absent_fields_take_transformers_bitnetconfig_defaults(hf):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"hidden_act": "silu"}, "hidden_act = 'silu'"),
+        ({"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
         ({"attention_bias": True}, "attention_bias = True"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, 'rope_scaling = {"rope_type": "yarn"'),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
