@@ -239,8 +239,10 @@ def onnx_path_for(model: str, cache_dir) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # the parent: one subprocess per measurement, then the table
 # ---------------------------------------------------------------------------------------------------------------
-def _run_worker(args: list[str], threads: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.runtime", "--worker", *args, "--threads", str(threads)]
+def _run_worker(args: list[str], threads: int, module: str = "bench.runtime") -> dict:
+    """Run ``python -m <module> --worker ARGS --threads N`` with TVM's and OpenMP's pools at N threads; its last stdout
+    line is the JSON result (``module``: another bench CLI with the same ``--worker`` convention)."""
+    cmd = [sys.executable, "-m", module, "--worker", *args, "--threads", str(threads)]
     env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
     if out.returncode:
