@@ -81,7 +81,7 @@ SETUPS = {  # named setups: preset, fields replaced
 }
 FOREIGN = {"llama": {"arch": "llama", "n_streams": 1, "mtp_heads": 0},  # as `python -m model.random_model --arch`
            "bitnet": {"arch": "bitnet", "n_streams": 1, "mtp_heads": 0, "tie_embeddings": True}}  # fmt: skip
-WEIGHTS = ("tile8", "tl")
+WEIGHTS = ("tile8", "tl", "tile8+int8", "tl+int8")  # our layout, "+int8": with the int8 LM head (build --head int8)
 SEED = 0
 WARMUP_TOKENS = 8
 INSTALL = "pip install llama-cpp-python"
@@ -208,14 +208,14 @@ def table(model: dict) -> str:
     runs = max((r.get("runs", 1) for r in model["rows"]), default=0)
     lines = [f"== {model['name']}: {model['gguf']} ({model['arch']}, {model['ffn_act']}); medians of {runs} "
              "interleaved runs",
-             f"{'impl':9s} {'weights':7s} {'thr':>3s} {'prefill tok/s':>13s} {'% bound':>7s} {'decode tok/s':>12s} "
+             f"{'impl':9s} {'weights':10s} {'thr':>3s} {'prefill tok/s':>13s} {'% bound':>7s} {'decode tok/s':>12s} "
              f"{'range':>15s} {'% bound':>7s} {'MB/token':>8s} {'ours/llama.cpp prefill, decode':>31s}"]  # fmt: skip
     for r in model["rows"]:
         lo, hi = r.get("decode_tok_s_range", [r["decode_tok_s"]] * 2)
         pct = f"{r['pct_of_bound']:7.1f}" if "pct_of_bound" in r else f"{'-':>7s}"
         ppct = f"{r['prefill_pct_of_bound']:7.2f}" if "prefill_pct_of_bound" in r else f"{'-':>7s}"
         vs = f"{r['prefill_vs_llama_cpp']:.2f}x, {r['decode_vs_llama_cpp']:.2f}x" if r["impl"] == "ours" else ""
-        lines.append(f"{r['impl']:9s} {r['weights']:7s} {r['threads']:3d} {r['prefill_tok_s']:13.1f} {ppct} "
+        lines.append(f"{r['impl']:9s} {r['weights']:10s} {r['threads']:3d} {r['prefill_tok_s']:13.1f} {ppct} "
                      f"{r['decode_tok_s']:12.2f} {f'[{_fmt_rate(lo)}, {_fmt_rate(hi)}]':>15s} {pct} "
                      f"{r['bytes']['weights'] / 1e6:8.1f} {vs:>31s}")  # fmt: skip
     if model.get("read_gbs"):
@@ -303,7 +303,8 @@ def _worker_write(model: str, gguf: str) -> dict:
 def _worker_build(gguf: str, target: str, weights: str, cores: int, cache_dir: str) -> dict:
     from compiler.build import build
 
-    r = build(gguf, target, cache_dir, weights=weights, cores=cores)
+    layout, _, head = weights.partition("+")
+    r = build(gguf, target, cache_dir, weights=layout, cores=cores, head=head or "auto")
     return {"dir": str(r.dir), "compiled": r.compiled, "target": r.meta.get("target")}
 
 
@@ -313,7 +314,8 @@ def _worker_ours(entry: str, threads: int, prompt_tokens: int, decode_tokens: in
     eng = Engine(entry, None, threads=threads)
     g = timed_generation(eng.prefill, eng.decode, eng.reset, prompt_ids(eng.vocab, prompt_tokens), decode_tokens)
     mean_pos = prompt_tokens + (decode_tokens - 1) / 2
-    return _result("ours", threads, prompt_tokens, g["steps"], g["ttft"], weights=eng.meta.get("weights", "tile8"),
+    weights = eng.meta.get("weights", "tile8") + ("+int8" if eng.meta.get("head") == "int8" else "")
+    return _result("ours", threads, prompt_tokens, g["steps"], g["ttft"], weights=weights,
                    target=eng.target, entry=str(entry), cpu_flags=list(eng.meta.get("cpu_flags", ())),
                    mean_decode_pos=mean_pos, bytes=decode_bytes(eng.meta, mean_pos), tokens=g["tokens"],
                    top5=g["top5"], top5_logits=g["top5_logits"])  # fmt: skip
@@ -431,13 +433,14 @@ def prepare(a, target: str) -> list[dict]:
                                   MODULE), path, ours)  # fmt: skip
         entries = {}
         for w in a.weights:
-            for n in a.threads if w == "tl" else a.threads[:1]:  # tile8 entries serve every thread count
-                per = f", built for {n} thread(s)" if w == "tl" else ""
+            per_thread = w.startswith("tl")
+            for n in a.threads if per_thread else a.threads[:1]:  # tile8 entries serve every thread count
+                per = f", built for {n} thread(s)" if per_thread else ""
                 _say(f"compiling our module for {name} ({w}, {target}{per}; reused when cached, minutes for a 2B "
                      "model) ...")  # fmt: skip
                 r = _run_worker(["build", "--gguf", str(path), "--target", target, "--weights", w,
                                  "--cache-dir", cache_dir], n, MODULE)  # fmt: skip
-                for m in a.threads if w == "tile8" else [n]:
+                for m in [n] if per_thread else a.threads:
                     entries[(w, m)] = r["dir"]
         models.append({"name": name, "gguf": str(path), "ours": ours, "gguf_bytes": path.stat().st_size,
                        "arch": cfg.arch, "ffn_act": cfg.ffn_act, "config": asdict(cfg), "same_function": same,

@@ -142,16 +142,21 @@ def build(
     tuning_logs: Path | str | None = None,
     weights: str = "tile8",
     cores: int | None = None,
+    head: str = "auto",
 ) -> BuildResult:
     """Compile ``model`` for ``target`` into the cache (or reuse the cached entry); see the module docstring.
     ``weights``: the CPU ternary layout, ``tile8`` (2-bit) or ``tl`` (1.67-bit, AVX-512 VBMI). ``cores``: the
-    thread count the CPU kernels are built for (default :func:`targets.build_cores`: TVM's pool size)."""
+    thread count the CPU kernels are built for (default :func:`targets.build_cores`: TVM's pool size). ``head``: the
+    LM head as the GGUF stores it (``auto``) or ``int8`` rows with a float32 scale each (half an F16 head's bytes;
+    :func:`compiler.lower.quantize_head`)."""
     from compiler import lower
 
     model = check_model(model)
     try:
         target = targets.resolve(target)
         lower.check_weights(weights, target == "cuda")
+        if head not in lower.HEADS:
+            raise ValueError(f"head={head!r}: expected one of {', '.join(lower.HEADS)}")
     except (ValueError, RuntimeError) as exc:
         raise BuildError(str(exc)) from exc
     check_cpu_layout(weights, target)
@@ -159,7 +164,7 @@ def build(
         check_writable(Path(dump_ir), "--dump-ir directory")
     with phase("key"):
         cores = None if target == "cuda" else int(cores or targets.build_cores())  # meta.json records it
-        key = cache.cache_key(model, target, tuning_logs, weights, cores)
+        key = cache.cache_key(model, target, tuning_logs, weights, cores, head=head)
         d = cache.entry_dir(cache_dir, key)
         ok, why = cache.check_entry(d, key)
         log.info("cache entry %s: %s", d, why)
@@ -175,7 +180,7 @@ def build(
                  cfg.max_seq_len)  # fmt: skip
     with phase("pack"):
         try:
-            params = lower.pack_params(g, gpu=target == "cuda", weights=weights)
+            params = lower.pack_params(g, gpu=target == "cuda", weights=weights, head=head)
         except ValueError as exc:  # a shape the layout cannot take
             raise BuildError(f"{model}: {exc}") from exc
         log.info("%d parameter arrays, %.1f MiB", len(params), sum(a.nbytes for a in params.values()) / 2**20)
@@ -183,9 +188,8 @@ def build(
     from tvm import relax
 
     with phase("lower"):
-        head = params["lm_head.weight"]
         lw = lower.Lowering(cfg, target, logs_root=tuning_logs, embed_dtype=str(params["token_embd.weight"].dtype),
-                            head_dtype=str(head.dtype), weights=weights, cores=cores)  # fmt: skip
+                            head_dtype=str(params["lm_head.weight"].dtype), weights=weights, cores=cores)  # fmt: skip
         mod = lw.module()
         untuned = sorted(k for k, s in lw.kernels.items() if s == "hand")
         if untuned:
@@ -222,7 +226,8 @@ def build(
         ex.export_library(str(tmp / "model.so"))
         np.savez(tmp / "params.npz", **params)
         meta = {
-            "key": key, "target": target, "weights": weights, "cores": cores, "cpu_flags": lw.cpu_flags(),
+            "key": key, "target": target, "weights": weights, "head": head, "cores": cores,
+            "cpu_flags": lw.cpu_flags(),
             "compiler_version": cache.compiler_version(),
             "model": str(model),
             "config": cfg.to_dict(), "prefill_chunk": lw.chunk, "batch_sizes": list(lw.k.batch_sizes),
@@ -259,7 +264,9 @@ def repack_into(entry: Path | str, model: Path | str) -> Path:
     from compiler import lower
 
     try:
-        params = lower.pack_params(g, gpu=meta["target"] == "cuda", weights=meta.get("weights", "tile8"))
+        params = lower.pack_params(
+            g, gpu=meta["target"] == "cuda", weights=meta.get("weights", "tile8"), head=meta.get("head", "auto")
+        )
     except ValueError as exc:
         raise BuildError(f"{model}: {exc}") from exc
     names = [n for n, _, _ in meta["params"]]
@@ -339,7 +346,7 @@ def _mark_scheduled(mod):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="a bitnet-mhc .gguf")
+    ap.add_argument("--model", required=True, help="a .gguf: bitnet-mhc, or llama.cpp's bitnet / ternary llama")
     ap.add_argument("--target", default="auto", choices=["auto", "avx512", "avx2", "cuda"])
     ap.add_argument("--cache-dir", default=None, help=f"default {cache.default_cache_dir()}")
     ap.add_argument("--dump-ir", default=None, help="write each phase's IR here")
@@ -358,6 +365,9 @@ def main(argv=None) -> None:
         help="build the CPU kernels for this many threads (default: "
         "TVM_NUM_THREADS, else this machine's cores); to build for a machine with more cores",
     )
+    ap.add_argument("--head", default="auto", choices=["auto", "int8"],
+                    help="the LM head as the GGUF stores it (auto) or int8 rows with a scale each (half an F16 "
+                    "head's bytes; docs/foreign_models.md)")  # fmt: skip
     a = ap.parse_args(argv)
     if a.cores is not None and not 1 <= a.cores <= 1024:
         ap.error(f"--cores {a.cores}: expected 1..1024")
@@ -366,7 +376,7 @@ def main(argv=None) -> None:
         if a.repack_into:
             print(repack_into(a.repack_into, a.model))
             return
-        r = build(a.model, a.target, a.cache_dir, a.dump_ir, a.force, weights=a.weights, cores=a.cores)
+        r = build(a.model, a.target, a.cache_dir, a.dump_ir, a.force, weights=a.weights, cores=a.cores, head=a.head)
     except BuildError as exc:
         raise SystemExit(f"error: {exc}") from None
     except OSError as exc:  # e.g. the disk filled up while exporting

@@ -94,8 +94,9 @@ PER_THREAD_WEIGHTS = ("tl",)  # gemv_i8_tl's per-thread table build: schedules.x
 
 
 def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = None, weights: str = "tile8",
-              cores: int | None = None, root: Path | str | None = None) -> str:  # fmt: skip
-    """The entry key (see the module docstring): sha256 of the GGUF bytes, target, weight layout, compiler version,
+              cores: int | None = None, root: Path | str | None = None, head: str = "auto") -> str:  # fmt: skip
+    """The entry key (see the module docstring): sha256 of the GGUF bytes, target, weight layout, LM head storage
+    (``head``: as the GGUF stores it, or int8), compiler version,
     the target's tuning database under ``tuning_logs`` (default :func:`logs_root`), every source file under ``root``
     (default :data:`REPO`; :func:`source_files`) and, for layouts whose kernels split work per thread, the thread
     count they are built for: ``cores``, None meaning :func:`targets.build_cores`. Every other CPU kernel
@@ -111,6 +112,8 @@ def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = No
     h.update(f"\0target\0{target}\0version\0{compiler_version()}\0".encode())
     if weights != "tile8":
         h.update(f"\0weights\0{weights}\0".encode())
+    if head != "auto":
+        h.update(f"\0head\0{head}\0".encode())
     if target != "cuda" and weights in PER_THREAD_WEIGHTS:
         import targets
 

@@ -86,7 +86,17 @@ def relu2_mul(T: int, F: int):
     return _prim([g, u, y])
 
 
-GATED = {"silu": silu_mul, "relu2": relu2_mul}  # ModelConfig.ffn_act → the gate kernel
+GATED = {"silu": silu_mul, "relu2": relu2_mul}
+
+
+def scale_columns(B: int, V: int):
+    """``y[b, v] = x[b, v] · s[v]``: an int8 LM head's row scales applied to its raw logits."""
+    from tvm import te
+
+    x = te.placeholder((B, V), "float32", name="x")
+    s = te.placeholder((V,), "float32", name="s")
+    y = te.compute((B, V), lambda b, v: x[b, v] * s[v], name="y")
+    return _prim([x, s, y])  # ModelConfig.ffn_act → the gate kernel
 
 
 def mtp_residual(T: int, D: int):

@@ -210,7 +210,7 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", gpu: bool = True, th
     are, so it does not depend on the batch. ``gpu=False``: serial loops (runs on the CPU)."""
     from tvm.script import tirx as Tx
 
-    step = 16 // (2 if dtype == "float16" else 4)  # elements of a 16-byte load
+    step = 16 // {"float16": 2, "int8": 1}.get(dtype, 4)  # elements of a 16-byte load
     if D % step:
         raise ValueError(f"d_model {D} must be a multiple of the head's step {step}")
     R = 2 if B >= 16 and V % 2 == 0 else 1

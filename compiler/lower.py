@@ -83,6 +83,9 @@ def tl_tile(M: int) -> int:
     raise ValueError(f"weights='tl' needs every ternary matrix's output size to be a multiple of 16; M = {M}")
 
 
+HEADS = ("auto", "int8")  # the LM head as the GGUF stores it (F16 or F32), or int8 rows + a float32 scale per row
+
+
 def check_weights(weights: str, gpu: bool) -> None:
     if weights not in WEIGHT_LAYOUTS:
         raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_LAYOUTS}")
@@ -109,6 +112,8 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
         ParamSpec("token_embd.weight", (V, D), embed_dtype),
         ParamSpec("lm_head.weight", (V, D), head_dtype),
     ]
+    if head_dtype == "int8":  # HEADS: int8 rows, one float32 scale each
+        out.append(ParamSpec("lm_head.scale", (V,), "float32"))
     out += [ParamSpec("output_norm.weight", (D,), "float32"), ParamSpec("rope.cos", (C, hd // 2), "float32"),
             ParamSpec("rope.sin", (C, hd // 2), "float32")]  # fmt: skip
     shapes = ternary_shapes(cfg)
@@ -164,7 +169,7 @@ def draft_vocab(V: int, gpu: bool) -> int:
 def draft_specs(specs: list[ParamSpec]) -> list[ParamSpec]:
     """The parameters of the ``draft{k}_b{B}`` functions, in ``specs`` order: the embedding, the LM head and the MTP
     heads'."""
-    return [s for s in specs if s.name in ("token_embd.weight", "lm_head.weight") or s.name.startswith("mtp.")]
+    return [s for s in specs if s.name.startswith(("token_embd.", "lm_head.", "mtp."))]
 
 
 GGUF_NAMES = {"attn_o": "attn_output"}  # the one place a config projection name differs from the GGUF's
@@ -216,19 +221,35 @@ def _pack_cpu(codes: np.ndarray, weights: str = "tile8") -> np.ndarray:
     return get_layout(name).pack(codes)
 
 
-def pack_params(g, gpu: bool = False, weights: str = "tile8") -> dict[str, np.ndarray]:
+def quantize_head(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The LM head as int8 rows with one float32 scale each (``head="int8"``): ``scale[v] = max|W[v]| / 127``,
+    ``q = round_half_even(W[v] / scale[v])`` (a zero row: scale 0, codes 0). Logits are ``scale[v] · Σ_d h[d]·q[v, d]``;
+    each weight moves by at most ``scale[v] / 2``."""
+    w = np.asarray(w, np.float32)
+    scale = (np.abs(w).max(axis=1) / np.float32(127)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q), scale
+
+
+def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto") -> dict[str, np.ndarray]:
     """The GGUF's tensors → the kernels' inputs: ternaries repacked to ``tile8`` or ``tl{R}`` (GPU: ``dp4a``) + a
-    float32 scale, floats as float32, mHC coefficients computed once, RoPE tables."""
+    float32 scale, floats as float32, mHC coefficients computed once, RoPE tables. ``head``: the LM head as the GGUF
+    stores it (``auto``: F16 stays float16) or ``int8`` rows with a scale each (:func:`quantize_head`)."""
     from model.ternary.layouts import get_layout
 
     check_weights(weights, gpu)
+    if head not in HEADS:
+        raise ValueError(f"head={head!r}: expected one of {HEADS}")
     pack = get_layout("dp4a").pack if gpu else (lambda codes: _pack_cpu(codes, weights))
     cfg = g.config
     p: dict[str, np.ndarray] = {}
     emb = g.tensors["token_embd.weight"]
-    head = emb if cfg.tie_embeddings else g.tensors["output.weight"]
+    head_t = emb if cfg.tie_embeddings else g.tensors["output.weight"]
     p["token_embd.weight"] = np.ascontiguousarray(emb.data, float_dtype(emb))
-    head_w = np.asarray(head.data, float_dtype(head))
+    head_w = np.asarray(head_t.data, float_dtype(head_t))
+    if head == "int8":
+        head_w, p["lm_head.scale"] = quantize_head(head_w)
     p["lm_head.weight"] = np.ascontiguousarray(head_w)  # [V, D]: a GEMV streaming rows (graph_kernels*.lm_head)
     p["output_norm.weight"] = g.tensors["output_norm.weight"].to_float().astype(np.float32)
     p["rope.cos"], p["rope.sin"] = gk.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -532,7 +553,11 @@ class Lowering:
         else:
             hn = self._call(self._rmsnorm(rows, D), norm, [((rows, D), f32)])
         gv = self._te("lm_head", lambda B: self.k.lm_head(B, V, D, self.head_dtype), rows)
-        return self._into(gv, [hn, f.pv["lm_head.weight"]], dst["logits"]), hn
+        if self.head_dtype != "int8":
+            return self._into(gv, [hn, f.pv["lm_head.weight"]], dst["logits"]), hn
+        raw = self._call(gv, [hn, f.pv["lm_head.weight"]], [((rows, V), f32)])
+        scaled = self._te("scale_columns", gk.scale_columns, rows, V, sched=True)
+        return self._into(scaled, [raw, f.pv["lm_head.scale"]], dst["logits"]), hn
 
     def draft(self, B: int, heads: int):
         """``draft{heads}_b{B}(hidden float32[B, D], token int32[B], drafts int32[heads, B], *draft_params)`` (the
@@ -578,6 +603,10 @@ class Lowering:
             b = self._ternary(f, f"mtp.{k}.embed_proj", *self._quantize(B, D, e), D, D)
             g = self._call(step, [g, a, b], [((B, D), f32)])
             logits = self._call(head, [g, f.pv["lm_head.weight"]], [((B, Vd), f32)])
+            if self.head_dtype == "int8":  # the scales of the draft vocabulary's rows (the first Vd)
+                scale = self.bb.emit(relax.op.strided_slice(f.pv["lm_head.scale"], axes=[0], begin=[0], end=[Vd]))
+                sc = self._te("scale_columns", gk.scale_columns, B, Vd, sched=True)
+                logits = self._call(sc, [logits, scale], [((B, Vd), f32)])
             tok = self._call(pick, [logits], [((B,), "int32"), ((B,), f32)])[0]
             toks.append(self._reshape(tok, (1, B)))
         return toks[0] if heads == 1 else bb.emit(relax.op.concat(toks, axis=0))

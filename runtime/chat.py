@@ -143,12 +143,14 @@ def main(argv=None) -> None:
                     help="on: reuse the cached module, compile it if absent (default); off: never compile (error if "
                     "absent); redo: always recompile; readonly: compile into a temporary directory if absent, never "
                     "write the cache")  # fmt: skip
+    ap.add_argument("--head", default="auto", choices=["auto", "int8"],
+                    help="the LM head as the GGUF stores it, or int8 rows (half an F16 head's bytes)")  # fmt: skip
     add_draft_args(ap)
     a = ap.parse_args(argv)
     check_args(ap, a)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        eng = Engine.from_gguf(a.model, a.target, a.cache_dir, a.threads, a.jit_policy,
+        eng = Engine.from_gguf(a.model, a.target, a.cache_dir, a.threads, a.jit_policy, head=a.head,
                                token_healing=not a.no_token_healing, draft_tokens=draft_tokens(a))  # fmt: skip
     except (JITError, ValueError) as exc:
         raise SystemExit(f"{ap.prog}: error: {exc}") from None

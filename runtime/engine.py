@@ -81,6 +81,7 @@ def ensure_built(
     cache_dir: Path | str | None = None,
     cores: int | None = None,
     jit_policy: str = "on",
+    head: str = "auto",
 ) -> Path:
     """The cache entry for ``gguf`` on ``target`` (key: :func:`compiler.cache.cache_key`, the one place it is
     computed); ``cores``: the thread count it will run with (default TVM's pool size; see docs/threads.md).
@@ -90,20 +91,23 @@ def ensure_built(
     * ``off``: never compile; no usable entry is a :class:`JITError` naming the ``compiler.build`` command;
     * ``redo``: always compile, replacing the cache entry;
     * ``readonly``: reuse a usable entry, else compile into a temporary directory (removed at exit); the cache is
-      never written."""
+      never written.
+
+    ``head``: the LM head as the GGUF stores it (``auto``) or ``int8`` (``compiler.build --head``)."""
     from compiler.build import cache  # the JIT entry point and its cache: the runtime's one way into the compiler
     from targets import resolve
 
     if jit_policy not in JIT_POLICIES:
         raise ValueError(f"jit_policy must be one of {', '.join(JIT_POLICIES)}; got {jit_policy!r}")
     target = resolve(target)
-    key = cache.cache_key(gguf, target, cores=cores)
+    key = cache.cache_key(gguf, target, cores=cores, head=head)
     d = cache.entry_dir(cache_dir, key)
     ok, why = cache.check_entry(d, key)
     if ok and jit_policy != "redo":
         return d
     if jit_policy == "off":
         cmd = f"python -m compiler.build --model {gguf} --target {target}"
+        cmd += f" --head {head}" if head != "auto" else ""
         cmd += f" --cache-dir {cache_dir}" if cache_dir else ""
         raise JITError(f"no usable compiled module for {gguf} on {target} in {d.parent} ({why}) and the JIT policy "
                        f"is off; build it first: {cmd}")  # fmt: skip
@@ -118,10 +122,10 @@ def ensure_built(
         atexit.register(shutil.rmtree, tmp, ignore_errors=True)
         log.warning("no usable compiled module for %s on %s (%s): compiling into %s (read-only cache)", gguf, target,
                     why, tmp)  # fmt: skip
-        return build(gguf, target, tmp, cores=cores).dir
+        return build(gguf, target, tmp, cores=cores, head=head).dir
     if jit_policy == "on":
         log.warning("no usable compiled module for %s on %s (%s): compiling (first use)", gguf, target, why)
-    return build(gguf, target, cache_dir, cores=cores, force=jit_policy == "redo").dir
+    return build(gguf, target, cache_dir, cores=cores, force=jit_policy == "redo", head=head).dir
 
 
 KV_CONTEXTS = 4  # the default KV cache holds this many full contexts' worth of tokens
@@ -241,10 +245,13 @@ class Engine:
         cache_dir=None,
         threads: int | None = None,
         jit_policy: str = "on",
+        head: str = "auto",
         **kw,
     ) -> Engine:
-        """Build (per ``jit_policy``, see :func:`ensure_built`) or reuse ``gguf``'s module, then load it."""
-        return cls(ensure_built(gguf, target, cache_dir, cores=threads, jit_policy=jit_policy), gguf, threads, **kw)
+        """Build (per ``jit_policy``, see :func:`ensure_built`; ``head``: the LM head's storage) or reuse ``gguf``'s
+        module, then load it."""
+        entry = ensure_built(gguf, target, cache_dir, cores=threads, jit_policy=jit_policy, head=head)
+        return cls(entry, gguf, threads, **kw)
 
     @functools.cached_property
     def token_table(self) -> TokenTable:

@@ -118,6 +118,7 @@ class ServeConfig:
     max_batch: int | None = None  # requests decoded together (None: the largest compiled decode batch)
     kv_tokens: int | None = None  # KV-cache capacity in tokens over all requests (None: the Engine's default)
     draft_tokens: int | None = None  # speculative decoding with the MTP heads (None: the Engine's default; 0: off)
+    head: str = "auto"  # the LM head as the GGUF stores it, or "int8" (compiler.build --head)
 
     def __post_init__(self) -> None:
         self.model_id = self.model_id or Path(self.model).stem
@@ -167,7 +168,7 @@ class Backend:
         self.eos_text = spec.tokens[spec.eos_id] if spec.eos_id is not None else ""
         self.control_ids = tuple(i for i, t in enumerate(spec.token_type) if t == TOKEN_CONTROL)
         return Engine.from_gguf(c.model, c.target, c.cache_dir, c.threads or default_threads(), c.jit_policy,
-                                kv_tokens=c.kv_tokens, draft_tokens=c.draft_tokens)  # fmt: skip
+                                head=c.head, kv_tokens=c.kv_tokens, draft_tokens=c.draft_tokens)  # fmt: skip
 
     def _load(self):
         engine = self._open()
@@ -730,6 +731,8 @@ def main(argv: list[str] | None = None) -> None:
                     "once if absent); redo: always recompile; readonly: compile into a temporary directory if absent, "
                     "never write the cache")  # fmt: skip
     ap.add_argument("--log-level", default="info")
+    ap.add_argument("--head", default="auto", choices=["auto", "int8"],
+                    help="the LM head as the GGUF stores it, or int8 rows (half an F16 head's bytes)")  # fmt: skip
     add_draft_args(ap)
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -771,10 +774,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: --chat-template {a.chat_template}: {e}") from None
     config = ServeConfig(a.model, a.target, a.cache_dir, a.threads, a.host, a.port, a.api_key, a.max_queue,
                          a.max_body_bytes, a.metrics, tuple(a.cors), a.model_id, template, a.template_timeout,
-                         a.read_timeout, a.jit_policy, a.max_batch, a.kv_tokens, draft_tokens(a))  # fmt: skip
+                         a.read_timeout, a.jit_policy, a.max_batch, a.kv_tokens, draft_tokens(a), a.head)  # fmt: skip
     if a.jit_policy == "off":  # nothing to compile in the background: a missing module fails now, not on /health
         try:
-            ensure_built(config.model, config.target, config.cache_dir, config.threads or default_threads(), "off")
+            ensure_built(config.model, config.target, config.cache_dir, config.threads or default_threads(), "off",
+                         head=config.head)  # fmt: skip
         except (JITError, ValueError) as e:  # ValueError: GGUFError (not a model file) or an unknown target
             raise SystemExit(f"error: {e}") from None
     if config.api_key is None and a.host not in ("127.0.0.1", "localhost", "::1"):
