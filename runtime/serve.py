@@ -145,6 +145,7 @@ class Backend:
         self.template_error: str | None = None  # why the template was refused when the model loaded
         self.eos_ids: tuple[int, ...] = ()
         self.eos_text = ""
+        self.bos_text = ""
         self.control_ids: tuple[int, ...] = ()  # every control token ends an assistant turn
         self.max_token_bytes = 0  # the longest token: a prompt over ctx × this many characters cannot fit
         self.chat_tuned = False  # the GGUF's training.chat_tuned: the chat page opens in chat mode only then
@@ -166,6 +167,7 @@ class Backend:
         self.template = c.chat_template if c.chat_template is not None else spec.chat_template
         self.eos_ids = (spec.eos_id,) if spec.eos_id is not None else ()
         self.eos_text = spec.tokens[spec.eos_id] if spec.eos_id is not None else ""
+        self.bos_text = spec.tokens[spec.bos_id] if spec.bos_id is not None else ""  # Llama 3 templates open with it
         self.control_ids = tuple(i for i, t in enumerate(spec.token_type) if t == TOKEN_CONTROL)
         return Engine.from_gguf(c.model, c.target, c.cache_dir, c.threads or default_threads(), c.jit_policy,
                                 head=c.head, kv_tokens=c.kv_tokens, draft_tokens=c.draft_tokens)  # fmt: skip
@@ -174,7 +176,7 @@ class Backend:
         engine = self._open()
         self.max_token_bytes = _longest_token_bytes(engine)
         try:  # a template that cannot render one user turn within its budget is refused now, once
-            self.renderer.render(TRIAL_MESSAGES, self.template, eos_token=self.eos_text)
+            self.renderer.render(TRIAL_MESSAGES, self.template, bos_token=self.bos_text, eos_token=self.eos_text)
         except ChatTemplateError as e:
             if e.code != "chat_template_raised":  # its own raise_exception: it may just want another conversation
                 self.template_error = f"the model's chat template was refused when it loaded: {e}"
@@ -192,7 +194,8 @@ class Backend:
         if self._renders > self.config.max_queue:
             raise APIError(429, f"{self.config.max_queue} chat templates are already waiting to render; retry later",
                            "rate_limit_error", code="queue_full")  # fmt: skip
-        render = functools.partial(self.renderer.render, messages, self.template, eos_token=self.eos_text)
+        render = functools.partial(self.renderer.render, messages, self.template, bos_token=self.bos_text,
+                                   eos_token=self.eos_text)  # fmt: skip
         self._renders += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._render_pool, render)

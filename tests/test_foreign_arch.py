@@ -31,7 +31,7 @@ from runtime.engine import Engine
 pytestmark = pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")
 FOREIGN = ("bitnet", "llama")
 BUILT = [("bitnet", "relu2"), ("llama", "silu")]  # arch, ffn_act
-STEPS = 24
+STEPS = 64
 
 
 def _cfg(arch: str, act: str = "silu"):

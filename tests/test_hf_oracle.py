@@ -27,12 +27,15 @@ import numpy as np
 import pytest
 import torch
 from runtime_helpers import cache_dir, one_torch_thread
-from test_convert_hf import PACKED_QUANT, hf, hf_config, hf_tensors, write_checkpoint  # noqa: F401 (hf: fixture)
+from serve_helpers import run_app
+from test_convert_hf import CHAT_TEMPLATE, PACKED_QUANT, hf, hf_config, hf_tensors, write_checkpoint  # noqa: F401
 
 from compiler.build import build
 from model.convert_hf import main as convert_main
 from model.gguf_io import read_gguf
+from runtime.chat_template import render_chat
 from runtime.engine import Engine
+from runtime.serve import Backend, ServeConfig
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning"),
@@ -120,3 +123,29 @@ def test_default_conversion_stays_within_the_float16_rounding_of_scales(tmp_path
     want, mine, errs, scale = compare(tmp_path, hf, "packed", exact=False)
     assert sum(a == b for a, b in zip(mine, want, strict=True)) >= STEPS - 4  # measured: 63 of 64
     assert max(errs) <= 0.05 * scale, (max(errs), scale)  # measured: 0.03 of 1.2
+
+
+@pytest.mark.e2e
+def test_a_converted_checkpoint_serves_with_its_chat_template(tmp_path, hf):  # noqa: F811
+    """runtime.serve on the converted GGUF: the Llama 3 template from the file (with its bos_token), its special
+    tokens never in the text, the usage counting the rendered prompt's tokens."""
+    import httpx
+
+    config = hf_config(torch_dtype="float32", quantization_config=PACKED_QUANT)
+    src = write_checkpoint(tmp_path / "hf", exact_tensors(hf, "packed", 3), config)
+    gguf = tmp_path / "model.gguf"
+    convert_main([str(src), "--out", str(gguf)])
+    spec = read_gguf(gguf).tokenizer
+    assert spec.chat_template == CHAT_TEMPLATE and spec.pre == "llama-bpe"
+    messages = [{"role": "user", "content": "def fib(n):"}]
+    prompt = render_chat(messages, spec.chat_template, bos_token=spec.tokens[spec.bos_id])
+    assert prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
+    with run_app(Backend(ServeConfig(str(gguf), cache_dir=str(cache_dir()))), timeout_s=600) as url:
+        body = {"model": "model", "messages": messages, "max_tokens": 12, "temperature": 0}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    text = out["choices"][0]["message"]["content"]
+    assert isinstance(text, str) and "<|" not in text
+    engine_ids = Engine(build(gguf, "auto", cache_dir()).dir, gguf).tokenize(prompt)
+    assert out["usage"]["prompt_tokens"] == len(engine_ids)
