@@ -1,4 +1,5 @@
-"""The GGUF contract of the ``bitnet-mhc`` architecture: a writer (via the ``gguf`` package) and a validating reader.
+"""The GGUF contract of the ``bitnet-mhc`` architecture (and of llama.cpp's ``bitnet`` and ternary ``llama``): a writer
+(via the ``gguf`` package) and a validating reader.
 
 One .gguf file is self-contained: hyperparameters, tokenizer and every weight. The reader is our own strict parser
 (numpy + stdlib, no torch, never executes or unpickles anything): it checks magic, version, every length and count
@@ -50,6 +51,14 @@ file), one per-tensor absmean scale stored in every non-zero block; ``y = W x`` 
 ==================================================  =====================  ==========================
 
 The mHC logits become coefficients with :func:`model.mhc_static.coefficients` (:meth:`GGUFModel.mhc_coefficients`).
+
+Foreign architectures (``general.architecture = "bitnet"`` or ``"llama"``; ``docs/foreign_models.md``): llama.cpp's
+keys (:data:`FOREIGN_HPARAMS`, with its defaults for absent ones; ``rope.dimension_count``, ``attention.key_length``
+and ``value_length`` must equal the head size; experts, RoPE scaling and ``rope_freqs.weight`` are refused), the same
+tensor names without ``mhc_*``/``mtp.*``, plus ``blk.{i}.attn_sub_norm.weight [d]`` and ``blk.{i}.ffn_sub_norm.weight
+[ffn]`` for ``bitnet`` (always tied), whose gate activation is ``bitnet.feed_forward_activation`` (``silu`` when
+absent, as llama.cpp computes it; BitNet b1.58 2B-4T is ``relu2``). A ``llama`` file's ``attn_q``/``attn_k`` rows are
+stored permuted for llama.cpp's adjacent-pair RoPE (:func:`rope_norm_rows`); :meth:`GGUFModel.ternary` undoes it.
 
 Before anything is parsed, :func:`check_model_file` checks the path (a readable regular file of at most
 ``MAX_FILE_BYTES`` starting with the GGUF magic and version: never a directory, a device or a FIFO), and
