@@ -128,11 +128,28 @@ _SCALAR = {ValueType.UINT8: "<u1", ValueType.INT8: "<i1", ValueType.UINT16: "<u2
 class GGMLType(IntEnum):
     F32 = 0
     F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
     TQ1_0 = int(ggml.TernaryType.TQ1_0)
     TQ2_0 = int(ggml.TernaryType.TQ2_0)
+    BF16 = 30
 
 
 _FLOAT_DTYPES = {GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2")}
+# ggml's block-quantized types, allowed for the embedding and the output head only (what llama-quantize writes beside
+# TQ1_0/TQ2_0 matrices): dequantized by gguf-py (gguf.quants), then stored as float16 by the build (or int8 rows with
+# --head int8). (block size, bytes per block) from gguf.GGML_QUANT_SIZES.
+QUANT_EMBED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q2_K,
+                     GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.BF16)  # fmt: skip
+EMBED_TYPES = (GGMLType.F32, GGMLType.F16, *QUANT_EMBED_TYPES)
 FILE_TYPE = {GGMLType.TQ2_0: 37, GGMLType.TQ1_0: 36}  # llama.cpp's LlamaFileType MOSTLY_TQ2_0 / MOSTLY_TQ1_0
 
 # (key under "<arch>.", ModelConfig field, value type)
@@ -225,8 +242,9 @@ def write_gguf(
     import gguf
 
     ternary_type, embed_type = GGMLType(ternary_type), GGMLType(embed_type)
-    if ternary_type not in FILE_TYPE or embed_type not in _FLOAT_DTYPES:
-        raise GGUFError(f"ternary_type must be TQ2_0/TQ1_0 and embed_type F16/F32, got {ternary_type!r}/{embed_type!r}")
+    if ternary_type not in FILE_TYPE or embed_type not in (*_FLOAT_DTYPES, GGMLType.Q8_0):
+        raise GGUFError(f"ternary_type must be TQ2_0/TQ1_0 and embed_type F16/F32/Q8_0, got {ternary_type!r}/"
+                        f"{embed_type!r}")  # fmt: skip
     specs = tensor_specs(config)
     _check_names(set(tensors), specs)
     try:
@@ -307,6 +325,13 @@ def _encode(name, value, spec: TensorSpec, ternary_type: GGMLType, embed_type: G
     arr = np.asarray(value)
     if arr.shape != spec.shape:
         raise GGUFError(f"{name}: shape {arr.shape}, expected {spec.shape}")
+    if qtype == GGMLType.Q8_0:
+        from gguf import GGMLQuantizationType, quants
+
+        arr = np.asarray(arr, np.float32)
+        if not np.isfinite(arr).all():
+            raise GGUFError(f"{name}: non-finite values")
+        return quants.quantize(arr, GGMLQuantizationType.Q8_0), qtype
     with np.errstate(over="ignore"):  # an overflow to inf is reported just below
         arr = np.ascontiguousarray(arr, dtype=_FLOAT_DTYPES[qtype])
     if not np.isfinite(arr).all():
@@ -335,7 +360,7 @@ class GGUFTensor:
     data: np.ndarray
 
     def ternary(self) -> TernaryWeights:
-        if self.ggml_type in _FLOAT_DTYPES:
+        if self.ggml_type not in FILE_TYPE:
             raise GGUFError(f"{self.name}: {self.ggml_type.name} is not a ternary type")
         try:
             codes, scales = ggml.unpack(self.data, self.shape[-1], ggml.TernaryType(int(self.ggml_type)))
@@ -349,6 +374,12 @@ class GGUFTensor:
     def to_float(self) -> np.ndarray:
         if self.ggml_type in _FLOAT_DTYPES:
             return self.data.astype(np.float32)
+        if self.ggml_type in QUANT_EMBED_TYPES:
+            from gguf import GGMLQuantizationType, quants
+
+            with np.errstate(all="ignore"):  # a corrupt block scale: reported by the caller's finiteness check
+                out = quants.dequantize(self.data, GGMLQuantizationType(int(self.ggml_type)))
+            return np.asarray(out, np.float32).reshape(self.shape)
         return self.ternary().dequantize()
 
 
@@ -424,6 +455,13 @@ class _Cursor:
 def _tensor_nbytes(name: str, gtype: GGMLType, ne: list[int]) -> int:
     if gtype in _FLOAT_DTYPES:
         return int(np.prod(ne, dtype=np.int64)) * _FLOAT_DTYPES[gtype].itemsize
+    if gtype in QUANT_EMBED_TYPES:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(gtype))]
+        if ne[0] % block:
+            raise GGUFError(f"tensor {name}: {gtype.name} row length {ne[0]} is not a multiple of {block}")
+        return int(np.prod(ne[1:], dtype=np.int64)) * (ne[0] // block) * size
     if ne[0] % QK:
         raise GGUFError(f"tensor {name}: {gtype.name} row length {ne[0]} is not a multiple of {QK}")
     rows = int(np.prod(ne[1:], dtype=np.int64))
@@ -636,7 +674,7 @@ def read_gguf(source: str | Path | bytes, check_values: bool = True) -> GGUFMode
         t = f.tensors[name]
         if t.shape != spec.shape:
             raise GGUFError(f"tensor {name}: shape {t.shape}, expected {spec.shape}")
-        allowed = {"float": {GGMLType.F32}, "embed": set(_FLOAT_DTYPES)}.get(spec.kind, ternary_types)
+        allowed = {"float": {GGMLType.F32}, "embed": set(EMBED_TYPES)}.get(spec.kind, ternary_types)
         if t.ggml_type not in allowed:
             raise GGUFError(
                 f"tensor {name}: type {t.ggml_type.name}, expected one of {sorted(a.name for a in allowed)}"
@@ -644,7 +682,7 @@ def read_gguf(source: str | Path | bytes, check_values: bool = True) -> GGUFMode
         if check_values:
             if spec.kind == "ternary":
                 t.ternary()
-            elif not np.isfinite(t.data).all():
+            elif not np.isfinite(t.to_float() if t.ggml_type in QUANT_EMBED_TYPES else t.data).all():
                 raise GGUFError(f"tensor {name}: non-finite values (NaN or inf)")
     ternary_type = ternary_types.pop() if ternary_types else GGMLType.TQ2_0
     file_type = _get(f, "general.file_type", ValueType.UINT32, required=False)

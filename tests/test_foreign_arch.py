@@ -24,7 +24,7 @@ from test_gguf_io import rewrite
 
 from compiler import cuda_cross
 from model.config import get_config
-from model.gguf_io import GGUFError, parse_gguf, read_gguf, rope_norm_rows
+from model.gguf_io import GGMLType, GGUFError, parse_gguf, read_gguf, rope_norm_rows, write_gguf
 from model.random_model import write_random_gguf
 from runtime.engine import Engine
 
@@ -88,6 +88,36 @@ def test_llama_q_k_rows_are_permuted_on_disk_and_restored_on_read(tmp_path):
         assert not np.array_equal(raw, want[name].codes)
         assert np.array_equal(g.ternary(name).codes, want[name].codes)
     assert np.array_equal(g.ternary("blk.0.attn_v.weight").codes, want["blk.0.attn_v.weight"].codes)
+
+
+def _q8_embedding_file(path):
+    """A tiny llama TQ2_0 file whose embedding (the tied head) is Q8_0, as llama-quantize may write it."""
+    from model.random_model import random_tensors
+    from model.tokenizer import TokenizerSpec
+
+    cfg = _cfg("llama")
+    spec = read_gguf(write_random_gguf(cfg, path.with_suffix(".f16.gguf"))).tokenizer
+    assert isinstance(spec, TokenizerSpec)
+    tensors = random_tensors(cfg, seed=5)
+    write_gguf(path, cfg, tensors, spec, embed_type=GGMLType.Q8_0)
+    return path, tensors["token_embd.weight"]
+
+
+@pytest.mark.unit
+def test_block_quantized_embeddings_are_read_and_dequantized(tmp_path):
+    path, want = _q8_embedding_file(tmp_path / "q8.gguf")
+    r = gguf.GGUFReader(path)
+    assert next(t for t in r.tensors if t.name == "token_embd.weight").tensor_type == gguf.GGMLQuantizationType.Q8_0
+    g = read_gguf(path)
+    got = g.tensors["token_embd.weight"].to_float()
+    assert got.shape == want.shape
+    scale = np.abs(want).reshape(-1, 32).max(axis=1) / 127  # Q8_0: a float16 scale per 32 values
+    # half a step, plus the float16 rounding of the scale (≤ 2^-11) times the largest code, 127
+    assert (np.abs(got - want).reshape(-1, 32) <= scale[:, None] * (0.5 + 127 * 2**-11) + 1e-7).all()
+    bad = np.array(g.tensors["token_embd.weight"].data)
+    bad[0, :2] = np.frombuffer(np.float16(np.inf).tobytes(), np.uint8)  # the first block's scale
+    with pytest.raises(GGUFError, match=r"token_embd\.weight: non-finite"):
+        read_gguf(rewrite(path, tmp_path / "bad.gguf", patch_tensors={"token_embd.weight": bad}))
 
 
 @pytest.mark.unit
@@ -154,6 +184,17 @@ def test_compiled_foreign_models_match_the_exact_reference_and_pytorch(arch, act
     assert mine == toks and max(errs) <= 1e-3, errs  # measured: 0.0
     ref_toks, got, errs = greedy_parity(eng, reference(gguf_path), prompt, STEPS)
     assert got == ref_toks and max(errs) <= 1e-3, errs  # measured: ≤ 7e-4
+
+
+@pytest.mark.build
+def test_a_q8_0_embedding_compiles_to_float16_and_matches_the_exact_reference(tmp_path):
+    path, _ = _q8_embedding_file(tmp_path / "q8.gguf")
+    r = built(path, "auto")
+    assert ["token_embd.weight", [512, 256], "float16"] in r.meta["params"]
+    eng = Engine(r.dir, path)
+    prompt = [int(t) for t in np.random.default_rng(9).integers(0, 512, 13)]
+    toks, mine, errs = exact_parity(eng, _exact(path, eng.target), prompt, 16)
+    assert mine == toks and max(errs) <= 1e-3, errs
 
 
 @pytest.mark.build
