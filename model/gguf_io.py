@@ -377,8 +377,11 @@ class GGUFTensor:
         if self.ggml_type in QUANT_EMBED_TYPES:
             from gguf import GGMLQuantizationType, quants
 
-            with np.errstate(all="ignore"):  # a corrupt block scale: reported by the caller's finiteness check
-                out = quants.dequantize(self.data, GGMLQuantizationType(int(self.ggml_type)))
+            try:
+                with np.errstate(all="ignore"):  # a corrupt block scale: reported by the caller's finiteness check
+                    out = quants.dequantize(self.data, GGMLQuantizationType(int(self.ggml_type)))
+            except (ValueError, TypeError, NotImplementedError) as exc:
+                raise GGUFError(f"{self.name}: cannot dequantize {self.ggml_type.name}: {exc}") from exc
             return np.asarray(out, np.float32).reshape(self.shape)
         return self.ternary().dequantize()
 
