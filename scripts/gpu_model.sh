@@ -5,6 +5,7 @@
 # bench.runtime: decode/prefill against PyTorch eager bf16, $RUNS interleaved runs, the HBM bound from a device copy
 # in the same run, and the profiler's count of what one decode step launches (bench.cuda_trace).
 #   OUT=<results folder> [RUNS=5] [NAMES="small nano-1b"] [SKIP_TORCH_NANO=1] bash scripts/gpu_model.sh
+#   (NAMES: any entry gpu_prepare.sh built, e.g. bitnet-2b4t)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"

@@ -4,7 +4,8 @@
 # CUDA modules of the shipped model and of nano-1b (random weights), model.so + meta.json in .gpu/entries/<name>
 # (the GPU host repacks the weights from the GGUF: compiler.build --repack-into). Then, on the GPU host:
 #   OUT=<results folder> bash scripts/gpu_model.sh
-#   bash scripts/gpu_prepare.sh [small] [nano-1b]        (default: both)
+#   bash scripts/gpu_prepare.sh [small] [nano-1b] [bitnet-2b4t]   (default: small nano-1b; any preset of
+#   model.config.PRESETS is built from random weights, e.g. bitnet-2b4t, the BitNet b1.58 2B-4T shape)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/gpu_runtime_bundle.sh
