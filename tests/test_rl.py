@@ -1,0 +1,278 @@
+"""RL from execution feedback (train/rl.py): GRPO advantages and clipped objective, MaxRL's success-only likelihood,
+the KL term, batched group sampling against the one-sequence loop, exact resume of a tiny run with a deterministic
+fake reward, and the CLI's refusal of a held-out task file."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from runtime_helpers import tiny_gguf
+
+from model.config import get_config
+from model.generate import generate
+from model.gguf_io import read_gguf
+from model.sampling import SamplingParams
+from model.transformer import Transformer
+from train import checkpoint, muon
+from train.rl import (
+    RLConfig,
+    Rollout,
+    grpo_advantages,
+    kl_k3,
+    maxrl_weights,
+    micro_batches,
+    rollouts_for_update,
+    sample_group,
+    step_tasks,
+    token_logprobs,
+    token_objective,
+    train_rl,
+    update_policy,
+)
+from train.train import make_optimizers
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _orthogonalize_f32(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """``train.muon.orthogonalize`` in float32: CPU bf16 batched matmuls are ~25x slower (a tiny Muon step: 3.5 s)."""
+    a, b, c = muon.NS_COEFFS
+    x = g.float()
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if transposed else x
+
+
+@pytest.fixture(autouse=True)
+def _fast_cpu(monkeypatch):
+    """PyTorch on one thread (on a loaded 2-core machine its spinning OpenMP threads run many times slower) and
+    Muon's Newton–Schulz in float32."""
+    monkeypatch.setattr(muon, "orthogonalize", _orthogonalize_f32)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(get_config("tiny"))
+
+
+def _cfg(**kw) -> RLConfig:
+    base = {"gguf": str(tiny_gguf()), "lr_matrix": 0.02, "lr_embed": 0.01, "kl_coef": 0.0, "device": "cpu"}
+    return RLConfig(**(base | kw))
+
+
+def _logp_sum(model: Transformer, prompt: list[int], completion: list[int]) -> float:
+    (b,) = micro_batches([Rollout(prompt, completion)], 8, "cpu")
+    with torch.no_grad():
+        return float((token_logprobs(model, b["x"], b["y"]) * b["mask"]).sum())
+
+
+@pytest.mark.unit
+def test_grpo_advantages_normalise_each_group_and_skip_groups_without_signal():
+    rewards = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.5]])
+    adv, signal = grpo_advantages(rewards, eps=1e-6)
+    assert signal.tolist() == [True, False, True]
+    r = rewards.double().numpy()
+    want = (r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(adv[[0, 2]].numpy(), want[[0, 2]], rtol=1e-6)
+    assert adv[1].abs().sum() == 0 and abs(float(adv[0].mean())) < 1e-6 and float(adv[0].std(unbiased=False)) > 0.99
+    prompts, groups = [[1], [2], [3]], [[[10 + g * 4 + i] for i in range(4)] for g in range(3)]
+    rows, with_signal = rollouts_for_update("grpo", prompts, groups, rewards, _cfg())
+    assert with_signal == 2 and [r.prompt for r in rows] == [[1]] * 4 + [[3]] * 4
+    assert [r.coef for r in rows] == pytest.approx(adv[[0, 2]].flatten().tolist())
+
+
+@pytest.mark.unit
+def test_maxrl_keeps_passing_samples_only_weighted_per_group():
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 0.7], [0.0, 0.2, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert maxrl_weights(rewards, "group").tolist() == [[0.5, 0, 0.5, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
+    assert maxrl_weights(rewards, "mean").tolist() == [[1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
+    groups = [[[g, i] for i in range(4)] for g in range(3)]
+    rows, with_signal = rollouts_for_update("maxrl", [[7]] * 3, groups, rewards, _cfg(algo="maxrl"))
+    assert with_signal == 2 and [r.completion for r in rows] == [[0, 0], [0, 2], [2, 0]]
+    assert [r.weight for r in rows] == [0.5, 0.5, 1.0]
+
+
+@pytest.mark.unit
+def test_micro_batches_mask_exactly_the_completion_targets():
+    (b,) = micro_batches([Rollout([1, 2, 3], [4, 5]), Rollout([6], [7, 8, 9])], 4, "cpu")
+    assert b["x"].tolist() == [[1, 2, 3, 4], [6, 7, 8, 0]] and b["y"].tolist() == [[2, 3, 4, 5], [7, 8, 9, 0]]
+    assert b["mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+
+
+@pytest.mark.unit
+def test_clip_stops_the_gradient_only_where_it_should():
+    old = torch.zeros(1, 3)
+    for adv, clipped in ((1.0, True), (-1.0, False)):
+        logp = torch.full((1, 3), 0.5, requires_grad=True)  # ratio e^0.5 ≈ 1.65, outside 1 ± 0.2
+        token_objective("grpo", logp, old, torch.tensor([adv]), None, 0.2, 0.0).sum().backward()
+        assert (logp.grad.abs().sum() == 0) == clipped
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("adv", [1.0, -1.0])
+def test_one_grpo_update_moves_the_sample_log_prob_with_its_advantage(adv):
+    model = _tiny_model()
+    prompt, completion = [5, 9, 30, 2], [40, 41, 42, 43]
+    before = _logp_sum(model, prompt, completion)
+    cfg = _cfg(inner_epochs=2)
+    stats = update_policy(model, None, make_optimizers(model, cfg.schedule()), [Rollout(prompt, completion, adv)], cfg)
+    after = _logp_sum(model, prompt, completion)
+    assert stats["updated"] and stats["update_tokens"] == 4
+    assert (after - before) * adv > 0.01, (before, after)
+
+
+@pytest.mark.unit
+def test_maxrl_makes_no_update_when_nothing_passes():
+    model = _tiny_model()
+    cfg = _cfg(algo="maxrl")
+    rewards = torch.tensor([[0.0, 0.5, 0.9]])
+    rows, signal = rollouts_for_update("maxrl", [[5, 9]], [[[1], [2, 3], [4]]], rewards, cfg)
+    before = copy.deepcopy(model.state_dict())
+    stats = update_policy(model, copy.deepcopy(model), make_optimizers(model, cfg.schedule()), rows, cfg)
+    assert rows == [] and signal == 0 and stats["updated"] is False
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.unit
+def test_kl_term_is_zero_with_zero_gradient_when_policy_is_the_reference():
+    model = _tiny_model()
+    ref = copy.deepcopy(model).requires_grad_(False)
+    (b,) = micro_batches([Rollout([5, 9, 30], [40, 41, 42]), Rollout([7], [8, 9])], 4, "cpu")
+    logp = token_logprobs(model, b["x"], b["y"])
+    kl = kl_k3(logp, token_logprobs(ref, b["x"], b["y"]))
+    assert float(kl.detach().abs().max()) == 0.0
+    (kl * b["mask"]).sum().backward()
+    assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters() if p.grad is not None)
+    assert float(kl_k3(torch.tensor([0.0]), torch.tensor([-1.0]))) > 0  # positive where they differ
+    # through the update: advantage 0 leaves the KL term alone, and it is 0
+    cfg = _cfg(kl_coef=1.0)
+    stats = update_policy(model, ref, make_optimizers(model, cfg.schedule()), [Rollout([5, 9], [1, 2, 3], 0.0)], cfg)
+    assert stats["updated"] and stats["loss"] == 0.0 and stats["kl"] == 0.0
+
+
+@pytest.mark.unit
+def test_batched_greedy_group_equals_one_sequence_generation():
+    model = _tiny_model().eval()
+    prompt = [5, 9, 30, 2, 77]
+    decode = lambda ids: "".join(chr(97 + i % 26) for i in ids)  # noqa: E731
+    free = generate(model, prompt, SamplingParams(max_new_tokens=12, temperature=0.0)).tokens
+    cases = [SamplingParams(max_new_tokens=12, temperature=0.0),
+             SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=(free[5],)),
+             SamplingParams(max_new_tokens=12, temperature=0.0, stop_strings=(decode(free[3:5]),))]  # fmt: skip
+    for params in cases:
+        want = generate(model, prompt, params, decode=decode).tokens
+        got = sample_group(model, prompt, 3, params, torch.Generator().manual_seed(0), decode)
+        assert got == [want] * 3
+        assert len(want) == 12 if params is cases[0] else len(want) < 12  # the stop fired
+
+
+@pytest.mark.unit
+def test_sampled_groups_are_seeded_and_each_row_keeps_its_own_context():
+    model = _tiny_model().eval()
+    prompt = [5, 9, 30, 2]
+    free = sample_group(model, prompt, 6, SamplingParams(max_new_tokens=10, temperature=1.0, top_k=3),
+                        torch.Generator().manual_seed(1))  # fmt: skip
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=3, stop_token_ids=(free[0][2], free[1][4]))
+    a = sample_group(model, prompt, 6, params, torch.Generator().manual_seed(1))
+    assert a == sample_group(model, prompt, 6, params, torch.Generator().manual_seed(1))
+    assert a != sample_group(model, prompt, 6, params, torch.Generator().manual_seed(2))
+    assert len({len(r) for r in a}) > 1, "rows should finish at different steps (the cache is compacted)"
+    for row in a:  # every token is in the top 3 of the full forward over its own prefix: no row read another's cache
+        assert all(t not in params.stop_token_ids for t in row[:-1])
+        assert row[-1] in params.stop_token_ids or len(row) == 10
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + row[:-1]]))[0, len(prompt) - 1 :]
+        top3 = logits.topk(3).indices
+        assert all(t in top3[i].tolist() for i, t in enumerate(row))
+
+
+@pytest.mark.unit
+def test_step_tasks_visit_every_task_once_per_epoch():
+    seen = [i for step in range(5) for i in step_tasks(10, 4, 0, step)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert step_tasks(10, 4, 0, 3) == step_tasks(10, 4, 0, 3) != step_tasks(10, 4, 1, 3)
+
+
+@dataclass(frozen=True)
+class FakeTask:
+    task_id: str
+    prompt: str
+
+
+def fake_scorer(tasks, bodies):
+    """Deterministic: a reward in {0, 0.5, 1} from a hash of the body (so groups have signal)."""
+    return [int(hashlib.sha256(b.encode()).hexdigest(), 16) % 3 / 2 for b in bodies]
+
+
+FAKE_TASKS = [FakeTask(f"t{i}", f'def f{i}(x):\n    """Return x plus {i}."""') for i in range(5)]
+TIMING = ("sample_s", "reward_s", "update_s")
+
+
+@pytest.mark.e2e
+def test_interrupted_run_resumes_bit_for_bit(tmp_path):
+    cfg = _cfg(steps=4, prompts_per_step=2, group_size=3, max_new_tokens=6, temperature=1.0, top_p=0.9,
+               inner_epochs=2, kl_coef=0.05, ckpt_every=10, warmup_steps=1)  # fmt: skip
+    full = replace(cfg, out=str(tmp_path / "full"))
+    split = replace(cfg, out=str(tmp_path / "split"), run_steps=2)
+    a = train_rl(full, FAKE_TASKS, fake_scorer, progress=False)
+    b1 = train_rl(split, FAKE_TASKS, fake_scorer, progress=False)
+    assert b1["status"] == "paused" and b1["step"] == 2 and not (tmp_path / "split" / "model.gguf").exists()
+    b2 = train_rl(split, FAKE_TASKS, fake_scorer, progress=False)
+    assert a["status"] == b2["status"] == "completed" and b2["step"] == 4
+
+    def rows(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+    assert rows("full") == rows("split") and [r["step"] for r in rows("full")] == [1, 2, 3, 4]
+    assert any(r["updated"] for r in rows("full")) and all(r["kl"] is None or r["kl"] >= 0 for r in rows("full"))
+    sd = {name: checkpoint.latest(tmp_path / name / "checkpoints") / "model.safetensors" for name in ("full", "split")}
+    assert sd["full"].read_bytes() == sd["split"].read_bytes()
+    gg = read_gguf(tmp_path / "full" / "model.gguf")
+    assert gg.metadata["training.rl_algo"] == "grpo" and gg.metadata["training.rl_steps"] == 4
+    assert (tmp_path / "full" / "rl_curves.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "full" / "rl_summary.json").read_text())
+    assert summary["step"] == 4 and summary["export"]["max_logit_gap"] <= 1e-5
+
+
+@pytest.mark.e2e
+def test_maxrl_run_logs_steps_without_passes(tmp_path):
+    cfg = _cfg(algo="maxrl", steps=2, prompts_per_step=2, group_size=2, max_new_tokens=4, temperature=1.0,
+               out=str(tmp_path / "m"))  # fmt: skip
+    summary = train_rl(cfg, FAKE_TASKS, lambda tasks, bodies: [0.0] * len(bodies), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["status"] == "completed" and [r["updated"] for r in rows] == [False, False]
+    assert all(r["pass_rate"] == 0 and r["groups_with_signal"] == 0 and r["tokens_sampled"] > 0 for r in rows)
+
+
+@pytest.mark.e2e
+def test_cli_refuses_a_held_out_task_file(tmp_path):
+    pytest.importorskip("train.sandbox")  # train.exec_tasks needs it
+    tasks = tmp_path / "heldout.jsonl"
+    task = {"task_id": "stdlib/m::f", "package": "m", "module": "m", "qualname": "f", "check": ">>> f()\n1\n",
+            "prompt": 'def f():\n    """F."""', "reference": "\n    return 1\n", "examples": 1}  # fmt: skip
+    tasks.write_text(json.dumps({"kind": "exec-tasks", "version": 1, "split": "val"}) + "\n" + json.dumps(task) + "\n")
+    cmd = [sys.executable, "-m", "train.rl", "--gguf", str(tiny_gguf()), "--tasks", str(tasks), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "train-split tasks only" in proc.stderr and "split='val'" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
