@@ -71,7 +71,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.runtime import ROOF_MIB, _median_row, _result, _run_worker, decode_bytes
+from bench.runtime import (
+    ROOF_MIB,
+    WARMUP_TOKENS,
+    _median_row,
+    _result,
+    _run_worker,
+    decode_bytes,
+    prompt_ids,
+    timed_generation,
+)
 
 MODULE = "bench.llama_cpp"
 DEFAULT_MODELS = ("bitnet-2b4t", "nano-1b-llama")
@@ -83,7 +92,7 @@ FOREIGN = {"llama": {"arch": "llama", "n_streams": 1, "mtp_heads": 0},  # as `py
            "bitnet": {"arch": "bitnet", "n_streams": 1, "mtp_heads": 0, "tie_embeddings": True}}  # fmt: skip
 WEIGHTS = ("tile8", "tl", "tile8+int8", "tl+int8")  # our layout, "+int8": with the int8 LM head (build --head int8)
 SEED = 0
-WARMUP_TOKENS = 8
+
 INSTALL = "pip install llama-cpp-python"
 WRITER_BUG = "a file we write that llama.cpp cannot load is a bug in our writer (model.gguf_io.write_gguf)"
 
@@ -129,7 +138,7 @@ def gguf_decode_bytes(path_or_file, pos: float = 0.0) -> dict:
     kind: every ternary tensor in full in its GGUF type, the LM head in full (``output.weight``, or
     ``token_embd.weight`` when the head is tied to it), one embedding row, every norm weight; ``other``: any other
     tensor, in full. ``kv_cache``: the F16 keys and values attention reads at position ``pos`` (not in ``weights``)."""
-    from model.gguf_io import _FLOAT_DTYPES, GGUFFile, parse_gguf
+    from model.gguf_io import FILE_TYPE, GGUFFile, parse_gguf
 
     f = path_or_file if isinstance(path_or_file, GGUFFile) else parse_gguf(path_or_file)
     out = {"ternary": 0, "lm_head": 0, "embedding_row": 0, "norms": 0, "other": 0}
@@ -142,7 +151,7 @@ def gguf_decode_bytes(path_or_file, pos: float = 0.0) -> dict:
             out["lm_head"] += n if tied else 0
         elif name == "output.weight":
             out["lm_head"] += n
-        elif t.ggml_type not in _FLOAT_DTYPES:
+        elif t.ggml_type in FILE_TYPE:  # the ternary types
             out["ternary"] += n
             types.add(t.ggml_type.name)
         elif name.endswith("norm.weight"):
@@ -264,30 +273,6 @@ def summarize(name: str, info: dict, samples: dict[tuple, list[dict]], roof_runs
 # ---------------------------------------------------------------------------------------------------------------
 # workers: each in its own process
 # ---------------------------------------------------------------------------------------------------------------
-def prompt_ids(vocab: int, n: int) -> list[int]:
-    return [int(t) for t in np.random.default_rng(SEED).integers(0, vocab, n)]
-
-
-def timed_generation(prefill, decode, reset, prompt: list[int], decode_tokens: int) -> dict:
-    """The measurement both sides run: warm up, prefill + first greedy pick (TTFT), then greedy decode steps."""
-    prefill(prompt[:WARMUP_TOKENS])
-    reset()
-    t0 = time.perf_counter()
-    logits = prefill(prompt)
-    tok = int(np.argmax(logits))
-    ttft = time.perf_counter() - t0
-    flat = np.ravel(logits)  # read now: llama.cpp's logits buffer is overwritten by the next call
-    top5 = [int(i) for i in np.argsort(flat)[::-1][:5]]
-    top5_logits = [float(flat[i]) for i in top5]
-    tokens, steps = [tok], []
-    for _ in range(decode_tokens):
-        t = time.perf_counter()
-        tok = int(np.argmax(decode(tok)))
-        steps.append(time.perf_counter() - t)
-        tokens.append(tok)
-    return {"ttft": ttft, "steps": steps, "tokens": tokens, "top5": top5, "top5_logits": top5_logits}
-
-
 def _worker_write(model: str, gguf: str) -> dict:
     from model.random_model import write_random_gguf
 

@@ -97,22 +97,42 @@ def _result(impl, threads, prompt_tokens, steps, ttft, **extra) -> dict:
             "decode_ms_median": float(np.median(steps)) * 1e3, "peak_rss_mib": peak_rss_mib(), **extra}  # fmt: skip
 
 
+WARMUP_TOKENS = 8  # a prefill of this many tokens before the timed one (first-call costs)
+
+
+def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
+    """The benchmarks' prompt: ``n`` random ids below ``vocab`` (the same for every implementation)."""
+    return [int(t) for t in np.random.default_rng(seed).integers(0, vocab, n)]
+
+
+def timed_generation(prefill, decode, reset, prompt: list[int], decode_tokens: int) -> dict:
+    """The measurement every implementation runs: warm up, prefill + first greedy pick (TTFT), then greedy decode
+    steps, each timed (``steps``); also the tokens and the prefill's top 5 (ids and logits)."""
+    prefill(prompt[:WARMUP_TOKENS])
+    reset()
+    t0 = time.perf_counter()
+    logits = prefill(prompt)
+    tok = int(np.argmax(logits))
+    ttft = time.perf_counter() - t0
+    flat = np.ravel(logits)  # read now: llama.cpp's logits buffer is overwritten by the next call
+    top5 = [int(i) for i in np.argsort(flat)[::-1][:5]]
+    top5_logits = [float(flat[i]) for i in top5]
+    tokens, steps = [tok], []
+    for _ in range(decode_tokens):
+        t = time.perf_counter()
+        tok = int(np.argmax(decode(tok)))
+        steps.append(time.perf_counter() - t)
+        tokens.append(tok)
+    return {"ttft": ttft, "steps": steps, "tokens": tokens, "top5": top5, "top5_logits": top5_logits}
+
+
 def _worker_tvm(model, threads, prompt_tokens, decode_tokens, cache_dir, entry, target) -> dict:
     from runtime.engine import Engine, ensure_built
 
     entry = entry or ensure_built(model, target, cache_dir)
     eng = Engine(entry, None, threads=threads)
-    prompt = [int(t) for t in np.random.default_rng(0).integers(0, eng.vocab, prompt_tokens)]
-    eng.prefill(prompt[:8])  # warm up
-    eng.reset()
-    t0 = time.perf_counter()
-    tok = int(np.argmax(eng.prefill(prompt)))
-    ttft = time.perf_counter() - t0
-    steps = []
-    for _ in range(decode_tokens):
-        t = time.perf_counter()
-        tok = int(np.argmax(eng.decode(tok)))
-        steps.append(time.perf_counter() - t)
+    g = timed_generation(eng.prefill, eng.decode, eng.reset, prompt_ids(eng.vocab, prompt_tokens), decode_tokens)
+    steps, ttft, tok = g["steps"], g["ttft"], g["tokens"][-1]
     mean_pos = prompt_tokens + (decode_tokens - 1) / 2
     extra = {}
     if eng.target == "cuda":  # where a step's time goes (bench.cuda_trace) and what the build says it launches

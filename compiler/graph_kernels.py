@@ -86,7 +86,7 @@ def relu2_mul(T: int, F: int):
     return _prim([g, u, y])
 
 
-GATED = {"silu": silu_mul, "relu2": relu2_mul}
+GATED = {"silu": silu_mul, "relu2": relu2_mul}  # ModelConfig.ffn_act → the gate kernel
 
 
 def scale_columns(B: int, V: int):
@@ -96,7 +96,7 @@ def scale_columns(B: int, V: int):
     x = te.placeholder((B, V), "float32", name="x")
     s = te.placeholder((V,), "float32", name="s")
     y = te.compute((B, V), lambda b, v: x[b, v] * s[v], name="y")
-    return _prim([x, s, y])  # ModelConfig.ffn_act → the gate kernel
+    return _prim([x, s, y])
 
 
 def mtp_residual(T: int, D: int):

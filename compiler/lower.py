@@ -246,8 +246,8 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto"
     p: dict[str, np.ndarray] = {}
     emb = g.tensors["token_embd.weight"]
     head_t = emb if cfg.tie_embeddings else g.tensors["output.weight"]
-    p["token_embd.weight"] = float_data(emb)
-    head_w = float_data(head_t)
+    p["token_embd.weight"] = emb.as_stored()
+    head_w = head_t.as_stored()
     if head == "int8":
         head_w, p["lm_head.scale"] = quantize_head(head_w)
     p["lm_head.weight"] = np.ascontiguousarray(head_w)  # [V, D]: a GEMV streaming rows (graph_kernels*.lm_head)
@@ -277,18 +277,6 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto"
         if a.shape != s.shape or a.dtype != np.dtype(s.dtype):
             raise ValueError(f"packed {s.name}: {a.shape} {a.dtype}, expected {s.shape} {s.dtype}")
     return p
-
-
-def float_dtype(t) -> str:
-    """float16 for an F16 GGUF tensor (kept exactly) or a block-quantized one (Q8_0, Q6_K, ...: dequantized, then
-    rounded to float16, ≤ 2^-11 relative), else float32."""
-    return "float16" if np.dtype(t.data.dtype) == np.float16 or t.data.dtype == np.uint8 else "float32"
-
-
-def float_data(t) -> np.ndarray:
-    """An embedding or head tensor as the build stores it (:func:`float_dtype`)."""
-    data = t.to_float() if t.data.dtype == np.uint8 else t.data
-    return np.ascontiguousarray(data, float_dtype(t))
 
 
 # --- the per-target kernel table ---------------------------------------------------------------------------------

@@ -251,14 +251,6 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[np.ndarray, 
     return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
 
 
-def _as_built(t) -> np.ndarray:
-    """An embedding or head tensor as the build stores it (``compiler.lower.float_data``): F16 and F32 as they are,
-    block-quantized types (Q8_0, ...) dequantized and rounded to float16."""
-    if t.data.dtype == np.uint8:
-        return t.to_float().astype(F16)
-    return np.asarray(t.data, F16 if t.data.dtype == F16 else F32)
-
-
 class ExactReference:
     """A token at a time over a KV cache, like the engine: :meth:`prefill` (the prompt) then :meth:`decode`.
 
@@ -269,8 +261,8 @@ class ExactReference:
         cfg = self.cfg = g.config
         self.arith = arith
         t = g.tensors
-        self.emb = _as_built(t["token_embd.weight"])
-        self.head = self.emb if cfg.tie_embeddings else _as_built(t["output.weight"])
+        self.emb = t["token_embd.weight"].as_stored()  # as the build keeps it (F16/F32; Q8_0 etc. → float16)
+        self.head = self.emb if cfg.tie_embeddings else t["output.weight"].as_stored()
         self.out_norm = t["output_norm.weight"].to_float().astype(F32)
         self.cos, self.sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = []

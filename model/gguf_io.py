@@ -371,6 +371,13 @@ class GGUFTensor:
             raise GGUFError(f"{self.name}: non-finite scale {tw.scale}")
         return tw
 
+    def as_stored(self) -> np.ndarray:
+        """An embedding or head as a build keeps it: F16 and F32 as they are (exact), a block-quantized type (Q8_0,
+        ...) dequantized and rounded to float16 (≤ 2^-11 relative)."""
+        if self.ggml_type in QUANT_EMBED_TYPES:
+            return self.to_float().astype(np.float16)
+        return np.ascontiguousarray(self.data)
+
     def to_float(self) -> np.ndarray:
         if self.ggml_type in _FLOAT_DTYPES:
             return self.data.astype(np.float32)
