@@ -75,6 +75,7 @@ def one_torch_thread():
 
 @torch.no_grad()
 @one_torch_thread()
+@torch.no_grad()
 def reference_run(model: Transformer, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
     """Greedy tokens and the logits before each of them (step 0: after the prompt) from the PyTorch model."""
     cache = model.new_cache(1)
@@ -86,13 +87,39 @@ def reference_run(model: Transformer, prompt: list[int], steps: int) -> tuple[li
     return toks, logits
 
 
-def greedy_parity(engine, model: Transformer, prompt: list[int], steps: int):
-    """Greedy decode with both, the engine teacher-forced on the reference's tokens: (ref tokens, engine tokens,
-    max |Δlogits| per step; step 0 is the prefill). The two never run interleaved (their thread pools would fight)."""
+def _teacher_forced(engine, model: Transformer, prompt: list[int], steps: int):
     ref_toks, ref_logits = reference_run(model, prompt, steps)
     engine.reset()
     got = [engine.prefill(prompt)]
     for t in ref_toks[:-1]:
         got.append(engine.decode(t))
+    return ref_toks, ref_logits, got
+
+
+def greedy_parity(engine, model: Transformer, prompt: list[int], steps: int):
+    """Greedy decode with both, the engine teacher-forced on the reference's tokens: (ref tokens, engine tokens,
+    max |Δlogits| per step; step 0 is the prefill). The two never run interleaved (their thread pools would fight)."""
+    ref_toks, ref_logits, got = _teacher_forced(engine, model, prompt, steps)
     errs = [float(np.abs(r - g).max()) for r, g in zip(ref_logits, got, strict=True)]
     return ref_toks, [int(np.argmax(g)) for g in got], errs
+
+
+FLIP_TOL = 0.05  # a few int8 activation flips of a random tiny model (each moves its logits by ~0.005-0.017)
+
+
+def assert_pytorch_parity(engine, model: Transformer, prompt: list[int], steps: int, tol: float = FLIP_TOL) -> list:
+    """The compiled module against float32 PyTorch, teacher-forced: logits within ``tol`` at every step, and a greedy
+    token differs only where PyTorch's margin between the two tokens is within twice that step's error.
+
+    Not 1e-3 and identical tokens: PyTorch's float32 kernels round differently from CPU to CPU, and where an int8
+    activation lands on a .5 tie (ternary sums are structured numbers; it happens) that decides the rounding; one flip
+    moves a tiny random model's logits by ~0.01. Measured ≤ 7e-4 on an AVX-512 Xeon, 0.005-0.017 on an AVX2 Zen 3 (a
+    tie in ``ffn.down``'s input; float64 PyTorch flips at other ties). The bit-exact check of the compiled arithmetic is
+    ``tests/test_exact_reference.py``'s. Returns the errors per step."""
+    ref_toks, ref_logits, got = _teacher_forced(engine, model, prompt, steps)
+    errs = [float(np.abs(r - g).max()) for r, g in zip(ref_logits, got, strict=True)]
+    assert max(errs) <= tol, errs
+    for step, (want, r, g, e) in enumerate(zip(ref_toks, ref_logits, got, errs, strict=True)):
+        mine = int(np.argmax(g))
+        assert mine == want or r[want] - r[mine] <= 2 * e, (step, want, mine, float(r[want] - r[mine]), e)
+    return errs

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from runtime_helpers import built, cache_dir, greedy_parity, reference, tiny_gguf, write_tiny
+from runtime_helpers import assert_pytorch_parity, built, cache_dir, reference, tiny_gguf, write_tiny
 
 import targets
 from compiler import cache
@@ -23,13 +23,11 @@ pytestmark = [
 
 @pytest.mark.parametrize("n_streams", [1, 2, 4])
 def test_tiny_parity_with_pytorch(n_streams):
-    """Same greedy tokens for 64 steps, logits within 1e-3 at every step (prefill over 2 chunks with padding)."""
+    """64 teacher-forced steps against PyTorch (prefill over 2 chunks with padding): ``assert_pytorch_parity``."""
     gguf = tiny_gguf(n_streams)
     eng = Engine(built(gguf).dir, gguf)
     prompt = [int(t) for t in np.random.default_rng(n_streams).integers(0, 512, 13)]
-    ref, got, errs = greedy_parity(eng, reference(gguf), prompt, STEPS)
-    assert got == ref
-    assert max(errs) <= 1e-3, errs
+    assert_pytorch_parity(eng, reference(gguf), prompt, STEPS)
 
 
 def test_prefill_chunks_equal_token_by_token_decode():
@@ -49,8 +47,7 @@ def test_tiny_parity_avx2():
     gguf = tiny_gguf(4)
     r = built(gguf, "avx2")
     assert r.meta["target"] == "avx2"
-    ref, got, errs = greedy_parity(Engine(r.dir, gguf), reference(gguf), [1, 2, 3, 4, 5], 16)
-    assert got == ref and max(errs) <= 1e-3
+    assert_pytorch_parity(Engine(r.dir, gguf), reference(gguf), [1, 2, 3, 4, 5], 16)
 
 
 def test_second_build_compiles_nothing(monkeypatch):
