@@ -4,6 +4,11 @@ on a GPU. Loss and bits per byte still come from the PyTorch model (``--max-toke
 
     python -m bench.eval_engine --gguf models/small.gguf --data DIR --manifest M.jsonl --engine-entry ENTRY \
         --max-tokens 0 --out validity.json
+
+``--suite exec`` (pass@k, ``train.exec_eval``) runs the samples of a task as one continuous batch
+(``runtime.batch.Batcher``: every compiled decode batch row busy; a sequence's tokens are the same alone or batched):
+
+    python -m bench.eval_engine --suite exec --gguf models/small.gguf --tasks T.jsonl --engine-entry ENTRY --out x.json
 """
 
 from __future__ import annotations
@@ -31,11 +36,47 @@ def engine_generator(entry: Path, tok):
     return run
 
 
+def engine_batch_generator(entry: Path, tok):
+    """``gen_many([(ids, params), ...]) -> [(text, finish reason), ...]`` over one continuous batch of the engine."""
+    from runtime.batch import Batcher, Request
+    from runtime.engine import Engine
+
+    batcher = Batcher(Engine(entry, None, tokenizer=tok))
+
+    def run(jobs: list[tuple[list[int], SamplingParams]]) -> list[tuple[str, str]]:
+        errors: dict[int, str] = {}
+        reqs = [
+            Request(None, params, prompt_ids=ids, emit=_on_error(errors, i)) for i, (ids, params) in enumerate(jobs)
+        ]
+        waiting = list(reqs)
+        while waiting or batcher.running:
+            while waiting and batcher.admit(waiting[0]):
+                waiting.pop(0)
+            if batcher.running:
+                batcher.step()
+        if errors:
+            raise RuntimeError(
+                f"the engine refused {len(errors)} of {len(jobs)} requests: {next(iter(errors.values()))}"
+            )
+        return [(r.result.text, r.result.finish_reason) for r in reqs]
+
+    return run
+
+
+def _on_error(errors: dict, i: int):
+    def emit(kind: str, value) -> None:
+        if kind == "error":
+            errors[i] = value
+
+    return emit
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = train_eval.parser("python -m bench.eval_engine", __doc__)
     ap.add_argument("--engine-entry", type=Path, required=True, help="generate with this compiled module")
     args = ap.parse_args(argv)
-    train_eval.run(ap, args, lambda tok: engine_generator(args.engine_entry, tok))
+    train_eval.run(ap, args, lambda tok: engine_generator(args.engine_entry, tok),
+                   lambda tok: engine_batch_generator(args.engine_entry, tok))  # fmt: skip
 
 
 if __name__ == "__main__":

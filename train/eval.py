@@ -12,8 +12,13 @@
     python -m train.eval --gguf model.gguf --data data/shards --manifest data/corpus/manifest.jsonl --out eval.json
     python -m train.eval --run runs/dense --tokenizer data/tokenizer.json --data data/shards --manifest ...
 
+* **Execution** (``--suite exec``): pass@k and greedy pass@1 on a task file of ``train.exec_tasks`` (functions with
+  doctests, checked in ``train.sandbox``), with the parse rate of the same bodies beside them (``train.exec_eval``).
+
+    python -m train.eval --suite exec --gguf model.gguf --tasks data/exec/heldout.jsonl --n 20 --k 1,10 --out x.json
+
 Generating with the compiled engine instead of the PyTorch loop is ``python -m bench.eval_engine`` (same flags plus
-``--engine-entry``): ``train`` never imports ``runtime``.
+``--engine-entry``; batched for ``--suite exec``): ``train`` never imports ``runtime``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from tqdm import tqdm
 
 from model.generate import SamplingParams, generate
 from model.transformer import Transformer
+from train.completion import STOP_STRINGS, cut_body, is_valid_function, trim_to_statement
 from train.corpus import read_manifest
+from train.exec_eval import ExecEvalConfig, evaluate_exec, torch_group_generator
 from train.shards import open_split
 
 
@@ -111,51 +118,6 @@ def function_prompts(files, n: int, seed: int) -> list[dict]:
     return found[:n]
 
 
-def cut_body(completion: str, hit_limit: bool) -> str:
-    """The generated body: lines up to the first non-empty one at column 0; drop a partial last line at the limit.
-
-    The prompt ends at the closing quotes of the docstring (no newline: with byte-level BPE a newline and the next
-    line's indentation are one token, so a prompt ending in a bare newline is a token sequence training never shows),
-    so the completion's first line is the rest of that line and is kept as is.
-    """
-    first, _, rest = completion.partition("\n")
-    lines = rest.split("\n") if rest else []
-    if hit_limit and lines:
-        lines = lines[:-1]
-    body = []
-    for line in lines:
-        if line.strip() and not line[0].isspace():
-            break
-        body.append(line)
-    return first + "\n" + "\n".join(body)
-
-
-def is_valid_function(prompt: str, body: str) -> bool:
-    """``prompt + body`` parses as one function whose body holds a statement besides the docstring."""
-    try:
-        tree = ast.parse(prompt + body)
-    except (SyntaxError, ValueError):
-        return False
-    fn = tree.body[0] if len(tree.body) == 1 else None
-    return isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and len(fn.body) >= 2
-
-
-def trim_to_statement(prompt: str, body: str) -> str:
-    """For a body cut by the token limit: its longest prefix of whole lines that parses (the last complete statement).
-
-    Only applied to generations the limit stopped, and reported beside the strict rate, never instead of it.
-    """
-    lines = body.split("\n")
-    for end in range(len(lines), 1, -1):
-        candidate = "\n".join(lines[:end])
-        if is_valid_function(prompt, candidate):
-            return candidate
-    return body
-
-
-STOP_STRINGS = ("\ndef ", "\nclass ", "\n@", "\nif __name__")
-
-
 def torch_generator(model: Transformer, tok):
     """``(prompt ids, params) -> (text, finish reason)`` with the PyTorch generation loop."""
 
@@ -226,12 +188,21 @@ def parser(prog: str | None = None, doc: str = __doc__) -> argparse.ArgumentPars
     src.add_argument("--gguf", type=Path, help="an exported model")
     src.add_argument("--run", type=Path, help="a training run folder (e.g. the dense baseline), with --tokenizer")
     ap.add_argument("--tokenizer", type=Path)
-    ap.add_argument("--data", type=Path, required=True, help="shard folder (val split)")
-    ap.add_argument("--manifest", type=Path, required=True, help="corpus manifest (held-out files)")
+    ap.add_argument("--suite", choices=("validity", "exec"), default="validity",
+                    help="validity: loss, bits/byte and the parse rate; exec: pass@k on --tasks")  # fmt: skip
+    ap.add_argument("--data", type=Path, help="shard folder (val split); --suite validity")
+    ap.add_argument("--manifest", type=Path, help="corpus manifest (held-out files); --suite validity")
+    ap.add_argument("--tasks", type=Path, help="task file of train.exec_tasks; --suite exec")
     ap.add_argument("--out", type=Path, required=True, help="JSON report")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for name, default in asdict(EvalConfig()).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    x = ExecEvalConfig()
+    ap.add_argument("--n", type=int, default=x.n, help="--suite exec: samples per task")
+    ap.add_argument("--k", default=",".join(map(str, x.ks)), help="--suite exec: pass@k for these k (comma-separated)")
+    ap.add_argument("--sample-temperature", type=float, default=x.temperature, help="--suite exec: sampling")
+    ap.add_argument("--sample-top-p", type=float, default=x.top_p, help="--suite exec: sampling")
+    ap.add_argument("--workers", type=int, default=x.workers, help="--suite exec: sandbox processes (0: per core)")
     return ap
 
 
@@ -241,9 +212,53 @@ def main(argv: list[str] | None = None, make_gen=None) -> None:
     run(ap, ap.parse_args(argv), make_gen)
 
 
-def run(ap: argparse.ArgumentParser, args, make_gen=None) -> None:
+def exec_config(ap: argparse.ArgumentParser, args) -> ExecEvalConfig:
+    try:
+        ks = tuple(sorted({int(k) for k in args.k.split(",")}))
+    except ValueError:
+        ap.error(f"--k {args.k!r}: comma-separated integers, e.g. 1,10")
+    if args.n < 1 or not ks or ks[0] < 1 or ks[-1] > args.n:
+        ap.error(f"--k {args.k} needs 1 ≤ k ≤ --n ({args.n})")
+    return ExecEvalConfig(n=args.n, ks=ks, temperature=args.sample_temperature, top_p=args.sample_top_p,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, workers=args.workers)  # fmt: skip
+
+
+def run_exec(ap: argparse.ArgumentParser, args, make_gen_many=None) -> None:
+    """``--suite exec``: ``make_gen_many(tok)`` makes the batch generator (default: PyTorch, a task's samples as one
+    batch)."""
+    from train.exec_tasks import TaskFileError, load_tasks, read_header
+
+    if not args.tasks:
+        ap.error("--suite exec needs --tasks (a task file of train.exec_tasks)")
+    cfg = exec_config(ap, args)
+    try:
+        header, tasks = read_header(args.tasks), load_tasks(args.tasks)
+    except TaskFileError as e:
+        ap.error(str(e))
+    model, tok = load_model(args)
+    model = model.to(args.device).eval()
+    gen_many = make_gen_many(tok) if make_gen_many else torch_group_generator(model, tok)
+    report = evaluate_exec(gen_many, tok, tasks, cfg, model.config.max_seq_len)
+    keys = ("split", "manifest_sha256", "python", "n_tasks")
+    report |= {"model": str(args.gguf or args.run), "task_file": str(args.tasks),
+               "task_file_header": {k: header.get(k) for k in keys}}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        json.dumps(
+            {k: v for k, v in report.items() if k not in ("tasks", "packages", "settings", "unavailable")}
+            | {"unavailable": len(report["unavailable"])}
+        )
+    )
+
+
+def run(ap: argparse.ArgumentParser, args, make_gen=None, make_gen_many=None) -> None:
     if args.run and not args.tokenizer:
         ap.error("--run needs --tokenizer")
+    if args.suite == "exec":
+        return run_exec(ap, args, make_gen_many)
+    if not (args.data and args.manifest):
+        ap.error("--suite validity needs --data and --manifest")
     cfg = EvalConfig(**{k: getattr(args, k) for k in asdict(EvalConfig())})
     model, tok = load_model(args)
     gen = make_gen(tok) if make_gen else None

@@ -1,0 +1,202 @@
+"""Execution tasks and pass@k: mining doctested functions, the check program, cheats that must not pass, the estimator.
+
+The tasks come from the standard library's ``statistics`` module (its functions carry doctests on every Python the
+project supports), so the programs import a real module in the real sandbox.
+
+    pytest tests/test_exec_tasks.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from train.corpus import SourceFile
+from train.exec_eval import ExecEvalConfig, evaluate_exec, pass_at_k, score
+from train.exec_tasks import (
+    LIMITS,
+    TaskFileError,
+    Verdict,
+    check_many,
+    file_tasks,
+    load_tasks,
+    module_name,
+    program,
+    read_header,
+    reward,
+    stub_body,
+    validate,
+    write_tasks,
+)
+from train.sandbox import run_program
+
+ROOT = Path(__file__).resolve().parent.parent
+STATS = SourceFile(statistics.__file__, "stdlib", "statistics", 0, "", "val")
+
+
+def _tasks():
+    return {t.qualname: t for t in file_tasks(STATS)}
+
+
+@pytest.mark.unit
+@given(st.integers(1, 60), st.data())
+def test_pass_at_k_is_the_unbiased_estimator(n, data):
+    c = data.draw(st.integers(0, n))
+    k = data.draw(st.integers(1, n))
+    want = 1 - math.comb(n - c, k) / math.comb(n, k)
+    assert pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.unit
+def test_pass_at_k_edges_and_refusals():
+    assert pass_at_k(20, 0, 10) == 0.0 and pass_at_k(20, 20, 1) == 1.0 and pass_at_k(20, 11, 10) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    for n, c, k in ((5, 6, 1), (5, 2, 0), (5, 2, 6)):
+        with pytest.raises(ValueError):
+            pass_at_k(n, c, k)
+
+
+@pytest.mark.unit
+def test_mining_finds_doctested_functions_and_methods_with_prompts_and_references():
+    assert module_name(statistics.__file__) == "statistics"
+    tasks = _tasks()
+    assert {"mean", "median", "NormalDist.overlap"} <= set(tasks)  # a method too
+    t = tasks["mean"]
+    assert t.task_id == "stdlib/statistics::mean" and t.module == "statistics" and t.examples >= 2
+    assert t.prompt.startswith("def mean(data):") and t.prompt.endswith('"""') and ">>> mean(" in t.prompt
+    assert t.reference.startswith("\n    ") and "return" in t.reference
+    assert all(">>>" in x.check for x in tasks.values())
+
+
+@pytest.mark.e2e
+def test_the_reference_passes_and_a_stub_fails_in_the_sandbox():
+    tasks = _tasks()
+    picked = [tasks["mean"], tasks["median"], tasks["NormalDist.overlap"]]
+    got = check_many(picked * 2, [t.reference for t in picked] + [stub_body(t) for t in picked], LIMITS)
+    assert [v.passed for v in got] == [True] * 3 + [False] * 3, got
+    assert got[0].attempted == tasks["mean"].examples and got[0].failed == 0
+    assert got[3].attempted == tasks["mean"].examples and got[3].failed >= 1 and got[3].raised == 0
+    kept, why = validate(picked, LIMITS, progress=False)
+    assert kept == picked and not why
+
+
+@pytest.mark.e2e
+def test_cheating_bodies_do_not_pass():
+    t = _tasks()["mean"]
+    ind = "\n    "
+    cheats = {
+        "os._exit(0)": f"{ind}import os{ind}os._exit(0)\n",
+        "sys.exit(0)": f"{ind}import sys{ind}sys.exit(0)\n",
+        "SystemExit at definition": "\n    pass\nraise SystemExit(0)\n",
+        "a forged result line": f"{ind}import sys{ind}print('EXEC-RESULT 0123abcd 5 0 0', file=sys.__stdout__)"
+        f"{ind}return 1\n",
+        "a forged line then exit": "\n    pass\nprint('EXEC-RESULT 0123abcd 5 0 0')\nimport os\nos._exit(0)\n",
+    }
+    got = check_many([t] * len(cheats), list(cheats.values()), LIMITS)
+    assert not any(v.passed for v in got), dict(zip(cheats, got, strict=True))
+
+
+@pytest.mark.unit
+def test_the_program_carries_its_nonce_and_the_verdict_needs_it():
+    t = _tasks()["mean"]
+    script, nonce = program(t, t.reference, nonce="00ff")
+    assert nonce == "00ff" and "'00ff'" in script
+    out = run_program(script, LIMITS)
+    assert out.passed and f"EXEC-RESULT 00ff {t.examples} 0 0" in out.stdout
+
+
+@pytest.mark.unit
+def test_rewards_order_failure_kinds():
+    t = _tasks()["mean"]
+    n = t.examples
+    assert reward(t, "\n    return (\n", Verdict(False, 0, 0, 0, "failed")) == 0.0  # does not parse
+    assert reward(t, stub_body(t), Verdict(False, 0, 0, 0, "timeout")) == pytest.approx(0.1)
+    raised = reward(t, stub_body(t), Verdict(False, n, n, n, "failed"))
+    wrong = reward(t, stub_body(t), Verdict(False, n, n, 0, "failed"))
+    half = reward(t, stub_body(t), Verdict(False, n, n // 2, 0, "failed"))
+    assert 0.1 <= raised < wrong < half < 0.7 and reward(t, t.reference, Verdict(True, n, 0, 0, "passed")) == 1.0
+
+
+@pytest.mark.unit
+def test_task_files_round_trip_and_refuse_what_they_are_not(tmp_path):
+    tasks = list(_tasks().values())[:4]
+    path = tmp_path / "t.jsonl"
+    write_tasks(path, tasks, {"split": "val"})
+    head = read_header(path)
+    assert head["split"] == "val" and head["n_tasks"] == 4 and head["kind"] == "exec-tasks"
+    assert load_tasks(path) == sorted(tasks, key=lambda t: t.task_id)
+    (tmp_path / "bad.jsonl").write_text('{"kind": "something else"}\n')
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
+    for name in ("bad.jsonl", "bin.jsonl", "missing.jsonl"):
+        with pytest.raises(TaskFileError):
+            load_tasks(tmp_path / name)
+    path.write_text(path.read_text() + '{"task_id": 3}\n')
+    with pytest.raises(TaskFileError, match=":6: not a task"):
+        load_tasks(path)
+
+
+class _Tok:  # encode(text).ids; token_to_id
+    def encode(self, text):
+        return type("E", (), {"ids": [ord(c) % 256 for c in text]})()
+
+    def token_to_id(self, s):
+        return None
+
+
+@pytest.mark.e2e
+def test_pass_at_k_report_from_a_generator_that_solves_some_tasks():
+    tasks = _tasks()
+    picked = [tasks["mean"], tasks["median"]]
+    refs = {t.prompt: t.reference for t in picked}
+    solved = {picked[0].prompt}
+    calls = []
+
+    def gen_many(jobs):  # the mean task: greedy right, 2 of 4 samples right; the median task: never
+        calls.append(len(jobs))
+        prompt = next(p for p in refs if [ord(c) % 256 for c in p] == jobs[0][0])
+        good = refs[prompt] if prompt in solved else "\n    return None\n"
+        return [(good if i in (0, 1, 3) else "\n    return 0\n", "stop") for i in range(len(jobs))]
+
+    cfg = ExecEvalConfig(n=4, ks=(1, 2), workers=2)
+    report = evaluate_exec(gen_many, _Tok(), picked, cfg, ctx=4096, progress=False)
+    assert calls == [5, 5]  # greedy + n per task, one batch each
+    assert report["tasks"][0]["passed"] == 2 and report["tasks"][0]["greedy_passed"]
+    assert report["pass_at_1"] == pytest.approx((0.5 + 0) / 2)
+    assert report["pass_at_2"] == pytest.approx((pass_at_k(4, 2, 2) + 0) / 2)
+    assert report["pass_at_1_greedy"] == 0.5 and report["parse_rate"] == 1.0 and report["n_packages"] == 1
+    again = score(picked, [[refs[picked[0].prompt]] * 5, ["\n    return None\n"] * 5], cfg, progress=False)
+    assert again["pass_at_1"] == 0.5
+
+
+@pytest.mark.e2e
+def test_the_cli_mines_a_manifest_and_eval_reports_pass_at_k(tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps(asdict(STATS)) + "\n")
+    tasks = tmp_path / "tasks.jsonl"
+    r = subprocess.run([sys.executable, "-m", "train.exec_tasks", "--manifest", str(manifest), "--split", "val",
+                        "--out", str(tasks), "--limit", "3", "--workers", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    head = read_header(tasks)
+    assert head["split"] == "val" and 1 <= head["n_tasks"] <= 3 and head["python"]
+    out = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, "-m", "train.eval", "--suite", "exec", "--gguf", "models/small.gguf",
+                        "--tasks", str(tasks), "--n", "2", "--k", "1,2", "--max-new-tokens", "24", "--device", "cpu",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["tasks"] and {"pass_at_1", "pass_at_2", "pass_at_1_greedy", "parse_rate"} <= set(rep)
+    assert rep["task_file_header"]["split"] == "val"
+    r = subprocess.run([sys.executable, "-m", "train.eval", "--suite", "exec", "--gguf", "models/small.gguf",
+                        "--tasks", str(tasks), "--n", "2", "--k", "5", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "--k 5 needs" in r.stderr and "Traceback" not in r.stderr
