@@ -266,7 +266,6 @@ def test_maxrl_run_logs_steps_without_passes(tmp_path):
 
 @pytest.mark.e2e
 def test_cli_refuses_a_held_out_task_file(tmp_path):
-    pytest.importorskip("train.sandbox")  # train.exec_tasks needs it
     tasks = tmp_path / "heldout.jsonl"
     task = {"task_id": "stdlib/m::f", "package": "m", "module": "m", "qualname": "f", "check": ">>> f()\n1\n",
             "prompt": 'def f():\n    """F."""', "reference": "\n    return 1\n", "examples": 1}  # fmt: skip
