@@ -16,6 +16,9 @@ the usual BitNet STE ``x + (quant(x) − x).detach()``. Master weights stay floa
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
@@ -68,13 +71,14 @@ class BitLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.quantize = True  # False: a plain float linear layer (the dense baseline of the same shape)
+        self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes, s) while in frozen_weights()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.normal_(self.weight, std=in_features**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize:
             return nn.functional.linear(x, self.weight)
-        codes, s = quantize_weight_ste(self.weight)
+        codes, s = quantize_weight_ste(self.weight) if self.frozen is None else self.frozen
         xq, a = quantize_activation_ste(x)
         acc = nn.functional.linear(xq, codes)  # integer-valued, exact in float32 (see module docstring)
         ratio = (s / a).detach()  # float32(s / a), one per token, as the reference computes it
@@ -117,3 +121,21 @@ class BitLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block every quantizing BitLinear of ``model`` uses codes and a scale computed once on entry, not on
+    every call: sampling many tokens from fixed weights (``train.rl``) gets the same outputs without the per-call
+    absmean and rounding kernels. Weights must not change inside (no optimizer step); on exit each layer quantizes per
+    call again."""
+    layers = [m for m in model.modules() if isinstance(m, BitLinear) and m.quantize]
+    with torch.no_grad():
+        for m in layers:
+            codes, s = quantize_weight_ste(m.weight)
+            m.frozen = (codes.detach(), s)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.frozen = None

@@ -275,3 +275,20 @@ def test_cli_refuses_a_held_out_task_file(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "train-split tasks only" in proc.stderr and "split='val'" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.unit
+def test_frozen_weights_give_the_same_outputs_and_end_on_exit():
+    from model.bitlinear import BitLinear, frozen_weights
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(BitLinear(64, 32), BitLinear(32, 16))
+    x = torch.randn(5, 64)
+    want = layer(x)
+    with frozen_weights(layer):
+        assert all(m.frozen is not None for m in layer)
+        got = layer(x)
+    assert torch.equal(got, want) and all(m.frozen is None for m in layer)
+    with torch.no_grad():
+        layer[0].weight.mul_(-1)  # per-call quantization again after the block
+    assert not torch.equal(layer(x), want)

@@ -114,6 +114,26 @@ def test_site_packages_are_importable(layers):
 
 
 @pytest.mark.e2e
+def test_preloaded_libraries_import_but_their_sockets_and_foreign_calls_stay_refused():
+    """asyncio imports socket, sympy and scipy import ctypes: a task's module is preloaded before the guard."""
+    assert run_program("import asyncio").status == "blocked"
+    ok = run_program("import asyncio\nprint(asyncio.iscoroutinefunction(print))", preload=("asyncio",))
+    assert (ok.status, ok.stdout) == ("passed", "False\n"), ok.stderr
+    gone = run_program(
+        "import sys\nassert 'socket' not in sys.modules and 'ctypes' not in sys.modules", preload=("asyncio",)
+    )
+    assert gone.status == "passed", gone.stderr  # dropped from sys.modules again: a later import is refused
+    raw = run_program("import asyncio.base_events as b\nb.socket.socket()", preload=("asyncio",))
+    assert raw.status == "blocked", raw
+    call = run_program("import ctypes\nctypes.CDLL(None).getpid()", preload=("ctypes",))
+    assert call.status == "blocked", call
+    bad = run_program("print(1)", preload=("no_such_module_here",))
+    assert bad.status == "failed" and "preloading no_such_module_here failed" in bad.stderr
+    with pytest.raises(ValueError, match="dotted module names"):
+        run_program("print(1)", preload=("os; import socket",))
+
+
+@pytest.mark.e2e
 def test_no_secrets_in_the_environment(layers, monkeypatch):
     monkeypatch.setenv("SANDBOX_SECRET", "hunter2")
     src = (

@@ -11,8 +11,9 @@
   drawn when the program was built. It passes when it exits 0 **and** that line says every example passed: a body
   that calls ``sys.exit(0)`` or ``os._exit(0)`` does not pass. Programs run in :mod:`train.sandbox`.
 * **Kept** only when, in the sandbox, the original body passes (twice: the check is deterministic) and a body that
-  returns ``None`` fails (the check can fail). Modules the sandbox cannot import (e.g. ones that open sockets at
-  import) drop out there.
+  returns ``None`` fails (the check can fail). The task's module is the sandbox's ``preload`` (imported before its
+  guard is armed: scipy and sympy import ``ctypes``, asyncio ``socket``); checks that need more at run time (a lazy
+  import of a refused module, a socket, a subprocess) drop out here.
 * **Reward** (:func:`reward`, for ``train.rl``): 1 when every example passes; otherwise 0.1 for a body that parses,
   0.2 if no example raised, plus 0.5 × the fraction of examples that passed (< 0.7 in all).
 * **Files**: JSONL, a header line (``kind``, ``version``, ``split``, the manifest's sha256, Python version, counts)
@@ -250,7 +251,7 @@ def stub_body(task: Task) -> str:
 def check_many(tasks: list[Task], bodies: list[str], limits: Limits, workers: int = 0) -> list[Verdict]:
     """Run each task's check on its body in the sandbox, in parallel."""
     built = [program(t, b) for t, b in zip(tasks, bodies, strict=True)]
-    outcomes = run_many([s for s, _ in built], limits, workers)
+    outcomes = run_many([s for s, _ in built], limits, workers, preloads=[(t.module,) for t in tasks])
     return [verdict(o, n) for o, (_, n) in zip(outcomes, built, strict=True)]
 
 

@@ -69,6 +69,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from model.attention import KVCache
+from model.bitlinear import frozen_weights
 from model.generate import GREEDY_BELOW, _finite_or_inf, _softmax, filter_logits
 from model.sampling import SamplingParams
 from model.tokenizer import hf_from_spec
@@ -86,7 +87,7 @@ ALGOS = ("grpo", "maxrl")
 MAXRL_WEIGHTS = ("group", "mean")
 PASS = 1.0 - 1e-9  # a reward at least this is a pass (reward 1: every check passed)
 # settings that may differ between a checkpoint and the run resuming it (all others must match)
-RESUMABLE_CHANGES = ("steps", "run_steps", "out", "ckpt_every", "workers", "device")
+RESUMABLE_CHANGES = ("steps", "run_steps", "time_limit_s", "out", "ckpt_every", "workers", "device")
 
 
 Decode = Callable[[list[int]], str]
@@ -104,6 +105,7 @@ class RLConfig:
     out: str = "runs/rl"
     steps: int = 200  # the lr schedule spans these
     run_steps: int = 0  # >0: stop (with a checkpoint) after this many steps in this invocation; resume later
+    time_limit_s: float = 0.0  # >0: end after the step that passes this many seconds, exported as it stands
     prompts_per_step: int = 16  # P, over all ranks (sampling time grows with P / ranks)
     group_size: int = 16  # G completions per prompt (decoded together: on a GPU, 32 rows cost what 8 do)
     max_new_tokens: int = 160
@@ -140,7 +142,7 @@ class RLConfig:
         for name in ("run_steps", "warmup_steps", "workers", "top_k", "seed"):
             if getattr(self, name) < 0:
                 out.append(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
-        for name in ("temperature", "kl_coef", "clip_eps", "lr_matrix", "lr_embed"):
+        for name in ("temperature", "kl_coef", "clip_eps", "lr_matrix", "lr_embed", "time_limit_s"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 out.append(f"--{name.replace('_', '-')} must be finite and ≥ 0, got {getattr(self, name)}")
         for name in ("grad_clip", "adv_eps"):
@@ -590,7 +592,8 @@ def _run(cfg: RLConfig, tasks: list, scorer: Scorer, progress: bool, rank: int, 
             mine = step_tasks(len(tasks), cfg.prompts_per_step, cfg.seed, step)[rank::world]
             t0 = time.perf_counter()
             generator = torch.Generator(device).manual_seed(seed_for(cfg.seed, step, rank))
-            groups = [sample_group(model, prompts[i], cfg.group_size, params, generator, decode) for i in mine]
+            with frozen_weights(model):  # fixed weights while sampling: quantized once, not per token
+                groups = [sample_group(model, prompts[i], cfg.group_size, params, generator, decode) for i in mine]
             t1 = time.perf_counter()
             bodies = [completion_body(c, params, decode) for group in groups for c in group]
             flat_tasks = [tasks[i] for i in mine for _ in range(cfg.group_size)]
@@ -624,6 +627,10 @@ def _run(cfg: RLConfig, tasks: list, scorer: Scorer, progress: bool, rank: int, 
             if done < cfg.steps and (stops or (cfg.run_steps and done - start >= cfg.run_steps)):
                 status = "interrupted" if stops else "paused"
                 break
+            out_of_time = cfg.time_limit_s and time.perf_counter() - t_start >= cfg.time_limit_s
+            if done < cfg.steps and _all_sum([float(bool(out_of_time))], device, world)[0]:
+                status = "time limit"  # exported as it is: the schedule spans --steps, it did not decay to its end
+                break
             if is_main and done % cfg.ckpt_every == 0 and done < cfg.steps:
                 checkpoint.save(ckpt_dir, done, model, opts, extra())
         summary = {"status": status, "step": done, "last": last, "tasks": len(tasks), "tasks_dropped": dropped,
@@ -632,8 +639,8 @@ def _run(cfg: RLConfig, tasks: list, scorer: Scorer, progress: bool, rank: int, 
             checkpoint.save(ckpt_dir, done, model, opts, extra())
         if is_main and metrics_path.exists():
             plot_curves(metrics_path, out / "rl_curves.png")
-        if is_main and status == "completed":
-            meta = {"training.rl_algo": cfg.algo, "training.rl_steps": cfg.steps}
+        if is_main and status in ("completed", "time limit"):
+            meta = {"training.rl_algo": cfg.algo, "training.rl_steps": done}
             summary["export"] = export_gguf(model.eval(), gg, out / "model.gguf", meta)
             summary["config"] = asdict(cfg)
             summary["seconds"] = round(time.perf_counter() - t_start, 1)

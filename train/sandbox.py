@@ -37,8 +37,9 @@ Each candidate runs in its own process, behind layers that do not trust each oth
 The audit hook alone is not a security boundary (PEP 578 says so): C extensions that do their own I/O
 (``torch.save`` to a path), calls without an audit event (``os.mknod``, ``os.mkfifo``, ``os.pidfd_open`` with
 ``signal.pidfd_send_signal``), hand-made bytecode fed through the import system and interpreter bugs get past it;
-the namespaces are what stop those. scipy, sympy and torch import ctypes when they are imported, so under the hook
-they do not import (numpy does). A program that calls ``sys.exit(0)`` or ``os._exit(0)`` before its checks "passes":
+the namespaces are what stop those. scipy, sympy and torch import ctypes when they are imported (asyncio imports
+socket), so under the hook they do not import (numpy does) unless the caller names them in ``preload``: imported
+before the hook is armed, after which their ``ctypes.*`` and ``socket.*`` calls are refused like any. A program that calls ``sys.exit(0)`` or ``os._exit(0)`` before its checks "passes":
 callers print a nonce after the checks and look for it (``train.exec_tasks``).
 
     python -m train.sandbox --isolation
@@ -226,6 +227,12 @@ for _r, _s, _h in @RLIMITS@:
     _h0 = resource.getrlimit(_r)[1]
     _h = _h if _h0 == resource.RLIM_INFINITY else min(_h, _h0)
     resource.setrlimit(_r, (min(_s, _h), _h))
+for _m in @PRELOAD@:  # trusted library modules, imported before the guard is armed (run_program's preload)
+    try:
+        __import__(_m)
+    except BaseException as _e:
+        sys.stderr.write("sandbox: preloading %s failed: %r\n" % (_m, _e))
+        sys.exit(1)
 faulthandler.enable()
 _WD = @WD@
 sys.argv = ["main.py"]
@@ -451,7 +458,7 @@ if mode == "mount":
 """
 
 
-def _prelude(wd: str, limits: Limits, guard: bool = True) -> str:
+def _prelude(wd: str, limits: Limits, guard: bool = True, preload: tuple[str, ...] = ()) -> str:
     cpu = max(1, math.ceil(limits.cpu_s))
     mem, fsize = limits.memory_mb << 20, limits.file_bytes
     rl = [
@@ -462,7 +469,10 @@ def _prelude(wd: str, limits: Limits, guard: bool = True) -> str:
         (resource.RLIMIT_CORE, 0, 0),
         (resource.RLIMIT_NPROC, MAX_PROCESSES, MAX_PROCESSES),
     ]
-    subs = {"@RLIMITS@": repr(rl), "@WD@": repr(wd), "@BLOCKED@": repr(BLOCKED_MODULES), "@SPEC@": repr(_SPEC)}
+    if not all(isinstance(m, str) and all(part.isidentifier() for part in m.split(".")) for m in preload):
+        raise ValueError(f"preload: dotted module names only, not {preload!r}")
+    subs = {"@RLIMITS@": repr(rl), "@WD@": repr(wd), "@BLOCKED@": repr(BLOCKED_MODULES), "@SPEC@": repr(_SPEC),
+            "@PRELOAD@": repr(tuple(preload))}  # fmt: skip
     text = _PRELUDE.replace("@GUARD@", repr(bool(guard)))
     for key, value in subs.items():
         text = text.replace(key, value)
@@ -655,12 +665,12 @@ def _classify(reason: str | None, rc: int, err: str, cpu_s: float, limits: Limit
     return "memory" if _memory_hint(err) else "failed"
 
 
-def _run(source: str, limits: Limits, guard: bool = True) -> Outcome:
+def _run(source: str, limits: Limits, guard: bool = True, preload: tuple[str, ...] = ()) -> Outcome:
     iso = isolation()
     with tempfile.TemporaryDirectory(prefix="sandbox-", ignore_cleanup_errors=True) as tmp:
         wd = os.path.realpath(tmp)
         Path(wd, "main.py").write_bytes(source.encode("utf-8", "replace"))
-        inner = [sys.executable, "-I", "-B", "-c", _prelude(wd, limits, guard)]
+        inner = [sys.executable, "-I", "-B", "-c", _prelude(wd, limits, guard, preload)]
         ns = iso["user_namespace"]
         if ns:
             mode = "mount" if iso["mount_namespace"] else "plain"
@@ -692,17 +702,25 @@ def _run(source: str, limits: Limits, guard: bool = True) -> Outcome:
     return Outcome(status, None if reason else rc, out.decode("utf-8", "replace"), text, wall)
 
 
-def run_program(source: str, limits: Limits = Limits()) -> Outcome:
-    """Run one program (the text of a Python file) in a fresh sandbox and report how it ended."""
-    return _run(source, limits)
+def run_program(source: str, limits: Limits = Limits(), preload: tuple[str, ...] = ()) -> Outcome:
+    """Run one program (the text of a Python file) in a fresh sandbox and report how it ended.
+
+    ``preload``: installed modules imported inside the sandbox (limits and namespaces in force) *before* the guard is
+    armed, so a check may use a library that imports ``ctypes`` or ``socket`` at import time (scipy, sympy, asyncio);
+    the program can then reach those modules, but every ``ctypes.*`` and ``socket.*`` event stays refused. The names
+    are the caller's (a task's module), never the program's; a preload that fails to import fails the program."""
+    return _run(source, limits, preload=tuple(preload))
 
 
-def run_many(sources: list[str], limits: Limits = Limits(), workers: int = 0) -> list[Outcome]:
-    """Run programs in parallel (a thread per running sandbox; workers=0: one per core); outcomes in input order."""
+def run_many(sources: list[str], limits: Limits = Limits(), workers: int = 0,
+             preloads: list[tuple[str, ...]] | None = None) -> list[Outcome]:  # fmt: skip
+    """Run programs in parallel (a thread per running sandbox; workers=0: one per core); outcomes in input order.
+    ``preloads``: one :func:`run_program` ``preload`` per program."""
     isolation()  # probe before the threads start
     workers = workers or os.cpu_count() or 1
+    jobs = list(zip(sources, preloads if preloads is not None else [()] * len(sources), strict=True))
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(sources)))) as pool:
-        return list(pool.map(lambda s: run_program(s, limits), sources))
+        return list(pool.map(lambda job: run_program(job[0], limits, job[1]), jobs))
 
 
 def main(argv: list[str] | None = None) -> None:
