@@ -203,6 +203,8 @@ def parser(prog: str | None = None, doc: str = __doc__) -> argparse.ArgumentPars
     ap.add_argument("--sample-temperature", type=float, default=x.temperature, help="--suite exec: sampling")
     ap.add_argument("--sample-top-p", type=float, default=x.top_p, help="--suite exec: sampling")
     ap.add_argument("--workers", type=int, default=x.workers, help="--suite exec: sandbox processes (0: per core)")
+    ap.add_argument("--task-sample", type=int, default=0,
+                    help="--suite exec: score a seeded sample of this many tasks (--prompt-seed; 0: all)")  # fmt: skip
     return ap
 
 
@@ -235,13 +237,17 @@ def run_exec(ap: argparse.ArgumentParser, args, make_gen_many=None) -> None:
         header, tasks = read_header(args.tasks), load_tasks(args.tasks)
     except TaskFileError as e:
         ap.error(str(e))
+    if args.task_sample < 0:
+        ap.error(f"--task-sample must be ≥ 0, got {args.task_sample}")
+    if args.task_sample and args.task_sample < len(tasks):
+        tasks = sorted(random.Random(args.prompt_seed).sample(tasks, args.task_sample), key=lambda t: t.task_id)
     model, tok = load_model(args)
     model = model.to(args.device).eval()
     gen_many = make_gen_many(tok) if make_gen_many else torch_group_generator(model, tok)
     report = evaluate_exec(gen_many, tok, tasks, cfg, model.config.max_seq_len)
     keys = ("split", "manifest_sha256", "python", "n_tasks")
     report |= {"model": str(args.gguf or args.run), "task_file": str(args.tasks),
-               "task_file_header": {k: header.get(k) for k in keys}}  # fmt: skip
+               "task_file_header": {k: header.get(k) for k in keys}, "task_sample": args.task_sample}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(

@@ -129,6 +129,7 @@ def torch_group_generator(model, tok) -> GenMany:
     generator seeded by the run's first seed; each row ends as ``train.rl.completion_body`` says."""
     import torch
 
+    from model.bitlinear import frozen_weights
     from train.rl import sample_group, stopped
 
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
@@ -141,7 +142,10 @@ def torch_group_generator(model, tok) -> GenMany:
             j = i + 1
             while j < len(jobs) and jobs[j][0] == ids and replace(jobs[j][1], seed=p.seed) == p:
                 j += 1
-            for toks in sample_group(model, ids, j - i, p, torch.Generator().manual_seed(p.seed), decode):
+            gen = torch.Generator(model.tok_emb.weight.device).manual_seed(p.seed)
+            with frozen_weights(model):
+                group = sample_group(model, ids, j - i, p, gen, decode)
+            for toks in group:
                 ended = stopped(toks, p, decode)
                 text = decode(toks[:-1] if toks and toks[-1] in p.stop_token_ids else toks)
                 cuts = [text.find(x) for x in p.stop_strings if x in text]
