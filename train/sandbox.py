@@ -39,7 +39,8 @@ The audit hook alone is not a security boundary (PEP 578 says so): C extensions 
 ``signal.pidfd_send_signal``), hand-made bytecode fed through the import system and interpreter bugs get past it;
 the namespaces are what stop those. scipy, sympy and torch import ctypes when they are imported (asyncio imports
 socket), so under the hook they do not import (numpy does) unless the caller names them in ``preload``: imported
-before the hook is armed, after which their ``ctypes.*`` and ``socket.*`` calls are refused like any. A program that calls ``sys.exit(0)`` or ``os._exit(0)`` before its checks "passes":
+before the hook is armed, after which their ``ctypes.*`` and ``socket.*`` calls are refused like any.
+A program that calls ``sys.exit(0)`` or ``os._exit(0)`` before its checks "passes":
 callers print a nonce after the checks and look for it (``train.exec_tasks``).
 
     python -m train.sandbox --isolation
