@@ -7,6 +7,8 @@ into one ``[count, rows, cols]`` tensor turns ~15 small matmuls per matrix into 
 ``small`` preset that is 60 kernel launches a step instead of ~850, which is where its training time went.
 
 State per parameter: ``momentum_buffer`` (a plain ``Optimizer`` state dict, so checkpoints and exact resume work).
+``train.optim8.Muon8bit`` keeps it in 8 bits and ``train.galore.GaLoreMuon`` in a low-rank subspace; both override the
+hooks :meth:`BatchedMuon._direction` / ``_load_momentum`` / ``_store_momentum``.
 """
 
 from __future__ import annotations
@@ -55,21 +57,32 @@ class BatchedMuon(torch.optim.Optimizer):
                 if p.grad is not None:
                     by_shape[tuple(p.shape)].append(p)
             for (rows, cols), params in by_shape.items():
-                grads = torch.stack([p.grad for p in params])
-                bufs = []
-                for p in params:
-                    st = self.state[p]
-                    if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = torch.zeros_like(p)
-                    bufs.append(st["momentum_buffer"])
-                buf = torch.stack(bufs)
-                buf.lerp_(grads, 1 - group["momentum"])
-                update = grads.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
-                ortho = orthogonalize(update, group["ns_steps"]).to(params[0].dtype)
+                ortho = self._direction(group, params, torch.stack([p.grad for p in params])).to(params[0].dtype)
                 lr = group["lr"] * max(1.0, rows / cols) ** 0.5
                 for i, p in enumerate(params):
-                    self.state[p]["momentum_buffer"].copy_(buf[i])
                     if group["weight_decay"]:
                         p.mul_(1 - group["lr"] * group["weight_decay"])
                     p.add_(ortho[i], alpha=-lr)
         return loss
+
+    def _direction(self, group: dict, params: list[torch.Tensor], grads: torch.Tensor) -> torch.Tensor:
+        """The orthogonalised update ``[count, rows, cols]`` of same-shape ``params`` from their stacked ``grads``
+        (consumed); advances the momentum. Subclasses change its storage (``train.optim8``) or its space
+        (``train.galore``)."""
+        buf = self._load_momentum(params)
+        buf.lerp_(grads, 1 - group["momentum"])
+        update = grads.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
+        ortho = orthogonalize(update, group["ns_steps"])
+        self._store_momentum(params, buf)
+        return ortho
+
+    def _load_momentum(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """The momentum buffers of ``params``, stacked (a copy: :meth:`_store_momentum` writes it back)."""
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return torch.stack([self.state[p]["momentum_buffer"] for p in params])
+
+    def _store_momentum(self, params: list[torch.Tensor], buf: torch.Tensor) -> None:
+        for i, p in enumerate(params):
+            self.state[p]["momentum_buffer"].copy_(buf[i])

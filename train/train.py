@@ -2,7 +2,9 @@
 
 * Optimizers: Muon (``train.muon``, batched over same-shape matrices) for the 2-D hidden matrices (every
   BitLinear), AdamW for embeddings, norms, the LM head and the mHC logits. Learning rates follow warmup → stable →
-  linear decay to zero (WSD).
+  linear decay to zero (WSD). Memory savers: ``--optimizer muon8`` / ``--adamw-bits 8`` keep the momenta in 8 bits
+  (``train.optim8``), ``--optimizer galore`` keeps Muon's momentum in a low-rank gradient subspace (``train.galore``);
+  docs/train/optim/README.md compares them.
 * Precision: bf16 autocast on CUDA (master weights float32), float32 on CPU; optional ``torch.compile``.
 * Data: windows of ``seq_len + 1`` tokens drawn from the memory-mapped train split by a generator seeded with
   ``(seed, step, micro-step, rank)``, so the data position is the step and a resumed run sees exactly the batches the
@@ -48,7 +50,9 @@ from model.bitlinear import BitLinear
 from model.config import get_config
 from model.transformer import IGNORE_INDEX, Transformer
 from train import checkpoint
+from train.galore import GaLoreMuon
 from train.muon import BatchedMuon
+from train.optim8 import AdamW8bit, Muon8bit
 from train.shards import ShardError, open_split
 
 log = logging.getLogger("train")
@@ -56,6 +60,9 @@ log = logging.getLogger("train")
 
 class TrainError(ValueError):
     """A run that cannot start or continue as asked: bad settings, data that does not fit the model, ..."""
+
+
+OPTIMIZERS = ("muon", "muon8", "galore")  # for the hidden matrices (--optimizer)
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,11 @@ class TrainConfig:
     grad_accum: int = 1
     lr_matrix: float = 0.02  # Muon, hidden matrices
     lr_embed: float = 3e-3  # AdamW, everything else
+    optimizer: str = "muon"  # hidden matrices: muon | muon8 (8-bit momentum, train.optim8) | galore (train.galore)
+    adamw_bits: int = 32  # 32 | 8: AdamW's moments in 8 bits (train.optim8.AdamW8bit)
+    galore_rank: int = 64  # --optimizer galore: rank of the gradient subspace
+    galore_update_every: int = 100  # --optimizer galore: steps between subspace refreshes
+    galore_scale: float = 1.0  # --optimizer galore: α, scale of the projected-back update (docs/train/optim)
     weight_decay: float = 0.0
     warmup_steps: int = 100
     decay_frac: float = 0.3  # final fraction of steps over which the lr decays linearly to 0
@@ -95,7 +107,8 @@ class TrainConfig:
         """What is wrong with these settings (flags, paths), checked before anything is loaded; [] if nothing."""
         out = []
         flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "ckpt_every"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "ckpt_every",
+                     "galore_rank", "galore_update_every"):  # fmt: skip
             if getattr(self, name) < 1:
                 out.append(f"{flag(name)} must be ≥ 1, got {getattr(self, name)}")
         for name in ("run_steps", "warmup_steps", "eval_tokens", "seed"):
@@ -104,7 +117,11 @@ class TrainConfig:
         for name in ("lr_matrix", "lr_embed", "weight_decay", "entropy_coef"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 out.append(f"{flag(name)} must be finite and ≥ 0, got {getattr(self, name)}")
-        for name in ("grad_clip", "peak_tflops"):
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.adamw_bits not in (8, 32):
+            out.append(f"--adamw-bits must be 8 or 32, got {self.adamw_bits}")
+        for name in ("grad_clip", "peak_tflops", "galore_scale"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 out.append(f"{flag(name)} must be finite and > 0, got {getattr(self, name)}")
         if not 0 <= self.decay_frac <= 1:
@@ -211,16 +228,29 @@ class LossModule(nn.Module):
 
 
 def make_optimizers(model: Transformer, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-    """Muon for 2-D hidden matrices, AdamW for the rest (embeddings and the LM head are not "hidden")."""
+    """Muon for 2-D hidden matrices, AdamW for the rest (embeddings and the LM head are not "hidden").
+
+    ``cfg.optimizer`` picks the Muon variant (``muon8``: 8-bit momentum; ``galore``: momentum in a low-rank gradient
+    subspace) and ``cfg.adamw_bits`` AdamW's; the matrix optimizer is ``"muon"`` in the returned dict either way."""
     matrices, others = [], []
     for name, p in model.named_parameters():
         hidden = p.ndim == 2 and not name.startswith(("tok_emb", "lm_head"))
         (matrices if hidden else others).append(p)
     fused = next(model.parameters()).is_cuda
-    opts = {
-        "muon": BatchedMuon(matrices, lr=cfg.lr_matrix, weight_decay=cfg.weight_decay),
-        "adamw": torch.optim.AdamW(others, lr=cfg.lr_embed, betas=(0.9, 0.95), weight_decay=0.0, fused=fused),
-    }
+    kw = {"lr": cfg.lr_matrix, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "muon8":
+        muon = Muon8bit(matrices, **kw)
+    elif cfg.optimizer == "galore":
+        muon = GaLoreMuon(matrices, rank=cfg.galore_rank, update_every=cfg.galore_update_every,
+                          scale=cfg.galore_scale, seed=cfg.seed, **kw)  # fmt: skip
+    else:
+        muon = BatchedMuon(matrices, **kw)
+    adam = {"lr": cfg.lr_embed, "betas": (0.9, 0.95), "weight_decay": 0.0}
+    if cfg.adamw_bits == 8:
+        adamw = AdamW8bit(others, **adam)
+    else:
+        adamw = torch.optim.AdamW(others, **adam, fused=fused)
+    opts = {"muon": muon, "adamw": adamw}
     for opt in opts.values():
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
