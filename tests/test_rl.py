@@ -5,6 +5,7 @@ fake reward, and the CLI's refusal of a held-out task file."""
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import subprocess
@@ -43,25 +44,11 @@ from train.train import make_optimizers
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _orthogonalize_f32(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """``train.muon.orthogonalize`` in float32: CPU bf16 batched matmuls are ~25x slower (a tiny Muon step: 3.5 s)."""
-    a, b, c = muon.NS_COEFFS
-    x = g.float()
-    transposed = x.shape[-2] > x.shape[-1]
-    if transposed:
-        x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if transposed else x
-
-
 @pytest.fixture(autouse=True)
 def _fast_cpu(monkeypatch):
     """PyTorch on one thread (on a loaded 2-core machine its spinning OpenMP threads run many times slower) and
-    Muon's Newton–Schulz in float32."""
-    monkeypatch.setattr(muon, "orthogonalize", _orthogonalize_f32)
+    Muon's Newton–Schulz in float32 (CPU bf16 batched matmuls are ~25x slower: a tiny Muon step 3.5 s)."""
+    monkeypatch.setattr(muon, "orthogonalize", functools.partial(muon.orthogonalize, dtype=torch.float32))
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

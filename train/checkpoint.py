@@ -186,3 +186,10 @@ def load(path: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.O
     if restore_rng:
         set_rng_state(tensors)
     return state
+
+
+def changed_settings(saved: dict, now: dict, may_change: tuple[str, ...]) -> list[str]:
+    """The settings a checkpoint was written with (``saved``, JSON) that differ from ``now`` (a dataclass's ``asdict``),
+    except those a resumed run may change; ``[]`` when the run can resume."""
+    now = json.loads(json.dumps(now))
+    return [k for k in saved if k not in may_change and saved[k] != now.get(k)]

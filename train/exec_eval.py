@@ -13,7 +13,7 @@ Run it through ``python -m train.eval --suite exec`` (the PyTorch loop) or ``pyt
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
@@ -91,15 +91,8 @@ def score(tasks: Sequence[Task], bodies: list[list[str]], cfg: ExecEvalConfig, l
                      "greedy_passed": bool(greedy and greedy[1].passed),
                      "parsed": sum(is_valid_function(t.prompt, b) for b, _ in runs) / max(1, len(runs)),
                      "reward": sum(reward(t, b, v) for b, v in runs) / max(1, len(runs)),
-                     "statuses": dict(_count(v.status for _, v in runs))})  # fmt: skip
+                     "statuses": dict(Counter(v.status for _, v in runs))})  # fmt: skip
     return {"settings": asdict(cfg) | {"limits": asdict(limits)}, **summarize(rows, cfg), "tasks": rows}
-
-
-def _count(items) -> dict:
-    out: dict = defaultdict(int)
-    for x in items:
-        out[x] += 1
-    return out
 
 
 def summarize(rows: list[dict], cfg: ExecEvalConfig) -> dict:

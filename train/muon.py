@@ -20,10 +20,12 @@ import torch
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate ``U Vᵀ`` of each matrix in ``g [batch, rows, cols]`` (quintic Newton–Schulz, bf16)."""
+def orthogonalize(
+    g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Approximate ``U Vᵀ`` of each matrix in ``g [batch, rows, cols]`` (quintic Newton–Schulz, in ``dtype``)."""
     a, b, c = NS_COEFFS
-    x = g.bfloat16()
+    x = g.to(dtype)
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT

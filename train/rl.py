@@ -564,8 +564,7 @@ def _run(cfg: RLConfig, tasks: list, scorer: Scorer, progress: bool, rank: int, 
     path, state = checkpoint.resumable(ckpt_dir)
     if path is not None:
         saved = state["extra"]["rl_config"]
-        now = json.loads(json.dumps(asdict(cfg)))
-        mismatched = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
+        mismatched = checkpoint.changed_settings(saved, asdict(cfg), RESUMABLE_CHANGES)
         if mismatched:
             raise RLError(f"{path} was trained with different settings: {mismatched}; use another --out")
         if state["extra"].get("world") != world:

@@ -403,8 +403,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     path, state = checkpoint.resumable(ckpt_dir)
     if path is not None:
         saved = state["extra"]["train_config"]
-        now = json.loads(json.dumps(asdict(cfg)))
-        mismatched = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
+        mismatched = checkpoint.changed_settings(saved, asdict(cfg), RESUMABLE_CHANGES)
         if mismatched:
             raise TrainError(f"{path} was trained with different settings: {mismatched}; use another --out")
         checkpoint.load(path, model, opts)
