@@ -28,6 +28,7 @@ MIN_CONTEXT = 16  # one prefill chunk of the CUDA build (the CPU build's is 8)
 PREFILL_TOKENS = 16  # the largest prefill chunk: the attention scratch holds one score row per (token, head)
 NORM_EPS_RANGE = (1e-12, 1.0)  # [inclusive, exclusive): a denormal epsilon flushes to 0 in compiled float32
 ROPE_THETA_RANGE = (1.0, 1e12)  # (exclusive, inclusive]: ≤ 1 turns every rotation into one of ≥ 1 radian per step
+MAX_EXPERTS = 64  # experts per MoE block (n_experts); llama.cpp's own limit is 256, ours keeps the router kernel serial
 MEMORY_ENV = "TERNARY_TVM_MAX_MEMORY_GIB"  # overrides memory_limit()
 GiB = 1 << 30
 # "bitnet-mhc": ours (SwiGLU, mHC-lite residual streams, optional MTP heads). The foreign ones, as llama.cpp names
@@ -70,6 +71,11 @@ def config_problems(c) -> list[tuple[str, str]]:
         out.append(("rope_theta", f"rope_theta={c.rope_theta} must be finite and in ({lo:g}, {hi:g}]"))
     if c.mtp_heads < 0:
         out.append(("mtp_heads", f"mtp_heads={c.mtp_heads} must be ≥ 0"))
+    experts, used = getattr(c, "n_experts", 0), getattr(c, "n_experts_used", 2)
+    if experts and not 2 <= experts <= MAX_EXPERTS:
+        out.append(("n_experts", f"n_experts={experts} must be 0 (a dense FFN) or between 2 and {MAX_EXPERTS}"))
+    elif experts and not 1 <= used <= experts:
+        out.append(("n_experts_used", f"n_experts_used={used} must be between 1 and n_experts={experts}"))
     arch, act = getattr(c, "arch", ARCHS[0]), getattr(c, "ffn_act", FFN_ACTS[0])
     if act not in FFN_ACTS:
         out.append(("ffn_act", f"ffn_act={act!r} must be one of {FFN_ACTS}"))
@@ -82,6 +88,8 @@ def config_problems(c) -> list[tuple[str, str]]:
             out.append(("n_streams", f"n_streams={c.n_streams}: arch {arch!r} has a plain residual (n_streams=1)"))
         if c.mtp_heads:
             out.append(("mtp_heads", f"mtp_heads={c.mtp_heads}: arch {arch!r} has no multi-token-prediction heads"))
+        if experts:
+            out.append(("n_experts", f"n_experts={experts}: arch {arch!r} files with experts are not supported"))
         if arch == "bitnet" and not c.tie_embeddings:  # llama.cpp's bitnet graph has no output.weight
             out.append(
                 ("tie_embeddings", "tie_embeddings=False: arch 'bitnet' always ties the LM head to the embedding")
@@ -113,6 +121,10 @@ class ModelConfig:
     mhc_dynamic: bool = False
     arch: str = "bitnet-mhc"  # one of ARCHS
     ffn_act: str = "silu"  # the gate's activation: "silu" (SwiGLU) or "relu2" (relu(x)², BitNet b1.58 2B-4T)
+    # Mixture of experts (model.moe): 0 = a dense FFN per block; else n_experts ternary SwiGLU experts of ffn_hidden
+    # each, a float router, and the top n_experts_used per token (their softmax weights renormalized over the k)
+    n_experts: int = 0
+    n_experts_used: int = 2
     filled: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -151,6 +163,16 @@ class ModelConfig:
         """An RMSNorm on the attention output before ``attn_output`` and on the FFN's hidden before ``ffn_down``."""
         return self.arch == "bitnet"
 
+    @property
+    def ffn_copies(self) -> int:
+        """FFN weight sets per block: ``n_experts`` (MoE) or 1."""
+        return self.n_experts or 1
+
+    @property
+    def ffn_active(self) -> int:
+        """FFN weight sets a token reads per block: ``n_experts_used`` (MoE) or 1."""
+        return self.n_experts_used if self.n_experts else 1
+
     def ternary_shapes(self) -> dict[str, tuple[int, int]]:
         """(M, K) = (out, in) of each ternary matrix of one block: ``y[M] = W[M, K] · x[K]``."""
         d, f, kv = self.d_model, self.ffn_hidden, self.kv_dim
@@ -175,6 +197,9 @@ PRESETS: dict[str, ModelConfig] = {
                              n_kv_heads=4, ffn_hidden=2304, max_seq_len=2048),
     "nano-1b": ModelConfig(name="nano-1b", vocab_size=32000, d_model=2048, n_layers=20, n_heads=16, n_kv_heads=4,
                            ffn_hidden=5632, max_seq_len=2048, tie_embeddings=False),
+    # a mixture of experts with the shipped model's attention: 8 experts of 768, top 2 (the active FFN of "small")
+    "small-moe": ModelConfig(name="small-moe", vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4,
+                             ffn_hidden=768, max_seq_len=1024, n_experts=8, n_experts_used=2),
     # the exact shape of Microsoft's BitNet b1.58 2B-4T (llama.cpp arch "bitnet"), for speed benchmarks
     "bitnet-2b4t": ModelConfig(name="bitnet-2b4t", arch="bitnet", ffn_act="relu2", n_streams=1, vocab_size=128256,
                                d_model=2560, n_layers=30, n_heads=20, n_kv_heads=5, ffn_hidden=6912, max_seq_len=4096,
@@ -191,8 +216,11 @@ def memory_estimate(cfg: ModelConfig) -> dict[str, int]:
     ``[n_kv_heads, max_seq_len, head_dim]`` float32) and the attention scratch (``compiler.graph_kernels.attention``:
     a ``max_seq_len`` score row per (prefill token, head)). The parts are returned too."""
     d, hd, ctx = cfg.d_model, cfg.head_dim, cfg.max_seq_len
-    ternary = cfg.n_layers * sum(m * k for m, k in cfg.ternary_shapes().values()) + 2 * cfg.mtp_heads * d * d
-    weights = ternary // 4 + cfg.vocab_size * d * 4 * (1 if cfg.tie_embeddings else 2) + (2 * cfg.n_layers + 1) * d * 4
+    per_block = sum(m * k * (cfg.ffn_copies if n.startswith("ffn_") else 1) for n, (m, k) in cfg.ternary_shapes().items())
+    ternary = cfg.n_layers * per_block + 2 * cfg.mtp_heads * d * d
+    router = cfg.n_layers * cfg.n_experts * d * 4
+    weights = (ternary // 4 + cfg.vocab_size * d * 4 * (1 if cfg.tie_embeddings else 2) + (2 * cfg.n_layers + 1) * d * 4
+               + router)
     rope = 2 * ctx * (hd // 2) * 4
     kv_cache = 2 * cfg.n_layers * cfg.n_kv_heads * ctx * hd * 4
     scratch = PREFILL_TOKENS * cfg.n_heads * ctx * 4
@@ -245,8 +273,9 @@ def get_config(name: str, **overrides) -> ModelConfig:
 def main() -> None:
     for cfg in PRESETS.values():
         shapes = ", ".join(f"{k} {m}x{kk}" for k, (m, kk) in cfg.ternary_shapes().items())
+        moe = f" experts={cfg.n_experts_used}/{cfg.n_experts}" if cfg.n_experts else ""
         print(f"{cfg.name:10s} d={cfg.d_model} L={cfg.n_layers} heads={cfg.n_heads}/{cfg.n_kv_heads} "
-              f"ffn={cfg.ffn_hidden} n={cfg.n_streams} vocab={cfg.vocab_size}\n    {shapes}")  # fmt: skip
+              f"ffn={cfg.ffn_hidden}{moe} n={cfg.n_streams} vocab={cfg.vocab_size}\n    {shapes}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ Contract (GGUF v3, little-endian, alignment 32)
 ``bitnet-mhc.mhc.dynamic``                                 bool       mhc_dynamic (must be false for now)
 ``bitnet-mhc.tie_embeddings``                              bool       tie_embeddings
 ``bitnet-mhc.mtp.head_count``                              uint32     mtp_heads
+``bitnet-mhc.expert_count`` / ``expert_used_count``        uint32     n_experts / n_experts_used (MoE only)
 =========================================================  =========  ==================
 
 Tokenizer: ``tokenizer.ggml.model = "gpt2"``, ``.pre``, ``.tokens`` (string[vocab_size]), ``.merges`` (string[]),
@@ -46,9 +47,15 @@ file), one per-tensor absmean scale stored in every non-zero block; ``y = W x`` 
 ``blk.{i}.mhc_{attn,ffn}.pre_logits``               [n]                    F32   (n > 1 only)
 ``blk.{i}.mhc_{attn,ffn}.post_logits``              [n]                    F32   (n > 1 only)
 ``blk.{i}.mhc_{attn,ffn}.res_logits``               [1] (n=2) / [24] (n=4) F32   (n > 1 only)
+``blk.{i}.ffn_gate_inp.weight`` (MoE: the router)   [n_experts, d]         F32
+``blk.{i}.ffn_{gate,up}_exps.weight`` (MoE)         [n_experts, ffn, d]    ternary, a scale per expert
+``blk.{i}.ffn_down_exps.weight`` (MoE)              [n_experts, d, ffn]    ternary, a scale per expert
 ``mtp.{k}.proj.weight`` / ``embed_proj.weight``     [d, d]                 ternary
 ``mtp.{k}.embed_norm.weight``                       [d]                    F32
 ==================================================  =====================  ==========================
+
+A mixture-of-experts file (``expert_count`` > 0; :mod:`model.moe`) has the three ``_exps`` stacks and the router in
+place of ``ffn_gate``/``ffn_up``/``ffn_down``, named as llama.cpp names them; the keys are absent from a dense file.
 
 The mHC logits become coefficients with :func:`model.mhc_static.coefficients` (:meth:`GGUFModel.mhc_coefficients`).
 
@@ -168,6 +175,7 @@ HPARAMS: tuple[tuple[str, str, ValueType], ...] = (
     ("tie_embeddings", "tie_embeddings", ValueType.BOOL),
     ("mtp.head_count", "mtp_heads", ValueType.UINT32),
 )
+EXPERT_HPARAMS = (("expert_count", "n_experts"), ("expert_used_count", "n_experts_used"))  # optional (MoE only)
 # llama.cpp's keys for the foreign architectures ("bitnet", "llama"): (key, field, type, default when absent; None:
 # required). vocab_size defaults to the tokenizer's size, head_count_kv to head_count; the embeddings are tied when
 # the file has no output.weight.
@@ -208,10 +216,16 @@ def tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
         specs["output.weight"] = TensorSpec((v, d), "embed")
     shapes = {"attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, d),
               "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}  # fmt: skip
+    if cfg.n_experts:  # MoE: stacks of experts, and the router
+        e = cfg.n_experts
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("ffn_")}
+        shapes |= {"ffn_gate_exps": (e, f, d), "ffn_up_exps": (e, f, d), "ffn_down_exps": (e, d, f)}
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         specs[p + "attn_norm.weight"] = specs[p + "ffn_norm.weight"] = TensorSpec((d,), "float")
         specs |= {f"{p}{name}.weight": TensorSpec(shape, "ternary") for name, shape in shapes.items()}
+        if cfg.n_experts:
+            specs[p + "ffn_gate_inp.weight"] = TensorSpec((cfg.n_experts, d), "float")
         if cfg.sub_norms:
             specs[p + "attn_sub_norm.weight"] = TensorSpec((d,), "float")
             specs[p + "ffn_sub_norm.weight"] = TensorSpec((f,), "float")
@@ -262,6 +276,9 @@ def write_gguf(
     adders = {ValueType.UINT32: w.add_uint32, ValueType.FLOAT32: w.add_float32, ValueType.BOOL: w.add_bool}
     for key, attr, vtype, *_ in HPARAMS if arch == ARCH else FOREIGN_HPARAMS:
         adders[vtype](f"{arch}.{key}", getattr(config, attr))
+    if config.n_experts:  # only in MoE files: a dense file stays byte-identical to one written before MoE existed
+        for key, attr in EXPERT_HPARAMS:
+            w.add_uint32(f"{arch}.{key}", getattr(config, attr))
     if arch != ARCH:
         w.add_uint32(f"{arch}.rope.dimension_count", config.head_dim)
     if arch == "bitnet":
@@ -367,7 +384,7 @@ class GGUFTensor:
             tw = ggml.to_ternary(codes, scales)
         except TernaryFormatError as exc:
             raise GGUFError(f"{self.name}: {exc}") from exc
-        if not np.isfinite(tw.scale):
+        if not np.isfinite(tw.scale).all():
             raise GGUFError(f"{self.name}: non-finite scale {tw.scale}")
         return tw
 
@@ -712,6 +729,10 @@ def _own_fields(f: GGUFFile) -> dict[str, Any]:
         if vtype == ValueType.UINT32 and v == 0 and attr != "mtp_heads":  # 0 would make ModelConfig derive a value
             raise GGUFError(f"hyperparameter {ARCH}.{key} = 0 must be positive")
         fields[attr] = _float32_value(v) if vtype == ValueType.FLOAT32 else v
+    for key, attr in EXPERT_HPARAMS:
+        v = _get(f, f"{ARCH}.{key}", ValueType.UINT32, required=False)
+        if v is not None:
+            fields[attr] = v
     return fields
 
 
@@ -753,7 +774,7 @@ def _foreign_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
 def _key_of(arch: str, attr: str) -> str:
     if attr == "ffn_act":
         return ACT_KEY
-    rows = HPARAMS if arch == ARCH else FOREIGN_HPARAMS
+    rows = (*HPARAMS, *EXPERT_HPARAMS) if arch == ARCH else FOREIGN_HPARAMS
     return next((f"{arch}.{row[0]}" for row in rows if row[1] == attr), attr)
 
 
@@ -764,7 +785,7 @@ def _check_config(problems: list[tuple[str, str]], arch: str = ARCH) -> None:
 
 def _tensor_count(cfg: ModelConfig) -> tuple[int, int]:
     """``len(tensor_specs(cfg))`` by arithmetic (no dict of block_count entries), and the tensors of one block."""
-    per_block = 2 + 7 + (6 if cfg.n_streams > 1 else 0) + (2 if cfg.sub_norms else 0)
+    per_block = 2 + 7 + (1 if cfg.n_experts else 0) + (6 if cfg.n_streams > 1 else 0) + (2 if cfg.sub_norms else 0)
     return 2 + (0 if cfg.tie_embeddings else 1) + cfg.n_layers * per_block + 3 * cfg.mtp_heads, per_block
 
 

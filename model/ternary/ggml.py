@@ -117,8 +117,14 @@ def quantize(w: np.ndarray, qtype: TernaryType = TernaryType.TQ2_0) -> np.ndarra
 
 
 def pack(weights: TernaryWeights, qtype: TernaryType = TernaryType.TQ2_0) -> np.ndarray:
-    """Store ternary weights: trits ``codes + 1``; block scale = the tensor scale, or 0 for an all-zero block."""
+    """Store ternary weights: trits ``codes + 1``; block scale = the tensor scale, or 0 for an all-zero block (a stack
+    of experts: each expert's own scale in its blocks)."""
     qtype = TernaryType(qtype)
+    if weights.stacked:
+        if np.ndim(weights.codes) != 3 or len(weights.scale) != weights.codes.shape[0]:
+            raise TernaryFormatError(f"a stack of experts needs codes [E, M, K] and E scales, got codes of shape "
+                                     f"{np.shape(weights.codes)} and {len(weights.scale)} scales")  # fmt: skip
+        return np.stack([pack(weights.expert(e), qtype) for e in range(len(weights.scale))])
     codes = as_array(weights.codes, "codes", np.int8, (1, 2, 3))
     check_k(codes.shape[-1])
     if codes.min(initial=0) < -1 or codes.max(initial=0) > 1:
@@ -165,6 +171,8 @@ def to_ternary(codes: np.ndarray, block_scales: np.ndarray) -> TernaryWeights:
     BitNet b1.58 tensors have one absmean scale; a TQ2_0 tensor quantized any other way (per-block absmax of float
     weights) cannot run on the per-tensor-scale kernels, and saying so beats computing garbage.
     """
+    if codes.ndim == 3:  # a stack of experts [E, M, K]: one scale per expert
+        return TernaryWeights.stack([to_ternary(c, d) for c, d in zip(codes, block_scales, strict=True)])
     nonzero = codes.reshape(*block_scales.shape, QK).any(axis=-1)
     used = np.unique(block_scales[nonzero])
     if used.size > 1:

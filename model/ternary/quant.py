@@ -23,16 +23,31 @@ FP16_MAX = float(np.finfo(np.float16).max)
 
 @dataclass(frozen=True)
 class TernaryWeights:
-    """A ternary matrix: ``W ≈ scale · codes`` with ``codes ∈ {-1, 0, +1}`` (int8) and one float32 scale.
+    """A ternary matrix: ``W ≈ scale · codes`` with ``codes ∈ {-1, 0, +1}`` (int8) and one float32 scale; or a stack
+    of experts' matrices (MoE): ``codes [E, M, K]`` with one scale per expert, ``scale float32[E]``.
 
     ``scale`` is exactly representable in float16, the dtype of the TQ2_0/TQ1_0 block scale.
     """
 
-    codes: np.ndarray  # int8 [M, K]
-    scale: np.float32
+    codes: np.ndarray  # int8 [M, K] (or [E, M, K]: stacked experts)
+    scale: np.float32  # (or float32[E])
+
+    @property
+    def stacked(self) -> bool:
+        return np.ndim(self.scale) == 1
+
+    @classmethod
+    def stack(cls, experts: list[TernaryWeights]) -> TernaryWeights:
+        """The experts' matrices (all ``[M, K]``) as one ``[E, M, K]`` tensor with a scale each."""
+        return cls(codes=np.stack([e.codes for e in experts]), scale=np.array([e.scale for e in experts], np.float32))
+
+    def expert(self, e: int) -> TernaryWeights:
+        """Expert ``e``'s matrix of a stack."""
+        return TernaryWeights(codes=self.codes[e], scale=np.float32(self.scale[e]))
 
     def dequantize(self) -> np.ndarray:
-        return self.codes.astype(np.float32) * self.scale
+        scale = np.asarray(self.scale, np.float32)
+        return self.codes.astype(np.float32) * (scale[:, None, None] if self.stacked else scale)
 
 
 @dataclass(frozen=True)
