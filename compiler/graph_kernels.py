@@ -142,6 +142,61 @@ def argmax(B: int, V: int):
     return _prim([x, at, best])
 
 
+def router(T: int, D: int, E: int, k: int):
+    """A mixture of experts' routing (:class:`model.moe.MoEFFN`): for each row of the normed input ``h [T, D]``, the
+    router's logits ``l[e] = Σ_d h[d]·R[e, d]`` (float64, ``d`` in order), the ``k`` largest (descending; on a tie the
+    lower index first) → ``ids int32[T, k]``, and their softmax ``w float32[T, k]`` (float64, then rounded). float64
+    keeps the choice of experts from hanging on float32 rounding. Serial: ``E·D`` multiply-adds a row."""
+    from tvm.script import tirx as Tx
+
+    @Tx.prim_func
+    def route(
+        h: Tx.Buffer((T, D), "float32"),
+        R: Tx.Buffer((E, D), "float32"),
+        ids: Tx.Buffer((T, k), "int32"),
+        w: Tx.Buffer((T, k), "float32"),
+    ):
+        logit = Tx.alloc_buffer((E,), "float64")
+        taken = Tx.alloc_buffer((E,), "int32")
+        top = Tx.alloc_buffer((k,), "float64")
+        best = Tx.alloc_buffer((1,), "int32")
+        denom = Tx.alloc_buffer((1,), "float64")
+        for t in range(T):
+            for e in range(E):
+                logit[e] = Tx.float64(0)
+                taken[e] = 0
+                for d in range(D):
+                    logit[e] = logit[e] + Tx.Cast("float64", h[t, d]) * Tx.Cast("float64", R[e, d])
+            for j in range(k):
+                best[0] = -1
+                for e in range(E):
+                    if taken[e] == 0:
+                        if best[0] < 0:
+                            best[0] = e
+                        elif logit[e] > logit[best[0]]:
+                            best[0] = e
+                taken[best[0]] = 1
+                ids[t, j] = best[0]
+                top[j] = logit[best[0]]
+            denom[0] = Tx.float64(0)
+            for j in range(k):
+                denom[0] = denom[0] + Tx.exp(top[j] - top[0])
+            for j in range(k):
+                w[t, j] = Tx.Cast("float32", Tx.exp(top[j] - top[0]) / denom[0])
+
+    return route.without_attr("global_symbol")
+
+
+def moe_combine(T: int, k: int, D: int):
+    """``y[t] = Σ_j w[t, j] · Y[t, j]`` over a row's ``k`` experts in slot order (an FMA chain)."""
+    from tvm import te
+
+    Y = te.placeholder((T, k, D), "float32", name="Y")
+    w = te.placeholder((T, k), "float32", name="w")
+    j = te.reduce_axis((0, k), name="j")
+    return _prim([Y, w, te.compute((T, D), lambda t, d: te.sum(w[t, j] * Y[t, j, d], axis=j), name="y")])
+
+
 def rope_q(T: int, H: int, hd: int, ctx: int):
     """RoPE (GPT-NeoX rotate-half) of ``q [T, H·hd]``, row ``t`` at position ``pos[t]`` → ``[T, H, hd]`` (a padding
     row, ``pos < 0``, is rotated as position 0 and never read)."""

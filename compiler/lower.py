@@ -65,6 +65,7 @@ log = logging.getLogger("compiler.build")
 
 PREFILL_CHUNK = CPU_PREFILL_CHUNK  # a CPU build's prefill chunk (compiler.arith's default)
 TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+EXPERTS = {"ffn_gate": "ffn_gate_exps", "ffn_up": "ffn_up_exps", "ffn_down": "ffn_down_exps"}  # MoE: stacked [E, ...]
 MTP_TERNARY = ("proj", "embed_proj")  # each MTP head's ternary matrices (model.transformer.MTPHead)
 CPU_TILE = 8  # row tile of the CPU weight layout (tile8), when it divides M
 WEIGHT_LAYOUTS = ("tile8", "tl")  # CPU ternary weights: 2-bit tile8 (default) or 1.67-bit tl{R} (AVX-512 VBMI)
@@ -86,11 +87,20 @@ def tl_tile(M: int) -> int:
 HEADS = ("auto", "int8")  # the LM head as the GGUF stores it (F16 or F32), or int8 rows + a float32 scale per row
 
 
-def check_weights(weights: str, gpu: bool) -> None:
+def check_weights(weights: str, gpu: bool, cfg=None) -> None:
     if weights not in WEIGHT_LAYOUTS:
         raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_LAYOUTS}")
     if weights == "tl" and gpu:
         raise ValueError("weights='tl' is a CPU (AVX-512 VBMI) layout; the CUDA build uses dp4a")
+    if cfg is not None and cfg.n_experts and (gpu or weights != "tile8"):
+        raise ValueError(f"a mixture-of-experts model (n_experts={cfg.n_experts}) compiles for CPU targets with the "
+                         "tile8 weights only, for now (no expert-indexed CUDA or tl kernel yet)")  # fmt: skip
+
+
+def block_ternary(cfg) -> list[tuple[str, int]]:
+    """A block's ternary parameters (the name after ``blk.{i}.``) and how many matrices each stacks: 0 for a plain
+    matrix, ``E`` for a mixture of experts' ``ffn_*_exps`` (:data:`EXPERTS`)."""
+    return [(EXPERTS[t], cfg.n_experts) if cfg.n_experts and t in EXPERTS else (t, 0) for t in TERNARY]
 
 
 @dataclass
@@ -123,11 +133,14 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
         if cfg.sub_norms:
             out.append(ParamSpec(f"blk.{i}.attn_sub_norm.weight", (D,), "float32"))
             out.append(ParamSpec(f"blk.{i}.ffn_sub_norm.weight", (cfg.ffn_hidden,), "float32"))
-        for t in TERNARY:
+        for t, (name, E) in zip(TERNARY, block_ternary(cfg), strict=True):
             M, K = shapes[t]
-            out.append(ParamSpec(f"blk.{i}.{t}.weight", (M, K // 16), "int32") if gpu else
-                       ParamSpec(f"blk.{i}.{t}.weight", _cpu_w_shape(M, K, weights), "uint8"))  # fmt: skip
-            out.append(ParamSpec(f"blk.{i}.{t}.scale", (1,), "float32"))
+            lead = (E,) if E else ()
+            out.append(ParamSpec(f"blk.{i}.{name}.weight", (*lead, M, K // 16), "int32") if gpu else
+                       ParamSpec(f"blk.{i}.{name}.weight", (*lead, *_cpu_w_shape(M, K, weights)), "uint8"))  # fmt: skip
+            out.append(ParamSpec(f"blk.{i}.{name}.scale", (E or 1,), "float32"))
+        if cfg.n_experts:  # the router, float32 [E, D]
+            out.append(ParamSpec(f"blk.{i}.ffn_gate_inp.weight", (cfg.n_experts, D), "float32"))
         for site in ("mhc_attn", "mhc_ffn"):
             out += [ParamSpec(f"blk.{i}.{site}.h_pre", (S,), "float32"),
                     ParamSpec(f"blk.{i}.{site}.h_post", (S,), "float32"),
@@ -238,7 +251,7 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto"
     stores it (``auto``: F16 stays float16) or ``int8`` rows with a scale each (:func:`quantize_head`)."""
     from model.ternary.layouts import get_layout
 
-    check_weights(weights, gpu)
+    check_weights(weights, gpu, g.config)
     if head not in HEADS:
         raise ValueError(f"head={head!r}: expected one of {HEADS}")
     pack = get_layout("dp4a").pack if gpu else (lambda codes: _pack_cpu(codes, weights))
@@ -257,10 +270,12 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto"
     for i in range(cfg.n_layers):
         for n in ("attn_norm", "ffn_norm") + (("attn_sub_norm", "ffn_sub_norm") if cfg.sub_norms else ()):
             p[f"blk.{i}.{n}.weight"] = g.tensors[f"blk.{i}.{n}.weight"].to_float().astype(np.float32)
-        for t in TERNARY:
-            tw = g.ternary(f"blk.{i}.{t}.weight")
-            p[f"blk.{i}.{t}.weight"] = pack(tw.codes)
-            p[f"blk.{i}.{t}.scale"] = np.array([tw.scale], np.float32)
+        for name, E in block_ternary(cfg):
+            tw = g.ternary(f"blk.{i}.{name}.weight")
+            p[f"blk.{i}.{name}.weight"] = np.stack([pack(c) for c in tw.codes]) if E else pack(tw.codes)
+            p[f"blk.{i}.{name}.scale"] = np.array(tw.scale, np.float32).reshape(E or 1)
+        if cfg.n_experts:
+            p[f"blk.{i}.ffn_gate_inp.weight"] = g.tensors[f"blk.{i}.ffn_gate_inp.weight"].to_float().astype(np.float32)
         for j, site in enumerate(("mhc_attn", "mhc_ffn")):
             c = coeffs[2 * i + j]
             p[f"blk.{i}.{site}.h_pre"] = np.asarray(c.h_pre, np.float32)
@@ -387,6 +402,7 @@ class Lowering:
 
         self.gpu = self.target == "cuda"
         self.k = kernels_for(self.target, self.weights)
+        check_weights(self.weights, self.gpu, self.cfg)
         if self.chunk is None:
             self.chunk = self.k.prefill_chunk
         self.bb = relax.BlockBuilder()
@@ -491,7 +507,9 @@ class Lowering:
 
     def ffn(self, f: _Frame, i: int, u):
         """Layer ``i``'s gated FFN on ``u [T, D]``: RMSNorm+quantize, gate/up, ``act(gate) · up`` (silu or relu²),
-        [RMSNorm (arch bitnet) +] quantize, down → ``y [T, D]``."""
+        [RMSNorm (arch bitnet) +] quantize, down → ``y [T, D]``. A mixture of experts: :meth:`moe`."""
+        if self.cfg.n_experts:
+            return self.moe(f, i, u)
         cfg, T = self.cfg, f.T
         D, F = cfg.d_model, cfg.ffn_hidden
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.ffn_norm.weight", u)
@@ -508,6 +526,48 @@ class Lowering:
             else:
                 h8, hsc, hsum = self._quantize(T, F, hh)
         return self._ternary(f, f"blk.{i}.ffn_down", h8, hsc, hsum, D, F)
+
+    def moe(self, f: _Frame, i: int, u):
+        """Layer ``i``'s mixture of experts (:class:`model.moe.MoEFFN`) on ``u [T, D]``: the RMSNorm, the router
+        (:func:`graph_kernels.router`: each row's top ``k`` experts and their weights), RMSNorm+quantize once; then per
+        row and slot, expert ``e``'s gate and up, SwiGLU, quantize and down, each an expert-indexed GEMV that reads
+        only expert ``e``'s matrix (``gemv_i8`` with ``E``; ``e`` reaches it as a scalar through the shape of the
+        router's ids, read on the host); then the slots' outputs weighted and summed in slot order
+        (:func:`graph_kernels.moe_combine`) → ``y [T, D]``. Every row is computed on its own, so a row's result does
+        not depend on the batch; a prefill chunk reads each row's experts once per row."""
+        from tvm import relax, tirx
+
+        cfg, T, f32, bb = self.cfg, f.T, "float32", self.bb
+        D, F, E, k = cfg.d_model, cfg.ffn_hidden, cfg.n_experts, cfg.n_experts_used
+        p = f"blk.{i}."
+        hn = self._call(self._rmsnorm(T, D), [u, f.pv[p + "ffn_norm.weight"]], [((T, D), f32)])
+        route = self._te("router", gk.router, T, D, E, k)
+        ids, w = self._call(route, [hn, f.pv[p + "ffn_gate_inp.weight"]], [((T, k), "int32"), ((T, k), f32)])
+        flat = self._reshape(bb.emit(relax.op.astype(ids, "int64")), (T * k,))
+        picks = [tirx.Var(f"expert_{i}_{n}", "int64") for n in range(T * k)]
+        bb.match_cast(bb.emit(relax.op.tensor_to_shape(flat)), relax.ShapeType(picks))
+        q8, sc, qs = self._norm_quant(f, p + "ffn_norm.weight", u)
+        act = self._te(f"{cfg.ffn_act}_mul", gk.GATED[cfg.ffn_act], 1, F, sched=True)
+        ys = []
+        for t in range(T):
+            x = [self._row(a, t) for a in (q8, sc, qs)]
+            for j in range(k):
+                e = picks[t * k + j]
+                gt = self._expert(f, p + "ffn_gate_exps", *x, F, D, e)
+                up = self._expert(f, p + "ffn_up_exps", *x, F, D, e)
+                hh = self._call(act, [gt, up], [((1, F), f32)])
+                ys.append(self._expert(f, p + "ffn_down_exps", *self._quantize(1, F, hh), D, F, e))
+        Y = self._reshape(ys[0] if len(ys) == 1 else bb.emit(relax.op.concat(ys, axis=0)), (T, k, D))
+        return self._call(self._te("moe_combine", gk.moe_combine, T, k, D), [Y, w], [((T, D), f32)])
+
+    def _expert(self, f: _Frame, name: str, x8, sc, qs, M: int, K: int, e):
+        """``[1, M]``: expert ``e`` (a shape variable) of the stack ``name`` times one row's int8 activations."""
+        from tvm import relax
+
+        gv, _ = self._op(self.k.gemv, M=M, K=K, tile=self.k.tile(M), E=self.cfg.n_experts)
+        args = [f.pv[f"{name}.weight"], self._reshape(x8, (K,)), qs, sc, f.pv[f"{name}.scale"], relax.prim_value(e)]
+        y = self.bb.emit(relax.call_tir(gv, args, relax.TensorType((M,), "float32")))
+        return self._reshape(y, (1, M))
 
     def mhc_site(self, f: _Frame, site: int, x, X, y):
         """mHC site ``site`` (``2i``: after layer i's attention, ``2i + 1``: after its FFN): mixes the block output

@@ -25,6 +25,8 @@ What it mirrors (kernels of :mod:`compiler.graph_kernels` and :mod:`compiler.ops
   denominator summed in key order, the output as FMA chains over keys, ``/ denominator``), SwiGLU
   ``g / (1 + expf(−g)) · u``, the mHC site mix and aggregate, the final RMSNorm (a serial FMA chain) and the LM
   head (per row, 64 lanes of FMA chains over ``d``, then the lanes in order).
+* A mixture of experts (``n_experts > 0``): the router on the serial RMSNorm in float64 (:func:`route`), the chosen
+  experts' SwiGLU FFNs on the block's one RMSNorm+quantize, their outputs summed by weight (:func:`moe_combine`).
 
 The prefill of the compiled module runs chunks of tokens; every kernel treats a token's row on its own, so this
 reference runs prompts a token at a time (with the prefill kernel's RMSNorm lanes) and gets the same numbers.
@@ -149,6 +151,22 @@ def matmul(a: Quantized, codes: np.ndarray, w_scale: np.float32) -> np.ndarray:
     return (acc * (F32(w_scale) / a.scale)[..., None]).astype(F32)
 
 
+def route(h: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A mixture of experts' routing (``graph_kernels.router``): float64 logits, the ``k`` largest (ties: the lower
+    index first) and their softmax in float64, rounded to float32. The kernel sums the logits serially and this
+    does not; the two agree to float64 rounding, which could only matter at a float64 tie."""
+    logits = np.asarray(h, F64) @ np.asarray(router, F64).T
+    ids = np.argsort(-logits, kind="stable")[:k]
+    top = logits[ids]
+    e = np.exp(top - top[0])
+    return ids, (e / e.sum()).astype(F32)
+
+
+def moe_combine(ys: list[np.ndarray], w: np.ndarray) -> np.ndarray:
+    """``Σ_j w[j]·y[j]`` in slot order as an FMA chain (``graph_kernels.moe_combine``)."""
+    return fma_chain([(w[j], y) for j, y in enumerate(ys)])
+
+
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate-half RoPE of ``x [..., hd]``: ``a·c − b·s = fma(a, c, −(b·s))`` and ``b·c + a·s = fma(a, s, b·c)``."""
     half = x.shape[-1] // 2
@@ -271,8 +289,14 @@ class ExactReference:
             norms = ("attn_norm", "ffn_norm") + (("attn_sub_norm", "ffn_sub_norm") if cfg.sub_norms else ())
             lay = {n: t[f"blk.{i}.{n}.weight"].to_float().astype(F32) for n in norms}
             for n in TERNARY:
+                if cfg.n_experts and n.startswith("ffn_"):  # a mixture of experts: the stacks and the router
+                    tw = g.ternary(f"blk.{i}.{n}_exps.weight")
+                    lay[n] = [(tw.codes[e].astype(F32), F32(tw.scale[e])) for e in range(cfg.n_experts)]
+                    continue
                 tw = g.ternary(f"blk.{i}.{n}.weight")
                 lay[n] = (tw.codes.astype(F32), F32(tw.scale))
+            if cfg.n_experts:
+                lay["router"] = t[f"blk.{i}.ffn_gate_inp.weight"].to_float().astype(F32)
             lay["mhc"] = (coeffs[2 * i], coeffs[2 * i + 1])
             self.layers.append(lay)
         shape = (cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
@@ -327,6 +351,15 @@ class ExactReference:
                     o8 = rmsnorm_quant(o, lay["attn_sub_norm"], lanes, eps) if cfg.sub_norms else quantize(o)
                     self._keep(i, "o", o8)
                     y = matmul(o8, *lay["attn_output"])
+                elif cfg.n_experts:
+                    ids, w = route(rmsnorm(u[None], lay["ffn_norm"], eps)[0], lay["router"], cfg.n_experts_used)
+                    a = rmsnorm_quant(u, lay["ffn_norm"], lanes, eps)
+                    self._keep(i, "gate_up", a)
+                    ys = []
+                    for e in ids:
+                        hh = GATED[cfg.ffn_act](matmul(a, *lay["ffn_gate"][e]), matmul(a, *lay["ffn_up"][e]))
+                        ys.append(matmul(quantize(hh), *lay["ffn_down"][e]))
+                    y = moe_combine(ys, w)
                 else:
                     a = rmsnorm_quant(u, lay["ffn_norm"], lanes, eps)
                     self._keep(i, "gate_up", a)

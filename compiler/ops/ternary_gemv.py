@@ -19,7 +19,7 @@ need no shuffles. The reduction is written over ``(c, b, j)`` so the tensorized 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -64,11 +64,17 @@ class TernaryGemvI8(Op):
 
     ``tile=0``: weights in ``rowmajor4 [M, K/4]``; ``tile=R``: in the ``tile{R}`` layout ``[M/R, K/256, R, 64]`` of
     :mod:`model.ternary.layouts_x86` (one linear stream per row tile; the schedule's row tile is then R).
+
+    ``E > 0`` (mixture of experts): ``W`` stacks ``E`` experts' matrices ``[E, ...]`` with a scale each (``w_scale
+    [E]``), and an int64 scalar ``e`` after them (a Relax call's ``PrimValue`` argument) picks the expert: the kernel reads only
+    that expert's bytes. The loops are the dense kernel's, so ``E`` is not a dimension: the expert kernel takes the
+    dense workload's tuning record (:meth:`Op.canonical`).
     """
 
     M: int
     K: int
     tile: int = 0
+    E: int = field(default=0, metadata={"dim": False})
     kind = "gemv_i8"
 
     def __post_init__(self):
@@ -77,11 +83,16 @@ class TernaryGemvI8(Op):
         check_tile(self.M, self.tile)
 
     def w_shape(self) -> tuple[int, ...]:
-        return weight_shape(self.M, self.K, self.tile)
+        return ((self.E,) if self.E else ()) + weight_shape(self.M, self.K, self.tile)
+
+    @property
+    def func_name(self) -> str:
+        return super().func_name + (f"_E{self.E}" if self.E else "")
 
     def args(self) -> list[Arg]:
+        """The arrays, in order (an expert kernel's scalar ``e`` comes between ``w_scale`` and ``y``)."""
         return [Arg("W", self.w_shape(), "uint8"), Arg("x", (self.K,), "int8"), Arg("x_sum", (1,), "int32"),
-                Arg("x_scale", (1,), "float32"), Arg("w_scale", (1,), "float32"),
+                Arg("x_scale", (1,), "float32"), Arg("w_scale", (self.E or 1,), "float32"),
                 Arg("y", (self.M,), "float32", output=True)]  # fmt: skip
 
     def compute(self):
@@ -93,7 +104,10 @@ class TernaryGemvI8(Op):
         X = te.placeholder((K,), "int8", name="x")
         Xsum = te.placeholder((1,), "int32", name="x_sum")
         Xs = te.placeholder((1,), "float32", name="x_scale")
-        Ws = te.placeholder((1,), "float32", name="w_scale")
+        Ws = te.placeholder((self.E or 1,), "float32", name="w_scale")
+        e = te.var("e", "int64") if self.E else None
+        if e is not None:  # the expert's matrix: W[e] (a scalar index keeps the block tensorizable)
+            Wall, W = W, _ExpertView(W, e)
         Xt = te_interleave(X, K)
         c = te.reduce_axis((0, K // CHUNK), name="c")
         b = te.reduce_axis((0, 64), name="b")
@@ -108,13 +122,18 @@ class TernaryGemvI8(Op):
             lambda m: te.sum(code(m).astype("int32") * Xt[c, j, b].astype("int32"), axis=[c, b, j]),
             name="acc",
         )
-        Y = te.compute((M,), lambda m: (acc[m] - Xsum[0]).astype("float32") * (Ws[0] / Xs[0]), name="y")
+        ws = Ws[e] if e is not None else Ws[0]
+        Y = te.compute((M,), lambda m: (acc[m] - Xsum[0]).astype("float32") * (ws / Xs[0]), name="y")
+        if e is not None:
+            return te.create_prim_func([Wall, X, Xsum, Xs, Ws, e, Y])
         return te.create_prim_func([W, X, Xsum, Xs, Ws, Y])
 
-    def reference(self, W, x, x_sum, x_scale, w_scale, impl="auto"):
+    def reference(self, W, x, x_sum, x_scale, w_scale, e=None, impl="auto"):
         impl = _impl(impl, self.M * self.K)
         if int(x_sum[0]) != int(x.astype(np.int64).sum()):
             raise ValueError("x_sum must equal Σx (the kernel trusts it)")
+        if self.E:
+            W, w_scale = W[e], w_scale[e : e + 1]
         if self.tile:
             W = untile_rowmajor4(W)
         _, y = reference.ternary_matmul_i8(W, x, x_scale.astype(np.float32), float(w_scale[0]), impl=impl)
@@ -130,6 +149,16 @@ class TernaryGemvI8(Op):
 
     def ops(self) -> float:
         return 2.0 * self.M * self.K
+
+
+class _ExpertView:
+    """``W[e]`` of a stacked TE placeholder: ``view[i, ...]`` reads ``W[e, i, ...]``."""
+
+    def __init__(self, W, e) -> None:
+        self.W, self.e = W, e
+
+    def __getitem__(self, idx):
+        return self.W[(self.e, *(idx if isinstance(idx, tuple) else (idx,)))]
 
 
 @dataclass(frozen=True)
