@@ -216,11 +216,16 @@ def memory_estimate(cfg: ModelConfig) -> dict[str, int]:
     ``[n_kv_heads, max_seq_len, head_dim]`` float32) and the attention scratch (``compiler.graph_kernels.attention``:
     a ``max_seq_len`` score row per (prefill token, head)). The parts are returned too."""
     d, hd, ctx = cfg.d_model, cfg.head_dim, cfg.max_seq_len
-    per_block = sum(m * k * (cfg.ffn_copies if n.startswith("ffn_") else 1) for n, (m, k) in cfg.ternary_shapes().items())
+    shapes = cfg.ternary_shapes().items()
+    per_block = sum(m * k * (cfg.ffn_copies if n.startswith("ffn_") else 1) for n, (m, k) in shapes)
     ternary = cfg.n_layers * per_block + 2 * cfg.mtp_heads * d * d
     router = cfg.n_layers * cfg.n_experts * d * 4
-    weights = (ternary // 4 + cfg.vocab_size * d * 4 * (1 if cfg.tie_embeddings else 2) + (2 * cfg.n_layers + 1) * d * 4
-               + router)
+    weights = (
+        ternary // 4
+        + cfg.vocab_size * d * 4 * (1 if cfg.tie_embeddings else 2)
+        + (2 * cfg.n_layers + 1) * d * 4
+        + router
+    )
     rope = 2 * ctx * (hd // 2) * 4
     kv_cache = 2 * cfg.n_layers * cfg.n_kv_heads * ctx * hd * 4
     scratch = PREFILL_TOKENS * cfg.n_heads * ctx * 4

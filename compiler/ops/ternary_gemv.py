@@ -66,9 +66,9 @@ class TernaryGemvI8(Op):
     :mod:`model.ternary.layouts_x86` (one linear stream per row tile; the schedule's row tile is then R).
 
     ``E > 0`` (mixture of experts): ``W`` stacks ``E`` experts' matrices ``[E, ...]`` with a scale each (``w_scale
-    [E]``), and an int64 scalar ``e`` after them (a Relax call's ``PrimValue`` argument) picks the expert: the kernel reads only
-    that expert's bytes. The loops are the dense kernel's, so ``E`` is not a dimension: the expert kernel takes the
-    dense workload's tuning record (:meth:`Op.canonical`).
+    [E]``), and an int64 scalar ``e`` after them (a Relax call's ``PrimValue`` argument) picks the expert: the kernel
+    reads only that expert's bytes. The loops are the dense kernel's, so ``E`` is not a dimension: the expert kernel
+    takes the dense workload's tuning record (:meth:`Op.canonical`).
     """
 
     M: int
