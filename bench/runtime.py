@@ -64,12 +64,16 @@ def peak_rss_mib() -> float:
 def decode_bytes(meta: dict, pos: float = 0.0) -> dict:
     """Bytes one decode step reads, by kind, from a cache entry's ``meta.json`` (parameter names, shapes, dtypes).
 
-    Everything is read in full except ``token_embd.weight`` (one row) and the RoPE tables (one row each). ``kv_cache``
-    is what attention reads at position ``pos`` (keys and values of ``0..pos``, every layer, float32); it is not part
-    of ``weights``."""
+    Everything is read in full except ``token_embd.weight`` (one row), the RoPE tables (one row each) and a mixture of
+    experts' stacks (``*_exps.weight``: the ``n_experts_used`` of ``n_experts`` a token picks). ``kv_cache`` is what
+    attention reads at position ``pos`` (keys and values of ``0..pos``, every layer, float32); it is not part of
+    ``weights``."""
     out = {"ternary": 0, "lm_head": 0, "embedding_row": 0, "norms": 0, "scales_mhc_rope": 0}
+    c = meta["config"]
     for name, shape, dtype in meta["params"]:
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if "_exps." in name:  # [E, ...]: the active experts' share
+            n = n * c["n_experts_used"] // c["n_experts"]
         if name == "token_embd.weight":
             out["embedding_row"] += n // shape[0]
         elif name.startswith("lm_head"):
@@ -83,7 +87,6 @@ def decode_bytes(meta: dict, pos: float = 0.0) -> dict:
         else:
             out["scales_mhc_rope"] += n
     out["weights"] = sum(out.values())
-    c = meta["config"]
     out["kv_cache"] = int(2 * c["n_layers"] * c["n_kv_heads"] * (c["d_model"] // c["n_heads"]) * 4 * (pos + 1))
     return out
 

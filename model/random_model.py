@@ -1,11 +1,13 @@
 """A random-weight GGUF of any preset, for speed benchmarks (e.g. ``nano-1b``, the bandwidth-bound case).
 
 Numpy only (no torch): ternary codes are drawn uniformly from {-1, 0, +1} with a per-tensor scale that keeps
-activations O(1), embeddings ~ N(0, 0.02²), norms 1, mHC logits at the model's initial values. The tokenizer is the
-256 byte-level tokens, one merge and the special tokens, padded to the preset's vocabulary: the file is valid and
+activations O(1) (each expert of an MoE stack gets that scale), embeddings ~ N(0, 0.02²), MoE routers ~ N(0, 1/d)
+(logits O(1): tokens spread over the experts), norms 1, mHC logits at the model's initial values. The tokenizer is
+the 256 byte-level tokens, one merge and the special tokens, padded to the preset's vocabulary: the file is valid and
 self-contained, and its text output is meaningless by design.
 
     python -m model.random_model --preset nano-1b --out /tmp/nano-1b.gguf
+    python -m model.random_model --preset small-moe --out /tmp/small-moe.gguf
 """
 
 from __future__ import annotations
@@ -44,10 +46,14 @@ def random_tensors(cfg, seed: int = 0) -> dict[str, np.ndarray | TernaryWeights]
     for name, spec in tensor_specs(cfg).items():
         if spec.kind == "ternary":
             codes = rng.integers(-1, 2, size=spec.shape, dtype=np.int8)
-            scale = np.float32(np.float16(1.0 / np.sqrt(spec.shape[1] * 2 / 3)))  # unit-variance outputs
+            scale = np.float32(np.float16(1.0 / np.sqrt(spec.shape[-1] * 2 / 3)))  # unit-variance outputs
+            if len(spec.shape) == 3:  # stacked experts: a scale each
+                scale = np.full(spec.shape[0], scale, np.float32)
             out[name] = TernaryWeights(codes, scale)
         elif spec.kind == "embed":
             out[name] = (rng.standard_normal(spec.shape) * 0.02).astype(np.float32)
+        elif name.endswith("ffn_gate_inp.weight"):
+            out[name] = (rng.standard_normal(spec.shape) / np.sqrt(spec.shape[1])).astype(np.float32)
         elif name.endswith("pre_logits"):
             out[name] = np.where(np.arange(n) == 0, 1.0, -1.0).astype(np.float32)
         elif name.endswith("post_logits"):

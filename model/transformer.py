@@ -3,7 +3,9 @@
 Per token: ``X = expand(embed(t))`` (n streams), then per block two mHC sites (:mod:`model.mhc`) whose sublayers are
 attention (:mod:`model.attention`) and a SwiGLU FFN, each starting with its own RMSNorm; then
 ``logits = lm_head(RMSNorm(mean_s X[s]))``. The LM head is the (float) token embedding when ``tie_embeddings``, else
-its own float matrix. All seven matrices of a block are ternary :class:`~model.bitlinear.BitLinear`.
+its own float matrix. All seven matrices of a block are ternary :class:`~model.bitlinear.BitLinear`. With
+``n_experts > 0`` the FFN is a mixture of ternary SwiGLU experts behind a float router (:mod:`model.moe`), and the
+training loss adds ``MOE_AUX_WEIGHT`` times the blocks' mean load-balancing loss.
 
 Optional multi-token-prediction heads (``mtp_heads = m``, for self-speculative decoding; EAGLE-like, recurrent): with
 ``h_t`` the final normed hidden state after token ``t`` and ``x_{t+1}`` the token after it, step 0 gives ``g_0 = h_t
@@ -12,7 +14,7 @@ norm_k(emb(x_{t+k+1})))``; ``lm_head(g_k)`` predicts the token ``t + k + 2`` (``
 decode time the tokens fed are the main model's pick and then each step's own draft (:mod:`runtime.spec_decode`).
 
 Weights move to and from GGUF through :meth:`Transformer.gguf_tensors` / :meth:`Transformer.from_gguf_tensors`,
-keyed by the tensor names of :mod:`model.gguf_io`.
+keyed by the tensor names of :mod:`model.gguf_io` (an MoE block's experts as one stacked tensor per matrix kind).
 
     python -c "from model.config import get_config; from model.transformer import Transformer; \\
 print(Transformer(get_config('tiny')).num_params())"
@@ -30,11 +32,13 @@ from model.attention import Attention, KVCache, RMSNorm, rope_tables
 from model.bitlinear import BitLinear
 from model.config import ModelConfig
 from model.mhc_static import MHCCoefficients
+from model.moe import MoEFFN
 from model.ternary.quant import TernaryWeights
 
 IGNORE_INDEX = -1  # targets equal to this do not count in the loss
 EMBED_INIT_STD = 0.02
 MTP_LOSS_WEIGHT = 0.3  # weight of the mean multi-token-prediction loss next to the next-token loss
+MOE_AUX_WEIGHT = 0.01  # weight of the blocks' mean MoE load-balancing loss (Switch Transformer's α)
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +71,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn = Attention(config, layer)
-        self.ffn = GatedFFN(config)
+        self.ffn = MoEFFN(config) if config.n_experts else GatedFFN(config)
         self.mhc_attn = mhc.MHCSite(config.n_streams, 2 * layer)
         self.mhc_ffn = mhc.MHCSite(config.n_streams, 2 * layer + 1)
 
@@ -149,17 +153,27 @@ class Transformer(nn.Module):
             out.append(g)
         return out
 
+    def moe_aux_loss(self) -> torch.Tensor:
+        """The MoE blocks' mean load-balancing loss, from the last forward (MoE configs only)."""
+        return torch.stack([b.ffn.aux_loss for b in self.blocks]).mean()
+
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(total, next_token_ce)``; ``targets[:, t]`` is the token after ``idx[:, t]`` (or ``IGNORE_INDEX``)."""
+        """``(total, next_token_ce)``; ``targets[:, t]`` is the token after ``idx[:, t]`` (or ``IGNORE_INDEX``). The
+        total adds the weighted draft heads' loss (``mtp_heads``) and MoE load-balancing loss (``n_experts``)."""
         h = self.hidden(idx)
         ce = F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        if not self.mtp:
-            return ce, ce.detach()
-        mtp = []
-        for k, g in enumerate(self.mtp_chain(h, targets)):  # step k at t predicts targets[t + k + 1]
-            logits = self.head(g[:, :-1])
-            mtp.append(F.cross_entropy(logits.flatten(0, 1), targets[:, k + 1 :].flatten(), ignore_index=IGNORE_INDEX))
-        return ce + MTP_LOSS_WEIGHT * torch.stack(mtp).mean(), ce.detach()
+        total = ce
+        if self.mtp:
+            mtp = []
+            for k, g in enumerate(self.mtp_chain(h, targets)):  # step k at t predicts targets[t + k + 1]
+                logits = self.head(g[:, :-1])
+                mtp.append(
+                    F.cross_entropy(logits.flatten(0, 1), targets[:, k + 1 :].flatten(), ignore_index=IGNORE_INDEX)
+                )
+            total = total + MTP_LOSS_WEIGHT * torch.stack(mtp).mean()
+        if self.config.n_experts:
+            total = total + MOE_AUX_WEIGHT * self.moe_aux_loss()
+        return total, ce.detach()
 
     # --- what the compiler and the GGUF file see ------------------------------------------------------------------
 
@@ -171,8 +185,9 @@ class Transformer(nn.Module):
         """Static ``(h_pre, h_post, H_res)`` of every site as numpy float32, in execution order."""
         return [site.coefficients() for site in self.mhc_sites()]
 
-    def _named_tensors(self) -> dict[str, nn.Module | torch.Tensor]:
-        """GGUF tensor name → the BitLinear or float parameter that holds it (see ``model.gguf_io``)."""
+    def _named_tensors(self) -> dict[str, BitLinear | list[BitLinear] | torch.Tensor]:
+        """GGUF tensor name → the BitLinear or float parameter that holds it, or an MoE block's experts' BitLinears
+        of one kind (a stacked tensor; see ``model.gguf_io``)."""
         out: dict[str, nn.Module | torch.Tensor] = {"token_embd.weight": self.tok_emb.weight,
                                                     "output_norm.weight": self.norm.weight}  # fmt: skip
         if self.lm_head is not None:
@@ -181,8 +196,14 @@ class Transformer(nn.Module):
             p = f"blk.{i}."
             out |= {p + "attn_norm.weight": b.attn.norm.weight, p + "attn_q.weight": b.attn.q,
                     p + "attn_k.weight": b.attn.k, p + "attn_v.weight": b.attn.v, p + "attn_output.weight": b.attn.o,
-                    p + "ffn_norm.weight": b.ffn.norm.weight, p + "ffn_gate.weight": b.ffn.gate,
-                    p + "ffn_up.weight": b.ffn.up, p + "ffn_down.weight": b.ffn.down}  # fmt: skip
+                    p + "ffn_norm.weight": b.ffn.norm.weight}  # fmt: skip
+            if self.config.n_experts:
+                out[p + "ffn_gate_inp.weight"] = b.ffn.router.weight
+                for kind in ("gate", "up", "down"):
+                    out[f"{p}ffn_{kind}_exps.weight"] = [getattr(x, kind) for x in b.ffn.experts]
+            else:
+                out |= {p + "ffn_gate.weight": b.ffn.gate, p + "ffn_up.weight": b.ffn.up,
+                        p + "ffn_down.weight": b.ffn.down}  # fmt: skip
             if self.config.sub_norms:
                 out |= {
                     p + "attn_sub_norm.weight": b.attn.sub_norm.weight,
@@ -197,9 +218,15 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def gguf_tensors(self) -> dict[str, np.ndarray | TernaryWeights]:
-        """Every tensor for export: ternary matrices as ``TernaryWeights``, the rest as float32 numpy arrays."""
-        return {name: (t.ternary_weights() if isinstance(t, BitLinear) else t.detach().float().cpu().numpy().copy())
-                for name, t in self._named_tensors().items()}  # fmt: skip
+        """Every tensor for export: ternary matrices as ``TernaryWeights`` (experts stacked), the rest as float32
+        numpy arrays."""
+
+        def export(t):
+            if isinstance(t, list):
+                return TernaryWeights.stack([bl.ternary_weights() for bl in t])
+            return t.ternary_weights() if isinstance(t, BitLinear) else t.detach().float().cpu().numpy().copy()
+
+        return {name: export(t) for name, t in self._named_tensors().items()}
 
     @classmethod
     @torch.no_grad()
@@ -212,7 +239,13 @@ class Transformer(nn.Module):
             raise ValueError(f"tensor set mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
         for name, target in named.items():
             value = tensors[name]
-            if isinstance(target, BitLinear):
+            if isinstance(target, list):
+                if not (isinstance(value, TernaryWeights) and value.stacked and len(value.scale) == len(target)):
+                    got = f"{len(value.scale)} experts" if getattr(value, "stacked", False) else "no stack of experts"
+                    raise ValueError(f"{name}: expected a stack of {len(target)} experts' matrices, got {got}")
+                for e, expert in enumerate(target):
+                    expert.load_ternary(value.expert(e))
+            elif isinstance(target, BitLinear):
                 target.load_ternary(value)
             else:
                 value = np.asarray(value, dtype=np.float32)

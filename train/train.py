@@ -1,7 +1,7 @@
 """Train the BitNet-b1.58 + mHC-lite model on token shards: Muon + AdamW, warmup-stable-decay, exact resume, DDP.
 
 * Optimizers: Muon (``train.muon``, batched over same-shape matrices) for the 2-D hidden matrices (every
-  BitLinear), AdamW for embeddings, norms, the LM head and the mHC logits. Learning rates follow warmup → stable →
+  BitLinear), AdamW for embeddings, norms, LM head, mHC logits, MoE routers. Learning rates follow warmup → stable →
   linear decay to zero (WSD). Memory savers: ``--optimizer muon8`` / ``--adamw-bits 8`` keep the momenta in 8 bits
   (``train.optim8``), ``--optimizer galore`` keeps Muon's momentum in a low-rank gradient subspace (``train.galore``);
   docs/train/optim/README.md compares them.
@@ -15,8 +15,9 @@
   ``--run-steps N`` stops after N steps with a checkpoint (for time-limited machines); the schedule still spans
   ``--steps``.
 * Logs: a progress bar, ``metrics.jsonl`` (loss, next-token CE, val loss, lr, grad norm, tokens/s, MFU, output
-  entropy, max |logit|; on resume, the rows logged after the restored checkpoint are dropped, so each step appears
-  once) and ``loss.png``.
+  entropy, max |logit|; MoE models add ``moe_aux``, the blocks' mean load-balancing loss, and ``moe_load_max``, the
+  busiest expert's assignments over the mean, in the worst block; on resume, the rows logged after the restored
+  checkpoint are dropped, so each step appears once) and ``loss.png``.
 * Arguments are checked before anything is loaded; a bad flag, path or checkpoint ends in one ``error:`` line.
 * Distributed: run the same command under ``torchrun --nproc_per_node N``; DDP with NCCL on GPUs, gloo on CPUs;
   rank 0 alone logs and checkpoints.
@@ -48,7 +49,7 @@ from tqdm import tqdm
 
 from model.bitlinear import BitLinear
 from model.config import get_config
-from model.transformer import IGNORE_INDEX, Transformer
+from model.transformer import IGNORE_INDEX, MOE_AUX_WEIGHT, Transformer
 from train import checkpoint
 from train.galore import GaLoreMuon
 from train.muon import BatchedMuon
@@ -224,17 +225,20 @@ class LossModule(nn.Module):
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
         logp = logits.log_softmax(-1)
         entropy = -(logp.exp() * logp).sum(-1).mean()
-        return ce - self.entropy_coef * entropy, ce.detach()
+        loss = ce - self.entropy_coef * entropy
+        if self.model.config.n_experts:
+            loss = loss + MOE_AUX_WEIGHT * self.model.moe_aux_loss()
+        return loss, ce.detach()
 
 
 def make_optimizers(model: Transformer, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-    """Muon for 2-D hidden matrices, AdamW for the rest (embeddings and the LM head are not "hidden").
+    """Muon for 2-D hidden matrices, AdamW for the rest (embeddings, the LM head and MoE routers are not "hidden").
 
     ``cfg.optimizer`` picks the Muon variant (``muon8``: 8-bit momentum; ``galore``: momentum in a low-rank gradient
     subspace) and ``cfg.adamw_bits`` AdamW's; the matrix optimizer is ``"muon"`` in the returned dict either way."""
     matrices, others = [], []
     for name, p in model.named_parameters():
-        hidden = p.ndim == 2 and not name.startswith(("tok_emb", "lm_head"))
+        hidden = p.ndim == 2 and not name.startswith(("tok_emb", "lm_head")) and not name.endswith("router.weight")
         (matrices if hidden else others).append(p)
     fused = next(model.parameters()).is_cuda
     kw = {"lr": cfg.lr_matrix, "weight_decay": cfg.weight_decay}
@@ -274,9 +278,11 @@ def set_dense(model: Transformer) -> None:
 
 
 def flops_per_token(model: Transformer, seq_len: int) -> float:
-    """Training FLOPs per token: 6 × matmul parameters + attention (12·L·d·T), the usual estimate."""
+    """Training FLOPs per token: 6 × matmul parameters + attention (12·L·d·T), the usual estimate (MoE experts count
+    for the share a token uses, ``n_experts_used / n_experts``)."""
     c = model.config
-    matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith("tok_emb"))
+    matmul = sum(p.numel() * c.ffn_active / c.ffn_copies if ".experts." in n else p.numel()
+                 for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith("tok_emb"))  # fmt: skip
     if c.tie_embeddings:
         matmul += model.tok_emb.weight.numel()  # the tied LM head is a matmul too
     return 6 * matmul + 12 * c.n_layers * c.d_model * seq_len
@@ -288,6 +294,16 @@ def output_stats(model: Transformer, x: torch.Tensor) -> dict[str, float]:
     logits = model(x[:4]).float()
     logp = logits.log_softmax(-1)
     return {"entropy": float(-(logp.exp() * logp).sum(-1).mean()), "logit_max": float(logits.abs().max())}
+
+
+@torch.no_grad()
+def moe_stats(model: Transformer) -> dict[str, float]:
+    """The last forward's mean load-balancing loss and expert load (max / mean, the worst block's); {} if dense."""
+    if not model.config.n_experts:
+        return {}
+    loads = torch.stack([b.ffn.last_load for b in model.blocks]).float()
+    balance = (loads.amax(1) / loads.mean(1)).max()
+    return {"moe_aux": float(model.moe_aux_loss().detach()), "moe_load_max": float(balance)}
 
 
 @torch.no_grad()
@@ -467,7 +483,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 last = {"step": done, "loss": float(loss.detach()), "ce": float(ce), "grad_norm": float(grad_norm),
                         "lr_matrix": opts["muon"].param_groups[0]["lr"], "tokens_per_s": tps,
                         "mfu": tps * fpt / (cfg.peak_tflops * 1e12) if device.type == "cuda" else None,
-                        "tokens": done * tokens_per_step} | output_stats(model, x)  # fmt: skip
+                        "tokens": done * tokens_per_step} | moe_stats(model) | output_stats(model, x)  # fmt: skip
                 if eval_due:
                     last["val_loss"] = evaluate(model, val_tokens, cfg, device, autocast)
                 with metrics_path.open("a") as fh:
