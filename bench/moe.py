@@ -55,10 +55,11 @@ def run(a) -> dict:
     rows = []
     for name, (_, meta) in models.items():
         row = _median_row(samples[name])
-        cfg = get_config(name)
+        cfg, read = get_config(name), decode_bytes(meta)
+        total = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in meta["params"])
         row |= {"model": name, "n_experts": cfg.n_experts, "n_experts_used": cfg.n_experts_used,
-                "active_weight_bytes": decode_bytes(meta)["weights"], "ternary_bytes_read": decode_bytes(meta)["ternary"],
-                "total_params_bytes": sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in meta["params"])}  # fmt: skip
+                "active_weight_bytes": read["weights"], "ternary_bytes_read": read["ternary"],
+                "total_params_bytes": total}  # fmt: skip
         rows.append(row)
     return {"target": target, "threads": a.threads, "runs": a.runs, "rows": rows,
             "moe_vs_dense": float(np.median(ratios)), "moe_vs_dense_range": [min(ratios), max(ratios)],
@@ -68,8 +69,8 @@ def run(a) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = [f"{res['target']}, {res['threads']} threads, medians of {res['runs']} interleaved runs (range)",
-             f"{'model':10s} {'experts':>8s} {'active MiB':>10s} {'total MiB':>9s} {'decode tok/s':>12s} {'range':>17s}"]
+    head = f"{'model':10s} {'experts':>8s} {'active MiB':>10s} {'total MiB':>9s} {'decode tok/s':>12s} {'range':>17s}"
+    lines = [f"{res['target']}, {res['threads']} threads, medians of {res['runs']} interleaved runs (range)", head]
     for r in res["rows"]:
         experts = f"{r['n_experts_used']}/{r['n_experts']}" if r["n_experts"] else "dense"
         lo, hi = r["decode_tok_s_range"]
