@@ -74,8 +74,10 @@ def table(res: dict) -> str:
     for r in res["rows"]:
         experts = f"{r['n_experts_used']}/{r['n_experts']}" if r["n_experts"] else "dense"
         lo, hi = r["decode_tok_s_range"]
-        lines.append(f"{r['model']:10s} {experts:>8s} {r['active_weight_bytes'] / 2**20:10.2f} "
-                     f"{r['total_params_bytes'] / 2**20:9.2f} {r['decode_tok_s']:12.1f} {f'{lo:.0f}-{hi:.0f}':>17s}")
+        lines.append(
+            f"{r['model']:10s} {experts:>8s} {r['active_weight_bytes'] / 2**20:10.2f} "
+            f"{r['total_params_bytes'] / 2**20:9.2f} {r['decode_tok_s']:12.1f} {f'{lo:.0f}-{hi:.0f}':>17s}"
+        )
     lo, hi = res["moe_vs_dense_range"]
     lines.append(f"MoE / dense: {res['moe_vs_dense']:.3f} ({lo:.3f}-{hi:.3f}); goal >= {res['goal']}")
     return "\n".join(lines)  # fmt: skip
