@@ -76,6 +76,15 @@ def silu_mul(T: int, F: int):
     return _prim([g, u, y])
 
 
+def swiglu_halves(T: int, F: int):
+    """``silu(g) · u`` (as :func:`silu_mul`) of rows ``[g | u]`` ``[T, 2F]`` (a mixture of experts' gate|up GEMV)."""
+    from tvm import te
+
+    gu = te.placeholder((T, 2 * F), "float32", name="gu")
+    y = te.compute((T, F), lambda t, i: gu[t, i] / (1.0 + te.exp(-gu[t, i])) * gu[t, F + i], name="y")
+    return _prim([gu, y])
+
+
 def relu2_mul(T: int, F: int):
     """``relu(g)² · u`` (BitNet b1.58's gate, :func:`model.transformer.relu2`): ``(r · r) · u``, ``r = max(g, 0)``."""
     from tvm import te

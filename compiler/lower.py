@@ -65,7 +65,6 @@ log = logging.getLogger("compiler.build")
 
 PREFILL_CHUNK = CPU_PREFILL_CHUNK  # a CPU build's prefill chunk (compiler.arith's default)
 TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-EXPERTS = {"ffn_gate": "ffn_gate_exps", "ffn_up": "ffn_up_exps", "ffn_down": "ffn_down_exps"}  # MoE: stacked [E, ...]
 MTP_TERNARY = ("proj", "embed_proj")  # each MTP head's ternary matrices (model.transformer.MTPHead)
 CPU_TILE = 8  # row tile of the CPU weight layout (tile8), when it divides M
 WEIGHT_LAYOUTS = ("tile8", "tl")  # CPU ternary weights: 2-bit tile8 (default) or 1.67-bit tl{R} (AVX-512 VBMI)
@@ -97,10 +96,16 @@ def check_weights(weights: str, gpu: bool, cfg=None) -> None:
                          "tile8 weights only, for now (no expert-indexed CUDA or tl kernel yet)")  # fmt: skip
 
 
-def block_ternary(cfg) -> list[tuple[str, int]]:
-    """A block's ternary parameters (the name after ``blk.{i}.``) and how many matrices each stacks: 0 for a plain
-    matrix, ``E`` for a mixture of experts' ``ffn_*_exps`` (:data:`EXPERTS`)."""
-    return [(EXPERTS[t], cfg.n_experts) if cfg.n_experts and t in EXPERTS else (t, 0) for t in TERNARY]
+def block_ternary(cfg) -> list[tuple[str, tuple[str, ...], int]]:
+    """A block's ternary parameters: ``(name after blk.{i}., the block's matrices it holds, experts)``. A dense block
+    has one parameter per matrix (experts 0). A mixture of experts has ``ffn_gate_up_exps``, each expert's gate and
+    up stacked along the rows (one GEMV reads both), and ``ffn_down_exps``, both ``[E, ...]`` with a scale per
+    matrix ``[E, P]`` (the GGUF keeps llama.cpp's three stacks; :func:`pack_params` joins gate and up)."""
+    attn = [(t, (t,), 0) for t in TERNARY if not t.startswith("ffn_")]
+    if not cfg.n_experts:
+        return attn + [(t, (t,), 0) for t in TERNARY if t.startswith("ffn_")]
+    E = cfg.n_experts
+    return [*attn, ("ffn_gate_up_exps", ("ffn_gate", "ffn_up"), E), ("ffn_down_exps", ("ffn_down",), E)]
 
 
 @dataclass
@@ -133,12 +138,12 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
         if cfg.sub_norms:
             out.append(ParamSpec(f"blk.{i}.attn_sub_norm.weight", (D,), "float32"))
             out.append(ParamSpec(f"blk.{i}.ffn_sub_norm.weight", (cfg.ffn_hidden,), "float32"))
-        for t, (name, E) in zip(TERNARY, block_ternary(cfg), strict=True):
-            M, K = shapes[t]
+        for name, parts, E in block_ternary(cfg):
+            M, K = sum(shapes[t][0] for t in parts), shapes[parts[0]][1]
             lead = (E,) if E else ()
             out.append(ParamSpec(f"blk.{i}.{name}.weight", (*lead, M, K // 16), "int32") if gpu else
                        ParamSpec(f"blk.{i}.{name}.weight", (*lead, *_cpu_w_shape(M, K, weights)), "uint8"))  # fmt: skip
-            out.append(ParamSpec(f"blk.{i}.{name}.scale", (E or 1,), "float32"))
+            out.append(ParamSpec(f"blk.{i}.{name}.scale", (E, len(parts)) if E else (1,), "float32"))
         if cfg.n_experts:  # the router, float32 [E, D]
             out.append(ParamSpec(f"blk.{i}.ffn_gate_inp.weight", (cfg.n_experts, D), "float32"))
         for site in ("mhc_attn", "mhc_ffn"):
@@ -270,10 +275,17 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto"
     for i in range(cfg.n_layers):
         for n in ("attn_norm", "ffn_norm") + (("attn_sub_norm", "ffn_sub_norm") if cfg.sub_norms else ()):
             p[f"blk.{i}.{n}.weight"] = g.tensors[f"blk.{i}.{n}.weight"].to_float().astype(np.float32)
-        for name, E in block_ternary(cfg):
-            tw = g.ternary(f"blk.{i}.{name}.weight")
-            p[f"blk.{i}.{name}.weight"] = np.stack([pack(c) for c in tw.codes]) if E else pack(tw.codes)
-            p[f"blk.{i}.{name}.scale"] = np.array(tw.scale, np.float32).reshape(E or 1)
+        for name, parts, E in block_ternary(cfg):
+            if not E:
+                tw = g.ternary(f"blk.{i}.{name}.weight")
+                p[f"blk.{i}.{name}.weight"] = pack(tw.codes)
+                p[f"blk.{i}.{name}.scale"] = np.array([tw.scale], np.float32)
+                continue
+            stacks = [g.ternary(f"blk.{i}.{t}_exps.weight") for t in parts]  # each [E, M, K], a scale per expert
+            p[f"blk.{i}.{name}.weight"] = np.stack(
+                [pack(np.concatenate([s.codes[e] for s in stacks])) for e in range(E)]
+            )  # fmt: skip
+            p[f"blk.{i}.{name}.scale"] = np.stack([s.scale for s in stacks], axis=1).astype(np.float32)
         if cfg.n_experts:
             p[f"blk.{i}.ffn_gate_inp.weight"] = g.tensors[f"blk.{i}.ffn_gate_inp.weight"].to_float().astype(np.float32)
         for j, site in enumerate(("mhc_attn", "mhc_ffn")):
@@ -530,9 +542,10 @@ class Lowering:
     def moe(self, f: _Frame, i: int, u):
         """Layer ``i``'s mixture of experts (:class:`model.moe.MoEFFN`) on ``u [T, D]``: the RMSNorm, the router
         (:func:`graph_kernels.router`: each row's top ``k`` experts and their weights), RMSNorm+quantize once; then per
-        row and slot, expert ``e``'s gate and up, SwiGLU, quantize and down, each an expert-indexed GEMV that reads
-        only expert ``e``'s matrix (``gemv_i8`` with ``E``; ``e`` reaches it as a scalar through the shape of the
-        router's ids, read on the host); then the slots' outputs weighted and summed in slot order
+        slot (row ``t``'s ``j``-th expert ``e``), expert ``e``'s gate and up in one expert-indexed GEMV that reads only
+        expert ``e``'s matrices (``gemv_i8`` with ``E`` and ``P = 2``; ``e`` reaches it as a scalar through the shape
+        of the router's ids, read on the host); SwiGLU and quantize for all slots at once; per slot expert ``e``'s
+        down; then the slots' outputs weighted and summed in slot order
         (:func:`graph_kernels.moe_combine`) → ``y [T, D]``. Every row is computed on its own, so a row's result does
         not depend on the batch; a prefill chunk reads each row's experts once per row."""
         from tvm import relax, tirx
@@ -547,24 +560,22 @@ class Lowering:
         picks = [tirx.Var(f"expert_{i}_{n}", "int64") for n in range(T * k)]
         bb.match_cast(bb.emit(relax.op.tensor_to_shape(flat)), relax.ShapeType(picks))
         q8, sc, qs = self._norm_quant(f, p + "ffn_norm.weight", u)
-        act = self._te(f"{cfg.ffn_act}_mul", gk.GATED[cfg.ffn_act], 1, F, sched=True)
-        ys = []
-        for t in range(T):
-            x = [self._row(a, t) for a in (q8, sc, qs)]
-            for j in range(k):
-                e = picks[t * k + j]
-                gt = self._expert(f, p + "ffn_gate_exps", *x, F, D, e)
-                up = self._expert(f, p + "ffn_up_exps", *x, F, D, e)
-                hh = self._call(act, [gt, up], [((1, F), f32)])
-                ys.append(self._expert(f, p + "ffn_down_exps", *self._quantize(1, F, hh), D, F, e))
+        rows = [[self._row(a, t) for a in (q8, sc, qs)] for t in range(T)]
+        gate_up = [self._expert(f, p + "ffn_gate_up_exps", *rows[s // k], 2 * F, D, picks[s], 2) for s in range(T * k)]
+        gu = gate_up[0] if T * k == 1 else bb.emit(relax.op.concat(gate_up, axis=0))  # [T·k, 2F]
+        hh = self._call(self._te("swiglu_halves", gk.swiglu_halves, T * k, F, sched=True), [gu], [((T * k, F), f32)])
+        h8, hsc, hsum = self._quantize(T * k, F, hh)
+        ys = [self._expert(f, p + "ffn_down_exps", *(self._row(a, s) for a in (h8, hsc, hsum)), D, F, picks[s], 1)
+              for s in range(T * k)]  # fmt: skip
         Y = self._reshape(ys[0] if len(ys) == 1 else bb.emit(relax.op.concat(ys, axis=0)), (T, k, D))
         return self._call(self._te("moe_combine", gk.moe_combine, T, k, D), [Y, w], [((T, D), f32)])
 
-    def _expert(self, f: _Frame, name: str, x8, sc, qs, M: int, K: int, e):
-        """``[1, M]``: expert ``e`` (a shape variable) of the stack ``name`` times one row's int8 activations."""
+    def _expert(self, f: _Frame, name: str, x8, sc, qs, M: int, K: int, e, parts: int):
+        """``[1, M]``: expert ``e`` (a shape variable) of the stack ``name`` (``parts`` matrices stacked along its rows)
+        times one row's int8 activations."""
         from tvm import relax
 
-        gv, _ = self._op(self.k.gemv, M=M, K=K, tile=self.k.tile(M), E=self.cfg.n_experts)
+        gv, _ = self._op(self.k.gemv, M=M, K=K, tile=self.k.tile(M), E=self.cfg.n_experts, P=parts)
         args = [f.pv[f"{name}.weight"], self._reshape(x8, (K,)), qs, sc, f.pv[f"{name}.scale"], relax.prim_value(e)]
         y = self.bb.emit(relax.call_tir(gv, args, relax.TensorType((M,), "float32")))
         return self._reshape(y, (1, M))

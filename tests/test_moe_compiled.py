@@ -28,6 +28,7 @@ from model import exact_reference as er
 from model.config import get_config
 from model.gguf_io import read_gguf
 from model.ternary import ggml
+from model.ternary.layouts_x86 import tile_rowmajor4, untile_rowmajor4
 from model.ternary.quant import TernaryWeights
 from runtime.engine import Engine
 from runtime.kv_cache import Sequence
@@ -46,22 +47,32 @@ def _run(func, target: str, *args):
 
 
 @pytest.mark.parametrize("target", X86)
-@settings(max_examples=3, deadline=None)
-@given(m=st.sampled_from([256, 768]), k=st.sampled_from([256, 512]), experts=st.integers(2, 5), seed=st.integers(0, 99))
-def test_expert_gemv_is_the_dense_kernel_on_one_expert(target, m, k, experts, seed):
-    dense = make_op("gemv_i8", M=m, K=k, tile=8)
-    op = make_op("gemv_i8", M=m, K=k, tile=8, E=experts)
-    assert op.canonical() == dense.canonical() and op.func_name != dense.func_name  # the dense record, its own name
+@settings(max_examples=4, deadline=None)
+@given(
+    m=st.sampled_from([256, 768]), k=st.sampled_from([256, 512]), experts=st.integers(2, 5),
+    parts=st.sampled_from([1, 2]), seed=st.integers(0, 99),
+)  # fmt: skip
+def test_expert_gemv_is_the_dense_kernel_on_one_expert(target, m, k, experts, parts, seed):
+    """Expert ``e`` of a stack (``parts`` matrices of ``m / parts`` rows each, e.g. gate|up) equals the dense kernel
+    on each of its matrices, bit for bit."""
+    dense = make_op("gemv_i8", M=m // parts, K=k, tile=8)
+    op = make_op("gemv_i8", M=m, K=k, tile=8, E=experts, P=parts)
+    assert op.canonical() == make_op("gemv_i8", M=m, K=k, tile=8).canonical()  # the dense record's knobs
+    assert op.func_name != make_op("gemv_i8", M=m, K=k, tile=8).func_name
     rng = np.random.default_rng(seed)
-    W = np.stack([dense.random_inputs(rng)[0] for _ in range(experts)])
+    W = np.stack([make_op("gemv_i8", M=m, K=k, tile=8).random_inputs(rng)[0] for _ in range(experts)])
     _, x, x_sum, x_scale, _ = dense.random_inputs(rng)
-    w_scale = rng.uniform(0.1, 2, experts).astype(np.float32)
+    w_scale = rng.uniform(0.1, 2, (experts, parts)).astype(np.float32)
     func = get_primfunc(op, target, mode="hand").for_relax()
     for e in range(experts):
         y = np.zeros(m, np.float32)
         got = _run(func, target, W, x, x_sum, x_scale, w_scale, e, y)[-1]
         np.testing.assert_array_equal(got, op.reference(W, x, x_sum, x_scale, w_scale, e)[0])
-        np.testing.assert_array_equal(got, dense.reference(W[e], x, x_sum, x_scale, w_scale[e : e + 1])[0])
+        codes = untile_rowmajor4(W[e])
+        for p in range(parts):
+            rows = slice(p * m // parts, (p + 1) * m // parts)
+            mine = dense.reference(tile_rowmajor4(codes[rows], 8), x, x_sum, x_scale, w_scale[e, p : p + 1])[0]
+            np.testing.assert_array_equal(got[rows], mine)
 
 
 @pytest.mark.parametrize("target", X86)
@@ -132,9 +143,10 @@ def test_lowered_ffn_calls_only_expert_kernels():
     low = Lowering(g.config, "avx2")
     low.function("decode_b1")
     text = low.bb.get()["decode_b1"].script()
-    expert_calls = text.count("_E4")
-    assert expert_calls == 3 * MOE["n_experts_used"] * g.config.n_layers
-    assert "ffn_gate_exps" in text and "ternary_gemv_i8_M512_K256_tile8," not in text
+    k, layers = MOE["n_experts_used"], g.config.n_layers
+    assert text.count("ternary_gemv_i8_M1024_K256_tile8_E4_P2,") == k * layers  # gate|up of each slot
+    assert text.count("ternary_gemv_i8_M256_K512_tile8_E4,") == k * layers  # down of each slot
+    assert "ffn_gate_up_exps" in text and "ternary_gemv_i8_M512_K256_tile8," not in text  # no dense FFN kernel
 
 
 @pytest.mark.parametrize("target, weights", [("cuda", "tile8"), ("avx512", "tl")])

@@ -67,32 +67,40 @@ class TernaryGemvI8(Op):
 
     ``E > 0`` (mixture of experts): ``W`` stacks ``E`` experts' matrices ``[E, ...]`` with a scale each (``w_scale
     [E]``), and an int64 scalar ``e`` after them (a Relax call's ``PrimValue`` argument) picks the expert: the kernel
-    reads only that expert's bytes. The loops are the dense kernel's, so ``E`` is not a dimension: the expert kernel
-    takes the dense workload's tuning record (:meth:`Op.canonical`).
+    reads only that expert's bytes. ``P`` > 1: each expert's rows are ``P`` matrices of ``M / P`` rows stacked (an
+    expert's gate and up, read in one pass), with a scale each (``w_scale [E, P]``); every element is still computed
+    exactly as for its own matrix. The loops are the dense kernel's, so ``E`` and ``P`` are not dimensions: the expert
+    kernel takes the dense workload's tuning record (:meth:`Op.canonical`).
     """
 
     M: int
     K: int
     tile: int = 0
     E: int = field(default=0, metadata={"dim": False})
+    P: int = field(default=1, metadata={"dim": False})
     kind = "gemv_i8"
 
     def __post_init__(self):
-        check_positive(M=self.M, K=self.K)
+        check_positive(M=self.M, K=self.K, P=self.P)
         check_k(self.K)
         check_tile(self.M, self.tile)
+        if self.P > 1 and (not self.E or self.M % (self.P * max(self.tile, 1))):
+            raise OpShapeError(f"P = {self.P} stacked matrices need experts (E > 0) and M = {self.M} in whole tiles")
 
     def w_shape(self) -> tuple[int, ...]:
         return ((self.E,) if self.E else ()) + weight_shape(self.M, self.K, self.tile)
 
+    def ws_shape(self) -> tuple[int, ...]:
+        return (self.E, self.P) if self.E else (1,)
+
     @property
     def func_name(self) -> str:
-        return super().func_name + (f"_E{self.E}" if self.E else "")
+        return super().func_name + (f"_E{self.E}" if self.E else "") + (f"_P{self.P}" if self.P > 1 else "")
 
     def args(self) -> list[Arg]:
         """The arrays, in order (an expert kernel's scalar ``e`` comes between ``w_scale`` and ``y``)."""
         return [Arg("W", self.w_shape(), "uint8"), Arg("x", (self.K,), "int8"), Arg("x_sum", (1,), "int32"),
-                Arg("x_scale", (1,), "float32"), Arg("w_scale", (self.E or 1,), "float32"),
+                Arg("x_scale", (1,), "float32"), Arg("w_scale", self.ws_shape(), "float32"),
                 Arg("y", (self.M,), "float32", output=True)]  # fmt: skip
 
     def compute(self):
@@ -104,7 +112,7 @@ class TernaryGemvI8(Op):
         X = te.placeholder((K,), "int8", name="x")
         Xsum = te.placeholder((1,), "int32", name="x_sum")
         Xs = te.placeholder((1,), "float32", name="x_scale")
-        Ws = te.placeholder((self.E or 1,), "float32", name="w_scale")
+        Ws = te.placeholder(self.ws_shape(), "float32", name="w_scale")
         e = te.var("e", "int64") if self.E else None
         if e is not None:  # the expert's matrix: W[e] (a scalar index keeps the block tensorizable)
             Wall, W = W, _ExpertView(W, e)
@@ -122,8 +130,9 @@ class TernaryGemvI8(Op):
             lambda m: te.sum(code(m).astype("int32") * Xt[c, j, b].astype("int32"), axis=[c, b, j]),
             name="acc",
         )
-        ws = Ws[e] if e is not None else Ws[0]
-        Y = te.compute((M,), lambda m: (acc[m] - Xsum[0]).astype("float32") * (ws / Xs[0]), name="y")
+        part = M // self.P
+        ws = (lambda m: Ws[e, m // part]) if e is not None else (lambda m: Ws[0])
+        Y = te.compute((M,), lambda m: (acc[m] - Xsum[0]).astype("float32") * (ws(m) / Xs[0]), name="y")
         if e is not None:
             return te.create_prim_func([Wall, X, Xsum, Xs, Ws, e, Y])
         return te.create_prim_func([W, X, Xsum, Xs, Ws, Y])
@@ -133,11 +142,15 @@ class TernaryGemvI8(Op):
         if int(x_sum[0]) != int(x.astype(np.int64).sum()):
             raise ValueError("x_sum must equal Σx (the kernel trusts it)")
         if self.E:
-            W, w_scale = W[e], w_scale[e : e + 1]
+            W, scales = W[e], [float(v) for v in w_scale[e]]
+        else:
+            scales = [float(w_scale[0])]
         if self.tile:
             W = untile_rowmajor4(W)
-        _, y = reference.ternary_matmul_i8(W, x, x_scale.astype(np.float32), float(w_scale[0]), impl=impl)
-        return [y]
+        part = self.M // self.P
+        ys = [reference.ternary_matmul_i8(W[p * part : (p + 1) * part], x, x_scale.astype(np.float32), s, impl=impl)[1]
+              for p, s in enumerate(scales)]  # fmt: skip
+        return [np.concatenate(ys)]
 
     def random_inputs(self, rng):
         W = random_packed(rng, self.M, self.K)
