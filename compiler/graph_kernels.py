@@ -151,49 +151,61 @@ def argmax(B: int, V: int):
     return _prim([x, at, best])
 
 
-def router(T: int, D: int, E: int, k: int):
-    """A mixture of experts' routing (:class:`model.moe.MoEFFN`): for each row of the normed input ``h [T, D]``, the
-    router's logits ``l[e] = Σ_d h[d]·R[e, d]`` (float64, ``d`` in order), the ``k`` largest (descending; on a tie the
-    lower index first) → ``ids int32[T, k]``, and their softmax ``w float32[T, k]`` (float64, then rounded). float64
-    keeps the choice of experts from hanging on float32 rounding. Serial: ``E·D`` multiply-adds a row."""
+def router_logits(T: int, D: int, E: int):
+    """A mixture of experts' router logits ``l[t, e] = Σ_d h[t, d]·R[e, d]`` in float64 (``d`` in order on the CPU; a
+    tree on CUDA, where the build's row schedule runs it): float64 keeps the choice of experts from hanging on float32
+    rounding."""
+    from tvm import te
+
+    h = te.placeholder((T, D), "float32", name="h")
+    R = te.placeholder((E, D), "float32", name="R")
+    d = te.reduce_axis((0, D), name="d")
+    lg = te.compute(
+        (T, E), lambda t, e: te.sum(h[t, d].astype("float64") * R[e, d].astype("float64"), axis=d), name="logits"
+    )
+    return _prim([h, R, lg])
+
+
+def router_topk(T: int, E: int, k: int, gpu: bool = False):
+    """Each row's ``k`` largest router logits (descending; on a tie the lower index first) → ``ids int32[T, k]``, and
+    their softmax ``w float32[T, k]`` (float64, then rounded): :class:`model.moe.MoEFFN`'s routing. A thread per row
+    (``gpu``: CUDA threads; else a serial loop)."""
     from tvm.script import tirx as Tx
 
-    @Tx.prim_func
-    def route(
-        h: Tx.Buffer((T, D), "float32"),
-        R: Tx.Buffer((E, D), "float32"),
-        ids: Tx.Buffer((T, k), "int32"),
-        w: Tx.Buffer((T, k), "float32"),
-    ):
-        logit = Tx.alloc_buffer((E,), "float64")
-        taken = Tx.alloc_buffer((E,), "int32")
-        top = Tx.alloc_buffer((k,), "float64")
-        best = Tx.alloc_buffer((1,), "int32")
-        denom = Tx.alloc_buffer((1,), "float64")
-        for t in range(T):
+    bind = (lambda n: Tx.thread_binding(n, thread="threadIdx.x")) if gpu else Tx.serial
+
+    @Tx.macro
+    def rows(logits, ids, w):
+        for t in bind(T):
+            taken = Tx.alloc_buffer((E,), "int32", scope="local")
+            top = Tx.alloc_buffer((k,), "float64", scope="local")
+            best = Tx.alloc_buffer((1,), "int32", scope="local")
+            denom = Tx.alloc_buffer((1,), "float64", scope="local")
             for e in range(E):
-                logit[e] = Tx.float64(0)
                 taken[e] = 0
-                for d in range(D):
-                    logit[e] = logit[e] + Tx.Cast("float64", h[t, d]) * Tx.Cast("float64", R[e, d])
             for j in range(k):
                 best[0] = -1
                 for e in range(E):
                     if taken[e] == 0:
                         if best[0] < 0:
                             best[0] = e
-                        elif logit[e] > logit[best[0]]:
+                        elif logits[t, e] > logits[t, best[0]]:
                             best[0] = e
                 taken[best[0]] = 1
                 ids[t, j] = best[0]
-                top[j] = logit[best[0]]
+                top[j] = logits[t, best[0]]
             denom[0] = Tx.float64(0)
             for j in range(k):
                 denom[0] = denom[0] + Tx.exp(top[j] - top[0])
             for j in range(k):
                 w[t, j] = Tx.Cast("float32", Tx.exp(top[j] - top[0]) / denom[0])
 
-    return route.without_attr("global_symbol")
+    @Tx.prim_func(check_well_formed=False)  # a root block around loop-style code: legal, but unverified
+    def topk(logits: Tx.Buffer((T, E), "float64"), ids: Tx.Buffer((T, k), "int32"), w: Tx.Buffer((T, k), "float32")):
+        with Tx.sblock("root"):  # a block body: Relax's pattern analysis asserts one on single-input kernels
+            rows(logits, ids, w)
+
+    return topk.without_attr("global_symbol")
 
 
 def moe_combine(T: int, k: int, D: int):

@@ -300,11 +300,90 @@ def argmax(B: int, V: int, threads: int = 256):
     return pick.without_attr("global_symbol")
 
 
-def swiglu_quantize(T: int, F: int, threads: int | None = None):
+def swiglu_quantize(T: int, F: int, threads: int | None = None, halves: bool = False):
     """``silu(g) · u`` (:func:`compiler.graph_kernels.silu_mul`, the same float expression) and its int8 per-token
     quantize in ONE kernel: parameters ``g, u, q, scale, q_sum``, outputs as :func:`norm_quantize`'s. The FFN's
-    SwiGLU and the down projection's input quantize, one kernel fewer per layer, bit-identical to the two."""
-    return norm_quantize(T, F, threads=threads or _threads_for(F), glu=True)
+    SwiGLU and the down projection's input quantize, one kernel fewer per layer, bit-identical to the two.
+    ``halves``: one input ``[T, 2F]`` holding ``g | u`` (a mixture of experts' gate|up, :func:`experts_dp4a`)."""
+    return norm_quantize(T, F, threads=threads or _threads_for(F), glu=True, halves=halves)
+
+
+def experts_dp4a(S: int, M: int, K: int, E: int, P: int, X: int, gpu: bool = True, threads: int = 128):
+    """A mixture of experts' ternary matmul on the ``dp4a`` layout, every slot in one kernel: slot ``s`` (a (token,
+    chosen expert) pair) multiplies expert ``ids[s]``'s matrix ``W [E, M, K/16]`` (``P`` matrices of ``M / P`` rows
+    stacked, e.g. gate|up, a scale each: ``w_scale [E, P]``) by activation row ``s // (S / X)`` of ``x4 [X, K/4]``
+    (int8 as int32 words) → ``y [S, M]``, each element as :class:`compiler.ops.ternary_gpu.TernaryGemvDp4a`
+    computes it for that expert's matrix alone: ``float32(Σ dp4a − Σx) · (w_scale / x_scale)``, the integer sum
+    exact, so bit-exact. The expert index is read on the device (no host round trip: the step stays one CUDA graph),
+    and a slot reads only its expert's rows.
+
+    Layout: ``L`` threads per row (the most, up to 32, that divide a row's ``K/16`` words), each loading ``v`` words
+    at a time (16 bytes when they divide evenly), ``threads / L`` rows per CUDA block, the ``L`` partial sums added
+    by a shared-memory tree. ``gpu=False``: serial loops and ``__dp4a`` spelt out (the same kernel on the CPU)."""
+    from tvm.script import tirx as Tx
+
+    from compiler.ops.ternary_gpu import PLANES, dot4
+
+    words = K // 16
+    L = next(n for n in (32, 16, 8, 4, 2, 1) if words % n == 0)
+    v = next(n for n in (4, 2, 1) if words % (L * n) == 0)
+    steps = words // (L * v)
+    while threads // L > 1 and M % (threads // L):
+        threads //= 2
+    RB = threads // L
+    if M % RB or M % P or S % X:
+        raise ValueError(f"experts_dp4a: M = {M} rows in groups of {RB} and {P} parts, S = {S} slots over X = {X} rows")
+    groups, part, per = M // RB, M // P, S // X
+    levels = L.bit_length() - 1
+    blocks, thr = _bindings(gpu)
+    sync = (lambda: Tx.tvm_storage_sync("shared")) if gpu else (lambda: Tx.evaluate(0))
+    scope = "shared" if gpu else "global"
+    emulate = not gpu
+
+    @Tx.prim_func
+    def experts(
+        W: Tx.Buffer((E, M, words), "int32"),
+        x4: Tx.Buffer((X, K // 4), "int32"),
+        x_sum: Tx.Buffer((X,), "int32"),
+        x_scale: Tx.Buffer((X,), "float32"),
+        w_scale: Tx.Buffer((E, P), "float32"),
+        ids: Tx.Buffer((S,), "int32"),
+        y: Tx.Buffer((S, M), "float32"),
+    ):
+        for b in blocks(S * groups):  # slot b // groups, rows (b % groups)·RB ..
+            red = Tx.alloc_buffer((threads,), "int32", scope=scope)
+            for tx in thr(threads):  # row tx // L of the group, lane tx % L
+                acc = Tx.alloc_buffer((1,), "int32", scope="local")
+                wv = Tx.alloc_buffer((v,), "int32", scope="local")
+                acc[0] = 0
+                for st in range(steps):
+                    for k in Tx.vectorized(v):
+                        wv[k] = W[Tx.Cast("int64", ids[b // groups]), b % groups * RB + tx // L,
+                                  (st * L + tx % L) * v + k]  # fmt: skip
+                    for k in Tx.unroll(v):
+                        for pl in Tx.unroll(4):
+                            acc[0] = acc[0] + dot4(
+                                Tx.bitwise_and(Tx.shift_right(wv[k], pl * 2), PLANES),
+                                x4[b // groups // per, ((st * L + tx % L) * v + k) * 4 + pl],
+                                emulate,
+                            )
+                red[tx] = acc[0]
+            sync()
+            for lv in Tx.unroll(levels):  # the L partial sums of each row: a tree
+                for tx in thr(threads):
+                    if tx % L < Tx.shift_right(L, lv + 1):
+                        red[tx] = red[tx] + red[tx + Tx.shift_right(L, lv + 1)]
+                sync()
+            for tx in thr(threads):
+                if tx % L == 0:
+                    y[b // groups, b % groups * RB + tx // L] = Tx.Cast(
+                        "float32", red[tx] - x_sum[b // groups // per]
+                    ) * (
+                        w_scale[Tx.Cast("int64", ids[b // groups]), (b % groups * RB + tx // L) // part]
+                        / x_scale[b // groups // per]
+                    )
+
+    return experts.without_attr("global_symbol")
 
 
 def _threads_for(n: int, most: int = 1024) -> int:
@@ -316,7 +395,8 @@ def _threads_for(n: int, most: int = 1024) -> int:
     return t
 
 
-def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, glu: bool = False):
+def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, glu: bool = False,
+                  halves: bool = False):  # fmt: skip
     """RMSNorm (``eps`` given; else none) + int8 per-token quantize in ONE kernel: a CUDA block per token, ``threads``
     threads striding over ``D``, the three reductions (Σx², max|h|, Σq) as shared-memory trees. Same outputs and
     maths as :class:`compiler.ops.rmsnorm_quant.RmsNormQuant` (``eps`` given: parameters ``x, weight, q, scale,
@@ -331,6 +411,7 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
         raise ValueError(f"D = {D} must be a multiple of {threads}")
     per, levels = D // threads, threads.bit_length() - 1
     norm = eps is not None
+    woff = D if halves else 0  # glu on [T, 2D] = g | u: u starts at column D
     epsv = float(eps or 0.0)
 
     @Tx.macro
@@ -361,7 +442,7 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
                         h[i] = X[t, i * threads + tx] * acc[1] * W[i * threads + tx]
                     elif glu:
                         h[i] = X[t, i * threads + tx] / (Tx.float32(1) + Tx.exp(-X[t, i * threads + tx])) * W[
-                            t, i * threads + tx]  # fmt: skip
+                            t, woff + i * threads + tx]  # fmt: skip
                     else:
                         h[i] = X[t, i * threads + tx]
                     acc[0] = Tx.max(acc[0], Tx.fabs(h[i]))
@@ -401,6 +482,20 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
             body(x, w, q, scale, q_sum)
 
         return rms_quant.without_attr("global_symbol")
+
+    if glu and halves:
+
+        @Tx.prim_func(check_well_formed=False)  # a root block around loop-style code (one input: see quant)
+        def glu_halves_quant(
+            gu: Tx.Buffer((T, 2 * D), "float32"),
+            q: Tx.Buffer((T, D), "int8"),
+            scale: Tx.Buffer((T,), "float32"),
+            q_sum: Tx.Buffer((T,), "int32"),
+        ):
+            with Tx.sblock("root"):
+                body(gu, gu, q, scale, q_sum)
+
+        return glu_halves_quant.without_attr("global_symbol")
 
     if glu:
 

@@ -91,9 +91,9 @@ def check_weights(weights: str, gpu: bool, cfg=None) -> None:
         raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_LAYOUTS}")
     if weights == "tl" and gpu:
         raise ValueError("weights='tl' is a CPU (AVX-512 VBMI) layout; the CUDA build uses dp4a")
-    if cfg is not None and cfg.n_experts and (gpu or weights != "tile8"):
-        raise ValueError(f"a mixture-of-experts model (n_experts={cfg.n_experts}) compiles for CPU targets with the "
-                         "tile8 weights only, for now (no expert-indexed CUDA or tl kernel yet)")  # fmt: skip
+    if cfg is not None and cfg.n_experts and weights != "tile8":
+        raise ValueError(f"a mixture-of-experts model (n_experts={cfg.n_experts}) compiles with the tile8 (or CUDA) "
+                         "weights only, for now (no expert-indexed tl kernel yet)")  # fmt: skip
 
 
 def block_ternary(cfg) -> list[tuple[str, tuple[str, ...], int]]:
@@ -540,35 +540,67 @@ class Lowering:
         return self._ternary(f, f"blk.{i}.ffn_down", h8, hsc, hsum, D, F)
 
     def moe(self, f: _Frame, i: int, u):
-        """Layer ``i``'s mixture of experts (:class:`model.moe.MoEFFN`) on ``u [T, D]``: the RMSNorm, the router
-        (:func:`graph_kernels.router`: each row's top ``k`` experts and their weights), RMSNorm+quantize once; then per
-        slot (row ``t``'s ``j``-th expert ``e``), expert ``e``'s gate and up in one expert-indexed GEMV that reads only
-        expert ``e``'s matrices (``gemv_i8`` with ``E`` and ``P = 2``; ``e`` reaches it as a scalar through the shape
-        of the router's ids, read on the host); SwiGLU and quantize for all slots at once; per slot expert ``e``'s
-        down; then the slots' outputs weighted and summed in slot order
-        (:func:`graph_kernels.moe_combine`) → ``y [T, D]``. Every row is computed on its own, so a row's result does
-        not depend on the batch; a prefill chunk reads each row's experts once per row."""
+        """Layer ``i``'s mixture of experts (:class:`model.moe.MoEFFN`) on ``u [T, D]``: the RMSNorm and the router
+        (:func:`graph_kernels.router_logits` in float64, :func:`graph_kernels.router_topk`: each row's top ``k``
+        experts and their weights), RMSNorm+quantize once; per slot (row ``t``'s ``j``-th expert) that expert's gate
+        and up in one pass (stacked rows), SwiGLU and quantize, its down; then the slots' outputs weighted and summed
+        in slot order (:func:`graph_kernels.moe_combine`) → ``y [T, D]``. A slot reads only its expert's matrices:
+
+        * CPU: the tuned ``gemv_i8`` with ``E`` experts, once per slot, the expert a scalar argument (the router's ids
+          read on the host through a shape: ``tensor_to_shape``, free on a CPU);
+        * CUDA: :func:`graph_kernels_gpu.experts_dp4a`, every slot in one kernel, the ids read on the device (the
+          step stays one CUDA graph), and SwiGLU + quantize as one kernel.
+
+        Every row is computed on its own, so a row's result does not depend on the batch; a prefill chunk reads each
+        row's experts once per row."""
+        cfg, T, f32 = self.cfg, f.T, "float32"
+        D, F, E, k = cfg.d_model, cfg.ffn_hidden, cfg.n_experts, cfg.n_experts_used
+        S, p = T * k, f"blk.{i}."
+        hn = self._call(self._rmsnorm(T, D), [u, f.pv[p + "ffn_norm.weight"]], [((T, D), f32)])
+        lg = self._call(self._te("router_logits", gk.router_logits, T, D, E), [hn, f.pv[p + "ffn_gate_inp.weight"]],
+                        [((T, E), "float64")])  # fmt: skip
+        topk = self._te("router_topk", lambda *a: gk.router_topk(*a, gpu=self.gpu), T, E, k)
+        ids, w = self._call(topk, [lg], [((T, k), "int32"), ((T, k), f32)])
+        q8, sc, qs = self._norm_quant(f, p + "ffn_norm.weight", u)
+        if self.gpu:
+            slots = self._reshape(ids, (S,))
+            gu = self._experts_gpu(f, p + "ffn_gate_up_exps", q8, sc, qs, slots, 2 * F, D, 2)
+            h8, hsc, hsum = self._call(self._te("swiglu_quantize_halves", lambda n, m: gkg.swiglu_quantize(
+                n, m, halves=True), S, F), [gu], [((S, F), "int8"), ((S,), f32), ((S,), "int32")])  # fmt: skip
+            Y = self._experts_gpu(f, p + "ffn_down_exps", h8, hsc, hsum, slots, D, F, 1)
+        else:
+            Y = self._experts_cpu(f, p, q8, sc, qs, ids)
+        return self._call(self._te("moe_combine", gk.moe_combine, T, k, D), [self._reshape(Y, (T, k, D)), w],
+                          [((T, D), f32)])  # fmt: skip
+
+    def _experts_cpu(self, f: _Frame, p: str, q8, sc, qs, ids):
+        """The CPU experts of a block (see :meth:`moe`) → ``[T·k, D]``."""
         from tvm import relax, tirx
 
-        cfg, T, f32, bb = self.cfg, f.T, "float32", self.bb
-        D, F, E, k = cfg.d_model, cfg.ffn_hidden, cfg.n_experts, cfg.n_experts_used
-        p = f"blk.{i}."
-        hn = self._call(self._rmsnorm(T, D), [u, f.pv[p + "ffn_norm.weight"]], [((T, D), f32)])
-        route = self._te("router", gk.router, T, D, E, k)
-        ids, w = self._call(route, [hn, f.pv[p + "ffn_gate_inp.weight"]], [((T, k), "int32"), ((T, k), f32)])
-        flat = self._reshape(bb.emit(relax.op.astype(ids, "int64")), (T * k,))
-        picks = [tirx.Var(f"expert_{i}_{n}", "int64") for n in range(T * k)]
-        bb.match_cast(bb.emit(relax.op.tensor_to_shape(flat)), relax.ShapeType(picks))
-        q8, sc, qs = self._norm_quant(f, p + "ffn_norm.weight", u)
+        cfg, T, bb, f32 = self.cfg, f.T, self.bb, "float32"
+        D, F, k = cfg.d_model, cfg.ffn_hidden, cfg.n_experts_used
+        S = T * k
+        picks = [tirx.Var(f"expert_{p.replace('.', '_')}{n}", "int64") for n in range(S)]
+        bb.match_cast(bb.emit(relax.op.tensor_to_shape(self._reshape(bb.emit(relax.op.astype(ids, "int64")), (S,)))),
+                      relax.ShapeType(picks))  # fmt: skip
         rows = [[self._row(a, t) for a in (q8, sc, qs)] for t in range(T)]
-        gate_up = [self._expert(f, p + "ffn_gate_up_exps", *rows[s // k], 2 * F, D, picks[s], 2) for s in range(T * k)]
-        gu = gate_up[0] if T * k == 1 else bb.emit(relax.op.concat(gate_up, axis=0))  # [T·k, 2F]
-        hh = self._call(self._te("swiglu_halves", gk.swiglu_halves, T * k, F, sched=True), [gu], [((T * k, F), f32)])
-        h8, hsc, hsum = self._quantize(T * k, F, hh)
+        gate_up = [self._expert(f, p + "ffn_gate_up_exps", *rows[s // k], 2 * F, D, picks[s], 2) for s in range(S)]
+        gu = gate_up[0] if S == 1 else bb.emit(relax.op.concat(gate_up, axis=0))  # [S, 2F]
+        hh = self._call(self._te("swiglu_halves", gk.swiglu_halves, S, F, sched=True), [gu], [((S, F), f32)])
+        h8, hsc, hsum = self._quantize(S, F, hh)
         ys = [self._expert(f, p + "ffn_down_exps", *(self._row(a, s) for a in (h8, hsc, hsum)), D, F, picks[s], 1)
-              for s in range(T * k)]  # fmt: skip
-        Y = self._reshape(ys[0] if len(ys) == 1 else bb.emit(relax.op.concat(ys, axis=0)), (T, k, D))
-        return self._call(self._te("moe_combine", gk.moe_combine, T, k, D), [Y, w], [((T, D), f32)])
+              for s in range(S)]  # fmt: skip
+        return ys[0] if S == 1 else bb.emit(relax.op.concat(ys, axis=0))
+
+    def _experts_gpu(self, f: _Frame, name: str, x8, sc, qs, slots, M: int, K: int, parts: int):
+        """``[S, M]``: every slot's expert of the stack ``name`` times its activation row, in one kernel
+        (:func:`graph_kernels_gpu.experts_dp4a`; ``x8 [X, K]`` int8, ``X`` = tokens or slots)."""
+        from tvm import relax
+
+        X, S, E = int(x8.ty.shape[0]), int(slots.ty.shape[0]), self.cfg.n_experts
+        x4 = self.bb.emit(relax.op.memory.view(x8, (X, K // 4), "int32"))
+        gv = self._te("experts_dp4a", gkg.experts_dp4a, S, M, K, E, parts, X)
+        return self._call(gv, [f.pv[f"{name}.weight"], x4, qs, sc, f.pv[f"{name}.scale"], slots], [((S, M), "float32")])
 
     def _expert(self, f: _Frame, name: str, x8, sc, qs, M: int, K: int, e, parts: int):
         """``[1, M]``: expert ``e`` (a shape variable) of the stack ``name`` (``parts`` matrices stacked along its rows)

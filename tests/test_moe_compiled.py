@@ -20,6 +20,7 @@ from kernel_helpers import X86
 from runtime_helpers import assert_pytorch_parity, built, reference, tiny_gguf
 from test_exact_reference import _exact, exact_parity
 
+from compiler import cuda_cross
 from compiler import graph_kernels as gk
 from compiler.lower import Lowering
 from compiler.ops import make_op
@@ -83,7 +84,9 @@ def test_router_kernel_matches_the_reference_with_ties(target):
     R = rng.standard_normal((E, D)).astype(np.float32)
     R[6] = R[2]  # equal logits: the lower index goes first
     h[4] = 0  # every logit equal: experts 0, 1, 2 with equal weights
-    ids, w = _run(gk.router(T, D, E, k), target, h, R, np.zeros((T, k), np.int32), np.zeros((T, k), np.float32))[2:]
+    logits = _run(gk.router_logits(T, D, E), target, h, R, np.zeros((T, E), np.float64))[2]
+    np.testing.assert_allclose(logits, h.astype(np.float64) @ R.astype(np.float64).T, rtol=1e-12, atol=1e-12)
+    ids, w = _run(gk.router_topk(T, E, k), target, logits, np.zeros((T, k), np.int32), np.zeros((T, k), np.float32))[1:]
     for t in range(T):
         want_ids, want_w = er.route(h[t], R, k)
         np.testing.assert_array_equal(ids[t], want_ids)
@@ -149,7 +152,49 @@ def test_lowered_ffn_calls_only_expert_kernels():
     assert "ffn_gate_up_exps" in text and "ternary_gemv_i8_M512_K256_tile8," not in text  # no dense FFN kernel
 
 
-@pytest.mark.parametrize("target, weights", [("cuda", "tile8"), ("avx512", "tl")])
-def test_unsupported_moe_builds_are_refused(target, weights):
+def test_unsupported_moe_builds_are_refused():
     with pytest.raises(ValueError, match="mixture-of-experts"):
-        Lowering(get_config("tiny", **MOE), target, weights=weights)
+        Lowering(get_config("tiny", **MOE), "avx512", weights="tl")
+
+
+@pytest.mark.parametrize(
+    "slots, M, K, experts, parts, rows",
+    [(2, 1536, 512, 8, 2, 1), (2, 512, 768, 8, 1, 2), (6, 256, 256, 4, 2, 3), (32, 512, 1536, 8, 1, 32)],
+)
+def test_cuda_experts_kernel_twin_is_bit_exact(slots, M, K, experts, parts, rows):
+    """:func:`graph_kernels_gpu.experts_dp4a` with serial loops (its CPU twin): every slot equals the dense kernel's
+    reference on its expert's matrices, for gate|up (a row per token, ``k`` slots each) and down (a row per slot)."""
+    from compiler import graph_kernels_gpu as gkg
+    from compiler.ops.ternary_gemv import random_packed
+    from model.ternary.layouts_gpu import rowmajor4_to_dp4a
+
+    rng = np.random.default_rng(slots)
+    packed = [random_packed(rng, M, K) for _ in range(experts)]
+    x = rng.integers(-127, 128, (rows, K), dtype=np.int8)
+    x_sum, x_scale = x.astype(np.int32).sum(1).astype(np.int32), rng.uniform(0.5, 50, rows).astype(np.float32)
+    w_scale = rng.uniform(0.1, 2, (experts, parts)).astype(np.float32)
+    ids = rng.integers(0, experts, slots).astype(np.int32)
+    W = np.stack([rowmajor4_to_dp4a(w) for w in packed])
+    func = gkg.experts_dp4a(slots, M, K, experts, parts, rows, gpu=False)
+    y = _run(func, "avx2" if "avx2" in str(X86) else "avx512", W, np.ascontiguousarray(x).view("<i4"), x_sum,
+             x_scale, w_scale, ids, np.zeros((slots, M), np.float32))[-1]  # fmt: skip
+    op = make_op("gemv_i8", M=M, K=K, E=experts, P=parts)
+    per = slots // rows
+    for s in range(slots):
+        r = slice(s // per, s // per + 1)
+        want = op.reference(np.stack(packed), x[s // per], x_sum[r], x_scale[r], w_scale, int(ids[s]))[0]
+        np.testing.assert_array_equal(y[s], want)
+
+
+@pytest.mark.build
+@pytest.mark.skipif(not cuda_cross.available(), reason="no CUDA toolkit (nvcc) here")
+def test_tiny_moe_builds_for_cuda_as_one_graph(tmp_path):
+    """The CUDA build of an MoE model: every function one captured graph, no host launch, no allocation per call
+    (the experts' ids never leave the device)."""
+    from compiler.build import build
+
+    r = build(tiny_gguf(2, **MOE), "cuda", tmp_path)
+    assert r.compiled and b"__global__" not in r.so.read_bytes()  # cubin, not CUDA source
+    for name, c in r.meta["census"].items():
+        assert (c["graphs"], c["kernels_outside"], c["allocations"]) == (1, 0, 0), (name, c)
+        assert c["kernels_in_graphs"] > 0
