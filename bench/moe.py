@@ -7,6 +7,7 @@ so a token reads the same ternary bytes in both. Each run times the compiled dec
 issue's goal is MoE ≥ 0.8× dense.
 
     python -m bench.moe --threads 2 --runs 5 --json docs/moe/moe_vs_dense_avx2.json
+    python -m bench.moe --entry small=.gpu/entries/small --entry small-moe=.gpu/entries/small-moe --threads 16  # GPU
 """
 
 from __future__ import annotations
@@ -26,31 +27,36 @@ from model.config import get_config
 from model.random_model import write_random_gguf
 
 
-def prepare(preset: str, work: Path, target: str, cache_dir: str | None) -> tuple[Path, dict]:
-    """The preset's random GGUF (written once) and its build's ``meta.json``."""
+def prepare(preset: str, work: Path, target: str, cache_dir: str | None, entry: str | None = None):
+    """``(worker arguments, meta.json)`` of the preset: its prebuilt ``entry`` (with its weights: a GPU host, which
+    has TVM's runtime only), else its random GGUF (written once) built here."""
+    if entry:
+        return ["--entry", entry], json.loads((Path(entry) / "meta.json").read_text())
     from runtime.engine import ensure_built
 
     path = work / f"{preset}.gguf"
     if not path.exists():
         write_random_gguf(preset, path)
-    entry = ensure_built(str(path), target, cache_dir)
-    return path, json.loads((Path(entry) / "meta.json").read_text())
+    built = ensure_built(str(path), target, cache_dir)
+    return ["--model", str(path)], json.loads((Path(built) / "meta.json").read_text())
 
 
 def run(a) -> dict:
     from targets import resolve
 
-    target = resolve(a.target)
+    entries = dict(e.split("=", 1) for e in a.entry)
+    target = json.loads((Path(next(iter(entries.values()))) / "meta.json").read_text())["target"] if entries else (
+        resolve(a.target))  # fmt: skip
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    models = {name: prepare(name, work, target, a.cache_dir) for name in (a.dense, a.moe)}
+    models = {name: prepare(name, work, target, a.cache_dir, entries.get(name)) for name in (a.dense, a.moe)}
     common = ["--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens), "--target", target]
     common += ["--cache-dir", a.cache_dir] if a.cache_dir else []
     samples: dict[str, list] = {name: [] for name in models}
     load0 = os.getloadavg()
     for _ in range(a.runs):  # interleaved: both models once per run
-        for name, (path, _) in models.items():
-            samples[name].append(_run_worker(["tvm", "--model", str(path), *common], a.threads))
+        for name, (which, _) in models.items():
+            samples[name].append(_run_worker(["tvm", *which, *common], a.threads))
     ratios = [m["decode_tok_s"] / d["decode_tok_s"] for m, d in zip(samples[a.moe], samples[a.dense], strict=True)]
     rows = []
     for name, (_, meta) in models.items():
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--target", default="auto")
     ap.add_argument("--work-dir", default=str(cache.default_cache_dir() / "bench-moe"), help="the random GGUFs")
     ap.add_argument("--cache-dir", default=None, help="compiler.build's cache (default: its own)")
+    ap.add_argument("--entry", action="append", default=[], metavar="PRESET=DIR",
+                    help="a prebuilt cache entry with its weights for a preset (no build: a GPU host)")  # fmt: skip
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     a.argv = list(argv) if argv is not None else __import__("sys").argv[1:]

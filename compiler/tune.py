@@ -110,12 +110,23 @@ from compiler.constants import CPU_BATCH_SIZES, CUDA_BATCH_SIZES  # noqa: E402 (
 from compiler.constants import CUDA_PREFILL_CHUNK as CUDA_PREFILL_TOKENS  # noqa: E402 (gemm_dp4a tuned N)
 
 
+def matmul_shapes(cfg) -> tuple[list, list]:
+    """``(shapes of the dense GEMVs and GEMMs, shapes of the MoE expert GEMVs)``, each ``(M, K)``. A mixture of experts'
+    FFN calls the expert GEMV only (``compiler.lower.Lowering.moe``), whose tuning record is the dense workload's of
+    the same shape: an expert's gate and up stacked, ``(2F, D)``, and its down, ``(D, F)``."""
+    named = cfg.ternary_shapes()
+    if not cfg.n_experts:
+        return sorted(set(named.values())), []
+    dense = sorted({mk for n, mk in named.items() if not n.startswith("ffn_")})
+    return dense, sorted({(2 * cfg.ffn_hidden, cfg.d_model), (cfg.d_model, cfg.ffn_hidden)})
+
+
 def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: str = "tile8") -> list:
     """Every tunable workload of a model config: the ternary GEMVs (+ the GEMMs of prefill and of the decode
     batches, ``decode_b{B}``) and the fused elementwise ops. ``weights="tl"``: the CPU build's 1.67-bit layout, whose
     GEMV serves prefill and batches too (once per token)."""
-    if target == "cuda":
-        shapes = sorted(set(cfg.ternary_shapes().values()))
+    shapes, expert_shapes = matmul_shapes(cfg)
+    if target == "cuda":  # a mixture of experts' FFN runs graph_kernels_gpu.experts_dp4a, not a tuned operator
         ops = [make_op("gemv_dp4a", M=M, K=K) for M, K in shapes]
         if include_prefill:
             ns = sorted({CUDA_PREFILL_TOKENS, *(b for b in CUDA_BATCH_SIZES if b > 1)})
@@ -123,8 +134,8 @@ def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: 
         return ops
     from compiler.lower import cpu_tile, tl_tile  # the CPU build's weight layouts: its GEMV and GEMM read them
 
-    ops = []
-    for M, K in sorted(set(cfg.ternary_shapes().values())):
+    ops = [make_op("gemv_i8", M=M, K=K, tile=cpu_tile(M)) for M, K in expert_shapes]  # MoE: per slot, no GEMM
+    for M, K in shapes:
         if weights == "tl":
             ops.append(make_op("gemv_i8_tl", M=M, K=K, tile=tl_tile(M)))
             continue
