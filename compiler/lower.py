@@ -583,13 +583,12 @@ class Lowering:
         picks = [tirx.Var(f"expert_{p.replace('.', '_')}{n}", "int64") for n in range(S)]
         bb.match_cast(bb.emit(relax.op.tensor_to_shape(self._reshape(bb.emit(relax.op.astype(ids, "int64")), (S,)))),
                       relax.ShapeType(picks))  # fmt: skip
-        rows = [[self._row(a, t) for a in (q8, sc, qs)] for t in range(T)]
-        gate_up = [self._expert(f, p + "ffn_gate_up_exps", *rows[s // k], 2 * F, D, picks[s], 2) for s in range(S)]
+        gate_up = [self._expert(f, p + "ffn_gate_up_exps", q8, sc, qs, s // k, 2 * F, D, picks[s], 2)
+                   for s in range(S)]  # fmt: skip
         gu = gate_up[0] if S == 1 else bb.emit(relax.op.concat(gate_up, axis=0))  # [S, 2F]
         hh = self._call(self._te("swiglu_halves", gk.swiglu_halves, S, F, sched=True), [gu], [((S, F), f32)])
         h8, hsc, hsum = self._quantize(S, F, hh)
-        ys = [self._expert(f, p + "ffn_down_exps", *(self._row(a, s) for a in (h8, hsc, hsum)), D, F, picks[s], 1)
-              for s in range(S)]  # fmt: skip
+        ys = [self._expert(f, p + "ffn_down_exps", h8, hsc, hsum, s, D, F, picks[s], 1) for s in range(S)]
         return ys[0] if S == 1 else bb.emit(relax.op.concat(ys, axis=0))
 
     def _experts_gpu(self, f: _Frame, name: str, x8, sc, qs, slots, M: int, K: int, parts: int):
@@ -602,13 +601,14 @@ class Lowering:
         gv = self._te("experts_dp4a", gkg.experts_dp4a, S, M, K, E, parts, X)
         return self._call(gv, [f.pv[f"{name}.weight"], x4, qs, sc, f.pv[f"{name}.scale"], slots], [((S, M), "float32")])
 
-    def _expert(self, f: _Frame, name: str, x8, sc, qs, M: int, K: int, e, parts: int):
+    def _expert(self, f: _Frame, name: str, x8, sc, qs, row: int, M: int, K: int, e, parts: int):
         """``[1, M]``: expert ``e`` (a shape variable) of the stack ``name`` (``parts`` matrices stacked along its rows)
-        times one row's int8 activations."""
+        times row ``row`` of the int8 activations ``x8 [X, K]`` (the kernel reads the row: no slice is made)."""
         from tvm import relax
 
-        gv, _ = self._op(self.k.gemv, M=M, K=K, tile=self.k.tile(M), E=self.cfg.n_experts, P=parts)
-        args = [f.pv[f"{name}.weight"], self._reshape(x8, (K,)), qs, sc, f.pv[f"{name}.scale"], relax.prim_value(e)]
+        X = int(x8.ty.shape[0])
+        gv, _ = self._op(self.k.gemv, M=M, K=K, tile=self.k.tile(M), E=self.cfg.n_experts, P=parts, X=X)
+        args = [f.pv[f"{name}.weight"], x8, qs, sc, f.pv[f"{name}.scale"], relax.prim_value(e), relax.prim_value(row)]
         y = self.bb.emit(relax.call_tir(gv, args, relax.TensorType((M,), "float32")))
         return self._reshape(y, (1, M))
 

@@ -51,29 +51,37 @@ def _run(func, target: str, *args):
 @settings(max_examples=4, deadline=None)
 @given(
     m=st.sampled_from([256, 768]), k=st.sampled_from([256, 512]), experts=st.integers(2, 5),
-    parts=st.sampled_from([1, 2]), seed=st.integers(0, 99),
+    parts=st.sampled_from([1, 2]), rows=st.sampled_from([0, 3]), seed=st.integers(0, 99),
 )  # fmt: skip
-def test_expert_gemv_is_the_dense_kernel_on_one_expert(target, m, k, experts, parts, seed):
-    """Expert ``e`` of a stack (``parts`` matrices of ``m / parts`` rows each, e.g. gate|up) equals the dense kernel
-    on each of its matrices, bit for bit."""
+def test_expert_gemv_is_the_dense_kernel_on_one_expert(target, m, k, experts, parts, rows, seed):
+    """Expert ``e`` of a stack (``parts`` matrices of ``m / parts`` rows each, e.g. gate|up) times activation row
+    ``r`` (of ``rows``; 0: a single vector) equals the dense kernel on each of its matrices, bit for bit."""
     dense = make_op("gemv_i8", M=m // parts, K=k, tile=8)
-    op = make_op("gemv_i8", M=m, K=k, tile=8, E=experts, P=parts)
+    op = make_op("gemv_i8", M=m, K=k, tile=8, E=experts, P=parts, X=rows)
     assert op.canonical() == make_op("gemv_i8", M=m, K=k, tile=8).canonical()  # the dense record's knobs
     assert op.func_name != make_op("gemv_i8", M=m, K=k, tile=8).func_name
     rng = np.random.default_rng(seed)
     W = np.stack([make_op("gemv_i8", M=m, K=k, tile=8).random_inputs(rng)[0] for _ in range(experts)])
-    _, x, x_sum, x_scale, _ = dense.random_inputs(rng)
+    vectors = [dense.random_inputs(rng)[1:4] for _ in range(max(rows, 1))]
+    x, x_sum, x_scale = (np.stack(a) if rows else a[0] for a in zip(*vectors, strict=True))
+    if rows:
+        x_sum, x_scale = x_sum[:, 0], x_scale[:, 0]
     w_scale = rng.uniform(0.1, 2, (experts, parts)).astype(np.float32)
     func = get_primfunc(op, target, mode="hand").for_relax()
     for e in range(experts):
+        r = e % max(rows, 1)
         y = np.zeros(m, np.float32)
-        got = _run(func, target, W, x, x_sum, x_scale, w_scale, e, y)[-1]
-        np.testing.assert_array_equal(got, op.reference(W, x, x_sum, x_scale, w_scale, e)[0])
+        got = _run(func, target, W, x, x_sum, x_scale, w_scale, e, *([r] if rows else []), y)[-1]
+        np.testing.assert_array_equal(got, op.reference(W, x, x_sum, x_scale, w_scale, e, r if rows else None)[0])
+        if rows:
+            x1, s1, c1 = x[r], x_sum[r : r + 1], x_scale[r : r + 1]
+        else:
+            x1, s1, c1 = x, x_sum, x_scale
         codes = untile_rowmajor4(W[e])
         for p in range(parts):
-            rows = slice(p * m // parts, (p + 1) * m // parts)
-            mine = dense.reference(tile_rowmajor4(codes[rows], 8), x, x_sum, x_scale, w_scale[e, p : p + 1])[0]
-            np.testing.assert_array_equal(got[rows], mine)
+            part = slice(p * m // parts, (p + 1) * m // parts)
+            mine = dense.reference(tile_rowmajor4(codes[part], 8), x1, s1, c1, w_scale[e, p : p + 1])[0]
+            np.testing.assert_array_equal(got[part], mine)
 
 
 @pytest.mark.parametrize("target", X86)
@@ -147,8 +155,9 @@ def test_lowered_ffn_calls_only_expert_kernels():
     low.function("decode_b1")
     text = low.bb.get()["decode_b1"].script()
     k, layers = MOE["n_experts_used"], g.config.n_layers
-    assert text.count("ternary_gemv_i8_M1024_K256_tile8_E4_P2,") == k * layers  # gate|up of each slot
-    assert text.count("ternary_gemv_i8_M256_K512_tile8_E4,") == k * layers  # down of each slot
+    assert text.count("ternary_gemv_i8_M1024_K256_tile8_E4_P2_X1,") == k * layers  # gate|up of each slot
+    assert text.count("ternary_gemv_i8_M256_K512_tile8_E4_X2,") == k * layers  # down of each slot
+    assert "strided_slice" not in text  # each kernel reads its activation row: no slice per slot
     assert "ffn_gate_up_exps" in text and "ternary_gemv_i8_M512_K256_tile8," not in text  # no dense FFN kernel
 
 

@@ -69,8 +69,10 @@ class TernaryGemvI8(Op):
     [E]``), and an int64 scalar ``e`` after them (a Relax call's ``PrimValue`` argument) picks the expert: the kernel
     reads only that expert's bytes. ``P`` > 1: each expert's rows are ``P`` matrices of ``M / P`` rows stacked (an
     expert's gate and up, read in one pass), with a scale each (``w_scale [E, P]``); every element is still computed
-    exactly as for its own matrix. The loops are the dense kernel's, so ``E`` and ``P`` are not dimensions: the expert
-    kernel takes the dense workload's tuning record (:meth:`Op.canonical`).
+    exactly as for its own matrix. ``X`` > 0: the activations are ``X`` rows (``x [X, K]``, ``x_sum``/``x_scale
+    [X]``) and a second scalar ``r`` after ``e`` picks the row (no slice of it is made per call). The loops are the
+    dense kernel's, so ``E``, ``P`` and ``X`` are not dimensions: the expert kernel takes the dense workload's tuning
+    record (:meth:`Op.canonical`).
     """
 
     M: int
@@ -78,6 +80,7 @@ class TernaryGemvI8(Op):
     tile: int = 0
     E: int = field(default=0, metadata={"dim": False})
     P: int = field(default=1, metadata={"dim": False})
+    X: int = field(default=0, metadata={"dim": False})
     kind = "gemv_i8"
 
     def __post_init__(self):
@@ -86,6 +89,8 @@ class TernaryGemvI8(Op):
         check_tile(self.M, self.tile)
         if self.P > 1 and (not self.E or self.M % (self.P * max(self.tile, 1))):
             raise OpShapeError(f"P = {self.P} stacked matrices need experts (E > 0) and M = {self.M} in whole tiles")
+        if self.X and not self.E:
+            raise OpShapeError(f"X = {self.X} activation rows: an expert kernel's (E > 0) only")
 
     def w_shape(self) -> tuple[int, ...]:
         return ((self.E,) if self.E else ()) + weight_shape(self.M, self.K, self.tile)
@@ -95,13 +100,15 @@ class TernaryGemvI8(Op):
 
     @property
     def func_name(self) -> str:
-        return super().func_name + (f"_E{self.E}" if self.E else "") + (f"_P{self.P}" if self.P > 1 else "")
+        experts = (f"_E{self.E}" if self.E else "") + (f"_P{self.P}" if self.P > 1 else "")
+        return super().func_name + experts + (f"_X{self.X}" if self.X else "")
 
     def args(self) -> list[Arg]:
-        """The arrays, in order (an expert kernel's scalar ``e`` comes between ``w_scale`` and ``y``)."""
-        return [Arg("W", self.w_shape(), "uint8"), Arg("x", (self.K,), "int8"), Arg("x_sum", (1,), "int32"),
-                Arg("x_scale", (1,), "float32"), Arg("w_scale", self.ws_shape(), "float32"),
-                Arg("y", (self.M,), "float32", output=True)]  # fmt: skip
+        """The arrays, in order (an expert kernel's scalars ``e`` [and ``r``] come between ``w_scale`` and ``y``)."""
+        rows = (self.X,) if self.X else ()
+        return [Arg("W", self.w_shape(), "uint8"), Arg("x", (*rows, self.K), "int8"),
+                Arg("x_sum", rows or (1,), "int32"), Arg("x_scale", rows or (1,), "float32"),
+                Arg("w_scale", self.ws_shape(), "float32"), Arg("y", (self.M,), "float32", output=True)]  # fmt: skip
 
     def compute(self):
         import tvm
@@ -109,14 +116,20 @@ class TernaryGemvI8(Op):
 
         M, K, R = self.M, self.K, self.tile
         W = te.placeholder(self.w_shape(), "uint8", name="W")
-        X = te.placeholder((K,), "int8", name="x")
-        Xsum = te.placeholder((1,), "int32", name="x_sum")
-        Xs = te.placeholder((1,), "float32", name="x_scale")
+        rows = (self.X,) if self.X else ()
+        X = te.placeholder((*rows, K), "int8", name="x")
+        Xsum = te.placeholder(rows or (1,), "int32", name="x_sum")
+        Xs = te.placeholder(rows or (1,), "float32", name="x_scale")
         Ws = te.placeholder(self.ws_shape(), "float32", name="w_scale")
         e = te.var("e", "int64") if self.E else None
+        r = te.var("r", "int64") if self.X else None
         if e is not None:  # the expert's matrix: W[e] (a scalar index keeps the block tensorizable)
             Wall, W = W, _ExpertView(W, e)
-        Xt = te_interleave(X, K)
+        at = 0 if r is None else r  # the activation row
+        if r is not None:
+            Xt = te.compute((K // CHUNK, 4, 64), lambda c, j, b: X[r, c * CHUNK + b * 4 + j], name="Xt")
+        else:
+            Xt = te_interleave(X, K)
         c = te.reduce_axis((0, K // CHUNK), name="c")
         b = te.reduce_axis((0, 64), name="b")
         j = te.reduce_axis((0, 4), name="j")
@@ -132,13 +145,15 @@ class TernaryGemvI8(Op):
         )
         part = M // self.P
         ws = (lambda m: Ws[e, m // part]) if e is not None else (lambda m: Ws[0])
-        Y = te.compute((M,), lambda m: (acc[m] - Xsum[0]).astype("float32") * (ws(m) / Xs[0]), name="y")
+        Y = te.compute((M,), lambda m: (acc[m] - Xsum[at]).astype("float32") * (ws(m) / Xs[at]), name="y")
         if e is not None:
-            return te.create_prim_func([Wall, X, Xsum, Xs, Ws, e, Y])
+            return te.create_prim_func([Wall, X, Xsum, Xs, Ws, e, *([r] if r is not None else []), Y])
         return te.create_prim_func([W, X, Xsum, Xs, Ws, Y])
 
-    def reference(self, W, x, x_sum, x_scale, w_scale, e=None, impl="auto"):
+    def reference(self, W, x, x_sum, x_scale, w_scale, e=None, r=None, impl="auto"):
         impl = _impl(impl, self.M * self.K)
+        if self.X:
+            x, x_sum, x_scale = x[r], x_sum[r : r + 1], x_scale[r : r + 1]
         if int(x_sum[0]) != int(x.astype(np.int64).sum()):
             raise ValueError("x_sum must equal Σx (the kernel trusts it)")
         if self.E:
