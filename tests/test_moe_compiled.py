@@ -207,3 +207,41 @@ def test_tiny_moe_builds_for_cuda_as_one_graph(tmp_path):
     for name, c in r.meta["census"].items():
         assert (c["graphs"], c["kernels_outside"], c["allocations"]) == (1, 0, 0), (name, c)
         assert c["kernels_in_graphs"] > 0
+
+
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        ({"bitnet-mhc.expert_count": 1000}, "n_experts=1000"),
+        ({"bitnet-mhc.expert_used_count": 9}, "n_experts_used=9"),
+        ({"bitnet-mhc.expert_count": 0}, "tensor set does not match"),  # a dense config: the stacks are extra
+    ],
+)
+def test_hostile_expert_counts_are_refused_by_name(tmp_path, keys, match):
+    """A file whose expert counts are absurd or inconsistent ends in one GGUFError naming the key, before any stack
+    is allocated."""
+    import gguf
+    from test_gguf_io import rewrite
+
+    from model.gguf_io import GGUFError
+
+    dst = tmp_path / "bad.gguf"
+    rewrite(tiny_gguf(2, **MOE), dst, set_keys={k: (v, gguf.GGUFValueType.UINT32) for k, v in keys.items()})
+    with pytest.raises(GGUFError, match=match):
+        read_gguf(dst)
+
+
+def test_an_expert_with_two_scales_is_refused(tmp_path):
+    """Each expert of a stack must carry one scale (BitNet absmean per matrix): a block with another scale inside
+    expert 1 is refused, naming the tensor."""
+    from test_gguf_io import rewrite
+
+    from model.gguf_io import GGUFError, parse_gguf
+
+    src = tiny_gguf(2, **MOE)
+    name = "blk.0.ffn_up_exps.weight"
+    raw = np.array(parse_gguf(src).tensors[name].data)  # [E, rows, bytes]: TQ2_0 blocks of 66 bytes, scale last
+    raw[1, 0, 64:66] = np.frombuffer(np.float16(0.125).tobytes(), np.uint8)
+    rewrite(src, tmp_path / "bad.gguf", patch_tensors={name: raw})
+    with pytest.raises(GGUFError, match=name):
+        read_gguf(tmp_path / "bad.gguf")
