@@ -337,6 +337,9 @@ class TargetKernels:
     schedule_small: bool  # schedule the elementwise graph kernels here (else compiler.build's dlight pass does)
     fused_draft: bool  # verify_b{B}: decode_b{B} that also drafts for every row (a GPU step is launch-bound)
     mhc_x_row: bool  # the decode mHC kernel takes the first site's embedding as x [1, D] (else [D])
+    router_topk: Callable  # (T, E, k): a mixture of experts' top-k and weights from the router's float64 logits
+    experts: Callable | None  # (S, M, K, E, P, X): every MoE slot in one kernel, the ids read on the device; None: the
+    # tuned GEMV (gemv with E) once per slot, the expert a scalar the host reads (Lowering.moe)
 
 
 def _cuda_norm_quant(op):  # RMSNorm+quantize as one kernel (shared-memory reductions) instead of seven
@@ -353,14 +356,14 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         x_words=False, x_sum=True, fixed={}, quantize=gk.quantize, attention=gk.attention,
         attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
         schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
-        rope_in_attention=False, swiglu_quant=None,
+        rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None,
     ),
     "tl": TargetKernels(
         name="tl", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8_tl", gemm=None, tile=tl_tile,
         x_words=False, x_sum=False, fixed={}, quantize=gk.quantize, attention=gk.attention,
         attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
         schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
-        rope_in_attention=False, swiglu_quant=None,
+        rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None,
     ),
     "dp4a": TargetKernels(
         name="dp4a", prefill_chunk=CUDA_PREFILL_CHUNK, gemv="gemv_dp4a", gemm="gemm_dp4a", tile=None,
@@ -369,6 +372,7 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         lm_head=gkg.lm_head, argmax=gkg.argmax, kv_update=functools.partial(gk.kv_update, gpu=True),
         schedule_small=False, mhc_x_row=True, fused_draft=True, batch_sizes=CUDA_BATCH_SIZES,
         rope_in_attention=True, swiglu_quant=gkg.swiglu_quantize,
+        router_topk=functools.partial(gk.router_topk, gpu=True), experts=gkg.experts_dp4a,
     ),
 }  # fmt: skip
 
@@ -546,10 +550,10 @@ class Lowering:
         and up in one pass (stacked rows), SwiGLU and quantize, its down; then the slots' outputs weighted and summed
         in slot order (:func:`graph_kernels.moe_combine`) → ``y [T, D]``. A slot reads only its expert's matrices:
 
-        * CPU: the tuned ``gemv_i8`` with ``E`` experts, once per slot, the expert a scalar argument (the router's ids
-          read on the host through a shape: ``tensor_to_shape``, free on a CPU);
-        * CUDA: :func:`graph_kernels_gpu.experts_dp4a`, every slot in one kernel, the ids read on the device (the
-          step stays one CUDA graph), and SwiGLU + quantize as one kernel.
+        * CPU (the table's ``experts`` is None): the tuned ``gemv_i8`` with ``E`` experts, once per slot, the expert a
+          scalar argument (the router's ids read on the host through a shape: ``tensor_to_shape``, free on a CPU);
+        * CUDA (``experts``: :func:`graph_kernels_gpu.experts_dp4a`): every slot in one kernel, the ids read on the
+          device (the step stays one CUDA graph), and SwiGLU + quantize as one kernel.
 
         Every row is computed on its own, so a row's result does not depend on the batch; a prefill chunk reads each
         row's experts once per row."""
@@ -559,22 +563,22 @@ class Lowering:
         hn = self._call(self._rmsnorm(T, D), [u, f.pv[p + "ffn_norm.weight"]], [((T, D), f32)])
         lg = self._call(self._te("router_logits", gk.router_logits, T, D, E), [hn, f.pv[p + "ffn_gate_inp.weight"]],
                         [((T, E), "float64")])  # fmt: skip
-        topk = self._te("router_topk", lambda *a: gk.router_topk(*a, gpu=self.gpu), T, E, k)
-        ids, w = self._call(topk, [lg], [((T, k), "int32"), ((T, k), f32)])
+        ids, w = self._call(self._te("router_topk", self.k.router_topk, T, E, k), [lg],
+                            [((T, k), "int32"), ((T, k), f32)])  # fmt: skip
         q8, sc, qs = self._norm_quant(f, p + "ffn_norm.weight", u)
-        if self.gpu:
+        if self.k.experts:  # every slot in one kernel, the ids on the device
             slots = self._reshape(ids, (S,))
-            gu = self._experts_gpu(f, p + "ffn_gate_up_exps", q8, sc, qs, slots, 2 * F, D, 2)
-            h8, hsc, hsum = self._call(self._te("swiglu_quantize_halves", lambda n, m: gkg.swiglu_quantize(
+            gu = self._experts_all(f, p + "ffn_gate_up_exps", q8, sc, qs, slots, 2 * F, D, 2)
+            h8, hsc, hsum = self._call(self._te("swiglu_quantize_halves", lambda n, m: self.k.swiglu_quant(
                 n, m, halves=True), S, F), [gu], [((S, F), "int8"), ((S,), f32), ((S,), "int32")])  # fmt: skip
-            Y = self._experts_gpu(f, p + "ffn_down_exps", h8, hsc, hsum, slots, D, F, 1)
-        else:
-            Y = self._experts_cpu(f, p, q8, sc, qs, ids)
+            Y = self._experts_all(f, p + "ffn_down_exps", h8, hsc, hsum, slots, D, F, 1)
+        else:  # the tuned GEMV once per slot, the expert a scalar read on the host
+            Y = self._experts_per_slot(f, p, q8, sc, qs, ids)
         return self._call(self._te("moe_combine", gk.moe_combine, T, k, D), [self._reshape(Y, (T, k, D)), w],
                           [((T, D), f32)])  # fmt: skip
 
-    def _experts_cpu(self, f: _Frame, p: str, q8, sc, qs, ids):
-        """The CPU experts of a block (see :meth:`moe`) → ``[T·k, D]``."""
+    def _experts_per_slot(self, f: _Frame, p: str, q8, sc, qs, ids):
+        """A block's experts by the tuned GEMV, once per slot (see :meth:`moe`) → ``[T·k, D]``."""
         from tvm import relax, tirx
 
         cfg, T, bb, f32 = self.cfg, f.T, self.bb, "float32"
@@ -591,14 +595,14 @@ class Lowering:
         ys = [self._expert(f, p + "ffn_down_exps", h8, hsc, hsum, s, D, F, picks[s], 1) for s in range(S)]
         return ys[0] if S == 1 else bb.emit(relax.op.concat(ys, axis=0))
 
-    def _experts_gpu(self, f: _Frame, name: str, x8, sc, qs, slots, M: int, K: int, parts: int):
-        """``[S, M]``: every slot's expert of the stack ``name`` times its activation row, in one kernel
-        (:func:`graph_kernels_gpu.experts_dp4a`; ``x8 [X, K]`` int8, ``X`` = tokens or slots)."""
+    def _experts_all(self, f: _Frame, name: str, x8, sc, qs, slots, M: int, K: int, parts: int):
+        """``[S, M]``: every slot's expert of the stack ``name`` times its activation row, in one kernel (the table's
+        ``experts``, e.g. :func:`graph_kernels_gpu.experts_dp4a`; ``x8 [X, K]`` int8, ``X`` = tokens or slots)."""
         from tvm import relax
 
         X, S, E = int(x8.ty.shape[0]), int(slots.ty.shape[0]), self.cfg.n_experts
         x4 = self.bb.emit(relax.op.memory.view(x8, (X, K // 4), "int32"))
-        gv = self._te("experts_dp4a", gkg.experts_dp4a, S, M, K, E, parts, X)
+        gv = self._te("experts", self.k.experts, S, M, K, E, parts, X)
         return self._call(gv, [f.pv[f"{name}.weight"], x4, qs, sc, f.pv[f"{name}.scale"], slots], [((S, M), "float32")])
 
     def _expert(self, f: _Frame, name: str, x8, sc, qs, row: int, M: int, K: int, e, parts: int):
