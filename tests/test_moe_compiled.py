@@ -47,6 +47,7 @@ def _run(func, target: str, *args):
     return [a.numpy() for a in arrays if not isinstance(a, int)]
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("target", X86)
 @settings(max_examples=4, deadline=None)
 @given(
@@ -84,6 +85,7 @@ def test_expert_gemv_is_the_dense_kernel_on_one_expert(target, m, k, experts, pa
             np.testing.assert_array_equal(got[part], mine)
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("target", X86)
 def test_router_kernel_matches_the_reference_with_ties(target):
     T, D, E, k = 5, 64, 8, 3
@@ -103,6 +105,7 @@ def test_router_kernel_matches_the_reference_with_ties(target):
     assert abs(float(w.sum(axis=1).max()) - 1) < 1e-6
 
 
+@pytest.mark.unit
 def test_stacked_experts_round_trip_through_tq2_0():
     rng = np.random.default_rng(1)
     codes = rng.integers(-1, 2, (3, 16, 256), dtype=np.int8)
@@ -147,6 +150,7 @@ def test_tiny_moe_decode_batch_rows_equal_alone():
         logits = eng.decode_batch(seqs, [int(np.argmax(x)) for x in logits])
 
 
+@pytest.mark.build
 def test_lowered_ffn_calls_only_expert_kernels():
     """Every ternary call of an MoE block's FFN goes through the expert-indexed kernel (never a dense kernel over the
     stack), so a decode step reads ``k`` experts' bytes per block."""
@@ -161,11 +165,13 @@ def test_lowered_ffn_calls_only_expert_kernels():
     assert "ffn_gate_up_exps" in text and "ternary_gemv_i8_M512_K256_tile8," not in text  # no dense FFN kernel
 
 
+@pytest.mark.unit
 def test_unsupported_moe_builds_are_refused():
     with pytest.raises(ValueError, match="mixture-of-experts"):
         Lowering(get_config("tiny", **MOE), "avx512", weights="tl")
 
 
+@pytest.mark.build
 @pytest.mark.parametrize(
     "slots, M, K, experts, parts, rows",
     [(2, 1536, 512, 8, 2, 1), (2, 512, 768, 8, 1, 2), (6, 256, 256, 4, 2, 3), (32, 512, 1536, 8, 1, 32)],
@@ -185,7 +191,7 @@ def test_cuda_experts_kernel_twin_is_bit_exact(slots, M, K, experts, parts, rows
     ids = rng.integers(0, experts, slots).astype(np.int32)
     W = np.stack([rowmajor4_to_dp4a(w) for w in packed])
     func = gkg.experts_dp4a(slots, M, K, experts, parts, rows, gpu=False)
-    y = _run(func, "avx2" if "avx2" in str(X86) else "avx512", W, np.ascontiguousarray(x).view("<i4"), x_sum,
+    y = _run(func, "avx2", W, np.ascontiguousarray(x).view("<i4"), x_sum,
              x_scale, w_scale, ids, np.zeros((slots, M), np.float32))[-1]  # fmt: skip
     op = make_op("gemv_i8", M=M, K=K, E=experts, P=parts)
     per = slots // rows
@@ -209,6 +215,7 @@ def test_tiny_moe_builds_for_cuda_as_one_graph(tmp_path):
         assert c["kernels_in_graphs"] > 0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "keys, match",
     [
@@ -231,6 +238,7 @@ def test_hostile_expert_counts_are_refused_by_name(tmp_path, keys, match):
         read_gguf(dst)
 
 
+@pytest.mark.unit
 def test_an_expert_with_two_scales_is_refused(tmp_path):
     """Each expert of a stack must carry one scale (BitNet absmean per matrix): a block with another scale inside
     expert 1 is refused, naming the tensor."""
