@@ -152,9 +152,9 @@ def matmul(a: Quantized, codes: np.ndarray, w_scale: np.float32) -> np.ndarray:
 
 
 def route(h: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """A mixture of experts' routing (``graph_kernels.router``): float64 logits, the ``k`` largest (ties: the lower
-    index first) and their softmax in float64, rounded to float32. The kernel sums the logits serially and this
-    does not; the two agree to float64 rounding, which could only matter at a float64 tie."""
+    """A mixture of experts' routing (``graph_kernels.router_logits`` and ``router_topk``): float64 logits, the ``k``
+    largest (ties: the lower index first) and their softmax in float64, rounded to float32. The kernel sums the
+    logits serially and this does not; the two agree to float64 rounding, which could only matter at a float64 tie."""
     logits = np.asarray(h, F64) @ np.asarray(router, F64).T
     ids = np.argsort(-logits, kind="stable")[:k]
     top = logits[ids]
