@@ -76,6 +76,17 @@ def config_problems(c) -> list[tuple[str, str]]:
         out.append(("n_experts", f"n_experts={experts} must be 0 (a dense FFN) or between 2 and {MAX_EXPERTS}"))
     elif experts and not 1 <= used <= experts:
         out.append(("n_experts_used", f"n_experts_used={used} must be between 1 and n_experts={experts}"))
+    rank, rope = getattr(c, "kv_lora_rank", 0), getattr(c, "qk_rope_dim", 0)
+    if rank < 0 or rank % QK:
+        out.append(("kv_lora_rank", f"kv_lora_rank={rank} must be 0 (GQA) or a positive multiple of {QK} (the "
+                    "ternary attn_kv_b reads the latent)"))  # fmt: skip
+    elif rank:
+        if c.n_kv_heads != c.n_heads:
+            out.append(("n_kv_heads", f"n_kv_heads={c.n_kv_heads}: multi-head latent attention up-projects a key "
+                        f"and value for every head (n_kv_heads = n_heads = {c.n_heads})"))  # fmt: skip
+        hd = c.d_model // c.n_heads
+        if not (2 <= rope <= hd and rope % 2 == 0):
+            out.append(("qk_rope_dim", f"qk_rope_dim={rope} must be even and between 2 and head_dim={hd}"))
     arch, act = getattr(c, "arch", ARCHS[0]), getattr(c, "ffn_act", FFN_ACTS[0])
     if act not in FFN_ACTS:
         out.append(("ffn_act", f"ffn_act={act!r} must be one of {FFN_ACTS}"))
@@ -90,6 +101,8 @@ def config_problems(c) -> list[tuple[str, str]]:
             out.append(("mtp_heads", f"mtp_heads={c.mtp_heads}: arch {arch!r} has no multi-token-prediction heads"))
         if experts:
             out.append(("n_experts", f"n_experts={experts}: arch {arch!r} files with experts are not supported"))
+        if getattr(c, "kv_lora_rank", 0):
+            out.append(("kv_lora_rank", f"kv_lora_rank={c.kv_lora_rank}: arch {arch!r} has no latent attention"))
         if arch == "bitnet" and not c.tie_embeddings:  # llama.cpp's bitnet graph has no output.weight
             out.append(
                 ("tie_embeddings", "tie_embeddings=False: arch 'bitnet' always ties the LM head to the embedding")
@@ -125,6 +138,11 @@ class ModelConfig:
     # each, a float router, and the top n_experts_used per token (their softmax weights renormalized over the k)
     n_experts: int = 0
     n_experts_used: int = 2
+    # Multi-head latent attention (model.mla, DeepSeek-V2): 0 = GQA; else keys and values are up-projected from a
+    # per-token latent of kv_lora_rank (what the KV cache stores), and each head's query and the shared key carry a
+    # decoupled RoPE part of qk_rope_dim (0: head_dim / 2) beside their head_dim non-rotated dimensions
+    kv_lora_rank: int = 0
+    qk_rope_dim: int = 0
     filled: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +153,8 @@ class ModelConfig:
             derived["n_kv_heads"] = max(1, derived.get("n_heads", self.n_heads) // 2)
         if self.ffn_hidden == 0:
             derived["ffn_hidden"] = _round_up(8 * self.d_model // 3, QK)
+        if self.kv_lora_rank and self.qk_rope_dim == 0:
+            derived["qk_rope_dim"] = max(2, self.d_model // derived.get("n_heads", self.n_heads) // 2 // 2 * 2)
         for k, v in derived.items():
             object.__setattr__(self, k, v)
         if derived:
@@ -164,6 +184,24 @@ class ModelConfig:
         return self.arch == "bitnet"
 
     @property
+    def mla(self) -> bool:
+        """Multi-head latent attention (``kv_lora_rank > 0``) rather than GQA."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions RoPE rotates per head: ``qk_rope_dim`` (MLA) or ``head_dim``."""
+        return self.qk_rope_dim if self.mla else self.head_dim
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the compiled KV cache holds per token over all layers: GQA float32 keys and values
+        (``2 · n_kv_heads · head_dim · 4``); MLA the int8 latent the ternary ``attn_kv_b`` reads, its dequantization
+        scale and the rotated key part (``kv_lora_rank + 4 · (1 + qk_rope_dim)``)."""
+        per_layer = self.kv_lora_rank + 4 * (1 + self.qk_rope_dim) if self.mla else 8 * self.kv_dim
+        return self.n_layers * per_layer
+
+    @property
     def ffn_copies(self) -> int:
         """FFN weight sets per block: ``n_experts`` (MoE) or 1."""
         return self.n_experts or 1
@@ -176,8 +214,12 @@ class ModelConfig:
     def ternary_shapes(self) -> dict[str, tuple[int, int]]:
         """(M, K) = (out, in) of each ternary matrix of one block: ``y[M] = W[M, K] · x[K]``."""
         d, f, kv = self.d_model, self.ffn_hidden, self.kv_dim
-        return {"attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_o": (d, d),
-                "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}  # fmt: skip
+        ffn = {"ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
+        if self.mla:  # q: per head [head_dim | qk_rope_dim]; kv_a: [latent | shared rope key]; kv_b: per head [k | v]
+            H, hd, r, c = self.n_heads, self.head_dim, self.qk_rope_dim, self.kv_lora_rank
+            return {"attn_q": (H * (hd + r), d), "attn_kv_a_mqa": (c + r, d), "attn_kv_b": (2 * H * hd, c),
+                    "attn_o": (d, d), **ffn}  # fmt: skip
+        return {"attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_o": (d, d), **ffn}
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -200,6 +242,9 @@ PRESETS: dict[str, ModelConfig] = {
     # a mixture of experts with the shipped model's attention: 8 experts of 768, top 2 (the active FFN of "small")
     "small-moe": ModelConfig(name="small-moe", vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4,
                              ffn_hidden=768, max_seq_len=1024, n_experts=8, n_experts_used=2),
+    # multi-head latent attention with the shipped model's other shapes: a 256-wide latent and 32 RoPE dimensions
+    "small-mla": ModelConfig(name="small-mla", vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
+                             ffn_hidden=1536, max_seq_len=1024, kv_lora_rank=256, qk_rope_dim=32),
     # the exact shape of Microsoft's BitNet b1.58 2B-4T (llama.cpp arch "bitnet"), for speed benchmarks
     "bitnet-2b4t": ModelConfig(name="bitnet-2b4t", arch="bitnet", ffn_act="relu2", n_streams=1, vocab_size=128256,
                                d_model=2560, n_layers=30, n_heads=20, n_kv_heads=5, ffn_hidden=6912, max_seq_len=4096,
@@ -212,10 +257,10 @@ def memory_estimate(cfg: ModelConfig) -> dict[str, int]:
 
     ``build``: the packed parameters (2-bit ternaries, float32 embeddings and LM head as an upper bound, norms) plus
     the RoPE tables and the float64 temporaries ``compiler.graph_kernels.rope_tables`` makes (angles, cos, sin).
-    ``runtime``: the packed parameters, the RoPE tables, the KV cache (``runtime.engine``: K and V per layer,
-    ``[n_kv_heads, max_seq_len, head_dim]`` float32) and the attention scratch (``compiler.graph_kernels.attention``:
+    ``runtime``: the packed parameters, the RoPE tables, the KV cache (``runtime.engine``:
+    :attr:`ModelConfig.kv_bytes_per_token` for ``max_seq_len`` positions) and the attention scratch (``compiler.graph_kernels.attention``:
     a ``max_seq_len`` score row per (prefill token, head)). The parts are returned too."""
-    d, hd, ctx = cfg.d_model, cfg.head_dim, cfg.max_seq_len
+    d, rd, ctx = cfg.d_model, cfg.rope_dim, cfg.max_seq_len
     shapes = cfg.ternary_shapes().items()
     per_block = sum(m * k * (cfg.ffn_copies if n.startswith("ffn_") else 1) for n, (m, k) in shapes)
     ternary = cfg.n_layers * per_block + 2 * cfg.mtp_heads * d * d
@@ -226,10 +271,10 @@ def memory_estimate(cfg: ModelConfig) -> dict[str, int]:
         + (2 * cfg.n_layers + 1) * d * 4
         + router
     )
-    rope = 2 * ctx * (hd // 2) * 4
-    kv_cache = 2 * cfg.n_layers * cfg.n_kv_heads * ctx * hd * 4
+    rope = 2 * ctx * (rd // 2) * 4
+    kv_cache = ctx * cfg.kv_bytes_per_token
     scratch = PREFILL_TOKENS * cfg.n_heads * ctx * 4
-    return {"build": weights + rope + 3 * ctx * (hd // 2) * 8, "runtime": weights + rope + kv_cache + scratch,
+    return {"build": weights + rope + 3 * ctx * (rd // 2) * 8, "runtime": weights + rope + kv_cache + scratch,
             "weights": weights, "rope_tables": rope, "kv_cache": kv_cache}  # fmt: skip
 
 
@@ -255,7 +300,7 @@ def compile_problems(cfg: ModelConfig, limit: int | None = None) -> list[tuple[s
         out.append(("max_seq_len", f"max_seq_len={cfg.max_seq_len} is below the minimum context {MIN_CONTEXT}"))
     if cfg.mhc_dynamic:
         out.append(("mhc_dynamic", "mhc_dynamic=True is not supported (only static mHC-lite is compiled)"))
-    if cfg.head_dim % 2:
+    if cfg.rope_dim % 2:
         out.append(("n_heads", f"n_heads={cfg.n_heads} gives head_dim={cfg.head_dim}; RoPE needs an even head_dim"))
     need = memory_estimate(cfg)
     limit = memory_limit() if limit is None else limit
