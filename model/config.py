@@ -258,8 +258,9 @@ def memory_estimate(cfg: ModelConfig) -> dict[str, int]:
     ``build``: the packed parameters (2-bit ternaries, float32 embeddings and LM head as an upper bound, norms) plus
     the RoPE tables and the float64 temporaries ``compiler.graph_kernels.rope_tables`` makes (angles, cos, sin).
     ``runtime``: the packed parameters, the RoPE tables, the KV cache (``runtime.engine``:
-    :attr:`ModelConfig.kv_bytes_per_token` for ``max_seq_len`` positions) and the attention scratch (``compiler.graph_kernels.attention``:
-    a ``max_seq_len`` score row per (prefill token, head)). The parts are returned too."""
+    :attr:`ModelConfig.kv_bytes_per_token` for ``max_seq_len`` positions) and the attention scratch
+    (``compiler.graph_kernels.attention``: a ``max_seq_len`` score row per (prefill token, head)).
+    The parts are returned too."""
     d, rd, ctx = cfg.d_model, cfg.rope_dim, cfg.max_seq_len
     shapes = cfg.ternary_shapes().items()
     per_block = sum(m * k * (cfg.ffn_copies if n.startswith("ffn_") else 1) for n, (m, k) in shapes)
