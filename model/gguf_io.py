@@ -26,6 +26,8 @@ Contract (GGUF v3, little-endian, alignment 32)
 ``bitnet-mhc.tie_embeddings``                              bool       tie_embeddings
 ``bitnet-mhc.mtp.head_count``                              uint32     mtp_heads
 ``bitnet-mhc.expert_count`` / ``expert_used_count``        uint32     n_experts / n_experts_used (MoE only)
+``bitnet-mhc.attention.kv_lora_rank``                      uint32     kv_lora_rank (MLA only)
+``bitnet-mhc.rope.dimension_count``                        uint32     qk_rope_dim (MLA only)
 =========================================================  =========  ==================
 
 Tokenizer: ``tokenizer.ggml.model = "gpt2"``, ``.pre``, ``.tokens`` (string[vocab_size]), ``.merges`` (string[]),
@@ -50,12 +52,19 @@ file), one per-tensor absmean scale stored in every non-zero block; ``y = W x`` 
 ``blk.{i}.ffn_gate_inp.weight`` (MoE: the router)   [n_experts, d]         F32
 ``blk.{i}.ffn_{gate,up}_exps.weight`` (MoE)         [n_experts, ffn, d]    ternary, a scale per expert
 ``blk.{i}.ffn_down_exps.weight`` (MoE)              [n_experts, d, ffn]    ternary, a scale per expert
+``blk.{i}.attn_q.weight`` (MLA)                     [H·(hd+r), d]          ternary, per head [hd | r]
+``blk.{i}.attn_kv_a_mqa.weight`` (MLA)              [c + r, d]             ternary: [latent | rope key]
+``blk.{i}.attn_kv_a_norm.weight`` (MLA)             [c]                    F32
+``blk.{i}.attn_kv_b.weight`` (MLA)                  [2·H·hd, c]            ternary, per head [k | v]
 ``mtp.{k}.proj.weight`` / ``embed_proj.weight``     [d, d]                 ternary
 ``mtp.{k}.embed_norm.weight``                       [d]                    F32
 ==================================================  =====================  ==========================
 
 A mixture-of-experts file (``expert_count`` > 0; :mod:`model.moe`) has the three ``_exps`` stacks and the router in
 place of ``ffn_gate``/``ffn_up``/``ffn_down``, named as llama.cpp names them; the keys are absent from a dense file.
+A multi-head latent attention file (``attention.kv_lora_rank`` = c > 0, ``rope.dimension_count`` = r; :mod:`model.mla`)
+has ``attn_kv_a_mqa``, ``attn_kv_a_norm`` and ``attn_kv_b`` in place of ``attn_k``/``attn_v`` (llama.cpp's
+``deepseek2`` names, without a query compression), and ``attention.head_count_kv`` = ``head_count``.
 
 The mHC logits become coefficients with :func:`model.mhc_static.coefficients` (:meth:`GGUFModel.mhc_coefficients`).
 
@@ -176,6 +185,8 @@ HPARAMS: tuple[tuple[str, str, ValueType], ...] = (
     ("mtp.head_count", "mtp_heads", ValueType.UINT32),
 )
 EXPERT_HPARAMS = (("expert_count", "n_experts"), ("expert_used_count", "n_experts_used"))  # optional (MoE only)
+# optional (multi-head latent attention only), as llama.cpp's deepseek2 names them
+MLA_HPARAMS = (("attention.kv_lora_rank", "kv_lora_rank"), ("rope.dimension_count", "qk_rope_dim"))
 # llama.cpp's keys for the foreign architectures ("bitnet", "llama"): (key, field, type, default when absent; None:
 # required). vocab_size defaults to the tokenizer's size, head_count_kv to head_count; the embeddings are tied when
 # the file has no output.weight.
@@ -216,6 +227,10 @@ def tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
         specs["output.weight"] = TensorSpec((v, d), "embed")
     shapes = {"attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, d),
               "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}  # fmt: skip
+    if cfg.mla:  # latent attention (model.mla): q, the latent + shared rope key, its up-projection to k|v per head
+        named = cfg.ternary_shapes()
+        shapes = {k: v for k, v in shapes.items() if k not in ("attn_q", "attn_k", "attn_v")}
+        shapes |= {k: named[k] for k in ("attn_q", "attn_kv_a_mqa", "attn_kv_b")}
     if cfg.n_experts:  # MoE: stacks of experts, and the router
         e = cfg.n_experts
         shapes = {k: v for k, v in shapes.items() if not k.startswith("ffn_")}
@@ -226,6 +241,8 @@ def tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
         specs |= {f"{p}{name}.weight": TensorSpec(shape, "ternary") for name, shape in shapes.items()}
         if cfg.n_experts:
             specs[p + "ffn_gate_inp.weight"] = TensorSpec((cfg.n_experts, d), "float")
+        if cfg.mla:
+            specs[p + "attn_kv_a_norm.weight"] = TensorSpec((cfg.kv_lora_rank,), "float")
         if cfg.sub_norms:
             specs[p + "attn_sub_norm.weight"] = TensorSpec((d,), "float")
             specs[p + "ffn_sub_norm.weight"] = TensorSpec((f,), "float")
@@ -278,6 +295,9 @@ def write_gguf(
         adders[vtype](f"{arch}.{key}", getattr(config, attr))
     if config.n_experts:  # only in MoE files: a dense file stays byte-identical to one written before MoE existed
         for key, attr in EXPERT_HPARAMS:
+            w.add_uint32(f"{arch}.{key}", getattr(config, attr))
+    if config.mla:  # likewise only in latent-attention files
+        for key, attr in MLA_HPARAMS:
             w.add_uint32(f"{arch}.{key}", getattr(config, attr))
     if arch != ARCH:
         w.add_uint32(f"{arch}.rope.dimension_count", config.head_dim)
@@ -729,10 +749,13 @@ def _own_fields(f: GGUFFile) -> dict[str, Any]:
         if vtype == ValueType.UINT32 and v == 0 and attr != "mtp_heads":  # 0 would make ModelConfig derive a value
             raise GGUFError(f"hyperparameter {ARCH}.{key} = 0 must be positive")
         fields[attr] = _float32_value(v) if vtype == ValueType.FLOAT32 else v
-    for key, attr in EXPERT_HPARAMS:
+    for key, attr in (*EXPERT_HPARAMS, *MLA_HPARAMS):
         v = _get(f, f"{ARCH}.{key}", ValueType.UINT32, required=False)
         if v is not None:
             fields[attr] = v
+    if fields.get("kv_lora_rank") and not fields.get("qk_rope_dim"):  # 0 would make ModelConfig derive a value
+        raise GGUFError(f"hyperparameter {ARCH}.rope.dimension_count is required (and positive) with "
+                        f"{ARCH}.attention.kv_lora_rank")  # fmt: skip
     return fields
 
 
@@ -774,7 +797,7 @@ def _foreign_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
 def _key_of(arch: str, attr: str) -> str:
     if attr == "ffn_act":
         return ACT_KEY
-    rows = (*HPARAMS, *EXPERT_HPARAMS) if arch == ARCH else FOREIGN_HPARAMS
+    rows = (*HPARAMS, *EXPERT_HPARAMS, *MLA_HPARAMS) if arch == ARCH else FOREIGN_HPARAMS
     return next((f"{arch}.{row[0]}" for row in rows if row[1] == attr), attr)
 
 
@@ -786,6 +809,7 @@ def _check_config(problems: list[tuple[str, str]], arch: str = ARCH) -> None:
 def _tensor_count(cfg: ModelConfig) -> tuple[int, int]:
     """``len(tensor_specs(cfg))`` by arithmetic (no dict of block_count entries), and the tensors of one block."""
     per_block = 2 + 7 + (1 if cfg.n_experts else 0) + (6 if cfg.n_streams > 1 else 0) + (2 if cfg.sub_norms else 0)
+    per_block += 1 if cfg.mla else 0  # attn_kv_a_norm (q, kv_a_mqa, kv_b, output replace q, k, v, output)
     return 2 + (0 if cfg.tie_embeddings else 1) + cfg.n_layers * per_block + 3 * cfg.mtp_heads, per_block
 
 
