@@ -232,6 +232,7 @@ def build(
             "model": str(model),
             "config": cfg.to_dict(), "prefill_chunk": lw.chunk, "batch_sizes": list(lw.k.batch_sizes),
             "kv_block": lower.KV_BLOCK,
+            "cache": [[s.name, list(s.shape), s.dtype] for s in lower.cache_specs(cfg)],  # each after n_blocks
             "params": [[s.name, list(s.shape), s.dtype] for s in lw.specs()],
             "draft_params": [s.name for s in lower.draft_specs(lw.specs())] if cfg.mtp_heads else [],
             "draft_vocab": lower.draft_vocab(cfg.vocab_size, target == "cuda"),

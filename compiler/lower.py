@@ -58,6 +58,7 @@ import numpy as np
 
 from compiler import graph_kernels as gk
 from compiler import graph_kernels_gpu as gkg
+from compiler import graph_kernels_mla as gkm
 from compiler.constants import CPU_BATCH_SIZES, CPU_PREFILL_CHUNK, CUDA_BATCH_SIZES, CUDA_PREFILL_CHUNK, KV_BLOCK
 from compiler.ops import make_op
 
@@ -65,6 +66,7 @@ log = logging.getLogger("compiler.build")
 
 PREFILL_CHUNK = CPU_PREFILL_CHUNK  # a CPU build's prefill chunk (compiler.arith's default)
 TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+MLA_TERNARY = ("attn_q", "attn_kv_a_mqa", "attn_output")  # a latent-attention block's tuned GEMVs (attn_kv_b: gkm)
 MTP_TERNARY = ("proj", "embed_proj")  # each MTP head's ternary matrices (model.transformer.MTPHead)
 CPU_TILE = 8  # row tile of the CPU weight layout (tile8), when it divides M
 WEIGHT_LAYOUTS = ("tile8", "tl")  # CPU ternary weights: 2-bit tile8 (default) or 1.67-bit tl{R} (AVX-512 VBMI)
@@ -101,7 +103,7 @@ def block_ternary(cfg) -> list[tuple[str, tuple[str, ...], int]]:
     has one parameter per matrix (experts 0). A mixture of experts has ``ffn_gate_up_exps``, each expert's gate and
     up stacked along the rows (one GEMV reads both), and ``ffn_down_exps``, both ``[E, ...]`` with a scale per
     matrix ``[E, P]`` (the GGUF keeps llama.cpp's three stacks; :func:`pack_params` joins gate and up)."""
-    attn = [(t, (t,), 0) for t in TERNARY if not t.startswith("ffn_")]
+    attn = [(t, (t,), 0) for t in (MLA_TERNARY if cfg.mla else TERNARY) if not t.startswith("ffn_")]
     if not cfg.n_experts:
         return attn + [(t, (t,), 0) for t in TERNARY if t.startswith("ffn_")]
     E = cfg.n_experts
@@ -122,7 +124,7 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
     ``token_embd.weight [V, D]`` and the LM head ``lm_head.weight [V, D]`` keep the GGUF's float16 when it has
     it (exact; the kernels compute in float32). On GPUs the ternaries are ``int32[M, K/16]`` (``dp4a`` layout), on
     CPUs ``uint8[M/8, K/256, 8, 64]`` (``tile8``)."""
-    D, V, hd, C, S = cfg.d_model, cfg.vocab_size, cfg.head_dim, cfg.max_seq_len, cfg.n_streams
+    D, V, hd, C, S = cfg.d_model, cfg.vocab_size, cfg.rope_dim, cfg.max_seq_len, cfg.n_streams
     out = [
         ParamSpec("token_embd.weight", (V, D), embed_dtype),
         ParamSpec("lm_head.weight", (V, D), head_dtype),
@@ -146,6 +148,12 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
             out.append(ParamSpec(f"blk.{i}.{name}.scale", (E, len(parts)) if E else (1,), "float32"))
         if cfg.n_experts:  # the router, float32 [E, D]
             out.append(ParamSpec(f"blk.{i}.ffn_gate_inp.weight", (cfg.n_experts, D), "float32"))
+        if cfg.mla:  # attn_kv_b's codes per head, key part [H, hd, c] and value part [H, c, hd], its scale; the norm
+            H, c = cfg.n_heads, cfg.kv_lora_rank
+            out += [ParamSpec(f"blk.{i}.attn_k_b.weight", (H, cfg.head_dim, c), "int8"),
+                    ParamSpec(f"blk.{i}.attn_v_b.weight", (H, c, cfg.head_dim), "int8"),
+                    ParamSpec(f"blk.{i}.attn_kv_b.scale", (1,), "float32"),
+                    ParamSpec(f"blk.{i}.attn_kv_a_norm.weight", (c,), "float32")]  # fmt: skip
         for site in ("mhc_attn", "mhc_ffn"):
             out += [ParamSpec(f"blk.{i}.{site}.h_pre", (S,), "float32"),
                     ParamSpec(f"blk.{i}.{site}.h_post", (S,), "float32"),
@@ -157,6 +165,19 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
             out.append(ParamSpec(f"mtp.{k}.{t}.scale", (1,), "float32"))
         out.append(ParamSpec(f"mtp.{k}.embed_norm.weight", (D,), "float32"))
     return out
+
+
+def cache_specs(cfg) -> list[ParamSpec]:
+    """A layer's KV cache tensors, ``kc_{i}`` then ``vc_{i}`` per layer, their shapes after the symbolic
+    ``n_blocks``: GQA float32 keys and values ``[Hkv, block, hd]``; MLA the int8 latent ``[block, c]`` and the float32
+    ``(s/a, k_pe)`` rows ``[block, 1 + r]`` (:mod:`compiler.graph_kernels_mla`). ``meta.json`` lists them
+    (``cache``) for the runtime, which allocates them."""
+    if cfg.mla:
+        (ks, kt), (vs, vt) = gkm.cache_shapes(cfg.kv_lora_rank, cfg.qk_rope_dim, KV_BLOCK)
+    else:
+        ks = vs = (cfg.n_kv_heads, KV_BLOCK, cfg.head_dim)
+        kt = vt = "float32"
+    return [s for i in range(cfg.n_layers) for s in (ParamSpec(f"kc_{i}", ks, kt), ParamSpec(f"vc_{i}", vs, vt))]
 
 
 def output_specs(cfg, name: str, T: int) -> list[ParamSpec]:
@@ -270,7 +291,7 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto"
         head_w, p["lm_head.scale"] = quantize_head(head_w)
     p["lm_head.weight"] = np.ascontiguousarray(head_w)  # [V, D]: a GEMV streaming rows (graph_kernels*.lm_head)
     p["output_norm.weight"] = g.tensors["output_norm.weight"].to_float().astype(np.float32)
-    p["rope.cos"], p["rope.sin"] = gk.rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    p["rope.cos"], p["rope.sin"] = gk.rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta)
     coeffs = g.mhc_coefficients()
     for i in range(cfg.n_layers):
         for n in ("attn_norm", "ffn_norm") + (("attn_sub_norm", "ffn_sub_norm") if cfg.sub_norms else ()):
@@ -288,6 +309,14 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto"
             p[f"blk.{i}.{name}.scale"] = np.stack([s.scale for s in stacks], axis=1).astype(np.float32)
         if cfg.n_experts:
             p[f"blk.{i}.ffn_gate_inp.weight"] = g.tensors[f"blk.{i}.ffn_gate_inp.weight"].to_float().astype(np.float32)
+        if cfg.mla:  # attn_kv_b [H·2·hd, c]: per head its hd key rows, then its hd value rows
+            tw = g.ternary(f"blk.{i}.attn_kv_b.weight")
+            codes = tw.codes.astype(np.int8).reshape(cfg.n_heads, 2, cfg.head_dim, cfg.kv_lora_rank)
+            p[f"blk.{i}.attn_k_b.weight"] = np.ascontiguousarray(codes[:, 0])
+            p[f"blk.{i}.attn_v_b.weight"] = np.ascontiguousarray(codes[:, 1].transpose(0, 2, 1))
+            p[f"blk.{i}.attn_kv_b.scale"] = np.array([tw.scale], np.float32)
+            norm = g.tensors[f"blk.{i}.attn_kv_a_norm.weight"]
+            p[f"blk.{i}.attn_kv_a_norm.weight"] = norm.to_float().astype(np.float32)
         for j, site in enumerate(("mhc_attn", "mhc_ffn")):
             c = coeffs[2 * i + j]
             p[f"blk.{i}.{site}.h_pre"] = np.asarray(c.h_pre, np.float32)
@@ -340,6 +369,7 @@ class TargetKernels:
     router_topk: Callable  # (T, E, k): a mixture of experts' top-k and weights from the router's float64 logits
     experts: Callable | None  # (S, M, K, E, P, X): every MoE slot in one kernel, the ids read on the device; None: the
     # tuned GEMV (gemv with E) once per slot, the expert a scalar the host reads (Lowering.moe)
+    mla_gpu: bool  # latent attention's kernels (compiler.graph_kernels_mla) in their CUDA form
 
 
 def _cuda_norm_quant(op):  # RMSNorm+quantize as one kernel (shared-memory reductions) instead of seven
@@ -356,14 +386,14 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         x_words=False, x_sum=True, fixed={}, quantize=gk.quantize, attention=gk.attention,
         attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
         schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
-        rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None,
+        rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None, mla_gpu=False,
     ),
     "tl": TargetKernels(
         name="tl", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8_tl", gemm=None, tile=tl_tile,
         x_words=False, x_sum=False, fixed={}, quantize=gk.quantize, attention=gk.attention,
         attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
         schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
-        rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None,
+        rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None, mla_gpu=False,
     ),
     "dp4a": TargetKernels(
         name="dp4a", prefill_chunk=CUDA_PREFILL_CHUNK, gemv="gemv_dp4a", gemm="gemm_dp4a", tile=None,
@@ -372,7 +402,7 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         lm_head=gkg.lm_head, argmax=gkg.argmax, kv_update=functools.partial(gk.kv_update, gpu=True),
         schedule_small=False, mhc_x_row=True, fused_draft=True, batch_sizes=CUDA_BATCH_SIZES,
         rope_in_attention=True, swiglu_quant=gkg.swiglu_quantize,
-        router_topk=functools.partial(gk.router_topk, gpu=True), experts=gkg.experts_dp4a,
+        router_topk=functools.partial(gk.router_topk, gpu=True), experts=gkg.experts_dp4a, mla_gpu=True,
     ),
 }  # fmt: skip
 
@@ -395,7 +425,6 @@ class _Frame:
     cache: list
     pv: dict
     batch: bool
-    kv_shape: tuple  # a layer's key (or value) cache: (n_blocks, Hkv, block, hd), n_blocks symbolic
 
 
 @dataclass
@@ -454,13 +483,10 @@ class Lowering:
         inputs = [toks, pos, table] + ([last] if last is not None else [])
         dst = {o.name: _var(o.name, o.shape, o.dtype) for o in output_specs(cfg, name, T)}
         nb = tirx.Var("n_blocks", "int64")
-        cache = []
-        for i in range(cfg.n_layers):
-            shape = (nb, cfg.n_kv_heads, KV_BLOCK, cfg.head_dim)
-            cache += [_var(f"kc_{i}", shape, f32), _var(f"vc_{i}", shape, f32)]
+        cache = [_var(s.name, (nb, *s.shape), s.dtype) for s in cache_specs(cfg)]
         specs = self.specs()
         pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
-        f = _Frame(T, pos, table, cache, pv, batch, shape)
+        f = _Frame(T, pos, table, cache, pv, batch)
         with bb.function(name, inputs + list(dst.values()) + cache + [pv[s.name] for s in specs]):
             with bb.dataflow():
                 x, u = self.embedding(f, toks)
@@ -491,9 +517,12 @@ class Lowering:
 
     def attention(self, f: _Frame, i: int, u):
         """Layer ``i``'s attention block on ``u [T, D]``: RMSNorm+quantize, q/k/v, RoPE, the in-place cache write,
-        causal attention over the cache, quantize, the output projection → ``y [T, D]``."""
+        causal attention over the cache, quantize, the output projection → ``y [T, D]``. Latent attention:
+        :meth:`latent_attention`."""
         from tvm import relax
 
+        if self.cfg.mla:
+            return self.latent_attention(f, i, u)
         cfg, T, f32 = self.cfg, f.T, "float32"
         D, H, Hkv, hd, C, KV = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.max_seq_len, cfg.kv_dim
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.attn_norm.weight", u)
@@ -502,7 +531,7 @@ class Lowering:
         vv = self._ternary(f, f"blk.{i}.attn_v", q8, sc, qs, KV, D)
         cos, sin = f.pv["rope.cos"], f.pv["rope.sin"]
         upd_gv = self._te("kv_update", self.k.kv_update, T, Hkv, hd, C, KV_BLOCK)
-        ty = relax.TensorType(f.kv_shape, f32)
+        ty = f.cache[2 * i].ty
         kv_args = [kv, vv, f.pos, f.table, cos, sin, f.cache[2 * i], f.cache[2 * i + 1]]
         upd = self.bb.emit(relax.call_tir_inplace(upd_gv, kv_args, [6, 7], [ty, ty]))
         kc, vc = self.bb.emit(relax.TupleGetItem(upd, 0)), self.bb.emit(relax.TupleGetItem(upd, 1))
@@ -519,6 +548,39 @@ class Lowering:
             o8, osc, osum = self._norm_quant(f, f"blk.{i}.attn_sub_norm.weight", o)
         else:
             o8, osc, osum = self._quantize(T, D, o)
+        return self._ternary(f, f"blk.{i}.attn_output", o8, osc, osum, D, D)
+
+    def latent_attention(self, f: _Frame, i: int, u):
+        """Layer ``i``'s multi-head latent attention on ``u [T, D]``, absorbed (:mod:`compiler.graph_kernels_mla`):
+        RMSNorm+quantize, q and kv_a (tuned GEMVs), the latent's RMSNorm+quantize (``attn_kv_b``'s input), its
+        in-place cache write with ``s/a`` and the rotated shared key, the query absorbed into latent space, attention
+        over the latent cache, the value up-projection, quantize, the output projection → ``y [T, D]``."""
+        from tvm import relax
+
+        cfg, T, f32, gpu = self.cfg, f.T, "float32", self.k.mla_gpu
+        D, H, hd, C = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.max_seq_len
+        c, r = cfg.kv_lora_rank, cfg.qk_rope_dim
+        q8, sc, qs = self._norm_quant(f, f"blk.{i}.attn_norm.weight", u)
+        qv = self._ternary(f, f"blk.{i}.attn_q", q8, sc, qs, H * (hd + r), D)
+        kva = self._ternary(f, f"blk.{i}.attn_kv_a_mqa", q8, sc, qs, c + r, D)
+        lat = self.bb.emit(relax.op.strided_slice(kva, axes=[1], begin=[0], end=[c]))
+        c8, ca, _ = self._norm_quant(f, f"blk.{i}.attn_kv_a_norm.weight", lat, D=c)
+        cos, sin, p = f.pv["rope.cos"], f.pv["rope.sin"], f"blk.{i}."
+        lc, pc = f.cache[2 * i], f.cache[2 * i + 1]
+        upd_gv = self._te("mla_kv_update", functools.partial(gkm.kv_update, gpu=gpu), T, c, r, C, KV_BLOCK)
+        args = [c8, ca, kva, f.pv[p + "attn_kv_b.scale"], f.pos, f.table, cos, sin, lc, pc]
+        upd = self.bb.emit(relax.call_tir_inplace(upd_gv, args, [8, 9], [lc.ty, pc.ty]))
+        lc, pc = self.bb.emit(relax.TupleGetItem(upd, 0)), self.bb.emit(relax.TupleGetItem(upd, 1))
+        absorb = self._te("mla_absorb", functools.partial(gkm.absorb, gpu=gpu), T, H, hd, r, c, C)
+        qa, qpe = self._call(
+            absorb, [qv, f.pv[p + "attn_k_b.weight"], f.pos, cos, sin], [((T, H, c), f32), ((T, H, r), f32)]
+        )
+        att = self._te("mla_attention", functools.partial(gkm.attention, gpu=gpu), T, H, hd, r, c, C, KV_BLOCK)
+        scratch = [(shape, f32) for shape in gkm.attention_scratch(T, H, c, C, gpu)]
+        ctx = self._call(att, [qa, qpe, lc, pc, f.pos, f.table], [((T, H, c), f32), *scratch])[0]
+        vup = self._te("mla_v_up", functools.partial(gkm.v_up, gpu=gpu), T, H, hd, c)
+        o = self._call(vup, [ctx, f.pv[p + "attn_v_b.weight"]], [((T, D), f32)])
+        o8, osc, osum = self._quantize(T, D, o)
         return self._ternary(f, f"blk.{i}.attn_output", o8, osc, osum, D, D)
 
     def ffn(self, f: _Frame, i: int, u):

@@ -168,7 +168,6 @@ class Engine:
         self.meta = json.loads((self.dir / "meta.json").read_text())
         c = self.meta["config"]
         self.n_layers, self.ctx, self.vocab = c["n_layers"], c["max_seq_len"], c["vocab_size"]
-        self.n_kv, self.head_dim = c["n_kv_heads"], c["d_model"] // c["n_heads"]
         self.chunk = int(self.meta["prefill_chunk"])
         self.target = self.meta.get("target", "cpu")
         check_flags(
@@ -202,9 +201,9 @@ class Engine:
         index = {name: i for i, (name, _, _) in enumerate(self.meta["params"])}
         self._draft_params = [self.params[index[n]] for n in self.meta.get("draft_params", [])]  # the heads' only
         self.pool = BlockPool(int(kv_tokens or KV_CONTEXTS * self.ctx), int(self.meta["kv_block"]), self.ctx)
-        shape = (self.pool.n_blocks, self.n_kv, self.pool.block, self.head_dim)
         # never read before written (a position's key is written by the step that reads it first): no zero fill
-        self.cache = [tvm.runtime.empty(shape, "float32", self.dev) for _ in range(2 * self.n_layers)]
+        self.cache = [tvm.runtime.empty((self.pool.n_blocks, *shape), dtype, self.dev)
+                      for _, shape, dtype in self.meta["cache"]]  # fmt: skip
         self._tvm = tvm
         self._inputs: dict[tuple, object] = {}  # per-call input tensors, refilled (_in)
         self._results: dict[str, list] = {}  # each function's result tensors, written in place (_out)

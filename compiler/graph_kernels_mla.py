@@ -1,0 +1,401 @@
+"""Multi-head latent attention's graph kernels (:mod:`model.mla`), in the absorbed form, for the CPU and CUDA.
+
+A layer's KV cache holds per position only what the ternary ``attn_kv_b`` reads: the int8 latent ``c8 [c]`` that
+its BitLinear input quantization makes (``lc [n_blocks, block, c]``), and a float32 row ``pc [n_blocks, block, 1 +
+r]`` with ``s_kvb / a`` (the matrix's scale over the latent's activation scale: the factor BitLinear multiplies the
+integer dot product by) and the rotated shared key ``k_pe [r]``. Keys and values are never materialised: with
+``W_kb[h]``, ``W_vb[h]`` head ``h``'s key and value rows of ``attn_kv_b`` (ternary codes),
+
+* :func:`absorb`: ``qa[h] = W_kb[h]ᵀ · q_nope[h]`` (``[c]``) and ``q_pe[h]`` rotated;
+* :func:`kv_update`: the row's ``c8``, ``s_kvb / a`` and rotated ``k_pe`` into its cache slot, in place;
+* :func:`attention`: ``score(p) = ((qa[h] · c8(p)) · (s_kvb / a(p)) + q_pe[h] · k_pe(p)) / √(hd + r)`` over the
+  row's positions, softmax, and ``ctx[h] = Σ_p prob(p) · (s_kvb / a(p)) · c8(p)`` (``[c]``);
+* :func:`v_up`: ``o[h] = W_vb[h] · ctx[h]``.
+
+That is the PyTorch module's ``q_nope · (W_kb c8 · s/a)`` and ``Σ_p prob · (W_vb c8 · s/a)`` with the sums
+reassociated: the same numbers up to float32 rounding, while a position costs ``c + 4 (1 + r)`` bytes instead of
+GQA's ``8 · n_kv_heads · hd``. ``W_kb`` is stored ``int8 [H, hd, c]`` and ``W_vb`` ``int8 [H, c, hd]`` (codes in
+{-1, 0, 1}: unpacked, 4× the 2-bit bytes, so each kernel reads them with unit stride).
+
+Each builder takes ``gpu``: the CUDA form (a CUDA block per (row, head) or per (row, head, key chunk)), else the CPU
+form (a parallel loop over (row, head) with vector lanes). ``bind=False`` turns the CUDA form's thread bindings into
+serial loops, phase after phase: the same kernel, runnable on the CPU, which is how the tests check it. A row's
+result depends only on that row, on both.
+
+    python -c "from compiler.graph_kernels_mla import attention; print(attention(1, 8, 64, 32, 256, 1024, 16).script())"
+"""
+
+from __future__ import annotations
+
+import math
+
+from compiler.graph_kernels import table_width
+from compiler.graph_kernels_gpu import _bindings
+
+LANES = 16  # CPU partial sums per latent dot product
+GPU_CHUNK = 32  # keys per CUDA block of the split (flash-decoding) attention
+
+
+def cache_shapes(c: int, r: int, block: int) -> list[tuple[tuple[int, ...], str]]:
+    """A layer's two cache tensors after ``n_blocks``: the int8 latent and the float32 ``(s/a, k_pe)`` rows."""
+    return [((block, c), "int8"), ((block, 1 + r), "float32")]
+
+
+def absorb(T: int, H: int, hd: int, r: int, c: int, ctx: int, gpu: bool = False, bind: bool = True):
+    """``q [T, H·(hd + r)]`` (per head ``[nope | pe]``), ``kb int8 [H, hd, c]``, ``pos [T]``, the RoPE tables →
+    ``qa [T, H, c]`` (``Σ_i q_nope[i] · kb[h, i, :]``, over ``i`` in order) and ``qpe [T, H, r]`` (rotated at
+    ``pos``; a padding row as position 0)."""
+    from tvm.script import tirx as Tx
+
+    half, Q = r // 2, hd + r
+    L = LANES if c % LANES == 0 else 1
+
+    if gpu:
+        blocks, threads = _bindings(bind)
+
+        @Tx.prim_func
+        def absorb_gpu(
+            q: Tx.Buffer((T, H * Q), "float32"),
+            kb: Tx.Buffer((H, hd, c), "int8"),
+            pos: Tx.Buffer((T,), "int32"),
+            cos: Tx.Buffer((ctx, half), "float32"),
+            sin: Tx.Buffer((ctx, half), "float32"),
+            qa: Tx.Buffer((T, H, c), "float32"),
+            qpe: Tx.Buffer((T, H, r), "float32"),
+        ):
+            for th in blocks(T * H):
+                for j in threads(c):
+                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                    acc[0] = Tx.float32(0)
+                    for i in range(hd):
+                        acc[0] = acc[0] + q[th // H, th % H * Q + i] * Tx.Cast("float32", kb[th % H, i, j])
+                    qa[th // H, th % H, j] = acc[0]
+                    if j < half:
+                        p = Tx.min(Tx.max(pos[th // H], 0), ctx - 1)
+                        a = q[th // H, th % H * Q + hd + j]
+                        b = q[th // H, th % H * Q + hd + j + half]
+                        qpe[th // H, th % H, j] = a * cos[p, j] - b * sin[p, j]
+                        qpe[th // H, th % H, j + half] = b * cos[p, j] + a * sin[p, j]
+
+        return absorb_gpu.without_attr("global_symbol")
+
+    @Tx.prim_func
+    def absorb_cpu(
+        q: Tx.Buffer((T, H * Q), "float32"),
+        kb: Tx.Buffer((H, hd, c), "int8"),
+        pos: Tx.Buffer((T,), "int32"),
+        cos: Tx.Buffer((ctx, half), "float32"),
+        sin: Tx.Buffer((ctx, half), "float32"),
+        qa: Tx.Buffer((T, H, c), "float32"),
+        qpe: Tx.Buffer((T, H, r), "float32"),
+    ):
+        for th in Tx.parallel(T * H):
+            for jo in range(c // L):
+                for ln in Tx.vectorized(L):
+                    qa[th // H, th % H, jo * L + ln] = q[th // H, th % H * Q] * Tx.Cast(
+                        "float32", kb[th % H, 0, jo * L + ln]
+                    )
+                for i in range(1, hd):
+                    for ln in Tx.vectorized(L):
+                        qa[th // H, th % H, jo * L + ln] = qa[th // H, th % H, jo * L + ln] + q[
+                            th // H, th % H * Q + i
+                        ] * Tx.Cast("float32", kb[th % H, i, jo * L + ln])
+            for j in range(half):
+                p = Tx.min(Tx.max(pos[th // H], 0), ctx - 1)
+                a = q[th // H, th % H * Q + hd + j]
+                b = q[th // H, th % H * Q + hd + j + half]
+                qpe[th // H, th % H, j] = a * cos[p, j] - b * sin[p, j]
+                qpe[th // H, th % H, j + half] = b * cos[p, j] + a * sin[p, j]
+
+    return absorb_cpu.without_attr("global_symbol")
+
+
+def kv_update(T: int, c: int, r: int, ctx: int, block: int, gpu: bool = False, bind: bool = True):
+    """In place into ``lc int8 [n_blocks, block, c]`` and ``pc [n_blocks, block, 1 + r]``: row ``t``'s latent
+    ``c8 [T, c]`` (the RMSNorm+quantize of ``kva[t, :c]``, scale ``a [T]``), ``s_kvb / a`` (``kvb_scale [1]``) and
+    ``kva[t, c:]`` rotated at ``p = pos[t]``, into block ``table[t, p // block]``, slot ``p % block``; a row with
+    ``pos`` outside ``[0, ctx)`` writes nothing."""
+    from tvm.script import tirx as Tx
+
+    half = r // 2
+    W = table_width(ctx, block)
+    rows, cols = _bindings(gpu and bind)
+
+    @Tx.prim_func
+    def mla_kv_write(
+        c8: Tx.Buffer((T, c), "int8"),
+        a: Tx.Buffer((T,), "float32"),
+        kva: Tx.Buffer((T, c + r), "float32"),
+        kvb_scale: Tx.Buffer((1,), "float32"),
+        pos: Tx.Buffer((T,), "int32"),
+        table: Tx.Buffer((T, W), "int32"),
+        cos: Tx.Buffer((ctx, half), "float32"),
+        sin: Tx.Buffer((ctx, half), "float32"),
+        lc_h: Tx.handle,
+        pc_h: Tx.handle,
+    ):
+        nb = Tx.int64()
+        lc = Tx.match_buffer(lc_h, (nb, block, c), "int8")
+        pc = Tx.match_buffer(pc_h, (nb, block, 1 + r), "float32")
+        for t in rows(T):
+            for j in cols(c):
+                p = pos[t]
+                if p >= 0 and p < ctx:
+                    b = Tx.Cast("int64", table[t, p // block])
+                    lc[b, p % block, j] = c8[t, j]
+                    if j < half:
+                        x0 = kva[t, c + j]
+                        x1 = kva[t, c + j + half]
+                        pc[b, p % block, 1 + j] = x0 * cos[p, j] - x1 * sin[p, j]
+                        pc[b, p % block, 1 + j + half] = x1 * cos[p, j] + x0 * sin[p, j]
+                    if j == 0:
+                        pc[b, p % block, 0] = kvb_scale[0] / a[t]
+
+    return mla_kv_write.without_attr("global_symbol")
+
+
+def attention_scratch(T: int, H: int, c: int, ctx: int, gpu: bool = False) -> list[tuple]:
+    """Shapes of :func:`attention`'s scratch outputs. CPU: a score row per (row, head) ``[T·H, ctx]`` and its (max,
+    denominator) ``[T·H, 2]``; CUDA: each (row, head, key chunk)'s partial ``ctx`` ``[T·H·NC, c]`` and (max, Σ exp)."""
+    if gpu:
+        nc = -(-ctx // GPU_CHUNK)
+        return [(T * H * nc, c), (T * H * nc, 2)]
+    return [(T * H, ctx), (T * H, 2)]
+
+
+def attention(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, gpu: bool = False, bind: bool = True):
+    """Causal softmax attention over the latent cache → ``ctx [T, H, c]`` (see the module docstring): row ``t``
+    reads its sequence's positions ``0 .. pos[t]`` through ``table[t]``; a padding row (``pos < 0``) gives zeros.
+
+    CPU: a parallel task per (row, head); the latent dot product in :data:`LANES` lanes (lane ``l`` takes ``l, l +
+    16, …``) then the lanes in order, the rope part serially, the softmax's max and denominator in key order, and
+    ``ctx`` accumulated over the keys in order (a vector over ``c``). CUDA: split over the keys like
+    :func:`compiler.graph_kernels_gpu.attention` — a block per (row, head, chunk of :data:`GPU_CHUNK` keys) of ``c``
+    threads (``c / chunk`` threads per key's score, each over its share of the latent in order; thread ``l`` sums
+    latent column ``l`` over the chunk's keys), then a block per (row, head) combining the chunks in order."""
+    from tvm.script import tirx as Tx
+
+    scale = 1.0 / math.sqrt(hd + r)
+    W = table_width(ctx, block)
+    TH = T * H
+    if gpu:
+        return _attention_gpu(T, H, r, c, ctx, block, scale, bind)
+    L = LANES if c % LANES == 0 else 1
+    NO = c // L
+
+    @Tx.prim_func
+    def mla_attn(
+        qa: Tx.Buffer((T, H, c), "float32"),
+        qpe: Tx.Buffer((T, H, r), "float32"),
+        lc_h: Tx.handle,
+        pc_h: Tx.handle,
+        pos: Tx.Buffer((T,), "int32"),
+        table: Tx.Buffer((T, W), "int32"),
+        o: Tx.Buffer((T, H, c), "float32"),
+        sc: Tx.Buffer((TH, ctx), "float32"),
+        st: Tx.Buffer((TH, 2), "float32"),
+    ):
+        nb = Tx.int64()
+        lc = Tx.match_buffer(lc_h, (nb, block, c), "int8")
+        pc = Tx.match_buffer(pc_h, (nb, block, 1 + r), "float32")
+        for th in Tx.parallel(TH):
+            part = Tx.alloc_buffer((L,), "float32", scope="global")
+            t = th // H
+            h = th % H
+            n = Tx.min(pos[t] + 1, ctx)
+            if n <= 0:
+                for i in range(c):
+                    o[t, h, i] = Tx.float32(0)
+            else:
+                for j in range(n):
+                    b = Tx.Cast("int64", table[t, j // block])
+                    for ln in Tx.vectorized(L):
+                        part[ln] = qa[t, h, ln] * Tx.Cast("float32", lc[b, j % block, ln])
+                    for io in range(1, NO):
+                        for ln in Tx.vectorized(L):
+                            part[ln] = part[ln] + qa[t, h, io * L + ln] * Tx.Cast(
+                                "float32", lc[b, j % block, io * L + ln]
+                            )
+                    sc[th, j] = part[0]
+                    for ln in range(1, L):
+                        sc[th, j] = sc[th, j] + part[ln]
+                    sc[th, j] = sc[th, j] * pc[b, j % block, 0]
+                    for k in range(r):
+                        sc[th, j] = sc[th, j] + qpe[t, h, k] * pc[b, j % block, 1 + k]
+                    sc[th, j] = sc[th, j] * Tx.float32(scale)
+                st[th, 0] = sc[th, 0]
+                for j in range(n):
+                    st[th, 0] = Tx.max(st[th, 0], sc[th, j])
+                st[th, 1] = Tx.float32(0)
+                for j in range(n):
+                    sc[th, j] = Tx.exp(sc[th, j] - st[th, 0])
+                    st[th, 1] = st[th, 1] + sc[th, j]
+                for i in Tx.vectorized(c):
+                    o[t, h, i] = Tx.float32(0)
+                for j in range(n):
+                    b = Tx.Cast("int64", table[t, j // block])
+                    sc[th, j] = sc[th, j] * pc[b, j % block, 0]
+                    for i in Tx.vectorized(c):
+                        o[t, h, i] = o[t, h, i] + sc[th, j] * Tx.Cast("float32", lc[b, j % block, i])
+                for i in Tx.vectorized(c):
+                    o[t, h, i] = o[t, h, i] / st[th, 1]
+
+    return mla_attn.without_attr("global_symbol")
+
+
+def _attention_gpu(T: int, H: int, r: int, c: int, ctx: int, block: int, scale: float, bind: bool):
+    from tvm.script import tirx as Tx
+
+    W = table_width(ctx, block)
+    TH = T * H
+    K = GPU_CHUNK
+    if c % K or (c // K) & (c // K - 1):
+        raise ValueError(f"kv_lora_rank {c}: the chunk of {K} keys needs a power-of-two number of threads per key")
+    R = c // K  # threads per key
+    NC = -(-ctx // K)
+    P = TH * NC
+    blocks, threads = _bindings(bind)
+    sync = (lambda: Tx.tvm_storage_sync("shared")) if bind else (lambda: Tx.evaluate(0))
+    scope = "shared" if bind else "global"
+    steps = []
+    k = K // 2
+    while k:
+        steps.append(k)
+        k //= 2
+    neg = -3.4028234663852886e38
+
+    @Tx.prim_func
+    def mla_attn_gpu(
+        qa: Tx.Buffer((T, H, c), "float32"),
+        qpe: Tx.Buffer((T, H, r), "float32"),
+        lc_h: Tx.handle,
+        pc_h: Tx.handle,
+        pos: Tx.Buffer((T,), "int32"),
+        table: Tx.Buffer((T, W), "int32"),
+        o: Tx.Buffer((T, H, c), "float32"),
+        part: Tx.Buffer((P, c), "float32"),
+        st: Tx.Buffer((P, 2), "float32"),
+    ):
+        nb = Tx.int64()
+        lc = Tx.match_buffer(lc_h, (nb, block, c), "int8")
+        pc = Tx.match_buffer(pc_h, (nb, block, 1 + r), "float32")
+        for b in blocks(P):  # (row, head, chunk) = (b // (H·NC), b // NC % H, b % NC)
+            qs = Tx.alloc_buffer((c,), "float32", scope=scope)
+            dot = Tx.alloc_buffer((c,), "float32", scope=scope)
+            row = Tx.alloc_buffer((K,), "int32", scope=scope)
+            p = Tx.alloc_buffer((K,), "float32", scope=scope)
+            mx = Tx.alloc_buffer((K,), "float32", scope=scope)
+            sm = Tx.alloc_buffer((K,), "float32", scope=scope)
+            if (b % NC) * K < Tx.min(pos[b // (H * NC)] + 1, ctx):
+                for tx in threads(c):
+                    qs[tx] = qa[b // (H * NC), b // NC % H, tx]
+                sync()
+                for tx in threads(c):  # R threads per key: key tx % K, latent dims [tx // K · K, ...) in order
+                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                    acc[0] = Tx.float32(0)
+                    if (b % NC) * K + tx % K < Tx.min(pos[b // (H * NC)] + 1, ctx):
+                        for i in range(K):
+                            acc[0] = acc[0] + qs[tx // K * K + i] * Tx.Cast("float32", lc[
+                                Tx.Cast("int64", table[b // (H * NC), ((b % NC) * K + tx % K) // block]),
+                                ((b % NC) * K + tx % K) % block, tx // K * K + i])  # fmt: skip
+                    dot[tx] = acc[0]
+                sync()
+                for tx in threads(c):  # the key's score: its R partial sums in order, scaled, plus the rope part
+                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                    if tx < K:
+                        if (b % NC) * K + tx < Tx.min(pos[b // (H * NC)] + 1, ctx):
+                            row[tx] = table[b // (H * NC), ((b % NC) * K + tx) // block]
+                            acc[0] = dot[tx]
+                            for j in range(1, R):
+                                acc[0] = acc[0] + dot[j * K + tx]
+                            acc[0] = acc[0] * pc[Tx.Cast("int64", row[tx]), ((b % NC) * K + tx) % block, 0]
+                            for j in range(r):
+                                acc[0] = acc[0] + qpe[b // (H * NC), b // NC % H, j] * pc[
+                                    Tx.Cast("int64", row[tx]), ((b % NC) * K + tx) % block, 1 + j]  # fmt: skip
+                            p[tx] = acc[0] * Tx.float32(scale)
+                        else:
+                            p[tx] = Tx.float32(neg)
+                        mx[tx] = p[tx]
+                sync()
+                for s in Tx.unroll(len(steps)):
+                    for tx in threads(c):
+                        if tx < Tx.shift_right(K, s + 1):
+                            mx[tx] = Tx.max(mx[tx], mx[tx + Tx.shift_right(K, s + 1)])
+                    sync()
+                for tx in threads(c):  # exp(score - max) times the key's s/a; 0 past the position
+                    if tx < K:
+                        if (b % NC) * K + tx < Tx.min(pos[b // (H * NC)] + 1, ctx):
+                            p[tx] = Tx.exp(p[tx] - mx[0])
+                        else:
+                            p[tx] = Tx.float32(0)
+                        sm[tx] = p[tx]
+                sync()
+                for s in Tx.unroll(len(steps)):
+                    for tx in threads(c):
+                        if tx < Tx.shift_right(K, s + 1):
+                            sm[tx] = sm[tx] + sm[tx + Tx.shift_right(K, s + 1)]
+                    sync()
+                for tx in threads(c):  # latent column tx over the chunk's keys, in order
+                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                    acc[0] = Tx.float32(0)
+                    for jj in range(Tx.min(K, Tx.min(pos[b // (H * NC)] + 1, ctx) - (b % NC) * K)):
+                        acc[0] = acc[0] + p[jj] * pc[Tx.Cast("int64", row[jj]), ((b % NC) * K + jj) % block, 0] * (
+                            Tx.Cast("float32", lc[Tx.Cast("int64", row[jj]), ((b % NC) * K + jj) % block, tx])
+                        )
+                    part[b, tx] = acc[0]
+                    if tx == 0:
+                        st[b, 0] = mx[0]
+                        st[b, 1] = sm[0]
+        for th in blocks(TH):  # combine the row's chunks, in order
+            for tx in threads(c):
+                acc = Tx.alloc_buffer((3,), "float32", scope="local")
+                if pos[th // H] >= 0:
+                    acc[0] = st[th * NC, 0]
+                    for ci in range(1, (Tx.min(pos[th // H] + 1, ctx) + K - 1) // K):
+                        acc[0] = Tx.max(acc[0], st[th * NC + ci, 0])
+                    acc[1] = Tx.float32(0)
+                    acc[2] = Tx.float32(0)
+                    for ci in range((Tx.min(pos[th // H] + 1, ctx) + K - 1) // K):
+                        acc[1] = acc[1] + Tx.exp(st[th * NC + ci, 0] - acc[0]) * st[th * NC + ci, 1]
+                        acc[2] = acc[2] + Tx.exp(st[th * NC + ci, 0] - acc[0]) * part[th * NC + ci, tx]
+                    o[th // H, th % H, tx] = acc[2] / acc[1]
+                else:
+                    o[th // H, th % H, tx] = Tx.float32(0)
+
+    return mla_attn_gpu.without_attr("global_symbol")
+
+
+def v_up(T: int, H: int, hd: int, c: int, gpu: bool = False, bind: bool = True):
+    """``o [T, H·hd]``: head ``h``'s output ``Σ_l ctx[t, h, l] · vb[h, l, :]`` (over ``l`` in order) from the
+    attention's ``ctx [T, H, c]`` and ``vb int8 [H, c, hd]``."""
+    from tvm.script import tirx as Tx
+
+    if gpu:
+        blocks, threads = _bindings(bind)
+
+        @Tx.prim_func
+        def v_up_gpu(ctxv: Tx.Buffer((T, H, c), "float32"), vb: Tx.Buffer((H, c, hd), "int8"),
+                     o: Tx.Buffer((T, H * hd), "float32")):  # fmt: skip
+            for th in blocks(T * H):
+                for i in threads(hd):
+                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                    acc[0] = Tx.float32(0)
+                    for j in range(c):
+                        acc[0] = acc[0] + ctxv[th // H, th % H, j] * Tx.Cast("float32", vb[th % H, j, i])
+                    o[th // H, th % H * hd + i] = acc[0]
+
+        return v_up_gpu.without_attr("global_symbol")
+
+    @Tx.prim_func
+    def v_up_cpu(ctxv: Tx.Buffer((T, H, c), "float32"), vb: Tx.Buffer((H, c, hd), "int8"),
+                 o: Tx.Buffer((T, H * hd), "float32")):  # fmt: skip
+        for th in Tx.parallel(T * H):
+            for i in Tx.vectorized(hd):
+                o[th // H, th % H * hd + i] = ctxv[th // H, th % H, 0] * Tx.Cast("float32", vb[th % H, 0, i])
+            for j in range(1, c):
+                for i in Tx.vectorized(hd):
+                    o[th // H, th % H * hd + i] = o[th // H, th % H * hd + i] + ctxv[th // H, th % H, j] * Tx.Cast(
+                        "float32", vb[th % H, j, i]
+                    )
+
+    return v_up_cpu.without_attr("global_symbol")
