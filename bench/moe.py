@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="a prebuilt cache entry with its weights for a preset (no build: a GPU host)")  # fmt: skip
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    a.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    a.argv = list(argv) if argv is not None else sys.argv[1:]
     res = run(a)
     print(table(res))
     if a.json:

@@ -210,7 +210,7 @@ def test_tiny_mla_matches_pytorch(target):
     """Teacher-forced over a prompt longer than a prefill chunk and past a cache block: logits within the int8
     tolerance at every step, greedy tokens equal wherever PyTorch's margin exceeds the error."""
     path = tiny_gguf(**MLA)
-    engine = Engine(built(path, target).entry)
+    engine = Engine(built(path, target).dir, path)
     assert_pytorch_parity(engine, reference(path), _prompt(21), steps=24)
 
 
@@ -219,7 +219,7 @@ def test_tiny_mla_decode_batch_rows_equal_alone():
     """Each row of ``decode_b{B}`` (sequences at different positions, their own blocks) gets the logits it gets
     decoded alone."""
     path = tiny_gguf(**MLA)
-    engine = Engine(built(path, "avx2").entry)
+    engine = Engine(built(path, "avx2").dir, path)
     B = max(engine.batch_sizes)
     alone = []
     for s in range(B):

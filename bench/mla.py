@@ -1,0 +1,167 @@
+"""Multi-head latent attention against GQA at the same width: KV-cache bytes per token and compiled decode speed as the
+context grows, interleaved runs.
+
+Both models have random weights (:mod:`model.random_model`) and a context of ``--max-seq-len`` (default 2048): the
+GQA baseline ``small`` (8 heads, 4 KV heads of 64) and ``small-mla`` (the same, with a 256-wide int8 latent and 32
+RoPE dimensions). At each context ``n`` a run prefills ``n - decode_tokens`` tokens and times ``decode_tokens``
+decode steps (``bench.runtime``'s worker, one process per model, alternating); the table gives medians with their
+ranges and the per-run ratio MLA / GQA. The issue's goals: MLA's cache bytes per token ≤ 1/4 of GQA's, and decode at
+context 2048 faster than GQA's.
+
+    python -m bench.mla --threads 2 --runs 5 --json docs/mla/mla_vs_gqa_avx2.json
+    python -m bench.mla --entry small=DIR --entry small-mla=DIR --threads 16 --json ...   # GPU: prebuilt entries
+    python -m bench.mla --build-only --target cuda --out-dir .gpu/mla   # the CUDA modules, built here, to carry
+    OUT=<results folder> bash scripts/gpu_mla.sh                          # then, on the GPU host
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.machine import machine, save_json
+from bench.runtime import _median_row, _run_worker, decode_bytes
+from compiler import cache
+from model.config import get_config
+from model.random_model import write_random_gguf
+
+
+def prepare(preset: str, ctx: int, work: Path, target: str, cache_dir: str | None, entry: str | None = None):
+    """``(worker arguments, meta.json)``: the prebuilt ``entry`` (a GPU host), else the preset's random GGUF at context
+    ``ctx`` (written once) built here."""
+    if entry:
+        return ["--entry", entry], json.loads((Path(entry) / "meta.json").read_text())
+    from runtime.engine import ensure_built
+
+    path = gguf_path(work, preset, ctx)
+    built = ensure_built(str(path), target, cache_dir)
+    return ["--model", str(path)], json.loads((Path(built) / "meta.json").read_text())
+
+
+def gguf_path(work: Path, preset: str, ctx: int) -> Path:
+    """The preset's random GGUF at context ``ctx`` (seed 0: the same bytes on every host), written once."""
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{preset}-ctx{ctx}.gguf"
+    if not path.exists():
+        write_random_gguf(get_config(preset, max_seq_len=ctx), path)
+    return path
+
+
+def run(a) -> dict:
+    from targets import resolve
+
+    entries = dict(e.split("=", 1) for e in a.entry)
+    first = next(iter(entries.values()), None)
+    target = json.loads((Path(first) / "meta.json").read_text())["target"] if first else resolve(a.target)
+    work = Path(a.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    names = (a.baseline, a.mla)
+    models = {n: prepare(n, a.max_seq_len, work, target, a.cache_dir, entries.get(n)) for n in names}
+    contexts = [int(c) for c in a.contexts.split(",")]
+    samples: dict[tuple, list] = {(n, c): [] for n in names for c in contexts}
+    load0 = os.getloadavg()
+    for _ in range(a.runs):  # interleaved: every (context, model) once per run
+        for c in contexts:
+            prompt = c - a.decode_tokens
+            for n, (which, _) in models.items():
+                args = ["tvm", *which, "--prompt-tokens", str(prompt), "--decode-tokens", str(a.decode_tokens)]
+                args += ["--target", target] + (["--cache-dir", a.cache_dir] if a.cache_dir else [])
+                samples[(n, c)].append(_run_worker(args, a.threads))
+    rows, ratios = [], {}
+    for c in contexts:
+        per = [m["decode_tok_s"] / g["decode_tok_s"] for m, g in
+               zip(samples[(a.mla, c)], samples[(a.baseline, c)], strict=True)]  # fmt: skip
+        ratios[c] = {"median": float(np.median(per)), "range": [min(per), max(per)], "runs": per}
+        for n, (_, meta) in models.items():
+            row = _median_row(samples[(n, c)])
+            cfg = get_config(n)
+            read = decode_bytes(meta, c - 1)
+            row |= {"model": n, "context": c, "kv_bytes_per_token": cfg.kv_bytes_per_token,
+                    "kv_bytes_read": read["kv_cache"], "weight_bytes": read["weights"]}  # fmt: skip
+            rows.append(row)
+    mla, gqa = get_config(a.mla), get_config(a.baseline)
+    return {"target": target, "threads": a.threads, "runs": a.runs, "max_seq_len": a.max_seq_len, "rows": rows,
+            "mla_vs_gqa_decode": {str(c): r for c, r in ratios.items()},
+            "kv_bytes_per_token": {a.baseline: gqa.kv_bytes_per_token, a.mla: mla.kv_bytes_per_token,
+                                   "ratio": mla.kv_bytes_per_token / gqa.kv_bytes_per_token},
+            "goals": {"kv_bytes_ratio_max": 0.25, "decode_at_2048_ratio_min": 1.0},
+            "machine": machine(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python -m bench.mla " + " ".join(a.argv)}  # fmt: skip
+
+
+def table(res: dict) -> str:
+    head = f"{'context':>7s} {'model':10s} {'KV B/token':>10s} {'KV MiB read':>11s} {'decode tok/s':>12s}"
+    lines = [f"{res['target']}, {res['threads']} threads, medians of {res['runs']} interleaved runs (range)",
+             head + f" {'range':>13s}"]  # fmt: skip
+    for r in res["rows"]:
+        lo, hi = r["decode_tok_s_range"]
+        span = f"{lo:.0f}-{hi:.0f}"
+        lines.append(f"{r['context']:7d} {r['model']:10s} {r['kv_bytes_per_token']:10d} "
+                     f"{r['kv_bytes_read'] / 2**20:11.2f} {r['decode_tok_s']:12.1f} {span:>13s}")  # fmt: skip
+    for c, r in res["mla_vs_gqa_decode"].items():
+        lines.append(f"MLA / GQA decode at {c}: {r['median']:.3f} ({r['range'][0]:.3f}-{r['range'][1]:.3f})")
+    kv = res["kv_bytes_per_token"]
+    lines.append(f"KV bytes per token MLA / GQA: {kv['ratio']:.3f} (goal <= 0.25)")
+    return "\n".join(lines)
+
+
+def build_only(a) -> None:
+    """Build both presets' modules (random weights, context ``--max-seq-len``) for ``--target`` and copy ``model.so``
+    and ``meta.json`` to ``<--out-dir>/<preset>``: what ``scripts/gpu_mla.sh`` carries to a GPU host, which writes
+    the same random GGUFs (:func:`gguf_path`) and repacks their weights there (``compiler.build --repack-into``)."""
+    import shutil
+
+    from runtime.engine import ensure_built
+
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for n in (a.baseline, a.mla):
+        path = gguf_path(Path(a.work_dir), n, a.max_seq_len)
+        built = ensure_built(str(path), a.target, a.cache_dir)
+        (out / n).mkdir(exist_ok=True)
+        for f in ("model.so", "meta.json"):
+            shutil.copy(Path(built) / f, out / n / f)
+        print(out / n)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.mla", description=__doc__.split("\n")[0])
+    ap.add_argument("--baseline", default="small", help="the GQA preset")
+    ap.add_argument("--mla", default="small-mla", help="the latent-attention preset of the same width")
+    ap.add_argument("--max-seq-len", type=int, default=2048, help="both models' context")
+    ap.add_argument("--contexts", default="128,512,2048", help="positions at which decode is timed")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--target", default="auto")
+    ap.add_argument("--work-dir", default=str(cache.default_cache_dir() / "bench-mla"), help="the random GGUFs")
+    ap.add_argument("--cache-dir", default=None, help="compiler.build's cache (default: its own)")
+    ap.add_argument("--entry", action="append", default=[], metavar="PRESET=DIR",
+                    help="a prebuilt cache entry with its weights for a preset (no build: a GPU host)")  # fmt: skip
+    ap.add_argument("--build-only", action="store_true", help="only build both modules into --out-dir")
+    ap.add_argument("--write-gguf", action="store_true", help="only write both random GGUFs (into --work-dir)")
+    ap.add_argument("--out-dir", default=".gpu/mla")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    a.argv = list(argv) if argv is not None else sys.argv[1:]
+    if a.write_gguf:
+        for n in (a.baseline, a.mla):
+            print(gguf_path(Path(a.work_dir), n, a.max_seq_len))
+        return
+    if a.build_only:
+        build_only(a)
+        return
+    res = run(a)
+    print(table(res))
+    if a.json:
+        save_json(a.json, res)
+
+
+if __name__ == "__main__":
+    main()
