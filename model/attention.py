@@ -5,8 +5,9 @@ The sublayer ``F`` of an mHC attention site: ``F(u) = W_o · attn(RoPE(W_q n), R
 normed input, so a runtime may quantize it once). RoPE is the GPT-NeoX "rotate half" form: dimension ``i < h/2`` is
 paired with ``i + h/2`` and rotated by ``pos · θ^(-2i/h)``. ``n_heads / n_kv_heads`` query heads share each K/V head.
 
-A :class:`KVCache` holds the keys and values of every layer for ``[0, pos)``; calling the model on new tokens with a
-cache appends them, so decoding one token at a time equals the full-sequence forward.
+A :class:`KVCache` holds the keys and values of every layer for ``[0, pos)`` (for multi-head latent attention,
+:mod:`model.mla`, the latent and the rotated shared key instead); calling the model on new tokens with a cache appends
+them, so decoding one token at a time equals the full-sequence forward.
 
     python -c "from model.attention import KVCache; print(KVCache.__doc__)"
 """
@@ -47,25 +48,65 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values per layer, preallocated ``[B, n_kv_heads, max_len, head_dim]``; ``pos`` tokens are valid."""
+    """Per layer, preallocated for ``max_len`` positions of which ``pos`` are valid: GQA keys and values
+    ``k, v [B, n_kv_heads, max_len, head_dim]``, or for multi-head latent attention (:mod:`model.mla`) the normed
+    latent ``latent [B, max_len, kv_lora_rank]`` and the rotated shared key ``k_pe [B, max_len, qk_rope_dim]``."""
 
     def __init__(
         self, config: ModelConfig, batch: int = 1, max_len: int | None = None, device=None, dtype=torch.float32
     ) -> None:
         self.max_len = max_len or config.max_seq_len
-        shape = (batch, config.n_kv_heads, self.max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.mla = config.mla
+
+        def zeros(*shape: int) -> list[torch.Tensor]:
+            return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+
+        if self.mla:
+            self.latent = zeros(batch, self.max_len, config.kv_lora_rank)
+            self.k_pe = zeros(batch, self.max_len, config.qk_rope_dim)
+        else:
+            self.k = zeros(batch, config.n_kv_heads, self.max_len, config.head_dim)
+            self.v = zeros(batch, config.n_kv_heads, self.max_len, config.head_dim)
         self.pos = 0
+
+    def _end(self, pos: int, t: int) -> int:
+        if pos + t > self.max_len:
+            raise ValueError(f"KV cache overflow: {pos + t} positions > max_len {self.max_len}")
+        return pos + t
 
     def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k, v [B, H, T, hd]`` at ``[pos, pos + T)`` of ``layer``; return everything in ``[0, pos + T)``."""
-        end = pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        end = self._end(pos, k.shape[2])
         self.k[layer][:, :, pos:end] = k
         self.v[layer][:, :, pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def update_latent(
+        self, layer: int, pos: int, latent: torch.Tensor, k_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLA: store ``latent [B, T, c]`` and ``k_pe [B, T, r]`` at ``[pos, pos + T)`` of ``layer``; return
+        everything in ``[0, pos + T)``."""
+        end = self._end(pos, latent.shape[1])
+        self.latent[layer][:, pos:end] = latent
+        self.k_pe[layer][:, pos:end] = k_pe
+        return self.latent[layer][:, :end], self.k_pe[layer][:, :end]
+
+    def tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The cache's tensors by kind (``k``/``v`` or ``latent``/``k_pe``), one per layer; batch is dimension 0."""
+        return {"latent": self.latent, "k_pe": self.k_pe} if self.mla else {"k": self.k, "v": self.v}
+
+    def fill_from(self, other: KVCache) -> None:
+        """Copy ``other``'s ``other.pos`` valid positions into every row (one prompt's cache to a batch)."""
+        time, n = (1 if self.mla else 2), other.pos
+        for kind, mine in self.tensors().items():
+            for dst, src in zip(mine, other.tensors()[kind], strict=True):
+                dst.narrow(time, 0, n).copy_(src.narrow(time, 0, n))  # broadcasts over the batch
+        self.pos = n
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows ``index`` (in that order)."""
+        for kind, layers in self.tensors().items():
+            setattr(self, kind, [t.index_select(0, index) for t in layers])
 
 
 class Attention(nn.Module):

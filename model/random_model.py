@@ -2,7 +2,10 @@
 
 Numpy only (no torch): ternary codes are drawn uniformly from {-1, 0, +1} with a per-tensor scale that keeps
 activations O(1) (each expert of an MoE stack gets that scale), embeddings ~ N(0, 0.02²), MoE routers ~ N(0, 1/d)
-(logits O(1): tokens spread over the experts), norms 1, mHC logits at the model's initial values. The tokenizer is
+(logits O(1): tokens spread over the experts), norms 1 but a latent attention's ``attn_kv_a_norm`` ~ 1 + N(0, 0.3²),
+mHC logits at the model's initial values. (The latent is a ternary matmul's output normed and quantized to int8
+directly: with all-ones norm weights its values are ``127·acc_i / acc_max`` for integers ``acc``, so exact .5 ties
+are common and float rounding decides them; a trained norm's weights are not all equal, nor are these.) The tokenizer is
 the 256 byte-level tokens, one merge and the special tokens, padded to the preset's vocabulary: the file is valid and
 self-contained, and its text output is meaningless by design.
 
@@ -54,6 +57,8 @@ def random_tensors(cfg, seed: int = 0) -> dict[str, np.ndarray | TernaryWeights]
             out[name] = (rng.standard_normal(spec.shape) * 0.02).astype(np.float32)
         elif name.endswith("ffn_gate_inp.weight"):
             out[name] = (rng.standard_normal(spec.shape) / np.sqrt(spec.shape[1])).astype(np.float32)
+        elif name.endswith("attn_kv_a_norm.weight"):  # see the module docstring
+            out[name] = (1 + 0.3 * rng.standard_normal(spec.shape)).astype(np.float32)
         elif name.endswith("pre_logits"):
             out[name] = np.where(np.arange(n) == 0, 1.0, -1.0).astype(np.float32)
         elif name.endswith("post_logits"):

@@ -13,6 +13,9 @@ Optional multi-token-prediction heads (``mtp_heads = m``, for self-speculative d
 norm_k(emb(x_{t+k+1})))``; ``lm_head(g_k)`` predicts the token ``t + k + 2`` (``P_k``, ``Q_k`` ternary d × d). At
 decode time the tokens fed are the main model's pick and then each step's own draft (:mod:`runtime.spec_decode`).
 
+With ``kv_lora_rank > 0`` attention is multi-head latent attention (:mod:`model.mla`) and the KV cache holds each
+token's latent instead of its keys and values.
+
 Weights move to and from GGUF through :meth:`Transformer.gguf_tensors` / :meth:`Transformer.from_gguf_tensors`,
 keyed by the tensor names of :mod:`model.gguf_io` (an MoE block's experts as one stacked tensor per matrix kind).
 
@@ -32,6 +35,7 @@ from model.attention import Attention, KVCache, RMSNorm, rope_tables
 from model.bitlinear import BitLinear
 from model.config import ModelConfig
 from model.mhc_static import MHCCoefficients
+from model.mla import LatentAttention
 from model.moe import MoEFFN
 from model.ternary.quant import TernaryWeights
 
@@ -70,7 +74,7 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.attn = Attention(config, layer)
+        self.attn = LatentAttention(config, layer) if config.mla else Attention(config, layer)
         self.ffn = MoEFFN(config) if config.n_experts else GatedFFN(config)
         self.mhc_attn = mhc.MHCSite(config.n_streams, 2 * layer)
         self.mhc_ffn = mhc.MHCSite(config.n_streams, 2 * layer + 1)
@@ -109,7 +113,7 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
             nn.init.normal_(self.lm_head.weight, std=EMBED_INIT_STD)
         self.mtp = nn.ModuleList(MTPHead(config) for _ in range(config.mtp_heads))
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        cos, sin = rope_tables(config.rope_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -194,9 +198,13 @@ class Transformer(nn.Module):
             out["output.weight"] = self.lm_head.weight
         for i, b in enumerate(self.blocks):
             p = f"blk.{i}."
-            out |= {p + "attn_norm.weight": b.attn.norm.weight, p + "attn_q.weight": b.attn.q,
-                    p + "attn_k.weight": b.attn.k, p + "attn_v.weight": b.attn.v, p + "attn_output.weight": b.attn.o,
-                    p + "ffn_norm.weight": b.ffn.norm.weight}  # fmt: skip
+            out |= {p + "attn_norm.weight": b.attn.norm.weight, p + "attn_q.weight": b.attn.q}
+            if self.config.mla:  # the latent and shared rope key, their norm, the latent's up-projection to k|v
+                out |= {p + "attn_kv_a_mqa.weight": b.attn.kv_a, p + "attn_kv_a_norm.weight": b.attn.kv_norm.weight,
+                        p + "attn_kv_b.weight": b.attn.kv_b}  # fmt: skip
+            else:
+                out |= {p + "attn_k.weight": b.attn.k, p + "attn_v.weight": b.attn.v}
+            out |= {p + "attn_output.weight": b.attn.o, p + "ffn_norm.weight": b.ffn.norm.weight}
             if self.config.n_experts:
                 out[p + "ffn_gate_inp.weight"] = b.ffn.router.weight
                 for kind in ("gate", "up", "down"):

@@ -255,10 +255,7 @@ def _sample_group(model, prompt_ids, n, params, generator, decode, device) -> li
     with autocast():
         logits = model(torch.tensor([list(prompt_ids)], device=device), one)[:, -1].float().expand(n, -1)
     cache = KVCache(model.config, n, cache_len, device, dtype)
-    for layer in range(len(cache.k)):
-        cache.k[layer][:, :, : one.pos] = one.k[layer][:, :, : one.pos]
-        cache.v[layer][:, :, : one.pos] = one.v[layer][:, :, : one.pos]
-    cache.pos = one.pos
+    cache.fill_from(one)
     del one
     out: list[list[int]] = [[] for _ in range(n)]
     rows = list(range(n))  # the completion each cache row belongs to
@@ -277,8 +274,7 @@ def _sample_group(model, prompt_ids, n, params, generator, decode, device) -> li
             break
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=device)
-            cache.k = [k.index_select(0, index) for k in cache.k]
-            cache.v = [v.index_select(0, index) for v in cache.v]
+            cache.keep_rows(index)
         step_in = torch.tensor([[tokens[s]] for s in keep], device=device)
         rows = [rows[s] for s in keep]
         with autocast():
