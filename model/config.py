@@ -87,6 +87,15 @@ def config_problems(c) -> list[tuple[str, str]]:
         hd = c.d_model // c.n_heads
         if not (2 <= rope <= hd and rope % 2 == 0):
             out.append(("qk_rope_dim", f"qk_rope_dim={rope} must be even and between 2 and head_dim={hd}"))
+    interval = getattr(c, "full_attention_interval", 0)
+    if interval < 0:
+        out.append(("full_attention_interval", f"full_attention_interval={interval} must be ≥ 0"))
+    elif interval:
+        if rank:
+            out.append(("full_attention_interval", "a DeltaNet hybrid's softmax layers are GQA (kv_lora_rank=0)"))
+        if c.mtp_heads:  # a speculative verify step rolls the KV cache back; a recurrent state cannot be
+            out.append(("mtp_heads", f"mtp_heads={c.mtp_heads}: a DeltaNet hybrid has no draft heads (its recurrent "
+                        "state cannot roll back rejected drafts)"))  # fmt: skip
     arch, act = getattr(c, "arch", ARCHS[0]), getattr(c, "ffn_act", FFN_ACTS[0])
     if act not in FFN_ACTS:
         out.append(("ffn_act", f"ffn_act={act!r} must be one of {FFN_ACTS}"))
@@ -103,6 +112,9 @@ def config_problems(c) -> list[tuple[str, str]]:
             out.append(("n_experts", f"n_experts={experts}: arch {arch!r} files with experts are not supported"))
         if getattr(c, "kv_lora_rank", 0):
             out.append(("kv_lora_rank", f"kv_lora_rank={c.kv_lora_rank}: arch {arch!r} has no latent attention"))
+        if getattr(c, "full_attention_interval", 0):
+            out.append(("full_attention_interval", f"full_attention_interval={c.full_attention_interval}: arch "
+                        f"{arch!r} has no DeltaNet layers"))  # fmt: skip
         if arch == "bitnet" and not c.tie_embeddings:  # llama.cpp's bitnet graph has no output.weight
             out.append(
                 ("tie_embeddings", "tie_embeddings=False: arch 'bitnet' always ties the LM head to the embedding")
@@ -143,6 +155,10 @@ class ModelConfig:
     # decoupled RoPE part of qk_rope_dim (0: head_dim / 2) beside their head_dim non-rotated dimensions
     kv_lora_rank: int = 0
     qk_rope_dim: int = 0
+    # Gated DeltaNet hybrid (model.deltanet): 0 = every layer softmax attention; n > 0: layer i is softmax attention
+    # when (i + 1) % n == 0, else a gated DeltaNet layer (a fixed-size state per KV head instead of a KV cache; q, k,
+    # v and output shaped as GQA's). llama.cpp's key for Qwen3-Next's hybrid; n > n_layers: DeltaNet only
+    full_attention_interval: int = 0
     filled: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -188,6 +204,15 @@ class ModelConfig:
         """Multi-head latent attention (``kv_lora_rank > 0``) rather than GQA."""
         return self.kv_lora_rank > 0
 
+    def is_deltanet(self, layer: int) -> bool:
+        """Layer ``layer`` is a gated DeltaNet layer (not softmax attention)."""
+        n = self.full_attention_interval
+        return n > 0 and (layer + 1) % n != 0
+
+    @property
+    def deltanet_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.n_layers) if self.is_deltanet(i))
+
     @property
     def rope_dim(self) -> int:
         """Dimensions RoPE rotates per head: ``qk_rope_dim`` (MLA) or ``head_dim``."""
@@ -199,7 +224,13 @@ class ModelConfig:
         (``2 · n_kv_heads · head_dim · 4``); MLA the int8 latent the ternary ``attn_kv_b`` reads, its dequantization
         scale and the rotated key part (``kv_lora_rank + 4 · (1 + qk_rope_dim)``)."""
         per_layer = self.kv_lora_rank + 4 * (1 + self.qk_rope_dim) if self.mla else 8 * self.kv_dim
-        return self.n_layers * per_layer
+        return (self.n_layers - len(self.deltanet_layers)) * per_layer  # DeltaNet layers: state_bytes, per sequence
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of a sequence's recurrent state over the DeltaNet layers (float32 ``[head_dim, head_dim]`` per KV
+        head), whatever its length."""
+        return len(self.deltanet_layers) * self.n_kv_heads * self.head_dim**2 * 4
 
     @property
     def ffn_copies(self) -> int:
@@ -245,6 +276,9 @@ PRESETS: dict[str, ModelConfig] = {
     # multi-head latent attention with the shipped model's other shapes: a 256-wide latent and 32 RoPE dimensions
     "small-mla": ModelConfig(name="small-mla", vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
                              ffn_hidden=1536, max_seq_len=1024, kv_lora_rank=256, qk_rope_dim=32),
+    # a gated DeltaNet hybrid with the shipped model's shapes: DeltaNet, attention, DeltaNet, ... (4 of each)
+    "small-deltanet": ModelConfig(name="small-deltanet", vocab_size=8192, d_model=512, n_layers=8, n_heads=8,
+                                  n_kv_heads=4, ffn_hidden=1536, max_seq_len=1024, full_attention_interval=2),
     # the exact shape of Microsoft's BitNet b1.58 2B-4T (llama.cpp arch "bitnet"), for speed benchmarks
     "bitnet-2b4t": ModelConfig(name="bitnet-2b4t", arch="bitnet", ffn_act="relu2", n_streams=1, vocab_size=128256,
                                d_model=2560, n_layers=30, n_heads=20, n_kv_heads=5, ffn_hidden=6912, max_seq_len=4096,

@@ -28,6 +28,7 @@ Contract (GGUF v3, little-endian, alignment 32)
 ``bitnet-mhc.expert_count`` / ``expert_used_count``        uint32     n_experts / n_experts_used (MoE only)
 ``bitnet-mhc.attention.kv_lora_rank``                      uint32     kv_lora_rank (MLA only)
 ``bitnet-mhc.rope.dimension_count``                        uint32     qk_rope_dim (MLA only)
+``bitnet-mhc.full_attention_interval``                     uint32     full_attention_interval (DeltaNet only)
 =========================================================  =========  ==================
 
 Tokenizer: ``tokenizer.ggml.model = "gpt2"``, ``.pre``, ``.tokens`` (string[vocab_size]), ``.merges`` (string[]),
@@ -56,6 +57,8 @@ file), one per-tensor absmean scale stored in every non-zero block; ``y = W x`` 
 ``blk.{i}.attn_kv_a_mqa.weight`` (MLA)              [c + r, d]             ternary: [latent | rope key]
 ``blk.{i}.attn_kv_a_norm.weight`` (MLA)             [c]                    F32
 ``blk.{i}.attn_kv_b.weight`` (MLA)                  [2·H·hd, c]            ternary, per head [k | v]
+``blk.{i}.ssm_alpha.weight`` / ``ssm_beta.weight``  [n_kv_heads, d]        F32   (DeltaNet layers)
+``blk.{i}.ssm_a`` / ``blk.{i}.ssm_dt.bias``         [n_kv_heads]           F32   (DeltaNet layers)
 ``mtp.{k}.proj.weight`` / ``embed_proj.weight``     [d, d]                 ternary
 ``mtp.{k}.embed_norm.weight``                       [d]                    F32
 ==================================================  =====================  ==========================
@@ -65,6 +68,8 @@ place of ``ffn_gate``/``ffn_up``/``ffn_down``, named as llama.cpp names them; th
 A multi-head latent attention file (``attention.kv_lora_rank`` = c > 0, ``rope.dimension_count`` = r; :mod:`model.mla`)
 has ``attn_kv_a_mqa``, ``attn_kv_a_norm`` and ``attn_kv_b`` in place of ``attn_k``/``attn_v`` (llama.cpp's
 ``deepseek2`` names, without a query compression), and ``attention.head_count_kv`` = ``head_count``.
+A gated DeltaNet hybrid (``full_attention_interval`` = n > 0; :mod:`model.deltanet`) has, in each layer ``i`` with
+``(i + 1) % n != 0``, the four ``ssm_*`` tensors beside GQA-shaped ``attn_q``/``attn_k``/``attn_v``/``attn_output``.
 
 The mHC logits become coefficients with :func:`model.mhc_static.coefficients` (:meth:`GGUFModel.mhc_coefficients`).
 
@@ -187,6 +192,7 @@ HPARAMS: tuple[tuple[str, str, ValueType], ...] = (
 EXPERT_HPARAMS = (("expert_count", "n_experts"), ("expert_used_count", "n_experts_used"))  # optional (MoE only)
 # optional (multi-head latent attention only), as llama.cpp's deepseek2 names them
 MLA_HPARAMS = (("attention.kv_lora_rank", "kv_lora_rank"), ("rope.dimension_count", "qk_rope_dim"))
+DELTANET_HPARAMS = (("full_attention_interval", "full_attention_interval"),)  # optional (DeltaNet hybrids only)
 # llama.cpp's keys for the foreign architectures ("bitnet", "llama"): (key, field, type, default when absent; None:
 # required). vocab_size defaults to the tokenizer's size, head_count_kv to head_count; the embeddings are tied when
 # the file has no output.weight.
@@ -243,6 +249,10 @@ def tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
             specs[p + "ffn_gate_inp.weight"] = TensorSpec((cfg.n_experts, d), "float")
         if cfg.mla:
             specs[p + "attn_kv_a_norm.weight"] = TensorSpec((cfg.kv_lora_rank,), "float")
+        if cfg.is_deltanet(i):  # model.deltanet: the decay and write-strength projections, A_log and the dt bias
+            hk = cfg.n_kv_heads
+            specs[p + "ssm_alpha.weight"] = specs[p + "ssm_beta.weight"] = TensorSpec((hk, d), "float")
+            specs[p + "ssm_a"] = specs[p + "ssm_dt.bias"] = TensorSpec((hk,), "float")
         if cfg.sub_norms:
             specs[p + "attn_sub_norm.weight"] = TensorSpec((d,), "float")
             specs[p + "ffn_sub_norm.weight"] = TensorSpec((f,), "float")
@@ -298,6 +308,9 @@ def write_gguf(
             w.add_uint32(f"{arch}.{key}", getattr(config, attr))
     if config.mla:  # likewise only in latent-attention files
         for key, attr in MLA_HPARAMS:
+            w.add_uint32(f"{arch}.{key}", getattr(config, attr))
+    if config.full_attention_interval:  # and in DeltaNet hybrids
+        for key, attr in DELTANET_HPARAMS:
             w.add_uint32(f"{arch}.{key}", getattr(config, attr))
     if arch != ARCH:
         w.add_uint32(f"{arch}.rope.dimension_count", config.head_dim)
@@ -749,7 +762,7 @@ def _own_fields(f: GGUFFile) -> dict[str, Any]:
         if vtype == ValueType.UINT32 and v == 0 and attr != "mtp_heads":  # 0 would make ModelConfig derive a value
             raise GGUFError(f"hyperparameter {ARCH}.{key} = 0 must be positive")
         fields[attr] = _float32_value(v) if vtype == ValueType.FLOAT32 else v
-    for key, attr in (*EXPERT_HPARAMS, *MLA_HPARAMS):
+    for key, attr in (*EXPERT_HPARAMS, *MLA_HPARAMS, *DELTANET_HPARAMS):
         v = _get(f, f"{ARCH}.{key}", ValueType.UINT32, required=False)
         if v is not None:
             fields[attr] = v
@@ -797,7 +810,7 @@ def _foreign_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
 def _key_of(arch: str, attr: str) -> str:
     if attr == "ffn_act":
         return ACT_KEY
-    rows = (*HPARAMS, *EXPERT_HPARAMS, *MLA_HPARAMS) if arch == ARCH else FOREIGN_HPARAMS
+    rows = (*HPARAMS, *EXPERT_HPARAMS, *MLA_HPARAMS, *DELTANET_HPARAMS) if arch == ARCH else FOREIGN_HPARAMS
     return next((f"{arch}.{row[0]}" for row in rows if row[1] == attr), attr)
 
 
@@ -810,7 +823,9 @@ def _tensor_count(cfg: ModelConfig) -> tuple[int, int]:
     """``len(tensor_specs(cfg))`` by arithmetic (no dict of block_count entries), and the tensors of one block."""
     per_block = 2 + 7 + (1 if cfg.n_experts else 0) + (6 if cfg.n_streams > 1 else 0) + (2 if cfg.sub_norms else 0)
     per_block += 1 if cfg.mla else 0  # attn_kv_a_norm (q, kv_a_mqa, kv_b, output replace q, k, v, output)
-    return 2 + (0 if cfg.tie_embeddings else 1) + cfg.n_layers * per_block + 3 * cfg.mtp_heads, per_block
+    n = cfg.full_attention_interval
+    ssm = 4 * (cfg.n_layers - cfg.n_layers // n) if n else 0  # the ssm_* tensors of the DeltaNet layers
+    return 2 + (0 if cfg.tie_embeddings else 1) + cfg.n_layers * per_block + ssm + 3 * cfg.mtp_heads, per_block
 
 
 def _read_tokenizer(f: GGUFFile, config: ModelConfig) -> TokenizerSpec:

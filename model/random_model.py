@@ -1,13 +1,14 @@
 """A random-weight GGUF of any preset, for speed benchmarks (e.g. ``nano-1b``, the bandwidth-bound case).
 
 Numpy only (no torch): ternary codes are drawn uniformly from {-1, 0, +1} with a per-tensor scale that keeps
-activations O(1) (each expert of an MoE stack gets that scale), embeddings ~ N(0, 0.02²), MoE routers ~ N(0, 1/d)
-(logits O(1): tokens spread over the experts), norms 1 but a latent attention's ``attn_kv_a_norm`` ~ 1 + N(0, 0.3²),
-mHC logits at the model's initial values. (The latent is a ternary matmul's output normed and quantized to int8
-directly: with all-ones norm weights its values are ``127·acc_i / acc_max`` for integers ``acc``, so exact .5 ties
-are common and float rounding decides them; a trained norm's weights are not all equal, nor are these.) The tokenizer is
-the 256 byte-level tokens, one merge and the special tokens, padded to the preset's vocabulary: the file is valid and
-self-contained, and its text output is meaningless by design.
+activations O(1) (each expert of an MoE stack gets that scale), embeddings ~ N(0, 0.02²), MoE routers and DeltaNet
+gate projections ~ N(0, 1/d) (logits O(1)), DeltaNet's A and dt as Gated DeltaNet initializes them, norms 1 but a
+latent attention's ``attn_kv_a_norm`` ~ 1 + N(0, 0.3²), mHC logits at the model's initial values. (The latent is a
+ternary matmul's output normed and quantized to int8 directly: with all-ones norm weights its values are
+``127·acc_i / acc_max`` for integers ``acc``, so exact .5 ties are common and float rounding decides them; a trained
+norm's weights are not all equal, nor are these.) The tokenizer is the 256 byte-level tokens, one merge and the
+special tokens, padded to the preset's vocabulary: the file is valid and self-contained, and its text output is
+meaningless by design.
 
     python -m model.random_model --preset nano-1b --out /tmp/nano-1b.gguf
     python -m model.random_model --preset small-moe --out /tmp/small-moe.gguf
@@ -59,6 +60,13 @@ def random_tensors(cfg, seed: int = 0) -> dict[str, np.ndarray | TernaryWeights]
             out[name] = (rng.standard_normal(spec.shape) / np.sqrt(spec.shape[1])).astype(np.float32)
         elif name.endswith("attn_kv_a_norm.weight"):  # see the module docstring
             out[name] = (1 + 0.3 * rng.standard_normal(spec.shape)).astype(np.float32)
+        elif name.endswith(("ssm_alpha.weight", "ssm_beta.weight")):  # DeltaNet gates: logits O(1)
+            out[name] = (rng.standard_normal(spec.shape) / np.sqrt(spec.shape[1])).astype(np.float32)
+        elif name.endswith("ssm_a"):  # A_log: A uniform in [1, 16] (Gated DeltaNet's initialization)
+            out[name] = np.log(rng.uniform(1, 16, spec.shape)).astype(np.float32)
+        elif name.endswith("ssm_dt.bias"):  # softplus(bias) = dt, log-uniform in [1e-3, 0.1]
+            dt = np.exp(rng.uniform(np.log(1e-3), np.log(0.1), spec.shape))
+            out[name] = (dt + np.log(-np.expm1(-dt))).astype(np.float32)
         elif name.endswith("pre_logits"):
             out[name] = np.where(np.arange(n) == 0, 1.0, -1.0).astype(np.float32)
         elif name.endswith("post_logits"):
