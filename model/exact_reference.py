@@ -25,6 +25,8 @@ What it mirrors (kernels of :mod:`compiler.graph_kernels` and :mod:`compiler.ops
   denominator summed in key order, the output as FMA chains over keys, ``/ denominator``), SwiGLU
   ``g / (1 + expf(−g)) · u``, the mHC site mix and aggregate, the final RMSNorm (a serial FMA chain) and the LM
   head (per row, 64 lanes of FMA chains over ``d``, then the lanes in order).
+* Not multi-head latent attention nor DeltaNet layers (refused with a ValueError naming the field: their parity is
+  with PyTorch, ``tests/test_mla_compiled.py``).
 * A mixture of experts (``n_experts > 0``): the router on the serial RMSNorm in float64 (:func:`route`), the chosen
   experts' SwiGLU FFNs on the block's one RMSNorm+quantize, their outputs summed by weight (:func:`moe_combine`).
 
@@ -277,6 +279,11 @@ class ExactReference:
 
     def __init__(self, g, arith: Arith = Arith(), record: bool = False) -> None:
         cfg = self.cfg = g.config
+        if cfg.mla or cfg.full_attention_interval:
+            field = "kv_lora_rank" if cfg.mla else "full_attention_interval"
+            raise ValueError(f"{field}={getattr(cfg, field)}: the exact reference mirrors GQA (and MoE) graphs only; "
+                             "compare a latent-attention or DeltaNet model with PyTorch (bench.parity --reference "
+                             "torch)")  # fmt: skip
         self.arith = arith
         t = g.tensors
         self.emb = t["token_embd.weight"].as_stored()  # as the build keeps it (F16/F32; Q8_0 etc. → float16)

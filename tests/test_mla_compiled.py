@@ -248,3 +248,13 @@ def test_tiny_mla_builds_for_cuda_as_one_graph(tmp_path):
     for name, c in res.meta["census"].items():
         if name.startswith("decode_b"):
             assert (c["graphs"], c["kernels_outside"], c["allocations"]) == (1, 0, 0), (name, c)
+
+
+@pytest.mark.unit
+def test_exact_reference_refuses_latent_attention():
+    """The numpy mirror of the compiled graph covers GQA and MoE; an MLA file gets a clear error, not wrong numbers."""
+    from model import exact_reference as er
+    from model.gguf_io import read_gguf
+
+    with pytest.raises(ValueError, match="kv_lora_rank=256"):
+        er.ExactReference(read_gguf(tiny_gguf(**MLA)))
