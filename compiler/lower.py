@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compiler import graph_kernels as gk
+from compiler import graph_kernels_deltanet as gkd
 from compiler import graph_kernels_gpu as gkg
 from compiler import graph_kernels_mla as gkm
 from compiler.constants import CPU_BATCH_SIZES, CPU_PREFILL_CHUNK, CUDA_BATCH_SIZES, CUDA_PREFILL_CHUNK, KV_BLOCK
@@ -154,6 +155,11 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
                     ParamSpec(f"blk.{i}.attn_v_b.weight", (H, c, cfg.head_dim), "int8"),
                     ParamSpec(f"blk.{i}.attn_kv_b.scale", (1,), "float32"),
                     ParamSpec(f"blk.{i}.attn_kv_a_norm.weight", (c,), "float32")]  # fmt: skip
+        if cfg.is_deltanet(i):  # the gate projections [ssm_alpha; ssm_beta], A_log, the dt bias
+            hk = cfg.n_kv_heads
+            out += [ParamSpec(f"blk.{i}.ssm_gates.weight", (2 * hk, D), "float32"),
+                    ParamSpec(f"blk.{i}.ssm_a", (hk,), "float32"),
+                    ParamSpec(f"blk.{i}.ssm_dt.bias", (hk,), "float32")]  # fmt: skip
         for site in ("mhc_attn", "mhc_ffn"):
             out += [ParamSpec(f"blk.{i}.{site}.h_pre", (S,), "float32"),
                     ParamSpec(f"blk.{i}.{site}.h_post", (S,), "float32"),
@@ -168,16 +174,20 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
 
 
 def cache_specs(cfg) -> list[ParamSpec]:
-    """A layer's KV cache tensors, ``kc_{i}`` then ``vc_{i}`` per layer, their shapes after the symbolic
-    ``n_blocks``: GQA float32 keys and values ``[Hkv, block, hd]``; MLA the int8 latent ``[block, c]`` and the float32
-    ``(s/a, k_pe)`` rows ``[block, 1 + r]`` (:mod:`compiler.graph_kernels_mla`). ``meta.json`` lists them
-    (``cache``) for the runtime, which allocates them."""
+    """Each layer's cache tensors, in layer order, their shapes after the symbolic ``n_blocks``: ``kc_{i}`` and
+    ``vc_{i}``, GQA float32 keys and values ``[Hkv, block, hd]`` or MLA's int8 latent ``[block, c]`` and float32
+    ``(s/a, k_pe)`` rows ``[block, 1 + r]`` (:mod:`compiler.graph_kernels_mla`); a DeltaNet layer's ``state_{i}``
+    ``[Hkv, hd, hd]``, one per sequence, in the slot of its first block (:mod:`compiler.graph_kernels_deltanet`).
+    ``meta.json`` lists them (``cache``) for the runtime, which allocates them."""
     if cfg.mla:
         (ks, kt), (vs, vt) = gkm.cache_shapes(cfg.kv_lora_rank, cfg.qk_rope_dim, KV_BLOCK)
     else:
         ks = vs = (cfg.n_kv_heads, KV_BLOCK, cfg.head_dim)
         kt = vt = "float32"
-    return [s for i in range(cfg.n_layers) for s in (ParamSpec(f"kc_{i}", ks, kt), ParamSpec(f"vc_{i}", vs, vt))]
+    ss, stype = gkd.state_shape(cfg.n_kv_heads, cfg.head_dim)
+    return [s for i in range(cfg.n_layers) for s in (
+        (ParamSpec(f"state_{i}", ss, stype),) if cfg.is_deltanet(i) else
+        (ParamSpec(f"kc_{i}", ks, kt), ParamSpec(f"vc_{i}", vs, vt)))]  # fmt: skip
 
 
 def output_specs(cfg, name: str, T: int) -> list[ParamSpec]:
@@ -309,6 +319,11 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto"
             p[f"blk.{i}.{name}.scale"] = np.stack([s.scale for s in stacks], axis=1).astype(np.float32)
         if cfg.n_experts:
             p[f"blk.{i}.ffn_gate_inp.weight"] = g.tensors[f"blk.{i}.ffn_gate_inp.weight"].to_float().astype(np.float32)
+        if cfg.is_deltanet(i):
+            gates = [g.tensors[f"blk.{i}.ssm_{n}.weight"].to_float().astype(np.float32) for n in ("alpha", "beta")]
+            p[f"blk.{i}.ssm_gates.weight"] = np.ascontiguousarray(np.concatenate(gates))
+            p[f"blk.{i}.ssm_a"] = g.tensors[f"blk.{i}.ssm_a"].to_float().astype(np.float32)
+            p[f"blk.{i}.ssm_dt.bias"] = g.tensors[f"blk.{i}.ssm_dt.bias"].to_float().astype(np.float32)
         if cfg.mla:  # attn_kv_b [H·2·hd, c]: per head its hd key rows, then its hd value rows
             tw = g.ternary(f"blk.{i}.attn_kv_b.weight")
             codes = tw.codes.astype(np.int8).reshape(cfg.n_heads, 2, cfg.head_dim, cfg.kv_lora_rank)
@@ -369,7 +384,7 @@ class TargetKernels:
     router_topk: Callable  # (T, E, k): a mixture of experts' top-k and weights from the router's float64 logits
     experts: Callable | None  # (S, M, K, E, P, X): every MoE slot in one kernel, the ids read on the device; None: the
     # tuned GEMV (gemv with E) once per slot, the expert a scalar the host reads (Lowering.moe)
-    mla_gpu: bool  # latent attention's kernels (compiler.graph_kernels_mla) in their CUDA form
+    cuda_forms: bool  # latent attention's and DeltaNet's kernels (graph_kernels_mla, _deltanet) in their CUDA form
 
 
 def _cuda_norm_quant(op):  # RMSNorm+quantize as one kernel (shared-memory reductions) instead of seven
@@ -386,14 +401,14 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         x_words=False, x_sum=True, fixed={}, quantize=gk.quantize, attention=gk.attention,
         attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
         schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
-        rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None, mla_gpu=False,
+        rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None, cuda_forms=False,
     ),
     "tl": TargetKernels(
         name="tl", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8_tl", gemm=None, tile=tl_tile,
         x_words=False, x_sum=False, fixed={}, quantize=gk.quantize, attention=gk.attention,
         attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
         schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
-        rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None, mla_gpu=False,
+        rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None, cuda_forms=False,
     ),
     "dp4a": TargetKernels(
         name="dp4a", prefill_chunk=CUDA_PREFILL_CHUNK, gemv="gemv_dp4a", gemm="gemm_dp4a", tile=None,
@@ -402,7 +417,7 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         lm_head=gkg.lm_head, argmax=gkg.argmax, kv_update=functools.partial(gk.kv_update, gpu=True),
         schedule_small=False, mhc_x_row=True, fused_draft=True, batch_sizes=CUDA_BATCH_SIZES,
         rope_in_attention=True, swiglu_quant=gkg.swiglu_quantize,
-        router_topk=functools.partial(gk.router_topk, gpu=True), experts=gkg.experts_dp4a, mla_gpu=True,
+        router_topk=functools.partial(gk.router_topk, gpu=True), experts=gkg.experts_dp4a, cuda_forms=True,
     ),
 }  # fmt: skip
 
@@ -422,7 +437,7 @@ class _Frame:
     T: int
     pos: object
     table: object
-    cache: list
+    cache: dict  # cache_specs name → var
     pv: dict
     batch: bool
 
@@ -483,11 +498,11 @@ class Lowering:
         inputs = [toks, pos, table] + ([last] if last is not None else [])
         dst = {o.name: _var(o.name, o.shape, o.dtype) for o in output_specs(cfg, name, T)}
         nb = tirx.Var("n_blocks", "int64")
-        cache = [_var(s.name, (nb, *s.shape), s.dtype) for s in cache_specs(cfg)]
+        cache = {s.name: _var(s.name, (nb, *s.shape), s.dtype) for s in cache_specs(cfg)}
         specs = self.specs()
         pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
         f = _Frame(T, pos, table, cache, pv, batch)
-        with bb.function(name, inputs + list(dst.values()) + cache + [pv[s.name] for s in specs]):
+        with bb.function(name, inputs + list(dst.values()) + list(cache.values()) + [pv[s.name] for s in specs]):
             with bb.dataflow():
                 x, u = self.embedding(f, toks)
                 X = None  # the residual streams [T, S, D] between sites
@@ -523,6 +538,8 @@ class Lowering:
 
         if self.cfg.mla:
             return self.latent_attention(f, i, u)
+        if self.cfg.is_deltanet(i):
+            return self.deltanet(f, i, u)
         cfg, T, f32 = self.cfg, f.T, "float32"
         D, H, Hkv, hd, C, KV = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.max_seq_len, cfg.kv_dim
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.attn_norm.weight", u)
@@ -531,8 +548,9 @@ class Lowering:
         vv = self._ternary(f, f"blk.{i}.attn_v", q8, sc, qs, KV, D)
         cos, sin = f.pv["rope.cos"], f.pv["rope.sin"]
         upd_gv = self._te("kv_update", self.k.kv_update, T, Hkv, hd, C, KV_BLOCK)
-        ty = f.cache[2 * i].ty
-        kv_args = [kv, vv, f.pos, f.table, cos, sin, f.cache[2 * i], f.cache[2 * i + 1]]
+        kc, vc = f.cache[f"kc_{i}"], f.cache[f"vc_{i}"]
+        ty = kc.ty
+        kv_args = [kv, vv, f.pos, f.table, cos, sin, kc, vc]
         upd = self.bb.emit(relax.call_tir_inplace(upd_gv, kv_args, [6, 7], [ty, ty]))
         kc, vc = self.bb.emit(relax.TupleGetItem(upd, 0)), self.bb.emit(relax.TupleGetItem(upd, 1))
         scratch = [(shape, f32) for shape in self.k.attention_scratch(T, H, hd, C)]
@@ -557,7 +575,7 @@ class Lowering:
         over the latent cache, the value up-projection, quantize, the output projection → ``y [T, D]``."""
         from tvm import relax
 
-        cfg, T, f32, gpu = self.cfg, f.T, "float32", self.k.mla_gpu
+        cfg, T, f32, gpu = self.cfg, f.T, "float32", self.k.cuda_forms
         D, H, hd, C = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.max_seq_len
         c, r = cfg.kv_lora_rank, cfg.qk_rope_dim
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.attn_norm.weight", u)
@@ -566,7 +584,7 @@ class Lowering:
         lat = self.bb.emit(relax.op.strided_slice(kva, axes=[1], begin=[0], end=[c]))
         c8, ca, _ = self._norm_quant(f, f"blk.{i}.attn_kv_a_norm.weight", lat, D=c)
         cos, sin, p = f.pv["rope.cos"], f.pv["rope.sin"], f"blk.{i}."
-        lc, pc = f.cache[2 * i], f.cache[2 * i + 1]
+        lc, pc = f.cache[f"kc_{i}"], f.cache[f"vc_{i}"]
         upd_gv = self._te("mla_kv_update", functools.partial(gkm.kv_update, gpu=gpu), T, c, r, C, KV_BLOCK)
         args = [c8, ca, kva, f.pv[p + "attn_kv_b.scale"], f.pos, f.table, cos, sin, lc, pc]
         upd = self.bb.emit(relax.call_tir_inplace(upd_gv, args, [8, 9], [lc.ty, pc.ty]))
@@ -582,6 +600,29 @@ class Lowering:
         o = self._call(vup, [ctx, f.pv[p + "attn_v_b.weight"]], [((T, D), f32)])
         o8, osc, osum = self._quantize(T, D, o)
         return self._ternary(f, f"blk.{i}.attn_output", o8, osc, osum, D, D)
+
+    def deltanet(self, f: _Frame, i: int, u):
+        """Layer ``i``'s gated DeltaNet on ``u [T, D]`` (:mod:`compiler.graph_kernels_deltanet`): RMSNorm+quantize,
+        q/k/v (tuned GEMVs, GQA's shapes), the gates from the same int8 activations, the recurrent state update in
+        place (rows in order), quantize, the output projection → ``y [T, D]``."""
+        from tvm import relax
+
+        cfg, T, f32 = self.cfg, f.T, "float32"
+        D, H, Hk, hd, KV, p = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.kv_dim, f"blk.{i}."
+        q8, sc, qs = self._norm_quant(f, p + "attn_norm.weight", u)
+        qv = self._ternary(f, p + "attn_q", q8, sc, qs, D, D)
+        kv = self._ternary(f, p + "attn_k", q8, sc, qs, KV, D)
+        vv = self._ternary(f, p + "attn_v", q8, sc, qs, KV, D)
+        gates = self._te("ssm_gates", gkd.gates, T, 2 * Hk, D, sched=True)
+        gl = self._call(gates, [q8, sc, f.pv[p + "ssm_gates.weight"]], [((T, 2 * Hk), f32)])
+        gpu = self.k.cuda_forms
+        rec = self._te("deltanet", functools.partial(gkd.recurrent, gpu=gpu), T, H, Hk, hd, cfg.max_seq_len, KV_BLOCK)
+        state = f.cache[f"state_{i}"]
+        args = [qv, kv, vv, gl, f.pv[p + "ssm_a"], f.pv[p + "ssm_dt.bias"], f.pos, f.table, state]
+        out = self.bb.emit(relax.call_tir_inplace(rec, args, [8, -1], [state.ty, relax.TensorType((T, D), f32)]))
+        o = self.bb.emit(relax.TupleGetItem(out, 1))
+        o8, osc, osum = self._quantize(T, D, o)
+        return self._ternary(f, p + "attn_output", o8, osc, osum, D, D)
 
     def ffn(self, f: _Frame, i: int, u):
         """Layer ``i``'s gated FFN on ``u [T, D]``: RMSNorm+quantize, gate/up, ``act(gate) · up`` (silu or relu²),
