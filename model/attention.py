@@ -6,8 +6,9 @@ normed input, so a runtime may quantize it once). RoPE is the GPT-NeoX "rotate h
 paired with ``i + h/2`` and rotated by ``pos · θ^(-2i/h)``. ``n_heads / n_kv_heads`` query heads share each K/V head.
 
 A :class:`KVCache` holds the keys and values of every layer for ``[0, pos)`` (for multi-head latent attention,
-:mod:`model.mla`, the latent and the rotated shared key instead); calling the model on new tokens with a cache appends
-them, so decoding one token at a time equals the full-sequence forward.
+:mod:`model.mla`, the latent and the rotated shared key instead; for a gated DeltaNet layer, :mod:`model.deltanet`,
+a fixed-size recurrent state); calling the model on new tokens with a cache appends them, so decoding one token at a
+time equals the full-sequence forward.
 
     python -c "from model.attention import KVCache; print(KVCache.__doc__)"
 """
@@ -47,10 +48,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+CACHE_TIME_DIM = {"k": 2, "v": 2, "latent": 1, "k_pe": 1}  # the position axis of each cache kind (a state has none)
+
+
 class KVCache:
     """Per layer, preallocated for ``max_len`` positions of which ``pos`` are valid: GQA keys and values
     ``k, v [B, n_kv_heads, max_len, head_dim]``, or for multi-head latent attention (:mod:`model.mla`) the normed
-    latent ``latent [B, max_len, kv_lora_rank]`` and the rotated shared key ``k_pe [B, max_len, qk_rope_dim]``."""
+    latent ``latent [B, max_len, kv_lora_rank]`` and the rotated shared key ``k_pe [B, max_len, qk_rope_dim]``. In a
+    gated DeltaNet hybrid (:mod:`model.deltanet`) a DeltaNet layer has no keys and values (``k[layer]`` is None) but
+    a recurrent state ``state[layer] [B, n_kv_heads, head_dim, head_dim]`` (float32 at least), the same size at any
+    ``max_len``; ``state[layer]`` is None for the softmax layers. ``state`` exists only in hybrids."""
 
     def __init__(
         self, config: ModelConfig, batch: int = 1, max_len: int | None = None, device=None, dtype=torch.float32
@@ -58,15 +65,19 @@ class KVCache:
         self.max_len = max_len or config.max_seq_len
         self.mla = config.mla
 
-        def zeros(*shape: int) -> list[torch.Tensor]:
-            return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        def zeros(*shape: int, dtype=dtype, keep=lambda layer: True) -> list[torch.Tensor | None]:
+            return [torch.zeros(shape, device=device, dtype=dtype) if keep(i) else None for i in range(config.n_layers)]
 
         if self.mla:
             self.latent = zeros(batch, self.max_len, config.kv_lora_rank)
             self.k_pe = zeros(batch, self.max_len, config.qk_rope_dim)
         else:
-            self.k = zeros(batch, config.n_kv_heads, self.max_len, config.head_dim)
-            self.v = zeros(batch, config.n_kv_heads, self.max_len, config.head_dim)
+            softmax = lambda layer: not config.is_deltanet(layer)  # noqa: E731
+            self.k = zeros(batch, config.n_kv_heads, self.max_len, config.head_dim, keep=softmax)
+            self.v = zeros(batch, config.n_kv_heads, self.max_len, config.head_dim, keep=softmax)
+        if config.deltanet_layers:  # a reduced-precision cache (bf16 under autocast) still sums the state in float32
+            hd, state_dtype = config.head_dim, torch.promote_types(dtype, torch.float32)
+            self.state = zeros(batch, config.n_kv_heads, hd, hd, dtype=state_dtype, keep=config.is_deltanet)
         self.pos = 0
 
     def _end(self, pos: int, t: int) -> int:
@@ -91,22 +102,33 @@ class KVCache:
         self.k_pe[layer][:, pos:end] = k_pe
         return self.latent[layer][:, :end], self.k_pe[layer][:, :end]
 
+    def _layers(self) -> dict[str, list[torch.Tensor | None]]:
+        kinds = ("latent", "k_pe") if self.mla else ("k", "v")
+        return {kind: getattr(self, kind) for kind in (*kinds, "state") if hasattr(self, kind)}
+
     def tensors(self) -> dict[str, list[torch.Tensor]]:
-        """The cache's tensors by kind (``k``/``v`` or ``latent``/``k_pe``), one per layer; batch is dimension 0."""
-        return {"latent": self.latent, "k_pe": self.k_pe} if self.mla else {"k": self.k, "v": self.v}
+        """The cache's tensors by kind (``k``/``v`` or ``latent``/``k_pe``, and ``state`` in a DeltaNet hybrid), one
+        per layer that has that kind, in layer order; batch is dimension 0."""
+        out = {kind: [t for t in layers if t is not None] for kind, layers in self._layers().items()}
+        return {kind: ts for kind, ts in out.items() if ts}
 
     def fill_from(self, other: KVCache) -> None:
-        """Copy ``other``'s ``other.pos`` valid positions into every row (one prompt's cache to a batch)."""
-        time, n = (1 if self.mla else 2), other.pos
+        """Copy ``other``'s ``other.pos`` valid positions (and its states) into every row (one prompt's cache to a
+        batch)."""
+        n = other.pos
         for kind, mine in self.tensors().items():
+            time = CACHE_TIME_DIM.get(kind)
             for dst, src in zip(mine, other.tensors()[kind], strict=True):
-                dst.narrow(time, 0, n).copy_(src.narrow(time, 0, n))  # broadcasts over the batch
+                if time is None:
+                    dst.copy_(src)  # broadcasts over the batch
+                else:
+                    dst.narrow(time, 0, n).copy_(src.narrow(time, 0, n))
         self.pos = n
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Keep only the batch rows ``index`` (in that order)."""
-        for kind, layers in self.tensors().items():
-            setattr(self, kind, [t.index_select(0, index) for t in layers])
+        for kind, layers in self._layers().items():
+            setattr(self, kind, [None if t is None else t.index_select(0, index) for t in layers])
 
 
 class Attention(nn.Module):

@@ -4,7 +4,7 @@ Every ternary matrix is stored as its dequantized float32 weight ``W = s · code
 per token to int8 values (``round(x · 127/amax)`` in float32, as in :mod:`model.bitlinear`), so the ONNX graph
 computes the quantized model up to float32 summation order. The KV cache is not exported (full-sequence forward);
 RoPE tables cover ``max_seq_len``. Uses the TorchScript exporter (``dynamo=False``), which needs no extra package.
-The file is validated with ``onnx.checker``.
+The file is validated with ``onnx.checker``. Gated DeltaNet hybrids (:mod:`model.deltanet`) are refused.
 
     python -m model.onnx_export model.gguf model.onnx
 """
@@ -64,7 +64,12 @@ def _dequantize_inplace(model: Transformer) -> Transformer:
 def export_onnx(model: Transformer, path: str | Path, example_len: int = 8, in_place: bool = False) -> onnx.ModelProto:
     """Export, check with ``onnx.checker`` (by path: a model over 2 GB keeps its weights in external files next to
     ``path``) and return the model proto (without loading external weights). ``in_place=True`` dequantizes
-    ``model`` itself instead of a deep copy (half the memory for a large model; ``model`` is then changed)."""
+    ``model`` itself instead of a deep copy (half the memory for a large model; ``model`` is then changed). A gated
+    DeltaNet hybrid is refused: its chunk loop depends on the sequence length, which the traced graph would fix."""
+    if model.config.full_attention_interval:
+        raise ValueError(f"ONNX export does not support gated DeltaNet layers (full_attention_interval="
+                         f"{model.config.full_attention_interval}): their chunked recurrence is a Python loop over the "
+                         "sequence, which tracing would fix to the example's length")  # fmt: skip
     wrapped = _Logits(_dequantize_inplace(model) if in_place else dequantized_copy(model))
     example = torch.zeros(1, example_len, dtype=torch.long)
     with warnings.catch_warnings():

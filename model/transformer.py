@@ -14,7 +14,9 @@ norm_k(emb(x_{t+k+1})))``; ``lm_head(g_k)`` predicts the token ``t + k + 2`` (``
 decode time the tokens fed are the main model's pick and then each step's own draft (:mod:`runtime.spec_decode`).
 
 With ``kv_lora_rank > 0`` attention is multi-head latent attention (:mod:`model.mla`) and the KV cache holds each
-token's latent instead of its keys and values.
+token's latent instead of its keys and values. With ``full_attention_interval = n > 0`` the model is a gated DeltaNet
+hybrid: the token mixer of layer ``i`` is a :class:`~model.deltanet.GatedDeltaNet` unless ``(i + 1) % n == 0``, and
+the cache holds a fixed-size state for those layers.
 
 Weights move to and from GGUF through :meth:`Transformer.gguf_tensors` / :meth:`Transformer.from_gguf_tensors`,
 keyed by the tensor names of :mod:`model.gguf_io` (an MoE block's experts as one stacked tensor per matrix kind).
@@ -34,6 +36,7 @@ from model import mhc
 from model.attention import Attention, KVCache, RMSNorm, rope_tables
 from model.bitlinear import BitLinear
 from model.config import ModelConfig
+from model.deltanet import GatedDeltaNet
 from model.mhc_static import MHCCoefficients
 from model.mla import LatentAttention
 from model.moe import MoEFFN
@@ -70,11 +73,14 @@ class GatedFFN(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer block: an attention site and an FFN site, each an mHC-lite residual update."""
+    """One transformer block: an attention (or DeltaNet) site and an FFN site, each an mHC-lite residual update."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.attn = LatentAttention(config, layer) if config.mla else Attention(config, layer)
+        if config.is_deltanet(layer):
+            self.attn = GatedDeltaNet(config, layer)
+        else:
+            self.attn = LatentAttention(config, layer) if config.mla else Attention(config, layer)
         self.ffn = MoEFFN(config) if config.n_experts else GatedFFN(config)
         self.mhc_attn = mhc.MHCSite(config.n_streams, 2 * layer)
         self.mhc_ffn = mhc.MHCSite(config.n_streams, 2 * layer + 1)
@@ -204,7 +210,11 @@ class Transformer(nn.Module):
                         p + "attn_kv_b.weight": b.attn.kv_b}  # fmt: skip
             else:
                 out |= {p + "attn_k.weight": b.attn.k, p + "attn_v.weight": b.attn.v}
-            out |= {p + "attn_output.weight": b.attn.o, p + "ffn_norm.weight": b.ffn.norm.weight}
+            out[p + "attn_output.weight"] = b.attn.o
+            if isinstance(b.attn, GatedDeltaNet):  # the gate projections, A_log and the dt bias
+                out |= {p + "ssm_alpha.weight": b.attn.w_alpha, p + "ssm_beta.weight": b.attn.w_beta,
+                        p + "ssm_a": b.attn.A_log, p + "ssm_dt.bias": b.attn.dt_bias}  # fmt: skip
+            out[p + "ffn_norm.weight"] = b.ffn.norm.weight
             if self.config.n_experts:
                 out[p + "ffn_gate_inp.weight"] = b.ffn.router.weight
                 for kind in ("gate", "up", "down"):

@@ -232,13 +232,15 @@ class LossModule(nn.Module):
 
 
 def make_optimizers(model: Transformer, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-    """Muon for 2-D hidden matrices, AdamW for the rest (embeddings, the LM head and MoE routers are not "hidden").
+    """Muon for 2-D hidden matrices, AdamW for the rest (embeddings, the LM head, MoE routers and DeltaNet's float
+    gate projections are not "hidden"; nor are DeltaNet's ``A_log`` and ``dt_bias``, vectors as the norms).
 
     ``cfg.optimizer`` picks the Muon variant (``muon8``: 8-bit momentum; ``galore``: momentum in a low-rank gradient
     subspace) and ``cfg.adamw_bits`` AdamW's; the matrix optimizer is ``"muon"`` in the returned dict either way."""
     matrices, others = [], []
     for name, p in model.named_parameters():
-        hidden = p.ndim == 2 and not name.startswith(("tok_emb", "lm_head")) and not name.endswith("router.weight")
+        hidden = p.ndim == 2 and not name.startswith(("tok_emb", "lm_head"))
+        hidden = hidden and not name.endswith(("router.weight", ".w_alpha", ".w_beta"))
         (matrices if hidden else others).append(p)
     fused = next(model.parameters()).is_cuda
     kw = {"lr": cfg.lr_matrix, "weight_decay": cfg.weight_decay}
