@@ -67,7 +67,7 @@ def decode_bytes(meta: dict, pos: float = 0.0) -> dict:
     Everything is read in full except ``token_embd.weight`` (one row), the RoPE tables (one row each) and a mixture of
     experts' stacks (``*_exps.weight``: the ``n_experts_used`` of ``n_experts`` a token picks). ``kv_cache`` is what
     attention reads at position ``pos`` (every layer's cache entries of ``0..pos``, ``meta["cache"]``: GQA keys and
-    values, or MLA's latent rows); it is not part of ``weights``."""
+    values, or MLA's latent rows; a DeltaNet layer's state, whatever ``pos``); it is not part of ``weights``."""
     out = {"ternary": 0, "lm_head": 0, "embedding_row": 0, "norms": 0, "scales_mhc_rope": 0}
     c = meta["config"]
     for name, shape, dtype in meta["params"]:
@@ -87,8 +87,10 @@ def decode_bytes(meta: dict, pos: float = 0.0) -> dict:
         else:
             out["scales_mhc_rope"] += n
     out["weights"] = sum(out.values())
-    per_block = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in meta["cache"])
-    out["kv_cache"] = int(per_block // int(meta["kv_block"]) * (pos + 1))
+    size = {n: int(np.prod(shape)) * np.dtype(dtype).itemsize for n, shape, dtype in meta["cache"]}
+    per_block = sum(b for n, b in size.items() if not n.startswith("state_"))
+    state = sum(b for n, b in size.items() if n.startswith("state_"))  # DeltaNet: one state per sequence
+    out["kv_cache"] = int(per_block // int(meta["kv_block"]) * (pos + 1) + state)
     return out
 
 

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # An architecture variant against its baseline at the same training compute (issue 21), on one H200 in one device
 # call (< 9.5 minutes): build the corpus and shards with the shipped GGUF's tokenizer, train the two presets of MODELS
-# (the variant first, then the baseline; default "small-moe small": 8 ternary experts of 768, top 2, against the
-# dense FFN of 1536; "small-mla small": latent attention against GQA) from scratch, one after the other, with the same
+# (the variants first, the baseline last; default "small-moe small": 8 ternary experts of 768, top 2, against the
+# dense FFN of 1536; "small-mla small-deltanet small": latent attention and a DeltaNet hybrid against GQA) from scratch, one after the other, with the same
 # data, steps, batch, sequence length, optimizer settings and seed, then export both (GGUF, exactness-checked) and
 # score both on the same held-out tokens (train.eval: bits/byte on the val split's first EVAL_TOKENS tokens), and
 # write to $OUT: ${NAME}_compare.json (the summary; NAME default: moe), loss_<preset>.png, model_<preset>.gguf (only if
 # < 16 MiB: "small" is ~15 MB, "small-moe" ~30 MB is left out) and runs.tgz (metrics, configs, evaluations, corpus and
 # shard summaries, logs): at most 6 files, within what the device tool returns.
 #   OUT=<results folder> bash scripts/variant_train_h200.sh                                (device tool: carry .whl)
-#   OUT=<results folder> MODELS="small-mla small" NAME=mla bash scripts/variant_train_h200.sh
+#   OUT=<results folder> MODELS="small-mla small-deltanet small" NAME=attention STEPS=400 bash scripts/variant_train_h200.sh
 # CPU dry run (a few minutes; ROOTS = two stdlib packages; one layer, no compile: Muon's bf16 Newton-Schulz takes
 # seconds per matrix on a CPU, so the full presets need minutes per step there):
 #   S=$(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])"); STEPS=2 BATCH=2 SEQ=64 EVAL_EVERY=1
@@ -59,7 +59,7 @@ DATA_MB=${DATA_MB:-$((STEPS * BATCH * SEQ * 7 / 1000000 + 1))}  # 2 × ~3.5 byte
 ROOTS=${ROOTS:-stdlib,site-packages}
 GGUF=${GGUF:-models/small.gguf}  # only its tokenizer is used
 TRAIN_ARGS=${TRAIN_ARGS---compile} EVAL_ARGS=${EVAL_ARGS:-} PREP_ARGS=${PREP_ARGS:-}
-read -r -a MODELS <<< "${MODELS:-small-moe small}"  # the variant, then its baseline
+read -r -a MODELS <<< "${MODELS:-small-moe small}"  # the variants, then their baseline
 NAME=${NAME:-moe}
 mkdir -p "$OUT" "$W"
 results() {  # on any exit: whatever exists so far, in few files (the device tool returns at most 8)
@@ -208,41 +208,51 @@ for name in models:
     if cfg:
         settings[name] = {k: v for k, v in cfg["train"].items() if k not in ("preset", "out")}
     res[name] = r
-moe, dense = models[0], models[1]  # the variant, its baseline
-common = sorted(set(curves[moe]) & set(curves[dense]))
-keys = sorted(settings[moe].keys() | settings[dense].keys()) if len(settings) == 2 else []
-differ = {k: [settings[moe].get(k), settings[dense].get(k)] for k in keys
-          if settings[moe].get(k) != settings[dense].get(k)}  # fmt: skip
-cmp = {"same_train_settings": len(settings) == 2 and not differ, "train_settings_differ": differ,
-       "equal_tokens": {"steps": common, "tokens": [s * batch * seq for s in common],
-                        "val_loss": {n: [curves[n][s] for s in common] for n in models},
-                        "note": "train.train's loop evaluation: next-token CE (nats) on the val split's first "
-                                "eval_tokens tokens (end-of-text targets included), same tokens for both models"}}
-if common:
-    s = common[-1]
-    gap = curves[moe][s] - curves[dense][s]
-    cmp["equal_tokens"]["largest"] = {"step": s, "tokens": s * batch * seq, moe: curves[moe][s],
-                                      dense: curves[dense][s], "variant_minus_baseline_nats": gap}
-hm, hd = res[moe].get("heldout"), res[dense].get("heldout")
-if hm and hd:
-    same = res[moe].get("tokens_seen") == res[dense].get("tokens_seen")
-    cmp["heldout_bits_per_byte"] = {moe: hm["bits_per_byte"], dense: hd["bits_per_byte"],
-                                    "variant_minus_baseline": hm["bits_per_byte"] - hd["bits_per_byte"],
-                                    "variant_relative_pct": 100 * (hm["bits_per_byte"] / hd["bits_per_byte"] - 1),
-                                    "at_equal_tokens": same, "note": "lower is better; > 0: the variant is worse"}
-if res[moe].get("tokens_per_s_steady") and res[dense].get("tokens_per_s_steady"):
-    cmp["variant_speed_vs_baseline"] = {k: res[moe][k] / res[dense][k] for k in ("tokens_per_s_steady", "tokens_per_s_wall")
-                                 if res[moe].get(k) and res[dense].get(k)}
+dense = models[-1]  # the baseline; every model before it is a variant compared with it
+
+
+def compare(moe: str) -> dict:
+    common = sorted(set(curves[moe]) & set(curves[dense]))
+    both = moe in settings and dense in settings
+    keys = sorted(settings[moe].keys() | settings[dense].keys()) if both else []
+    differ = {k: [settings[moe].get(k), settings[dense].get(k)] for k in keys
+              if settings[moe].get(k) != settings[dense].get(k)}  # fmt: skip
+    cmp = {"same_train_settings": both and not differ, "train_settings_differ": differ,
+           "equal_tokens": {"steps": common, "tokens": [s * batch * seq for s in common],
+                            "val_loss": {n: [curves[n][s] for s in common] for n in (moe, dense)},
+                            "note": "train.train's loop evaluation: next-token CE (nats) on the val split's first "
+                                    "eval_tokens tokens (end-of-text targets included), same tokens for both models"}}
+    if common:
+        s = common[-1]
+        gap = curves[moe][s] - curves[dense][s]
+        cmp["equal_tokens"]["largest"] = {"step": s, "tokens": s * batch * seq, moe: curves[moe][s],
+                                          dense: curves[dense][s], "variant_minus_baseline_nats": gap}
+    hm, hd = res[moe].get("heldout"), res[dense].get("heldout")
+    if hm and hd:
+        same = res[moe].get("tokens_seen") == res[dense].get("tokens_seen")
+        cmp["heldout_bits_per_byte"] = {moe: hm["bits_per_byte"], dense: hd["bits_per_byte"],
+                                        "variant_minus_baseline": hm["bits_per_byte"] - hd["bits_per_byte"],
+                                        "variant_relative_pct": 100 * (hm["bits_per_byte"] / hd["bits_per_byte"] - 1),
+                                        "at_equal_tokens": same, "note": "lower is better; > 0: the variant is worse"}
+    if res[moe].get("tokens_per_s_steady") and res[dense].get("tokens_per_s_steady"):
+        cmp["variant_speed_vs_baseline"] = {k: res[moe][k] / res[dense][k] for k in
+                                        ("tokens_per_s_steady", "tokens_per_s_wall") if res[moe].get(k) and res[dense].get(k)}
+    return cmp
+
+
+comparisons = {v: compare(v) for v in models[:-1]}
 env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-summary = {"issue": 21, "variant": moe, "baseline": dense, "budget": {"steps": steps, "batch_size": batch, "seq_len": seq, "tokens": steps * batch * seq},
-           "env": env, "train_settings": settings.get(dense), "comparison": cmp, "runs": res}
+summary = {"issue": 21, "variants": models[:-1], "baseline": dense,
+           "budget": {"steps": steps, "batch_size": batch, "seq_len": seq, "tokens": steps * batch * seq},
+           "env": env, "train_settings": settings.get(dense), "comparison": comparisons, "runs": res}
 (out / f"{tag}_compare.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(f"{'preset':10} {'status':11} {'steps':>6} {'tokens':>11} {'tok/s':>10} {'train CE':>9} {'held-out bpb':>12}")
 for n, r in res.items():
     bpb = r.get("heldout", {}).get("bits_per_byte", math.nan)
     print(f"{n:10} {r['status']:11} {r.get('steps', 0):6} {r.get('tokens_seen', 0):11} "
           f"{r.get('tokens_per_s_steady', math.nan):10.0f} {r.get('final_train_ce', math.nan):9.4f} {bpb:12.4f}")
-brief = {k: v for k, v in cmp.items() if k != "equal_tokens"}
-print(json.dumps(brief | {"largest_equal_tokens": cmp["equal_tokens"].get("largest")}))
+for v, cmp in comparisons.items():
+    brief = {k: x for k, x in cmp.items() if k != "equal_tokens"}
+    print(v, json.dumps(brief | {"largest_equal_tokens": cmp["equal_tokens"].get("largest")}))
 PY
 echo "total $(($(date +%s) - T0)) s"
