@@ -780,7 +780,7 @@ class Lowering:
         pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
         with self.bb.function(f"draft{heads}_b{B}", [g, tok, dst] + [pv[s.name] for s in specs]):
             with self.bb.dataflow():
-                toks = self._copy_into(self._draft_steps(_Frame(B, None, None, [], pv, True, ()), g, tok, heads), dst)
+                toks = self._copy_into(self._draft_steps(_Frame(B, None, None, {}, pv, True), g, tok, heads), dst)
                 out = self.bb.emit_output(_results([toks]))
             self.bb.emit_func_output(out)
 
