@@ -123,3 +123,29 @@ def assert_pytorch_parity(engine, model: Transformer, prompt: list[int], steps: 
         mine = int(np.argmax(g))
         assert mine == want or r[want] - r[mine] <= 2 * e, (step, want, mine, float(r[want] - r[mine]), e)
     return errs
+
+
+def random_prompt(n: int, seed: int = 0) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(1, 500, n)]
+
+
+def assert_batch_rows_equal_alone(engine) -> None:
+    """Each row of the engine's largest ``decode_b{B}`` (sequences of different lengths, each in its own blocks or
+    state) gets bit for bit the logits it gets decoded alone."""
+    from runtime.kv_cache import Sequence
+
+    B = max(engine.batch_sizes)
+    alone = []
+    for s in range(B):
+        engine.reset()
+        engine.prefill(random_prompt(3 + 5 * s, s))
+        alone.append(engine.decode(7))
+    seqs = []
+    for s in range(B):
+        seq = Sequence()
+        engine.prefill(random_prompt(3 + 5 * s, s), seq=seq)
+        seqs.append(seq)
+    rows = engine.decode_batch(seqs, [7] * B)
+    for s in range(B):
+        np.testing.assert_array_equal(rows[s], alone[s])
+        engine.pool.release(seqs[s])

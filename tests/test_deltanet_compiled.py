@@ -15,12 +15,18 @@ import math
 import numpy as np
 import pytest
 from kernel_helpers import X86
-from runtime_helpers import assert_pytorch_parity, built, reference, tiny_gguf
+from runtime_helpers import (
+    assert_batch_rows_equal_alone,
+    assert_pytorch_parity,
+    built,
+    random_prompt,
+    reference,
+    tiny_gguf,
+)
 
 from compiler import cuda_cross
 from compiler import graph_kernels_deltanet as gkd
 from runtime.engine import Engine
-from runtime.kv_cache import Sequence
 from targets import get_target
 
 HYBRID = {"full_attention_interval": 2}  # on tiny: layer 0 DeltaNet, layer 1 softmax attention
@@ -109,17 +115,13 @@ def test_recurrent_state_update(gpu, case):
         np.testing.assert_allclose(st, want_st, rtol=1e-4, atol=1e-5)  # untouched slots keep their garbage
 
 
-def _prompt(n: int, seed: int = 0) -> list[int]:
-    return [int(t) for t in np.random.default_rng(seed).integers(1, 500, n)]
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("target", X86)
 def test_tiny_deltanet_hybrid_matches_pytorch(target):
     """Teacher-forced over a prompt longer than a prefill chunk: logits within the int8 tolerance at every step."""
     path = tiny_gguf(**HYBRID)
     engine = Engine(built(path, target).dir, path)
-    assert_pytorch_parity(engine, reference(path), _prompt(21), steps=24)
+    assert_pytorch_parity(engine, reference(path), random_prompt(21), steps=24)
 
 
 @pytest.mark.e2e
@@ -128,21 +130,7 @@ def test_tiny_deltanet_decode_batch_rows_equal_alone():
     decoded alone."""
     path = tiny_gguf(**HYBRID)
     engine = Engine(built(path, "avx2").dir, path)
-    B = max(engine.batch_sizes)
-    alone = []
-    for s in range(B):
-        engine.reset()
-        engine.prefill(_prompt(3 + 5 * s, s))
-        alone.append(engine.decode(7))
-    seqs = []
-    for s in range(B):
-        seq = Sequence()
-        engine.prefill(_prompt(3 + 5 * s, s), seq=seq)
-        seqs.append(seq)
-    rows = engine.decode_batch(seqs, [7] * B)
-    for s in range(B):
-        np.testing.assert_array_equal(rows[s], alone[s])
-        engine.pool.release(seqs[s])
+    assert_batch_rows_equal_alone(engine)
 
 
 @pytest.mark.build

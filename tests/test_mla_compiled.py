@@ -21,7 +21,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_helpers import X86
-from runtime_helpers import assert_pytorch_parity, built, reference, tiny_gguf
+from runtime_helpers import (
+    assert_batch_rows_equal_alone,
+    assert_pytorch_parity,
+    built,
+    random_prompt,
+    reference,
+    tiny_gguf,
+)
 
 from compiler import cuda_cross
 from compiler import graph_kernels as gk
@@ -29,7 +36,6 @@ from compiler import graph_kernels_mla as gkm
 from compiler.lower import cache_specs
 from model.config import get_config
 from runtime.engine import Engine
-from runtime.kv_cache import Sequence
 from targets import get_target
 
 MLA = {"kv_lora_rank": 256, "n_kv_heads": 4, "qk_rope_dim": 32}  # on tiny: 4 heads of 64
@@ -200,10 +206,6 @@ def test_cache_bytes_per_token_are_a_quarter_of_gqa_or_less():
         assert total == cfg.kv_bytes_per_token * 16  # one block of 16 positions per tensor
 
 
-def _prompt(n: int, seed: int = 0) -> list[int]:
-    return [int(t) for t in np.random.default_rng(seed).integers(1, 500, n)]
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("target", X86)
 def test_tiny_mla_matches_pytorch(target):
@@ -211,7 +213,7 @@ def test_tiny_mla_matches_pytorch(target):
     tolerance at every step, greedy tokens equal wherever PyTorch's margin exceeds the error."""
     path = tiny_gguf(**MLA)
     engine = Engine(built(path, target).dir, path)
-    assert_pytorch_parity(engine, reference(path), _prompt(21), steps=24)
+    assert_pytorch_parity(engine, reference(path), random_prompt(21), steps=24)
 
 
 @pytest.mark.e2e
@@ -220,21 +222,7 @@ def test_tiny_mla_decode_batch_rows_equal_alone():
     decoded alone."""
     path = tiny_gguf(**MLA)
     engine = Engine(built(path, "avx2").dir, path)
-    B = max(engine.batch_sizes)
-    alone = []
-    for s in range(B):
-        engine.reset()
-        engine.prefill(_prompt(3 + 5 * s, s))
-        alone.append(engine.decode(7))
-    seqs = []
-    for s in range(B):
-        seq = Sequence()
-        engine.prefill(_prompt(3 + 5 * s, s), seq=seq)
-        seqs.append(seq)
-    rows = engine.decode_batch(seqs, [7] * B)
-    for s in range(B):
-        np.testing.assert_array_equal(rows[s], alone[s])
-        engine.pool.release(seqs[s])
+    assert_batch_rows_equal_alone(engine)
 
 
 @pytest.mark.build
