@@ -16,7 +16,9 @@ fed the token picked after ``hidden`` (:meth:`Lowering.draft`). Rows of one sequ
 written before any row attends, so row ``t`` sees the rows before it.
 
 Each ``kc_l``/``vc_l`` is ``float32[n_blocks, Hkv, K, hd]``, ``n_blocks`` symbolic: the runtime sizes the cache
-(:mod:`runtime.kv_cache`). Row ``t`` holds one token at position ``pos[t]`` of the sequence whose block table is
+(:mod:`runtime.kv_cache`). Latent attention caches its int8 latent and ``(s/a, k_pe)`` rows instead, and a DeltaNet
+layer has one ``state_l`` (:func:`cache_specs`; ``meta.json["cache"]`` tells the runtime). Row ``t`` holds one
+token at position ``pos[t]`` of the sequence whose block table is
 ``table[t]`` (position ``p`` lives in block ``table[t, p // K]``, slot ``p % K``); the graph writes the row's key and
 value there **in place** (``call_tir_inplace``) and attends over that sequence's positions ``0 .. pos[t]``. A
 ``decode_b{B}`` row is one sequence's next token (the batch: each sequence at its own position, each ternary matrix
