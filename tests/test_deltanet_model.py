@@ -15,16 +15,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from model_helpers import tiny_spec
+from model_helpers import assert_gguf_round_trip
 
 from model.attention import Attention
 from model.config import get_config
 from model.deltanet import GatedDeltaNet, chunk_gated_delta_rule, l2norm, recurrent_gated_delta_rule
 from model.generate import generate
-from model.gguf_io import GGMLType, GGUFError, parse_gguf, read_gguf, tensor_specs, write_gguf
+from model.gguf_io import GGMLType, GGUFError, parse_gguf, read_gguf, tensor_specs
 from model.random_model import write_random_gguf
 from model.sampling import SamplingParams
-from model.ternary.quant import TernaryWeights
 from model.transformer import Transformer
 from train.rl import sample_group
 from train.train import TrainConfig, make_optimizers
@@ -321,21 +320,8 @@ def test_gguf_round_trip_gives_identical_logits(tmp_path, interval, ttype, overr
     assert np.array_equal(tensors["blk.0.ssm_a"], attn.A_log.detach().numpy()) and tensors["blk.0.ssm_a"].shape == (HK,)
     assert np.array_equal(tensors["blk.0.ssm_alpha.weight"], attn.w_alpha.detach().numpy())
     assert tensors["blk.0.attn_k.weight"].codes.shape == (HK * HD, D)
-    path = tmp_path / "deltanet.gguf"
-    write_gguf(path, cfg, tensors, tiny_spec(cfg.vocab_size), ttype, GGMLType.F32)
-    g = read_gguf(path)
-    assert g.config == cfg and g.config.full_attention_interval == interval
-    back = g.model_tensors()
-    for name, want in tensors.items():
-        got = back[name]
-        if isinstance(want, TernaryWeights):
-            assert np.array_equal(got.scale, want.scale) and np.array_equal(got.codes, want.codes), name
-        else:
-            assert np.array_equal(got, want), name
-    again = Transformer.from_gguf_tensors(g.config, back).eval()
-    idx = torch.randint(0, cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(again(idx), model(idx))
+    assert cfg.full_attention_interval == interval
+    back = assert_gguf_round_trip(model, tmp_path / "deltanet.gguf", ttype, tokens=70)
     del back["blk.0.ssm_dt.bias"]
     with pytest.raises(ValueError, match=r"missing \['blk\.0\.ssm_dt\.bias'\]"):
         Transformer.from_gguf_tensors(cfg, back)

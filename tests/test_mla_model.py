@@ -14,16 +14,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from model_helpers import tiny_spec
+from model_helpers import assert_gguf_round_trip
 
 from model.attention import Attention, KVCache, apply_rope
 from model.config import get_config
 from model.generate import generate
-from model.gguf_io import ARCH, GGMLType, GGUFError, read_gguf, tensor_specs, write_gguf
+from model.gguf_io import ARCH, GGMLType, GGUFError, read_gguf, tensor_specs
 from model.mla import LatentAttention
 from model.random_model import write_random_gguf
 from model.sampling import SamplingParams
-from model.ternary.quant import TernaryWeights
 from model.transformer import Transformer
 from train.rl import sample_group
 from train.train import TrainConfig, make_optimizers
@@ -235,21 +234,7 @@ def test_gguf_round_trip_gives_identical_logits(tmp_path, ttype, overrides):
     assert tensors["blk.0.attn_kv_a_mqa.weight"].codes.shape == (C + R, 256)
     assert tensors["blk.0.attn_kv_b.weight"].codes.shape == (2 * H * HD, C)
     assert np.array_equal(tensors["blk.1.attn_kv_a_norm.weight"], model.blocks[1].attn.kv_norm.weight.detach().numpy())
-    path = tmp_path / "mla.gguf"
-    write_gguf(path, cfg, tensors, tiny_spec(cfg.vocab_size), ttype, GGMLType.F32)
-    g = read_gguf(path)
-    assert g.config == cfg
-    back = g.model_tensors()
-    for name, want in tensors.items():
-        got = back[name]
-        if isinstance(want, TernaryWeights):
-            assert np.array_equal(got.scale, want.scale) and np.array_equal(got.codes, want.codes), name
-        else:
-            assert np.array_equal(got, want), name
-    again = Transformer.from_gguf_tensors(g.config, back).eval()
-    idx = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(again(idx), model(idx))
+    back = assert_gguf_round_trip(model, tmp_path / "mla.gguf", ttype)
     del back["blk.1.attn_kv_b.weight"]
     with pytest.raises(ValueError, match=r"missing \['blk\.1\.attn_kv_b\.weight'\]"):
         Transformer.from_gguf_tensors(cfg, back)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model_helpers import tiny_spec
+from model_helpers import assert_gguf_round_trip
 
 from model.config import get_config
-from model.gguf_io import GGMLType, read_gguf, tensor_specs, write_gguf
+from model.gguf_io import GGMLType, read_gguf, tensor_specs
 from model.moe import MoEFFN, balance_loss, top_experts
 from model.random_model import random_tensors, write_random_gguf
 from model.ternary.quant import TernaryWeights
@@ -189,21 +189,7 @@ def test_gguf_round_trip_gives_identical_logits(tmp_path, ttype, overrides):
     gate = tensors["blk.1.ffn_gate_exps.weight"]
     assert gate.stacked and gate.codes.shape == (cfg.n_experts, cfg.ffn_hidden, cfg.d_model)
     assert tensors["blk.1.ffn_gate_inp.weight"].shape == (cfg.n_experts, cfg.d_model)
-    path = tmp_path / "moe.gguf"
-    write_gguf(path, cfg, tensors, tiny_spec(cfg.vocab_size), ttype, GGMLType.F32)
-    g = read_gguf(path)
-    assert g.config == cfg
-    back = g.model_tensors()
-    for name, want in tensors.items():
-        got = back[name]
-        if isinstance(want, TernaryWeights):
-            assert np.array_equal(got.scale, want.scale) and np.array_equal(got.codes, want.codes), name
-        else:
-            assert np.array_equal(got, want), name
-    again = Transformer.from_gguf_tensors(g.config, back).eval()
-    idx = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(again(idx), model(idx))
+    assert_gguf_round_trip(model, tmp_path / "moe.gguf", ttype)
 
 
 def test_loading_a_stack_with_the_wrong_expert_count_fails_clearly():
