@@ -112,8 +112,8 @@ def run(a) -> dict:
                     "weight_bytes": read["weights"]}  # fmt: skip
             rows.append(row)
     base = config_of(a.baseline, a.max_seq_len).kv_bytes_per_token
-    kv = {n: {"kv_bytes_per_token": config_of(n, a.max_seq_len).kv_bytes_per_token,
-              "ratio": config_of(n, a.max_seq_len).kv_bytes_per_token / base} for n in names}  # fmt: skip
+    per_token = {n: config_of(n, a.max_seq_len).kv_bytes_per_token for n in names}
+    kv = {n: {"kv_bytes_per_token": b, "ratio": b / base} for n, b in per_token.items()}
     return {"target": target, "threads": a.threads, "runs": a.runs, "max_seq_len": a.max_seq_len, "rows": rows,
             "variant_vs_baseline_decode": ratios, "decode_rate_last_vs_first_context": flat, "kv_bytes": kv,
             "goals": {"mla_kv_bytes_ratio_max": 0.25, "mla_decode_at_2048_ratio_min": 1.0,

@@ -220,11 +220,12 @@ class ModelConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes the compiled KV cache holds per token over all layers: GQA float32 keys and values
+        """Bytes the compiled KV cache holds per token over its softmax-attention layers: GQA float32 keys and values
         (``2 · n_kv_heads · head_dim · 4``); MLA the int8 latent the ternary ``attn_kv_b`` reads, its dequantization
-        scale and the rotated key part (``kv_lora_rank + 4 · (1 + qk_rope_dim)``)."""
+        scale and the rotated key part (``kv_lora_rank + 4 · (1 + qk_rope_dim)``). DeltaNet layers hold no per-token
+        cache (their state: :attr:`state_bytes`, per sequence)."""
         per_layer = self.kv_lora_rank + 4 * (1 + self.qk_rope_dim) if self.mla else 8 * self.kv_dim
-        return (self.n_layers - len(self.deltanet_layers)) * per_layer  # DeltaNet layers: state_bytes, per sequence
+        return (self.n_layers - len(self.deltanet_layers)) * per_layer
 
     @property
     def state_bytes(self) -> int:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# An architecture variant against its baseline at the same training compute (issue 21), on one H200 in one device
-# call (< 9.5 minutes): build the corpus and shards with the shipped GGUF's tokenizer, train the two presets of MODELS
+# Architecture variants against their baseline at the same training compute (issue 21), on one H200 in one device
+# call (< 9.5 minutes): build the corpus and shards with the shipped GGUF's tokenizer, train the presets of MODELS
 # (the variants first, the baseline last; default "small-moe small": 8 ternary experts of 768, top 2, against the
-# dense FFN of 1536; "small-mla small-deltanet small": latent attention and a DeltaNet hybrid against GQA) from scratch, one after the other, with the same
-# data, steps, batch, sequence length, optimizer settings and seed, then export both (GGUF, exactness-checked) and
-# score both on the same held-out tokens (train.eval: bits/byte on the val split's first EVAL_TOKENS tokens), and
-# write to $OUT: ${NAME}_compare.json (the summary; NAME default: moe), loss_<preset>.png, model_<preset>.gguf (only if
-# < 16 MiB: "small" is ~15 MB, "small-moe" ~30 MB is left out) and runs.tgz (metrics, configs, evaluations, corpus and
-# shard summaries, logs): at most 6 files, within what the device tool returns.
+# dense FFN of 1536; "small-mla small-deltanet small": latent attention and a DeltaNet hybrid against GQA) from
+# scratch, one after the other, with the same data, steps, batch, sequence length, optimizer settings and seed, then
+# export each (GGUF, exactness-checked) and score each on the same held-out tokens (train.eval: bits/byte on the val
+# split's first EVAL_TOKENS tokens), and write to $OUT: ${NAME}_compare.json (the summary, each variant against the
+# baseline; NAME default: moe), loss_<preset>.png, model_<preset>.gguf (only if < 16 MiB: "small" is ~15 MB,
+# "small-moe" ~30 MB is left out) and runs.tgz (metrics, configs, evaluations, corpus and shard summaries, logs):
+# 2 + 2 per preset files at most, within the 8 the device tool returns for up to three presets.
 #   OUT=<results folder> bash scripts/variant_train_h200.sh                                (device tool: carry .whl)
 #   OUT=<results folder> MODELS="small-mla small-deltanet small" NAME=attention STEPS=400 bash scripts/variant_train_h200.sh
 # CPU dry run (a few minutes; ROOTS = two stdlib packages; one layer, no compile: Muon's bf16 Newton-Schulz takes
@@ -208,43 +209,43 @@ for name in models:
     if cfg:
         settings[name] = {k: v for k, v in cfg["train"].items() if k not in ("preset", "out")}
     res[name] = r
-dense = models[-1]  # the baseline; every model before it is a variant compared with it
+base = models[-1]  # the baseline; every model before it is a variant compared with it
 
 
-def compare(moe: str) -> dict:
-    common = sorted(set(curves[moe]) & set(curves[dense]))
-    both = moe in settings and dense in settings
-    keys = sorted(settings[moe].keys() | settings[dense].keys()) if both else []
-    differ = {k: [settings[moe].get(k), settings[dense].get(k)] for k in keys
-              if settings[moe].get(k) != settings[dense].get(k)}  # fmt: skip
+def compare(variant: str) -> dict:
+    common = sorted(set(curves[variant]) & set(curves[base]))
+    both = variant in settings and base in settings
+    keys = sorted(settings[variant].keys() | settings[base].keys()) if both else []
+    differ = {k: [settings[variant].get(k), settings[base].get(k)] for k in keys
+              if settings[variant].get(k) != settings[base].get(k)}  # fmt: skip
     cmp = {"same_train_settings": both and not differ, "train_settings_differ": differ,
            "equal_tokens": {"steps": common, "tokens": [s * batch * seq for s in common],
-                            "val_loss": {n: [curves[n][s] for s in common] for n in (moe, dense)},
+                            "val_loss": {n: [curves[n][s] for s in common] for n in (variant, base)},
                             "note": "train.train's loop evaluation: next-token CE (nats) on the val split's first "
                                     "eval_tokens tokens (end-of-text targets included), same tokens for both models"}}
     if common:
         s = common[-1]
-        gap = curves[moe][s] - curves[dense][s]
-        cmp["equal_tokens"]["largest"] = {"step": s, "tokens": s * batch * seq, moe: curves[moe][s],
-                                          dense: curves[dense][s], "variant_minus_baseline_nats": gap}
-    hm, hd = res[moe].get("heldout"), res[dense].get("heldout")
-    if hm and hd:
-        same = res[moe].get("tokens_seen") == res[dense].get("tokens_seen")
-        cmp["heldout_bits_per_byte"] = {moe: hm["bits_per_byte"], dense: hd["bits_per_byte"],
-                                        "variant_minus_baseline": hm["bits_per_byte"] - hd["bits_per_byte"],
-                                        "variant_relative_pct": 100 * (hm["bits_per_byte"] / hd["bits_per_byte"] - 1),
+        gap = curves[variant][s] - curves[base][s]
+        cmp["equal_tokens"]["largest"] = {"step": s, "tokens": s * batch * seq, variant: curves[variant][s],
+                                          base: curves[base][s], "variant_minus_baseline_nats": gap}
+    hv, hb = res[variant].get("heldout"), res[base].get("heldout")
+    if hv and hb:
+        same = res[variant].get("tokens_seen") == res[base].get("tokens_seen")
+        cmp["heldout_bits_per_byte"] = {variant: hv["bits_per_byte"], base: hb["bits_per_byte"],
+                                        "variant_minus_baseline": hv["bits_per_byte"] - hb["bits_per_byte"],
+                                        "variant_relative_pct": 100 * (hv["bits_per_byte"] / hb["bits_per_byte"] - 1),
                                         "at_equal_tokens": same, "note": "lower is better; > 0: the variant is worse"}
-    if res[moe].get("tokens_per_s_steady") and res[dense].get("tokens_per_s_steady"):
-        cmp["variant_speed_vs_baseline"] = {k: res[moe][k] / res[dense][k] for k in
-                                        ("tokens_per_s_steady", "tokens_per_s_wall") if res[moe].get(k) and res[dense].get(k)}
+    if res[variant].get("tokens_per_s_steady") and res[base].get("tokens_per_s_steady"):
+        cmp["variant_speed_vs_baseline"] = {k: res[variant][k] / res[base][k] for k in
+                                        ("tokens_per_s_steady", "tokens_per_s_wall") if res[variant].get(k) and res[base].get(k)}
     return cmp
 
 
 comparisons = {v: compare(v) for v in models[:-1]}
 env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-summary = {"issue": 21, "variants": models[:-1], "baseline": dense,
+summary = {"issue": 21, "variants": models[:-1], "baseline": base,
            "budget": {"steps": steps, "batch_size": batch, "seq_len": seq, "tokens": steps * batch * seq},
-           "env": env, "train_settings": settings.get(dense), "comparison": comparisons, "runs": res}
+           "env": env, "train_settings": settings.get(base), "comparison": comparisons, "runs": res}
 (out / f"{tag}_compare.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(f"{'preset':10} {'status':11} {'steps':>6} {'tokens':>11} {'tok/s':>10} {'train CE':>9} {'held-out bpb':>12}")
 for n, r in res.items():
