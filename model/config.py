@@ -266,6 +266,9 @@ PRESETS: dict[str, ModelConfig] = {
     # the model we train and ship (~25 M parameters)
     "small": ModelConfig(name="small", vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4,
                          ffn_hidden=1536, max_seq_len=1024),
+    # the bigger model (issue 19): ~3x "small", trained on 2048-token windows with the shipped tokenizer
+    "base": ModelConfig(name="base", vocab_size=8192, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
+                        ffn_hidden=2304, max_seq_len=2048),
     # speed benchmarks with random weights
     "nano-125m": ModelConfig(name="nano-125m", vocab_size=32000, d_model=768, n_layers=12, n_heads=12,
                              n_kv_heads=4, ffn_hidden=2304, max_seq_len=2048),
