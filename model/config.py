@@ -26,6 +26,7 @@ QK = 256  # every ternary matrix's input dimension is a multiple of the TQ2_0 bl
 MAX_CONTEXT = 1 << 15
 MIN_CONTEXT = 16  # one prefill chunk of the CUDA build (the CPU build's is 8)
 PREFILL_TOKENS = 16  # the largest prefill chunk: the attention scratch holds one score row per (token, head)
+KV_BLOCK = 16  # tokens per block of the runtime's paged cache (compiler.constants.KV_BLOCK, tests/test_lower.py)
 NORM_EPS_RANGE = (1e-12, 1.0)  # [inclusive, exclusive): a denormal epsilon flushes to 0 in compiled float32
 ROPE_THETA_RANGE = (1.0, 1e12)  # (exclusive, inclusive]: ≤ 1 turns every rotation into one of ≥ 1 radian per step
 MAX_EXPERTS = 64  # experts per MoE block (n_experts); llama.cpp's own limit is 256, ours keeps the router kernel serial
@@ -296,9 +297,10 @@ def memory_estimate(cfg: ModelConfig) -> dict[str, int]:
     ``build``: the packed parameters (2-bit ternaries, float32 embeddings and LM head as an upper bound, norms) plus
     the RoPE tables and the float64 temporaries ``compiler.graph_kernels.rope_tables`` makes (angles, cos, sin).
     ``runtime``: the packed parameters, the RoPE tables, the KV cache (``runtime.engine``:
-    :attr:`ModelConfig.kv_bytes_per_token` for ``max_seq_len`` positions) and the attention scratch
-    (``compiler.graph_kernels.attention``: a ``max_seq_len`` score row per (prefill token, head)).
-    The parts are returned too."""
+    :attr:`ModelConfig.kv_bytes_per_token` for ``max_seq_len`` positions), the DeltaNet layers' states (one
+    :attr:`ModelConfig.state_bytes` slot per cache block of those positions: ``compiler.lower.cache_specs`` gives
+    ``state_i`` the block pool's leading dimension) and the attention scratch (``compiler.graph_kernels.attention``:
+    a ``max_seq_len`` score row per (prefill token, head)). The parts are returned too."""
     d, rd, ctx = cfg.d_model, cfg.rope_dim, cfg.max_seq_len
     shapes = cfg.ternary_shapes().items()
     per_block = sum(m * k * (cfg.ffn_copies if n.startswith("ffn_") else 1) for n, (m, k) in shapes)
@@ -312,9 +314,10 @@ def memory_estimate(cfg: ModelConfig) -> dict[str, int]:
     )
     rope = 2 * ctx * (rd // 2) * 4
     kv_cache = ctx * cfg.kv_bytes_per_token
+    state = -(-ctx // KV_BLOCK) * cfg.state_bytes
     scratch = PREFILL_TOKENS * cfg.n_heads * ctx * 4
-    return {"build": weights + rope + 3 * ctx * (rd // 2) * 8, "runtime": weights + rope + kv_cache + scratch,
-            "weights": weights, "rope_tables": rope, "kv_cache": kv_cache}  # fmt: skip
+    return {"build": weights + rope + 3 * ctx * (rd // 2) * 8, "runtime": weights + rope + kv_cache + state + scratch,
+            "weights": weights, "rope_tables": rope, "kv_cache": kv_cache, "state": state}  # fmt: skip
 
 
 def memory_limit() -> int:

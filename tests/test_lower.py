@@ -34,6 +34,7 @@ def test_prefill_chunks_are_shared_with_tuning_and_fit_the_model_bounds():
     assert tune.CUDA_PREFILL_TOKENS == lower.KERNELS["dp4a"].prefill_chunk == constants.CUDA_PREFILL_CHUNK
     largest = max(k.prefill_chunk for k in lower.KERNELS.values())
     assert largest <= model_config.PREFILL_TOKENS  # the attention scratch's bound
+    assert model_config.KV_BLOCK == constants.KV_BLOCK  # the memory estimate's DeltaNet state slots
     assert largest <= model_config.MIN_CONTEXT  # the smallest context holds one chunk
 
 
@@ -79,3 +80,21 @@ def test_lowering_uses_every_field_of_its_table_entry(key, monkeypatch):
     kinds = {k.split(":")[0]: s for k, s in lw.kernels.items()}
     assert entry.gemv in kinds and (entry.gemm is None or entry.gemm in kinds)
     assert {k for k, s in kinds.items() if s == "fixed"} == set(entry.fixed)
+
+
+@pytest.mark.unit
+def test_memory_estimate_counts_the_cache_tensors_lowering_declares():
+    """``model.config.memory_estimate`` (which refuses hostile configs before anything is allocated) counts the
+    cache the runtime allocates from ``cache_specs``, one context's blocks: GQA keys/values, MLA's latent rows and
+    the DeltaNet states, one per block slot."""
+    import numpy as np
+
+    for name in ("small", "small-mla", "small-deltanet"):
+        cfg = model_config.get_config(name)
+        n_blocks = -(-cfg.max_seq_len // constants.KV_BLOCK)
+        specs = lower.cache_specs(cfg)
+        size = lambda s: n_blocks * int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize  # noqa: E731
+        est = model_config.memory_estimate(cfg)
+        assert est["state"] == sum(size(s) for s in specs if s.name.startswith("state_"))
+        assert est["kv_cache"] == sum(size(s) for s in specs if not s.name.startswith("state_"))
+        assert (est["state"] > 0) == bool(cfg.full_attention_interval)
