@@ -93,7 +93,7 @@ def test_memory_estimate_counts_the_cache_tensors_lowering_declares():
         cfg = model_config.get_config(name)
         n_blocks = -(-cfg.max_seq_len // constants.KV_BLOCK)
         specs = lower.cache_specs(cfg)
-        size = lambda s: n_blocks * int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize  # noqa: E731
+        size = lambda s, n=n_blocks: n * int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize  # noqa: E731
         est = model_config.memory_estimate(cfg)
         assert est["state"] == sum(size(s) for s in specs if s.name.startswith("state_"))
         assert est["kv_cache"] == sum(size(s) for s in specs if not s.name.startswith("state_"))
