@@ -6,9 +6,11 @@ surprisal with the default floor). Each trains the same preset with ``train.trai
 a seed fixes the initial weights and the batches (``train.train.Batches``), so the variants of one seed see identical
 data and the differences are paired. Reported per variant: the final held-out loss (next-token CE in nats over *every*
 token of the val split's first ``eval_tokens``; the filter never touches evaluation), its median and range, the median
-and range of the paired difference to ``off``, and two times: the median wall time of a whole step in the runs (the
-runs go ``--workers`` at a time, so they share the CPU), and the forward + backward of the objective alone, selection
-included (``objective_ms``: one process, one variant after the other on the same batches, median of ``--time-reps``).
+and range of the paired difference to ``off``, the step at which ``off`` (same seed, val loss every ``eval_every``
+steps, linear in between) came down to the variant's final loss, and times: the median wall time of a whole step in
+the runs (they go ``--workers`` at a time, so they share the CPU), and, measured apart in one process on the same
+batches with the variants taking turns, the selection (``select_ms``) and the objective's forward + backward
+(``objective_ms``), medians of ``--time-reps``.
 
 ``flop_share`` is the arithmetic bound on what filtering can save: the LM head's share ``6·V·d / FLOPs per token``
 (``train.train.flops_per_token``) of a training step's FLOPs for the measured model and for larger ones; keeping a
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -76,7 +79,7 @@ class CompareConfig:
     holdout_file_frac: float = 0.1
     workers: int = 2  # training runs at a time (processes)
     threads: int = 1  # torch threads per process
-    time_reps: int = 5  # timed forward + backward passes of the objective per variant (after one warm-up)
+    time_reps: int = 20  # timed selections + forward/backward passes per variant (after one warm-up)
 
 
 def _train_cfg(cfg: CompareConfig, shards: Path, variant: str, seed: int) -> TrainConfig:
@@ -97,8 +100,9 @@ def run_one(cfg: CompareConfig, shards: Path, variant: str, seed: int) -> dict:
     out = Path(tcfg.out)
     metrics = out / "metrics.jsonl"
     rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    reused = bool(rows and rows[-1]["step"] == cfg.steps and "val_loss" in rows[-1])
     t0 = time.perf_counter()
-    if not (rows and rows[-1]["step"] == cfg.steps and "val_loss" in rows[-1]):
+    if not reused:
         shutil.rmtree(out, ignore_errors=True)
         train(tcfg, progress=False)
         rows = [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -109,7 +113,7 @@ def run_one(cfg: CompareConfig, shards: Path, variant: str, seed: int) -> dict:
     return {"variant": variant, "seed": seed, "val_loss": last["val_loss"], "train_ce": last["ce"],
             "val_curve": [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r],
             "kept_frac": last.get("kept_frac", 1.0), "step_s_median": statistics.median(step_s),
-            "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            "seconds": None if reused else round(time.perf_counter() - t0, 1)}  # fmt: skip
 
 
 def steps_to_reach(curve: list[list[float]], loss: float) -> float | None:
@@ -124,25 +128,36 @@ def steps_to_reach(curve: list[list[float]], loss: float) -> float | None:
     return None
 
 
-def time_objective(cfg: CompareConfig, shards: Path, variant: str) -> dict:
-    """Forward + backward of the training objective (selection included), milliseconds, on seed 0's first batches."""
-    tcfg = _train_cfg(cfg, shards, variant, 0)
-    torch.manual_seed(0)
-    model = Transformer(tcfg.model_config())
+def time_objectives(cfg: CompareConfig, shards: Path) -> dict[str, dict]:
+    """Milliseconds of the selection and of the objective's forward + backward, per variant, on seed 0's batches: the
+    variants take turns within each repetition (so a change in the machine's load hits them alike); medians over
+    ``time_reps`` repetitions after a warm-up."""
     train_tokens = open_split(shards, "train")
-    tfilter = token_filter.from_config(tcfg, train_tokens, model.config.vocab_size, 0, torch.device("cpu"))
-    objective = LossModule(model, 0.0)
     batches = Batches(train_tokens, cfg.seq_len, cfg.batch_size, 0, 0, torch.device("cpu"))
-    times = []
-    for step in range(cfg.time_reps + 1):
-        x, y = batches.get(step)
-        t0 = time.perf_counter()
-        kept = () if tfilter is None else tfilter.select(x, y, step, 0, all_valid=True)
-        loss, _ = objective(x, y, *kept)
-        loss.backward()
-        times.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-    return {"objective_ms_median": 1e3 * statistics.median(times[1:]), "objective_ms_min": 1e3 * min(times[1:])}
+    setups = {}
+    for variant in cfg.variants:
+        tcfg = _train_cfg(cfg, shards, variant, 0)
+        torch.manual_seed(0)
+        model = Transformer(tcfg.model_config())
+        tfilter = token_filter.from_config(tcfg, train_tokens, model.config.vocab_size, 0, torch.device("cpu"))
+        setups[variant] = (model, LossModule(model, 0.0), tfilter)
+    times: dict[str, dict[str, list[float]]] = {v: {"select": [], "objective": []} for v in cfg.variants}
+    for rep in range(cfg.time_reps + 1):
+        x, y = batches.get(rep)
+        for variant, (model, objective, tfilter) in setups.items():
+            t0 = time.perf_counter()
+            kept = () if tfilter is None else tfilter.select(x, y, rep, 0, all_valid=True)
+            t1 = time.perf_counter()
+            loss, _ = objective(x, y, *kept)
+            loss.backward()
+            t2 = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            if rep:
+                times[variant]["select"].append(t1 - t0)
+                times[variant]["objective"].append(t2 - t1)
+    return {v: {"select_ms_median": 1e3 * statistics.median(t["select"]),
+                "objective_ms_median": 1e3 * statistics.median(t["objective"]),
+                "objective_ms_min": 1e3 * min(t["objective"])} for v, t in times.items()}  # fmt: skip
 
 
 def flop_share(cfg: CompareConfig) -> list[dict]:
@@ -193,16 +208,19 @@ def summarize(runs: list[dict], timing: dict[str, dict]) -> dict:
 def table(summary: dict) -> str:
     """The summary as a Markdown table."""
     lines = ["| variant | kept | seeds | val loss, median [min, max] | paired Δ vs off, median [min, max] | "
-             "off reached it at step (per seed) | step s (median) | objective fwd+bwd ms (median) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "off reached it at step (per seed) | step s (median) | selection ms | objective fwd+bwd ms |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, s in summary.items():
         d = s["delta_vs_off_median"]
-        delta = "—" if name == "off" or d is None else (
+        off = name == "off"
+        delta = "—" if off or d is None else (
             f"{d:+.4f} [{s['delta_vs_off_min']:+.4f}, {s['delta_vs_off_max']:+.4f}]")  # fmt: skip
-        ms = f"{s['objective_ms_median']:.0f}" if "objective_ms_median" in s else "—"
+        ms = "— | —"
+        if "objective_ms_median" in s:
+            ms = f"{'—' if off else format(s['select_ms_median'], '.1f')} | {s['objective_ms_median']:.0f}"
         first = s["val_curve_median"][0][0]
         match = ", ".join("never" if m is None else f"≤ {m:.0f}" if m == first else f"{m:.0f}"
-                          for m in s["off_steps_to_match"]) or "—"  # fmt: skip
+                          for m in s["off_steps_to_match"]) if not off else "—"  # fmt: skip
         lines.append(f"| {name} | {s['kept_frac']:.2f} | {s['seeds']} | {s['val_loss_median']:.4f} "
                      f"[{s['val_loss_min']:.4f}, {s['val_loss_max']:.4f}] | {delta} | {match} | "
                      f"{s['step_s_median']:.2f} | {ms} |")  # fmt: skip
@@ -216,6 +234,14 @@ def flop_table(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['seq_len']} | {r['head_share']:.1%} | {r['max_saving_keep_0.5']:.1%} | "
                      f"{r['max_saving_keep_0.25']:.1%} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def compare(cfg: CompareConfig) -> dict:
@@ -237,12 +263,13 @@ def compare(cfg: CompareConfig) -> dict:
             runs.append(f.result())
             print(json.dumps(runs[-1]), flush=True)
     torch.set_num_threads(cfg.threads)
-    timing = {v: time_objective(cfg, shards, v) for v in cfg.variants}
+    load_before = os.getloadavg()[0]
+    timing = time_objectives(cfg, shards)
     command = "python -m train.token_filter_compare " + " ".join(sys.argv[1:])
     return {"config": asdict(cfg), "command": command,
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                        "device": platform.processor() or platform.machine(), "threads": cfg.threads,
-                        "workers": cfg.workers},
+                        "device": cpu_name(), "threads": cfg.threads, "workers": cfg.workers,
+                        "load_avg_1min_around_timing": [load_before, os.getloadavg()[0]]},
             "data": {"roots": [] if cfg.data else list(ROOTS), "splits": meta["splits"]},
             "wall_s": round(time.perf_counter() - t0, 1), "runs": runs, "summary": summarize(runs, timing),
             "flop_share": flop_share(cfg)}  # fmt: skip
