@@ -6,6 +6,10 @@
   (``train.optim8``), ``--optimizer galore`` keeps Muon's momentum in a low-rank gradient subspace (``train.galore``);
   docs/train/optim/README.md compares them.
 * Precision: bf16 autocast on CUDA (master weights float32), float32 on CPU; optional ``torch.compile``.
+* Token filtering (``train.token_filter``): ``--token-keep k < 1`` computes the LM head and the loss for a fixed-size
+  sample of ``k`` of each micro-batch's targets, chosen by bigram surprisal (``--token-score``, ``--token-floor``)
+  and weighted so the loss stays an unbiased estimate of the full one; the selection is a pure function of
+  ``(seed, step, micro-step, rank)`` like the batches. ``--token-keep 1`` (the default) is the unfiltered path.
 * Data: windows of ``seq_len + 1`` tokens drawn from the memory-mapped train split by a generator seeded with
   ``(seed, step, micro-step, rank)``, so the data position is the step and a resumed run sees exactly the batches the
   uninterrupted run would have seen.
