@@ -4,7 +4,14 @@ It runs exactly the step of ``train.train`` (the same objective, Muon + AdamW, g
 optional ``torch.compile``), times ``--steps`` steps after ``--warmup`` with CUDA events, and reports the median.
 Under ``torchrun`` every rank runs its own batch with DDP, and tokens/s counts all ranks.
 
+``--token-keep k < 1`` times the token-filtered step (``train.token_filter``: selection, then the LM head and loss on
+the kept tokens only), selection included in the time. There is no data here, so the ``bigram`` score looks up a table
+counted on 1 M random tokens: nearly equal scores, but the same lookup cost as a real table of that size (a real one,
+counted on up to 32 M tokens, has more pairs: ``searchsorted`` over it costs a little more). MFU counts the head's
+FLOPs for the kept share only.
+
     python -m train.throughput --preset small --batch-size 128 --seq-len 512 --compile --out throughput.json
+    python -m train.throughput --preset small --batch-size 128 --seq-len 512 --compile --token-keep 0.5
     torchrun --nproc_per_node 2 -m train.throughput --preset small --batch-size 128 --compile
 """
 
@@ -17,11 +24,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from model.transformer import Transformer
+from train import token_filter
 from train.train import (
     LossModule,
     TrainConfig,
@@ -48,6 +57,16 @@ def measure(cfg: TrainConfig, steps: int, warmup: int, profile: bool = False) ->
     step_fn = compile_objective(objective, cfg, world)
     vocab = model.config.vocab_size
     cuda = device.type == "cuda"
+    random_tokens = np.random.default_rng(cfg.seed).integers(0, vocab, 2**20)  # the bigram table's "train split"
+    tfilter = token_filter.from_config(cfg, random_tokens, vocab, rank, device)
+
+    def objective_step(x: torch.Tensor, i: int) -> torch.Tensor:
+        x, y = x[:, :-1], x[:, 1:]
+        kept = () if tfilter is None else tfilter.select(x, y, i, 0, all_valid=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss, _ = step_fn(x, y, *kept)
+        return loss
+
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -55,9 +74,7 @@ def measure(cfg: TrainConfig, steps: int, warmup: int, profile: bool = False) ->
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len + 1), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss, _ = step_fn(x[:, :-1], x[:, 1:])
-        loss.backward()
+        objective_step(x, i).backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for opt in opts.values():
             opt.step()
@@ -76,11 +93,9 @@ def measure(cfg: TrainConfig, steps: int, warmup: int, profile: bool = False) ->
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with torch_profile(activities=acts) as prof:
-            for _ in range(3):
+            for i in range(3):
                 x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len + 1), device=device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    loss, _ = step_fn(x[:, :-1], x[:, 1:])
-                loss.backward()
+                objective_step(x, i).backward()
                 for opt in opts.values():
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -96,7 +111,7 @@ def measure(cfg: TrainConfig, steps: int, warmup: int, profile: bool = False) ->
         "world_size": world, "preset": cfg.preset, "ternary": cfg.ternary, "compile": cfg.compile,
         "batch_size_per_rank": cfg.batch_size, "seq_len": cfg.seq_len, "params": model.num_params(),
         "median_step_s": med, "min_step_s": min(times), "tokens_per_s": tps,
-        "mfu": tps * flops_per_token(model, cfg.seq_len) / (cfg.peak_tflops * 1e12) if cuda else None,
+        "mfu": tps * flops_per_token(model, cfg.seq_len, cfg.token_keep) / (cfg.peak_tflops * 1e12) if cuda else None,
         "peak_tflops_assumed": cfg.peak_tflops, "steps_timed": steps,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
     }  # fmt: skip
@@ -121,11 +136,15 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="under DDP split the compiled graph at gradient buckets (default: one graph)",
     )
+    ap.add_argument("--token-keep", type=float, default=1.0, help="token filtering: fraction of targets kept (1: off)")
+    ap.add_argument("--token-score", default="bigram", choices=token_filter.SCORES)
+    ap.add_argument("--token-floor", type=float, default=0.25)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, compile=args.compile,
                       ternary=not args.dense, model_overrides=args.model,
-                      ddp_split_graphs=args.ddp_split_graphs)  # fmt: skip
+                      ddp_split_graphs=args.ddp_split_graphs, token_keep=args.token_keep,
+                      token_score=args.token_score, token_floor=args.token_floor)  # fmt: skip
     result = measure(cfg, args.steps, args.warmup, args.profile)
     if result:
         result["train_config"] = asdict(cfg)

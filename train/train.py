@@ -6,6 +6,10 @@
   (``train.optim8``), ``--optimizer galore`` keeps Muon's momentum in a low-rank gradient subspace (``train.galore``);
   docs/train/optim/README.md compares them.
 * Precision: bf16 autocast on CUDA (master weights float32), float32 on CPU; optional ``torch.compile``.
+* Token filtering (``train.token_filter``): ``--token-keep k < 1`` computes the LM head and the loss for a fixed-size
+  sample of ``k`` of each micro-batch's targets, chosen by bigram surprisal (``--token-score``, ``--token-floor``)
+  and weighted so the loss stays an unbiased estimate of the full one; the selection is a pure function of
+  ``(seed, step, micro-step, rank)`` like the batches. ``--token-keep 1`` (the default) is the unfiltered path.
 * Data: windows of ``seq_len + 1`` tokens drawn from the memory-mapped train split by a generator seeded with
   ``(seed, step, micro-step, rank)``, so the data position is the step and a resumed run sees exactly the batches the
   uninterrupted run would have seen.
@@ -50,7 +54,7 @@ from tqdm import tqdm
 from model.bitlinear import BitLinear
 from model.config import get_config
 from model.transformer import IGNORE_INDEX, MOE_AUX_WEIGHT, Transformer
-from train import checkpoint
+from train import checkpoint, token_filter
 from train.galore import GaLoreMuon
 from train.muon import BatchedMuon
 from train.optim8 import AdamW8bit, Muon8bit
@@ -99,6 +103,10 @@ class TrainConfig:
     # that scaled 1.95× against 1.63× for the bucket-split graphs that overlap communication (docs/train/small)
     ddp_split_graphs: bool = False
     peak_tflops: float = 989.0  # bf16 dense peak of the GPU, for MFU (H100/H200 SXM datasheet)
+    # token filtering (train.token_filter): the LM head and loss on a sampled fraction of the targets; 1.0 = off
+    token_keep: float = 1.0  # fraction of a micro-batch's target tokens kept
+    token_score: str = "bigram"  # importance: bigram (surprisal under the train split's bigram model) | uniform
+    token_floor: float = 0.25  # every token's keep probability is at least floor × the mean keep probability
     model_overrides: dict = field(default_factory=dict)  # e.g. {"n_streams": 4}
 
     def model_config(self):
@@ -127,6 +135,12 @@ class TrainConfig:
                 out.append(f"{flag(name)} must be finite and > 0, got {getattr(self, name)}")
         if not 0 <= self.decay_frac <= 1:
             out.append(f"--decay-frac must be in [0, 1], got {self.decay_frac}")
+        if not (math.isfinite(self.token_keep) and 0 < self.token_keep <= 1):
+            out.append(f"--token-keep must be in (0, 1], got {self.token_keep}")
+        if self.token_score not in token_filter.SCORES:
+            out.append(f"--token-score must be one of {', '.join(token_filter.SCORES)}, got {self.token_score!r}")
+        if not 0 <= self.token_floor <= 1:
+            out.append(f"--token-floor must be in [0, 1], got {self.token_floor}")
         if not isinstance(self.model_overrides, dict):
             out.append(f"--model must be a JSON object of model config fields, got {self.model_overrides!r}")
         else:
@@ -137,6 +151,10 @@ class TrainConfig:
             else:
                 if self.seq_len > mcfg.max_seq_len:
                     out.append(f"--seq-len {self.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+                if self.token_keep < 1 and mcfg.mtp_heads:
+                    out.append(f"--token-keep {self.token_keep}: token filtering does not support mtp_heads "
+                               f"({mcfg.mtp_heads}; their loss needs every position's logits); train draft heads "
+                               "with python -m train.mtp")  # fmt: skip
         data = Path(self.data)
         if not (data / "meta.json").is_file():
             why = "does not exist" if not data.exists() else "holds no meta.json"
@@ -163,6 +181,8 @@ RESUMABLE_CHANGES = (
     "compile",
     "ddp_split_graphs",
 )
+# what a checkpoint written before token filtering existed was trained with (its train_config lacks these)
+TOKEN_FILTER_OFF = {f.name: f.default for f in fields(TrainConfig) if f.name.startswith("token_")}
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -212,13 +232,17 @@ class Batches:
 
 
 class LossModule(nn.Module):
-    """The training objective as a module's forward, so DDP's gradient hooks see it."""
+    """The training objective as a module's forward, so DDP's gradient hooks see it. With ``idx`` and ``weight`` (a
+    ``train.token_filter.Selection``) the LM head and loss cover the kept tokens only; without, the full loss."""
 
     def __init__(self, model: Transformer, entropy_coef: float) -> None:
         super().__init__()
         self.model, self.entropy_coef = model, entropy_coef
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        if idx is not None:
+            return token_filter.sparse_loss(self.model, x, y, idx, weight, self.entropy_coef)
         if self.entropy_coef == 0:
             return self.model.loss(x, y)
         logits = self.model(x).float()
@@ -279,15 +303,16 @@ def set_dense(model: Transformer) -> None:
             m.quantize = False
 
 
-def flops_per_token(model: Transformer, seq_len: int) -> float:
+def flops_per_token(model: Transformer, seq_len: int, token_keep: float = 1.0) -> float:
     """Training FLOPs per token: 6 × matmul parameters + attention (12·L·d·T), the usual estimate (MoE experts count
-    for the share a token uses, ``n_experts_used / n_experts``)."""
+    for the share a token uses, ``n_experts_used / n_experts``; with token filtering the LM head's 6·V·d counts for
+    the ``token_keep`` share of the tokens that reach it)."""
     c = model.config
     matmul = sum(p.numel() * c.ffn_active / c.ffn_copies if ".experts." in n else p.numel()
                  for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith("tok_emb"))  # fmt: skip
     if c.tie_embeddings:
         matmul += model.tok_emb.weight.numel()  # the tied LM head is a matmul too
-    return 6 * matmul + 12 * c.n_layers * c.d_model * seq_len
+    return 6 * matmul + 12 * c.n_layers * c.d_model * seq_len - (1 - token_keep) * 6 * c.vocab_size * c.d_model
 
 
 @torch.no_grad()
@@ -421,6 +446,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     path, state = checkpoint.resumable(ckpt_dir)
     if path is not None:
         saved = state["extra"]["train_config"]
+        saved = TOKEN_FILTER_OFF | saved  # a checkpoint from before token filtering trained without it
         mismatched = checkpoint.changed_settings(saved, asdict(cfg), RESUMABLE_CHANGES)
         if mismatched:
             raise TrainError(f"{path} was trained with different settings: {mismatched}; use another --out")
@@ -435,6 +461,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         batches = Batches(train_tokens, cfg.seq_len, cfg.batch_size, cfg.seed, rank, device)
     except ValueError as exc:
         raise TrainError(f"--data {cfg.data}: {exc}") from None
+    # None when --token-keep is 1: the loop then calls the objective exactly as without token filtering
+    tfilter = token_filter.from_config(cfg, train_tokens, mcfg.vocab_size, rank, device)
     objective: nn.Module = LossModule(model, cfg.entropy_coef)
     if world > 1:
         ids = [device.index] if device.index is not None else None
@@ -451,7 +479,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         trim_metrics(metrics_path, start)
         (out / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict()}, indent=2))
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
-    fpt = flops_per_token(model, cfg.seq_len)
+    fpt = flops_per_token(model, cfg.seq_len, cfg.token_keep)
     stop = _StopFlag()
     extra = lambda: {"train_config": asdict(cfg), "model_config": mcfg.to_dict()}  # noqa: E731
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main))
@@ -466,8 +494,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 x, y = batches.get(step, micro)
                 sync = micro == cfg.grad_accum - 1 or world == 1
                 ctx = objective.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+                # Batches' windows hold no IGNORE_INDEX: N = batch · seq_len and K are static, nothing syncs
+                kept = () if tfilter is None else tfilter.select(x, y, step, micro, all_valid=True)
                 with ctx, autocast():
-                    loss, ce = step_fn(x, y)
+                    loss, ce = step_fn(x, y, *kept)
                 (loss / cfg.grad_accum).backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             for opt in opts.values():
@@ -486,6 +516,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                         "lr_matrix": opts["muon"].param_groups[0]["lr"], "tokens_per_s": tps,
                         "mfu": tps * fpt / (cfg.peak_tflops * 1e12) if device.type == "cuda" else None,
                         "tokens": done * tokens_per_step} | moe_stats(model) | output_stats(model, x)  # fmt: skip
+                if tfilter is not None:
+                    last["kept_frac"] = tfilter.kept_frac
                 if eval_due:
                     last["val_loss"] = evaluate(model, val_tokens, cfg, device, autocast)
                 with metrics_path.open("a") as fh:
