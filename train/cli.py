@@ -1,5 +1,6 @@
 """A training tool's command line from its config dataclass: one ``--flag`` per field (``int``, ``float`` or ``str``,
-defaulting to the field's default), then the config's own ``problems()`` as one argparse error.
+defaulting to the field's default; ``list[int]`` / ``list[str]`` fields take one or more values), then the config's
+own ``problems()`` (where it has one) as one argparse error.
 
     cfg = parse_config(SFTConfig, "python -m train.sft", __doc__, argv)
 """
@@ -12,10 +13,15 @@ from dataclasses import fields
 
 def parse_config(cls, prog: str, doc: str | None, argv: list[str] | None = None):
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = {"int": int, "float": float, "str": str}
     for f in fields(cls):
-        kind = {"int": int, "float": float, "str": str}[str(f.type)]
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+        flag = f"--{f.name.replace('_', '-')}"
+        if str(f.type).startswith("list["):
+            default = f.default_factory()
+            ap.add_argument(flag, nargs="+", type=kinds[str(f.type)[5:-1]], default=default, help=f"default {default}")
+        else:
+            ap.add_argument(flag, type=kinds[str(f.type)], default=f.default, help=f"default {f.default!r}")
     cfg = cls(**vars(ap.parse_args(argv)))
-    if problems := cfg.problems():
+    if problems := getattr(cfg, "problems", list)():
         ap.error("; ".join(problems))
     return cfg

@@ -24,7 +24,6 @@ relative error that accumulates in Muon's momentum and Adam's ``exp_avg`` under 
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shutil
@@ -32,7 +31,7 @@ import statistics
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from safetensors.torch import load_file
 from model.config import get_config
 from model.transformer import Transformer
 from train import checkpoint
+from train.cli import parse_config
 from train.corpus import CorpusConfig, build_corpus, write_manifest
 from train.muon import orthogonalize
 from train.optim8 import MIN_8BIT_SIZE, Quantizer
@@ -277,18 +277,7 @@ def compare(cfg: CompareConfig) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> CompareConfig:
-    ap = argparse.ArgumentParser(prog="python -m train.optim_compare", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    for f in fields(CompareConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in ("variants", "seeds"):
-            default = f.default_factory()
-            ap.add_argument(flag, nargs="+", type=int if f.name == "seeds" else str, default=default,
-                            help=f"default {default}")  # fmt: skip
-        else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            ap.add_argument(flag, type=kind, default=f.default, help=f"default {f.default!r}")
-    return CompareConfig(**vars(ap.parse_args(argv)))
+    return parse_config(CompareConfig, "python -m train.optim_compare", __doc__, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,6 @@ standard library with a BPE of the preset's vocabulary (``train.optim_compare.bu
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -34,7 +33,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import torch
 from model.config import get_config
 from model.transformer import Transformer
 from train import token_filter
+from train.cli import parse_config
 from train.optim_compare import ROOTS, build_data
 from train.shards import open_split
 from train.train import Batches, LossModule, TrainConfig, flops_per_token, train
@@ -80,6 +80,10 @@ class CompareConfig:
     workers: int = 2  # training runs at a time (processes)
     threads: int = 1  # torch threads per process
     time_reps: int = 20  # timed selections + forward/backward passes per variant (after one warm-up)
+
+    def problems(self) -> list[str]:
+        return [f"--{n.replace('_', '-')} must be ≥ 1" for n in ("workers", "threads", "time_reps")
+                if getattr(self, n) < 1]  # fmt: skip
 
 
 def _train_cfg(cfg: CompareConfig, shards: Path, variant: str, seed: int) -> TrainConfig:
@@ -276,21 +280,7 @@ def compare(cfg: CompareConfig) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> CompareConfig:
-    ap = argparse.ArgumentParser(prog="python -m train.token_filter_compare", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    for f in fields(CompareConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in ("variants", "seeds"):
-            default = f.default_factory()
-            ap.add_argument(flag, nargs="+", type=int if f.name == "seeds" else str, default=default,
-                            help=f"default {default}")  # fmt: skip
-        else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            ap.add_argument(flag, type=kind, default=f.default, help=f"default {f.default!r}")
-    cfg = CompareConfig(**vars(ap.parse_args(argv)))
-    if cfg.workers < 1 or cfg.threads < 1 or cfg.time_reps < 1:
-        ap.error("--workers, --threads and --time-reps must be ≥ 1")
-    return cfg
+    return parse_config(CompareConfig, "python -m train.token_filter_compare", __doc__, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
