@@ -145,7 +145,9 @@ def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: 
                 ops.append(make_op("gemm_i8", N=n, M=M, K=K, tile=cpu_tile(M)))
     # what compiler.build calls: RMSNorm+quantize per token (decode) and per prefill chunk, and the mHC site op in its
     # three positions (a middle site, the first with expand folded in, the last with collapse folded in)
-    for D in (cfg.d_model, cfg.ffn_hidden) if cfg.sub_norms else (cfg.d_model,):  # + the FFN's sub-norm (bitnet)
+    norms = (cfg.d_model, cfg.ffn_hidden) if cfg.sub_norms else (cfg.d_model,)  # + the FFN's sub-norm (bitnet)
+    norms += (cfg.kv_lora_rank,) if cfg.mla else ()  # + MLA's latent norm (attn_kv_a_norm)
+    for D in norms:
         ops.append(make_op("rmsnorm_quant", D=D))
         if include_prefill:
             ops.append(make_op("rmsnorm_quant", D=D, N=PREFILL_TOKENS))
