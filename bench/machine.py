@@ -15,17 +15,11 @@ import platform
 import subprocess
 from pathlib import Path
 
+from targets.cpu import cpu_name
+
 REPO = Path(__file__).resolve().parent.parent
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
              "avx512vbmi", "avx512_vbmi2", "avx512_bf16", "amx_int8")  # fmt: skip
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:

@@ -55,7 +55,7 @@ if [ ! -f "$W/data/data/shards/meta.json" ]; then
 fi
 M=$W/data/data/corpus/manifest.jsonl S=$W/data/data/shards TOK=$W/data/data/tokenizer.json
 python3 -c "import json; print('splits', json.load(open('$S/meta.json'))['splits'])"
-done_steps() {  # the step of the newest checkpoint (0 if none)
+done_steps() {  # the last logged step (0 if none); a SIGTERM checkpoint may be a few steps past it
     python3 -c "import json, sys; from pathlib import Path; p = Path('$R/metrics.jsonl'); \
 rows = [json.loads(x) for x in p.read_text().splitlines() if x] if p.is_file() else []; print(rows[-1]['step'] if rows else 0)"
 }

@@ -14,9 +14,11 @@ target, skips the AVX-512 tests and refuses AVX-512 entries exactly as a Zen 3 d
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import os
+import platform
 from pathlib import Path
 
 MASK_ENV = "TERNARY_CPU_MASK"
@@ -31,6 +33,15 @@ def _proc_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def cpu_name() -> str:
+    """The first CPU's model name from /proc/cpuinfo (else what ``platform`` knows)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def mask_patterns() -> tuple[str, ...]:

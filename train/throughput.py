@@ -57,8 +57,10 @@ def measure(cfg: TrainConfig, steps: int, warmup: int, profile: bool = False) ->
     step_fn = compile_objective(objective, cfg, world)
     vocab = model.config.vocab_size
     cuda = device.type == "cuda"
-    random_tokens = np.random.default_rng(cfg.seed).integers(0, vocab, 2**20)  # the bigram table's "train split"
-    tfilter = token_filter.from_config(cfg, random_tokens, vocab, rank, device)
+    tfilter = None
+    if cfg.token_keep < 1:  # the bigram table's "train split": random tokens (see the module docstring)
+        random_tokens = np.random.default_rng(cfg.seed).integers(0, vocab, 2**20)
+        tfilter = token_filter.from_config(cfg, random_tokens, vocab, rank, device)
 
     def objective_step(x: torch.Tensor, i: int) -> torch.Tensor:
         x, y = x[:, :-1], x[:, 1:]

@@ -41,6 +41,7 @@ import torch
 
 from model.config import get_config
 from model.transformer import Transformer
+from targets.cpu import cpu_name
 from train import token_filter
 from train.cli import parse_config
 from train.optim_compare import ROOTS, build_data
@@ -238,14 +239,6 @@ def flop_table(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['seq_len']} | {r['head_share']:.1%} | {r['max_saving_keep_0.5']:.1%} | "
                      f"{r['max_saving_keep_0.25']:.1%} |")  # fmt: skip
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def compare(cfg: CompareConfig) -> dict:
