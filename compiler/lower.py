@@ -375,6 +375,8 @@ class TargetKernels:
     attention: Callable  # (T, H, Hkv, hd, C)
     attention_scratch: Callable  # (T, H, hd, C) -> the shapes of attention's two scratch outputs
     rope_in_attention: bool  # attention rotates the query (q [T, D], then the RoPE tables after table): no rope_q
+    attention_quant: bool  # attention(..., quant=True) also quantizes its output for the o projection (one kernel)
+    mhc_norm: Callable | None  # (D, S, first, eps): a decode mHC site + the next block's RMSNorm+quantize, one kernel
     swiglu_quant: Callable | None  # (T, F): silu(gate)·up and its quantize as one kernel; None: silu_mul, quantize
     lm_head: Callable  # (V, D, dtype)
     argmax: Callable  # (B, V): each row's first maximum (int32) and its value (the MTP heads' greedy drafts)
@@ -404,6 +406,7 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
         schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
         rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None, cuda_forms=False,
+        attention_quant=False, mhc_norm=None,
     ),
     "tl": TargetKernels(
         name="tl", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8_tl", gemm=None, tile=tl_tile,
@@ -411,6 +414,7 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
         schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
         rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None, cuda_forms=False,
+        attention_quant=False, mhc_norm=None,
     ),
     "dp4a": TargetKernels(
         name="dp4a", prefill_chunk=CUDA_PREFILL_CHUNK, gemv="gemv_dp4a", gemm="gemm_dp4a", tile=None,
@@ -418,7 +422,7 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         quantize=gkg.norm_quantize, attention=gkg.attention, attention_scratch=gkg.attention_scratch,
         lm_head=gkg.lm_head, argmax=gkg.argmax, kv_update=functools.partial(gk.kv_update, gpu=True),
         schedule_small=False, mhc_x_row=True, fused_draft=True, batch_sizes=CUDA_BATCH_SIZES,
-        rope_in_attention=True, swiglu_quant=gkg.swiglu_quantize,
+        rope_in_attention=True, swiglu_quant=gkg.swiglu_quantize, attention_quant=True, mhc_norm=gkg.mhc_post_norm,
         router_topk=functools.partial(gk.router_topk, gpu=True), experts=gkg.experts_dp4a, cuda_forms=True,
     ),
 }  # fmt: skip
@@ -428,6 +432,13 @@ def kernels_for(target: str, weights: str = "tile8") -> TargetKernels:
     """The :data:`KERNELS` entry of a build: ``dp4a`` on CUDA, else the CPU weight layout."""
     check_weights(weights, target == "cuda")
     return KERNELS["dp4a" if target == "cuda" else weights]
+
+
+def _next_norm(site: int) -> str:
+    """The weight of the RMSNorm that the block after mHC site ``site`` applies to its input first: the FFN's after
+    an attention site (``2i``), the next layer's attention's after an FFN site."""
+    i = site // 2
+    return f"blk.{i}.ffn_norm.weight" if site % 2 == 0 else f"blk.{i + 1}.attn_norm.weight"
 
 
 @dataclass
@@ -442,6 +453,7 @@ class _Frame:
     cache: dict  # cache_specs name → var
     pv: dict
     batch: bool
+    normed: dict = field(default_factory=dict)  # norm weight → (its input u, (q8, scale, sums)) a fused site made
 
 
 @dataclass
@@ -510,7 +522,7 @@ class Lowering:
                 X = None  # the residual streams [T, S, D] between sites
                 for site in range(2 * cfg.n_layers):
                     y = (self.attention if site % 2 == 0 else self.ffn)(f, site // 2, u)
-                    X, u = self.mhc_site(f, site, x, X, y)
+                    X, u = self.mhc_site(f, site, x, X, y, _next_norm(site))
                 logits, hn = self.head(f, u, last, dst)
                 outs = [logits, hn] if cfg.mtp_heads else [logits]
                 if name.startswith("verify_b"):  # decode_b{B} that also drafts for every row after its argmax
@@ -563,6 +575,11 @@ class Lowering:
             qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, f.pos, cos, sin], [((T, H, hd), f32)])
             att = self._te("attention", self.k.attention, T, H, Hkv, hd, C, KV_BLOCK)
             args = [qr, kc, vc, f.pos, f.table]
+        if self.k.attention_quant and not cfg.sub_norms:  # the o projection's quantize inside the attention
+            att = self._te("attention_quant", functools.partial(self.k.attention, quant=True), T, H, Hkv, hd, C,
+                           KV_BLOCK)  # fmt: skip
+            o8, osc, osum = self._call(att, args, [((T, D), "int8"), ((T,), f32), ((T,), "int32"), *scratch])[:3]
+            return self._ternary(f, f"blk.{i}.attn_output", o8, osc, osum, D, D)
         o = self._call(att, args, [((T, D), f32), *scratch])[0]
         if cfg.sub_norms:  # arch bitnet: RMSNorm before the output projection
             o8, osc, osum = self._norm_quant(f, f"blk.{i}.attn_sub_norm.weight", o)
@@ -721,15 +738,26 @@ class Lowering:
         y = self.bb.emit(relax.call_tir(gv, args, relax.TensorType((M,), "float32")))
         return self._reshape(y, (1, M))
 
-    def mhc_site(self, f: _Frame, site: int, x, X, y):
+    def mhc_site(self, f: _Frame, site: int, x, X, y, next_norm: str | None = None):
         """mHC site ``site`` (``2i``: after layer i's attention, ``2i + 1``: after its FFN): mixes the block output
         ``y`` into the residual streams ``X`` (the first site expands the embedding ``x`` instead, the last collapses
-        them) and aggregates the next block's input. Returns the new streams (``X`` after the last) and that input."""
+        them) and aggregates the next block's input. Returns the new streams (``X`` after the last) and that input.
+        ``next_norm``: the weight of the RMSNorm the next block applies first; where the table has ``mhc_norm`` (one
+        token) the site computes that norm's int8 codes too and leaves them in ``f.normed`` for :meth:`_norm_quant`."""
         D, S, T, f32 = self.cfg.d_model, self.cfg.n_streams, f.T, "float32"
         first, lst = site == 0, site == 2 * self.cfg.n_layers - 1
         coef = [f.pv[_site_param(site, "h_res")], f.pv[_site_param(site, "h_post")]]
         if not lst:
             coef.append(f.pv[_site_param(site + 1, "h_pre")])
+        if T == 1 and not lst and next_norm and self.k.mhc_norm:  # decode: the site and the next norm, one kernel
+            eps = self.cfg.norm_eps
+            gv = self._te(f"mhc_post_norm_{eps:g}", lambda *a: self.k.mhc_norm(*a, eps=eps), D, S, int(first))
+            xin = self._reshape(x, (1, D)) if first else X
+            outs = [((S, D), f32), ((D,), f32), ((1, D), "int8"), ((1,), f32), ((1,), "int32")]
+            Xn, un, *codes = self._call(gv, [xin, self._reshape(y, (D,)), *coef, f.pv[next_norm]], outs)
+            u = self._reshape(un, (1, D))
+            f.normed[next_norm] = (u, tuple(codes))
+            return Xn, u
         if T == 1:  # decode: the tuned site op
             gv, _ = self._op("mhc_post", D=D, S=S, first=int(first), last=int(lst))
             xin = self._reshape(x, (1, D) if self.k.mhc_x_row else (D,)) if first else X
@@ -823,6 +851,9 @@ class Lowering:
         """RMSNorm + per-token int8 quantize of ``u [T, D]`` (a block input, or a sub-norm's) → ``(q8 [T, D], scale
         [T], row sums [T])``. A decode batch's kernel takes the one-token kernel's knobs: a row's ``Σx²`` is then
         summed in the same order whatever the batch (the exactness of batching)."""
+        done = f.normed.get(weight)
+        if done is not None and done[0] is u:  # the site before computed it (mhc_site's next_norm)
+            return done[1]
         D, T, eps = D or self.cfg.d_model, f.T, self.cfg.norm_eps
         like = {"like": make_op("rmsnorm_quant", D=D, N=1, eps=eps), "mode": "like"} if f.batch and T > 1 else {}
         gv, _ = self._op("rmsnorm_quant", D=D, N=T, eps=eps, **like)

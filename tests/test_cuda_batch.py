@@ -133,6 +133,69 @@ def test_paged_attention_reads_only_its_own_blocks():
 
 
 @pytest.mark.build
+def test_attention_quantized_output_equals_attention_then_quantize():
+    """``attention(..., quant=True)`` (the CUDA decode's attention with the o projection's input quantize fused into
+    its combine) gives exactly the int8 codes, scale and row sum of the plain kernel's output quantized per token;
+    a padding row quantizes to zeros. Rows through shuffled tables, at block edges."""
+    from compiler.graph_kernels_gpu import attention, attention_scratch
+    from model.ternary.quant import quantize_activations
+
+    T, H, Hkv, hd, ctx, block, n_blocks = 5, 8, 2, 32, 96, 16, 20
+    rng = np.random.default_rng(7)
+    kc = rng.standard_normal((n_blocks, Hkv, block, hd)).astype(np.float32)
+    vc = rng.standard_normal((n_blocks, Hkv, block, hd)).astype(np.float32)
+    pos = np.array([0, 47, -1, 95, 16], np.int32)
+    table = np.stack([rng.permutation(n_blocks)[: ctx // block] for _ in range(T)]).astype(np.int32)
+    q = rng.standard_normal((T, H, hd)).astype(np.float32)
+    plain = _attention_cpu(T, H, Hkv, hd, ctx, block, q, kc, vc, pos, table)
+    part, st = (np.full(s, np.nan, np.float32) for s in attention_scratch(T, H, hd, ctx))
+    cos, sin = np.ones((ctx, hd // 2), np.float32), np.zeros((ctx, hd // 2), np.float32)
+    outs = [np.full((T, H * hd), 99, np.int8), np.full(T, np.nan, np.float32), np.full(T, -7, np.int32)]
+    f = attention(T, H, Hkv, hd, ctx, block, gpu=False, quant=True)
+    got = _run_cpu(f, [q.reshape(T, H * hd), kc, vc, pos, table, cos, sin, *outs, part, st])[7:10]
+    want = quantize_activations(plain)
+    np.testing.assert_array_equal(got[0], want.q)
+    np.testing.assert_array_equal(got[1], want.scale)
+    np.testing.assert_array_equal(got[2], want.total)
+    assert not got[0][pos < 0].any() and not got[2][pos < 0].any()
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("S,first", [(2, True), (2, False), (4, False)])
+def test_mhc_site_fused_with_the_next_norm(S, first):
+    """``mhc_post_norm`` (a decode mHC site and the next block's RMSNorm + int8 quantize in one CUDA kernel), run as
+    its CPU twin: the streams and ``u`` equal the site's float64 reference; the codes are the per-token quantize of
+    ``RMSNorm(u) · w`` (off by at most one code, at a rounding tie of the float sums' order), the scale within
+    float32 rounding, and the row sum the codes' exact sum."""
+    from compiler.graph_kernels_gpu import mhc_post_norm
+    from compiler.ops.mhc import mhc_reference
+    from model.ternary.quant import quantize_activations
+
+    D, eps = 512, 1e-5
+    rng = np.random.default_rng(S + first)
+    rows = 1 if first else S
+    x = rng.standard_normal((rows, D)).astype(np.float32)
+    y = rng.standard_normal(D).astype(np.float32)
+    h_res = rng.uniform(0, 1, (S, S)).astype(np.float32)
+    h_post, h_pre = (rng.uniform(0, 1, S).astype(np.float32) for _ in range(2))
+    w = rng.uniform(0.5, 1.5, D).astype(np.float32)
+    outs = [np.full((S, D), np.nan, np.float32), np.full(D, np.nan, np.float32), np.full((1, D), 99, np.int8),
+            np.full(1, np.nan, np.float32), np.full(1, -7, np.int32)]  # fmt: skip
+    got = _run_cpu(mhc_post_norm(D, S, first, eps, gpu=False), [x, y, h_res, h_post, h_pre, w, *outs])[6:]
+    X = np.repeat(x, S, axis=0) if first else x  # the first site expands the embedding into every stream
+    xo, u, _ = mhc_reference(X, y, h_res, h_post, h_pre)
+    np.testing.assert_allclose(got[0], xo, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], u, rtol=1e-5, atol=1e-5)
+    u64 = got[1].astype(np.float64)
+    want = quantize_activations((u64 / np.sqrt((u64 * u64).mean() + eps) * w).astype(np.float32)[None])
+    assert np.abs(got[2].astype(np.int32) - want.q).max() <= 1 and (got[2] != want.q).mean() < 0.01
+    np.testing.assert_allclose(got[3], want.scale, rtol=1e-6)
+    assert got[4][0] == got[2].astype(np.int32).sum()
+    with pytest.raises(ValueError, match="multiple"):
+        mhc_post_norm(500, S, first, eps)
+
+
+@pytest.mark.build
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("B,V", [(5, 333), (16, 334), (16, 333)])  # one head row per thread, two, one (V odd)
 def test_lm_head_rows_do_not_depend_on_the_batch(dtype, B, V):
