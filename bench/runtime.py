@@ -29,6 +29,11 @@ write) timed in the same run (:func:`bench.cuda_trace.copy_gbs`); each compiled 
 trace of 50 decode steps (:func:`bench.cuda_trace.trace`: kernels, graph and host launches, allocations, GPU-busy
 time per step) and the build's census of ``decode_b1`` (``meta.json``).
 
+``--baseline-entry E`` (with ``--entry``, e.g. the same model built from an earlier commit) adds a row ``tvm-base``
+that runs entry ``E`` right after the compiled row in every run, under the same conditions; each compiled row then
+carries ``decode_vs_baseline`` and ``prefill_vs_baseline`` (medians of the per-run ratios, with their ranges): an A/B
+of two builds in one run, interleaved.
+
 ``--runs N`` (default 5) repeats every row N times, interleaved (every implementation, then the roof, once per run);
 a row is the run with the median decode rate, with ``runs`` and the ``*_range`` of decode, TTFT and prefill.
 Timings on a shared machine are only meaningful when nothing else runs.
@@ -276,6 +281,19 @@ def _run_worker(args: list[str], threads: int, module: str = "bench.runtime") ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def baseline_ratios(runs: list[dict], base_runs: list[dict]) -> dict:
+    """The A/B of ``--baseline-entry``: run ``i`` of the build over run ``i`` of the baseline (they ran back to
+    back), for decode and prefill tokens/s: ``{k}_vs_baseline`` (the median ratio) and ``{k}_vs_baseline_range``."""
+    if len(runs) != len(base_runs):
+        raise ValueError(f"{len(runs)} runs against {len(base_runs)} baseline runs: the A/B pairs runs")
+    out = {}
+    for k in ("decode", "prefill"):
+        ratios = [x[f"{k}_tok_s"] / y[f"{k}_tok_s"] for x, y in zip(runs, base_runs, strict=True)]
+        out[f"{k}_vs_baseline"] = float(np.median(ratios))
+        out[f"{k}_vs_baseline_range"] = [min(ratios), max(ratios)]
+    return out
+
+
 def _median_row(runs: list[dict]) -> dict:
     """One row from the runs of one (implementation, thread count): the run with the median decode rate, with the
     number of runs and the range of the decode rate, TTFT and prefill rate over them."""
@@ -323,17 +341,24 @@ def run(a) -> dict:
                 if a.cache_dir:
                     extra += ["--cache-dir", a.cache_dir]
                 samples.setdefault((impl, n), []).append(_run_worker([impl, *common, *extra], n))
+                if impl == "tvm" and a.baseline_entry:  # the A/B: the baseline build right after, same conditions
+                    extra = ["--target", target, "--entry", a.baseline_entry]
+                    r = _run_worker(["tvm", *common, *extra], n) | {"impl": "tvm-base", "entry": a.baseline_entry}
+                    samples.setdefault(("tvm-base", n), []).append(r)
                 if impl == "tvm" and roof:  # right after the compiled row: the bound under the same conditions
                     roof_args = ["--roof-dir", a.roof_dir] if a.roof_dir else []
                     r = _run_worker(["roofline", "--target", target, "--roof-mib", str(a.roof_mib), *roof_args], n)
                     roof_runs.setdefault(n, []).append(r.get("copy_gbs", r.get("read_gbs")))
     rows = [_median_row(runs) for runs in samples.values()]
+    for r in rows:
+        if r["impl"] == "tvm" and ("tvm-base", r["threads"]) in samples:
+            r |= baseline_ratios(samples[("tvm", r["threads"])], samples[("tvm-base", r["threads"])])
     roofs = {n: float(np.median(v)) for n, v in roof_runs.items()}
     base = {r["threads"]: r for r in rows if r["impl"] == "torch"}
     for r in rows:
         b = base.get(r["threads"])
         r["decode_vs_torch"] = r["decode_tok_s"] / b["decode_tok_s"] if b else float("nan")
-        if r["impl"] == "tvm" and r["threads"] in roofs:
+        if r["impl"] in ("tvm", "tvm-base") and r["threads"] in roofs:
             gbs = roofs[r["threads"]]
             r["read_gbs"] = gbs
             per_token = r["bytes"]["weights"] + (r["bytes"]["kv_cache"] if target == "cuda" else 0)
@@ -358,6 +383,13 @@ def table(res: dict) -> str:
                      f"{r['peak_rss_mib']:8.0f} {pct}")  # fmt: skip
     if any(r["impl"] == "onnxruntime" for r in res["rows"]):
         lines.append("onnxrt*: the ONNX export has no KV cache; each decode step recomputes the whole sequence")
+    for r in res["rows"]:
+        if "decode_vs_baseline" in r:
+            lo, hi = r["decode_vs_baseline_range"]
+            plo, phi = r["prefill_vs_baseline_range"]
+            lines.append(f"{r['threads']} thread(s): decode {r['decode_vs_baseline']:.3f}x the baseline build "
+                         f"[{lo:.3f}, {hi:.3f}], prefill {r['prefill_vs_baseline']:.3f}x [{plo:.3f}, {phi:.3f}] "
+                         f"(per-run ratios, back to back)")  # fmt: skip
     tvm = [r for r in res["rows"] if r["impl"] == "tvm"]
     cuda = res["target"] == "cuda"
     if tvm and res["read_gbs"]:
@@ -401,6 +433,8 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--target", default="auto", help="compiled module's target (auto | avx512 | avx2 | cuda)")
     ap.add_argument("--entry", default=None, help="a prebuilt compiler.build cache entry to run (no build)")
+    ap.add_argument("--baseline-entry", default=None,
+                    help="with --entry: another build of the same model, run right after it in every run (an A/B)")
     ap.add_argument("--torch-device", default="cpu", help="device of the PyTorch reference (cpu | cuda)")
     ap.add_argument("--torch-dtype", default="float32", help="dtype of the PyTorch reference (float32 | bfloat16)")
     ap.add_argument("--roof-mib", type=int, default=ROOF_MIB, help="size of the streaming-read array (MiB)")
@@ -424,6 +458,8 @@ def main(argv=None) -> None:
         }[a.worker]()
         print(json.dumps(r))
         return
+    if a.baseline_entry and not (a.entry and "tvm" in a.impl):
+        ap.error("--baseline-entry needs --entry and --impl tvm (it is the A/B of two builds)")
     res = run(a)
     print(table(res))
     if a.json:

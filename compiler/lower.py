@@ -751,7 +751,7 @@ class Lowering:
             coef.append(f.pv[_site_param(site + 1, "h_pre")])
         if T == 1 and not lst and next_norm and self.k.mhc_norm:  # decode: the site and the next norm, one kernel
             eps = self.cfg.norm_eps
-            gv = self._te(f"mhc_post_norm_{eps:g}", lambda *a: self.k.mhc_norm(*a, eps=eps), D, S, int(first))
+            gv = self._te("mhc_post_norm", lambda *a: self.k.mhc_norm(*a, eps=eps), D, S, int(first))  # one eps a model
             xin = self._reshape(x, (1, D)) if first else X
             outs = [((S, D), f32), ((D,), f32), ((1, D), "int8"), ((1,), f32), ((1,), "int32")]
             Xn, un, *codes = self._call(gv, [xin, self._reshape(y, (D,)), *coef, f.pv[next_norm]], outs)

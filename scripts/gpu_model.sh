@@ -4,8 +4,11 @@
 # from the GGUF), with TVM's runtime only: parity with the PyTorch CUDA reference (64 greedy steps), then
 # bench.runtime: decode/prefill against PyTorch eager bf16, $RUNS interleaved runs, the HBM bound from a device copy
 # in the same run, and the profiler's count of what one decode step launches (bench.cuda_trace).
-#   OUT=<results folder> [RUNS=5] [NAMES="small nano-1b"] [SKIP_TORCH_NANO=1] bash scripts/gpu_model.sh
-#   (NAMES: any entry gpu_prepare.sh built, e.g. bitnet-2b4t)
+#   OUT=<results folder> [RUNS=5] [NAMES="small nano-1b"] [SKIP_TORCH_NANO=1 | SKIP_TORCH=1] [BASELINE=.gpu/baseline] \
+#     bash scripts/gpu_model.sh
+#   (NAMES: any entry gpu_prepare.sh built, e.g. bitnet-2b4t; BASELINE: a folder of entries of the same names built
+#   from an earlier commit, e.g. `git worktree add /tmp/old <commit> && (cd /tmp/old && bash scripts/gpu_prepare.sh)`
+#   then copy /tmp/old/.gpu/entries/* there: bench.runtime --baseline-entry times each right after the new build)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -19,8 +22,14 @@ for e in ${NAMES:-small nano-1b}; do
   python3 -m compiler.build --model "$gguf" --target cuda --repack-into ".gpu/entries/$e" > /dev/null
   python3 -m bench.parity --model "$gguf" --entry ".gpu/entries/$e" --torch-device cuda --steps 64 \
     --json "$OUT/parity_${e}_cuda.json" 2>&1 | tail -1
+  ab=()
+  if [ -n "${BASELINE:-}" ] && [ -f "$BASELINE/$e/model.so" ]; then
+    python3 -m compiler.build --model "$gguf" --target cuda --repack-into "$BASELINE/$e" > /dev/null
+    ab=(--baseline-entry "$BASELINE/$e")
+  fi
   impls="tvm torch"; [ "$e" = nano-1b ] && [ "${SKIP_TORCH_NANO:-0}" = 1 ] && impls=tvm
+  [ "${SKIP_TORCH:-0}" = 1 ] && impls=tvm
   python3 -m bench.runtime --impl $impls --model "$gguf" --entry ".gpu/entries/$e" --target cuda --threads 16 \
     --torch-device cuda --torch-dtype bfloat16 --prompt-tokens 64 --decode-tokens 128 --runs "$RUNS" \
-    --json "$OUT/runtime_${e}_cuda.json" 2>&1 | tail -8
+    ${ab[@]+"${ab[@]}"} --json "$OUT/runtime_${e}_cuda.json" 2>&1 | tail -10
 done

@@ -305,6 +305,21 @@ def test_a_row_is_the_median_run_with_the_ranges():
     assert row["decode_tok_s_range"] == [10.0, 30.0] and row["ttft_ms_range"] == [1.0, 9.0]
 
 
+@pytest.mark.unit
+def test_baseline_ratios_pair_the_runs():
+    """--baseline-entry's A/B: run i over baseline run i (back to back), the median ratio and the range; unpaired
+    runs are refused."""
+    from bench.runtime import baseline_ratios
+
+    runs = [{"decode_tok_s": d, "prefill_tok_s": 10.0} for d in (200.0, 90.0, 150.0)]
+    base = [{"decode_tok_s": d, "prefill_tok_s": 5.0} for d in (100.0, 100.0, 100.0)]
+    r = baseline_ratios(runs, base)
+    assert r["decode_vs_baseline"] == 1.5 and r["decode_vs_baseline_range"] == [0.9, 2.0]
+    assert r["prefill_vs_baseline"] == 2.0 and r["prefill_vs_baseline_range"] == [2.0, 2.0]
+    with pytest.raises(ValueError, match="pairs"):
+        baseline_ratios(runs, base[:2])
+
+
 @pytest.mark.build
 def test_decode_bytes_counts_what_a_step_reads():
     """Ternary matrices at 2 bits/weight, the whole LM head, one embedding row, norms; KV cache apart."""
