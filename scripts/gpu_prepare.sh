@@ -2,7 +2,9 @@
 # Build machine (nvcc, no GPU needed): everything the GPU scripts read, under .gpu/ (gitignored; carry it with
 # `device`): TVM's runtime bundle and the wheels the GPU host lacks (.gpu/rt, scripts/gpu_runtime_bundle.sh) and the
 # CUDA modules of the shipped model and of nano-1b (random weights), model.so + meta.json in .gpu/entries/<name>
-# (the GPU host repacks the weights from the GGUF: compiler.build --repack-into). Then, on the GPU host:
+# (the GPU host repacks the weights from the GGUF: compiler.build --repack-into), each also compressed into
+# .gpu/packed/ (scripts/gpu_pack.sh: carry .gpu/rt and .gpu/packed, well under the device tool's 64 MiB). Then, on the
+# GPU host:
 #   OUT=<results folder> bash scripts/gpu_model.sh
 #   bash scripts/gpu_prepare.sh [small] [nano-1b] [bitnet-2b4t]   (default: small nano-1b; any preset of
 #   model.config.PRESETS is built from random weights, e.g. bitnet-2b4t, the BitNet b1.58 2B-4T shape)
@@ -19,4 +21,5 @@ for name in $names; do
   mkdir -p ".gpu/entries/$name"
   cp "$entry/model.so" "$entry/meta.json" ".gpu/entries/$name/"
   echo ".gpu/entries/$name <- $entry"
+  bash scripts/gpu_pack.sh "entries/$name"
 done
