@@ -433,8 +433,11 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--target", default="auto", help="compiled module's target (auto | avx512 | avx2 | cuda)")
     ap.add_argument("--entry", default=None, help="a prebuilt compiler.build cache entry to run (no build)")
-    ap.add_argument("--baseline-entry", default=None,
-                    help="with --entry: another build of the same model, run right after it in every run (an A/B)")
+    ap.add_argument(
+        "--baseline-entry",
+        default=None,
+        help="with --entry: another build of the same model, run right after it in every run (an A/B)",
+    )
     ap.add_argument("--torch-device", default="cpu", help="device of the PyTorch reference (cpu | cuda)")
     ap.add_argument("--torch-dtype", default="float32", help="dtype of the PyTorch reference (float32 | bfloat16)")
     ap.add_argument("--roof-mib", type=int, default=ROOF_MIB, help="size of the streaming-read array (MiB)")

@@ -48,6 +48,16 @@ def attention_scratch(T: int, H: int, hd: int, ctx: int) -> list[tuple]:
     return [(T * H * nc, hd), (T * H * nc, 2)]
 
 
+QUANT_COMBINE_COLUMNS = 1024  # the widest row (H·hd) whose quantized combine (one CUDA block per row) pays
+
+
+def quantized_combine_pays(H: int, hd: int) -> bool:
+    """Whether :func:`attention` with ``quant=True`` beats the plain combine + a quantize kernel: its combine is one
+    CUDA block per row, so it pays while a thread combines one column (``H·hd ≤ 1024``; on an H200 it wins on the
+    shipped model and loses on ``nano-1b``: ``docs/bench/cuda/README.md``)."""
+    return H * hd <= QUANT_COMBINE_COLUMNS
+
+
 def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = True, quant: bool = False):
     """Causal GQA softmax attention of ``q [T, H, hd]`` over the paged cache ``kc, vc [n_blocks, Hkv, block, hd]``
     → ``o [T, H·hd]``, as :func:`compiler.graph_kernels.attention` (same parameters): row ``t`` reads its sequence's
@@ -59,7 +69,10 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
        the chunk's max and ``Σ exp`` (shared-memory trees), and the chunk's unnormalised output (thread ``i``:
        column ``i`` over the chunk's keys in order) into the scratch outputs ``part``/``st``; a block whose chunk
        starts past the position does nothing;
-    2. a block per (row, head), a thread per column: the chunks combined in order, rescaled to their common max.
+    2. a block per (row, head), a thread per column: the chunks combined in order, rescaled to their common max;
+       ``quant=True``: a block per row instead, which also quantizes the row for the o projection exactly as
+       :func:`norm_quantize` (outputs ``o int8 [T, H·hd]``, ``o_scale [T]``, ``o_sum [T]``; see
+       :func:`quantized_combine_pays`).
 
     The query comes unrotated, ``q [T, H·hd]``, with the RoPE tables ``cos, sin [ctx, hd/2]`` after ``table``: each
     block rotates its row's query into shared memory first, exactly as :func:`compiler.graph_kernels.rope_q` (a
@@ -98,7 +111,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     per, nlev = H * hd // nt, nt.bit_length() - 1
 
     @Tx.macro
-    def combined(th, d, res, pos, st, part):  # (row, head) th's column d: its chunks combined in order, rescaled to their max
+    def combined(th, d, res, pos, st, part):  # (row, head) th's column d: its chunks combined, rescaled to their max
         acc = Tx.alloc_buffer((3,), "float32", scope="local")  # max, Σ weight·sum, Σ weight·part
         if pos[th // H] >= 0:
             acc[0] = st[th * NC, 0]
@@ -139,7 +152,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     acc[0] = Tx.float32(0)
                     if (b % NC) * c + tx % c < Tx.min(pos[b // (H * NC)] + 1, ctx):
-                        for i in Tx.unroll(hd // r):  # unrolled: the loads issue back to back
+                        for i in range(hd // r):
                             acc[0] = acc[0] + qs[tx // c * (hd // r) + i] * kc[
                                 Tx.Cast("int64", table[b // (H * NC), ((b % NC) * c + tx % c) // block]),
                                 b // NC % H // g, ((b % NC) * c + tx % c) % block, tx // c * (hd // r) + i]  # fmt: skip
@@ -153,12 +166,10 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                             for j in range(1, r):
                                 acc[0] = acc[0] + dot[j * c + tx]
                             p[tx] = acc[0] * Tx.float32(scale)
+                            row[tx] = table[b // (H * NC), ((b % NC) * c + tx) // block]  # for the values
                         else:
                             p[tx] = Tx.float32(neg)
                         mx[tx] = p[tx]
-                        # the key's cache block for the values; past the position a valid block too (the key's
-                        # table entry, the context clamped), so the unrolled value loop can load without a branch
-                        row[tx] = table[b // (H * NC), Tx.min((b % NC) * c + tx, ctx - 1) // block]
                 sync()
                 for s in Tx.unroll(len(steps)):  # the chunk's max: a tree
                     for tx in threads(hd):
@@ -180,14 +191,10 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                     sync()
                 for tx in threads(hd):  # column tx over the chunk's keys, in order
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
-                    v = Tx.alloc_buffer((c,), "float32", scope="local")
-                    for jj in Tx.unroll(c):  # every load first (no branch: they issue back to back), then the sum
-                        v[jj] = vc[Tx.Cast("int64", row[jj]), b // NC % H // g, ((b % NC) * c + jj) % block, tx]
                     acc[0] = Tx.float32(0)
-                    for jj in Tx.unroll(c):  # the valid keys' terms in order; a key past the position adds nothing
-                        acc[0] = acc[0] + Tx.Select(
-                            (b % NC) * c + jj < Tx.min(pos[b // (H * NC)] + 1, ctx), p[jj] * v[jj], Tx.float32(0)
-                        )
+                    for jj in range(Tx.min(c, Tx.min(pos[b // (H * NC)] + 1, ctx) - (b % NC) * c)):  # valid keys
+                        acc[0] = acc[0] + p[jj] * vc[Tx.Cast("int64", row[jj]), b // NC % H // g,
+                                                     ((b % NC) * c + jj) % block, tx]  # fmt: skip
                     part[b, tx] = acc[0]
                     if tx == 0:
                         st[b, 0] = mx[0]
@@ -348,7 +355,7 @@ def argmax(B: int, V: int, threads: int = 256):
                 mine_at = Tx.alloc_buffer((1,), "int32", scope="local")
                 best[0] = Tx.min_value("float32")
                 at[0] = V
-                for i in Tx.unroll(per):
+                for i in range(per):
                     if i * threads + tx < V:
                         if x[b, i * threads + tx] > best[0] or at[0] == V:
                             best[0] = x[b, i * threads + tx]
@@ -506,7 +513,7 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
                 acc[1] = Tx.float32(1)
                 if norm:
                     acc[0] = Tx.float32(0)
-                    for i in Tx.unroll(per):
+                    for i in range(per):
                         acc[0] = acc[0] + X[t, i * threads + tx] * X[t, i * threads + tx]
                     red[tx] = acc[0]
                     Tx.tvm_storage_sync("shared")
@@ -517,7 +524,7 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
                     acc[1] = Tx.float32(1) / Tx.sqrt(red[0] / Tx.float32(D) + Tx.float32(epsv))
                     Tx.tvm_storage_sync("shared")
                 acc[0] = Tx.float32(0)
-                for i in Tx.unroll(per):
+                for i in range(per):
                     if norm:
                         h[i] = X[t, i * threads + tx] * acc[1] * W[i * threads + tx]
                     elif glu:
@@ -536,7 +543,7 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
                 if tx == 0:
                     S[t] = acc[1]
                 isum[0] = 0
-                for i in Tx.unroll(per):
+                for i in range(per):
                     acc[0] = Tx.min(Tx.max(Tx.nearbyint(h[i] * acc[1]), Tx.float32(-ACT_QMAX)), Tx.float32(ACT_QMAX))
                     Q[t, i * threads + tx] = Tx.Cast("int8", acc[0])
                     isum[0] = isum[0] + Tx.Cast("int32", acc[0])
@@ -623,7 +630,7 @@ def mhc_post(D: int, S: int, first: bool, last: bool, threads: int = 256):
                 red = Tx.alloc_buffer((threads,), "float32", scope="shared")
                 acc = Tx.alloc_buffer((S + 2,), "float32", scope="local")
                 acc[S + 1] = Tx.float32(0)
-                for i in Tx.unroll(per):
+                for i in range(per):
                     acc[S] = Tx.float32(0)
                     for s in Tx.unroll(S):
                         acc[s] = H[s, 0] * X[0, i * threads + tx]

@@ -375,7 +375,8 @@ class TargetKernels:
     attention: Callable  # (T, H, Hkv, hd, C)
     attention_scratch: Callable  # (T, H, hd, C) -> the shapes of attention's two scratch outputs
     rope_in_attention: bool  # attention rotates the query (q [T, D], then the RoPE tables after table): no rope_q
-    attention_quant: bool  # attention(..., quant=True) also quantizes its output for the o projection (one kernel)
+    attention_quant: Callable | None  # (H, hd) -> whether attention(..., quant=True), which also quantizes its output
+    # for the o projection in its combine (one kernel fewer), is used for that shape
     mhc_norm: Callable | None  # (D, S, first, eps): a decode mHC site + the next block's RMSNorm+quantize, one kernel
     swiglu_quant: Callable | None  # (T, F): silu(gate)·up and its quantize as one kernel; None: silu_mul, quantize
     lm_head: Callable  # (V, D, dtype)
@@ -406,7 +407,7 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
         schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
         rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None, cuda_forms=False,
-        attention_quant=False, mhc_norm=None,
+        attention_quant=None, mhc_norm=None,
     ),
     "tl": TargetKernels(
         name="tl", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8_tl", gemm=None, tile=tl_tile,
@@ -414,7 +415,7 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
         schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
         rope_in_attention=False, swiglu_quant=None, router_topk=gk.router_topk, experts=None, cuda_forms=False,
-        attention_quant=False, mhc_norm=None,
+        attention_quant=None, mhc_norm=None,
     ),
     "dp4a": TargetKernels(
         name="dp4a", prefill_chunk=CUDA_PREFILL_CHUNK, gemv="gemv_dp4a", gemm="gemm_dp4a", tile=None,
@@ -422,7 +423,8 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         quantize=gkg.norm_quantize, attention=gkg.attention, attention_scratch=gkg.attention_scratch,
         lm_head=gkg.lm_head, argmax=gkg.argmax, kv_update=functools.partial(gk.kv_update, gpu=True),
         schedule_small=False, mhc_x_row=True, fused_draft=True, batch_sizes=CUDA_BATCH_SIZES,
-        rope_in_attention=True, swiglu_quant=gkg.swiglu_quantize, attention_quant=True, mhc_norm=gkg.mhc_post_norm,
+        rope_in_attention=True, swiglu_quant=gkg.swiglu_quantize, attention_quant=gkg.quantized_combine_pays,
+        mhc_norm=gkg.mhc_post_norm,
         router_topk=functools.partial(gk.router_topk, gpu=True), experts=gkg.experts_dp4a, cuda_forms=True,
     ),
 }  # fmt: skip
@@ -575,7 +577,7 @@ class Lowering:
             qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, f.pos, cos, sin], [((T, H, hd), f32)])
             att = self._te("attention", self.k.attention, T, H, Hkv, hd, C, KV_BLOCK)
             args = [qr, kc, vc, f.pos, f.table]
-        if self.k.attention_quant and not cfg.sub_norms:  # the o projection's quantize inside the attention
+        if self.k.attention_quant and self.k.attention_quant(H, hd) and not cfg.sub_norms:  # o's quantize inside
             att = self._te("attention_quant", functools.partial(self.k.attention, quant=True), T, H, Hkv, hd, C,
                            KV_BLOCK)  # fmt: skip
             o8, osc, osum = self._call(att, args, [((T, D), "int8"), ((T,), f32), ((T,), "int32"), *scratch])[:3]
