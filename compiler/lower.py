@@ -19,15 +19,14 @@ Each ``kc_l``/``vc_l`` is ``float32[n_blocks, Hkv, K, hd]``, ``n_blocks`` symbol
 (:mod:`runtime.kv_cache`). Latent attention caches its int8 latent and ``(s/a, k_pe)`` rows instead, and a DeltaNet
 layer has one ``state_l [n_states, Hk, hd, hd]`` with its own symbolic ``n_states``, one slot per live sequence
 (:func:`cache_specs`, :func:`cache_meta`; ``meta.json["cache"]`` tells the runtime each tensor's leading dimension).
-Row ``t`` holds one
-token at position ``pos[t]`` of the sequence whose block table is
-``table[t]`` (position ``p`` lives in block ``table[t, p // K]``, slot ``p % K``); the graph writes the row's key and
-value there **in place** (``call_tir_inplace``) and attends over that sequence's positions ``0 .. pos[t]``. A
-``decode_b{B}`` row is one sequence's next token (the batch: each sequence at its own position, each ternary matrix
-read once for all ``B``); a ``prefill`` chunk is ``P`` consecutive tokens of one sequence (every row the same
-table) and returns the logits of row ``last``. A row with ``pos < 0`` is padding: it writes nothing and attends to
-nothing, so a short chunk or a batch below ``B`` never touches another sequence's blocks. A row's logits do not
-depend on the other rows or on ``B`` (the exactness of batching, ``tests/test_batch.py``).
+Row ``t`` holds one token at position ``pos[t]`` of the sequence whose block table is ``table[t]`` (position ``p``
+lives in block ``table[t, p // K]``, slot ``p % K``; its DeltaNet state in slot ``table[t, 0]``); the graph writes the
+row's key and value there **in place** (``call_tir_inplace``) and attends over that sequence's positions
+``0 .. pos[t]``. A ``decode_b{B}`` row is one sequence's next token (the batch: each sequence at its own position,
+each ternary matrix read once for all ``B``); a ``prefill`` chunk is ``P`` consecutive tokens of one sequence (every
+row the same table) and returns the logits of row ``last``. A row with ``pos < 0`` is padding: it writes nothing and
+attends to nothing, so a short chunk or a batch below ``B`` never touches another sequence's blocks. A row's logits
+do not depend on the other rows or on ``B`` (the exactness of batching, ``tests/test_batch.py``).
 
 Kernels: every ternary matmul, the RMSNorm+quantize before q/k/v and gate/up, and the mHC site post+mix go through
 :func:`compiler.schedule.get_primfunc` (the tuned record of ``tuning_logs/<target>/``, or the hand schedule with a loud
