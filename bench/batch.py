@@ -93,7 +93,7 @@ def worker(model: str, threads: int, cfg: BatchBenchConfig) -> dict:
     ctx = json.loads((entry / "meta.json").read_text())["config"]["max_seq_len"]
     top = max(cfg.concurrency)
     longest = cfg.prompt_tokens + cfg.tokens + (top - 1) * -(-cfg.prompt_tokens // 8) + 16  # see one_level
-    eng = Engine(entry, model, threads, kv_tokens=max(ctx, top * longest))
+    eng = Engine(entry, model, threads, kv_tokens=max(ctx, top * longest), max_seqs=top + 1)  # DeltaNet: states
     base = eng.tokenize(PROMPT)
     prompts = [(base[i:] + base[:i])[: cfg.prompt_tokens] for i in range(top)]  # distinct prompts, same length
     one_level(eng, min(cfg.concurrency), cfg, prompts)  # warm-up

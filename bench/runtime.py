@@ -92,7 +92,9 @@ def decode_bytes(meta: dict, pos: float = 0.0) -> dict:
         else:
             out["scales_mhc_rope"] += n
     out["weights"] = sum(out.values())
-    size = {n: int(np.prod(shape)) * np.dtype(dtype).itemsize for n, shape, dtype in meta["cache"]}
+    from runtime.kv_cache import cache_layout  # [name, shape, dtype, leading dimension] (or a build's older 3 fields)
+
+    size = {n: int(np.prod(shape)) * np.dtype(dtype).itemsize for n, _, shape, dtype in cache_layout(meta["cache"])}
     per_block = sum(b for n, b in size.items() if not n.startswith("state_"))
     state = sum(b for n, b in size.items() if n.startswith("state_"))  # DeltaNet: one state per sequence
     out["kv_cache"] = int(per_block // int(meta["kv_block"]) * (pos + 1) + state)

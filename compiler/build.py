@@ -232,7 +232,7 @@ def build(
             "model": str(model),
             "config": cfg.to_dict(), "prefill_chunk": lw.chunk, "batch_sizes": list(lw.k.batch_sizes),
             "kv_block": lower.KV_BLOCK,
-            "cache": [[s.name, list(s.shape), s.dtype] for s in lower.cache_specs(cfg)],  # each after n_blocks
+            "cache": lower.cache_meta(cfg),  # each after its leading dimension, n_blocks or n_states
             "params": [[s.name, list(s.shape), s.dtype] for s in lw.specs()],
             "draft_params": [s.name for s in lower.draft_specs(lw.specs())] if cfg.mtp_heads else [],
             "draft_vocab": lower.draft_vocab(cfg.vocab_size, target == "cuda"),
@@ -318,8 +318,8 @@ def _static_inputs(mod):
     """Mark every parameter of every Relax function static (``num_input = 0``), so ``relax.backend.use_cuda_graph``
     captures each function's whole body as one CUDA graph, replayed on later calls: a decode step is one graph
     launch, with no kernel launched by the host and no allocation (the results are written into tensors the caller
-    passes, :func:`compiler.lower.output_specs`). The symbolic ``n_blocks`` of the paged cache is captured too (a
-    graph per value; the runtime fixes it once).
+    passes, :func:`compiler.lower.output_specs`). The symbolic ``n_blocks`` of the paged cache and ``n_states`` of
+    the DeltaNet states are captured too (a graph per value; the runtime fixes them once).
     Contract: the caller passes the same tensors on every call of a function, inputs included, and changes only
     their contents (``runtime.engine.Engine`` does: the weights, the cache and the results are allocated once and the
     per-call inputs refilled in place, ``Engine._in``); a captured graph keeps the device addresses it saw first."""

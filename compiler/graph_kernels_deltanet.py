@@ -1,9 +1,10 @@
 """Gated DeltaNet's graph kernels (:mod:`model.deltanet`): the gates and the recurrent state update, CPU and CUDA.
 
 A DeltaNet layer keeps no KV cache: each sequence has a state ``S [Hk, hd, hd]`` per layer (``S[g, i, j]``: KV head
-``g``, key dim ``i``, value dim ``j``), whatever its length. The state lives in a tensor ``[n_blocks, Hk, hd, hd]``
-beside the KV caches, in the slot of the sequence's first cache block (``table[t, 0]``: every sequence owns one from
-its first token on, so no other bookkeeping is needed); position 0 starts it from zeros.
+``g``, key dim ``i``, value dim ``j``), whatever its length. The state lives in a tensor ``[n_states, Hk, hd, hd]``
+beside the KV caches, in the slot its first cache block's id indexes (``table[t, 0]``: every sequence owns one from
+its first token on, and the runtime hands first blocks out of the ids ``[0, n_states)`` only, so the slot exists and
+no other sequence holds it: :mod:`runtime.kv_cache`); position 0 starts it from zeros.
 
 * :func:`gates`: ``gl [T, 2·Hk] = (W · q8) / a`` — the decay and write-strength logits from the layer's int8
   activations (the dequantized input the PyTorch module's gate projections read), ``W = [ssm_alpha; ssm_beta]``.
@@ -32,7 +33,7 @@ NORM_EPS = 1e-6  # inside the square root of q's and k's L2 norms (model.deltane
 
 
 def state_shape(Hk: int, hd: int) -> tuple[tuple[int, ...], str]:
-    """A DeltaNet layer's state tensor after ``n_blocks``."""
+    """A DeltaNet layer's state tensor after ``n_states``."""
     return (Hk, hd, hd), "float32"
 
 
@@ -51,7 +52,7 @@ def gates(T: int, G: int, D: int):
 
 def recurrent(T: int, H: int, Hk: int, hd: int, ctx: int, block: int, gpu: bool = False, bind: bool = True):
     """``(q [T, H·hd], k [T, Hk·hd], v [T, Hk·hd], gl [T, 2·Hk], a_log [Hk], dt_bias [Hk], pos, table, state)`` →
-    ``o [T, H·hd]``, ``state [n_blocks, Hk, hd, hd]`` updated in place (see the module docstring)."""
+    ``o [T, H·hd]``, ``state [n_states, Hk, hd, hd]`` updated in place (see the module docstring)."""
     from tvm.script import tirx as Tx
 
     W = table_width(ctx, block)
@@ -73,8 +74,8 @@ def recurrent(T: int, H: int, Hk: int, hd: int, ctx: int, block: int, gpu: bool 
         st_h: Tx.handle,
         o: Tx.Buffer((T, H * hd), "float32"),
     ):
-        nb = Tx.int64()
-        st = Tx.match_buffer(st_h, (nb, Hk, hd, hd), "float32")
+        ns = Tx.int64()  # n_states
+        st = Tx.match_buffer(st_h, (ns, Hk, hd, hd), "float32")
         for g in Tx.parallel(Hk):
             kn = Tx.alloc_buffer((hd,), "float32", scope="global")
             u = Tx.alloc_buffer((hd,), "float32", scope="global")
@@ -150,8 +151,8 @@ def _recurrent_gpu(T: int, H: int, Hk: int, hd: int, ctx: int, W: int, G: int, i
         st_h: Tx.handle,
         o: Tx.Buffer((T, H * hd), "float32"),
     ):
-        nb = Tx.int64()
-        st = Tx.match_buffer(st_h, (nb, Hk, hd, hd), "float32")
+        ns = Tx.int64()  # n_states
+        st = Tx.match_buffer(st_h, (ns, Hk, hd, hd), "float32")
         for g in blocks(Hk):
             kn = Tx.alloc_buffer((hd,), "float32", scope=scope)  # k̂, then each query head's q̂
             for t in range(T):

@@ -17,15 +17,16 @@ written before any row attends, so row ``t`` sees the rows before it.
 
 Each ``kc_l``/``vc_l`` is ``float32[n_blocks, Hkv, K, hd]``, ``n_blocks`` symbolic: the runtime sizes the cache
 (:mod:`runtime.kv_cache`). Latent attention caches its int8 latent and ``(s/a, k_pe)`` rows instead, and a DeltaNet
-layer has one ``state_l`` (:func:`cache_specs`; ``meta.json["cache"]`` tells the runtime). Row ``t`` holds one
-token at position ``pos[t]`` of the sequence whose block table is
-``table[t]`` (position ``p`` lives in block ``table[t, p // K]``, slot ``p % K``); the graph writes the row's key and
-value there **in place** (``call_tir_inplace``) and attends over that sequence's positions ``0 .. pos[t]``. A
-``decode_b{B}`` row is one sequence's next token (the batch: each sequence at its own position, each ternary matrix
-read once for all ``B``); a ``prefill`` chunk is ``P`` consecutive tokens of one sequence (every row the same
-table) and returns the logits of row ``last``. A row with ``pos < 0`` is padding: it writes nothing and attends to
-nothing, so a short chunk or a batch below ``B`` never touches another sequence's blocks. A row's logits do not
-depend on the other rows or on ``B`` (the exactness of batching, ``tests/test_batch.py``).
+layer has one ``state_l [n_states, Hk, hd, hd]`` with its own symbolic ``n_states``, one slot per live sequence
+(:func:`cache_specs`, :func:`cache_meta`; ``meta.json["cache"]`` tells the runtime each tensor's leading dimension).
+Row ``t`` holds one token at position ``pos[t]`` of the sequence whose block table is ``table[t]`` (position ``p``
+lives in block ``table[t, p // K]``, slot ``p % K``; its DeltaNet state in slot ``table[t, 0]``); the graph writes the
+row's key and value there **in place** (``call_tir_inplace``) and attends over that sequence's positions
+``0 .. pos[t]``. A ``decode_b{B}`` row is one sequence's next token (the batch: each sequence at its own position,
+each ternary matrix read once for all ``B``); a ``prefill`` chunk is ``P`` consecutive tokens of one sequence (every
+row the same table) and returns the logits of row ``last``. A row with ``pos < 0`` is padding: it writes nothing and
+attends to nothing, so a short chunk or a batch below ``B`` never touches another sequence's blocks. A row's logits
+do not depend on the other rows or on ``B`` (the exactness of batching, ``tests/test_batch.py``).
 
 Kernels: every ternary matmul, the RMSNorm+quantize before q/k/v and gate/up, and the mHC site post+mix go through
 :func:`compiler.schedule.get_primfunc` (the tuned record of ``tuning_logs/<target>/``, or the hand schedule with a loud
@@ -175,12 +176,17 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
     return out
 
 
+BLOCK_DIM, STATE_DIM = "n_blocks", "n_states"  # the cache tensors' symbolic leading dimensions (runtime.kv_cache)
+
+
 def cache_specs(cfg) -> list[ParamSpec]:
-    """Each layer's cache tensors, in layer order, their shapes after the symbolic ``n_blocks``: ``kc_{i}`` and
-    ``vc_{i}``, GQA float32 keys and values ``[Hkv, block, hd]`` or MLA's int8 latent ``[block, c]`` and float32
-    ``(s/a, k_pe)`` rows ``[block, 1 + r]`` (:mod:`compiler.graph_kernels_mla`); a DeltaNet layer's ``state_{i}``
-    ``[Hkv, hd, hd]``, one per sequence, in the slot of its first block (:mod:`compiler.graph_kernels_deltanet`).
-    ``meta.json`` lists them (``cache``) for the runtime, which allocates them."""
+    """Each layer's cache tensors, in layer order, their shapes after the symbolic leading dimension
+    (:func:`cache_dim`): ``kc_{i}`` and ``vc_{i}`` after ``n_blocks``, GQA float32 keys and values ``[Hkv, block,
+    hd]`` or MLA's int8 latent ``[block, c]`` and float32 ``(s/a, k_pe)`` rows ``[block, 1 + r]``
+    (:mod:`compiler.graph_kernels_mla`); a DeltaNet layer's ``state_{i}`` ``[Hkv, hd, hd]`` after ``n_states``, one
+    per sequence, in the slot its first block's id indexes (:mod:`compiler.graph_kernels_deltanet`; the runtime keeps
+    the block ids ``[0, n_states)`` for first blocks, :mod:`runtime.kv_cache`). ``meta.json`` lists them
+    (``cache``, :func:`cache_meta`) for the runtime, which allocates them."""
     if cfg.mla:
         (ks, kt), (vs, vt) = gkm.cache_shapes(cfg.kv_lora_rank, cfg.qk_rope_dim, KV_BLOCK)
     else:
@@ -190,6 +196,17 @@ def cache_specs(cfg) -> list[ParamSpec]:
     return [s for i in range(cfg.n_layers) for s in (
         (ParamSpec(f"state_{i}", ss, stype),) if cfg.is_deltanet(i) else
         (ParamSpec(f"kc_{i}", ks, kt), ParamSpec(f"vc_{i}", vs, vt)))]  # fmt: skip
+
+
+def cache_dim(spec: ParamSpec) -> str:
+    """A cache tensor's symbolic leading dimension: :data:`STATE_DIM` for a DeltaNet state, else :data:`BLOCK_DIM`."""
+    return STATE_DIM if spec.name.startswith("state_") else BLOCK_DIM
+
+
+def cache_meta(cfg) -> list[list]:
+    """``meta.json["cache"]``: ``[name, shape after the leading dimension, dtype, leading dimension]`` per cache
+    tensor (:func:`cache_specs`; read by :func:`runtime.kv_cache.cache_layout`)."""
+    return [[s.name, list(s.shape), s.dtype, cache_dim(s)] for s in cache_specs(cfg)]
 
 
 def output_specs(cfg, name: str, T: int) -> list[ParamSpec]:
@@ -501,7 +518,8 @@ class Lowering:
         sequence → the logits ``[V]`` of row ``last``): the embedding, then per layer its attention and its FFN, each
         followed by its mHC site, then the head. Every row has its own position ``pos[t]`` (< 0: a padding row, which
         writes nothing) and block table ``table[t]`` into the paged KV cache ``kc_i, vc_i [n_blocks, Hkv, block,
-        hd]``, whose ``n_blocks`` the runtime chooses (a symbolic dimension)."""
+        hd]`` and the DeltaNet states ``state_i [n_states, Hk, hd, hd]``, whose ``n_blocks`` and ``n_states`` the
+        runtime chooses (symbolic dimensions)."""
         from tvm import tirx
 
         cfg, bb = self.cfg, self.bb
@@ -513,8 +531,8 @@ class Lowering:
         last = None if batch else _var("last", (1,), "int32")
         inputs = [toks, pos, table] + ([last] if last is not None else [])
         dst = {o.name: _var(o.name, o.shape, o.dtype) for o in output_specs(cfg, name, T)}
-        nb = tirx.Var("n_blocks", "int64")
-        cache = {s.name: _var(s.name, (nb, *s.shape), s.dtype) for s in cache_specs(cfg)}
+        dims = {d: tirx.Var(d, "int64") for d in (BLOCK_DIM, STATE_DIM)}
+        cache = {s.name: _var(s.name, (dims[cache_dim(s)], *s.shape), s.dtype) for s in cache_specs(cfg)}
         specs = self.specs()
         pv = {s.name: _var(s.name, s.shape, s.dtype) for s in specs}
         f = _Frame(T, pos, table, cache, pv, batch)

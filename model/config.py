@@ -27,6 +27,9 @@ MAX_CONTEXT = 1 << 15
 MIN_CONTEXT = 16  # one prefill chunk of the CUDA build (the CPU build's is 8)
 PREFILL_TOKENS = 16  # the largest prefill chunk: the attention scratch holds one score row per (token, head)
 KV_BLOCK = 16  # tokens per block of the runtime's paged cache (compiler.constants.KV_BLOCK, tests/test_lower.py)
+# the most sequences the runtime keeps DeltaNet states for by default on any target: the largest compiled decode batch
+# (CUDA's 64) plus the engine's own sequence (runtime.engine.default_max_seqs; tests/test_lower.py holds the figure)
+MAX_SEQUENCES = 65
 NORM_EPS_RANGE = (1e-12, 1.0)  # [inclusive, exclusive): a denormal epsilon flushes to 0 in compiled float32
 ROPE_THETA_RANGE = (1.0, 1e12)  # (exclusive, inclusive]: ≤ 1 turns every rotation into one of ≥ 1 radian per step
 MAX_EXPERTS = 64  # experts per MoE block (n_experts); llama.cpp's own limit is 256, ours keeps the router kernel serial
@@ -291,16 +294,17 @@ PRESETS: dict[str, ModelConfig] = {
 }  # fmt: skip
 
 
-def memory_estimate(cfg: ModelConfig) -> dict[str, int]:
+def memory_estimate(cfg: ModelConfig, kv_tokens: int | None = None, sequences: int = MAX_SEQUENCES) -> dict[str, int]:
     """Bytes the compiled model allocates, from the config alone (nothing is allocated here).
 
     ``build``: the packed parameters (2-bit ternaries, float32 embeddings and LM head as an upper bound, norms) plus
     the RoPE tables and the float64 temporaries ``compiler.graph_kernels.rope_tables`` makes (angles, cos, sin).
-    ``runtime``: the packed parameters, the RoPE tables, the KV cache (``runtime.engine``:
-    :attr:`ModelConfig.kv_bytes_per_token` for ``max_seq_len`` positions), the DeltaNet layers' states (one
-    :attr:`ModelConfig.state_bytes` slot per cache block of those positions: ``compiler.lower.cache_specs`` gives
-    ``state_i`` the block pool's leading dimension) and the attention scratch (``compiler.graph_kernels.attention``:
-    a ``max_seq_len`` score row per (prefill token, head)). The parts are returned too."""
+    ``runtime``: the packed parameters, the RoPE tables, the KV cache (``runtime.kv_cache.BlockPool``: ``kv_tokens``
+    positions, default one context, in whole blocks of :data:`KV_BLOCK`, :attr:`ModelConfig.kv_bytes_per_token`
+    each), the DeltaNet layers' states (one :attr:`ModelConfig.state_bytes` slot per sequence live at once: ``min(
+    blocks, sequences)``, the pool's ``n_states``; default :data:`MAX_SEQUENCES`, the largest on any target) and the
+    attention scratch (``compiler.graph_kernels.attention``: a ``max_seq_len`` score row per (prefill token, head)).
+    The parts are returned too."""
     d, rd, ctx = cfg.d_model, cfg.rope_dim, cfg.max_seq_len
     shapes = cfg.ternary_shapes().items()
     per_block = sum(m * k * (cfg.ffn_copies if n.startswith("ffn_") else 1) for n, (m, k) in shapes)
@@ -313,8 +317,9 @@ def memory_estimate(cfg: ModelConfig) -> dict[str, int]:
         + router
     )
     rope = 2 * ctx * (rd // 2) * 4
-    kv_cache = ctx * cfg.kv_bytes_per_token
-    state = -(-ctx // KV_BLOCK) * cfg.state_bytes
+    blocks = -(-(kv_tokens or ctx) // KV_BLOCK)
+    kv_cache = blocks * KV_BLOCK * cfg.kv_bytes_per_token
+    state = min(blocks, sequences) * cfg.state_bytes if cfg.state_bytes else 0
     scratch = PREFILL_TOKENS * cfg.n_heads * ctx * 4
     return {"build": weights + rope + 3 * ctx * (rd // 2) * 8, "runtime": weights + rope + kv_cache + state + scratch,
             "weights": weights, "rope_tables": rope, "kv_cache": kv_cache, "state": state}  # fmt: skip

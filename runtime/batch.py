@@ -12,7 +12,8 @@ Each :meth:`Batcher.step` does, in order:
 
 Admission (:meth:`Batcher.admit`) reserves a request's cache blocks for its whole possible length (prompt plus
 ``max_new_tokens``, at most the context) up front, so a running request never fails for lack of cache: when the
-pool is short the request is refused and the caller keeps it waiting. A request's events go to its ``emit``
+pool is short (or, on a model with DeltaNet layers, every recurrent-state slot is held: :mod:`runtime.kv_cache`) the
+request is refused and the caller keeps it waiting. A request's events go to its ``emit``
 callback: ``("text", piece)`` as its text grows, then ``("done", Generation)``, ``("error", message)`` or, once its
 client is gone, ``("cancelled", None)``.
 

@@ -12,9 +12,10 @@ never loaded); the one exception is :func:`ensure_built`, the lazy JIT entry poi
 :mod:`compiler.build` when the cache has no usable entry.
 
 The KV cache is paged (:mod:`runtime.kv_cache`: 16-token blocks shared by every sequence, ``kv_tokens`` of them in
-all). :meth:`Engine.prefill` / :meth:`Engine.decode` advance one :class:`~runtime.kv_cache.Sequence` (the Engine's
-own by default); :meth:`Engine.decode_batch` advances several by a token each in one call of the compiled
-``decode_b{B}``, with the logits each would get alone; :meth:`Engine.batcher` gives the continuous-batching scheduler
+all); a model with DeltaNet layers also keeps ``max_seqs`` recurrent-state slots, one per live sequence.
+:meth:`Engine.prefill` / :meth:`Engine.decode` advance one :class:`~runtime.kv_cache.Sequence` (the Engine's own by
+default); :meth:`Engine.decode_batch` advances several by a token each in one call of the compiled ``decode_b{B}``,
+with the logits each would get alone; :meth:`Engine.batcher` gives the continuous-batching scheduler
 (:mod:`runtime.batch`) that the server runs.
 
 Sampling is numpy (no torch), in float64: greedy at a temperature below :data:`GREEDY_BELOW` (1e-5: at that scale a
@@ -56,7 +57,7 @@ from runtime.decoding import (  # noqa: F401 (the sampling functions are re-expo
     softmax,
 )
 from runtime.healing import Heal, TokenTable, plan
-from runtime.kv_cache import BlockPool, CacheFull, Sequence
+from runtime.kv_cache import STATE_DIM, BlockPool, CacheFull, Sequence, cache_layout, cache_shapes
 from runtime.spec_decode import advance
 from targets.cpu import check_flags
 from targets.cuda import load_cuda_runtime
@@ -134,6 +135,12 @@ KV_CONTEXTS = 4  # the default KV cache holds this many full contexts' worth of 
 DRAFT_TOKENS = {"cuda": 3, "avx512": 1, "avx2": 0}
 
 
+def default_max_seqs(batch_sizes) -> int:
+    """Sequences live at once by default on a model with recurrent states: the largest compiled decode batch (the
+    :class:`runtime.batch.Batcher`'s default ``max_batch``) plus the Engine's own single-sequence API sequence."""
+    return max(int(b) for b in batch_sizes) + 1
+
+
 def default_draft_tokens(target: str, heads: int) -> int:
     """Tokens drafted per step by default: :data:`DRAFT_TOKENS` for the target, at most the model's heads."""
     return min(heads, DRAFT_TOKENS.get(target, 0))
@@ -154,12 +161,16 @@ class Engine:
         token_healing: bool = True,
         kv_tokens: int | None = None,
         draft_tokens: int | None = None,
+        max_seqs: int | None = None,
     ) -> None:
         """``gguf`` supplies the tokenizer (and its special tokens); or pass an HF ``tokenizer`` directly.
         ``token_healing`` is the default of :meth:`stream_text`. ``kv_tokens``: the KV cache's capacity in tokens
         over all sequences (default :data:`KV_CONTEXTS` full contexts; at least one). ``draft_tokens``: tokens
         drafted per step by the model's multi-token-prediction heads (:mod:`runtime.spec_decode`; default
-        :func:`default_draft_tokens`, at most the heads; 0 turns speculative decoding off)."""
+        :func:`default_draft_tokens`, at most the heads; 0 turns speculative decoding off). ``max_seqs``: on a model
+        with DeltaNet layers, the most sequences live at once, hence its recurrent-state slots (default
+        :func:`default_max_seqs`: the largest decode batch plus this Engine's own sequence; at most the cache's
+        blocks); one more sequence is :class:`CacheFull` until one is released. Ignored without DeltaNet layers."""
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or len(os.sched_getaffinity(0))))
         import tvm
         from tvm.runtime.vm import VirtualMachine
@@ -200,10 +211,15 @@ class Engine:
                            self.meta["params"]]  # fmt: skip
         index = {name: i for i, (name, _, _) in enumerate(self.meta["params"])}
         self._draft_params = [self.params[index[n]] for n in self.meta.get("draft_params", [])]  # the heads' only
-        self.pool = BlockPool(int(kv_tokens or KV_CONTEXTS * self.ctx), int(self.meta["kv_block"]), self.ctx)
-        # never read before written (a position's key is written by the step that reads it first): no zero fill
-        self.cache = [tvm.runtime.empty((self.pool.n_blocks, *shape), dtype, self.dev)
-                      for _, shape, dtype in self.meta["cache"]]  # fmt: skip
+        layout = cache_layout(self.meta["cache"])
+        states = any(dim == STATE_DIM for _, dim, _, _ in layout)  # DeltaNet layers: a state slot per sequence
+        if max_seqs is not None and max_seqs < 1:
+            raise ValueError(f"max_seqs={max_seqs}: at least one sequence")
+        seqs = int(max_seqs or default_max_seqs(self.batch_sizes)) if states else 0
+        self.pool = BlockPool(int(kv_tokens or KV_CONTEXTS * self.ctx), int(self.meta["kv_block"]), self.ctx, seqs)
+        # never read before written (a position's key is written by the step that reads it first; a state is zeroed
+        # at position 0): no zero fill
+        self.cache = [tvm.runtime.empty(shape, dtype, self.dev) for shape, dtype in cache_shapes(layout, self.pool)]
         self._tvm = tvm
         self._inputs: dict[tuple, object] = {}  # per-call input tensors, refilled (_in)
         self._results: dict[str, list] = {}  # each function's result tensors, written in place (_out)
@@ -292,6 +308,9 @@ class Engine:
         if length > self.ctx:
             raise ValueError(f"{length} tokens exceed the context of {self.ctx}")
         if not self.pool.reserve(seq, length):
+            if self.pool.n_states and not seq.blocks and not self.pool.free_states:
+                raise CacheFull(f"all {self.pool.n_states} recurrent-state slots are held by live sequences (the "
+                                "Engine's max_seqs); release one (Engine.reset) to start another")  # fmt: skip
             raise CacheFull(f"the KV cache has {self.pool.free} free blocks of {self.pool.block} tokens; "
                             f"{self.pool.blocks_for(length) - len(seq.blocks)} more are needed")  # fmt: skip
 
@@ -427,7 +446,11 @@ class Engine:
         """A :class:`runtime.batch.Batcher` over this Engine (continuous batching)."""
         from runtime.batch import Batcher
 
-        return Batcher(self, max_batch)
+        b = Batcher(self, max_batch)
+        if self.pool.n_states and b.max_batch > self.pool.n_states:
+            log.warning("max_batch=%d, but this model keeps %d recurrent-state slots (Engine max_seqs): at most that "
+                        "many requests run at once", b.max_batch, self.pool.n_states)  # fmt: skip
+        return b
 
     # --- generation --------------------------------------------------------------------------------------------
     def generate_tokens(

@@ -170,7 +170,8 @@ class Backend:
         self.bos_text = spec.tokens[spec.bos_id] if spec.bos_id is not None else ""  # Llama 3 templates open with it
         self.control_ids = tuple(i for i, t in enumerate(spec.token_type) if t == TOKEN_CONTROL)
         return Engine.from_gguf(c.model, c.target, c.cache_dir, c.threads or default_threads(), c.jit_policy,
-                                head=c.head, kv_tokens=c.kv_tokens, draft_tokens=c.draft_tokens)  # fmt: skip
+                                head=c.head, kv_tokens=c.kv_tokens, draft_tokens=c.draft_tokens,
+                                max_seqs=c.max_batch + 1 if c.max_batch else None)  # fmt: skip
 
     def _load(self):
         engine = self._open()

@@ -65,6 +65,85 @@ def test_pool_never_hands_out_a_block_twice(ops):
         assert len(held) == len(set(held)) and pool.used == len(held) and pool.free + pool.used == pool.n_blocks
 
 
+@pytest.mark.unit
+def test_pool_hands_first_blocks_from_the_reserved_state_range():
+    """With recurrent states (``sequences > 0``) a sequence's first block, whose id is its state slot, comes from
+    ``[0, n_states)`` and its later blocks from the rest while any is free; with no reserved block free a new sequence
+    is refused (nothing taken) while those holding one still grow; released blocks go back to their range."""
+    pool = BlockPool(tokens=128, block=16, ctx=48, sequences=3)
+    assert (pool.n_blocks, pool.n_states, pool.free, pool.free_states) == (8, 3, 8, 3)
+    a, b, c, d = Sequence(), Sequence(), Sequence(), Sequence()
+    assert pool.reserve(a, 40) and a.blocks == [0, 3, 4]
+    assert pool.reserve(b, 1) and b.blocks == [1]
+    assert pool.reserve(c, 17) and c.blocks == [2, 5]
+    assert pool.free_states == 0 and pool.free == 2
+    assert not pool.can_hold(d, 1) and not pool.reserve(d, 1) and d.blocks == []  # blocks free, no state slot
+    assert pool.free == 2
+    assert pool.reserve(b, 33) and b.blocks == [1, 6, 7]  # a sequence holding a slot grows as before
+    assert pool.free == 0
+    pool.release(b)
+    assert (pool.free, pool.free_states) == (3, 1)
+    assert pool.reserve(d, 20) and d.blocks == [1, 6]  # b's slot and its first later block again
+    pool.release(a)
+    e = Sequence()
+    assert pool.reserve(e, 48) and e.blocks == [0, 3, 4]  # a's blocks again, each from its own range
+    pool.release(c), pool.release(d), pool.release(e)
+    assert (pool.free, pool.free_states) == (8, 3)
+
+
+@pytest.mark.unit
+def test_pool_later_blocks_fall_back_to_the_reserved_range():
+    """When the rest is used up a sequence's later blocks come from the reserved range (fewer slots for new
+    sequences, never a refusal the pool could have served); ``sequences`` beyond the blocks is capped: a sequence
+    needs at least one block."""
+    pool = BlockPool(tokens=64, block=16, ctx=64, sequences=2)
+    a, b = Sequence(), Sequence()
+    assert pool.reserve(a, 64) and a.blocks == [0, 2, 3, 1]
+    assert not pool.reserve(b, 1)
+    assert BlockPool(tokens=64, block=16, ctx=64, sequences=100).n_states == 4
+    assert BlockPool(tokens=64, block=16, ctx=64).n_states == 0
+    with pytest.raises(ValueError, match="sequences"):
+        BlockPool(tokens=64, block=16, ctx=64, sequences=-1)
+
+
+@pytest.mark.unit
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 100)), max_size=40))
+def test_pool_with_states_gives_each_live_sequence_its_own_slot(ops):
+    """Whatever the reserves and releases: no block twice, every holding sequence's first block a distinct state slot
+    below ``n_states``, and a refusal only when the blocks are short or no slot is free for a new sequence."""
+    pool = BlockPool(tokens=160, block=16, ctx=100, sequences=3)
+    seqs = [Sequence() for _ in range(6)]
+    for i, n in ops:
+        if n == 0:
+            pool.release(seqs[i])
+        else:
+            before = list(seqs[i].blocks)
+            need = -(-n // 16) - len(before)
+            short = need > pool.free or (not before and pool.free_states == 0)
+            ok = pool.reserve(seqs[i], n)
+            assert ok != short and seqs[i].blocks[: len(before)] == before
+            assert not ok or len(seqs[i].blocks) >= -(-n // 16)
+        held = [b for s in seqs for b in s.blocks]
+        assert len(held) == len(set(held)) and pool.used == len(held) and pool.free + pool.used == pool.n_blocks
+        firsts = [s.blocks[0] for s in seqs if s.blocks]
+        assert all(b < pool.n_states for b in firsts) and pool.free_states <= pool.n_states - len(firsts)
+
+
+@pytest.mark.unit
+def test_cache_layout_reads_each_tensors_leading_dimension():
+    """``meta.json["cache"]``: ``[name, shape, dtype, dim]``; an entry of a module built before the state pool (no
+    ``dim``) has ``n_blocks`` rows (its states were per block, which stays correct); an unknown ``dim`` asks for a
+    rebuild instead of allocating the wrong rows."""
+    from runtime.kv_cache import cache_layout
+
+    got = cache_layout([["state_0", [2, 64, 64], "float32", "n_states"], ["kc_1", [2, 16, 64], "float32", "n_blocks"]])
+    assert got == [("state_0", "n_states", (2, 64, 64), "float32"), ("kc_1", "n_blocks", (2, 16, 64), "float32")]
+    assert cache_layout([["state_0", [2, 64, 64], "float32"]]) == [("state_0", "n_blocks", (2, 64, 64), "float32")]
+    with pytest.raises(ValueError, match="rebuild"):
+        cache_layout([["state_0", [2, 64, 64], "float32", "n_slots"]])
+
+
 # --- the compiled module ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small():

@@ -5,6 +5,9 @@
   position 0, a state carried over from earlier calls, padding rows that touch nothing, a state slot per sequence;
 * a tiny hybrid compiled for each x86 target gives PyTorch's logits within the int8 rounding tolerance; a decode batch
   gives each row the logits it gets alone (each sequence its own state);
+* the state pool (``n_states`` slots, first blocks from ``[0, n_states)``): with more sequences started and ended over
+  time than there are slots, the tiny hybrid and a random ``small-deltanet`` give each sequence the tokens it gets
+  alone; one sequence beyond the slots is a clean ``CacheFull`` that leaves the live ones as they were;
 * a CUDA build of it is one graph per step.
 """
 
@@ -19,6 +22,7 @@ from runtime_helpers import (
     assert_batch_rows_equal_alone,
     assert_pytorch_parity,
     built,
+    cache_dir,
     random_prompt,
     reference,
     tiny_gguf,
@@ -26,7 +30,10 @@ from runtime_helpers import (
 
 from compiler import cuda_cross
 from compiler import graph_kernels_deltanet as gkd
+from model.sampling import SamplingParams
+from runtime.batch import Batcher, Request
 from runtime.engine import Engine
+from runtime.kv_cache import CacheFull, Sequence
 from targets import get_target
 
 HYBRID = {"full_attention_interval": 2}  # on tiny: layer 0 DeltaNet, layer 1 softmax attention
@@ -131,6 +138,123 @@ def test_tiny_deltanet_decode_batch_rows_equal_alone():
     path = tiny_gguf(**HYBRID)
     engine = Engine(built(path, "avx2").dir, path)
     assert_batch_rows_equal_alone(engine)
+
+
+def assert_interleaved_equal_alone(engine: Engine, n: int, steps: int, monkeypatch) -> None:
+    """``n`` greedy requests (mixed prompt and generation lengths, so they end at different steps) through a Batcher
+    that would admit two more than the engine's state slots: the pool refuses a request while every slot is held, the
+    request waits and starts in a slot a finished one gave back, and each gets the tokens it gets alone."""
+    slots = engine.pool.n_states
+    assert 0 < slots < n
+    prompts = [random_prompt(2 + 7 * (i % 3), 40 + i) for i in range(n)]
+
+    def requests():
+        return [Request(None, SamplingParams(max_new_tokens=steps + 3 * (i % 3), ignore_eos=True), prompt_ids=p)
+                for i, p in enumerate(prompts)]  # fmt: skip
+
+    alone = [Batcher(engine, 1).run([r])[0].tokens for r in requests()]
+    firsts, reserve = [], engine.pool.reserve
+
+    def spy(seq, length):
+        fresh = not seq.blocks
+        ok = reserve(seq, length)
+        if ok and fresh and seq.blocks:
+            firsts.append(seq.blocks[0])
+        return ok
+
+    monkeypatch.setattr(engine.pool, "reserve", spy)
+    batcher, reqs, most = Batcher(engine, slots + 2), requests(), 0
+    waiting = list(reqs)
+    while waiting or batcher.running:
+        while waiting and batcher.admit(waiting[0]):
+            waiting.pop(0)
+        most = max(most, batcher.running)
+        batcher.step()
+    assert [r.result.tokens for r in reqs] == alone
+    assert most == slots and len(firsts) == n and sorted(set(firsts)) == list(range(slots))  # every slot reused
+    assert engine.pool.free == engine.pool.n_blocks and engine.pool.free_states == slots
+
+
+def assert_one_beyond_the_slots_is_cache_full(engine: Engine) -> None:
+    """With every state slot held, a new sequence's prefill raises ``CacheFull`` and takes nothing; the live sequences
+    decode on as they would have; one released, a new sequence starts in its slot with the logits it gets alone."""
+    slots, prompts = engine.pool.n_states, [random_prompt(5 + 3 * i, 60 + i) for i in range(engine.pool.n_states + 1)]
+
+    def alone(p):
+        seq = Sequence()
+        first = engine.prefill(p, seq)
+        out = [first, engine.decode(int(np.argmax(first)), seq)]
+        engine.reset(seq)
+        return out
+
+    want = [alone(p) for p in prompts]
+    seqs = [Sequence() for _ in range(slots)]
+    got = [engine.prefill(p, s) for p, s in zip(prompts, seqs, strict=False)]
+    extra, free = Sequence(), engine.pool.free
+    with pytest.raises(CacheFull, match="recurrent-state slots"):
+        engine.prefill(prompts[-1], extra)
+    assert extra.blocks == [] and extra.length == 0 and engine.pool.free == free
+    rows = engine.decode_batch(seqs, [int(np.argmax(g)) for g in got])
+    for i in range(slots):
+        np.testing.assert_array_equal(got[i], want[i][0])
+        np.testing.assert_array_equal(rows[i], want[i][1])
+    slot = seqs[0].blocks[0]
+    engine.reset(seqs[0])
+    first = engine.prefill(prompts[-1], extra)
+    assert extra.blocks[0] == slot
+    np.testing.assert_array_equal(first, want[-1][0])
+    np.testing.assert_array_equal(engine.decode(int(np.argmax(first)), extra), want[-1][1])
+    for s in [extra, *seqs[1:]]:
+        engine.reset(s)
+
+
+@pytest.fixture(scope="module")
+def pooled():
+    """The tiny hybrid (avx2) with 3 state slots."""
+    path = tiny_gguf(**HYBRID)
+    engine = Engine(built(path, "avx2").dir, path, max_seqs=3)
+    assert engine.pool.n_states == 3 and engine.cache[0].shape[0] == 3  # state_0 [n_states, Hk, hd, hd]
+    assert engine.cache[1].shape[0] == engine.pool.n_blocks  # kc_1
+    return engine
+
+
+@pytest.mark.build
+def test_tiny_deltanet_interleaved_sequences_equal_alone(pooled, monkeypatch):
+    assert_interleaved_equal_alone(pooled, n=8, steps=5, monkeypatch=monkeypatch)
+
+
+@pytest.mark.build
+def test_tiny_deltanet_sequence_beyond_the_state_slots_is_cache_full(pooled):
+    assert_one_beyond_the_slots_is_cache_full(pooled)
+
+
+@pytest.mark.build
+def test_default_state_slots_are_the_largest_batch_and_one():
+    """By default a hybrid keeps a state slot per sequence of the largest decode batch plus the Engine's own, at most
+    one per block; a model without DeltaNet layers has no reserved range."""
+    from runtime.engine import default_max_seqs
+
+    path = tiny_gguf(**HYBRID)
+    engine = Engine(built(path, "avx2").dir, path)
+    assert engine.pool.n_states == default_max_seqs(engine.batch_sizes) == max(engine.batch_sizes) + 1
+    assert Engine(built(path, "avx2").dir, path, kv_tokens=engine.ctx, max_seqs=10_000).pool.n_states == (
+        engine.pool.width
+    )
+    plain = tiny_gguf()
+    assert Engine(built(plain, "avx2").dir, plain, max_seqs=3).pool.n_states == 0
+
+
+@pytest.mark.build
+@pytest.mark.slow
+def test_small_deltanet_interleaved_sequences_equal_alone(tmp_path_factory, monkeypatch):
+    """The ``small-deltanet`` preset (random weights), 4 state slots, 9 sequences through them."""
+    from compiler.build import build
+    from model.random_model import write_random_gguf
+
+    path = write_random_gguf("small-deltanet", tmp_path_factory.mktemp("small-deltanet") / "small-deltanet.gguf")
+    engine = Engine(build(path, "avx2", cache_dir()).dir, path, max_seqs=4)
+    assert_interleaved_equal_alone(engine, n=9, steps=4, monkeypatch=monkeypatch)
+    assert_one_beyond_the_slots_is_cache_full(engine)
 
 
 @pytest.mark.build

@@ -83,18 +83,41 @@ def test_lowering_uses_every_field_of_its_table_entry(key, monkeypatch):
 
 
 @pytest.mark.unit
-def test_memory_estimate_counts_the_cache_tensors_lowering_declares():
+def test_memory_estimate_counts_the_cache_tensors_the_runtime_allocates():
     """``model.config.memory_estimate`` (which refuses hostile configs before anything is allocated) counts the
-    cache the runtime allocates from ``cache_specs``, one context's blocks: GQA keys/values, MLA's latent rows and
-    the DeltaNet states, one per block slot."""
+    cache the runtime allocates from ``meta.json["cache"]`` (:func:`compiler.lower.cache_meta`, read by
+    ``runtime.kv_cache``): GQA keys/values and MLA's latent rows per block, the DeltaNet states one per sequence
+    slot (``n_states``), for one context (the estimate's default) and for the Engine's default pool."""
     import numpy as np
+
+    from runtime.engine import KV_CONTEXTS, default_max_seqs
+    from runtime.kv_cache import BlockPool, cache_layout, cache_shapes
 
     for name in ("small", "small-mla", "small-deltanet"):
         cfg = model_config.get_config(name)
-        n_blocks = -(-cfg.max_seq_len // constants.KV_BLOCK)
-        specs = lower.cache_specs(cfg)
-        size = lambda s, n=n_blocks: n * int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize  # noqa: E731
-        est = model_config.memory_estimate(cfg)
-        assert est["state"] == sum(size(s) for s in specs if s.name.startswith("state_"))
-        assert est["kv_cache"] == sum(size(s) for s in specs if not s.name.startswith("state_"))
-        assert (est["state"] > 0) == bool(cfg.full_attention_interval)
+        layout = cache_layout(lower.cache_meta(cfg))
+        states = [i for i, (n, _, _, _) in enumerate(layout) if n.startswith("state_")]
+        assert [d for _, d, _, _ in layout] == ["n_states" if i in states else "n_blocks" for i in range(len(layout))]
+        ctx = cfg.max_seq_len
+        cpu = default_max_seqs(constants.CPU_BATCH_SIZES)
+        for tokens, seqs in ((ctx, model_config.MAX_SEQUENCES), (KV_CONTEXTS * ctx, cpu), (KV_CONTEXTS * ctx, 3)):
+            pool = BlockPool(tokens, constants.KV_BLOCK, ctx, seqs if states else 0)
+            size = [int(np.prod(s)) * np.dtype(d).itemsize for s, d in cache_shapes(layout, pool)]
+            est = model_config.memory_estimate(cfg, kv_tokens=tokens, sequences=seqs)
+            assert est["state"] == sum(b for i, b in enumerate(size) if i in states), (name, tokens, seqs)
+            assert est["kv_cache"] == sum(b for i, b in enumerate(size) if i not in states), (name, tokens, seqs)
+        assert model_config.memory_estimate(cfg) == model_config.memory_estimate(cfg, ctx, model_config.MAX_SEQUENCES)
+        assert (model_config.memory_estimate(cfg)["state"] > 0) == bool(cfg.full_attention_interval)
+
+
+@pytest.mark.unit
+def test_state_pool_facts_are_shared():
+    """The cache tensors' leading dimension names (compiler and runtime keep a copy each: the runtime imports no
+    compiler) and the estimate's most sequences, the largest default of any target (its largest decode batch and the
+    Engine's own sequence)."""
+    from runtime import kv_cache
+    from runtime.engine import default_max_seqs
+
+    assert (lower.BLOCK_DIM, lower.STATE_DIM) == (kv_cache.BLOCK_DIM, kv_cache.STATE_DIM)
+    top = max(default_max_seqs(k.batch_sizes) for k in lower.KERNELS.values())
+    assert model_config.MAX_SEQUENCES == top == default_max_seqs(constants.CUDA_BATCH_SIZES)
