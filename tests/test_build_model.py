@@ -144,9 +144,43 @@ def test_tl_weights_give_identical_logits():
     assert "avx512vbmi" in b.meta["cpu_flags"] and "avx512vbmi" not in a.meta["cpu_flags"]
     from bench.compare import compare  # the paired A/B decode measurement runs on the two entries
 
-    r = compare(str(a.dir), str(b.dir), rounds=2, tokens=3)
+    r = compare(str(a.dir), str(b.dir), rounds=2, tokens=3, check_steps=4)
     assert r["a"]["weights"] == "tile8" and r["b"]["weights"] == "tl" and len(r["b"]["tok_s"]) == 2
+    assert r["logits"] == {"steps": 5, "max_abs_diff": 0.0, "identical": 5, "greedy_agree": 5}
     assert r["ratio_b_over_a"] > 0
+
+
+def test_compare_logits_gap_sees_a_difference():
+    """bench.compare's output check on two stand-in engines: B's logits differ from A's by 0.5 on one step, and its
+    pick differs there; every other step is bit-identical. A is fed its own picks."""
+    from bench.compare import logits_gap
+
+    class Fake:
+        def __init__(self, bump_at):
+            self.bump_at, self.n, self.fed = bump_at, 0, []
+
+        def reset(self):
+            self.n, self.fed = 0, []
+
+        def _logits(self):
+            out = np.zeros(8)
+            out[(self.n * 3) % 8] = 1.0
+            if self.n == self.bump_at:
+                out[7 - (self.n * 3) % 8] = 1.5
+            self.n += 1
+            return out
+
+        def prefill(self, tokens):
+            return self._logits()
+
+        def decode(self, tok):
+            self.fed.append(tok)
+            return self._logits()
+
+    a, b = Fake(-1), Fake(2)
+    r = logits_gap(a, b, steps=4)
+    assert r == {"steps": 5, "max_abs_diff": 1.5, "identical": 4, "greedy_agree": 4}
+    assert a.fed == b.fed == [0, 3, 6, 1]  # both fed A's picks
 
 
 def test_compare_rejects_a_non_entry(tmp_path):
