@@ -7,6 +7,7 @@ That the lowered model computes the right thing on each target is held by the bu
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from runtime_helpers import tiny_gguf
@@ -121,3 +122,37 @@ def test_state_pool_facts_are_shared():
     assert (lower.BLOCK_DIM, lower.STATE_DIM) == (kv_cache.BLOCK_DIM, kv_cache.STATE_DIM)
     top = max(default_max_seqs(k.batch_sizes) for k in lower.KERNELS.values())
     assert model_config.MAX_SEQUENCES == top == default_max_seqs(constants.CUDA_BATCH_SIZES)
+
+
+@pytest.mark.build
+@pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")
+@pytest.mark.parametrize("heads,head_dim", [(8, 32), (8, 256)])  # H·hd 256: quantized combine; 2048: not
+def test_cuda_decode_fuses_the_site_with_the_next_norm(heads, head_dim):
+    """The CUDA one-token step (``decode_b1``): every mHC site but the last is the site+norm kernel and the next
+    block takes its codes (one RMSNorm+quantize kernel left, the first block's); the attention quantizes its own
+    output where :func:`compiler.graph_kernels_gpu.quantized_combine_pays` says so, else a quantize kernel follows
+    it. ``prefill`` and a decode batch keep the separate kernels. The CPU build fuses nothing. (Lowered only.)"""
+    from compiler.graph_kernels_gpu import quantized_combine_pays
+
+    cfg = get_config("tiny", n_heads=heads, n_kv_heads=heads // 2, d_model=heads * head_dim)
+    L = cfg.n_layers
+
+    def calls(target, name):
+        lw = lower.Lowering(cfg, target, cores=1)
+        lw.function(name)
+        text = lw.bb.get()[name].script()
+        return {
+            k: len(re.findall(rf"call_tir\w*\({k}\w*", text))
+            for k in ("mhc_post_norm", "ternary_rmsnorm_quant", "attention_quant", "attention_rope", "quantize_")
+        }
+
+    one = calls("cuda", "decode_b1")
+    assert one["mhc_post_norm"] == 2 * L - 1 and one["ternary_rmsnorm_quant"] == 1
+    fused = quantized_combine_pays(cfg.n_heads, cfg.head_dim)
+    assert fused == (heads * head_dim <= 1024)
+    assert (one["attention_quant"], one["attention_rope"], one["quantize_"]) == ((L, 0, 0) if fused else (0, L, L))
+    for name in ("decode_b4", "prefill"):
+        many = calls("cuda", name)
+        assert many["mhc_post_norm"] == 0 and many["ternary_rmsnorm_quant"] == 2 * L
+    cpu = calls("avx2", "decode_b1")
+    assert cpu["mhc_post_norm"] == 0 and cpu["ternary_rmsnorm_quant"] == 2 * L and cpu["attention_quant"] == 0
