@@ -38,7 +38,8 @@ def logits_gap(a, b, steps: int) -> dict:
     ``greedy_agree`` (steps whose argmax agrees), out of ``steps + 1``."""
     import numpy as np
 
-    a.reset(), b.reset()
+    a.reset()
+    b.reset()
     la, lb = a.prefill([1, 2, 3, 4]), b.prefill([1, 2, 3, 4])
     gaps, agree = [], 0
     for i in range(steps + 1):
