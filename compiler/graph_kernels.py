@@ -244,23 +244,28 @@ def table_width(ctx: int, block: int) -> int:
     return -(-ctx // block)
 
 
-def kv_update(T: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = False):
+def kv_update(T: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = False, width: int | None = None,
+              k_at: int = 0, v_at: int = 0):  # fmt: skip
     """In place, into the paged cache ``kc, vc [n_blocks, Hkv, block, hd]`` (``n_blocks`` is the runtime's choice):
     row ``t``'s key (RoPE'd) and value at position ``p = pos[t]`` go to block ``table[t, p // block]``, slot
     ``p % block``. Rows with ``pos`` outside ``[0, ctx)`` (padding) write nothing. ``gpu``: a CUDA block per (row,
-    KV head), a thread per rotated pair (same body)."""
+    KV head), a thread per rotated pair (same body). ``k`` and ``v`` are ``[T, width]`` (default ``Hkv·hd``) with
+    the key at column ``k_at``, the value at ``v_at``: a stacked q|k|v output passed as both."""
     from tvm.script import tirx as Tx
 
     half = hd // 2
     KV = Hkv * hd
+    width = width or KV
+    if max(k_at, v_at) + KV > width:
+        raise ValueError(f"k at {k_at}, v at {v_at}: {KV} columns each do not fit rows of {width}")
     W = table_width(ctx, block)
     rows = (lambda n: Tx.thread_binding(n, thread="blockIdx.x")) if gpu else Tx.serial
     cols = (lambda n: Tx.thread_binding(n, thread="threadIdx.x")) if gpu else Tx.serial
 
     @Tx.prim_func
     def kv_write(
-        k: Tx.Buffer((T, KV), "float32"),
-        v: Tx.Buffer((T, KV), "float32"),
+        k: Tx.Buffer((T, width), "float32"),
+        v: Tx.Buffer((T, width), "float32"),
         pos: Tx.Buffer((T,), "int32"),
         table: Tx.Buffer((T, W), "int32"),
         cos: Tx.Buffer((ctx, half), "float32"),
@@ -279,12 +284,12 @@ def kv_update(T: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = False
                 if p >= 0 and p < ctx:
                     b = Tx.Cast("int64", table[t, p // block])
                     s = p % block
-                    x0 = k[t, h * hd + j]
-                    x1 = k[t, h * hd + j + half]
+                    x0 = k[t, k_at + h * hd + j]
+                    x1 = k[t, k_at + h * hd + j + half]
                     kc[b, h, s, j] = x0 * cos[p, j] - x1 * sin[p, j]
                     kc[b, h, s, j + half] = x1 * cos[p, j] + x0 * sin[p, j]
-                    vc[b, h, s, j] = v[t, h * hd + j]
-                    vc[b, h, s, j + half] = v[t, h * hd + j + half]
+                    vc[b, h, s, j] = v[t, v_at + h * hd + j]
+                    vc[b, h, s, j + half] = v[t, v_at + h * hd + j + half]
 
     return kv_write.without_attr("global_symbol")
 

@@ -58,7 +58,8 @@ def quantized_combine_pays(H: int, hd: int) -> bool:
     return H * hd <= QUANT_COMBINE_COLUMNS
 
 
-def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = True, quant: bool = False):
+def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = True, quant: bool = False,
+              q_width: int | None = None):  # fmt: skip
     """Causal GQA softmax attention of ``q [T, H, hd]`` over the paged cache ``kc, vc [n_blocks, Hkv, block, hd]``
     → ``o [T, H·hd]``, as :func:`compiler.graph_kernels.attention` (same parameters): row ``t`` reads its sequence's
     keys ``0 .. pos[t]`` through ``table[t]``; a padding row (``pos < 0``) outputs zeros. Split over the keys (flash
@@ -76,7 +77,8 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
 
     The query comes unrotated, ``q [T, H·hd]``, with the RoPE tables ``cos, sin [ctx, hd/2]`` after ``table``: each
     block rotates its row's query into shared memory first, exactly as :func:`compiler.graph_kernels.rope_q` (a
-    padding row is never read), one kernel fewer per layer than the CPU build's.
+    padding row is never read), one kernel fewer per layer than the CPU build's. ``q_width``: the query is the first
+    ``H·hd`` columns of rows that wide (a stacked q|k|v output, :func:`compiler.lower.stacked`).
 
     One PrimFunc, two kernels. A row's result depends only on that row (the batch-invariance of
     ``tests/test_cuda_batch.py``). ``gpu=False``: the same body with serial loops instead of thread bindings, each
@@ -87,6 +89,9 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     from model.ternary.quant import ACT_QMAX, SCALE_EPS
 
     g = H // Hkv
+    QW = q_width or H * hd
+    if QW < H * hd:
+        raise ValueError(f"q_width {QW}: the query has {H * hd} columns")
     scale = 1.0 / math.sqrt(hd)
     TH = T * H
     W = table_width(ctx, block)
@@ -253,7 +258,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
 
         @Tx.prim_func
         def attn(
-            q: Tx.Buffer((T, H * hd), "float32"),
+            q: Tx.Buffer((T, QW), "float32"),
             kc_h: Tx.handle,
             vc_h: Tx.handle,
             pos: Tx.Buffer((T,), "int32"),
@@ -270,7 +275,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
 
     @Tx.prim_func
     def attn_quant(
-        q: Tx.Buffer((T, H * hd), "float32"),
+        q: Tx.Buffer((T, QW), "float32"),
         kc_h: Tx.handle,
         vc_h: Tx.handle,
         pos: Tx.Buffer((T,), "int32"),

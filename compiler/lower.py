@@ -102,16 +102,41 @@ def check_weights(weights: str, gpu: bool, cfg=None) -> None:
                          "weights only, for now (no expert-indexed tl kernel yet)")  # fmt: skip
 
 
-def block_ternary(cfg) -> list[tuple[str, tuple[str, ...], int]]:
-    """A block's ternary parameters: ``(name after blk.{i}., the block's matrices it holds, experts)``. A dense block
-    has one parameter per matrix (experts 0). A mixture of experts has ``ffn_gate_up_exps``, each expert's gate and
-    up stacked along the rows (one GEMV reads both), and ``ffn_down_exps``, both ``[E, ...]`` with a scale per
-    matrix ``[E, P]`` (the GGUF keeps llama.cpp's three stacks; :func:`pack_params` joins gate and up)."""
-    attn = [(t, (t,), 0) for t in (MLA_TERNARY if cfg.mla else TERNARY) if not t.startswith("ffn_")]
-    if not cfg.n_experts:
-        return attn + [(t, (t,), 0) for t in TERNARY if t.startswith("ffn_")]
-    E = cfg.n_experts
-    return [*attn, ("ffn_gate_up_exps", ("ffn_gate", "ffn_up"), E), ("ffn_down_exps", ("ffn_down",), E)]
+def stacked(cfg, i: int, gpu: bool) -> dict[str, tuple[str, ...]]:
+    """Layer ``i``'s matrices stored and read as one stacked matrix (a scale per part): on GPUs a GQA layer's
+    ``attn_qkv`` (q|k|v) and a dense SwiGLU FFN's ``ffn_gate_up`` (gate|up), so one GEMV (or prefill GEMM) reads what
+    three or two did — a GPU decode step is bound by its kernel count (docs/bench/cuda/README.md). The attention and
+    the cache write read q, k and v from the stacked output; SwiGLU + quantize reads its halves."""
+    if not gpu:
+        return {}
+    out = {}
+    if not cfg.mla and not cfg.is_deltanet(i):
+        out["attn_qkv"] = ("attn_q", "attn_k", "attn_v")
+    if not cfg.n_experts and cfg.ffn_act == "silu" and not cfg.sub_norms:
+        out["ffn_gate_up"] = ("ffn_gate", "ffn_up")
+    return out
+
+
+def block_ternary(cfg, i: int = 0, gpu: bool = False) -> list[tuple[str, tuple[str, ...], int]]:
+    """Layer ``i``'s ternary parameters: ``(name after blk.{i}., the block's matrices it holds, experts)``. A dense
+    block has one parameter per matrix (experts 0), or per :func:`stacked` group (a scale per part, ``[P]``). A mixture
+    of experts has ``ffn_gate_up_exps``, each expert's gate and up stacked along the rows (one GEMV reads both), and
+    ``ffn_down_exps``, both ``[E, ...]`` with a scale per matrix ``[E, P]`` (the GGUF keeps llama.cpp's three stacks;
+    :func:`pack_params` joins gate and up)."""
+    groups = stacked(cfg, i, gpu)
+    member = {t: name for name, parts in groups.items() for t in parts}
+    out, seen = [], set()
+    for t in MLA_TERNARY if cfg.mla else TERNARY:
+        if cfg.n_experts and t.startswith("ffn_"):
+            continue
+        name = member.get(t, t)
+        if name not in seen:
+            seen.add(name)
+            out.append((name, groups.get(name, (t,)), 0))
+    if cfg.n_experts:
+        E = cfg.n_experts
+        out += [("ffn_gate_up_exps", ("ffn_gate", "ffn_up"), E), ("ffn_down_exps", ("ffn_down",), E)]
+    return out
 
 
 @dataclass
@@ -144,12 +169,12 @@ def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", 
         if cfg.sub_norms:
             out.append(ParamSpec(f"blk.{i}.attn_sub_norm.weight", (D,), "float32"))
             out.append(ParamSpec(f"blk.{i}.ffn_sub_norm.weight", (cfg.ffn_hidden,), "float32"))
-        for name, parts, E in block_ternary(cfg):
+        for name, parts, E in block_ternary(cfg, i, gpu):
             M, K = sum(shapes[t][0] for t in parts), shapes[parts[0]][1]
             lead = (E,) if E else ()
             out.append(ParamSpec(f"blk.{i}.{name}.weight", (*lead, M, K // 16), "int32") if gpu else
                        ParamSpec(f"blk.{i}.{name}.weight", (*lead, *_cpu_w_shape(M, K, weights)), "uint8"))  # fmt: skip
-            out.append(ParamSpec(f"blk.{i}.{name}.scale", (E, len(parts)) if E else (1,), "float32"))
+            out.append(ParamSpec(f"blk.{i}.{name}.scale", (E, len(parts)) if E else (len(parts),), "float32"))
         if cfg.n_experts:  # the router, float32 [E, D]
             out.append(ParamSpec(f"blk.{i}.ffn_gate_inp.weight", (cfg.n_experts, D), "float32"))
         if cfg.mla:  # attn_kv_b's codes per head, key part [H, hd, c] and value part [H, c, hd], its scale; the norm
@@ -325,11 +350,11 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto"
     for i in range(cfg.n_layers):
         for n in ("attn_norm", "ffn_norm") + (("attn_sub_norm", "ffn_sub_norm") if cfg.sub_norms else ()):
             p[f"blk.{i}.{n}.weight"] = g.tensors[f"blk.{i}.{n}.weight"].to_float().astype(np.float32)
-        for name, parts, E in block_ternary(cfg):
+        for name, parts, E in block_ternary(cfg, i, gpu):
             if not E:
-                tw = g.ternary(f"blk.{i}.{name}.weight")
-                p[f"blk.{i}.{name}.weight"] = pack(tw.codes)
-                p[f"blk.{i}.{name}.scale"] = np.array([tw.scale], np.float32)
+                tws = [g.ternary(f"blk.{i}.{t}.weight") for t in parts]
+                p[f"blk.{i}.{name}.weight"] = pack(np.concatenate([tw.codes for tw in tws]))
+                p[f"blk.{i}.{name}.scale"] = np.array([tw.scale for tw in tws], np.float32)
                 continue
             stacks = [g.ternary(f"blk.{i}.{t}_exps.weight") for t in parts]  # each [E, M, K], a scale per expert
             p[f"blk.{i}.{name}.weight"] = np.stack(
@@ -577,27 +602,37 @@ class Lowering:
         cfg, T, f32 = self.cfg, f.T, "float32"
         D, H, Hkv, hd, C, KV = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.max_seq_len, cfg.kv_dim
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.attn_norm.weight", u)
-        qv = self._ternary(f, f"blk.{i}.attn_q", q8, sc, qs, D, D)
-        kv = self._ternary(f, f"blk.{i}.attn_k", q8, sc, qs, KV, D)
-        vv = self._ternary(f, f"blk.{i}.attn_v", q8, sc, qs, KV, D)
+        if "attn_qkv" in stacked(cfg, i, self.gpu):  # one GEMV; the cache write and the attention read their columns
+            qv = kv = vv = self._ternary(f, f"blk.{i}.attn_qkv", q8, sc, qs, D + 2 * KV, D, parts=(D, KV, KV))
+            cols = {"width": D + 2 * KV, "k_at": D, "v_at": D + KV}
+        else:
+            qv = self._ternary(f, f"blk.{i}.attn_q", q8, sc, qs, D, D)
+            kv = self._ternary(f, f"blk.{i}.attn_k", q8, sc, qs, KV, D)
+            vv = self._ternary(f, f"blk.{i}.attn_v", q8, sc, qs, KV, D)
+            cols = {}
         cos, sin = f.pv["rope.cos"], f.pv["rope.sin"]
-        upd_gv = self._te("kv_update", self.k.kv_update, T, Hkv, hd, C, KV_BLOCK)
+        tag = f"_w{D + 2 * KV}" if cols else ""  # the stacked variants read rows of that width
+        upd_gv = self._te("kv_update" + tag, functools.partial(self.k.kv_update, **cols), T, Hkv, hd, C, KV_BLOCK)
         kc, vc = f.cache[f"kc_{i}"], f.cache[f"vc_{i}"]
         ty = kc.ty
         kv_args = [kv, vv, f.pos, f.table, cos, sin, kc, vc]
         upd = self.bb.emit(relax.call_tir_inplace(upd_gv, kv_args, [6, 7], [ty, ty]))
         kc, vc = self.bb.emit(relax.TupleGetItem(upd, 0)), self.bb.emit(relax.TupleGetItem(upd, 1))
         scratch = [(shape, f32) for shape in self.k.attention_scratch(T, H, hd, C)]
+        qw = {"q_width": cols["width"]} if cols else {}  # the attention reads q from the stacked q|k|v rows
         if self.k.rope_in_attention:
-            att = self._te("attention_rope", self.k.attention, T, H, Hkv, hd, C, KV_BLOCK)
+            att = self._te("attention_rope" + tag, functools.partial(self.k.attention, **qw), T, H, Hkv, hd, C,
+                           KV_BLOCK)  # fmt: skip
             args = [qv, kc, vc, f.pos, f.table, cos, sin]
         else:
+            if cols:
+                raise ValueError("a stacked q|k|v needs the attention that rotates the query itself")
             qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, f.pos, cos, sin], [((T, H, hd), f32)])
             att = self._te("attention", self.k.attention, T, H, Hkv, hd, C, KV_BLOCK)
             args = [qr, kc, vc, f.pos, f.table]
         if self.k.attention_quant and self.k.attention_quant(H, hd) and not cfg.sub_norms:  # o's quantize inside
-            att = self._te("attention_quant", functools.partial(self.k.attention, quant=True), T, H, Hkv, hd, C,
-                           KV_BLOCK)  # fmt: skip
+            att = self._te("attention_quant" + tag, functools.partial(self.k.attention, quant=True, **qw), T, H, Hkv,
+                           hd, C, KV_BLOCK)  # fmt: skip
             o8, osc, osum = self._call(att, args, [((T, D), "int8"), ((T,), f32), ((T,), "int32"), *scratch])[:3]
             return self._ternary(f, f"blk.{i}.attn_output", o8, osc, osum, D, D)
         o = self._call(att, args, [((T, D), f32), *scratch])[0]
@@ -671,9 +706,14 @@ class Lowering:
         cfg, T = self.cfg, f.T
         D, F = cfg.d_model, cfg.ffn_hidden
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.ffn_norm.weight", u)
+        outs8 = [((T, F), "int8"), ((T,), "float32"), ((T,), "int32")]
+        if "ffn_gate_up" in stacked(cfg, i, self.gpu):  # one GEMV; SwiGLU + quantize reads its halves
+            gu = self._ternary(f, f"blk.{i}.ffn_gate_up", q8, sc, qs, 2 * F, D, parts=(F, F))
+            glu = self._te("swiglu_quantize_halves", functools.partial(self.k.swiglu_quant, halves=True), T, F)
+            h8, hsc, hsum = self._call(glu, [gu], outs8)
+            return self._ternary(f, f"blk.{i}.ffn_down", h8, hsc, hsum, D, F)
         gt = self._ternary(f, f"blk.{i}.ffn_gate", q8, sc, qs, F, D)
         up = self._ternary(f, f"blk.{i}.ffn_up", q8, sc, qs, F, D)
-        outs8 = [((T, F), "int8"), ((T,), "float32"), ((T,), "int32")]
         if self.k.swiglu_quant and cfg.ffn_act == "silu" and not cfg.sub_norms:
             h8, hsc, hsum = self._call(self._te("swiglu_quantize", self.k.swiglu_quant, T, F), [gt, up], outs8)
         else:
@@ -884,10 +924,10 @@ class Lowering:
         gv = self._te("quantize", self.k.quantize, T, K)
         return self._call(gv, [x], [((T, K), "int8"), ((T,), "float32"), ((T,), "int32")])
 
-    def _ternary(self, f: _Frame, name: str, q8, sc, qs, M: int, K: int):
+    def _ternary(self, f: _Frame, name: str, q8, sc, qs, M: int, K: int, parts: tuple[int, ...] = ()):
         """``y [T, M]``: the ternary matrix ``name`` (``blk.{i}.{t}``, ``mtp.{k}.proj``) times the int8 activations
         ``q8 [T, K]`` (scale ``sc``, row sums ``qs``), by the table's GEMV (decode), GEMM (prefill) or GEMV once per
-        token."""
+        token; ``parts``: the row counts of a :func:`stacked` matrix, a scale each."""
         from tvm import relax
 
         k, T = self.k, f.T
@@ -895,7 +935,7 @@ class Lowering:
         width = K // 4 if k.x_words else K
         if k.x_words:  # e.g. dp4a reads the int8 activations as int32 words: a view, no copy
             q8 = self.bb.emit(relax.op.memory.view(q8, (T, width), "int32"))
-        dims = {"M": M, "K": K} | ({"tile": k.tile(M)} if k.tile else {})
+        dims = {"M": M, "K": K} | ({"tile": k.tile(M)} if k.tile else {}) | ({"parts": parts} if parts else {})
 
         def args(x, s, q):
             return [W, x, *([q] if k.x_sum else []), s, ws]

@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compiler import cuda_cross
@@ -64,6 +64,37 @@ def test_gpu_ops_integer_maths_bit_exact(mt, kb, n, seed):
     ins = op.random_inputs(rng)
     got = Kernel(op, tvm.compile(op.compute(), target=get_target(detect())))(*ins)[0]
     np.testing.assert_allclose(got, op.reference(*ins)[0], rtol=0, atol=op.tolerances(*ins)[0])
+
+
+@pytest.mark.build
+@settings(max_examples=10, deadline=None)
+@given(sizes=st.lists(st.integers(1, 4), min_size=2, max_size=3), kb=st.integers(1, 2), n=st.integers(1, 3),
+       seed=st.integers(0, 2**31))  # fmt: skip
+def test_stacked_matrices_equal_each_matrix_alone(sizes, kb, n, seed):
+    """A stacked matrix (``parts``: q|k|v or gate|up read in one pass, a scale each) gives, row block by row block,
+    exactly what each matrix's own kernel gives with its own scale: bit-identical, GEMV and GEMM."""
+    import tvm
+
+    from compiler.kernels import Kernel
+    from targets import detect, get_target
+
+    parts, K = tuple(8 * s + 1 for s in sizes), 256 * kb
+    M = sum(parts)
+    rng = np.random.default_rng(seed)
+    for kind, dims in (("gemv_dp4a", {}), ("gemm_dp4a", {"N": n})):
+        op = make_op(kind, M=M, K=K, parts=parts, emulate=1, **dims)
+        W, x4, xs, xsc, ws = op.random_inputs(rng)
+        assert ws.shape == (len(parts),)
+        got = Kernel(op, tvm.compile(op.compute(), target=get_target(detect())))(W, x4, xs, xsc, ws)[0]
+        at = 0
+        for m, scale in zip(parts, ws, strict=True):
+            alone = make_op(kind, M=m, K=K, emulate=1, **dims)
+            want = alone.reference(W[at : at + m], x4, xs, xsc, np.array([scale], np.float32))[0]
+            np.testing.assert_array_equal(got[..., at : at + m], want)
+            at += m
+    assert op.canonical().key == f"gemm_dp4a:N={n}:M={M}:K={K}" and op.func_name.endswith("_p" + "x".join(map(str, parts)))
+    with pytest.raises(ValueError, match="parts"):
+        make_op("gemv_dp4a", M=M + 1, K=K, parts=parts)
 
 
 @pytest.mark.unit

@@ -112,6 +112,40 @@ def test_attention_with_rope_equals_rope_then_attention():
 
 
 @pytest.mark.build
+def test_stacked_qkv_rows_feed_the_cache_write_and_the_attention():
+    """With q|k|v as one stacked GEMV output ``[T, D + 2·KV]`` (compiler.lower.stacked), the cache write reads the key
+    and value columns and the attention the query columns of that one tensor: bit-identical to the kernels given the
+    three separate tensors, padding rows included."""
+    from compiler.graph_kernels import kv_update, rope_tables
+    from compiler.graph_kernels_gpu import attention, attention_scratch
+
+    T, H, Hkv, hd, ctx, block, n_blocks = 4, 4, 2, 32, 96, 16, 20
+    D, KV = H * hd, Hkv * hd
+    rng = np.random.default_rng(5)
+    qkv = rng.standard_normal((T, D + 2 * KV)).astype(np.float32)
+    pos = np.array([0, 40, -1, 95], np.int32)
+    table = np.stack([rng.permutation(n_blocks)[: ctx // block] for _ in range(T)]).astype(np.int32)
+    cos, sin = rope_tables(hd, ctx, 10000.0)
+    cache = rng.standard_normal((2, n_blocks, Hkv, block, hd)).astype(np.float32)
+    alone = kv_update(T, Hkv, hd, ctx, block)
+    kc, vc = _run_cpu(alone, [qkv[:, D : D + KV], qkv[:, D + KV :], pos, table, cos, sin, *cache.copy()])[6:]
+    fused = kv_update(T, Hkv, hd, ctx, block, width=D + 2 * KV, k_at=D, v_at=D + KV)
+    kc2, vc2 = _run_cpu(fused, [qkv, qkv, pos, table, cos, sin, *cache.copy()])[6:]
+    np.testing.assert_array_equal(kc2, kc)
+    np.testing.assert_array_equal(vc2, vc)
+    outs = []
+    for q, width in ((qkv[:, :D], None), (qkv, D + 2 * KV)):
+        o = np.full((T, D), np.nan, np.float32)
+        part, st = (np.full(s, np.nan, np.float32) for s in attention_scratch(T, H, hd, ctx))
+        f = attention(T, H, Hkv, hd, ctx, block, gpu=False, q_width=width)
+        outs.append(_run_cpu(f, [q, kc, vc, pos, table, cos, sin, o, part, st])[7])
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert np.isfinite(outs[0]).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        kv_update(T, Hkv, hd, ctx, block, width=D + KV, k_at=D, v_at=D + KV)
+
+
+@pytest.mark.build
 def test_paged_attention_reads_only_its_own_blocks():
     """Blocks of other sequences (here: NaN) are never read, and neither are a row's table entries past its
     position: a batch of sequences on disjoint blocks attends exactly as the reference."""

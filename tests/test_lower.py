@@ -156,3 +156,43 @@ def test_cuda_decode_fuses_the_site_with_the_next_norm(heads, head_dim):
         assert many["mhc_post_norm"] == 0 and many["ternary_rmsnorm_quant"] == 2 * L
     cpu = calls("avx2", "decode_b1")
     assert cpu["mhc_post_norm"] == 0 and cpu["ternary_rmsnorm_quant"] == 2 * L and cpu["attention_quant"] == 0
+
+
+@pytest.mark.build
+@pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")
+def test_cuda_stacks_qkv_and_gate_up():
+    """On CUDA a GQA layer's q|k|v and a dense SwiGLU FFN's gate|up are one stacked matrix each (one GEMV per step, one
+    GEMM per prefill chunk, a scale per part) and :func:`compiler.lower.pack_params` packs them so; the attention and
+    the cache write read the stacked rows, SwiGLU + quantize its halves. DeltaNet layers, latent attention, experts
+    and every CPU build keep their separate matrices. (Lowered only.)"""
+    import numpy as np
+
+    from compiler.lower import pack_params, param_specs, stacked
+
+    cfg = get_config("tiny")
+    L, D, KV, F = cfg.n_layers, cfg.d_model, cfg.kv_dim, cfg.ffn_hidden
+    for name, gemv in (("decode_b1", "ternary_gemv_dp4a"), ("decode_b4", "ternary_gemm_dp4a"),
+                       ("prefill", "ternary_gemm_dp4a")):  # fmt: skip
+        lw = lower.Lowering(cfg, "cuda", cores=1)
+        lw.function(name)
+        text = lw.bb.get()[name].script()
+        called = re.findall(r"call_tir\w*\((\w+)", text)
+        assert sum(f"_M{D + 2 * KV}_K{D}_p{D}x{KV}x{KV}" in c for c in called) == L, name
+        assert sum(f"_M{2 * F}_K{D}_p{F}x{F}" in c for c in called) == L, name
+        assert sum(c.startswith(gemv) for c in called) == 4 * L, name  # q|k|v, o, gate|up, down
+        assert sum(c.startswith("kv_update_w") for c in called) == L
+        assert sum(c.startswith("swiglu_quantize_halves") for c in called) == L
+    names = {s.name: s for s in param_specs(cfg, gpu=True)}
+    assert names["blk.0.attn_qkv.weight"].shape == (D + 2 * KV, D // 16) and names["blk.0.attn_qkv.scale"].shape == (3,)
+    assert names["blk.0.ffn_gate_up.scale"].shape == (2,) and "blk.0.attn_q.weight" not in names
+    assert "blk.0.attn_q.weight" in {s.name for s in param_specs(cfg)}  # CPU: separate
+    g = read_gguf(tiny_gguf(), check_values=False)
+    p = pack_params(g, gpu=True)
+    want = [g.ternary(f"blk.1.{t}.weight").scale for t in ("attn_q", "attn_k", "attn_v")]
+    np.testing.assert_array_equal(p["blk.1.attn_qkv.scale"], np.array(want, np.float32))
+    for variant in (get_config("small-deltanet"), get_config("small-mla"), get_config("small-moe")):
+        for i in range(variant.n_layers):
+            groups = stacked(variant, i, gpu=True)
+            assert ("attn_qkv" in groups) == (not variant.mla and not variant.is_deltanet(i))
+            assert ("ffn_gate_up" in groups) == (not variant.n_experts)
+            assert not stacked(variant, i, gpu=False)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compiler.ops.base import Arg, Op, check_k, check_positive
+from compiler.ops.base import Arg, Op, OpShapeError, check_k, check_positive
 from compiler.ops.ternary_gemv import _impl, random_packed
 from model.ternary import reference
 from model.ternary.layouts_gpu import rowmajor4_to_dp4a
@@ -56,6 +56,41 @@ def _dp4a_weights(rng, M: int, K: int) -> np.ndarray:
     return rowmajor4_to_dp4a(random_packed(rng, M, K))
 
 
+def check_parts(parts: tuple[int, ...], M: int) -> None:
+    if parts and (len(parts) < 2 or sum(parts) != M or min(parts) <= 0):
+        raise OpShapeError(f"parts = {parts}: two or more positive row counts summing to M = {M}")
+
+
+def te_part_scale(Ws, parts: tuple[int, ...]):
+    """``m ↦`` the scale of the stacked matrix that row ``m`` belongs to: ``Ws[j]`` for ``parts[j]``'s rows (one scale,
+    ``Ws[0]``, without parts)."""
+    import tvm
+
+    if not parts:
+        return lambda m: Ws[0]
+
+    def scale(m):
+        out, end = Ws[len(parts) - 1], sum(parts)
+        for j in range(len(parts) - 2, -1, -1):
+            end -= parts[j + 1]
+            out = tvm.tirx.Select(m < end, Ws[j], out)
+        return out
+
+    return scale
+
+
+def reference_parts(W, x, x_scale, w_scale, parts: tuple[int, ...], impl: str):
+    """The reference of a stacked matrix: each part's rows with its own scale (:func:`te_part_scale`)."""
+    W = _rowmajor4(W)
+    if not parts:
+        return reference.ternary_matmul_i8(W, x, x_scale, float(w_scale[0]), impl=impl)[1]
+    ys, at = [], 0
+    for n, s in zip(parts, w_scale, strict=True):
+        ys.append(reference.ternary_matmul_i8(W[at : at + n], x, x_scale, float(s), impl=impl)[1])
+        at += n
+    return np.concatenate(ys, axis=-1)
+
+
 def _rowmajor4(W: np.ndarray) -> np.ndarray:
     from model.ternary.layouts import pack_rowmajor4
     from model.ternary.layouts_gpu import unpack_dp4a
@@ -65,21 +100,31 @@ def _rowmajor4(W: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TernaryGemvDp4a(Op):
-    """One token: ``y[M]``. Reduction block ``acc`` over ``(w, s)``, epilogue block ``y``."""
+    """One token: ``y[M]``. Reduction block ``acc`` over ``(w, s)``, epilogue block ``y``.
+
+    ``parts``: ``W`` stacks matrices of these row counts (a layer's q|k|v, or gate|up, read in one pass), with a scale
+    each (``w_scale [len(parts)]``); every element is computed exactly as by its own matrix's kernel. The loops are
+    the plain kernel's, so ``parts`` is not a dimension (the stacked matrix's workload ``M, K`` keys its records)."""
 
     M: int
     K: int
     emulate: int = field(default=0, metadata={"dim": False})  # CPU spelling of dp4a (tests); not in the key
+    parts: tuple[int, ...] = field(default=(), metadata={"dim": False})
     kind = "gemv_dp4a"
 
     def __post_init__(self):
         check_positive(M=self.M, K=self.K)
         check_k(self.K)
+        check_parts(self.parts, self.M)
+
+    @property
+    def func_name(self) -> str:
+        return super().func_name + ("_p" + "x".join(map(str, self.parts)) if self.parts else "")
 
     def args(self) -> list[Arg]:
         M, K = self.M, self.K
         return [Arg("W", (M, K // 16), "int32"), Arg("x4", (K // 4,), "int32"), Arg("x_sum", (1,), "int32"),
-                Arg("x_scale", (1,), "float32"), Arg("w_scale", (1,), "float32"),
+                Arg("x_scale", (1,), "float32"), Arg("w_scale", (max(len(self.parts), 1),), "float32"),
                 Arg("y", (M,), "float32", output=True)]  # fmt: skip
 
     def compute(self):
@@ -90,14 +135,15 @@ class TernaryGemvDp4a(Op):
         X = te.placeholder((K // 4,), "int32", name="x4")
         Xsum = te.placeholder((1,), "int32", name="x_sum")
         Xs = te.placeholder((1,), "float32", name="x_scale")
-        Ws = te.placeholder((1,), "float32", name="w_scale")
+        Ws = te.placeholder((max(len(self.parts), 1),), "float32", name="w_scale")
         w = te.reduce_axis((0, K // 16), name="w")
         s = te.reduce_axis((0, 4), name="s")
         acc = te.compute(
             (M,), lambda m: te.sum(dot4(te_plane(W, m, w, s), X[w * 4 + s], bool(self.emulate)), axis=[w, s]),
             name="acc",
         )  # fmt: skip
-        Y = te.compute((M,), lambda m: (acc[m] - Xsum[0]).astype("float32") * (Ws[0] / Xs[0]), name="y")
+        ws = te_part_scale(Ws, self.parts)
+        Y = te.compute((M,), lambda m: (acc[m] - Xsum[0]).astype("float32") * (ws(m) / Xs[0]), name="y")
         return te.create_prim_func([W, X, Xsum, Xs, Ws, Y])
 
     def reference(self, W, x4, x_sum, x_scale, w_scale, impl="auto"):
@@ -105,13 +151,13 @@ class TernaryGemvDp4a(Op):
         if int(x_sum[0]) != int(x.astype(np.int64).sum()):
             raise ValueError("x_sum must equal Σx (the kernel trusts it)")
         impl = _impl(impl, self.M * self.K)
-        _, y = reference.ternary_matmul_i8(_rowmajor4(W), x, x_scale.astype(np.float32), float(w_scale[0]), impl=impl)
-        return [y]
+        return [reference_parts(W, x, x_scale.astype(np.float32), w_scale, self.parts, impl)]
 
     def random_inputs(self, rng):
         x = rng.integers(-127, 128, self.K, dtype=np.int8)
         return [_dp4a_weights(rng, self.M, self.K), x_words(x), np.array([x.astype(np.int32).sum()], np.int32),
-                np.array([rng.uniform(0.5, 50)], np.float32), np.array([rng.uniform(0.01, 2)], np.float32)]  # fmt: skip
+                np.array([rng.uniform(0.5, 50)], np.float32),
+                rng.uniform(0.01, 2, max(len(self.parts), 1)).astype(np.float32)]  # fmt: skip
 
     def ops(self) -> float:
         return 2.0 * self.M * self.K
@@ -119,22 +165,28 @@ class TernaryGemvDp4a(Op):
 
 @dataclass(frozen=True)
 class TernaryGemmDp4a(Op):
-    """N tokens (prefill): ``y[N, M]``, per-token ``x_sum`` and ``x_scale``."""
+    """N tokens (prefill): ``y[N, M]``, per-token ``x_sum`` and ``x_scale``; ``parts`` as :class:`TernaryGemvDp4a`'s."""
 
     N: int
     M: int
     K: int
     emulate: int = field(default=0, metadata={"dim": False})  # CPU spelling of dp4a (tests); not in the key
+    parts: tuple[int, ...] = field(default=(), metadata={"dim": False})
     kind = "gemm_dp4a"
 
     def __post_init__(self):
         check_positive(N=self.N, M=self.M, K=self.K)
         check_k(self.K)
+        check_parts(self.parts, self.M)
+
+    @property
+    def func_name(self) -> str:
+        return super().func_name + ("_p" + "x".join(map(str, self.parts)) if self.parts else "")
 
     def args(self) -> list[Arg]:
         N, M, K = self.N, self.M, self.K
         return [Arg("W", (M, K // 16), "int32"), Arg("x4", (N, K // 4), "int32"), Arg("x_sum", (N,), "int32"),
-                Arg("x_scale", (N,), "float32"), Arg("w_scale", (1,), "float32"),
+                Arg("x_scale", (N,), "float32"), Arg("w_scale", (max(len(self.parts), 1),), "float32"),
                 Arg("y", (N, M), "float32", output=True)]  # fmt: skip
 
     def compute(self):
@@ -145,7 +197,7 @@ class TernaryGemmDp4a(Op):
         X = te.placeholder((N, K // 4), "int32", name="x4")
         Xsum = te.placeholder((N,), "int32", name="x_sum")
         Xs = te.placeholder((N,), "float32", name="x_scale")
-        Ws = te.placeholder((1,), "float32", name="w_scale")
+        Ws = te.placeholder((max(len(self.parts), 1),), "float32", name="w_scale")
         w = te.reduce_axis((0, K // 16), name="w")
         s = te.reduce_axis((0, 4), name="s")
         acc = te.compute(
@@ -153,7 +205,8 @@ class TernaryGemmDp4a(Op):
             lambda n, m: te.sum(dot4(te_plane(W, m, w, s), X[n, w * 4 + s], bool(self.emulate)), axis=[w, s]),
             name="acc",
         )
-        Y = te.compute((N, M), lambda n, m: (acc[n, m] - Xsum[n]).astype("float32") * (Ws[0] / Xs[n]), name="y")
+        ws = te_part_scale(Ws, self.parts)
+        Y = te.compute((N, M), lambda n, m: (acc[n, m] - Xsum[n]).astype("float32") * (ws(m) / Xs[n]), name="y")
         return te.create_prim_func([W, X, Xsum, Xs, Ws, Y])
 
     def reference(self, W, x4, x_sum, x_scale, w_scale, impl="auto"):
@@ -161,14 +214,13 @@ class TernaryGemmDp4a(Op):
         if not np.array_equal(x_sum.astype(np.int64), x.astype(np.int64).sum(axis=1)):
             raise ValueError("x_sum must equal Σx per token (the kernel trusts it)")
         impl = _impl(impl, self.N * self.M * self.K)
-        _, y = reference.ternary_matmul_i8(_rowmajor4(W), x, x_scale, float(w_scale[0]), impl=impl)
-        return [y]
+        return [reference_parts(W, x, x_scale, w_scale, self.parts, impl)]
 
     def random_inputs(self, rng):
         x = rng.integers(-127, 128, (self.N, self.K), dtype=np.int8)
         xs = x.astype(np.int32).sum(axis=1).astype(np.int32)
         return [_dp4a_weights(rng, self.M, self.K), x_words(x), xs, rng.uniform(0.5, 50, self.N).astype(np.float32),
-                np.array([rng.uniform(0.01, 2)], np.float32)]  # fmt: skip
+                rng.uniform(0.01, 2, max(len(self.parts), 1)).astype(np.float32)]  # fmt: skip
 
     def ops(self) -> float:
         return 2.0 * self.N * self.M * self.K
