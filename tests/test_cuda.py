@@ -92,7 +92,8 @@ def test_stacked_matrices_equal_each_matrix_alone(sizes, kb, n, seed):
             want = alone.reference(W[at : at + m], x4, xs, xsc, np.array([scale], np.float32))[0]
             np.testing.assert_array_equal(got[..., at : at + m], want)
             at += m
-    assert op.canonical().key == f"gemm_dp4a:N={n}:M={M}:K={K}" and op.func_name.endswith("_p" + "x".join(map(str, parts)))
+    assert op.canonical().key == f"gemm_dp4a:N={n}:M={M}:K={K}"
+    assert op.func_name.endswith("_p" + "x".join(map(str, parts)))
     with pytest.raises(ValueError, match="parts"):
         make_op("gemv_dp4a", M=M + 1, K=K, parts=parts)
 
