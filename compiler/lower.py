@@ -126,9 +126,8 @@ def block_ternary(cfg, i: int = 0, gpu: bool = False) -> list[tuple[str, tuple[s
     groups = stacked(cfg, i, gpu)
     member = {t: name for name, parts in groups.items() for t in parts}
     out, seen = [], set()
-    for t in MLA_TERNARY if cfg.mla else TERNARY:
-        if cfg.n_experts and t.startswith("ffn_"):
-            continue
+    attn = [t for t in (MLA_TERNARY if cfg.mla else TERNARY) if not t.startswith("ffn_")]
+    for t in attn + ([] if cfg.n_experts else [t for t in TERNARY if t.startswith("ffn_")]):
         name = member.get(t, t)
         if name not in seen:
             seen.add(name)

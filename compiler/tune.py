@@ -121,12 +121,23 @@ def matmul_shapes(cfg) -> tuple[list, list]:
     return dense, sorted({(2 * cfg.ffn_hidden, cfg.d_model), (cfg.d_model, cfg.ffn_hidden)})
 
 
+def cuda_matmul_shapes(cfg) -> list:
+    """The CUDA build's tuned matmul shapes ``(M, K)``: each layer's dense ternary parameters, stacked ones (q|k|v,
+    gate|up: :func:`compiler.lower.stacked`) as one matrix; a mixture of experts' run ``experts_dp4a`` instead."""
+    from compiler.lower import block_ternary, ternary_shapes
+
+    named = ternary_shapes(cfg)
+    return sorted({(sum(named[t][0] for t in parts), named[parts[0]][1]) for i in range(cfg.n_layers)
+                   for _, parts, E in block_ternary(cfg, i, gpu=True) if not E})  # fmt: skip
+
+
 def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: str = "tile8") -> list:
     """Every tunable workload of a model config: the ternary GEMVs (+ the GEMMs of prefill and of the decode
     batches, ``decode_b{B}``) and the fused elementwise ops. ``weights="tl"``: the CPU build's 1.67-bit layout, whose
     GEMV serves prefill and batches too (once per token)."""
     shapes, expert_shapes = matmul_shapes(cfg)
     if target == "cuda":  # a mixture of experts' FFN runs graph_kernels_gpu.experts_dp4a, not a tuned operator
+        shapes = cuda_matmul_shapes(cfg)
         ops = [make_op("gemv_dp4a", M=M, K=K) for M, K in shapes]
         if include_prefill:
             ns = sorted({CUDA_PREFILL_TOKENS, *(b for b in CUDA_BATCH_SIZES if b > 1)})

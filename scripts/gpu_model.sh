@@ -8,7 +8,9 @@
 #     bash scripts/gpu_model.sh
 #   (NAMES: any entry gpu_prepare.sh built, e.g. bitnet-2b4t; BASELINE: a folder of entries of the same names built
 #   from an earlier commit, e.g. `git worktree add /tmp/old <commit> && (cd /tmp/old && bash scripts/gpu_prepare.sh)`
-#   then copy /tmp/old/.gpu/entries/* there: bench.runtime --baseline-entry times each right after the new build)
+#   then copy /tmp/old/.gpu/entries/* there: bench.runtime --baseline-entry times each right after the new build;
+#   BASELINE_SRC: that commit's source tree (`git archive <commit> | tar -x -C <dir>`, carried), which repacks the
+#   baseline's weights when its parameter packing differs from this commit's)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -24,7 +26,8 @@ for e in ${NAMES:-small nano-1b}; do
     --json "$OUT/parity_${e}_cuda.json" 2>&1 | tail -1
   ab=()
   if [ -n "${BASELINE:-}" ] && [ -f "$BASELINE/$e/model.so" ]; then
-    python3 -m compiler.build --model "$gguf" --target cuda --repack-into "$BASELINE/$e" > /dev/null
+    ag=$(realpath "$gguf"); ae=$(realpath "$BASELINE/$e")
+    (cd "${BASELINE_SRC:-.}" && python3 -m compiler.build --model "$ag" --target cuda --repack-into "$ae" > /dev/null)
     ab=(--baseline-entry "$BASELINE/$e")
   fi
   impls="tvm torch"; [ "$e" = nano-1b ] && [ "${SKIP_TORCH_NANO:-0}" = 1 ] && impls=tvm
