@@ -59,7 +59,7 @@ def quantized_combine_pays(H: int, hd: int) -> bool:
 
 
 def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool = True, quant: bool = False,
-              q_width: int | None = None):  # fmt: skip
+              q_width: int | None = None, write_kv: bool = False):  # fmt: skip
     """Causal GQA softmax attention of ``q [T, H, hd]`` over the paged cache ``kc, vc [n_blocks, Hkv, block, hd]``
     → ``o [T, H·hd]``, as :func:`compiler.graph_kernels.attention` (same parameters): row ``t`` reads its sequence's
     keys ``0 .. pos[t]`` through ``table[t]``; a padding row (``pos < 0``) outputs zeros. Split over the keys (flash
@@ -80,6 +80,13 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     padding row is never read), one kernel fewer per layer than the CPU build's. ``q_width``: the query is the first
     ``H·hd`` columns of rows that wide (a stacked q|k|v output, :func:`compiler.lower.stacked`).
 
+    ``write_kv`` (one row, ``T = 1``, and the stacked ``q | k | v`` row): the kernel also does
+    :func:`compiler.graph_kernels.kv_update`'s work, one kernel fewer per layer. The blocks whose chunk holds the
+    new position rotate its key (the same expressions) into shared memory and use it and its value from there instead
+    of reading the cache slot; the first query head of each KV group writes both to the cache. No block reads the
+    slot being written, so the one launch has no race (with several rows of one sequence it would: prefill and the
+    verify rows keep the separate cache write).
+
     One PrimFunc, two kernels. A row's result depends only on that row (the batch-invariance of
     ``tests/test_cuda_batch.py``). ``gpu=False``: the same body with serial loops instead of thread bindings, each
     phase run after the other (runs on the CPU)."""
@@ -92,6 +99,10 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     QW = q_width or H * hd
     if QW < H * hd:
         raise ValueError(f"q_width {QW}: the query has {H * hd} columns")
+    kat, vat = H * hd, (H + Hkv) * hd  # write_kv: the new key's and value's columns of the stacked row
+    if write_kv and (T != 1 or QW != (H + 2 * Hkv) * hd):
+        raise ValueError(f"write_kv takes one stacked q|k|v row of {(H + 2 * Hkv) * hd}; got T={T}, width {QW}")
+    nk = hd if write_kv else 1  # the new key's and value's shared buffers
     scale = 1.0 / math.sqrt(hd)
     TH = T * H
     W = table_width(ctx, block)
@@ -143,6 +154,8 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
             p = Tx.alloc_buffer((c,), "float32", scope=scope)  # scores, then exp(score - max)
             mx = Tx.alloc_buffer((c,), "float32", scope=scope)
             sm = Tx.alloc_buffer((c,), "float32", scope=scope)
+            kn = Tx.alloc_buffer((nk,), "float32", scope=scope)  # write_kv: the new key, rotated
+            vn = Tx.alloc_buffer((nk,), "float32", scope=scope)  # write_kv: the new value
             if (b % NC) * c < Tx.min(pos[b // (H * NC)] + 1, ctx):
                 for tx in threads(hd):  # the query rotated as compiler.graph_kernels.rope_q, element tx
                     t = b // (H * NC)
@@ -152,15 +165,35 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                         qs[tx] = q[t, h0 + tx] * cos[pc, tx] - q[t, h0 + tx + half] * sin[pc, tx]
                     else:
                         qs[tx] = q[t, h0 + tx] * cos[pc, tx - half] + q[t, h0 + tx - half] * sin[pc, tx - half]
+                    if write_kv:
+                        if pos[0] < (b % NC) * c + c:  # this chunk holds the new position: its key as kv_update's
+                            k0 = kat + b // NC % H // g * hd
+                            if tx < half:
+                                kn[tx] = q[0, k0 + tx] * cos[pc, tx] - q[0, k0 + tx + half] * sin[pc, tx]
+                            else:
+                                kn[tx] = q[0, k0 + tx] * cos[pc, tx - half] + q[0, k0 + tx - half] * sin[pc, tx - half]
+                            vn[tx] = q[0, vat + b // NC % H // g * hd + tx]
+                            if b // NC % H % g == 0:  # the group's first query head writes the cache
+                                kc[Tx.Cast("int64", table[0, pos[0] // block]), b // NC % H // g, pos[0] % block,
+                                   tx] = kn[tx]  # fmt: skip
+                                vc[Tx.Cast("int64", table[0, pos[0] // block]), b // NC % H // g, pos[0] % block,
+                                   tx] = vn[tx]  # fmt: skip
                 sync()
                 for tx in threads(hd):  # r threads per key: key tx % c, dims [tx // c · hd / r, ...) in order
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     acc[0] = Tx.float32(0)
                     if (b % NC) * c + tx % c < Tx.min(pos[b // (H * NC)] + 1, ctx):
-                        for i in range(hd // r):
-                            acc[0] = acc[0] + qs[tx // c * (hd // r) + i] * kc[
-                                Tx.Cast("int64", table[b // (H * NC), ((b % NC) * c + tx % c) // block]),
-                                b // NC % H // g, ((b % NC) * c + tx % c) % block, tx // c * (hd // r) + i]  # fmt: skip
+                        if write_kv:  # the new position's key from shared memory
+                            for i in range(hd // r):
+                                acc[0] = acc[0] + qs[tx // c * (hd // r) + i] * Tx.if_then_else(
+                                    (b % NC) * c + tx % c == pos[0], kn[tx // c * (hd // r) + i], kc[
+                                        Tx.Cast("int64", table[0, ((b % NC) * c + tx % c) // block]),
+                                        b // NC % H // g, ((b % NC) * c + tx % c) % block, tx // c * (hd // r) + i])
+                        else:
+                            for i in range(hd // r):
+                                acc[0] = acc[0] + qs[tx // c * (hd // r) + i] * kc[
+                                    Tx.Cast("int64", table[b // (H * NC), ((b % NC) * c + tx % c) // block]),
+                                    b // NC % H // g, ((b % NC) * c + tx % c) % block, tx // c * (hd // r) + i]
                     dot[tx] = acc[0]
                 sync()
                 for tx in threads(hd):  # the key's score: its r partial sums in order
@@ -198,8 +231,13 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     acc[0] = Tx.float32(0)
                     for jj in range(Tx.min(c, Tx.min(pos[b // (H * NC)] + 1, ctx) - (b % NC) * c)):  # valid keys
-                        acc[0] = acc[0] + p[jj] * vc[Tx.Cast("int64", row[jj]), b // NC % H // g,
-                                                     ((b % NC) * c + jj) % block, tx]  # fmt: skip
+                        if write_kv:  # the new position's value from shared memory
+                            acc[0] = acc[0] + p[jj] * Tx.if_then_else(
+                                (b % NC) * c + jj == pos[0], vn[tx],
+                                vc[Tx.Cast("int64", row[jj]), b // NC % H // g, ((b % NC) * c + jj) % block, tx])
+                        else:
+                            acc[0] = acc[0] + p[jj] * vc[Tx.Cast("int64", row[jj]), b // NC % H // g,
+                                                         ((b % NC) * c + jj) % block, tx]  # fmt: skip
                     part[b, tx] = acc[0]
                     if tx == 0:
                         st[b, 0] = mx[0]

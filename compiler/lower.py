@@ -611,14 +611,25 @@ class Lowering:
             cols = {}
         cos, sin = f.pv["rope.cos"], f.pv["rope.sin"]
         tag = f"_w{D + 2 * KV}" if cols else ""  # the stacked variants read rows of that width
-        upd_gv = self._te("kv_update" + tag, functools.partial(self.k.kv_update, **cols), T, Hkv, hd, C, KV_BLOCK)
         kc, vc = f.cache[f"kc_{i}"], f.cache[f"vc_{i}"]
-        ty = kc.ty
-        kv_args = [kv, vv, f.pos, f.table, cos, sin, kc, vc]
-        upd = self.bb.emit(relax.call_tir_inplace(upd_gv, kv_args, [6, 7], [ty, ty]))
-        kc, vc = self.bb.emit(relax.TupleGetItem(upd, 0)), self.bb.emit(relax.TupleGetItem(upd, 1))
+        own_write = bool(cols) and T == 1  # one stacked row: the attention writes the cache itself (write_kv)
+        if not own_write:
+            upd_gv = self._te("kv_update" + tag, functools.partial(self.k.kv_update, **cols), T, Hkv, hd, C, KV_BLOCK)
+            kv_args = [kv, vv, f.pos, f.table, cos, sin, kc, vc]
+            upd = self.bb.emit(relax.call_tir_inplace(upd_gv, kv_args, [6, 7], [kc.ty, vc.ty]))
+            kc, vc = self.bb.emit(relax.TupleGetItem(upd, 0)), self.bb.emit(relax.TupleGetItem(upd, 1))
         scratch = [(shape, f32) for shape in self.k.attention_scratch(T, H, hd, C)]
         qw = {"q_width": cols["width"]} if cols else {}  # the attention reads q from the stacked q|k|v rows
+        if own_write:
+            qw, tag = qw | {"write_kv": True}, tag + "_kv"
+
+        def attend(att, args, outs):  # the attention's outputs; with own_write kc and vc are updated in place too
+            if not own_write:
+                return self._call(att, args, outs)
+            tys = [kc.ty, vc.ty, *(relax.TensorType(s, d) for s, d in outs)]
+            r = self.bb.emit(relax.call_tir_inplace(att, args, [1, 2] + [-1] * len(outs), tys))
+            return [self.bb.emit(relax.TupleGetItem(r, 2 + j)) for j in range(len(outs))]
+
         if self.k.rope_in_attention:
             att = self._te("attention_rope" + tag, functools.partial(self.k.attention, **qw), T, H, Hkv, hd, C,
                            KV_BLOCK)  # fmt: skip
@@ -632,9 +643,9 @@ class Lowering:
         if self.k.attention_quant and self.k.attention_quant(H, hd) and not cfg.sub_norms:  # o's quantize inside
             att = self._te("attention_quant" + tag, functools.partial(self.k.attention, quant=True, **qw), T, H, Hkv,
                            hd, C, KV_BLOCK)  # fmt: skip
-            o8, osc, osum = self._call(att, args, [((T, D), "int8"), ((T,), f32), ((T,), "int32"), *scratch])[:3]
+            o8, osc, osum = attend(att, args, [((T, D), "int8"), ((T,), f32), ((T,), "int32"), *scratch])[:3]
             return self._ternary(f, f"blk.{i}.attn_output", o8, osc, osum, D, D)
-        o = self._call(att, args, [((T, D), f32), *scratch])[0]
+        o = attend(att, args, [((T, D), f32), *scratch])[0]
         if cfg.sub_norms:  # arch bitnet: RMSNorm before the output projection
             o8, osc, osum = self._norm_quant(f, f"blk.{i}.attn_sub_norm.weight", o)
         else:

@@ -146,6 +146,44 @@ def test_stacked_qkv_rows_feed_the_cache_write_and_the_attention():
 
 
 @pytest.mark.build
+@pytest.mark.parametrize("H,Hkv,hd", [(4, 2, 32), (8, 8, 16), (4, 1, 64)])
+@pytest.mark.parametrize("quant", [False, True])
+def test_one_row_attention_writes_the_cache_itself(H, Hkv, hd, quant):
+    """``write_kv`` (the one-token step): the attention rotates and writes the new key and value itself and reads them
+    from shared memory, never from the slot it writes (here NaN before the call): the cache and the output are
+    bit-identical to the cache write followed by the attention, at the first, a middle and the last position."""
+    from compiler.graph_kernels import kv_update, rope_tables
+    from compiler.graph_kernels_gpu import attention, attention_scratch
+
+    ctx, block, n_blocks = 96, 16, 9
+    D, KV = H * hd, Hkv * hd
+    rng = np.random.default_rng(H + hd)
+    cos, sin = rope_tables(hd, ctx, 10000.0)
+    table = rng.permutation(n_blocks)[None, : ctx // block].astype(np.int32)
+    for p in (0, 37, ctx - 1):
+        qkv = rng.standard_normal((1, D + 2 * KV)).astype(np.float32)
+        pos = np.array([p], np.int32)
+        cache = rng.standard_normal((2, n_blocks, Hkv, block, hd)).astype(np.float32)
+        cache[:, table[0, p // block], :, p % block] = np.nan  # the slot being written: never read
+        outs = [((1, D), "int8" if quant else "float32")] + ([((1,), "float32"), ((1,), "int32")] if quant else [])
+        outs += [(sh, "float32") for sh in attention_scratch(1, H, hd, ctx)]
+
+        def run(f, kc, vc):
+            return _run_cpu(f, [qkv, kc, vc, pos, table, cos, sin, *(np.zeros(sh, dt) for sh, dt in outs)])
+
+        upd = kv_update(1, Hkv, hd, ctx, block, width=D + 2 * KV, k_at=D, v_at=D + KV)
+        kc, vc = _run_cpu(upd, [qkv, qkv, pos, table, cos, sin, *cache.copy()])[6:]
+        want = run(attention(1, H, Hkv, hd, ctx, block, gpu=False, quant=quant, q_width=D + 2 * KV), kc, vc)
+        got = run(attention(1, H, Hkv, hd, ctx, block, gpu=False, quant=quant, q_width=D + 2 * KV, write_kv=True),
+                  *cache.copy())  # fmt: skip
+        for a, b in zip(got[1:3] + got[7 : 10 if quant else 8], want[1:3] + want[7 : 10 if quant else 8], strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert np.isfinite(got[1]).all() and np.isfinite(got[7].astype(np.float32)).all()
+    with pytest.raises(ValueError, match="write_kv"):
+        attention(2, H, Hkv, hd, ctx, block, q_width=D + 2 * KV, write_kv=True)
+
+
+@pytest.mark.build
 def test_paged_attention_reads_only_its_own_blocks():
     """Blocks of other sequences (here: NaN) are never read, and neither are a row's table entries past its
     position: a batch of sequences on disjoint blocks attends exactly as the reference."""
