@@ -168,7 +168,7 @@ def test_one_row_attention_writes_the_cache_itself(H, Hkv, hd, quant):
         outs = [((1, D), "int8" if quant else "float32")] + ([((1,), "float32"), ((1,), "int32")] if quant else [])
         outs += [(sh, "float32") for sh in attention_scratch(1, H, hd, ctx)]
 
-        def run(f, kc, vc):
+        def run(f, kc, vc, qkv=qkv, pos=pos, outs=outs):
             return _run_cpu(f, [qkv, kc, vc, pos, table, cos, sin, *(np.zeros(sh, dt) for sh, dt in outs)])
 
         upd = kv_update(1, Hkv, hd, ctx, block, width=D + 2 * KV, k_at=D, v_at=D + KV)
