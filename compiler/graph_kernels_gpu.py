@@ -183,17 +183,34 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     acc[0] = Tx.float32(0)
                     if (b % NC) * c + tx % c < Tx.min(pos[b // (H * NC)] + 1, ctx):
-                        if write_kv:  # the new position's key from shared memory
-                            for i in range(hd // r):
-                                acc[0] = acc[0] + qs[tx // c * (hd // r) + i] * Tx.if_then_else(
-                                    (b % NC) * c + tx % c == pos[0], kn[tx // c * (hd // r) + i], kc[
-                                        Tx.Cast("int64", table[0, ((b % NC) * c + tx % c) // block]),
-                                        b // NC % H // g, ((b % NC) * c + tx % c) % block, tx // c * (hd // r) + i])
+                        if write_kv:
+                            if (b % NC) * c + tx % c == pos[0]:  # the new key, from shared memory
+                                for i in range(hd // r):
+                                    acc[0] = acc[0] + qs[tx // c * (hd // r) + i] * kn[tx // c * (hd // r) + i]
+                            else:
+                                for i in range(hd // r):
+                                    acc[0] = (
+                                        acc[0]
+                                        + qs[tx // c * (hd // r) + i]
+                                        * kc[
+                                            Tx.Cast("int64", table[0, ((b % NC) * c + tx % c) // block]),
+                                            b // NC % H // g,
+                                            ((b % NC) * c + tx % c) % block,
+                                            tx // c * (hd // r) + i,
+                                        ]
+                                    )
                         else:
                             for i in range(hd // r):
-                                acc[0] = acc[0] + qs[tx // c * (hd // r) + i] * kc[
-                                    Tx.Cast("int64", table[b // (H * NC), ((b % NC) * c + tx % c) // block]),
-                                    b // NC % H // g, ((b % NC) * c + tx % c) % block, tx // c * (hd // r) + i]
+                                acc[0] = (
+                                    acc[0]
+                                    + qs[tx // c * (hd // r) + i]
+                                    * kc[
+                                        Tx.Cast("int64", table[b // (H * NC), ((b % NC) * c + tx % c) // block]),
+                                        b // NC % H // g,
+                                        ((b % NC) * c + tx % c) % block,
+                                        tx // c * (hd // r) + i,
+                                    ]
+                                )
                     dot[tx] = acc[0]
                 sync()
                 for tx in threads(hd):  # the key's score: its r partial sums in order
@@ -230,12 +247,18 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                 for tx in threads(hd):  # column tx over the chunk's keys, in order
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     acc[0] = Tx.float32(0)
-                    for jj in range(Tx.min(c, Tx.min(pos[b // (H * NC)] + 1, ctx) - (b % NC) * c)):  # valid keys
-                        if write_kv:  # the new position's value from shared memory
-                            acc[0] = acc[0] + p[jj] * Tx.if_then_else(
-                                (b % NC) * c + jj == pos[0], vn[tx],
-                                vc[Tx.Cast("int64", row[jj]), b // NC % H // g, ((b % NC) * c + jj) % block, tx])
+                    if write_kv:  # the chunk's last valid key is the new one where it holds the new position
+                        nv = Tx.min(c, Tx.min(pos[0] + 1, ctx) - (b % NC) * c)
+                        for jj in range(nv - 1):
+                            acc[0] = acc[0] + p[jj] * vc[Tx.Cast("int64", row[jj]), b // NC % H // g,
+                                                         ((b % NC) * c + jj) % block, tx]  # fmt: skip
+                        if (b % NC) * c + nv - 1 == pos[0]:
+                            acc[0] = acc[0] + p[nv - 1] * vn[tx]
                         else:
+                            acc[0] = acc[0] + p[nv - 1] * vc[Tx.Cast("int64", row[nv - 1]), b // NC % H // g,
+                                                             ((b % NC) * c + nv - 1) % block, tx]  # fmt: skip
+                    else:
+                        for jj in range(Tx.min(c, Tx.min(pos[b // (H * NC)] + 1, ctx) - (b % NC) * c)):  # valid keys
                             acc[0] = acc[0] + p[jj] * vc[Tx.Cast("int64", row[jj]), b // NC % H // g,
                                                          ((b % NC) * c + jj) % block, tx]  # fmt: skip
                     part[b, tx] = acc[0]
