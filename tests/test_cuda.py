@@ -243,6 +243,6 @@ def test_whole_model_cuda_build(tmp_path):
     assert r.compiled and r.meta["target"] == "cuda" and r.meta["prefill_chunk"] == 16
     kinds = {k.split(":")[0] for k in r.meta["kernels"]}
     assert {"gemv_dp4a", "gemm_dp4a"} <= kinds
-    w = next(p for p in r.meta["params"] if p[0].endswith("attn_q.weight"))
+    w = next(p for p in r.meta["params"] if p[0].endswith("attn_qkv.weight"))  # q|k|v stacked (lower.stacked)
     assert w[2] == "int32"  # the dp4a layout
     assert b"__global__" not in r.so.read_bytes()
