@@ -135,7 +135,6 @@ def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: 
     """Every tunable workload of a model config: the ternary GEMVs (+ the GEMMs of prefill and of the decode
     batches, ``decode_b{B}``) and the fused elementwise ops. ``weights="tl"``: the CPU build's 1.67-bit layout, whose
     GEMV serves prefill and batches too (once per token)."""
-    shapes, expert_shapes = matmul_shapes(cfg)
     if target == "cuda":  # a mixture of experts' FFN runs graph_kernels_gpu.experts_dp4a, not a tuned operator
         shapes = cuda_matmul_shapes(cfg)
         ops = [make_op("gemv_dp4a", M=M, K=K) for M, K in shapes]
@@ -144,6 +143,8 @@ def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: 
             ops += [make_op("gemm_dp4a", N=n, M=M, K=K) for n in ns for M, K in shapes]
         return ops
     from compiler.lower import cpu_tile, tl_tile  # the CPU build's weight layouts: its GEMV and GEMM read them
+
+    shapes, expert_shapes = matmul_shapes(cfg)
 
     ops = [make_op("gemv_i8", M=M, K=K, tile=cpu_tile(M)) for M, K in expert_shapes]  # MoE: per slot, no GEMM
     for M, K in shapes:

@@ -290,8 +290,8 @@ class Engine:
 
     def _in(self, slot: str, values, dtype=np.int32) -> object:
         """A per-call input as a device tensor: one tensor per (slot, shape), kept with a host staging array, and
-        refilled by TVM's C copy (``TVMTensorCopyFromBytes``, ~1 µs; ``Tensor.copyfrom``'s Python around the same
-        call costs ~25 µs, and a step makes three)."""
+        refilled by TVM's C copy (``TVMTensorCopyFromBytes``) without ``Tensor.copyfrom``'s Python around the same
+        call, a large share of a small model's GPU step (docs/bench/cuda/README.md, "The host copies")."""
         a = np.asarray(values, dtype)
         key = (slot, a.shape, a.dtype.str)
         link = self._inputs.get(key)
@@ -306,7 +306,7 @@ class Engine:
 
     def _read(self, name: str, i: int) -> np.ndarray:
         """Result ``i`` of function ``name`` (:meth:`_out`) as a new numpy array, by TVM's C copy
-        (``TVMTensorCopyToBytes``, which waits for the device; ``Tensor.numpy``'s Python costs ~25 µs more)."""
+        (``TVMTensorCopyToBytes``, which waits for the device) without ``Tensor.numpy``'s Python (see :meth:`_in`)."""
         shape, dtype = self._result_specs[name][i]
         a = np.empty(shape, dtype)
         self._copy_to(self._results[name][i], ctypes.c_void_p(a.ctypes.data), a.nbytes)

@@ -61,6 +61,16 @@ def check_parts(parts: tuple[int, ...], M: int) -> None:
         raise OpShapeError(f"parts = {parts}: two or more positive row counts summing to M = {M}")
 
 
+def n_scales(parts: tuple[int, ...]) -> int:
+    """The weight scales of a (stacked) matrix: one per part, one without parts."""
+    return max(len(parts), 1)
+
+
+def parts_suffix(parts: tuple[int, ...]) -> str:
+    """The kernel-name suffix of a stacked matrix's parts (``_p512x256x256``), empty without parts."""
+    return "_p" + "x".join(map(str, parts)) if parts else ""
+
+
 def te_part_scale(Ws, parts: tuple[int, ...]):
     """``m ↦`` the scale of the stacked matrix that row ``m`` belongs to: ``Ws[j]`` for ``parts[j]``'s rows (one scale,
     ``Ws[0]``, without parts)."""
@@ -119,12 +129,12 @@ class TernaryGemvDp4a(Op):
 
     @property
     def func_name(self) -> str:
-        return super().func_name + ("_p" + "x".join(map(str, self.parts)) if self.parts else "")
+        return super().func_name + parts_suffix(self.parts)
 
     def args(self) -> list[Arg]:
         M, K = self.M, self.K
         return [Arg("W", (M, K // 16), "int32"), Arg("x4", (K // 4,), "int32"), Arg("x_sum", (1,), "int32"),
-                Arg("x_scale", (1,), "float32"), Arg("w_scale", (max(len(self.parts), 1),), "float32"),
+                Arg("x_scale", (1,), "float32"), Arg("w_scale", (n_scales(self.parts),), "float32"),
                 Arg("y", (M,), "float32", output=True)]  # fmt: skip
 
     def compute(self):
@@ -135,7 +145,7 @@ class TernaryGemvDp4a(Op):
         X = te.placeholder((K // 4,), "int32", name="x4")
         Xsum = te.placeholder((1,), "int32", name="x_sum")
         Xs = te.placeholder((1,), "float32", name="x_scale")
-        Ws = te.placeholder((max(len(self.parts), 1),), "float32", name="w_scale")
+        Ws = te.placeholder((n_scales(self.parts),), "float32", name="w_scale")
         w = te.reduce_axis((0, K // 16), name="w")
         s = te.reduce_axis((0, 4), name="s")
         acc = te.compute(
@@ -157,7 +167,7 @@ class TernaryGemvDp4a(Op):
         x = rng.integers(-127, 128, self.K, dtype=np.int8)
         return [_dp4a_weights(rng, self.M, self.K), x_words(x), np.array([x.astype(np.int32).sum()], np.int32),
                 np.array([rng.uniform(0.5, 50)], np.float32),
-                rng.uniform(0.01, 2, max(len(self.parts), 1)).astype(np.float32)]  # fmt: skip
+                rng.uniform(0.01, 2, n_scales(self.parts)).astype(np.float32)]  # fmt: skip
 
     def ops(self) -> float:
         return 2.0 * self.M * self.K
@@ -181,12 +191,12 @@ class TernaryGemmDp4a(Op):
 
     @property
     def func_name(self) -> str:
-        return super().func_name + ("_p" + "x".join(map(str, self.parts)) if self.parts else "")
+        return super().func_name + parts_suffix(self.parts)
 
     def args(self) -> list[Arg]:
         N, M, K = self.N, self.M, self.K
         return [Arg("W", (M, K // 16), "int32"), Arg("x4", (N, K // 4), "int32"), Arg("x_sum", (N,), "int32"),
-                Arg("x_scale", (N,), "float32"), Arg("w_scale", (max(len(self.parts), 1),), "float32"),
+                Arg("x_scale", (N,), "float32"), Arg("w_scale", (n_scales(self.parts),), "float32"),
                 Arg("y", (N, M), "float32", output=True)]  # fmt: skip
 
     def compute(self):
@@ -197,7 +207,7 @@ class TernaryGemmDp4a(Op):
         X = te.placeholder((N, K // 4), "int32", name="x4")
         Xsum = te.placeholder((N,), "int32", name="x_sum")
         Xs = te.placeholder((N,), "float32", name="x_scale")
-        Ws = te.placeholder((max(len(self.parts), 1),), "float32", name="w_scale")
+        Ws = te.placeholder((n_scales(self.parts),), "float32", name="w_scale")
         w = te.reduce_axis((0, K // 16), name="w")
         s = te.reduce_axis((0, 4), name="s")
         acc = te.compute(
@@ -220,7 +230,7 @@ class TernaryGemmDp4a(Op):
         x = rng.integers(-127, 128, (self.N, self.K), dtype=np.int8)
         xs = x.astype(np.int32).sum(axis=1).astype(np.int32)
         return [_dp4a_weights(rng, self.M, self.K), x_words(x), xs, rng.uniform(0.5, 50, self.N).astype(np.float32),
-                rng.uniform(0.01, 2, max(len(self.parts), 1)).astype(np.float32)]  # fmt: skip
+                rng.uniform(0.01, 2, n_scales(self.parts)).astype(np.float32)]  # fmt: skip
 
     def ops(self) -> float:
         return 2.0 * self.N * self.M * self.K
