@@ -35,10 +35,17 @@ def _bindings(gpu: bool):
 
 
 ATTN_CHUNK = 32  # keys per CUDA block of the split attention (fewer when hd is smaller)
+ATTN_STAGE_BYTES = 40960  # the most shared memory a block's staged keys and values take (48 KiB static in all)
+ATTN_COMBINE_UNROLL = 8  # chunks a step of the combine's loops: their loads are independent, so in flight together
 
 
 def attention_chunk(hd: int) -> int:
-    return min(ATTN_CHUNK, hd)
+    """Keys per block: ``ATTN_CHUNK``, fewer where ``hd`` is smaller or the staged keys and values (two ``c × (hd +
+    1)`` float32 tiles) would not fit ``ATTN_STAGE_BYTES``."""
+    c = min(ATTN_CHUNK, hd)
+    while c > 1 and 2 * c * (hd + 1) * 4 > ATTN_STAGE_BYTES:
+        c //= 2
+    return c
 
 
 def attention_scratch(T: int, H: int, hd: int, ctx: int) -> list[tuple]:
@@ -102,7 +109,8 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     kat, vat = H * hd, (H + Hkv) * hd  # write_kv: the new key's and value's columns of the stacked row
     if write_kv and (T != 1 or QW != (H + 2 * Hkv) * hd):
         raise ValueError(f"write_kv takes one stacked q|k|v row of {(H + 2 * Hkv) * hd}; got T={T}, width {QW}")
-    nk = hd if write_kv else 1  # the new key's and value's shared buffers
+    nw = int(write_kv)  # write_kv: the new key (the last valid one) is not read from the cache
+    hp = hd + 1  # a staged key's or value's row: padded so that the keys of a warp's lanes fall in distinct banks
     scale = 1.0 / math.sqrt(hd)
     TH = T * H
     W = table_width(ctx, block)
@@ -111,6 +119,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
         raise ValueError(f"head_dim {hd}: the attention chunk {c} must be a power of two dividing it")
     NC = -(-ctx // c)
     r = hd // c  # threads per key in the scores
+    U = ATTN_COMBINE_UNROLL
     (P, _), _ = attention_scratch(T, H, hd, ctx)
     blocks, threads = _bindings(gpu)
     sync = (lambda: Tx.tvm_storage_sync("shared")) if gpu else (lambda: Tx.evaluate(0))
@@ -131,13 +140,17 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
         acc = Tx.alloc_buffer((3,), "float32", scope="local")  # max, Σ weight·sum, Σ weight·part
         if pos[th // H] >= 0:
             acc[0] = st[th * NC, 0]
-            for ci in range(1, (Tx.min(pos[th // H] + 1, ctx) + c - 1) // c):
-                acc[0] = Tx.max(acc[0], st[th * NC + ci, 0])
+            for co in range((Tx.min(pos[th // H] + 1, ctx) + c * U - 1) // (c * U)):  # U chunks a step: their loads
+                for cu in Tx.unroll(U):  # independent, each chunk in order (the first is the max's start)
+                    if 0 < co * U + cu and co * U + cu < (Tx.min(pos[th // H] + 1, ctx) + c - 1) // c:
+                        acc[0] = Tx.max(acc[0], st[th * NC + co * U + cu, 0])
             acc[1] = Tx.float32(0)
             acc[2] = Tx.float32(0)
-            for ci in range((Tx.min(pos[th // H] + 1, ctx) + c - 1) // c):
-                acc[1] = acc[1] + Tx.exp(st[th * NC + ci, 0] - acc[0]) * st[th * NC + ci, 1]
-                acc[2] = acc[2] + Tx.exp(st[th * NC + ci, 0] - acc[0]) * part[th * NC + ci, d]
+            for co in range((Tx.min(pos[th // H] + 1, ctx) + c * U - 1) // (c * U)):
+                for cu in Tx.unroll(U):
+                    if co * U + cu < (Tx.min(pos[th // H] + 1, ctx) + c - 1) // c:
+                        acc[1] = acc[1] + Tx.exp(st[th * NC + co * U + cu, 0] - acc[0]) * st[th * NC + co * U + cu, 1]
+                        acc[2] = acc[2] + Tx.exp(st[th * NC + co * U + cu, 0] - acc[0]) * part[th * NC + co * U + cu, d]
             res[0] = acc[2] / acc[1]
         else:
             res[0] = Tx.float32(0)
@@ -147,81 +160,62 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
         nb = Tx.int64()
         kc = Tx.match_buffer(kc_h, (nb, Hkv, block, hd), "float32")
         vc = Tx.match_buffer(vc_h, (nb, Hkv, block, hd), "float32")
-        for b in blocks(P):  # (row, head, chunk) = (b // (H·NC), b // NC % H, b % NC)
+        for b in blocks(P):  # chunk b // TH of (row, head) b % TH: every (row, head)'s first chunks dispatched first
             qs = Tx.alloc_buffer((hd,), "float32", scope=scope)  # the row's query (rotated here with rope)
             dot = Tx.alloc_buffer((hd,), "float32", scope=scope)  # partial dot products, r per key
-            row = Tx.alloc_buffer((c,), "int32", scope=scope)  # each key's cache block (its table entry)
+            ks = Tx.alloc_buffer((c * hp,), "float32", scope=scope)  # the chunk's keys, rows padded to hd + 1
+            vs = Tx.alloc_buffer((c * hp,), "float32", scope=scope)  # the chunk's values, likewise
             p = Tx.alloc_buffer((c,), "float32", scope=scope)  # scores, then exp(score - max)
             mx = Tx.alloc_buffer((c,), "float32", scope=scope)
             sm = Tx.alloc_buffer((c,), "float32", scope=scope)
-            kn = Tx.alloc_buffer((nk,), "float32", scope=scope)  # write_kv: the new key, rotated
-            vn = Tx.alloc_buffer((nk,), "float32", scope=scope)  # write_kv: the new value
-            if (b % NC) * c < Tx.min(pos[b // (H * NC)] + 1, ctx):
-                for tx in threads(hd):  # the query rotated as compiler.graph_kernels.rope_q, element tx
-                    t = b // (H * NC)
-                    pc = Tx.min(pos[b // (H * NC)], ctx - 1)
-                    h0 = b // NC % H * hd
+            if b // TH * c < Tx.min(pos[b % TH // H] + 1, ctx):
+                for tx in threads(hd):  # the query rotated as rope_q (element tx), and the chunk's keys and values
+                    t = b % TH // H
+                    kvh = b % H // g
+                    c0 = b // TH * c
+                    pc = Tx.min(pos[t], ctx - 1)
+                    h0 = b % H * hd
                     if tx < half:
                         qs[tx] = q[t, h0 + tx] * cos[pc, tx] - q[t, h0 + tx + half] * sin[pc, tx]
                     else:
                         qs[tx] = q[t, h0 + tx] * cos[pc, tx - half] + q[t, h0 + tx - half] * sin[pc, tx - half]
+                    for j in Tx.unroll(c):  # column tx of each valid key: coalesced, every load independent
+                        if c0 + j < Tx.min(pos[t] + 1, ctx) - nw:  # write_kv: not the new key (it comes below)
+                            ks[j * hp + tx] = kc[Tx.Cast("int64", table[t, (c0 + j) // block]), kvh, (c0 + j) % block,
+                                                 tx]  # fmt: skip
+                            vs[j * hp + tx] = vc[Tx.Cast("int64", table[t, (c0 + j) // block]), kvh, (c0 + j) % block,
+                                                 tx]  # fmt: skip
                     if write_kv:
-                        if pos[0] < (b % NC) * c + c:  # this chunk holds the new position: its key as kv_update's
-                            k0 = kat + b // NC % H // g * hd
+                        if pos[0] < c0 + c:  # this chunk holds the new position: its key as kv_update's, its value
+                            kv = Tx.alloc_buffer((2,), "float32", scope="local")
+                            k0 = kat + kvh * hd
                             if tx < half:
-                                kn[tx] = q[0, k0 + tx] * cos[pc, tx] - q[0, k0 + tx + half] * sin[pc, tx]
+                                kv[0] = q[0, k0 + tx] * cos[pc, tx] - q[0, k0 + tx + half] * sin[pc, tx]
                             else:
-                                kn[tx] = q[0, k0 + tx] * cos[pc, tx - half] + q[0, k0 + tx - half] * sin[pc, tx - half]
-                            vn[tx] = q[0, vat + b // NC % H // g * hd + tx]
-                            if b // NC % H % g == 0:  # the group's first query head writes the cache
-                                kc[Tx.Cast("int64", table[0, pos[0] // block]), b // NC % H // g, pos[0] % block,
-                                   tx] = kn[tx]  # fmt: skip
-                                vc[Tx.Cast("int64", table[0, pos[0] // block]), b // NC % H // g, pos[0] % block,
-                                   tx] = vn[tx]  # fmt: skip
+                                kv[0] = q[0, k0 + tx] * cos[pc, tx - half] + q[0, k0 + tx - half] * sin[pc, tx - half]
+                            kv[1] = q[0, vat + kvh * hd + tx]
+                            ks[(pos[0] - c0) * hp + tx] = kv[0]
+                            vs[(pos[0] - c0) * hp + tx] = kv[1]
+                            if b % H % g == 0:  # the group's first query head writes the cache
+                                kc[Tx.Cast("int64", table[0, pos[0] // block]), kvh, pos[0] % block, tx] = kv[0]
+                                vc[Tx.Cast("int64", table[0, pos[0] // block]), kvh, pos[0] % block, tx] = kv[1]
                 sync()
                 for tx in threads(hd):  # r threads per key: key tx % c, dims [tx // c · hd / r, ...) in order
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     acc[0] = Tx.float32(0)
-                    if (b % NC) * c + tx % c < Tx.min(pos[b // (H * NC)] + 1, ctx):
-                        if write_kv:
-                            if (b % NC) * c + tx % c == pos[0]:  # the new key, from shared memory
-                                for i in range(hd // r):
-                                    acc[0] = acc[0] + qs[tx // c * (hd // r) + i] * kn[tx // c * (hd // r) + i]
-                            else:
-                                for i in range(hd // r):
-                                    acc[0] = (
-                                        acc[0]
-                                        + qs[tx // c * (hd // r) + i]
-                                        * kc[
-                                            Tx.Cast("int64", table[0, ((b % NC) * c + tx % c) // block]),
-                                            b // NC % H // g,
-                                            ((b % NC) * c + tx % c) % block,
-                                            tx // c * (hd // r) + i,
-                                        ]
-                                    )
-                        else:
-                            for i in range(hd // r):
-                                acc[0] = (
-                                    acc[0]
-                                    + qs[tx // c * (hd // r) + i]
-                                    * kc[
-                                        Tx.Cast("int64", table[b // (H * NC), ((b % NC) * c + tx % c) // block]),
-                                        b // NC % H // g,
-                                        ((b % NC) * c + tx % c) % block,
-                                        tx // c * (hd // r) + i,
-                                    ]
-                                )
+                    if b // TH * c + tx % c < Tx.min(pos[b % TH // H] + 1, ctx):
+                        for i in Tx.unroll(hd // r):
+                            acc[0] = acc[0] + qs[tx // c * (hd // r) + i] * ks[tx % c * hp + tx // c * (hd // r) + i]
                     dot[tx] = acc[0]
                 sync()
                 for tx in threads(hd):  # the key's score: its r partial sums in order
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     if tx < c:
-                        if (b % NC) * c + tx < Tx.min(pos[b // (H * NC)] + 1, ctx):
+                        if b // TH * c + tx < Tx.min(pos[b % TH // H] + 1, ctx):
                             acc[0] = dot[tx]
                             for j in range(1, r):
                                 acc[0] = acc[0] + dot[j * c + tx]
                             p[tx] = acc[0] * Tx.float32(scale)
-                            row[tx] = table[b // (H * NC), ((b % NC) * c + tx) // block]  # for the values
                         else:
                             p[tx] = Tx.float32(neg)
                         mx[tx] = p[tx]
@@ -233,7 +227,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                     sync()
                 for tx in threads(hd):  # exp(score - max); 0 past the position
                     if tx < c:
-                        if (b % NC) * c + tx < Tx.min(pos[b // (H * NC)] + 1, ctx):
+                        if b // TH * c + tx < Tx.min(pos[b % TH // H] + 1, ctx):
                             p[tx] = Tx.exp(p[tx] - mx[0])
                         else:
                             p[tx] = Tx.float32(0)
@@ -244,27 +238,16 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                         if tx < Tx.shift_right(c, s + 1):
                             sm[tx] = sm[tx] + sm[tx + Tx.shift_right(c, s + 1)]
                     sync()
-                for tx in threads(hd):  # column tx over the chunk's keys, in order
+                for tx in threads(hd):  # column tx over the chunk's valid keys, in order
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     acc[0] = Tx.float32(0)
-                    if write_kv:  # the chunk's last valid key is the new one where it holds the new position
-                        nv = Tx.min(c, Tx.min(pos[0] + 1, ctx) - (b % NC) * c)
-                        for jj in range(nv - 1):
-                            acc[0] = acc[0] + p[jj] * vc[Tx.Cast("int64", row[jj]), b // NC % H // g,
-                                                         ((b % NC) * c + jj) % block, tx]  # fmt: skip
-                        if (b % NC) * c + nv - 1 == pos[0]:
-                            acc[0] = acc[0] + p[nv - 1] * vn[tx]
-                        else:
-                            acc[0] = acc[0] + p[nv - 1] * vc[Tx.Cast("int64", row[nv - 1]), b // NC % H // g,
-                                                             ((b % NC) * c + nv - 1) % block, tx]  # fmt: skip
-                    else:
-                        for jj in range(Tx.min(c, Tx.min(pos[b // (H * NC)] + 1, ctx) - (b % NC) * c)):  # valid keys
-                            acc[0] = acc[0] + p[jj] * vc[Tx.Cast("int64", row[jj]), b // NC % H // g,
-                                                         ((b % NC) * c + jj) % block, tx]  # fmt: skip
-                    part[b, tx] = acc[0]
+                    for jj in Tx.unroll(c):
+                        if b // TH * c + jj < Tx.min(pos[b % TH // H] + 1, ctx):
+                            acc[0] = acc[0] + p[jj] * vs[jj * hp + tx]
+                    part[b % TH * NC + b // TH, tx] = acc[0]
                     if tx == 0:
-                        st[b, 0] = mx[0]
-                        st[b, 1] = sm[0]
+                        st[b % TH * NC + b // TH, 0] = mx[0]
+                        st[b % TH * NC + b // TH, 1] = sm[0]
         if quant:
             for t in blocks(T):  # a row's heads combined, then quantized as its o projection's input
                 hs = Tx.alloc_buffer((H * hd,), "float32", scope=scope)  # the row's attention output
