@@ -8,11 +8,11 @@ the same way), with explicit thread bindings. A row's result never depends on th
 each output is summed by one thread (or one block) in an order fixed by the shapes of that row alone, so a
 sequence's greedy tokens are the same alone (``decode_b1``) or in any batch (``decode_b{B}``).
 
-* ``attention``: one CUDA block per (row, query head), ``hd`` threads, in phases separated by block barriers:
-  scores (a key per thread, strided; the dot product over ``hd`` in order), the max (thread 0), ``exp`` (a key per
-  thread), then thread ``i`` sums output column ``i`` over the keys in order (coalesced over ``i``). Each phase is
-  its own thread loop, so ``gpu=False`` turns the bindings into serial loops that run the phases one after another:
-  the same kernel, runnable on the CPU (``tests/test_cuda_batch.py`` checks it there).
+* ``attention``: split over chunks of keys (flash decoding), then the chunks combined; see :func:`attention`. Each
+  phase is its own thread loop, so ``gpu=False`` turns the bindings into serial loops that run the phases one after
+  another: the same kernel, runnable on the CPU (``tests/test_cuda_batch.py`` checks it there).
+* Block-wide sums and maxima (:func:`block_reduce`): warp shuffles, then one shuffle tree over the warps, two block
+  barriers each; the CPU twin runs the same trees in the same order.
 * ``lm_head``: a thread per head row (two from 16 rows on), which streams the row once (16-byte loads) and keeps
   all ``B`` rows' sums in registers: each head row is read once for the whole batch, and each logit is one FMA
   chain over ``d = 0 .. D-1`` whatever ``B`` is.
@@ -32,6 +32,86 @@ def _bindings(gpu: bool):
     if not gpu:
         return Tx.serial, Tx.serial
     return (lambda n: Tx.thread_binding(n, thread="blockIdx.x")), (lambda n: Tx.thread_binding(n, thread="threadIdx.x"))
+
+
+WARP = 32
+
+
+def _levels(n: int) -> list[int]:
+    """The strides of a reduction tree over ``n`` (a power of two) values: n/2, n/4, .., 1."""
+    return [n >> (i + 1) for i in range(n.bit_length() - 1)]
+
+
+def block_reduce(threads: int, combine, identity, gpu: bool = True):
+    """A block-wide reduction of one value per thread, as two macros for a kernel's phases (each phase its own
+    ``for tx in threads(...)`` loop, see :func:`_bindings`): ``part(v, red, tx)`` inside the phase that computes
+    thread ``tx``'s value ``v[0]`` (a local buffer), then ``finish(red, fin)`` as the next phases, after which
+    ``fin[0]`` holds the result. ``red`` is a ``[threads]`` scratch buffer, ``fin`` ``[1]``, both shared.
+
+    The order is fixed: a tree within each warp (strides 16, 8, .., 1: lane ``l`` combines lane ``l + s``), then a
+    tree over the warps' results (strides ``threads/64``, .., 1). On the GPU the warp trees are register shuffles
+    and the whole reduction costs two block barriers instead of one per level. ``gpu=False``: the same trees as
+    serial phases over ``red`` (the CPU twin: the same result, bit for bit). A third macro, ``finish_in(red, fin,
+    tx)``, is ``finish`` inside the caller's own thread loop (GPU only: None for the twin)."""
+    from tvm.script import tirx as Tx
+
+    if threads % WARP or threads > WARP * WARP:
+        raise ValueError(f"a block reduction takes a multiple of {WARP} threads up to {WARP * WARP}; got {threads}")
+    nw = threads // WARP
+    _, thr = _bindings(gpu)
+    inner, outer = _levels(WARP), _levels(nw)
+    FULL = Tx.uint32(0xFFFFFFFF)  # every lane takes part (the whole block, then all of warp 0)
+
+    if gpu:
+
+        @Tx.macro
+        def part(v, red, tx):
+            for lv in Tx.unroll(len(inner)):
+                v[0] = combine(v[0], Tx.tvm_warp_shuffle_down(FULL, v[0],
+                                                              Tx.shift_right(WARP // 2, lv), WARP, WARP))  # fmt: skip
+            if tx % WARP == 0:
+                red[tx // WARP] = v[0]
+
+        @Tx.macro
+        def finish_in(red, fin, tx):  # inside the caller's thread loop (a kernel with no CPU twin)
+            Tx.tvm_storage_sync("shared")
+            if tx < WARP:
+                w = Tx.alloc_buffer((1,), red.dtype, scope="local")
+                if tx < nw:
+                    w[0] = red[tx]
+                else:
+                    w[0] = identity
+                for lv in Tx.unroll(len(outer)):
+                    w[0] = combine(w[0], Tx.tvm_warp_shuffle_down(FULL, w[0],
+                                                                  Tx.shift_right(nw // 2, lv), WARP, WARP))  # fmt: skip
+                if tx == 0:
+                    fin[0] = w[0]
+            Tx.tvm_storage_sync("shared")
+
+        @Tx.macro
+        def finish(red, fin):
+            for tx in thr(threads):
+                finish_in(red, fin, tx)
+
+        return part, finish, finish_in
+
+    @Tx.macro
+    def part_cpu(v, red, tx):
+        red[tx] = v[0]
+
+    @Tx.macro
+    def finish_cpu(red, fin):
+        for lv in Tx.unroll(len(inner)):
+            for tx in thr(threads):
+                if tx % WARP < Tx.shift_right(WARP // 2, lv):
+                    red[tx] = combine(red[tx], red[tx + Tx.shift_right(WARP // 2, lv)])
+        for lv in Tx.unroll(len(outer)):
+            for tx in thr(nw):
+                if tx < Tx.shift_right(nw // 2, lv):
+                    red[tx * WARP] = combine(red[tx * WARP], red[(tx + Tx.shift_right(nw // 2, lv)) * WARP])
+        fin[0] = red[0]
+
+    return part_cpu, finish_cpu, None
 
 
 ATTN_CHUNK = 32  # keys per CUDA block of the split attention (fewer when hd is smaller)
@@ -72,12 +152,16 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     keys ``0 .. pos[t]`` through ``table[t]``; a padding row (``pos < 0``) outputs zeros. Split over the keys (flash
     decoding), so its time follows the position over many CUDA blocks, not one block per head:
 
-    1. a CUDA block per (row, query head, chunk of ``c`` keys; :func:`attention_chunk`), ``hd`` threads: each key's
-       score (``hd / c`` threads per key, each over its share of ``hd`` in order, the shares then added in order),
-       the chunk's max and ``Σ exp`` (shared-memory trees), and the chunk's unnormalised output (thread ``i``:
-       column ``i`` over the chunk's keys in order) into the scratch outputs ``part``/``st``; a block whose chunk
-       starts past the position does nothing;
-    2. a block per (row, head), a thread per column: the chunks combined in order, rescaled to their common max;
+    1. a CUDA block per (row, query head, chunk of ``c`` keys; :func:`attention_chunk`), ``hd`` threads; the
+       blocks of every (row, head)'s first chunk come first, then the second chunks, and so on. The block stages its
+       chunk's keys and values in shared memory (rows padded to ``hd + 1`` floats, so that the keys a warp reads
+       fall in distinct banks; every load coalesced and independent of the others), then computes each key's score
+       (``hd / c`` threads per key, each over its share of ``hd`` in order, the shares then added in order), the
+       chunk's max and ``Σ exp`` (one warp, trees of register shuffles; the CPU twin: the same trees in shared
+       memory), and the chunk's unnormalised output (thread ``i``: column ``i`` over the chunk's keys in order) into
+       the scratch outputs ``part``/``st``; a block whose chunk starts past the position does nothing;
+    2. a block per (row, head), a thread per column: the chunks combined in order, rescaled to their common max
+       (the loads of ``ATTN_COMBINE_UNROLL`` chunks in flight together);
        ``quant=True``: a block per row instead, which also quantizes the row for the o projection exactly as
        :func:`norm_quantize` (outputs ``o int8 [T, H·hd]``, ``o_scale [T]``, ``o_sum [T]``; see
        :func:`quantized_combine_pays`).
@@ -120,6 +204,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     NC = -(-ctx // c)
     r = hd // c  # threads per key in the scores
     U = ATTN_COMBINE_UNROLL
+    lanes = Tx.uint32((1 << c) - 1)  # the warp's lanes that hold a key (c ≤ 32)
     (P, _), _ = attention_scratch(T, H, hd, ctx)
     blocks, threads = _bindings(gpu)
     sync = (lambda: Tx.tvm_storage_sync("shared")) if gpu else (lambda: Tx.evaluate(0))
@@ -133,7 +218,10 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
 
     half = hd // 2
     nt = _threads_for(H * hd)  # quant: the combine's threads per row
-    per, nlev = H * hd // nt, nt.bit_length() - 1
+    per = H * hd // nt
+    if quant:
+        max_part, max_finish, _ = block_reduce(nt, Tx.max, Tx.float32(0), gpu)
+        sum_part, sum_finish, _ = block_reduce(nt, lambda x, y: x + y, Tx.int32(0), gpu)
 
     @Tx.macro
     def combined(th, d, res, pos, st, part):  # (row, head) th's column d: its chunks combined, rescaled to their max
@@ -208,36 +296,66 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                             acc[0] = acc[0] + qs[tx // c * (hd // r) + i] * ks[tx % c * hp + tx // c * (hd // r) + i]
                     dot[tx] = acc[0]
                 sync()
-                for tx in threads(hd):  # the key's score: its r partial sums in order
-                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
-                    if tx < c:
-                        if b // TH * c + tx < Tx.min(pos[b % TH // H] + 1, ctx):
-                            acc[0] = dot[tx]
-                            for j in range(1, r):
-                                acc[0] = acc[0] + dot[j * c + tx]
-                            p[tx] = acc[0] * Tx.float32(scale)
-                        else:
-                            p[tx] = Tx.float32(neg)
-                        mx[tx] = p[tx]
-                sync()
-                for s in Tx.unroll(len(steps)):  # the chunk's max: a tree
+                if gpu:  # one warp: the scores, their max and Σ exp as register shuffles (the trees below)
                     for tx in threads(hd):
-                        if tx < Tx.shift_right(c, s + 1):
-                            mx[tx] = Tx.max(mx[tx], mx[tx + Tx.shift_right(c, s + 1)])
+                        if tx < c:
+                            sc = Tx.alloc_buffer((3,), "float32", scope="local")  # score, max, Σ exp
+                            if b // TH * c + tx < Tx.min(pos[b % TH // H] + 1, ctx):
+                                sc[0] = dot[tx]
+                                for j in range(1, r):
+                                    sc[0] = sc[0] + dot[j * c + tx]
+                                sc[0] = sc[0] * Tx.float32(scale)
+                            else:
+                                sc[0] = Tx.float32(neg)
+                            sc[1] = sc[0]
+                            for lv in Tx.unroll(len(steps)):
+                                sc[1] = Tx.max(sc[1], Tx.tvm_warp_shuffle_down(lanes, sc[1], Tx.shift_right(c, lv + 1),
+                                                                                c, WARP))  # fmt: skip
+                            sc[1] = Tx.tvm_warp_shuffle(lanes, sc[1], 0, c, WARP)
+                            if b // TH * c + tx < Tx.min(pos[b % TH // H] + 1, ctx):
+                                sc[0] = Tx.exp(sc[0] - sc[1])
+                            else:
+                                sc[0] = Tx.float32(0)
+                            p[tx] = sc[0]
+                            sc[2] = sc[0]
+                            for lv in Tx.unroll(len(steps)):
+                                sc[2] = sc[2] + Tx.tvm_warp_shuffle_down(lanes, sc[2], Tx.shift_right(c, lv + 1), c,
+                                                                         WARP)  # fmt: skip
+                            if tx == 0:
+                                mx[0] = sc[1]
+                                sm[0] = sc[2]
                     sync()
-                for tx in threads(hd):  # exp(score - max); 0 past the position
-                    if tx < c:
-                        if b // TH * c + tx < Tx.min(pos[b % TH // H] + 1, ctx):
-                            p[tx] = Tx.exp(p[tx] - mx[0])
-                        else:
-                            p[tx] = Tx.float32(0)
-                        sm[tx] = p[tx]
-                sync()
-                for s in Tx.unroll(len(steps)):  # Σ exp: a tree
-                    for tx in threads(hd):
-                        if tx < Tx.shift_right(c, s + 1):
-                            sm[tx] = sm[tx] + sm[tx + Tx.shift_right(c, s + 1)]
+                else:
+                    for tx in threads(hd):  # the key's score: its r partial sums in order
+                        acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                        if tx < c:
+                            if b // TH * c + tx < Tx.min(pos[b % TH // H] + 1, ctx):
+                                acc[0] = dot[tx]
+                                for j in range(1, r):
+                                    acc[0] = acc[0] + dot[j * c + tx]
+                                p[tx] = acc[0] * Tx.float32(scale)
+                            else:
+                                p[tx] = Tx.float32(neg)
+                            mx[tx] = p[tx]
                     sync()
+                    for s in Tx.unroll(len(steps)):  # the chunk's max: a tree
+                        for tx in threads(hd):
+                            if tx < Tx.shift_right(c, s + 1):
+                                mx[tx] = Tx.max(mx[tx], mx[tx + Tx.shift_right(c, s + 1)])
+                        sync()
+                    for tx in threads(hd):  # exp(score - max); 0 past the position
+                        if tx < c:
+                            if b // TH * c + tx < Tx.min(pos[b % TH // H] + 1, ctx):
+                                p[tx] = Tx.exp(p[tx] - mx[0])
+                            else:
+                                p[tx] = Tx.float32(0)
+                            sm[tx] = p[tx]
+                    sync()
+                    for s in Tx.unroll(len(steps)):  # Σ exp: a tree
+                        for tx in threads(hd):
+                            if tx < Tx.shift_right(c, s + 1):
+                                sm[tx] = sm[tx] + sm[tx + Tx.shift_right(c, s + 1)]
+                        sync()
                 for tx in threads(hd):  # column tx over the chunk's valid keys, in order
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     acc[0] = Tx.float32(0)
@@ -253,6 +371,8 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                 hs = Tx.alloc_buffer((H * hd,), "float32", scope=scope)  # the row's attention output
                 red = Tx.alloc_buffer((nt,), "float32", scope=scope)
                 redi = Tx.alloc_buffer((nt,), "int32", scope=scope)
+                top = Tx.alloc_buffer((1,), "float32", scope=scope)
+                fini = Tx.alloc_buffer((1,), "int32", scope=scope)
                 for tx in threads(nt):  # column i·nt + tx of the row: its head's chunks combined, as below
                     res = Tx.alloc_buffer((1,), "float32", scope="local")
                     big = Tx.alloc_buffer((1,), "float32", scope="local")
@@ -261,36 +381,26 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                         combined(t * H + (i * nt + tx) // hd, (i * nt + tx) % hd, res, pos, st, part)
                         hs[i * nt + tx] = res[0]
                         big[0] = Tx.max(big[0], Tx.fabs(res[0]))
-                    red[tx] = big[0]
-                sync()
-                for lv in Tx.unroll(nlev):  # max |o|: a tree
-                    for tx in threads(nt):
-                        if tx < Tx.shift_right(nt, lv + 1):
-                            red[tx] = Tx.max(red[tx], red[tx + Tx.shift_right(nt, lv + 1)])
-                    sync()
+                    max_part(big, red, tx)
+                max_finish(red, top)  # max |o|
                 for tx in threads(nt):  # int8 codes as graph_kernels_gpu.norm_quantize's, and their row sum
                     sc = Tx.alloc_buffer((1,), "float32", scope="local")
                     qv = Tx.alloc_buffer((1,), "float32", scope="local")
                     isum = Tx.alloc_buffer((1,), "int32", scope="local")
-                    sc[0] = Tx.float32(ACT_QMAX) / Tx.max(red[0], Tx.float32(SCALE_EPS))
+                    sc[0] = Tx.float32(ACT_QMAX) / Tx.max(top[0], Tx.float32(SCALE_EPS))
                     isum[0] = 0
                     for i in Tx.unroll(per):
                         qv[0] = Tx.min(Tx.max(Tx.nearbyint(hs[i * nt + tx] * sc[0]), Tx.float32(-ACT_QMAX)),
                                        Tx.float32(ACT_QMAX))  # fmt: skip
                         o[t, i * nt + tx] = Tx.Cast("int8", qv[0])
                         isum[0] = isum[0] + Tx.Cast("int32", qv[0])
-                    redi[tx] = isum[0]
+                    sum_part(isum, redi, tx)
                     if tx == 0:
                         o_scale[t] = sc[0]
-                sync()
-                for lv in Tx.unroll(nlev):  # Σq: a tree
-                    for tx in threads(nt):
-                        if tx < Tx.shift_right(nt, lv + 1):
-                            redi[tx] = redi[tx] + redi[tx + Tx.shift_right(nt, lv + 1)]
-                    sync()
+                sum_finish(redi, fini)  # Σq
                 for tx in threads(nt):
                     if tx == 0:
-                        o_sum[t] = redi[0]
+                        o_sum[t] = fini[0]
         else:
             for th in blocks(TH):  # combine the row's chunks, in order
                 for tx in threads(hd):
@@ -534,7 +644,7 @@ def _threads_for(n: int, most: int = 1024) -> int:
 def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, glu: bool = False,
                   halves: bool = False):  # fmt: skip
     """RMSNorm (``eps`` given; else none) + int8 per-token quantize in ONE kernel: a CUDA block per token, ``threads``
-    threads striding over ``D``, the three reductions (Σx², max|h|, Σq) as shared-memory trees. Same outputs and
+    threads striding over ``D``, the three reductions (Σx², max|h|, Σq) by :func:`block_reduce`. Same outputs and
     maths as :class:`compiler.ops.rmsnorm_quant.RmsNormQuant` (``eps`` given: parameters ``x, weight, q, scale,
     q_sum``) or :func:`compiler.graph_kernels.quantize` (``x, q, scale, q_sum``); only the order of the float sums
     differs (a tree instead of lanes), which that op's tolerances cover. Replaces the 7 (4) kernels a per-block
@@ -545,7 +655,10 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
 
     if D % threads:
         raise ValueError(f"D = {D} must be a multiple of {threads}")
-    per, levels = D // threads, threads.bit_length() - 1
+    per = D // threads
+    add_part, _, add_finish = block_reduce(threads, lambda a, b: a + b, Tx.float32(0))
+    max_part, _, max_finish = block_reduce(threads, Tx.max, Tx.float32(0))
+    sum_part, _, sum_finish = block_reduce(threads, lambda a, b: a + b, Tx.int32(0))
     norm = eps is not None
     woff = D if halves else 0  # glu on [T, 2D] = g | u: u starts at column D
     epsv = float(eps or 0.0)
@@ -556,6 +669,9 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
             for tx in Tx.thread_binding(threads, thread="threadIdx.x"):
                 red = Tx.alloc_buffer((threads,), "float32", scope="shared")
                 redi = Tx.alloc_buffer((threads,), "int32", scope="shared")
+                fin = Tx.alloc_buffer((1,), "float32", scope="shared")  # Σx²
+                top = Tx.alloc_buffer((1,), "float32", scope="shared")  # max |h|
+                fini = Tx.alloc_buffer((1,), "int32", scope="shared")  # Σq
                 h = Tx.alloc_buffer((per,), "float32", scope="local")
                 acc = Tx.alloc_buffer((2,), "float32", scope="local")
                 isum = Tx.alloc_buffer((1,), "int32", scope="local")
@@ -564,14 +680,9 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
                     acc[0] = Tx.float32(0)
                     for i in range(per):
                         acc[0] = acc[0] + X[t, i * threads + tx] * X[t, i * threads + tx]
-                    red[tx] = acc[0]
-                    Tx.tvm_storage_sync("shared")
-                    for s in Tx.unroll(levels):
-                        if tx < Tx.shift_right(threads, s + 1):
-                            red[tx] = red[tx] + red[tx + Tx.shift_right(threads, s + 1)]
-                        Tx.tvm_storage_sync("shared")
-                    acc[1] = Tx.float32(1) / Tx.sqrt(red[0] / Tx.float32(D) + Tx.float32(epsv))
-                    Tx.tvm_storage_sync("shared")
+                    add_part(acc, red, tx)
+                    add_finish(red, fin, tx)
+                    acc[1] = Tx.float32(1) / Tx.sqrt(fin[0] / Tx.float32(D) + Tx.float32(epsv))
                 acc[0] = Tx.float32(0)
                 for i in range(per):
                     if norm:
@@ -582,13 +693,9 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
                     else:
                         h[i] = X[t, i * threads + tx]
                     acc[0] = Tx.max(acc[0], Tx.fabs(h[i]))
-                red[tx] = acc[0]
-                Tx.tvm_storage_sync("shared")
-                for s in Tx.unroll(levels):
-                    if tx < Tx.shift_right(threads, s + 1):
-                        red[tx] = Tx.max(red[tx], red[tx + Tx.shift_right(threads, s + 1)])
-                    Tx.tvm_storage_sync("shared")
-                acc[1] = Tx.float32(ACT_QMAX) / Tx.max(red[0], Tx.float32(SCALE_EPS))
+                max_part(acc, red, tx)
+                max_finish(red, top, tx)
+                acc[1] = Tx.float32(ACT_QMAX) / Tx.max(top[0], Tx.float32(SCALE_EPS))
                 if tx == 0:
                     S[t] = acc[1]
                 isum[0] = 0
@@ -596,14 +703,10 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
                     acc[0] = Tx.min(Tx.max(Tx.nearbyint(h[i] * acc[1]), Tx.float32(-ACT_QMAX)), Tx.float32(ACT_QMAX))
                     Q[t, i * threads + tx] = Tx.Cast("int8", acc[0])
                     isum[0] = isum[0] + Tx.Cast("int32", acc[0])
-                redi[tx] = isum[0]
-                Tx.tvm_storage_sync("shared")
-                for s in Tx.unroll(levels):
-                    if tx < Tx.shift_right(threads, s + 1):
-                        redi[tx] = redi[tx] + redi[tx + Tx.shift_right(threads, s + 1)]
-                    Tx.tvm_storage_sync("shared")
+                sum_part(isum, redi, tx)
+                sum_finish(redi, fini, tx)
                 if tx == 0:
-                    QS[t] = redi[0]
+                    QS[t] = fini[0]
 
     if norm:
 
@@ -663,13 +766,14 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
 def mhc_post(D: int, S: int, first: bool, last: bool, threads: int = 256):
     """The decode-time mHC site op (:class:`compiler.ops.mhc.MhcPost`) as ONE CUDA kernel: ``threads`` threads
     striding over the columns, each column's ``S`` outputs and ``u`` kept in registers (same sums in the same order
-    as the op's TE), ``Σu²`` reduced as a shared-memory tree. Parameters as the op's, except that the first site's
+    as the op's TE), ``Σu²`` reduced by :func:`block_reduce`. Parameters as the op's, except that the first site's
     embedding comes as ``x [1, D]``. Replaces the 3 kernels a per-block schedule makes of it."""
     from tvm.script import tirx as Tx
 
     if D % threads:
         raise ValueError(f"D = {D} must be a multiple of {threads}")
-    per, levels = D // threads, threads.bit_length() - 1
+    per = D // threads
+    add_part, _, add_finish = block_reduce(threads, lambda a, b: a + b, Tx.float32(0))
     rows, inv_s = (1 if first else S), 1.0 / S
 
     @Tx.macro
@@ -677,6 +781,7 @@ def mhc_post(D: int, S: int, first: bool, last: bool, threads: int = 256):
         for _b in Tx.thread_binding(1, thread="blockIdx.x"):
             for tx in Tx.thread_binding(threads, thread="threadIdx.x"):
                 red = Tx.alloc_buffer((threads,), "float32", scope="shared")
+                fin = Tx.alloc_buffer((1,), "float32", scope="shared")
                 acc = Tx.alloc_buffer((S + 2,), "float32", scope="local")
                 acc[S + 1] = Tx.float32(0)
                 for i in range(per):
@@ -694,14 +799,12 @@ def mhc_post(D: int, S: int, first: bool, last: bool, threads: int = 256):
                             acc[S] = acc[S] + HPRE[s] * acc[s]
                     U[i * threads + tx] = acc[S]
                     acc[S + 1] = acc[S + 1] + acc[S] * acc[S]
-                red[tx] = acc[S + 1]
-                Tx.tvm_storage_sync("shared")
-                for s in Tx.unroll(levels):
-                    if tx < Tx.shift_right(threads, s + 1):
-                        red[tx] = red[tx] + red[tx + Tx.shift_right(threads, s + 1)]
-                    Tx.tvm_storage_sync("shared")
+                tot = Tx.alloc_buffer((1,), "float32", scope="local")
+                tot[0] = acc[S + 1]
+                add_part(tot, red, tx)
+                add_finish(red, fin, tx)
                 if tx == 0:
-                    SS[0] = red[0]
+                    SS[0] = fin[0]
 
     if not last:
 
@@ -741,19 +844,21 @@ def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, g
     [1]``. The site already sums ``Σu²`` with the norm kernel's thread count and order, and ``u`` stays in shared
     memory, so the result is bit-identical to the two kernels; two kernels fewer per layer.
 
-    Phases separated by block barriers, each its own thread loop: the site (``u`` into shared memory, each thread's
-    ``Σu²``), a tree; the norm (``h = u · r · w``) and each thread's ``max |h|``, a tree; the codes and each thread's
-    ``Σq``, a tree. ``gpu=False``: the same phases as serial loops (runs on the CPU)."""
+    Phases, each its own thread loop, with a :func:`block_reduce` between them: the site (``u`` into shared memory,
+    each thread's ``Σu²``); the norm (``h = u · r · w``, into a second shared buffer) and each thread's ``max |h|``;
+    the codes and each thread's ``Σq``. ``gpu=False``: the same phases as serial loops (runs on the CPU)."""
     from tvm.script import tirx as Tx
 
     from model.ternary.quant import ACT_QMAX, SCALE_EPS
 
     if D % threads:
         raise ValueError(f"D = {D} must be a multiple of {threads}")
-    per, levels = D // threads, threads.bit_length() - 1
+    per = D // threads
     rows = 1 if first else S
     blocks, thr = _bindings(gpu)
-    sync = (lambda: Tx.tvm_storage_sync("shared")) if gpu else (lambda: Tx.evaluate(0))
+    add_part, add_finish, _ = block_reduce(threads, lambda a, b: a + b, Tx.float32(0), gpu)
+    max_part, max_finish, _ = block_reduce(threads, Tx.max, Tx.float32(0), gpu)
+    sum_part, sum_finish, _ = block_reduce(threads, lambda a, b: a + b, Tx.int32(0), gpu)
     scope = "shared" if gpu else "global"
 
     @Tx.prim_func
@@ -771,12 +876,16 @@ def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, g
         q_sum: Tx.Buffer((1,), "int32"),
     ):
         for _b in blocks(1):
-            us = Tx.alloc_buffer((D,), "float32", scope=scope)  # u, then the normed h
-            red = Tx.alloc_buffer((threads,), "float32", scope=scope)  # Σu²
-            top = Tx.alloc_buffer((threads,), "float32", scope=scope)  # max |h|
+            us = Tx.alloc_buffer((D,), "float32", scope=scope)  # u
+            hs = Tx.alloc_buffer((D,), "float32", scope=scope)  # the normed h
+            red = Tx.alloc_buffer((threads,), "float32", scope=scope)  # Σu², then max |h|
             redi = Tx.alloc_buffer((threads,), "int32", scope=scope)  # Σq
+            fin = Tx.alloc_buffer((1,), "float32", scope=scope)  # Σu²
+            top = Tx.alloc_buffer((1,), "float32", scope=scope)  # max |h|
+            fini = Tx.alloc_buffer((1,), "int32", scope=scope)  # Σq
             for tx in thr(threads):  # the site, as mhc_post: column i·threads + tx
                 acc = Tx.alloc_buffer((S + 2,), "float32", scope="local")
+                tot = Tx.alloc_buffer((1,), "float32", scope="local")
                 acc[S + 1] = Tx.float32(0)
                 for i in Tx.unroll(per):
                     acc[S] = Tx.float32(0)
@@ -790,27 +899,20 @@ def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, g
                     u[i * threads + tx] = acc[S]
                     us[i * threads + tx] = acc[S]
                     acc[S + 1] = acc[S + 1] + acc[S] * acc[S]
-                red[tx] = acc[S + 1]
-            sync()
-            for lv in Tx.unroll(levels):  # Σu²: a tree
-                for tx in thr(threads):
-                    if tx < Tx.shift_right(threads, lv + 1):
-                        red[tx] = red[tx] + red[tx + Tx.shift_right(threads, lv + 1)]
-                sync()
+                tot[0] = acc[S + 1]
+                add_part(tot, red, tx)
+            add_finish(red, fin)  # Σu²
             for tx in thr(threads):  # the norm, as norm_quantize's, and each thread's max |h|
-                r = Tx.alloc_buffer((2,), "float32", scope="local")
-                r[0] = Tx.float32(1) / Tx.sqrt(red[0] / Tx.float32(D) + Tx.float32(eps))
-                r[1] = Tx.float32(0)
-                for i in Tx.unroll(per):
-                    us[i * threads + tx] = us[i * threads + tx] * r[0] * w[i * threads + tx]
-                    r[1] = Tx.max(r[1], Tx.fabs(us[i * threads + tx]))
-                top[tx] = r[1]
-            sync()
-            for lv in Tx.unroll(levels):  # max |h|: a tree
-                for tx in thr(threads):
-                    if tx < Tx.shift_right(threads, lv + 1):
-                        top[tx] = Tx.max(top[tx], top[tx + Tx.shift_right(threads, lv + 1)])
-                sync()
+                r = Tx.alloc_buffer((2,), "float32", scope="local")  # 1/rms, then each h
+                m = Tx.alloc_buffer((1,), "float32", scope="local")
+                r[0] = Tx.float32(1) / Tx.sqrt(fin[0] / Tx.float32(D) + Tx.float32(eps))
+                m[0] = Tx.float32(0)
+                for i in Tx.unroll(per):  # h from a register: a shared read after the write would need a barrier
+                    r[1] = us[i * threads + tx] * r[0] * w[i * threads + tx]
+                    hs[i * threads + tx] = r[1]
+                    m[0] = Tx.max(m[0], Tx.fabs(r[1]))
+                max_part(m, red, tx)
+            max_finish(red, top)  # max |h|
             for tx in thr(threads):  # the int8 codes and each thread's Σq
                 c = Tx.alloc_buffer((2,), "float32", scope="local")
                 isum = Tx.alloc_buffer((1,), "int32", scope="local")
@@ -819,19 +921,14 @@ def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, g
                     scale[0] = c[0]
                 isum[0] = 0
                 for i in Tx.unroll(per):
-                    c[1] = Tx.min(Tx.max(Tx.nearbyint(us[i * threads + tx] * c[0]), Tx.float32(-ACT_QMAX)),
+                    c[1] = Tx.min(Tx.max(Tx.nearbyint(hs[i * threads + tx] * c[0]), Tx.float32(-ACT_QMAX)),
                                   Tx.float32(ACT_QMAX))  # fmt: skip
                     q[0, i * threads + tx] = Tx.Cast("int8", c[1])
                     isum[0] = isum[0] + Tx.Cast("int32", c[1])
-                redi[tx] = isum[0]
-            sync()
-            for lv in Tx.unroll(levels):  # Σq: a tree
-                for tx in thr(threads):
-                    if tx < Tx.shift_right(threads, lv + 1):
-                        redi[tx] = redi[tx] + redi[tx + Tx.shift_right(threads, lv + 1)]
-                sync()
+                sum_part(isum, redi, tx)
+            sum_finish(redi, fini)  # Σq
             for tx in thr(threads):
                 if tx == 0:
-                    q_sum[0] = redi[0]
+                    q_sum[0] = fini[0]
 
     return site_norm.without_attr("global_symbol")

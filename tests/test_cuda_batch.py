@@ -292,10 +292,10 @@ def test_lm_head_rows_do_not_depend_on_the_batch(dtype, B, V):
 @needs_nvcc
 def test_cuda_attention_and_head_are_one_kernel_each():
     """The CUDA versions: attention is two kernels (the split over chunks of keys, then the combine; each declared
-    and defined: 4 mentions), the first with its query and scores in shared memory and its phases separated by block
-    barriers (four, plus two trees of log2(chunk) steps); the head is one kernel that reads its float16 rows with
-    16-byte loads
-    and keeps the batch's sums in registers (no shared memory, no barrier)."""
+    and defined: 4 mentions), the first with its query, keys and values in shared memory and three block barriers
+    (after staging them, after the partial dot products, after the scores), the chunk's max and Σ exp as two warp
+    shuffle trees of log2(chunk) steps; the head is one kernel that reads its float16 rows with 16-byte loads and
+    keeps the batch's sums in registers (no shared memory, no barrier)."""
     import tvm
 
     from compiler import schedule as S
@@ -306,7 +306,8 @@ def test_cuda_attention_and_head_are_one_kernel_each():
 
     att = source(attention(4, 16, 4, 128, 2048, 16)).inspect_source()
     steps = attention_chunk(128).bit_length() - 1
-    assert att.count("__global__") == 4 and "__shared__" in att and att.count("__syncthreads()") == 4 + 2 * steps
+    assert att.count("__global__") == 4 and "__shared__" in att and att.count("__syncthreads()") == 3
+    assert len(re.findall(r"= .*__shfl_down_sync\(", att)) == 2 * steps  # calls, not the header's #define
     head = source(lm_head(8, 32000, 2048, "float16")).inspect_source()
     assert head.count("__global__") == 2 and "uint4" in head and "__syncthreads" not in head
 
@@ -346,3 +347,41 @@ def test_shipped_model_builds_for_cuda_with_every_batch(tmp_path):
         assert body.count("vm.builtin.cuda_graph.run_or_capture") == 1
         assert not re.findall(r"cls\.(\w+)\(", body), name  # no kernel launched outside the graph
         assert "alloc_storage" not in body and "R.builtin.alloc_tensor" not in body
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("threads", [32, 256, 1024])
+def test_block_reduce_sums_in_the_warp_shuffles_order(threads):
+    """``block_reduce``'s CPU twin sums in the order its GPU shuffles do, bit for bit: a tree within each warp of 32
+    (lane l adds lane l + s, s = 16 .. 1), then a tree over the warps' sums (the same strides over the warps)."""
+    from tvm.script import tirx as Tx
+
+    from compiler.graph_kernels_gpu import block_reduce
+
+    part, finish, _ = block_reduce(threads, lambda a, b: a + b, Tx.float32(0), gpu=False)
+
+    @Tx.prim_func
+    def total(x: Tx.Buffer((threads,), "float32"), out: Tx.Buffer((1,), "float32")):
+        red = Tx.alloc_buffer((threads,), "float32")
+        for tx in Tx.serial(threads):
+            v = Tx.alloc_buffer((1,), "float32", scope="local")
+            v[0] = x[tx]
+            part(v, red, tx)
+        finish(red, out)
+
+    def tree(v):  # lane l += lane l + s, for s = n/2 .. 1; lane 0's result
+        v = v.copy()
+        s = len(v) // 2
+        while s:
+            v[:s] = v[:s] + v[s : 2 * s]
+            s //= 2
+        return v[0]
+
+    rng = np.random.default_rng(threads)
+    for _ in range(5):
+        x = (rng.standard_normal(threads) * 10.0 ** rng.integers(-3, 4, threads)).astype(np.float32)
+        got = _run_cpu(total, [x, np.zeros(1, np.float32)])[1][0]
+        warps = np.array([tree(x[w : w + 32]) for w in range(0, threads, 32)], np.float32)
+        assert got == tree(warps)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        block_reduce(48, lambda a, b: a + b, Tx.float32(0))
