@@ -114,8 +114,6 @@ def block_reduce(threads: int, combine, identity, gpu: bool = True):
     return part_cpu, finish_cpu, None
 
 
-MHC_NORM_SHARED_BYTES = 40960  # mhc_post_norm loads the norm's weight early while u, h and it fit in this much
-
 ATTN_CHUNK = 32  # keys per CUDA block of the split attention (fewer when hd is smaller)
 ATTN_STAGE_BYTES = 40960  # the most shared memory a block's staged keys and values take (48 KiB static in all)
 ATTN_COMBINE_UNROLL = 8  # chunks a step of the combine's loops: their loads are independent, so in flight together
@@ -680,13 +678,13 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
                 acc[1] = Tx.float32(1)
                 if norm:
                     acc[0] = Tx.float32(0)
-                    for i in Tx.unroll(per):  # every load of the row in flight at once
+                    for i in range(per):
                         acc[0] = acc[0] + X[t, i * threads + tx] * X[t, i * threads + tx]
                     add_part(acc, red, tx)
                     add_finish(red, fin, tx)
                     acc[1] = Tx.float32(1) / Tx.sqrt(fin[0] / Tx.float32(D) + Tx.float32(epsv))
                 acc[0] = Tx.float32(0)
-                for i in Tx.unroll(per):  # every load of the row in flight at once
+                for i in range(per):
                     if norm:
                         h[i] = X[t, i * threads + tx] * acc[1] * W[i * threads + tx]
                     elif glu:
@@ -701,7 +699,7 @@ def norm_quantize(T: int, D: int, eps: float | None = None, threads: int = 256, 
                 if tx == 0:
                     S[t] = acc[1]
                 isum[0] = 0
-                for i in Tx.unroll(per):  # every load of the row in flight at once
+                for i in range(per):
                     acc[0] = Tx.min(Tx.max(Tx.nearbyint(h[i] * acc[1]), Tx.float32(-ACT_QMAX)), Tx.float32(ACT_QMAX))
                     Q[t, i * threads + tx] = Tx.Cast("int8", acc[0])
                     isum[0] = isum[0] + Tx.Cast("int32", acc[0])
@@ -857,7 +855,6 @@ def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, g
         raise ValueError(f"D = {D} must be a multiple of {threads}")
     per = D // threads
     rows = 1 if first else S
-    early = 3 * D * 4 <= MHC_NORM_SHARED_BYTES  # u, h and w fit in shared memory
     blocks, thr = _bindings(gpu)
     add_part, add_finish, _ = block_reduce(threads, lambda a, b: a + b, Tx.float32(0), gpu)
     max_part, max_finish, _ = block_reduce(threads, Tx.max, Tx.float32(0), gpu)
@@ -881,7 +878,6 @@ def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, g
         for _b in blocks(1):
             us = Tx.alloc_buffer((D,), "float32", scope=scope)  # u
             hs = Tx.alloc_buffer((D,), "float32", scope=scope)  # the normed h
-            ws = Tx.alloc_buffer((D if early else 1,), "float32", scope=scope)  # the norm's weight, loaded early
             red = Tx.alloc_buffer((threads,), "float32", scope=scope)  # Σu², then max |h|
             redi = Tx.alloc_buffer((threads,), "int32", scope=scope)  # Σq
             fin = Tx.alloc_buffer((1,), "float32", scope=scope)  # Σu²
@@ -902,8 +898,6 @@ def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, g
                         acc[S] = acc[S] + h_pre[s] * acc[s]
                     u[i * threads + tx] = acc[S]
                     us[i * threads + tx] = acc[S]
-                    if early:  # with the site's inputs: one round trip to memory fewer
-                        ws[i * threads + tx] = w[i * threads + tx]
                     acc[S + 1] = acc[S + 1] + acc[S] * acc[S]
                 tot[0] = acc[S + 1]
                 add_part(tot, red, tx)
@@ -914,10 +908,7 @@ def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, g
                 r[0] = Tx.float32(1) / Tx.sqrt(fin[0] / Tx.float32(D) + Tx.float32(eps))
                 m[0] = Tx.float32(0)
                 for i in Tx.unroll(per):  # h from a register: a shared read after the write would need a barrier
-                    if early:
-                        r[1] = us[i * threads + tx] * r[0] * ws[i * threads + tx]
-                    else:
-                        r[1] = us[i * threads + tx] * r[0] * w[i * threads + tx]
+                    r[1] = us[i * threads + tx] * r[0] * w[i * threads + tx]
                     hs[i * threads + tx] = r[1]
                     m[0] = Tx.max(m[0], Tx.fabs(r[1]))
                 max_part(m, red, tx)
