@@ -209,11 +209,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     blocks, threads = _bindings(gpu)
     sync = (lambda: Tx.tvm_storage_sync("shared")) if gpu else (lambda: Tx.evaluate(0))
     scope = "shared" if gpu else "global"
-    steps = []
-    k = c // 2
-    while k:
-        steps.append(k)
-        k //= 2
+    steps = _levels(c)  # the chunk's trees (max, Σ exp)
     neg = -3.4028234663852886e38
 
     half = hd // 2
