@@ -42,6 +42,22 @@ def _levels(n: int) -> list[int]:
     return [n >> (i + 1) for i in range(n.bit_length() - 1)]
 
 
+def warp_tree(width: int, combine, mask):
+    """A macro ``tree(v)``: ``v[0]`` (a local buffer) combined over ``width`` lanes of a warp by register shuffles,
+    lane ``l`` taking lane ``l + s`` for ``s = width/2 .. 1``; lane 0 ends with the whole tree's result. ``mask``:
+    the lanes that take part (all of them must reach the call)."""
+    from tvm.script import tirx as Tx
+
+    levels = _levels(width)
+
+    @Tx.macro
+    def tree(v):
+        for lv in Tx.unroll(len(levels)):
+            v[0] = combine(v[0], Tx.tvm_warp_shuffle_down(mask, v[0], Tx.shift_right(width // 2, lv), width, WARP))
+
+    return tree
+
+
 def block_reduce(threads: int, combine, identity, gpu: bool = True):
     """A block-wide reduction of one value per thread, as two macros for a kernel's phases (each phase its own
     ``for tx in threads(...)`` loop, see :func:`_bindings`): ``part(v, red, tx)`` inside the phase that computes
@@ -59,16 +75,14 @@ def block_reduce(threads: int, combine, identity, gpu: bool = True):
         raise ValueError(f"a block reduction takes a multiple of {WARP} threads up to {WARP * WARP}; got {threads}")
     nw = threads // WARP
     _, thr = _bindings(gpu)
-    inner, outer = _levels(WARP), _levels(nw)
     FULL = Tx.uint32(0xFFFFFFFF)  # every lane takes part (the whole block, then all of warp 0)
 
     if gpu:
+        in_warp, over_warps = warp_tree(WARP, combine, FULL), warp_tree(nw, combine, FULL)
 
         @Tx.macro
         def part(v, red, tx):
-            for lv in Tx.unroll(len(inner)):
-                v[0] = combine(v[0], Tx.tvm_warp_shuffle_down(FULL, v[0],
-                                                              Tx.shift_right(WARP // 2, lv), WARP, WARP))  # fmt: skip
+            in_warp(v)
             if tx % WARP == 0:
                 red[tx // WARP] = v[0]
 
@@ -81,9 +95,7 @@ def block_reduce(threads: int, combine, identity, gpu: bool = True):
                     w[0] = red[tx]
                 else:
                     w[0] = identity
-                for lv in Tx.unroll(len(outer)):
-                    w[0] = combine(w[0], Tx.tvm_warp_shuffle_down(FULL, w[0],
-                                                                  Tx.shift_right(nw // 2, lv), WARP, WARP))  # fmt: skip
+                over_warps(w)
                 if tx == 0:
                     fin[0] = w[0]
             Tx.tvm_storage_sync("shared")
@@ -94,6 +106,8 @@ def block_reduce(threads: int, combine, identity, gpu: bool = True):
                 finish_in(red, fin, tx)
 
         return part, finish, finish_in
+
+    inner, outer = _levels(WARP), _levels(nw)
 
     @Tx.macro
     def part_cpu(v, red, tx):
@@ -205,6 +219,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     r = hd // c  # threads per key in the scores
     U = ATTN_COMBINE_UNROLL
     lanes = Tx.uint32((1 << c) - 1)  # the warp's lanes that hold a key (c ≤ 32)
+    chunk_max, chunk_sum = warp_tree(c, Tx.max, lanes), warp_tree(c, lambda x, y: x + y, lanes)
     (P, _), _ = attention_scratch(T, H, hd, ctx)
     blocks, threads = _bindings(gpu)
     sync = (lambda: Tx.tvm_storage_sync("shared")) if gpu else (lambda: Tx.evaluate(0))
@@ -223,18 +238,20 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     def combined(th, d, res, pos, st, part):  # (row, head) th's column d: its chunks combined, rescaled to their max
         acc = Tx.alloc_buffer((3,), "float32", scope="local")  # max, Σ weight·sum, Σ weight·part
         if pos[th // H] >= 0:
+            n = (Tx.min(pos[th // H] + 1, ctx) + c - 1) // c  # the row's chunks
             acc[0] = st[th * NC, 0]
-            for co in range((Tx.min(pos[th // H] + 1, ctx) + c * U - 1) // (c * U)):  # U chunks a step: their loads
-                for cu in Tx.unroll(U):  # independent, each chunk in order (the first is the max's start)
-                    if 0 < co * U + cu and co * U + cu < (Tx.min(pos[th // H] + 1, ctx) + c - 1) // c:
+            for co in range((n + U - 1) // U):  # U chunks a step: their loads independent, each chunk in order
+                for cu in Tx.unroll(U):
+                    if 0 < co * U + cu and co * U + cu < n:  # (the first chunk is the max's start)
                         acc[0] = Tx.max(acc[0], st[th * NC + co * U + cu, 0])
             acc[1] = Tx.float32(0)
             acc[2] = Tx.float32(0)
-            for co in range((Tx.min(pos[th // H] + 1, ctx) + c * U - 1) // (c * U)):
+            for co in range((n + U - 1) // U):
                 for cu in Tx.unroll(U):
-                    if co * U + cu < (Tx.min(pos[th // H] + 1, ctx) + c - 1) // c:
-                        acc[1] = acc[1] + Tx.exp(st[th * NC + co * U + cu, 0] - acc[0]) * st[th * NC + co * U + cu, 1]
-                        acc[2] = acc[2] + Tx.exp(st[th * NC + co * U + cu, 0] - acc[0]) * part[th * NC + co * U + cu, d]
+                    if co * U + cu < n:
+                        ci = th * NC + co * U + cu
+                        acc[1] = acc[1] + Tx.exp(st[ci, 0] - acc[0]) * st[ci, 1]
+                        acc[2] = acc[2] + Tx.exp(st[ci, 0] - acc[0]) * part[ci, d]
             res[0] = acc[2] / acc[1]
         else:
             res[0] = Tx.float32(0)
@@ -295,7 +312,9 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                 if gpu:  # one warp: the scores, their max and Σ exp as register shuffles (the trees below)
                     for tx in threads(hd):
                         if tx < c:
-                            sc = Tx.alloc_buffer((3,), "float32", scope="local")  # score, max, Σ exp
+                            sc = Tx.alloc_buffer((1,), "float32", scope="local")  # the score, then its exp
+                            top = Tx.alloc_buffer((1,), "float32", scope="local")
+                            tot = Tx.alloc_buffer((1,), "float32", scope="local")
                             if b // TH * c + tx < Tx.min(pos[b % TH // H] + 1, ctx):
                                 sc[0] = dot[tx]
                                 for j in range(1, r):
@@ -303,23 +322,19 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
                                 sc[0] = sc[0] * Tx.float32(scale)
                             else:
                                 sc[0] = Tx.float32(neg)
-                            sc[1] = sc[0]
-                            for lv in Tx.unroll(len(steps)):
-                                sc[1] = Tx.max(sc[1], Tx.tvm_warp_shuffle_down(lanes, sc[1], Tx.shift_right(c, lv + 1),
-                                                                                c, WARP))  # fmt: skip
-                            sc[1] = Tx.tvm_warp_shuffle(lanes, sc[1], 0, c, WARP)
+                            top[0] = sc[0]
+                            chunk_max(top)
+                            top[0] = Tx.tvm_warp_shuffle(lanes, top[0], 0, c, WARP)  # lane 0's, to every lane
                             if b // TH * c + tx < Tx.min(pos[b % TH // H] + 1, ctx):
-                                sc[0] = Tx.exp(sc[0] - sc[1])
+                                sc[0] = Tx.exp(sc[0] - top[0])
                             else:
                                 sc[0] = Tx.float32(0)
                             p[tx] = sc[0]
-                            sc[2] = sc[0]
-                            for lv in Tx.unroll(len(steps)):
-                                sc[2] = sc[2] + Tx.tvm_warp_shuffle_down(lanes, sc[2], Tx.shift_right(c, lv + 1), c,
-                                                                         WARP)  # fmt: skip
+                            tot[0] = sc[0]
+                            chunk_sum(tot)
                             if tx == 0:
-                                mx[0] = sc[1]
-                                sm[0] = sc[2]
+                                mx[0] = top[0]
+                                sm[0] = tot[0]
                     sync()
                 else:
                     for tx in threads(hd):  # the key's score: its r partial sums in order
