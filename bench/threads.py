@@ -83,7 +83,7 @@ def export(out: Path | str, target: str, threads: list[int], shapes: list[str], 
     kernels, roofs = [], {}
     for key in shapes:
         op = parse_key(key)
-        rec = S.best_record(S.open_database(target), op)
+        rec = S.find_record(op, target)
         space = S.schedule_module(target).space(op)
         tuned = knobs_of_trace(rec.trace, space) if rec is not None else {k.name: k.default for k in space}
         for var in [{}, *variants]:

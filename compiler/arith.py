@@ -23,7 +23,7 @@ def norm_lanes(D: int, N: int, target: str, logs_root=None) -> int:
     """The ``vec`` knob of ``rmsnorm_quant:D:N`` as built for ``target``."""
     op = make_op("rmsnorm_quant", D=D, N=N)
     space = S.schedule_module(target).space(op)
-    rec = S.best_record(S.open_database(target, logs_root), op)
+    rec = S.find_record(op, target, logs_root)
     return int((knobs_of_trace(rec.trace, space) if rec is not None else defaults(space))["vec"])
 
 

@@ -116,17 +116,16 @@ def check_cpu_layout(weights: str, target: str) -> None:
 
 
 def selected_records(kernels: dict[str, str], target: str, tuning_logs: Path | str | None = None) -> dict:
-    """The tuning records a build selected: for each tuned kernel (op key), the sha256 of its record (the best one of
-    the target's database, as :func:`compiler.schedule.get_primfunc` chose it) and its measured seconds. Written to
+    """The tuning records a build selected: for each tuned kernel (op key), the sha256 of its record (this CPU kind's own
+    or the target's shared one, as :func:`compiler.schedule.find_record` chose it) and its measured seconds. Written to
     ``meta.json`` (the key, computed before the build, hashes the whole database)."""
     from compiler import schedule as S
     from compiler.ops import parse_key
 
     tuned = sorted(k for k, source in kernels.items() if source == "tuned")
-    db = S.open_database(target, tuning_logs) if tuned else None  # already parsed by the lowering: cached
     out = {}
-    for k in tuned:
-        rec = S.best_record(db, parse_key(k))
+    for k in tuned:  # the databases were parsed by the lowering: cached
+        rec = S.find_record(parse_key(k), target, tuning_logs)
         if rec is not None:
             text = json.dumps(rec.as_json(), sort_keys=True, default=str)
             out[k] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "run_secs": min(map(float, rec.run_secs))}

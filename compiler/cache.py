@@ -10,7 +10,8 @@ computed (``compiler.build`` and the runtime's JIT, ``runtime.engine.ensure_buil
 * the compiler version: :data:`COMPILER_VERSION` and the installed TVM distributions' versions
   (:func:`compiler_version`);
 * the target's tuning database (both files of ``<tuning logs>/<target>/``, whatever records the build selects from
-  them; ``meta.json`` lists the ones it selected);
+  them; ``meta.json`` lists the ones it selected) and this CPU kind's own records
+  (``<tuning logs>/<target>/machines/<machine id>/``, which a build prefers);
 * every source file of the packages the build imports (:data:`SOURCE_TREES`: whole package trees, every ``.py`` and
   C/C++ source, sorted by their paths relative to the root that holds the packages; :func:`source_files`), so an
   edited kernel, layout, GGUF reader or model definition rebuilds and no hand-kept list can go stale.
@@ -37,6 +38,7 @@ from importlib import metadata, resources
 from pathlib import Path
 
 from model.files import sha256_file
+from targets.cpu import machine_id
 
 COMPILER_VERSION = "2"  # bump when the meaning of an entry changes in a way the sources do not show
 REPO = Path(__file__).resolve().parent.parent  # the root holding the packages (a checkout, or site-packages)
@@ -119,10 +121,12 @@ def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = No
 
         h.update(f"\0cores\0{int(cores or targets.build_cores())}\0".encode())
     d = Path(tuning_logs or logs_root()) / target
-    for name in DB_FILES:
-        h.update(f"\0{name}\0".encode())
-        if (d / name).exists():
-            sha256_file(d / name, h)
+    mine = d / "machines" / machine_id()  # this CPU kind's own records (compiler.schedule.find_record)
+    for where, db in (("", d), ("machine\0", mine)):
+        for name in DB_FILES:
+            h.update(f"\0{where}{name}\0".encode())
+            if (db / name).exists():
+                sha256_file(db / name, h)
     for p in source_files(root):
         h.update(f"\0{p.relative_to(root).as_posix()}\0".encode())
         sha256_file(p, h)

@@ -23,11 +23,12 @@ def weight_bytes(op) -> float:
     return op.M * op.K / 4 if hasattr(op, "K") else op.bytes_moved()
 
 
-def dram_copies(nbytes: float, llc: int | None = None) -> int:
-    """Copies of an operand of ``nbytes`` to rotate over: 1 up to a quarter of the last-level cache, else enough to
-    exceed twice the cache."""
+def dram_copies(nbytes: float, llc: int | None = None, dram: bool = False) -> int:
+    """Copies of an operand of ``nbytes`` to rotate over: 1 up to a quarter of the last-level cache (unless ``dram``:
+    the operand of a model that streams all its weights from DRAM every token), else enough to exceed twice the
+    cache."""
     llc = llc or llc_bytes()
-    return 1 if nbytes <= llc / 4 else math.ceil(2 * llc / nbytes) + 1
+    return 1 if nbytes <= llc / 4 and not dram else math.ceil(2 * llc / nbytes) + 1
 
 
 def cycle_time(f, arg_sets, min_s: float) -> float:

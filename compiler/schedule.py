@@ -49,6 +49,14 @@ def logs_dir(target: str, root: Path | str | None = None) -> Path:
     return Path(root or logs_root()) / targets.resolve(target)
 
 
+def machine_dir(target: str, root: Path | str | None = None, machine: str | None = None) -> Path:
+    """``root/<target>/machines/<machine>``: the records tuned on one kind of CPU (default this one,
+    :func:`targets.cpu.machine_id`), which the build prefers to the target's shared records (:func:`find_record`)."""
+    from targets.cpu import machine_id
+
+    return logs_dir(target, root) / "machines" / (machine or machine_id())
+
+
 def workload(op):
     import tvm
 
@@ -116,8 +124,9 @@ def clean_database(d: Path) -> tuple[str, str, int]:
     return "".join(x + "\n" for x in keep_wl), "".join(x + "\n" for x in keep_rec), dropped
 
 
-def open_database(target: str, root: Path | str | None = None, create: bool = False):
-    """The target's JSONDatabase, or None if it does not exist (and ``create`` is False).
+def open_database(target: str, root: Path | str | None = None, create: bool = False, machine: str | None = None):
+    """The target's JSONDatabase, or None if it does not exist (and ``create`` is False); ``machine``: that CPU
+    kind's own records instead (:func:`machine_dir`; ``"this"``: this CPU's).
 
     A database with malformed lines (a write torn by ``kill -9``) is read through a cleaned copy
     (:func:`clean_database`), with a :class:`TornDatabaseWarning`; its files are left as they are (``compiler.tune``
@@ -129,7 +138,7 @@ def open_database(target: str, root: Path | str | None = None, create: bool = Fa
     from tvm.s_tir import meta_schedule as ms
 
     importlib.import_module("schedules.intrin_x86")  # records' traces name our intrinsics: register before parsing
-    d = logs_dir(target, root)
+    d = logs_dir(target, root) if machine is None else machine_dir(target, root, None if machine == "this" else machine)
     rec_file = d / DB_FILES[1]
     if not create and not rec_file.exists():
         return None
@@ -176,6 +185,17 @@ def records(db, op) -> list:
 def best_record(db, op):
     recs = records(db, op)
     return recs[0] if recs else None
+
+
+def find_record(op, target: str, root: Path | str | None = None):
+    """The record a build uses for ``op``: the best of this CPU kind's own records (:func:`machine_dir`) if it has
+    any, else the best of the target's shared ones, else None. Times are compared only within one database: records
+    measured on different machines, or in another regime (cache-resident or streaming from DRAM), do not rank."""
+    for machine in ("this", None):
+        rec = best_record(open_database(target, root, machine=machine), op)
+        if rec is not None:
+            return rec
+    return None
 
 
 @dataclass
@@ -226,7 +246,7 @@ def borrowed_knobs(op, like, target: str, logs_root: Path | str | None = None) -
     target = targets.resolve(target)
     if target == "cuda" or like.kind != op.kind:
         return None
-    rec = best_record(open_database(target, logs_root), like)
+    rec = find_record(like, target, logs_root)
     if rec is None:
         return None
     from schedules.knobs import knobs_of_trace
@@ -271,7 +291,7 @@ def get_primfunc(
         return ScheduledFunc(op, target, op.compute().with_attr("global_symbol", sym), "naive")
     rec = None
     if mode in ("auto", "tuned"):
-        rec = best_record(open_database(target, logs_root), op)
+        rec = find_record(op, target, logs_root)
         if rec is None and mode == "tuned":
             raise LookupError(f"no tuning record for {op.key} in {logs_dir(target, logs_root)}; "
                               f"run: python -m compiler.tune --target {target} --shape {op.key}")  # fmt: skip

@@ -16,6 +16,14 @@ stopped: configurations already in the database are not measured again, workload
 whole grid) are skipped unless ``--retune``. The database itself (atomic writes, repair, the plan of a workload's
 trials) is :mod:`compiler.tuning_db`.
 
+Per machine: the knobs that stream weights fastest differ between CPU designs of one ISA (the software prefetch
+distance: on one Intel AVX-512 part the shared records' 4096 B runs a 2B-4T GEMV at 0.67x of 1024 B). ``--machine``
+records into ``tuning_logs/<target>/machines/<id>/`` (:func:`targets.cpu.machine_id`), which a build on that kind of
+CPU prefers (:func:`compiler.schedule.find_record`); ``--dram`` times every weight streaming from DRAM, as it does in
+a model larger than the last-level cache (by default a matrix within a quarter of the cache is timed cache-resident):
+
+    python -m compiler.tune --target avx512 --model bitnet-2b.gguf --machine --dram
+
 The database is append-only and a workload's schedule is its *fastest* record, so a new, worse measurement never
 replaces a better one. A torn line (from a tuner before writes were atomic) is dropped when the tuner next opens the
 database; ``compiler.build`` skips such lines with a warning and leaves the files alone.
@@ -187,11 +195,12 @@ def _workload_data(op):
     return [tvm.runtime.tensor(a) for a in ins], op.reference(*ins), op.tolerances(*ins)
 
 
-def measure(op, ex, repeat: int = 5, min_repeat_ms: int = 20, check: bool = True) -> list[float]:
+def measure(op, ex, repeat: int = 5, min_repeat_ms: int = 20, check: bool = True, dram: bool = False) -> list[float]:
     """Per-repeat seconds of one call; first checks the result against the reference. Weights beyond a quarter of
-    the last-level cache are DRAM-resident in a model: each call then reads another of enough copies to exceed twice
-    the cache (:mod:`compiler.measure`), so a machine with a large L3 does not tune them cache-resident. Otherwise
-    ``time_evaluator`` on one copy."""
+    the last-level cache (or any weights, with ``dram``: the matrices of a model larger than the cache, which every
+    token streams from DRAM whatever their own size) are DRAM-resident: each call then reads another of enough copies
+    to exceed twice the cache (:mod:`compiler.measure`), so a machine with a large L3 does not tune them
+    cache-resident. Otherwise ``time_evaluator`` on one copy."""
     import tvm
 
     ins, refs, tols = _workload_data(op)
@@ -202,7 +211,7 @@ def measure(op, ex, repeat: int = 5, min_repeat_ms: int = 20, check: bool = True
         for o, r, tol in zip(outs, refs, tols, strict=True):
             if not np.allclose(o.numpy(), r, rtol=0, atol=tol):
                 raise AssertionError(f"{op.key}: kernel output differs from the reference")
-    copies = dram_copies(weight_bytes(op)) if hasattr(op, "K") else 1
+    copies = dram_copies(weight_bytes(op), dram=dram) if hasattr(op, "K") else 1
     if copies > 1:
         sets = [args] + [[tvm.runtime.tensor(ins[0].numpy()), *args[1:]] for _ in range(copies - 1)]
         return [cycle_time(ex.mod["main"], sets, min_repeat_ms / 1e3) for _ in range(repeat)]
@@ -223,8 +232,10 @@ class Result:
 
 
 def tune(ops, target: str, trials: int = 16, retune: bool = False, root=None, seed: int = 0,
-         progress: bool = True) -> list[Result]:  # fmt: skip
-    """Tune ``ops`` on ``target`` into ``tuning_logs/<target>/`` (or ``root/<target>``); see the module doc."""
+         progress: bool = True, machine: bool = False, dram: bool = False) -> list[Result]:  # fmt: skip
+    """Tune ``ops`` on ``target`` into ``tuning_logs/<target>/`` (or ``root/<target>``; ``machine``: this CPU kind's
+    own records, :func:`compiler.schedule.machine_dir`); ``dram``: time every weight streaming from DRAM
+    (:func:`measure`). See the module doc."""
     import tvm
     from tqdm import tqdm
 
@@ -233,7 +244,7 @@ def tune(ops, target: str, trials: int = 16, retune: bool = False, root=None, se
         return tune_cuda_here(ops, trials, retune, root, seed)
     if not targets.supported(target):
         raise SystemExit(f"cannot tune {target} here: this CPU lacks {targets.missing_flags(target)}")
-    db = open_db(target, root)
+    db = open_db(target, root, machine)
     tgt = targets.get_target(target)
     plans = {op: plan(db, op, target, trials, retune, seed) for op in ops}
     results = []
@@ -244,7 +255,7 @@ def tune(ops, target: str, trials: int = 16, retune: bool = False, root=None, se
             bar.set_postfix_str(f"{op.key} {knobs}")
             try:
                 sch = S.manual(op, target, knobs)
-                secs = measure(op, tvm.compile(sch.mod, target=tgt))
+                secs = measure(op, tvm.compile(sch.mod, target=tgt), dram=dram)
             except Exception as exc:  # a knob combination that fails to build or verify is logged, never recorded
                 log.warning("%s %s failed: %s", op.key, knobs, str(exc).splitlines()[0] if str(exc) else exc)
             else:
@@ -313,6 +324,8 @@ def check_args(a) -> list[str]:
             out.append(f"--logs {logs}: not writable")
     if a.weights == "tl" and a.target != "cuda" and targets.resolve(a.target) != "avx512":
         out.append("--weights tl is the AVX-512 VBMI layout: it needs --target avx512")
+    if (a.machine or a.dram) and a.target == "cuda":
+        out.append("--machine and --dram are for CPU targets (a GPU's records are its own already)")
     if (a.import_timings or a.export_candidates) and a.target != "cuda":
         out.append("--import-timings and --export-candidates are for --target cuda")
     if a.import_timings and a.export_candidates:
@@ -354,6 +367,12 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=16, help="trials per workload (default 16)")
     p.add_argument("--retune", action="store_true", help="measure workloads that already have records again")
     p.add_argument("--logs", default=None, help="tuning log root (default: tuning_logs/)")
+    p.add_argument("--machine", action="store_true",
+                   help="record into this CPU kind's own records (<logs>/<target>/machines/<id>/), which builds on "
+                        "this kind of CPU prefer to the shared ones")  # fmt: skip
+    p.add_argument("--dram", action="store_true",
+                   help="time every ternary weight streaming from DRAM, as in a model larger than the last-level cache "
+                        "(default: only weights beyond a quarter of it)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     gpu = p.add_argument_group("CUDA without a GPU here (compiler.cuda_remote)")
     gpu.add_argument("--export-candidates", metavar="DIR", help="compile the planned trials into DIR for the GPU host")
@@ -394,11 +413,12 @@ def run(a) -> int:
         print(export_candidates(ops, a.export_candidates, a.trials, a.retune, a.logs, a.seed))
         return 0
     t0 = time.time()
-    results = tune(ops, a.target, a.trials, a.retune, a.logs, a.seed)
+    results = tune(ops, a.target, a.trials, a.retune, a.logs, a.seed, machine=a.machine, dram=a.dram)
     for r in results:
         best = f"{r.best_ms:.4f} ms {r.best_knobs}" if r.best_ms is not None else "no record"
         print(f"{r.status:8s} {r.op:32s} trials={r.trials:3d} best={best}")
-    print(f"{len(results)} workloads in {time.time() - t0:.1f} s -> {S.logs_dir(targets.resolve(a.target), a.logs)}")
+    where = (S.machine_dir if a.machine else S.logs_dir)(targets.resolve(a.target), a.logs)
+    print(f"{len(results)} workloads in {time.time() - t0:.1f} s -> {where}")
     return 0
 
 

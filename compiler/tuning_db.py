@@ -129,9 +129,10 @@ def _remove_dead_scratch() -> None:
             pass
 
 
-def open_db(target: str, root=None) -> TuningDatabase:
-    """The tuner's handle on ``tuning_logs/<target>/`` (or ``root/<target>``): repaired, written atomically."""
-    d = S.logs_dir(target, root)
+def open_db(target: str, root=None, machine: bool = False) -> TuningDatabase:
+    """The tuner's handle on ``tuning_logs/<target>/`` (or ``root/<target>``; ``machine``: this CPU kind's own records
+    under it, :func:`compiler.schedule.machine_dir`): repaired, written atomically."""
+    d = S.machine_dir(target, root) if machine else S.logs_dir(target, root)
     d.mkdir(parents=True, exist_ok=True)
     repair_database(d)
     return TuningDatabase(d)

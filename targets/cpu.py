@@ -44,6 +44,30 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+MACHINE_ENV = "TERNARY_MACHINE"
+
+
+def machine_id() -> str:
+    """A name for this kind of CPU, ``<vendor>-<family>-<model>`` from /proc/cpuinfo (``amd-25-17``, ``intel-6-143``;
+    ``$TERNARY_MACHINE`` overrides it): the key of the tuning database's per-machine records
+    (``tuning_logs/<target>/machines/<id>/``), because the knobs that stream weights fastest (e.g. the software
+    prefetch distance) differ between CPU designs of one ISA. ``unknown`` without /proc/cpuinfo."""
+    env = os.environ.get(MACHINE_ENV, "").strip()
+    if env:
+        return env
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the first CPU's block
+            k, _, v = line.partition(":")
+            fields.setdefault(k.strip(), v.strip())
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(fields.get("vendor_id", ""), "")
+    if not vendor or "cpu family" not in fields or "model" not in fields:
+        return "unknown"
+    return f"{vendor}-{fields['cpu family']}-{fields['model']}"
+
+
 def mask_patterns() -> tuple[str, ...]:
     """The patterns of ``TERNARY_CPU_MASK`` (empty when unset)."""
     return tuple(p.strip() for p in os.environ.get(MASK_ENV, "").split(",") if p.strip())

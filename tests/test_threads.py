@@ -62,16 +62,21 @@ def known_ops(target: str) -> tuple:
 
 
 def committed_ops(target: str) -> list:
-    """The ops with records in the committed database of ``target``; fails when some record belongs to no op the
-    compiler builds (it would escape the audit)."""
+    """The ops with records in the committed databases of ``target`` (the shared one and every CPU kind's own,
+    ``tuning_logs/<target>/machines/<id>/``); fails when some record belongs to no op the compiler builds (it would
+    escape the audit)."""
     db = S.open_database(target)
     if db is None:
         pytest.skip(f"no committed tuning_logs/{target}")
-    ops = [op for op in known_ops(target) if S.records(db, op)]
-    matched = sum(len(S.records(db, op)) for op in ops)
-    total = len(db.get_all_tuning_records())
-    assert matched == total, f"{total - matched} records in tuning_logs/{target} match no op the compiler builds"
-    return ops
+    machines = sorted(p.name for p in (S.logs_dir(target) / "machines").glob("*") if p.is_dir())
+    ops = {}
+    for where, d in [("", db), *((f"machines/{m}", S.open_database(target, machine=m)) for m in machines)]:
+        mine = [op for op in known_ops(target) if S.records(d, op)]
+        matched = sum(len(S.records(d, op)) for op in mine)
+        total = len(d.get_all_tuning_records())
+        assert matched == total, f"{total - matched} records in tuning_logs/{target}/{where} match no op we build"
+        ops |= {op.key: op for op in mine}
+    return list(ops.values())
 
 
 WIDE = 16  # the widest machine the audit asks for: a kernel built for it must be able to keep 16 threads busy
@@ -107,9 +112,8 @@ def test_records_rebuilt_from_knobs_are_what_was_measured(target):
     import tvm_ffi
     from tvm import s_tir
 
-    db = S.open_database(target)
     for op in committed_ops(target):
-        rec = S.best_record(db, op)
+        rec = S.find_record(op, target)  # this CPU kind's own record where it has one, as the build picks
         cores = int(rec.target.attrs["num-cores"])
         sch = s_tir.Schedule(S.workload(op))
         rec.trace.apply_to_schedule(sch, remove_postproc=False)

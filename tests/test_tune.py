@@ -243,3 +243,56 @@ def test_dram_copies_rule():
     assert dram_copies(64 << 20, llc=256 << 20) == 1  # a quarter of the cache: cache-warm
     assert dram_copies(128 << 20, llc=256 << 20) == 5  # 5 × 128 MiB > 2 × 256 MiB
     assert dram_copies(128 << 20, llc=32 << 20) == 2
+
+
+@pytest.mark.build
+def test_this_machines_records_win_over_the_shared_ones(tmp_path, monkeypatch):
+    """A CPU kind's own records (``--machine``) are what a build on that kind uses, whatever their times against the
+    shared database's (other machines, other regimes); on another kind the shared record serves."""
+    target = targets.detect()
+    space = S.schedule_module(target).space(OP)
+    knobs_of = lambda rec: tune.knobs_of_trace(rec.trace, space)  # noqa: E731
+    shared = tune.open_db(target, tmp_path)
+    tune.commit(shared, OP, S.manual(OP, target, {"rows": 2, "unroll_k": 1}), target, [1e-9])  # fastest of all
+    monkeypatch.setenv("TERNARY_MACHINE", "kind-a")
+    mine = tune.open_db(target, tmp_path, machine=True)
+    assert mine.dir == tmp_path / target / "machines" / "kind-a"
+    tune.commit(mine, OP, S.manual(OP, target, {"rows": 4, "unroll_k": 2, "prefetch": 1024}), target, [1.0])
+    assert knobs_of(S.find_record(OP, target, tmp_path)) == {"rows": 4, "unroll_k": 2, "prefetch": 1024}
+    sf = S.get_primfunc(OP, target, logs_root=tmp_path, mode="tuned")
+    assert sf.source == "tuned" and sf.run_secs == 1.0
+    ins = OP.random_inputs(np.random.default_rng(1))
+    np.testing.assert_array_equal(Kernel(OP, sf.build())(*ins)[0], OP.reference(*ins)[0])
+    monkeypatch.setenv("TERNARY_MACHINE", "kind-b")  # another CPU kind: no records of its own
+    assert knobs_of(S.find_record(OP, target, tmp_path)) == {"rows": 2, "unroll_k": 1, "prefetch": 0}
+
+
+@pytest.mark.unit
+def test_machine_id_and_its_records_in_the_cache_key(tmp_path, monkeypatch):
+    from runtime_helpers import tiny_gguf
+
+    from compiler import cache
+    from targets.cpu import machine_id
+
+    monkeypatch.delenv("TERNARY_MACHINE", raising=False)
+    mid = machine_id()
+    assert mid == "unknown" or mid.split("-")[0] in ("intel", "amd") and all(p.isdigit() for p in mid.split("-")[1:])
+    target = targets.detect()
+    gguf = tiny_gguf(2)
+    monkeypatch.setenv("TERNARY_MACHINE", "kind-a")
+    base = cache.cache_key(gguf, target, tmp_path)
+    other = tmp_path / target / "machines" / "kind-b"
+    other.mkdir(parents=True)
+    (other / "database_tuning_record.json").write_text("[]\n")
+    assert cache.cache_key(gguf, target, tmp_path) == base  # another kind's records: not this build's
+    mine = tmp_path / target / "machines" / "kind-a"
+    mine.mkdir(parents=True)
+    (mine / "database_tuning_record.json").write_text("[]\n")
+    assert cache.cache_key(gguf, target, tmp_path) != base
+
+
+@pytest.mark.unit
+def test_machine_and_dram_are_cpu_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        tune.main(["--target", "cuda", "--machine", "--shape", "gemv_i8:512:512"])
+    assert e.value.code == 2 and "--machine and --dram are for CPU targets" in capsys.readouterr().err
