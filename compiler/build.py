@@ -116,9 +116,9 @@ def check_cpu_layout(weights: str, target: str) -> None:
 
 
 def selected_records(kernels: dict[str, str], target: str, tuning_logs: Path | str | None = None) -> dict:
-    """The tuning records a build selected: for each tuned kernel (op key), the sha256 of its record (this CPU kind's own
-    or the target's shared one, as :func:`compiler.schedule.find_record` chose it) and its measured seconds. Written to
-    ``meta.json`` (the key, computed before the build, hashes the whole database)."""
+    """The tuning records a build selected: for each tuned kernel (op key), the sha256 of its record (this CPU kind's
+    own or the target's shared one, as :func:`compiler.schedule.find_record` chose it) and its measured seconds.
+    Written to ``meta.json`` (the key, computed before the build, hashes the whole database)."""
     from compiler import schedule as S
     from compiler.ops import parse_key
 

@@ -276,7 +276,7 @@ def test_machine_id_and_its_records_in_the_cache_key(tmp_path, monkeypatch):
 
     monkeypatch.delenv("TERNARY_MACHINE", raising=False)
     mid = machine_id()
-    assert mid == "unknown" or mid.split("-")[0] in ("intel", "amd") and all(p.isdigit() for p in mid.split("-")[1:])
+    assert mid == "unknown" or (mid.split("-")[0] in ("intel", "amd") and all(p.isdigit() for p in mid.split("-")[1:]))
     target = targets.detect()
     gguf = tiny_gguf(2)
     monkeypatch.setenv("TERNARY_MACHINE", "kind-a")
