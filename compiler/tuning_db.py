@@ -180,3 +180,32 @@ def plan(db, op, target: str, trials: int, retune: bool, seed: int) -> list[dict
     if len(done) >= min(trials, len(configs)):
         return []
     return [c for c in configs if tuple(c.values()) not in done][: max(0, trials - len(done))]
+
+
+def replace_records(d: Path, target: str, new: list[tuple]) -> None:
+    """Make ``(op, schedule, run_secs)`` the only records of their ops in the database in ``d`` (other ops' records
+    are kept as they are), written atomically: what a whole-model measurement chose (``bench.knob_sweep --record``)
+    replaces what isolated timings ranked, whose times cannot compete with it."""
+    import tvm_ffi
+
+    d.mkdir(parents=True, exist_ok=True)
+    repair_database(d)
+    from tvm.s_tir import meta_schedule as ms
+
+    importlib.import_module("schedules.intrin_x86")
+    src = ms.database.JSONDatabase(work_dir=str(d))
+    replaced = {tvm_ffi.structural_hash(S.workload(op.canonical())) for op, _, _ in new}
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as tmp:
+        out = ms.database.JSONDatabase(work_dir=tmp)
+        for rec in src.get_all_tuning_records():
+            mod = rec.workload.mod
+            if tvm_ffi.structural_hash(mod) in replaced:
+                continue
+            out.commit_tuning_record(ms.database.TuningRecord(
+                rec.trace, out.commit_workload(mod), rec.run_secs, rec.target, rec.args_info))  # fmt: skip
+        for op, sch, secs in new:
+            commit(out, op, sch, target, secs)
+        del out  # flushed: JSONDatabase appends as it commits
+        for name in S.DB_FILES:
+            path = Path(tmp) / name
+            _replace_atomically(path.read_text() if path.exists() else "", d / name)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -296,3 +297,48 @@ def test_machine_and_dram_are_cpu_flags(capsys):
     with pytest.raises(SystemExit) as e:
         tune.main(["--target", "cuda", "--machine", "--shape", "gemv_i8:512:512"])
     assert e.value.code == 2 and "--machine and --dram are for CPU targets" in capsys.readouterr().err
+
+
+@pytest.mark.build
+def test_a_whole_model_choice_replaces_this_machines_records(tmp_path, monkeypatch):
+    """``replace_records`` (bench.knob_sweep --record): the given records become the only ones of their ops in this
+    CPU kind's database, even slower than what they replace; other ops' records stay."""
+    from compiler.tuning_db import replace_records
+
+    target = targets.detect()
+    monkeypatch.setenv("TERNARY_MACHINE", "kind-a")
+    other = make_op("gemv_i8", M=64, K=512)
+    mine = tune.open_db(target, tmp_path, machine=True)
+    tune.commit(mine, OP, S.manual(OP, target, {"rows": 2, "unroll_k": 1}), target, [1e-9])
+    tune.commit(mine, other, S.manual(other, target, {"rows": 4}), target, [2e-9])
+    replace_records(S.machine_dir(target, tmp_path), target,
+                    [(OP, S.manual(OP, target, {"rows": 8, "unroll_k": 2, "prefetch": 1024}), [5.0])])  # fmt: skip
+    space = S.schedule_module(target).space(OP)
+    db = S.open_database(target, tmp_path, machine="this")
+    assert [tune.knobs_of_trace(r.trace, space) for r in S.records(db, OP)] == [
+        {"rows": 8, "unroll_k": 2, "prefetch": 1024}]  # fmt: skip
+    assert tune.knobs_of_trace(S.find_record(other, target, tmp_path).trace, space)["rows"] == 4
+    sf = S.get_primfunc(OP, target, logs_root=tmp_path, mode="tuned")
+    ins = OP.random_inputs(np.random.default_rng(2))
+    np.testing.assert_array_equal(Kernel(OP, sf.build())(*ins)[0], OP.reference(*ins)[0])
+
+
+@pytest.mark.build
+def test_knob_sweep_variant_logs_set_the_knob_on_every_gemv(tmp_path, monkeypatch):
+    from runtime_helpers import tiny_gguf
+
+    from bench import knob_sweep
+
+    target = targets.detect()
+    monkeypatch.setenv("TERNARY_MACHINE", "kind-a")
+    gguf = tiny_gguf(2)
+    ops = knob_sweep.sweep_ops(str(gguf))
+    assert ops and {op.kind for op in ops} == {"gemv_i8"} and all(op.tile == 8 for op in ops)
+    logs = knob_sweep.variant_logs(ops, target, "prefetch", 2048, tmp_path / "v")
+    assert (logs / target / "database_tuning_record.json").exists()  # the shared records, copied
+    for op in ops:
+        want = knob_sweep.current_knobs(op, target, None) | {"prefetch": 2048}
+        assert knob_sweep.current_knobs(op, target, logs) == want
+    ap = SimpleNamespace(model=str(tmp_path / "none.gguf"), knob="nope", values=[1], runs=0)
+    problems = knob_sweep.check_args(ap, {"rows", "unroll_k", "prefetch"})
+    assert len(problems) == 4 and "--knob nope" in problems[1]
