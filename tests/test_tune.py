@@ -342,3 +342,18 @@ def test_knob_sweep_variant_logs_set_the_knob_on_every_gemv(tmp_path, monkeypatc
     ap = SimpleNamespace(model=str(tmp_path / "none.gguf"), knob="nope", values=[1], runs=0)
     problems = knob_sweep.check_args(ap, {"rows", "unroll_k", "prefetch"})
     assert len(problems) == 4 and "--knob nope" in problems[1]
+
+
+@pytest.mark.unit
+def test_knob_sweep_cli_refuses_bad_arguments(capsys, tmp_path):
+    from runtime_helpers import tiny_gguf
+
+    from bench import knob_sweep
+
+    with pytest.raises(SystemExit) as e:
+        knob_sweep.main(["--model", str(tiny_gguf(2)), "--knob", "nope", "--values", "0", "1024"])
+    assert e.value.code == 2 and "--knob nope: the GEMV's knobs are prefetch, rows, unroll_k" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        knob_sweep.main(["--model", str(tmp_path / "missing.gguf"), "--values", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not a file" in err and "at least two different values" in err
