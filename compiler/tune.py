@@ -17,12 +17,14 @@ whole grid) are skipped unless ``--retune``. The database itself (atomic writes,
 trials) is :mod:`compiler.tuning_db`.
 
 Per machine: the knobs that stream weights fastest differ between CPU designs of one ISA (the software prefetch
-distance: on one Intel AVX-512 part the shared records' 4096 B runs a 2B-4T GEMV at 0.67x of 1024 B). ``--machine``
-records into ``tuning_logs/<target>/machines/<id>/`` (:func:`targets.cpu.machine_id`), which a build on that kind of
-CPU prefers (:func:`compiler.schedule.find_record`); ``--dram`` times every weight streaming from DRAM, as it does in
-a model larger than the last-level cache (by default a matrix within a quarter of the cache is timed cache-resident):
+distance above all; docs/threads.md, "Per-machine records"). ``--machine`` records into
+``tuning_logs/<target>/machines/<id>/`` (:func:`targets.cpu.machine_id`), which a build on that kind of CPU prefers
+(:func:`compiler.schedule.find_record`); ``--dram`` times every weight streaming from DRAM, as it does in a model
+larger than the last-level cache (by default a matrix within a quarter of the cache is timed cache-resident). A
+knob that decides how a GEMV streams is better chosen in the whole model (``python -m bench.knob_sweep``), which
+isolated timings can misrank; compute-bound kernels (the prefill GEMM) rank alone as in the model:
 
-    python -m compiler.tune --target avx512 --model bitnet-2b.gguf --machine --dram
+    python -m compiler.tune --target avx512 --machine --dram --shape gemm_i8:N=8:M=6912:K=2560:tile=8
 
 The database is append-only and a workload's schedule is its *fastest* record, so a new, worse measurement never
 replaces a better one. A torn line (from a tuner before writes were atomic) is dropped when the tuner next opens the
