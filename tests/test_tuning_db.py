@@ -52,7 +52,8 @@ def tear_last_line(path: Path) -> None:
 
 
 def snapshot(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    """Every file under ``d`` (the shared database and each CPU kind's own), by its path relative to ``d``."""
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def all_lines_parse(d: Path) -> bool:
