@@ -39,7 +39,6 @@ from compiler import schedule as S
 from compiler import tune
 from compiler.cache import logs_root
 from compiler.tuning_db import open_db, replace_records
-from schedules.knobs import defaults, knobs_of_trace
 
 GEMV = {"tile8": "gemv_i8", "tl": "gemv_i8_tl"}  # the decode step's weight-streaming kernel of each CPU layout
 
@@ -47,12 +46,6 @@ GEMV = {"tile8": "gemv_i8", "tl": "gemv_i8_tl"}  # the decode step's weight-stre
 def sweep_ops(model: str, weights: str = "tile8") -> list:
     """The model's ternary GEMVs in the layout ``weights``: the kernels a decode step streams its weights through."""
     return [op for op in tune.model_ops(model, "cpu", weights) if op.kind == GEMV[weights]]
-
-
-def current_knobs(op, target: str, logs) -> dict:
-    space = S.schedule_module(target).space(op)
-    rec = S.find_record(op, target, logs)
-    return knobs_of_trace(rec.trace, space) if rec is not None else defaults(space)
 
 
 def variant_logs(ops, target: str, knob: str, value: int, dest: Path, logs=None, cores: int | None = None) -> Path:
@@ -64,7 +57,7 @@ def variant_logs(ops, target: str, knob: str, value: int, dest: Path, logs=None,
     shutil.copytree(src, dest / target, ignore=shutil.ignore_patterns("machines"))
     db = open_db(target, dest, machine=True)
     for op in ops:
-        knobs = current_knobs(op, target, logs) | {knob: value}
+        knobs = S.build_knobs(op, target, logs) | {knob: value}
         tune.commit(db, op, S.manual(op, target, knobs, cores), target, [1.0])
     return dest
 
@@ -82,11 +75,9 @@ def check_args(a, space_names: set[str]) -> list[str]:
     return out
 
 
-def run(a) -> dict:
+def run(a, ops: list) -> dict:
+    """The sweep of ``a.knob`` over ``ops`` (:func:`sweep_ops` of ``a.model``)."""
     target = targets.resolve(a.target)
-    if target == "cuda":
-        raise SystemExit("bench.knob_sweep is for CPU targets")
-    ops = sweep_ops(a.model, a.weights)
     cores = a.threads if a.weights == "tl" else None  # the 1.67-bit kernels split work per thread: built for them
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -120,7 +111,7 @@ def run(a) -> dict:
     if a.record:
         new = []
         for op in ops:
-            sch = S.manual(op, target, current_knobs(op, target, a.logs) | {a.knob: best["value"]}, cores)
+            sch = S.manual(op, target, S.build_knobs(op, target, a.logs) | {a.knob: best["value"]}, cores)
             new.append((op, sch, tune.measure(op, S.compile_mod(sch.mod, target), dram=True)))
         replace_records(S.machine_dir(target, a.logs), target, new)
         res["recorded"] = str(S.machine_dir(target, a.logs))
@@ -159,11 +150,13 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="write the winner as this CPU kind's records")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    probe = sweep_ops(a.model, a.weights) if Path(a.model).is_file() else []
-    space = S.schedule_module(targets.resolve(a.target)).space(probe[0]) if probe else []
+    if targets.resolve(a.target) == "cuda":
+        ap.error("--target cuda: the sweep is for CPU targets")
+    ops = sweep_ops(a.model, a.weights) if Path(a.model).is_file() else []
+    space = S.schedule_module(targets.resolve(a.target)).space(ops[0]) if ops else []
     if problems := check_args(a, {k.name for k in space}):
         ap.error("; ".join(problems))
-    res = run(a)
+    res = run(a, ops)
     print(table(res))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,6 @@ def export(out: Path | str, target: str, threads: list[int], shapes: list[str], 
     from bench.kernels import _roof_kernel
     from compiler import schedule as S
     from compiler.ops import parse_key
-    from schedules.knobs import knobs_of_trace
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,9 +82,8 @@ def export(out: Path | str, target: str, threads: list[int], shapes: list[str], 
     kernels, roofs = [], {}
     for key in shapes:
         op = parse_key(key)
-        rec = S.find_record(op, target)
         space = S.schedule_module(target).space(op)
-        tuned = knobs_of_trace(rec.trace, space) if rec is not None else {k.name: k.default for k in space}
+        tuned = S.build_knobs(op, target)
         for var in [{}, *variants]:
             knobs = {**tuned, **{k: v for k, v in var.items() if k != "cores_mult"}}
             if any(k.name in knobs and knobs[k.name] not in k.candidates for k in space):

@@ -16,15 +16,12 @@ from compiler import schedule as S
 from compiler.lower import PREFILL_CHUNK
 from compiler.ops import make_op
 from model.exact_reference import Arith
-from schedules.knobs import defaults, knobs_of_trace
 
 
 def norm_lanes(D: int, N: int, target: str, logs_root=None) -> int:
     """The ``vec`` knob of ``rmsnorm_quant:D:N`` as built for ``target``."""
     op = make_op("rmsnorm_quant", D=D, N=N)
-    space = S.schedule_module(target).space(op)
-    rec = S.find_record(op, target, logs_root)
-    return int((knobs_of_trace(rec.trace, space) if rec is not None else defaults(space))["vec"])
+    return int(S.build_knobs(op, target, logs_root)["vec"])
 
 
 def arith_of(cfg, target: str, logs_root=None, chunk: int = PREFILL_CHUNK) -> Arith:

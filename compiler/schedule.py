@@ -125,8 +125,8 @@ def clean_database(d: Path) -> tuple[str, str, int]:
 
 
 def open_database(target: str, root: Path | str | None = None, create: bool = False, machine: str | None = None):
-    """The target's JSONDatabase, or None if it does not exist (and ``create`` is False); ``machine``: that CPU
-    kind's own records instead (:func:`machine_dir`; ``"this"``: this CPU's).
+    """The target's JSONDatabase, or None if it does not exist (and ``create`` is False); ``machine`` (a
+    :func:`targets.cpu.machine_id`): that CPU kind's own records instead (:func:`machine_dir`).
 
     A database with malformed lines (a write torn by ``kill -9``) is read through a cleaned copy
     (:func:`clean_database`), with a :class:`TornDatabaseWarning`; its files are left as they are (``compiler.tune``
@@ -138,7 +138,7 @@ def open_database(target: str, root: Path | str | None = None, create: bool = Fa
     from tvm.s_tir import meta_schedule as ms
 
     importlib.import_module("schedules.intrin_x86")  # records' traces name our intrinsics: register before parsing
-    d = logs_dir(target, root) if machine is None else machine_dir(target, root, None if machine == "this" else machine)
+    d = logs_dir(target, root) if machine is None else machine_dir(target, root, machine)
     rec_file = d / DB_FILES[1]
     if not create and not rec_file.exists():
         return None
@@ -191,11 +191,22 @@ def find_record(op, target: str, root: Path | str | None = None):
     """The record a build uses for ``op``: the best of this CPU kind's own records (:func:`machine_dir`) if it has
     any, else the best of the target's shared ones, else None. Times are compared only within one database: records
     measured on different machines, or in another regime (cache-resident or streaming from DRAM), do not rank."""
-    for machine in ("this", None):
+    from targets.cpu import machine_id
+
+    for machine in (machine_id(), None):
         rec = best_record(open_database(target, root, machine=machine), op)
         if rec is not None:
             return rec
     return None
+
+
+def build_knobs(op, target: str, root: Path | str | None = None) -> dict:
+    """The knob values a CPU build gives ``op``: its record's (:func:`find_record`), else the hand defaults."""
+    from schedules.knobs import defaults, knobs_of_trace
+
+    space = schedule_module(target).space(op)
+    rec = find_record(op, target, root)
+    return knobs_of_trace(rec.trace, space) if rec is not None else defaults(space)
 
 
 @dataclass

@@ -187,12 +187,11 @@ def replace_records(d: Path, target: str, new: list[tuple]) -> None:
     are kept as they are), written atomically: what a whole-model measurement chose (``bench.knob_sweep --record``)
     replaces what isolated timings ranked, whose times cannot compete with it."""
     import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
 
     d.mkdir(parents=True, exist_ok=True)
     repair_database(d)
-    from tvm.s_tir import meta_schedule as ms
-
-    importlib.import_module("schedules.intrin_x86")
+    importlib.import_module("schedules.intrin_x86")  # records' traces name our intrinsics: register before parsing
     src = ms.database.JSONDatabase(work_dir=str(d))
     replaced = {tvm_ffi.structural_hash(S.workload(op.canonical())) for op, _, _ in new}
     with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as tmp:

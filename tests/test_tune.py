@@ -314,7 +314,7 @@ def test_a_whole_model_choice_replaces_this_machines_records(tmp_path, monkeypat
     replace_records(S.machine_dir(target, tmp_path), target,
                     [(OP, S.manual(OP, target, {"rows": 8, "unroll_k": 2, "prefetch": 1024}), [5.0])])  # fmt: skip
     space = S.schedule_module(target).space(OP)
-    db = S.open_database(target, tmp_path, machine="this")
+    db = S.open_database(target, tmp_path, machine="kind-a")
     assert [tune.knobs_of_trace(r.trace, space) for r in S.records(db, OP)] == [
         {"rows": 8, "unroll_k": 2, "prefetch": 1024}]  # fmt: skip
     assert tune.knobs_of_trace(S.find_record(other, target, tmp_path).trace, space)["rows"] == 4
@@ -337,8 +337,8 @@ def test_knob_sweep_variant_logs_set_the_knob_on_every_gemv(tmp_path, monkeypatc
     logs = knob_sweep.variant_logs(ops, target, "prefetch", 2048, tmp_path / "v")
     assert (logs / target / "database_tuning_record.json").exists()  # the shared records, copied
     for op in ops:
-        want = knob_sweep.current_knobs(op, target, None) | {"prefetch": 2048}
-        assert knob_sweep.current_knobs(op, target, logs) == want
+        want = S.build_knobs(op, target) | {"prefetch": 2048}
+        assert S.build_knobs(op, target, logs) == want
     ap = SimpleNamespace(model=str(tmp_path / "none.gguf"), knob="nope", values=[1], runs=0)
     problems = knob_sweep.check_args(ap, {"rows", "unroll_k", "prefetch"})
     assert len(problems) == 4 and "--knob nope" in problems[1]
