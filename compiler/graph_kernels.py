@@ -458,6 +458,68 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", rows: int | None = N
     return head.without_attr("global_symbol")
 
 
+HEAD_I8_CHUNK = 64  # int8 head: bytes of a head row (and of the quantized hidden row) per VNNI dot
+
+
+def lm_head_i8(B: int, V: int, D: int, rows: int | None = None):
+    """An int8 LM head (:func:`compiler.lower.quantize_head`: ``E [V, D]`` int8, a float32 scale ``s [V]`` per row)
+    against the hidden rows quantized like every BitLinear input (:func:`quantize`: ``h8 [B, D]``, its scale ``a [B]``
+    and ``Σh8 [B]``), in integers: ``logits[b, v] = float32(Σ_d E[v, d]·h8[b, d]) · (s[v] / a[b])``, the sum exact in
+    int32, so a row's logits do not depend on ``B`` or on the order of the sums (AVX-512 VNNI; ``D`` a multiple of
+    64). ``rows``: only the first ``rows`` head rows, as :func:`lm_head`.
+
+    Why: converting every int8 weight to float32 (:func:`lm_head` over an int8 ``E``) costs about three times the
+    instructions per byte of the F16 head, so at 2 threads that head streamed at ~16 GB/s while the F16 head reads at
+    ~26 (docs/foreign_models.md). ``vpdpbusd`` multiplies 64 unsigned bytes by 64 signed ones per instruction; the
+    signed weights become unsigned by flipping their sign bit (``E ^ 0x80 = E + 128``), corrected by ``128·Σh8``.
+    Register tiling as :func:`lm_head`: a tile of 16 (head row, row) pairs, each an int32x16 accumulator, over ``D``
+    in chunks of 64; the lanes summed at the end."""
+    import tvm
+    from tvm import tirx
+    from tvm.script import tirx as Tx
+
+    C = HEAD_I8_CHUNK
+    if D % C:
+        raise ValueError(f"d_model {D} must be a multiple of the int8 head's {C}-byte chunks")
+    NO = D // C
+    R = V if rows is None else rows
+    if not 0 < R <= V:
+        raise ValueError(f"rows={rows}: the head has {V} rows")
+    BT = 1  # a tile of head rows is read from DRAM once, then from L2 for the other rows
+    VT = next(t for t in (16 // BT, 8, 4, 2, 1) if R % t == 0 and t * BT <= 16)
+    P = VT * BT
+    flip = tirx.Broadcast(tvm.tirx.const(-128, "int8"), C)
+
+    def dot(acc, E, h, v, b, io):  # acc + (E[v, chunk] ^ 0x80) · h[b, chunk], 16 int32 lanes (an expression)
+        e = tirx.bitwise_xor(E.vload([v, io * C], f"int8x{C}"), flip)
+        return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, e,
+                                          h.vload([b, io * C], f"int8x{C}"))  # fmt: skip
+
+    @Tx.prim_func
+    def head(h8: Tx.Buffer((B, D), "int8"), a: Tx.Buffer((B,), "float32"), hsum: Tx.Buffer((B,), "int32"),
+             E: Tx.Buffer((V, D), "int8"), s: Tx.Buffer((V,), "float32"),
+             logits: Tx.Buffer((B, R), "float32")):  # fmt: skip
+        for vo in Tx.parallel(R // VT):
+            for bo in range(B // BT):
+                acc = Tx.alloc_buffer((16, 16), "int32", scope="global")  # a stack array: 16 accumulators
+                for k in Tx.unroll(P):
+                    acc[k, Tx.ramp(0, 1, 16)] = Tx.Broadcast(Tx.int32(0), 16)
+                for io in range(NO):
+                    for k in Tx.unroll(P):  # pair k: head row vo·VT + k // BT, row bo·BT + k % BT
+                        acc[k, Tx.ramp(0, 1, 16)] = dot(acc.vload([k, 0], "int32x16"), E, h8, vo * VT + k // BT,
+                                                        bo * BT + k % BT, io)  # fmt: skip
+                for k in Tx.unroll(P):
+                    tot = Tx.alloc_buffer((1,), "int32", scope="global")
+                    tot[0] = Tx.int32(0)
+                    for ln in range(16):
+                        tot[0] = tot[0] + acc[k, ln]
+                    logits[bo * BT + k % BT, vo * VT + k // BT] = Tx.Cast(
+                        "float32", tot[0] - 128 * hsum[bo * BT + k % BT]
+                    ) * (s[vo * VT + k // BT] / a[bo * BT + k % BT])
+
+    return head.without_attr("global_symbol")
+
+
 def mhc_post_tokens(T: int, D: int, S: int, first: bool, last: bool):
     """Token-batched twin of ``compiler.ops.mhc.MhcPost`` (same unrolled sums): ``X [T, S, D]`` (or ``x [T, D]`` when
     ``first``), ``y [T, D]`` → ``X' [T, S, D]`` (not when ``last``) and the next site's ``u [T, D]``."""

@@ -519,6 +519,9 @@ class Lowering:
 
         self.gpu = self.target == "cuda"
         self.k = kernels_for(self.target, self.weights)
+        # an int8 head on AVX-512 VNNI: integer dots against the quantized hidden rows (graph_kernels.lm_head_i8)
+        vnni = self.target == "avx512" and self.cfg.d_model % gk.HEAD_I8_CHUNK == 0
+        self.head_i8 = self.head_dtype == "int8" and vnni
         check_weights(self.weights, self.gpu, self.cfg)
         if self.chunk is None:
             self.chunk = self.k.prefill_chunk
@@ -857,6 +860,10 @@ class Lowering:
             hn = self._into(self._rmsnorm(rows, D), norm, dst["hidden"])
         else:
             hn = self._call(self._rmsnorm(rows, D), norm, [((rows, D), f32)])
+        if self.head_i8:
+            head = self._te("lm_head_i8", lambda B: gk.lm_head_i8(B, V, D), rows)
+            h8, a, hsum = self._quantize(rows, D, hn)
+            return self._into(head, [h8, a, hsum, f.pv["lm_head.weight"], f.pv["lm_head.scale"]], dst["logits"]), hn
         gv = self._te("lm_head", lambda B: self.k.lm_head(B, V, D, self.head_dtype), rows)
         if self.head_dtype != "int8":
             return self._into(gv, [hn, f.pv["lm_head.weight"]], dst["logits"]), hn
@@ -892,7 +899,9 @@ class Lowering:
         cfg, bb, f32, B = self.cfg, self.bb, "float32", f.T
         D, V = cfg.d_model, cfg.vocab_size
         Vd = draft_vocab(V, self.gpu)
-        if Vd < V:  # the CPU head over the draft vocabulary
+        if self.head_i8:
+            head = self._te("lm_head_i8_draft", lambda n, r: gk.lm_head_i8(n, V, D, r), B, Vd)
+        elif Vd < V:  # the CPU head over the draft vocabulary
             head = self._te("lm_head_draft", lambda n, r: gk.lm_head(n, V, D, self.head_dtype, r), B, Vd)
         else:
             head = self._te("lm_head", lambda n: self.k.lm_head(n, V, D, self.head_dtype), B)
@@ -907,8 +916,12 @@ class Lowering:
             a = self._ternary(f, f"mtp.{k}.proj", *self._quantize(B, D, g), D, D)
             b = self._ternary(f, f"mtp.{k}.embed_proj", *self._quantize(B, D, e), D, D)
             g = self._call(step, [g, a, b], [((B, D), f32)])
-            logits = self._call(head, [g, f.pv["lm_head.weight"]], [((B, Vd), f32)])
-            if self.head_dtype == "int8":  # the scales of the draft vocabulary's rows (the first Vd)
+            if self.head_i8:  # the head reads the scales of the rows it computes (the first Vd)
+                ins = [*self._quantize(B, D, g), f.pv["lm_head.weight"], f.pv["lm_head.scale"]]
+                logits = self._call(head, ins, [((B, Vd), f32)])
+            else:
+                logits = self._call(head, [g, f.pv["lm_head.weight"]], [((B, Vd), f32)])
+            if self.head_dtype == "int8" and not self.head_i8:  # the scales of the draft vocabulary's rows
                 scale = self.bb.emit(relax.op.strided_slice(f.pv["lm_head.scale"], axes=[0], begin=[0], end=[Vd]))
                 sc = self._te("scale_columns", gk.scale_columns, B, Vd, sched=True)
                 logits = self._call(sc, [logits, scale], [((B, Vd), f32)])

@@ -1,9 +1,12 @@
 """``compiler.build --head int8``: the LM head as int8 rows with a float32 scale each (half an F16 head's bytes).
 
 * :func:`compiler.lower.quantize_head` moves every weight by at most half its row's scale, keeps zero rows zero;
-* a compiled int8-head model gives the float head's greedy tokens where the float head's top two are further apart
-  than the int8 rounding can move them, and logits within the bound that rounding implies
-  (``|Δlogit[v]| ≤ scale[v] / 2 · Σ_d |h[d]|``, checked against the float head's own entry);
+* on AVX-512 the head is integer dots against the hidden row quantized to int8 (``graph_kernels.lm_head_i8``): bit
+  for bit ``float32(Σ q·h8) · (scale / a)``, for any batch, head rows and draft vocabulary;
+* a compiled int8-head model (each CPU target) gives the float head's greedy tokens where the float head's top two
+  are further apart than the int8 rounding can move them, and logits within the bound that rounding implies
+  (``|Δlogit[v]| ≤ scale[v] / 2 · Σ_d |h[d]|``, plus ``Σ_d |scale[v]·q[v, d]| · max|h| / 254`` where the hidden row
+  is quantized too), checked against the float head's own entry;
 * the MTP draft steps use the scaled head too, and the head compiles for CUDA inside the one graph per call.
 
     pytest tests/test_lm_head_int8.py -q
@@ -13,9 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_helpers import X86
 from runtime_helpers import cache_dir, tiny_gguf
 
+import targets
 from compiler import cuda_cross
+from compiler import graph_kernels as gk
 from compiler.build import build
 from compiler.lower import quantize_head
 from model.gguf_io import read_gguf
@@ -38,11 +46,35 @@ def test_quantize_head_rounds_each_row_to_its_own_scale():
     assert (err <= s[:, None] / 2 * (1 + 1e-5)).all()
 
 
+@pytest.mark.unit
+@pytest.mark.skipif(not targets.supported("avx512"), reason=f"lacks {targets.missing_flags('avx512')}")
+@settings(max_examples=8, deadline=None)
+@given(B=st.sampled_from([1, 2, 3, 4, 8]), V=st.integers(1, 70), chunks=st.integers(1, 5), cut=st.integers(0, 69),
+       seed=st.integers(0, 2**31 - 1))  # fmt: skip
+def test_lm_head_i8_is_exact_integer_dots(B, V, chunks, cut, seed):
+    import tvm
+
+    D, R = chunks * gk.HEAD_I8_CHUNK, V - cut % V  # R: the first R head rows (a draft vocabulary), 1..V
+    rng = np.random.default_rng(seed)
+    E = rng.integers(-127, 128, (V, D), dtype=np.int8)
+    h8 = rng.integers(-127, 128, (B, D), dtype=np.int8)
+    a = rng.uniform(0.5, 300, B).astype(np.float32)
+    s = rng.uniform(1e-4, 0.1, V).astype(np.float32)
+    hsum = h8.astype(np.int32).sum(axis=1).astype(np.int32)
+    f = tvm.compile(tvm.IRModule({"main": gk.lm_head_i8(B, V, D, R).with_attr("global_symbol", "main")}),
+                    target=targets.get_target("avx512"))  # fmt: skip
+    out = tvm.runtime.tensor(np.zeros((B, R), np.float32))
+    f["main"](*(tvm.runtime.tensor(x) for x in (h8, a, hsum, E, s)), out)
+    acc = h8.astype(np.int64) @ E[:R].astype(np.int64).T
+    assert np.array_equal(out.numpy(), acc.astype(np.float32) * (s[None, :R] / a[:, None]))
+
+
 @pytest.mark.build
-def test_int8_head_keeps_the_float_heads_tokens_within_its_rounding():
+@pytest.mark.parametrize("target", X86)
+def test_int8_head_keeps_the_float_heads_tokens_within_its_rounding(target):
     gguf = tiny_gguf(1, arch="bitnet", ffn_act="relu2")
-    ref = Engine(build(gguf, "auto", cache_dir()).dir, gguf)
-    eng = Engine(build(gguf, "auto", cache_dir(), head="int8").dir, gguf)
+    ref = Engine(build(gguf, target, cache_dir()).dir, gguf)
+    eng = Engine(build(gguf, target, cache_dir(), head="int8").dir, gguf)
     assert eng.meta["head"] == "int8" and ["lm_head.weight", [512, 256], "int8"] in eng.meta["params"]
     prompt = [int(t) for t in np.random.default_rng(3).integers(0, 512, 9)]
     ref.reset()
@@ -58,7 +90,11 @@ def test_int8_head_keeps_the_float_heads_tokens_within_its_rounding():
     head = g.tensors["token_embd.weight"].to_float()
     _, scale = quantize_head(head)
     D = head.shape[1]
-    bound = scale / 2 * D * float(np.abs(g.tensors["output_norm.weight"].to_float()).max())
+    h_max = float(np.abs(g.tensors["output_norm.weight"].to_float()).max()) * np.sqrt(D)  # max|h| ≤ ||h||_2
+    bound = scale / 2 * D * h_max / np.sqrt(D)
+    if target == "avx512":  # the hidden row quantized too: each h[d] moves by ≤ max|h| / 254
+        q, _ = quantize_head(head)
+        bound = bound + np.abs(q.astype(np.float32) * scale[:, None]).sum(axis=1) * h_max / 254
     margins, agree = [], 0
     for w, o in zip(want, got, strict=True):
         assert (np.abs(w - o) <= bound).all()
