@@ -34,6 +34,7 @@ from compiler.graph_kernels_gpu import _bindings
 
 LANES = 16  # CPU partial sums per latent dot product
 GPU_CHUNK = 32  # keys per CUDA block of the split (flash-decoding) attention
+CPU_SPLIT = 16  # CPU tasks per row: every head over 1/16 of the row's keys, each latent row converted once
 
 
 def cache_shapes(c: int, r: int, block: int) -> list[tuple[tuple[int, ...], str]]:
@@ -155,21 +156,25 @@ def kv_update(T: int, c: int, r: int, ctx: int, block: int, gpu: bool = False, b
 
 
 def attention_scratch(T: int, H: int, c: int, ctx: int, gpu: bool = False) -> list[tuple]:
-    """Shapes of :func:`attention`'s scratch outputs. CPU: a score row per (row, head) ``[T·H, ctx]`` and its (max,
-    denominator) ``[T·H, 2]``; CUDA: each (row, head, key chunk)'s partial ``ctx`` ``[T·H·NC, c]`` and (max, Σ exp)."""
+    """Shapes of :func:`attention`'s scratch outputs. CPU: a score row per (row, head) ``[T·H, ctx]``, and per (row,
+    key chunk, head) the chunk's (max, Σ exp) ``[T·NC·H, 2]`` and partial ``ctx`` ``[T·NC·H, c]``; CUDA: each (row,
+    head, key chunk)'s partial ``ctx`` ``[T·H·NC, c]`` and (max, Σ exp)."""
     if gpu:
         nc = -(-ctx // GPU_CHUNK)
         return [(T * H * nc, c), (T * H * nc, 2)]
-    return [(T * H, ctx), (T * H, 2)]
+    return [(T * H, ctx), (T * CPU_SPLIT * H, 2), (T * CPU_SPLIT * H, c)]
 
 
 def attention(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, gpu: bool = False, bind: bool = True):
     """Causal softmax attention over the latent cache → ``ctx [T, H, c]`` (see the module docstring): row ``t``
     reads its sequence's positions ``0 .. pos[t]`` through ``table[t]``; a padding row (``pos < 0``) gives zeros.
 
-    CPU: a parallel task per (row, head); the latent dot product in :data:`LANES` lanes (lane ``l`` takes ``l, l +
-    16, …``) then the lanes in order, the rope part serially, the softmax's max and denominator in key order, and
-    ``ctx`` accumulated over the keys in order (a vector over ``c``). CUDA: split over the keys like
+    CPU: split over the keys like the CUDA form, but with every head in one task, so each cached latent row is
+    converted to float32 once for all heads: a parallel task per (row, :data:`CPU_SPLIT`-th of its keys) computes
+    every head's scores (the latent dot product in :data:`LANES` lanes, lane ``l`` taking ``l, l + 16, …``, times
+    ``s/a``, plus the rope part in the same lanes, then the lanes folded in halves), the chunk's max and ``Σ exp`` in
+    key order and its partial ``ctx`` (keys in order, :data:`LANES` latent columns at a time for every head); then a
+    task per (row, head) combines the chunks in order. CUDA: split over the keys like
     :func:`compiler.graph_kernels_gpu.attention` — a block per (row, head, chunk of :data:`GPU_CHUNK` keys) of ``c``
     threads (``c / chunk`` threads per key's score, each over its share of the latent in order; thread ``l`` sums
     latent column ``l`` over the chunk's keys), then a block per (row, head) combining the chunks in order."""
@@ -182,6 +187,8 @@ def attention(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, gpu
         return _attention_gpu(T, H, r, c, ctx, block, scale, bind)
     L = LANES if c % LANES == 0 else 1
     NO = c // L
+    RL = L if r % L == 0 else 0  # the rope part in the same lanes (else serially, after the fold)
+    NC = CPU_SPLIT
 
     @Tx.prim_func
     def mla_attn(
@@ -193,52 +200,100 @@ def attention(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, gpu
         table: Tx.Buffer((T, W), "int32"),
         o: Tx.Buffer((T, H, c), "float32"),
         sc: Tx.Buffer((TH, ctx), "float32"),
-        st: Tx.Buffer((TH, 2), "float32"),
+        st: Tx.Buffer((T * NC * H, 2), "float32"),
+        po: Tx.Buffer((T * NC * H, c), "float32"),
     ):
         nb = Tx.int64()
         lc = Tx.match_buffer(lc_h, (nb, block, c), "int8")
         pc = Tx.match_buffer(pc_h, (nb, block, 1 + r), "float32")
-        for th in Tx.parallel(TH):
-            part = Tx.alloc_buffer((L,), "float32", scope="global")
+        for tk in Tx.parallel(T * NC):  # (row, key chunk): every head over the chunk's keys (n / NC of them)
+            part = Tx.alloc_buffer((H, L), "float32", scope="global")  # stack arrays, kept in registers
+            lat = Tx.alloc_buffer((L,), "float32", scope="global")
+            t = tk // NC
+            n = Tx.min(pos[t] + 1, ctx)
+            j0 = tk % NC * ((n + NC - 1) // NC)
+            if j0 < n:
+                j1 = Tx.min(n, j0 + (n + NC - 1) // NC)
+                for j in range(j0, j1):
+                    b = Tx.Cast("int64", table[t, j // block])
+                    for h in range(H):
+                        for ln in Tx.vectorized(L):
+                            part[h, ln] = Tx.float32(0)
+                    for io in range(NO):
+                        for ln in Tx.vectorized(L):
+                            lat[ln] = Tx.Cast("float32", lc[b, j % block, io * L + ln])
+                        for h in range(H):
+                            for ln in Tx.vectorized(L):
+                                part[h, ln] = part[h, ln] + qa[t, h, io * L + ln] * lat[ln]
+                    for h in range(H):
+                        for ln in Tx.vectorized(L):
+                            part[h, ln] = part[h, ln] * pc[b, j % block, 0]
+                        if RL > 0:
+                            for ko in range(r // L):
+                                for ln in Tx.vectorized(L):
+                                    part[h, ln] = part[h, ln] + (
+                                        qpe[t, h, ko * L + ln] * pc[b, j % block, 1 + ko * L + ln]
+                                    )
+                        if L == LANES:  # the lanes folded in halves
+                            for ln in Tx.vectorized(8):
+                                part[h, ln] = part[h, ln] + part[h, ln + 8]
+                            for ln in Tx.vectorized(4):
+                                part[h, ln] = part[h, ln] + part[h, ln + 4]
+                            for ln in Tx.vectorized(2):
+                                part[h, ln] = part[h, ln] + part[h, ln + 2]
+                            part[h, 0] = part[h, 0] + part[h, 1]
+                        else:
+                            for ln in range(1, L):
+                                part[h, 0] = part[h, 0] + part[h, ln]
+                        if RL == 0:
+                            for k in range(r):
+                                part[h, 0] = part[h, 0] + qpe[t, h, k] * pc[b, j % block, 1 + k]
+                        sc[t * H + h, j] = part[h, 0] * Tx.float32(scale)
+                for h in range(H):  # the chunk's max and Σ exp; its weights prob · s/a, unnormalised
+                    s0 = tk * H + h
+                    st[s0, 0] = sc[t * H + h, j0]
+                    for j in range(j0, j1):
+                        st[s0, 0] = Tx.max(st[s0, 0], sc[t * H + h, j])
+                    st[s0, 1] = Tx.float32(0)
+                    for j in range(j0, j1):
+                        b = Tx.Cast("int64", table[t, j // block])
+                        sc[t * H + h, j] = Tx.exp(sc[t * H + h, j] - st[s0, 0])
+                        st[s0, 1] = st[s0, 1] + sc[t * H + h, j]
+                        sc[t * H + h, j] = sc[t * H + h, j] * pc[b, j % block, 0]
+                for vo in range(NO):  # the chunk's partial ctx, L latent columns at a time, keys in order
+                    for h in range(H):
+                        for ln in Tx.vectorized(L):
+                            part[h, ln] = Tx.float32(0)
+                    for j in range(j0, j1):
+                        b = Tx.Cast("int64", table[t, j // block])
+                        for ln in Tx.vectorized(L):
+                            lat[ln] = Tx.Cast("float32", lc[b, j % block, vo * L + ln])
+                        for h in range(H):
+                            for ln in Tx.vectorized(L):
+                                part[h, ln] = part[h, ln] + sc[t * H + h, j] * lat[ln]
+                    for h in range(H):
+                        for ln in Tx.vectorized(L):
+                            po[tk * H + h, vo * L + ln] = part[h, ln]
+        for th in Tx.parallel(TH):  # per (row, head): the chunks combined in order
+            mx = Tx.alloc_buffer((2,), "float32", scope="global")
             t = th // H
             h = th % H
             n = Tx.min(pos[t] + 1, ctx)
-            if n <= 0:
-                for i in range(c):
-                    o[t, h, i] = Tx.float32(0)
-            else:
-                for j in range(n):
-                    b = Tx.Cast("int64", table[t, j // block])
-                    for ln in Tx.vectorized(L):
-                        part[ln] = qa[t, h, ln] * Tx.Cast("float32", lc[b, j % block, ln])
-                    for io in range(1, NO):
-                        for ln in Tx.vectorized(L):
-                            part[ln] = part[ln] + qa[t, h, io * L + ln] * Tx.Cast(
-                                "float32", lc[b, j % block, io * L + ln]
-                            )
-                    sc[th, j] = part[0]
-                    for ln in range(1, L):
-                        sc[th, j] = sc[th, j] + part[ln]
-                    sc[th, j] = sc[th, j] * pc[b, j % block, 0]
-                    for k in range(r):
-                        sc[th, j] = sc[th, j] + qpe[t, h, k] * pc[b, j % block, 1 + k]
-                    sc[th, j] = sc[th, j] * Tx.float32(scale)
-                st[th, 0] = sc[th, 0]
-                for j in range(n):
-                    st[th, 0] = Tx.max(st[th, 0], sc[th, j])
-                st[th, 1] = Tx.float32(0)
-                for j in range(n):
-                    sc[th, j] = Tx.exp(sc[th, j] - st[th, 0])
-                    st[th, 1] = st[th, 1] + sc[th, j]
-                for i in Tx.vectorized(c):
-                    o[t, h, i] = Tx.float32(0)
-                for j in range(n):
-                    b = Tx.Cast("int64", table[t, j // block])
-                    sc[th, j] = sc[th, j] * pc[b, j % block, 0]
+            for i in range(c):
+                o[t, h, i] = Tx.float32(0)
+            if n > 0:
+                kc = (n + NC - 1) // NC  # keys per chunk; chunks from (n + kc - 1) // kc on are empty
+                mx[0] = st[t * NC * H + h, 0]
+                for ch in range(1, (n + kc - 1) // kc):
+                    mx[0] = Tx.max(mx[0], st[(t * NC + ch) * H + h, 0])
+                mx[1] = Tx.float32(0)
+                for ch in range((n + kc - 1) // kc):
+                    f = Tx.exp(st[(t * NC + ch) * H + h, 0] - mx[0])
+                    mx[1] = mx[1] + st[(t * NC + ch) * H + h, 1] * f
                     for i in Tx.vectorized(c):
-                        o[t, h, i] = o[t, h, i] + sc[th, j] * Tx.Cast("float32", lc[b, j % block, i])
+                        o[t, h, i] = o[t, h, i] + po[(t * NC + ch) * H + h, i] * f
                 for i in Tx.vectorized(c):
-                    o[t, h, i] = o[t, h, i] / st[th, 1]
+                    o[t, h, i] = o[t, h, i] / mx[1]
 
     return mla_attn.without_attr("global_symbol")
 
