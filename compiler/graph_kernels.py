@@ -385,6 +385,17 @@ def rmsnorm(T: int, D: int, eps: float):
     return _prim([x, w, te.compute((T, D), lambda t, d: x[t, d] * r[t] * w[d], name="h")])
 
 
+def _head_tiling(V: int, D: int, rows: int | None, step: int, BT: int, what: str) -> tuple[int, int, int]:
+    """An LM head kernel's tiling: ``(D / step, the head rows computed R, head rows per tile VT)``; a tile holds ``VT ·
+    BT ≤ 16`` (head row, row) pairs."""
+    if D % step:
+        raise ValueError(f"d_model {D} must be a multiple of the {what} ({step})")
+    R = V if rows is None else rows
+    if not 0 < R <= V:
+        raise ValueError(f"rows={rows}: the head has {V} rows")
+    return D // step, R, next(t for t in (16 // BT, 8, 4, 2, 1) if R % t == 0 and t * BT <= 16)
+
+
 def lm_head(B: int, V: int, D: int, dtype: str = "float32", rows: int | None = None):
     """``logits[b, v] = Σ_d h[b, d] · E[v, d]`` for ``B`` rows over the head as the GGUF stores it, ``E [V, D]``
     (float16 when the GGUF has it: exact, half the bytes), each head row streamed once for all ``B`` rows. ``rows``:
@@ -404,14 +415,8 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", rows: int | None = N
     from tvm.script import tirx as Tx
 
     L = HEAD_LANES
-    if D % L:
-        raise ValueError(f"d_model {D} must be a multiple of the head's {L} lanes")
-    NO = D // L
-    R = V if rows is None else rows
-    if not 0 < R <= V:
-        raise ValueError(f"rows={rows}: the head has {V} rows")
     BT = next(t for t in (4, 2, 3, 1) if B % t == 0)  # 3: the draft rows of three MTP heads
-    VT = next(t for t in (16 // BT, 8, 4, 2, 1) if R % t == 0 and t * BT <= 16)
+    NO, R, VT = _head_tiling(V, D, rows, L, BT, "head's lanes")
     P = VT * BT  # pairs per tile: pa holds 0..7, pb 8..15
 
     @Tx.prim_func
@@ -479,14 +484,8 @@ def lm_head_i8(B: int, V: int, D: int, rows: int | None = None):
     from tvm.script import tirx as Tx
 
     C = HEAD_I8_CHUNK
-    if D % C:
-        raise ValueError(f"d_model {D} must be a multiple of the int8 head's {C}-byte chunks")
-    NO = D // C
-    R = V if rows is None else rows
-    if not 0 < R <= V:
-        raise ValueError(f"rows={rows}: the head has {V} rows")
     BT = 1  # a tile of head rows is read from DRAM once, then from L2 for the other rows
-    VT = next(t for t in (16 // BT, 8, 4, 2, 1) if R % t == 0 and t * BT <= 16)
+    NO, R, VT = _head_tiling(V, D, rows, C, BT, "int8 head's byte chunks")
     P = VT * BT
     flip = tirx.Broadcast(tvm.tirx.const(-128, "int8"), C)
 
