@@ -160,6 +160,25 @@ def test_attention_over_the_latent_cache(gpu, T, H, seed):
 
 
 @pytest.mark.build
+@pytest.mark.parametrize("c, r", [(256, 32), (48, 8)], ids=["lanes", "serial-rope"])
+def test_cpu_attention_key_split_at_every_length(c, r):
+    """The CPU form splits a row's keys into 16 chunks of ``ceil(n / 16)``: rows shorter than the split (empty chunks),
+    at it, just past it, and long, in one call; and a latent width whose rope part is not a multiple of the lanes."""
+    hd, ctx, H = 64, 80, 3
+    rng = np.random.default_rng(7)
+    T = 6
+    table1, lc, pc = _cache(rng, -(-ctx // BLOCK), c, r)
+    table = np.tile(table1, (T, 1))
+    pos = np.array([0, 4, 15, 16, 33, ctx - 1], np.int32)
+    qa = rng.standard_normal((T, H, c)).astype(np.float32)
+    qpe = rng.standard_normal((T, H, r)).astype(np.float32)
+    scratch = [np.zeros(s, np.float32) for s in gkm.attention_scratch(T, H, c, ctx)]
+    got = _run(gkm.attention(T, H, hd, r, c, ctx, BLOCK), qa, qpe, lc, pc, pos, table,
+               np.zeros((T, H, c), np.float32), *scratch)[6]  # fmt: skip
+    np.testing.assert_allclose(got, _attention_ref(qa, qpe, lc, pc, pos, table, hd), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.build
 @pytest.mark.parametrize("gpu", FORMS)
 def test_v_up(gpu):
     """``o[t, h·hd + i] = Σ_l ctx[t, h, l] · vb[h, l, i]``."""
