@@ -6,7 +6,8 @@ float head's top-1/top-2 margin at the steps where they disagree, ``|Δlogits|``
 absolute terms and relative to the step's largest logit, free-running greedy (each build on its own tokens): the
 number of prompts whose ``--steps`` tokens are identical and the mean common prefix, and the head's bytes.
 
-    python -m bench.head_int8 --model models/small.gguf --prompts 16 --steps 64 --json docs/bench/head_int8_small_avx512.json
+    python -m bench.head_int8 --model models/small.gguf --prompts 16 --steps 64 \
+        --json docs/bench/head_int8_small_avx512.json
 
 Prompts: text prompts of Python (``--text``, default a fixed list of function headers) tokenized by the GGUF's own
 tokenizer, or ``--random`` token ids (for random-weight models, whose text is meaningless).
