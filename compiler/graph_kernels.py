@@ -474,9 +474,10 @@ def lm_head_i8(B: int, V: int, D: int, rows: int | None = None):
     64). ``rows``: only the first ``rows`` head rows, as :func:`lm_head`.
 
     Why: converting every int8 weight to float32 (:func:`lm_head` over an int8 ``E``) costs about three times the
-    instructions per byte of the F16 head, so at 2 threads that head streamed at ~16 GB/s while the F16 head reads at
-    ~26 (docs/foreign_models.md). ``vpdpbusd`` multiplies 64 unsigned bytes by 64 signed ones per instruction; the
-    signed weights become unsigned by flipping their sign bit (``E ^ 0x80 = E + 128``), corrected by ``128·Σh8``.
+    instructions per byte of the F16 head's conversion, so that head was compute-bound where the F16 one streams
+    (figures: docs/foreign_models.md, "The LM head"). ``vpdpbusd`` multiplies 64 unsigned bytes by 64 signed ones
+    per instruction; the signed weights become unsigned by flipping their sign bit (``E ^ 0x80 = E + 128``),
+    corrected by ``128·Σh8``.
     Register tiling as :func:`lm_head`: a tile of 16 (head row, row) pairs, each an int32x16 accumulator, over ``D``
     in chunks of 64; the lanes summed at the end."""
     import tvm
