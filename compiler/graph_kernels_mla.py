@@ -18,9 +18,9 @@ GQA's ``8 · n_kv_heads · hd``. ``W_kb`` is stored ``int8 [H, hd, c]`` and ``W_
 {-1, 0, 1}: unpacked, 4× the 2-bit bytes, so each kernel reads them with unit stride).
 
 Each builder takes ``gpu``: the CUDA form (a CUDA block per (row, head) or per (row, head, key chunk)), else the CPU
-form (a parallel loop over (row, head) with vector lanes). ``bind=False`` turns the CUDA form's thread bindings into
-serial loops, phase after phase: the same kernel, runnable on the CPU, which is how the tests check it. A row's
-result depends only on that row, on both.
+form (a parallel loop with vector lanes: over (row, head), or for the attention over (row, key chunk)).
+``bind=False`` turns the CUDA form's thread bindings into serial loops, phase after phase: the same kernel, runnable
+on the CPU, which is how the tests check it. A row's result depends only on that row, on both.
 
     python -c "from compiler.graph_kernels_mla import attention; print(attention(1, 8, 64, 32, 256, 1024, 16).script())"
 """
