@@ -111,6 +111,8 @@ def _result(impl, threads, prompt_tokens, steps, ttft, **extra) -> dict:
 
 
 WARMUP_TOKENS = 8  # a prefill of this many tokens before the timed one (first-call costs)
+# bench.cuda_trace.trace's per-call figures, divided by the burst for a chained decode's per-step ones
+PER_CALL = ("wall_us", "busy_us", "kernels", "graph_launches", "host_launches", "allocations", "syncs", "copies")
 
 
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
@@ -139,20 +141,53 @@ def timed_generation(prefill, decode, reset, prompt: list[int], decode_tokens: i
     return {"ttft": ttft, "steps": steps, "tokens": tokens, "top5": top5, "top5_logits": top5_logits}
 
 
-def _worker_tvm(model, threads, prompt_tokens, decode_tokens, cache_dir, entry, target) -> dict:
+def timed_chain(eng, prompt: list[int], decode_tokens: int, burst: int) -> dict:
+    """Greedy decode by ``Engine.chain`` in bursts of ``burst`` steps (as ``Engine.generate_tokens`` runs plain
+    greedy generation), after a warm-up burst (a CUDA graph is captured at the first call): each step's time is its
+    burst's over its length (``steps``), and the tokens."""
+    eng.reset()
+    eng.chain(int(np.argmax(eng.prefill(prompt[:WARMUP_TOKENS]))), min(burst, decode_tokens))
+    eng.reset()
+    tokens = [int(np.argmax(eng.prefill(prompt)))]
+    steps = []
+    while len(tokens) <= decode_tokens:
+        n = min(burst, decode_tokens + 1 - len(tokens))
+        t = time.perf_counter()
+        tokens += eng.chain(tokens[-1], n)
+        steps += [(time.perf_counter() - t) / n] * n
+    return {"steps": steps, "tokens": tokens}
+
+
+def _worker_tvm(model, threads, prompt_tokens, decode_tokens, cache_dir, entry, target, chain_burst=0) -> dict:
     from runtime.engine import Engine, ensure_built
 
     entry = entry or ensure_built(model, target, cache_dir)
     eng = Engine(entry, None, threads=threads)
-    g = timed_generation(eng.prefill, eng.decode, eng.reset, prompt_ids(eng.vocab, prompt_tokens), decode_tokens)
+    prompt = prompt_ids(eng.vocab, prompt_tokens)
+    g = timed_generation(eng.prefill, eng.decode, eng.reset, prompt, decode_tokens)
     steps, ttft, tok = g["steps"], g["ttft"], g["tokens"][-1]
     mean_pos = prompt_tokens + (decode_tokens - 1) / 2
     extra = {}
+    if chain_burst and eng.has_chain:  # the same greedy decode, steps queued on the device (a row tvm-chain)
+        c = timed_chain(eng, prompt, decode_tokens, chain_burst)
+        extra["chain"] = {"decode_tok_s": 1.0 / float(np.median(c["steps"])), "burst": chain_burst,
+                          "decode_ms_median": float(np.median(c["steps"])) * 1e3,
+                          "same_tokens": c["tokens"] == g["tokens"]}  # fmt: skip
     if eng.target == "cuda":  # where a step's time goes (bench.cuda_trace) and what the build says it launches
         from bench.cuda_trace import trace
 
         extra["trace"] = trace(lambda: eng.decode(tok), calls=50)
         extra["census"] = (eng.meta.get("census") or {}).get("decode_b1")
+        if "chain" in extra:  # a burst at a fixed position, again and again: per step, where the time goes
+            burst, at = extra["chain"]["burst"], eng.seq.length
+
+            def chained():
+                eng.seq.length = at
+                eng.chain(tok, burst)
+
+            t = trace(chained, calls=8, warmup=2)
+            extra["chain"]["trace"] = t | {k: t[k] / burst for k in PER_CALL if k in t} | {"calls": 8 * burst}
+            extra["chain"]["census"] = (eng.meta.get("census") or {}).get("chain_b1")
         eng.reset()
     return _result("tvm", threads, prompt_tokens, steps, ttft, device="cpu" if eng.target != "cuda" else "cuda",
                    dtype="int8", target=eng.target, entry=str(entry), mean_decode_pos=mean_pos,
@@ -330,7 +365,8 @@ def run(a) -> dict:
         if not (onnx.parent / "complete").exists():
             print(f"exporting ONNX to {onnx} ...", file=sys.stderr)
             _run_worker(["onnx_export", "--model", a.model, "--onnx", str(onnx)], 1)
-    common = ["--model", a.model, "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens)]
+    common = ["--model", a.model, "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens),
+              "--chain-burst", str(a.chain_burst)]  # fmt: skip
     samples: dict[tuple, list] = {}
     roof_runs: dict[int, list] = {}
     roof = "tvm" in impls
@@ -342,7 +378,14 @@ def run(a) -> dict:
                          "onnxruntime": ["--onnx", str(onnx)]}[impl]  # fmt: skip
                 if a.cache_dir:
                     extra += ["--cache-dir", a.cache_dir]
-                samples.setdefault((impl, n), []).append(_run_worker([impl, *common, *extra], n))
+                r = _run_worker([impl, *common, *extra], n)
+                samples.setdefault((impl, n), []).append(r)
+                if "chain" in r:  # the same process's chained decode: its own row
+                    c = r.pop("chain")
+                    row = r | {"impl": "tvm-chain", "decode_tok_s": c["decode_tok_s"], "chain": c,
+                               "decode_ms_median": c["decode_ms_median"]}  # fmt: skip
+                    row.pop("trace", None)
+                    samples.setdefault(("tvm-chain", n), []).append(row)
                 if impl == "tvm" and a.baseline_entry:  # the A/B: the baseline build right after, same conditions
                     extra = ["--target", target, "--entry", a.baseline_entry]
                     r = _run_worker(["tvm", *common, *extra], n) | {"impl": "tvm-base", "entry": a.baseline_entry}
@@ -355,12 +398,19 @@ def run(a) -> dict:
     for r in rows:
         if r["impl"] == "tvm" and ("tvm-base", r["threads"]) in samples:
             r |= baseline_ratios(samples[("tvm", r["threads"])], samples[("tvm-base", r["threads"])])
+    for r in rows:  # the chained decode over the step-by-step one of the same process, run by run
+        if r["impl"] == "tvm-chain":
+            pairs = zip(samples[("tvm-chain", r["threads"])], samples[("tvm", r["threads"])], strict=True)
+            ratios = [c["decode_tok_s"] / t["decode_tok_s"] for c, t in pairs]
+            r["decode_vs_stepwise"] = float(np.median(ratios))
+            r["decode_vs_stepwise_range"] = [min(ratios), max(ratios)]
+            r["same_tokens_all_runs"] = all(c["chain"]["same_tokens"] for c in samples[("tvm-chain", r["threads"])])
     roofs = {n: float(np.median(v)) for n, v in roof_runs.items()}
     base = {r["threads"]: r for r in rows if r["impl"] == "torch"}
     for r in rows:
         b = base.get(r["threads"])
         r["decode_vs_torch"] = r["decode_tok_s"] / b["decode_tok_s"] if b else float("nan")
-        if r["impl"] in ("tvm", "tvm-base") and r["threads"] in roofs:
+        if r["impl"] in ("tvm", "tvm-base", "tvm-chain") and r["threads"] in roofs:
             gbs = roofs[r["threads"]]
             r["read_gbs"] = gbs
             per_token = r["bytes"]["weights"] + (r["bytes"]["kv_cache"] if target == "cuda" else 0)
@@ -386,6 +436,11 @@ def table(res: dict) -> str:
     if any(r["impl"] == "onnxruntime" for r in res["rows"]):
         lines.append("onnxrt*: the ONNX export has no KV cache; each decode step recomputes the whole sequence")
     for r in res["rows"]:
+        if "decode_vs_stepwise" in r:
+            lo, hi = r["decode_vs_stepwise_range"]
+            lines.append(f"{r['threads']} thread(s): chained decode (bursts of {r['chain']['burst']}) "
+                         f"{r['decode_vs_stepwise']:.3f}x the step-by-step decode of the same process [{lo:.3f}, "
+                         f"{hi:.3f}]; tokens identical in every run: {r['same_tokens_all_runs']}")  # fmt: skip
         if "decode_vs_baseline" in r:
             lo, hi = r["decode_vs_baseline_range"]
             plo, phi = r["prefill_vs_baseline_range"]
@@ -403,20 +458,24 @@ def table(res: dict) -> str:
                      f" + embedding row {mb['embedding_row']:.4f}; KV cache at the mean decode position "
                      f"{tvm[0]['mean_decode_pos']:.0f}: {mb['kv_cache']:.2f} MB ({kv})")  # fmt: skip
         roof = "device copy, read + write" if cuda else f"{res['roof_mib']} MiB stream"
-        for r in tvm:
-            lines.append(f"  {r['threads']} thread(s): {r['read_gbs']:.1f} GB/s ({roof}) -> bound "
+        for r in [r for r in res["rows"] if r["impl"] in ("tvm", "tvm-chain")]:
+            lines.append(f"  {r['impl']}, {r['threads']} thread(s): {r['read_gbs']:.1f} GB/s ({roof}) -> bound "
                          f"{r['bound_tok_s']:.1f} tok/s; compiled decode {r['decode_tok_s']:.1f} tok/s = "
                          f"{r['pct_of_bound']:.1f} % ({r['decode_gbs']:.1f} GB/s)")  # fmt: skip
-    for r in tvm:
-        t, c = r.get("trace"), r.get("census")
+    for r in [r for r in res["rows"] if r["impl"] in ("tvm", "tvm-chain")]:
+        t, c = (
+            (r["chain"].get("trace"), r["chain"].get("census")) if "chain" in r else (r.get("trace"), r.get("census"))
+        )
         if t:
-            lines.append(f"  per decode step (profiler, {t['calls']} steps): {t['wall_us']:.0f} us wall, GPU busy "
+            lines.append(f"  {r['impl']} per decode step (profiler, {t['calls']} steps): {t['wall_us']:.0f} us wall, "
+                         f"GPU busy "
                          f"{t['busy_us']:.0f} us ({100 * t['busy_fraction']:.0f} %), {t['kernels']:.0f} kernels, "
                          f"{t['graph_launches']:.0f} graph launches, {t['host_launches']:.0f} host kernel launches, "
                          f"{t['allocations']:.0f} allocations, {t['syncs']:.0f} syncs, "
                          f"{t['copies']:.0f} copies")  # fmt: skip
         if c:
-            lines.append(f"  compiled decode_b1: {c['graphs']} graph, {c['kernels_in_graphs']} kernels in graphs "
+            fn = "chain_b1" if r["impl"] == "tvm-chain" else "decode_b1"
+            lines.append(f"  compiled {fn}: {c['graphs']} graph, {c['kernels_in_graphs']} kernels in graphs "
                          f"({c['kernels_in_graphs'] / r['n_layers']:.1f} per layer), {c['kernels_outside']} outside, "
                          f"{c['allocations']} allocations per call")  # fmt: skip
     lines += res["notes"]
@@ -448,6 +507,13 @@ def main(argv=None) -> None:
         default=None,
         help="the read roof from a `bench.threads export` folder (for a machine with TVM's runtime only)",
     )
+    ap.add_argument(
+        "--chain-burst",
+        type=int,
+        default=0,
+        help="also time greedy decode as chains of this many steps queued on the device (Engine.chain): a row "
+        "tvm-chain from the same process as the tvm row (0: off)",
+    )
     ap.add_argument("--onnx", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -455,7 +521,7 @@ def main(argv=None) -> None:
         n = a.threads[0]
         p, d = a.prompt_tokens, a.decode_tokens
         r = {
-            "tvm": lambda: _worker_tvm(a.model, n, p, d, a.cache_dir, a.entry, a.target),
+            "tvm": lambda: _worker_tvm(a.model, n, p, d, a.cache_dir, a.entry, a.target, a.chain_burst),
             "torch": lambda: _worker_torch(a.model, n, p, d, a.torch_device, a.torch_dtype),
             "onnxruntime": lambda: _worker_onnxruntime(a.model, n, p, d, a.onnx),
             "roofline": lambda: _worker_roofline(n, a.target, a.roof_mib, a.roof_dir),

@@ -129,14 +129,42 @@ def copy(shape: tuple[int, ...], dtype: str):
     return _prim([x, te.compute(shape, lambda *i: x[i], name="out")])
 
 
-def argmax(B: int, V: int):
+def chain_advance(R: int, gpu: bool = False):
+    """The device side of a greedy chain step (``compiler.lower``'s ``chain_b1``), in place and in one thread: the
+    step's pick ``at[0]`` becomes the next step's token (``toks[0]``) at the next position (``pos[0] + 1``) and is
+    appended to the ring (``ring[ring[R] % R]``; ``ring[R]`` counts the steps since the host last zeroed it)."""
+    from tvm.script import tirx as Tx
+
+    outer = (lambda n: Tx.thread_binding(n, thread="blockIdx.x")) if gpu else Tx.serial
+    inner = (lambda n: Tx.thread_binding(n, thread="threadIdx.x")) if gpu else Tx.serial
+
+    @Tx.prim_func
+    def advance(
+        at: Tx.Buffer((1,), "int32"),
+        toks: Tx.Buffer((1,), "int32"),
+        pos: Tx.Buffer((1,), "int32"),
+        ring: Tx.Buffer((R + 1,), "int32"),
+    ):
+        for _b in outer(1):
+            for _t in inner(1):
+                ring[Tx.floormod(ring[R], R)] = at[0]
+                ring[R] = ring[R] + 1
+                toks[0] = at[0]
+                pos[0] = pos[0] + 1
+
+    return advance.without_attr("global_symbol")
+
+
+def argmax(B: int, V: int, biased: bool = False):
     """Each row's first maximum and its value, ``(at int32[B], best float32[B])`` (the MTP heads' greedy drafts): a
     reduction over ``v`` in order that moves only on a strictly larger value (NaN never wins). Two outputs: Relax
-    would take a one-in, one-out kernel for a possible reshape and analyse it as one."""
+    would take a one-in, one-out kernel for a possible reshape and analyse it as one. ``biased``: of ``x[b, v] +
+    bias[v]``, a second input ``bias [V]`` (e.g. ``-inf`` at ids never to be picked)."""
     import tvm
     from tvm import te
 
     x = te.placeholder((B, V), "float32", name="x")
+    bias = te.placeholder((V,), "float32", name="bias")
 
     def combine(a, b):
         take = b[1] > a[1]
@@ -147,8 +175,9 @@ def argmax(B: int, V: int):
 
     first_max = te.comm_reducer(combine, identity, name="first_max")
     v = te.reduce_axis((0, V), name="v")
-    at, best = te.compute((B,), lambda b: first_max((v.astype("int32"), x[b, v]), axis=v), name="argmax")
-    return _prim([x, at, best])
+    value = (lambda b, v: x[b, v] + bias[v]) if biased else (lambda b, v: x[b, v])
+    at, best = te.compute((B,), lambda b: first_max((v.astype("int32"), value(b, v)), axis=v), name="argmax")
+    return _prim([x, *([bias] if biased else []), at, best])
 
 
 def router_logits(T: int, D: int, E: int):

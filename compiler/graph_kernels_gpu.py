@@ -504,17 +504,21 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", gpu: bool = True, th
     return head.without_attr("global_symbol")
 
 
-def argmax(B: int, V: int, threads: int = 256):
+def argmax(B: int, V: int, threads: int = 256, biased: bool = False):
     """Each row's first maximum and its value, ``(at int32[B], best float32[B])``, as
     :func:`compiler.graph_kernels.argmax`: a CUDA block per row, each thread scanning its strided share in order, then
-    a shared-memory tree that keeps the larger value (the smaller index on a tie)."""
+    a shared-memory tree that keeps the larger value (the smaller index on a tie). ``biased``: of ``x[b, v] +
+    bias[v]``, a second input ``bias [V]`` (e.g. ``-inf`` at ids never to be picked)."""
     from tvm.script import tirx as Tx
 
     levels = threads.bit_length() - 1
     per = -(-V // threads)
 
+    def load(x, bias, b, v):  # evaluated as the kernel is parsed: the value a row's entry v competes with
+        return x.vload([b, v]) + bias.vload([v]) if biased else x.vload([b, v])
+
     @Tx.macro
-    def body(x, out, top):
+    def body(x, bias, out, top):
         for b in Tx.thread_binding(B, thread="blockIdx.x"):
             for tx in Tx.thread_binding(threads, thread="threadIdx.x"):
                 val = Tx.alloc_buffer((threads,), "float32", scope="shared")
@@ -527,8 +531,8 @@ def argmax(B: int, V: int, threads: int = 256):
                 at[0] = V
                 for i in range(per):
                     if i * threads + tx < V:
-                        if x[b, i * threads + tx] > best[0] or at[0] == V:
-                            best[0] = x[b, i * threads + tx]
+                        if load(x, bias, b, i * threads + tx) > best[0] or at[0] == V:
+                            best[0] = load(x, bias, b, i * threads + tx)
                             at[0] = i * threads + tx
                 val[tx] = best[0]
                 idx[tx] = at[0]
@@ -549,10 +553,20 @@ def argmax(B: int, V: int, threads: int = 256):
                     out[b] = Tx.min(idx[0], V - 1)
                     top[b] = val[0]
 
-    @Tx.prim_func(check_well_formed=False)  # a root block around loop-style code, as norm_quantize's quantize
-    def pick(x: Tx.Buffer((B, V), "float32"), out: Tx.Buffer((B,), "int32"), top: Tx.Buffer((B,), "float32")):
-        with Tx.sblock("root"):  # Relax's reshape analysis asserts a block on single-input kernels
-            body(x, out, top)
+    if biased:
+
+        @Tx.prim_func(check_well_formed=False)
+        def pick(x: Tx.Buffer((B, V), "float32"), bias: Tx.Buffer((V,), "float32"),
+                 out: Tx.Buffer((B,), "int32"), top: Tx.Buffer((B,), "float32")):  # fmt: skip
+            with Tx.sblock("root"):
+                body(x, bias, out, top)
+
+    else:
+
+        @Tx.prim_func(check_well_formed=False)  # a root block around loop-style code, as norm_quantize's quantize
+        def pick(x: Tx.Buffer((B, V), "float32"), out: Tx.Buffer((B,), "int32"), top: Tx.Buffer((B,), "float32")):
+            with Tx.sblock("root"):  # Relax's reshape analysis asserts a block on single-input kernels
+                body(x, x, out, top)
 
     return pick.without_attr("global_symbol")
 

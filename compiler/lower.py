@@ -63,7 +63,14 @@ from compiler import graph_kernels as gk
 from compiler import graph_kernels_deltanet as gkd
 from compiler import graph_kernels_gpu as gkg
 from compiler import graph_kernels_mla as gkm
-from compiler.constants import CPU_BATCH_SIZES, CPU_PREFILL_CHUNK, CUDA_BATCH_SIZES, CUDA_PREFILL_CHUNK, KV_BLOCK
+from compiler.constants import (
+    CHAIN_RING,
+    CPU_BATCH_SIZES,
+    CPU_PREFILL_CHUNK,
+    CUDA_BATCH_SIZES,
+    CUDA_PREFILL_CHUNK,
+    KV_BLOCK,
+)
 from compiler.ops import make_op
 
 log = logging.getLogger("compiler.build")
@@ -239,15 +246,18 @@ def output_specs(cfg, name: str, T: int) -> list[ParamSpec]:
     call, and on CUDA the whole step is one captured graph; :func:`compiler.build._static_inputs`). ``logits``
     ``[rows, V]`` (prefill: ``rows = 1``, the row ``last``); with MTP heads the normed hidden states ``hidden [rows,
     D]``; ``verify_b{B}`` also every row's greedy drafts ``drafts int32[m, B]``; ``draft{k}_b{B}`` only its drafts
-    ``int32[k, B]``. ``compiler.build`` writes them to ``meta.json`` (``outputs``) for the runtime."""
+    ``int32[k, B]``; ``chain_b1`` also the ring of its picks ``ring int32[CHAIN_RING + 1]`` (:meth:`Lowering.function`).
+    ``compiler.build`` writes them to ``meta.json`` (``outputs``) for the runtime."""
     if name.startswith("draft"):
         return [ParamSpec("drafts", (int(name[5 : name.index("_")]), T), "int32")]
-    rows = T if name.startswith(("decode_b", "verify_b")) else 1
+    rows = T if name.startswith(("decode_b", "verify_b", "chain_b")) else 1
     out = [ParamSpec("logits", (rows, cfg.vocab_size), "float32")]
     if cfg.mtp_heads:
         out.append(ParamSpec("hidden", (rows, cfg.d_model), "float32"))
     if name.startswith("verify_b"):
         out.append(ParamSpec("drafts", (cfg.mtp_heads, T), "int32"))
+    if name.startswith("chain_b"):
+        out.append(ParamSpec("ring", (CHAIN_RING + 1,), "int32"))
     return out
 
 
@@ -537,6 +547,7 @@ class Lowering:
                 self.function(f"verify_b{B}")
             for heads in range(1, self.cfg.mtp_heads + 1):
                 self.draft(B, heads)
+        self.function("chain_b1")
         self.function("prefill")
         return self.bb.get()
 
@@ -550,13 +561,14 @@ class Lowering:
         from tvm import tirx
 
         cfg, bb = self.cfg, self.bb
-        batch = name.startswith(("decode_b", "verify_b"))
+        batch = name.startswith(("decode_b", "verify_b", "chain_b"))
         T = _rows(name, self.chunk)
         f32 = "float32"
         W = gk.table_width(cfg.max_seq_len, KV_BLOCK)
         toks, pos, table = _var("tokens", (T,), "int32"), _var("pos", (T,), "int32"), _var("table", (T, W), "int32")
         last = None if batch else _var("last", (1,), "int32")
-        inputs = [toks, pos, table] + ([last] if last is not None else [])
+        bias = _var("bias", (cfg.vocab_size,), "float32") if name.startswith("chain_b") else None
+        inputs = [toks, pos, table] + [v for v in (last, bias) if v is not None]
         dst = {o.name: _var(o.name, o.shape, o.dtype) for o in output_specs(cfg, name, T)}
         dims = {d: tirx.Var(d, "int64") for d in (BLOCK_DIM, STATE_DIM)}
         cache = {s.name: _var(s.name, (dims[cache_dim(s)], *s.shape), s.dtype) for s in cache_specs(cfg)}
@@ -576,6 +588,8 @@ class Lowering:
                     top = self._call(self._te("argmax", self.k.argmax, T, cfg.vocab_size), [logits],
                                      [((T,), "int32"), ((T,), f32)])[0]  # fmt: skip
                     outs.append(self._copy_into(self._draft_steps(f, hn, top, cfg.mtp_heads), dst["drafts"]))
+                if name.startswith("chain_b"):  # the greedy pick feeds the next call: no host round trip
+                    outs += self._chain_advance(logits, bias, toks, pos, dst["ring"])
                 out = bb.emit_output(_results(outs))
             bb.emit_func_output(out)
 
@@ -929,6 +943,22 @@ class Lowering:
             toks.append(self._reshape(tok, (1, B)))
         return toks[0] if heads == 1 else bb.emit(relax.op.concat(toks, axis=0))
 
+    def _chain_advance(self, logits, bias, toks, pos, ring):
+        """``chain_b1``'s last step: the argmax of ``logits [1, V] + bias`` (the first maximum; the caller's ``bias
+        [V]`` puts ``-inf`` at ids never picked) becomes the token of the next
+        call at the next position, written into the caller's ``toks`` and ``pos``, and is appended to the caller's
+        ``ring`` (:func:`compiler.graph_kernels.chain_advance`) → the updated ``[ring, toks, pos]``. So calls can be
+        queued back to back with nothing from the host between them (``runtime.engine.Engine.chain``)."""
+        from tvm import relax
+
+        V = self.cfg.vocab_size
+        pick = self._te("argmax_biased", lambda b, v: self.k.argmax(b, v, biased=True), 1, V)
+        at = self._call(pick, [logits, bias], [((1,), "int32"), ((1,), "float32")])[0]
+        gv = self._te("chain_advance", lambda r: gk.chain_advance(r, self.gpu), CHAIN_RING)
+        tys = [t.ty for t in (toks, pos, ring)]
+        r = self.bb.emit(relax.call_tir_inplace(gv, [at, toks, pos, ring], [1, 2, 3], tys))
+        return [self.bb.emit(relax.TupleGetItem(r, i)) for i in (2, 0, 1)]
+
     # --- steps shared by the blocks --------------------------------------------------------------------------
     def _norm_quant(self, f: _Frame, weight: str, u, D: int | None = None):
         """RMSNorm + per-token int8 quantize of ``u [T, D]`` (a block input, or a sub-norm's) → ``(q8 [T, D], scale
@@ -1063,7 +1093,7 @@ class Lowering:
         """Per function built, its results' ``[shape, dtype]`` (:func:`output_specs`), for ``meta.json``."""
         bs, m = self.k.batch_sizes, self.cfg.mtp_heads
         names = [f"decode_b{b}" for b in bs] + ([f"verify_b{b}" for b in bs] if m and self.k.fused_draft else [])
-        names += [f"draft{k}_b{b}" for b in bs for k in range(1, m + 1)]
+        names += [f"draft{k}_b{b}" for b in bs for k in range(1, m + 1)] + ["chain_b1"]
         return {n: [[list(s.shape), s.dtype] for s in output_specs(self.cfg, n, _rows(n, self.chunk))]
                 for n in [*names, "prefill"]}  # fmt: skip
 

@@ -158,12 +158,18 @@ class TokenPicker:
         elif len(result.tokens) >= self.limit:
             self.done = True
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The next pick is the argmax of the raw logits: greedy, no penalties, no healing constraint (unused tokens
+        and NaN logits aside, which :meth:`_greedy` checks)."""
+        p = self.params
+        return p.temperature < GREEDY_BELOW and not p.penalized and not self.pending
+
     def _greedy(self, logits: np.ndarray) -> int | None:
         """The greedy pick without copying the logits, when nothing else applies (no penalties, no healing
         constraint) and the argmax is an ordinary token with a number for a logit; else None (the full path). Same
         result as the full path: ``np.argmax`` returns the first maximum, as it does on the float64 copy."""
-        p = self.params
-        if p.temperature >= GREEDY_BELOW or p.penalized or self.pending:
+        if not self.plain_greedy:
             return None
         i = int(np.argmax(logits))
         if np.isnan(logits[i]) or i in self.engine.never_ids:

@@ -134,6 +134,8 @@ KV_CONTEXTS = 4  # the default KV cache holds this many full contexts' worth of 
 # default drafts per step, by target: the setting that decoded fastest on the shipped model (docs/speculative.md;
 # AVX2: speculation did not pay there, 0.99x at one draft)
 DRAFT_TOKENS = {"cuda": 3, "avx512": 1, "avx2": 0}
+# plain greedy steps per burst of Engine.chain, by target (0: step by step through the host)
+CHAIN_BURST = {"cuda": 16, "avx512": 0, "avx2": 0}
 
 
 def default_max_seqs(batch_sizes) -> int:
@@ -163,6 +165,7 @@ class Engine:
         kv_tokens: int | None = None,
         draft_tokens: int | None = None,
         max_seqs: int | None = None,
+        chain_burst: int | None = None,
     ) -> None:
         """``gguf`` supplies the tokenizer (and its special tokens); or pass an HF ``tokenizer`` directly.
         ``token_healing`` is the default of :meth:`stream_text`. ``kv_tokens``: the KV cache's capacity in tokens
@@ -171,7 +174,9 @@ class Engine:
         :func:`default_draft_tokens`, at most the heads; 0 turns speculative decoding off). ``max_seqs``: on a model
         with DeltaNet layers, the most sequences live at once, hence its recurrent-state slots (default
         :func:`default_max_seqs`: the largest decode batch plus this Engine's own sequence; at most the cache's
-        blocks); one more sequence is :class:`CacheFull` until one is released. Ignored without DeltaNet layers."""
+        blocks); one more sequence is :class:`CacheFull` until one is released. Ignored without DeltaNet layers.
+        ``chain_burst``: plain greedy generation runs up to this many steps at a time on the device, without the
+        host between them (:meth:`chain`; default :data:`CHAIN_BURST` for the target; 0 turns it off)."""
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or len(os.sched_getaffinity(0))))
         import tvm
         from tvm.runtime.vm import VirtualMachine
@@ -207,6 +212,9 @@ class Engine:
         if not 0 <= draft_tokens <= self.mtp_heads:
             raise ValueError(f"draft_tokens={draft_tokens}: this model has {self.mtp_heads} MTP heads")
         self.draft_tokens = int(draft_tokens)
+        self.chain_burst = int(CHAIN_BURST.get(self.target, 0) if chain_burst is None else chain_burst)
+        if self.chain_burst < 0:
+            raise ValueError(f"chain_burst={chain_burst}: 0 (off) or more steps")
         with np.load(self.dir / "params.npz", allow_pickle=False) as z:
             self.params = [tvm.runtime.tensor(np.ascontiguousarray(z[name]), self.dev) for name, _, _ in
                            self.meta["params"]]  # fmt: skip
@@ -228,6 +236,7 @@ class Engine:
         self._inputs: dict[tuple, tuple] = {}  # per-call input tensors and their host staging arrays (_in)
         self._results: dict[str, list] = {}  # each function's result tensors, written in place (_out)
         self._result_specs: dict[str, list] = {}  # their (shape, dtype), for _read
+        self._chain_bias = None  # chain_b1's bias over the vocabulary (made at its first call)
         self.seq = Sequence()  # the single-sequence API's sequence
         self.token_healing = token_healing
         self.tokenizer = tokenizer
@@ -433,6 +442,53 @@ class Engine:
             start = end
         return res
 
+    @property
+    def has_chain(self) -> bool:
+        """Whether the module has ``chain_b1`` (a build of this compiler; an older cache entry may not)."""
+        return "chain_b1" in self.meta.get("outputs", {})
+
+    def chain(self, token: int, n: int, seq: Sequence | None = None) -> list[int]:
+        """``n`` greedy steps queued back to back on the device (``chain_b1``): ``token`` is appended to ``seq``
+        (default: the Engine's own), and each step appends the first maximum of the logits after the token before
+        it; returns the ``n`` tokens picked (the last not yet in the cache, like :meth:`decode`'s logits). Each call
+        feeds its own pick to the next on the device, so the host neither reads logits nor waits between steps: it
+        reads the picks once per burst of up to ``CHAIN_RING`` steps (the function's ring). The same tokens as
+        :meth:`decode` and ``np.argmax``, which also takes the first maximum, over the ids a generation may pick (not
+        the unused ones; the logits have no NaN)."""
+        seq = self.seq if seq is None else seq
+        if not self.has_chain:
+            raise ValueError(f"{self.dir.name}: no chain_b1 in this build (built by an older compiler: rebuild it)")
+        self._check([int(token)])
+        if n < 1 or seq.length + n > self.ctx:
+            raise ValueError(f"chain of {n} steps from position {seq.length}: 1 .. {self.ctx - seq.length} fit")
+        self._grow(seq, seq.length + n)
+        outs = self._out("chain_b1")
+        ring = len(outs) - 1
+        R = self._result_specs["chain_b1"][ring][0][0] - 1
+        if self._chain_bias is None:  # unused tokens are never picked: -inf added to their logits
+            bias = np.zeros(self.vocab, np.float32)
+            bias[self._never] = -np.inf
+            self._chain_bias = self._tvm.runtime.tensor(bias, self.dev)
+        args = (self._in("chain_token", [int(token)]), self._in("chain_pos", [seq.length]),
+                self._in("chain_table", seq.table(self.pool.width)[None]), self._chain_bias, *outs, *self.cache,
+                *self.params)  # fmt: skip
+        self.vm.set_input("chain_b1", *args)  # once: the calls below pass the same tensors
+        picks: list[int] = []
+        while len(picks) < n:
+            m = min(R, n - len(picks))
+            self._in_place(outs[ring], np.zeros(R + 1, np.int32))  # the count ring[R] from 0
+            for _ in range(m):
+                self.vm.invoke_stateful("chain_b1")
+            picks += self._read("chain_b1", ring)[:m].tolist()
+        seq.length += n
+        seq.hidden, seq.drafts = (self._read("chain_b1", 1)[0] if self.mtp_heads else None), None
+        return picks
+
+    def _in_place(self, t, values: np.ndarray) -> None:
+        """Refill the device tensor ``t`` from ``values`` (same shape and dtype) by TVM's C copy."""
+        a = np.ascontiguousarray(values)
+        self._copy_from(t, ctypes.c_void_p(a.ctypes.data), a.nbytes)
+
     def draft(self, hidden: np.ndarray, tokens, heads: int | None = None) -> np.ndarray:
         """Greedy draft tokens ``[n, heads]`` (default all heads) from the recurrent MTP heads, for ``n`` sequences:
         ``hidden [n, D]`` the normed hidden state at each one's last cached position (``seq.hidden``) and ``tokens``
@@ -491,9 +547,29 @@ class Engine:
         tok = picker.pick(logits, self.pos)
         yield tok
         while not picker.done:
-            new = advance(self, [picker], [self.seq], [tok])[0]  # 1 .. draft_tokens + 1 tokens
+            if self.chain_burst and self.has_chain and picker.plain_greedy:
+                new = self._chain_burst(picker, tok)
+            else:
+                new = advance(self, [picker], [self.seq], [tok])[0]  # 1 .. draft_tokens + 1 tokens
             yield from new
             tok = new[-1]
+
+    def _chain_burst(self, picker: TokenPicker, tok: int) -> list[int]:
+        """Up to :attr:`chain_burst` greedy tokens by :meth:`chain` (at most the token limit and the context
+        allow), each pushed to ``picker`` as if picked one step at a time; those after the one that ends the
+        generation are dropped, and the sequence's length set back to the tokens it really holds. The same tokens
+        as the step-by-step path: ``picker.plain_greedy`` holds, so each is the argmax."""
+        seq, start = self.seq, self.seq.length
+        n = min(self.chain_burst, picker.limit - len(picker.result.tokens), self.ctx - start)
+        out = []
+        for j, t in enumerate(self.chain(tok, n, seq)):
+            out.append(t)
+            picker.push(t, start + j + 1)
+            if picker.done:
+                break
+        if len(out) < n:  # the dropped picks' keys lie past the length: overwritten later, never read
+            seq.length, seq.hidden = start + len(out), None
+        return out
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids

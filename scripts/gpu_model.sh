@@ -4,7 +4,7 @@
 # from the GGUF), with TVM's runtime only: parity with the PyTorch CUDA reference (64 greedy steps), then
 # bench.runtime: decode/prefill against PyTorch eager bf16, $RUNS interleaved runs, the HBM bound from a device copy
 # in the same run, and the profiler's count of what one decode step launches (bench.cuda_trace).
-#   OUT=<results folder> [RUNS=5] [NAMES="small nano-1b"] [SKIP_TORCH_NANO=1 | SKIP_TORCH=1] [BASELINE=.gpu/baseline] \
+#   OUT=<results folder> [RUNS=5] [CHAIN_BURST=16] [NAMES="small nano-1b"] [SKIP_TORCH_NANO=1 | SKIP_TORCH=1] [BASELINE=.gpu/baseline] \
 #     bash scripts/gpu_model.sh
 #   (NAMES: any entry gpu_prepare.sh built, e.g. bitnet-2b4t; BASELINE: a folder of entries of the same names built
 #   from an earlier commit, e.g. `git worktree add /tmp/old <commit> && (cd /tmp/old && bash scripts/gpu_prepare.sh)`
@@ -34,5 +34,5 @@ for e in ${NAMES:-small nano-1b}; do
   [ "${SKIP_TORCH:-0}" = 1 ] && impls=tvm
   python3 -m bench.runtime --impl $impls --model "$gguf" --entry ".gpu/entries/$e" --target cuda --threads 16 \
     --torch-device cuda --torch-dtype bfloat16 --prompt-tokens 64 --decode-tokens 128 --runs "$RUNS" \
-    ${ab[@]+"${ab[@]}"} --json "$OUT/runtime_${e}_cuda.json" 2>&1 | tail -10
+    --chain-burst "${CHAIN_BURST:-16}" ${ab[@]+"${ab[@]}"} --json "$OUT/runtime_${e}_cuda.json" 2>&1 | tail -14
 done

@@ -317,8 +317,8 @@ def test_cuda_attention_and_head_are_one_kernel_each():
 def test_shipped_model_builds_for_cuda_with_every_batch(tmp_path):
     """models/small.gguf compiles for CUDA to device code with decode_b{B} for every CUDA batch size: the one-token
     step keeps the tuned GEMVs, a batch runs the GEMM (N = B), and the head is the batched kernel. Graph hygiene:
-    every call of every function (decode, verify, draft, prefill) replays one CUDA graph, launches no kernel of its
-    own and allocates nothing."""
+    every call of every function (decode, verify, draft, chain, prefill) replays one CUDA graph, launches no kernel
+    of its own and allocates nothing."""
     from compiler.build import build
     from compiler.constants import CUDA_BATCH_SIZES
 
@@ -337,12 +337,12 @@ def test_shipped_model_builds_for_cuda_with_every_batch(tmp_path):
     # the build's census (meta.json, what bench.runtime reports on the GPU host) and on the dumped IR
     census = r.meta["census"]
     names = {f"{f}_b{b}" for f in ("decode", "verify", *(f"draft{k}" for k in (1, 2, 3))) for b in CUDA_BATCH_SIZES}
-    assert set(census) == names | {"prefill"}
+    assert set(census) == names | {"prefill", "chain_b1"}
     for name, c in census.items():
         assert (c["graphs"], c["kernels_outside"], c["allocations"]) == (1, 0, 0), (name, c)
         assert c["kernels_in_graphs"] > 0
     compiled = (tmp_path / "ir" / "compile.relax.py").read_text()
-    for name in ("decode_b1", "decode_b64", "verify_b4", "prefill", "draft3_b2"):
+    for name in ("decode_b1", "decode_b64", "verify_b4", "prefill", "draft3_b2", "chain_b1"):
         body = re.search(rf"def {name}\(.*?(?=\n    @R\.function|\Z)", compiled, re.S).group(0)
         assert body.count("vm.builtin.cuda_graph.run_or_capture") == 1
         assert not re.findall(r"cls\.(\w+)\(", body), name  # no kernel launched outside the graph
