@@ -8,7 +8,9 @@ tokens per verify step, and whether the greedy tokens are identical.
 Prompts: ``bench/data/heldout_code_prompts.json``, signatures + docstrings of held-out functions (the corpus's val
 split: never trained on). Each prompt is generated greedily for ``--tokens`` tokens (``ignore_eos``, so every setting
 decodes the same number of tokens) with each ``--draft-tokens`` setting (0 = plain decoding) on one Engine, switching
-``Engine.draft_tokens`` between generations. The settings are interleaved: each of ``--rounds`` rounds runs every
+``Engine.draft_tokens`` between generations; ``--chain-burst N`` adds a setting ``cN``, plain greedy generation as
+device chains of ``N`` steps (``Engine.chain``; the draft settings run with chains off). The settings are
+interleaved: each of ``--rounds`` rounds runs every
 setting over all prompts, in a rotated order. Decode tokens/s of a round = its tokens after the first (per prompt) /
 their decode time; the table gives the median over rounds, the range, and the ratio to plain decoding taken within
 each round. ``identical``: every setting's tokens equal plain decoding's for every prompt (greedy speculation is exact).
@@ -32,6 +34,7 @@ import numpy as np
 from bench.machine import REPO, git_commit, machine, save_json
 
 PROMPTS = REPO / "bench" / "data" / "heldout_code_prompts.json"
+CHAIN = "chain"  # the setting of --chain-burst: plain greedy as device chains, no drafts
 
 
 @dataclass
@@ -45,6 +48,7 @@ class SpecBenchConfig:
     n_prompts: int = 16
     tokens: int = 128
     rounds: int = 5
+    chain_burst: int = 0  # > 0: one more setting, plain greedy as device chains of this many steps (Engine.chain)
 
 
 def stats(x) -> dict:
@@ -71,17 +75,21 @@ def run(cfg: SpecBenchConfig) -> dict:
         raise SystemExit(f"error: --draft-tokens {bad}: the model has {eng.mtp_heads} MTP heads")
     prompts = [p["prompt"] for p in json.loads(Path(cfg.prompts).read_text())["prompts"][: cfg.n_prompts]]
     params = SamplingParams(max_new_tokens=cfg.tokens, ignore_eos=True)
-    eng.draft_tokens = 0
-    for p in prompts[:2]:  # warm-up (first calls of each function, the token table)
-        eng.generate(p, params)
+    settings = {k: (k, 0) for k in cfg.draft_tokens}  # setting → (drafts, chain burst)
+    if cfg.chain_burst and eng.has_chain:
+        settings[CHAIN] = (0, cfg.chain_burst)
+    for eng.draft_tokens, eng.chain_burst in settings.values():  # warm-up (first calls, the token table)
+        for p in prompts[:2]:
+            eng.generate(p, params)
     plain_tokens: dict[int, list[int]] = {}
     rows = {k: {"tps": [], "ratio": [], "acceptance": [], "tokens_per_step": [], "identical": True}
-            for k in cfg.draft_tokens}  # fmt: skip
+            for k in settings}  # fmt: skip
+    names = list(settings)
     for r in range(cfg.rounds):
-        order = cfg.draft_tokens[r % len(cfg.draft_tokens) :] + cfg.draft_tokens[: r % len(cfg.draft_tokens)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         rate = {}
         for k in order:
-            eng.draft_tokens = k
+            eng.draft_tokens, eng.chain_burst = settings[k]
             toks = secs = drafted = accepted = steps = 0
             for i, p in enumerate(prompts):
                 g = eng.generate(p, params)
@@ -97,11 +105,12 @@ def run(cfg: SpecBenchConfig) -> dict:
             rows[k]["tokens_per_step"].append((accepted + steps) / steps if steps else 1.0)
             print(f"round {r + 1}/{cfg.rounds} draft {k}: {rate[k]:.1f} tokens/s", file=sys.stderr, flush=True)
         if 0 in rate:
-            for k in cfg.draft_tokens:
+            for k in settings:
                 rows[k]["ratio"].append(rate[k] / rate[0])
     out = []
     for k, v in rows.items():
-        out.append({"draft_tokens": k, "decode_tok_s": stats(v["tps"]), "runs": cfg.rounds,
+        out.append({"draft_tokens": settings[k][0], "chain_burst": settings[k][1], "decode_tok_s": stats(v["tps"]),
+                    "runs": cfg.rounds,
                     "x_plain": stats(v["ratio"]) if v["ratio"] else None,
                     "acceptance": stats(v["acceptance"]), "tokens_per_step": stats(v["tokens_per_step"]),
                     "identical": v["identical"] if 0 in cfg.draft_tokens else None})  # fmt: skip
@@ -117,7 +126,8 @@ def table(res: dict) -> str:
         xs = f"{x['median']:.2f} ({x['min']:.2f}-{x['max']:.2f})" if x else "-"
         rate = f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f})"
         acc, tps = r["acceptance"]["median"], r["tokens_per_step"]["median"]
-        lines.append(f"{r['draft_tokens']:>5} {rate:>30} {xs:>16} {acc:>7.3f} {tps:>8.2f} {r['identical']}")
+        name = f"c{r['chain_burst']}" if r.get("chain_burst") else r["draft_tokens"]
+        lines.append(f"{name:>5} {rate:>30} {xs:>16} {acc:>7.3f} {tps:>8.2f} {r['identical']}")
     return "\n".join(lines)
 
 
@@ -133,6 +143,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n-prompts", type=int, default=d.n_prompts)
     ap.add_argument("--tokens", type=int, default=d.tokens, help="generated per prompt")
     ap.add_argument("--rounds", type=int, default=d.rounds)
+    ap.add_argument("--chain-burst", type=int, default=0,
+                    help="also plain greedy as device chains of this many steps (a row c<N>; 0: none)")  # fmt: skip
     ap.add_argument("--json", default=None, help="write the report here")
     a = ap.parse_args(argv)
     if a.rounds < 1 or a.tokens < 2 or a.n_prompts < 1:
@@ -140,7 +152,7 @@ def main(argv=None) -> None:
     if a.threads:
         os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
     cfg = SpecBenchConfig(a.model, a.entry, a.target, a.threads, a.draft_tokens, a.prompts, a.n_prompts, a.tokens,
-                          a.rounds)  # fmt: skip
+                          a.rounds, a.chain_burst)  # fmt: skip
     res = run(cfg)
     print(table(res))
     if a.json:

@@ -5,6 +5,8 @@ table width ``W = ⌈C / K⌉``; params in :func:`param_specs` order)::
 
     decode_b{B}(toks int32[B], pos int32[B], table int32[B, W], logits float32[B, V], kc_0, vc_0, ..., *params)
     prefill(toks int32[P], pos int32[P], table int32[P, W], last int32[1], logits float32[1, V], kc_0, ..., *params)
+    chain_b1(toks int32[1], pos int32[1], table int32[1, W], bias float32[V], logits float32[1, V], ring int32[R + 1],
+             kc_0, ..., *params)
 
 The results are written into tensors the caller passes after the inputs (:func:`output_specs`; the function
 returns them): no allocation per call, so on CUDA the whole step is one captured graph. With ``m = mtp_heads > 0``
@@ -13,7 +15,10 @@ float32[B, D]`` after ``logits`` (prefill: row ``last``, ``[1, D]``), and ``draf
 token int32[B], drafts int32[k, B], *draft_params)`` writes ``k ≤ m`` greedy draft tokens from the recurrent heads,
 fed the token picked after ``hidden`` (:meth:`Lowering.draft`). Rows of one sequence at consecutive positions in one
 ``decode_b{B}`` call (the last token and its drafts) are the speculative verify step: each row's key and value are
-written before any row attends, so row ``t`` sees the rows before it.
+written before any row attends, so row ``t`` sees the rows before it. ``chain_b1`` is ``decode_b1`` that also takes
+the argmax of ``logits + bias`` and writes it, in place, as the next call's token at the next position and into the
+ring (``R`` = :data:`compiler.constants.CHAIN_RING` picks and their count): calls queued back to back decode greedily
+with nothing from the host between them (``runtime.engine.Engine.chain``).
 
 Each ``kc_l``/``vc_l`` is ``float32[n_blocks, Hkv, K, hd]``, ``n_blocks`` symbolic: the runtime sizes the cache
 (:mod:`runtime.kv_cache`). Latent attention caches its int8 latent and ``(s/a, k_pe)`` rows instead, and a DeltaNet

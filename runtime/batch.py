@@ -9,6 +9,8 @@ Each :meth:`Batcher.step` does, in order:
    read once for the whole batch), and each samples its next token with its own parameters, seed, stop strings,
    penalties, token healing and limit (:mod:`runtime.decoding`). On a model with multi-token-prediction heads each
    request also verifies its drafted tokens in that call and may gain several tokens (:mod:`runtime.spec_decode`).
+   A request running alone whose next pick is plain greedy runs a burst of steps on the device instead
+   (:meth:`Engine.chain_burst_for`: no host round trip between them; the same tokens).
 
 Admission (:meth:`Batcher.admit`) reserves a request's cache blocks for its whole possible length (prompt plus
 ``max_new_tokens``, at most the context) up front, so a running request never fails for lack of cache: when the
@@ -116,7 +118,8 @@ class Batcher:
         return True
 
     def step(self) -> StepStats:
-        """One round: drop cancelled requests, prefill one chunk, decode every running sequence once."""
+        """One round: drop cancelled requests, prefill one chunk, decode every running sequence once (a request
+        running alone with plain greedy decoding: a burst of ``Engine.chain_burst`` steps on the device)."""
         t0 = time.perf_counter()
         eng, stats = self.engine, StepStats()
         for req in [r for r in self.requests if r.cancelled()]:
@@ -131,7 +134,10 @@ class Batcher:
         live = [r for r in self.requests if r.next_token is not None]
         if live:
             try:
-                out = advance(eng, [r.picker for r in live], [r.seq for r in live], [r.next_token for r in live])
+                if len(live) == 1 and pre is None and eng.chains(live[0].picker):  # alone: a chain of steps
+                    out = [eng.chain_burst_for(live[0].picker, live[0].seq, live[0].next_token)]
+                else:
+                    out = advance(eng, [r.picker for r in live], [r.seq for r in live], [r.next_token for r in live])
             except Exception as exc:  # the step failed for every sequence in it: say so to each, keep serving
                 log.exception("decode step failed")
                 for r in live:

@@ -151,3 +151,25 @@ def test_biased_argmax_kernel_is_the_first_maximum_of_the_allowed_ids(V):
         want = np.argmax(x + bias if biased else x, axis=1)
         np.testing.assert_array_equal(at.numpy(), want)
         np.testing.assert_array_equal(best.numpy(), (x + bias if biased else x)[[0, 1], want])
+
+
+def test_batcher_runs_a_lone_greedy_request_in_bursts(engines, monkeypatch):
+    """The server's continuous batch: a greedy request running alone goes in bursts, two at once step by step; the
+    tokens and texts are the step-by-step Engine's either way."""
+    from runtime.batch import Request
+
+    chained, plain = engines
+    bursts = []
+    burst_for = chained.chain_burst_for
+    monkeypatch.setattr(chained, "chain_burst_for", lambda *a: bursts.append(a) or burst_for(*a))
+
+    def requests(n):
+        return [Request(None, SamplingParams(max_new_tokens=21, temperature=0, ignore_eos=True),
+                        prompt_ids=PROMPT[: 7 - i]) for i in range(n)]  # fmt: skip
+
+    for n, chained_steps in ((1, True), (2, False)):
+        bursts.clear()
+        got, want = chained.batcher().run(requests(n)), plain.batcher().run(requests(n))
+        assert [(g.tokens, g.finish_reason) for g in got] == [(g.tokens, g.finish_reason) for g in want]
+        assert all(len(g.tokens) == 21 for g in got)
+        assert (len(bursts) > 1) == chained_steps  # two: at most the last one, alone for its last step

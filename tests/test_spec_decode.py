@@ -36,7 +36,7 @@ def entry(gguf):
 
 
 def engine(entry, gguf, draft_tokens: int) -> Engine:
-    return Engine(entry, gguf, threads=2, draft_tokens=draft_tokens)
+    return Engine(entry, gguf, threads=2, draft_tokens=draft_tokens, chain_burst=0)  # no chains: they skip drafting
 
 
 def test_drafts_and_hidden_match_pytorch(entry, gguf):
@@ -205,7 +205,7 @@ def test_sampling_keeps_the_main_distribution(entry, gguf, monkeypatch, rule):
 
 def test_shipped_model_speculation_keeps_greedy_tokens():
     """The shipped model's own MTP heads: 1 and 3 drafted tokens per step give plain greedy's tokens exactly on
-    held-out code prompts, with drafts accepted (bench.speculative measures the speed)."""
+    held-out code prompts, with drafts accepted, and so do device chains (bench.speculative measures the speed)."""
     import json
     from pathlib import Path
 
@@ -214,7 +214,11 @@ def test_shipped_model_speculation_keeps_greedy_tokens():
     assert eng.mtp_heads == 3
     prompts = [p["prompt"] for p in json.loads(Path("bench/data/heldout_code_prompts.json").read_text())["prompts"][:3]]
     params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+    eng.chain_burst = 0
     plain = [eng.generate(p, params).tokens for p in prompts]
+    eng.chain_burst = 16  # plain greedy as device chains (Engine.chain): the same tokens
+    assert [eng.generate(p, params).tokens for p in prompts] == plain
+    eng.chain_burst = 0  # chains take every plain greedy generation: off, so that the drafts run
     for k in (1, 3):
         eng.draft_tokens = k
         gens = [eng.generate(p, params) for p in prompts]

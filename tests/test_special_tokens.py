@@ -108,7 +108,7 @@ def test_detokenize_drops_special_tokens(small):
 @pytest.fixture(scope="module")
 def tiny():
     gguf = tiny_gguf(2)
-    return Engine(built(gguf).dir, gguf)
+    return Engine(built(gguf).dir, gguf, chain_burst=0)  # step by step: forced() patches the host's decode
 
 
 def forced(eng: Engine, monkeypatch, order: list[int]) -> None:
