@@ -186,7 +186,10 @@ def _worker_tvm(model, threads, prompt_tokens, decode_tokens, cache_dir, entry, 
                 eng.chain(tok, burst)
 
             t = trace(chained, calls=8, warmup=2)
-            extra["chain"]["trace"] = t | {k: t[k] / burst for k in PER_CALL if k in t} | {"calls": 8 * burst}
+            top = [k | {"us_per_call": k["us_per_call"] / burst, "launches_per_call": k["launches_per_call"] / burst}
+                   for k in t["top"]]  # fmt: skip
+            per_step = {k: t[k] / burst for k in PER_CALL if k in t}
+            extra["chain"]["trace"] = t | per_step | {"calls": 8 * burst, "top": top}
             extra["chain"]["census"] = (eng.meta.get("census") or {}).get("chain_b1")
         eng.reset()
     return _result("tvm", threads, prompt_tokens, steps, ttft, device="cpu" if eng.target != "cuda" else "cuda",

@@ -29,7 +29,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from runtime.engine import JIT_POLICIES, Engine, Generation, JITError, SamplingParams
+from runtime.engine import CHAIN_BURST_MAX, JIT_POLICIES, Engine, Generation, JITError, SamplingParams
 
 
 def default_model() -> Path:
@@ -87,6 +87,9 @@ def add_draft_args(ap: argparse.ArgumentParser) -> None:
                     "at most the heads; see docs/speculative.md)")  # fmt: skip
     ap.add_argument("--no-speculative", action="store_true",
                     help="plain decoding even when the model has MTP heads (same as --draft-tokens 0)")  # fmt: skip
+    ap.add_argument("--chain-burst", type=int, default=None, metavar="N",
+                    help="plain greedy generation runs N steps at a time on the device, with no host round "
+                    "trip between them (default: 16; 0: off; --draft-tokens K > 0 alone turns it off)")  # fmt: skip
 
 
 def check_draft_args(a: argparse.Namespace) -> str | None:
@@ -94,12 +97,22 @@ def check_draft_args(a: argparse.Namespace) -> str | None:
         return f"--draft-tokens must be in 0..16, not {a.draft_tokens}"
     if a.no_speculative and a.draft_tokens:
         return "--no-speculative and --draft-tokens > 0 contradict each other"
+    if a.chain_burst is not None and not 0 <= a.chain_burst <= CHAIN_BURST_MAX:
+        return f"--chain-burst must be in 0..{CHAIN_BURST_MAX}, not {a.chain_burst}"
     return None
 
 
 def draft_tokens(a: argparse.Namespace) -> int | None:
     """The Engine's ``draft_tokens`` from the arguments (None: its default)."""
     return 0 if a.no_speculative else a.draft_tokens
+
+
+def chain_burst(a: argparse.Namespace) -> int | None:
+    """The Engine's ``chain_burst`` from the arguments (None: its default): off when drafts are asked for explicitly,
+    since chains take the plain greedy generation that drafting would."""
+    if a.chain_burst is not None:
+        return a.chain_burst
+    return 0 if a.draft_tokens else None
 
 
 def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -151,7 +164,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         eng = Engine.from_gguf(a.model, a.target, a.cache_dir, a.threads, a.jit_policy, head=a.head,
-                               token_healing=not a.no_token_healing, draft_tokens=draft_tokens(a))  # fmt: skip
+                               token_healing=not a.no_token_healing, draft_tokens=draft_tokens(a),
+                               chain_burst=chain_burst(a))  # fmt: skip
     except (JITError, ValueError) as exc:
         raise SystemExit(f"{ap.prog}: error: {exc}") from None
     stops = (eng.eos,) if eng.eos is not None else ()

@@ -132,12 +132,14 @@ def ensure_built(
 
 KV_CONTEXTS = 4  # the default KV cache holds this many full contexts' worth of tokens
 # default drafts per step, by target: the setting that decoded fastest on the shipped model (docs/speculative.md;
-# AVX2: speculation did not pay there, 0.99x at one draft)
-DRAFT_TOKENS = {"cuda": 3, "avx512": 1, "avx2": 0}
+# AVX2: speculation did not pay there, 0.98x at one draft; the H200 since its step got cheaper: 0.95x at one, 0.90x
+# at three). Plain greedy generation takes device chains instead (CHAIN_BURST).
+DRAFT_TOKENS = {"cuda": 0, "avx512": 1, "avx2": 0}
 # plain greedy steps per burst of Engine.chain, by target (0: step by step through the host); on the shipped model
 # chains decoded 1.48x plain decoding on an H200, 1.10x on 2 threads of an AVX-512 Xeon, 1.08x with AVX2 code, where
 # one drafted token gave 0.95x, 1.05x and 0.98x (docs/speculative.md)
 CHAIN_BURST = {"cuda": 16, "avx512": 16, "avx2": 16}
+CHAIN_BURST_MAX = 256  # the most steps of one burst (a stop inside it wastes the rest)
 
 
 def default_max_seqs(batch_sizes) -> int:
@@ -215,8 +217,8 @@ class Engine:
             raise ValueError(f"draft_tokens={draft_tokens}: this model has {self.mtp_heads} MTP heads")
         self.draft_tokens = int(draft_tokens)
         self.chain_burst = int(CHAIN_BURST.get(self.target, 0) if chain_burst is None else chain_burst)
-        if self.chain_burst < 0:
-            raise ValueError(f"chain_burst={chain_burst}: 0 (off) or more steps")
+        if not 0 <= self.chain_burst <= CHAIN_BURST_MAX:
+            raise ValueError(f"chain_burst={chain_burst}: 0 (off) to {CHAIN_BURST_MAX} steps")
         with np.load(self.dir / "params.npz", allow_pickle=False) as z:
             self.params = [tvm.runtime.tensor(np.ascontiguousarray(z[name]), self.dev) for name, _, _ in
                            self.meta["params"]]  # fmt: skip

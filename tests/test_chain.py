@@ -173,3 +173,21 @@ def test_batcher_runs_a_lone_greedy_request_in_bursts(engines, monkeypatch):
         assert [(g.tokens, g.finish_reason) for g in got] == [(g.tokens, g.finish_reason) for g in want]
         assert all(len(g.tokens) == 21 for g in got)
         assert (len(bursts) > 1) == chained_steps  # two: at most the last one, alone for its last step
+
+
+@pytest.mark.unit
+def test_chain_burst_arguments():
+    """``--chain-burst``: default per target, an explicit value wins, explicit drafts alone turn chains off (they would
+    take the same generations), out-of-range values are refused in one line."""
+    import argparse
+
+    from runtime.chat import add_draft_args, chain_burst, check_draft_args
+
+    ap = argparse.ArgumentParser()
+    add_draft_args(ap)
+    for argv, want in (([], None), (["--draft-tokens", "1"], 0), (["--draft-tokens", "1", "--chain-burst", "8"], 8),
+                       (["--chain-burst", "0"], 0), (["--no-speculative"], None)):  # fmt: skip
+        a = ap.parse_args(argv)
+        assert check_draft_args(a) is None and chain_burst(a) == want, argv
+    for bad in ("-1", "257"):
+        assert "--chain-burst must be in 0..256" in check_draft_args(ap.parse_args(["--chain-burst", bad]))
