@@ -241,6 +241,7 @@ class Engine:
         self._results: dict[str, list] = {}  # each function's result tensors, written in place (_out)
         self._result_specs: dict[str, list] = {}  # their (shape, dtype), for _read
         self._chain_bias = None  # chain_b1's bias over the vocabulary (made at its first call)
+        self._ring_count: int | None = None  # chain_b1's count of calls (its ring[R]) as last read; None: unknown
         self.seq = Sequence()  # the single-sequence API's sequence
         self.token_healing = token_healing
         self.tokenizer = tokenizer
@@ -456,7 +457,9 @@ class Engine:
         (default: the Engine's own), and each step appends the first maximum of the logits after the token before
         it; returns the ``n`` tokens picked (the last not yet in the cache, like :meth:`decode`'s logits). Each call
         feeds its own pick to the next on the device, so the host neither reads logits nor waits between steps: it
-        reads the picks once per burst of up to ``CHAIN_RING`` steps (the function's ring). The same tokens as
+        reads the picks once per burst of up to ``CHAIN_RING`` steps (the function's ring, which counts the calls:
+        a count other than the host's is a ``RuntimeError``). ``seq.hidden`` is not read back (None: a model's MTP
+        drafts resume one plain step later). The same tokens as
         :meth:`decode` and ``np.argmax``, which also takes the first maximum, over the ids a generation may pick (not
         the unused ones; the logits have no NaN)."""
         seq = self.seq if seq is None else seq
@@ -477,15 +480,22 @@ class Engine:
                 self._in("chain_table", seq.table(self.pool.width)[None]), self._chain_bias, *outs, *self.cache,
                 *self.params)  # fmt: skip
         self.vm.set_input("chain_b1", *args)  # once: the calls below pass the same tensors
+        if self._ring_count is None or self._ring_count > 1 << 30:  # the device's count ring[R] from 0
+            self._in_place(outs[ring], np.zeros(R + 1, np.int32))
+            self._ring_count = 0
         picks: list[int] = []
         while len(picks) < n:
-            m = min(R, n - len(picks))
-            self._in_place(outs[ring], np.zeros(R + 1, np.int32))  # the count ring[R] from 0
+            m, start = min(R, n - len(picks)), self._ring_count
+            self._ring_count = None  # unknown until the calls are read back
             for _ in range(m):
                 self.vm.invoke_stateful("chain_b1")
-            picks += self._read("chain_b1", ring)[:m].tolist()
+            got = self._read("chain_b1", ring)  # waits for the calls
+            if got[R] != start + m:
+                raise RuntimeError(f"chain_b1 counted {got[R]} calls, {start + m} expected")
+            picks += [int(got[(start + j) % R]) for j in range(m)]
+            self._ring_count = start + m
         seq.length += n
-        seq.hidden, seq.drafts = (self._read("chain_b1", 1)[0] if self.mtp_heads else None), None
+        seq.hidden, seq.drafts = None, None  # not read back: drafting (if any) resumes after one plain step
         return picks
 
     def _in_place(self, t, values: np.ndarray) -> None:
