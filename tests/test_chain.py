@@ -12,7 +12,7 @@ from runtime_helpers import built, tiny_gguf
 from compiler.constants import CHAIN_RING
 from runtime.engine import Engine, Generation, SamplingParams
 
-pytestmark = [pytest.mark.build, pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")
 
 PROMPT = [1, 5, 9, 33, 7, 200, 31]
 
@@ -36,6 +36,7 @@ def _stepwise(eng: Engine, prompt: list[int], n: int) -> tuple[int, list[int], l
     return first, toks, logits
 
 
+@pytest.mark.build
 def test_chain_gives_the_step_by_step_tokens_across_ring_wraps(engines):
     """More steps than the ring holds (two bursts and a part), then a plain decode: the same tokens, and the cache
     as step-by-step decoding leaves it (the next logits bit-identical)."""
@@ -51,6 +52,7 @@ def test_chain_gives_the_step_by_step_tokens_across_ring_wraps(engines):
     np.testing.assert_array_equal(eng.decode(got[-1]), ref_logits[n])
 
 
+@pytest.mark.build
 def test_chain_then_chain_continues_the_sequence(engines):
     """Chains of 1, 3 and 11 steps one after another (the device's token and position reset from the host each
     time) give the one long chain's tokens."""
@@ -65,6 +67,7 @@ def test_chain_then_chain_continues_the_sequence(engines):
     assert got == ref
 
 
+@pytest.mark.build
 def test_chain_refuses_what_does_not_fit(engines):
     eng, _ = engines
     eng.reset()
@@ -91,6 +94,7 @@ def _stop_inside_second_burst(eng: Engine) -> tuple[list[int], int]:
     raise AssertionError("no prompt of 50 picks a new token inside the second burst")
 
 
+@pytest.mark.build
 @pytest.mark.parametrize(
     "params",
     [
@@ -127,6 +131,7 @@ def test_generation_with_bursts_equals_step_by_step(engines, params, monkeypatch
         assert (ra, len(a) < 10) == ("stop_token", True) if params.stop_token_ids else (ra, len(a)) == ("length", 23)
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("V", [1, 7, 300])
 def test_biased_argmax_kernel_is_the_first_maximum_of_the_allowed_ids(V):
     """``graph_kernels.argmax(biased=True)`` (the chain's pick, CPU form) against numpy: ``-inf`` ids are never
@@ -153,6 +158,7 @@ def test_biased_argmax_kernel_is_the_first_maximum_of_the_allowed_ids(V):
         np.testing.assert_array_equal(best.numpy(), (x + bias if biased else x)[[0, 1], want])
 
 
+@pytest.mark.build
 def test_batcher_runs_a_lone_greedy_request_in_bursts(engines, monkeypatch):
     """The server's continuous batch: a greedy request running alone goes in bursts, two at once step by step; the
     tokens and texts are the step-by-step Engine's either way."""
