@@ -32,7 +32,8 @@ time per step) and the build's census of ``decode_b1`` (``meta.json``).
 ``--baseline-entry E`` (with ``--entry``, e.g. the same model built from an earlier commit) adds a row ``tvm-base``
 that runs entry ``E`` right after the compiled row in every run, under the same conditions; each compiled row then
 carries ``decode_vs_baseline`` and ``prefill_vs_baseline`` (medians of the per-run ratios, with their ranges): an A/B
-of two builds in one run, interleaved.
+of two builds in one run, interleaved. With ``--chain-burst`` the baseline's chained decode is a row too,
+``tvm-base-chain``, and ``tvm-chain`` carries its own A/B against it.
 
 ``--runs N`` (default 5) repeats every row N times, interleaved (every implementation, then the roof, once per run);
 a row is the run with the median decode rate, with ``runs`` and the ``*_range`` of decode, TTFT and prefill.
@@ -321,6 +322,18 @@ def _run_worker(args: list[str], threads: int, module: str = "bench.runtime") ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _add_sample(samples: dict, r: dict, n: int) -> None:
+    """One worker's result into ``samples[(impl, threads)]``; its chained decode (same process), if any, as a row of
+    its own, ``<impl>-chain`` (``tvm-chain``, ``tvm-base-chain``)."""
+    if "chain" in r:
+        c = r.pop("chain")
+        row = r | {"impl": f"{r['impl']}-chain", "decode_tok_s": c["decode_tok_s"], "chain": c,
+                   "decode_ms_median": c["decode_ms_median"]}  # fmt: skip
+        row.pop("trace", None)
+        samples.setdefault((row["impl"], n), []).append(row)
+    samples.setdefault((r["impl"], n), []).append(r)
+
+
 def baseline_ratios(runs: list[dict], base_runs: list[dict]) -> dict:
     """The A/B of ``--baseline-entry``: run ``i`` of the build over run ``i`` of the baseline (they ran back to
     back), for decode and prefill tokens/s: ``{k}_vs_baseline`` (the median ratio) and ``{k}_vs_baseline_range``."""
@@ -382,38 +395,34 @@ def run(a) -> dict:
                 if a.cache_dir:
                     extra += ["--cache-dir", a.cache_dir]
                 r = _run_worker([impl, *common, *extra], n)
-                samples.setdefault((impl, n), []).append(r)
-                if "chain" in r:  # the same process's chained decode: its own row
-                    c = r.pop("chain")
-                    row = r | {"impl": "tvm-chain", "decode_tok_s": c["decode_tok_s"], "chain": c,
-                               "decode_ms_median": c["decode_ms_median"]}  # fmt: skip
-                    row.pop("trace", None)
-                    samples.setdefault(("tvm-chain", n), []).append(row)
+                _add_sample(samples, r, n)
                 if impl == "tvm" and a.baseline_entry:  # the A/B: the baseline build right after, same conditions
                     extra = ["--target", target, "--entry", a.baseline_entry]
                     r = _run_worker(["tvm", *common, *extra], n) | {"impl": "tvm-base", "entry": a.baseline_entry}
-                    samples.setdefault(("tvm-base", n), []).append(r)
+                    _add_sample(samples, r, n)
                 if impl == "tvm" and roof:  # right after the compiled row: the bound under the same conditions
                     roof_args = ["--roof-dir", a.roof_dir] if a.roof_dir else []
                     r = _run_worker(["roofline", "--target", target, "--roof-mib", str(a.roof_mib), *roof_args], n)
                     roof_runs.setdefault(n, []).append(r.get("copy_gbs", r.get("read_gbs")))
     rows = [_median_row(runs) for runs in samples.values()]
-    for r in rows:
-        if r["impl"] == "tvm" and ("tvm-base", r["threads"]) in samples:
-            r |= baseline_ratios(samples[("tvm", r["threads"])], samples[("tvm-base", r["threads"])])
+    for r in rows:  # each build's A/B against the baseline build, step by step and chained
+        base = {"tvm": "tvm-base", "tvm-chain": "tvm-base-chain"}.get(r["impl"])
+        if base and (base, r["threads"]) in samples:
+            r |= baseline_ratios(samples[(r["impl"], r["threads"])], samples[(base, r["threads"])])
     for r in rows:  # the chained decode over the step-by-step one of the same process, run by run
-        if r["impl"] == "tvm-chain":
-            pairs = zip(samples[("tvm-chain", r["threads"])], samples[("tvm", r["threads"])], strict=True)
+        if r["impl"] in ("tvm-chain", "tvm-base-chain"):
+            stepwise = r["impl"].removesuffix("-chain")
+            pairs = zip(samples[(r["impl"], r["threads"])], samples[(stepwise, r["threads"])], strict=True)
             ratios = [c["decode_tok_s"] / t["decode_tok_s"] for c, t in pairs]
             r["decode_vs_stepwise"] = float(np.median(ratios))
             r["decode_vs_stepwise_range"] = [min(ratios), max(ratios)]
-            r["same_tokens_all_runs"] = all(c["chain"]["same_tokens"] for c in samples[("tvm-chain", r["threads"])])
+            r["same_tokens_all_runs"] = all(c["chain"]["same_tokens"] for c in samples[(r["impl"], r["threads"])])
     roofs = {n: float(np.median(v)) for n, v in roof_runs.items()}
     base = {r["threads"]: r for r in rows if r["impl"] == "torch"}
     for r in rows:
         b = base.get(r["threads"])
         r["decode_vs_torch"] = r["decode_tok_s"] / b["decode_tok_s"] if b else float("nan")
-        if r["impl"] in ("tvm", "tvm-base", "tvm-chain") and r["threads"] in roofs:
+        if r["impl"] in ("tvm", "tvm-base", "tvm-chain", "tvm-base-chain") and r["threads"] in roofs:
             gbs = roofs[r["threads"]]
             r["read_gbs"] = gbs
             per_token = r["bytes"]["weights"] + (r["bytes"]["kv_cache"] if target == "cuda" else 0)
@@ -427,13 +436,13 @@ def run(a) -> dict:
 
 def table(res: dict) -> str:
     lines = [f"medians of {res.get('runs', 1)} interleaved runs (decode range in brackets)",
-             f"{'impl':8s} {'thr':>3s} {'prefill tok/s':>13s} {'TTFT ms':>8s} {'decode tok/s':>12s} {'range':>17s} "
+             f"{'impl':14s} {'thr':>3s} {'prefill tok/s':>13s} {'TTFT ms':>8s} {'decode tok/s':>12s} {'range':>17s} "
              f"{'vs torch':>8s} {'peak MiB':>8s} {'% bound':>7s}"]  # fmt: skip
     for r in res["rows"]:
         name = {"onnxruntime": "onnxrt*"}.get(r["impl"], r["impl"])
         pct = f"{r['pct_of_bound']:7.1f}" if "pct_of_bound" in r else f"{'-':>7s}"
         lo, hi = r.get("decode_tok_s_range", [r["decode_tok_s"]] * 2)
-        lines.append(f"{name:8s} {r['threads']:3d} {r['prefill_tok_s']:13.1f} {r['ttft_ms']:8.1f} "
+        lines.append(f"{name:14s} {r['threads']:3d} {r['prefill_tok_s']:13.1f} {r['ttft_ms']:8.1f} "
                      f"{r['decode_tok_s']:12.2f} {f'[{lo:.1f}, {hi:.1f}]':>17s} {r['decode_vs_torch']:8.2f} "
                      f"{r['peak_rss_mib']:8.0f} {pct}")  # fmt: skip
     if any(r["impl"] == "onnxruntime" for r in res["rows"]):
@@ -441,15 +450,15 @@ def table(res: dict) -> str:
     for r in res["rows"]:
         if "decode_vs_stepwise" in r:
             lo, hi = r["decode_vs_stepwise_range"]
-            lines.append(f"{r['threads']} thread(s): chained decode (bursts of {r['chain']['burst']}) "
+            lines.append(f"{r['impl']}, {r['threads']} thread(s): chained decode (bursts of {r['chain']['burst']}) "
                          f"{r['decode_vs_stepwise']:.3f}x the step-by-step decode of the same process [{lo:.3f}, "
                          f"{hi:.3f}]; tokens identical in every run: {r['same_tokens_all_runs']}")  # fmt: skip
         if "decode_vs_baseline" in r:
             lo, hi = r["decode_vs_baseline_range"]
             plo, phi = r["prefill_vs_baseline_range"]
-            lines.append(f"{r['threads']} thread(s): decode {r['decode_vs_baseline']:.3f}x the baseline build "
-                         f"[{lo:.3f}, {hi:.3f}], prefill {r['prefill_vs_baseline']:.3f}x [{plo:.3f}, {phi:.3f}] "
-                         f"(per-run ratios, back to back)")  # fmt: skip
+            lines.append(f"{r['impl']}, {r['threads']} thread(s): decode {r['decode_vs_baseline']:.3f}x the "
+                         f"baseline build [{lo:.3f}, {hi:.3f}], prefill {r['prefill_vs_baseline']:.3f}x "
+                         f"[{plo:.3f}, {phi:.3f}] (per-run ratios, back to back)")  # fmt: skip
     tvm = [r for r in res["rows"] if r["impl"] == "tvm"]
     cuda = res["target"] == "cuda"
     if tvm and res["read_gbs"]:
@@ -465,7 +474,7 @@ def table(res: dict) -> str:
             lines.append(f"  {r['impl']}, {r['threads']} thread(s): {r['read_gbs']:.1f} GB/s ({roof}) -> bound "
                          f"{r['bound_tok_s']:.1f} tok/s; compiled decode {r['decode_tok_s']:.1f} tok/s = "
                          f"{r['pct_of_bound']:.1f} % ({r['decode_gbs']:.1f} GB/s)")  # fmt: skip
-    for r in [r for r in res["rows"] if r["impl"] in ("tvm", "tvm-chain")]:
+    for r in [r for r in res["rows"] if r["impl"].startswith("tvm")]:
         t, c = (
             (r["chain"].get("trace"), r["chain"].get("census")) if "chain" in r else (r.get("trace"), r.get("census"))
         )
@@ -477,7 +486,7 @@ def table(res: dict) -> str:
                          f"{t['allocations']:.0f} allocations, {t['syncs']:.0f} syncs, "
                          f"{t['copies']:.0f} copies")  # fmt: skip
         if c:
-            fn = "chain_b1" if r["impl"] == "tvm-chain" else "decode_b1"
+            fn = "chain_b1" if r["impl"].endswith("-chain") else "decode_b1"
             lines.append(f"  compiled {fn}: {c['graphs']} graph, {c['kernels_in_graphs']} kernels in graphs "
                          f"({c['kernels_in_graphs'] / r['n_layers']:.1f} per layer), {c['kernels_outside']} outside, "
                          f"{c['allocations']} allocations per call")  # fmt: skip

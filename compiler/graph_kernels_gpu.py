@@ -13,9 +13,9 @@ sequence's greedy tokens are the same alone (``decode_b1``) or in any batch (``d
   another: the same kernel, runnable on the CPU (``tests/test_cuda_batch.py`` checks it there).
 * Block-wide sums and maxima (:func:`block_reduce`): warp shuffles, then one shuffle tree over the warps, two block
   barriers each; the CPU twin runs the same trees in the same order.
-* ``lm_head``: a thread per head row (two from 16 rows on), which streams the row once (16-byte loads) and keeps
-  all ``B`` rows' sums in registers: each head row is read once for the whole batch, and each logit is one FMA
-  chain over ``d = 0 .. D-1`` whatever ``B`` is.
+* ``lm_head``: a warp per head row (two from 16 rows on), its lanes reading the row's 16-byte chunks side by side
+  and keeping all ``B`` rows' sums in registers, then adding their partial sums by register shuffles: each head row
+  is read once for the whole batch, and each logit's order of sums is fixed by ``D`` whatever ``B`` is.
 
     python -c "from compiler.graph_kernels_gpu import attention; print(attention(2, 8, 4, 64, 1024, 16).script())"
 """
@@ -458,53 +458,106 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     return attn_quant.without_attr("global_symbol")
 
 
+def head_lanes(D: int, dtype: str) -> int:
+    """The lanes :func:`lm_head` gives a head row: the most, up to a warp, that split the row's 16-byte loads
+    evenly (a power of two)."""
+    chunks = D // (16 // {"float16": 2, "int8": 1}.get(dtype, 4))
+    return min(WARP, chunks & -chunks)
+
+
 def lm_head(B: int, V: int, D: int, dtype: str = "float32", gpu: bool = True, threads: int = 128):
     """``logits[b, v] = Σ_d h[b, d] · E[v, d]`` for ``B`` rows over the head as the GGUF stores it, ``E [V, D]``
-    (float16 kept as stored), as :func:`compiler.graph_kernels.lm_head`: a thread per ``R`` head rows (``R = 2``
-    from 16 rows on, when ``V`` is even; else 1; ``threads`` threads per CUDA block) streams those rows once, 16
-    bytes per row a step, and keeps the ``B · R`` sums in registers; ``h`` is read 4 floats per load and each
-    value serves ``R`` rows. Every logit is one FMA chain over ``d = 0 .. D-1`` in order, whatever ``B`` and ``R``
-    are, so it does not depend on the batch. ``gpu=False``: serial loops (runs on the CPU)."""
+    (float16 kept as stored), as :func:`compiler.graph_kernels.lm_head`. ``L`` lanes of a warp
+    (:func:`head_lanes`: 32 on every real model) share ``R`` head rows (``R = 2`` from 16 rows on, when ``V`` is
+    even; else 1): lane ``l`` reads 16 bytes of each row at a time, chunks ``l, l + L, l + 2L, ..``, so the ``L``
+    lanes together read ``16 L`` contiguous bytes, and keeps the ``B · R`` sums of its chunks in registers (``h`` read
+    4 floats per load, each value serving ``R`` rows). The ``L`` partial sums of a logit are then added by a tree of
+    register shuffles (lane ``l`` takes ``l + s``, ``s = L/2 .. 1``). The order of every logit's sum is fixed by
+    ``D`` and ``dtype`` alone, so it does not depend on the batch. ``gpu=False``: serial loops (runs on the CPU), the
+    same tree over a scratch buffer."""
     from tvm.script import tirx as Tx
 
     step = 16 // {"float16": 2, "int8": 1}.get(dtype, 4)  # elements of a 16-byte load
     if D % step:
         raise ValueError(f"d_model {D} must be a multiple of the head's step {step}")
+    L = head_lanes(D, dtype)
+    n = D // step // L  # chunks per lane
     R = 2 if B >= 16 and V % 2 == 0 else 1
-    nblk = -(-(V // R) // threads)
+    G = threads // L  # row groups per CUDA block
+    nblk = -(-(V // R) // G)
     blocks, thr = _bindings(gpu)
+    levels = _levels(L)
+    FULL = Tx.uint32(0xFFFFFFFF)  # every lane of the warp takes part: a row past V reads row V - R, writes nothing
+
+    def row(bx, tx, r):
+        return Tx.min(bx * G + tx // L, V // R - 1) * R + r
+
+    @Tx.macro
+    def sums(h, E, acc, e, hv, bx, tx):  # lane tx % L's share of its rows' sums, over its chunks in order
+        first = Tx.alloc_buffer((1,), "int32", scope="local")  # the group's first row (the last group's, past V)
+        first[0] = Tx.min(bx * G + tx // L, V // R - 1) * R
+        for i in Tx.unroll(B * R):
+            acc[i] = Tx.float32(0)
+        for j in range(n):  # chunk j · L + lane, written out: a name bound here hides its alignment from the loads
+            for r in Tx.unroll(R):
+                for k in Tx.vectorized(step):
+                    e[r * step + k] = E[first[0] + r, (j * L + tx % L) * step + k]
+            for k4 in Tx.unroll(step // 4):
+                for b in Tx.unroll(B):
+                    for kk in Tx.vectorized(4):
+                        hv[kk] = h[b, (j * L + tx % L) * step + k4 * 4 + kk]
+                    for kk in Tx.unroll(4):
+                        for r in Tx.unroll(R):
+                            acc[b * R + r] = acc[b * R + r] + hv[kk] * Tx.Cast("float32", e[r * step + k4 * 4 + kk])
+
+    if gpu:
+
+        @Tx.prim_func
+        def head(h: Tx.Buffer((B, D), "float32"), E: Tx.Buffer((V, D), dtype), logits: Tx.Buffer((B, V), "float32")):
+            for bx in blocks(nblk):
+                for tx in thr(threads):
+                    acc = Tx.alloc_buffer((B * R,), "float32", scope="local")
+                    e = Tx.alloc_buffer((R * step,), dtype, scope="local")
+                    hv = Tx.alloc_buffer((4,), "float32", scope="local")
+                    sums(h, E, acc, e, hv, bx, tx)
+                    for i in Tx.unroll(B * R):
+                        for lv in Tx.unroll(len(levels)):
+                            acc[i] = acc[i] + Tx.tvm_warp_shuffle_down(
+                                FULL, acc[i], Tx.shift_right(L // 2, lv), L, WARP
+                            )
+                    if tx % L == 0 and bx * G + tx // L < V // R:
+                        for b in Tx.unroll(B):
+                            for r in Tx.unroll(R):
+                                logits[b, row(bx, tx, r)] = acc[b * R + r]
+
+        return head.without_attr("global_symbol")
 
     @Tx.prim_func
-    def head(h: Tx.Buffer((B, D), "float32"), E: Tx.Buffer((V, D), dtype), logits: Tx.Buffer((B, V), "float32")):
+    def head_cpu(h: Tx.Buffer((B, D), "float32"), E: Tx.Buffer((V, D), dtype), logits: Tx.Buffer((B, V), "float32")):
+        part = Tx.alloc_buffer((threads, B * R), "float32")
         for bx in blocks(nblk):
             for tx in thr(threads):
                 acc = Tx.alloc_buffer((B * R,), "float32", scope="local")
                 e = Tx.alloc_buffer((R * step,), dtype, scope="local")
                 hv = Tx.alloc_buffer((4,), "float32", scope="local")
-                if (bx * threads + tx) * R < V:
-                    for i in Tx.unroll(B * R):
-                        acc[i] = Tx.float32(0)
-                    for do in range(D // step):
-                        for r in Tx.unroll(R):
-                            for k in Tx.vectorized(step):
-                                e[r * step + k] = E[(bx * threads + tx) * R + r, do * step + k]
-                        for k4 in Tx.unroll(step // 4):
-                            for b in Tx.unroll(B):
-                                for kk in Tx.vectorized(4):
-                                    hv[kk] = h[b, do * step + k4 * 4 + kk]
-                                for kk in Tx.unroll(4):
-                                    for r in Tx.unroll(R):
-                                        acc[b * R + r] = acc[b * R + r] + hv[kk] * Tx.Cast(
-                                            "float32", e[r * step + k4 * 4 + kk]
-                                        )
-                    for b in Tx.unroll(B):
-                        for r in Tx.unroll(R):
-                            logits[b, (bx * threads + tx) * R + r] = acc[b * R + r]
+                sums(h, E, acc, e, hv, bx, tx)
+                for i in range(B * R):
+                    part[tx, i] = acc[i]
+            for lv in Tx.unroll(len(levels)):  # the shuffles' tree, level by level
+                for tx in thr(threads):
+                    if tx % L < Tx.shift_right(L // 2, lv):
+                        for i in range(B * R):
+                            part[tx, i] = part[tx, i] + part[tx + Tx.shift_right(L // 2, lv), i]
+            for tx in thr(threads):
+                if tx % L == 0 and bx * G + tx // L < V // R:
+                    for b in range(B):
+                        for r in range(R):
+                            logits[b, row(bx, tx, r)] = part[tx, b * R + r]
 
-    return head.without_attr("global_symbol")
+    return head_cpu.without_attr("global_symbol")
 
 
-def argmax(B: int, V: int, threads: int = 256, biased: bool = False):
+def argmax(B: int, V: int, threads: int = 1024, biased: bool = False):
     """Each row's first maximum and its value, ``(at int32[B], best float32[B])``, as
     :func:`compiler.graph_kernels.argmax`: a CUDA block per row, each thread scanning its strided share in order, then
     a shared-memory tree that keeps the larger value (the smaller index on a tie). ``biased``: of ``x[b, v] +

@@ -294,8 +294,9 @@ def test_cuda_attention_and_head_are_one_kernel_each():
     """The CUDA versions: attention is two kernels (the split over chunks of keys, then the combine; each declared
     and defined: 4 mentions), the first with its query, keys and values in shared memory and three block barriers
     (after staging them, after the partial dot products, after the scores), the chunk's max and Σ exp as two warp
-    shuffle trees of log2(chunk) steps; the head is one kernel that reads its float16 rows with 16-byte loads and
-    keeps the batch's sums in registers (no shared memory, no barrier)."""
+    shuffle trees of log2(chunk) steps; the head is one kernel that reads its float16 rows with 16-byte loads (a
+    warp's lanes side by side along a row), keeps the batch's sums in registers and adds the lanes' sums by register
+    shuffles (no shared memory, no barrier)."""
     import tvm
 
     from compiler import schedule as S
@@ -310,6 +311,7 @@ def test_cuda_attention_and_head_are_one_kernel_each():
     assert len(re.findall(r"= .*__shfl_down_sync\(", att)) == 2 * steps  # calls, not the header's #define
     head = source(lm_head(8, 32000, 2048, "float16")).inspect_source()
     assert head.count("__global__") == 2 and "uint4" in head and "__syncthreads" not in head
+    assert len(re.findall(r"= .*__shfl_down_sync\(", head)) == 8 * 5  # each row's sum over a warp's 32 lanes
 
 
 @pytest.mark.build

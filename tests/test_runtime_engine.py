@@ -336,3 +336,21 @@ def test_decode_bytes_counts_what_a_step_reads():
     assert b["norms"] == (2 * L + 1) * D * 4
     assert b["weights"] == sum(v for k, v in b.items() if k not in ("weights", "kv_cache"))
     assert b["kv_cache"] == 2 * L * KV * 4 * 10
+
+
+@pytest.mark.unit
+def test_a_workers_chained_decode_becomes_its_own_row():
+    """A worker's result with a chained decode (same process) gives two samples: the step-by-step one, without
+    the chain, and ``<impl>-chain`` with the chain's rate (the baseline build's too: ``tvm-base-chain``)."""
+    from bench.runtime import _add_sample
+
+    samples: dict = {}
+    for impl in ("tvm", "tvm-base"):
+        chain = {"decode_tok_s": 300.0, "decode_ms_median": 3.3, "burst": 16, "same_tokens": True}
+        _add_sample(samples, {"impl": impl, "decode_tok_s": 200.0, "trace": {"calls": 50}, "chain": chain}, 1)
+    _add_sample(samples, {"impl": "torch", "decode_tok_s": 10.0}, 1)
+    assert sorted(samples) == [(k, 1) for k in ("torch", "tvm", "tvm-base", "tvm-base-chain", "tvm-chain")]
+    for impl in ("tvm", "tvm-base"):
+        (step,), (chained,) = samples[(impl, 1)], samples[(f"{impl}-chain", 1)]
+        assert "chain" not in step and step["trace"] == {"calls": 50} and step["decode_tok_s"] == 200.0
+        assert chained["decode_tok_s"] == 300.0 and "trace" not in chained and chained["chain"]["burst"] == 16
