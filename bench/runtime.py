@@ -32,7 +32,9 @@ time per step) and the build's census of ``decode_b1`` (``meta.json``).
 ``--baseline-entry E`` (with ``--entry``, e.g. the same model built from an earlier commit) adds a row ``tvm-base``
 that runs entry ``E`` right after the compiled row in every run, under the same conditions; each compiled row then
 carries ``decode_vs_baseline`` and ``prefill_vs_baseline`` (medians of the per-run ratios, with their ranges): an A/B
-of two builds in one run, interleaved. With ``--chain-burst`` the baseline's chained decode is a row too,
+of two builds in one run, interleaved; ``--baseline-src DIR`` runs the baseline's worker from that commit's source
+tree (its own runtime for its own module, e.g. when the compiled functions' signatures changed). With
+``--chain-burst`` the baseline's chained decode is a row too,
 ``tvm-base-chain``, and ``tvm-chain`` carries its own A/B against it.
 
 ``--runs N`` (default 5) repeats every row N times, interleaved (every implementation, then the roof, once per run);
@@ -311,12 +313,16 @@ def onnx_path_for(model: str, cache_dir) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # the parent: one subprocess per measurement, then the table
 # ---------------------------------------------------------------------------------------------------------------
-def _run_worker(args: list[str], threads: int, module: str = "bench.runtime") -> dict:
+def _run_worker(args: list[str], threads: int, module: str = "bench.runtime", src: str | None = None) -> dict:
     """Run ``python -m <module> --worker ARGS --threads N`` with TVM's and OpenMP's pools at N threads; its last stdout
-    line is the JSON result (``module``: another bench CLI with the same ``--worker`` convention)."""
+    line is the JSON result (``module``: another bench CLI with the same ``--worker`` convention; ``src``: another
+    source tree to run it from, first on ``PYTHONPATH``)."""
     cmd = [sys.executable, "-m", module, "--worker", *args, "--threads", str(threads)]
     env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
+    if src:
+        src = str(Path(src).resolve())
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
+    out = subprocess.run(cmd, env=env, cwd=src or REPO, capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"{' '.join(args[:1])} x{threads} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -381,8 +387,8 @@ def run(a) -> dict:
         if not (onnx.parent / "complete").exists():
             print(f"exporting ONNX to {onnx} ...", file=sys.stderr)
             _run_worker(["onnx_export", "--model", a.model, "--onnx", str(onnx)], 1)
-    common = ["--model", a.model, "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens),
-              "--chain-burst", str(a.chain_burst)]  # fmt: skip
+    common = ["--model", str(Path(a.model).resolve()), "--prompt-tokens", str(a.prompt_tokens),
+              "--decode-tokens", str(a.decode_tokens), "--chain-burst", str(a.chain_burst)]  # fmt: skip
     samples: dict[tuple, list] = {}
     roof_runs: dict[int, list] = {}
     roof = "tvm" in impls
@@ -397,8 +403,9 @@ def run(a) -> dict:
                 r = _run_worker([impl, *common, *extra], n)
                 _add_sample(samples, r, n)
                 if impl == "tvm" and a.baseline_entry:  # the A/B: the baseline build right after, same conditions
-                    extra = ["--target", target, "--entry", a.baseline_entry]
-                    r = _run_worker(["tvm", *common, *extra], n) | {"impl": "tvm-base", "entry": a.baseline_entry}
+                    extra = ["--target", target, "--entry", str(Path(a.baseline_entry).resolve())]
+                    r = _run_worker(["tvm", *common, *extra], n, src=a.baseline_src)
+                    r |= {"impl": "tvm-base", "entry": a.baseline_entry}
                     _add_sample(samples, r, n)
                 if impl == "tvm" and roof:  # right after the compiled row: the bound under the same conditions
                     roof_args = ["--roof-dir", a.roof_dir] if a.roof_dir else []
@@ -511,6 +518,7 @@ def main(argv=None) -> None:
         default=None,
         help="with --entry: another build of the same model, run right after it in every run (an A/B)",
     )
+    ap.add_argument("--baseline-src", default=None, help="source tree that runs --baseline-entry (default: this one)")
     ap.add_argument("--torch-device", default="cpu", help="device of the PyTorch reference (cpu | cuda)")
     ap.add_argument("--torch-dtype", default="float32", help="dtype of the PyTorch reference (float32 | bfloat16)")
     ap.add_argument("--roof-mib", type=int, default=ROOF_MIB, help="size of the streaming-read array (MiB)")

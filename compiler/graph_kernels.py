@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from model.sampling import FMIX, GOLDEN
 from model.ternary.quant import ACT_QMAX, SCALE_EPS
 
 HEAD_LANES = 16  # the LM head's partial sums per dot product (folded in halves: see lm_head)
@@ -155,16 +156,63 @@ def chain_advance(R: int, gpu: bool = False):
     return advance.without_attr("global_symbol")
 
 
-def argmax(B: int, V: int, biased: bool = False):
+def _let(value, body):
+    """``body(v)`` with ``v`` bound to ``value`` once (a TIR ``Let``: the expression is not copied into each use)."""
+    from tvm import tirx
+
+    v = tirx.Var("h", value.ty)
+    return tirx.Let(v, value, body(v))
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finalizer (a bijection whose every output bit depends on every input bit)."""
+    from tvm import tirx
+
+    def c(k):
+        return tirx.const(k, "uint32")
+
+    def xs(n):  # h ^ (h >> n), h bound once
+        return lambda h: h ^ (h >> c(n))
+
+    return _let(_let(_let(h, xs(16)) * c(FMIX[0]), xs(13)) * c(FMIX[1]), xs(16))
+
+
+def gumbel(seed, pos, v):
+    """Standard Gumbel noise ``-log(-log u)`` for id ``v`` at position ``pos`` of the stream ``seed`` (integer
+    expressions): ``u ∈ (0, 1)`` from 24 bits of a counter hash, ``fmix32(fmix32(fmix32(seed) + pos·φ) + v·φ)``
+    (:func:`_fmix32`, φ = :data:`model.sampling.GOLDEN`). ``argmax_v (x_v / T + gumbel)`` is a draw from
+    ``softmax(x / T)`` (the Gumbel-max trick), so a chain samples on the device with nothing but the seed from the
+    host. Builds a TIR expression (TE and TVMScript kernels alike); ``runtime.decoding.gumbel_noise`` is its numpy
+    twin, which the host's sampler draws with, so sampling gives the same tokens chained or step by step."""
+    from tvm import tirx
+
+    def u32(e):
+        return tirx.Cast("uint32", e)
+
+    phi = tirx.const(GOLDEN, "uint32")
+    h = _fmix32(_fmix32(_fmix32(u32(seed)) + u32(pos) * phi) + u32(v) * phi)
+    u = (tirx.Cast("float32", h >> tirx.const(8, "uint32")) + tirx.const(0.5, "float32")) * tirx.const(
+        2.0**-24, "float32"
+    )
+    return -tirx.log(-tirx.log(u))
+
+
+def argmax(B: int, V: int, sampled: bool = False):
     """Each row's first maximum and its value, ``(at int32[B], best float32[B])`` (the MTP heads' greedy drafts): a
     reduction over ``v`` in order that moves only on a strictly larger value (NaN never wins). Two outputs: Relax
-    would take a one-in, one-out kernel for a possible reshape and analyse it as one. ``biased``: of ``x[b, v] +
-    bias[v]``, a second input ``bias [V]`` (e.g. ``-inf`` at ids never to be picked)."""
+    would take a one-in, one-out kernel for a possible reshape and analyse it as one.
+
+    ``sampled`` (a chain's pick, ``compiler.lower``'s ``chain_b1``): three more inputs, ``bias [V]`` (``-inf`` at ids
+    never to be picked), ``sampling float32[2]`` (the inverse temperature ``s``, 0 for greedy; the seed, an integer
+    below 2^24) and ``pos int32[B]``: the maximum of ``x + bias`` (``s = 0``), else of ``x·s + bias + gumbel(seed,
+    pos[b], v)`` (:func:`gumbel`), a draw from ``softmax(x·s)`` over the ids the bias allows."""
     import tvm
     from tvm import te
 
     x = te.placeholder((B, V), "float32", name="x")
     bias = te.placeholder((V,), "float32", name="bias")
+    samp = te.placeholder((2,), "float32", name="sampling")
+    pos = te.placeholder((B,), "int32", name="pos")
 
     def combine(a, b):
         take = b[1] > a[1]
@@ -173,11 +221,16 @@ def argmax(B: int, V: int, biased: bool = False):
     def identity(t0, t1):
         return tvm.tirx.const(0, t0), te.min_value(t1)
 
+    def value(b, v):
+        if not sampled:
+            return x[b, v]
+        noisy = x[b, v] * samp[0] + bias[v] + gumbel(samp[1].astype("int32"), pos[b], v)
+        return tvm.tirx.if_then_else(samp[0] > 0, noisy, x[b, v] + bias[v])  # lazily: no logs when greedy
+
     first_max = te.comm_reducer(combine, identity, name="first_max")
     v = te.reduce_axis((0, V), name="v")
-    value = (lambda b, v: x[b, v] + bias[v]) if biased else (lambda b, v: x[b, v])
     at, best = te.compute((B,), lambda b: first_max((v.astype("int32"), value(b, v)), axis=v), name="argmax")
-    return _prim([x, *([bias] if biased else []), at, best])
+    return _prim([x, *([bias, samp, pos] if sampled else []), at, best])
 
 
 def router_logits(T: int, D: int, E: int):

@@ -557,21 +557,31 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", gpu: bool = True, th
     return head_cpu.without_attr("global_symbol")
 
 
-def argmax(B: int, V: int, threads: int = 1024, biased: bool = False):
+def argmax(B: int, V: int, threads: int = 1024, sampled: bool = False):
     """Each row's first maximum and its value, ``(at int32[B], best float32[B])``, as
     :func:`compiler.graph_kernels.argmax`: a CUDA block per row, each thread scanning its strided share in order, then
-    a shared-memory tree that keeps the larger value (the smaller index on a tie). ``biased``: of ``x[b, v] +
-    bias[v]``, a second input ``bias [V]`` (e.g. ``-inf`` at ids never to be picked)."""
+    a shared-memory tree that keeps the larger value (the smaller index on a tie). ``sampled``: the inputs ``bias
+    [V]``, ``sampling [2]`` and ``pos [B]``, and the maximum of ``x + bias`` or, with an inverse temperature
+    ``sampling[0] > 0``, of ``x·s + bias + gumbel`` as the CPU kernel's (the same hash,
+    :func:`compiler.graph_kernels.gumbel`)."""
+    from tvm import tirx
     from tvm.script import tirx as Tx
+
+    from compiler.graph_kernels import gumbel
 
     levels = threads.bit_length() - 1
     per = -(-V // threads)
 
-    def load(x, bias, b, v):  # evaluated as the kernel is parsed: the value a row's entry v competes with
-        return x.vload([b, v]) + bias.vload([v]) if biased else x.vload([b, v])
+    def load(x, bias, b, v, samp=None, pos=None):  # evaluated as the kernel is parsed: the value entry v competes with
+        if not sampled:
+            return x.vload([b, v])
+        plain = x.vload([b, v]) + bias.vload([v])
+        s = samp.vload([0])
+        noise = gumbel(tirx.Cast("int32", samp.vload([1])), pos.vload([b]), v)
+        return tirx.if_then_else(s > Tx.float32(0), x.vload([b, v]) * s + bias.vload([v]) + noise, plain)
 
     @Tx.macro
-    def body(x, bias, out, top):
+    def body(x, bias, out, top, samp, pos):
         for b in Tx.thread_binding(B, thread="blockIdx.x"):
             for tx in Tx.thread_binding(threads, thread="threadIdx.x"):
                 val = Tx.alloc_buffer((threads,), "float32", scope="shared")
@@ -580,12 +590,14 @@ def argmax(B: int, V: int, threads: int = 1024, biased: bool = False):
                 at = Tx.alloc_buffer((1,), "int32", scope="local")
                 mine = Tx.alloc_buffer((1,), "float32", scope="local")
                 mine_at = Tx.alloc_buffer((1,), "int32", scope="local")
+                cand = Tx.alloc_buffer((1,), "float32", scope="local")  # the entry's value, computed once
                 best[0] = Tx.min_value("float32")
                 at[0] = V
                 for i in range(per):
                     if i * threads + tx < V:
-                        if load(x, bias, b, i * threads + tx) > best[0] or at[0] == V:
-                            best[0] = load(x, bias, b, i * threads + tx)
+                        cand[0] = load(x, bias, b, i * threads + tx, samp, pos)
+                        if cand[0] > best[0] or at[0] == V:
+                            best[0] = cand[0]
                             at[0] = i * threads + tx
                 val[tx] = best[0]
                 idx[tx] = at[0]
@@ -606,20 +618,21 @@ def argmax(B: int, V: int, threads: int = 1024, biased: bool = False):
                     out[b] = Tx.min(idx[0], V - 1)
                     top[b] = val[0]
 
-    if biased:
+    if sampled:
 
         @Tx.prim_func(check_well_formed=False)
         def pick(x: Tx.Buffer((B, V), "float32"), bias: Tx.Buffer((V,), "float32"),
+                 samp: Tx.Buffer((2,), "float32"), pos: Tx.Buffer((B,), "int32"),
                  out: Tx.Buffer((B,), "int32"), top: Tx.Buffer((B,), "float32")):  # fmt: skip
             with Tx.sblock("root"):
-                body(x, bias, out, top)
+                body(x, bias, out, top, samp, pos)
 
     else:
 
         @Tx.prim_func(check_well_formed=False)  # a root block around loop-style code, as norm_quantize's quantize
         def pick(x: Tx.Buffer((B, V), "float32"), out: Tx.Buffer((B,), "int32"), top: Tx.Buffer((B,), "float32")):
             with Tx.sblock("root"):  # Relax's reshape analysis asserts a block on single-input kernels
-                body(x, x, out, top)
+                body(x, x, out, top, None, None)
 
     return pick.without_attr("global_symbol")
 

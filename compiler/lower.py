@@ -5,8 +5,8 @@ table width ``W = ⌈C / K⌉``; params in :func:`param_specs` order)::
 
     decode_b{B}(toks int32[B], pos int32[B], table int32[B, W], logits float32[B, V], kc_0, vc_0, ..., *params)
     prefill(toks int32[P], pos int32[P], table int32[P, W], last int32[1], logits float32[1, V], kc_0, ..., *params)
-    chain_b1(toks int32[1], pos int32[1], table int32[1, W], bias float32[V], logits float32[1, V], ring int32[R + 1],
-             kc_0, ..., *params)
+    chain_b1(toks int32[1], pos int32[1], table int32[1, W], bias float32[V], sampling float32[2], logits float32[1, V],
+             ring int32[R + 1], kc_0, ..., *params)
 
 The results are written into tensors the caller passes after the inputs (:func:`output_specs`; the function
 returns them): no allocation per call, so on CUDA the whole step is one captured graph. With ``m = mtp_heads > 0``
@@ -15,10 +15,11 @@ float32[B, D]`` after ``logits`` (prefill: row ``last``, ``[1, D]``), and ``draf
 token int32[B], drafts int32[k, B], *draft_params)`` writes ``k ≤ m`` greedy draft tokens from the recurrent heads,
 fed the token picked after ``hidden`` (:meth:`Lowering.draft`). Rows of one sequence at consecutive positions in one
 ``decode_b{B}`` call (the last token and its drafts) are the speculative verify step: each row's key and value are
-written before any row attends, so row ``t`` sees the rows before it. ``chain_b1`` is ``decode_b1`` that also takes
-the argmax of ``logits + bias`` and writes it, in place, as the next call's token at the next position and into the
-ring (``R`` = :data:`compiler.constants.CHAIN_RING` picks and their count): calls queued back to back decode greedily
-with nothing from the host between them (``runtime.engine.Engine.chain``).
+written before any row attends, so row ``t`` sees the rows before it. ``chain_b1`` is ``decode_b1`` that also picks
+the next token, the argmax of ``logits + bias`` (``sampling = (1/T, seed)`` with ``1/T > 0``: of ``logits/T + bias``
+plus Gumbel noise, a draw at temperature ``T``), and writes it, in place, as the next call's token at the next
+position and into the ring (``R`` = :data:`compiler.constants.CHAIN_RING` picks and their count): calls queued back
+to back decode with nothing from the host between them (``runtime.engine.Engine.chain``).
 
 Each ``kc_l``/``vc_l`` is ``float32[n_blocks, Hkv, K, hd]``, ``n_blocks`` symbolic: the runtime sizes the cache
 (:mod:`runtime.kv_cache`). Latent attention caches its int8 latent and ``(s/a, k_pe)`` rows instead, and a DeltaNet
@@ -572,8 +573,10 @@ class Lowering:
         W = gk.table_width(cfg.max_seq_len, KV_BLOCK)
         toks, pos, table = _var("tokens", (T,), "int32"), _var("pos", (T,), "int32"), _var("table", (T, W), "int32")
         last = None if batch else _var("last", (1,), "int32")
-        bias = _var("bias", (cfg.vocab_size,), "float32") if name.startswith("chain_b") else None
-        inputs = [toks, pos, table] + [v for v in (last, bias) if v is not None]
+        chain = name.startswith("chain_b")
+        bias = _var("bias", (cfg.vocab_size,), "float32") if chain else None
+        samp = _var("sampling", (2,), "float32") if chain else None
+        inputs = [toks, pos, table] + [v for v in (last, bias, samp) if v is not None]
         dst = {o.name: _var(o.name, o.shape, o.dtype) for o in output_specs(cfg, name, T)}
         dims = {d: tirx.Var(d, "int64") for d in (BLOCK_DIM, STATE_DIM)}
         cache = {s.name: _var(s.name, (dims[cache_dim(s)], *s.shape), s.dtype) for s in cache_specs(cfg)}
@@ -593,8 +596,8 @@ class Lowering:
                     top = self._call(self._te("argmax", self.k.argmax, T, cfg.vocab_size), [logits],
                                      [((T,), "int32"), ((T,), f32)])[0]  # fmt: skip
                     outs.append(self._copy_into(self._draft_steps(f, hn, top, cfg.mtp_heads), dst["drafts"]))
-                if name.startswith("chain_b"):  # the greedy pick feeds the next call: no host round trip
-                    outs += self._chain_advance(logits, bias, toks, pos, dst["ring"])
+                if chain:  # the pick feeds the next call: no host round trip
+                    outs += self._chain_advance(logits, bias, samp, toks, pos, dst["ring"])
                 out = bb.emit_output(_results(outs))
             bb.emit_func_output(out)
 
@@ -948,17 +951,18 @@ class Lowering:
             toks.append(self._reshape(tok, (1, B)))
         return toks[0] if heads == 1 else bb.emit(relax.op.concat(toks, axis=0))
 
-    def _chain_advance(self, logits, bias, toks, pos, ring):
+    def _chain_advance(self, logits, bias, samp, toks, pos, ring):
         """``chain_b1``'s last step: the argmax of ``logits [1, V] + bias`` (the first maximum; the caller's ``bias
-        [V]`` puts ``-inf`` at ids never picked) becomes the token of the next
+        [V]`` puts ``-inf`` at ids never picked; with ``samp = (1/T, seed)``, ``1/T > 0``, of ``logits/T + bias`` plus
+        Gumbel noise of ``seed`` and the position: :func:`compiler.graph_kernels.argmax`) becomes the token of the next
         call at the next position, written into the caller's ``toks`` and ``pos``, and is appended to the caller's
         ``ring`` (:func:`compiler.graph_kernels.chain_advance`) → the updated ``[ring, toks, pos]``. So calls can be
         queued back to back with nothing from the host between them (``runtime.engine.Engine.chain``)."""
         from tvm import relax
 
         V = self.cfg.vocab_size
-        pick = self._te("argmax_biased", lambda b, v: self.k.argmax(b, v, biased=True), 1, V)
-        at = self._call(pick, [logits, bias], [((1,), "int32"), ((1,), "float32")])[0]
+        pick = self._te("argmax_sampled", lambda b, v: self.k.argmax(b, v, sampled=True), 1, V)
+        at = self._call(pick, [logits, bias, samp, pos], [((1,), "int32"), ((1,), "float32")])[0]
         gv = self._te("chain_advance", lambda r: gk.chain_advance(r, self.gpu), CHAIN_RING)
         tys = [t.ty for t in (toks, pos, ring)]
         r = self.bb.emit(relax.call_tir_inplace(gv, [at, toks, pos, ring], [1, 2, 3], tys))

@@ -9,6 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# sampling noise, drawn alike on the device (compiler.graph_kernels.gumbel, a chain's pick) and on the host
+# (runtime.decoding.gumbel_noise): a stream's seed is below SAMPLE_SEEDS (chain_b1 takes it as a float32), hashed with
+# MurmurHash3's finalizer (FMIX: its two multipliers) and counters spread by GOLDEN (2^32 / the golden ratio,
+# SplitMix's increment)
+SAMPLE_SEEDS = 1 << 24
+FMIX = (0x85EBCA6B, 0xC2B2AE35)
+GOLDEN = 0x9E3779B9
+
 
 @dataclass(frozen=True)
 class SamplingParams:

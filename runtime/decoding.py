@@ -9,9 +9,12 @@ generate_tokens` / ``stream_text``) and many at once (:mod:`runtime.batch`, wher
     piece = text.push()                                   # the visible text that token completed ("" if none)
 
 :class:`TokenPicker` applies the repetition penalties, never samples an unused token, constrains the first tokens to
-spell the healed prompt text again (:mod:`runtime.healing`), samples (:func:`sample`) and decides when
-to stop: an end-of-generation token, a stop string, the token limit or the context. :class:`TextStream` turns the
-tokens into text pieces that never end inside a UTF-8 character and never show a stop string or its prefix.
+spell the healed prompt text again (:mod:`runtime.healing`), samples and decides when to stop. Plain temperature
+sampling (no top-k, no top-p) is a Gumbel-max draw with counter noise (:func:`gumbel_pick`), a function of the seed,
+the position and the token id, as the device's chains draw (``chain_b1``), so a seeded generation gives the same
+tokens step by step, chained or batched; with top-k or top-p it draws by :func:`sample`. It stops at an
+end-of-generation token, a stop string, the token limit or the context. :class:`TextStream` turns the tokens into text
+pieces that never end inside a UTF-8 character and never show a stop string or its prefix.
 
 Tests: ``pytest -q tests/test_runtime_engine.py tests/test_token_healing.py tests/test_batch.py``.
 """
@@ -22,7 +25,7 @@ import time
 
 import numpy as np
 
-from model.sampling import Generation, SamplingParams, penalize
+from model.sampling import FMIX, GOLDEN, SAMPLE_SEEDS, Generation, SamplingParams, penalize
 from runtime.healing import Heal
 
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing by it would overflow; the result is argmax anyway)
@@ -87,6 +90,37 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     return int(rng.choice(p.shape[0], p=p))
 
 
+def gumbel_noise(seed: int, pos: int, n: int) -> np.ndarray:
+    """Standard Gumbel noise (float32) for ids ``0 .. n-1`` at position ``pos`` of stream ``seed``: the numpy twin of
+    :func:`compiler.graph_kernels.gumbel` (the same counter hash, the same float32 steps)."""
+
+    def fmix(h):
+        h = h ^ (h >> np.uint32(16))
+        h = h * np.uint32(FMIX[0])
+        h = h ^ (h >> np.uint32(13))
+        h = h * np.uint32(FMIX[1])
+        return h ^ (h >> np.uint32(16))
+
+    phi = np.uint32(GOLDEN)
+    row = fmix(fmix(np.array([seed], np.uint32)) + np.array([pos], np.uint32) * phi)  # arrays wrap without warnings
+    h = fmix(row + np.arange(n, dtype=np.uint32) * phi)
+    u = ((h >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)
+    return -np.log(-np.log(u))
+
+
+def gumbel_pick(logits: np.ndarray, temperature: float, seed: int, pos: int) -> int:
+    """A draw from ``softmax(logits / temperature)`` as ``chain_b1`` makes it: the first maximum of ``logits·s +
+    gumbel_noise(seed, pos)`` in float32, ``s = float32(1 / temperature)`` (-inf and NaN logits are never drawn; if
+    +inf logits are present they alone are drawn from, uniformly; all -inf: uniform)."""
+    x = _finite_or_inf(logits)
+    if x.max() == np.inf:
+        x = np.where(x == np.inf, 0.0, -np.inf)
+    elif x.max() == -np.inf:
+        x = np.zeros_like(x)
+    s = np.float32(1.0 / temperature)
+    return int(np.argmax(x.astype(np.float32) * s + gumbel_noise(seed, pos, x.shape[0])))
+
+
 def constrain(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """float64 logits with every id outside ``allowed`` at -inf; if no allowed id has a usable logit, they tie."""
     x = np.full(np.shape(logits), -np.inf)
@@ -112,6 +146,7 @@ class TokenPicker:
         self.stop_ids = eog.union(params.stop_token_ids)
         self.n_heal = 0  # generated tokens that (partly) spell the healed text
         self.rng = np.random.default_rng(params.seed)
+        self.noise_seed = params.seed % SAMPLE_SEEDS  # the Gumbel noise's stream (plain temperature sampling)
         self.done = self.limit <= 0
         self.t0 = time.perf_counter()  # the request's start: prefill_s runs from here to the first token
         self.t1: float | None = None
@@ -119,7 +154,9 @@ class TokenPicker:
     def pick(self, logits: np.ndarray, length: int) -> int:
         """The next token from this step's ``logits``, the sequence holding ``length`` tokens in its cache."""
         tok = self._greedy(logits)
-        if tok is None:
+        if tok is None and self.gumbel:
+            tok = gumbel_pick(self.processed(logits), self.params.temperature, self.noise_seed, length - 1)
+        elif tok is None:
             tok = sample(self.processed(logits), self.params, self.rng)
         self.push(tok, length)
         return tok
@@ -157,6 +194,18 @@ class TokenPicker:
             self._finish("context")
         elif len(result.tokens) >= self.limit:
             self.done = True
+
+    @property
+    def gumbel(self) -> bool:
+        """Sampling at a temperature with no top-k or top-p filter: a Gumbel-max draw (:func:`gumbel_pick`)."""
+        p = self.params
+        return p.temperature >= GREEDY_BELOW and p.top_k == 0 and p.top_p >= 1.0
+
+    @property
+    def plain_sample(self) -> bool:
+        """The next pick is a Gumbel-max draw from the raw logits: no penalties, no healing constraint (unused tokens
+        aside): what a device chain draws (``Engine.chain`` with a temperature)."""
+        return self.gumbel and not self.params.penalized and not self.pending
 
     @property
     def plain_greedy(self) -> bool:

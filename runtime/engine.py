@@ -18,9 +18,12 @@ default); :meth:`Engine.decode_batch` advances several by a token each in one ca
 with the logits each would get alone; :meth:`Engine.batcher` gives the continuous-batching scheduler
 (:mod:`runtime.batch`) that the server runs.
 
-Sampling is numpy (no torch), in float64: greedy at a temperature below :data:`GREEDY_BELOW` (1e-5: at that scale a
-0.01 logit gap is already a factor e^1000), else temperature → top-k → top-p (same filter rules as
-:func:`model.generate.filter_logits`) from a seeded ``numpy.random.Generator``. Any finite setting works: NaN logits
+Sampling is numpy (no torch): greedy at a temperature below :data:`GREEDY_BELOW` (1e-5: at that scale a 0.01 logit
+gap is already a factor e^1000); plain temperature sampling is a Gumbel-max draw whose noise is a hash of the seed,
+the position and the id (:func:`runtime.decoding.gumbel_pick`), drawn the same way on the device by chains
+(:meth:`Engine.chain`), so a seeded generation is the same alone, batched or chained; with top-k or top-p, float64
+temperature → top-k → top-p (same filter rules as :func:`model.generate.filter_logits`) from a seeded
+``numpy.random.Generator``. Any finite setting works: NaN logits
 count as -inf, +inf logits share the mass between them, the maximum is subtracted before dividing by the temperature,
 ``top_k`` above the vocabulary keeps everything; sampling never raises and never sees a NaN probability.
 
@@ -41,13 +44,14 @@ import ctypes
 import functools
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from model.sampling import Generation, SamplingParams  # re-exported
+from model.sampling import SAMPLE_SEEDS, Generation, SamplingParams  # re-exported
 from runtime.decoding import (  # noqa: F401 (the sampling functions are re-exported)
     GREEDY_BELOW,
     TextStream,
@@ -135,9 +139,8 @@ KV_CONTEXTS = 4  # the default KV cache holds this many full contexts' worth of 
 # AVX2: speculation did not pay there, 0.98x at one draft; the H200 since its step got cheaper: 0.95x at one, 0.90x
 # at three). Plain greedy generation takes device chains instead (CHAIN_BURST).
 DRAFT_TOKENS = {"cuda": 0, "avx512": 1, "avx2": 0}
-# plain greedy steps per burst of Engine.chain, by target (0: step by step through the host); on the shipped model
-# chains decoded 1.48x plain decoding on an H200, 1.10x on 2 threads of an AVX-512 Xeon, 1.08x with AVX2 code, where
-# one drafted token gave 0.95x, 1.05x and 0.98x (docs/speculative.md)
+# plain greedy (or plain temperature) steps per burst of Engine.chain, by target (0: step by step through the host):
+# chains beat speculation on every target (docs/speculative.md)
 CHAIN_BURST = {"cuda": 16, "avx512": 16, "avx2": 16}
 CHAIN_BURST_MAX = 256  # the most steps of one burst (a stop inside it wastes the rest)
 
@@ -452,14 +455,18 @@ class Engine:
         """Whether the module has ``chain_b1`` (a build of this compiler; an older cache entry may not)."""
         return "chain_b1" in self.meta.get("outputs", {})
 
-    def chain(self, token: int, n: int, seq: Sequence | None = None) -> list[int]:
-        """``n`` greedy steps queued back to back on the device (``chain_b1``): ``token`` is appended to ``seq``
-        (default: the Engine's own), and each step appends the first maximum of the logits after the token before
-        it; returns the ``n`` tokens picked (the last not yet in the cache, like :meth:`decode`'s logits). Each call
+    def chain(
+        self, token: int, n: int, seq: Sequence | None = None, temperature: float = 0.0, seed: int = 0
+    ) -> list[int]:
+        """``n`` steps queued back to back on the device (``chain_b1``): ``token`` is appended to ``seq`` (default:
+        the Engine's own), and each step appends the first maximum of the logits after the token before it
+        (``temperature > 0``: a draw from ``softmax(logits / temperature)`` by the Gumbel-max trick, its noise from
+        ``seed`` and the position, :func:`compiler.graph_kernels.gumbel`; unused ids are never drawn); returns the
+        ``n`` tokens picked (the last not yet in the cache, like :meth:`decode`'s logits). Each call
         feeds its own pick to the next on the device, so the host neither reads logits nor waits between steps: it
         reads the picks once per burst of up to ``CHAIN_RING`` steps (the function's ring, which counts the calls:
         a count other than the host's is a ``RuntimeError``). ``seq.hidden`` is not read back (None: a model's MTP
-        drafts resume one plain step later). The same tokens as
+        drafts resume one plain step later). Greedy, the same tokens as
         :meth:`decode` and ``np.argmax``, which also takes the first maximum, over the ids a generation may pick (not
         the unused ones; the logits have no NaN)."""
         seq = self.seq if seq is None else seq
@@ -468,6 +475,9 @@ class Engine:
         self._check([int(token)])
         if n < 1 or seq.length + n > self.ctx:
             raise ValueError(f"chain of {n} steps from position {seq.length}: 1 .. {self.ctx - seq.length} fit")
+        if not (0 <= temperature < math.inf and 0 <= seed < SAMPLE_SEEDS):
+            raise ValueError(f"chain temperature {temperature} (finite, >= 0) or seed {seed} (0 .. {SAMPLE_SEEDS - 1})")
+        inv_t = 1.0 / temperature if temperature >= GREEDY_BELOW else 0.0
         self._grow(seq, seq.length + n)
         outs = self._out("chain_b1")
         ring = len(outs) - 1
@@ -477,8 +487,8 @@ class Engine:
             bias[self._never] = -np.inf
             self._chain_bias = self._tvm.runtime.tensor(bias, self.dev)
         args = (self._in("chain_token", [int(token)]), self._in("chain_pos", [seq.length]),
-                self._in("chain_table", seq.table(self.pool.width)[None]), self._chain_bias, *outs, *self.cache,
-                *self.params)  # fmt: skip
+                self._in("chain_table", seq.table(self.pool.width)[None]), self._chain_bias,
+                self._in("chain_sampling", [inv_t, seed], np.float32), *outs, *self.cache, *self.params)  # fmt: skip
         self.vm.set_input("chain_b1", *args)  # once: the calls below pass the same tensors
         if self._ring_count is None or self._ring_count > 1 << 30:  # the device's count ring[R] from 0
             self._in_place(outs[ring], np.zeros(R + 1, np.int32))
@@ -570,18 +580,23 @@ class Engine:
 
     def chains(self, picker: TokenPicker) -> bool:
         """Whether the generation of ``picker`` takes its next tokens by :meth:`chain_burst_for`: chains are on, the
-        module has them and the next pick is plain greedy."""
-        return bool(self.chain_burst) and self.has_chain and picker.plain_greedy
+        module has them and the next pick is plain greedy or a plain temperature draw."""
+        return bool(self.chain_burst) and self.has_chain and (picker.plain_greedy or picker.plain_sample)
 
     def chain_burst_for(self, picker: TokenPicker, seq: Sequence, tok: int) -> list[int]:
-        """Up to :attr:`chain_burst` greedy tokens after ``tok`` for ``seq`` by :meth:`chain` (at most the token limit
-        and the context allow), each pushed to ``picker`` as if picked one step at a time; those after the one that
-        ends the generation are dropped, and the sequence's length set back to the tokens it really holds. The same
-        tokens as the step-by-step path: ``picker.plain_greedy`` holds, so each is the argmax."""
+        """Up to :attr:`chain_burst` tokens after ``tok`` for ``seq`` by :meth:`chain` (at most the token limit and
+        the context allow), each pushed to ``picker`` as if picked one step at a time; those after the one that ends
+        the generation are dropped, and the sequence's length set back to the tokens it really holds. The same tokens
+        as the step-by-step path: greedy (``picker.plain_greedy``), each is the argmax; sampled
+        (``picker.plain_sample``), each is the Gumbel-max draw of :func:`runtime.decoding.gumbel_pick` with the
+        picker's noise seed (equal but for float32 ties: the device's ``log`` may differ from numpy's in the last
+        bit)."""
         start = seq.length
         n = min(self.chain_burst, picker.limit - len(picker.result.tokens), self.ctx - start)
+        p = picker.params
+        temp, seed = (p.temperature, picker.noise_seed) if picker.plain_sample else (0.0, 0)
         out = []
-        for j, t in enumerate(self.chain(tok, n, seq)):
+        for j, t in enumerate(self.chain(tok, n, seq, temp, seed)):
             out.append(t)
             picker.push(t, start + j + 1)
             if picker.done:

@@ -9,8 +9,9 @@
 #   (NAMES: any entry gpu_prepare.sh built, e.g. bitnet-2b4t; BASELINE: a folder of entries of the same names built
 #   from an earlier commit, e.g. `git worktree add /tmp/old <commit> && (cd /tmp/old && bash scripts/gpu_prepare.sh)`
 #   then copy /tmp/old/.gpu/entries/* there: bench.runtime --baseline-entry times each right after the new build;
-#   BASELINE_SRC: that commit's source tree (`git archive <commit> | tar -x -C <dir>`, carried), which repacks the
-#   baseline's weights when its parameter packing differs from this commit's)
+#   BASELINE_SRC: that commit's source tree (`git archive <commit> | tar -x -C <dir>`, carried, e.g. packed by
+#   scripts/gpu_pack.sh), which repacks the baseline's weights and runs the baseline's decode: its own runtime for its
+#   own module, whatever changed since)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -29,6 +30,7 @@ for e in ${NAMES:-small nano-1b}; do
     ag=$(realpath "$gguf"); ae=$(realpath "$BASELINE/$e")
     (cd "${BASELINE_SRC:-.}" && python3 -m compiler.build --model "$ag" --target cuda --repack-into "$ae" > /dev/null)
     ab=(--baseline-entry "$BASELINE/$e")
+    [ -n "${BASELINE_SRC:-}" ] && ab+=(--baseline-src "$BASELINE_SRC")
   fi
   impls="tvm torch"; [ "$e" = nano-1b ] && [ "${SKIP_TORCH_NANO:-0}" = 1 ] && impls=tvm
   [ "${SKIP_TORCH:-0}" = 1 ] && impls=tvm

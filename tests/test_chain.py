@@ -101,13 +101,15 @@ def _stop_inside_second_burst(eng: Engine) -> tuple[list[int], int]:
         SamplingParams(max_new_tokens=23, temperature=0, ignore_eos=True),  # 23: not a multiple of the burst
         SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=("STOP",)),  # a stop token inside a burst
         SamplingParams(max_new_tokens=40, temperature=0, frequency_penalty=0.5),  # penalized: step by step
+        SamplingParams(max_new_tokens=23, temperature=0.9, seed=5, ignore_eos=True),  # drawn on the device
+        SamplingParams(max_new_tokens=23, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True),  # top-p: by the host
     ],
-    ids=["limit", "stop-token", "penalty"],
+    ids=["limit", "stop-token", "penalty", "sampled", "top-p"],
 )
 def test_generation_with_bursts_equals_step_by_step(engines, params, monkeypatch):
     """``generate_tokens`` with chains of 5 against the step-by-step Engine: the same tokens, finish reason and
     sequence length (a stop inside a burst drops the rest), and the cache fit to go on (the next decode's logits
-    bit-identical)."""
+    bit-identical). Plain temperature sampling goes in bursts too: the device draws the host's Gumbel noise."""
     chained, plain = engines
     prompt = PROMPT
     if params.stop_token_ids == ("STOP",):  # a token first picked inside the 2nd burst (generated tokens 7-9)
@@ -124,44 +126,109 @@ def test_generation_with_bursts_equals_step_by_step(engines, params, monkeypatch
     (a, ra, pa, la), (b, rb, pb, lb) = runs
     assert (a, ra, pa) == (b, rb, pb)
     np.testing.assert_array_equal(la, lb)
-    if params.penalized:
+    if params.penalized or params.top_p < 1:
         assert bursts == []
     else:  # the first token comes from the prefill, the rest in bursts of 5
         assert bursts[:-1] == [5] * (len(bursts) - 1) and 1 <= bursts[-1] <= 5
         assert (ra, len(a) < 10) == ("stop_token", True) if params.stop_token_ids else (ra, len(a)) == ("length", 23)
 
 
-@pytest.mark.build
-@pytest.mark.parametrize("V", [1, 7, 300])
-def test_biased_argmax_kernel_is_the_first_maximum_of_the_allowed_ids(V):
-    """``graph_kernels.argmax(biased=True)`` (the chain's pick, CPU form) against numpy: ``-inf`` ids are never
-    picked while another id is finite, ties go to the smaller id, and the unbiased kernel ignores the bias."""
+def _argmax_kernel(B: int, V: int, sampled: bool):
     import tvm
 
     from compiler import graph_kernels as gk
     from targets import detect, get_target
 
+    f = gk.argmax(B, V, sampled=sampled).with_attr("global_symbol", "main")
+    run = tvm.compile(tvm.IRModule({"main": f}), target=get_target(detect()))["main"]
+    dev = tvm.cpu()
+
+    def call(*inputs):
+        at, best = tvm.runtime.empty((B,), "int32", dev), tvm.runtime.empty((B,), "float32", dev)
+        run(*[tvm.runtime.tensor(np.asarray(a), dev) for a in inputs], at, best)
+        return at.numpy(), best.numpy()
+
+    return call
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("V", [1, 7, 300])
+def test_chain_argmax_kernel_greedy_is_the_first_maximum_of_the_allowed_ids(V):
+    """``graph_kernels.argmax(sampled=True)`` at inverse temperature 0 (the chain's greedy pick, CPU form) against
+    numpy: ``-inf`` ids are never picked while another id is finite, ties go to the smaller id; the plain kernel
+    takes the raw first maximum."""
     rng = np.random.default_rng(V)
     x = np.round(rng.standard_normal((2, V)) * 2).astype(np.float32)  # coarse values: ties
     x[1, : V // 2] = 50.0  # the maximum on ids that the bias forbids
     bias = np.zeros(V, np.float32)
     bias[: V // 2] = -np.inf
-    dev = tvm.cpu()
-    for biased in (True, False):
-        f = gk.argmax(2, V, biased=biased).with_attr("global_symbol", "main")
-        run = tvm.compile(tvm.IRModule({"main": f}), target=get_target(detect()))["main"]
-        at, best = tvm.runtime.empty((2,), "int32", dev), tvm.runtime.empty((2,), "float32", dev)
-        ins = [tvm.runtime.tensor(x, dev)] + ([tvm.runtime.tensor(bias, dev)] if biased else [])
-        run(*ins, at, best)
-        want = np.argmax(x + bias if biased else x, axis=1)
-        np.testing.assert_array_equal(at.numpy(), want)
-        np.testing.assert_array_equal(best.numpy(), (x + bias if biased else x)[[0, 1], want])
+    at, best = _argmax_kernel(2, V, True)(x, bias, np.array([0, 7], np.float32), np.array([3, 4], np.int32))
+    want = np.argmax(x + bias, axis=1)
+    np.testing.assert_array_equal(at, want)
+    np.testing.assert_array_equal(best, (x + bias)[[0, 1], want])
+    at, _ = _argmax_kernel(2, V, False)(x)
+    np.testing.assert_array_equal(at, np.argmax(x, axis=1))
 
 
 @pytest.mark.build
-def test_batcher_runs_a_lone_greedy_request_in_bursts(engines, monkeypatch):
-    """The server's continuous batch: a greedy request running alone goes in bursts, two at once step by step; the
-    tokens and texts are the step-by-step Engine's either way."""
+def test_chain_argmax_kernel_draws_the_hosts_gumbel_noise():
+    """The device's noise is the host's (``runtime.decoding.gumbel_noise``, the numpy twin of
+    ``graph_kernels.gumbel``): with zero logits at inverse temperature 1, each row's pick and value are the argmax and
+    the maximum of the host's noise for that row's (seed, position)."""
+    from runtime.decoding import gumbel_noise
+
+    B, V = 64, 1000
+    rng = np.random.default_rng(0)
+    seeds, pos = rng.integers(0, 1 << 24, B), rng.integers(0, 4096, B).astype(np.int32)
+    for seed in seeds[:8]:
+        at, best = _argmax_kernel(B, V, True)(np.zeros((B, V), np.float32), np.zeros(V, np.float32),
+                                              np.array([1.0, seed], np.float32), pos)  # fmt: skip
+        noise = np.stack([gumbel_noise(int(seed), int(p), V) for p in pos])
+        np.testing.assert_array_equal(at, noise.argmax(1))
+        np.testing.assert_allclose(best, noise.max(1), rtol=1e-6)
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_chain_argmax_kernel_samples_the_softmax(temperature):
+    """Goodness of fit: the sampled kernel's picks over 20 000 (position, seed) draws of fixed logits follow
+    ``softmax(x / T)`` over the allowed ids (chi-square at significance 0.001; a forbidden id is never drawn). A rule
+    that ignored the temperature or the noise, or reused a draw across positions, fails it."""
+    from scipy import stats
+
+    B, V = 20000, 6
+    x = np.tile(np.array([0.0, 1.0, -1.0, 2.0, 0.5, 9.0], np.float32), (B, 1))
+    bias = np.array([0, 0, 0, 0, 0, -np.inf], np.float32)  # the likeliest id is forbidden
+    p = np.exp(x[0, :5].astype(np.float64) / temperature)
+    p /= p.sum()
+    run = _argmax_kernel(B, V, True)
+    for seed in (0, 99):
+        at, _ = run(x, bias, np.array([1 / temperature, seed], np.float32), np.arange(B, dtype=np.int32))
+        counts = np.bincount(at, minlength=V)
+        assert counts[5] == 0
+        assert stats.chisquare(counts[:5], p * B).pvalue > 1e-3, (seed, counts, p * B)
+
+
+@pytest.mark.build
+def test_sampled_chains_follow_the_seed(engines):
+    """A chained temperature draw: the same seed gives the same tokens, another seed or greedy other tokens (the
+    noise reaches the pick), and no unused id is ever drawn."""
+    chained, _ = engines
+
+    def run(**kw):
+        return list(chained.generate_tokens(PROMPT, SamplingParams(max_new_tokens=30, ignore_eos=True, **kw)))
+
+    a = run(temperature=1.5, seed=1)
+    assert a == run(temperature=1.5, seed=1)
+    assert a != run(temperature=1.5, seed=2) and a != run(temperature=0)
+    assert not set(a) & set(chained.never_ids)
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("temperature", [0, 0.8])
+def test_batcher_runs_a_lone_request_in_bursts(engines, monkeypatch, temperature):
+    """The server's continuous batch: a greedy or plainly sampled request running alone goes in bursts, two at once
+    step by step; the tokens and texts are the step-by-step Engine's either way."""
     from runtime.batch import Request
 
     chained, plain = engines
@@ -170,7 +237,7 @@ def test_batcher_runs_a_lone_greedy_request_in_bursts(engines, monkeypatch):
     monkeypatch.setattr(chained, "chain_burst_for", lambda *a: bursts.append(a) or burst_for(*a))
 
     def requests(n):
-        return [Request(None, SamplingParams(max_new_tokens=21, temperature=0, ignore_eos=True),
+        return [Request(None, SamplingParams(max_new_tokens=21, temperature=temperature, seed=i, ignore_eos=True),
                         prompt_ids=PROMPT[: 7 - i]) for i in range(n)]  # fmt: skip
 
     for n, chained_steps in ((1, True), (2, False)):
