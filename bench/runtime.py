@@ -331,13 +331,13 @@ def _run_worker(args: list[str], threads: int, module: str = "bench.runtime", sr
 def _add_sample(samples: dict, r: dict, n: int) -> None:
     """One worker's result into ``samples[(impl, threads)]``; its chained decode (same process), if any, as a row of
     its own, ``<impl>-chain`` (``tvm-chain``, ``tvm-base-chain``)."""
-    if "chain" in r:
-        c = r.pop("chain")
+    c = r.pop("chain", None)
+    samples.setdefault((r["impl"], n), []).append(r)
+    if c is not None:
         row = r | {"impl": f"{r['impl']}-chain", "decode_tok_s": c["decode_tok_s"], "chain": c,
                    "decode_ms_median": c["decode_ms_median"]}  # fmt: skip
         row.pop("trace", None)
         samples.setdefault((row["impl"], n), []).append(row)
-    samples.setdefault((r["impl"], n), []).append(r)
 
 
 def baseline_ratios(runs: list[dict], base_runs: list[dict]) -> dict:
