@@ -6,15 +6,16 @@ tokens per verify step, and whether the greedy tokens are identical.
     python -m bench.speculative --entry <cuda cache entry> --model models/small.gguf ...   # prebuilt (GPU host)
 
 Prompts: ``bench/data/heldout_code_prompts.json``, signatures + docstrings of held-out functions (the corpus's val
-split: never trained on). Each prompt is generated greedily for ``--tokens`` tokens (``ignore_eos``, so every setting
-decodes the same number of tokens) with each ``--draft-tokens`` setting (0 = plain decoding) on one Engine, switching
-``Engine.draft_tokens`` between generations; ``--chain-burst N`` adds a setting ``cN``, plain greedy generation as
-device chains of ``N`` steps (``Engine.chain``; the draft settings run with chains off). The settings are
-interleaved: each of ``--rounds`` rounds runs every
-setting over all prompts, in a rotated order. Decode tokens/s of a round = its tokens after the first (per prompt) /
-their decode time; the table gives the median over rounds, the range, and the ratio to plain decoding taken within
-each round. ``identical``: every setting's tokens equal plain decoding's for every prompt (greedy speculation is exact).
-Acceptance = accepted / drafted tokens; tokens per step = (accepted + verify steps) / verify steps.
+split: never trained on). Each prompt is generated greedily (``--temperature T``: sampled at ``T``, prompt ``i`` with
+seed ``i``) for ``--tokens`` tokens (``ignore_eos``, so every setting decodes the same number of tokens) with each
+``--draft-tokens`` setting (0 = plain decoding) on one Engine, switching ``Engine.draft_tokens`` between generations;
+``--chain-burst N`` adds a setting ``cN``, plain greedy generation as device chains of ``N`` steps (``Engine.chain``;
+the draft settings run with chains off). The settings are interleaved: each of ``--rounds`` rounds runs every setting
+over all prompts, in a rotated order. Decode tokens/s of a round = its tokens after the first (per prompt) / their
+decode time; the table gives the median over rounds, the range, and the ratio to plain decoding taken within each
+round. ``identical``: every setting's tokens equal plain decoding's for every prompt (greedy speculation is exact;
+sampled, chains draw the host's own noise, while drafts keep only the distribution: no entry). Acceptance = accepted /
+drafted tokens; tokens per step = (accepted + verify steps) / verify steps.
 
 Timings on a shared machine are only meaningful when nothing else runs.
 """
@@ -49,6 +50,7 @@ class SpecBenchConfig:
     tokens: int = 128
     rounds: int = 5
     chain_burst: int = 0  # > 0: one more setting, plain greedy as device chains of this many steps (Engine.chain)
+    temperature: float = 0.0  # > 0: plain temperature sampling (prompt i with seed i) instead of greedy
 
 
 def stats(x) -> dict:
@@ -74,13 +76,14 @@ def run(cfg: SpecBenchConfig) -> dict:
     if bad:
         raise SystemExit(f"error: --draft-tokens {bad}: the model has {eng.mtp_heads} MTP heads")
     prompts = [p["prompt"] for p in json.loads(Path(cfg.prompts).read_text())["prompts"][: cfg.n_prompts]]
-    params = SamplingParams(max_new_tokens=cfg.tokens, ignore_eos=True)
+    params = [SamplingParams(max_new_tokens=cfg.tokens, ignore_eos=True, temperature=cfg.temperature, seed=i)
+              for i in range(len(prompts))]  # fmt: skip
     settings = {k: (k, 0) for k in cfg.draft_tokens}  # setting → (drafts, chain burst)
     if cfg.chain_burst and eng.has_chain:
         settings[CHAIN] = (0, cfg.chain_burst)
     for eng.draft_tokens, eng.chain_burst in settings.values():  # warm-up (first calls, the token table)
-        for p in prompts[:2]:
-            eng.generate(p, params)
+        for p, pp in zip(prompts[:2], params, strict=False):
+            eng.generate(p, pp)
     plain_tokens: dict[int, list[int]] = {}
     rows = {k: {"tps": [], "ratio": [], "acceptance": [], "tokens_per_step": [], "identical": True}
             for k in settings}  # fmt: skip
@@ -92,7 +95,7 @@ def run(cfg: SpecBenchConfig) -> dict:
             eng.draft_tokens, eng.chain_burst = settings[k]
             toks = secs = drafted = accepted = steps = 0
             for i, p in enumerate(prompts):
-                g = eng.generate(p, params)
+                g = eng.generate(p, params[i])
                 if k == 0:
                     plain_tokens.setdefault(i, g.tokens)
                 elif i in plain_tokens and g.tokens != plain_tokens[i]:
@@ -107,15 +110,19 @@ def run(cfg: SpecBenchConfig) -> dict:
         if 0 in rate:
             for k in settings:
                 rows[k]["ratio"].append(rate[k] / rate[0])
+
+    def exact(setting):  # token for token plain decoding's: greedy, or a chain's draws (the host's own Gumbel noise)
+        return cfg.temperature == 0 or setting[0] == 0
+
     out = []
     for k, v in rows.items():
         out.append({"draft_tokens": settings[k][0], "chain_burst": settings[k][1], "decode_tok_s": stats(v["tps"]),
                     "runs": cfg.rounds,
                     "x_plain": stats(v["ratio"]) if v["ratio"] else None,
                     "acceptance": stats(v["acceptance"]), "tokens_per_step": stats(v["tokens_per_step"]),
-                    "identical": v["identical"] if 0 in cfg.draft_tokens else None})  # fmt: skip
+                    "identical": v["identical"] if 0 in cfg.draft_tokens and exact(settings[k]) else None})  # fmt: skip
     return {"target": eng.target, "mtp_heads": eng.mtp_heads, "threads": cfg.threads, "gpu": gpu_name(),
-            "rows": out}  # fmt: skip
+            "temperature": cfg.temperature, "rows": out}  # fmt: skip
 
 
 def table(res: dict) -> str:
@@ -145,14 +152,16 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=d.rounds)
     ap.add_argument("--chain-burst", type=int, default=0,
                     help="also plain greedy as device chains of this many steps (a row c<N>; 0: none)")  # fmt: skip
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="> 0: plain temperature sampling, prompt i with seed i (default: greedy)")  # fmt: skip
     ap.add_argument("--json", default=None, help="write the report here")
     a = ap.parse_args(argv)
-    if a.rounds < 1 or a.tokens < 2 or a.n_prompts < 1:
-        ap.error("--rounds ≥ 1, --tokens ≥ 2 and --n-prompts ≥ 1")
+    if a.rounds < 1 or a.tokens < 2 or a.n_prompts < 1 or not 0 <= a.temperature <= 2:
+        ap.error("--rounds ≥ 1, --tokens ≥ 2, --n-prompts ≥ 1 and --temperature in [0, 2]")
     if a.threads:
         os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
     cfg = SpecBenchConfig(a.model, a.entry, a.target, a.threads, a.draft_tokens, a.prompts, a.n_prompts, a.tokens,
-                          a.rounds, a.chain_burst)  # fmt: skip
+                          a.rounds, a.chain_burst, a.temperature)  # fmt: skip
     res = run(cfg)
     print(table(res))
     if a.json:

@@ -6,7 +6,8 @@
 # (Engine.chain), interleaved over $ROUNDS rounds, with the identical-token check.
 # Build machine first: bash scripts/gpu_prepare.sh small   (→ .gpu/rt and .gpu/entries/small)
 # then carry .gpu/rt and .gpu/entries/small and run: OUT=<results folder> bash scripts/gpu_speculative.sh
-# JSON: $OUT/spec_small_cuda.json (committed as docs/speculative/spec_small_cuda.json).
+# JSON: $OUT/spec_small_cuda.json (committed as docs/speculative/spec_small_cuda.json); TEMPERATURE=T: every setting
+# samples at T (prompt i with seed i), JSON $OUT/spec_small_cuda_tT.json.
 # CPU smoke test (a CPU entry in $ENTRY; nothing is compiled): ENTRY=<cpu entry> NO_GPU=1 OUT=/tmp/o bash ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,4 +49,5 @@ json.dump({"prompts": len(prompts), "drafts": total, "same_as_pytorch": same, "d
 print(f"compiled drafts equal to PyTorch's: {same}/{total}")
 PY
 python3 -m bench.speculative --entry "$ENTRY" --model models/small.gguf --draft-tokens $DRAFTS --rounds "$ROUNDS" \
-  --n-prompts "$PROMPTS" --tokens "$TOKENS" --chain-burst "${CHAIN_BURST:-16}" --json "$OUT/spec_small_cuda.json"
+  --n-prompts "$PROMPTS" --tokens "$TOKENS" --chain-burst "${CHAIN_BURST:-16}" --temperature "${TEMPERATURE:-0}" \
+  --json "$OUT/spec_small_cuda${TEMPERATURE:+_t$TEMPERATURE}.json"
