@@ -179,8 +179,9 @@ def _fmix32(h):
 
 def gumbel(seed, pos, v):
     """Standard Gumbel noise ``-log(-log u)`` for id ``v`` at position ``pos`` of the stream ``seed`` (integer
-    expressions): ``u ∈ (0, 1)`` from 24 bits of a counter hash, ``fmix32(fmix32(fmix32(seed) + pos·φ) + v·φ)``
-    (:func:`_fmix32`, φ = :data:`model.sampling.GOLDEN`). ``argmax_v (x_v / T + gumbel)`` is a draw from
+    expressions): ``u = (k + 1/2) / 2^23`` from 23 bits ``k`` of a counter hash (so ``2^-24 ≤ u ≤ 1 - 2^-24``, both
+    exact in float32: 24 bits would round the top ``u`` to 1, an infinite draw), ``fmix32(fmix32(fmix32(seed) + pos·φ)
+    + v·φ)`` (:func:`_fmix32`, φ = :data:`model.sampling.GOLDEN`). ``argmax_v (x_v / T + gumbel)`` is a draw from
     ``softmax(x / T)`` (the Gumbel-max trick), so a chain samples on the device with nothing but the seed from the
     host. Builds a TIR expression (TE and TVMScript kernels alike); ``runtime.decoding.gumbel_noise`` is its numpy
     twin, which the host's sampler draws with, so sampling gives the same tokens chained or step by step."""
@@ -191,8 +192,8 @@ def gumbel(seed, pos, v):
 
     phi = tirx.const(GOLDEN, "uint32")
     h = _fmix32(_fmix32(_fmix32(u32(seed)) + u32(pos) * phi) + u32(v) * phi)
-    u = (tirx.Cast("float32", h >> tirx.const(8, "uint32")) + tirx.const(0.5, "float32")) * tirx.const(
-        2.0**-24, "float32"
+    u = (tirx.Cast("float32", h >> tirx.const(9, "uint32")) + tirx.const(0.5, "float32")) * tirx.const(
+        2.0**-23, "float32"
     )
     return -tirx.log(-tirx.log(u))
 

@@ -103,8 +103,13 @@ def gumbel_noise(seed: int, pos: int, n: int) -> np.ndarray:
 
     phi = np.uint32(GOLDEN)
     row = fmix(fmix(np.array([seed], np.uint32)) + np.array([pos], np.uint32) * phi)  # arrays wrap without warnings
-    h = fmix(row + np.arange(n, dtype=np.uint32) * phi)
-    u = ((h >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)
+    return gumbel_of_hash(fmix(row + np.arange(n, dtype=np.uint32) * phi))
+
+
+def gumbel_of_hash(h: np.ndarray) -> np.ndarray:
+    """``-log(-log u)``, ``u = (k + 1/2) / 2^23`` from the top 23 bits ``k`` of the uint32 hashes ``h``: always finite
+    (``2^-24 ≤ u ≤ 1 - 2^-24``, both exact in float32)."""
+    u = ((h >> np.uint32(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-23)
     return -np.log(-np.log(u))
 
 

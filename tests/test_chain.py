@@ -188,6 +188,18 @@ def test_chain_argmax_kernel_draws_the_hosts_gumbel_noise():
         np.testing.assert_allclose(best, noise.max(1), rtol=1e-6)
 
 
+@pytest.mark.unit
+def test_gumbel_noise_is_finite_at_the_extreme_hashes():
+    """The noise of the smallest and the largest hash is finite (a uniform that rounds to 1 in float32 would give an
+    infinite draw: that id picked whatever the logits), and the noise is a standard Gumbel's (mean γ, variance π²/6)."""
+    from runtime.decoding import gumbel_noise, gumbel_of_hash
+
+    edge = gumbel_of_hash(np.array([0, 1, 511, 512, 0xFFFFFE00, 0xFFFFFFFF], np.uint32))
+    assert np.isfinite(edge).all() and edge[0] == edge[2] and edge[-1] == edge[-2] and edge[0] < edge[3] < edge[-1]
+    g = gumbel_noise(7, 3, 200_000).astype(np.float64)
+    assert abs(g.mean() - np.euler_gamma) < 0.01 and abs(g.var() - np.pi**2 / 6) < 0.03
+
+
 @pytest.mark.build
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_chain_argmax_kernel_samples_the_softmax(temperature):
