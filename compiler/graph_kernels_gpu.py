@@ -560,7 +560,8 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", gpu: bool = True, th
 def argmax(B: int, V: int, threads: int = 1024, sampled: bool = False):
     """Each row's first maximum and its value, ``(at int32[B], best float32[B])``, as
     :func:`compiler.graph_kernels.argmax`: a CUDA block per row, each thread scanning its strided share in order, then
-    a shared-memory tree that keeps the larger value (the smaller index on a tie). ``sampled``: the inputs ``bias
+    trees of register shuffles that keep the larger value (the smaller index on a tie), within each warp and then over
+    the warps' bests in warp 0 (one block barrier). ``sampled``: the inputs ``bias
     [V]``, ``sampling [2]`` and ``pos [B]``, and the maximum of ``x + bias`` or, with an inverse temperature
     ``sampling[0] > 0``, of ``x·s + bias + gumbel`` as the CPU kernel's (the same hash,
     :func:`compiler.graph_kernels.gumbel`)."""
@@ -569,8 +570,10 @@ def argmax(B: int, V: int, threads: int = 1024, sampled: bool = False):
 
     from compiler.graph_kernels import gumbel
 
-    levels = threads.bit_length() - 1
-    per = -(-V // threads)
+    if threads % WARP or threads > WARP * WARP:
+        raise ValueError(f"argmax takes a multiple of {WARP} threads up to {WARP * WARP}; got {threads}")
+    nw, steps, per = threads // WARP, _levels(WARP), -(-V // threads)
+    FULL = Tx.uint32(0xFFFFFFFF)  # every lane takes part (the whole block, then all of warp 0)
 
     def load(x, bias, b, v, samp=None, pos=None):  # evaluated as the kernel is parsed: the value entry v competes with
         if not sampled:
@@ -584,8 +587,8 @@ def argmax(B: int, V: int, threads: int = 1024, sampled: bool = False):
     def body(x, bias, out, top, samp, pos):
         for b in Tx.thread_binding(B, thread="blockIdx.x"):
             for tx in Tx.thread_binding(threads, thread="threadIdx.x"):
-                val = Tx.alloc_buffer((threads,), "float32", scope="shared")
-                idx = Tx.alloc_buffer((threads,), "int32", scope="shared")
+                val = Tx.alloc_buffer((nw,), "float32", scope="shared")  # each warp's best
+                idx = Tx.alloc_buffer((nw,), "int32", scope="shared")
                 best = Tx.alloc_buffer((1,), "float32", scope="local")
                 at = Tx.alloc_buffer((1,), "int32", scope="local")
                 mine = Tx.alloc_buffer((1,), "float32", scope="local")
@@ -599,24 +602,34 @@ def argmax(B: int, V: int, threads: int = 1024, sampled: bool = False):
                         if cand[0] > best[0] or at[0] == V:
                             best[0] = cand[0]
                             at[0] = i * threads + tx
-                val[tx] = best[0]
-                idx[tx] = at[0]
+                for lv in Tx.unroll(
+                    len(steps)
+                ):  # the warp's best: lane l takes lane l + s's if larger (or tied, smaller id)
+                    mine[0] = Tx.tvm_warp_shuffle_down(FULL, best[0], Tx.shift_right(WARP // 2, lv), WARP, WARP)
+                    mine_at[0] = Tx.tvm_warp_shuffle_down(FULL, at[0], Tx.shift_right(WARP // 2, lv), WARP, WARP)
+                    if mine[0] > best[0] or (mine[0] == best[0] and mine_at[0] < at[0]):
+                        best[0] = mine[0]
+                        at[0] = mine_at[0]
+                if tx % WARP == 0:
+                    val[tx // WARP] = best[0]
+                    idx[tx // WARP] = at[0]
                 Tx.tvm_storage_sync("shared")
-                for s in Tx.unroll(levels):  # a read phase and a write phase, each ended by a barrier
-                    if tx < Tx.shift_right(threads, s + 1):
-                        best[0] = val[tx + Tx.shift_right(threads, s + 1)]
-                        at[0] = idx[tx + Tx.shift_right(threads, s + 1)]
-                        mine[0] = val[tx]
-                        mine_at[0] = idx[tx]
-                    Tx.tvm_storage_sync("shared")
-                    if tx < Tx.shift_right(threads, s + 1):
-                        if best[0] > mine[0] or (best[0] == mine[0] and at[0] < mine_at[0]):
-                            val[tx] = best[0]
-                            idx[tx] = at[0]
-                    Tx.tvm_storage_sync("shared")
-                if tx == 0:
-                    out[b] = Tx.min(idx[0], V - 1)
-                    top[b] = val[0]
+                if tx < WARP:  # warp 0: the warps' bests the same way
+                    if tx < nw:
+                        best[0] = val[tx]
+                        at[0] = idx[tx]
+                    else:
+                        best[0] = Tx.min_value("float32")
+                        at[0] = V
+                    for lv in Tx.unroll(len(steps)):
+                        mine[0] = Tx.tvm_warp_shuffle_down(FULL, best[0], Tx.shift_right(WARP // 2, lv), WARP, WARP)
+                        mine_at[0] = Tx.tvm_warp_shuffle_down(FULL, at[0], Tx.shift_right(WARP // 2, lv), WARP, WARP)
+                        if mine[0] > best[0] or (mine[0] == best[0] and mine_at[0] < at[0]):
+                            best[0] = mine[0]
+                            at[0] = mine_at[0]
+                    if tx == 0:
+                        out[b] = Tx.min(at[0], V - 1)
+                        top[b] = best[0]
 
     if sampled:
 

@@ -316,6 +316,27 @@ def test_cuda_attention_and_head_are_one_kernel_each():
 
 @pytest.mark.build
 @needs_nvcc
+@pytest.mark.parametrize("sampled", [False, True])
+def test_cuda_argmax_reduces_by_shuffles_with_one_barrier(sampled):
+    """The CUDA argmax (a chain's pick, the drafts' greedy tokens): one kernel whose block reduces (value, id) pairs
+    by register shuffles, in each warp and then in warp 0 (2 × 2 × 5 shuffles), with a single block barrier between;
+    the sampled form computes the noise only behind its inverse temperature's test (no log on the greedy path)."""
+    import tvm
+
+    from compiler import schedule as S
+    from compiler.graph_kernels_gpu import argmax
+
+    f = argmax(2, 32000, sampled=sampled).with_attr("global_symbol", "main")
+    src = S.compile_mod(tvm.IRModule({"main": f}), "cuda").mod.imports[0].inspect_source()
+    assert src.count("__global__") == 2 and src.count("__syncthreads()") == 1
+    assert len(re.findall(r"= __shfl_down_sync\(", src)) == 20
+    assert src.count("logf(") == (2 if sampled else 0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        argmax(1, 100, threads=48)
+
+
+@pytest.mark.build
+@needs_nvcc
 def test_shipped_model_builds_for_cuda_with_every_batch(tmp_path):
     """models/small.gguf compiles for CUDA to device code with decode_b{B} for every CUDA batch size: the one-token
     step keeps the tuned GEMVs, a batch runs the GEMM (N = B), and the head is the batched kernel. Graph hygiene:
