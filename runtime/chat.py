@@ -88,8 +88,9 @@ def add_draft_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-speculative", action="store_true",
                     help="plain decoding even when the model has MTP heads (same as --draft-tokens 0)")  # fmt: skip
     ap.add_argument("--chain-burst", type=int, default=None, metavar="N",
-                    help="plain greedy generation runs N steps at a time on the device, with no host round "
-                    "trip between them (default: 16; 0: off; --draft-tokens K > 0 alone turns it off)")  # fmt: skip
+                    help="plain greedy or temperature generation (no top-k/top-p, no penalties) runs N steps at a "
+                    "time on the device, with no host round trip between them (default: 16; 0: off; "
+                    "--draft-tokens K > 0 alone turns it off)")  # fmt: skip
 
 
 def check_draft_args(a: argparse.Namespace) -> str | None:
@@ -109,7 +110,7 @@ def draft_tokens(a: argparse.Namespace) -> int | None:
 
 def chain_burst(a: argparse.Namespace) -> int | None:
     """The Engine's ``chain_burst`` from the arguments (None: its default): off when drafts are asked for explicitly,
-    since chains take the plain greedy generation that drafting would."""
+    since chains take the plain generations that drafting would."""
     if a.chain_burst is not None:
         return a.chain_burst
     return 0 if a.draft_tokens else None

@@ -119,7 +119,7 @@ class ServeConfig:
     kv_tokens: int | None = None  # KV-cache capacity in tokens over all requests (None: the Engine's default)
     draft_tokens: int | None = None  # speculative decoding with the MTP heads (None: the Engine's default; 0: off)
     head: str = "auto"  # the LM head as the GGUF stores it, or "int8" (compiler.build --head)
-    chain_burst: int | None = None  # plain greedy steps per device chain (None: the Engine's default; 0: off)
+    chain_burst: int | None = None  # plain greedy/temperature steps per device chain (None: Engine's default; 0: off)
 
     def __post_init__(self) -> None:
         self.model_id = self.model_id or Path(self.model).stem
