@@ -77,6 +77,9 @@ def test_chain_refuses_what_does_not_fit(engines):
             eng.chain(3, n)
     with pytest.raises(ValueError, match="out of range"):
         eng.chain(eng.vocab, 2)
+    for temperature, seed in ((-1.0, 0), (float("nan"), 0), (float("inf"), 0), (1.0, -1), (1.0, 1 << 24)):
+        with pytest.raises(ValueError, match="chain temperature"):
+            eng.chain(3, 2, temperature=temperature, seed=seed)
     assert eng.pos == len(PROMPT)
 
 
