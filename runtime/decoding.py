@@ -123,7 +123,10 @@ def gumbel_pick(logits: np.ndarray, temperature: float, seed: int, pos: int) -> 
     elif x.max() == -np.inf:
         x = np.zeros_like(x)
     s = np.float32(1.0 / temperature)
-    return int(np.argmax(x.astype(np.float32) * s + gumbel_noise(seed, pos, x.shape[0])))
+    if s == 0:  # a temperature past float32's range: 1/T rounds to 0, which the device takes for greedy
+        return int(np.argmax(x))
+    with np.errstate(over="ignore"):  # huge logits overflow to +inf, as on the device
+        return int(np.argmax(x.astype(np.float32) * s + gumbel_noise(seed, pos, x.shape[0])))
 
 
 def constrain(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:

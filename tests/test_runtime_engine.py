@@ -130,6 +130,27 @@ def test_sampler_never_fails(logits, settings):
 
 
 @pytest.mark.unit
+@given(LOGITS, SETTINGS)
+def test_gumbel_pick_never_fails(logits, settings):
+    """The plain temperature draw (``gumbel_pick``, the host twin of a chain's pick) on any logits: a valid id, no
+    exception or numpy error, a usable id when one exists, +inf logits win over finite ones; the same draw again."""
+    from runtime.decoding import GREEDY_BELOW, gumbel_pick
+
+    temperature, _, _, seed = settings
+    x = np.array(logits, np.float32)
+    if not temperature >= GREEDY_BELOW:
+        return  # greedy: never drawn
+    usable = ~np.isnan(x) & (x > -np.inf)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        got = gumbel_pick(x, temperature, seed % (1 << 24), seed % 4096)
+    assert 0 <= got < x.size and got == gumbel_pick(x, temperature, seed % (1 << 24), seed % 4096)
+    if usable.any():
+        assert usable[got]
+    if np.isposinf(x).any():
+        assert x[got] == np.inf
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("args", "message"),
     [
