@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from model.sampling import FMIX, GOLDEN
+from model.sampling import FMIX, GOLDEN, GUMBEL_SPAN
 from model.ternary.quant import ACT_QMAX, SCALE_EPS
 
 HEAD_LANES = 16  # the LM head's partial sums per dot product (folded in halves: see lm_head)
@@ -206,7 +206,9 @@ def argmax(B: int, V: int, sampled: bool = False):
     ``sampled`` (a chain's pick, ``compiler.lower``'s ``chain_b1``): three more inputs, ``bias [V]`` (``-inf`` at ids
     never to be picked), ``sampling float32[2]`` (the inverse temperature ``s``, 0 for greedy; the seed, an integer
     below 2^24) and ``pos int32[B]``: the maximum of ``x + bias`` (``s = 0``), else of ``x·s + bias + gumbel(seed,
-    pos[b], v)`` (:func:`gumbel`), a draw from ``softmax(x·s)`` over the ids the bias allows."""
+    pos[b], v)`` (:func:`gumbel`), a draw from ``softmax(x·s)`` over the ids the bias allows. The noise is computed
+    only for ids within :data:`model.sampling.GUMBEL_SPAN` of the largest ``x·s + bias`` (the others cannot win; a
+    first pass finds it)."""
     import tvm
     from tvm import te
 
@@ -222,11 +224,22 @@ def argmax(B: int, V: int, sampled: bool = False):
     def identity(t0, t1):
         return tvm.tirx.const(0, t0), te.min_value(t1)
 
+    def scaled(b, v):
+        return x[b, v] * samp[0] + bias[v]
+
+    if sampled:  # the largest scaled logit: ids more than GUMBEL_SPAN below it cannot win, their noise is skipped
+        u = te.reduce_axis((0, V), name="u")
+        top = te.compute((B,), lambda b: te.max(scaled(b, u), axis=u), name="top")
+
     def value(b, v):
         if not sampled:
             return x[b, v]
-        noisy = x[b, v] * samp[0] + bias[v] + gumbel(samp[1].astype("int32"), pos[b], v)
-        return tvm.tirx.if_then_else(samp[0] > 0, noisy, x[b, v] + bias[v])  # lazily: no logs when greedy
+        noisy = tvm.tirx.if_then_else(  # lazily: no hash, no logs for an id that cannot win
+            scaled(b, v) >= top[b] - GUMBEL_SPAN,
+            scaled(b, v) + gumbel(samp[1].astype("int32"), pos[b], v),
+            tvm.tirx.const(-math.inf, "float32"),
+        )
+        return tvm.tirx.if_then_else(samp[0] > 0, noisy, x[b, v] + bias[v])  # greedy: no noise at all
 
     first_max = te.comm_reducer(combine, identity, name="first_max")
     v = te.reduce_axis((0, V), name="v")

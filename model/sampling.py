@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 SAMPLE_SEEDS = 1 << 24
 FMIX = (0x85EBCA6B, 0xC2B2AE35)
 GOLDEN = 0x9E3779B9
+# the noise lies in [-log(-log 2^-24), -log(-log(1 - 2^-24))] = [-2.81, 16.64]: an id whose scaled logit is more than
+# this span below the largest one can never win a draw, so neither side computes its noise
+GUMBEL_SPAN = 20.0
 
 
 @dataclass(frozen=True)

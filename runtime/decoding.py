@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from model.sampling import FMIX, GOLDEN, SAMPLE_SEEDS, Generation, SamplingParams, penalize
+from model.sampling import FMIX, GOLDEN, GUMBEL_SPAN, SAMPLE_SEEDS, Generation, SamplingParams, penalize
 from runtime.healing import Heal
 
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing by it would overflow; the result is argmax anyway)
@@ -90,9 +90,10 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     return int(rng.choice(p.shape[0], p=p))
 
 
-def gumbel_noise(seed: int, pos: int, n: int) -> np.ndarray:
-    """Standard Gumbel noise (float32) for ids ``0 .. n-1`` at position ``pos`` of stream ``seed``: the numpy twin of
-    :func:`compiler.graph_kernels.gumbel` (the same counter hash, the same float32 steps)."""
+def gumbel_noise(seed: int, pos: int, ids: int | np.ndarray) -> np.ndarray:
+    """Standard Gumbel noise (float32) for the token ids ``ids`` (an int ``n``: ``0 .. n-1``) at position ``pos`` of
+    stream ``seed``: the numpy twin of :func:`compiler.graph_kernels.gumbel` (the same counter hash, the same float32
+    steps)."""
 
     def fmix(h):
         h = h ^ (h >> np.uint32(16))
@@ -103,7 +104,8 @@ def gumbel_noise(seed: int, pos: int, n: int) -> np.ndarray:
 
     phi = np.uint32(GOLDEN)
     row = fmix(fmix(np.array([seed], np.uint32)) + np.array([pos], np.uint32) * phi)  # arrays wrap without warnings
-    return gumbel_of_hash(fmix(row + np.arange(n, dtype=np.uint32) * phi))
+    ids = np.arange(ids, dtype=np.uint32) if np.ndim(ids) == 0 else np.asarray(ids).astype(np.uint32)
+    return gumbel_of_hash(fmix(row + ids * phi))
 
 
 def gumbel_of_hash(h: np.ndarray) -> np.ndarray:
@@ -115,8 +117,9 @@ def gumbel_of_hash(h: np.ndarray) -> np.ndarray:
 
 def gumbel_pick(logits: np.ndarray, temperature: float, seed: int, pos: int) -> int:
     """A draw from ``softmax(logits / temperature)`` as ``chain_b1`` makes it: the first maximum of ``logits·s +
-    gumbel_noise(seed, pos)`` in float32, ``s = float32(1 / temperature)`` (-inf and NaN logits are never drawn; if
-    +inf logits are present they alone are drawn from, uniformly; all -inf: uniform)."""
+    gumbel_noise(seed, pos)`` in float32, ``s = float32(1 / temperature)``, over the ids within
+    :data:`model.sampling.GUMBEL_SPAN` of the largest ``logit·s`` (no other can win). -inf and NaN logits are never
+    drawn; if +inf logits are present they alone are drawn from, uniformly; all -inf: uniform."""
     x = _finite_or_inf(logits)
     if x.max() == np.inf:
         x = np.where(x == np.inf, 0.0, -np.inf)
@@ -126,7 +129,9 @@ def gumbel_pick(logits: np.ndarray, temperature: float, seed: int, pos: int) -> 
     if s == 0:  # a temperature past float32's range: 1/T rounds to 0, which the device takes for greedy
         return int(np.argmax(x))
     with np.errstate(over="ignore"):  # huge logits overflow to +inf, as on the device
-        return int(np.argmax(x.astype(np.float32) * s + gumbel_noise(seed, pos, x.shape[0])))
+        y = x.astype(np.float32) * s
+    ids = np.flatnonzero(y >= y.max() - np.float32(GUMBEL_SPAN))  # the others cannot win (the CPU kernel skips them)
+    return int(ids[np.argmax(y[ids] + gumbel_noise(seed, pos, ids))])
 
 
 def constrain(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:

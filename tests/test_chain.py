@@ -195,12 +195,33 @@ def test_chain_argmax_kernel_draws_the_hosts_gumbel_noise():
 def test_gumbel_noise_is_finite_at_the_extreme_hashes():
     """The noise of the smallest and the largest hash is finite (a uniform that rounds to 1 in float32 would give an
     infinite draw: that id picked whatever the logits), and the noise is a standard Gumbel's (mean γ, variance π²/6)."""
+    from model.sampling import GUMBEL_SPAN
     from runtime.decoding import gumbel_noise, gumbel_of_hash
 
     edge = gumbel_of_hash(np.array([0, 1, 511, 512, 0xFFFFFE00, 0xFFFFFFFF], np.uint32))
     assert np.isfinite(edge).all() and edge[0] == edge[2] and edge[-1] == edge[-2] and edge[0] < edge[3] < edge[-1]
+    assert edge[-1] - edge[0] < GUMBEL_SPAN - 0.5  # the pruning's bound holds, with room for float32 rounding
     g = gumbel_noise(7, 3, 200_000).astype(np.float64)
     assert abs(g.mean() - np.euler_gamma) < 0.01 and abs(g.var() - np.pi**2 / 6) < 0.03
+
+
+@pytest.mark.build
+def test_chain_argmax_kernel_skips_only_ids_that_cannot_win():
+    """With spread logits most ids lie more than GUMBEL_SPAN below the top and get no noise; the picks are still
+    exactly the full draw's, the first maximum of ``x·s + noise`` over every id (numpy, no pruning), and the host's."""
+    from runtime.decoding import gumbel_noise, gumbel_pick
+
+    B, V = 256, 3000
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((B, V)) * 6).astype(np.float32)
+    pos = rng.integers(0, 4096, B).astype(np.int32)
+    for t, seed in ((0.8, 11), (0.3, 12), (3.0, 13)):
+        s = np.float32(1 / t)
+        at, _ = _argmax_kernel(B, V, True)(x, np.zeros(V, np.float32), np.array([s, seed], np.float32), pos)
+        full = [int(np.argmax(x[b] * s + gumbel_noise(seed, int(pos[b]), V))) for b in range(B)]
+        assert at.tolist() == full == [gumbel_pick(x[b], t, seed, int(pos[b])) for b in range(B)]
+        kept = (x * s >= (x * s).max(1, keepdims=True) - 20).mean()
+        assert t > 1 or kept < 0.5, kept  # the case where the pruning matters
 
 
 @pytest.mark.build
