@@ -494,14 +494,12 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", gpu: bool = True, th
 
     @Tx.macro
     def sums(h, E, acc, e, hv, bx, tx):  # lane tx % L's share of its rows' sums, over its chunks in order
-        first = Tx.alloc_buffer((1,), "int32", scope="local")  # the group's first row (the last group's, past V)
-        first[0] = Tx.min(bx * G + tx // L, V // R - 1) * R
         for i in Tx.unroll(B * R):
             acc[i] = Tx.float32(0)
         for j in range(n):  # chunk j · L + lane, written out: a name bound here hides its alignment from the loads
             for r in Tx.unroll(R):
                 for k in Tx.vectorized(step):
-                    e[r * step + k] = E[first[0] + r, (j * L + tx % L) * step + k]
+                    e[r * step + k] = E[row(bx, tx, r), (j * L + tx % L) * step + k]
             for k4 in Tx.unroll(step // 4):
                 for b in Tx.unroll(B):
                     for kk in Tx.vectorized(4):
@@ -584,6 +582,15 @@ def argmax(B: int, V: int, threads: int = 1024, sampled: bool = False):
         return tirx.if_then_else(s > Tx.float32(0), x.vload([b, v]) * s + bias.vload([v]) + noise, plain)
 
     @Tx.macro
+    def warp_best(best, at, mine, mine_at):  # the warp's best (value, id): lane l takes lane l + s's if larger or tied
+        for lv in Tx.unroll(len(steps)):  # with a smaller id, s = 16 .. 1; lane 0 ends with it
+            mine[0] = Tx.tvm_warp_shuffle_down(FULL, best[0], Tx.shift_right(WARP // 2, lv), WARP, WARP)
+            mine_at[0] = Tx.tvm_warp_shuffle_down(FULL, at[0], Tx.shift_right(WARP // 2, lv), WARP, WARP)
+            if mine[0] > best[0] or (mine[0] == best[0] and mine_at[0] < at[0]):
+                best[0] = mine[0]
+                at[0] = mine_at[0]
+
+    @Tx.macro
     def body(x, bias, out, top, samp, pos):
         for b in Tx.thread_binding(B, thread="blockIdx.x"):
             for tx in Tx.thread_binding(threads, thread="threadIdx.x"):
@@ -602,14 +609,7 @@ def argmax(B: int, V: int, threads: int = 1024, sampled: bool = False):
                         if cand[0] > best[0] or at[0] == V:
                             best[0] = cand[0]
                             at[0] = i * threads + tx
-                for lv in Tx.unroll(
-                    len(steps)
-                ):  # the warp's best: lane l takes lane l + s's if larger (or tied, smaller id)
-                    mine[0] = Tx.tvm_warp_shuffle_down(FULL, best[0], Tx.shift_right(WARP // 2, lv), WARP, WARP)
-                    mine_at[0] = Tx.tvm_warp_shuffle_down(FULL, at[0], Tx.shift_right(WARP // 2, lv), WARP, WARP)
-                    if mine[0] > best[0] or (mine[0] == best[0] and mine_at[0] < at[0]):
-                        best[0] = mine[0]
-                        at[0] = mine_at[0]
+                warp_best(best, at, mine, mine_at)
                 if tx % WARP == 0:
                     val[tx // WARP] = best[0]
                     idx[tx // WARP] = at[0]
@@ -621,12 +621,7 @@ def argmax(B: int, V: int, threads: int = 1024, sampled: bool = False):
                     else:
                         best[0] = Tx.min_value("float32")
                         at[0] = V
-                    for lv in Tx.unroll(len(steps)):
-                        mine[0] = Tx.tvm_warp_shuffle_down(FULL, best[0], Tx.shift_right(WARP // 2, lv), WARP, WARP)
-                        mine_at[0] = Tx.tvm_warp_shuffle_down(FULL, at[0], Tx.shift_right(WARP // 2, lv), WARP, WARP)
-                        if mine[0] > best[0] or (mine[0] == best[0] and mine_at[0] < at[0]):
-                            best[0] = mine[0]
-                            at[0] = mine_at[0]
+                    warp_best(best, at, mine, mine_at)
                     if tx == 0:
                         out[b] = Tx.min(at[0], V - 1)
                         top[b] = best[0]
