@@ -29,12 +29,39 @@ from __future__ import annotations
 
 import math
 
-from compiler.graph_kernels import table_width
+from compiler.graph_kernels import _let, table_width
 from compiler.graph_kernels_gpu import _bindings
 
-LANES = 16  # CPU partial sums per latent dot product
+LANES = 16  # CPU partial sums per latent dot product (absorb)
+CPU_LANES = {"avx2": 8, "avx512": 16}  # the attention's: float32 lanes of a vector register (its accumulators,
+# one register per head, stay in registers; 16 lanes on AVX2 spilled them)
 GPU_CHUNK = 32  # keys per CUDA block of the split (flash-decoding) attention
 CPU_SPLIT = 16  # CPU tasks per row: every head over 1/16 of the row's keys, each latent row converted once
+
+
+def exp_poly(x):
+    """``exp(x)`` for a float32 TIR expression as arithmetic LLVM vectorizes (``Tx.exp`` is a libm call per lane):
+    ``2^n · p(x - n·ln 2)``, ``n = round(x / ln 2)``, ``p`` Cephes' degree-7 polynomial (within 2 ulp of ``expf``
+    for ``x`` in ``[-87.3, 88.3]``; ``x`` is clamped to that range, so ``exp(-inf)`` is ``~1e-38``, not 0)."""
+    from tvm import tirx
+
+    def f(v):
+        return tirx.const(v, "float32")
+
+    def body(xc):
+        def with_n(n):
+            def with_r(r):
+                p = f(1.9875691500e-4)
+                for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+                    p = p * r + f(k)
+                two_n = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
+                return (p * r * r + r + f(1.0)) * two_n
+
+            return _let(xc - n * f(0.693359375) - n * f(-2.12194440e-4), with_r)
+
+        return _let(tirx.floor(xc * f(1.44269504088896341) + f(0.5)), with_n)
+
+    return _let(tirx.max(tirx.min(x, f(88.3762626647949)), f(-87.33654)), body)
 
 
 def cache_shapes(c: int, r: int, block: int) -> list[tuple[tuple[int, ...], str]]:
@@ -156,24 +183,29 @@ def kv_update(T: int, c: int, r: int, ctx: int, block: int, gpu: bool = False, b
 
 
 def attention_scratch(T: int, H: int, c: int, ctx: int, gpu: bool = False) -> list[tuple]:
-    """Shapes of :func:`attention`'s scratch outputs. CPU: a score row per (row, head) ``[T·H, ctx]``, and per (row,
+    """Shapes of :func:`attention`'s scratch outputs. CPU: every head's score per (row, key) ``[T·ctx, H]``, and per (row,
     key chunk, head) the chunk's (max, Σ exp) ``[T·NC·H, 2]`` and partial ``ctx`` ``[T·NC·H, c]``; CUDA: each (row,
     head, key chunk)'s partial ``ctx`` ``[T·H·NC, c]`` and (max, Σ exp)."""
     if gpu:
         nc = -(-ctx // GPU_CHUNK)
         return [(T * H * nc, c), (T * H * nc, 2)]
-    return [(T * H, ctx), (T * CPU_SPLIT * H, 2), (T * CPU_SPLIT * H, c)]
+    return [(T * ctx, H), (T * CPU_SPLIT * H, 2), (T * CPU_SPLIT * H, c)]
 
 
-def attention(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, gpu: bool = False, bind: bool = True):
+def attention(
+    T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, gpu: bool = False, bind: bool = True, lanes: int = 16
+):
     """Causal softmax attention over the latent cache → ``ctx [T, H, c]`` (see the module docstring): row ``t``
     reads its sequence's positions ``0 .. pos[t]`` through ``table[t]``; a padding row (``pos < 0``) gives zeros.
 
     CPU: split over the keys like the CUDA form, but with every head in one task, so each cached latent row is
-    converted to float32 once for all heads: a parallel task per (row, :data:`CPU_SPLIT`-th of its keys) computes
-    every head's scores (the latent dot product in :data:`LANES` lanes, lane ``l`` taking ``l, l + 16, …``, times
-    ``s/a``, plus the rope part in the same lanes, then the lanes folded in halves), the chunk's max and ``Σ exp`` in
-    key order and its partial ``ctx`` (keys in order, :data:`LANES` latent columns at a time for every head); then a
+    converted to float32 once for all heads. A parallel task per (row, :data:`CPU_SPLIT`-th of its cache blocks)
+    computes every head's scores (the latent dot product in ``lanes`` lanes, lane ``l`` taking ``l, l + lanes, …``,
+    one vector register per head: :data:`CPU_LANES`; times ``s/a``, plus the rope part in the same lanes, then the
+    lanes folded in halves) and their max, then per key ``exp`` (:func:`exp_poly`, vectorized over the heads: the
+    scores are stored ``[key, head]``) and ``Σ exp`` in key order, and its partial ``ctx`` (keys in order, ``lanes``
+    latent columns at a time for every head). The task walks its keys block by block, so a key's row is a fixed
+    offset in its block: no table lookup, division or remainder per key. Then a
     task per (row, head) combines the chunks in order. CUDA: split over the keys like
     :func:`compiler.graph_kernels_gpu.attention` — a block per (row, head, chunk of :data:`GPU_CHUNK` keys) of ``c``
     threads (``c / chunk`` threads per key's score, each over its share of the latent in order; thread ``l`` sums
@@ -185,7 +217,7 @@ def attention(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, gpu
     TH = T * H
     if gpu:
         return _attention_gpu(T, H, r, c, ctx, block, scale, bind)
-    L = LANES if c % LANES == 0 else 1
+    L = lanes if c % lanes == 0 else 1
     NO = c // L
     RL = L if r % L == 0 else 0  # the rope part in the same lanes (else serially, after the fold)
     NC = CPU_SPLIT
@@ -199,90 +231,98 @@ def attention(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, gpu
         pos: Tx.Buffer((T,), "int32"),
         table: Tx.Buffer((T, W), "int32"),
         o: Tx.Buffer((T, H, c), "float32"),
-        sc: Tx.Buffer((TH, ctx), "float32"),
+        sc: Tx.Buffer((T * ctx, H), "float32"),
         st: Tx.Buffer((T * NC * H, 2), "float32"),
         po: Tx.Buffer((T * NC * H, c), "float32"),
     ):
         nb = Tx.int64()
         lc = Tx.match_buffer(lc_h, (nb, block, c), "int8")
         pc = Tx.match_buffer(pc_h, (nb, block, 1 + r), "float32")
-        for tk in Tx.parallel(T * NC):  # (row, key chunk): every head over the chunk's keys (n / NC of them)
+        for tk in Tx.parallel(T * NC):  # (row, key chunk): every head over the chunk's cache blocks
             part = Tx.alloc_buffer((H, L), "float32", scope="global")  # stack arrays, kept in registers
             lat = Tx.alloc_buffer((L,), "float32", scope="global")
-            t = tk // NC
-            n = Tx.min(pos[t] + 1, ctx)
-            j0 = tk % NC * ((n + NC - 1) // NC)
-            if j0 < n:
-                j1 = Tx.min(n, j0 + (n + NC - 1) // NC)
-                for j in range(j0, j1):
-                    b = Tx.Cast("int64", table[t, j // block])
-                    for h in range(H):
-                        for ln in Tx.vectorized(L):
-                            part[h, ln] = Tx.float32(0)
-                    for io in range(NO):
-                        for ln in Tx.vectorized(L):
-                            lat[ln] = Tx.Cast("float32", lc[b, j % block, io * L + ln])
-                        for h in range(H):
+            mx = Tx.alloc_buffer((H,), "float32", scope="global")
+            sm = Tx.alloc_buffer((H,), "float32", scope="global")
+            t: Tx.let = tk // NC
+            n: Tx.let = Tx.min(pos[t] + 1, ctx)
+            kb: Tx.let = ((n + NC - 1) // NC + block - 1) // block  # cache blocks per chunk
+            blk0: Tx.let = tk % NC * kb
+            if blk0 * block < n:
+                blk1: Tx.let = Tx.min((n + block - 1) // block, blk0 + kb)
+                for h in Tx.vectorized(H):
+                    mx[h] = Tx.float32(-3.0e38)
+                for bi in range(blk0, blk1):  # scores, block by block (a key: row jj of block b), and their max
+                    b: Tx.let = Tx.Cast("int64", table[t, bi])
+                    for jj in range(Tx.min(block, n - bi * block)):
+                        for h in Tx.unroll(H):
                             for ln in Tx.vectorized(L):
-                                part[h, ln] = part[h, ln] + qa[t, h, io * L + ln] * lat[ln]
-                    for h in range(H):
-                        for ln in Tx.vectorized(L):
-                            part[h, ln] = part[h, ln] * pc[b, j % block, 0]
-                        if RL > 0:
-                            for ko in range(r // L):
+                                part[h, ln] = Tx.float32(0)
+                        for io in range(NO):
+                            for ln in Tx.vectorized(L):
+                                lat[ln] = Tx.Cast("float32", lc[b, jj, io * L + ln])
+                            for h in Tx.unroll(H):
                                 for ln in Tx.vectorized(L):
-                                    part[h, ln] = part[h, ln] + (
-                                        qpe[t, h, ko * L + ln] * pc[b, j % block, 1 + ko * L + ln]
-                                    )
-                        if L == LANES:  # the lanes folded in halves
-                            for ln in Tx.vectorized(8):
-                                part[h, ln] = part[h, ln] + part[h, ln + 8]
-                            for ln in Tx.vectorized(4):
-                                part[h, ln] = part[h, ln] + part[h, ln + 4]
-                            for ln in Tx.vectorized(2):
-                                part[h, ln] = part[h, ln] + part[h, ln + 2]
-                            part[h, 0] = part[h, 0] + part[h, 1]
-                        else:
-                            for ln in range(1, L):
-                                part[h, 0] = part[h, 0] + part[h, ln]
-                        if RL == 0:
-                            for k in range(r):
-                                part[h, 0] = part[h, 0] + qpe[t, h, k] * pc[b, j % block, 1 + k]
-                        sc[t * H + h, j] = part[h, 0] * Tx.float32(scale)
-                for h in range(H):  # the chunk's max and Σ exp; its weights prob · s/a, unnormalised
-                    s0 = tk * H + h
-                    st[s0, 0] = sc[t * H + h, j0]
-                    for j in range(j0, j1):
-                        st[s0, 0] = Tx.max(st[s0, 0], sc[t * H + h, j])
-                    st[s0, 1] = Tx.float32(0)
-                    for j in range(j0, j1):
-                        b = Tx.Cast("int64", table[t, j // block])
-                        sc[t * H + h, j] = Tx.exp(sc[t * H + h, j] - st[s0, 0])
-                        st[s0, 1] = st[s0, 1] + sc[t * H + h, j]
-                        sc[t * H + h, j] = sc[t * H + h, j] * pc[b, j % block, 0]
+                                    part[h, ln] = part[h, ln] + qa[t, h, io * L + ln] * lat[ln]
+                        for h in Tx.unroll(H):
+                            for ln in Tx.vectorized(L):
+                                part[h, ln] = part[h, ln] * pc[b, jj, 0]
+                            if RL > 0:
+                                for ko in range(r // L):
+                                    for ln in Tx.vectorized(L):
+                                        part[h, ln] = part[h, ln] + qpe[t, h, ko * L + ln] * pc[b, jj, 1 + ko * L + ln]
+                            if L >= 8:  # the lanes folded in halves
+                                if L == 16:
+                                    for ln in Tx.vectorized(8):
+                                        part[h, ln] = part[h, ln] + part[h, ln + 8]
+                                for ln in Tx.vectorized(4):
+                                    part[h, ln] = part[h, ln] + part[h, ln + 4]
+                                for ln in Tx.vectorized(2):
+                                    part[h, ln] = part[h, ln] + part[h, ln + 2]
+                                part[h, 0] = part[h, 0] + part[h, 1]
+                            else:
+                                for ln in range(1, L):
+                                    part[h, 0] = part[h, 0] + part[h, ln]
+                            if RL == 0:
+                                for k in range(r):
+                                    part[h, 0] = part[h, 0] + qpe[t, h, k] * pc[b, jj, 1 + k]
+                            sc[t * ctx + bi * block + jj, h] = part[h, 0] * Tx.float32(scale)
+                            mx[h] = Tx.max(mx[h], part[h, 0] * Tx.float32(scale))
+                for h in Tx.vectorized(H):
+                    sm[h] = Tx.float32(0)
+                for bi in range(blk0, blk1):  # Σ exp per head in key order; the weights prob · s/a, unnormalised
+                    b: Tx.let = Tx.Cast("int64", table[t, bi])
+                    for jj in range(Tx.min(block, n - bi * block)):
+                        for h in Tx.vectorized(H):
+                            sc[t * ctx + bi * block + jj, h] = exp_poly(sc[t * ctx + bi * block + jj, h] - mx[h])
+                            sm[h] = sm[h] + sc[t * ctx + bi * block + jj, h]
+                            sc[t * ctx + bi * block + jj, h] = sc[t * ctx + bi * block + jj, h] * pc[b, jj, 0]
+                for h in Tx.vectorized(H):
+                    st[tk * H + h, 0] = mx[h]
+                    st[tk * H + h, 1] = sm[h]
                 for vo in range(NO):  # the chunk's partial ctx, L latent columns at a time, keys in order
-                    for h in range(H):
+                    for h in Tx.unroll(H):
                         for ln in Tx.vectorized(L):
                             part[h, ln] = Tx.float32(0)
-                    for j in range(j0, j1):
-                        b = Tx.Cast("int64", table[t, j // block])
-                        for ln in Tx.vectorized(L):
-                            lat[ln] = Tx.Cast("float32", lc[b, j % block, vo * L + ln])
-                        for h in range(H):
+                    for bi in range(blk0, blk1):
+                        b: Tx.let = Tx.Cast("int64", table[t, bi])
+                        for jj in range(Tx.min(block, n - bi * block)):
                             for ln in Tx.vectorized(L):
-                                part[h, ln] = part[h, ln] + sc[t * H + h, j] * lat[ln]
-                    for h in range(H):
+                                lat[ln] = Tx.Cast("float32", lc[b, jj, vo * L + ln])
+                            for h in Tx.unroll(H):
+                                for ln in Tx.vectorized(L):
+                                    part[h, ln] = part[h, ln] + sc[t * ctx + bi * block + jj, h] * lat[ln]
+                    for h in Tx.unroll(H):
                         for ln in Tx.vectorized(L):
                             po[tk * H + h, vo * L + ln] = part[h, ln]
         for th in Tx.parallel(TH):  # per (row, head): the chunks combined in order
             mx = Tx.alloc_buffer((2,), "float32", scope="global")
-            t = th // H
+            t: Tx.let = th // H
             h = th % H
-            n = Tx.min(pos[t] + 1, ctx)
+            n: Tx.let = Tx.min(pos[t] + 1, ctx)
             for i in range(c):
                 o[t, h, i] = Tx.float32(0)
             if n > 0:
-                kc = (n + NC - 1) // NC  # keys per chunk; chunks from (n + kc - 1) // kc on are empty
+                kc: Tx.let = ((n + NC - 1) // NC + block - 1) // block * block  # keys per chunk; from (n + kc - 1) // kc on, empty
                 mx[0] = st[t * NC * H + h, 0]
                 for ch in range(1, (n + kc - 1) // kc):
                     mx[0] = Tx.max(mx[0], st[(t * NC + ch) * H + h, 0])

@@ -160,22 +160,75 @@ def test_attention_over_the_latent_cache(gpu, T, H, seed):
 
 
 @pytest.mark.build
-@pytest.mark.parametrize("c, r", [(256, 32), (48, 8)], ids=["lanes", "serial-rope"])
-def test_cpu_attention_key_split_at_every_length(c, r):
-    """The CPU form splits a row's keys into 16 chunks of ``ceil(n / 16)``: rows shorter than the split (empty chunks),
-    at it, just past it, and long, in one call; and a latent width whose rope part is not a multiple of the lanes."""
-    hd, ctx, H = 64, 80, 3
+@pytest.mark.parametrize("lanes", sorted(set(gkm.CPU_LANES.values())))
+@pytest.mark.parametrize(
+    "c, r, ctx, pos",
+    [(256, 32, 80, [0, 4, 15, 16, 33, 79]), (48, 8, 80, [0, 4, 15, 16, 33, 79]), (64, 16, 600, [255, 256, 257, 599])],
+    ids=["rope-in-lanes", "narrow", "blocks-per-chunk"],
+)
+def test_cpu_attention_key_split_at_every_length(c, r, ctx, pos, lanes):
+    """The CPU form splits a row's cache blocks into 16 chunks of ``ceil(ceil(n / 16) / block)`` blocks: rows
+    shorter than the split (empty chunks), at a block's end, just past it, and long; chunks of several blocks with a
+    partial last one; a latent width whose rope part is not a multiple of the lanes (serial rope); both lane counts
+    (AVX2's 8, AVX-512's 16)."""
+    hd, H = 64, 3
     rng = np.random.default_rng(7)
-    T = 6
+    T = len(pos)
     table1, lc, pc = _cache(rng, -(-ctx // BLOCK), c, r)
     table = np.tile(table1, (T, 1))
-    pos = np.array([0, 4, 15, 16, 33, ctx - 1], np.int32)
+    pos = np.array(pos, np.int32)
     qa = rng.standard_normal((T, H, c)).astype(np.float32)
     qpe = rng.standard_normal((T, H, r)).astype(np.float32)
     scratch = [np.zeros(s, np.float32) for s in gkm.attention_scratch(T, H, c, ctx)]
-    got = _run(gkm.attention(T, H, hd, r, c, ctx, BLOCK), qa, qpe, lc, pc, pos, table,
+    got = _run(gkm.attention(T, H, hd, r, c, ctx, BLOCK, lanes=lanes), qa, qpe, lc, pc, pos, table,
                np.zeros((T, H, c), np.float32), *scratch)[6]  # fmt: skip
     np.testing.assert_allclose(got, _attention_ref(qa, qpe, lc, pc, pos, table, hd), rtol=2e-4, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def exp_kernel():
+    """:func:`graph_kernels_mla.exp_poly` over a vector of 4096 floats, vectorized as the attention uses it."""
+    import tvm
+    from tvm.script import tirx as Tx
+
+    @Tx.prim_func
+    def f(x: Tx.Buffer((4096,), "float32"), y: Tx.Buffer((4096,), "float32")):
+        for io in range(512):
+            for ln in Tx.vectorized(8):
+                y[io * 8 + ln] = gkm.exp_poly(x[io * 8 + ln])
+
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=get_target("avx2"))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        a = np.zeros(4096, np.float32)
+        a[: len(x)] = x
+        y = tvm.runtime.tensor(np.zeros(4096, np.float32))
+        lib["main"](tvm.runtime.tensor(a), y)
+        return y.numpy()[: len(x)]
+
+    return run
+
+
+@pytest.mark.build
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-87.25, 88.25, width=32), min_size=1, max_size=4096))
+def test_exp_poly_is_expf(exp_kernel, xs):
+    """Within 2 ulp of the true ``exp`` (float64) over the float32 range it is used on."""
+    x = np.array(xs, np.float32)
+    got, want = exp_kernel(x).astype(np.float64), np.exp(x.astype(np.float64))
+    ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(got - want) <= 2 * ulp), float(np.max(np.abs(got - want) / ulp))
+
+
+@pytest.mark.build
+def test_exp_poly_at_the_ends(exp_kernel):
+    """``exp(0)`` is exactly 1 (a chunk's top key weighs 1); ``-inf`` and far below the range give a tiny positive
+    weight, never NaN or 0/0; the top of the range stays finite."""
+    got = exp_kernel(np.array([0.0, -np.inf, -1e30, -87.33654, 88.37626, 1.0, -1.0], np.float32))
+    assert got[0] == 1.0
+    assert np.all(np.isfinite(got)) and np.all(got > 0)
+    assert got[1] == got[2] == got[3] and got[3] < 1e-37
+    np.testing.assert_allclose(got[5:], np.exp([1.0, -1.0]), rtol=3e-7)
 
 
 @pytest.mark.build
