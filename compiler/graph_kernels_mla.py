@@ -183,9 +183,9 @@ def kv_update(T: int, c: int, r: int, ctx: int, block: int, gpu: bool = False, b
 
 
 def attention_scratch(T: int, H: int, c: int, ctx: int, gpu: bool = False) -> list[tuple]:
-    """Shapes of :func:`attention`'s scratch outputs. CPU: every head's score per (row, key) ``[T·ctx, H]``, and per (row,
-    key chunk, head) the chunk's (max, Σ exp) ``[T·NC·H, 2]`` and partial ``ctx`` ``[T·NC·H, c]``; CUDA: each (row,
-    head, key chunk)'s partial ``ctx`` ``[T·H·NC, c]`` and (max, Σ exp)."""
+    """Shapes of :func:`attention`'s scratch outputs. CPU: every head's score per (row, key) ``[T·ctx, H]``, and per
+    (row, key chunk, head) the chunk's (max, Σ exp) ``[T·NC·H, 2]`` and partial ``ctx`` ``[T·NC·H, c]``; CUDA: each
+    (row, head, key chunk)'s partial ``ctx`` ``[T·H·NC, c]`` and (max, Σ exp)."""
     if gpu:
         nc = -(-ctx // GPU_CHUNK)
         return [(T * H * nc, c), (T * H * nc, 2)]
@@ -322,7 +322,8 @@ def attention(
             for i in range(c):
                 o[t, h, i] = Tx.float32(0)
             if n > 0:
-                kc: Tx.let = ((n + NC - 1) // NC + block - 1) // block * block  # keys per chunk; from (n + kc - 1) // kc on, empty
+                # keys per chunk (whole blocks); the chunks from (n + kc - 1) // kc on are empty
+                kc: Tx.let = ((n + NC - 1) // NC + block - 1) // block * block
                 mx[0] = st[t * NC * H + h, 0]
                 for ch in range(1, (n + kc - 1) // kc):
                     mx[0] = Tx.max(mx[0], st[(t * NC + ch) * H + h, 0])
