@@ -6,8 +6,7 @@
 Phases (each logged with its time): ``read`` (parse + validate the GGUF), ``key`` (cache lookup: a complete entry with
 the same key is reused and nothing is compiled), ``pack`` (repack ternaries to the kernels' layout, mHC coefficients,
 RoPE tables), ``lower`` (the Relax IRModule; every tuned-operator kernel says whether it is tuned, and an untuned one
-warns loudly), ``compile`` (``relax.build``; on a CPU target in the VM's ``compiled`` mode, :data:`EXEC_MODE`),
-``export`` (``model.so``, ``params.npz``, ``meta.json``, written into a
+warns loudly), ``compile`` (``tvm.compile``), ``export`` (``model.so``, ``params.npz``, ``meta.json``, written into a
 temporary directory and renamed into place). ``--dump-ir DIR`` writes the Relax module after ``lower``
 (``lower.relax.py``) and after the Relax pipeline (``compile.relax.py``), and every kernel's scheduled TIR
 (``tir/<name>.py``).
@@ -40,13 +39,6 @@ from compiler import cache
 from model.files import atomic_dir
 
 log = logging.getLogger("compiler.build")
-
-# How the Relax VM runs a function's body. "compiled" turns it into host code (one C function per Relax function)
-# instead of bytecode the VM interprets: a decode step makes ~1 300 builtin calls (argument checks, tensor views,
-# reshapes) besides its kernels, and on the CPU their dispatch is a measurable share of a small model's step
-# (docs/runtime/README.md, "The VM's compiled mode"). The CUDA step is one graph replay either way, and
-# relax.backend.use_cuda_graph's capture is the bytecode VM's.
-EXEC_MODE = {"cpu": "compiled", "gpu": "bytecode"}
 
 
 class BuildError(RuntimeError):
@@ -228,7 +220,7 @@ def build(
                     census = count(opt)
                 if dump_ir:
                     (Path(dump_ir) / "compile.relax.py").write_text(opt.script())
-            ex = relax.build(mod, target=tgt, exec_mode=EXEC_MODE["gpu" if target == "cuda" else "cpu"])
+            ex = tvm.compile(mod, target=tgt)
     with phase("export"), atomic_dir(d, prefix=".build-") as tmp:
         ex.export_library(str(tmp / "model.so"))
         np.savez(tmp / "params.npz", **params)
