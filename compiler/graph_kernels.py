@@ -432,15 +432,15 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int):
         vc = Tx.match_buffer(vc_h, (nb, Hkv, block, hd), "float32")
         for th in Tx.parallel(TH):
             part = Tx.alloc_buffer((L,), "float32", scope="global")
-            t = th // H
-            kh = (th % H) // g
-            n = Tx.min(pos[t] + 1, ctx)
+            t: Tx.let = th // H
+            kh: Tx.let = (th % H) // g
+            n: Tx.let = Tx.min(pos[t] + 1, ctx)
             if n <= 0:
                 for i in range(hd):
                     o[t, (th % H) * hd + i] = Tx.float32(0)
             else:
                 for j in range(n):
-                    b = Tx.Cast("int64", table[t, j // block])
+                    b: Tx.let = Tx.Cast("int64", table[t, j // block])
                     for ln in Tx.vectorized(L):
                         part[ln] = q[t, th % H, ln] * kc[b, kh, j % block, ln]
                     for io in range(1, NO):
@@ -460,7 +460,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int):
                 for i in range(hd):
                     o[t, (th % H) * hd + i] = Tx.float32(0)
                 for j in range(n):
-                    b = Tx.Cast("int64", table[t, j // block])
+                    b: Tx.let = Tx.Cast("int64", table[t, j // block])
                     for i in range(hd):
                         o[t, (th % H) * hd + i] = o[t, (th % H) * hd + i] + sc[th, j] * vc[b, kh, j % block, i]
                 for i in range(hd):
