@@ -217,6 +217,8 @@ def attention(
     TH = T * H
     if gpu:
         return _attention_gpu(T, H, r, c, ctx, block, scale, bind)
+    if lanes not in (8, 16):  # the lane fold below halves 16 → 8 → 4 → 2 → 1
+        raise ValueError(f"MLA attention lanes {lanes}: 8 (AVX2) or 16 (AVX-512)")
     L = lanes if c % lanes == 0 else 1
     NO = c // L
     RL = L if r % L == 0 else 0  # the rope part in the same lanes (else serially, after the fold)
@@ -292,10 +294,11 @@ def attention(
                 for bi in range(blk0, blk1):  # Σ exp per head in key order; the weights prob · s/a, unnormalised
                     b: Tx.let = Tx.Cast("int64", table[t, bi])
                     for jj in range(Tx.min(block, n - bi * block)):
+                        k: Tx.let = t * ctx + bi * block + jj  # the key's score row
                         for h in Tx.vectorized(H):
-                            sc[t * ctx + bi * block + jj, h] = exp_poly(sc[t * ctx + bi * block + jj, h] - mx[h])
-                            sm[h] = sm[h] + sc[t * ctx + bi * block + jj, h]
-                            sc[t * ctx + bi * block + jj, h] = sc[t * ctx + bi * block + jj, h] * pc[b, jj, 0]
+                            sc[k, h] = exp_poly(sc[k, h] - mx[h])
+                            sm[h] = sm[h] + sc[k, h]
+                            sc[k, h] = sc[k, h] * pc[b, jj, 0]
                 for h in Tx.vectorized(H):
                     st[tk * H + h, 0] = mx[h]
                     st[tk * H + h, 1] = sm[h]

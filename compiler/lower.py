@@ -702,8 +702,8 @@ class Lowering:
         qa, qpe = self._call(
             absorb, [qv, f.pv[p + "attn_k_b.weight"], f.pos, cos, sin], [((T, H, c), f32), ((T, H, r), f32)]
         )
-        lanes = 0 if gpu else gkm.CPU_LANES[self.target]
-        att = self._te("mla_attention", functools.partial(gkm.attention, gpu=gpu, lanes=lanes), T, H, hd, r, c, C,
+        lanes = {} if gpu else {"lanes": gkm.CPU_LANES[self.target]}  # a register per head (the CUDA form: threads)
+        att = self._te("mla_attention", functools.partial(gkm.attention, gpu=gpu, **lanes), T, H, hd, r, c, C,
                        KV_BLOCK)  # fmt: skip
         scratch = [(shape, f32) for shape in gkm.attention_scratch(T, H, c, C, gpu)]
         ctx = self._call(att, [qa, qpe, lc, pc, f.pos, f.table], [((T, H, c), f32), *scratch])[0]
