@@ -36,6 +36,7 @@ from bench.timing import py_time, tvm_time
 from compiler import schedule as S
 from compiler.measure import cycle_time, dram_copies, weight_bytes
 from compiler.tune import bench_ops, parse_shape
+from targets.hugepages import host_tensor
 
 targets.ensure_tvm_threads()
 
@@ -85,7 +86,7 @@ def _roof_kernel(kind: str, nbytes: int, target: str):
         sch.vectorize(ii)
         shapes = [((P, n // P), "float32"), ((P, n // P), "float32")]
     ex = tvm.compile(sch.mod, target=targets.get_target(target))
-    args = [tvm.runtime.tensor(np.ones(s, d)) for s, d in shapes]
+    args = [host_tensor(np.ones(s, d), tvm.cpu()) for s, d in shapes]  # huge pages, as the runtime's weights
     return ex, args, n * 4
 
 
@@ -193,7 +194,7 @@ def rotated(arrays: list, copies: int, first: int = 0) -> list[list]:
     out = [arrays]
     for _ in range(copies - 1):
         own = list(arrays)
-        own[first] = tvm.runtime.tensor(arrays[first].numpy())
+        own[first] = host_tensor(arrays[first].numpy(), tvm.cpu())
         out.append(own)
     return out
 
@@ -234,7 +235,7 @@ def bench_op(op, target: str, threads_list, baselines: bool = True, logs_root=No
         sf = S.get_primfunc(op, target, logs_root)
     ex = sf.build()
     ins = op.random_inputs(np.random.default_rng(0))
-    args = [tvm.runtime.tensor(a) for a in ins + op.empty_outputs()]
+    args = [host_tensor(a, tvm.cpu()) for a in ins + op.empty_outputs()]
     ex.mod["main"](*args)
     for o, r, tol in zip(args[len(ins) :], op.reference(*ins), op.tolerances(*ins), strict=True):
         if not np.allclose(o.numpy(), r, rtol=0, atol=tol):
@@ -248,7 +249,7 @@ def bench_op(op, target: str, threads_list, baselines: bool = True, logs_root=No
     twin = None
     if hasattr(op, "two_bit_twin"):  # built once; its inputs also feed the scalar reference (the same product)
         twin_op, twin_ex, twin_ins = two_bit_twin(op, target, logs_root)
-        twin_args = [tvm.runtime.tensor(a) for a in twin_ins + twin_op.empty_outputs()]
+        twin_args = [host_tensor(a, tvm.cpu()) for a in twin_ins + twin_op.empty_outputs()]
         twin = (twin_ex, rotated(twin_args, dram_copies(weight_bytes(twin_op))))
     scalar = (scalar_time(twin_op, twin_ins) if twin else scalar_time(op, ins)) if baselines else None
     rows = []

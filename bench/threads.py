@@ -33,6 +33,7 @@ import numpy as np
 from bench.machine import cpu_name
 from compiler.measure import cycle_time, dram_copies, weight_bytes
 from targets.cpu import llc_bytes
+from targets.hugepages import host_tensor
 
 MANIFEST = "manifest.json"
 SHAPES = ["gemv_i8:M=32768:K=16384:tile=8", "gemv_i8_tl:M=32768:K=16384:tile=8", "gemv_i8:M=4096:K=4096:tile=8",
@@ -132,7 +133,7 @@ def read_roof_gbs(d: Path | str, threads: int, repeat: int = 5) -> tuple[float, 
     man = json.loads((Path(d) / MANIFEST).read_text())
     nb, r = max(((int(k), v) for k, v in man["roofs"].items()), key=lambda kv: kv[0])
     copies = math.ceil(2 * llc_bytes() / nb) + 1
-    arrs = [[tvm.runtime.tensor(np.ones(r["shape"], np.int32)), tvm.runtime.tensor(np.zeros((ROOF_CHUNKS, 16),
+    arrs = [[host_tensor(np.ones(r["shape"], np.int32), tvm.cpu()), tvm.runtime.tensor(np.zeros((ROOF_CHUNKS, 16),
              np.int32))] for _ in range(copies)]  # fmt: skip
     f = tvm.runtime.load_module(str(Path(d) / r["file"]))["main"]
     _set_threads(threads)
@@ -158,13 +159,13 @@ def run(d: Path | str, rounds: int = 5, min_s: float = 0.05) -> dict:
         sets = []
         for c in range(copies):
             own = [ins[0].copy() if c else ins[0], *ins[1:]]
-            sets.append([tvm.runtime.tensor(a) for a in own + op.empty_outputs()])
+            sets.append([host_tensor(a, tvm.cpu()) for a in own + op.empty_outputs()])
         data[key] = (op, sets, refs, tols, copies)
         print(f"{key}: {copies} weight copies (LLC {llc >> 20} MiB)", file=sys.stderr)
     roofs = {}
     for nb, r in man["roofs"].items():
         copies = dram_copies(int(nb), llc)
-        arrs = [[tvm.runtime.tensor(np.ones(r["shape"], np.int32)), tvm.runtime.tensor(np.zeros((ROOF_CHUNKS, 16),
+        arrs = [[host_tensor(np.ones(r["shape"], np.int32), tvm.cpu()), tvm.runtime.tensor(np.zeros((ROOF_CHUNKS, 16),
                  np.int32))] for _ in range(copies)]  # fmt: skip
         roofs[int(nb)] = (tvm.runtime.load_module(str(d / r["file"])), arrs, r["bytes"])
     rows = []

@@ -395,21 +395,38 @@ def attention_scratch(T: int, H: int, hd: int, ctx: int) -> list[tuple]:
     return [(T * H, ctx), (T * H, 2)]
 
 
+def _lane_sum(part, k, L: int):
+    """``part[k, 0] + part[k, 1] + … + part[k, L - 1]``, left to right (one float32 rounding per add)."""
+    acc = part[k, 0]
+    for ln in range(1, L):
+        acc = acc + part[k, ln]
+    return acc
+
+
 def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int):
     """Causal GQA softmax attention of ``q [T, H, hd]`` over the paged cache → ``o [T, H·hd]``: row ``t`` reads its
     own sequence's keys ``0 .. pos[t]`` through its block table ``table[t]`` (rows of one prefill chunk share a
     table, rows of a decode batch each have their sequence's); a padding row (``pos < 0``) outputs zeros.
 
     Query head ``h`` reads KV head ``h // (H / Hkv)``; the loop bound is data-dependent (the cost grows with the
-    position, not the context size); one (row, head) pair per parallel task. ``sc [T·H, C]`` and ``st [T·H, 2]``
-    (max, denominator) are scratch outputs, so the parallel body allocates nothing but ``L`` floats on the stack. A
-    score ``q·k`` is ``L`` vector lanes of products summed over ``hd / L`` chunks (lane ``l`` takes ``i = l, l + L,
-    …``), then the lanes in order: independent FMA chains, where one chain over ``hd`` was latency-bound (measured:
-    docs/architecture.md, "Measurements behind the code").
+    position, not the context size). A parallel task takes ``G`` query heads of one KV group (2 when the group size
+    is even, else 1), so each cached key and value row is read once for ``G`` heads and their ``G`` independent sums
+    overlap; ``G = 2`` keeps 10 tasks for one decode row of a 20-head model, so two threads split it evenly (a whole
+    group per task reads the cache least but leaves 5 tasks). The task walks its keys block by block: a key is a
+    fixed row of its block, no table lookup, division or remainder per key. ``sc [T·H, C]`` and ``st [T·H, 2]``
+    (max, denominator) are scratch outputs; the task's partial sums live in small stack arrays, kept in registers.
+
+    Order of the sums (:func:`model.exact_reference.attention` mirrors it): a score ``q·k`` is ``L`` vector lanes of
+    products summed over ``hd / L`` chunks (lane ``l`` takes ``i = l, l + L, …``), then the lanes in order:
+    independent FMA chains, where one chain over ``hd`` was latency-bound (docs/architecture.md, "Measurements
+    behind the code"); ``exp`` is libm's ``expf``; the output is ``Σ_j e_j · v_j`` in key order, an FMA per key,
+    over ``hd`` columns in vector lanes, then divided by ``Σ_j e_j``.
     """
     from tvm.script import tirx as Tx
 
     g = H // Hkv
+    G = 2 if g % 2 == 0 else 1  # query heads per task
+    NG = H // G
     scale = 1.0 / math.sqrt(hd)
     TH = T * H
     W = table_width(ctx, block)
@@ -430,41 +447,58 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int):
         nb = Tx.int64()
         kc = Tx.match_buffer(kc_h, (nb, Hkv, block, hd), "float32")
         vc = Tx.match_buffer(vc_h, (nb, Hkv, block, hd), "float32")
-        for th in Tx.parallel(TH):
-            part = Tx.alloc_buffer((L,), "float32", scope="global")
-            t: Tx.let = th // H
-            kh: Tx.let = (th % H) // g
+        for tg in Tx.parallel(T * NG):  # (row, G query heads of one KV group)
+            part = Tx.alloc_buffer((G, L), "float32", scope="global")  # stack arrays, kept in registers
+            acc = Tx.alloc_buffer((G, hd), "float32", scope="global")
+            red = Tx.alloc_buffer((2,), "float32", scope="global")
+            t: Tx.let = tg // NG
+            h0: Tx.let = tg % NG * G
+            kh: Tx.let = h0 // g
             n: Tx.let = Tx.min(pos[t] + 1, ctx)
+            nbk: Tx.let = (n + block - 1) // block  # cache blocks holding keys 0 .. n - 1
             if n <= 0:
-                for i in range(hd):
-                    o[t, (th % H) * hd + i] = Tx.float32(0)
+                for i in Tx.vectorized(G * hd):
+                    o[t, h0 * hd + i] = Tx.float32(0)
             else:
-                for j in range(n):
-                    b: Tx.let = Tx.Cast("int64", table[t, j // block])
-                    for ln in Tx.vectorized(L):
-                        part[ln] = q[t, th % H, ln] * kc[b, kh, j % block, ln]
-                    for io in range(1, NO):
-                        for ln in Tx.vectorized(L):
-                            part[ln] = part[ln] + q[t, th % H, io * L + ln] * kc[b, kh, j % block, io * L + ln]
-                    sc[th, j] = part[0]
-                    for ln in range(1, L):
-                        sc[th, j] = sc[th, j] + part[ln]
-                    sc[th, j] = sc[th, j] * Tx.float32(scale)
-                st[th, 0] = sc[th, 0]
-                for j in range(n):
-                    st[th, 0] = Tx.max(st[th, 0], sc[th, j])
-                st[th, 1] = Tx.float32(0)
-                for j in range(n):
-                    sc[th, j] = Tx.exp(sc[th, j] - st[th, 0])
-                    st[th, 1] = st[th, 1] + sc[th, j]
-                for i in range(hd):
-                    o[t, (th % H) * hd + i] = Tx.float32(0)
-                for j in range(n):
-                    b: Tx.let = Tx.Cast("int64", table[t, j // block])
-                    for i in range(hd):
-                        o[t, (th % H) * hd + i] = o[t, (th % H) * hd + i] + sc[th, j] * vc[b, kh, j % block, i]
-                for i in range(hd):
-                    o[t, (th % H) * hd + i] = o[t, (th % H) * hd + i] / st[th, 1]
+                for bi in range(nbk):  # the scores, block by block (a key: row jj of block b)
+                    b: Tx.let = Tx.Cast("int64", table[t, bi])
+                    for jj in range(Tx.min(block, n - bi * block)):
+                        for k in Tx.unroll(G):
+                            for ln in Tx.vectorized(L):
+                                part[k, ln] = q[t, h0 + k, ln] * kc[b, kh, jj, ln]
+                        for io in Tx.unroll(1, NO):
+                            for k in Tx.unroll(G):
+                                for ln in Tx.vectorized(L):
+                                    part[k, ln] = part[k, ln] + q[t, h0 + k, io * L + ln] * kc[b, kh, jj, io * L + ln]
+                        for k in Tx.unroll(G):
+                            sc[t * H + h0 + k, bi * block + jj] = _lane_sum(part, k, L) * Tx.float32(scale)
+                for k in range(G):  # per head: the max, then exp and its sum in key order
+                    th: Tx.let = t * H + h0 + k
+                    red[0] = sc[th, 0]
+                    for j in range(n):
+                        red[0] = Tx.max(red[0], sc[th, j])
+                    red[1] = Tx.float32(0)
+                    for j in range(n):
+                        sc[th, j] = Tx.exp(sc[th, j] - red[0])
+                        red[1] = red[1] + sc[th, j]
+                    st[th, 0] = red[0]
+                    st[th, 1] = red[1]
+                for k in Tx.unroll(G):
+                    for i in Tx.vectorized(hd):
+                        acc[k, i] = Tx.float32(0)
+                for bi in range(nbk):  # Σ e_j · v_j in key order, each value row read once for the G heads
+                    b: Tx.let = Tx.Cast("int64", table[t, bi])
+                    for jj in range(Tx.min(block, n - bi * block)):
+                        for io in Tx.unroll(NO):
+                            for k in Tx.unroll(G):
+                                for ln in Tx.vectorized(L):
+                                    acc[k, io * L + ln] = (
+                                        acc[k, io * L + ln]
+                                        + sc[t * H + h0 + k, bi * block + jj] * vc[b, kh, jj, io * L + ln]
+                                    )
+                for k in Tx.unroll(G):
+                    for i in Tx.vectorized(hd):
+                        o[t, (h0 + k) * hd + i] = acc[k, i] / st[t * H + h0 + k, 1]
 
     return attn.without_attr("global_symbol")
 

@@ -61,6 +61,7 @@ from compiler.tuning_db import (  # noqa: F401  (re-exported: the tuner's databa
     tried_knobs,
 )
 from schedules.knobs import knobs_of_trace  # noqa: F401  (re-exported)
+from targets.hugepages import host_tensor
 
 log = logging.getLogger("compiler.tune")
 
@@ -194,7 +195,7 @@ def _workload_data(op):
     import tvm
 
     ins = op.random_inputs(np.random.default_rng(0))
-    return [tvm.runtime.tensor(a) for a in ins], op.reference(*ins), op.tolerances(*ins)
+    return [host_tensor(a, tvm.cpu()) for a in ins], op.reference(*ins), op.tolerances(*ins)
 
 
 def measure(op, ex, repeat: int = 5, min_repeat_ms: int = 20, check: bool = True, dram: bool = False) -> list[float]:
@@ -215,7 +216,7 @@ def measure(op, ex, repeat: int = 5, min_repeat_ms: int = 20, check: bool = True
                 raise AssertionError(f"{op.key}: kernel output differs from the reference")
     copies = dram_copies(weight_bytes(op), dram=dram) if hasattr(op, "K") else 1
     if copies > 1:
-        sets = [args] + [[tvm.runtime.tensor(ins[0].numpy()), *args[1:]] for _ in range(copies - 1)]
+        sets = [args] + [[host_tensor(ins[0].numpy(), tvm.cpu()), *args[1:]] for _ in range(copies - 1)]
         return [cycle_time(ex.mod["main"], sets, min_repeat_ms / 1e3) for _ in range(repeat)]
     t = ex.mod.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)(*args)
     return [float(r) for r in t.results]

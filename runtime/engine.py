@@ -66,6 +66,7 @@ from runtime.kv_cache import STATE_DIM, BlockPool, CacheFull, Sequence, cache_la
 from runtime.spec_decode import advance
 from targets.cpu import check_flags
 from targets.cuda import load_cuda_runtime
+from targets.hugepages import empty_tensor, host_tensor
 
 log = logging.getLogger("runtime")
 
@@ -223,8 +224,7 @@ class Engine:
         if not 0 <= self.chain_burst <= CHAIN_BURST_MAX:
             raise ValueError(f"chain_burst={chain_burst}: 0 (off) to {CHAIN_BURST_MAX} steps")
         with np.load(self.dir / "params.npz", allow_pickle=False) as z:
-            self.params = [tvm.runtime.tensor(np.ascontiguousarray(z[name]), self.dev) for name, _, _ in
-                           self.meta["params"]]  # fmt: skip
+            self.params = [host_tensor(z[name], self.dev) for name, _, _ in self.meta["params"]]  # huge pages
         index = {name: i for i, (name, _, _) in enumerate(self.meta["params"])}
         self._draft_params = [self.params[index[n]] for n in self.meta.get("draft_params", [])]  # the heads' only
         layout = cache_layout(self.meta["cache"])
@@ -235,7 +235,7 @@ class Engine:
         self.pool = BlockPool(int(kv_tokens or KV_CONTEXTS * self.ctx), int(self.meta["kv_block"]), self.ctx, seqs)
         # never read before written (a position's key is written by the step that reads it first; a state is zeroed
         # at position 0): no zero fill
-        self.cache = [tvm.runtime.empty(shape, dtype, self.dev) for shape, dtype in cache_shapes(layout, self.pool)]
+        self.cache = [empty_tensor(shape, dtype, self.dev) for shape, dtype in cache_shapes(layout, self.pool)]
         self._tvm = tvm
         from tvm.runtime import _ffi_api
 
