@@ -5,7 +5,8 @@ backs an anonymous range with 2 MiB pages when it is marked ``MADV_HUGEPAGE`` be
 ``/sys/kernel/mm/transparent_hugepage/enabled`` at ``madvise``, the common default, nothing else gets them). So a
 tensor is allocated empty, its 2 MiB-aligned interior marked, and only then filled. Where that is not possible
 (another OS, THP ``never``, a tensor under 2 MiB, a GPU) the tensor is made as usual: the pages are a hint, never a
-requirement. Measured effect: ``docs/foreign_models.md`` ("Huge pages").
+requirement. ``TERNARY_HUGEPAGES=0`` turns it off. Measured effect (``python -m bench.hugepages``):
+``docs/runtime/README.md`` ("Huge pages").
 
     from targets.hugepages import empty_tensor, host_tensor
     w = host_tensor(np_array, tvm.cpu())   # filled
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 
 import numpy as np
@@ -27,7 +29,7 @@ MADV_HUGEPAGE = 14
 @functools.lru_cache(maxsize=1)
 def _madvise():
     """libc's ``madvise`` where THP can be asked for (Linux, mode ``always`` or ``madvise``), else None."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("TERNARY_HUGEPAGES", "1") == "0":
         return None
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
