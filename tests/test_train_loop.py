@@ -208,3 +208,25 @@ def test_batched_muon_matches_torch_muon_exactly():
         assert torch.equal(a, b)  # same maths, batched: bit-identical on the CPU
     with pytest.raises(ValueError, match="2-D"):
         BatchedMuon([torch.nn.Parameter(torch.zeros(3))])
+
+
+@pytest.mark.unit
+def test_throughput_summary_pairs_each_2gpu_run_with_its_own_rounds_1gpu_run(tmp_path):
+    from train.throughput import summarize
+
+    def run(rnd, world, tps, batch=32):
+        r = {"world_size": world, "batch_size_per_rank": batch, "seq_len": 2048, "tokens_per_s": tps,
+             "mfu": tps / 1e6, "peak_mem_gib": 40.0 + world, "preset": "base", "device": "H200",
+             "params": 8.9e7, "peak_tflops_assumed": 989.0}  # fmt: skip
+        (tmp_path / f"r{rnd}_{world}gpu_b{batch}.json").write_text(json.dumps(r))
+
+    for rnd, (one, two) in enumerate([(100.0, 190.0), (200.0, 390.0), (150.0, 300.0)], 1):
+        run(rnd, 1, one)
+        run(rnd, 2, two)
+    s = summarize(sorted(tmp_path.glob("*.json")))
+    single, double = s["rows"]
+    assert (single["gpus"], double["gpus"]) == (1, 2) and double["runs"] == 3
+    assert double["tokens_per_s"] == 300.0 and double["tokens_per_s_range"] == [190.0, 390.0]
+    # per round 1.9, 1.95, 2.0: a ratio of medians (300 / 150) would be 2.0
+    assert double["vs_1gpu_same_round"] == pytest.approx(1.95) and double["vs_1gpu_range"] == pytest.approx([1.9, 2.0])
+    assert single["vs_1gpu_same_round"] is None and double["peak_mem_gib"] == 42.0

@@ -13,6 +13,7 @@ FLOPs for the kept share only.
     python -m train.throughput --preset small --batch-size 128 --seq-len 512 --compile --out throughput.json
     python -m train.throughput --preset small --batch-size 128 --seq-len 512 --compile --token-keep 0.5
     torchrun --nproc_per_node 2 -m train.throughput --preset small --batch-size 128 --compile
+    python -m train.throughput --summary results/r*_*.json --out summary.json   # rounds of scripts/gpu_throughput.sh
 """
 
 from __future__ import annotations
@@ -122,6 +123,46 @@ def measure(cfg: TrainConfig, steps: int, warmup: int, profile: bool = False) ->
     return result if rank == 0 else {}
 
 
+def summarize(paths: list[Path]) -> dict:
+    """Medians and ranges over repeated runs (``scripts/gpu_throughput.sh``'s rounds) per (GPUs, batch per GPU), and
+    each 2-GPU run's tokens/s over the 1-GPU run of its own round (the file name's ``r<round>_`` prefix)."""
+    runs = [(p.name.split("_", 1)[0], json.loads(p.read_text())) for p in paths]
+    groups: dict[tuple[int, int], list[tuple[str, dict]]] = {}
+    for rnd, r in runs:
+        groups.setdefault((r["world_size"], r["batch_size_per_rank"]), []).append((rnd, r))
+    one = {rnd: r["tokens_per_s"] for rnd, r in runs if r["world_size"] == 1}
+    rows = []
+    for (world, batch), rs in sorted(groups.items()):
+        tps = [r["tokens_per_s"] for _, r in rs]
+        mfu = [r["mfu"] for _, r in rs]
+        scale = [r["tokens_per_s"] / one[rnd] for rnd, r in rs if world > 1 and rnd in one]
+        rows.append({
+            "gpus": world, "batch_per_gpu": batch, "seq_len": rs[0][1]["seq_len"], "runs": len(rs),
+            "tokens_per_s": statistics.median(tps), "tokens_per_s_range": [min(tps), max(tps)],
+            "mfu": statistics.median(mfu), "mfu_range": [min(mfu), max(mfu)],
+            "vs_1gpu_same_round": statistics.median(scale) if scale else None,
+            "vs_1gpu_range": [min(scale), max(scale)] if scale else None,
+            "peak_mem_gib": max(r["peak_mem_gib"] for _, r in rs),
+        })  # fmt: skip
+    first = runs[0][1]
+    return {"preset": first["preset"], "device": first["device"], "params": first["params"],
+            "peak_tflops_assumed": first["peak_tflops_assumed"], "rows": rows}  # fmt: skip
+
+
+def print_summary(s: dict) -> None:
+    print(f"{s['preset']} ({s['params'] / 1e6:.1f} M parameters), {s['device']}, MFU against "
+          f"{s['peak_tflops_assumed']:.0f} TFLOP/s per GPU; medians [ranges]")  # fmt: skip
+    print("| GPUs | batch / GPU | runs | tokens/s | MFU | vs 1 GPU, same round | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in s["rows"]:
+        lo, hi = r["tokens_per_s_range"]
+        vs = f"{r['vs_1gpu_same_round']:.3f}× [{r['vs_1gpu_range'][0]:.3f}–{r['vs_1gpu_range'][1]:.3f}]" \
+            if r["vs_1gpu_same_round"] else "—"  # fmt: skip
+        print(f"| {r['gpus']} | {r['batch_per_gpu']} × {r['seq_len']} | {r['runs']} | {r['tokens_per_s'] / 1e3:.1f} k "
+              f"[{lo / 1e3:.1f}–{hi / 1e3:.1f}] | {100 * r['mfu']:.1f} % [{100 * r['mfu_range'][0]:.1f}–"
+              f"{100 * r['mfu_range'][1]:.1f}] | {vs} | {r['peak_mem_gib']:.1f} |")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -142,7 +183,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--token-score", default="bigram", choices=token_filter.SCORES)
     ap.add_argument("--token-floor", type=float, default=0.25)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--summary", nargs="+", type=Path, help="summarize these result files instead of measuring")
     args = ap.parse_args(argv)
+    if args.summary:
+        s = summarize(args.summary)
+        print_summary(s)
+        if args.out:
+            args.out.write_text(json.dumps(s, indent=2) + "\n")
+        return
     cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, compile=args.compile,
                       ternary=not args.dense, model_overrides=args.model,
                       ddp_split_graphs=args.ddp_split_graphs, token_keep=args.token_keep,
