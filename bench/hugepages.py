@@ -81,7 +81,6 @@ def main(argv=None) -> int:
                            "machine": machine(), "commit": git_commit(), "entry": a.entry, "threads": a.threads,
                            "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens, "runs": runs,
                            **summary})  # fmt: skip
-        print(f"wrote {a.json}")
     return 0 if summary["same_tokens"] else 1
 
 
