@@ -182,6 +182,102 @@ def kv_update(T: int, c: int, r: int, ctx: int, block: int, gpu: bool = False, b
     return mla_kv_write.without_attr("global_symbol")
 
 
+def prep(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, width: int, eps: float, bind: bool = True):
+    """CUDA: everything between the stacked ``q | kv_a`` GEMV and the attention in one kernel (a GPU decode step is
+    bound by its kernel count; this replaces four: the latent's slice, its RMSNorm+quantize, :func:`kv_update` and
+    :func:`absorb`). ``qk [T, width]`` holds per row ``q [H·(hd + r)] | latent [c] | k_pe [r]``.
+
+    * Blocks ``0 .. T·H − 1``, one per (row, head): :func:`absorb`'s work, the same sums in the same order.
+    * Blocks ``T·H .. T·H + T − 1``, one per row: the latent's RMSNorm (weight ``norm [c]``) and int8 quantize as
+      ``rmsnorm_quant`` computes them (``x · (1 / √(Σx² / c + eps)) · w``, codes ``round(h · a)`` clamped, ``a =
+      127 / max|h|``; ``Σx²`` and ``max|h|`` by :func:`compiler.graph_kernels_gpu.block_reduce` over ``c`` threads),
+      then :func:`kv_update`'s write of ``c8``, ``s_kvb / a`` and the rotated ``k_pe`` (a row with ``pos`` outside
+      ``[0, ctx)`` writes nothing).
+
+    Outputs ``qa [T, H, c]`` and ``qpe [T, H, r]``; ``lc`` and ``pc`` in place. No block reads what another writes.
+    ``bind=False``: the same kernel with serial loops, phase after phase (the tests' CPU twin)."""
+    from tvm.script import tirx as Tx
+
+    from compiler.graph_kernels_gpu import block_reduce
+    from model.ternary.quant import ACT_QMAX, SCALE_EPS
+
+    half, Q = r // 2, hd + r
+    at = H * Q  # the latent's first column in a stacked row
+    if width < at + c + r:
+        raise ValueError(f"a stacked q|kv_a row of {width} columns; the layer needs {at + c + r}")
+    W = table_width(ctx, block)
+    blocks, threads = _bindings(bind)
+    scope = "shared" if bind else "global"
+    add_part, add_finish, _ = block_reduce(c, lambda x, y: x + y, Tx.float32(0), bind)
+    max_part, max_finish, _ = block_reduce(c, Tx.max, Tx.float32(0), bind)
+
+    @Tx.prim_func
+    def mla_prep(
+        qk: Tx.Buffer((T, width), "float32"),
+        kb: Tx.Buffer((H, hd, c), "int8"),
+        norm: Tx.Buffer((c,), "float32"),
+        kvb_scale: Tx.Buffer((1,), "float32"),
+        pos: Tx.Buffer((T,), "int32"),
+        table: Tx.Buffer((T, W), "int32"),
+        cos: Tx.Buffer((ctx, half), "float32"),
+        sin: Tx.Buffer((ctx, half), "float32"),
+        lc_h: Tx.handle,
+        pc_h: Tx.handle,
+        qa: Tx.Buffer((T, H, c), "float32"),
+        qpe: Tx.Buffer((T, H, r), "float32"),
+    ):
+        nb = Tx.int64()
+        lc = Tx.match_buffer(lc_h, (nb, block, c), "int8")
+        pc = Tx.match_buffer(pc_h, (nb, block, 1 + r), "float32")
+        for b in blocks(T * H + T):
+            red = Tx.alloc_buffer((c,), "float32", scope=scope)
+            fin = Tx.alloc_buffer((1,), "float32", scope=scope)  # Σx²
+            top = Tx.alloc_buffer((1,), "float32", scope=scope)  # max |h|
+            if b < T * H:  # absorb (row, head)
+                for j in threads(c):
+                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                    acc[0] = Tx.float32(0)
+                    for i in range(hd):
+                        acc[0] = acc[0] + qk[b // H, b % H * Q + i] * Tx.Cast("float32", kb[b % H, i, j])
+                    qa[b // H, b % H, j] = acc[0]
+                    if j < half:
+                        p = Tx.min(Tx.max(pos[b // H], 0), ctx - 1)
+                        x0 = qk[b // H, b % H * Q + hd + j]
+                        x1 = qk[b // H, b % H * Q + hd + j + half]
+                        qpe[b // H, b % H, j] = x0 * cos[p, j] - x1 * sin[p, j]
+                        qpe[b // H, b % H, j + half] = x1 * cos[p, j] + x0 * sin[p, j]
+            else:  # row b - T·H: the latent's norm and quantize, and the cache write
+                for tx in threads(c):
+                    v = Tx.alloc_buffer((1,), "float32", scope="local")
+                    v[0] = qk[b - T * H, at + tx] * qk[b - T * H, at + tx]
+                    add_part(v, red, tx)
+                add_finish(red, fin)
+                for tx in threads(c):
+                    v = Tx.alloc_buffer((1,), "float32", scope="local")
+                    rs = Tx.float32(1) / Tx.sqrt(fin[0] / Tx.float32(c) + Tx.float32(eps))
+                    v[0] = Tx.fabs(qk[b - T * H, at + tx] * rs * norm[tx])
+                    max_part(v, red, tx)
+                max_finish(red, top)
+                for tx in threads(c):
+                    p = pos[b - T * H]
+                    if p >= 0 and p < ctx:
+                        rs = Tx.float32(1) / Tx.sqrt(fin[0] / Tx.float32(c) + Tx.float32(eps))
+                        a = Tx.float32(ACT_QMAX) / Tx.max(top[0], Tx.float32(SCALE_EPS))
+                        code = Tx.min(Tx.max(Tx.nearbyint(qk[b - T * H, at + tx] * rs * norm[tx] * a),
+                                             Tx.float32(-ACT_QMAX)), Tx.float32(ACT_QMAX))  # fmt: skip
+                        blk = Tx.Cast("int64", table[b - T * H, p // block])
+                        lc[blk, p % block, tx] = Tx.Cast("int8", code)
+                        if tx < half:
+                            x0 = qk[b - T * H, at + c + tx]
+                            x1 = qk[b - T * H, at + c + tx + half]
+                            pc[blk, p % block, 1 + tx] = x0 * cos[p, tx] - x1 * sin[p, tx]
+                            pc[blk, p % block, 1 + tx + half] = x1 * cos[p, tx] + x0 * sin[p, tx]
+                        if tx == 0:
+                            pc[blk, p % block, 0] = kvb_scale[0] / a
+
+    return mla_prep.without_attr("global_symbol")
+
+
 def attention_scratch(T: int, H: int, c: int, ctx: int, gpu: bool = False) -> list[tuple]:
     """Shapes of :func:`attention`'s scratch outputs. CPU: every head's score per (row, key) ``[T·ctx, H]``, and per
     (row, key chunk, head) the chunk's (max, Σ exp) ``[T·NC·H, 2]`` and partial ``ctx`` ``[T·NC·H, c]``; CUDA: each
@@ -193,10 +289,13 @@ def attention_scratch(T: int, H: int, c: int, ctx: int, gpu: bool = False) -> li
 
 
 def attention(
-    T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, gpu: bool = False, bind: bool = True, lanes: int = 16
-):
+    T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, gpu: bool = False, bind: bool = True,
+    lanes: int = 16, v_up: bool = False,
+):  # fmt: skip
     """Causal softmax attention over the latent cache → ``ctx [T, H, c]`` (see the module docstring): row ``t``
     reads its sequence's positions ``0 .. pos[t]`` through ``table[t]``; a padding row (``pos < 0``) gives zeros.
+    ``v_up`` (CUDA form): the combine also does :func:`v_up` (``vb int8 [H, c, hd]`` after ``table``; the output is
+    ``o [T, H·hd]``, the same sums in the same order), one kernel fewer per layer.
 
     CPU: split over the keys like the CUDA form, but with every head in one task, so each cached latent row is
     converted to float32 once for all heads. A parallel task per (row, :data:`CPU_SPLIT`-th of its cache blocks)
@@ -216,7 +315,9 @@ def attention(
     W = table_width(ctx, block)
     TH = T * H
     if gpu:
-        return _attention_gpu(T, H, r, c, ctx, block, scale, bind)
+        return _attention_gpu(T, H, hd, r, c, ctx, block, scale, bind, v_up)
+    if v_up:
+        raise ValueError("the value up-projection in the attention's combine is the CUDA form's")
     if lanes not in (8, 16):  # the lane fold below halves 16 → 8 → 4 → 2 → 1
         raise ValueError(f"MLA attention lanes {lanes}: 8 (AVX2) or 16 (AVX-512)")
     L = lanes if c % lanes == 0 else 1
@@ -342,7 +443,8 @@ def attention(
     return mla_attn.without_attr("global_symbol")
 
 
-def _attention_gpu(T: int, H: int, r: int, c: int, ctx: int, block: int, scale: float, bind: bool):
+def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, scale: float, bind: bool,
+                   v_up: bool):  # fmt: skip
     from tvm.script import tirx as Tx
 
     W = table_width(ctx, block)
@@ -350,6 +452,8 @@ def _attention_gpu(T: int, H: int, r: int, c: int, ctx: int, block: int, scale: 
     K = GPU_CHUNK
     if c % K or (c // K) & (c // K - 1):
         raise ValueError(f"kv_lora_rank {c}: the chunk of {K} keys needs a power-of-two number of threads per key")
+    if v_up and hd > c:
+        raise ValueError(f"head_dim {hd} > kv_lora_rank {c}: the combine's threads (one per latent column) do v_up")
     R = c // K  # threads per key
     NC = -(-ctx // K)
     P = TH * NC
@@ -363,21 +467,8 @@ def _attention_gpu(T: int, H: int, r: int, c: int, ctx: int, block: int, scale: 
         k //= 2
     neg = -3.4028234663852886e38
 
-    @Tx.prim_func
-    def mla_attn_gpu(
-        qa: Tx.Buffer((T, H, c), "float32"),
-        qpe: Tx.Buffer((T, H, r), "float32"),
-        lc_h: Tx.handle,
-        pc_h: Tx.handle,
-        pos: Tx.Buffer((T,), "int32"),
-        table: Tx.Buffer((T, W), "int32"),
-        o: Tx.Buffer((T, H, c), "float32"),
-        part: Tx.Buffer((P, c), "float32"),
-        st: Tx.Buffer((P, 2), "float32"),
-    ):
-        nb = Tx.int64()
-        lc = Tx.match_buffer(lc_h, (nb, block, c), "int8")
-        pc = Tx.match_buffer(pc_h, (nb, block, 1 + r), "float32")
+    @Tx.macro
+    def split(qa, qpe, lc, pc, pos, table, part, st):  # phase 1: a block per (row, head, chunk of K keys)
         for b in blocks(P):  # (row, head, chunk) = (b // (H·NC), b // NC % H, b % NC)
             qs = Tx.alloc_buffer((c,), "float32", scope=scope)
             dot = Tx.alloc_buffer((c,), "float32", scope=scope)
@@ -445,21 +536,79 @@ def _attention_gpu(T: int, H: int, r: int, c: int, ctx: int, block: int, scale: 
                     if tx == 0:
                         st[b, 0] = mx[0]
                         st[b, 1] = sm[0]
+    @Tx.macro
+    def combined(th, tx, res, pos, part, st):  # (row, head) th's latent column tx: its chunks combined, in order
+        acc = Tx.alloc_buffer((3,), "float32", scope="local")
+        if pos[th // H] >= 0:
+            acc[0] = st[th * NC, 0]
+            for ci in range(1, (Tx.min(pos[th // H] + 1, ctx) + K - 1) // K):
+                acc[0] = Tx.max(acc[0], st[th * NC + ci, 0])
+            acc[1] = Tx.float32(0)
+            acc[2] = Tx.float32(0)
+            for ci in range((Tx.min(pos[th // H] + 1, ctx) + K - 1) // K):
+                acc[1] = acc[1] + Tx.exp(st[th * NC + ci, 0] - acc[0]) * st[th * NC + ci, 1]
+                acc[2] = acc[2] + Tx.exp(st[th * NC + ci, 0] - acc[0]) * part[th * NC + ci, tx]
+            res[0] = acc[2] / acc[1]
+        else:
+            res[0] = Tx.float32(0)
+
+    if v_up:
+
+        @Tx.prim_func
+        def mla_attn_v_up_gpu(
+            qa: Tx.Buffer((T, H, c), "float32"),
+            qpe: Tx.Buffer((T, H, r), "float32"),
+            lc_h: Tx.handle,
+            pc_h: Tx.handle,
+            pos: Tx.Buffer((T,), "int32"),
+            table: Tx.Buffer((T, W), "int32"),
+            vb: Tx.Buffer((H, c, hd), "int8"),
+            o: Tx.Buffer((T, H * hd), "float32"),
+            part: Tx.Buffer((P, c), "float32"),
+            st: Tx.Buffer((P, 2), "float32"),
+        ):
+            nb = Tx.int64()
+            lc = Tx.match_buffer(lc_h, (nb, block, c), "int8")
+            pc = Tx.match_buffer(pc_h, (nb, block, 1 + r), "float32")
+            split(qa, qpe, lc, pc, pos, table, part, st)
+            for th in blocks(TH):  # per (row, head): the chunks combined into the head's latent context, then v_up
+                cv = Tx.alloc_buffer((c,), "float32", scope=scope)
+                for tx in threads(c):
+                    res = Tx.alloc_buffer((1,), "float32", scope="local")
+                    combined(th, tx, res, pos, part, st)
+                    cv[tx] = res[0]
+                sync()
+                for tx in threads(c):  # output column tx of the head: Σ_j cv[j] · vb[h, j, tx], j in order (v_up's)
+                    if tx < hd:
+                        acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                        acc[0] = Tx.float32(0)
+                        for j in range(c):
+                            acc[0] = acc[0] + cv[j] * Tx.Cast("float32", vb[th % H, j, tx])
+                        o[th // H, th % H * hd + tx] = acc[0]
+
+        return mla_attn_v_up_gpu.without_attr("global_symbol")
+
+    @Tx.prim_func
+    def mla_attn_gpu(
+        qa: Tx.Buffer((T, H, c), "float32"),
+        qpe: Tx.Buffer((T, H, r), "float32"),
+        lc_h: Tx.handle,
+        pc_h: Tx.handle,
+        pos: Tx.Buffer((T,), "int32"),
+        table: Tx.Buffer((T, W), "int32"),
+        o: Tx.Buffer((T, H, c), "float32"),
+        part: Tx.Buffer((P, c), "float32"),
+        st: Tx.Buffer((P, 2), "float32"),
+    ):
+        nb = Tx.int64()
+        lc = Tx.match_buffer(lc_h, (nb, block, c), "int8")
+        pc = Tx.match_buffer(pc_h, (nb, block, 1 + r), "float32")
+        split(qa, qpe, lc, pc, pos, table, part, st)
         for th in blocks(TH):  # combine the row's chunks, in order
             for tx in threads(c):
-                acc = Tx.alloc_buffer((3,), "float32", scope="local")
-                if pos[th // H] >= 0:
-                    acc[0] = st[th * NC, 0]
-                    for ci in range(1, (Tx.min(pos[th // H] + 1, ctx) + K - 1) // K):
-                        acc[0] = Tx.max(acc[0], st[th * NC + ci, 0])
-                    acc[1] = Tx.float32(0)
-                    acc[2] = Tx.float32(0)
-                    for ci in range((Tx.min(pos[th // H] + 1, ctx) + K - 1) // K):
-                        acc[1] = acc[1] + Tx.exp(st[th * NC + ci, 0] - acc[0]) * st[th * NC + ci, 1]
-                        acc[2] = acc[2] + Tx.exp(st[th * NC + ci, 0] - acc[0]) * part[th * NC + ci, tx]
-                    o[th // H, th % H, tx] = acc[2] / acc[1]
-                else:
-                    o[th // H, th % H, tx] = Tx.float32(0)
+                res = Tx.alloc_buffer((1,), "float32", scope="local")
+                combined(th, tx, res, pos, part, st)
+                o[th // H, th % H, tx] = res[0]
 
     return mla_attn_gpu.without_attr("global_symbol")
 

@@ -117,13 +117,16 @@ def check_weights(weights: str, gpu: bool, cfg=None) -> None:
 
 def stacked(cfg, i: int, gpu: bool) -> dict[str, tuple[str, ...]]:
     """Layer ``i``'s matrices stored and read as one stacked matrix (a scale per part): on GPUs a GQA layer's
-    ``attn_qkv`` (q|k|v) and a dense SwiGLU FFN's ``ffn_gate_up`` (gate|up), so one GEMV (or prefill GEMM) reads what
-    three or two did — a GPU decode step is bound by its kernel count (docs/bench/cuda/README.md). The attention and
-    the cache write read q, k and v from the stacked output; SwiGLU + quantize reads its halves."""
+    ``attn_qkv`` (q|k|v), a latent-attention layer's ``attn_q_kv_a`` (q|kv_a) and a dense SwiGLU FFN's
+    ``ffn_gate_up`` (gate|up), so one GEMV (or prefill GEMM) reads what three or two did — a GPU decode step is bound
+    by its kernel count (docs/bench/cuda/README.md). The attention (GQA) or ``graph_kernels_mla.prep`` (MLA) and the
+    cache write read their columns of the stacked output; SwiGLU + quantize reads its halves."""
     if not gpu:
         return {}
     out = {}
-    if not cfg.mla and not cfg.is_deltanet(i):
+    if cfg.mla:
+        out["attn_q_kv_a"] = ("attn_q", "attn_kv_a_mqa")
+    elif not cfg.is_deltanet(i):
         out["attn_qkv"] = ("attn_q", "attn_k", "attn_v")
     if not cfg.n_experts and cfg.ffn_act == "silu" and not cfg.sub_norms:
         out["ffn_gate_up"] = ("ffn_gate", "ffn_up")
@@ -688,6 +691,8 @@ class Lowering:
         D, H, hd, C = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.max_seq_len
         c, r = cfg.kv_lora_rank, cfg.qk_rope_dim
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.attn_norm.weight", u)
+        if "attn_q_kv_a" in stacked(cfg, i, self.gpu):
+            return self.latent_attention_fused(f, i, q8, sc, qs)
         qv = self._ternary(f, f"blk.{i}.attn_q", q8, sc, qs, H * (hd + r), D)
         kva = self._ternary(f, f"blk.{i}.attn_kv_a_mqa", q8, sc, qs, c + r, D)
         lat = self.bb.emit(relax.op.strided_slice(kva, axes=[1], begin=[0], end=[c]))
@@ -711,6 +716,32 @@ class Lowering:
         o = self._call(vup, [ctx, f.pv[p + "attn_v_b.weight"]], [((T, D), f32)])
         o8, osc, osum = self._quantize(T, D, o)
         return self._ternary(f, f"blk.{i}.attn_output", o8, osc, osum, D, D)
+
+    def latent_attention_fused(self, f: _Frame, i: int, q8, sc, qs):
+        """:meth:`latent_attention` on a GPU in five kernels instead of ten: the stacked ``q | kv_a`` GEMV,
+        ``graph_kernels_mla.prep`` (the latent's norm + quantize, the cache write and ``absorb``), the attention whose
+        combine does ``v_up``, the quantize and the output projection."""
+        from tvm import relax
+
+        cfg, T, f32 = self.cfg, f.T, "float32"
+        D, H, hd, C = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.max_seq_len
+        c, r, p = cfg.kv_lora_rank, cfg.qk_rope_dim, f"blk.{i}."
+        width = H * (hd + r) + c + r
+        qk = self._ternary(f, p + "attn_q_kv_a", q8, sc, qs, width, D, parts=(H * (hd + r), c + r))
+        prep = self._te("mla_prep", functools.partial(gkm.prep, eps=cfg.norm_eps), T, H, hd, r, c, C, KV_BLOCK, width)
+        lc, pc = f.cache[f"kc_{i}"], f.cache[f"vc_{i}"]
+        args = [qk, f.pv[p + "attn_k_b.weight"], f.pv[p + "attn_kv_a_norm.weight"], f.pv[p + "attn_kv_b.scale"],
+                f.pos, f.table, f.pv["rope.cos"], f.pv["rope.sin"], lc, pc]  # fmt: skip
+        tys = [lc.ty, pc.ty, relax.TensorType((T, H, c), f32), relax.TensorType((T, H, r), f32)]
+        out = self.bb.emit(relax.call_tir_inplace(prep, args, [8, 9, -1, -1], tys))
+        lc, pc, qa, qpe = (self.bb.emit(relax.TupleGetItem(out, j)) for j in range(4))
+        att = self._te("mla_attention_v_up", functools.partial(gkm.attention, gpu=True, v_up=True), T, H, hd, r, c,
+                       C, KV_BLOCK)  # fmt: skip
+        scratch = [(shape, f32) for shape in gkm.attention_scratch(T, H, c, C, True)]
+        args = [qa, qpe, lc, pc, f.pos, f.table, f.pv[p + "attn_v_b.weight"]]
+        o = self._call(att, args, [((T, H * hd), f32), *scratch])[0]
+        o8, osc, osum = self._quantize(T, H * hd, o)
+        return self._ternary(f, p + "attn_output", o8, osc, osum, D, H * hd)
 
     def deltanet(self, f: _Frame, i: int, u):
         """Layer ``i``'s gated DeltaNet on ``u [T, D]`` (:mod:`compiler.graph_kernels_deltanet`): RMSNorm+quantize,

@@ -232,6 +232,79 @@ def test_exp_poly_at_the_ends(exp_kernel):
 
 
 @pytest.mark.build
+@settings(max_examples=3, deadline=None)
+@given(T=st.sampled_from([1, 3]), H=st.sampled_from([2, 4]), seed=st.integers(0, 99))
+def test_cuda_prep_is_norm_quantize_cache_write_and_absorb(T, H, seed):
+    """The CUDA form's one kernel after the stacked q|kv_a GEMV (its CPU twin): ``qa``/``qpe`` exactly as
+    :func:`absorb`'s, and each row's cache slot as :func:`kv_update` writes it from the latent's RMSNorm + int8
+    quantize (float64 reference: every code within 1, the rest of the slot to float32 rounding); a padding row
+    writes nothing and other slots keep their contents."""
+    from model.ternary.quant import ACT_QMAX, SCALE_EPS
+
+    hd, r, c, ctx, eps = 64, 32, 256, 64, 1e-5
+    width = H * (hd + r) + c + r + 5  # wider than needed, as a stacked row may be
+    rng = np.random.default_rng(seed)
+    qk = rng.standard_normal((T, width)).astype(np.float32)
+    kb = rng.integers(-1, 2, (H, hd, c), dtype=np.int8)
+    norm = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    scale = np.array([0.37], np.float32)
+    pos = rng.permutation(ctx)[:T].astype(np.int32)
+    pos[-1] = -1 if T > 1 else pos[-1]
+    table = np.tile(np.array([3, 0, 2, 1], np.int32), (T, 1))
+    cos, sin = gk.rope_tables(r, ctx, 10000.0)
+    lc0, pc0 = np.full((4, BLOCK, c), 99, np.int8), np.full((4, BLOCK, 1 + r), 7.0, np.float32)
+    qa0, qpe0 = np.zeros((T, H, c), np.float32), np.zeros((T, H, r), np.float32)
+    func = gkm.prep(T, H, hd, r, c, ctx, BLOCK, width, eps, bind=False)
+    *_, lc, pc, qa, qpe = _run(func, qk, kb, norm, scale, pos, table, cos, sin, lc0, pc0, qa0, qpe0)
+    ref = _run(gkm.absorb(T, H, hd, r, c, ctx, gpu=True, bind=False), np.ascontiguousarray(qk[:, : H * (hd + r)]),
+               kb, pos, cos, sin, qa0, qpe0)  # fmt: skip
+    np.testing.assert_array_equal(qa, ref[-2])
+    np.testing.assert_array_equal(qpe, ref[-1])
+    at, written = H * (hd + r), set()
+    for t, p in enumerate(pos):
+        if p < 0:
+            continue
+        x = qk[t, at : at + c].astype(np.float64)
+        h = x / np.sqrt((x * x).mean() + eps) * norm
+        a = ACT_QMAX / max(np.abs(h).max(), SCALE_EPS)
+        b, slot = table[t, p // BLOCK], p % BLOCK
+        written.add((b, slot))
+        codes = lc[b, slot].astype(np.int32)
+        assert np.abs(codes - np.clip(np.rint(h * a), -ACT_QMAX, ACT_QMAX)).max() <= 1
+        np.testing.assert_allclose(pc[b, slot, 0], scale[0] / a, rtol=1e-5)
+        np.testing.assert_allclose(pc[b, slot, 1:], _rope(qk[t, at + c : at + c + r], int(p), cos, sin), rtol=1e-6,
+                                   atol=1e-6)  # fmt: skip
+    for b in range(4):
+        for slot in range(BLOCK):
+            if (b, slot) not in written:
+                assert (lc[b, slot] == 99).all() and (pc[b, slot] == 7.0).all(), (b, slot)
+
+
+@pytest.mark.build
+def test_cuda_attention_with_v_up_in_its_combine():
+    """The CUDA form with ``v_up=True`` (its CPU twin): the attention's latent context times each head's ``W_vb``,
+    bit for bit what the attention followed by :func:`v_up` gives."""
+    T, H, hd, r, c, ctx = 3, 4, 64, 32, 256, 80
+    rng = np.random.default_rng(5)
+    table1, lc, pc = _cache(rng, -(-ctx // BLOCK), c, r)
+    table = np.tile(table1, (T, 1))
+    pos = np.array([-1, 40, ctx - 1], np.int32)
+    qa = rng.standard_normal((T, H, c)).astype(np.float32)
+    qpe = rng.standard_normal((T, H, r)).astype(np.float32)
+    vb = rng.integers(-1, 2, (H, c, hd), dtype=np.int8)
+    scratch = [np.zeros(s, np.float32) for s in gkm.attention_scratch(T, H, c, ctx, True)]
+    fused = gkm.attention(T, H, hd, r, c, ctx, BLOCK, gpu=True, bind=False, v_up=True)
+    got = _run(fused, qa, qpe, lc, pc, pos, table, vb, np.zeros((T, H * hd), np.float32), *scratch)[7]
+    plain = gkm.attention(T, H, hd, r, c, ctx, BLOCK, gpu=True, bind=False)
+    ctxv = _run(plain, qa, qpe, lc, pc, pos, table, np.zeros((T, H, c), np.float32), *scratch)[6]
+    want = _run(gkm.v_up(T, H, hd, c, gpu=True, bind=False), ctxv, vb, np.zeros((T, H * hd), np.float32))[-1]
+    np.testing.assert_array_equal(got, want)
+    assert not got[0].any() and got[1:].any()
+    with pytest.raises(ValueError, match="CUDA form"):
+        gkm.attention(T, H, hd, r, c, ctx, BLOCK, v_up=True)
+
+
+@pytest.mark.build
 @pytest.mark.parametrize("gpu", FORMS)
 def test_v_up(gpu):
     """``o[t, h·hd + i] = Σ_l ctx[t, h, l] · vb[h, l, i]``."""
