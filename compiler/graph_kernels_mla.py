@@ -10,14 +10,16 @@ integer dot product by) and the rotated shared key ``k_pe [r]``. Keys and values
 * :func:`kv_update`: the row's ``c8``, ``s_kvb / a`` and rotated ``k_pe`` into its cache slot, in place;
 * :func:`attention`: ``score(p) = ((qa[h] · c8(p)) · (s_kvb / a(p)) + q_pe[h] · k_pe(p)) / √(hd + r)`` over the
   row's positions, softmax, and ``ctx[h] = Σ_p prob(p) · (s_kvb / a(p)) · c8(p)`` (``[c]``);
-* :func:`v_up`: ``o[h] = W_vb[h] · ctx[h]``.
+* :func:`v_up`: ``o[h] = W_vb[h] · ctx[h]``;
+* :func:`prep` (CUDA, after ``q | kv_a`` as one stacked GEMV): the latent's RMSNorm + quantize, :func:`kv_update`
+  and :func:`absorb` in one kernel; the CUDA attention can do :func:`v_up` in its combine (``v_up=True``).
 
 That is the PyTorch module's ``q_nope · (W_kb c8 · s/a)`` and ``Σ_p prob · (W_vb c8 · s/a)`` with the sums
 reassociated: the same numbers up to float32 rounding, while a position costs ``c + 4 (1 + r)`` bytes instead of
 GQA's ``8 · n_kv_heads · hd``. ``W_kb`` is stored ``int8 [H, hd, c]`` and ``W_vb`` ``int8 [H, c, hd]`` (codes in
 {-1, 0, 1}: unpacked, 4× the 2-bit bytes, so each kernel reads them with unit stride).
 
-Each builder takes ``gpu``: the CUDA form (a CUDA block per (row, head) or per (row, head, key chunk)), else the CPU
+Each builder takes ``gpu``: the CUDA form (a CUDA block per (row, head), per row, or per (row, key chunk)), else the CPU
 form (a parallel loop with vector lanes: over (row, head), or for the attention over (row, key chunk)).
 ``bind=False`` turns the CUDA form's thread bindings into serial loops, phase after phase: the same kernel, runnable
 on the CPU, which is how the tests check it. A row's result depends only on that row, on both.
@@ -281,7 +283,7 @@ def prep(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, width: i
 def attention_scratch(T: int, H: int, c: int, ctx: int, gpu: bool = False) -> list[tuple]:
     """Shapes of :func:`attention`'s scratch outputs. CPU: every head's score per (row, key) ``[T·ctx, H]``, and per
     (row, key chunk, head) the chunk's (max, Σ exp) ``[T·NC·H, 2]`` and partial ``ctx`` ``[T·NC·H, c]``; CUDA: each
-    (row, head, key chunk)'s partial ``ctx`` ``[T·H·NC, c]`` and (max, Σ exp)."""
+    (row, key chunk, head)'s partial ``ctx`` ``[T·NC·H, c]`` and (max, Σ exp)."""
     if gpu:
         nc = -(-ctx // GPU_CHUNK)
         return [(T * H * nc, c), (T * H * nc, 2)]
@@ -305,10 +307,13 @@ def attention(
     scores are stored ``[key, head]``) and ``Σ exp`` in key order, and its partial ``ctx`` (keys in order, ``lanes``
     latent columns at a time for every head). The task walks its keys block by block, so a key's row is a fixed
     offset in its block: no table lookup, division or remainder per key. Then a
-    task per (row, head) combines the chunks in order. CUDA: split over the keys like
-    :func:`compiler.graph_kernels_gpu.attention` — a block per (row, head, chunk of :data:`GPU_CHUNK` keys) of ``c``
-    threads (``c / chunk`` threads per key's score, each over its share of the latent in order; thread ``l`` sums
-    latent column ``l`` over the chunk's keys), then a block per (row, head) combining the chunks in order."""
+    task per (row, head) combines the chunks in order. CUDA: split over the keys (flash decoding), a block per
+    (row, chunk of :data:`GPU_CHUNK` keys) with a warp per head, so each latent row is read once for all heads: the
+    block stages the chunk's int8 latents, its ``(s/a, k_pe)`` rows and every head's queries in shared memory (rows
+    padded so that a warp's keys fall in distinct banks); lane ``k`` of warp ``h`` computes key ``k``'s score for head
+    ``h`` (the latent dims in order), the head's max and ``Σ exp`` are register shuffles over the warp, and each lane
+    then sums ``c / 32`` latent columns over the chunk's keys; a block per (row, head) combines the chunks in order.
+    """
     from tvm.script import tirx as Tx
 
     scale = 1.0 / math.sqrt(hd + r)
@@ -447,107 +452,131 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
                    v_up: bool):  # fmt: skip
     from tvm.script import tirx as Tx
 
+    from compiler.graph_kernels_gpu import WARP, warp_tree
+
     W = table_width(ctx, block)
     TH = T * H
-    K = GPU_CHUNK
-    if c % K or (c // K) & (c // K - 1):
-        raise ValueError(f"kv_lora_rank {c}: the chunk of {K} keys needs a power-of-two number of threads per key")
+    K = GPU_CHUNK  # keys per block: one per lane of a warp
+    NT = H * K  # a warp per head
+    CP, RP = c + 4, r + 1  # staged rows padded (a word, a float) so that a warp's keys fall in distinct banks
+    if K != WARP or c % K or c % H or NT > 1024:
+        raise ValueError(f"MLA CUDA attention: {H} heads × {K} keys must fit a block (≤ 1024 threads), and "
+                         f"kv_lora_rank {c} must be a multiple of {K} and of the head count")  # fmt: skip
+    shared = K * CP + 4 * (H * c + H * r + K * RP + NT + K)
+    if shared > 48 * 1024:
+        raise ValueError(f"MLA CUDA attention: {shared} bytes of staged rows exceed 48 KiB ({H} heads, c {c}, r {r})")
     if v_up and hd > c:
         raise ValueError(f"head_dim {hd} > kv_lora_rank {c}: the combine's threads (one per latent column) do v_up")
-    R = c // K  # threads per key
     NC = -(-ctx // K)
-    P = TH * NC
+    P = T * NC * H  # partial results per (row, chunk, head)
     blocks, threads = _bindings(bind)
     sync = (lambda: Tx.tvm_storage_sync("shared")) if bind else (lambda: Tx.evaluate(0))
     scope = "shared" if bind else "global"
-    steps = []
-    k = K // 2
-    while k:
-        steps.append(k)
-        k //= 2
+    FULL = Tx.uint32(0xFFFFFFFF)
+    warp_max, warp_sum = warp_tree(K, Tx.max, FULL), warp_tree(K, lambda x, y: x + y, FULL)
     neg = -3.4028234663852886e38
 
+    def n_of(pos, t):  # the row's keys
+        return Tx.min(pos[t] + 1, ctx)
+
     @Tx.macro
-    def split(qa, qpe, lc, pc, pos, table, part, st):  # phase 1: a block per (row, head, chunk of K keys)
-        for b in blocks(P):  # (row, head, chunk) = (b // (H·NC), b // NC % H, b % NC)
-            qs = Tx.alloc_buffer((c,), "float32", scope=scope)
-            dot = Tx.alloc_buffer((c,), "float32", scope=scope)
-            row = Tx.alloc_buffer((K,), "int32", scope=scope)
-            p = Tx.alloc_buffer((K,), "float32", scope=scope)
-            mx = Tx.alloc_buffer((K,), "float32", scope=scope)
-            sm = Tx.alloc_buffer((K,), "float32", scope=scope)
-            if (b % NC) * K < Tx.min(pos[b // (H * NC)] + 1, ctx):
-                for tx in threads(c):
-                    qs[tx] = qa[b // (H * NC), b // NC % H, tx]
+    def split(qa, qpe, lc, pc, pos, table, part, st):
+        """Phase 1: a block per (row, chunk of K keys), every head in it (a warp each), so the chunk's latent rows
+        are read once for all heads."""
+        for b in blocks(T * NC):  # (row, chunk) = (b // NC, b % NC); its partials at rows b·H + head
+            lat = Tx.alloc_buffer((K * CP,), "int8", scope=scope)  # the chunk's int8 latents
+            qs = Tx.alloc_buffer((H * c,), "float32", scope=scope)  # every head's absorbed query
+            qp = Tx.alloc_buffer((H * r,), "float32", scope=scope)  # every head's rotated rope query
+            pe = Tx.alloc_buffer((K * RP,), "float32", scope=scope)  # the keys' (s/a, k_pe) rows
+            w = Tx.alloc_buffer((NT,), "float32", scope=scope)  # per (head, key): score, then exp(score - max)·s/a
+            if b % NC * K < n_of(pos, b // NC):
+                for tx in threads(NT):  # stage: consecutive threads load consecutive columns
+                    for i in range(K * c // NT):
+                        if b % NC * K + (i * NT + tx) // c < n_of(pos, b // NC):
+                            lat[(i * NT + tx) // c * CP + (i * NT + tx) % c] = lc[
+                                Tx.Cast("int64", table[b // NC, (b % NC * K + (i * NT + tx) // c) // block]),
+                                (b % NC * K + (i * NT + tx) // c) % block, (i * NT + tx) % c]  # fmt: skip
+                    for i in range(c // K):
+                        qs[i * NT + tx] = qa[b // NC, (i * NT + tx) // c, (i * NT + tx) % c]
+                    for i in range((H * r + NT - 1) // NT):
+                        if i * NT + tx < H * r:
+                            qp[i * NT + tx] = qpe[b // NC, (i * NT + tx) // r, (i * NT + tx) % r]
+                    for i in range((K * RP + NT - 1) // NT):
+                        if i * NT + tx < K * RP:
+                            if b % NC * K + (i * NT + tx) // RP < n_of(pos, b // NC):
+                                pe[i * NT + tx] = pc[
+                                    Tx.Cast("int64", table[b // NC, (b % NC * K + (i * NT + tx) // RP) // block]),
+                                    (b % NC * K + (i * NT + tx) // RP) % block, (i * NT + tx) % RP]  # fmt: skip
                 sync()
-                for tx in threads(c):  # R threads per key: key tx % K, latent dims [tx // K · K, ...) in order
+                for tx in threads(NT):  # thread (head tx // K, key tx % K): the score, latent dims in order
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
-                    acc[0] = Tx.float32(0)
-                    if (b % NC) * K + tx % K < Tx.min(pos[b // (H * NC)] + 1, ctx):
-                        for i in range(K):
-                            acc[0] = acc[0] + qs[tx // K * K + i] * Tx.Cast("float32", lc[
-                                Tx.Cast("int64", table[b // (H * NC), ((b % NC) * K + tx % K) // block]),
-                                ((b % NC) * K + tx % K) % block, tx // K * K + i])  # fmt: skip
-                    dot[tx] = acc[0]
-                sync()
-                for tx in threads(c):  # the key's score: its R partial sums in order, scaled, plus the rope part
-                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
-                    if tx < K:
-                        if (b % NC) * K + tx < Tx.min(pos[b // (H * NC)] + 1, ctx):
-                            row[tx] = table[b // (H * NC), ((b % NC) * K + tx) // block]
-                            acc[0] = dot[tx]
-                            for j in range(1, R):
-                                acc[0] = acc[0] + dot[j * K + tx]
-                            acc[0] = acc[0] * pc[Tx.Cast("int64", row[tx]), ((b % NC) * K + tx) % block, 0]
-                            for j in range(r):
-                                acc[0] = acc[0] + qpe[b // (H * NC), b // NC % H, j] * pc[
-                                    Tx.Cast("int64", row[tx]), ((b % NC) * K + tx) % block, 1 + j]  # fmt: skip
-                            p[tx] = acc[0] * Tx.float32(scale)
+                    if b % NC * K + tx % K < n_of(pos, b // NC):
+                        acc[0] = Tx.float32(0)
+                        for i in range(c):
+                            acc[0] = acc[0] + qs[tx // K * c + i] * Tx.Cast("float32", lat[tx % K * CP + i])
+                        acc[0] = acc[0] * pe[tx % K * RP]
+                        for j in range(r):
+                            acc[0] = acc[0] + qp[tx // K * r + j] * pe[tx % K * RP + 1 + j]
+                        acc[0] = acc[0] * Tx.float32(scale)
+                    else:
+                        acc[0] = Tx.float32(neg)
+                    if bind:  # the head's max and Σ exp over its warp: register shuffles
+                        top = Tx.alloc_buffer((1,), "float32", scope="local")
+                        tot = Tx.alloc_buffer((1,), "float32", scope="local")
+                        top[0] = acc[0]
+                        warp_max(top)
+                        top[0] = Tx.tvm_warp_shuffle(FULL, top[0], 0, K, WARP)  # lane 0's, to every lane
+                        if b % NC * K + tx % K < n_of(pos, b // NC):
+                            acc[0] = Tx.exp(acc[0] - top[0])
                         else:
-                            p[tx] = Tx.float32(neg)
-                        mx[tx] = p[tx]
+                            acc[0] = Tx.float32(0)
+                        tot[0] = acc[0]
+                        warp_sum(tot)
+                        w[tx] = acc[0] * pe[tx % K * RP]
+                        if tx % K == 0:
+                            st[b * H + tx // K, 0] = top[0]
+                            st[b * H + tx // K, 1] = tot[0]
+                    else:
+                        w[tx] = acc[0]
+                if not bind:  # the CPU twin: each head's max and Σ exp over its keys in order
+                    for h in range(H):
+                        red = Tx.alloc_buffer((2,), "float32", scope="local")
+                        red[0] = w[h * K]
+                        for k in range(1, K):
+                            red[0] = Tx.max(red[0], w[h * K + k])
+                        red[1] = Tx.float32(0)
+                        for k in range(K):
+                            if b % NC * K + k < n_of(pos, b // NC):
+                                w[h * K + k] = Tx.exp(w[h * K + k] - red[0])
+                            else:
+                                w[h * K + k] = Tx.float32(0)
+                            red[1] = red[1] + w[h * K + k]
+                            w[h * K + k] = w[h * K + k] * pe[k * RP]
+                        st[b * H + h, 0] = red[0]
+                        st[b * H + h, 1] = red[1]
                 sync()
-                for s in Tx.unroll(len(steps)):
-                    for tx in threads(c):
-                        if tx < Tx.shift_right(K, s + 1):
-                            mx[tx] = Tx.max(mx[tx], mx[tx + Tx.shift_right(K, s + 1)])
-                    sync()
-                for tx in threads(c):  # exp(score - max) times the key's s/a; 0 past the position
-                    if tx < K:
-                        if (b % NC) * K + tx < Tx.min(pos[b // (H * NC)] + 1, ctx):
-                            p[tx] = Tx.exp(p[tx] - mx[0])
-                        else:
-                            p[tx] = Tx.float32(0)
-                        sm[tx] = p[tx]
-                sync()
-                for s in Tx.unroll(len(steps)):
-                    for tx in threads(c):
-                        if tx < Tx.shift_right(K, s + 1):
-                            sm[tx] = sm[tx] + sm[tx + Tx.shift_right(K, s + 1)]
-                    sync()
-                for tx in threads(c):  # latent column tx over the chunk's keys, in order
-                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
-                    acc[0] = Tx.float32(0)
-                    for jj in range(Tx.min(K, Tx.min(pos[b // (H * NC)] + 1, ctx) - (b % NC) * K)):
-                        acc[0] = acc[0] + p[jj] * pc[Tx.Cast("int64", row[jj]), ((b % NC) * K + jj) % block, 0] * (
-                            Tx.Cast("float32", lc[Tx.Cast("int64", row[jj]), ((b % NC) * K + jj) % block, tx])
-                        )
-                    part[b, tx] = acc[0]
-                    if tx == 0:
-                        st[b, 0] = mx[0]
-                        st[b, 1] = sm[0]
+                for tx in threads(NT):  # head tx // K's latent columns i·K + tx % K over the chunk's keys, in order
+                    for i in range(c // K):
+                        acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                        acc[0] = Tx.float32(0)
+                        for kk in range(Tx.min(K, n_of(pos, b // NC) - b % NC * K)):
+                            acc[0] = acc[0] + w[tx // K * K + kk] * Tx.Cast("float32", lat[kk * CP + i * K + tx % K])
+                        part[b * H + tx // K, i * K + tx % K] = acc[0]
+
     @Tx.macro
     def combined(th, tx, res, pos, part, st):  # (row, head) th's latent column tx: its chunks combined, in order
         acc = Tx.alloc_buffer((3,), "float32", scope="local")
-        if pos[th // H] >= 0:
-            acc[0] = st[th * NC, 0]
-            for ci in range(1, (Tx.min(pos[th // H] + 1, ctx) + K - 1) // K):
-                acc[0] = Tx.max(acc[0], st[th * NC + ci, 0])
+        if pos[th // H] >= 0:  # chunk ci's partials: row (th // H · NC + ci) · H + th % H
+            acc[0] = st[th // H * NC * H + th % H, 0]
+            for ci in range(1, (n_of(pos, th // H) + K - 1) // K):
+                acc[0] = Tx.max(acc[0], st[(th // H * NC + ci) * H + th % H, 0])
             acc[1] = Tx.float32(0)
             acc[2] = Tx.float32(0)
-            for ci in range((Tx.min(pos[th // H] + 1, ctx) + K - 1) // K):
-                acc[1] = acc[1] + Tx.exp(st[th * NC + ci, 0] - acc[0]) * st[th * NC + ci, 1]
-                acc[2] = acc[2] + Tx.exp(st[th * NC + ci, 0] - acc[0]) * part[th * NC + ci, tx]
+            for ci in range((n_of(pos, th // H) + K - 1) // K):
+                acc[1] = acc[1] + Tx.exp(st[(th // H * NC + ci) * H + th % H, 0] - acc[0]) * st[
+                    (th // H * NC + ci) * H + th % H, 1]  # fmt: skip
+                acc[2] = acc[2] + Tx.exp(st[(th // H * NC + ci) * H + th % H, 0] - acc[0]) * part[
+                    (th // H * NC + ci) * H + th % H, tx]  # fmt: skip
             res[0] = acc[2] / acc[1]
         else:
             res[0] = Tx.float32(0)
