@@ -71,6 +71,32 @@ def cache_shapes(c: int, r: int, block: int) -> list[tuple[tuple[int, ...], str]
     return [((block, c), "int8"), ((block, 1 + r), "float32")]
 
 
+def _absorb_head(H: int, hd: int, r: int, c: int, ctx: int, bind: bool):
+    """The CUDA form of :func:`absorb` for (row, head) ``th`` (a block of ``c`` threads, thread ``j`` latent column
+    ``j``), as a macro: :func:`absorb` and :func:`prep` run it."""
+    from tvm.script import tirx as Tx
+
+    half, Q = r // 2, hd + r
+    _, threads = _bindings(bind)
+
+    @Tx.macro
+    def head(q, kb, pos, cos, sin, qa, qpe, th):
+        for j in threads(c):
+            acc = Tx.alloc_buffer((1,), "float32", scope="local")
+            acc[0] = Tx.float32(0)
+            for i in range(hd):
+                acc[0] = acc[0] + q[th // H, th % H * Q + i] * Tx.Cast("float32", kb[th % H, i, j])
+            qa[th // H, th % H, j] = acc[0]
+            if j < half:
+                p = Tx.min(Tx.max(pos[th // H], 0), ctx - 1)
+                x0 = q[th // H, th % H * Q + hd + j]
+                x1 = q[th // H, th % H * Q + hd + j + half]
+                qpe[th // H, th % H, j] = x0 * cos[p, j] - x1 * sin[p, j]
+                qpe[th // H, th % H, j + half] = x1 * cos[p, j] + x0 * sin[p, j]
+
+    return head
+
+
 def absorb(T: int, H: int, hd: int, r: int, c: int, ctx: int, gpu: bool = False, bind: bool = True):
     """``q [T, H·(hd + r)]`` (per head ``[nope | pe]``), ``kb int8 [H, hd, c]``, ``pos [T]``, the RoPE tables →
     ``qa [T, H, c]`` (``Σ_i q_nope[i] · kb[h, i, :]``, over ``i`` in order) and ``qpe [T, H, r]`` (rotated at
@@ -81,7 +107,8 @@ def absorb(T: int, H: int, hd: int, r: int, c: int, ctx: int, gpu: bool = False,
     L = LANES if c % LANES == 0 else 1
 
     if gpu:
-        blocks, threads = _bindings(bind)
+        blocks, _ = _bindings(bind)
+        head = _absorb_head(H, hd, r, c, ctx, bind)
 
         @Tx.prim_func
         def absorb_gpu(
@@ -94,18 +121,7 @@ def absorb(T: int, H: int, hd: int, r: int, c: int, ctx: int, gpu: bool = False,
             qpe: Tx.Buffer((T, H, r), "float32"),
         ):
             for th in blocks(T * H):
-                for j in threads(c):
-                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
-                    acc[0] = Tx.float32(0)
-                    for i in range(hd):
-                        acc[0] = acc[0] + q[th // H, th % H * Q + i] * Tx.Cast("float32", kb[th % H, i, j])
-                    qa[th // H, th % H, j] = acc[0]
-                    if j < half:
-                        p = Tx.min(Tx.max(pos[th // H], 0), ctx - 1)
-                        a = q[th // H, th % H * Q + hd + j]
-                        b = q[th // H, th % H * Q + hd + j + half]
-                        qpe[th // H, th % H, j] = a * cos[p, j] - b * sin[p, j]
-                        qpe[th // H, th % H, j + half] = b * cos[p, j] + a * sin[p, j]
+                head(q, kb, pos, cos, sin, qa, qpe, th)
 
         return absorb_gpu.without_attr("global_symbol")
 
@@ -212,6 +228,7 @@ def prep(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, width: i
     scope = "shared" if bind else "global"
     add_part, add_finish, _ = block_reduce(c, lambda x, y: x + y, Tx.float32(0), bind)
     max_part, max_finish, _ = block_reduce(c, Tx.max, Tx.float32(0), bind)
+    head = _absorb_head(H, hd, r, c, ctx, bind)
 
     @Tx.prim_func
     def mla_prep(
@@ -236,18 +253,7 @@ def prep(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, width: i
             fin = Tx.alloc_buffer((1,), "float32", scope=scope)  # Σx²
             top = Tx.alloc_buffer((1,), "float32", scope=scope)  # max |h|
             if b < T * H:  # absorb (row, head)
-                for j in threads(c):
-                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
-                    acc[0] = Tx.float32(0)
-                    for i in range(hd):
-                        acc[0] = acc[0] + qk[b // H, b % H * Q + i] * Tx.Cast("float32", kb[b % H, i, j])
-                    qa[b // H, b % H, j] = acc[0]
-                    if j < half:
-                        p = Tx.min(Tx.max(pos[b // H], 0), ctx - 1)
-                        x0 = qk[b // H, b % H * Q + hd + j]
-                        x1 = qk[b // H, b % H * Q + hd + j + half]
-                        qpe[b // H, b % H, j] = x0 * cos[p, j] - x1 * sin[p, j]
-                        qpe[b // H, b % H, j + half] = x1 * cos[p, j] + x0 * sin[p, j]
+                head(qk, kb, pos, cos, sin, qa, qpe, b)
             else:  # row b - T·H: the latent's norm and quantize, and the cache write
                 for tx in threads(c):
                     v = Tx.alloc_buffer((1,), "float32", scope="local")
