@@ -12,17 +12,18 @@ integer dot product by) and the rotated shared key ``k_pe [r]``. Keys and values
   row's positions, softmax, and ``ctx[h] = Σ_p prob(p) · (s_kvb / a(p)) · c8(p)`` (``[c]``);
 * :func:`v_up`: ``o[h] = W_vb[h] · ctx[h]``;
 * :func:`prep` (CUDA, after ``q | kv_a`` as one stacked GEMV): the latent's RMSNorm + quantize, :func:`kv_update`
-  and :func:`absorb` in one kernel; the CUDA attention can do :func:`v_up` in its combine (``v_up=True``).
+  and :func:`absorb` in one kernel; the CUDA attention does :func:`v_up` in its combine.
 
 That is the PyTorch module's ``q_nope · (W_kb c8 · s/a)`` and ``Σ_p prob · (W_vb c8 · s/a)`` with the sums
 reassociated: the same numbers up to float32 rounding, while a position costs ``c + 4 (1 + r)`` bytes instead of
 GQA's ``8 · n_kv_heads · hd``. ``W_kb`` is stored ``int8 [H, hd, c]`` and ``W_vb`` ``int8 [H, c, hd]`` (codes in
 {-1, 0, 1}: unpacked, 4× the 2-bit bytes, so each kernel reads them with unit stride).
 
-Each builder takes ``gpu``: the CUDA form (a CUDA block per (row, head), per row, or per (row, key chunk)), else the CPU
-form (a parallel loop with vector lanes: over (row, head), or for the attention over (row, key chunk)).
-``bind=False`` turns the CUDA form's thread bindings into serial loops, phase after phase: the same kernel, runnable
-on the CPU, which is how the tests check it. A row's result depends only on that row, on both.
+The CUDA build runs :func:`prep` and :func:`attention`'s CUDA form (``gpu=True``: CUDA blocks per (row, head), per
+row, per (row, key chunk)); the CPU build runs :func:`absorb`, :func:`kv_update`, :func:`attention` and :func:`v_up`
+(parallel loops with vector lanes: over (row, head), or for the attention over (row, key chunk)). ``bind=False``
+turns the CUDA forms' thread bindings into serial loops, phase after phase: the same kernels, runnable on the CPU,
+which is how the tests check them. A row's result depends only on that row, on both.
 
     python -c "from compiler.graph_kernels_mla import attention; print(attention(1, 8, 64, 32, 256, 1024, 16).script())"
 """
@@ -97,33 +98,14 @@ def _absorb_head(H: int, hd: int, r: int, c: int, ctx: int, bind: bool):
     return head
 
 
-def absorb(T: int, H: int, hd: int, r: int, c: int, ctx: int, gpu: bool = False, bind: bool = True):
+def absorb(T: int, H: int, hd: int, r: int, c: int, ctx: int):
     """``q [T, H·(hd + r)]`` (per head ``[nope | pe]``), ``kb int8 [H, hd, c]``, ``pos [T]``, the RoPE tables →
     ``qa [T, H, c]`` (``Σ_i q_nope[i] · kb[h, i, :]``, over ``i`` in order) and ``qpe [T, H, r]`` (rotated at
-    ``pos``; a padding row as position 0)."""
+    ``pos``; a padding row as position 0). CPU (the CUDA build does this inside :func:`prep`)."""
     from tvm.script import tirx as Tx
 
     half, Q = r // 2, hd + r
     L = LANES if c % LANES == 0 else 1
-
-    if gpu:
-        blocks, _ = _bindings(bind)
-        head = _absorb_head(H, hd, r, c, ctx, bind)
-
-        @Tx.prim_func
-        def absorb_gpu(
-            q: Tx.Buffer((T, H * Q), "float32"),
-            kb: Tx.Buffer((H, hd, c), "int8"),
-            pos: Tx.Buffer((T,), "int32"),
-            cos: Tx.Buffer((ctx, half), "float32"),
-            sin: Tx.Buffer((ctx, half), "float32"),
-            qa: Tx.Buffer((T, H, c), "float32"),
-            qpe: Tx.Buffer((T, H, r), "float32"),
-        ):
-            for th in blocks(T * H):
-                head(q, kb, pos, cos, sin, qa, qpe, th)
-
-        return absorb_gpu.without_attr("global_symbol")
 
     @Tx.prim_func
     def absorb_cpu(
@@ -156,16 +138,16 @@ def absorb(T: int, H: int, hd: int, r: int, c: int, ctx: int, gpu: bool = False,
     return absorb_cpu.without_attr("global_symbol")
 
 
-def kv_update(T: int, c: int, r: int, ctx: int, block: int, gpu: bool = False, bind: bool = True):
+def kv_update(T: int, c: int, r: int, ctx: int, block: int):
     """In place into ``lc int8 [n_blocks, block, c]`` and ``pc [n_blocks, block, 1 + r]``: row ``t``'s latent
     ``c8 [T, c]`` (the RMSNorm+quantize of ``kva[t, :c]``, scale ``a [T]``), ``s_kvb / a`` (``kvb_scale [1]``) and
     ``kva[t, c:]`` rotated at ``p = pos[t]``, into block ``table[t, p // block]``, slot ``p % block``; a row with
-    ``pos`` outside ``[0, ctx)`` writes nothing."""
+    ``pos`` outside ``[0, ctx)`` writes nothing. CPU (the CUDA build does this inside :func:`prep`)."""
     from tvm.script import tirx as Tx
 
     half = r // 2
     W = table_width(ctx, block)
-    rows, cols = _bindings(gpu and bind)
+    rows, cols = _bindings(False)
 
     @Tx.prim_func
     def mla_kv_write(
@@ -297,13 +279,12 @@ def attention_scratch(T: int, H: int, c: int, ctx: int, gpu: bool = False) -> li
 
 
 def attention(
-    T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, gpu: bool = False, bind: bool = True,
-    lanes: int = 16, v_up: bool = False,
-):  # fmt: skip
+    T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, gpu: bool = False, bind: bool = True, lanes: int = 16
+):
     """Causal softmax attention over the latent cache → ``ctx [T, H, c]`` (see the module docstring): row ``t``
     reads its sequence's positions ``0 .. pos[t]`` through ``table[t]``; a padding row (``pos < 0``) gives zeros.
-    ``v_up`` (CUDA form): the combine also does :func:`v_up` (``vb int8 [H, c, hd]`` after ``table``; the output is
-    ``o [T, H·hd]``, the same sums in the same order), one kernel fewer per layer.
+    The CUDA form's combine also does :func:`v_up`'s sums (``vb int8 [H, c, hd]`` after ``table``; its output is
+    ``o [T, H·hd]``): one kernel fewer per layer.
 
     CPU: split over the keys like the CUDA form, but with every head in one task, so each cached latent row is
     converted to float32 once for all heads. A parallel task per (row, :data:`CPU_SPLIT`-th of its cache blocks)
@@ -326,9 +307,7 @@ def attention(
     W = table_width(ctx, block)
     TH = T * H
     if gpu:
-        return _attention_gpu(T, H, hd, r, c, ctx, block, scale, bind, v_up)
-    if v_up:
-        raise ValueError("the value up-projection in the attention's combine is the CUDA form's")
+        return _attention_gpu(T, H, hd, r, c, ctx, block, scale, bind)
     if lanes not in (8, 16):  # the lane fold below halves 16 → 8 → 4 → 2 → 1
         raise ValueError(f"MLA attention lanes {lanes}: 8 (AVX2) or 16 (AVX-512)")
     L = lanes if c % lanes == 0 else 1
@@ -454,8 +433,7 @@ def attention(
     return mla_attn.without_attr("global_symbol")
 
 
-def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, scale: float, bind: bool,
-                   v_up: bool):  # fmt: skip
+def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, scale: float, bind: bool):
     from tvm.script import tirx as Tx
 
     from compiler.graph_kernels_gpu import WARP, warp_tree
@@ -471,7 +449,7 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
     shared = K * CP + 4 * (H * c + H * r + K * RP + NT + K)
     if shared > 48 * 1024:
         raise ValueError(f"MLA CUDA attention: {shared} bytes of staged rows exceed 48 KiB ({H} heads, c {c}, r {r})")
-    if v_up and hd > c:
+    if hd > c:
         raise ValueError(f"head_dim {hd} > kv_lora_rank {c}: the combine's threads (one per latent column) do v_up")
     NC = -(-ctx // K)
     P = T * NC * H  # partial results per (row, chunk, head)
@@ -587,51 +565,16 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
         else:
             res[0] = Tx.float32(0)
 
-    if v_up:
-
-        @Tx.prim_func
-        def mla_attn_v_up_gpu(
-            qa: Tx.Buffer((T, H, c), "float32"),
-            qpe: Tx.Buffer((T, H, r), "float32"),
-            lc_h: Tx.handle,
-            pc_h: Tx.handle,
-            pos: Tx.Buffer((T,), "int32"),
-            table: Tx.Buffer((T, W), "int32"),
-            vb: Tx.Buffer((H, c, hd), "int8"),
-            o: Tx.Buffer((T, H * hd), "float32"),
-            part: Tx.Buffer((P, c), "float32"),
-            st: Tx.Buffer((P, 2), "float32"),
-        ):
-            nb = Tx.int64()
-            lc = Tx.match_buffer(lc_h, (nb, block, c), "int8")
-            pc = Tx.match_buffer(pc_h, (nb, block, 1 + r), "float32")
-            split(qa, qpe, lc, pc, pos, table, part, st)
-            for th in blocks(TH):  # per (row, head): the chunks combined into the head's latent context, then v_up
-                cv = Tx.alloc_buffer((c,), "float32", scope=scope)
-                for tx in threads(c):
-                    res = Tx.alloc_buffer((1,), "float32", scope="local")
-                    combined(th, tx, res, pos, part, st)
-                    cv[tx] = res[0]
-                sync()
-                for tx in threads(c):  # output column tx of the head: Σ_j cv[j] · vb[h, j, tx], j in order (v_up's)
-                    if tx < hd:
-                        acc = Tx.alloc_buffer((1,), "float32", scope="local")
-                        acc[0] = Tx.float32(0)
-                        for j in range(c):
-                            acc[0] = acc[0] + cv[j] * Tx.Cast("float32", vb[th % H, j, tx])
-                        o[th // H, th % H * hd + tx] = acc[0]
-
-        return mla_attn_v_up_gpu.without_attr("global_symbol")
-
     @Tx.prim_func
-    def mla_attn_gpu(
+    def mla_attn_v_up_gpu(
         qa: Tx.Buffer((T, H, c), "float32"),
         qpe: Tx.Buffer((T, H, r), "float32"),
         lc_h: Tx.handle,
         pc_h: Tx.handle,
         pos: Tx.Buffer((T,), "int32"),
         table: Tx.Buffer((T, W), "int32"),
-        o: Tx.Buffer((T, H, c), "float32"),
+        vb: Tx.Buffer((H, c, hd), "int8"),
+        o: Tx.Buffer((T, H * hd), "float32"),
         part: Tx.Buffer((P, c), "float32"),
         st: Tx.Buffer((P, 2), "float32"),
     ):
@@ -639,35 +582,28 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
         lc = Tx.match_buffer(lc_h, (nb, block, c), "int8")
         pc = Tx.match_buffer(pc_h, (nb, block, 1 + r), "float32")
         split(qa, qpe, lc, pc, pos, table, part, st)
-        for th in blocks(TH):  # combine the row's chunks, in order
+        for th in blocks(TH):  # per (row, head): the chunks combined into the head's latent context, then v_up
+            cv = Tx.alloc_buffer((c,), "float32", scope=scope)
             for tx in threads(c):
                 res = Tx.alloc_buffer((1,), "float32", scope="local")
                 combined(th, tx, res, pos, part, st)
-                o[th // H, th % H, tx] = res[0]
-
-    return mla_attn_gpu.without_attr("global_symbol")
-
-
-def v_up(T: int, H: int, hd: int, c: int, gpu: bool = False, bind: bool = True):
-    """``o [T, H·hd]``: head ``h``'s output ``Σ_l ctx[t, h, l] · vb[h, l, :]`` (over ``l`` in order) from the
-    attention's ``ctx [T, H, c]`` and ``vb int8 [H, c, hd]``."""
-    from tvm.script import tirx as Tx
-
-    if gpu:
-        blocks, threads = _bindings(bind)
-
-        @Tx.prim_func
-        def v_up_gpu(ctxv: Tx.Buffer((T, H, c), "float32"), vb: Tx.Buffer((H, c, hd), "int8"),
-                     o: Tx.Buffer((T, H * hd), "float32")):  # fmt: skip
-            for th in blocks(T * H):
-                for i in threads(hd):
+                cv[tx] = res[0]
+            sync()
+            for tx in threads(c):  # output column tx of the head: Σ_j cv[j] · vb[h, j, tx], j in order (v_up's)
+                if tx < hd:
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     acc[0] = Tx.float32(0)
                     for j in range(c):
-                        acc[0] = acc[0] + ctxv[th // H, th % H, j] * Tx.Cast("float32", vb[th % H, j, i])
-                    o[th // H, th % H * hd + i] = acc[0]
+                        acc[0] = acc[0] + cv[j] * Tx.Cast("float32", vb[th % H, j, tx])
+                    o[th // H, th % H * hd + tx] = acc[0]
 
-        return v_up_gpu.without_attr("global_symbol")
+    return mla_attn_v_up_gpu.without_attr("global_symbol")
+
+
+def v_up(T: int, H: int, hd: int, c: int):
+    """``o [T, H·hd]``: head ``h``'s output ``Σ_l ctx[t, h, l] · vb[h, l, :]`` (over ``l`` in order) from the
+    attention's ``ctx [T, H, c]`` and ``vb int8 [H, c, hd]``. CPU (the CUDA attention's combine does it)."""
+    from tvm.script import tirx as Tx
 
     @Tx.prim_func
     def v_up_cpu(ctxv: Tx.Buffer((T, H, c), "float32"), vb: Tx.Buffer((H, c, hd), "int8"),

@@ -449,7 +449,7 @@ class TargetKernels:
     router_topk: Callable  # (T, E, k): a mixture of experts' top-k and weights from the router's float64 logits
     experts: Callable | None  # (S, M, K, E, P, X): every MoE slot in one kernel, the ids read on the device; None: the
     # tuned GEMV (gemv with E) once per slot, the expert a scalar the host reads (Lowering.moe)
-    cuda_forms: bool  # latent attention's and DeltaNet's kernels (graph_kernels_mla, _deltanet) in their CUDA form
+    cuda_forms: bool  # DeltaNet's kernels (graph_kernels_deltanet) in their CUDA form (MLA: latent_attention_fused)
 
 
 def _cuda_norm_quant(op):  # RMSNorm+quantize as one kernel (shared-memory reductions) instead of seven
@@ -684,14 +684,15 @@ class Lowering:
         """Layer ``i``'s multi-head latent attention on ``u [T, D]``, absorbed (:mod:`compiler.graph_kernels_mla`):
         RMSNorm+quantize, q and kv_a (tuned GEMVs), the latent's RMSNorm+quantize (``attn_kv_b``'s input), its
         in-place cache write with ``s/a`` and the rotated shared key, the query absorbed into latent space, attention
-        over the latent cache, the value up-projection, quantize, the output projection → ``y [T, D]``."""
+        over the latent cache, the value up-projection, quantize, the output projection → ``y [T, D]``. A GPU runs
+        :meth:`latent_attention_fused` instead."""
         from tvm import relax
 
-        cfg, T, f32, gpu = self.cfg, f.T, "float32", self.k.cuda_forms
+        cfg, T, f32 = self.cfg, f.T, "float32"
         D, H, hd, C = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.max_seq_len
         c, r = cfg.kv_lora_rank, cfg.qk_rope_dim
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.attn_norm.weight", u)
-        if "attn_q_kv_a" in stacked(cfg, i, self.gpu):
+        if "attn_q_kv_a" in stacked(cfg, i, self.gpu):  # a GPU
             return self.latent_attention_fused(f, i, q8, sc, qs)
         qv = self._ternary(f, f"blk.{i}.attn_q", q8, sc, qs, H * (hd + r), D)
         kva = self._ternary(f, f"blk.{i}.attn_kv_a_mqa", q8, sc, qs, c + r, D)
@@ -699,20 +700,19 @@ class Lowering:
         c8, ca, _ = self._norm_quant(f, f"blk.{i}.attn_kv_a_norm.weight", lat, D=c)
         cos, sin, p = f.pv["rope.cos"], f.pv["rope.sin"], f"blk.{i}."
         lc, pc = f.cache[f"kc_{i}"], f.cache[f"vc_{i}"]
-        upd_gv = self._te("mla_kv_update", functools.partial(gkm.kv_update, gpu=gpu), T, c, r, C, KV_BLOCK)
+        upd_gv = self._te("mla_kv_update", gkm.kv_update, T, c, r, C, KV_BLOCK)
         args = [c8, ca, kva, f.pv[p + "attn_kv_b.scale"], f.pos, f.table, cos, sin, lc, pc]
         upd = self.bb.emit(relax.call_tir_inplace(upd_gv, args, [8, 9], [lc.ty, pc.ty]))
         lc, pc = self.bb.emit(relax.TupleGetItem(upd, 0)), self.bb.emit(relax.TupleGetItem(upd, 1))
-        absorb = self._te("mla_absorb", functools.partial(gkm.absorb, gpu=gpu), T, H, hd, r, c, C)
+        absorb = self._te("mla_absorb", gkm.absorb, T, H, hd, r, c, C)
         qa, qpe = self._call(
             absorb, [qv, f.pv[p + "attn_k_b.weight"], f.pos, cos, sin], [((T, H, c), f32), ((T, H, r), f32)]
         )
-        lanes = {} if gpu else {"lanes": gkm.CPU_LANES[self.target]}  # a register per head (the CUDA form: threads)
-        att = self._te("mla_attention", functools.partial(gkm.attention, gpu=gpu, **lanes), T, H, hd, r, c, C,
-                       KV_BLOCK)  # fmt: skip
-        scratch = [(shape, f32) for shape in gkm.attention_scratch(T, H, c, C, gpu)]
+        lanes = gkm.CPU_LANES[self.target]  # a register per head
+        att = self._te("mla_attention", functools.partial(gkm.attention, lanes=lanes), T, H, hd, r, c, C, KV_BLOCK)
+        scratch = [(shape, f32) for shape in gkm.attention_scratch(T, H, c, C)]
         ctx = self._call(att, [qa, qpe, lc, pc, f.pos, f.table], [((T, H, c), f32), *scratch])[0]
-        vup = self._te("mla_v_up", functools.partial(gkm.v_up, gpu=gpu), T, H, hd, c)
+        vup = self._te("mla_v_up", gkm.v_up, T, H, hd, c)
         o = self._call(vup, [ctx, f.pv[p + "attn_v_b.weight"]], [((T, D), f32)])
         o8, osc, osum = self._quantize(T, D, o)
         return self._ternary(f, f"blk.{i}.attn_output", o8, osc, osum, D, D)
@@ -735,8 +735,7 @@ class Lowering:
         tys = [lc.ty, pc.ty, relax.TensorType((T, H, c), f32), relax.TensorType((T, H, r), f32)]
         out = self.bb.emit(relax.call_tir_inplace(prep, args, [8, 9, -1, -1], tys))
         lc, pc, qa, qpe = (self.bb.emit(relax.TupleGetItem(out, j)) for j in range(4))
-        att = self._te("mla_attention_v_up", functools.partial(gkm.attention, gpu=True, v_up=True), T, H, hd, r, c,
-                       C, KV_BLOCK)  # fmt: skip
+        att = self._te("mla_attention_gpu", functools.partial(gkm.attention, gpu=True), T, H, hd, r, c, C, KV_BLOCK)
         scratch = [(shape, f32) for shape in gkm.attention_scratch(T, H, c, C, True)]
         args = [qa, qpe, lc, pc, f.pos, f.table, f.pv[p + "attn_v_b.weight"]]
         o = self._call(att, args, [((T, H * hd), f32), *scratch])[0]
