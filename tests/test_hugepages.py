@@ -11,6 +11,8 @@ import pytest
 
 from targets import hugepages
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
