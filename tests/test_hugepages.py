@@ -38,7 +38,9 @@ def test_advise_skips_ranges_without_a_whole_huge_page():
 
 
 @pytest.mark.skipif(not _thp_offered(), reason="the kernel offers no transparent huge pages here")
-def test_a_large_tensor_is_marked_and_backed():
+def test_a_large_tensor_can_be_marked_unless_opted_out():
+    """A 16 MiB tensor's aligned interior takes ``MADV_HUGEPAGE`` (whether the kernel then backs it is
+    ``bench.hugepages``'s ``AnonHugePages``); with ``TERNARY_HUGEPAGES=0`` nothing is marked."""
     code = (
         "import numpy as np, tvm\n"
         "from targets import hugepages\n"
