@@ -39,6 +39,7 @@ LANES = 16  # CPU partial sums per latent dot product (absorb)
 CPU_LANES = {"avx2": 8, "avx512": 16}  # the attention's: float32 lanes of a vector register (its accumulators,
 # one register per head, stay in registers; 16 lanes on AVX2 spilled them)
 GPU_CHUNK = 32  # keys per CUDA block of the split (flash-decoding) attention
+COMBINE_UNROLL = 8  # chunks a step of the CUDA combine's loop: their loads are independent, so in flight together
 CPU_SPLIT = 16  # CPU tasks per row: every head over 1/16 of the row's keys, each latent row converted once
 
 
@@ -459,9 +460,16 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
     FULL = Tx.uint32(0xFFFFFFFF)
     warp_max, warp_sum = warp_tree(K, Tx.max, FULL), warp_tree(K, lambda x, y: x + y, FULL)
     neg = -3.4028234663852886e38
+    NJ = -(-NC // WARP)  # the chunk weights' steps per lane
+    U = COMBINE_UNROLL
+    SU = next(n for n in (8, 4, 2, 1) if c % n == 0)  # the score's latent dims a step
+    G = c // hd if c % hd == 0 else 1  # v_up's groups of latent rows, summed by separate threads, then in order
 
     def n_of(pos, t):  # the row's keys
         return Tx.min(pos[t] + 1, ctx)
+
+    def n_ch(pos, t):  # the row's chunks
+        return (n_of(pos, t) + K - 1) // K
 
     @Tx.macro
     def split(qa, qpe, lc, pc, pos, table, part, st):
@@ -496,8 +504,10 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     if b % NC * K + tx % K < n_of(pos, b // NC):
                         acc[0] = Tx.float32(0)
-                        for i in range(c):
-                            acc[0] = acc[0] + qs[tx // K * c + i] * Tx.Cast("float32", lat[tx % K * CP + i])
+                        for io in range(c // SU):  # SU dims a step: their loads issued together
+                            for ii in Tx.unroll(SU):
+                                acc[0] = acc[0] + qs[tx // K * c + io * SU + ii] * Tx.Cast(
+                                    "float32", lat[tx % K * CP + io * SU + ii])  # fmt: skip
                         acc[0] = acc[0] * pe[tx % K * RP]
                         for j in range(r):
                             acc[0] = acc[0] + qp[tx // K * r + j] * pe[tx % K * RP + 1 + j]
@@ -516,7 +526,10 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
                             acc[0] = Tx.float32(0)
                         tot[0] = acc[0]
                         warp_sum(tot)
-                        w[tx] = acc[0] * pe[tx % K * RP]
+                        if b % NC * K + tx % K < n_of(pos, b // NC):
+                            w[tx] = acc[0] * pe[tx % K * RP]
+                        else:  # (its pe row is not staged)
+                            w[tx] = Tx.float32(0)
                         if tx % K == 0:
                             st[b * H + tx // K, 0] = top[0]
                             st[b * H + tx // K, 1] = tot[0]
@@ -532,38 +545,58 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
                         for k in range(K):
                             if b % NC * K + k < n_of(pos, b // NC):
                                 w[h * K + k] = Tx.exp(w[h * K + k] - red[0])
+                                red[1] = red[1] + w[h * K + k]
+                                w[h * K + k] = w[h * K + k] * pe[k * RP]
                             else:
                                 w[h * K + k] = Tx.float32(0)
-                            red[1] = red[1] + w[h * K + k]
-                            w[h * K + k] = w[h * K + k] * pe[k * RP]
                         st[b * H + h, 0] = red[0]
                         st[b * H + h, 1] = red[1]
                 sync()
                 for tx in threads(NT):  # head tx // K's latent columns i·K + tx % K over the chunk's keys, in order
-                    for i in range(c // K):
-                        acc = Tx.alloc_buffer((1,), "float32", scope="local")
-                        acc[0] = Tx.float32(0)
-                        for kk in range(Tx.min(K, n_of(pos, b // NC) - b % NC * K)):
-                            acc[0] = acc[0] + w[tx // K * K + kk] * Tx.Cast("float32", lat[kk * CP + i * K + tx % K])
-                        part[b * H + tx // K, i * K + tx % K] = acc[0]
+                    acc = Tx.alloc_buffer((c // K,), "float32", scope="local")  # a sum per column: independent
+                    for i in Tx.unroll(c // K):
+                        acc[i] = Tx.float32(0)
+                    for kk in Tx.unroll(K):  # every key: a key past the row's end has weight 0 (its row unstaged)
+                        for i in Tx.unroll(c // K):
+                            acc[i] = acc[i] + w[tx // K * K + kk] * Tx.Cast("float32", lat[kk * CP + i * K + tx % K])
+                    for i in Tx.unroll(c // K):
+                        part[b * H + tx // K, i * K + tx % K] = acc[i]
 
     @Tx.macro
-    def combined(th, tx, res, pos, part, st):  # (row, head) th's latent column tx: its chunks combined, in order
-        acc = Tx.alloc_buffer((3,), "float32", scope="local")
-        if pos[th // H] >= 0:  # chunk ci's partials: row (th // H · NC + ci) · H + th % H
-            acc[0] = st[th // H * NC * H + th % H, 0]
-            for ci in range(1, (n_of(pos, th // H) + K - 1) // K):
-                acc[0] = Tx.max(acc[0], st[(th // H * NC + ci) * H + th % H, 0])
-            acc[1] = Tx.float32(0)
-            acc[2] = Tx.float32(0)
-            for ci in range((n_of(pos, th // H) + K - 1) // K):
-                acc[1] = acc[1] + Tx.exp(st[(th // H * NC + ci) * H + th % H, 0] - acc[0]) * st[
-                    (th // H * NC + ci) * H + th % H, 1]  # fmt: skip
-                acc[2] = acc[2] + Tx.exp(st[(th // H * NC + ci) * H + th % H, 0] - acc[0]) * part[
-                    (th // H * NC + ci) * H + th % H, tx]  # fmt: skip
-            res[0] = acc[2] / acc[1]
+    def weights(th, tx, ew, tot, pos, st):
+        """(row, head) ``th``'s chunk weights ``ew[ci] = exp(max_ci - max)`` and ``tot = Σ ew[ci] · Σexp_ci``: the
+        first warp, lane ``l`` taking chunks ``l, l + 32, …``, then shuffles (the CPU twin: thread 0, chunks in
+        order)."""
+        if bind:
+            if tx < WARP:
+                m = Tx.alloc_buffer((1,), "float32", scope="local")
+                sm = Tx.alloc_buffer((1,), "float32", scope="local")
+                e = Tx.alloc_buffer((1,), "float32", scope="local")  # (never read back from shared memory here)
+                m[0] = Tx.float32(neg)
+                for j in range(NJ):
+                    if j * WARP + tx < n_ch(pos, th // H):
+                        m[0] = Tx.max(m[0], st[(th // H * NC + j * WARP + tx) * H + th % H, 0])
+                warp_max(m)
+                m[0] = Tx.tvm_warp_shuffle(FULL, m[0], 0, WARP, WARP)
+                sm[0] = Tx.float32(0)
+                for j in range(NJ):
+                    if j * WARP + tx < n_ch(pos, th // H):
+                        e[0] = Tx.exp(st[(th // H * NC + j * WARP + tx) * H + th % H, 0] - m[0])
+                        ew[j * WARP + tx] = e[0]
+                        sm[0] = sm[0] + e[0] * st[(th // H * NC + j * WARP + tx) * H + th % H, 1]
+                warp_sum(sm)
+                if tx == 0:
+                    tot[0] = sm[0]
         else:
-            res[0] = Tx.float32(0)
+            if tx == 0:
+                m = Tx.alloc_buffer((1,), "float32", scope="local")
+                m[0] = Tx.float32(neg)
+                for ci in range(n_ch(pos, th // H)):
+                    m[0] = Tx.max(m[0], st[(th // H * NC + ci) * H + th % H, 0])
+                tot[0] = Tx.float32(0)
+                for ci in range(n_ch(pos, th // H)):
+                    ew[ci] = Tx.exp(st[(th // H * NC + ci) * H + th % H, 0] - m[0])
+                    tot[0] = tot[0] + ew[ci] * st[(th // H * NC + ci) * H + th % H, 1]
 
     @Tx.prim_func
     def mla_attn_v_up_gpu(
@@ -583,18 +616,40 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
         pc = Tx.match_buffer(pc_h, (nb, block, 1 + r), "float32")
         split(qa, qpe, lc, pc, pos, table, part, st)
         for th in blocks(TH):  # per (row, head): the chunks combined into the head's latent context, then v_up
+            ew = Tx.alloc_buffer((NC,), "float32", scope=scope)  # the chunks' weights
+            tot = Tx.alloc_buffer((1,), "float32", scope=scope)
             cv = Tx.alloc_buffer((c,), "float32", scope=scope)
+            red = Tx.alloc_buffer((G * hd,), "float32", scope=scope)  # v_up's sums per (group of rows, column)
             for tx in threads(c):
-                res = Tx.alloc_buffer((1,), "float32", scope="local")
-                combined(th, tx, res, pos, part, st)
-                cv[tx] = res[0]
+                weights(th, tx, ew, tot, pos, st)
             sync()
-            for tx in threads(c):  # output column tx of the head: Σ_j cv[j] · vb[h, j, tx], j in order (v_up's)
-                if tx < hd:
+            for tx in threads(c):  # latent column tx: Σ over the chunks in order, U loads in flight
+                acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                acc[0] = Tx.float32(0)
+                for g in range((n_ch(pos, th // H) + U - 1) // U):
+                    for u in Tx.unroll(U):
+                        if g * U + u < n_ch(pos, th // H):
+                            acc[0] = acc[0] + ew[g * U + u] * part[(th // H * NC + g * U + u) * H + th % H, tx]
+                if pos[th // H] >= 0:
+                    cv[tx] = acc[0] / tot[0]
+                else:
+                    cv[tx] = Tx.float32(0)
+            sync()
+            for tx in threads(c):  # v_up: thread (group g, column i) sums latent rows g·c/G .. in order
+                if tx < G * hd:
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     acc[0] = Tx.float32(0)
-                    for j in range(c):
-                        acc[0] = acc[0] + cv[j] * Tx.Cast("float32", vb[th % H, j, tx])
+                    for j in Tx.unroll(c // G):
+                        acc[0] = acc[0] + cv[tx // hd * (c // G) + j] * Tx.Cast(
+                            "float32", vb[th % H, tx // hd * (c // G) + j, tx % hd])  # fmt: skip
+                    red[tx] = acc[0]
+            sync()
+            for tx in threads(c):  # output column tx of the head: the groups' sums in order
+                if tx < hd:
+                    acc = Tx.alloc_buffer((1,), "float32", scope="local")
+                    acc[0] = red[tx]
+                    for g in range(1, G):
+                        acc[0] = acc[0] + red[g * hd + tx]
                     o[th // H, th % H * hd + tx] = acc[0]
 
     return mla_attn_v_up_gpu.without_attr("global_symbol")

@@ -173,6 +173,27 @@ def test_attention_over_the_latent_cache(gpu, T, H, seed):
 
 
 @pytest.mark.build
+def test_cuda_attention_combines_many_chunks():
+    """The CUDA form's combine (its CPU twin) over more chunks than a warp has lanes (35 chunks of 32 keys: each
+    lane weighs two), past the unrolled step's end, and its v_up by groups of latent rows: rows at a chunk's end,
+    just past it, at a warp's worth of chunks, and at the last position."""
+    hd, r, c, ctx, H = 64, 32, 256, 1100, 2
+    rng = np.random.default_rng(3)
+    pos = np.array([31, 32, 1023, 1024, 1099], np.int32)
+    T = len(pos)
+    table1, lc, pc = _cache(rng, -(-ctx // BLOCK), c, r)
+    table = np.tile(table1, (T, 1))
+    qa = rng.standard_normal((T, H, c)).astype(np.float32)
+    qpe = rng.standard_normal((T, H, r)).astype(np.float32)
+    vb = rng.integers(-1, 2, (H, c, hd), dtype=np.int8)
+    scratch = [np.zeros(s, np.float32) for s in gkm.attention_scratch(T, H, c, ctx, True)]
+    func = gkm.attention(T, H, hd, r, c, ctx, BLOCK, gpu=True, bind=False)
+    got = _run(func, qa, qpe, lc, pc, pos, table, vb, np.zeros((T, H * hd), np.float32), *scratch)[7]
+    want = np.einsum("thl,hli->thi", _attention_ref(qa, qpe, lc, pc, pos, table, hd), vb).reshape(T, -1)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.build
 @pytest.mark.parametrize("lanes", sorted(set(gkm.CPU_LANES.values())))
 @pytest.mark.parametrize(
     "c, r, ctx, pos",
