@@ -86,7 +86,7 @@ def _absorb_head(H: int, hd: int, r: int, c: int, ctx: int, bind: bool):
         for j in threads(c):
             acc = Tx.alloc_buffer((1,), "float32", scope="local")
             acc[0] = Tx.float32(0)
-            for i in range(hd):
+            for i in Tx.unroll(hd):  # (unrolled: every load issued before the sums wait on them)
                 acc[0] = acc[0] + q[th // H, th % H * Q + i] * Tx.Cast("float32", kb[th % H, i, j])
             qa[th // H, th % H, j] = acc[0]
             if j < half:
