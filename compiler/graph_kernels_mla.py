@@ -68,6 +68,18 @@ def exp_poly(x):
     return _let(tirx.max(tirx.min(x, f(88.3762626647949)), f(-87.33654)), body)
 
 
+def i8_to_f32(x):
+    """An int8 TIR expression as float32 without a conversion instruction: ``x + 2^23 + 128`` (an int32) has the
+    float32 bits of ``2^23 + 128 + x`` exactly, so subtracting ``2^23 + 128`` gives ``float(x)`` exactly. The GPU
+    kernels convert each latent and weight code this way (an integer add and a float add at full rate; on Hopper a
+    conversion issues at an eighth of the float rate, and the attention converts every latent once per head)."""
+    from tvm import tirx
+
+    return tirx.reinterpret("float32", tirx.Cast("int32", x) + tirx.const(0x4B000080, "int32")) - tirx.const(
+        8388736.0, "float32"
+    )
+
+
 def cache_shapes(c: int, r: int, block: int) -> list[tuple[tuple[int, ...], str]]:
     """A layer's two cache tensors after ``n_blocks``: the int8 latent and the float32 ``(s/a, k_pe)`` rows."""
     return [((block, c), "int8"), ((block, 1 + r), "float32")]
@@ -87,7 +99,7 @@ def _absorb_head(H: int, hd: int, r: int, c: int, ctx: int, bind: bool):
             acc = Tx.alloc_buffer((1,), "float32", scope="local")
             acc[0] = Tx.float32(0)
             for i in Tx.unroll(hd):  # (unrolled: every load issued before the sums wait on them)
-                acc[0] = acc[0] + q[th // H, th % H * Q + i] * Tx.Cast("float32", kb[th % H, i, j])
+                acc[0] = acc[0] + q[th // H, th % H * Q + i] * i8_to_f32(kb[th % H, i, j])
             qa[th // H, th % H, j] = acc[0]
             if j < half:
                 p = Tx.min(Tx.max(pos[th // H], 0), ctx - 1)
@@ -506,8 +518,8 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
                         acc[0] = Tx.float32(0)
                         for io in range(c // SU):  # SU dims a step: their loads issued together
                             for ii in Tx.unroll(SU):
-                                acc[0] = acc[0] + qs[tx // K * c + io * SU + ii] * Tx.Cast(
-                                    "float32", lat[tx % K * CP + io * SU + ii])  # fmt: skip
+                                acc[0] = acc[0] + qs[tx // K * c + io * SU + ii] * i8_to_f32(
+                                    lat[tx % K * CP + io * SU + ii])  # fmt: skip
                         acc[0] = acc[0] * pe[tx % K * RP]
                         for j in range(r):
                             acc[0] = acc[0] + qp[tx // K * r + j] * pe[tx % K * RP + 1 + j]
@@ -558,7 +570,7 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
                         acc[i] = Tx.float32(0)
                     for kk in Tx.unroll(K):  # every key: a key past the row's end has weight 0 (its row unstaged)
                         for i in Tx.unroll(c // K):
-                            acc[i] = acc[i] + w[tx // K * K + kk] * Tx.Cast("float32", lat[kk * CP + i * K + tx % K])
+                            acc[i] = acc[i] + w[tx // K * K + kk] * i8_to_f32(lat[kk * CP + i * K + tx % K])
                     for i in Tx.unroll(c // K):
                         part[b * H + tx // K, i * K + tx % K] = acc[i]
 
@@ -640,8 +652,8 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
                     acc = Tx.alloc_buffer((1,), "float32", scope="local")
                     acc[0] = Tx.float32(0)
                     for j in Tx.unroll(c // G):
-                        acc[0] = acc[0] + cv[tx // hd * (c // G) + j] * Tx.Cast(
-                            "float32", vb[th % H, tx // hd * (c // G) + j, tx % hd])  # fmt: skip
+                        acc[0] = acc[0] + cv[tx // hd * (c // G) + j] * i8_to_f32(
+                            vb[th % H, tx // hd * (c // G) + j, tx % hd])  # fmt: skip
                     red[tx] = acc[0]
             sync()
             for tx in threads(c):  # output column tx of the head: the groups' sums in order

@@ -173,6 +173,25 @@ def test_attention_over_the_latent_cache(gpu, T, H, seed):
 
 
 @pytest.mark.build
+def test_int8_to_float_without_a_conversion_is_exact():
+    """:func:`graph_kernels_mla.i8_to_f32` (an integer add, the bits as a float, a float subtract) gives
+    ``float(x)`` for every int8 ``x``."""
+    import tvm
+    from tvm.script import tirx as Tx
+
+    @Tx.prim_func
+    def f(x: Tx.Buffer((256,), "int8"), y: Tx.Buffer((256,), "float32")):
+        for i in range(256):
+            y[i] = gkm.i8_to_f32(x[i])
+
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=get_target("avx2"))
+    x = np.arange(-128, 128, dtype=np.int8)
+    y = tvm.runtime.tensor(np.zeros(256, np.float32))
+    lib["main"](tvm.runtime.tensor(x), y)
+    np.testing.assert_array_equal(y.numpy(), x.astype(np.float32))
+
+
+@pytest.mark.build
 def test_cuda_attention_combines_many_chunks():
     """The CUDA form's combine (its CPU twin) over more chunks than a warp has lanes (35 chunks of 32 keys: each
     lane weighs two), past the unrolled step's end, and its v_up by groups of latent rows: rows at a chunk's end,
