@@ -39,7 +39,7 @@ LANES = 16  # CPU partial sums per latent dot product (absorb)
 CPU_LANES = {"avx2": 8, "avx512": 16}  # the attention's: float32 lanes of a vector register (its accumulators,
 # one register per head, stay in registers; 16 lanes on AVX2 spilled them)
 GPU_CHUNK = 32  # keys per CUDA block of the split (flash-decoding) attention
-COMBINE_UNROLL = 8  # chunks a step of the CUDA combine's loop: their loads are independent, so in flight together
+COMBINE_UNROLL = 16  # chunks a step of the CUDA combine's loop: their loads are independent, so in flight together
 CPU_SPLIT = 16  # CPU tasks per row: every head over 1/16 of the row's keys, each latent row converted once
 
 
@@ -495,17 +495,17 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
             w = Tx.alloc_buffer((NT,), "float32", scope=scope)  # per (head, key): score, then exp(score - max)·s/a
             if b % NC * K < n_of(pos, b // NC):
                 for tx in threads(NT):  # stage: consecutive threads load consecutive columns
-                    for i in range(K * c // NT):
+                    for i in Tx.unroll(K * c // NT):  # (unrolled: every load in flight together)
                         if b % NC * K + (i * NT + tx) // c < n_of(pos, b // NC):
                             lat[(i * NT + tx) // c * CP + (i * NT + tx) % c] = lc[
                                 Tx.Cast("int64", table[b // NC, (b % NC * K + (i * NT + tx) // c) // block]),
                                 (b % NC * K + (i * NT + tx) // c) % block, (i * NT + tx) % c]  # fmt: skip
-                    for i in range(c // K):
+                    for i in Tx.unroll(c // K):
                         qs[i * NT + tx] = qa[b // NC, (i * NT + tx) // c, (i * NT + tx) % c]
-                    for i in range((H * r + NT - 1) // NT):
+                    for i in Tx.unroll((H * r + NT - 1) // NT):
                         if i * NT + tx < H * r:
                             qp[i * NT + tx] = qpe[b // NC, (i * NT + tx) // r, (i * NT + tx) % r]
-                    for i in range((K * RP + NT - 1) // NT):
+                    for i in Tx.unroll((K * RP + NT - 1) // NT):
                         if i * NT + tx < K * RP:
                             if b % NC * K + (i * NT + tx) // RP < n_of(pos, b // NC):
                                 pe[i * NT + tx] = pc[
