@@ -312,7 +312,10 @@ def attention(
     block stages the chunk's int8 latents, its ``(s/a, k_pe)`` rows and every head's queries in shared memory (rows
     padded so that a warp's keys fall in distinct banks); lane ``k`` of warp ``h`` computes key ``k``'s score for head
     ``h`` (the latent dims in order), the head's max and ``Σ exp`` are register shuffles over the warp, and each lane
-    then sums ``c / 32`` latent columns over the chunk's keys; a block per (row, head) combines the chunks in order.
+    then sums ``c / 32`` latent columns over the chunk's keys (8 independent sums, every key: a key past the row
+    weighs 0); a block per (row, head) combines the chunks in order (its first warp weighs the chunks once, each
+    thread sums one latent column over them) and does ``v_up`` by groups of latent rows added in order. The CUDA
+    kernels convert int8 codes with :func:`i8_to_f32`.
     """
     from tvm.script import tirx as Tx
 
