@@ -1,6 +1,8 @@
 """Corpus, tokenizer and token shards (train/corpus.py, train/tokenizer.py, train/shards.py)."""
 
 import json
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,6 +64,40 @@ def test_file_level_holdout_and_missing_root(tree):
     assert 0 < len(val) < len(corpus.files)
     with pytest.raises(FileNotFoundError, match="not a folder"):
         build_corpus(CorpusConfig(roots=(str(tree / "nope"),)), progress=False)
+
+
+DOCTESTED = '''def twice(x):
+    """Twice x.
+
+    >>> twice(2)
+    4
+    """
+    return 2 * x
+'''
+
+
+def test_exec_split_holds_out_only_train_files_with_doctests(tree):
+    """``exec_file_frac``: files with doctests become split ``exec`` by a hash of their name; files without doctests
+    stay ``train``; ``val`` is the same as without the exec split; frac 0 and 1 are none and all."""
+    for pkg in ("alpha", "beta", "gamma", "delta"):
+        for i in range(6):
+            (tree / pkg / f"doc{i}.py").write_text(DOCTESTED.replace("twice", f"twice_{pkg}_{i}"))
+    method = textwrap.indent(DOCTESTED.replace("def twice(x)", "def twice(self, x)"), "    ")
+    (tree / "alpha" / "method.py").write_text("class A:\n" + method)
+    (tree / "alpha" / "dunder.py").write_text(DOCTESTED.replace("twice", "__twice__"))  # not a candidate
+    base = dict(roots=(str(tree),), holdout_package_frac=0.25, holdout_file_frac=0.1, seed=1)
+    plain = build_corpus(CorpusConfig(**base), progress=False)
+    half = build_corpus(CorpusConfig(**base, exec_file_frac=0.5), progress=False)
+    every = build_corpus(CorpusConfig(**base, exec_file_frac=1.0), progress=False)
+    split = {f.path: f.split for f in plain.files}
+    doc = {f.path for f in plain.files if Path(f.path).name.startswith(("doc", "method"))}
+    assert {f.path for f in half.split("val")} == {f.path for f in plain.split("val")}
+    assert {f.path for f in every.split("exec")} == {p for p in doc if split[p] == "train"}
+    held = {f.path for f in half.split("exec")}
+    assert held <= doc and 0 < len(held) < len(doc & {p for p, s in split.items() if s == "train"})
+    assert not plain.split("exec") and "exec" not in plain.summary()
+    assert half.summary()["exec"]["files"] == len(held)
+    assert build_corpus(CorpusConfig(**base, exec_file_frac=0.5), progress=False).files == half.files
 
 
 def test_tokenizer_is_lossless_with_specials_first(tree):

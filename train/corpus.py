@@ -1,23 +1,32 @@
 """Corpus builder: Python source files already on this machine → a deduplicated, split, auditable file list.
 
 Roots are the interpreter's standard library (``stdlib``), the installed packages (``site-packages``) or any folder.
-Exact duplicate files (same bytes) are kept once. The held-out split is made **by file**, and whole top-level
-packages are held out too, so evaluation sees code whose package the model never saw. Every decision is deterministic
-(hashes of names, salted by ``seed``), and a manifest (path, root, package, size, sha256, split) is written so the
-corpus can be rebuilt and audited.
+Exact duplicate files (same bytes) are kept once. The held-out split (``val``) is made **by file**, and whole
+top-level packages are held out too, so evaluation sees code whose package the model never saw. Every decision is
+deterministic (hashes of names, salted by ``seed``), and a manifest (path, root, package, size, sha256, split) is
+written so the corpus can be rebuilt and audited.
+
+``--exec-file-frac F`` also holds out, as the split ``exec``, a fraction ``F`` (by a salted hash of the file's name) of
+the files that would be ``train`` and hold a function whose docstring has doctests (:func:`doctest_functions`): the
+files ``train.exec_tasks`` mines its held-out execution tasks from. No stage trains on them (training reads ``train``)
+and ``val``, hence held-out bits/byte, is unchanged. Being by name and content, the split is the same on every machine
+for the same file.
 
     python -m train.corpus --roots stdlib site-packages --out data/corpus
+    python -m train.corpus --out data/corpus --exec-file-frac 0.3      # the exec split, chosen before pretraining
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
 import site
 import sysconfig
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +38,7 @@ class CorpusConfig:
     roots: tuple[str, ...] = ("stdlib", "site-packages")
     holdout_package_frac: float = 0.03  # whole top-level packages held out
     holdout_file_frac: float = 0.01  # plus single files of the other packages
+    exec_file_frac: float = 0.0  # of the train files with doctests: held out as split "exec" (execution tasks)
     min_bytes: int = 64  # skip empty and near-empty files (``__init__.py`` stubs)
     max_bytes: int = 512_000  # skip generated giants (unicode tables, vendored blobs)
     seed: int = 0
@@ -41,7 +51,7 @@ class SourceFile:
     package: str  # first path component under the root ("json", "numpy", "os" for os.py)
     size: int
     sha256: str
-    split: str  # "train" or "val"
+    split: str  # "train", "val" or "exec"
 
 
 @dataclass
@@ -55,8 +65,10 @@ class Corpus:
 
     def summary(self) -> dict:
         out = {"config": asdict(self.config), "skipped": dict(self.skipped)}
-        for name in ("train", "val"):
+        for name in ("train", "val", "exec"):
             files = self.split(name)
+            if name == "exec" and not files:
+                continue
             out[name] = {
                 "files": len(files),
                 "bytes": sum(f.size for f in files),
@@ -82,6 +94,29 @@ def _unit_hash(text: str, seed: int) -> float:
     """A deterministic number in [0, 1) for a name: the split must not depend on file order or the machine."""
     digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
     return int.from_bytes(digest[:8], "little") / 2**64
+
+
+def documented_functions(tree: ast.Module) -> Iterator[tuple[ast.FunctionDef | ast.AsyncFunctionDef, str]]:
+    """A module's top-level functions and the methods of its top-level classes, with their qualified names."""
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            yield node, node.name
+        elif isinstance(node, ast.ClassDef):
+            for n in node.body:
+                if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef):
+                    yield n, f"{node.name}.{n.name}"
+
+
+def doctest_functions(source: str) -> int:
+    """How many of a module's functions and methods (:func:`documented_functions`; not async, not dunder) have a
+    docstring with ``>>>`` examples: ``train.exec_tasks``' candidates. 0 for a file that does not parse."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return 0
+    return sum(1 for fn, name in documented_functions(tree)
+               if isinstance(fn, ast.FunctionDef) and not name.split(".")[-1].startswith("__")
+               and ">>>" in (ast.get_docstring(fn) or ""))  # fmt: skip
 
 
 def _walk(label: str, folder: Path):
@@ -126,6 +161,9 @@ def build_corpus(config: CorpusConfig, progress: bool = True) -> Corpus:
         held_package = _unit_hash(f"{label}/{package}", config.seed) < config.holdout_package_frac
         held_file = _unit_hash(f"{label}/{rel.as_posix()}", config.seed + 1) < config.holdout_file_frac
         split = "val" if held_package or held_file else "train"
+        if (split == "train" and _unit_hash(f"{label}/{rel.as_posix()}", config.seed + 2) < config.exec_file_frac
+                and doctest_functions(data.decode("utf-8"))):  # fmt: skip
+            split = "exec"
         corpus.files.append(SourceFile(str(path), label, package, len(data), digest, split))
     return corpus
 
@@ -153,9 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="output folder for manifest.jsonl and summary.json")
     ap.add_argument("--holdout-package-frac", type=float, default=CorpusConfig.holdout_package_frac)
     ap.add_argument("--holdout-file-frac", type=float, default=CorpusConfig.holdout_file_frac)
+    ap.add_argument("--exec-file-frac", type=float, default=CorpusConfig.exec_file_frac,
+                    help="of the train files with doctests, the fraction held out as split 'exec'")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    cfg = CorpusConfig(tuple(args.roots), args.holdout_package_frac, args.holdout_file_frac, seed=args.seed)
+    if not 0 <= args.exec_file_frac <= 1:
+        ap.error(f"--exec-file-frac {args.exec_file_frac}: a fraction in [0, 1]")
+    cfg = CorpusConfig(tuple(args.roots), args.holdout_package_frac, args.holdout_file_frac,
+                       exec_file_frac=args.exec_file_frac, seed=args.seed)  # fmt: skip
     corpus = build_corpus(cfg)
     write_manifest(corpus, args.out)
     print(json.dumps(corpus.summary(), indent=2))

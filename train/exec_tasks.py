@@ -17,8 +17,8 @@
 * **Reward** (:func:`reward`, for ``train.rl``): 1 when every example passes; otherwise 0.1 for a body that parses,
   0.2 if no example raised, plus 0.5 × the fraction of examples that passed (< 0.7 in all).
 * **Files**: JSONL, a header line (``kind``, ``version``, ``split``, the manifest's sha256, Python version, counts)
-  then one task per line, sorted by ``task_id``. A task set mined from the held-out split (``split = "val"``) is
-  evaluation-only: ``train.rl`` refuses it.
+  then one task per line, sorted by ``task_id``. A task set mined from a held-out split (``val``, or ``exec``:
+  ``train.corpus --exec-file-frac``) is evaluation-only: ``train.rl`` refuses it.
 
     python -m train.exec_tasks --manifest data/corpus/manifest.jsonl --split val --out data/exec/heldout.jsonl
     python -m train.exec_tasks --manifest data/corpus/manifest.jsonl --split train --limit 4000 --out train_tasks.jsonl
@@ -37,14 +37,14 @@ import re
 import secrets
 import sys
 import textwrap
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from train.completion import is_valid_function
-from train.corpus import SourceFile, read_manifest
+from train.corpus import SourceFile, documented_functions, read_manifest
 from train.sandbox import Limits, Outcome, run_many
 
 VERSION = 1
@@ -150,18 +150,12 @@ def file_tasks(f: SourceFile) -> list[Task]:
     lines = source.splitlines(keepends=True)
     rel_id = f"{f.root}/{module.replace('.', '/')}"
     out = []
-    for node in tree.body:
-        fns = [(node, node.name)] if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) else []
-        if isinstance(node, ast.ClassDef):
-            fns = [
-                (n, f"{node.name}.{n.name}") for n in node.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
-            ]
-        for fn, qualname in fns:
-            if isinstance(fn, ast.AsyncFunctionDef) or qualname.split(".")[-1].startswith("__"):
-                continue  # doctests cannot await; dunder methods run through the class protocol, not by name
-            task = _task_from(fn, lines, qualname, rel_id, f.package, module)
-            if task is not None:
-                out.append(task)
+    for fn, qualname in documented_functions(tree):
+        if isinstance(fn, ast.AsyncFunctionDef) or qualname.split(".")[-1].startswith("__"):
+            continue  # doctests cannot await; dunder methods run through the class protocol, not by name
+        task = _task_from(fn, lines, qualname, rel_id, f.package, module)
+        if task is not None:
+            out.append(task)
     return out
 
 
@@ -281,10 +275,17 @@ def validate(tasks: list[Task], limits: Limits, workers: int = 0, progress: bool
 
 
 def mine_tasks(files: list[SourceFile], limits: Limits = LIMITS, workers: int = 0, progress: bool = True,
-               limit: int = 0, seed: int = 0) -> tuple[list[Task], Counter]:  # fmt: skip
-    """Candidate tasks of ``files``, at most ``limit`` of them (a seeded sample; 0 = all), validated."""
+               limit: int = 0, seed: int = 0, per_package: int = 0) -> tuple[list[Task], Counter]:  # fmt: skip
+    """Candidate tasks of ``files``, at most ``per_package`` of each package and ``limit`` in all (seeded samples;
+    0 = all), validated."""
     found = [t for f in tqdm(files, desc="parsing", unit="file", disable=not progress) for t in file_tasks(f)]
     found = sorted({t.task_id: t for t in found}.values(), key=lambda t: t.task_id)
+    if per_package:
+        rng, by_pkg = random.Random(seed), defaultdict(list)
+        for t in found:
+            by_pkg[t.package].append(t)
+        found = sorted((t for pkg in sorted(by_pkg) for t in (by_pkg[pkg] if len(by_pkg[pkg]) <= per_package
+                        else rng.sample(by_pkg[pkg], per_package))), key=lambda t: t.task_id)  # fmt: skip
     if limit and len(found) > limit:
         found = sorted(random.Random(seed).sample(found, limit), key=lambda t: t.task_id)
     return validate(found, limits, workers, progress)
@@ -336,9 +337,12 @@ def _sha256(path: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", type=Path, required=True, help="corpus manifest (train.corpus)")
-    ap.add_argument("--split", choices=("train", "val"), required=True)
+    ap.add_argument("--split", choices=("train", "val", "exec"), required=True,
+                    help="the corpus split to mine (exec: train.corpus --exec-file-frac's held-out files)")  # fmt: skip
     ap.add_argument("--out", type=Path, required=True, help="task file (.jsonl)")
     ap.add_argument("--limit", type=int, default=0, help="validate at most this many candidates (seeded sample)")
+    ap.add_argument("--per-package", type=int, default=0,
+                    help="at most this many candidates of one package (seeded sample; 0: all)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="sandbox processes at once (0: one per core)")
     args = ap.parse_args(argv)
@@ -346,9 +350,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"{args.manifest}: no such manifest")
     files = [f for f in read_manifest(args.manifest) if f.split == args.split]
     limits = LIMITS
-    tasks, why = mine_tasks(files, limits, args.workers, limit=args.limit, seed=args.seed)
+    tasks, why = mine_tasks(files, limits, args.workers, limit=args.limit, seed=args.seed, per_package=args.per_package)
     header = {"split": args.split, "manifest_sha256": _sha256(args.manifest), "python": platform.python_version(),
-              "limits": asdict(limits), "dropped": dict(why)}  # fmt: skip
+              "limits": asdict(limits), "dropped": dict(why), "per_package": args.per_package}  # fmt: skip
     write_tasks(args.out, tasks, header)
     per_pkg = Counter(t.package for t in tasks)
     print(json.dumps({"tasks": len(tasks), "packages": len(per_pkg), "dropped": dict(why),
