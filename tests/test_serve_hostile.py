@@ -128,7 +128,9 @@ def test_runaway_template_is_400_and_health_stays_fast(hostile):
         ("@range_big", "chat_template_budget", "range"),
         ("@repeat", "chat_template_budget", "repetition"),
         ("@center", "chat_template_budget", "memory"),
-        ("@double", "chat_template_budget", "memory"),
+        # doubling a string to 512 MiB copies and faults in ~0.5 GB in the niced child: on a loaded 2-core VM that can
+        # take past the 1 s wall budget, so either budget may stop it (@center checks the memory message itself)
+        ("@double", "chat_template_budget", ("memory budget", "1 s budget")),
         ("@output", "chat_template_budget", "characters"),
         ("@recurse", "chat_template_error", "RecursionError"),
         ("@unsafe", "chat_template_error", "unsafe"),
@@ -138,7 +140,7 @@ def test_runaway_template_is_400_and_health_stays_fast(hostile):
 def test_template_failures_are_400(hostile, trigger, code, says):
     t0 = time.perf_counter()
     err = assert_error(chat(hostile, trigger), 400, "messages", code)
-    assert says in err["message"], err
+    assert any(w in err["message"] for w in ((says,) if isinstance(says, str) else says)), err
     assert time.perf_counter() - t0 < 10
     ok = chat(hostile, "hi")  # the same server, a benign conversation
     assert ok.status_code == 200, ok.text
