@@ -24,8 +24,10 @@ from train.corpus import SourceFile
 from train.exec_eval import ExecEvalConfig, evaluate_exec, pass_at_k, score
 from train.exec_tasks import (
     LIMITS,
+    Task,
     TaskFileError,
     Verdict,
+    cap_per_package,
     check_many,
     file_tasks,
     load_tasks,
@@ -41,6 +43,20 @@ from train.sandbox import run_program
 
 ROOT = Path(__file__).resolve().parent.parent
 STATS = SourceFile(statistics.__file__, "stdlib", "statistics", 0, "", "val")
+
+
+@pytest.mark.unit
+def test_cap_per_package_samples_only_the_large_packages():
+    """``--per-package``: a package with more candidates than the cap keeps a seeded sample of that many, a smaller one
+    keeps all of its; the result is sorted by task id and the same for the same seed."""
+    tasks = [Task(f"r/{pkg}/m.py::f{i}", pkg, "m", f"f{i}", "", "", "", 1) for pkg, n in (("big", 9), ("small", 2))
+             for i in range(n)]  # fmt: skip
+    kept = cap_per_package(tasks, 3, seed=5)
+    assert [t.package for t in kept].count("big") == 3 and [t.package for t in kept].count("small") == 2
+    assert kept == sorted(kept, key=lambda t: t.task_id) and set(kept) <= set(tasks)
+    assert cap_per_package(tasks, 3, seed=5) == kept and cap_per_package(tasks, 9, seed=5) == sorted(
+        tasks, key=lambda t: t.task_id
+    )
 
 
 def _tasks():

@@ -96,27 +96,24 @@ def _unit_hash(text: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "little") / 2**64
 
 
-def documented_functions(tree: ast.Module) -> Iterator[tuple[ast.FunctionDef | ast.AsyncFunctionDef, str]]:
-    """A module's top-level functions and the methods of its top-level classes, with their qualified names."""
+def doctest_candidates(tree: ast.Module) -> Iterator[tuple[ast.FunctionDef, str]]:
+    """A module's top-level functions and the methods of its top-level classes that a doctest can call by name, with
+    their qualified names: not async (a doctest cannot await), not dunder (those run through the class protocol)."""
     for node in tree.body:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            yield node, node.name
-        elif isinstance(node, ast.ClassDef):
-            for n in node.body:
-                if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef):
-                    yield n, f"{node.name}.{n.name}"
+        fns = [(node, node.name)] if isinstance(node, ast.FunctionDef) else []
+        if isinstance(node, ast.ClassDef):
+            fns = [(n, f"{node.name}.{n.name}") for n in node.body if isinstance(n, ast.FunctionDef)]
+        yield from ((fn, name) for fn, name in fns if not fn.name.startswith("__"))
 
 
 def doctest_functions(source: str) -> int:
-    """How many of a module's functions and methods (:func:`documented_functions`; not async, not dunder) have a
-    docstring with ``>>>`` examples: ``train.exec_tasks``' candidates. 0 for a file that does not parse."""
+    """How many of a module's :func:`doctest_candidates` have a docstring with ``>>>`` examples (``train.exec_tasks``'
+    candidates). 0 for a file that does not parse."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return 0
-    return sum(1 for fn, name in documented_functions(tree)
-               if isinstance(fn, ast.FunctionDef) and not name.split(".")[-1].startswith("__")
-               and ">>>" in (ast.get_docstring(fn) or ""))  # fmt: skip
+    return sum(1 for fn, _ in doctest_candidates(tree) if ">>>" in (ast.get_docstring(fn) or ""))
 
 
 def _walk(label: str, folder: Path):
@@ -147,7 +144,7 @@ def build_corpus(config: CorpusConfig, progress: bool = True) -> Corpus:
             corpus.skipped["size out of range"] += 1
             continue
         try:
-            data.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             corpus.skipped["not UTF-8"] += 1
             continue
@@ -159,10 +156,10 @@ def build_corpus(config: CorpusConfig, progress: bool = True) -> Corpus:
         rel = path.relative_to(folder)
         package = rel.parts[0].removesuffix(".py")
         held_package = _unit_hash(f"{label}/{package}", config.seed) < config.holdout_package_frac
-        held_file = _unit_hash(f"{label}/{rel.as_posix()}", config.seed + 1) < config.holdout_file_frac
+        name = f"{label}/{rel.as_posix()}"
+        held_file = _unit_hash(name, config.seed + 1) < config.holdout_file_frac
         split = "val" if held_package or held_file else "train"
-        if (split == "train" and _unit_hash(f"{label}/{rel.as_posix()}", config.seed + 2) < config.exec_file_frac
-                and doctest_functions(data.decode("utf-8"))):  # fmt: skip
+        if split == "train" and _unit_hash(name, config.seed + 2) < config.exec_file_frac and doctest_functions(text):
             split = "exec"
         corpus.files.append(SourceFile(str(path), label, package, len(data), digest, split))
     return corpus

@@ -44,7 +44,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from train.completion import is_valid_function
-from train.corpus import SourceFile, documented_functions, read_manifest
+from train.corpus import SourceFile, doctest_candidates, read_manifest
 from train.sandbox import Limits, Outcome, run_many
 
 VERSION = 1
@@ -150,9 +150,7 @@ def file_tasks(f: SourceFile) -> list[Task]:
     lines = source.splitlines(keepends=True)
     rel_id = f"{f.root}/{module.replace('.', '/')}"
     out = []
-    for fn, qualname in documented_functions(tree):
-        if isinstance(fn, ast.AsyncFunctionDef) or qualname.split(".")[-1].startswith("__"):
-            continue  # doctests cannot await; dunder methods run through the class protocol, not by name
+    for fn, qualname in doctest_candidates(tree):
         task = _task_from(fn, lines, qualname, rel_id, f.package, module)
         if task is not None:
             out.append(task)
@@ -274,6 +272,18 @@ def validate(tasks: list[Task], limits: Limits, workers: int = 0, progress: bool
     return kept, why
 
 
+def cap_per_package(tasks: list[Task], n: int, seed: int = 0) -> list[Task]:
+    """At most ``n`` tasks of each package (a seeded sample of a larger one), sorted by ``task_id``."""
+    rng, by_pkg = random.Random(seed), defaultdict(list)
+    for t in tasks:
+        by_pkg[t.package].append(t)
+    kept = []
+    for pkg in sorted(by_pkg):
+        group = by_pkg[pkg]
+        kept += group if len(group) <= n else rng.sample(group, n)
+    return sorted(kept, key=lambda t: t.task_id)
+
+
 def mine_tasks(files: list[SourceFile], limits: Limits = LIMITS, workers: int = 0, progress: bool = True,
                limit: int = 0, seed: int = 0, per_package: int = 0) -> tuple[list[Task], Counter]:  # fmt: skip
     """Candidate tasks of ``files``, at most ``per_package`` of each package and ``limit`` in all (seeded samples;
@@ -281,11 +291,7 @@ def mine_tasks(files: list[SourceFile], limits: Limits = LIMITS, workers: int = 
     found = [t for f in tqdm(files, desc="parsing", unit="file", disable=not progress) for t in file_tasks(f)]
     found = sorted({t.task_id: t for t in found}.values(), key=lambda t: t.task_id)
     if per_package:
-        rng, by_pkg = random.Random(seed), defaultdict(list)
-        for t in found:
-            by_pkg[t.package].append(t)
-        found = sorted((t for pkg in sorted(by_pkg) for t in (by_pkg[pkg] if len(by_pkg[pkg]) <= per_package
-                        else rng.sample(by_pkg[pkg], per_package))), key=lambda t: t.task_id)  # fmt: skip
+        found = cap_per_package(found, per_package, seed)
     if limit and len(found) > limit:
         found = sorted(random.Random(seed).sample(found, limit), key=lambda t: t.task_id)
     return validate(found, limits, workers, progress)
