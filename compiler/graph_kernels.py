@@ -156,6 +156,63 @@ def chain_advance(R: int, gpu: bool = False):
     return advance.without_attr("global_symbol")
 
 
+def spec_advance(T: int, R: int, gpu: bool = False):
+    """The device side of a speculative chain step (``compiler.lower``'s ``spec_chain_b{T}``), in place and in one
+    thread. The step verified ``toks = [t, d_1 .. d_K]`` (``K = T - 1``) at positions ``pos``, and ``at[j]`` is row
+    ``j``'s pick (the token after ``t, d_1 .. d_j``). The drafts are accepted while ``at[j] == d_{j+1}``: ``n`` of
+    them. Then ``at[0 .. n]`` (every accepted draft, and the pick after the last) are appended to the ring (``ring[R]``
+    counts the tokens), ``at[n]`` becomes the next step's ``toks[0]``, every position moves on by ``n + 1``, and
+    ``sel[0] = n``: the row whose hidden state the next drafts start from."""
+    from tvm.script import tirx as Tx
+
+    K = T - 1
+    outer = (lambda n: Tx.thread_binding(n, thread="blockIdx.x")) if gpu else Tx.serial
+    inner = (lambda n: Tx.thread_binding(n, thread="threadIdx.x")) if gpu else Tx.serial
+
+    @Tx.prim_func
+    def advance(
+        at: Tx.Buffer((T,), "int32"),
+        toks: Tx.Buffer((T,), "int32"),
+        pos: Tx.Buffer((T,), "int32"),
+        ring: Tx.Buffer((R + 1,), "int32"),
+        sel: Tx.Buffer((1,), "int32"),
+    ):
+        for _b in outer(1):
+            for _t in inner(1):
+                n = Tx.alloc_buffer((1,), "int32", scope="local")
+                n[0] = 0
+                for j in Tx.serial(K):
+                    if n[0] == j and at[j] == toks[j + 1]:
+                        n[0] = j + 1
+                for j in Tx.serial(T):
+                    if j <= n[0]:
+                        ring[Tx.floormod(ring[R] + j, R)] = at[j]
+                ring[R] = ring[R] + n[0] + 1
+                toks[0] = at[n[0]]
+                for j in Tx.serial(T):
+                    pos[j] = pos[j] + n[0] + 1
+                sel[0] = n[0]
+
+    return advance.without_attr("global_symbol")
+
+
+def spec_drafts(T: int, gpu: bool = False):
+    """``toks[1 + k] = drafts[k, 0]``, in place: a speculative chain step's new drafts become the next step's rows."""
+    from tvm.script import tirx as Tx
+
+    K = T - 1
+    outer = (lambda n: Tx.thread_binding(n, thread="blockIdx.x")) if gpu else Tx.serial
+    inner = (lambda n: Tx.thread_binding(n, thread="threadIdx.x")) if gpu else Tx.serial
+
+    @Tx.prim_func
+    def put(drafts: Tx.Buffer((K, 1), "int32"), toks: Tx.Buffer((T,), "int32")):
+        for _b in outer(1):
+            for k in inner(K):
+                toks[1 + k] = drafts[k, 0]
+
+    return put.without_attr("global_symbol")
+
+
 def _let(value, body):
     """``body(v)`` with ``v`` bound to ``value`` once (a TIR ``Let``: the expression is not copied into each use)."""
     from tvm import tirx

@@ -19,7 +19,11 @@ written before any row attends, so row ``t`` sees the rows before it. ``chain_b1
 the next token, the argmax of ``logits + bias`` (``sampling = (1/T, seed)`` with ``1/T > 0``: of ``logits/T + bias``
 plus Gumbel noise, a draw at temperature ``T``), and writes it, in place, as the next call's token at the next
 position and into the ring (``R`` = :data:`compiler.constants.CHAIN_RING` picks and their count): calls queued back
-to back decode with nothing from the host between them (``runtime.engine.Engine.chain``).
+to back decode with nothing from the host between them (``runtime.engine.Engine.chain``). With MTP heads,
+``spec_chain_b{T}`` (one per ``K = T - 1`` from 1 to ``m``; the inputs and results of ``chain_b1`` over ``T`` rows,
+plus ``hidden``) is the speculative chain: its rows are the last token and ``K`` drafts, it keeps each row's pick up
+to the first wrong draft (1 .. T tokens into the ring), and drafts the next call's rows from the last kept row
+(:meth:`Lowering._spec_advance`).
 
 Each ``kc_l``/``vc_l`` is ``float32[n_blocks, Hkv, K, hd]``, ``n_blocks`` symbolic: the runtime sizes the cache
 (:mod:`runtime.kv_cache`). Latent attention caches its int8 latent and ``(s/a, k_pe)`` rows instead, and a DeltaNet
@@ -259,15 +263,21 @@ def output_specs(cfg, name: str, T: int) -> list[ParamSpec]:
     ``compiler.build`` writes them to ``meta.json`` (``outputs``) for the runtime."""
     if name.startswith("draft"):
         return [ParamSpec("drafts", (int(name[5 : name.index("_")]), T), "int32")]
-    rows = T if name.startswith(("decode_b", "verify_b", "chain_b")) else 1
+    rows = T if name.startswith(("decode_b", "verify_b", "chain_b", "spec_chain_b")) else 1
     out = [ParamSpec("logits", (rows, cfg.vocab_size), "float32")]
     if cfg.mtp_heads:
         out.append(ParamSpec("hidden", (rows, cfg.d_model), "float32"))
     if name.startswith("verify_b"):
         out.append(ParamSpec("drafts", (cfg.mtp_heads, T), "int32"))
-    if name.startswith("chain_b"):
+    if name.startswith(("chain_b", "spec_chain_b")):
         out.append(ParamSpec("ring", (CHAIN_RING + 1,), "int32"))
     return out
+
+
+def spec_chain_rows(cfg) -> range:
+    """The rows ``T`` of the speculative chain functions ``spec_chain_b{T}`` a build has: one per number of drafts
+    ``K = T - 1`` from 1 to the model's MTP heads (none without heads)."""
+    return range(2, cfg.mtp_heads + 2)
 
 
 def draft_vocab(V: int, gpu: bool) -> int:
@@ -557,6 +567,8 @@ class Lowering:
             for heads in range(1, self.cfg.mtp_heads + 1):
                 self.draft(B, heads)
         self.function("chain_b1")
+        for T in spec_chain_rows(self.cfg):
+            self.function(f"spec_chain_b{T}")
         self.function("prefill")
         return self.bb.get()
 
@@ -570,13 +582,13 @@ class Lowering:
         from tvm import tirx
 
         cfg, bb = self.cfg, self.bb
-        batch = name.startswith(("decode_b", "verify_b", "chain_b"))
+        batch = name.startswith(("decode_b", "verify_b", "chain_b", "spec_chain_b"))
         T = _rows(name, self.chunk)
         f32 = "float32"
         W = gk.table_width(cfg.max_seq_len, KV_BLOCK)
         toks, pos, table = _var("tokens", (T,), "int32"), _var("pos", (T,), "int32"), _var("table", (T, W), "int32")
         last = None if batch else _var("last", (1,), "int32")
-        chain = name.startswith("chain_b")
+        chain = name.startswith(("chain_b", "spec_chain_b"))
         bias = _var("bias", (cfg.vocab_size,), "float32") if chain else None
         samp = _var("sampling", (2,), "float32") if chain else None
         inputs = [toks, pos, table] + [v for v in (last, bias, samp) if v is not None]
@@ -599,7 +611,9 @@ class Lowering:
                     top = self._call(self._te("argmax", self.k.argmax, T, cfg.vocab_size), [logits],
                                      [((T,), "int32"), ((T,), f32)])[0]  # fmt: skip
                     outs.append(self._copy_into(self._draft_steps(f, hn, top, cfg.mtp_heads), dst["drafts"]))
-                if chain:  # the pick feeds the next call: no host round trip
+                if name.startswith("spec_chain_b"):  # verify, accept and draft the next call's rows
+                    outs += self._spec_advance(f, logits, hn, bias, samp, toks, pos, dst["ring"])
+                elif chain:  # the pick feeds the next call: no host round trip
                     outs += self._chain_advance(logits, bias, samp, toks, pos, dst["ring"])
                 out = bb.emit_output(_results(outs))
             bb.emit_func_output(out)
@@ -1000,6 +1014,31 @@ class Lowering:
         r = self.bb.emit(relax.call_tir_inplace(gv, [at, toks, pos, ring], [1, 2, 3], tys))
         return [self.bb.emit(relax.TupleGetItem(r, i)) for i in (2, 0, 1)]
 
+    def _spec_advance(self, f: _Frame, logits, hn, bias, samp, toks, pos, ring):
+        """``spec_chain_b{T}``'s last steps. Its rows are one sequence's last token and ``K = T - 1`` drafts at
+        consecutive positions (a speculative verify step); each row's pick is ``chain_b1``'s (the first maximum of
+        ``logits + bias``, or with ``samp`` a Gumbel-max draw keyed by the row's position). The drafts are accepted
+        while they equal the picks, and the picks up to the first mismatch are the step's tokens
+        (:func:`compiler.graph_kernels.spec_advance`: ring, next token, positions). The hidden state of the last
+        accepted row and the pick after it feed the MTP heads (:meth:`_draft_steps`), whose ``K`` drafts become the
+        next call's rows. So every call yields 1 .. T tokens, exactly those of ``chain_b1`` (greedy: of plain
+        decoding), with nothing from the host between calls (``runtime.engine.Engine.chain``)."""
+        from tvm import relax
+
+        T, V, K = f.T, self.cfg.vocab_size, f.T - 1
+        pick = self._te("argmax_sampled", lambda b, v: self.k.argmax(b, v, sampled=True), T, V)
+        at = self._call(pick, [logits, bias, samp, pos], [((T,), "int32"), ((T,), "float32")])[0]
+        gv = self._te("spec_advance", lambda t, r: gk.spec_advance(t, r, self.gpu), T, CHAIN_RING)
+        tys = [toks.ty, pos.ty, ring.ty, relax.TensorType((1,), "int32")]
+        r = self.bb.emit(relax.call_tir_inplace(gv, [at, toks, pos, ring], [1, 2, 3, -1], tys))
+        toks, pos, ring, sel = (self.bb.emit(relax.TupleGetItem(r, i)) for i in range(4))
+        h = self.bb.emit(relax.op.take(hn, sel, axis=0, mode="clip"))  # [1, D]: the last accepted row's
+        nxt = self.bb.emit(relax.op.strided_slice(toks, axes=[0], begin=[0], end=[1]))
+        drafts = self._draft_steps(_Frame(1, None, None, {}, f.pv, True), h, nxt, K)
+        put = self._te("spec_drafts", lambda t: gk.spec_drafts(t, self.gpu), T)
+        toks = self.bb.emit(relax.call_tir_inplace(put, [drafts, toks], [1], toks.ty))
+        return [ring, toks, pos]
+
     # --- steps shared by the blocks --------------------------------------------------------------------------
     def _norm_quant(self, f: _Frame, weight: str, u, D: int | None = None):
         """RMSNorm + per-token int8 quantize of ``u [T, D]`` (a block input, or a sub-norm's) → ``(q8 [T, D], scale
@@ -1135,6 +1174,7 @@ class Lowering:
         bs, m = self.k.batch_sizes, self.cfg.mtp_heads
         names = [f"decode_b{b}" for b in bs] + ([f"verify_b{b}" for b in bs] if m and self.k.fused_draft else [])
         names += [f"draft{k}_b{b}" for b in bs for k in range(1, m + 1)] + ["chain_b1"]
+        names += [f"spec_chain_b{t}" for t in spec_chain_rows(self.cfg)]
         return {n: [[list(s.shape), s.dtype] for s in output_specs(self.cfg, n, _rows(n, self.chunk))]
                 for n in [*names, "prefill"]}  # fmt: skip
 

@@ -83,14 +83,13 @@ def check_model_file(path: str) -> str | None:
 def add_draft_args(ap: argparse.ArgumentParser) -> None:
     """``--draft-tokens`` / ``--no-speculative`` (shared with ``runtime.serve``)."""
     ap.add_argument("--draft-tokens", type=int, default=None, metavar="K",
-                    help="speculative decoding: tokens the model's MTP heads draft per step (default: per target, "
-                    "at most the heads; see docs/speculative.md)")  # fmt: skip
+                    help="speculative decoding: tokens the model's MTP heads draft per step, also per call of a "
+                    "device chain (default: per target, at most the heads; see docs/speculative.md)")  # fmt: skip
     ap.add_argument("--no-speculative", action="store_true",
                     help="plain decoding even when the model has MTP heads (same as --draft-tokens 0)")  # fmt: skip
     ap.add_argument("--chain-burst", type=int, default=None, metavar="N",
                     help="plain greedy or temperature generation (no top-k/top-p, no penalties) runs N steps at a "
-                    "time on the device, with no host round trip between them (default: 16; 0: off; "
-                    "--draft-tokens K > 0 alone turns it off)")  # fmt: skip
+                    "time on the device, with no host round trip between them (default: 16; 0: off)")  # fmt: skip
 
 
 def check_draft_args(a: argparse.Namespace) -> str | None:
@@ -109,11 +108,14 @@ def draft_tokens(a: argparse.Namespace) -> int | None:
 
 
 def chain_burst(a: argparse.Namespace) -> int | None:
-    """The Engine's ``chain_burst`` from the arguments (None: its default): off when drafts are asked for explicitly,
-    since chains take the plain generations that drafting would."""
-    if a.chain_burst is not None:
-        return a.chain_burst
-    return 0 if a.draft_tokens else None
+    """The Engine's ``chain_burst`` from the arguments (None: its default)."""
+    return a.chain_burst
+
+
+def chain_drafts(a: argparse.Namespace) -> int | None:
+    """The Engine's ``chain_drafts`` from the arguments (None: its default): ``--draft-tokens`` drafts per step on
+    the host and per call of a chain alike."""
+    return draft_tokens(a)
 
 
 def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -166,7 +168,7 @@ def main(argv=None) -> None:
     try:
         eng = Engine.from_gguf(a.model, a.target, a.cache_dir, a.threads, a.jit_policy, head=a.head,
                                token_healing=not a.no_token_healing, draft_tokens=draft_tokens(a),
-                               chain_burst=chain_burst(a))  # fmt: skip
+                               chain_burst=chain_burst(a), chain_drafts=chain_drafts(a))  # fmt: skip
     except (JITError, ValueError) as exc:
         raise SystemExit(f"{ap.prog}: error: {exc}") from None
     stops = (eng.eos,) if eng.eos is not None else ()

@@ -143,6 +143,9 @@ DRAFT_TOKENS = {"cuda": 0, "avx512": 1, "avx2": 0}
 # plain greedy (or plain temperature) steps per burst of Engine.chain, by target (0: step by step through the host):
 # chains beat speculation on every target (docs/speculative.md)
 CHAIN_BURST = {"cuda": 16, "avx512": 16, "avx2": 16}
+# MTP drafts per call of a chain (spec_chain_b{K+1}: verify, accept and draft on the device), by target: 0 where the
+# speculative chain was not faster than the plain one (docs/speculative.md, "Speculative chains")
+CHAIN_DRAFTS = {"cuda": 0, "avx512": 0, "avx2": 0}
 CHAIN_BURST_MAX = 256  # the most steps of one burst (a stop inside it wastes the rest)
 
 
@@ -174,6 +177,7 @@ class Engine:
         draft_tokens: int | None = None,
         max_seqs: int | None = None,
         chain_burst: int | None = None,
+        chain_drafts: int | None = None,
     ) -> None:
         """``gguf`` supplies the tokenizer (and its special tokens); or pass an HF ``tokenizer`` directly.
         ``token_healing`` is the default of :meth:`stream_text`. ``kv_tokens``: the KV cache's capacity in tokens
@@ -184,7 +188,9 @@ class Engine:
         :func:`default_max_seqs`: the largest decode batch plus this Engine's own sequence; at most the cache's
         blocks); one more sequence is :class:`CacheFull` until one is released. Ignored without DeltaNet layers.
         ``chain_burst``: plain greedy generation runs up to this many steps at a time on the device, without the
-        host between them (:meth:`chain`; default :data:`CHAIN_BURST` for the target; 0 turns it off)."""
+        host between them (:meth:`chain`; default :data:`CHAIN_BURST` for the target; 0 turns it off).
+        ``chain_drafts``: MTP drafts verified per call of a chain (a speculative chain; default :data:`CHAIN_DRAFTS`
+        for the target, at most the heads; 0: plain chains)."""
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or len(os.sched_getaffinity(0))))
         import tvm
         from tvm.runtime.vm import VirtualMachine
@@ -221,6 +227,11 @@ class Engine:
             raise ValueError(f"draft_tokens={draft_tokens}: this model has {self.mtp_heads} MTP heads")
         self.draft_tokens = int(draft_tokens)
         self.chain_burst = int(CHAIN_BURST.get(self.target, 0) if chain_burst is None else chain_burst)
+        if chain_drafts is None:
+            chain_drafts = min(self.mtp_heads, CHAIN_DRAFTS.get(self.target, 0))
+        if not 0 <= chain_drafts <= self.mtp_heads:
+            raise ValueError(f"chain_drafts={chain_drafts}: this model has {self.mtp_heads} MTP heads")
+        self.chain_drafts = int(chain_drafts)
         if not 0 <= self.chain_burst <= CHAIN_BURST_MAX:
             raise ValueError(f"chain_burst={chain_burst}: 0 (off) to {CHAIN_BURST_MAX} steps")
         with np.load(self.dir / "params.npz", allow_pickle=False) as z:
@@ -244,7 +255,7 @@ class Engine:
         self._results: dict[str, list] = {}  # each function's result tensors, written in place (_out)
         self._result_specs: dict[str, list] = {}  # their (shape, dtype), for _read
         self._chain_bias = None  # chain_b1's bias over the vocabulary (made at its first call)
-        self._ring_count: int | None = None  # chain_b1's count of calls (its ring[R]) as last read; None: unknown
+        self._ring_count: dict[str, int] = {}  # per chain function, its ring's count (ring[R]) as last read
         self.seq = Sequence()  # the single-sequence API's sequence
         self.token_healing = token_healing
         self.tokenizer = tokenizer
@@ -455,20 +466,33 @@ class Engine:
         """Whether the module has ``chain_b1`` (a build of this compiler; an older cache entry may not)."""
         return "chain_b1" in self.meta.get("outputs", {})
 
+    def usable_chain_drafts(self) -> int:
+        """Drafts per call of a speculative chain (``spec_chain_b{K+1}``, :meth:`chain`): :attr:`chain_drafts` when
+        the build has that function (an older cache entry may not), else 0 (plain chains)."""
+        k = self.chain_drafts
+        return k if k and f"spec_chain_b{k + 1}" in self.meta.get("outputs", {}) else 0
+
     def chain(
-        self, token: int, n: int, seq: Sequence | None = None, temperature: float = 0.0, seed: int = 0
-    ) -> list[int]:
-        """``n`` steps queued back to back on the device (``chain_b1``): ``token`` is appended to ``seq`` (default:
-        the Engine's own), and each step appends the first maximum of the logits after the token before it
+        self, token: int, n: int, seq: Sequence | None = None, temperature: float = 0.0, seed: int = 0,
+        drafts: int = 0, stats: Generation | None = None,
+    ) -> list[int]:  # fmt: skip
+        """At least ``n`` tokens by calls queued back to back on the device: ``token`` is appended to ``seq``
+        (default: the Engine's own), and each token is the first maximum of the logits after the one before it
         (``temperature > 0``: a draw from ``softmax(logits / temperature)`` by the Gumbel-max trick, its noise from
-        ``seed`` and the position, :func:`compiler.graph_kernels.gumbel`; unused ids are never drawn); returns the
-        ``n`` tokens picked (the last not yet in the cache, like :meth:`decode`'s logits). Each call
-        feeds its own pick to the next on the device, so the host neither reads logits nor waits between steps: it
-        reads the picks once per burst of up to ``CHAIN_RING`` steps (the function's ring, which counts the calls:
-        a count other than the host's is a ``RuntimeError``). ``seq.hidden`` is not read back (None: a model's MTP
-        drafts resume one plain step later). Greedy, the same tokens as
-        :meth:`decode` and ``np.argmax``, which also takes the first maximum, over the ids a generation may pick (not
-        the unused ones; the logits have no NaN)."""
+        ``seed`` and the position, :func:`compiler.graph_kernels.gumbel`; unused ids are never drawn); the last is
+        not yet in the cache, like :meth:`decode`'s logits. Each call feeds its own pick to the next on the device,
+        so the host neither reads logits nor waits between calls: it reads the picks once per round of calls (the
+        function's ring of ``CHAIN_RING`` tokens, which counts them: a count the calls cannot give is a
+        ``RuntimeError``). Greedy, the same tokens as :meth:`decode` and ``np.argmax``, which also takes the first
+        maximum, over the ids a generation may pick (not the unused ones; the logits have no NaN).
+
+        ``drafts = 0``: ``chain_b1``, one token a call, exactly ``n`` tokens. ``drafts = K > 0``: the speculative
+        chain ``spec_chain_b{K+1}``. Each call verifies the last token and ``K`` drafts of the model's MTP heads in
+        one step, keeps the picks up to the first draft that differs from its row's pick (1 .. K + 1 tokens: the same
+        tokens as ``chain_b1``'s), and drafts the next call's rows on the device. It may return more than ``n``
+        tokens (the calls of a round run to the end; every token is exact); the sequence's cache holds positions up
+        to ``K`` past the last token, which later calls overwrite. Its last drafts are kept in ``seq.drafts`` for
+        the next chain; ``stats`` (a :class:`Generation`) counts its drafts and accepted drafts."""
         seq = self.seq if seq is None else seq
         if not self.has_chain:
             raise ValueError(f"{self.dir.name}: no chain_b1 in this build (built by an older compiler: rebuild it)")
@@ -477,36 +501,82 @@ class Engine:
             raise ValueError(f"chain of {n} steps from position {seq.length}: 1 .. {self.ctx - seq.length} fit")
         if not (0 <= temperature < math.inf and 0 <= seed < SAMPLE_SEEDS):
             raise ValueError(f"chain temperature {temperature} (finite, >= 0) or seed {seed} (0 .. {SAMPLE_SEEDS - 1})")
+        fn, T = ("chain_b1", 1) if not drafts else (f"spec_chain_b{drafts + 1}", drafts + 1)
+        if fn not in self.meta.get("outputs", {}):
+            raise ValueError(f"{self.dir.name}: no {fn} in this build ({drafts} drafts; the model has "
+                             f"{self.mtp_heads} MTP heads)")  # fmt: skip
         inv_t = 1.0 / temperature if temperature >= GREEDY_BELOW else 0.0
-        self._grow(seq, seq.length + n)
-        outs = self._out("chain_b1")
+        start = seq.length
+        # a speculative call writes up to K positions past its last token: hold the room for a round if the pool
+        # has it (a reservation taken at admission usually does), else only the n tokens asked for
+        if T == 1 or not self.pool.reserve(seq, min(self.ctx, start + n * T)):
+            self._grow(seq, start + n)
+        cap = min(self.ctx, len(seq.blocks) * self.pool.block)  # positions the sequence's blocks hold
+        outs = self._out(fn)
         ring = len(outs) - 1
-        R = self._result_specs["chain_b1"][ring][0][0] - 1
+        R = self._result_specs[fn][ring][0][0] - 1
         if self._chain_bias is None:  # unused tokens are never picked: -inf added to their logits
             bias = np.zeros(self.vocab, np.float32)
             bias[self._never] = -np.inf
             self._chain_bias = self._tvm.runtime.tensor(bias, self.dev)
-        args = (self._in("chain_token", [int(token)]), self._in("chain_pos", [seq.length]),
-                self._in("chain_table", seq.table(self.pool.width)[None]), self._chain_bias,
-                self._in("chain_sampling", [inv_t, seed], np.float32), *outs, *self.cache, *self.params)  # fmt: skip
-        self.vm.set_input("chain_b1", *args)  # once: the calls below pass the same tensors
-        if self._ring_count is None or self._ring_count > 1 << 30:  # the device's count ring[R] from 0
+        rows = [int(token), *self._chain_first_drafts(seq, int(token), T - 1)]
+        toks_t = self._in(f"{fn}_token", rows)
+        args = (toks_t, self._in(f"{fn}_pos", [start + j for j in range(T)]),
+                self._in(f"{fn}_table", np.repeat(seq.table(self.pool.width)[None], T, axis=0)), self._chain_bias,
+                self._in(f"{fn}_sampling", [inv_t, seed], np.float32), *outs, *self.cache, *self.params)  # fmt: skip
+        self.vm.set_input(fn, *args)  # once: the calls below pass the same tensors
+        count = self._ring_count.get(fn)
+        if count is None or count > 1 << 30:  # the device's count ring[R] from 0
             self._in_place(outs[ring], np.zeros(R + 1, np.int32))
-            self._ring_count = 0
+            count = 0
         picks: list[int] = []
+        calls = 0
         while len(picks) < n:
-            m, start = min(R, n - len(picks)), self._ring_count
-            self._ring_count = None  # unknown until the calls are read back
+            m = min(R // T, n - len(picks), (cap - start - len(picks)) // T)  # every row of every call fits
+            if m < 1:
+                break  # fewer than K + 1 positions left: plain calls finish (below)
+            self._ring_count.pop(fn, None)  # unknown until the calls are read back
             for _ in range(m):
-                self.vm.invoke_stateful("chain_b1")
-            got = self._read("chain_b1", ring)  # waits for the calls
-            if got[R] != start + m:
-                raise RuntimeError(f"chain_b1 counted {got[R]} calls, {start + m} expected")
-            picks += [int(got[(start + j) % R]) for j in range(m)]
-            self._ring_count = start + m
-        seq.length += n
-        seq.hidden, seq.drafts = None, None  # not read back: drafting (if any) resumes after one plain step
+                self.vm.invoke_stateful(fn)
+            got = self._read(fn, ring)  # waits for the calls
+            new = int(got[R]) - count
+            if not m <= new <= m * T:
+                raise RuntimeError(f"{fn}: {m} calls counted {new} tokens (1 .. {T} each)")
+            picks += [int(got[(count + j) % R]) for j in range(new)]
+            count = self._ring_count[fn] = count + new
+            calls += m
+        seq.length = start + len(picks)
+        seq.hidden, seq.drafts = None, None  # not read back: host-driven drafting resumes after one plain step
+        if T > 1:
+            if stats is not None:
+                stats.drafted += calls * (T - 1)
+                stats.accepted += len(picks) - calls
+                stats.spec_steps += calls
+            if not picks:
+                return self.chain(int(token), n, seq, temperature, seed)
+            if len(picks) < n:
+                return picks + self.chain(picks[-1], n - len(picks), seq, temperature, seed)
+            last = self._read_tensor(toks_t, (T,), np.int32)  # the next call's rows: a pick and its drafts
+            if int(last[0]) == picks[-1]:
+                seq.drafts, seq.drafts_after = last[1:].copy(), int(last[0])
         return picks
+
+    def _chain_first_drafts(self, seq: Sequence, token: int, k: int) -> list[int]:
+        """The first call's ``k`` drafts after ``token``: those the last chain or fused step made after it, else the
+        MTP heads' from ``seq.hidden``, else ``token`` repeated (rejected, most likely: one call without gain)."""
+        if not k:
+            return []
+        if seq.drafts is not None and seq.drafts_after == token and len(seq.drafts) >= k:
+            return [int(t) for t in seq.drafts[:k]]
+        if seq.hidden is not None:
+            return [int(t) for t in self.draft(seq.hidden[None], [token], k)[0]]
+        return [token] * k
+
+    def _read_tensor(self, t, shape: tuple, dtype) -> np.ndarray:
+        """A device tensor's contents (an input the device wrote in place) by TVM's C copy, which waits for it."""
+        a = np.empty(shape, dtype)
+        self._copy_to(t, ctypes.c_void_p(a.ctypes.data), a.nbytes)
+        return a
 
     def _in_place(self, t, values: np.ndarray) -> None:
         """Refill the device tensor ``t`` from ``values`` (same shape and dtype) by TVM's C copy."""
@@ -584,25 +654,27 @@ class Engine:
         return bool(self.chain_burst) and self.has_chain and (picker.plain_greedy or picker.plain_sample)
 
     def chain_burst_for(self, picker: TokenPicker, seq: Sequence, tok: int) -> list[int]:
-        """Up to :attr:`chain_burst` tokens after ``tok`` for ``seq`` by :meth:`chain` (at most the token limit and
-        the context allow), each pushed to ``picker`` as if picked one step at a time; those after the one that ends
-        the generation are dropped, and the sequence's length set back to the tokens it really holds. The same tokens
-        as the step-by-step path: greedy (``picker.plain_greedy``), each is the argmax; sampled
-        (``picker.plain_sample``), each is the Gumbel-max draw of :func:`runtime.decoding.gumbel_pick` with the
-        picker's noise seed (equal but for float32 ties: the device's ``log`` may differ from numpy's in the last
-        bit)."""
+        """At least :attr:`chain_burst` tokens after ``tok`` for ``seq`` by :meth:`chain` (at most the token limit
+        and the context allow; with :meth:`chain_drafts`, a speculative chain, which may give more), each pushed to
+        ``picker`` as if picked one step at a time; those after the one that ends the generation are dropped, and
+        the sequence's length set back to the tokens it really holds. The same tokens as the step-by-step path:
+        greedy (``picker.plain_greedy``), each is the argmax; sampled (``picker.plain_sample``), each is the
+        Gumbel-max draw of :func:`runtime.decoding.gumbel_pick` with the picker's noise seed (equal but for float32
+        ties: the device's ``log`` may differ from numpy's in the last bit)."""
         start = seq.length
         n = min(self.chain_burst, picker.limit - len(picker.result.tokens), self.ctx - start)
         p = picker.params
         temp, seed = (p.temperature, picker.noise_seed) if picker.plain_sample else (0.0, 0)
+        drafts = self.usable_chain_drafts() if n > 1 else 0
+        picks = self.chain(tok, n, seq, temp, seed, drafts=drafts, stats=picker.result)
         out = []
-        for j, t in enumerate(self.chain(tok, n, seq, temp, seed)):
+        for j, t in enumerate(picks):
             out.append(t)
             picker.push(t, start + j + 1)
             if picker.done:
                 break
-        if len(out) < n:  # the dropped picks' keys lie past the length: overwritten later, never read
-            seq.length, seq.hidden = start + len(out), None
+        if len(out) < len(picks):  # the dropped picks' keys lie past the length: overwritten later, never read
+            seq.length, seq.hidden, seq.drafts = start + len(out), None, None
         return out
 
     def tokenize(self, text: str) -> list[int]:

@@ -286,17 +286,18 @@ def test_batcher_runs_a_lone_request_in_bursts(engines, monkeypatch, temperature
 
 @pytest.mark.unit
 def test_chain_burst_arguments():
-    """``--chain-burst``: default per target, an explicit value wins, explicit drafts alone turn chains off (they would
-    take the same generations), out-of-range values are refused in one line."""
+    """``--chain-burst``: default per target, an explicit value wins (drafts no longer turn chains off: a chain
+    verifies them, ``--draft-tokens`` sets its drafts too), out-of-range values are refused in one line."""
     import argparse
 
-    from runtime.chat import add_draft_args, chain_burst, check_draft_args
+    from runtime.chat import add_draft_args, chain_burst, chain_drafts, check_draft_args
 
     ap = argparse.ArgumentParser()
     add_draft_args(ap)
-    for argv, want in (([], None), (["--draft-tokens", "1"], 0), (["--draft-tokens", "1", "--chain-burst", "8"], 8),
-                       (["--chain-burst", "0"], 0), (["--no-speculative"], None)):  # fmt: skip
+    for argv, want, drafts in (([], None, None), (["--draft-tokens", "1"], None, 1),
+                               (["--draft-tokens", "1", "--chain-burst", "8"], 8, 1), (["--chain-burst", "0"], 0, None),
+                               (["--no-speculative"], None, 0)):  # fmt: skip
         a = ap.parse_args(argv)
-        assert check_draft_args(a) is None and chain_burst(a) == want, argv
+        assert check_draft_args(a) is None and (chain_burst(a), chain_drafts(a)) == (want, drafts), argv
     for bad in ("-1", "257"):
         assert "--chain-burst must be in 0..256" in check_draft_args(ap.parse_args(["--chain-burst", bad]))
