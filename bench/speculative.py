@@ -10,12 +10,14 @@ split: never trained on). Each prompt is generated greedily (``--temperature T``
 seed ``i``) for ``--tokens`` tokens (``ignore_eos``, so every setting decodes the same number of tokens) with each
 ``--draft-tokens`` setting (0 = plain decoding) on one Engine, switching ``Engine.draft_tokens`` between generations;
 ``--chain-burst N`` adds a setting ``cN``, plain greedy generation as device chains of ``N`` steps (``Engine.chain``;
-the draft settings run with chains off). The settings are interleaved: each of ``--rounds`` rounds runs every setting
-over all prompts, in a rotated order. Decode tokens/s of a round = its tokens after the first (per prompt) / their
-decode time; the table gives the median over rounds, the range, and the ratio to plain decoding taken within each
-round. ``identical``: every setting's tokens equal plain decoding's for every prompt (greedy speculation is exact;
-sampled, chains draw the host's own noise, while drafts keep only the distribution: no entry). Acceptance = accepted /
-drafted tokens; tokens per step = (accepted + verify steps) / verify steps.
+the draft settings run with chains off), and with ``--chain-drafts K ...`` a setting ``cNdK`` for each ``K``:
+speculative chains, each call verifying ``K`` drafts on the device (``spec_chain_b{K+1}``). The settings are
+interleaved: each of ``--rounds`` rounds runs every setting over all prompts, in a rotated order. Decode tokens/s of a
+round = its tokens after the first (per prompt) / their decode time; the table gives the median over rounds, the
+range, and the ratio to plain decoding taken within each round. ``identical``: every setting's tokens equal plain
+decoding's for every prompt (greedy speculation is exact; sampled, chains draw the host's own noise, while drafts keep
+only the distribution: no entry). Acceptance = accepted / drafted tokens; tokens per step = (accepted + verify steps)
+/ verify steps.
 
 Timings on a shared machine are only meaningful when nothing else runs.
 """
@@ -35,7 +37,6 @@ import numpy as np
 from bench.machine import REPO, git_commit, machine, save_json
 
 PROMPTS = REPO / "bench" / "data" / "heldout_code_prompts.json"
-CHAIN = "chain"  # the setting of --chain-burst: plain greedy as device chains, no drafts
 
 
 @dataclass
@@ -50,6 +51,7 @@ class SpecBenchConfig:
     tokens: int = 128
     rounds: int = 5
     chain_burst: int = 0  # > 0: one more setting, plain greedy as device chains of this many steps (Engine.chain)
+    chain_drafts: list[int] = field(default_factory=list)  # with chain_burst: a setting per K, speculative chains
     temperature: float = 0.0  # > 0: plain temperature sampling (prompt i with seed i) instead of greedy
 
 
@@ -78,10 +80,14 @@ def run(cfg: SpecBenchConfig) -> dict:
     prompts = [p["prompt"] for p in json.loads(Path(cfg.prompts).read_text())["prompts"][: cfg.n_prompts]]
     params = [SamplingParams(max_new_tokens=cfg.tokens, ignore_eos=True, temperature=cfg.temperature, seed=i)
               for i in range(len(prompts))]  # fmt: skip
-    settings = {k: (k, 0) for k in cfg.draft_tokens}  # setting → (drafts, chain burst)
+    settings = {k: (k, 0, 0) for k in cfg.draft_tokens}  # setting → (host drafts, chain burst, chain drafts)
     if cfg.chain_burst and eng.has_chain:
-        settings[CHAIN] = (0, cfg.chain_burst)
-    for eng.draft_tokens, eng.chain_burst in settings.values():  # warm-up (first calls, the token table)
+        settings[f"c{cfg.chain_burst}"] = (0, cfg.chain_burst, 0)
+        for k in cfg.chain_drafts:
+            if not 1 <= k <= eng.mtp_heads or f"spec_chain_b{k + 1}" not in eng.meta["outputs"]:
+                raise SystemExit(f"error: --chain-drafts {k}: this build has no spec_chain_b{k + 1}")
+            settings[f"c{cfg.chain_burst}d{k}"] = (0, cfg.chain_burst, k)
+    for eng.draft_tokens, eng.chain_burst, eng.chain_drafts in settings.values():  # warm-up (first calls, tables)
         for p, pp in zip(prompts[:2], params, strict=False):
             eng.generate(p, pp)
     plain_tokens: dict[int, list[int]] = {}
@@ -92,7 +98,7 @@ def run(cfg: SpecBenchConfig) -> dict:
         order = names[r % len(names) :] + names[: r % len(names)]
         rate = {}
         for k in order:
-            eng.draft_tokens, eng.chain_burst = settings[k]
+            eng.draft_tokens, eng.chain_burst, eng.chain_drafts = settings[k]
             toks = secs = drafted = accepted = steps = 0
             for i, p in enumerate(prompts):
                 g = eng.generate(p, params[i])
@@ -112,11 +118,12 @@ def run(cfg: SpecBenchConfig) -> dict:
                 rows[k]["ratio"].append(rate[k] / rate[0])
 
     def exact(setting):  # token for token plain decoding's: greedy, or a chain's draws (the host's own Gumbel noise)
-        return cfg.temperature == 0 or setting[0] == 0
+        return cfg.temperature == 0 or setting[0] == 0  # a speculative chain draws a plain chain's noise too
 
     out = []
     for k, v in rows.items():
-        out.append({"draft_tokens": settings[k][0], "chain_burst": settings[k][1], "decode_tok_s": stats(v["tps"]),
+        out.append({"setting": str(k), "draft_tokens": settings[k][0], "chain_burst": settings[k][1],
+                    "chain_drafts": settings[k][2], "decode_tok_s": stats(v["tps"]),
                     "runs": cfg.rounds,
                     "x_plain": stats(v["ratio"]) if v["ratio"] else None,
                     "acceptance": stats(v["acceptance"]), "tokens_per_step": stats(v["tokens_per_step"]),
@@ -126,15 +133,15 @@ def run(cfg: SpecBenchConfig) -> dict:
 
 
 def table(res: dict) -> str:
-    head = f"{'draft':>5} {'decode tok/s (median, range)':>30} {'x plain':>16} {'accept':>7} {'tok/step':>8}"
+    head = f"{'setting':>7} {'decode tok/s (median, range)':>30} {'x plain':>16} {'accept':>7} {'tok/step':>8}"
     lines = [head + " identical"]
     for r in res["rows"]:
         d, x = r["decode_tok_s"], r["x_plain"]
         xs = f"{x['median']:.2f} ({x['min']:.2f}-{x['max']:.2f})" if x else "-"
         rate = f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f})"
         acc, tps = r["acceptance"]["median"], r["tokens_per_step"]["median"]
-        name = f"c{r['chain_burst']}" if r.get("chain_burst") else r["draft_tokens"]
-        lines.append(f"{name:>5} {rate:>30} {xs:>16} {acc:>7.3f} {tps:>8.2f} {r['identical']}")
+        name = r.get("setting", r["draft_tokens"])
+        lines.append(f"{name:>7} {rate:>30} {xs:>16} {acc:>7.3f} {tps:>8.2f} {r['identical']}")
     return "\n".join(lines)
 
 
@@ -152,6 +159,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=d.rounds)
     ap.add_argument("--chain-burst", type=int, default=0,
                     help="also plain greedy as device chains of this many steps (a row c<N>; 0: none)")  # fmt: skip
+    ap.add_argument("--chain-drafts", type=int, nargs="*", default=[],
+                    help="with --chain-burst: speculative chains, these drafts per call (rows c<N>d<K>)")  # fmt: skip
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="> 0: plain temperature sampling, prompt i with seed i (default: greedy)")  # fmt: skip
     ap.add_argument("--json", default=None, help="write the report here")
@@ -161,7 +170,7 @@ def main(argv=None) -> None:
     if a.threads:
         os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
     cfg = SpecBenchConfig(a.model, a.entry, a.target, a.threads, a.draft_tokens, a.prompts, a.n_prompts, a.tokens,
-                          a.rounds, a.chain_burst, a.temperature)  # fmt: skip
+                          a.rounds, a.chain_burst, a.temperature, a.chain_drafts)  # fmt: skip
     res = run(cfg)
     print(table(res))
     if a.json:

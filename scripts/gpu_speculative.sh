@@ -3,7 +3,8 @@
 # run with TVM's runtime only: (1) the compiled drafts (CUDA argmax and all) against the PyTorch heads' on the held-out
 # prompts ($OUT/draft_parity.json); (2) bench.speculative over those prompts, plain decoding (0 drafts) against 1, 2
 # and 3 drafted tokens per step, and plain greedy as device chains of $CHAIN_BURST (default 16; 0: none) steps
-# (Engine.chain), interleaved over $ROUNDS rounds, with the identical-token check.
+# (Engine.chain), plain and speculative with each of $CHAIN_DRAFTS drafts per call (default "1 2 3"; "": none),
+# interleaved over $ROUNDS rounds, with the identical-token check.
 # Build machine first: bash scripts/gpu_prepare.sh small   (→ .gpu/rt and .gpu/entries/small)
 # then carry .gpu/rt and .gpu/entries/small and run: OUT=<results folder> bash scripts/gpu_speculative.sh
 # JSON: $OUT/spec_small_cuda.json (committed as docs/speculative/spec_small_cuda.json); TEMPERATURE=T: every setting
@@ -50,4 +51,5 @@ print(f"compiled drafts equal to PyTorch's: {same}/{total}")
 PY
 python3 -m bench.speculative --entry "$ENTRY" --model models/small.gguf --draft-tokens $DRAFTS --rounds "$ROUNDS" \
   --n-prompts "$PROMPTS" --tokens "$TOKENS" --chain-burst "${CHAIN_BURST:-16}" --temperature "${TEMPERATURE:-0}" \
+  --chain-drafts ${CHAIN_DRAFTS-1 2 3} \
   --json "$OUT/spec_small_cuda${TEMPERATURE:+_t$TEMPERATURE}.json"

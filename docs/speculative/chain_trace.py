@@ -1,0 +1,48 @@
+"""GPU time per call of each chain function (``chain_b1``, ``spec_chain_b{K+1}``): a ``torch.profiler`` trace of
+repeated calls (``bench.cuda_trace``), with the kernels that take the most time. Beside ``bench.speculative``'s
+tokens per call this says what a speculative call costs against a plain one, without the host.
+
+    python docs/speculative/chain_trace.py --entry .gpu/entries/small --json $OUT/chain_trace_cuda.json   # GPU host
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from bench.cuda_trace import trace
+from runtime.engine import Engine
+
+PROMPT = 'def mean(xs):\n    """The arithmetic mean of a list of numbers."""\n'
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--entry", required=True)
+    ap.add_argument("--model", default="models/small.gguf")
+    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args()
+    eng = Engine(a.entry, a.model, chain_burst=0, draft_tokens=0)
+    ids = eng.tokenize(PROMPT)
+    out = {"entry": a.entry, "calls": a.calls, "rows": []}
+    for k in range(eng.mtp_heads + 1):
+        fn = "chain_b1" if k == 0 else f"spec_chain_b{k + 1}"
+        if fn not in eng.meta["outputs"]:
+            continue
+        eng.reset()
+        first = int(np.argmax(eng.prefill(ids)))
+        got = eng.chain(first, 128, drafts=k)  # sets the inputs and reserves the positions the traced calls write
+        assert eng.pos + (a.calls + 10) * (k + 1) <= min(eng.ctx, len(eng.seq.blocks) * eng.pool.block), "room"
+        t = trace(lambda fn=fn: eng.vm.invoke_stateful(fn), calls=a.calls)
+        row = {"function": fn, "drafts": k, "chain_tokens": len(got)} | t
+        out["rows"].append(row)
+        print(f"{fn}: busy {t['busy_us']:.1f} us per call, {t.get('kernels', '?')} kernels", flush=True)
+    with open(a.json, "w") as fh:
+        json.dump(out, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
