@@ -170,7 +170,7 @@ def main(argv=None) -> None:
     if a.threads:
         os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
     cfg = SpecBenchConfig(a.model, a.entry, a.target, a.threads, a.draft_tokens, a.prompts, a.n_prompts, a.tokens,
-                          a.rounds, a.chain_burst, a.temperature, a.chain_drafts)  # fmt: skip
+                          a.rounds, a.chain_burst, a.chain_drafts, a.temperature)  # fmt: skip
     res = run(cfg)
     print(table(res))
     if a.json:

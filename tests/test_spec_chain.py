@@ -146,7 +146,7 @@ def test_spec_chain_accepts_the_shipped_models_drafts_and_keeps_them_for_the_nex
 @pytest.mark.parametrize("temperature", [0, 0.8])
 def test_generation_through_spec_chains_equals_step_by_step(engines, temperature):
     """Whole generations with token limits that end inside a call's accepted drafts, and a stop token: the same
-    tokens and finish reasons as the step-by-step Engine (sampled: the same seeded Gumbel draws)."""
+    tokens and finish reasons as the step-by-step Engine (sampled: the same seeded Gumbel draws, by plain chains)."""
     chained, plain = engines
     for limit, seed in ((1, 0), (2, 1), (9, 2), (23, 3)):
         params = SamplingParams(max_new_tokens=limit, temperature=temperature, seed=seed, ignore_eos=True)
@@ -156,6 +156,21 @@ def test_generation_through_spec_chains_equals_step_by_step(engines, temperature
     params = SamplingParams(max_new_tokens=30, stop_token_ids=(stop,))
     want, got = _generate(plain, PROMPT, params), _generate(chained, PROMPT, params)
     assert (got.tokens, got.finish_reason) == (want.tokens, want.finish_reason)
+
+
+@pytest.mark.build
+def test_sampled_spec_chain_draws_the_plain_chains_tokens(engines):
+    """At a temperature each row's pick is the Gumbel-max draw of its position, so a speculative chain keeps the
+    plain chain's draws exactly (generations sample through plain chains by default: drafts pay only greedy)."""
+    eng, _ = engines
+    for seed in (1, 2, 3):
+        runs = []
+        for drafts in (0, 1, 2):
+            eng.reset()
+            first = int(np.argmax(eng.prefill(PROMPT)))
+            runs.append(eng.chain(first, 40, temperature=0.8, seed=seed, drafts=drafts))
+        n = min(map(len, runs))
+        assert runs[1][:n] == runs[0][:n] == runs[2][:n] and n >= 40, seed
 
 
 @pytest.mark.build

@@ -34,8 +34,9 @@ def main() -> None:
             continue
         eng.reset()
         first = int(np.argmax(eng.prefill(ids)))
-        got = eng.chain(first, 128, drafts=k)  # sets the inputs and reserves the positions the traced calls write
-        assert eng.pos + (a.calls + 10) * (k + 1) <= min(eng.ctx, len(eng.seq.blocks) * eng.pool.block), "room"
+        got = eng.chain(first, 128, drafts=k)  # sets the inputs
+        room = eng.pos + (a.calls + 10) * (k + 1)  # the positions the traced calls may write: the sequence's blocks
+        assert room <= eng.ctx and eng.pool.reserve(eng.seq, room), "room"
         t = trace(lambda fn=fn: eng.vm.invoke_stateful(fn), calls=a.calls)
         row = {"function": fn, "drafts": k, "chain_tokens": len(got)} | t
         out["rows"].append(row)
