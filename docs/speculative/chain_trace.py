@@ -1,6 +1,7 @@
 """GPU time per call of each chain function (``chain_b1``, ``spec_chain_b{K+1}``): a ``torch.profiler`` trace of
-repeated calls (``bench.cuda_trace``), with the kernels that take the most time. Beside ``bench.speculative``'s
-tokens per call this says what a speculative call costs against a plain one, without the host.
+repeated calls (``bench.cuda_trace``), each call at the same position with the same rows (its token and drafts
+refilled before it), with the kernels that take the most time. Beside ``bench.speculative``'s tokens per call this
+says what a speculative call costs against a plain one, without the host.
 
     python docs/speculative/chain_trace.py --entry .gpu/entries/small --json $OUT/chain_trace_cuda.json   # GPU host
 """
@@ -34,13 +35,20 @@ def main() -> None:
             continue
         eng.reset()
         first = int(np.argmax(eng.prefill(ids)))
-        got = eng.chain(first, 128, drafts=k)  # sets the inputs
-        room = eng.pos + (a.calls + 10) * (k + 1)  # the positions the traced calls may write: the sequence's blocks
-        assert room <= eng.ctx and eng.pool.reserve(eng.seq, room), "room"
-        t = trace(lambda fn=fn: eng.vm.invoke_stateful(fn), calls=a.calls)
-        row = {"function": fn, "drafts": k, "chain_tokens": len(got)} | t
+        got = eng.chain(first, 64, drafts=k)  # sets the inputs; then every traced call restarts at this position
+        rows = [got[-1], *(eng.seq.drafts[:k] if k else [])]
+        at = [eng.pos + j for j in range(k + 1)]
+        assert eng.pool.reserve(eng.seq, eng.pos + k + 1), "no cache room for the traced rows"
+
+        def call(fn=fn, rows=rows, at=at):  # the same token, drafts and positions each time: equal work per call
+            eng._in(f"{fn}_token", rows)
+            eng._in(f"{fn}_pos", at)
+            eng.vm.invoke_stateful(fn)
+
+        t = trace(call, calls=a.calls)
+        row = {"function": fn, "drafts": k, "position": eng.pos} | t
         out["rows"].append(row)
-        print(f"{fn}: busy {t['busy_us']:.1f} us per call, {t.get('kernels', '?')} kernels", flush=True)
+        print(f"{fn}: busy {t['busy_us']:.1f} us per call at {eng.pos}, {t['kernels']:.0f} kernels", flush=True)
     with open(a.json, "w") as fh:
         json.dump(out, fh, indent=1, default=str)
 
