@@ -39,6 +39,7 @@ def main() -> None:
         rows = [got[-1], *(eng.seq.drafts[:k] if k else [])]
         at = [eng.pos + j for j in range(k + 1)]
         assert eng.pool.reserve(eng.seq, eng.pos + k + 1), "no cache room for the traced rows"
+        eng._in(f"{fn}_table", np.repeat(eng.seq.table(eng.pool.width)[None], k + 1, axis=0))  # its blocks, if new
 
         def call(fn=fn, rows=rows, at=at):  # the same token, drafts and positions each time: equal work per call
             eng._in(f"{fn}_token", rows)
