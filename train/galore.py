@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from train.muon import BatchedMuon, orthogonalize
+from train.muon import BatchedMuon, orthogonalize_shared
 
 OVERSAMPLE = 8
 POWER_ITERS = 2
@@ -83,7 +83,7 @@ class GaLoreMuon(BatchedMuon):
         buf = torch.stack([st["momentum_buffer"] for st in states])
         buf.lerp_(low, 1 - group["momentum"])
         update = low.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
-        ortho = proj @ orthogonalize(update, group["ns_steps"]).to(proj.dtype)
+        ortho = proj @ orthogonalize_shared(update, group["ns_steps"]).to(proj.dtype)
         for i, st in enumerate(states):
             st["momentum_buffer"].copy_(buf[i])
             st["step"] += 1

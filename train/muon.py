@@ -6,6 +6,12 @@ but a transformer's hidden matrices come in a handful of shapes (q/o, k/v, gate/
 into one ``[count, rows, cols]`` tensor turns ~15 small matmuls per matrix into ~15 batched ones per shape. On the
 ``small`` preset that is 60 kernel launches a step instead of ~850, which is where its training time went.
 
+Under DDP (``torch.distributed`` initialised, world size ``W > 1``) every rank holds the same all-reduced gradients
+and momentum, so the orthogonalisation, the only costly part, is split: rank ``r`` runs Newton–Schulz on its
+``1/W`` share of each shape's stack and an all-gather assembles the rest (:func:`orthogonalize_shared`; the
+approach of Keller Jordan's distributed Muon). Each matrix's result is computed exactly as alone, so every rank
+applies the same update, equal to the single-process one.
+
 State per parameter: ``momentum_buffer`` (a plain ``Optimizer`` state dict, so checkpoints and exact resume work).
 ``train.optim8.Muon8bit`` keeps it in 8 bits and ``train.galore.GaLoreMuon`` in a low-rank subspace; both override the
 hooks :meth:`BatchedMuon._direction` / ``_load_momentum`` / ``_store_momentum``.
@@ -34,6 +40,27 @@ def orthogonalize(
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.mT if transposed else x
+
+
+def orthogonalize_shared(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """:func:`orthogonalize` of ``g [batch, rows, cols]``, the batch split over the ranks of the default process
+    group (when one is initialised with more than one rank; else computed here alone): rank ``r`` orthogonalises
+    matrices ``r·k .. (r+1)·k − 1`` of the batch padded with zero matrices to a multiple ``W·k`` of the world size,
+    and an all-gather gives every rank all of them. Every rank must call it with the same ``g`` (as DDP ranks do
+    after the gradient all-reduce)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2 or len(g) < 2:
+        return orthogonalize(g, steps)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    k = -(-len(g) // world)
+    mine = g[rank * k : (rank + 1) * k]
+    if len(mine) < k:  # the last ranks' shares past the batch: zero matrices (orthogonalised to zero, then dropped)
+        mine = torch.cat([mine, g.new_zeros((k - len(mine), *g.shape[1:]))])
+    part = orthogonalize(mine, steps).contiguous()
+    out = part.new_empty((world * k, *part.shape[1:]))
+    dist.all_gather_into_tensor(out, part)
+    return out[: len(g)]
 
 
 class BatchedMuon(torch.optim.Optimizer):
@@ -74,7 +101,7 @@ class BatchedMuon(torch.optim.Optimizer):
         buf = self._load_momentum(params)
         buf.lerp_(grads, 1 - group["momentum"])
         update = grads.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
-        ortho = orthogonalize(update, group["ns_steps"])
+        ortho = orthogonalize_shared(update, group["ns_steps"])
         self._store_momentum(params, buf)
         return ortho
 
