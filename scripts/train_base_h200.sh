@@ -12,7 +12,12 @@
 #   * $OUT: base_summary.json, runs.tgz (metrics, configs, evaluations, logs), loss.png and the GGUF in < 16 MiB parts
 #     (base.gguf.part-aa, -ab, ...: `cat base.gguf.part-* > base.gguf`).
 # Data: the corpus of this host's stdlib + site-packages and the shipped GGUF's tokenizer (so the val split and the
-# bits/byte are docs/train/small's), all of the train split tokenized (~111 M tokens).
+# bits/byte are docs/train/small's), all of the train split tokenized (~111 M tokens). EXEC_FRAC=F > 0 holds out a
+# fraction F of the train files with doctests as the split "exec" (train.corpus --exec-file-frac; val unchanged),
+# never trained on: the held-out execution tasks of issue 20 (scripts/sft_base_h200.sh mines and scores them).
+# GPUs: NPROC (default: all of this host's) ranks under torchrun, BATCH sequences each (DDP; Muon's Newton-Schulz
+# split over the ranks), so STEPS × BATCH × SEQ × NPROC tokens in all. Then: scripts/sft_base_h200.sh on the same
+# machine (SFT, its scores, the exec tasks).
 #
 # Build machine first (nvcc, no GPU): bash scripts/gpu_prepare.sh small base   (.gpu/rt, .gpu/entries/{small,base})
 # Then, device tool, carry .whl .gpu/rt .gpu/entries/small .gpu/entries/base (not all of .gpu: that would replace $W):
@@ -32,7 +37,9 @@ BUDGET=${BUDGET:-545}  # this call, s (the device call's limit is 600, minus sta
 POST=${POST:-200}      # s kept after training in the call that finishes the run: export, evaluations, validity
 GRACE=${GRACE:-40}     # s between SIGTERM and SIGKILL (the step in flight and the checkpoint)
 EVAL_TOKENS=${EVAL_TOKENS:-1000000} N_FUNCTIONS=${N_FUNCTIONS:-200} DEVICE=${DEVICE:-cuda}
-ROOTS=${ROOTS:-stdlib,site-packages} RESUME_ONLY=${RESUME_ONLY:-0}
+ROOTS=${ROOTS:-stdlib,site-packages} RESUME_ONLY=${RESUME_ONLY:-0} EXEC_FRAC=${EXEC_FRAC:-0}
+NPROC=${NPROC:-$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)}
+NPROC=$((NPROC > 0 ? NPROC : 1))
 TRAIN_ARGS=${TRAIN_ARGS---compile}
 mkdir -p "$OUT" "$W"
 R=$W/base
@@ -49,8 +56,12 @@ results() {  # on any exit: what exists so far, in few files (the device tool re
 trap results EXIT
 nvidia-smi -L 2> /dev/null || true
 if [ ! -f "$W/data/data/shards/meta.json" ]; then
-    python3 -m train.sft --gguf models/small.gguf --out "$W/data" --roots "$ROOTS" --plain-mb 100000 --prepare-only 1 \
+    mkdir -p "$W/data/data"
+    python3 -m train.corpus --out "$W/data/data/corpus" --roots ${ROOTS//,/ } --exec-file-frac "$EXEC_FRAC" \
         > "$W/log_data.txt" 2>&1 || { tail -c 3000 "$W/log_data.txt"; exit 1; }
+    python3 -m train.sft --gguf models/small.gguf --out "$W/data" --manifest "$W/data/data/corpus/manifest.jsonl" \
+        --roots "$ROOTS" --plain-mb 100000 --prepare-only 1 >> "$W/log_data.txt" 2>&1 ||
+        { tail -c 3000 "$W/log_data.txt"; exit 1; }
     echo "data: $(($(date +%s) - T0)) s"
 fi
 M=$W/data/data/corpus/manifest.jsonl S=$W/data/data/shards TOK=$W/data/data/tokenizer.json
@@ -76,9 +87,10 @@ sys.exit(0 if need < avail else 1)
 PY
     cap=$((left - POST))
 fi
-echo "training from step $(done_steps) to $STEPS, cap $cap s"
+echo "training from step $(done_steps) to $STEPS on $NPROC GPU(s), cap $cap s"
 rc=0
-timeout --foreground -s TERM -k "$GRACE" "$cap" python3 -m train.train --preset base --data "$S" --out "$R" \
+if ((NPROC > 1)); then run=(torchrun --standalone --nproc_per_node "$NPROC" -m); else run=(python3 -m); fi
+timeout --foreground -s TERM -k "$GRACE" "$cap" "${run[@]}" train.train --preset base --data "$S" --out "$R" \
     --steps "$STEPS" --batch-size "$BATCH" --seq-len "$SEQ" --seed "$SEED" --warmup-steps "$WARMUP" \
     --eval-every 500 --eval-tokens 262144 --ckpt-every 1000 --log-every 25 $TRAIN_ARGS \
     > "$W/train_$(date +%s).json" 2>> "$W/log_train.txt" || rc=$?
