@@ -936,12 +936,14 @@ def mhc_post(D: int, S: int, first: bool, last: bool, threads: int = 256):
     return last_site.without_attr("global_symbol")
 
 
-def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, gpu: bool = True):
+def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, gpu: bool = True, T: int = 1):
     """A decode-time mHC site that is not the last (:func:`mhc_post`) fused with the next block's RMSNorm + int8
-    quantize (:func:`norm_quantize`) in ONE kernel: parameters ``x, y, h_res, h_post, h_pre, w`` (``w`` the next
-    norm's weight), outputs ``x_out [S, D]``, ``u [D]`` and the next block's ``q int8 [1, D]``, ``scale [1]``, ``q_sum
-    [1]``. The site already sums ``Σu²`` with the norm kernel's thread count and order, and ``u`` stays in shared
-    memory, so the result is bit-identical to the two kernels; two kernels fewer per layer.
+    quantize (:func:`norm_quantize`) in ONE kernel, for ``T`` rows (a CUDA block each: a decode batch, or a verify
+    step's rows): parameters ``x [T, 1 or S, D], y [T, D], h_res, h_post, h_pre, w`` (``w`` the next norm's weight),
+    outputs ``x_out [T, S, D]``, ``u [T, D]`` and the next block's ``q int8 [T, D]``, ``scale [T]``, ``q_sum [T]``.
+    Each row's arithmetic is the one-row kernel's, so a row's results do not depend on ``T`` or on the other rows.
+    The site already sums ``Σu²`` with the norm kernel's thread count and order, and ``u`` stays in shared memory,
+    so the result is bit-identical to the two kernels; two kernels fewer per layer.
 
     Phases, each its own thread loop, with a :func:`block_reduce` between them: the site (``u`` into shared memory,
     each thread's ``Σu²``); the norm (``h = u · r · w``, into a second shared buffer) and each thread's ``max |h|``;
@@ -962,19 +964,19 @@ def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, g
 
     @Tx.prim_func
     def site_norm(
-        x: Tx.Buffer((rows, D), "float32"),
-        y: Tx.Buffer((D,), "float32"),
+        x: Tx.Buffer((T, rows, D), "float32"),
+        y: Tx.Buffer((T, D), "float32"),
         h_res: Tx.Buffer((S, S), "float32"),
         h_post: Tx.Buffer((S,), "float32"),
         h_pre: Tx.Buffer((S,), "float32"),
         w: Tx.Buffer((D,), "float32"),
-        x_out: Tx.Buffer((S, D), "float32"),
-        u: Tx.Buffer((D,), "float32"),
-        q: Tx.Buffer((1, D), "int8"),
-        scale: Tx.Buffer((1,), "float32"),
-        q_sum: Tx.Buffer((1,), "int32"),
+        x_out: Tx.Buffer((T, S, D), "float32"),
+        u: Tx.Buffer((T, D), "float32"),
+        q: Tx.Buffer((T, D), "int8"),
+        scale: Tx.Buffer((T,), "float32"),
+        q_sum: Tx.Buffer((T,), "int32"),
     ):
-        for _b in blocks(1):
+        for b in blocks(T):
             us = Tx.alloc_buffer((D,), "float32", scope=scope)  # u
             hs = Tx.alloc_buffer((D,), "float32", scope=scope)  # the normed h
             red = Tx.alloc_buffer((threads,), "float32", scope=scope)  # Σu², then max |h|
@@ -989,13 +991,13 @@ def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, g
                 for i in Tx.unroll(per):
                     acc[S] = Tx.float32(0)
                     for s in Tx.unroll(S):
-                        acc[s] = h_res[s, 0] * x[0, i * threads + tx]
+                        acc[s] = h_res[s, 0] * x[b, 0, i * threads + tx]
                         for j in Tx.unroll(1, S):
-                            acc[s] = acc[s] + h_res[s, j] * x[j * (rows - 1) // max(S - 1, 1), i * threads + tx]
-                        acc[s] = acc[s] + h_post[s] * y[i * threads + tx]
-                        x_out[s, i * threads + tx] = acc[s]
+                            acc[s] = acc[s] + h_res[s, j] * x[b, j * (rows - 1) // max(S - 1, 1), i * threads + tx]
+                        acc[s] = acc[s] + h_post[s] * y[b, i * threads + tx]
+                        x_out[b, s, i * threads + tx] = acc[s]
                         acc[S] = acc[S] + h_pre[s] * acc[s]
-                    u[i * threads + tx] = acc[S]
+                    u[b, i * threads + tx] = acc[S]
                     us[i * threads + tx] = acc[S]
                     acc[S + 1] = acc[S + 1] + acc[S] * acc[S]
                 tot[0] = acc[S + 1]
@@ -1017,17 +1019,17 @@ def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, g
                 isum = Tx.alloc_buffer((1,), "int32", scope="local")
                 c[0] = Tx.float32(ACT_QMAX) / Tx.max(top[0], Tx.float32(SCALE_EPS))
                 if tx == 0:
-                    scale[0] = c[0]
+                    scale[b] = c[0]
                 isum[0] = 0
                 for i in Tx.unroll(per):
                     c[1] = Tx.min(Tx.max(Tx.nearbyint(hs[i * threads + tx] * c[0]), Tx.float32(-ACT_QMAX)),
                                   Tx.float32(ACT_QMAX))  # fmt: skip
-                    q[0, i * threads + tx] = Tx.Cast("int8", c[1])
+                    q[b, i * threads + tx] = Tx.Cast("int8", c[1])
                     isum[0] = isum[0] + Tx.Cast("int32", c[1])
                 sum_part(isum, redi, tx)
             sum_finish(redi, fini)  # Σq
             for tx in thr(threads):
                 if tx == 0:
-                    q_sum[0] = fini[0]
+                    q_sum[b] = fini[0]
 
     return site_norm.without_attr("global_symbol")

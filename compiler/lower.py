@@ -883,22 +883,22 @@ class Lowering:
         """mHC site ``site`` (``2i``: after layer i's attention, ``2i + 1``: after its FFN): mixes the block output
         ``y`` into the residual streams ``X`` (the first site expands the embedding ``x`` instead, the last collapses
         them) and aggregates the next block's input. Returns the new streams (``X`` after the last) and that input.
-        ``next_norm``: the weight of the RMSNorm the next block applies first; where the table has ``mhc_norm`` (one
-        token) the site computes that norm's int8 codes too and leaves them in ``f.normed`` for :meth:`_norm_quant`."""
+        ``next_norm``: the weight of the RMSNorm the next block applies first; where the table has ``mhc_norm`` (decode
+        rows: one token, a batch, a verify step) the site computes that norm's int8 codes too and leaves them in
+        ``f.normed`` for :meth:`_norm_quant`."""
         D, S, T, f32 = self.cfg.d_model, self.cfg.n_streams, f.T, "float32"
         first, lst = site == 0, site == 2 * self.cfg.n_layers - 1
         coef = [f.pv[_site_param(site, "h_res")], f.pv[_site_param(site, "h_post")]]
         if not lst:
             coef.append(f.pv[_site_param(site + 1, "h_pre")])
-        if T == 1 and not lst and next_norm and self.k.mhc_norm:  # decode: the site and the next norm, one kernel
+        if f.batch and not lst and next_norm and self.k.mhc_norm:  # decode rows: the site and the next norm, one kernel
             eps = self.cfg.norm_eps
-            gv = self._te("mhc_post_norm", lambda *a: self.k.mhc_norm(*a, eps=eps), D, S, int(first))  # one eps a model
-            xin = self._reshape(x, (1, D)) if first else X
-            outs = [((S, D), f32), ((D,), f32), ((1, D), "int8"), ((1,), f32), ((1,), "int32")]
-            Xn, un, *codes = self._call(gv, [xin, self._reshape(y, (D,)), *coef, f.pv[next_norm]], outs)
-            u = self._reshape(un, (1, D))
+            gv = self._te("mhc_post_norm", lambda t, *a: self.k.mhc_norm(*a, eps=eps, T=t), T, D, S, int(first))
+            xin = self._reshape(x if first else X, (T, 1 if first else S, D))  # one row: X is [S, D]
+            outs = [((T, S, D), f32), ((T, D), f32), ((T, D), "int8"), ((T,), f32), ((T,), "int32")]
+            Xn, u, *codes = self._call(gv, [xin, self._reshape(y, (T, D)), *coef, f.pv[next_norm]], outs)
             f.normed[next_norm] = (u, tuple(codes))
-            return Xn, u
+            return (self._reshape(Xn, (S, D)) if T == 1 else Xn), u
         if T == 1:  # decode: the tuned site op
             gv, _ = self._op("mhc_post", D=D, S=S, first=int(first), last=int(lst))
             xin = self._reshape(x, (1, D) if self.k.mhc_x_row else (D,)) if first else X

@@ -251,9 +251,19 @@ def test_mhc_site_fused_with_the_next_norm(S, first):
     h_res = rng.uniform(0, 1, (S, S)).astype(np.float32)
     h_post, h_pre = (rng.uniform(0, 1, S).astype(np.float32) for _ in range(2))
     w = rng.uniform(0.5, 1.5, D).astype(np.float32)
-    outs = [np.full((S, D), np.nan, np.float32), np.full(D, np.nan, np.float32), np.full((1, D), 99, np.int8),
-            np.full(1, np.nan, np.float32), np.full(1, -7, np.int32)]  # fmt: skip
-    got = _run_cpu(mhc_post_norm(D, S, first, eps, gpu=False), [x, y, h_res, h_post, h_pre, w, *outs])[6:]
+
+    def run(T, xs, ys):  # T rows: x [T, rows, D], y [T, D] → [x_out [T, S, D], u [T, D], q, scale, q_sum]
+        outs = [np.full((T, S, D), np.nan, np.float32), np.full((T, D), np.nan, np.float32),
+                np.full((T, D), 99, np.int8), np.full(T, np.nan, np.float32), np.full(T, -7, np.int32)]  # fmt: skip
+        return _run_cpu(mhc_post_norm(D, S, first, eps, gpu=False, T=T), [xs, ys, h_res, h_post, h_pre, w, *outs])[6:]
+
+    got = [a[0] for a in run(1, x[None], y[None])]
+    # three rows, the middle one ours: each row's results are the one-row kernel's, bit for bit
+    xs = np.stack([rng.standard_normal((rows, D)).astype(np.float32), x, x[::-1].copy()])
+    ys = np.stack([y[::-1].copy(), y, rng.standard_normal(D).astype(np.float32)])
+    three = run(3, xs, ys)
+    for a, b in zip(got, three, strict=True):
+        np.testing.assert_array_equal(b[1], a)
     X = np.repeat(x, S, axis=0) if first else x  # the first site expands the embedding into every stream
     xo, u, _ = mhc_reference(X, y, h_res, h_post, h_pre)
     np.testing.assert_allclose(got[0], xo, rtol=1e-5, atol=1e-5)
@@ -262,7 +272,7 @@ def test_mhc_site_fused_with_the_next_norm(S, first):
     want = quantize_activations((u64 / np.sqrt((u64 * u64).mean() + eps) * w).astype(np.float32)[None])
     assert np.abs(got[2].astype(np.int32) - want.q).max() <= 1 and (got[2] != want.q).mean() < 0.01
     np.testing.assert_allclose(got[3], want.scale, rtol=1e-6)
-    assert got[4][0] == got[2].astype(np.int32).sum()
+    assert got[4] == got[2].astype(np.int32).sum()
     with pytest.raises(ValueError, match="multiple"):
         mhc_post_norm(500, S, first, eps)
 
@@ -340,8 +350,8 @@ def test_cuda_argmax_reduces_by_shuffles_with_one_barrier(sampled):
 def test_shipped_model_builds_for_cuda_with_every_batch(tmp_path):
     """models/small.gguf compiles for CUDA to device code with decode_b{B} for every CUDA batch size: the one-token
     step keeps the tuned GEMVs, a batch runs the GEMM (N = B), and the head is the batched kernel. Graph hygiene:
-    every call of every function (decode, verify, draft, chain, prefill) replays one CUDA graph, launches no kernel
-    of its own and allocates nothing."""
+    every call of every function (decode, verify, draft, chain, speculative chain, prefill) replays one CUDA graph,
+    launches no kernel of its own and allocates nothing."""
     from compiler.build import build
     from compiler.constants import CUDA_BATCH_SIZES
 
@@ -360,12 +370,12 @@ def test_shipped_model_builds_for_cuda_with_every_batch(tmp_path):
     # the build's census (meta.json, what bench.runtime reports on the GPU host) and on the dumped IR
     census = r.meta["census"]
     names = {f"{f}_b{b}" for f in ("decode", "verify", *(f"draft{k}" for k in (1, 2, 3))) for b in CUDA_BATCH_SIZES}
-    assert set(census) == names | {"prefill", "chain_b1"}
+    assert set(census) == names | {"prefill", "chain_b1", "spec_chain_b2", "spec_chain_b3", "spec_chain_b4"}
     for name, c in census.items():
         assert (c["graphs"], c["kernels_outside"], c["allocations"]) == (1, 0, 0), (name, c)
         assert c["kernels_in_graphs"] > 0
     compiled = (tmp_path / "ir" / "compile.relax.py").read_text()
-    for name in ("decode_b1", "decode_b64", "verify_b4", "prefill", "draft3_b2", "chain_b1"):
+    for name in ("decode_b1", "decode_b64", "verify_b4", "prefill", "draft3_b2", "chain_b1", "spec_chain_b3"):
         body = re.search(rf"def {name}\(.*?(?=\n    @R\.function|\Z)", compiled, re.S).group(0)
         assert body.count("vm.builtin.cuda_graph.run_or_capture") == 1
         assert not re.findall(r"cls\.(\w+)\(", body), name  # no kernel launched outside the graph

@@ -131,7 +131,8 @@ def test_cuda_decode_fuses_the_site_with_the_next_norm(heads, head_dim):
     """The CUDA one-token step (``decode_b1``): every mHC site but the last is the site+norm kernel and the next
     block takes its codes (one RMSNorm+quantize kernel left, the first block's); the attention quantizes its own
     output where :func:`compiler.graph_kernels_gpu.quantized_combine_pays` says so, else a quantize kernel follows
-    it. ``prefill`` and a decode batch keep the separate kernels. The CPU build fuses nothing. (Lowered only.)"""
+    it. A decode batch fuses its sites the same way; ``prefill`` keeps the separate kernels. The CPU build fuses
+    nothing. (Lowered only.)"""
     from compiler.graph_kernels_gpu import quantized_combine_pays
 
     cfg = get_config("tiny", n_heads=heads, n_kv_heads=heads // 2, d_model=heads * head_dim)
@@ -151,9 +152,10 @@ def test_cuda_decode_fuses_the_site_with_the_next_norm(heads, head_dim):
     fused = quantized_combine_pays(cfg.n_heads, cfg.head_dim)
     assert fused == (heads * head_dim <= 1024)
     assert (one["attention_quant"], one["attention_rope"], one["quantize_"]) == ((L, 0, 0) if fused else (0, L, L))
-    for name in ("decode_b4", "prefill"):
-        many = calls("cuda", name)
-        assert many["mhc_post_norm"] == 0 and many["ternary_rmsnorm_quant"] == 2 * L
+    rows = calls("cuda", "decode_b4")  # a batch's rows take the same fused site, a CUDA block a row
+    assert rows["mhc_post_norm"] == 2 * L - 1 and rows["ternary_rmsnorm_quant"] == 1
+    many = calls("cuda", "prefill")
+    assert many["mhc_post_norm"] == 0 and many["ternary_rmsnorm_quant"] == 2 * L
     cpu = calls("avx2", "decode_b1")
     assert cpu["mhc_post_norm"] == 0 and cpu["ternary_rmsnorm_quant"] == 2 * L and cpu["attention_quant"] == 0
 
