@@ -149,3 +149,16 @@ def assert_batch_rows_equal_alone(engine) -> None:
     for s in range(B):
         np.testing.assert_array_equal(rows[s], alone[s])
         engine.pool.release(seqs[s])
+
+
+def stepwise_greedy(eng, prompt: list[int], n: int) -> tuple[int, list[int], list[np.ndarray]]:
+    """On a ``runtime.engine.Engine``: the first pick after the prompt, then ``n`` greedy picks one decode call at a
+    time (and their logits); the reference of the device chains' tests."""
+    eng.reset()
+    first = int(np.argmax(eng.prefill(prompt)))
+    toks, logits, t = [], [], first
+    for _ in range(n):
+        logits.append(eng.decode(t))
+        t = int(np.argmax(logits[-1]))
+        toks.append(t)
+    return first, toks, logits

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from runtime_helpers import built, tiny_gguf
+from runtime_helpers import built, stepwise_greedy, tiny_gguf
 
 from compiler.constants import CHAIN_RING
 from runtime.engine import Engine, Generation, SamplingParams
@@ -24,18 +24,6 @@ def engines():
     return Engine(entry, gguf, chain_burst=5), Engine(entry, gguf, chain_burst=0)
 
 
-def _stepwise(eng: Engine, prompt: list[int], n: int) -> tuple[int, list[int], list[np.ndarray]]:
-    """The first pick after the prompt, then ``n`` greedy picks one decode call at a time (and their logits)."""
-    eng.reset()
-    first = int(np.argmax(eng.prefill(prompt)))
-    toks, logits, t = [], [], first
-    for _ in range(n):
-        logits.append(eng.decode(t))
-        t = int(np.argmax(logits[-1]))
-        toks.append(t)
-    return first, toks, logits
-
-
 @pytest.mark.build
 def test_chain_gives_the_step_by_step_tokens_across_ring_wraps(engines):
     """More steps than the ring holds (two bursts and a part), then a plain decode: the same tokens, and the cache
@@ -43,7 +31,7 @@ def test_chain_gives_the_step_by_step_tokens_across_ring_wraps(engines):
     eng, _ = engines
     n = 2 * CHAIN_RING + 7
     assert len(PROMPT) + n + 1 <= eng.ctx
-    first, ref, ref_logits = _stepwise(eng, PROMPT, n + 1)
+    first, ref, ref_logits = stepwise_greedy(eng, PROMPT, n + 1)
     eng.reset()
     assert int(np.argmax(eng.prefill(PROMPT))) == first
     got = eng.chain(first, n)
@@ -57,7 +45,7 @@ def test_chain_then_chain_continues_the_sequence(engines):
     """Chains of 1, 3 and 11 steps one after another (the device's token and position reset from the host each
     time) give the one long chain's tokens."""
     eng, _ = engines
-    first, ref, _ = _stepwise(eng, PROMPT, 15)
+    first, ref, _ = stepwise_greedy(eng, PROMPT, 15)
     eng.reset()
     eng.prefill(PROMPT)
     got, t = [], first
@@ -89,7 +77,7 @@ def _stop_inside_second_burst(eng: Engine) -> tuple[list[int], int]:
     rng = np.random.default_rng(0)
     for _ in range(50):
         prompt = [int(t) for t in rng.integers(0, eng.vocab, 7)]
-        first, toks, _ = _stepwise(eng, prompt, 10)
+        first, toks, _ = stepwise_greedy(eng, prompt, 10)
         seen = [first, *toks]
         for j in (6, 7, 8):
             if seen[j] not in seen[:j]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from runtime_helpers import built, tiny_gguf
+from runtime_helpers import built, stepwise_greedy, tiny_gguf
 
 from compiler.constants import CHAIN_RING
 from runtime.engine import Engine, Generation, SamplingParams
@@ -92,18 +92,6 @@ def _generate(eng: Engine, prompt: list[int], params: SamplingParams) -> Generat
     return g
 
 
-def _stepwise(eng: Engine, prompt: list[int], n: int) -> tuple[int, list[int], list[np.ndarray]]:
-    """The first pick after the prompt, then ``n`` greedy picks one decode call at a time (and their logits)."""
-    eng.reset()
-    first = int(np.argmax(eng.prefill(prompt)))
-    toks, logits, t = [], [], first
-    for _ in range(n):
-        logits.append(eng.decode(t))
-        t = int(np.argmax(logits[-1]))
-        toks.append(t)
-    return first, toks, logits
-
-
 @pytest.mark.build
 @pytest.mark.parametrize("drafts", [1, 2])
 def test_spec_chain_gives_the_step_by_step_tokens_across_ring_wraps(engines, drafts):
@@ -112,7 +100,7 @@ def test_spec_chain_gives_the_step_by_step_tokens_across_ring_wraps(engines, dra
     wrote keys past the sequence."""
     eng, _ = engines
     n = 2 * CHAIN_RING + 7
-    first, ref, ref_logits = _stepwise(eng, PROMPT, n + 3 * drafts + 1)
+    first, ref, ref_logits = stepwise_greedy(eng, PROMPT, n + 3 * drafts + 1)
     eng.reset()
     assert int(np.argmax(eng.prefill(PROMPT))) == first
     stats = Generation()
@@ -130,7 +118,7 @@ def test_spec_chain_accepts_the_shipped_models_drafts_and_keeps_them_for_the_nex
     second chain starts from the drafts the first left on the device."""
     eng = Engine(built(SMALL).dir, SMALL, kv_tokens=1024, draft_tokens=0, chain_burst=0)
     prompt = eng.tokenize('def mean(xs):\n    """The arithmetic mean of a list of numbers."""\n')
-    first, ref, _ = _stepwise(eng, prompt, 120)
+    first, ref, _ = stepwise_greedy(eng, prompt, 120)
     for k in range(1, eng.mtp_heads + 1):
         eng.reset()
         eng.prefill(prompt)
@@ -179,7 +167,7 @@ def test_spec_chain_near_the_context_end_finishes_with_plain_calls(engines):
     past the context."""
     eng, _ = engines
     prompt = (PROMPT * 200)[: eng.ctx - 6]
-    first, ref, _ = _stepwise(eng, prompt, 5)
+    first, ref, _ = stepwise_greedy(eng, prompt, 5)
     eng.reset()
     eng.prefill(prompt)
     got = eng.chain(first, 5, drafts=2)
