@@ -132,7 +132,8 @@ def measure(eng, c, seed):
     table = np.zeros((B, eng.pool.width), np.int32)
     for i, s in enumerate(seqs):
         table[i] = s.table(eng.pool.width)
-    args = [eng._i32(toks + [0] * (B - c)), eng._i32(pos), eng._i32(table), *eng.cache, *eng.params]
+    args = [eng._in("tokens", toks + [0] * (B - c)), eng._in("pos", pos), eng._in("table", table),
+            *eng._out(f"decode_b{B}"), *eng.cache, *eng.params]  # results into the Engine's tensors (a CUDA graph)
     fn = eng._decode[B]
     fn(*args)
     sync(eng)
