@@ -651,8 +651,11 @@ class Engine:
 
     def chains(self, picker: TokenPicker) -> bool:
         """Whether the generation of ``picker`` takes its next tokens by :meth:`chain_burst_for`: chains are on, the
-        module has them and the next pick is plain greedy or a plain temperature draw."""
-        return bool(self.chain_burst) and self.has_chain and (picker.plain_greedy or picker.plain_sample)
+        module has them and the next pick is plain greedy, or a plain temperature draw while the host drafts nothing
+        (host drafts sample by the speculative rule, whose random stream a chain's Gumbel draws would not follow: a
+        seeded sample must be the same alone, where a chain would take it, and in a batch)."""
+        sampled = picker.plain_sample and not self.draft_tokens
+        return bool(self.chain_burst) and self.has_chain and (picker.plain_greedy or sampled)
 
     def chain_burst_for(self, picker: TokenPicker, seq: Sequence, tok: int) -> list[int]:
         """At least :attr:`chain_burst` tokens after ``tok`` for ``seq`` by :meth:`chain` (at most the token limit

@@ -147,6 +147,29 @@ def test_generation_through_spec_chains_equals_step_by_step(engines, temperature
 
 
 @pytest.mark.build
+def test_batcher_runs_a_lone_greedy_request_through_spec_chains(engines, monkeypatch):
+    """The server's continuous batch: a lone greedy request goes through speculative chains (drafts counted in its
+    timings), two at once step by step; tokens and finish reasons are the step-by-step Engine's either way."""
+    from runtime.batch import Request
+
+    chained, plain = engines
+    calls = []
+    chain = chained.chain
+    monkeypatch.setattr(chained, "chain", lambda *a, **k: calls.append(k.get("drafts")) or chain(*a, **k))
+
+    def requests(n):
+        return [Request(None, SamplingParams(max_new_tokens=21, ignore_eos=True), prompt_ids=PROMPT[: 7 - i])
+                for i in range(n)]  # fmt: skip
+
+    for n in (1, 2):
+        calls.clear()
+        got, want = chained.batcher().run(requests(n)), plain.batcher().run(requests(n))
+        assert [(g.tokens, g.finish_reason) for g in got] == [(g.tokens, g.finish_reason) for g in want]
+        if n == 1:
+            assert calls and calls[0] == 2 and got[0].drafted == 2 * got[0].spec_steps > 0
+
+
+@pytest.mark.build
 def test_sampled_spec_chain_draws_the_plain_chains_tokens(engines):
     """At a temperature each row's pick is the Gumbel-max draw of its position, so a speculative chain keeps the
     plain chain's draws exactly (generations sample through plain chains by default: drafts pay only greedy)."""
