@@ -130,14 +130,22 @@ def copy(shape: tuple[int, ...], dtype: str):
     return _prim([x, te.compute(shape, lambda *i: x[i], name="out")])
 
 
+def bindings(gpu: bool):
+    """(blocks, threads) loop constructors: CUDA thread bindings, or serial loops (``gpu=False``: a CPU twin)."""
+    from tvm.script import tirx as Tx
+
+    if not gpu:
+        return Tx.serial, Tx.serial
+    return (lambda n: Tx.thread_binding(n, thread="blockIdx.x")), (lambda n: Tx.thread_binding(n, thread="threadIdx.x"))
+
+
 def chain_advance(R: int, gpu: bool = False):
     """The device side of a greedy chain step (``compiler.lower``'s ``chain_b1``), in place and in one thread: the
     step's pick ``at[0]`` becomes the next step's token (``toks[0]``) at the next position (``pos[0] + 1``) and is
     appended to the ring (``ring[ring[R] % R]``; ``ring[R]`` counts the steps since the host last zeroed it)."""
     from tvm.script import tirx as Tx
 
-    outer = (lambda n: Tx.thread_binding(n, thread="blockIdx.x")) if gpu else Tx.serial
-    inner = (lambda n: Tx.thread_binding(n, thread="threadIdx.x")) if gpu else Tx.serial
+    outer, inner = bindings(gpu)
 
     @Tx.prim_func
     def advance(
@@ -166,8 +174,7 @@ def spec_advance(T: int, R: int, gpu: bool = False):
     from tvm.script import tirx as Tx
 
     K = T - 1
-    outer = (lambda n: Tx.thread_binding(n, thread="blockIdx.x")) if gpu else Tx.serial
-    inner = (lambda n: Tx.thread_binding(n, thread="threadIdx.x")) if gpu else Tx.serial
+    outer, inner = bindings(gpu)
 
     @Tx.prim_func
     def advance(
@@ -201,8 +208,7 @@ def spec_drafts(T: int, gpu: bool = False):
     from tvm.script import tirx as Tx
 
     K = T - 1
-    outer = (lambda n: Tx.thread_binding(n, thread="blockIdx.x")) if gpu else Tx.serial
-    inner = (lambda n: Tx.thread_binding(n, thread="threadIdx.x")) if gpu else Tx.serial
+    outer, inner = bindings(gpu)
 
     @Tx.prim_func
     def put(drafts: Tx.Buffer((K, 1), "int32"), toks: Tx.Buffer((T,), "int32")):

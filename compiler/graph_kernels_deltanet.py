@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import math
 
-from compiler.graph_kernels import table_width
-from compiler.graph_kernels_gpu import _bindings
+from compiler.graph_kernels import bindings, table_width
 
 NORM_EPS = 1e-6  # inside the square root of q's and k's L2 norms (model.deltanet)
 
@@ -134,7 +133,7 @@ def recurrent(T: int, H: int, Hk: int, hd: int, ctx: int, block: int, gpu: bool 
 def _recurrent_gpu(T: int, H: int, Hk: int, hd: int, ctx: int, W: int, G: int, inv_sqrt: float, bind: bool):
     from tvm.script import tirx as Tx
 
-    blocks, threads = _bindings(bind)
+    blocks, threads = bindings(bind)
     sync = (lambda: Tx.tvm_storage_sync("shared")) if bind else (lambda: Tx.evaluate(0))
     scope = "shared" if bind else "global"
 

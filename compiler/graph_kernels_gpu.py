@@ -24,15 +24,7 @@ from __future__ import annotations
 
 import math
 
-
-def _bindings(gpu: bool):
-    """(blocks, threads) loop constructors: CUDA thread bindings, or serial loops (``gpu=False``: a CPU twin)."""
-    from tvm.script import tirx as Tx
-
-    if not gpu:
-        return Tx.serial, Tx.serial
-    return (lambda n: Tx.thread_binding(n, thread="blockIdx.x")), (lambda n: Tx.thread_binding(n, thread="threadIdx.x"))
-
+from compiler.graph_kernels import bindings
 
 WARP = 32
 
@@ -59,10 +51,11 @@ def warp_tree(width: int, combine, mask):
 
 
 def block_reduce(threads: int, combine, identity, gpu: bool = True):
-    """A block-wide reduction of one value per thread, as two macros for a kernel's phases (each phase its own
-    ``for tx in threads(...)`` loop, see :func:`_bindings`): ``part(v, red, tx)`` inside the phase that computes
-    thread ``tx``'s value ``v[0]`` (a local buffer), then ``finish(red, fin)`` as the next phases, after which
-    ``fin[0]`` holds the result. ``red`` is a ``[threads]`` scratch buffer, ``fin`` ``[1]``, both shared.
+    """A block-wide reduction of one value per thread, as two macros for a kernel's phases (each phase its own ``for
+    tx in threads(...)`` loop, see :func:`~compiler.graph_kernels.bindings`): ``part(v, red, tx)`` inside the phase
+    that computes thread ``tx``'s value ``v[0]`` (a local buffer), then ``finish(red, fin)`` as the next phases,
+    after which ``fin[0]`` holds the result. ``red`` is a ``[threads]`` scratch buffer, ``fin`` ``[1]``, both
+    shared.
 
     The order is fixed: a tree within each warp (strides 16, 8, .., 1: lane ``l`` combines lane ``l + s``), then a
     tree over the warps' results (strides ``threads/64``, .., 1). On the GPU the warp trees are register shuffles
@@ -74,7 +67,7 @@ def block_reduce(threads: int, combine, identity, gpu: bool = True):
     if threads % WARP or threads > WARP * WARP:
         raise ValueError(f"a block reduction takes a multiple of {WARP} threads up to {WARP * WARP}; got {threads}")
     nw = threads // WARP
-    _, thr = _bindings(gpu)
+    _, thr = bindings(gpu)
     FULL = Tx.uint32(0xFFFFFFFF)  # every lane takes part (the whole block, then all of warp 0)
 
     if gpu:
@@ -221,7 +214,7 @@ def attention(T: int, H: int, Hkv: int, hd: int, ctx: int, block: int, gpu: bool
     lanes = Tx.uint32((1 << c) - 1)  # the warp's lanes that hold a key (c ≤ 32)
     chunk_max, chunk_sum = warp_tree(c, Tx.max, lanes), warp_tree(c, lambda x, y: x + y, lanes)
     (P, _), _ = attention_scratch(T, H, hd, ctx)
-    blocks, threads = _bindings(gpu)
+    blocks, threads = bindings(gpu)
     sync = (lambda: Tx.tvm_storage_sync("shared")) if gpu else (lambda: Tx.evaluate(0))
     scope = "shared" if gpu else "global"
     steps = _levels(c)  # the chunk's trees (max, Σ exp)
@@ -485,7 +478,7 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", gpu: bool = True, th
     R = 2 if B >= 16 and V % 2 == 0 else 1
     G = threads // L  # row groups per CUDA block
     nblk = -(-(V // R) // G)
-    blocks, thr = _bindings(gpu)
+    blocks, thr = bindings(gpu)
     levels = _levels(L)
     FULL = Tx.uint32(0xFFFFFFFF)  # every lane of the warp takes part: a row past V reads row V - R, writes nothing
 
@@ -680,7 +673,7 @@ def experts_dp4a(S: int, M: int, K: int, E: int, P: int, X: int, gpu: bool = Tru
         raise ValueError(f"experts_dp4a: M = {M} rows in groups of {RB} and {P} parts, S = {S} slots over X = {X} rows")
     groups, part, per = M // RB, M // P, S // X
     levels = L.bit_length() - 1
-    blocks, thr = _bindings(gpu)
+    blocks, thr = bindings(gpu)
     sync = (lambda: Tx.tvm_storage_sync("shared")) if gpu else (lambda: Tx.evaluate(0))
     scope = "shared" if gpu else "global"
     emulate = not gpu
@@ -956,7 +949,7 @@ def mhc_post_norm(D: int, S: int, first: bool, eps: float, threads: int = 256, g
         raise ValueError(f"D = {D} must be a multiple of {threads}")
     per = D // threads
     rows = 1 if first else S
-    blocks, thr = _bindings(gpu)
+    blocks, thr = bindings(gpu)
     add_part, add_finish, _ = block_reduce(threads, lambda a, b: a + b, Tx.float32(0), gpu)
     max_part, max_finish, _ = block_reduce(threads, Tx.max, Tx.float32(0), gpu)
     sum_part, sum_finish, _ = block_reduce(threads, lambda a, b: a + b, Tx.int32(0), gpu)

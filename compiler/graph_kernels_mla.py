@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import math
 
-from compiler.graph_kernels import _let, table_width
-from compiler.graph_kernels_gpu import _bindings
+from compiler.graph_kernels import _let, bindings, table_width
 
 LANES = 16  # CPU partial sums per latent dot product (absorb)
 CPU_LANES = {"avx2": 8, "avx512": 16}  # the attention's: float32 lanes of a vector register (its accumulators,
@@ -91,7 +90,7 @@ def _absorb_head(H: int, hd: int, r: int, c: int, ctx: int, bind: bool):
     from tvm.script import tirx as Tx
 
     half, Q = r // 2, hd + r
-    _, threads = _bindings(bind)
+    _, threads = bindings(bind)
 
     @Tx.macro
     def head(q, kb, pos, cos, sin, qa, qpe, th):
@@ -160,7 +159,7 @@ def kv_update(T: int, c: int, r: int, ctx: int, block: int):
 
     half = r // 2
     W = table_width(ctx, block)
-    rows, cols = _bindings(False)
+    rows, cols = bindings(False)
 
     @Tx.prim_func
     def mla_kv_write(
@@ -219,7 +218,7 @@ def prep(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int, width: i
     if width < at + c + r:
         raise ValueError(f"a stacked q|kv_a row of {width} columns; the layer needs {at + c + r}")
     W = table_width(ctx, block)
-    blocks, threads = _bindings(bind)
+    blocks, threads = bindings(bind)
     scope = "shared" if bind else "global"
     add_part, add_finish, _ = block_reduce(c, lambda x, y: x + y, Tx.float32(0), bind)
     max_part, max_finish, _ = block_reduce(c, Tx.max, Tx.float32(0), bind)
@@ -469,7 +468,7 @@ def _attention_gpu(T: int, H: int, hd: int, r: int, c: int, ctx: int, block: int
         raise ValueError(f"head_dim {hd} > kv_lora_rank {c}: the combine's threads (one per latent column) do v_up")
     NC = -(-ctx // K)
     P = T * NC * H  # partial results per (row, chunk, head)
-    blocks, threads = _bindings(bind)
+    blocks, threads = bindings(bind)
     sync = (lambda: Tx.tvm_storage_sync("shared")) if bind else (lambda: Tx.evaluate(0))
     scope = "shared" if bind else "global"
     FULL = Tx.uint32(0xFFFFFFFF)

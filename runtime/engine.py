@@ -337,9 +337,7 @@ class Engine:
         """Result ``i`` of function ``name`` (:meth:`_out`) as a new numpy array, by TVM's C copy
         (``TVMTensorCopyToBytes``, which waits for the device) without ``Tensor.numpy``'s Python (see :meth:`_in`)."""
         shape, dtype = self._result_specs[name][i]
-        a = np.empty(shape, dtype)
-        self._copy_to(self._results[name][i], ctypes.c_void_p(a.ctypes.data), a.nbytes)
-        return a
+        return self._read_tensor(self._results[name][i], shape, dtype)
 
     def _out(self, name: str) -> list:
         """The tensors function ``name`` writes its results into (``meta.json`` ``outputs``, from
@@ -659,12 +657,12 @@ class Engine:
 
     def chain_burst_for(self, picker: TokenPicker, seq: Sequence, tok: int) -> list[int]:
         """At least :attr:`chain_burst` tokens after ``tok`` for ``seq`` by :meth:`chain` (at most the token limit
-        and the context allow; with :meth:`chain_drafts`, a speculative chain, which may give more), each pushed to
-        ``picker`` as if picked one step at a time; those after the one that ends the generation are dropped, and
-        the sequence's length set back to the tokens it really holds. The same tokens as the step-by-step path:
-        greedy (``picker.plain_greedy``), each is the argmax; sampled (``picker.plain_sample``), each is the
-        Gumbel-max draw of :func:`runtime.decoding.gumbel_pick` with the picker's noise seed (equal but for float32
-        ties: the device's ``log`` may differ from numpy's in the last bit)."""
+        and the context allow; with :meth:`usable_chain_drafts`, a speculative chain, which may give more), each
+        pushed to ``picker`` as if picked one step at a time; those after the one that ends the generation are
+        dropped, and the sequence's length set back to the tokens it really holds. The same tokens as the
+        step-by-step path: greedy (``picker.plain_greedy``), each is the argmax; sampled (``picker.plain_sample``),
+        each is the Gumbel-max draw of :func:`runtime.decoding.gumbel_pick` with the picker's noise seed (equal but
+        for float32 ties: the device's ``log`` may differ from numpy's in the last bit)."""
         start = seq.length
         n = min(self.chain_burst, picker.limit - len(picker.result.tokens), self.ctx - start)
         p = picker.params
