@@ -16,6 +16,7 @@ from model.transformer import Transformer
 from train.corpus import SourceFile
 from train.eval import (
     EvalConfig,
+    EvalDataError,
     cut_body,
     function_prompts,
     is_valid_function,
@@ -95,3 +96,15 @@ def test_cpu_recipe_runs_end_to_end_and_exports_an_exact_gguf(tmp_path):
     assert 0 < report["bits_per_byte"] < 10 and report["code"]["functions"] == 3
     assert {"validity_rate", "validity_rate_trimmed", "hit_token_limit"} <= set(report["code"])
     assert not {"corpus", "tokenizer", "shards"} & set(run(args)["timings_s"])  # a rerun skips finished stages
+
+
+@pytest.mark.unit
+def test_an_empty_or_all_special_val_split_is_a_clear_error():
+    tok = tiny_hf_tokenizer()
+    model = Transformer(get_config("tiny", vocab_size=tok.get_vocab_size()))
+    lengths, cfg = token_byte_lengths(tok), EvalConfig(seq_len=32, batch_size=4)
+    with pytest.raises(EvalDataError, match="shorter than one window"):
+        loss_and_bpb(model, np.zeros(0, np.uint16), lengths, cfg)
+    eot = tok.token_to_id("<|endoftext|>")
+    with pytest.raises(EvalDataError, match="all special tokens"):
+        loss_and_bpb(model, np.full(100, eot, np.uint16), lengths, cfg)

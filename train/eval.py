@@ -42,7 +42,7 @@ from model.transformer import Transformer
 from train.completion import STOP_STRINGS, cut_body, is_valid_function, trim_to_statement
 from train.corpus import read_manifest
 from train.exec_eval import ExecEvalConfig, evaluate_exec, torch_group_generator
-from train.shards import open_split
+from train.shards import ShardError, open_split
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,10 @@ class EvalConfig:
     prompt_seed: int = 0  # which held-out functions are drawn (settings chosen on one draw, reported on another)
 
 
+class EvalDataError(ValueError):
+    """The val split cannot give a loss: too short for one window, or no byte among its targets."""
+
+
 def token_byte_lengths(tok) -> np.ndarray:
     """Bytes each token id decodes to (special tokens: 0). Byte-level BPE maps one byte to one character."""
     vocab = tok.get_vocab()
@@ -77,9 +81,9 @@ def loss_and_bpb(model: Transformer, tokens: np.ndarray, byte_len: np.ndarray, c
     model.eval()
     device = model.tok_emb.weight.device
     seq = min(cfg.seq_len, model.config.max_seq_len)
-    n = min(cfg.max_tokens, tokens.size - 1) // seq * seq
+    n = max(0, min(cfg.max_tokens, tokens.size - 1)) // seq * seq
     if n == 0:
-        raise ValueError(f"val split of {tokens.size} tokens is shorter than one window of {seq}")
+        raise EvalDataError(f"val split of {tokens.size} tokens is shorter than one window of {seq} (+ 1 target)")
     data = torch.from_numpy(np.asarray(tokens[: n + 1], dtype=np.int64))
     x, y = data[:-1].view(-1, seq), data[1:].view(-1, seq)
     weights = torch.from_numpy(byte_len)[y]
@@ -90,6 +94,8 @@ def loss_and_bpb(model: Transformer, tokens: np.ndarray, byte_len: np.ndarray, c
         nats += float((ce * (weights[i : i + cfg.batch_size].flatten() > 0)).sum())
     scored = int((weights > 0).sum())
     n_bytes = int(weights.sum())
+    if not scored:
+        raise EvalDataError(f"the val split's first {n} targets are all special tokens: no byte to score")
     return {"val_tokens": scored, "val_bytes": n_bytes, "val_loss": nats / scored,
             "bits_per_byte": nats / (math.log(2) * n_bytes)}  # fmt: skip
 
@@ -268,7 +274,10 @@ def run(ap: argparse.ArgumentParser, args, make_gen=None, make_gen_many=None) ->
     cfg = EvalConfig(**{k: getattr(args, k) for k in asdict(EvalConfig())})
     model, tok = load_model(args)
     gen = make_gen(tok) if make_gen else None
-    report = evaluate(model.to(args.device), tok, args.data, args.manifest, cfg, gen)
+    try:
+        report = evaluate(model.to(args.device), tok, args.data, args.manifest, cfg, gen)
+    except (ShardError, EvalDataError) as e:  # no val split, or too short: a usage error, not a trace
+        ap.error(f"{args.data}: {e}")
     report["model"] = str(args.gguf or args.run)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
