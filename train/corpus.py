@@ -108,7 +108,10 @@ def doctest_candidates(tree: ast.Module) -> Iterator[tuple[ast.FunctionDef, str]
 
 def doctest_functions(source: str) -> int:
     """How many of a module's :func:`doctest_candidates` have a docstring with ``>>>`` examples (``train.exec_tasks``'
-    candidates). 0 for a file that does not parse."""
+    candidates). 0 for a file that does not parse, and, without parsing, for one whose text has no ``>>>`` (a
+    docstring could only spell it by escapes or by adjacent literals; such files count as having none)."""
+    if ">>>" not in source:
+        return 0
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
