@@ -5,7 +5,7 @@
 # base and of models/small.gguf, then (when the corpus holds the split "exec": EXEC_FRAC of the pretraining) the
 # held-out execution tasks mined on this host and their pass@k (issue 20). Each stage is skipped when its result
 # exists, so a call that runs out of time is continued by calling again.
-#   OUT=<results> bash scripts/sft_base_h200.sh        (device tool; carry .whl .gpu/rt .gpu/entries/small .gpu/entries/base)
+#   OUT=<results> bash scripts/sft_base_h200.sh        (device tool; carry .whl .gpu/rt .gpu/packed)
 # Stages and results ($OUT): sft_summary.json, base-sft.gguf.part-* (`cat base-sft.gguf.part-* > base-sft.gguf`);
 # eval_sft_ctx{512,2048}.json (held-out bits/byte), validity_sft_{plain,freq05}.json (bench.eval_engine, the 200
 # held-out functions of docs/train/small); exec_heldout_base.jsonl (train.exec_tasks --split exec) and

@@ -20,7 +20,8 @@
 # machine (SFT, its scores, the exec tasks).
 #
 # Build machine first (nvcc, no GPU): bash scripts/gpu_prepare.sh small base   (.gpu/rt, .gpu/entries/{small,base})
-# Then, device tool, carry .whl .gpu/rt .gpu/entries/small .gpu/entries/base (not all of .gpu: that would replace $W):
+# Then, device tool, carry .whl .gpu/rt .gpu/packed (the entries as tar.xz, unpacked by scripts/gpu_env.sh: with the
+# entries themselves the trip is over its 64 MiB; not all of .gpu either: that would replace $W):
 #   OUT=<results> STEPS=9000 bash scripts/train_base_h200.sh                  # call 1: data, then train
 #   OUT=<results> STEPS=9000 RESUME_ONLY=1 bash scripts/train_base_h200.sh    # calls 2..n: resume, train, (score)
 # RESUME_ONLY=1 stops at once when no checkpoint is here (the machine was given back between calls). STEPS may be
