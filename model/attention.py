@@ -57,7 +57,14 @@ class KVCache:
     latent ``latent [B, max_len, kv_lora_rank]`` and the rotated shared key ``k_pe [B, max_len, qk_rope_dim]``. In a
     gated DeltaNet hybrid (:mod:`model.deltanet`) a DeltaNet layer has no keys and values (``k[layer]`` is None) but
     a recurrent state ``state[layer] [B, n_kv_heads, head_dim, head_dim]`` (float32 at least), the same size at any
-    ``max_len``; ``state[layer]`` is None for the softmax layers. ``state`` exists only in hybrids."""
+    ``max_len``; ``state[layer]`` is None for the softmax layers. ``state`` exists only in hybrids.
+
+    ``pad [B]`` (None: no row is padded) holds, for a batch of prompts of different lengths that share one position
+    counter, how many positions each row was left-padded by: row ``b``'s positions ``[0, pad[b])`` are never attended
+    to. Its tokens sit ``pad[b]`` positions later than alone, which RoPE's scores do not see (they depend on the
+    distance between positions only), so each row computes what it would alone, up to float rounding. GQA models
+    only (``Transformer.hidden`` refuses it for MLA, whose attention takes no mask, and DeltaNet, whose recurrence
+    would read the padding)."""
 
     def __init__(
         self, config: ModelConfig, batch: int = 1, max_len: int | None = None, device=None, dtype=torch.float32
@@ -79,6 +86,8 @@ class KVCache:
             hd, state_dtype = config.head_dim, torch.promote_types(dtype, torch.float32)
             self.state = zeros(batch, config.n_kv_heads, hd, hd, dtype=state_dtype, keep=config.is_deltanet)
         self.pos = 0
+        self.pad: torch.Tensor | None = None
+        self._mask: tuple | None = None  # (pad, (t, keys, device), mask) of attention_mask's last call
 
     def _end(self, pos: int, t: int) -> int:
         if pos + t > self.max_len:
@@ -129,6 +138,34 @@ class KVCache:
         """Keep only the batch rows ``index`` (in that order)."""
         for kind, layers in self._layers().items():
             setattr(self, kind, [None if t is None else t.index_select(0, index) for t in layers])
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, index.to(self.pad.device))
+
+    def repeat_rows(self, n: int) -> None:
+        """Each batch row ``n`` times in place (row ``b`` becomes rows ``b·n .. b·n + n − 1``): a batch of prompts'
+        caches to their groups of samples."""
+        for kind, layers in self._layers().items():
+            setattr(self, kind, [None if t is None else t.repeat_interleave(n, dim=0) for t in layers])
+        if self.pad is not None:
+            self.pad = self.pad.repeat_interleave(n)
+
+    def attention_mask(self, t: int, keys: int, device) -> torch.Tensor | None:
+        """The boolean mask ``[B, 1, t, keys]`` (True: attend) for ``t`` queries at ``[keys − t, keys)`` over keys
+        ``[0, keys)``: causal, and without a row's padding except the query's own position (a padding query must see
+        one key, or its softmax is NaN; its output is never used). None when no row is padded."""
+        if self.pad is None:
+            return None
+        memo = (t, keys, str(device))  # every layer of a step asks for the same mask
+        if self._mask is not None and self._mask[0] is self.pad and self._mask[1] == memo:
+            return self._mask[2]
+        key = torch.arange(keys, device=device)
+        query = torch.arange(keys - t, keys, device=device)
+        causal = key[None, :] <= query[:, None]  # [t, keys]
+        own = key[None, :] == query[:, None]
+        valid = key[None, :] >= self.pad.to(device)[:, None]  # [B, keys]
+        mask = (causal[None] & (valid[:, None, :] | own[None]))[:, None]
+        self._mask = (self.pad, memo, mask)
+        return mask
 
 
 class Attention(nn.Module):
@@ -161,7 +198,10 @@ class Attention(nn.Module):
         if gqa and torch.onnx.is_in_onnx_export():  # the ONNX exporter cannot convert SDPA's enable_gqa
             group = self.n_heads // self.n_kv_heads
             k, v, gqa = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
-        if k.shape[2] == t:  # no cached prefix: plain causal attention (lets SDPA pick its flash kernel)
+        padded = cache.attention_mask(t, k.shape[2], u.device) if cache is not None else None
+        if padded is not None:  # left-padded rows (KVCache.pad): causal, without each row's padding
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=padded, enable_gqa=gqa)
+        elif k.shape[2] == t:  # no cached prefix: plain causal attention (lets SDPA pick its flash kernel)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # query i (absolute position pos + i) sees keys 0 .. pos + i
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=u.device).tril(diagonal=k.shape[2] - t)

@@ -136,6 +136,8 @@ class Transformer(nn.Module):
         t = idx.shape[1]
         if pos + t > self.config.max_seq_len:
             raise ValueError(f"sequence of {pos + t} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if cache is not None and cache.pad is not None and (self.config.mla or self.config.deltanet_layers):
+            raise ValueError("left-padded batches (KVCache.pad) need a GQA model: not MLA or DeltaNet")
         rope = (self.rope_cos[pos : pos + t], self.rope_sin[pos : pos + t])
         streams = mhc.expand(self.tok_emb(idx), self.config.n_streams)
         for block in self.blocks:

@@ -1,6 +1,6 @@
 """RL from execution feedback (train/rl.py): GRPO advantages and clipped objective, MaxRL's success-only likelihood,
-the KL term, batched group sampling against the one-sequence loop, exact resume of a tiny run with a deterministic
-fake reward, and the CLI's refusal of a held-out task file."""
+the KL term, batched group sampling against the one-sequence loop, several prompts' groups in one left-padded batch,
+exact resume of a tiny run with a deterministic fake reward, and the CLI's refusal of a held-out task file."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from train.rl import (
     micro_batches,
     rollouts_for_update,
     sample_group,
+    sample_groups,
     step_tasks,
     token_logprobs,
     token_objective,
@@ -190,6 +191,83 @@ def test_sampled_groups_are_seeded_and_each_row_keeps_its_own_context():
             logits = model(torch.tensor([prompt + row[:-1]]))[0, len(prompt) - 1 :]
         top3 = logits.topk(3).indices
         assert all(t in top3[i].tolist() for i, t in enumerate(row))
+
+
+@pytest.mark.unit
+def test_a_left_padded_batch_computes_each_prompt_as_alone_and_ignores_its_padding():
+    from model.attention import KVCache
+
+    model = _tiny_model().eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30]]
+    longest = max(map(len, prompts))
+
+    def batch(pad_token: int) -> list[torch.Tensor]:
+        cache = KVCache(model.config, len(prompts), 32)
+        cache.pad = torch.tensor([longest - len(p) for p in prompts])
+        x = torch.tensor([[pad_token] * (longest - len(p)) + p for p in prompts])
+        with torch.no_grad():
+            first = model(x, cache)[:, -1]
+            cache.repeat_rows(2)  # rows 2b, 2b + 1: prompt b
+            second = model(torch.tensor([[40], [41]] * 3), cache)[:, -1]
+            cache.keep_rows(torch.tensor([5, 0]))  # prompt 2's second row, prompt 0's first
+            third = model(torch.tensor([[42], [43]]), cache)[:, -1]
+        return [first, second, third]
+
+    got = batch(0)
+    assert all(torch.equal(a, b) for a, b in zip(got, batch(255), strict=True))  # padding is never attended to
+    for b, p in enumerate(prompts):
+        alone = []
+        for step in ([40], [41]):
+            with torch.no_grad():
+                alone.append(model(torch.tensor([p + step]))[0, -2:])
+        torch.testing.assert_close(got[0][b], alone[0][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[1][2 * b], alone[0][1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[1][2 * b + 1], alone[1][1], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        last = [model(torch.tensor([prompts[2] + [41, 42]]))[0, -1],
+                model(torch.tensor([prompts[0] + [40, 43]]))[0, -1]]  # fmt: skip
+    torch.testing.assert_close(got[2], torch.stack(last), rtol=0, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_left_padded_batches_are_refused_for_mla_and_deltanet():
+    from model.attention import KVCache
+
+    mla = {"kv_lora_rank": 256, "n_kv_heads": 4, "qk_rope_dim": 32}
+    for extra in (mla, {"full_attention_interval": 2}):  # MLA; a DeltaNet hybrid (every second layer softmax)
+        torch.manual_seed(0)
+        model = Transformer(get_config("tiny", **extra)).eval()
+        cache = KVCache(model.config, 2, 16)
+        cache.pad = torch.tensor([1, 0])
+        with pytest.raises(ValueError, match="GQA"):
+            model(torch.tensor([[1, 2], [3, 4]]), cache)
+
+
+@pytest.mark.unit
+def test_several_prompts_groups_in_one_batch_equal_their_own_groups_when_greedy():
+    model = _tiny_model().eval()
+    prompts = [[5, 9, 30, 2, 77, 4, 8], [11, 3], [60, 61, 62, 63]]
+    decode = lambda ids: "".join(chr(97 + i % 26) for i in ids)  # noqa: E731
+    free = sample_group(model, prompts[0], 1, SamplingParams(max_new_tokens=10, temperature=0.0), torch.Generator())[0]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=(free[4],))
+    got = sample_groups(model, prompts, 2, params, torch.Generator().manual_seed(0), decode)
+    want = [sample_group(model, p, 2, params, torch.Generator().manual_seed(0), decode) for p in prompts]
+    assert got == want
+    assert len(got[0][0]) == free.index(free[4]) + 1 < 10  # the stop token ended prompt 0's group
+    # sampled: seeded, one row per (prompt, sample), each row's tokens in the top 3 of its own prompt's forward
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=3)
+    a = sample_groups(model, prompts, 3, sampled, torch.Generator().manual_seed(1))
+    assert a == sample_groups(model, prompts, 3, sampled, torch.Generator().manual_seed(1))
+    assert [len(g) for g in a] == [3, 3, 3]
+    for p, group in zip(prompts, a, strict=True):
+        for row in group:
+            with torch.no_grad():
+                top3 = model(torch.tensor([p + row[:-1]]))[0, len(p) - 1 :].topk(3).indices
+            assert all(t in top3[i].tolist() for i, t in enumerate(row))
+    # the longest prompt plus the new tokens past the context: one group at a time, still every prompt's group
+    long = SamplingParams(max_new_tokens=model.config.max_seq_len - 5, temperature=0.0)
+    assert [len(g) for g in sample_groups(model, [[1, 2, 3, 4, 5, 6], [7]], 1, long, torch.Generator())] == [1, 1]
+    assert sample_groups(model, [], 2, params, torch.Generator()) == []
 
 
 @pytest.mark.unit

@@ -5,15 +5,17 @@
   is accepted: one whose header says another split (the held-out ``val`` tasks, for ``train.eval --suite exec``) is
   refused with one error line. Prompts that leave no room for ``max_new_tokens`` in the context are dropped (counted
   in the summary).
-* **Sampling** (:func:`sample_group`): each step takes ``prompts_per_step`` tasks (an epoch-wise permutation seeded by
-  ``(seed, epoch)``; rank ``r`` of ``W`` takes every ``W``-th) and samples ``group_size`` completions of each with a
-  batched KV-cache loop: the prompt is prefilled once, its cache copied to ``G`` rows, and the rows decode together
-  until each hits the end-of-text token, a stop string (``train.completion.STOP_STRINGS``) or ``max_new_tokens``
-  (finished rows leave the batch). Temperature → top-k → top-p as in ``model.generate``; the draws come from a
-  generator seeded by ``(seed, step, rank)``, so a resumed run samples exactly what the uninterrupted one would have.
+* **Sampling** (:func:`sample_groups`): each step takes ``prompts_per_step`` tasks (an epoch-wise permutation seeded by
+  ``(seed, epoch)``; rank ``r`` of ``W`` takes every ``W``-th) and samples ``group_size`` completions of each with one
+  batched KV-cache loop: the prompts are left-padded and prefilled together, each row's cache repeated to ``G``
+  rows, and all rows decode together until each hits the end-of-text token, a stop string
+  (``train.completion.STOP_STRINGS``) or ``max_new_tokens`` (finished rows leave the batch). Temperature → top-k →
+  top-p as in ``model.generate``; the draws come from a generator seeded by ``(seed, step, rank)``, so a resumed run
+  samples exactly what the uninterrupted one would have.
   Decoding is launch-bound: on an H200 the ``small`` model takes ~31 ms a token step for any group of 8 to 32 rows,
   so sampling is ~95 % of a step (8 prompts × 8 × ≤128 tokens: 35 s sampling, 0.8 s sandbox, 0.8 s update) and a
-  large group is nearly free. Batching several prompts into one decode would need per-row positions in the KV cache.
+  large group is nearly free; so all of a step's prompts decode as one batch (MLA and DeltaNet models: a prompt at a
+  time).
 * **Rewards**: the completion is cut as the evaluation cuts it (text before a stop token or string, then
   ``train.completion.cut_body``), its check run in the sandbox in parallel (``exec_tasks.check_many``: the program of
   ``exec_tasks.program`` in ``train.sandbox``) and scored by ``exec_tasks.reward`` (1 = every example passes; partial
@@ -220,6 +222,20 @@ def stopped(tokens: list[int], params: SamplingParams, decode: Decode | None) ->
     return bool(params.stop_strings and decode is not None and any(s in decode(tokens) for s in params.stop_strings))
 
 
+def _check_prompt(prompt_ids: Sequence[int], limit: int) -> None:
+    if not prompt_ids:
+        raise ValueError("the prompt must hold at least one token")
+    if len(prompt_ids) >= limit:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in max_seq_len {limit}")
+
+
+def _attention_backends(device: torch.device):
+    """On CUDA no cuDNN attention: with the cached path's explicit mask it re-plans every step (~8 ms of CPU time per
+    layer on an H200)."""
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(backends) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def sample_group(model: Transformer, prompt_ids: Sequence[int], n: int, params: SamplingParams,
                  generator: torch.Generator, decode: Decode | None = None) -> list[list[int]]:  # fmt: skip
@@ -228,37 +244,64 @@ def sample_group(model: Transformer, prompt_ids: Sequence[int], n: int, params: 
     The prompt is prefilled once and its KV cache copied to ``n`` rows, which decode together; a row finishes at a
     stop token, a stop string (needs ``decode``) or ``params.max_new_tokens`` (or the context), and finished rows
     leave the batch. Under greedy decoding every row equals ``model.generate.generate``'s tokens; sampled, the rows
-    are a function of ``generator``'s state. On CUDA: bf16 autocast and KV cache, and no cuDNN attention (with the
-    cached path's explicit mask it re-plans every step, ~8 ms of CPU time per layer on an H200).
-    """
-    if not prompt_ids:
-        raise ValueError("the prompt must hold at least one token")
+    are a function of ``generator``'s state. On CUDA: bf16 autocast and KV cache."""
     if params.stop_strings and decode is None:
         raise ValueError("stop strings need a decode function")
-    limit = model.config.max_seq_len
-    if len(prompt_ids) >= limit:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in max_seq_len {limit}")
+    _check_prompt(prompt_ids, model.config.max_seq_len)
     device = model.tok_emb.weight.device
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(backends) if device.type == "cuda" else contextlib.nullcontext():
-        return _sample_group(model, prompt_ids, n, params, generator, decode, device)
+    with _attention_backends(device):
+        return _sample_groups(model, [list(prompt_ids)], n, params, generator, decode, device)[0]
 
 
-def _sample_group(model, prompt_ids, n, params, generator, decode, device) -> list[list[int]]:
+@torch.no_grad()
+def sample_groups(model: Transformer, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
+                  generator: torch.Generator, decode: Decode | None = None) -> list[list[list[int]]]:  # fmt: skip
+    """``n`` completions of each prompt, as :func:`sample_group` gives them, with every prompt's rows in one decode
+    batch: the prompts are left-padded to the longest and prefilled together (``KVCache.pad``: each row attends to
+    its own tokens only; RoPE sees distances, not positions), then each row is repeated ``n`` times. A step of R
+    prompts costs one batched forward per token instead of R. Each row computes what it would alone, up to float
+    rounding.
+
+    Falls back to one :func:`sample_group` per prompt for MLA and DeltaNet models (no padded batches), and where the
+    longest prompt plus ``max_new_tokens`` passes the context (a padded row would stop early). The draws differ from
+    per-prompt sampling's (one generator over all rows), so a run is reproducible with the same sampler only."""
+    if params.stop_strings and decode is None:
+        raise ValueError("stop strings need a decode function")
+    cfg = model.config
+    for p in prompts:
+        _check_prompt(p, cfg.max_seq_len)
+    longest = max((len(p) for p in prompts), default=0)
+    if len(prompts) < 2 or cfg.mla or cfg.deltanet_layers or longest + params.max_new_tokens > cfg.max_seq_len:
+        return [sample_group(model, p, n, params, generator, decode) for p in prompts]
+    device = model.tok_emb.weight.device
+    with _attention_backends(device):
+        return _sample_groups(model, [list(p) for p in prompts], n, params, generator, decode, device)
+
+
+def _sample_groups(model, prompts, n, params, generator, decode, device) -> list[list[list[int]]]:
     was_training = model.training
     model.eval()
     limit = model.config.max_seq_len
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
-    cache_len = min(limit, len(prompt_ids) + params.max_new_tokens)
+    longest = max(len(p) for p in prompts)
+    cache_len = min(limit, longest + params.max_new_tokens)
     dtype = torch.bfloat16 if device.type == "cuda" else model.tok_emb.weight.dtype  # autocast's k/v are bf16
-    one = KVCache(model.config, 1, cache_len, device, dtype)
-    with autocast():
-        logits = model(torch.tensor([list(prompt_ids)], device=device), one)[:, -1].float().expand(n, -1)
-    cache = KVCache(model.config, n, cache_len, device, dtype)
-    cache.fill_from(one)
-    del one
-    out: list[list[int]] = [[] for _ in range(n)]
-    rows = list(range(n))  # the completion each cache row belongs to
+    if len(prompts) == 1:  # one prompt: prefill one row, then copy its cache to the group
+        one = KVCache(model.config, 1, cache_len, device, dtype)
+        with autocast():
+            logits = model(torch.tensor(prompts, device=device), one)[:, -1].float().expand(n, -1)
+        cache = KVCache(model.config, n, cache_len, device, dtype)
+        cache.fill_from(one)
+        del one
+    else:  # left-padded to the longest (padding: each prompt's first token; never attended to)
+        cache = KVCache(model.config, len(prompts), cache_len, device, dtype)
+        cache.pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+        x = torch.tensor([[p[0]] * (longest - len(p)) + p for p in prompts], device=device)
+        with autocast():
+            logits = model(x, cache)[:, -1].float().repeat_interleave(n, dim=0)
+        cache.repeat_rows(n)
+    out: list[list[int]] = [[] for _ in range(n * len(prompts))]
+    rows = list(range(len(out)))  # the completion each cache row belongs to
     stop_ids = set(params.stop_token_ids)
     while rows and params.max_new_tokens:
         tokens = pick_tokens(logits, params, generator).tolist()
@@ -280,7 +323,7 @@ def _sample_group(model, prompt_ids, n, params, generator, decode, device) -> li
         with autocast():
             logits = model(step_in, cache)[:, -1].float()
     model.train(was_training)
-    return out
+    return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 # --- rewards ----------------------------------------------------------------------------------------------------------
@@ -588,7 +631,7 @@ def _run(cfg: RLConfig, tasks: list, scorer: Scorer, progress: bool, rank: int, 
             t0 = time.perf_counter()
             generator = torch.Generator(device).manual_seed(seed_for(cfg.seed, step, rank))
             with frozen_weights(model):  # fixed weights while sampling: quantized once, not per token
-                groups = [sample_group(model, prompts[i], cfg.group_size, params, generator, decode) for i in mine]
+                groups = sample_groups(model, [prompts[i] for i in mine], cfg.group_size, params, generator, decode)
             t1 = time.perf_counter()
             bodies = [completion_body(c, params, decode) for group in groups for c in group]
             flat_tasks = [tasks[i] for i in mine for _ in range(cfg.group_size)]
