@@ -15,10 +15,10 @@ round of completion tokens per second.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 DEFAULT_TASKS = Path(__file__).resolve().parent / "data" / "exec_heldout_v1.jsonl"
@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     from bench.machine import git_commit, machine, save_json
+    from bench.speculative import stats
     from model.bitlinear import frozen_weights
     from model.gguf_io import read_gguf
     from model.tokenizer import hf_from_spec
@@ -88,9 +89,6 @@ def main(argv: list[str] | None = None) -> None:
             runs[name].append({"seconds": s, "tokens": tokens, "tokens_per_s": tokens / s})
     ratio = [b["tokens_per_s"] / o["tokens_per_s"] for o, b in zip(*runs.values(), strict=True)]
 
-    def stats(xs: list[float]) -> dict:
-        return {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}
-
     summary = {k: stats([x["tokens_per_s"] for x in v]) for k, v in runs.items()} | {"ratio": stats(ratio)}
     print(f"{a.prompts} prompts x {a.group} completions, <= {a.max_new_tokens} tokens, {device}, {a.rounds} rounds")
     print(f"{'variant':22s} {'tokens/s median':>16s} {'[min, max]':>20s}")
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     r = summary["ratio"]
     print(f"{'one_batch / one_group':22s} {r['median']:16.2f} [{r['min']:8.2f}, {r['max']:8.2f}]")
     if a.json:
-        cmd = "python -m bench.rl_sampling " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        cmd = "python -m bench.rl_sampling " + " ".join(argv if argv is not None else sys.argv[1:])
         torch_info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                       "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}  # fmt: skip
         save_json(a.json, {"command": cmd, "machine": machine() | torch_info, "git": git_commit(),
