@@ -40,6 +40,8 @@ GRACE=${GRACE:-40}     # s between SIGTERM and SIGKILL (the step in flight and t
 EVAL_TOKENS=${EVAL_TOKENS:-1000000} N_FUNCTIONS=${N_FUNCTIONS:-200} DEVICE=${DEVICE:-cuda}
 ROOTS=${ROOTS:-stdlib,site-packages} RESUME_ONLY=${RESUME_ONLY:-0} EXEC_FRAC=${EXEC_FRAC:-0}
 SMALL_VALIDITY=${SMALL_VALIDITY:-1}  # 0: skip models/small.gguf's validity (greedy on the same engine: same result)
+SMALL_EVAL=${SMALL_EVAL:-1}  # 0: skip models/small.gguf's held-out bits/byte (the val split does not move with EXEC_FRAC)
+PER_PKG=${PER_PKG:-20} MINE_WORKERS=${MINE_WORKERS:-12}  # the exec split's task mining, beside the training
 NPROC=${NPROC:-$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)}
 NPROC=$((NPROC > 0 ? NPROC : 1))
 TRAIN_ARGS=${TRAIN_ARGS---compile}
@@ -49,7 +51,10 @@ if [ "$RESUME_ONLY" = 1 ] && [ ! -d "$R/checkpoints" ]; then
     echo "no checkpoint in $W: the device machine was given back since the last call; nothing done"
     exit 3
 fi
+miner=
 results() {  # on any exit: what exists so far, in few files (the device tool returns at most 8)
+    [ -z "$miner" ] || wait "$miner" || echo "exec mining: not finished in this call (its journal continues it)"
+    cp "$W/exec_heldout.jsonl" "$OUT/exec_heldout.jsonl" 2> /dev/null || true
     cp "$R/loss.png" "$OUT/loss.png" 2> /dev/null || true
     (cd "$W" && tar czf "$OUT/runs.tgz" --ignore-failed-read log_*.txt train_*.json eval_*.json validity_*.json \
         export.json base/metrics.jsonl base/config.json data/data/corpus/summary.json data/data/shards/meta.json \
@@ -67,6 +72,15 @@ if [ ! -f "$W/data/data/shards/meta.json" ]; then
     echo "data: $(($(date +%s) - T0)) s"
 fi
 M=$W/data/data/corpus/manifest.jsonl S=$W/data/data/shards TOK=$W/data/data/tokenizer.json
+if [ "$EXEC_FRAC" != 0 ] && [ ! -f "$W/exec_heldout.jsonl" ]; then
+    # the held-out exec tasks (issue 20), mined on this host's CPUs while the GPU trains: at most PER_PKG candidates
+    # a package, each verdict journaled, so a call that ends first is continued by the next; ends with this call
+    nice -n 10 timeout "$((BUDGET - ($(date +%s) - T0) - 5))" python3 -m train.exec_tasks --manifest "$M" --split exec \
+        --per-package "$PER_PKG" --workers "$MINE_WORKERS" --journal "$W/exec_journal.jsonl" \
+        --out "$W/exec_heldout.jsonl" > "$W/log_exec_tasks.txt" 2>&1 &
+    miner=$!
+    echo "exec mining in the background (pid $miner, log_exec_tasks.txt)"
+fi
 python3 -c "import json; print('splits', json.load(open('$S/meta.json'))['splits'])"
 done_steps() {  # the last logged step (0 if none); a SIGTERM checkpoint may be a few steps past it
     python3 -c "import json, sys; from pathlib import Path; p = Path('$R/metrics.jsonl'); \
@@ -107,7 +121,9 @@ post() { echo $((BUDGET + 20 - ($(date +%s) - T0))); }
 timeout "$(post)" python3 -m train.export --run "$R" --tokenizer "$TOK" --out "$R/model.gguf" > "$W/export.json" \
     2> "$W/log_export.txt" || { tail -c 2000 "$W/log_export.txt"; exit 1; }
 split -b 15M -d -a 1 "$R/model.gguf" "$OUT/base.gguf.part-"
-for m in base:"$R/model.gguf" small:models/small.gguf; do
+models=(base:"$R/model.gguf")
+[ "$SMALL_EVAL" = 1 ] && models+=(small:models/small.gguf)
+for m in "${models[@]}"; do
     name=${m%%:*} gguf=${m#*:}
     for ctx in 512 2048; do  # small's own context is 1024: train.eval caps the windows at the model's context
         timeout "$(post)" python3 -m train.eval --gguf "$gguf" --data "$S" --manifest "$M" --n-functions 0 \

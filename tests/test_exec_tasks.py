@@ -13,7 +13,7 @@ import math
 import statistics
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -39,7 +39,7 @@ from train.exec_tasks import (
     validate,
     write_tasks,
 )
-from train.sandbox import run_program
+from train.sandbox import Limits, run_program
 
 ROOT = Path(__file__).resolve().parent.parent
 STATS = SourceFile(statistics.__file__, "stdlib", "statistics", 0, "", "val")
@@ -178,13 +178,20 @@ def test_pass_at_k_report_from_a_generator_that_solves_some_tasks():
 
     def gen_many(jobs):  # the mean task: greedy right, 2 of 4 samples right; the median task: never
         calls.append(len(jobs))
-        prompt = next(p for p in refs if [ord(c) % 256 for c in p] == jobs[0][0])
-        good = refs[prompt] if prompt in solved else "\n    return None\n"
-        return [(good if i in (0, 1, 3) else "\n    return 0\n", "stop") for i in range(len(jobs))]
+        out = []
+        for ids, params in jobs:
+            prompt = next(p for p in refs if [ord(c) % 256 for c in p] == ids)
+            good = refs[prompt] if prompt in solved else "\n    return None\n"
+            right = params.temperature == 0 or params.seed % 1009 in (0, 2)  # samples 0 and 2 of each task
+            out.append((good if right else "\n    return 0\n", "stop"))
+        return out
 
     cfg = ExecEvalConfig(n=4, ks=(1, 2), workers=2)
     report = evaluate_exec(gen_many, _Tok(), picked, cfg, ctx=4096, progress=False)
-    assert calls == [5, 5]  # greedy + n per task, one batch each
+    assert calls == [10]  # both tasks' greedy + n jobs in one call
+    calls.clear()
+    per_task = evaluate_exec(gen_many, _Tok(), picked, replace(cfg, jobs_per_call=5), ctx=4096, progress=False)
+    assert calls == [5, 5] and per_task["tasks"] == report["tasks"]  # the seeds do not depend on the batching
     assert report["tasks"][0]["passed"] == 2 and report["tasks"][0]["greedy_passed"]
     assert report["pass_at_1"] == pytest.approx((0.5 + 0) / 2)
     assert report["pass_at_2"] == pytest.approx((pass_at_k(4, 2, 2) + 0) / 2)
@@ -216,3 +223,51 @@ def test_the_cli_mines_a_manifest_and_eval_reports_pass_at_k(tmp_path):
                         "--tasks", str(tasks), "--n", "2", "--k", "5", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 2 and "--k 5 needs" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.unit
+def test_a_killed_validation_resumes_from_its_journal_with_the_same_result(tmp_path, monkeypatch):
+    """The journal holds every finished chunk's verdicts: a rerun checks only the tasks it does not name and ends
+    with what one uninterrupted run gives; a journal of other limits is refused."""
+    import train.exec_tasks as et
+
+    tasks = [Task(f"r/p{i % 3}.py::f{i}", f"p{i % 3}", "m", f"f{i}", "", "", f"ref{i}", 1) for i in range(150)]
+    checked: list[str] = []
+
+    def fake_check_many(ts, bodies, limits, workers=0):  # reference passes unless i % 5 == 0; a stub passes if i % 7 == 0
+        checked.extend(t.task_id for t in ts[: len(ts) // 3])
+        out = []
+        for t, b in zip(ts, bodies, strict=True):
+            i = int(t.qualname[1:])
+            ok = (i % 5 != 0) if b.startswith("ref") else (i % 7 == 0)
+            out.append(Verdict(ok, 1, 0 if ok else 1, 0, "passed" if ok else "failed"))
+        return out
+
+    monkeypatch.setattr(et, "check_many", fake_check_many)
+    whole, why_whole = et.validate(tasks, LIMITS, progress=False)
+    assert 0 < len(whole) < len(tasks) and sum(why_whole.values()) == len(tasks) - len(whole)
+
+    checked.clear()
+    journal = tmp_path / "j.jsonl"
+    calls = {"n": 0}
+
+    def dies_on_second_chunk(ts, bodies, limits, workers=0):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the job is killed during its second chunk
+        return fake_check_many(ts, bodies, limits, workers)
+
+    monkeypatch.setattr(et, "check_many", dies_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        et.validate(tasks, LIMITS, progress=False, journal=journal)
+    with journal.open("a") as fh:
+        fh.write('{"task_id": "r/p0.py::f9')  # a torn line
+    first_chunk = set(checked)
+    assert len(first_chunk) == 64
+    checked.clear()
+    monkeypatch.setattr(et, "check_many", fake_check_many)
+    resumed, why_resumed = et.validate(tasks, LIMITS, progress=False, journal=journal)
+    assert (resumed, why_resumed) == (whole, why_whole)
+    assert not first_chunk & set(checked) and len(checked) == len(tasks) - 64
+    with pytest.raises(TaskFileError, match="journal"):
+        et.validate(tasks, Limits(cpu_s=1.0), progress=False, journal=journal)

@@ -209,6 +209,8 @@ def parser(prog: str | None = None, doc: str = __doc__) -> argparse.ArgumentPars
     ap.add_argument("--sample-temperature", type=float, default=x.temperature, help="--suite exec: sampling")
     ap.add_argument("--sample-top-p", type=float, default=x.top_p, help="--suite exec: sampling")
     ap.add_argument("--workers", type=int, default=x.workers, help="--suite exec: sandbox processes (0: per core)")
+    ap.add_argument("--jobs-per-call", type=int, default=x.jobs_per_call,
+                    help="--suite exec: completions given to the generator at once (whole tasks)")  # fmt: skip
     ap.add_argument("--task-sample", type=int, default=0,
                     help="--suite exec: score a seeded sample of this many tasks (--prompt-seed; 0: all)")  # fmt: skip
     return ap
@@ -228,7 +230,8 @@ def exec_config(ap: argparse.ArgumentParser, args) -> ExecEvalConfig:
     if args.n < 1 or not ks or ks[0] < 1 or ks[-1] > args.n:
         ap.error(f"--k {args.k} needs 1 ≤ k ≤ --n ({args.n})")
     return ExecEvalConfig(n=args.n, ks=ks, temperature=args.sample_temperature, top_p=args.sample_top_p,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed, workers=args.workers)  # fmt: skip
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, workers=args.workers,
+                          jobs_per_call=max(1, args.jobs_per_call))  # fmt: skip
 
 
 def run_exec(ap: argparse.ArgumentParser, args, make_gen_many=None) -> None:

@@ -39,6 +39,7 @@ class ExecEvalConfig:
     seed: int = 0
     greedy: bool = True  # also one greedy completion per task (pass@1 greedy)
     workers: int = 0  # sandbox processes at once (0: one per core)
+    jobs_per_call: int = 256  # completions handed to the generator at once (whole tasks; at least one task)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -60,13 +61,23 @@ def sample_params(cfg: ExecEvalConfig, eot: int | None, greedy: bool, seed: int)
 
 def generate_bodies(gen_many: GenMany, tok, tasks: Sequence[Task], cfg: ExecEvalConfig, eot: int | None, ctx: int,
                     progress: bool = True) -> list[list[str]]:  # fmt: skip
-    """Per task: ``[greedy body] + n sampled bodies`` (the greedy one only when ``cfg.greedy``)."""
-    out = []
-    for i, t in enumerate(tqdm(tasks, desc="sampling", unit="task", disable=not progress)):
-        ids = tok.encode(t.prompt).ids[-(ctx - cfg.max_new_tokens - 1) :]
-        jobs = [(ids, sample_params(cfg, eot, True, 0))] if cfg.greedy else []
-        jobs += [(ids, sample_params(cfg, eot, False, cfg.seed * 1_000_003 + i * 1009 + j)) for j in range(cfg.n)]
-        out.append([cut_body(text, reason in ("length", "context")) for text, reason in gen_many(jobs)])
+    """Per task: ``[greedy body] + n sampled bodies`` (the greedy one only when ``cfg.greedy``). The jobs of several
+    tasks go to ``gen_many`` together (up to ``cfg.jobs_per_call``), so a batched generator keeps its rows busy; a
+    job's seed depends on its task and sample only, not on which call it went in."""
+    per_task = (1 if cfg.greedy else 0) + cfg.n
+    tasks_per_call = max(1, cfg.jobs_per_call // max(1, per_task))
+    out: list[list[str]] = []
+    bar = tqdm(total=len(tasks), desc="sampling", unit="task", disable=not progress)
+    for start in range(0, len(tasks), tasks_per_call):
+        jobs = []
+        for i in range(start, min(len(tasks), start + tasks_per_call)):
+            ids = tok.encode(tasks[i].prompt).ids[-(ctx - cfg.max_new_tokens - 1) :]
+            jobs += [(ids, sample_params(cfg, eot, True, 0))] if cfg.greedy else []
+            jobs += [(ids, sample_params(cfg, eot, False, cfg.seed * 1_000_003 + i * 1009 + j)) for j in range(cfg.n)]
+        texts = [cut_body(text, reason in ("length", "context")) for text, reason in gen_many(jobs)]
+        out += [texts[k : k + per_task] for k in range(0, len(texts), per_task)]
+        bar.update(len(jobs) // per_task)
+    bar.close()
     return out
 
 

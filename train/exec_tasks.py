@@ -247,29 +247,81 @@ def check_many(tasks: list[Task], bodies: list[str], limits: Limits, workers: in
     return [verdict(o, n) for o, (_, n) in zip(outcomes, built, strict=True)]
 
 
-def validate(tasks: list[Task], limits: Limits, workers: int = 0, progress: bool = True) -> tuple[list[Task], Counter]:
-    """Keep the tasks whose reference passes twice and whose stub fails; count why the others dropped out."""
+def validate(tasks: list[Task], limits: Limits, workers: int = 0, progress: bool = True,
+             journal: Path | None = None) -> tuple[list[Task], Counter]:  # fmt: skip
+    """Keep the tasks whose reference passes twice and whose stub fails; count why the others dropped out.
+
+    ``journal``: a JSONL file that each chunk's verdicts are appended to (``{"task_id", "why"}``, ``why`` null for a
+    kept task) as soon as they are known. A run that finds one validates only the tasks it does not name, so a killed
+    run is continued where it stopped, with the same result."""
+    done = _read_journal(journal, limits) if journal else {}
     why: Counter = Counter()
     kept = []
+    todo = []
+    for t in tasks:
+        if t.task_id not in done:
+            todo.append(t)
+        elif done[t.task_id] is None:
+            kept.append(t)
+        else:
+            why[done[t.task_id]] += 1
     chunk = 64
-    bar = tqdm(total=len(tasks), desc="validating", unit="task", disable=not progress)
-    for i in range(0, len(tasks), chunk):
-        part = tasks[i : i + chunk]
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="validating", unit="task", disable=not progress)
+    for i in range(0, len(todo), chunk):
+        part = todo[i : i + chunk]
         runs = check_many(part * 3, [t.reference for t in part] * 2 + [stub_body(t) for t in part], limits, workers)
         n = len(part)
+        lines = []
         for j, t in enumerate(part):
             first, second, stub = runs[j], runs[n + j], runs[2 * n + j]
             if not first.passed:
-                why[f"reference {first.status}" if not first.attempted else "reference fails its examples"] += 1
+                reason = f"reference {first.status}" if not first.attempted else "reference fails its examples"
             elif not second.passed:
-                why["not deterministic"] += 1
+                reason = "not deterministic"
             elif stub.passed:
-                why["a stub passes"] += 1
+                reason = "a stub passes"
             else:
+                reason = None
                 kept.append(t)
+            if reason:
+                why[reason] += 1
+            lines.append(json.dumps({"task_id": t.task_id, "why": reason}) + "\n")
+        if journal:
+            with journal.open("a") as fh:
+                fh.write("".join(lines))
         bar.update(n)
     bar.close()
-    return kept, why
+    kept_ids = {id(t) for t in kept}
+    return [t for t in tasks if id(t) in kept_ids], why  # in the order given
+
+
+def _read_journal(path: Path, limits: Limits) -> dict[str, str | None]:
+    """task_id -> why it dropped (None: kept), from a :func:`validate` journal (a new one is started with a line
+    naming ``limits``; one written under other limits is refused); a torn last line is ignored."""
+    out: dict[str, str | None] = {}
+    head = {"journal": KIND, "limits": asdict(limits)}
+    if not path.is_file() or not path.read_text().strip():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(head) + "\n")
+        return out
+    text = path.read_text()
+    if not text.endswith("\n"):  # a killed run's torn last line: end it, so the next verdict starts a line
+        with path.open("a") as fh:
+            fh.write("\n")
+    lines = text.splitlines()
+    try:
+        first = json.loads(lines[0])
+    except json.JSONDecodeError:
+        first = None
+    if first != head:
+        raise TaskFileError(f"{path}: not a validation journal of these limits ({asdict(limits)}): remove it or name another")
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+            out[str(row["task_id"])] = None if row["why"] is None else str(row["why"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # the line a killed run was writing
+    return out
 
 
 def cap_per_package(tasks: list[Task], n: int, seed: int = 0) -> list[Task]:
@@ -285,16 +337,17 @@ def cap_per_package(tasks: list[Task], n: int, seed: int = 0) -> list[Task]:
 
 
 def mine_tasks(files: list[SourceFile], limits: Limits = LIMITS, workers: int = 0, progress: bool = True,
-               limit: int = 0, seed: int = 0, per_package: int = 0) -> tuple[list[Task], Counter]:  # fmt: skip
+               limit: int = 0, seed: int = 0, per_package: int = 0,
+               journal: Path | None = None) -> tuple[list[Task], Counter]:  # fmt: skip
     """Candidate tasks of ``files``, at most ``per_package`` of each package and ``limit`` in all (seeded samples;
-    0 = all), validated."""
+    0 = all), validated (``journal``: see :func:`validate`)."""
     found = [t for f in tqdm(files, desc="parsing", unit="file", disable=not progress) for t in file_tasks(f)]
     found = sorted({t.task_id: t for t in found}.values(), key=lambda t: t.task_id)
     if per_package:
         found = cap_per_package(found, per_package, seed)
     if limit and len(found) > limit:
         found = sorted(random.Random(seed).sample(found, limit), key=lambda t: t.task_id)
-    return validate(found, limits, workers, progress)
+    return validate(found, limits, workers, progress, journal)
 
 
 def write_tasks(path: Path, tasks: list[Task], header: dict) -> None:
@@ -351,12 +404,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="at most this many candidates of one package (seeded sample; 0: all)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="sandbox processes at once (0: one per core)")
+    ap.add_argument("--journal", type=Path,
+                    help="append each verdict here as it is known; a rerun with the same file continues a killed run")  # fmt: skip
     args = ap.parse_args(argv)
     if not args.manifest.is_file():
         ap.error(f"{args.manifest}: no such manifest")
     files = [f for f in read_manifest(args.manifest) if f.split == args.split]
     limits = LIMITS
-    tasks, why = mine_tasks(files, limits, args.workers, limit=args.limit, seed=args.seed, per_package=args.per_package)
+    try:
+        tasks, why = mine_tasks(files, limits, args.workers, limit=args.limit, seed=args.seed,
+                                per_package=args.per_package, journal=args.journal)  # fmt: skip
+    except TaskFileError as e:
+        ap.error(str(e))
     header = {"split": args.split, "manifest_sha256": _sha256(args.manifest), "python": platform.python_version(),
               "limits": asdict(limits), "dropped": dict(why), "per_package": args.per_package}  # fmt: skip
     write_tasks(args.out, tasks, header)
