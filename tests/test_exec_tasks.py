@@ -234,7 +234,7 @@ def test_a_killed_validation_resumes_from_its_journal_with_the_same_result(tmp_p
     tasks = [Task(f"r/p{i % 3}.py::f{i}", f"p{i % 3}", "m", f"f{i}", "", "", f"ref{i}", 1) for i in range(150)]
     checked: list[str] = []
 
-    def fake_check_many(ts, bodies, limits, workers=0):  # reference passes unless i % 5 == 0; a stub passes if i % 7 == 0
+    def fake_check_many(ts, bodies, limits, workers=0):  # a reference passes unless i % 5 == 0, a stub if i % 7 == 0
         checked.extend(t.task_id for t in ts[: len(ts) // 3])
         out = []
         for t, b in zip(ts, bodies, strict=True):

@@ -314,7 +314,8 @@ def _read_journal(path: Path, limits: Limits) -> dict[str, str | None]:
     except json.JSONDecodeError:
         first = None
     if first != head:
-        raise TaskFileError(f"{path}: not a validation journal of these limits ({asdict(limits)}): remove it or name another")
+        raise TaskFileError(f"{path}: not a validation journal of these limits ({asdict(limits)}): remove it or "
+                            "name another")  # fmt: skip
     for line in lines[1:]:
         try:
             row = json.loads(line)
@@ -405,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="sandbox processes at once (0: one per core)")
     ap.add_argument("--journal", type=Path,
-                    help="append each verdict here as it is known; a rerun with the same file continues a killed run")  # fmt: skip
+                    help="append each verdict here as it is known; a rerun with the same file continues a killed "
+                         "run")  # fmt: skip
     args = ap.parse_args(argv)
     if not args.manifest.is_file():
         ap.error(f"{args.manifest}: no such manifest")
