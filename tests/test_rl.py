@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from runtime_helpers import tiny_gguf
 
 from model.config import get_config
@@ -35,6 +37,7 @@ from train.rl import (
     sample_group,
     sample_groups,
     step_tasks,
+    stop_window,
     token_logprobs,
     token_objective,
     train_rl,
@@ -357,3 +360,32 @@ def test_frozen_weights_give_the_same_outputs_and_end_on_exit():
     with torch.no_grad():
         layer[0].weight.mul_(-1)  # per-call quantization again after the block
     assert not torch.equal(layer(x), want)
+
+
+@functools.cache
+def _shipped_tokenizer():
+    from model.tokenizer import hf_from_spec
+
+    return hf_from_spec(read_gguf(REPO / "models" / "small.gguf").tokenizer)
+
+
+@pytest.mark.unit
+@settings(max_examples=150, deadline=None)
+@given(
+    text=st.lists(st.sampled_from([*"ab d\n@:éß€𝄞", "def ", "class ", "if __name__"]), max_size=40).map("".join),
+    stops=st.sampled_from([("\ndef ", "\nclass ", "\n@"), ("é€",), ("𝄞\n",)]),
+)
+def test_the_stop_window_finds_each_stop_string_where_the_whole_text_does(text, stops):
+    """Sampling checks only the last ``stop_window`` tokens each step (the earlier text held no stop string): the
+    first step at which that sees a stop string is the first at which the whole decoded completion holds one, with
+    multi-byte characters split over byte tokens (€, 𝄞) and stop strings made of them."""
+    tok = _shipped_tokenizer()
+    ids = tok.encode(text).ids
+    decode = lambda x: tok.decode(x, skip_special_tokens=False)  # noqa: E731
+    w = stop_window(SamplingParams(stop_strings=stops))
+
+    def first(check) -> int | None:
+        return next((i for i in range(1, len(ids) + 1) if check(ids[:i])), None)
+
+    whole = first(lambda xs: any(s in decode(xs) for s in stops))
+    assert first(lambda xs: any(s in decode(xs[-w:]) for s in stops)) == whole

@@ -222,6 +222,14 @@ def stopped(tokens: list[int], params: SamplingParams, decode: Decode | None) ->
     return bool(params.stop_strings and decode is not None and any(s in decode(tokens) for s in params.stop_strings))
 
 
+def stop_window(params: SamplingParams) -> int:
+    """How many last tokens of a completion hold every stop string that its newest token can complete: a token
+    decodes to at least one character or one byte of one (UTF-8: at most 4 bytes a character), so
+    ``4 · len(s) + 4`` tokens do. Decoding that tail each step instead of the whole completion keeps a step's host
+    work flat in the completion's length."""
+    return 4 * max(map(len, params.stop_strings), default=0) + 4
+
+
 def _check_prompt(prompt_ids: Sequence[int], limit: int) -> None:
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token")
@@ -303,6 +311,7 @@ def _sample_groups(model, prompts, n, params, generator, decode, device) -> list
     out: list[list[int]] = [[] for _ in range(n * len(prompts))]
     rows = list(range(len(out)))  # the completion each cache row belongs to
     stop_ids = set(params.stop_token_ids)
+    window = stop_window(params)  # the text before the newest token held no stop string: its tail is enough
     while rows and params.max_new_tokens:
         tokens = pick_tokens(logits, params, generator).tolist()
         keep = []
@@ -310,7 +319,7 @@ def _sample_groups(model, prompts, n, params, generator, decode, device) -> list
             out[r].append(t)
             done = t in stop_ids or len(out[r]) >= params.max_new_tokens or cache.pos >= limit
             if not done and params.stop_strings:
-                done = any(s in decode(out[r]) for s in params.stop_strings)
+                done = any(s in decode(out[r][-window:]) for s in params.stop_strings)
             if not done:
                 keep.append(slot)
         if not keep:
