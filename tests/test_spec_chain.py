@@ -166,7 +166,9 @@ def test_batcher_runs_a_lone_greedy_request_through_spec_chains(engines, monkeyp
         got, want = chained.batcher().run(requests(n)), plain.batcher().run(requests(n))
         assert [(g.tokens, g.finish_reason) for g in got] == [(g.tokens, g.finish_reason) for g in want]
         if n == 1:
-            assert calls and calls[0] == 2 and got[0].drafted == 2 * got[0].spec_steps > 0
+            # two drafts a call, fewer only in a call that ends at the token limit
+            steps = got[0].spec_steps
+            assert calls and calls[0] == 2 and 0 < steps and 2 * (steps - 1) < got[0].drafted <= 2 * steps
 
 
 @pytest.mark.build
