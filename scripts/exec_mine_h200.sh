@@ -30,9 +30,10 @@ if [ ! -f "$W/corpus/manifest.jsonl" ]; then
 fi
 M=$W/corpus/manifest.jsonl
 python3 - "$M" "$REF" << 'PY' | tee -a "$LOG"
-import hashlib, json, sys
+import hashlib, sys
+from train.exec_tasks import read_header
 sha = hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest()
-ref = json.loads(open(sys.argv[2]).readline()).get("manifest_sha256")
+ref = read_header(sys.argv[2]).get("manifest_sha256")
 print(f"manifest sha256 {sha[:16]}…: {'the same as' if sha == ref else 'DIFFERENT from'} {sys.argv[2]}'s")
 PY
 [ -f "$W/exec_journal.jsonl" ] || cp .gpu/seed/exec_journal.jsonl "$W/" 2> /dev/null || true
