@@ -82,7 +82,10 @@ def gguf():
 @pytest.fixture(scope="module")
 def engines(gguf):
     entry = built(gguf).dir
-    return Engine(entry, gguf, chain_burst=5, chain_drafts=2), Engine(entry, gguf, chain_burst=0, draft_tokens=0)
+    # no host drafts: a sampled generation then takes its tokens by chains (host drafts sample by the speculative
+    # rule, another random stream; AVX-512's default drafts one)
+    chained = Engine(entry, gguf, chain_burst=5, chain_drafts=2, draft_tokens=0)
+    return chained, Engine(entry, gguf, chain_burst=0, draft_tokens=0)
 
 
 def _generate(eng: Engine, prompt: list[int], params: SamplingParams) -> Generation:
@@ -132,14 +135,21 @@ def test_spec_chain_accepts_the_shipped_models_drafts_and_keeps_them_for_the_nex
 
 @pytest.mark.build
 @pytest.mark.parametrize("temperature", [0, 0.8])
-def test_generation_through_spec_chains_equals_step_by_step(engines, temperature):
+def test_generation_through_spec_chains_equals_step_by_step(engines, temperature, monkeypatch):
     """Whole generations with token limits that end inside a call's accepted drafts, and a stop token: the same
     tokens and finish reasons as the step-by-step Engine (sampled: the same seeded Gumbel draws, by plain chains)."""
     chained, plain = engines
+    calls = []
+    chain = chained.chain
+    monkeypatch.setattr(chained, "chain", lambda *a, **k: calls.append(k.get("drafts")) or chain(*a, **k))
     for limit, seed in ((1, 0), (2, 1), (9, 2), (23, 3)):
+        calls.clear()
         params = SamplingParams(max_new_tokens=limit, temperature=temperature, seed=seed, ignore_eos=True)
         want, got = _generate(plain, PROMPT, params), _generate(chained, PROMPT, params)
         assert (got.tokens, got.finish_reason) == (want.tokens, want.finish_reason), (limit, seed)
+        # by chains: greedy ones speculate (but for a call of one token), sampled ones do not
+        assert len(calls) >= (limit > 1) and set(calls) <= {0, 2 if temperature == 0 else 0}, calls
+        assert temperature or limit < 9 or 2 in calls, calls
     stop = _generate(plain, PROMPT, SamplingParams(max_new_tokens=30, ignore_eos=True)).tokens[12]
     params = SamplingParams(max_new_tokens=30, stop_token_ids=(stop,))
     want, got = _generate(plain, PROMPT, params), _generate(chained, PROMPT, params)
