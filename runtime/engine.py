@@ -145,7 +145,7 @@ DRAFT_TOKENS = {"cuda": 0, "avx512": 1, "avx2": 0}
 CHAIN_BURST = {"cuda": 16, "avx512": 16, "avx2": 16}
 # MTP drafts per call of a greedy chain (spec_chain_b{K+1}: verify, accept and draft on the device), by target: the
 # fastest on the shipped model, 0 where no speculative chain beat the plain one (docs/speculative.md, "Speculative
-# chains": H200 2 drafts 1.24x the plain chain; Zen 3 AVX2 1 draft 0.93x; AVX-512 not measured)
+# chains": measured on the H200, Zen 3 AVX2 and Zen 4 AVX-512)
 CHAIN_DRAFTS = {"cuda": 2, "avx512": 0, "avx2": 0}
 CHAIN_BURST_MAX = 256  # the most steps of one burst (a stop inside it wastes the rest)
 
