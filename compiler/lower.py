@@ -5,10 +5,12 @@ table width ``W = ⌈C / K⌉``; params in :func:`param_specs` order)::
 
     decode_b{B}(toks int32[B], pos int32[B], table int32[B, W], logits float32[B, V], kc_0, vc_0, ..., *params)
     prefill(toks int32[P], pos int32[P], table int32[P, W], last int32[1], logits float32[1, V], kc_0, ..., *params)
+    prefill_kv(toks int32[P], pos int32[P], table int32[P, W], attn float32[P, D], kc_0, ..., *params)
     chain_b1(toks int32[1], pos int32[1], table int32[1, W], bias float32[V], sampling float32[2], logits float32[1, V],
              ring int32[R + 1], kc_0, ..., *params)
 
-The results are written into tensors the caller passes after the inputs (:func:`output_specs`; the function
+``prefill_kv`` fills the cache only (a prompt's chunks before its last): no LM head, no last FFN. The results are
+written into tensors the caller passes after the inputs (:func:`output_specs`; the function
 returns them): no allocation per call, so on CUDA the whole step is one captured graph. With ``m = mtp_heads > 0``
 (self-speculative decoding, :mod:`runtime.spec_decode`) both also write the normed hidden states, ``hidden
 float32[B, D]`` after ``logits`` (prefill: row ``last``, ``[1, D]``), and ``draft{k}_b{B}(hidden float32[B, D],
@@ -263,6 +265,8 @@ def output_specs(cfg, name: str, T: int) -> list[ParamSpec]:
     ``compiler.build`` writes them to ``meta.json`` (``outputs``) for the runtime."""
     if name.startswith("draft"):
         return [ParamSpec("drafts", (int(name[5 : name.index("_")]), T), "int32")]
+    if name == "prefill_kv":
+        return [ParamSpec("attn", (T, cfg.d_model), "float32")]
     rows = T if name.startswith(("decode_b", "verify_b", "chain_b", "spec_chain_b")) else 1
     out = [ParamSpec("logits", (rows, cfg.vocab_size), "float32")]
     if cfg.mtp_heads:
@@ -570,24 +574,27 @@ class Lowering:
         for T in spec_chain_rows(self.cfg):
             self.function(f"spec_chain_b{T}")
         self.function("prefill")
+        self.function("prefill_kv")
         return self.bb.get()
 
     def function(self, name: str):
         """``decode_b{B}`` (one token for each of ``B`` sequences → logits ``[B, V]``) or ``prefill`` (a chunk of one
         sequence → the logits ``[V]`` of row ``last``): the embedding, then per layer its attention and its FFN, each
-        followed by its mHC site, then the head. Every row has its own position ``pos[t]`` (< 0: a padding row, which
-        writes nothing) and block table ``table[t]`` into the paged KV cache ``kc_i, vc_i [n_blocks, Hkv, block,
-        hd]`` and the DeltaNet states ``state_i [n_states, Hk, hd, hd]``, whose ``n_blocks`` and ``n_states`` the
-        runtime chooses (symbolic dimensions)."""
+        followed by its mHC site, then the head. ``prefill_kv`` is a chunk that only fills the cache (a prompt's
+        chunks before its last): it stops after the last layer's attention, whose output ``attn [T, D]`` is its
+        result (no last FFN, no LM head: at the 2B-4T shape the head alone reads 656 MB). Every row has its own
+        position ``pos[t]`` (< 0: a padding row, which writes nothing) and block table ``table[t]`` into the paged KV
+        cache ``kc_i, vc_i [n_blocks, Hkv, block, hd]`` and the DeltaNet states ``state_i [n_states, Hk, hd, hd]``,
+        whose ``n_blocks`` and ``n_states`` the runtime chooses (symbolic dimensions)."""
         from tvm import tirx
 
         cfg, bb = self.cfg, self.bb
         batch = name.startswith(("decode_b", "verify_b", "chain_b", "spec_chain_b"))
         T = _rows(name, self.chunk)
-        f32 = "float32"
         W = gk.table_width(cfg.max_seq_len, KV_BLOCK)
         toks, pos, table = _var("tokens", (T,), "int32"), _var("pos", (T,), "int32"), _var("table", (T, W), "int32")
-        last = None if batch else _var("last", (1,), "int32")
+        kv_only = name == "prefill_kv"
+        last = None if batch or kv_only else _var("last", (1,), "int32")
         chain = name.startswith(("chain_b", "spec_chain_b"))
         bias = _var("bias", (cfg.vocab_size,), "float32") if chain else None
         samp = _var("sampling", (2,), "float32") if chain else None
@@ -604,19 +611,30 @@ class Lowering:
                 X = None  # the residual streams [T, S, D] between sites
                 for site in range(2 * cfg.n_layers):
                     y = (self.attention if site % 2 == 0 else self.ffn)(f, site // 2, u)
+                    if kv_only and site == 2 * cfg.n_layers - 2:  # the cache is written; the rest feeds the logits
+                        break
                     X, u = self.mhc_site(f, site, x, X, y, _next_norm(site))
-                logits, hn = self.head(f, u, last, dst)
-                outs = [logits, hn] if cfg.mtp_heads else [logits]
-                if name.startswith("verify_b"):  # decode_b{B} that also drafts for every row after its argmax
-                    top = self._call(self._te("argmax", self.k.argmax, T, cfg.vocab_size), [logits],
-                                     [((T,), "int32"), ((T,), f32)])[0]  # fmt: skip
-                    outs.append(self._copy_into(self._draft_steps(f, hn, top, cfg.mtp_heads), dst["drafts"]))
-                if name.startswith("spec_chain_b"):  # verify, accept and draft the next call's rows
-                    outs += self._spec_advance(f, logits, hn, bias, samp, toks, pos, dst["ring"])
-                elif chain:  # the pick feeds the next call: no host round trip
-                    outs += self._chain_advance(logits, bias, samp, toks, pos, dst["ring"])
-                out = bb.emit_output(_results(outs))
+                if kv_only:  # the last attention's output: it keeps every cache write live
+                    out = bb.emit_output(_results([self._copy_into(y, dst["attn"])]))
+                else:
+                    out = bb.emit_output(_results(self._outputs(name, f, u, last, dst, toks, pos, bias, samp)))
             bb.emit_func_output(out)
+
+    def _outputs(self, name: str, f: _Frame, u, last, dst: dict, toks, pos, bias, samp) -> list:
+        """The head and what follows it in function ``name``: its results (see :func:`output_specs`)."""
+        cfg, f32, T = self.cfg, "float32", f.T
+        chain = name.startswith(("chain_b", "spec_chain_b"))
+        logits, hn = self.head(f, u, last, dst)
+        outs = [logits, hn] if cfg.mtp_heads else [logits]
+        if name.startswith("verify_b"):  # decode_b{B} that also drafts for every row after its argmax
+            top = self._call(self._te("argmax", self.k.argmax, T, cfg.vocab_size), [logits],
+                             [((T,), "int32"), ((T,), f32)])[0]  # fmt: skip
+            outs.append(self._copy_into(self._draft_steps(f, hn, top, cfg.mtp_heads), dst["drafts"]))
+        if name.startswith("spec_chain_b"):  # verify, accept and draft the next call's rows
+            outs += self._spec_advance(f, logits, hn, bias, samp, toks, pos, dst["ring"])
+        elif chain:  # the pick feeds the next call: no host round trip
+            outs += self._chain_advance(logits, bias, samp, toks, pos, dst["ring"])
+        return outs
 
     def embedding(self, f: _Frame, toks):
         """Token rows ``x [T, D]`` (float32) and the first block's input ``u = Σ_s h_pre[s] · x``."""
@@ -1153,9 +1171,10 @@ class Lowering:
         return self.bb.emit(relax.call_tir_inplace(gv, [*args, dst], [len(args)], dst.ty))
 
     def _copy_into(self, src, dst):
-        """``src`` (int32 drafts) copied into the caller's ``dst`` (of the same shape)."""
-        shape = [int(d) for d in dst.ty.shape]
-        return self._into(self._te("copy_i32", lambda *d: gk.copy(d, "int32"), *shape, sched=True), [src], dst)
+        """``src`` copied into the caller's ``dst`` (of the same shape and dtype)."""
+        shape, dtype = [int(d) for d in dst.ty.shape], str(dst.ty.dtype)
+        copy = self._te(f"copy_{dtype}", lambda *d: gk.copy(d, dtype), *shape, sched=True)
+        return self._into(copy, [src], dst)
 
     def _reshape(self, x, shape):
         from tvm import relax
@@ -1176,7 +1195,7 @@ class Lowering:
         names += [f"draft{k}_b{b}" for b in bs for k in range(1, m + 1)] + ["chain_b1"]
         names += [f"spec_chain_b{t}" for t in spec_chain_rows(self.cfg)]
         return {n: [[list(s.shape), s.dtype] for s in output_specs(self.cfg, n, _rows(n, self.chunk))]
-                for n in [*names, "prefill"]}  # fmt: skip
+                for n in [*names, "prefill", "prefill_kv"]}  # fmt: skip
 
     def specs(self) -> list[ParamSpec]:
         return param_specs(self.cfg, self.embed_dtype, self.head_dtype, self.gpu, self.weights)

@@ -127,7 +127,7 @@ class Batcher:
         pre = next((r for r in self.requests if r.todo), None)
         if pre is not None:
             part, pre.todo = pre.todo[: eng.chunk], pre.todo[eng.chunk :]
-            logits = eng.prefill_chunk(pre.seq, part)
+            logits = eng.prefill_chunk(pre.seq, part, logits=not pre.todo)  # the prompt's last chunk: its logits
             stats.prefill_tokens = len(part)
             if not pre.todo:
                 self._pick(pre, logits)

@@ -217,6 +217,8 @@ class Engine:
         self.batch_sizes = tuple(int(b) for b in self.meta["batch_sizes"])
         self._decode = {b: self.vm[f"decode_b{b}"] for b in self.batch_sizes}
         self._prefill = self.vm["prefill"]
+        # a chunk that only fills the cache (no LM head); builds before it lack the function
+        self._prefill_kv = self.vm["prefill_kv"] if "prefill_kv" in self.meta["outputs"] else None
         self.mtp_heads = int(c.get("mtp_heads", 0))  # compiled functions return (logits, hidden) when > 0
         self.fused_draft = bool(self.meta.get("fused_draft", False))  # verify_b{B}: decode + every row's drafts
         self._verify = {b: self.vm[f"verify_b{b}"] for b in self.batch_sizes} if self.fused_draft else {}
@@ -369,27 +371,35 @@ class Engine:
             raise ValueError("prefill needs at least one token")
         self._check(tokens)
         self._grow(seq, seq.length + len(tokens))
-        logits = None
-        for s in range(0, len(tokens), self.chunk):
-            logits = self.prefill_chunk(seq, tokens[s : s + self.chunk])
+        starts = range(0, len(tokens), self.chunk)
+        for s in starts:
+            logits = self.prefill_chunk(seq, tokens[s : s + self.chunk], logits=s == starts[-1])
         return logits
 
-    def prefill_chunk(self, seq: Sequence, tokens: list[int]) -> np.ndarray:
+    def prefill_chunk(self, seq: Sequence, tokens: list[int], logits: bool = True) -> np.ndarray | None:
         """One ``prefill`` call: at most ``prefill_chunk`` tokens appended to ``seq`` (whose blocks must already
-        hold them: :meth:`prefill` reserves them); the logits after the last."""
+        hold them: :meth:`prefill` reserves them); the logits after the last. ``logits=False`` (a chunk that more of
+        the prompt follows): only the cache is filled, by ``prefill_kv`` without the LM head where the build has
+        it, and None is returned (``seq.hidden`` is unset: the next chunk sets it)."""
         n = len(tokens)
         if not 0 < n <= self.chunk:
             raise ValueError(f"a prefill chunk takes 1..{self.chunk} tokens, not {n}")
         pos = np.full(self.chunk, -1, np.int32)  # padding rows write nothing
         pos[:n] = np.arange(seq.length, seq.length + n)
         table = np.broadcast_to(seq.table(self.pool.width), (self.chunk, self.pool.width))
-        outs = self._out("prefill")
         ins = (self._in("tokens", list(tokens) + [0] * (self.chunk - n)), self._in("pos", pos),
-               self._in("table", table), self._in("last", [n - 1]))  # fmt: skip
-        self._prefill(*ins, *outs, *self.cache, *self.params)
+               self._in("table", table))  # fmt: skip
+        kv_only = not logits and self._prefill_kv is not None
+        if kv_only:
+            self._prefill_kv(*ins, *self._out("prefill_kv"), *self.cache, *self.params)
+        else:
+            self._prefill(*ins, self._in("last", [n - 1]), *self._out("prefill"), *self.cache, *self.params)
         seq.length += n
+        seq.hidden, seq.drafts = None, None
+        if not logits:
+            return None
         if self.mtp_heads:
-            seq.hidden, seq.drafts = self._read("prefill", 1)[0], None
+            seq.hidden = self._read("prefill", 1)[0]
         return self._read("prefill", 0)[0]
 
     def decode(self, token: int, seq: Sequence | None = None) -> np.ndarray:

@@ -370,12 +370,28 @@ def test_shipped_model_builds_for_cuda_with_every_batch(tmp_path):
     # the build's census (meta.json, what bench.runtime reports on the GPU host) and on the dumped IR
     census = r.meta["census"]
     names = {f"{f}_b{b}" for f in ("decode", "verify", *(f"draft{k}" for k in (1, 2, 3))) for b in CUDA_BATCH_SIZES}
-    assert set(census) == names | {"prefill", "chain_b1", "spec_chain_b2", "spec_chain_b3", "spec_chain_b4"}
+    assert set(census) == names | {
+        "prefill",
+        "prefill_kv",
+        "chain_b1",
+        "spec_chain_b2",
+        "spec_chain_b3",
+        "spec_chain_b4",
+    }
     for name, c in census.items():
         assert (c["graphs"], c["kernels_outside"], c["allocations"]) == (1, 0, 0), (name, c)
         assert c["kernels_in_graphs"] > 0
     compiled = (tmp_path / "ir" / "compile.relax.py").read_text()
-    for name in ("decode_b1", "decode_b64", "verify_b4", "prefill", "draft3_b2", "chain_b1", "spec_chain_b3"):
+    for name in (
+        "decode_b1",
+        "decode_b64",
+        "verify_b4",
+        "prefill",
+        "prefill_kv",
+        "draft3_b2",
+        "chain_b1",
+        "spec_chain_b3",
+    ):
         body = re.search(rf"def {name}\(.*?(?=\n    @R\.function|\Z)", compiled, re.S).group(0)
         assert body.count("vm.builtin.cuda_graph.run_or_capture") == 1
         assert not re.findall(r"cls\.(\w+)\(", body), name  # no kernel launched outside the graph

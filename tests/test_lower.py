@@ -201,3 +201,23 @@ def test_cuda_stacks_qkv_and_gate_up():
             assert ("attn_qkv" in groups) == (not variant.mla and not variant.is_deltanet(i))
             assert ("ffn_gate_up" in groups) == (not variant.n_experts)
             assert not stacked(variant, i, gpu=False)
+
+
+@pytest.mark.build
+@pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")
+@pytest.mark.parametrize("target", ["avx2", "cuda"])
+def test_prefill_kv_stops_after_the_last_attention(target):
+    """``prefill_kv`` (a prompt's chunks before its last) computes what fills the cache and nothing else: every
+    layer's attention with its cache write, every FFN but the last, and no LM head. (Lowered only.)"""
+    cfg = get_config("tiny")
+    L = cfg.n_layers
+    counts = {}
+    for name in ("prefill", "prefill_kv"):
+        lw = lower.Lowering(cfg, target, cores=1)
+        lw.function(name)
+        called = re.findall(r"call_tir\w*\((\w+)", lw.bb.get()[name].script())
+        counts[name] = {k: sum(c.startswith(k) for c in called) for k in ("lm_head", "kv_update", "ternary_g")}
+    assert counts["prefill"]["lm_head"] == 1 and counts["prefill_kv"]["lm_head"] == 0
+    assert counts["prefill_kv"]["kv_update"] == counts["prefill"]["kv_update"] == L
+    per_ffn = 2 if target == "cuda" else 3  # gate|up stacked on CUDA; gate, up on the CPU; then down
+    assert counts["prefill_kv"]["ternary_g"] == counts["prefill"]["ternary_g"] - per_ffn > 0

@@ -85,6 +85,28 @@ def test_sampling_modes(engine):
     assert sample(np.array([0.0, 5.0, 1.0]), SamplingParams(), rng) == 1
 
 
+@pytest.mark.build
+def test_prefill_fills_the_cache_without_the_head_until_the_last_chunk(engine, monkeypatch):
+    """A prompt of several chunks: every chunk but the last runs ``prefill_kv`` (no LM head, no last FFN), and the
+    logits, the cache (the next decode's logits) and the greedy tokens are bit-identical to a prefill whose every
+    chunk runs the whole ``prefill``, as builds before ``prefill_kv`` did."""
+    prompt = [(7 * i + 3) % 500 for i in range(2 * engine.chunk + 3)]  # three chunks, the last one short
+    kv_calls = []
+    kv = engine._prefill_kv
+    assert kv is not None
+    monkeypatch.setattr(engine, "_prefill_kv", lambda *a: kv_calls.append(1) or kv(*a))
+    engine.reset()
+    got = engine.prefill(prompt)
+    got_next = engine.decode(int(np.argmax(got)))
+    assert len(kv_calls) == 2
+    monkeypatch.setattr(engine, "_prefill_kv", None)  # as a build without prefill_kv: the whole prefill each chunk
+    engine.reset()
+    want = engine.prefill(prompt)
+    want_next = engine.decode(int(np.argmax(want)))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_next, want_next)
+
+
 @pytest.mark.unit
 def test_sample_temperature_underflow_is_greedy():
     """Issue 13: temperature 1e-45 gave "Probabilities contain NaN" (float32 logits / 1e-45 = inf, inf - inf)."""
