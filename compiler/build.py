@@ -179,7 +179,7 @@ def build(
                  cfg.max_seq_len)  # fmt: skip
     with phase("pack"):
         try:
-            params = lower.pack_params(g, gpu=target == "cuda", weights=weights, head=head)
+            params = lower.pack_params(g, target, weights=weights, head=head)
         except ValueError as exc:  # a shape the layout cannot take
             raise BuildError(f"{model}: {exc}") from exc
         log.info("%d parameter arrays, %.1f MiB", len(params), sum(a.nbytes for a in params.values()) / 2**20)
@@ -264,14 +264,13 @@ def repack_into(entry: Path | str, model: Path | str) -> Path:
     from compiler import lower
 
     try:
-        params = lower.pack_params(
-            g, gpu=meta["target"] == "cuda", weights=meta.get("weights", "tile8"), head=meta.get("head", "auto")
-        )
+        weights, head = meta.get("weights", "tile8"), meta.get("head", "auto")
+        params = lower.pack_params(g, meta["target"], weights=weights, head=head)
     except ValueError as exc:
         raise BuildError(f"{model}: {exc}") from exc
-    names = [n for n, _, _ in meta["params"]]
-    if sorted(names) != sorted(params):
-        raise BuildError(f"{entry}: parameter names differ from the packed ones")
+    packed = {n: [list(a.shape), str(a.dtype)] for n, a in params.items()}
+    if packed != {n: [list(shape), dtype] for n, shape, dtype in meta["params"]}:  # e.g. an entry of an older layout
+        raise BuildError(f"{entry}: its parameters' names or layouts differ from this compiler's packing; rebuild it")
     np.savez(entry / "params.npz", **params)
     meta["model"] = str(model)
     meta["sha256"] = {n: cache.sha256_file(entry / n) for n in cache.FILES}

@@ -167,17 +167,30 @@ class ParamSpec:
     dtype: str
 
 
+def head_step(cfg, target: str, head_dtype: str) -> int:
+    """The LM head's layout for ``target``: 0 for rows ``[V, D]`` (GPUs), else the column step of the CPU kernels'
+    blocked layout (:func:`compiler.graph_kernels.tile_head`): ``HEAD_I8_CHUNK`` for the int8 head on AVX-512 VNNI
+    (:func:`compiler.graph_kernels.lm_head_i8`), ``HEAD_LANES`` for every other CPU head."""
+    if target == "cuda":
+        return 0
+    if head_dtype == "int8" and target == "avx512" and cfg.d_model % gk.HEAD_I8_CHUNK == 0:
+        return gk.HEAD_I8_CHUNK
+    return gk.HEAD_LANES
+
+
 def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", gpu: bool = False,
-                weights: str = "tile8") -> list[ParamSpec]:  # fmt: skip
+                weights: str = "tile8", head_step: int = 0) -> list[ParamSpec]:  # fmt: skip
     """The compiled functions' parameters after the KV cache, in order (names as stored in ``params.npz``).
 
-    ``token_embd.weight [V, D]`` and the LM head ``lm_head.weight [V, D]`` keep the GGUF's float16 when it has
-    it (exact; the kernels compute in float32). On GPUs the ternaries are ``int32[M, K/16]`` (``dp4a`` layout), on
-    CPUs ``uint8[M/8, K/256, 8, 64]`` (``tile8``)."""
+    ``token_embd.weight [V, D]`` and the LM head ``lm_head.weight`` keep the GGUF's float16 when it has it (exact;
+    the kernels compute in float32). The head is ``[V, D]`` when ``head_step`` is 0 (GPUs), else blocked
+    (:func:`head_step`, :func:`compiler.graph_kernels.tile_head`). On GPUs the ternaries are ``int32[M, K/16]``
+    (``dp4a`` layout), on CPUs ``uint8[M/8, K/256, 8, 64]`` (``tile8``)."""
     D, V, hd, C, S = cfg.d_model, cfg.vocab_size, cfg.rope_dim, cfg.max_seq_len, cfg.n_streams
+    head = (gk.head_blocks(V), D // head_step, gk.HEAD_BLOCK, head_step) if head_step else (V, D)
     out = [
         ParamSpec("token_embd.weight", (V, D), embed_dtype),
-        ParamSpec("lm_head.weight", (V, D), head_dtype),
+        ParamSpec("lm_head.weight", head, head_dtype),
     ]
     if head_dtype == "int8":  # HEADS: int8 rows, one float32 scale each
         out.append(ParamSpec("lm_head.scale", (V,), "float32"))
@@ -357,12 +370,14 @@ def quantize_head(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(q), scale
 
 
-def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto") -> dict[str, np.ndarray]:
-    """The GGUF's tensors → the kernels' inputs: ternaries repacked to ``tile8`` or ``tl{R}`` (GPU: ``dp4a``) + a
-    float32 scale, floats as float32, mHC coefficients computed once, RoPE tables. ``head``: the LM head as the GGUF
-    stores it (``auto``: F16 stays float16) or ``int8`` rows with a scale each (:func:`quantize_head`)."""
+def pack_params(g, target: str, weights: str = "tile8", head: str = "auto") -> dict[str, np.ndarray]:
+    """The GGUF's tensors → the kernels' inputs for ``target``: ternaries repacked to ``tile8`` or ``tl{R}`` (GPU:
+    ``dp4a``) + a float32 scale, floats as float32, mHC coefficients computed once, RoPE tables. ``head``: the LM
+    head as the GGUF stores it (``auto``: F16 stays float16) or ``int8`` rows with a scale each
+    (:func:`quantize_head`), in the target's layout (:func:`head_step`)."""
     from model.ternary.layouts import get_layout
 
+    gpu = target == "cuda"
     check_weights(weights, gpu, g.config)
     if head not in HEADS:
         raise ValueError(f"head={head!r}: expected one of {HEADS}")
@@ -375,7 +390,8 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto"
     head_w = head_t.as_stored()
     if head == "int8":
         head_w, p["lm_head.scale"] = quantize_head(head_w)
-    p["lm_head.weight"] = np.ascontiguousarray(head_w)  # [V, D]: a GEMV streaming rows (graph_kernels*.lm_head)
+    step = head_step(cfg, target, str(head_w.dtype))
+    p["lm_head.weight"] = gk.tile_head(head_w, step) if step else np.ascontiguousarray(head_w)
     p["output_norm.weight"] = g.tensors["output_norm.weight"].to_float().astype(np.float32)
     p["rope.cos"], p["rope.sin"] = gk.rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta)
     coeffs = g.mhc_coefficients()
@@ -419,7 +435,7 @@ def pack_params(g, gpu: bool = False, weights: str = "tile8", head: str = "auto"
             p[f"mtp.{k}.{t}.weight"] = pack(tw.codes)
             p[f"mtp.{k}.{t}.scale"] = np.array([tw.scale], np.float32)
         p[f"mtp.{k}.embed_norm.weight"] = g.tensors[f"mtp.{k}.embed_norm.weight"].to_float().astype(np.float32)
-    for s in param_specs(cfg, str(p["token_embd.weight"].dtype), str(head_w.dtype), gpu, weights):
+    for s in param_specs(cfg, str(p["token_embd.weight"].dtype), str(head_w.dtype), gpu, weights, step):
         a = p[s.name]
         if a.shape != s.shape or a.dtype != np.dtype(s.dtype):
             raise ValueError(f"packed {s.name}: {a.shape} {a.dtype}, expected {s.shape} {s.dtype}")
@@ -553,8 +569,7 @@ class Lowering:
         self.gpu = self.target == "cuda"
         self.k = kernels_for(self.target, self.weights)
         # an int8 head on AVX-512 VNNI: integer dots against the quantized hidden rows (graph_kernels.lm_head_i8)
-        vnni = self.target == "avx512" and self.cfg.d_model % gk.HEAD_I8_CHUNK == 0
-        self.head_i8 = self.head_dtype == "int8" and vnni
+        self.head_i8 = head_step(self.cfg, self.target, self.head_dtype) == gk.HEAD_I8_CHUNK
         check_weights(self.weights, self.gpu, self.cfg)
         if self.chunk is None:
             self.chunk = self.k.prefill_chunk
@@ -1198,4 +1213,5 @@ class Lowering:
                 for n in [*names, "prefill", "prefill_kv"]}  # fmt: skip
 
     def specs(self) -> list[ParamSpec]:
-        return param_specs(self.cfg, self.embed_dtype, self.head_dtype, self.gpu, self.weights)
+        return param_specs(self.cfg, self.embed_dtype, self.head_dtype, self.gpu, self.weights,
+                           head_step(self.cfg, self.target, self.head_dtype))  # fmt: skip

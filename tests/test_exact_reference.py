@@ -89,12 +89,17 @@ def _kernel_cases(target: str, rng) -> list:
     cases.append(("rmsnorm", gk.rmsnorm(T, D, 1e-5), [x, w], [((T, D), "float32")], [er.rmsnorm(x, w, 1e-5)]))
     for dt in ("float32", "float16"):
         E, hv = rng.standard_normal((256, D)).astype(dt), rng.standard_normal((T, D)).astype(F32)
+        Eb = gk.tile_head(E, gk.HEAD_LANES)  # the CPU kernels' blocked layout
         for B in (1, T):  # a row's logits do not depend on the batch
-            cases.append((f"lm_head_{dt}_{B}", gk.lm_head(B, 256, D, dt), [hv[:B], E], [((B, 256), "float32")],
+            cases.append((f"lm_head_{dt}_{B}", gk.lm_head(B, 256, D, dt), [hv[:B], Eb], [((B, 256), "float32")],
                           [np.stack([er.lm_head(hv[b], E, gk.HEAD_LANES) for b in range(B)])]))  # fmt: skip
         # the MTP heads' draft vocabulary: the first 96 head rows, three draft rows tiled together
-        cases.append((f"lm_head_{dt}_rows96", gk.lm_head(3, 256, D, dt, rows=96), [hv[:3], E], [((3, 96), "float32")],
+        cases.append((f"lm_head_{dt}_rows96", gk.lm_head(3, 256, D, dt, rows=96), [hv[:3], Eb], [((3, 96), "float32")],
                       [np.stack([er.lm_head(hv[b], E[:96], gk.HEAD_LANES) for b in range(3)])]))  # fmt: skip
+        # a vocabulary that is not a multiple of the 16-row block: the last block zero-padded, tiles of 2 rows
+        E70 = E[:70]
+        cases.append((f"lm_head_{dt}_V70", gk.lm_head(1, 70, D, dt), [hv[:1], gk.tile_head(E70, gk.HEAD_LANES)],
+                      [((1, 70), "float32")], [er.lm_head(hv[0], E70, gk.HEAD_LANES)[None]]))  # fmt: skip
     for N in (1, 8):  # the shipped model's width: tuned records, whose lane knob compiler.arith reads
         op = make_op("rmsnorm_quant", D=D, N=N)
         x = (rng.standard_normal((N, D)) * 3).astype(F32)

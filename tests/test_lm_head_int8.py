@@ -7,12 +7,18 @@
   are further apart than the int8 rounding can move them, and logits within the bound that rounding implies
   (``|Δlogit[v]| ≤ scale[v] / 2 · Σ_d |h[d]|``, plus ``Σ_d |scale[v]·q[v, d]| · max|h| / 254`` where the hidden row
   is quantized too), checked against the float head's own entry;
-* the MTP draft steps use the scaled head too, and the head compiles for CUDA inside the one graph per call.
+* the MTP draft steps use the scaled head too, and the head compiles for CUDA inside the one graph per call;
+* the CPU heads' blocked layout (``graph_kernels.tile_head``) is in the entry's parameter list, and
+  ``compiler.build --repack-into`` refuses an entry whose layouts differ from this compiler's packing (an entry built
+  before the layout changed) instead of writing weights its module would misread.
 
     pytest tests/test_lm_head_int8.py -q
 """
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -24,8 +30,8 @@ from runtime_helpers import cache_dir, tiny_gguf
 import targets
 from compiler import cuda_cross
 from compiler import graph_kernels as gk
-from compiler.build import build
-from compiler.lower import quantize_head
+from compiler.build import BuildError, build, repack_into
+from compiler.lower import head_step, quantize_head
 from model.gguf_io import read_gguf
 from model.sampling import SamplingParams
 from runtime.engine import Engine
@@ -64,7 +70,7 @@ def test_lm_head_i8_is_exact_integer_dots(B, V, chunks, cut, seed):
     f = tvm.compile(tvm.IRModule({"main": gk.lm_head_i8(B, V, D, R).with_attr("global_symbol", "main")}),
                     target=targets.get_target("avx512"))  # fmt: skip
     out = tvm.runtime.tensor(np.zeros((B, R), np.float32))
-    f["main"](*(tvm.runtime.tensor(x) for x in (h8, a, hsum, E, s)), out)
+    f["main"](*(tvm.runtime.tensor(x) for x in (h8, a, hsum, gk.tile_head(E, gk.HEAD_I8_CHUNK), s)), out)
     acc = h8.astype(np.int64) @ E[:R].astype(np.int64).T
     assert np.array_equal(out.numpy(), acc.astype(np.float32) * (s[None, :R] / a[:, None]))
 
@@ -75,7 +81,8 @@ def test_int8_head_keeps_the_float_heads_tokens_within_its_rounding(target):
     gguf = tiny_gguf(1, arch="bitnet", ffn_act="relu2")
     ref = Engine(build(gguf, target, cache_dir()).dir, gguf)
     eng = Engine(build(gguf, target, cache_dir(), head="int8").dir, gguf)
-    assert eng.meta["head"] == "int8" and ["lm_head.weight", [512, 256], "int8"] in eng.meta["params"]
+    step = head_step(read_gguf(gguf).config, target, "int8")  # the CPU kernels' blocked layout
+    assert eng.meta["head"] == "int8" and ["lm_head.weight", [32, 256 // step, 16, step], "int8"] in eng.meta["params"]
     prompt = [int(t) for t in np.random.default_rng(3).integers(0, 512, 9)]
     ref.reset()
     want = [ref.prefill(prompt)]
@@ -119,3 +126,17 @@ def test_int8_head_builds_for_cuda_in_the_graph(tmp_path):
     r = build(tiny_gguf(1, arch="bitnet", ffn_act="relu2"), "cuda", tmp_path / "cache", head="int8")
     for name, c in r.meta["census"].items():
         assert (c["graphs"], c["kernels_outside"], c["allocations"]) == (1, 0, 0), (name, c)
+
+
+@pytest.mark.build
+def test_repack_into_refuses_an_entry_of_another_head_layout(tmp_path):
+    gguf = tiny_gguf(1, arch="bitnet", ffn_act="relu2")
+    entry = tmp_path / "entry"
+    shutil.copytree(build(gguf, "avx2", cache_dir()).dir, entry)
+    repack_into(entry, gguf)  # this compiler's layouts: rewritten
+    meta = json.loads((entry / "meta.json").read_text())
+    assert ["lm_head.weight", [32, 256 // gk.HEAD_LANES, 16, gk.HEAD_LANES], "float16"] in meta["params"]
+    meta["params"] = [[n, [512, 256] if n == "lm_head.weight" else s, d] for n, s, d in meta["params"]]  # rows
+    (entry / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BuildError, match="layouts differ"):
+        repack_into(entry, gguf)

@@ -192,7 +192,7 @@ def test_cuda_stacks_qkv_and_gate_up():
     assert names["blk.0.ffn_gate_up.scale"].shape == (2,) and "blk.0.attn_q.weight" not in names
     assert "blk.0.attn_q.weight" in {s.name for s in param_specs(cfg)}  # CPU: separate
     g = read_gguf(tiny_gguf(), check_values=False)
-    p = pack_params(g, gpu=True)
+    p = pack_params(g, "cuda")
     want = [g.ternary(f"blk.1.{t}.weight").scale for t in ("attn_q", "attn_k", "attn_v")]
     np.testing.assert_array_equal(p["blk.1.attn_qkv.scale"], np.array(want, np.float32))
     for variant in (get_config("small-deltanet"), get_config("small-mla"), get_config("small-moe")):
