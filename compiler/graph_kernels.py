@@ -706,8 +706,8 @@ def lm_head_i8(B: int, V: int, D: int, rows: int | None = None):
     (figures: docs/foreign_models.md, "The LM head"). ``vpdpbusd`` multiplies 64 unsigned bytes by 64 signed ones
     per instruction; the signed weights become unsigned by flipping their sign bit (``E ^ 0x80 = E + 128``),
     corrected by ``128·Σh8``.
-    Register tiling as :func:`lm_head`: a tile of 16 (head row, row) pairs, each an int32x16 accumulator, over ``D``
-    in chunks of 64; the lanes summed at the end."""
+    Register tiling as :func:`lm_head`: a tile of 16 (head row, row) pairs, each an int32x16 accumulator (two
+    512-byte stack arrays, kept in registers), over ``D`` in chunks of 64; the lanes summed at the end."""
     import tvm
     from tvm import tirx
     from tvm.script import tirx as Tx
@@ -731,18 +731,31 @@ def lm_head_i8(B: int, V: int, D: int, rows: int | None = None):
              logits: Tx.Buffer((B, R), "float32")):  # fmt: skip
         for vo in Tx.parallel(R // VT):
             for bo in range(B // BT):
-                acc = Tx.alloc_buffer((16, 16), "int32", scope="global")  # a stack array: 16 accumulators
+                # two stack arrays of 8 accumulators: each under TVM's 1 KiB stack limit (docs/tvm.md), so LLVM keeps
+                # them in registers (one 1 KiB array was heap workspace, stored back at every step)
+                pa = Tx.alloc_buffer((8, 16), "int32", scope="global")
+                pb = Tx.alloc_buffer((8, 16), "int32", scope="global")
                 for k in Tx.unroll(P):
-                    acc[k, Tx.ramp(0, 1, 16)] = Tx.Broadcast(Tx.int32(0), 16)
+                    if k < 8:
+                        pa[k, Tx.ramp(0, 1, 16)] = Tx.Broadcast(Tx.int32(0), 16)
+                    else:
+                        pb[k - 8, Tx.ramp(0, 1, 16)] = Tx.Broadcast(Tx.int32(0), 16)
                 for io in range(NO):
                     for k in Tx.unroll(P):  # pair k: head row vo·VT + k // BT, row bo·BT + k % BT
-                        acc[k, Tx.ramp(0, 1, 16)] = dot(acc.vload([k, 0], "int32x16"), E, h8, vo, k, bo * BT + k % BT,
-                                                        io)  # fmt: skip
+                        if k < 8:
+                            pa[k, Tx.ramp(0, 1, 16)] = dot(pa.vload([k, 0], "int32x16"), E, h8, vo, k,
+                                                           bo * BT + k % BT, io)  # fmt: skip
+                        else:
+                            pb[k - 8, Tx.ramp(0, 1, 16)] = dot(pb.vload([k - 8, 0], "int32x16"), E, h8, vo, k,
+                                                               bo * BT + k % BT, io)  # fmt: skip
                 for k in Tx.unroll(P):
                     tot = Tx.alloc_buffer((1,), "int32", scope="global")
                     tot[0] = Tx.int32(0)
                     for ln in range(16):
-                        tot[0] = tot[0] + acc[k, ln]
+                        if k < 8:
+                            tot[0] = tot[0] + pa[k, ln]
+                        else:
+                            tot[0] = tot[0] + pb[k - 8, ln]
                     logits[bo * BT + k % BT, vo * VT + k // BT] = Tx.Cast(
                         "float32", tot[0] - 128 * hsum[bo * BT + k % BT]
                     ) * (s[vo * VT + k // BT] / a[bo * BT + k % BT])
