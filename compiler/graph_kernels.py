@@ -590,7 +590,7 @@ def tile_head(E: np.ndarray, step: int) -> np.ndarray:
     """A CPU LM head ``[V, D]`` in the blocked layout its kernels stream: ``[⌈V / 16⌉, D / step, 16, step]``, block
     ``b`` holding head rows ``16·b .. 16·b + 15`` chunk by chunk (``step`` columns of each row in turn; rows past
     ``V`` are zeros). A kernel tile of up to 16 head rows then reads one sequential stream instead of one stream per
-    head row; on a 2-core Zen 4 the F16 head streamed ~1.2x faster so (docs/foreign_models.md, "The LM head").
+    head row (why and what it gains: docs/foreign_models.md, "The blocked LM head").
     ``step``: :data:`HEAD_LANES` for :func:`lm_head`, :data:`HEAD_I8_CHUNK` for :func:`lm_head_i8`."""
     V, D = E.shape
     if D % step:
