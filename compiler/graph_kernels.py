@@ -615,9 +615,8 @@ def _head_tiling(V: int, D: int, rows: int | None, step: int, BT: int, what: str
 def _head_blocks(V: int, VT: int, BT: int):
     """The blocked layout's block count and, for pair ``k`` of tile ``vo`` (head row ``vo·VT + k // BT``), its block
     and row in the block (``VT`` divides :data:`HEAD_BLOCK`, so a tile never straddles two blocks)."""
-    per = HEAD_BLOCK // VT  # tiles per block
-    return (head_blocks(V), lambda vo, k: vo // per if per > 1 else vo,
-            lambda vo, k: (vo % per) * VT + k // BT if per > 1 else k // BT)  # fmt: skip
+    per = HEAD_BLOCK // VT  # tiles per block (TIR folds vo // 1 and vo % 1)
+    return head_blocks(V), lambda vo, k: vo // per, lambda vo, k: (vo % per) * VT + k // BT
 
 
 def lm_head(B: int, V: int, D: int, dtype: str = "float32", rows: int | None = None):

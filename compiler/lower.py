@@ -569,7 +569,8 @@ class Lowering:
         self.gpu = self.target == "cuda"
         self.k = kernels_for(self.target, self.weights)
         # an int8 head on AVX-512 VNNI: integer dots against the quantized hidden rows (graph_kernels.lm_head_i8)
-        self.head_i8 = head_step(self.cfg, self.target, self.head_dtype) == gk.HEAD_I8_CHUNK
+        self.head_step = head_step(self.cfg, self.target, self.head_dtype)  # the head's layout (param_specs)
+        self.head_i8 = self.head_step == gk.HEAD_I8_CHUNK
         check_weights(self.weights, self.gpu, self.cfg)
         if self.chunk is None:
             self.chunk = self.k.prefill_chunk
@@ -1213,5 +1214,4 @@ class Lowering:
                 for n in [*names, "prefill", "prefill_kv"]}  # fmt: skip
 
     def specs(self) -> list[ParamSpec]:
-        return param_specs(self.cfg, self.embed_dtype, self.head_dtype, self.gpu, self.weights,
-                           head_step(self.cfg, self.target, self.head_dtype))  # fmt: skip
+        return param_specs(self.cfg, self.embed_dtype, self.head_dtype, self.gpu, self.weights, self.head_step)
