@@ -72,7 +72,8 @@ def peak_rss_mib() -> float:
 def decode_bytes(meta: dict, pos: float = 0.0) -> dict:
     """Bytes one decode step reads, by kind, from a cache entry's ``meta.json`` (parameter names, shapes, dtypes).
 
-    Everything is read in full except ``token_embd.weight`` (one row), the RoPE tables (one row each) and a mixture of
+    Everything is read in full except ``token_embd.weight`` (one row; a model without it reads its row from the tied
+    head), the RoPE tables (one row each) and a mixture of
     experts' stacks (``*_exps.weight``: the ``n_experts_used`` of ``n_experts`` a token picks). ``kv_cache`` is what
     attention reads at position ``pos`` (every layer's cache entries of ``0..pos``, ``meta["cache"]``: GQA keys and
     values, or MLA's latent rows; a DeltaNet layer's state, whatever ``pos``); it is not part of ``weights``."""
@@ -94,6 +95,9 @@ def decode_bytes(meta: dict, pos: float = 0.0) -> dict:
             out["ternary"] += n
         else:
             out["scales_mhc_rope"] += n
+    names = {name: (shape, dtype) for name, shape, dtype in meta["params"]}
+    if "token_embd.weight" not in names:  # tied: the row is read from the head (compiler.lower.shares_embedding)
+        out["embedding_row"] += c["d_model"] * np.dtype(names["lm_head.weight"][1]).itemsize
     out["weights"] = sum(out.values())
     from runtime.kv_cache import cache_layout  # [name, shape, dtype, leading dimension] (or a build's older 3 fields)
 

@@ -187,7 +187,8 @@ def build(
     from tvm import relax
 
     with phase("lower"):
-        lw = lower.Lowering(cfg, target, logs_root=tuning_logs, embed_dtype=str(params["token_embd.weight"].dtype),
+        embed = params.get("token_embd.weight", params["lm_head.weight"])  # a tied head is the embedding
+        lw = lower.Lowering(cfg, target, logs_root=tuning_logs, embed_dtype=str(embed.dtype),
                             head_dtype=str(params["lm_head.weight"].dtype), weights=weights, cores=cores)  # fmt: skip
         mod = lw.module()
         untuned = sorted(k for k, s in lw.kernels.items() if s == "hand")

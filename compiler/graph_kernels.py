@@ -601,6 +601,22 @@ def tile_head(E: np.ndarray, step: int) -> np.ndarray:
     return np.ascontiguousarray(E.reshape(-1, HEAD_BLOCK, D // step, step).transpose(0, 2, 1, 3))
 
 
+def embed_blocked(T: int, V: int, D: int, step: int, dtype: str):
+    """``x[t] = E[tok[t]]``: the token rows of a tied embedding read from the LM head's blocked layout
+    (:func:`tile_head`, ``step`` columns per chunk), so a tied model keeps one copy of the table. Ids outside
+    ``0 .. V - 1`` are clipped to it, as ``relax.op.take(..., mode="clip")`` does for the row layout."""
+    from tvm import te, tirx
+
+    W = te.placeholder((head_blocks(V), D // step, HEAD_BLOCK, step), dtype, name="W")
+    tok = te.placeholder((T,), "int32", name="tok")
+
+    def row(t, d):
+        v = tirx.max(tirx.min(tok[t], V - 1), 0)
+        return W[v // HEAD_BLOCK, d // step, v % HEAD_BLOCK, d % step]
+
+    return _prim([W, tok, te.compute((T, D), row, name="x")])
+
+
 def _head_tiling(V: int, D: int, rows: int | None, step: int, BT: int, what: str) -> tuple[int, int, int]:
     """An LM head kernel's tiling: ``(D / step, the head rows computed R, head rows per tile VT)``; a tile holds ``VT ·
     BT ≤ 16`` (head row, row) pairs."""

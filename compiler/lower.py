@@ -178,20 +178,27 @@ def head_step(cfg, target: str, head_dtype: str) -> int:
     return gk.HEAD_LANES
 
 
+def shares_embedding(cfg, head_dtype: str) -> bool:
+    """Whether the token embedding is read from the LM head's array (one copy of the table, not two): a tied model
+    whose head keeps the embedding's own values (``head="auto"``; an int8 head is not the embedding). The rows are
+    then gathered from the head's layout (:func:`compiler.graph_kernels.embed_blocked` on CPUs), bit for bit the
+    same; at the 2B-4T size that is 656 MB of memory less."""
+    return bool(cfg.tie_embeddings) and head_dtype != "int8"
+
+
 def param_specs(cfg, embed_dtype: str = "float32", head_dtype: str = "float32", gpu: bool = False,
                 weights: str = "tile8", head_step: int = 0) -> list[ParamSpec]:  # fmt: skip
     """The compiled functions' parameters after the KV cache, in order (names as stored in ``params.npz``).
 
     ``token_embd.weight [V, D]`` and the LM head ``lm_head.weight`` keep the GGUF's float16 when it has it (exact;
-    the kernels compute in float32). The head is ``[V, D]`` when ``head_step`` is 0 (GPUs), else blocked
+    the kernels compute in float32); a tied model has no ``token_embd.weight`` unless its head is int8
+    (:func:`shares_embedding`). The head is ``[V, D]`` when ``head_step`` is 0 (GPUs), else blocked
     (:func:`head_step`, :func:`compiler.graph_kernels.tile_head`). On GPUs the ternaries are ``int32[M, K/16]``
     (``dp4a`` layout), on CPUs ``uint8[M/8, K/256, 8, 64]`` (``tile8``)."""
     D, V, hd, C, S = cfg.d_model, cfg.vocab_size, cfg.rope_dim, cfg.max_seq_len, cfg.n_streams
     head = (gk.head_blocks(V), D // head_step, gk.HEAD_BLOCK, head_step) if head_step else (V, D)
-    out = [
-        ParamSpec("token_embd.weight", (V, D), embed_dtype),
-        ParamSpec("lm_head.weight", head, head_dtype),
-    ]
+    out = [] if shares_embedding(cfg, head_dtype) else [ParamSpec("token_embd.weight", (V, D), embed_dtype)]
+    out.append(ParamSpec("lm_head.weight", head, head_dtype))
     if head_dtype == "int8":  # HEADS: int8 rows, one float32 scale each
         out.append(ParamSpec("lm_head.scale", (V,), "float32"))
     out += [ParamSpec("output_norm.weight", (D,), "float32"), ParamSpec("rope.cos", (C, hd // 2), "float32"),
@@ -384,12 +391,12 @@ def pack_params(g, target: str, weights: str = "tile8", head: str = "auto") -> d
     pack = get_layout("dp4a").pack if gpu else (lambda codes: _pack_cpu(codes, weights))
     cfg = g.config
     p: dict[str, np.ndarray] = {}
-    emb = g.tensors["token_embd.weight"]
-    head_t = emb if cfg.tie_embeddings else g.tensors["output.weight"]
-    p["token_embd.weight"] = emb.as_stored()
-    head_w = head_t.as_stored()
+    emb = g.tensors["token_embd.weight"].as_stored()
+    head_w = emb if cfg.tie_embeddings else g.tensors["output.weight"].as_stored()
     if head == "int8":
         head_w, p["lm_head.scale"] = quantize_head(head_w)
+    if not shares_embedding(cfg, str(head_w.dtype)):
+        p["token_embd.weight"] = emb
     step = head_step(cfg, target, str(head_w.dtype))
     p["lm_head.weight"] = gk.tile_head(head_w, step) if step else np.ascontiguousarray(head_w)
     p["output_norm.weight"] = g.tensors["output_norm.weight"].to_float().astype(np.float32)
@@ -435,7 +442,7 @@ def pack_params(g, target: str, weights: str = "tile8", head: str = "auto") -> d
             p[f"mtp.{k}.{t}.weight"] = pack(tw.codes)
             p[f"mtp.{k}.{t}.scale"] = np.array([tw.scale], np.float32)
         p[f"mtp.{k}.embed_norm.weight"] = g.tensors[f"mtp.{k}.embed_norm.weight"].to_float().astype(np.float32)
-    for s in param_specs(cfg, str(p["token_embd.weight"].dtype), str(head_w.dtype), gpu, weights, step):
+    for s in param_specs(cfg, str(emb.dtype), str(head_w.dtype), gpu, weights, step):
         a = p[s.name]
         if a.shape != s.shape or a.dtype != np.dtype(s.dtype):
             raise ValueError(f"packed {s.name}: {a.shape} {a.dtype}, expected {s.shape} {s.dtype}")
@@ -654,15 +661,30 @@ class Lowering:
 
     def embedding(self, f: _Frame, toks):
         """Token rows ``x [T, D]`` (float32) and the first block's input ``u = Σ_s h_pre[s] · x``."""
-        from tvm import relax
-
         D, S = self.cfg.d_model, self.cfg.n_streams
-        x = self.bb.emit(relax.op.take(f.pv["token_embd.weight"], toks, axis=0, mode="clip"))  # [T, D]
-        if self.embed_dtype != "float32":
-            x = self.bb.emit(relax.op.astype(x, "float32"))
+        x = self._embed(f, toks, f.T)  # [T, D]
         pre = self._te("pre_expand", gk.pre_expand, f.T, D, S)
         u = self._call(pre, [x, f.pv["blk.0.mhc_attn.h_pre"]], [((f.T, D), "float32")])
         return x, u
+
+    def _embed(self, f: _Frame, toks, T: int):
+        """The float32 rows ``[T, D]`` of ``toks`` (ids clipped to the vocabulary): from ``token_embd.weight``, or
+        from the LM head's array when the model shares it (:func:`shares_embedding`; its blocked CPU layout through
+        :func:`compiler.graph_kernels.embed_blocked`)."""
+        from tvm import relax
+
+        D, V = self.cfg.d_model, self.cfg.vocab_size
+        shared = shares_embedding(self.cfg, self.head_dtype)
+        if not shared:
+            x = self.bb.emit(relax.op.take(f.pv["token_embd.weight"], toks, axis=0, mode="clip"))
+        elif not self.head_step:  # rows [V, D], as the embedding
+            x = self.bb.emit(relax.op.take(f.pv["lm_head.weight"], toks, axis=0, mode="clip"))
+        else:
+            step, dtype = self.head_step, self.head_dtype
+            gv = self._te(f"embed_blocked_{dtype}", lambda n: gk.embed_blocked(n, V, D, step, dtype), T)
+            x = self._call(gv, [f.pv["lm_head.weight"], toks], [((T, D), self.head_dtype)])
+        dtype = self.head_dtype if shared else self.embed_dtype
+        return x if dtype == "float32" else self.bb.emit(relax.op.astype(x, "float32"))
 
     def attention(self, f: _Frame, i: int, u):
         """Layer ``i``'s attention block on ``u [T, D]``: RMSNorm+quantize, q/k/v, RoPE, the in-place cache write,
@@ -1011,9 +1033,7 @@ class Lowering:
         pick = self._te("argmax", self.k.argmax, B, Vd)
         toks = []
         for k in range(heads):
-            e = bb.emit(relax.op.take(f.pv["token_embd.weight"], tok, axis=0, mode="clip"))
-            if self.embed_dtype != "float32":
-                e = bb.emit(relax.op.astype(e, f32))
+            e = self._embed(f, tok, B)
             e = self._call(self._rmsnorm(B, D), [e, f.pv[f"mtp.{k}.embed_norm.weight"]], [((B, D), f32)])
             a = self._ternary(f, f"mtp.{k}.proj", *self._quantize(B, D, g), D, D)
             b = self._ternary(f, f"mtp.{k}.embed_proj", *self._quantize(B, D, e), D, D)

@@ -100,6 +100,12 @@ def _kernel_cases(target: str, rng) -> list:
         E70 = E[:70]
         cases.append((f"lm_head_{dt}_V70", gk.lm_head(1, 70, D, dt), [hv[:1], gk.tile_head(E70, gk.HEAD_LANES)],
                       [((1, 70), "float32")], [er.lm_head(hv[0], E70, gk.HEAD_LANES)[None]]))  # fmt: skip
+        # a tied embedding's rows gathered from the blocked head (ids out of range clipped, as take's mode="clip")
+        ids = np.array([0, 69, 17, -3, 70, 1 << 30, 33], np.int32)
+        for step in (gk.HEAD_LANES, gk.HEAD_I8_CHUNK):
+            got = [gk.tile_head(E70, step), ids]
+            cases.append((f"embed_blocked_{dt}_{step}", gk.embed_blocked(len(ids), 70, D, step, dt), got,
+                          [((len(ids), D), dt)], [E70[np.clip(ids, 0, 69)]]))  # fmt: skip
     for N in (1, 8):  # the shipped model's width: tuned records, whose lane knob compiler.arith reads
         op = make_op("rmsnorm_quant", D=D, N=N)
         x = (rng.standard_normal((N, D)) * 3).astype(F32)

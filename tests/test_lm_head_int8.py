@@ -83,6 +83,8 @@ def test_int8_head_keeps_the_float_heads_tokens_within_its_rounding(target):
     eng = Engine(build(gguf, target, cache_dir(), head="int8").dir, gguf)
     step = head_step(read_gguf(gguf).config, target, "int8")  # the CPU kernels' blocked layout
     assert eng.meta["head"] == "int8" and ["lm_head.weight", [32, 256 // step, 16, step], "int8"] in eng.meta["params"]
+    assert "token_embd.weight" in {n for n, _, _ in eng.meta["params"]}  # an int8 head is not the embedding
+    assert "token_embd.weight" not in {n for n, _, _ in ref.meta["params"]}  # tied F16: one copy, the head's
     prompt = [int(t) for t in np.random.default_rng(3).integers(0, 512, 9)]
     ref.reset()
     want = [ref.prefill(prompt)]

@@ -203,6 +203,18 @@ def test_cuda_stacks_qkv_and_gate_up():
             assert not stacked(variant, i, gpu=False)
 
 
+@pytest.mark.unit
+def test_a_tied_embedding_is_read_from_the_head_unless_the_head_is_int8():
+    from compiler.lower import param_specs
+
+    tied, untied = get_config("tiny"), get_config("tiny", tie_embeddings=False)
+    for gpu, step in ((False, 16), (True, 0)):
+        names = {(cfg is tied, head): {s.name for s in param_specs(cfg, "float16", head, gpu, head_step=step)}
+                 for cfg in (tied, untied) for head in ("float16", "int8")}  # fmt: skip
+        assert "token_embd.weight" not in names[True, "float16"]
+        assert all("token_embd.weight" in n for k, n in names.items() if k != (True, "float16"))
+
+
 @pytest.mark.build
 @pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")
 @pytest.mark.parametrize("target", ["avx2", "cuda"])
