@@ -72,9 +72,9 @@ def peak_rss_mib() -> float:
 def decode_bytes(meta: dict, pos: float = 0.0) -> dict:
     """Bytes one decode step reads, by kind, from a cache entry's ``meta.json`` (parameter names, shapes, dtypes).
 
-    Everything is read in full except ``token_embd.weight`` (one row; a model without it reads its row from the tied
-    head), the RoPE tables (one row each) and a mixture of
-    experts' stacks (``*_exps.weight``: the ``n_experts_used`` of ``n_experts`` a token picks). ``kv_cache`` is what
+    Everything is read in full except ``token_embd.weight`` (one row; a tied model without it reads that row from
+    its head), the RoPE tables (one row each) and a mixture of experts' stacks (``*_exps.weight``: the
+    ``n_experts_used`` of ``n_experts`` a token picks). ``kv_cache`` is what
     attention reads at position ``pos`` (every layer's cache entries of ``0..pos``, ``meta["cache"]``: GQA keys and
     values, or MLA's latent rows; a DeltaNet layer's state, whatever ``pos``); it is not part of ``weights``."""
     out = {"ternary": 0, "lm_head": 0, "embedding_row": 0, "norms": 0, "scales_mhc_rope": 0}
