@@ -53,6 +53,8 @@ class SpecBenchConfig:
     chain_burst: int = 0  # > 0: one more setting, plain greedy as device chains of this many steps (Engine.chain)
     chain_drafts: list[int] = field(default_factory=list)  # with chain_burst: a setting per K, speculative chains
     temperature: float = 0.0  # > 0: plain temperature sampling (prompt i with seed i) instead of greedy
+    lookup_tokens: list[int] = field(default_factory=list)  # a setting lK per K: prompt-lookup drafts, chains off
+    lookup_heads: int = 0  # > 0: also a setting lKdJ per K: lookup drafts, else J MTP drafts
 
 
 def stats(x) -> dict:
@@ -80,14 +82,20 @@ def run(cfg: SpecBenchConfig) -> dict:
     prompts = [p["prompt"] for p in json.loads(Path(cfg.prompts).read_text())["prompts"][: cfg.n_prompts]]
     params = [SamplingParams(max_new_tokens=cfg.tokens, ignore_eos=True, temperature=cfg.temperature, seed=i)
               for i in range(len(prompts))]  # fmt: skip
-    settings = {k: (k, 0, 0) for k in cfg.draft_tokens}  # setting → (host drafts, chain burst, chain drafts)
+    # setting → (host MTP drafts, chain burst, chain drafts, prompt-lookup drafts)
+    settings = {k: (k, 0, 0, 0) for k in cfg.draft_tokens}
     if cfg.chain_burst and eng.has_chain:
-        settings[f"c{cfg.chain_burst}"] = (0, cfg.chain_burst, 0)
+        settings[f"c{cfg.chain_burst}"] = (0, cfg.chain_burst, 0, 0)
         for k in cfg.chain_drafts:
             if not 1 <= k <= eng.mtp_heads or f"spec_chain_b{k + 1}" not in eng.meta["outputs"]:
                 raise SystemExit(f"error: --chain-drafts {k}: this build has no spec_chain_b{k + 1}")
-            settings[f"c{cfg.chain_burst}d{k}"] = (0, cfg.chain_burst, k)
-    for eng.draft_tokens, eng.chain_burst, eng.chain_drafts in settings.values():  # warm-up (first calls, tables)
+            settings[f"c{cfg.chain_burst}d{k}"] = (0, cfg.chain_burst, k, 0)
+    for k in cfg.lookup_tokens:
+        settings[f"l{k}"] = (0, 0, 0, k)
+        if cfg.lookup_heads:
+            settings[f"l{k}d{cfg.lookup_heads}"] = (cfg.lookup_heads, 0, 0, k)
+    # warm-up (first calls, tables)
+    for eng.draft_tokens, eng.chain_burst, eng.chain_drafts, eng.lookup_tokens in settings.values():
         for p, pp in zip(prompts[:2], params, strict=False):
             eng.generate(p, pp)
     plain_tokens: dict[int, list[int]] = {}
@@ -98,7 +106,7 @@ def run(cfg: SpecBenchConfig) -> dict:
         order = names[r % len(names) :] + names[: r % len(names)]
         rate = {}
         for k in order:
-            eng.draft_tokens, eng.chain_burst, eng.chain_drafts = settings[k]
+            eng.draft_tokens, eng.chain_burst, eng.chain_drafts, eng.lookup_tokens = settings[k]
             toks = secs = drafted = accepted = steps = 0
             for i, p in enumerate(prompts):
                 g = eng.generate(p, params[i])
@@ -118,12 +126,12 @@ def run(cfg: SpecBenchConfig) -> dict:
                 rows[k]["ratio"].append(rate[k] / rate[0])
 
     def exact(setting):  # token for token plain decoding's: greedy, or a chain's draws (the host's own Gumbel noise)
-        return cfg.temperature == 0 or setting[0] == 0  # a speculative chain draws a plain chain's noise too
+        return cfg.temperature == 0 or setting[0] == setting[3] == 0  # a speculative chain draws a chain's noise too
 
     out = []
     for k, v in rows.items():
         out.append({"setting": str(k), "draft_tokens": settings[k][0], "chain_burst": settings[k][1],
-                    "chain_drafts": settings[k][2], "decode_tok_s": stats(v["tps"]),
+                    "chain_drafts": settings[k][2], "lookup_tokens": settings[k][3], "decode_tok_s": stats(v["tps"]),
                     "runs": cfg.rounds,
                     "x_plain": stats(v["ratio"]) if v["ratio"] else None,
                     "acceptance": stats(v["acceptance"]), "tokens_per_step": stats(v["tokens_per_step"]),
@@ -163,6 +171,15 @@ def main(argv=None) -> None:
                     help="with --chain-burst: speculative chains, these drafts per call (rows c<N>d<K>)")  # fmt: skip
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="> 0: plain temperature sampling, prompt i with seed i (default: greedy)")  # fmt: skip
+    ap.add_argument(
+        "--lookup-tokens",
+        type=int,
+        nargs="*",
+        default=[],
+        help="settings l<K>: prompt-lookup drafts (runtime.lookup), at most K a step, chains off",
+    )
+    ap.add_argument("--lookup-heads", type=int, default=0,
+                    help="> 0: also settings l<K>d<J>: lookup drafts, else J MTP drafts")  # fmt: skip
     ap.add_argument("--json", default=None, help="write the report here")
     a = ap.parse_args(argv)
     if a.rounds < 1 or a.tokens < 2 or a.n_prompts < 1 or not 0 <= a.temperature <= 2:
@@ -170,7 +187,8 @@ def main(argv=None) -> None:
     if a.threads:
         os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
     cfg = SpecBenchConfig(a.model, a.entry, a.target, a.threads, a.draft_tokens, a.prompts, a.n_prompts, a.tokens,
-                          a.rounds, a.chain_burst, a.chain_drafts, a.temperature)  # fmt: skip
+                          a.rounds, a.chain_burst, a.chain_drafts, a.temperature, a.lookup_tokens,
+                          a.lookup_heads)  # fmt: skip
     res = run(cfg)
     print(table(res))
     if a.json:

@@ -107,7 +107,7 @@ class Batcher:
                 raise ValueError("the prompt is empty")
             if len(keep) >= eng.ctx:
                 raise ValueError(f"prompt of {len(keep)} tokens leaves no room in the context of {eng.ctx}")
-            picker = TokenPicker(eng, req.params, req.result, heal)
+            picker = TokenPicker(eng, req.params, req.result, heal, keep)
         except ValueError as exc:
             req.emit("error", str(exc))
             return True

@@ -6,10 +6,11 @@
 
 Text streams as it is generated (never splitting a UTF-8 character, never showing a special token; the model's
 end-of-text token ends it); a stats line (tokens, time to first token, decode tokens/s) goes to stderr. ``--stop`` may
-be given several times. A model with multi-token-prediction heads decodes speculatively (``--draft-tokens K``,
-``--no-speculative``; :mod:`runtime.spec_decode`): the same tokens as plain decoding when greedy, the same
-distribution when sampling; the stats line says how many drafted tokens were accepted. A prompt that ends inside a
-word, a newline or indentation is token-healed (the last word is generated again under constraint, see
+be given several times. Decoding is speculative (:mod:`runtime.spec_decode`): prompt-lookup drafts
+(``--lookup-tokens K``, :mod:`runtime.lookup`) and, on a model with multi-token-prediction heads, the heads' drafts
+(``--draft-tokens K``); ``--no-speculative`` turns both off. The tokens are those of plain decoding when greedy,
+the distribution the same when sampling; the stats line says how many drafted tokens were accepted. A prompt that
+ends inside a word, a newline or indentation is token-healed (the last word is generated again under constraint, see
 ``runtime.healing``); ``--no-token-healing`` turns that off. The arguments,
 including that ``--model`` is a regular file starting with the GGUF magic, are checked before anything loads; a bad
 one ends the run with a one-line error and exit status 2. ``--jit-policy`` says when the model is compiled
@@ -85,8 +86,12 @@ def add_draft_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--draft-tokens", type=int, default=None, metavar="K",
                     help="speculative decoding: tokens the model's MTP heads draft per step, also per call of a "
                     "device chain (default: per target, at most the heads; see docs/speculative.md)")  # fmt: skip
+    ap.add_argument("--lookup-tokens", type=int, default=None, metavar="K",
+                    help="speculative decoding with prompt-lookup drafts: at most K tokens a step copied from where "
+                    "the context's last tokens occurred before, tried before the MTP heads (default: per target; "
+                    "0: off; see docs/speculative.md)")  # fmt: skip
     ap.add_argument("--no-speculative", action="store_true",
-                    help="plain decoding even when the model has MTP heads (same as --draft-tokens 0)")  # fmt: skip
+                    help="plain decoding, no drafts (same as --draft-tokens 0 --lookup-tokens 0)")  # fmt: skip
     ap.add_argument("--chain-burst", type=int, default=None, metavar="N",
                     help="plain greedy or temperature generation (no top-k/top-p, no penalties) runs N steps at a "
                     "time on the device, with no host round trip between them (default: 16; 0: off)")  # fmt: skip
@@ -95,8 +100,10 @@ def add_draft_args(ap: argparse.ArgumentParser) -> None:
 def check_draft_args(a: argparse.Namespace) -> str | None:
     if a.draft_tokens is not None and not 0 <= a.draft_tokens <= 16:
         return f"--draft-tokens must be in 0..16, not {a.draft_tokens}"
-    if a.no_speculative and a.draft_tokens:
-        return "--no-speculative and --draft-tokens > 0 contradict each other"
+    if a.lookup_tokens is not None and not 0 <= a.lookup_tokens <= 15:
+        return f"--lookup-tokens must be in 0..15, not {a.lookup_tokens}"
+    if a.no_speculative and (a.draft_tokens or a.lookup_tokens):
+        return "--no-speculative and --draft-tokens or --lookup-tokens > 0 contradict each other"
     if a.chain_burst is not None and not 0 <= a.chain_burst <= CHAIN_BURST_MAX:
         return f"--chain-burst must be in 0..{CHAIN_BURST_MAX}, not {a.chain_burst}"
     return None
@@ -105,6 +112,11 @@ def check_draft_args(a: argparse.Namespace) -> str | None:
 def draft_tokens(a: argparse.Namespace) -> int | None:
     """The Engine's ``draft_tokens`` from the arguments (None: its default)."""
     return 0 if a.no_speculative else a.draft_tokens
+
+
+def lookup_tokens(a: argparse.Namespace) -> int | None:
+    """The Engine's ``lookup_tokens`` from the arguments (None: its default)."""
+    return 0 if a.no_speculative else a.lookup_tokens
 
 
 def chain_burst(a: argparse.Namespace) -> int | None:
@@ -168,7 +180,8 @@ def main(argv=None) -> None:
     try:
         eng = Engine.from_gguf(a.model, a.target, a.cache_dir, a.threads, a.jit_policy, head=a.head,
                                token_healing=not a.no_token_healing, draft_tokens=draft_tokens(a),
-                               chain_burst=chain_burst(a), chain_drafts=chain_drafts(a))  # fmt: skip
+                               chain_burst=chain_burst(a), chain_drafts=chain_drafts(a),
+                               lookup_tokens=lookup_tokens(a))  # fmt: skip
     except (JITError, ValueError) as exc:
         raise SystemExit(f"{ap.prog}: error: {exc}") from None
     stops = (eng.eos,) if eng.eos is not None else ()

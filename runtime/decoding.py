@@ -27,6 +27,7 @@ import numpy as np
 
 from model.sampling import FMIX, GOLDEN, GUMBEL_SPAN, SAMPLE_SEEDS, Generation, SamplingParams, penalize
 from runtime.healing import Heal
+from runtime.lookup import NgramIndex
 
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (dividing by it would overflow; the result is argmax anyway)
 
@@ -147,10 +148,16 @@ class TokenPicker:
 
     With ``heal`` (a :func:`runtime.healing.plan` of the prompt) the first tokens are constrained to spell
     ``heal.prefix`` again and ``max_new_tokens`` counts from the whole prompt (it grows by the tokens backed off);
-    stop strings are looked for in the text after ``heal.text``."""
+    stop strings are looked for in the text after ``heal.text``. ``prompt``: the tokens prefilled, for the
+    prompt-lookup drafts (``lookup``, an :class:`~runtime.lookup.NgramIndex`, when the engine drafts any)."""
 
-    def __init__(self, engine, params: SamplingParams, result: Generation, heal: Heal | None = None) -> None:
+    def __init__(
+        self, engine, params: SamplingParams, result: Generation, heal: Heal | None = None, prompt: list[int] = ()
+    ) -> None:
         self.engine, self.params, self.result = engine, params, result
+        # prompt-lookup drafts (runtime.lookup) look for the context's end in the prompt and in result.tokens
+        self.prompt_len = len(prompt)
+        self.lookup = NgramIndex(prompt) if getattr(engine, "lookup_tokens", 0) else None
         heal = heal if heal is not None and params.max_new_tokens > 0 else None
         self.pending = heal.prefix if heal else b""  # healed bytes still to be spelled
         result.healed, result.healed_tokens = (heal.text, heal.removed) if heal else ("", 0)

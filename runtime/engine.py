@@ -148,6 +148,9 @@ CHAIN_BURST = {"cuda": 16, "avx512": 16, "avx2": 16}
 # chains": measured on the H200, Zen 3 AVX2 and Zen 4 AVX-512)
 CHAIN_DRAFTS = {"cuda": 2, "avx512": 0, "avx2": 0}
 CHAIN_BURST_MAX = 256  # the most steps of one burst (a stop inside it wastes the rest)
+# prompt-lookup drafts per step at most, by target (runtime.lookup; 0: none): tried before the MTP heads' drafts
+# (measured on the CPUs: docs/speculative.md, "Prompt-lookup drafts"; on CUDA not yet, where chains stay the default)
+LOOKUP_TOKENS = {"cuda": 0, "avx512": 7, "avx2": 7}
 
 
 def default_max_seqs(batch_sizes) -> int:
@@ -179,6 +182,7 @@ class Engine:
         max_seqs: int | None = None,
         chain_burst: int | None = None,
         chain_drafts: int | None = None,
+        lookup_tokens: int | None = None,
     ) -> None:
         """``gguf`` supplies the tokenizer (and its special tokens); or pass an HF ``tokenizer`` directly.
         ``token_healing`` is the default of :meth:`stream_text`. ``kv_tokens``: the KV cache's capacity in tokens
@@ -191,7 +195,9 @@ class Engine:
         ``chain_burst``: plain greedy generation runs up to this many steps at a time on the device, without the
         host between them (:meth:`chain`; default :data:`CHAIN_BURST` for the target; 0 turns it off).
         ``chain_drafts``: MTP drafts verified per call of a greedy chain (a speculative chain; default
-        :data:`CHAIN_DRAFTS` for the target, at most the heads; 0: plain chains)."""
+        :data:`CHAIN_DRAFTS` for the target, at most the heads; 0: plain chains). ``lookup_tokens``: prompt-lookup
+        drafts per step at most (:mod:`runtime.lookup`: the tokens that followed the context's end where it occurred
+        before; default :data:`LOOKUP_TOKENS` for the target; 0 turns them off), tried before the MTP heads."""
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or len(os.sched_getaffinity(0))))
         import tvm
         from tvm.runtime.vm import VirtualMachine
@@ -235,6 +241,10 @@ class Engine:
         if not 0 <= chain_drafts <= self.mtp_heads:
             raise ValueError(f"chain_drafts={chain_drafts}: this model has {self.mtp_heads} MTP heads")
         self.chain_drafts = int(chain_drafts)
+        self.lookup_tokens = int(LOOKUP_TOKENS.get(self.target, 0) if lookup_tokens is None else lookup_tokens)
+        if not 0 <= self.lookup_tokens < self.batch_sizes[-1]:
+            raise ValueError(f"lookup_tokens={lookup_tokens}: 0 (off) to {self.batch_sizes[-1] - 1} (the verify rows "
+                             "fit the largest compiled batch)")  # fmt: skip
         if not 0 <= self.chain_burst <= CHAIN_BURST_MAX:
             raise ValueError(f"chain_burst={chain_burst}: 0 (off) to {CHAIN_BURST_MAX} steps")
         with np.load(self.dir / "params.npz", allow_pickle=False) as z:
@@ -642,7 +652,7 @@ class Engine:
         result = result if result is not None else Generation()
         if len(prompt) >= self.ctx:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {self.ctx}")
-        picker = TokenPicker(self, params, result, heal)
+        picker = TokenPicker(self, params, result, heal, prompt)
         self.reset()
         logits = self.prefill(prompt)
         if picker.done:
@@ -659,11 +669,13 @@ class Engine:
 
     def chains(self, picker: TokenPicker) -> bool:
         """Whether the generation of ``picker`` takes its next tokens by :meth:`chain_burst_for`: chains are on, the
-        module has them and the next pick is plain greedy, or a plain temperature draw while the host drafts nothing
-        (host drafts sample by the speculative rule, whose random stream a chain's Gumbel draws would not follow: a
-        seeded sample must be the same alone, where a chain would take it, and in a batch)."""
-        sampled = picker.plain_sample and not self.draft_tokens
-        return bool(self.chain_burst) and self.has_chain and (picker.plain_greedy or sampled)
+        module has them, the host makes no prompt-lookup drafts (they beat chains on the CPUs: docs/speculative.md),
+        and the next pick is plain greedy, or a plain temperature draw while the host drafts nothing (host drafts
+        sample by the speculative rule, whose random stream a chain's Gumbel draws would not follow: a seeded sample
+        must be the same alone, where a chain would take it, and in a batch)."""
+        if not self.chain_burst or not self.has_chain or self.lookup_tokens:
+            return False
+        return picker.plain_greedy or (picker.plain_sample and not self.draft_tokens)
 
     def chain_burst_for(self, picker: TokenPicker, seq: Sequence, tok: int) -> list[int]:
         """At least :attr:`chain_burst` tokens after ``tok`` for ``seq`` by :meth:`chain` (at most the token limit

@@ -68,7 +68,15 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from model.sampling import SamplingParams
 from runtime import openai_schema as oai
-from runtime.chat import DEFAULT_MODEL, add_draft_args, chain_burst, chain_drafts, check_draft_args, draft_tokens
+from runtime.chat import (
+    DEFAULT_MODEL,
+    add_draft_args,
+    chain_burst,
+    chain_drafts,
+    check_draft_args,
+    draft_tokens,
+    lookup_tokens,
+)
 from runtime.chat_template import TIMEOUT_S, ChatTemplateError, Renderer
 from runtime.engine import JIT_POLICIES, JITError, ensure_built
 from runtime.worker import Job, NotReady, QueueFull, Stats, Worker
@@ -121,6 +129,7 @@ class ServeConfig:
     head: str = "auto"  # the LM head as the GGUF stores it, or "int8" (compiler.build --head)
     chain_burst: int | None = None  # plain greedy/temperature steps per device chain (None: Engine's default; 0: off)
     chain_drafts: int | None = None  # MTP drafts per call of a device chain (None: the Engine's default; 0: plain)
+    lookup_tokens: int | None = None  # prompt-lookup drafts per step (None: the Engine's default; 0: off)
 
     def __post_init__(self) -> None:
         self.model_id = self.model_id or Path(self.model).stem
@@ -174,7 +183,8 @@ class Backend:
         return Engine.from_gguf(c.model, c.target, c.cache_dir, c.threads or default_threads(), c.jit_policy,
                                 head=c.head, kv_tokens=c.kv_tokens, draft_tokens=c.draft_tokens,
                                 max_seqs=c.max_batch + 1 if c.max_batch else None,
-                                chain_burst=c.chain_burst, chain_drafts=c.chain_drafts)  # fmt: skip
+                                chain_burst=c.chain_burst, chain_drafts=c.chain_drafts,
+                                lookup_tokens=c.lookup_tokens)  # fmt: skip
 
     def _load(self):
         engine = self._open()
@@ -481,7 +491,7 @@ def metrics_text(backend: Backend) -> str:
                {"": tps})  # fmt: skip
         metric("last_decode_tokens_per_second", "gauge", "Decode tokens/s of the last generation.",
                {"": s.last_decode_tps})  # fmt: skip
-        metric("draft_tokens_total", "counter", "Tokens drafted by the MTP heads (speculative decoding).",
+        metric("draft_tokens_total", "counter", "Tokens drafted (MTP heads and prompt lookup; speculative decoding).",
                {"": s.drafted})  # fmt: skip
         metric("draft_accepted_tokens_total", "counter", "Drafted tokens the main model accepted.", {"": s.accepted})
         metric("speculative_steps_total", "counter", "Verify steps with drafts (each gives its accepted drafts + 1).",
@@ -782,7 +792,7 @@ def main(argv: list[str] | None = None) -> None:
     config = ServeConfig(a.model, a.target, a.cache_dir, a.threads, a.host, a.port, a.api_key, a.max_queue,
                          a.max_body_bytes, a.metrics, tuple(a.cors), a.model_id, template, a.template_timeout,
                          a.read_timeout, a.jit_policy, a.max_batch, a.kv_tokens, draft_tokens(a), a.head,
-                         chain_burst(a), chain_drafts(a))  # fmt: skip
+                         chain_burst(a), chain_drafts(a), lookup_tokens(a))  # fmt: skip
     if a.jit_policy == "off":  # nothing to compile in the background: a missing module fails now, not on /health
         try:
             ensure_built(config.model, config.target, config.cache_dir, config.threads or default_threads(), "off",

@@ -46,35 +46,46 @@ class Draft:
     q: list[np.ndarray | None]
 
 
-def draft_counts(engine, pickers: list[TokenPicker], seqs: list[Sequence]) -> list[int]:
-    """Drafts per sequence this step (see the module docstring)."""
-    if not engine.draft_tokens:
-        return [0] * len(seqs)
-    share = max(0, engine.batch_sizes[-1] // len(seqs) - 1)  # verify rows of all sequences in one call
+def draft_room(engine, pickers: list[TokenPicker], seqs: list[Sequence]) -> list[int]:
+    """The most drafts each sequence may take this step: its share of the largest compiled batch (the verify rows
+    of all sequences go in one call), the room left in the context and below the token limit; none while token
+    healing constrains the tokens."""
+    share = max(0, engine.batch_sizes[-1] // len(seqs) - 1)
     out = []
     for picker, seq in zip(pickers, seqs, strict=True):
         room = engine.ctx - seq.length - 1  # the verify rows t, d_1 .. d_k must fit the context
         left = picker.limit - len(picker.result.tokens) - 1  # drafts past the token limit could never be used
-        usable = seq.hidden is not None and not picker.pending
-        out.append(max(0, min(engine.draft_tokens, share, room, left)) if usable else 0)
+        out.append(0 if picker.pending else max(0, min(share, room, left)))
     return out
 
 
-def make_drafts(engine, seqs: list[Sequence], tokens: list[int], counts: list[int]) -> list[Draft]:
-    """Each sequence's greedy drafts from its ``seq.hidden`` and the token picked after it (one
-    :meth:`Engine.draft` call for all that take any)."""
+def make_drafts(engine, pickers: list[TokenPicker], seqs: list[Sequence], tokens: list[int]) -> list[Draft]:
+    """Each sequence's drafts after ``tokens[i]`` (its last pick, the end of ``pickers[i]``'s tokens): the
+    prompt-lookup drafts when the context's end occurred before (up to ``Engine.lookup_tokens``,
+    :mod:`runtime.lookup`), else the MTP heads' greedy drafts from ``seq.hidden`` (up to ``Engine.draft_tokens``;
+    one :meth:`Engine.draft` call for all sequences that take any), within :func:`draft_room`."""
+    rooms = draft_room(engine, pickers, seqs)
     drafts = [Draft([], []) for _ in seqs]
-    need = []
-    for i, (seq, c) in enumerate(zip(seqs, counts, strict=True)):
+    need, heads = [], 0
+    for i, (picker, seq, room) in enumerate(zip(pickers, seqs, rooms, strict=True)):
+        if not room:
+            continue
+        if engine.lookup_tokens and picker.lookup is not None:
+            picker.lookup.sync(picker.prompt_len, picker.result.tokens)
+            d = picker.lookup.propose(min(engine.lookup_tokens, room))
+            if d:
+                drafts[i] = Draft(d, [None] * len(d))
+                continue
+        c = min(engine.draft_tokens, room) if seq.hidden is not None else 0
         if c and seq.drafts is not None and seq.drafts_after == tokens[i]:  # the last step drafted after this token
             drafts[i] = Draft([int(t) for t in seq.drafts[:c]], [None] * c)
         elif c:
-            need.append(i)
-    if not need:
-        return drafts
-    out = engine.draft(np.stack([seqs[i].hidden for i in need]), [tokens[i] for i in need], max(counts))
-    for i, row in zip(need, out, strict=True):
-        drafts[i] = Draft([int(t) for t in row[: counts[i]]], [None] * counts[i])
+            need.append((i, c))
+            heads = max(heads, c)
+    if need:
+        out = engine.draft(np.stack([seqs[i].hidden for i, _ in need]), [tokens[i] for i, _ in need], heads)
+        for (i, c), row in zip(need, out, strict=True):
+            drafts[i] = Draft([int(t) for t in row[:c]], [None] * c)
     return drafts
 
 
@@ -115,8 +126,8 @@ def settle(picker: TokenPicker, seq: Sequence, base: int, rows: tuple, draft: Dr
 def advance(engine, pickers: list[TokenPicker], seqs: list[Sequence], tokens: list[int]) -> list[list[int]]:
     """One step for every generation: ``tokens[i]`` (picked last, not in the cache) goes into ``seqs[i]`` with its
     drafts; the tokens each generation gained (1 .. k + 1; ``pickers[i].done`` says whether it has ended)."""
-    counts = draft_counts(engine, pickers, seqs)
-    drafts = make_drafts(engine, seqs, tokens, counts)
+    drafts = make_drafts(engine, pickers, seqs, tokens)
     bases = [s.length for s in seqs]
-    out = engine.step(seqs, [[t, *d.tokens] for t, d in zip(tokens, drafts, strict=True)], draft=any(counts))
+    fused = bool(engine.draft_tokens) and any(d.tokens for d in drafts)  # the next step's MTP drafts, where fused
+    out = engine.step(seqs, [[t, *d.tokens] for t, d in zip(tokens, drafts, strict=True)], draft=fused)
     return [settle(p, s, b, rows, d) for p, s, b, rows, d in zip(pickers, seqs, bases, out, drafts, strict=True)]

@@ -35,8 +35,9 @@ def entry(gguf):
     return built(gguf).dir
 
 
-def engine(entry, gguf, draft_tokens: int) -> Engine:
-    return Engine(entry, gguf, threads=2, draft_tokens=draft_tokens, chain_burst=0)  # no chains: they skip drafting
+def engine(entry, gguf, draft_tokens: int, lookup_tokens: int = 0) -> Engine:
+    return Engine(entry, gguf, threads=2, draft_tokens=draft_tokens, chain_burst=0,  # no chains: they skip drafting
+                  lookup_tokens=lookup_tokens)  # fmt: skip
 
 
 def test_drafts_and_hidden_match_pytorch(entry, gguf):
@@ -82,9 +83,11 @@ def oracle(plan: dict[int, tuple[int, list[int]]], wrong_every: int = 3):
     """make_drafts that proposes each sequence's own plain-run future (``plan``: id(seq) → (prompt length, plain
     tokens)), every ``wrong_every``-th proposal replaced by a wrong token."""
 
-    def make(engine, seqs, tokens, counts):
+    def make(engine, pickers, seqs, tokens):
         out = []
-        for seq, c in zip(seqs, counts, strict=True):
+        rooms = spec_decode.draft_room(engine, pickers, seqs)
+        for seq, room in zip(seqs, rooms, strict=True):
+            c = min(room, engine.draft_tokens) if seq.hidden is not None else 0
             start, future = plan[id(seq)]
             n = seq.length - start + 1  # tokens generated so far (the last one is not in the cache yet)
             toks = [future[i] if i < len(future) else 0 for i in range(n, n + c)]
@@ -144,21 +147,32 @@ def test_batch_gives_solo_tokens(entry, gguf, monkeypatch):
     assert all(g.accepted > 0 for g in got)
 
 
-def test_draft_counts_respect_batch_context_and_limit(entry, gguf):
+def test_draft_room_respects_batch_context_and_limit(entry, gguf):
     spec = engine(entry, gguf, 2)
     from runtime.decoding import TokenPicker
 
     def picker(n):
         return TokenPicker(spec, SamplingParams(max_new_tokens=n), Generation())
 
+    top = spec.batch_sizes[-1]
     seq = Sequence(length=10, hidden=np.zeros(1, np.float32))
-    assert spec_decode.draft_counts(spec, [picker(50)], [seq]) == [2]
-    assert spec_decode.draft_counts(spec, [picker(2)], [seq]) == [1]  # one token left after this step's first
-    assert spec_decode.draft_counts(spec, [picker(50)], [Sequence(length=spec.ctx - 2, hidden=seq.hidden)]) == [1]
-    top = spec.batch_sizes[-1]  # a full batch leaves no rows for drafts
-    full = [Sequence(hidden=seq.hidden) for _ in range(top)]
-    assert spec_decode.draft_counts(spec, [picker(50)] * top, full) == [0] * top
-    assert spec_decode.draft_counts(spec, [picker(50)], [Sequence(length=3)]) == [0]  # no hidden state yet
+    assert spec_decode.draft_room(spec, [picker(50)], [seq]) == [top - 1]
+    assert spec_decode.draft_room(spec, [picker(2)], [seq]) == [1]  # one token left after this step's first
+    assert spec_decode.draft_room(spec, [picker(50)], [Sequence(length=spec.ctx - 2, hidden=seq.hidden)]) == [1]
+    full = [Sequence(hidden=seq.hidden) for _ in range(top)]  # a full batch leaves no rows for drafts
+    assert spec_decode.draft_room(spec, [picker(50)] * top, full) == [0] * top
+    ((d,),) = [spec_decode.make_drafts(spec, [picker(50)], [Sequence(length=3)], [5])]
+    assert d.tokens == []  # no hidden state yet: no MTP drafts
+    spec.draft_tokens = 0  # prompt-lookup drafts alone: the prompt's 3-gram ending in the last pick recurs
+    spec.lookup_tokens = 4
+    p = TokenPicker(spec, SamplingParams(max_new_tokens=50), Generation(), prompt=[1, 2, 3, 4, 5, 6, 1, 2])
+    p.push(3, 9)
+    ((d,),) = [spec_decode.make_drafts(spec, [p], [Sequence(length=8)], [3])]
+    assert d.tokens == [4, 5, 6, 1] and d.q == [None] * 4
+    p = TokenPicker(spec, SamplingParams(max_new_tokens=3), Generation(), prompt=[1, 2, 3, 4, 5, 6, 1, 2])
+    p.push(3, 9)
+    ((d,),) = [spec_decode.make_drafts(spec, [p], [Sequence(length=8)], [3])]
+    assert d.tokens == [4]  # the token limit: two tokens left, one of them this step's first
 
 
 def _joint_fit(spec, plain, prompt, n: int, top_k: int = 3) -> tuple[float, int]:
@@ -203,14 +217,53 @@ def test_sampling_keeps_the_main_distribution(entry, gguf, monkeypatch, rule):
     assert (pvalue > 1e-3) == (rule == "exact")
 
 
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=60),
+    SamplingParams(max_new_tokens=60, frequency_penalty=0.7, presence_penalty=0.3),
+])  # fmt: skip
+@pytest.mark.parametrize("heads", [0, 2])
+def test_lookup_greedy_is_plain_greedy(entry, gguf, params, heads):
+    """Prompt-lookup drafts (the random model's greedy output repeats itself, so they are made and some accepted,
+    without penalties), alone or before the heads' drafts: plain greedy's tokens, alone and in a batch."""
+    plain, spec = engine(entry, gguf, 0), engine(entry, gguf, heads, lookup_tokens=3)
+    want = [list(plain.generate_tokens(p, params)) for p in PROMPTS]
+    gens = [Generation() for _ in PROMPTS]
+    assert [list(spec.generate_tokens(p, params, g)) for p, g in zip(PROMPTS, gens, strict=True)] == want
+    assert sum(g.accepted for g in gens) > 0 or params.penalized  # penalties keep this model from repeating
+    reqs = [Request(None, params, prompt_ids=p) for p in PROMPTS]
+    assert [g.tokens for g in spec.batcher().run(reqs)] == want
+
+
+@pytest.mark.parametrize("rule", ["exact", "accept_always"])
+def test_lookup_sampling_keeps_the_main_distribution(entry, gguf, monkeypatch, rule):
+    """Prompt-lookup drafts under the speculative rule: a prompt of one token ``x`` repeated, ``x`` among the three
+    most likely next tokens, so a first pick of ``x`` makes the index propose ``x`` again; alpha = 1e-3 over 1500
+    seeds, a wrong rule failing the same test."""
+    from runtime.decoding import distribution
+
+    plain = engine(entry, gguf, 0)
+
+    def likely(x):
+        plain.reset()
+        return distribution(plain.prefill([x] * 11), SamplingParams(temperature=1.0, top_k=3))[x] > 0.1
+
+    x = next(x for x in range(plain.vocab) if likely(x))
+    if rule != "exact":
+        monkeypatch.setattr(spec_decode, "accept", _accept_always)
+    pvalue, accepted = _joint_fit(engine(entry, gguf, 0, lookup_tokens=2), plain, [x] * 11, 1500)
+    assert accepted > 0
+    assert (pvalue > 1e-3) == (rule == "exact")
+
+
 def test_shipped_model_speculation_keeps_greedy_tokens():
-    """The shipped model's own MTP heads: 1 and 3 drafted tokens per step give plain greedy's tokens exactly on
-    held-out code prompts, with drafts accepted, and so do device chains (bench.speculative measures the speed)."""
+    """The shipped model's own MTP heads (1 and 3 drafted tokens per step) and prompt-lookup drafts give plain
+    greedy's tokens exactly on held-out code prompts, with drafts accepted, and so do device chains
+    (bench.speculative measures the speed)."""
     import json
     from pathlib import Path
 
     gguf = "models/small.gguf"
-    eng = Engine(built(gguf).dir, gguf, threads=2, draft_tokens=0)
+    eng = Engine(built(gguf).dir, gguf, threads=2, draft_tokens=0, lookup_tokens=0)
     assert eng.mtp_heads == 3
     prompts = [p["prompt"] for p in json.loads(Path("bench/data/heldout_code_prompts.json").read_text())["prompts"][:3]]
     params = SamplingParams(max_new_tokens=48, ignore_eos=True)
@@ -219,8 +272,8 @@ def test_shipped_model_speculation_keeps_greedy_tokens():
     eng.chain_burst = 16  # plain greedy as device chains (Engine.chain): the same tokens
     assert [eng.generate(p, params).tokens for p in prompts] == plain
     eng.chain_burst = 0  # chains take every plain greedy generation: off, so that the drafts run
-    for k in (1, 3):
-        eng.draft_tokens = k
+    for k, lookup in ((1, 0), (3, 0), (0, 7), (1, 7)):  # MTP drafts, prompt-lookup drafts, both
+        eng.draft_tokens, eng.lookup_tokens = k, lookup
         gens = [eng.generate(p, params) for p in prompts]
-        assert [g.tokens for g in gens] == plain, k
+        assert [g.tokens for g in gens] == plain, (k, lookup)
         assert sum(g.accepted for g in gens) > 0
