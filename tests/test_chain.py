@@ -21,7 +21,7 @@ PROMPT = [1, 5, 9, 33, 7, 200, 31]
 def engines():
     gguf = tiny_gguf(2)
     entry = built(gguf).dir
-    return Engine(entry, gguf, chain_burst=5), Engine(entry, gguf, chain_burst=0)
+    return Engine(entry, gguf, chain_burst=5, lookup_tokens=0), Engine(entry, gguf, chain_burst=0, lookup_tokens=0)
 
 
 @pytest.mark.build
@@ -289,3 +289,9 @@ def test_chain_burst_arguments():
         assert check_draft_args(a) is None and (chain_burst(a), chain_drafts(a)) == (want, drafts), argv
     for bad in ("-1", "257"):
         assert "--chain-burst must be in 0..256" in check_draft_args(ap.parse_args(["--chain-burst", bad]))
+    from runtime.chat import lookup_tokens
+
+    for argv, want in (([], None), (["--lookup-tokens", "3"], 3), (["--no-speculative"], 0)):
+        assert lookup_tokens(ap.parse_args(argv)) == want, argv
+    for argv in (["--lookup-tokens", "16"], ["--lookup-tokens", "-1"], ["--no-speculative", "--lookup-tokens", "3"]):
+        assert "--lookup-tokens" in check_draft_args(ap.parse_args(argv)), argv

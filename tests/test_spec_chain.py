@@ -84,7 +84,7 @@ def engines(gguf):
     entry = built(gguf).dir
     # no host drafts: a sampled generation then takes its tokens by chains (host drafts sample by the speculative
     # rule, another random stream; AVX-512's default drafts one)
-    chained = Engine(entry, gguf, chain_burst=5, chain_drafts=2, draft_tokens=0)
+    chained = Engine(entry, gguf, chain_burst=5, chain_drafts=2, draft_tokens=0, lookup_tokens=0)
     return chained, Engine(entry, gguf, chain_burst=0, draft_tokens=0)
 
 
