@@ -149,15 +149,18 @@ class TokenPicker:
     With ``heal`` (a :func:`runtime.healing.plan` of the prompt) the first tokens are constrained to spell
     ``heal.prefix`` again and ``max_new_tokens`` counts from the whole prompt (it grows by the tokens backed off);
     stop strings are looked for in the text after ``heal.text``. ``prompt``: the tokens prefilled, for the
-    prompt-lookup drafts (``lookup``, an :class:`~runtime.lookup.NgramIndex`, when the engine drafts any)."""
+    prompt-lookup drafts (``lookup``, an :class:`~runtime.lookup.NgramIndex`, when the engine makes them and the
+    generation is greedy)."""
 
     def __init__(
         self, engine, params: SamplingParams, result: Generation, heal: Heal | None = None, prompt: list[int] = ()
     ) -> None:
         self.engine, self.params, self.result = engine, params, result
-        # prompt-lookup drafts (runtime.lookup) look for the context's end in the prompt and in result.tokens
+        # prompt-lookup drafts (runtime.lookup), greedy only: they look for the context's end in the prompt and in
+        # result.tokens
         self.prompt_len = len(prompt)
-        self.lookup = NgramIndex(prompt) if getattr(engine, "lookup_tokens", 0) else None
+        greedy = params.temperature < GREEDY_BELOW
+        self.lookup = NgramIndex(prompt) if greedy and getattr(engine, "lookup_tokens", 0) else None
         heal = heal if heal is not None and params.max_new_tokens > 0 else None
         self.pending = heal.prefix if heal else b""  # healed bytes still to be spelled
         result.healed, result.healed_tokens = (heal.text, heal.removed) if heal else ("", 0)

@@ -669,13 +669,15 @@ class Engine:
 
     def chains(self, picker: TokenPicker) -> bool:
         """Whether the generation of ``picker`` takes its next tokens by :meth:`chain_burst_for`: chains are on, the
-        module has them, the host makes no prompt-lookup drafts (they beat chains on the CPUs: docs/speculative.md),
-        and the next pick is plain greedy, or a plain temperature draw while the host drafts nothing (host drafts
-        sample by the speculative rule, whose random stream a chain's Gumbel draws would not follow: a seeded sample
-        must be the same alone, where a chain would take it, and in a batch)."""
-        if not self.chain_burst or not self.has_chain or self.lookup_tokens:
+        module has them, and the next pick is plain greedy while the host makes no prompt-lookup drafts (they beat
+        chains on the CPUs: docs/speculative.md), or a plain temperature draw while the host drafts nothing with the
+        MTP heads (host drafts sample by the speculative rule, whose random stream a chain's Gumbel draws would not
+        follow: a seeded sample must be the same alone, where a chain would take it, and in a batch)."""
+        if not self.chain_burst or not self.has_chain:
             return False
-        return picker.plain_greedy or (picker.plain_sample and not self.draft_tokens)
+        if picker.plain_greedy:
+            return not self.lookup_tokens
+        return picker.plain_sample and not self.draft_tokens
 
     def chain_burst_for(self, picker: TokenPicker, seq: Sequence, tok: int) -> list[int]:
         """At least :attr:`chain_burst` tokens after ``tok`` for ``seq`` by :meth:`chain` (at most the token limit

@@ -1,11 +1,13 @@
-"""Self-speculative decoding with the model's own multi-token-prediction (MTP) heads: draft, verify in one step,
-accept. :func:`advance` moves any number of generations forward by one step; without heads (or with
-``Engine.draft_tokens = 0``) it is plain batched decoding.
+"""Self-speculative decoding: draft, verify in one step, accept. :func:`advance` moves any number of generations
+forward by one step; without drafts (``Engine.draft_tokens = Engine.lookup_tokens = 0``) it is plain batched decoding.
+The drafts of a greedy generation come first from prompt lookup (:mod:`runtime.lookup`: the tokens that followed the
+context's last 3–4 tokens where they occurred before, up to ``Engine.lookup_tokens``), else from the model's own
+multi-token-prediction (MTP) heads.
 
 Per step and sequence, ``t`` being the token picked last (not in the cache yet) and ``h`` the normed hidden state at
 the cache's last position (the one whose logits gave ``t``):
 
-1. **draft**: the recurrent MTP heads on ``h`` and ``t`` (:meth:`runtime.engine.Engine.draft`, one call for every
+1. **draft**: a prompt-lookup match, else the recurrent MTP heads on ``h`` and ``t`` (:meth:`runtime.engine.Engine.draft`, one call for every
    sequence) give ``k`` greedy tokens for the positions after ``t``, each step fed the previous one's draft;
 2. **verify**: ``t`` and the drafts go into one ``decode_b{B}`` call as consecutive rows of the sequence
    (:meth:`~runtime.engine.Engine.step`): row ``j`` holds the main model's logits after ``t, d_1 .. d_j``;
@@ -19,11 +21,11 @@ the cache's last position (the one whose logits gave ``t``):
    the last accepted draft: ``seq.length`` is set back past the rest, whose keys are overwritten later (nothing is
    copied).
 
-Drafts per sequence: ``Engine.draft_tokens``, fewer when the step's rows would not fit the largest compiled batch
+Drafts per sequence: ``Engine.lookup_tokens`` or ``Engine.draft_tokens``, fewer when the step's rows would not fit the largest compiled batch
 (the verify rows of all sequences share it, so speculation gives way as the batch fills), none while token healing
 constrains the tokens, never past the context or the token limit.
 
-Tests: ``pytest -q tests/test_spec_decode.py tests/test_speculative_rule.py``.
+Tests: ``pytest -q tests/test_spec_decode.py tests/test_speculative_rule.py tests/test_lookup.py``.
 """
 
 from __future__ import annotations
@@ -60,9 +62,10 @@ def draft_room(engine, pickers: list[TokenPicker], seqs: list[Sequence]) -> list
 
 
 def make_drafts(engine, pickers: list[TokenPicker], seqs: list[Sequence], tokens: list[int]) -> list[Draft]:
-    """Each sequence's drafts after ``tokens[i]`` (its last pick, the end of ``pickers[i]``'s tokens): the
+    """Each sequence's drafts after ``tokens[i]`` (its last pick, the end of ``pickers[i]``'s tokens): greedy, the
     prompt-lookup drafts when the context's end occurred before (up to ``Engine.lookup_tokens``,
-    :mod:`runtime.lookup`), else the MTP heads' greedy drafts from ``seq.hidden`` (up to ``Engine.draft_tokens``;
+    :mod:`runtime.lookup`; sampled at 0.8 they were accepted too rarely to pay: docs/speculative.md), else the MTP
+    heads' greedy drafts from ``seq.hidden`` (up to ``Engine.draft_tokens``;
     one :meth:`Engine.draft` call for all sequences that take any), within :func:`draft_room`."""
     rooms = draft_room(engine, pickers, seqs)
     drafts = [Draft([], []) for _ in seqs]
@@ -70,7 +73,7 @@ def make_drafts(engine, pickers: list[TokenPicker], seqs: list[Sequence], tokens
     for i, (picker, seq, room) in enumerate(zip(pickers, seqs, rooms, strict=True)):
         if not room:
             continue
-        if engine.lookup_tokens and picker.lookup is not None:
+        if engine.lookup_tokens and picker.lookup is not None:  # a greedy generation (TokenPicker)
             picker.lookup.sync(picker.prompt_len, picker.result.tokens)
             d = picker.lookup.propose(min(engine.lookup_tokens, room))
             if d:
