@@ -7,8 +7,9 @@ multi-token-prediction (MTP) heads.
 Per step and sequence, ``t`` being the token picked last (not in the cache yet) and ``h`` the normed hidden state at
 the cache's last position (the one whose logits gave ``t``):
 
-1. **draft**: a prompt-lookup match, else the recurrent MTP heads on ``h`` and ``t`` (:meth:`runtime.engine.Engine.draft`, one call for every
-   sequence) give ``k`` greedy tokens for the positions after ``t``, each step fed the previous one's draft;
+1. **draft**: a prompt-lookup match, else the recurrent MTP heads on ``h`` and ``t``
+   (:meth:`runtime.engine.Engine.draft`, one call for every sequence) give ``k`` greedy tokens for the positions
+   after ``t``, each step fed the previous one's draft;
 2. **verify**: ``t`` and the drafts go into one ``decode_b{B}`` call as consecutive rows of the sequence
    (:meth:`~runtime.engine.Engine.step`): row ``j`` holds the main model's logits after ``t, d_1 .. d_j``;
 3. **accept**: row by row, the generation's own :class:`~runtime.decoding.TokenPicker` (penalties, stop conditions)
@@ -21,9 +22,9 @@ the cache's last position (the one whose logits gave ``t``):
    the last accepted draft: ``seq.length`` is set back past the rest, whose keys are overwritten later (nothing is
    copied).
 
-Drafts per sequence: ``Engine.lookup_tokens`` or ``Engine.draft_tokens``, fewer when the step's rows would not fit the largest compiled batch
-(the verify rows of all sequences share it, so speculation gives way as the batch fills), none while token healing
-constrains the tokens, never past the context or the token limit.
+Drafts per sequence: ``Engine.lookup_tokens`` or ``Engine.draft_tokens``, fewer when the step's rows would not fit
+the largest compiled batch (the verify rows of all sequences share it, so speculation gives way as the batch fills),
+none while token healing constrains the tokens, never past the context or the token limit.
 
 Tests: ``pytest -q tests/test_spec_decode.py tests/test_speculative_rule.py tests/test_lookup.py``.
 """
