@@ -45,6 +45,23 @@ FULL_EXTRA = ["gemv_i8:32768:16384", "gemv_i8:512:512", "gemm_i8:8:1536:512", "m
 MEMORY_BOUND = ("mhc_post", "rmsnorm_quant")
 
 
+def known_ops(target: str) -> tuple:
+    """Every op the compiler, the tuner and the benchmarks build for ``target`` (what a tuning record may be of)."""
+    from compiler import tune
+    from compiler.ops import make_op
+    from model.config import PRESETS
+
+    ops = list(bench_ops(target))
+    for cfg in PRESETS.values():
+        ops += tune.config_ops(cfg)
+        if target == "avx512":
+            ops += tune.config_ops(cfg, weights="tl")
+        for M, K in set(cfg.ternary_shapes().values()):  # the row-major layout's records (`--shape` without tile)
+            ops += [make_op("gemv_i8", M=M, K=K), make_op("gemm_i8", N=tune.PREFILL_TOKENS, M=M, K=K)]
+    ops += [parse_shape(s) for s in FULL_EXTRA]  # bench.kernels --full
+    return tuple({op.key: op for op in ops}.values())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # timing helpers
 # ---------------------------------------------------------------------------------------------------------------

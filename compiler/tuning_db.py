@@ -208,3 +208,40 @@ def replace_records(d: Path, target: str, new: list[tuple]) -> None:
         for name in S.DB_FILES:
             path = Path(tmp) / name
             _replace_atomically(path.read_text() if path.exists() else "", d / name)
+
+
+def retrace_records(d: Path, target: str, ops, kinds: tuple[str, ...]) -> int:
+    """Rewrite the records of ``ops`` of ``kinds`` in the database in ``d`` with the trace the current hand schedule
+    makes from each record's own knobs, at its own core count (the same knobs, run_secs, target and arguments);
+    written atomically, other records untouched. For a template change that keeps every knob's meaning (a CPU build
+    reads only the knobs of a record and rebuilds the schedule, :func:`compiler.schedule._apply_record`; the
+    trace should still be what the knobs build, ``tests/test_threads.py``). The run_secs stay those measured with
+    the template of the time. The number of records rewritten."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    importlib.import_module("schedules.intrin_x86")
+    space = {}
+    by_hash = {}
+    for op in ops:
+        if op.kind in kinds:
+            by_hash[tvm_ffi.structural_hash(S.workload(op.canonical()))] = op
+            space[op.key] = S.schedule_module(target).space(op)
+    src = ms.database.JSONDatabase(work_dir=str(d))
+    n = 0
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as tmp:
+        out = ms.database.JSONDatabase(work_dir=tmp)
+        for rec in src.get_all_tuning_records():
+            mod, trace = rec.workload.mod, rec.trace
+            op = by_hash.get(tvm_ffi.structural_hash(mod))
+            if op is not None:
+                knobs = knobs_of_trace(trace, space[op.key])
+                trace = S.manual(op, target, knobs, int(rec.target.attrs["num-cores"])).trace
+                n += 1
+            out.commit_tuning_record(ms.database.TuningRecord(
+                trace, out.commit_workload(mod), rec.run_secs, rec.target, rec.args_info))  # fmt: skip
+        del out
+        for name in S.DB_FILES:
+            path = Path(tmp) / name
+            _replace_atomically(path.read_text() if path.exists() else "", d / name)
+    return n

@@ -31,11 +31,9 @@ from pathlib import Path
 import pytest
 
 import targets
-from bench.kernels import FULL_EXTRA
+from bench.kernels import known_ops
 from compiler import schedule as S
-from compiler import tune
 from compiler.ops import make_op
-from model.config import PRESETS
 from schedules import x86_tl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,19 +46,6 @@ def parallel_extents(func) -> list[str]:
 
 
 @cache
-def known_ops(target: str) -> tuple:
-    """Every op the compiler, the tuner and the benchmarks build for ``target``."""
-    ops = list(tune.bench_ops(target))
-    for cfg in PRESETS.values():
-        ops += tune.config_ops(cfg)
-        if target == "avx512":
-            ops += tune.config_ops(cfg, weights="tl")
-        for M, K in set(cfg.ternary_shapes().values()):  # the row-major layout's records (`--shape` without tile)
-            ops += [make_op("gemv_i8", M=M, K=K), make_op("gemm_i8", N=tune.PREFILL_TOKENS, M=M, K=K)]
-    ops += [tune.parse_shape(s) for s in FULL_EXTRA]  # bench.kernels --full
-    return tuple({op.key: op for op in ops}.values())
-
-
 def committed_ops(target: str) -> list:
     """The ops with records in the committed databases of ``target`` (the shared one and every CPU kind's own,
     ``tuning_logs/<target>/machines/<id>/``); fails when some record belongs to no op the compiler builds (it would
