@@ -55,14 +55,17 @@ class NgramIndex:
         if len(self.tokens) < prompt_len + len(generated):
             self.extend(generated[len(self.tokens) - prompt_len :])
 
-    def propose(self, k: int) -> list[int]:
+    def propose(self, k: int, then: list[int] = ()) -> list[int]:
         """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix (``n_max`` down to
-        ``n_min`` tokens) seen before; ``[]`` when none was."""
+        ``n_min`` tokens) seen before; ``[]`` when none was. ``then``: tokens guessed past the context (another
+        draft's), as if appended: the proposal continues after them (they are not indexed, nor returned)."""
         t = self.tokens
         if k < 1:
             return []
-        for n in range(min(self.n_max, len(t)), self.n_min - 1, -1):
-            end = self._end.get(tuple(t[len(t) - n :]))
+        end_of = len(t) + len(then)
+        for n in range(min(self.n_max, end_of), self.n_min - 1, -1):
+            key = tuple(then[-n:]) if n <= len(then) else tuple(t[len(t) - (n - len(then)) :]) + tuple(then)
+            end = self._end.get(key)
             if end is not None:
                 return t[end : end + k]
         return []

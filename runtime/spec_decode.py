@@ -66,8 +66,9 @@ def make_drafts(engine, pickers: list[TokenPicker], seqs: list[Sequence], tokens
     """Each sequence's drafts after ``tokens[i]`` (its last pick, the end of ``pickers[i]``'s tokens): greedy, the
     prompt-lookup drafts when the context's end occurred before (up to ``Engine.lookup_tokens``,
     :mod:`runtime.lookup`; sampled at 0.8 they were accepted too rarely to pay: docs/speculative.md), else the MTP
-    heads' greedy drafts from ``seq.hidden`` (up to ``Engine.draft_tokens``;
-    one :meth:`Engine.draft` call for all sequences that take any), within :func:`draft_room`."""
+    heads' greedy drafts from ``seq.hidden`` (up to ``Engine.draft_tokens``; one :meth:`Engine.draft` call for all
+    sequences that take any); greedy, either is continued by lookup as if its drafts were in the context, up to
+    ``Engine.lookup_tokens`` drafts in all. Within :func:`draft_room`."""
     rooms = draft_room(engine, pickers, seqs)
     drafts = [Draft([], []) for _ in seqs]
     need, heads = [], 0
@@ -90,6 +91,11 @@ def make_drafts(engine, pickers: list[TokenPicker], seqs: list[Sequence], tokens
         out = engine.draft(np.stack([seqs[i].hidden for i, _ in need]), [tokens[i] for i, _ in need], heads)
         for (i, c), row in zip(need, out, strict=True):
             drafts[i] = Draft([int(t) for t in row[:c]], [None] * c)
+    for i, (picker, room) in enumerate(zip(pickers, rooms, strict=True)):
+        d = drafts[i].tokens  # continued by lookup from the context and these drafts, up to lookup_tokens in all
+        if d and picker.lookup is not None and engine.lookup_tokens and min(engine.lookup_tokens, room) > len(d):
+            more = picker.lookup.propose(min(engine.lookup_tokens, room) - len(d), then=d)
+            drafts[i] = Draft(d + more, [None] * (len(d) + len(more)))
     return drafts
 
 

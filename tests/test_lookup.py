@@ -11,10 +11,12 @@ from runtime.lookup import NgramIndex
 pytestmark = pytest.mark.unit
 
 
-def scan(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
-    """The reference: for the longest suffix first, the latest earlier occurrence that has a token after it."""
-    for n in range(min(n_max, len(tokens)), n_min - 1, -1):
-        suffix = tokens[len(tokens) - n :]
+def scan(tokens: list[int], k: int, n_min: int, n_max: int, then: list[int] = ()) -> list[int]:
+    """The reference: for the longest suffix of ``tokens + then`` first, the latest occurrence in ``tokens`` that has
+    a token after it there; what follows it."""
+    full = tokens + list(then)
+    for n in range(min(n_max, len(full)), n_min - 1, -1):
+        suffix = full[len(full) - n :]
         for end in range(len(tokens) - 1, n - 1, -1):  # an occurrence ending at `end` (exclusive), end < len
             if tokens[end - n : end] == suffix:
                 return tokens[end : end + k]
@@ -31,6 +33,15 @@ def test_index_matches_scan(tokens, k, n_min, extra):
         index.append(t)
     assert index.propose(k) == scan(tokens, k, n_min, n_max)
     assert NgramIndex(tokens, n_min, n_max).propose(k) == scan(tokens, k, n_min, n_max)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 4), max_size=40), st.lists(st.integers(0, 4), max_size=5), st.integers(0, 6))
+def test_proposal_after_guessed_tokens_matches_scan(tokens, then, k):
+    """``propose(k, then)``: as if ``then`` (another draft's tokens) followed the context, which stays unchanged."""
+    index = NgramIndex(tokens, 2, 4)
+    assert index.propose(k, then) == scan(tokens, k, 2, 4, then)
+    assert index.tokens == tokens
 
 
 def test_longest_suffix_wins_and_latest_occurrence():
