@@ -136,9 +136,10 @@ def ensure_built(
 
 
 KV_CONTEXTS = 4  # the default KV cache holds this many full contexts' worth of tokens
-# default drafts per step, by target: the setting that decoded fastest on the shipped model (docs/speculative.md;
-# AVX2: speculation did not pay there, 0.98x at one draft; the H200 since its step got cheaper: 0.95x at one, 0.90x
-# at three). Plain greedy generation takes device chains instead (CHAIN_BURST).
+# default MTP drafts per step, by target: the setting that decoded fastest on the shipped model (docs/speculative.md;
+# AVX2: the heads' drafts did not pay there, 0.98x at one draft, and with lookup drafts 1.42x against 1.40x without;
+# the H200 since its step got cheaper: 0.95x at one, 0.90x at three). Where lookup drafts are off, plain greedy
+# generation takes device chains instead (CHAIN_BURST).
 DRAFT_TOKENS = {"cuda": 0, "avx512": 1, "avx2": 0}
 # plain greedy (or plain temperature) steps per burst of Engine.chain, by target (0: step by step through the host):
 # chains beat speculation on every target (docs/speculative.md)
@@ -148,9 +149,11 @@ CHAIN_BURST = {"cuda": 16, "avx512": 16, "avx2": 16}
 # chains": measured on the H200, Zen 3 AVX2 and Zen 4 AVX-512)
 CHAIN_DRAFTS = {"cuda": 2, "avx512": 0, "avx2": 0}
 CHAIN_BURST_MAX = 256  # the most steps of one burst (a stop inside it wastes the rest)
-# prompt-lookup drafts per step at most, by target (runtime.lookup; 0: none): tried before the MTP heads' drafts
-# (measured on the CPUs: docs/speculative.md, "Prompt-lookup drafts"; on CUDA not yet, where chains stay the default)
-LOOKUP_TOKENS = {"cuda": 0, "avx512": 7, "avx2": 7}
+# prompt-lookup drafts per step at most, by target (runtime.lookup; 0: none), greedy only: tried before the MTP
+# heads' drafts, and continuing them. With them plain greedy generation runs step by step through the host, not in
+# chains: on the CPUs 3 beat chains and 7 (docs/speculative.md, "Prompt-lookup drafts"); CUDA was not measured yet,
+# so chains (with two MTP drafts a call) stay its default
+LOOKUP_TOKENS = {"cuda": 0, "avx512": 3, "avx2": 3}
 
 
 def default_max_seqs(batch_sizes) -> int:
