@@ -265,8 +265,8 @@ def test_raw_sse_framing_usage_and_done(server):  # noqa: F811
 
 @pytest.mark.e2e
 def test_speculation_reports_drafts_in_timings_and_metrics(server):  # noqa: F811
-    """The server speculates (--draft-tokens 1 on the shipped model's MTP heads): the final timings say how many
-    drafted tokens were accepted, /metrics has the totals."""
+    """The server speculates (--draft-tokens 1 on the shipped model's MTP heads, and prompt-lookup drafts, 3 a step
+    on the CPUs): the final timings say how many drafted tokens were accepted, /metrics has the totals."""
     body = {"prompt": "def add(a, b):\n    return", "max_tokens": 32, "temperature": 0}
     with server.client() as c:
         r = c.post(COMPLETIONS, json=body)
@@ -274,7 +274,7 @@ def test_speculation_reports_drafts_in_timings_and_metrics(server):  # noqa: F81
         t = r.json()["timings"]
         text = c.get("/metrics").text
     assert t["draft_n"] > 0 and 0 <= t["draft_n_accepted"] <= t["draft_n"]
-    assert 1.0 <= t["tokens_per_step"] <= 2.0
+    assert 1.0 <= t["tokens_per_step"] <= 4.0  # the last token and at most 3 accepted drafts a step
     assert t["draft_acceptance"] == round(t["draft_n_accepted"] / t["draft_n"], 4)
     assert "ternary_draft_tokens_total" in text and "ternary_tokens_per_speculative_step" in text
 
