@@ -13,7 +13,7 @@ The drafts are a deterministic function of the tokens so far, so the speculative
 (:mod:`runtime.spec_decode`: greedy keeps plain decoding's tokens; sampling accepts a draft with probability
 ``p(d)``, a one-hot ``q``).
 
-    python -m runtime.lookup "def add(a, b):\\n    return a + b\\n\\ndef sub(a, b):\\n    return a"   # drafts, shown
+    python -m runtime.lookup models/small.gguf "def add(a, b):\\n    return a + b\\n\\ndef sub(a, b):\\n    return a"
 """
 
 from __future__ import annotations
@@ -77,11 +77,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from model.gguf_io import read_gguf
     from model.tokenizer import hf_from_spec
-    from runtime.chat import DEFAULT_MODEL
 
     ap = argparse.ArgumentParser(prog="python -m runtime.lookup", description=__doc__.split("\n")[0])
+    ap.add_argument("model", help="the GGUF whose tokenizer to use")
     ap.add_argument("text")
-    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="the GGUF whose tokenizer to use")
     ap.add_argument("-k", type=int, default=3, help="tokens drafted at most")
     a = ap.parse_args(argv)
     tok = hf_from_spec(read_gguf(a.model, check_values=False).tokenizer)
