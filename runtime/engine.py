@@ -137,7 +137,7 @@ def ensure_built(
 
 KV_CONTEXTS = 4  # the default KV cache holds this many full contexts' worth of tokens
 # default MTP drafts per step, by target: the setting that decoded fastest on the shipped model (docs/speculative.md;
-# AVX2: the heads' drafts did not pay there, 0.98x at one draft, and with lookup drafts 1.42x against 1.40x without;
+# AVX2: the heads' drafts did not pay there, 0.98x at one draft, nor after lookup drafts, 1.31x with or without;
 # the H200 since its step got cheaper: 0.95x at one, 0.90x at three). Where lookup drafts are off, plain greedy
 # generation takes device chains instead (CHAIN_BURST).
 DRAFT_TOKENS = {"cuda": 0, "avx512": 1, "avx2": 0}

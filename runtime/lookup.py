@@ -9,9 +9,9 @@ context's last ``n_max`` tokens, then shorter suffixes down to ``n_min``, and re
 the latest match. Appending a token costs ``n_max − n_min + 1`` dictionary writes; the index holds at most that many
 entries per token of the context, which the context length bounds.
 
-The drafts are a deterministic function of the tokens so far, so the speculative rule stays exact with them
-(:mod:`runtime.spec_decode`: greedy keeps plain decoding's tokens; sampling accepts a draft with probability
-``p(d)``, a one-hot ``q``).
+The drafts are a deterministic function of the tokens so far, so greedy speculation with them keeps plain decoding's
+tokens exactly. :mod:`runtime.spec_decode` makes them for greedy generations only: sampled at a temperature they were
+accepted too rarely to pay (docs/speculative.md).
 
     python -m runtime.lookup models/small.gguf "def add(a, b):\\n    return a + b\\n\\ndef sub(a, b):\\n    return a"
 """
