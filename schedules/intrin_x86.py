@@ -126,6 +126,62 @@ def _impl(isa: str, pf: int):
     return impl
 
 
+def _shuffle(vectors, idx: list[int]):
+    return tirx.Shuffle(vectors, [tirx.const(i, "int32") for i in idx])
+
+
+def _lane_sums(vectors: list):
+    """``R`` int32x16 vectors (``R`` a power of two ≤ 16) → one int32x``R`` vector of their lane sums, by a
+    transposed tree: each level adds the two halves of every row's partial sums, two vectors at a time, until one
+    vector holds ``R`` rows × ``16 / R`` partials, which then fold within it (``log2(16)`` adds in all, against
+    ``log2(16)`` per row for a horizontal sum of each)."""
+    partials, lanes, vs = 16, 16, list(vectors)
+    while len(vs) > 1:
+        half = partials // 2
+        lo = [i for i in range(2 * lanes) if i % lanes % partials < half]
+        hi = [i for i in range(2 * lanes) if i % lanes % partials >= half]
+        vs = [_shuffle([a, b], lo) + _shuffle([a, b], hi) for a, b in zip(vs[0::2], vs[1::2], strict=True)]
+        partials = half
+    v = vs[0]
+    while partials > 1:
+        half = partials // 2
+        v = _shuffle([v], [i for i in range(lanes) if i % partials < half]) + _shuffle(
+            [v], [i for i in range(lanes) if i % partials >= half])  # fmt: skip
+        partials, lanes = half, lanes // 2
+    return v
+
+
+LANE_SUM_ROWS = (2, 4, 8)  # row tiles whose cross-lane sums are one tensorized tree (lane_sum_intrin)
+
+
+def lane_sum_intrin(rows: int) -> str:
+    """The name of the intrinsic ``C[r] += Σ_l A[r, l]`` over a row tile's ``rows × 16`` int32 accumulators."""
+    return f"ternary_lane_sum_{rows}"
+
+
+def _lane_sum_pair(rows: int):
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((rows, 16), "int32", offset_factor=1), C: T.Buffer((rows,), "int32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(C[0:rows], A[0:rows, 0:16])
+            T.writes(C[0:rows])
+            for m, ln in T.grid(rows, 16):
+                with T.sblock("update"):
+                    vl = T.axis.reduce(16, ln)  # the block's own order: lanes first (the rfactor's acc block)
+                    vm = T.axis.spatial(rows, m)
+                    C[vm] = C[vm] + A[vm, vl]
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((rows, 16), "int32", offset_factor=1), C: T.Buffer((rows,), "int32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(C[0:rows], A[0:rows, 0:16])
+            T.writes(C[0:rows])
+            C[T.ramp(0, 1, rows)] = C[T.ramp(0, 1, rows)] + _lane_sums([A.vload([m, 0], "int32x16")
+                                                                         for m in range(rows)])  # fmt: skip
+
+    return desc, impl
+
+
 def intrin_name(base: str, pf: int = 0) -> str:
     return f"{base}_pf{pf}" if pf else base
 
@@ -143,6 +199,11 @@ def register() -> list[str]:
             if TensorIntrin.get(name, allow_missing=True) is None:
                 TensorIntrin.register(name, ternary_dot_desc, _impl(isa, pf))
             names.append(name)
+    for rows in LANE_SUM_ROWS:
+        name = lane_sum_intrin(rows)
+        if TensorIntrin.get(name, allow_missing=True) is None:
+            TensorIntrin.register(name, *_lane_sum_pair(rows))
+        names.append(name)
     return names
 
 

@@ -70,6 +70,18 @@ def _lanes_innermost(sch, acc) -> None:
     sch.reorder(*rest, lane)
 
 
+def _lane_sum_tree(sch, acc, rows: int) -> None:
+    """A row tile of ``rows`` in :data:`intrin_x86.LANE_SUM_ROWS`: its cross-lane sums as one transposed tree
+    (:func:`intrin_x86.lane_sum_intrin`) instead of a horizontal sum per row. Call last: the sum's block is split
+    and tensorized."""
+    rows = rows if isinstance(rows, int) else int(sch.get(rows))  # a sampled knob: this trace's value
+    if rows not in intrin_x86.LANE_SUM_ROWS:
+        return  # one row: its loop is gone, the horizontal sum stays; 12: not a power of two
+    m = sch.get_loops(acc)[-2]
+    sch.decompose_reduction(acc, m)
+    sch.tensorize(m, intrin_x86.lane_sum_intrin(rows))
+
+
 def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = None):
     ks = {k.name: k for k in space(op, isa)}
     rows, uk = choose(sch, knobs, ks["rows"]), choose(sch, knobs, ks["unroll_k"])
@@ -91,6 +103,7 @@ def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = No
     sch.tensorize(ln, intrin_x86.intrin_name(isa.intrin, pf))
     sch.unroll(mi)
     sch.unroll(ci)
+    _lane_sum_tree(sch, acc, rows)
     return sch
 
 
@@ -115,6 +128,7 @@ def gemm_i8(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = No
     sch.unroll(mi)
     sch.unroll(ni)
     sch.unroll(ci)
+    _lane_sum_tree(sch, acc, rows)
     return sch
 
 
