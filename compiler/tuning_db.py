@@ -10,6 +10,7 @@ next opens the database; ``compiler.build`` skips such lines with a warning and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -182,32 +183,45 @@ def plan(db, op, target: str, trials: int, retune: bool, seed: int) -> list[dict
     return [c for c in configs if tuple(c.values()) not in done][: max(0, trials - len(done))]
 
 
-def replace_records(d: Path, target: str, new: list[tuple]) -> None:
-    """Make ``(op, schedule, run_secs)`` the only records of their ops in the database in ``d`` (other ops' records
-    are kept as they are), written atomically: what a whole-model measurement chose (``bench.knob_sweep --record``)
-    replaces what isolated timings ranked, whose times cannot compete with it."""
-    import tvm_ffi
+@contextlib.contextmanager
+def _rewrite(d: Path):
+    """``(records, out)``: the records of the database in ``d`` and an empty database beside it. What ``out`` holds
+    when the block ends replaces the database in ``d``, written atomically (``JSONDatabase`` appends as it commits)."""
     from tvm.s_tir import meta_schedule as ms
 
     d.mkdir(parents=True, exist_ok=True)
     repair_database(d)
     importlib.import_module("schedules.intrin_x86")  # records' traces name our intrinsics: register before parsing
-    src = ms.database.JSONDatabase(work_dir=str(d))
-    replaced = {tvm_ffi.structural_hash(S.workload(op.canonical())) for op, _, _ in new}
+    records = ms.database.JSONDatabase(work_dir=str(d)).get_all_tuning_records()
     with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as tmp:
-        out = ms.database.JSONDatabase(work_dir=tmp)
-        for rec in src.get_all_tuning_records():
-            mod = rec.workload.mod
-            if tvm_ffi.structural_hash(mod) in replaced:
-                continue
-            out.commit_tuning_record(ms.database.TuningRecord(
-                rec.trace, out.commit_workload(mod), rec.run_secs, rec.target, rec.args_info))  # fmt: skip
-        for op, sch, secs in new:
-            commit(out, op, sch, target, secs)
-        del out  # flushed: JSONDatabase appends as it commits
+        yield records, ms.database.JSONDatabase(work_dir=tmp)
         for name in S.DB_FILES:
             path = Path(tmp) / name
             _replace_atomically(path.read_text() if path.exists() else "", d / name)
+
+
+def _keep(out, rec, trace=None) -> None:
+    """Copy ``rec`` into ``out`` (with ``trace`` instead of its own, if given)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    out.commit_tuning_record(ms.database.TuningRecord(trace if trace is not None else rec.trace,
+                                                      out.commit_workload(rec.workload.mod), rec.run_secs,
+                                                      rec.target, rec.args_info))  # fmt: skip
+
+
+def replace_records(d: Path, target: str, new: list[tuple]) -> None:
+    """Make ``(op, schedule, run_secs)`` the only records of their ops in the database in ``d`` (other ops' records
+    are kept as they are), written atomically: what a whole-model measurement chose (``bench.knob_sweep --record``)
+    replaces what isolated timings ranked, whose times cannot compete with it."""
+    import tvm_ffi
+
+    replaced = {tvm_ffi.structural_hash(S.workload(op.canonical())) for op, _, _ in new}
+    with _rewrite(d) as (records, out):
+        for rec in records:
+            if tvm_ffi.structural_hash(rec.workload.mod) not in replaced:
+                _keep(out, rec)
+        for op, sch, secs in new:
+            commit(out, op, sch, target, secs)
 
 
 def retrace_records(d: Path, target: str, ops, kinds: tuple[str, ...]) -> int:
@@ -218,30 +232,16 @@ def retrace_records(d: Path, target: str, ops, kinds: tuple[str, ...]) -> int:
     trace should still be what the knobs build, ``tests/test_threads.py``). The run_secs stay those measured with
     the template of the time. The number of records rewritten."""
     import tvm_ffi
-    from tvm.s_tir import meta_schedule as ms
 
-    importlib.import_module("schedules.intrin_x86")
-    space = {}
-    by_hash = {}
-    for op in ops:
-        if op.kind in kinds:
-            by_hash[tvm_ffi.structural_hash(S.workload(op.canonical()))] = op
-            space[op.key] = S.schedule_module(target).space(op)
-    src = ms.database.JSONDatabase(work_dir=str(d))
+    by_hash = {tvm_ffi.structural_hash(S.workload(op.canonical())): op for op in ops if op.kind in kinds}
     n = 0
-    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as tmp:
-        out = ms.database.JSONDatabase(work_dir=tmp)
-        for rec in src.get_all_tuning_records():
-            mod, trace = rec.workload.mod, rec.trace
-            op = by_hash.get(tvm_ffi.structural_hash(mod))
+    with _rewrite(d) as (records, out):
+        for rec in records:
+            op = by_hash.get(tvm_ffi.structural_hash(rec.workload.mod))
+            trace = None
             if op is not None:
-                knobs = knobs_of_trace(trace, space[op.key])
+                knobs = knobs_of_trace(rec.trace, S.schedule_module(target).space(op))
                 trace = S.manual(op, target, knobs, int(rec.target.attrs["num-cores"])).trace
                 n += 1
-            out.commit_tuning_record(ms.database.TuningRecord(
-                trace, out.commit_workload(mod), rec.run_secs, rec.target, rec.args_info))  # fmt: skip
-        del out
-        for name in S.DB_FILES:
-            path = Path(tmp) / name
-            _replace_atomically(path.read_text() if path.exists() else "", d / name)
+            _keep(out, rec, trace)
     return n
