@@ -4,6 +4,9 @@ Each template is ``fn(sch, op, isa, knobs=None, cores=None)`` (see :mod:`schedul
 ``s_tir.Schedule``; :mod:`schedules.x86_avx512` and :mod:`schedules.x86_avx2` bind ``isa``. ``cores`` (the thread
 count a kernel is built for) is part of every CPU schedule's signature, but these templates never use it: their
 parallel loops run over row tiles or tokens, an extent the shape fixes, so a kernel splits over any thread count.
+A ternary GEMV/GEMM with less work than ``isa.parallel_macs`` (``N·M·K`` multiply-adds) runs on one thread: inside a
+model step, waking the pool and waiting for it costs more than the second core saves on so little work
+(docs/threads.md, "Small kernels run on one thread").
 
 Ternary GEMV/GEMM (int8): the reduction ``acc[m] = Σ_{c,b,j}`` is split ``b = 4l + t`` and rfactored over ``l`` into
 16 int32 lanes per row (``acc_rf[m, l]``); the inner ``(l, t, j)`` block — 64 packed bytes × 256 activations — is
@@ -27,10 +30,13 @@ class Isa:
     name: str
     intrin: str  # ternary dot intrinsic (schedules/intrin_x86.py)
     f32_lanes: int  # float32 lanes of one vector register
+    # the least work (N·M·K multiply-adds) of a ternary GEMV/GEMM that runs its row tiles in parallel: below it, one
+    # thread (about 6 µs of one core's work: 2 launch-and-wait costs inside a model step, docs/threads.md)
+    parallel_macs: int
 
 
-AVX512 = Isa("avx512", intrin_x86.VNNI_INTRIN, 16)
-AVX2 = Isa("avx2", intrin_x86.AVX2_INTRIN, 8)
+AVX512 = Isa("avx512", intrin_x86.VNNI_INTRIN, 16, 1 << 20)
+AVX2 = Isa("avx2", intrin_x86.AVX2_INTRIN, 8, 1 << 19)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,6 +88,12 @@ def _lane_sum_tree(sch, acc, rows: int) -> None:
     sch.tensorize(m, intrin_x86.lane_sum_intrin(rows))
 
 
+def _parallel(sch, loop, macs: int, isa: Isa) -> None:
+    """Run ``loop`` (the row tiles) on the thread pool when the kernel's ``macs`` reach ``isa.parallel_macs``."""
+    if macs >= isa.parallel_macs:
+        sch.parallel(loop)
+
+
 def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = None):
     ks = {k.name: k for k in space(op, isa)}
     rows, uk = choose(sch, knobs, ks["rows"]), choose(sch, knobs, ks["unroll_k"])
@@ -95,7 +107,7 @@ def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = No
     mo, mi = sch.split(m, [None, rows])
     co, ci = sch.split(c, [None, uk])
     sch.reorder(mo, co, ci, mi, ln, t, j)
-    sch.parallel(mo)
+    _parallel(sch, mo, op.M * op.K, isa)
     sch.reverse_compute_at(acc, mo)
     _lanes_innermost(sch, acc)
     sch.reverse_compute_at(sch.get_sblock("y"), mo)
@@ -119,7 +131,7 @@ def gemm_i8(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = No
     no, ni = sch.split(n, [None, tok])
     co, ci = sch.split(c, [None, uk])
     sch.reorder(mo, no, co, ci, mi, ni, ln, t, j)
-    sch.parallel(mo)
+    _parallel(sch, mo, op.N * op.M * op.K, isa)
     sch.reverse_compute_at(acc, mo)
     _lanes_innermost(sch, acc)
     sch.reverse_compute_at(sch.get_sblock("y"), mo)

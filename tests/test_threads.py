@@ -123,6 +123,21 @@ def test_hand_schedules_do_not_freeze_parallelism(target):
 
 
 @pytest.mark.build
+@pytest.mark.parametrize("target", CPU_TARGETS)
+def test_small_ternary_kernels_run_on_one_thread(target):
+    """A ternary GEMV/GEMM with less work than the ISA's ``parallel_macs`` has no parallel loop (inside a model step
+    the pool's launch and wait cost more than a second core saves on it: docs/threads.md); one with that much work
+    or more splits its row tiles, in the hand schedule and in a committed record alike."""
+    least = S.schedule_module(target).ISA.parallel_macs
+    cases = [make_op("gemv_i8", M=256, K=512, tile=8), make_op("gemv_i8", M=1536, K=512, tile=8),
+             make_op("gemm_i8", N=2, M=256, K=512, tile=8), make_op("gemm_i8", N=4, M=1536, K=512, tile=8)]  # fmt: skip
+    for op in cases:
+        macs = getattr(op, "N", 1) * op.M * op.K
+        for func in (S.manual(op, target).mod["main"], S.get_primfunc(op, target, cores=2).func):
+            assert bool(parallel_extents(func)) == (macs >= least), (op.key, macs, least)
+
+
+@pytest.mark.build
 def test_tasks_divide_the_row_groups():
     for groups in (1, 2, 3, 4, 6, 44, 86, 256):
         op = make_op("gemv_i8_tl", M=16 * 8 * groups, K=256, tile=8)
