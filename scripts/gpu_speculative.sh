@@ -4,7 +4,9 @@
 # prompts ($OUT/draft_parity.json); (2) bench.speculative over those prompts, plain decoding (0 drafts) against 1, 2
 # and 3 drafted tokens per step, and plain greedy as device chains of $CHAIN_BURST (default 16; 0: none) steps
 # (Engine.chain), plain and speculative with each of $CHAIN_DRAFTS drafts per call (default "1 2 3"; "": none),
-# interleaved over $ROUNDS rounds, with the identical-token check.
+# interleaved over $ROUNDS rounds, with the identical-token check; and prompt-lookup drafts, up to each of $LOOKUP
+# (default "3 7"; "": none) a step, alone and with $LOOKUP_HEADS (default 1; 0: none) MTP drafts where lookup finds
+# none (settings lK, lKdJ; CUDA's default LOOKUP_TOKENS stays 0 until these are measured).
 # Build machine first: bash scripts/gpu_prepare.sh small   (→ .gpu/rt and .gpu/entries/small)
 # then carry .gpu/rt and .gpu/entries/small and run: OUT=<results folder> bash scripts/gpu_speculative.sh
 # JSON: $OUT/spec_small_cuda.json (committed as docs/speculative/spec_small_cuda.json); TEMPERATURE=T: every setting
@@ -51,5 +53,5 @@ print(f"compiled drafts equal to PyTorch's: {same}/{total}")
 PY
 python3 -m bench.speculative --entry "$ENTRY" --model models/small.gguf --draft-tokens $DRAFTS --rounds "$ROUNDS" \
   --n-prompts "$PROMPTS" --tokens "$TOKENS" --chain-burst "${CHAIN_BURST:-16}" --temperature "${TEMPERATURE:-0}" \
-  --chain-drafts ${CHAIN_DRAFTS-1 2 3} \
+  --chain-drafts ${CHAIN_DRAFTS-1 2 3} --lookup-tokens ${LOOKUP-3 7} --lookup-heads "${LOOKUP_HEADS:-1}" \
   --json "$OUT/spec_small_cuda${TEMPERATURE:+_t$TEMPERATURE}.json"
