@@ -221,7 +221,12 @@ def build(
                     census = count(opt)
                 if dump_ir:
                     (Path(dump_ir) / "compile.relax.py").write_text(opt.script())
-            ex = tvm.compile(mod, target=tgt)
+            pipeline = "default"
+            if target != "cuda":  # weights checked once at load (runtime.engine.load_params), not on every call
+                from compiler.vm_pipeline import cpu_pipeline
+
+                pipeline = cpu_pipeline({lower.var_name(s.name) for s in lw.specs()})
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
     with phase("export"), atomic_dir(d, prefix=".build-") as tmp:
         ex.export_library(str(tmp / "model.so"))
         np.savez(tmp / "params.npz", **params)

@@ -325,10 +325,15 @@ def ternary_shapes(cfg) -> dict[str, tuple[int, int]]:
     return {GGUF_NAMES.get(n, n): mk for n, mk in cfg.ternary_shapes().items()}
 
 
+def var_name(name: str) -> str:
+    """The Relax variable of the parameter or tensor ``name`` (its dots are not allowed there)."""
+    return name.replace(".", "_")
+
+
 def _var(name: str, shape, dtype: str):
     from tvm import relax
 
-    return relax.Var(name.replace(".", "_"), relax.TensorType(shape, dtype))
+    return relax.Var(var_name(name), relax.TensorType(shape, dtype))
 
 
 def _rows(name: str, chunk: int) -> int:

@@ -156,6 +156,24 @@ CHAIN_BURST_MAX = 256  # the most steps of one burst (a stop inside it wastes th
 LOOKUP_TOKENS = {"cuda": 0, "avx512": 3, "avx2": 3}
 
 
+def load_params(entry: Path, specs: list, dev) -> list:
+    """The weights of the cache entry ``entry`` as device tensors (host ones in huge pages), in the order of
+    ``meta.json``'s ``specs`` (``[name, shape, dtype]``). Each array must have the name, shape and dtype recorded
+    there, else a ValueError says which: the compiled CPU functions do not check their weights on every call
+    (:mod:`compiler.vm_pipeline`), so this is where a damaged or mismatched ``params.npz`` is caught."""
+    out = []
+    with np.load(entry / "params.npz", allow_pickle=False) as z:
+        for name, shape, dtype in specs:
+            if name not in z.files:
+                raise ValueError(f"{entry}/params.npz has no {name!r}, which the module takes: rebuild the entry")
+            a = z[name]
+            if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
+                raise ValueError(f"{entry}/params.npz: {name!r} is {a.dtype}{list(a.shape)}, the module takes "
+                                 f"{dtype}{list(shape)}: rebuild the entry")  # fmt: skip
+            out.append(host_tensor(a, dev))
+    return out
+
+
 def default_max_seqs(batch_sizes) -> int:
     """Sequences live at once by default on a model with recurrent states: the largest compiled decode batch (the
     :class:`runtime.batch.Batcher`'s default ``max_batch``) plus the Engine's own single-sequence API sequence."""
@@ -250,8 +268,7 @@ class Engine:
                              "fit the largest compiled batch)")  # fmt: skip
         if not 0 <= self.chain_burst <= CHAIN_BURST_MAX:
             raise ValueError(f"chain_burst={chain_burst}: 0 (off) to {CHAIN_BURST_MAX} steps")
-        with np.load(self.dir / "params.npz", allow_pickle=False) as z:
-            self.params = [host_tensor(z[name], self.dev) for name, _, _ in self.meta["params"]]  # huge pages
+        self.params = load_params(self.dir, self.meta["params"], self.dev)
         index = {name: i for i, (name, _, _) in enumerate(self.meta["params"])}
         self._draft_params = [self.params[index[n]] for n in self.meta.get("draft_params", [])]  # the heads' only
         layout = cache_layout(self.meta["cache"])
