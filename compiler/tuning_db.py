@@ -233,14 +233,15 @@ def retrace_records(d: Path, target: str, ops, kinds: tuple[str, ...]) -> int:
     the template of the time. The number of records rewritten."""
     import tvm_ffi
 
-    by_hash = {tvm_ffi.structural_hash(S.workload(op.canonical())): op for op in ops if op.kind in kinds}
+    space = S.schedule_module(target).space
+    by_hash = {tvm_ffi.structural_hash(S.workload(op.canonical())): (op, space(op)) for op in ops if op.kind in kinds}
     n = 0
     with _rewrite(d) as (records, out):
         for rec in records:
-            op = by_hash.get(tvm_ffi.structural_hash(rec.workload.mod))
+            op, knob_space = by_hash.get(tvm_ffi.structural_hash(rec.workload.mod), (None, None))
             trace = None
             if op is not None:
-                knobs = knobs_of_trace(rec.trace, S.schedule_module(target).space(op))
+                knobs = knobs_of_trace(rec.trace, knob_space)
                 trace = S.manual(op, target, knobs, int(rec.target.attrs["num-cores"])).trace
                 n += 1
             _keep(out, rec, trace)

@@ -163,8 +163,9 @@ def load_params(entry: Path, specs: list, dev) -> list:
     (:mod:`compiler.vm_pipeline`), so this is where a damaged or mismatched ``params.npz`` is caught."""
     out = []
     with np.load(entry / "params.npz", allow_pickle=False) as z:
+        files = set(z.files)
         for name, shape, dtype in specs:
-            if name not in z.files:
+            if name not in files:
                 raise ValueError(f"{entry}/params.npz has no {name!r}, which the module takes: rebuild the entry")
             a = z[name]
             if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):

@@ -70,9 +70,8 @@ def lookup(ctx: list[int], k: int, vote: bool = False) -> list[int]:
         if ends:
             if not vote:
                 return ctx[ends[0] : ends[0] + k]
-            seen = Counter(tuple(ctx[e : e + k]) for e in ends)
-            return list(max(seen, key=lambda c: (seen[c], -next(i for i, e in enumerate(ends)
-                                                                  if tuple(ctx[e : e + k]) == c))))  # fmt: skip
+            seen = Counter(tuple(ctx[e : e + k]) for e in ends)  # in order of first sight: the latest first
+            return list(seen.most_common(1)[0][0])  # most_common is stable: of equal counts, the latest
     return []
 
 
