@@ -5,11 +5,17 @@ Used by :mod:`compiler.tune` (local tuning) and :mod:`compiler.cuda_remote` (can
 host, recorded here); it imports neither. A torn line (from a tuner before writes were atomic) is dropped when a tuner
 next opens the database; ``compiler.build`` skips such lines with a warning and leaves the files alone.
 
-    python -c "from compiler.tuning_db import open_db; print(open_db('avx512').dir)"
+Workloads are written compact (:func:`compact_workloads`): TVM stores each one as base64 of an indented JSON graph,
+twice the bytes of the same graph without the indentation, and the tuning logs travel with the repository to the GPU
+host (64 MiB a call).
+
+    python -m compiler.tuning_db compact          # rewrite every database under tuning_logs/ compact (idempotent)
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
 import contextlib
 import importlib
 import json
@@ -17,6 +23,7 @@ import logging
 import os
 import random
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -34,10 +41,36 @@ class TuningDatabaseError(RuntimeError):
     """A tuning record could not be written whole (disk full, file size limit, ...)."""
 
 
+def compact_workload(line: str) -> str:
+    """One workload line ``[hash, base64(u64 length + JSON graph)]`` with the graph's JSON re-serialized without
+    whitespace (the same graph: TVM parses it to the same module). A line that is not of that form is returned as it
+    is, so compacting is safe on any line and idempotent."""
+    try:
+        h, blob = json.loads(line)
+        raw = base64.b64decode(blob, validate=True)
+        (n,) = struct.unpack("<Q", raw[:8])
+        if n != len(raw) - 8:
+            return line
+        graph = json.dumps(json.loads(raw[8:]), separators=(",", ":")).encode()
+    except (ValueError, TypeError, struct.error):
+        return line
+    blob = base64.b64encode(struct.pack("<Q", len(graph)) + graph).decode()
+    return json.dumps([h, blob])
+
+
+def compact_workloads(text: str) -> str:
+    """:func:`compact_workload` on every line of a workload file's text."""
+    return "".join(compact_workload(x) + "\n" for x in text.splitlines())
+
+
 def _replace_atomically(src_text_or_path, dest: Path) -> None:
-    """Put ``src`` (a str, or a file to copy) at ``dest`` by write-temp + fsync + rename: ``dest`` is always whole."""
+    """Put ``src`` (a str, or a file to copy) at ``dest`` by write-temp + fsync + rename: ``dest`` is always whole.
+    A workload file is written compact (:func:`compact_workloads`)."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    if isinstance(src_text_or_path, str):
+    if dest.name == S.DB_FILES[0]:
+        text = src_text_or_path if isinstance(src_text_or_path, str) else Path(src_text_or_path).read_text()
+        tmp.write_text(compact_workloads(text))
+    elif isinstance(src_text_or_path, str):
         tmp.write_text(src_text_or_path)
     else:
         shutil.copyfile(src_text_or_path, tmp)
@@ -246,3 +279,32 @@ def retrace_records(d: Path, target: str, ops, kinds: tuple[str, ...]) -> int:
                 n += 1
             _keep(out, rec, trace)
     return n
+
+
+def compact_all(root: Path) -> list[tuple[Path, int, int]]:
+    """Rewrite every workload file under ``root`` compact; ``(file, bytes before, bytes after)`` for each."""
+    out = []
+    for f in sorted(root.rglob(S.DB_FILES[0])):
+        before = f.stat().st_size
+        _replace_atomically(f.read_text(), f)
+        out.append((f, before, f.stat().st_size))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from compiler.cache import logs_root
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=["compact"], help="compact: rewrite every workload file compact")
+    ap.add_argument("--logs", default=None, help="tuning log root (default: tuning_logs/)")
+    a = ap.parse_args(argv)
+    total = [0, 0]
+    for f, before, after in compact_all(Path(a.logs or logs_root())):
+        total[0] += before
+        total[1] += after
+        print(f"{f}: {before:,} -> {after:,} bytes")
+    print(f"workloads: {total[0]:,} -> {total[1]:,} bytes")
+
+
+if __name__ == "__main__":
+    main()

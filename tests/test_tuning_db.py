@@ -156,3 +156,78 @@ def test_a_kill_before_the_rename_leaves_the_old_file_and_the_next_run_cleans_up
     assert "left by a tuner that was killed" in caplog.text
     assert not list(d.glob(".database_*.tmp-*")) and all_lines_parse(d)
     assert res[0].trials == 1 and len((d / FILES[1]).read_text().splitlines()) == 2
+
+
+def _graph(line: str) -> bytes:
+    """The JSON graph inside a workload line (after the base64 and the 8-byte length)."""
+    import base64
+
+    return base64.b64decode(json.loads(line)[1])[8:]
+
+
+def _indented(line: str) -> str:
+    """A workload line as TVM writes it: the graph indented by two spaces."""
+    import base64
+    import struct
+
+    h, _ = json.loads(line)
+    g = json.dumps(json.loads(_graph(line)), indent=2).encode()
+    return json.dumps([h, base64.b64encode(struct.pack("<Q", len(g)) + g).decode()])
+
+
+@pytest.mark.unit
+def test_committed_workloads_are_compact():
+    """Every workload line under tuning_logs/ is stored compact (half the bytes that travel to the GPU host)."""
+    from compiler.tuning_db import compact_workload
+
+    files = sorted((REPO / "tuning_logs").rglob(FILES[0]))
+    assert files
+    for f in files:
+        for line in f.read_text().splitlines():
+            assert compact_workload(line) == line, f"{f}: run `python -m compiler.tuning_db compact`"
+
+
+@pytest.mark.unit
+def test_compact_workload_leaves_other_lines_alone():
+    from compiler.tuning_db import compact_workload
+
+    for line in ('["h", "not base64!"]', '["h", "AAAA"]', "[1, 2]", "{", ""):
+        assert compact_workload(line) == line
+
+
+@pytest.mark.build
+def test_compacting_an_indented_database_keeps_every_record(logs_copy, tmp_path):
+    """A database whose workloads are indented (as TVM writes them) gives the same records after compaction: the
+    same workload modules, traces, times and targets; compacting again changes nothing."""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from compiler.tuning_db import compact_all
+
+    d = logs_copy / TARGET
+    wl = d / FILES[0]
+    wl.write_text("".join(_indented(x) + "\n" for x in wl.read_text().splitlines()))
+    indented = ms.database.JSONDatabase(work_dir=str(d)).get_all_tuning_records()
+    ((before, after),) = [(b, a) for f, b, a in compact_all(logs_copy) if f == wl]
+    assert after < 0.6 * before
+    assert all(b"\n" not in _graph(x) for x in wl.read_text().splitlines())
+    compact = ms.database.JSONDatabase(work_dir=str(d)).get_all_tuning_records()
+    assert len(compact) == len(indented) > 0
+    for a, b in zip(indented, compact, strict=True):
+        tvm.ir.assert_structural_equal(a.workload.mod, b.workload.mod)
+        assert tvm_ffi.structural_hash(a.workload.mod) == tvm_ffi.structural_hash(b.workload.mod)
+        assert (str(a.trace), str(a.target)) == (str(b.trace), str(b.target))
+        assert [float(x) for x in a.run_secs] == [float(x) for x in b.run_secs]
+    text = wl.read_text()
+    compact_all(logs_copy)
+    assert wl.read_text() == text
+
+
+@pytest.mark.build
+def test_the_tuner_writes_workloads_compact(tmp_path):
+    tune.tune([SMALL_OP], TARGET, trials=1, root=tmp_path, progress=False)
+    (line,) = (tmp_path / TARGET / FILES[0]).read_text().splitlines()
+    assert b"\n" not in _graph(line)
+    sf = S.get_primfunc(SMALL_OP, TARGET, logs_root=tmp_path, mode="tuned")
+    assert_builds_correctly(sf)
