@@ -203,7 +203,8 @@ def commit(db, op, sch, target: str, run_secs: list[float]) -> None:
 def plan(db, op, target: str, trials: int, retune: bool, seed: int) -> list[dict]:
     mod = S.schedule_module(target)
     configs = grid(mod.space(op))
-    if hasattr(mod, "valid"):  # templates whose knobs interact (CUDA: split products must divide the dimension)
+    if hasattr(mod, "valid"):  # knobs that interact (CUDA: split products must divide the dimension) or that would
+        # tie a parallel loop to the tuning machine's cores (the table-lookup GEMV's tables at root for few row groups)
         configs = [configs[0]] + [c for c in configs[1:] if mod.valid(op, c)]
     rest = configs[1:]
     random.Random(seed).shuffle(rest)

@@ -20,3 +20,8 @@ SCHEDULES.update(x86_tl.SCHEDULES)  # table-lookup (1.67-bit) GEMV: VBMI + VNNI 
 
 def space(op):
     return x86_tl.space(op) if op.kind in x86_tl.KINDS else x86_common.space(op, ISA)
+
+
+def valid(op, knobs: dict) -> bool:
+    """Knobs the tuner may try (:func:`compiler.tuning_db.plan`): all but the table-lookup GEMV's non-portable ones."""
+    return x86_tl.valid(op, knobs) if op.kind in x86_tl.KINDS else True

@@ -35,6 +35,11 @@ class Isa:
     parallel_macs: int
 
 
+# A parallel loop of a CPU kernel must be able to feed this many threads: records are tuned on 2 cores and travel to
+# machines with more (a loop over a shape's row tiles, tokens or table blocks), or the loop is per thread, sized from
+# the core count at build time (tests/test_threads.py audits every record and hand schedule)
+PORTABLE_THREADS = 16
+
 AVX512 = Isa("avx512", intrin_x86.VNNI_INTRIN, 16, 1 << 20)
 AVX2 = Isa("avx2", intrin_x86.AVX2_INTRIN, 8, 1 << 19)
 

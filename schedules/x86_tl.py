@@ -23,6 +23,7 @@ import targets
 from model.ternary.layouts_tl import TILE_ROWS
 from schedules import intrin_x86_tl
 from schedules.knobs import Knob, choose, knob
+from schedules.x86_common import PORTABLE_THREADS
 
 KINDS = ("gemv_i8_tl",)
 
@@ -48,6 +49,15 @@ def space(op) -> list[Knob]:
     big = op.weight_bytes() > 24 << 20  # beyond most of the L3: prefetch by default
     return [knob("unroll_k", op.B, (1, 2, 4), 2), Knob("lut_at", (0, 1, 2), 2, grid_only=True),
             Knob("prefetch", intrin_x86_tl.PREFETCH, 2048 if big else 0, grid_only=True)]  # fmt: skip
+
+
+def valid(op, knobs: dict) -> bool:
+    """Whether the tuner may try ``knobs``: tables built at ``root`` or in ``parallel`` leave the rows' parallel loop
+    over the row groups (and ``parallel`` one over the table blocks), which must feed
+    :data:`schedules.x86_common.PORTABLE_THREADS` threads; ``thread`` sizes its loop from the core count."""
+    if LUT_AT[int(knobs.get("lut_at", 2))] == "thread":
+        return True
+    return _groups(op) >= PORTABLE_THREADS and (LUT_AT[int(knobs["lut_at"])] == "root" or 2 * op.B >= PORTABLE_THREADS)
 
 
 def gemv_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):

@@ -35,6 +35,7 @@ from bench.kernels import known_ops
 from compiler import schedule as S
 from compiler.ops import make_op
 from schedules import x86_tl
+from schedules.x86_common import PORTABLE_THREADS
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_TARGETS = ("avx512", "avx2")
@@ -64,7 +65,7 @@ def committed_ops(target: str) -> list:
     return list(ops.values())
 
 
-WIDE = 16  # the widest machine the audit asks for: a kernel built for it must be able to keep 16 threads busy
+WIDE = PORTABLE_THREADS  # the widest machine the audit asks for: a kernel built for it must keep it busy
 
 
 def check_extents(op, by_cores: dict[int, list[str]]) -> None:
@@ -201,3 +202,17 @@ def test_cache_key_follows_cores_only_where_kernels_split_per_thread(monkeypatch
     assert keys["2"][0] == keys["16"][0]
     assert keys["2"][1] != keys["16"][1]
     assert cache.cache_key(gguf, "avx512", weights="tl", cores=16) == keys["16"][1]
+
+
+@pytest.mark.unit
+def test_the_tuner_never_plans_a_frozen_table_lookup_split():
+    """Few row groups (640 rows: 5 groups of 8 tiles): only per-thread tables are planned, since tables at root or in
+    parallel would leave a parallel loop of 5; many groups (6912 rows: 54) get every ``lut_at``."""
+    from compiler.tuning_db import plan
+
+    few, many = make_op("gemv_i8_tl", M=640, K=2560, tile=8), make_op("gemv_i8_tl", M=6912, K=2560, tile=8)
+    planned = plan(None, few, "avx512", trials=100, retune=True, seed=0)
+    assert planned and {c["lut_at"] for c in planned} == {2}
+    for c in planned:
+        check_extents(few, {n: parallel_extents(S.manual(few, "avx512", c, cores=n).mod["main"]) for n in (3, WIDE)})
+    assert {c["lut_at"] for c in plan(None, many, "avx512", trials=100, retune=True, seed=0)} == {0, 1, 2}
