@@ -68,12 +68,15 @@ def test_chat_page_streams_an_answer_and_shows_code(server, page):  # noqa: F811
     assert "chat-tuned: chat mode" in page.locator("#status").inner_text()
     page.fill("#temperature", "0")
     page.fill("#max_tokens", "48")
-    # record every text the answer shows, to see it grow in several steps
+    # record every text the answer shows, to see it grow in several steps: each render puts new nodes into the
+    # answer, so the nodes a mutation added keep the text of that render, even when a fast server's events arrive in
+    # one network read and are all rendered before the observer runs
     page.evaluate("""() => {
         window.seen = [];
-        new MutationObserver(() => {
-            const a = document.querySelector('.msg.assistant .body');
-            if (a) window.seen.push(a.textContent.length);
+        new MutationObserver((mutations) => {
+            for (const m of mutations)
+                if (m.target.matches && m.target.matches('.msg.assistant .body'))
+                    for (const n of m.addedNodes) window.seen.push(n.textContent.length);
         }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
     }""")
     page.fill("#prompt", "Write a function that adds two numbers.")
