@@ -55,9 +55,10 @@ def valid(op, knobs: dict) -> bool:
     """Whether the tuner may try ``knobs``: tables built at ``root`` or in ``parallel`` leave the rows' parallel loop
     over the row groups (and ``parallel`` one over the table blocks), which must feed
     :data:`schedules.x86_common.PORTABLE_THREADS` threads; ``thread`` sizes its loop from the core count."""
-    if LUT_AT[int(knobs.get("lut_at", 2))] == "thread":
+    lut_at = LUT_AT[int(knobs["lut_at"])]
+    if lut_at == "thread":
         return True
-    return _groups(op) >= PORTABLE_THREADS and (LUT_AT[int(knobs["lut_at"])] == "root" or 2 * op.B >= PORTABLE_THREADS)
+    return _groups(op) >= PORTABLE_THREADS and (lut_at == "root" or 2 * op.B >= PORTABLE_THREADS)
 
 
 def gemv_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):

@@ -7,10 +7,12 @@ database whole. Every test works on a temporary copy; the committed tuning_logs/
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -160,16 +162,11 @@ def test_a_kill_before_the_rename_leaves_the_old_file_and_the_next_run_cleans_up
 
 def _graph(line: str) -> bytes:
     """The JSON graph inside a workload line (after the base64 and the 8-byte length)."""
-    import base64
-
     return base64.b64decode(json.loads(line)[1])[8:]
 
 
 def _indented(line: str) -> str:
     """A workload line as TVM writes it: the graph indented by two spaces."""
-    import base64
-    import struct
-
     h, _ = json.loads(line)
     g = json.dumps(json.loads(_graph(line)), indent=2).encode()
     return json.dumps([h, base64.b64encode(struct.pack("<Q", len(g)) + g).decode()])
