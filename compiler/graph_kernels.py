@@ -66,34 +66,33 @@ def quantize(T: int, K: int):
     return _prim([x, q, scale, qs])
 
 
-def silu_mul(T: int, F: int):
+def _gated(T: int, F: int, halves: bool, act):
+    """``act(g) · u`` over ``g, u [T, F]``, or (``halves``) over the rows ``[g | u]`` ``[T, 2F]`` of a stacked
+    gate|up matmul: the same float expression either way."""
+    from tvm import te
+
+    if halves:
+        gu = te.placeholder((T, 2 * F), "float32", name="gu")
+        return _prim([gu, te.compute((T, F), lambda t, i: act(gu[t, i]) * gu[t, F + i], name="y")])
+    g = te.placeholder((T, F), "float32", name="g")
+    u = te.placeholder((T, F), "float32", name="u")
+    return _prim([g, u, te.compute((T, F), lambda t, i: act(g[t, i]) * u[t, i], name="y")])
+
+
+def silu_mul(T: int, F: int, halves: bool = False):
     """``silu(g) · u`` with ``silu(g) = g / (1 + exp(-g))`` (``exp`` is a scalar libm call: on CPUs the build runs it
-    in parallel chunks through :func:`schedule`)."""
+    in parallel chunks through :func:`schedule`); ``halves``: of the rows ``[g | u]`` (:func:`_gated`)."""
     from tvm import te
 
-    g = te.placeholder((T, F), "float32", name="g")
-    u = te.placeholder((T, F), "float32", name="u")
-    y = te.compute((T, F), lambda t, i: g[t, i] / (1.0 + te.exp(-g[t, i])) * u[t, i], name="y")
-    return _prim([g, u, y])
+    return _gated(T, F, halves, lambda g: g / (1.0 + te.exp(-g)))
 
 
-def swiglu_halves(T: int, F: int):
-    """``silu(g) · u`` (as :func:`silu_mul`) of rows ``[g | u]`` ``[T, 2F]`` (a mixture of experts' gate|up GEMV)."""
+def relu2_mul(T: int, F: int, halves: bool = False):
+    """``relu(g)² · u`` (BitNet b1.58's gate, :func:`model.transformer.relu2`): ``(r · r) · u``, ``r = max(g, 0)``;
+    ``halves``: of the rows ``[g | u]`` (:func:`_gated`)."""
     from tvm import te
 
-    gu = te.placeholder((T, 2 * F), "float32", name="gu")
-    y = te.compute((T, F), lambda t, i: gu[t, i] / (1.0 + te.exp(-gu[t, i])) * gu[t, F + i], name="y")
-    return _prim([gu, y])
-
-
-def relu2_mul(T: int, F: int):
-    """``relu(g)² · u`` (BitNet b1.58's gate, :func:`model.transformer.relu2`): ``(r · r) · u``, ``r = max(g, 0)``."""
-    from tvm import te
-
-    g = te.placeholder((T, F), "float32", name="g")
-    u = te.placeholder((T, F), "float32", name="u")
-    y = te.compute((T, F), lambda t, i: te.max(g[t, i], 0.0) * te.max(g[t, i], 0.0) * u[t, i], name="y")
-    return _prim([g, u, y])
+    return _gated(T, F, halves, lambda g: te.max(g, 0.0) * te.max(g, 0.0))
 
 
 GATED = {"silu": silu_mul, "relu2": relu2_mul}  # ModelConfig.ffn_act → the gate kernel
@@ -377,14 +376,15 @@ def moe_combine(T: int, k: int, D: int):
     return _prim([Y, w, te.compute((T, D), lambda t, d: te.sum(w[t, j] * Y[t, j, d], axis=j), name="y")])
 
 
-def rope_q(T: int, H: int, hd: int, ctx: int):
+def rope_q(T: int, H: int, hd: int, ctx: int, width: int | None = None):
     """RoPE (GPT-NeoX rotate-half) of ``q [T, H·hd]``, row ``t`` at position ``pos[t]`` → ``[T, H, hd]`` (a padding
-    row, ``pos < 0``, is rotated as position 0 and never read)."""
+    row, ``pos < 0``, is rotated as position 0 and never read). ``width``: ``q`` is the first ``H·hd`` columns of rows
+    of that width (a stacked q|k|v matmul's output)."""
     import tvm
     from tvm import te
 
     half = hd // 2
-    q = te.placeholder((T, H * hd), "float32", name="q")
+    q = te.placeholder((T, width or H * hd), "float32", name="q")
     pos = te.placeholder((T,), "int32", name="pos")
     cos = te.placeholder((ctx, half), "float32", name="cos")
     sin = te.placeholder((ctx, half), "float32", name="sin")

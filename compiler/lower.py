@@ -122,19 +122,23 @@ def check_weights(weights: str, gpu: bool, cfg=None) -> None:
 
 
 def stacked(cfg, i: int, gpu: bool) -> dict[str, tuple[str, ...]]:
-    """Layer ``i``'s matrices stored and read as one stacked matrix (a scale per part): on GPUs a GQA layer's
-    ``attn_qkv`` (q|k|v), a latent-attention layer's ``attn_q_kv_a`` (q|kv_a) and a dense SwiGLU FFN's
-    ``ffn_gate_up`` (gate|up), so one GEMV (or prefill GEMM) reads what three or two did — a GPU decode step is bound
-    by its kernel count (docs/bench/cuda/README.md). The attention (GQA) or ``graph_kernels_mla.prep`` (MLA) and the
-    cache write read their columns of the stacked output; SwiGLU + quantize reads its halves."""
-    if not gpu:
-        return {}
+    """Layer ``i``'s matrices stored and read as one stacked matrix (a scale per part, :mod:`compiler.ops.stacked`):
+    a GQA layer's ``attn_qkv`` (q|k|v) and a dense gated FFN's ``ffn_gate_up`` (gate|up), so one GEMV (or prefill
+    GEMM) reads what three or two did. A GPU decode step is bound by its kernel count (docs/bench/cuda/README.md); a
+    CPU one by the Relax VM's instructions per kernel call as much as by its kernels, and a small matrix (GQA's k and
+    v) streams slowly on its own (docs/runtime/README.md, "Stacked matrices"). The cache write and the query's RoPE
+    (CPU) or the attention (GPU) read their columns of the stacked output; the gate reads its halves.
+
+    GPUs also stack a latent-attention layer's ``attn_q_kv_a`` (q|kv_a); their gate|up is read by the fused SwiGLU +
+    quantize, so only a SwiGLU FFN without a sub-norm stacks there. The CPU stacks every dense gated FFN (SwiGLU or
+    ReLU², a sub-norm or none) and no latent attention."""
     out = {}
     if cfg.mla:
-        out["attn_q_kv_a"] = ("attn_q", "attn_kv_a_mqa")
+        if gpu:
+            out["attn_q_kv_a"] = ("attn_q", "attn_kv_a_mqa")
     elif not cfg.is_deltanet(i):
         out["attn_qkv"] = ("attn_q", "attn_k", "attn_v")
-    if not cfg.n_experts and cfg.ffn_act == "silu" and not cfg.sub_norms:
+    if not cfg.n_experts and (not gpu or (cfg.ffn_act == "silu" and not cfg.sub_norms)):
         out["ffn_gate_up"] = ("ffn_gate", "ffn_up")
     return out
 
@@ -715,7 +719,8 @@ class Lowering:
         cos, sin = f.pv["rope.cos"], f.pv["rope.sin"]
         tag = f"_w{D + 2 * KV}" if cols else ""  # the stacked variants read rows of that width
         kc, vc = f.cache[f"kc_{i}"], f.cache[f"vc_{i}"]
-        own_write = bool(cols) and T == 1  # one stacked row: the attention writes the cache itself (write_kv)
+        # one stacked row where the attention rotates the query itself (GPU): it writes the cache too (write_kv)
+        own_write = bool(cols) and T == 1 and self.k.rope_in_attention
         if not own_write:
             upd_gv = self._te("kv_update" + tag, functools.partial(self.k.kv_update, **cols), T, Hkv, hd, C, KV_BLOCK)
             kv_args = [kv, vv, f.pos, f.table, cos, sin, kc, vc]
@@ -737,10 +742,9 @@ class Lowering:
             att = self._te("attention_rope" + tag, functools.partial(self.k.attention, **qw), T, H, Hkv, hd, C,
                            KV_BLOCK)  # fmt: skip
             args = [qv, kc, vc, f.pos, f.table, cos, sin]
-        else:
-            if cols:
-                raise ValueError("a stacked q|k|v needs the attention that rotates the query itself")
-            qr = self._call(self._te("rope_q", gk.rope_q, T, H, hd, C), [qv, f.pos, cos, sin], [((T, H, hd), f32)])
+        else:  # RoPE of the query (its columns of a stacked q|k|v), then the attention
+            rope = self._te("rope_q" + tag, functools.partial(gk.rope_q, width=cols.get("width")), T, H, hd, C)
+            qr = self._call(rope, [qv, f.pos, cos, sin], [((T, H, hd), f32)])
             att = self._te("attention", self.k.attention, T, H, Hkv, hd, C, KV_BLOCK)
             args = [qr, kc, vc, f.pos, f.table]
         if self.k.attention_quant and self.k.attention_quant(H, hd) and not cfg.sub_norms:  # o's quantize inside
@@ -849,18 +853,20 @@ class Lowering:
         D, F = cfg.d_model, cfg.ffn_hidden
         q8, sc, qs = self._norm_quant(f, f"blk.{i}.ffn_norm.weight", u)
         outs8 = [((T, F), "int8"), ((T,), "float32"), ((T,), "int32")]
-        if "ffn_gate_up" in stacked(cfg, i, self.gpu):  # one GEMV; SwiGLU + quantize reads its halves
+        halves = "ffn_gate_up" in stacked(cfg, i, self.gpu)  # one GEMV; the gate reads its halves of [T, 2F]
+        if halves:
             gu = self._ternary(f, f"blk.{i}.ffn_gate_up", q8, sc, qs, 2 * F, D, parts=(F, F))
-            glu = self._te("swiglu_quantize_halves", functools.partial(self.k.swiglu_quant, halves=True), T, F)
-            h8, hsc, hsum = self._call(glu, [gu], outs8)
-            return self._ternary(f, f"blk.{i}.ffn_down", h8, hsc, hsum, D, F)
-        gt = self._ternary(f, f"blk.{i}.ffn_gate", q8, sc, qs, F, D)
-        up = self._ternary(f, f"blk.{i}.ffn_up", q8, sc, qs, F, D)
-        if self.k.swiglu_quant and cfg.ffn_act == "silu" and not cfg.sub_norms:
-            h8, hsc, hsum = self._call(self._te("swiglu_quantize", self.k.swiglu_quant, T, F), [gt, up], outs8)
+            ins = [gu]
         else:
-            act = f"{cfg.ffn_act}_mul"
-            hh = self._call(self._te(act, gk.GATED[cfg.ffn_act], T, F, sched=True), [gt, up], [((T, F), "float32")])
+            ins = [self._ternary(f, f"blk.{i}.ffn_{t}", q8, sc, qs, F, D) for t in ("gate", "up")]
+        if self.k.swiglu_quant and cfg.ffn_act == "silu" and not cfg.sub_norms:  # SwiGLU + quantize, one kernel
+            name = "swiglu_quantize" + ("_halves" if halves else "")
+            glu = self._te(name, functools.partial(self.k.swiglu_quant, halves=halves), T, F)
+            h8, hsc, hsum = self._call(glu, ins, outs8)
+        else:
+            act = f"{cfg.ffn_act}_mul" + ("_halves" if halves else "")
+            gate = functools.partial(gk.GATED[cfg.ffn_act], halves=halves)
+            hh = self._call(self._te(act, gate, T, F, sched=True), ins, [((T, F), "float32")])
             if cfg.sub_norms:
                 h8, hsc, hsum = self._norm_quant(f, f"blk.{i}.ffn_sub_norm.weight", hh, F)
             else:
@@ -914,7 +920,8 @@ class Lowering:
         gate_up = [self._expert(f, p + "ffn_gate_up_exps", q8, sc, qs, s // k, 2 * F, D, picks[s], 2)
                    for s in range(S)]  # fmt: skip
         gu = gate_up[0] if S == 1 else bb.emit(relax.op.concat(gate_up, axis=0))  # [S, 2F]
-        hh = self._call(self._te("swiglu_halves", gk.swiglu_halves, S, F, sched=True), [gu], [((S, F), f32)])
+        glu = self._te("silu_mul_halves", functools.partial(gk.silu_mul, halves=True), S, F, sched=True)
+        hh = self._call(glu, [gu], [((S, F), f32)])
         h8, hsc, hsum = self._quantize(S, F, hh)
         ys = [self._expert(f, p + "ffn_down_exps", h8, hsc, hsum, s, D, F, picks[s], 1) for s in range(S)]
         return ys[0] if S == 1 else bb.emit(relax.op.concat(ys, axis=0))

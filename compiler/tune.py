@@ -121,25 +121,20 @@ from compiler.constants import CPU_BATCH_SIZES, CUDA_BATCH_SIZES  # noqa: E402 (
 from compiler.constants import CUDA_PREFILL_CHUNK as CUDA_PREFILL_TOKENS  # noqa: E402 (gemm_dp4a tuned N)
 
 
-def matmul_shapes(cfg) -> tuple[list, list]:
-    """``(shapes of the dense GEMVs and GEMMs, shapes of the MoE expert GEMVs)``, each ``(M, K)``. A mixture of experts'
-    FFN calls the expert GEMV only (``compiler.lower.Lowering.moe``), whose tuning record is the dense workload's of
-    the same shape: an expert's gate and up stacked, ``(2F, D)``, and its down, ``(D, F)``."""
-    named = cfg.ternary_shapes()
-    if not cfg.n_experts:
-        return sorted(set(named.values())), []
-    dense = sorted({mk for n, mk in named.items() if not n.startswith("ffn_")})
-    return dense, sorted({(2 * cfg.ffn_hidden, cfg.d_model), (cfg.d_model, cfg.ffn_hidden)})
-
-
-def cuda_matmul_shapes(cfg) -> list:
-    """The CUDA build's tuned matmul shapes ``(M, K)``: each layer's dense ternary parameters, stacked ones (q|k|v,
-    gate|up: :func:`compiler.lower.stacked`) as one matrix; a mixture of experts' run ``experts_dp4a`` instead."""
+def matmul_shapes(cfg, gpu: bool = False) -> tuple[list, list]:
+    """``(shapes of the dense GEMVs and GEMMs, shapes of the MoE expert GEMVs)``, each ``(M, K)``: each layer's dense
+    ternary parameters, stacked ones (q|k|v, gate|up: :func:`compiler.lower.stacked`) as one matrix. A mixture of
+    experts' FFN calls the expert GEMV only on the CPU (``compiler.lower.Lowering.moe``), whose tuning record is the
+    dense workload's of the same shape: an expert's gate and up stacked, ``(2F, D)``, and its down, ``(D, F)``; a
+    GPU runs ``experts_dp4a`` instead (no expert shapes)."""
     from compiler.lower import block_ternary, ternary_shapes
 
     named = ternary_shapes(cfg)
-    return sorted({(sum(named[t][0] for t in parts), named[parts[0]][1]) for i in range(cfg.n_layers)
-                   for _, parts, E in block_ternary(cfg, i, gpu=True) if not E})  # fmt: skip
+    dense = sorted({(sum(named[t][0] for t in parts), named[parts[0]][1]) for i in range(cfg.n_layers)
+                    for _, parts, E in block_ternary(cfg, i, gpu=gpu) if not E})  # fmt: skip
+    if not cfg.n_experts or gpu:
+        return dense, []
+    return dense, sorted({(2 * cfg.ffn_hidden, cfg.d_model), (cfg.d_model, cfg.ffn_hidden)})
 
 
 def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: str = "tile8") -> list:
@@ -147,7 +142,7 @@ def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: 
     batches, ``decode_b{B}``) and the fused elementwise ops. ``weights="tl"``: the CPU build's 1.67-bit layout, whose
     GEMV serves prefill and batches too (once per token)."""
     if target == "cuda":  # a mixture of experts' FFN runs graph_kernels_gpu.experts_dp4a, not a tuned operator
-        shapes = cuda_matmul_shapes(cfg)
+        shapes = matmul_shapes(cfg, gpu=True)[0]
         ops = [make_op("gemv_dp4a", M=M, K=K) for M, K in shapes]
         if include_prefill:
             ns = sorted({CUDA_PREFILL_TOKENS, *(b for b in CUDA_BATCH_SIZES if b > 1)})

@@ -286,6 +286,23 @@ def retrace_records(d: Path, target: str, ops, kinds: tuple[str, ...]) -> int:
     return n
 
 
+def prune_records(d: Path, ops) -> int:
+    """Drop the records of the database in ``d`` whose workload is none of ``ops`` (the ops the compiler still builds,
+    e.g. after a change stacked two matrices into one shape), and their workloads; written atomically, the other
+    records untouched. The number dropped."""
+    import tvm_ffi
+
+    keep = {tvm_ffi.structural_hash(S.workload(op.canonical())) for op in ops}
+    dropped = 0
+    with _rewrite(d) as (records, out):
+        for rec in records:
+            if tvm_ffi.structural_hash(rec.workload.mod) in keep:
+                _keep(out, rec)
+            else:
+                dropped += 1
+    return dropped
+
+
 def compact_all(root: Path) -> list[tuple[Path, int, int]]:
     """Rewrite every workload file under ``root`` compact; ``(file, bytes before, bytes after)`` for each."""
     out = []

@@ -12,6 +12,7 @@ import re
 import pytest
 from runtime_helpers import tiny_gguf
 
+import targets
 from compiler import constants, lower, tune
 from model import config as model_config
 from model.config import get_config
@@ -166,8 +167,8 @@ def test_cuda_stacks_qkv_and_gate_up():
     """On CUDA a GQA layer's q|k|v and a dense SwiGLU FFN's gate|up are one stacked matrix each (one GEMV per step, one
     GEMM per prefill chunk, a scale per part) and :func:`compiler.lower.pack_params` packs them so; the attention and
     the cache write read the stacked rows (the one-token step's attention does the cache write itself), SwiGLU +
-    quantize its halves. DeltaNet layers, latent attention, experts and every CPU build keep their separate matrices.
-    (Lowered only.)"""
+    quantize its halves. DeltaNet layers and experts keep their separate matrices; latent attention stacks q|kv_a.
+    (Lowered only; the CPU's stacking: the next test.)"""
     import numpy as np
 
     from compiler.lower import pack_params, param_specs, stacked
@@ -190,7 +191,6 @@ def test_cuda_stacks_qkv_and_gate_up():
     names = {s.name: s for s in param_specs(cfg, gpu=True)}
     assert names["blk.0.attn_qkv.weight"].shape == (D + 2 * KV, D // 16) and names["blk.0.attn_qkv.scale"].shape == (3,)
     assert names["blk.0.ffn_gate_up.scale"].shape == (2,) and "blk.0.attn_q.weight" not in names
-    assert "blk.0.attn_q.weight" in {s.name for s in param_specs(cfg)}  # CPU: separate
     g = read_gguf(tiny_gguf(), check_values=False)
     p = pack_params(g, "cuda")
     want = [g.ternary(f"blk.1.{t}.weight").scale for t in ("attn_q", "attn_k", "attn_v")]
@@ -200,7 +200,49 @@ def test_cuda_stacks_qkv_and_gate_up():
             groups = stacked(variant, i, gpu=True)
             assert ("attn_qkv" in groups) == (not variant.mla and not variant.is_deltanet(i))
             assert ("ffn_gate_up" in groups) == (not variant.n_experts)
-            assert not stacked(variant, i, gpu=False)
+            assert ("attn_q_kv_a" in groups) == variant.mla
+
+
+@pytest.mark.build
+@pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")
+@pytest.mark.parametrize("weights", ["tile8", "tl"])
+def test_cpu_stacks_qkv_and_gate_up(weights):
+    """On the CPU too a GQA layer's q|k|v and a dense gated FFN's gate|up are one stacked matrix each, a scale per
+    part: one GEMV per step (a GEMM per batch and prefill chunk; ``tl``: the GEMV per row), fewer kernel calls and VM
+    instructions. The query's RoPE and the cache write read their columns, the gate (SwiGLU, or ReLU² with BitNet's
+    sub-norm) its halves. Latent attention, DeltaNet layers and experts keep their matrices. (Lowered only; the
+    compiled model's exactness: tests/test_exact_reference.py and the oracle tests.)"""
+    import numpy as np
+
+    from compiler.lower import pack_params, param_specs, stacked
+
+    if weights == "tl" and "avx512vbmi" not in targets.cpu_flags():
+        pytest.skip("the tl kernel needs AVX-512 VBMI")
+    for cfg in (get_config("tiny"), get_config("tiny", arch="bitnet", ffn_act="relu2", n_streams=1)):
+        L, D, KV, F = cfg.n_layers, cfg.d_model, cfg.kv_dim, cfg.ffn_hidden
+        for name in ("decode_b1", "decode_b4", "prefill"):
+            lw = lower.Lowering(cfg, "avx512", cores=1, weights=weights)
+            lw.function(name)
+            called = re.findall(r"call_tir\w*\((\w+)", lw.bb.get()[name].script())
+            per = {"decode_b1": 1, "decode_b4": 4, "prefill": lw.chunk}[name] if weights == "tl" else 1  # GEMV a row
+            assert sum(f"_M{D + 2 * KV}_K{D}_" in c and c.endswith(f"_p{D}x{KV}x{KV}") for c in called) == L * per
+            assert sum(f"_M{2 * F}_K{D}_" in c and c.endswith(f"_p{F}x{F}") for c in called) == L * per
+            assert sum(c.startswith("kv_update_w") for c in called) == L and not any("_kv_" in c for c in called)
+            assert sum(c.startswith(f"rope_q_w{D + 2 * KV}") for c in called) == L, name
+            act = "relu2_mul_halves" if cfg.sub_norms else "silu_mul_halves"
+            assert sum(c.startswith(act) for c in called) == L, name
+        specs = {s.name: s for s in param_specs(cfg, weights=weights)}
+        assert specs["blk.0.attn_qkv.scale"].shape == (3,) and specs["blk.0.ffn_gate_up.scale"].shape == (2,)
+        assert "blk.0.attn_q.weight" not in specs and "blk.0.ffn_gate.weight" not in specs
+    g = read_gguf(tiny_gguf(), check_values=False)
+    p = pack_params(g, "avx512", weights)
+    want = [g.ternary(f"blk.1.{t}.weight").scale for t in ("attn_q", "attn_k", "attn_v")]
+    np.testing.assert_array_equal(p["blk.1.attn_qkv.scale"], np.array(want, np.float32))
+    for variant in (get_config("small-deltanet"), get_config("small-mla"), get_config("small-moe")):
+        for i in range(variant.n_layers):
+            groups = stacked(variant, i, gpu=False)
+            assert ("attn_qkv" in groups) == (not variant.mla and not variant.is_deltanet(i))
+            assert ("ffn_gate_up" in groups) == (not variant.n_experts) and "attn_q_kv_a" not in groups
 
 
 @pytest.mark.unit

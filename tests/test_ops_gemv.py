@@ -136,3 +136,37 @@ def test_tiled_layout_round_trip_and_registry():
         make_op("gemv_i8", M=12, K=256, tile=8)
     with pytest.raises(OpShapeError, match="tile"):
         make_op("gemm_i8", N=8, M=12, K=256, tile=8)
+
+
+@pytest.mark.parametrize("target", X86)
+@SETTINGS
+@given(tile=st.sampled_from([4, 8]), sizes=st.lists(st.integers(1, 3), min_size=2, max_size=3), N=st.integers(0, 5),
+       kc=st.integers(1, 2), seed=st.integers(0, 2**16), data=st.data())  # fmt: skip
+def test_stacked_matrix_rows_equal_each_matrix_alone(target, tile, sizes, N, kc, seed, data):
+    """A stacked matrix (``parts``: a layer's q|k|v or gate|up read in one GEMV, or one GEMM with ``N`` tokens) gives,
+    part by part, bit for bit what that part's own kernel gives with its own scale."""
+    parts, K = tuple(tile * s for s in sizes), 256 * kc
+    dims = {"M": sum(parts), "K": K, "tile": tile} | ({"N": N} if N else {})
+    kind = "gemm_i8" if N else "gemv_i8"
+    op = make_op(kind, **dims, parts=parts)
+    assert op.canonical() == make_op(kind, **dims) and op.func_name.endswith("_p" + "x".join(map(str, parts)))
+    knobs = data.draw(knob_choice(op, target))
+    ins, y = run(op, build(op, target, knobs=knobs), seed)
+    W, ws = ins[0], ins[-1]
+    assert ws.shape == (len(parts),)
+    at = 0
+    for n, s in zip(parts, ws, strict=True):  # each part's own (plain) reference on its rows
+        part = make_op(kind, **(dims | {"M": n}))
+        rows = W[at // tile : (at + n) // tile]
+        want = part.reference(rows, *ins[1:-1], np.array([s], np.float32), impl=IMPL)[0]
+        np.testing.assert_array_equal(y[..., at : at + n], want)
+        at += n
+
+
+def test_stacked_parts_are_checked():
+    with pytest.raises(OpShapeError, match="parts"):
+        make_op("gemv_i8", M=64, K=256, tile=8, parts=(32, 16))
+    with pytest.raises(OpShapeError, match="parts"):
+        make_op("gemm_i8", N=2, M=64, K=256, tile=8, parts=(64,))
+    with pytest.raises(OpShapeError, match="dense"):
+        make_op("gemv_i8", M=64, K=256, tile=8, E=2, P=2, parts=(32, 32))

@@ -170,3 +170,26 @@ def test_committed_record_replays_bit_exact(target, shape):
     sf = get_primfunc(op, target, mode="tuned")
     ins = op.random_inputs(np.random.default_rng(1))
     np.testing.assert_array_equal(Kernel(op, sf.build())(*ins)[0], op.reference(*ins, impl=IMPL)[0])
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("target", AVX512)
+@SETTINGS
+@given(tile=st.sampled_from([1, 2]), sizes=st.lists(st.integers(1, 2), min_size=2, max_size=3),
+       kc=st.integers(1, 3), seed=st.integers(0, 2**16), data=st.data())  # fmt: skip
+def test_stacked_matrix_rows_equal_each_matrix_alone(target, tile, sizes, kc, seed, data):
+    """A stacked ``tl`` matrix (``parts``, a scale each) gives, part by part, what each part's own kernel gives."""
+    rows = TL.TILE_ROWS * tile
+    parts, K = tuple(rows * s for s in sizes), 256 * kc
+    op = make_op("gemv_i8_tl", M=sum(parts), K=K, tile=tile, parts=parts)
+    space = schedule_module(target).space(op)
+    knobs = {k.name: data.draw(st.sampled_from(k.candidates)) for k in space}
+    ins = op.random_inputs(np.random.default_rng(seed))
+    y = Kernel(op, build(op, target, knobs=knobs))(*ins)[0]
+    W, x, xs, ws = ins
+    at = 0
+    for n, s in zip(parts, ws, strict=True):
+        part = make_op("gemv_i8_tl", M=n, K=K, tile=tile)
+        want = part.reference(W[at // rows : (at + n) // rows], x, xs, np.array([s], np.float32), impl=IMPL)[0]
+        np.testing.assert_array_equal(y[at : at + n], want)
+        at += n

@@ -228,3 +228,25 @@ def test_the_tuner_writes_workloads_compact(tmp_path):
     assert b"\n" not in _graph(line)
     sf = S.get_primfunc(SMALL_OP, TARGET, logs_root=tmp_path, mode="tuned")
     assert_builds_correctly(sf)
+
+
+@pytest.mark.build
+def test_pruning_drops_only_the_records_of_ops_no_longer_built(tmp_path):
+    """``prune_records`` (scripts/prune_tuning_logs.py) drops the records and workloads of ops the compiler no longer
+    builds (e.g. q, k and v once stacked) and keeps every other record as it was."""
+    from compiler.tuning_db import prune_records
+
+    tune.tune([SMALL_OP, NEW_OP], TARGET, trials=1, root=tmp_path, progress=False)
+    d = tmp_path / TARGET
+    kept = S.records(S.open_database(TARGET, root=tmp_path), SMALL_OP)
+    assert kept and S.records(S.open_database(TARGET, root=tmp_path), NEW_OP)
+    assert prune_records(d, [SMALL_OP]) == 1
+    db = S.open_database(TARGET, root=tmp_path)
+    assert not S.records(db, NEW_OP) and len(db.get_all_tuning_records()) == 1
+    (rec,) = S.records(db, SMALL_OP)
+    assert (str(rec.trace), [float(x) for x in rec.run_secs]) == (
+        str(kept[0].trace),
+        [float(x) for x in kept[0].run_secs],
+    )
+    assert len((d / FILES[0]).read_text().splitlines()) == 1
+    assert prune_records(d, [SMALL_OP]) == 0

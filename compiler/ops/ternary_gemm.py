@@ -11,11 +11,12 @@ each 64-byte weight chunk once and reuse it for a tile of tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from compiler.ops.base import Arg, Op, check_k, check_positive
+from compiler.ops.stacked import by_parts, check_parts, n_scales, parts_suffix, te_part_scale
 from compiler.ops.ternary_gemv import CHUNK, _impl, check_tile, random_packed, te_code, te_interleave, weight_shape
 from model.ternary import reference
 from model.ternary.layouts_x86 import tile_rowmajor4, untile_rowmajor4
@@ -23,16 +24,24 @@ from model.ternary.layouts_x86 import tile_rowmajor4, untile_rowmajor4
 
 @dataclass(frozen=True)
 class TernaryGemmI8(Op):
+    """``parts``: a stacked matrix (q|k|v, gate|up), a scale each (:mod:`compiler.ops.stacked`)."""
+
     N: int
     M: int
     K: int
     tile: int = 0
+    parts: tuple[int, ...] = field(default=(), metadata={"dim": False})
     kind = "gemm_i8"
 
     def __post_init__(self):
         check_positive(N=self.N, M=self.M, K=self.K)
         check_k(self.K)
         check_tile(self.M, self.tile)
+        check_parts(self.parts, self.M)
+
+    @property
+    def func_name(self) -> str:
+        return super().func_name + parts_suffix(self.parts)
 
     def w_shape(self) -> tuple[int, ...]:
         return weight_shape(self.M, self.K, self.tile)
@@ -40,7 +49,7 @@ class TernaryGemmI8(Op):
     def args(self) -> list[Arg]:
         N, M, K = self.N, self.M, self.K
         return [Arg("W", self.w_shape(), "uint8"), Arg("x", (N, K), "int8"), Arg("x_sum", (N,), "int32"),
-                Arg("x_scale", (N,), "float32"), Arg("w_scale", (1,), "float32"),
+                Arg("x_scale", (N,), "float32"), Arg("w_scale", (n_scales(self.parts),), "float32"),
                 Arg("y", (N, M), "float32", output=True)]  # fmt: skip
 
     def compute(self):
@@ -52,7 +61,7 @@ class TernaryGemmI8(Op):
         X = te.placeholder((N, K), "int8", name="x")
         Xsum = te.placeholder((N,), "int32", name="x_sum")
         Xs = te.placeholder((N,), "float32", name="x_scale")
-        Ws = te.placeholder((1,), "float32", name="w_scale")
+        Ws = te.placeholder((n_scales(self.parts),), "float32", name="w_scale")
         Xt = te_interleave(X, K, lead=(N,))
         c = te.reduce_axis((0, K // CHUNK), name="c")
         b = te.reduce_axis((0, 64), name="b")
@@ -67,7 +76,8 @@ class TernaryGemmI8(Op):
             lambda n, m: te.sum(code(m).astype("int32") * Xt[n, c, j, b].astype("int32"), axis=[c, b, j]),
             name="acc",
         )
-        Y = te.compute((N, M), lambda n, m: (acc[n, m] - Xsum[n]).astype("float32") * (Ws[0] / Xs[n]), name="y")
+        ws = te_part_scale(Ws, self.parts)
+        Y = te.compute((N, M), lambda n, m: (acc[n, m] - Xsum[n]).astype("float32") * (ws(m) / Xs[n]), name="y")
         return te.create_prim_func([W, X, Xsum, Xs, Ws, Y])
 
     def reference(self, W, x, x_sum, x_scale, w_scale, impl="auto"):
@@ -76,8 +86,8 @@ class TernaryGemmI8(Op):
             raise ValueError("x_sum must equal Σx per token (the kernel trusts it)")
         if self.tile:
             W = untile_rowmajor4(W)
-        _, y = reference.ternary_matmul_i8(W, x, x_scale, float(w_scale[0]), impl=impl)
-        return [y]
+        rows = lambda a, b, s: reference.ternary_matmul_i8(W[a:b], x, x_scale, s, impl=impl)[1]  # noqa: E731
+        return [by_parts(rows, w_scale, self.parts, self.M)]
 
     def random_inputs(self, rng):
         x = rng.integers(-127, 128, (self.N, self.K), dtype=np.int8)
@@ -86,7 +96,7 @@ class TernaryGemmI8(Op):
         W = random_packed(rng, self.M, self.K)
         if self.tile:
             W = tile_rowmajor4(W, self.tile)
-        return [W, x, xs, scales, np.array([rng.uniform(0.01, 2)], np.float32)]
+        return [W, x, xs, scales, rng.uniform(0.01, 2, n_scales(self.parts)).astype(np.float32)]
 
     def ops(self) -> float:
         return 2.0 * self.N * self.M * self.K

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compiler.ops.base import Arg, Op, OpShapeError, check_k, check_positive
+from compiler.ops.stacked import by_parts, check_parts, n_scales, parts_suffix, te_part_scale
 from model.ternary import reference
 from model.ternary.layouts_x86 import TILES, tile_rowmajor4, untile_rowmajor4
 
@@ -73,6 +74,9 @@ class TernaryGemvI8(Op):
     [X]``) and a second scalar ``r`` after ``e`` picks the row (no slice of it is made per call). The loops are the
     dense kernel's, so ``E``, ``P`` and ``X`` are not dimensions: the expert kernel takes the dense workload's tuning
     record (:meth:`Op.canonical`).
+
+    ``parts`` (dense only): ``W`` stacks a layer's matrices of these row counts (q|k|v, gate|up), a scale each
+    (``w_scale [len(parts)]``, :mod:`compiler.ops.stacked`).
     """
 
     M: int
@@ -81,6 +85,7 @@ class TernaryGemvI8(Op):
     E: int = field(default=0, metadata={"dim": False})
     P: int = field(default=1, metadata={"dim": False})
     X: int = field(default=0, metadata={"dim": False})
+    parts: tuple[int, ...] = field(default=(), metadata={"dim": False})
     kind = "gemv_i8"
 
     def __post_init__(self):
@@ -91,17 +96,20 @@ class TernaryGemvI8(Op):
             raise OpShapeError(f"P = {self.P} stacked matrices need experts (E > 0) and M = {self.M} in whole tiles")
         if self.X and not self.E:
             raise OpShapeError(f"X = {self.X} activation rows: an expert kernel's (E > 0) only")
+        if self.parts and self.E:
+            raise OpShapeError(f"parts = {self.parts}: a dense stacked matrix's (experts stack with P)")
+        check_parts(self.parts, self.M)
 
     def w_shape(self) -> tuple[int, ...]:
         return ((self.E,) if self.E else ()) + weight_shape(self.M, self.K, self.tile)
 
     def ws_shape(self) -> tuple[int, ...]:
-        return (self.E, self.P) if self.E else (1,)
+        return (self.E, self.P) if self.E else (n_scales(self.parts),)
 
     @property
     def func_name(self) -> str:
         experts = (f"_E{self.E}" if self.E else "") + (f"_P{self.P}" if self.P > 1 else "")
-        return super().func_name + experts + (f"_X{self.X}" if self.X else "")
+        return super().func_name + experts + (f"_X{self.X}" if self.X else "") + parts_suffix(self.parts)
 
     def args(self) -> list[Arg]:
         """The arrays, in order (an expert kernel's scalars ``e`` [and ``r``] come between ``w_scale`` and ``y``)."""
@@ -144,7 +152,7 @@ class TernaryGemvI8(Op):
             name="acc",
         )
         part = M // self.P
-        ws = (lambda m: Ws[e, m // part]) if e is not None else (lambda m: Ws[0])
+        ws = (lambda m: Ws[e, m // part]) if e is not None else te_part_scale(Ws, self.parts)
         Y = te.compute((M,), lambda m: (acc[m] - Xsum[at]).astype("float32") * (ws(m) / Xs[at]), name="y")
         if e is not None:
             return te.create_prim_func([Wall, X, Xsum, Xs, Ws, e, *([r] if r is not None else []), Y])
@@ -156,16 +164,18 @@ class TernaryGemvI8(Op):
             x, x_sum, x_scale = x[r], x_sum[r : r + 1], x_scale[r : r + 1]
         if int(x_sum[0]) != int(x.astype(np.int64).sum()):
             raise ValueError("x_sum must equal Σx (the kernel trusts it)")
-        if self.E:
-            W, scales = W[e], [float(v) for v in w_scale[e]]
-        else:
-            scales = [float(w_scale[0])]
         if self.tile:
-            W = untile_rowmajor4(W)
-        part = self.M // self.P
-        ys = [reference.ternary_matmul_i8(W[p * part : (p + 1) * part], x, x_scale.astype(np.float32), s, impl=impl)[1]
-              for p, s in enumerate(scales)]  # fmt: skip
-        return [np.concatenate(ys)]
+            W = untile_rowmajor4(W[e] if self.E else W)
+        elif self.E:
+            W = W[e]
+        xs = x_scale.astype(np.float32)
+        if self.E:
+            part = self.M // self.P
+            parts, w_scale = (part,) * self.P if self.P > 1 else (), w_scale[e]
+        else:
+            parts = self.parts
+        return [by_parts(lambda a, b, s: reference.ternary_matmul_i8(W[a:b], x, xs, s, impl=impl)[1], w_scale, parts,
+                         self.M)]  # fmt: skip
 
     def random_inputs(self, rng):
         W = random_packed(rng, self.M, self.K)
@@ -173,7 +183,7 @@ class TernaryGemvI8(Op):
             W = tile_rowmajor4(W, self.tile)
         x = rng.integers(-127, 128, self.K, dtype=np.int8)
         return [W, x, np.array([x.astype(np.int32).sum()], np.int32), np.array([rng.uniform(0.5, 50)], np.float32),
-                np.array([rng.uniform(0.01, 2)], np.float32)]  # fmt: skip
+                rng.uniform(0.01, 2, n_scales(self.parts)).astype(np.float32)]  # fmt: skip
 
     def ops(self) -> float:
         return 2.0 * self.M * self.K

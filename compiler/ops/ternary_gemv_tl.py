@@ -21,11 +21,12 @@ multiply-accumulate with ``vpdpbusd`` (table byte unsigned, sign ±1 signed): no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from compiler.ops.base import Arg, Op, OpShapeError, check_k, check_positive
+from compiler.ops.stacked import by_parts, check_parts, n_scales, parts_suffix, te_part_scale
 from model.ternary import reference
 from model.ternary.layouts import pack_rowmajor4
 from model.ternary.layouts_tl import (
@@ -58,11 +59,13 @@ def lut_numpy(x: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TernaryGemvI8TL(Op):
-    """``y[M] = float32(Σ w·x) · (w_scale / x_scale)`` on ``tl{tile}`` weights; stages ``lut``, ``acc``, ``y``."""
+    """``y[M] = float32(Σ w·x) · (w_scale / x_scale)`` on ``tl{tile}`` weights; stages ``lut``, ``acc``, ``y``.
+    ``parts``: a stacked matrix (q|k|v, gate|up), a scale each (:mod:`compiler.ops.stacked`)."""
 
     M: int
     K: int
     tile: int = 8
+    parts: tuple[int, ...] = field(default=(), metadata={"dim": False})
     kind = "gemv_i8_tl"
     cpu_flags = ("avx512vbmi",)  # vpermb: a machine without it must not run the kernel (see compiler.kernels)
 
@@ -72,6 +75,11 @@ class TernaryGemvI8TL(Op):
         if self.tile not in TL_TILES or self.M % (TILE_ROWS * self.tile):
             raise OpShapeError(f"tile = {self.tile}: must be one of {TL_TILES}, and M = {self.M} a multiple of "
                                f"{TILE_ROWS}·tile")  # fmt: skip
+        check_parts(self.parts, self.M)
+
+    @property
+    def func_name(self) -> str:
+        return super().func_name + parts_suffix(self.parts)
 
     @property
     def B(self) -> int:
@@ -85,7 +93,8 @@ class TernaryGemvI8TL(Op):
 
     def args(self) -> list[Arg]:
         return [Arg("W", self.w_shape(), "uint8"), Arg("x", (self.K,), "int8"), Arg("x_scale", (1,), "float32"),
-                Arg("w_scale", (1,), "float32"), Arg("y", (self.M,), "float32", output=True)]  # fmt: skip
+                Arg("w_scale", (n_scales(self.parts),), "float32"),
+                Arg("y", (self.M,), "float32", output=True)]  # fmt: skip
 
     def compute(self):
         import tvm
@@ -95,7 +104,8 @@ class TernaryGemvI8TL(Op):
         W = te.placeholder(self.w_shape(), "uint8", name="W")
         X = te.placeholder((K,), "int8", name="x")
         Xs = te.placeholder((1,), "float32", name="x_scale")
-        Ws = te.placeholder((1,), "float32", name="w_scale")
+        Ws = te.placeholder((n_scales(self.parts),), "float32", name="w_scale")
+        ws = te_part_scale(Ws, self.parts)
 
         Xp = te.compute(  # x zero-padded to the 24-weight blocks
             (B * BLOCK_K,),
@@ -137,7 +147,7 @@ class TernaryGemvI8TL(Op):
             s = W[g, B, t, r * 4].astype("int32")
             for byte in range(1, 4):
                 s = s | (W[g, B, t, r * 4 + byte].astype("int32") << byte * 8)
-            return (D[m] - (s << 9)).astype("float32") * (Ws[0] / Xs[0])  # 256·(acc[1] − 2·Σ sign)
+            return (D[m] - (s << 9)).astype("float32") * (ws(m) / Xs[0])  # 256·(acc[1] − 2·Σ sign)
 
         Y = te.compute((M,), y, name="y")
         return te.create_prim_func([W, X, Xs, Ws, Y])
@@ -145,15 +155,15 @@ class TernaryGemvI8TL(Op):
     def reference(self, W, x, x_scale, w_scale, impl="auto"):
         if impl == "auto":
             impl = "scalar" if self.M * self.K > 1 << 24 and reference.scalar_available() else "numpy"
-        w2 = pack_rowmajor4(unpack_tl(W, self.K))
-        _, y = reference.ternary_matmul_i8(w2, x, x_scale.astype(np.float32), float(w_scale[0]), impl=impl)
-        return [y]
+        w2, xs = pack_rowmajor4(unpack_tl(W, self.K)), x_scale.astype(np.float32)
+        rows = lambda a, b, s: reference.ternary_matmul_i8(w2[a:b], x, xs, s, impl=impl)[1]  # noqa: E731
+        return [by_parts(rows, w_scale, self.parts, self.M)]
 
     def random_inputs(self, rng):
         codes = rng.integers(-1, 2, (self.M, self.K), dtype=np.int8)
         x = rng.integers(-127, 128, self.K, dtype=np.int8)
         return [pack_tl(codes, self.tile), x, np.array([rng.uniform(0.5, 50)], np.float32),
-                np.array([rng.uniform(0.01, 2)], np.float32)]  # fmt: skip
+                rng.uniform(0.01, 2, n_scales(self.parts)).astype(np.float32)]  # fmt: skip
 
     def ops(self) -> float:
         return 2.0 * self.M * self.K

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compiler.ops.base import Arg, Op, OpShapeError, check_k, check_positive
+from compiler.ops.base import Arg, Op, check_k, check_positive
+from compiler.ops.stacked import by_parts, check_parts, n_scales, parts_suffix, te_part_scale
 from compiler.ops.ternary_gemv import _impl, random_packed
 from model.ternary import reference
 from model.ternary.layouts_gpu import rowmajor4_to_dp4a
@@ -56,49 +57,11 @@ def _dp4a_weights(rng, M: int, K: int) -> np.ndarray:
     return rowmajor4_to_dp4a(random_packed(rng, M, K))
 
 
-def check_parts(parts: tuple[int, ...], M: int) -> None:
-    if parts and (len(parts) < 2 or sum(parts) != M or min(parts) <= 0):
-        raise OpShapeError(f"parts = {parts}: two or more positive row counts summing to M = {M}")
-
-
-def n_scales(parts: tuple[int, ...]) -> int:
-    """The weight scales of a (stacked) matrix: one per part, one without parts."""
-    return max(len(parts), 1)
-
-
-def parts_suffix(parts: tuple[int, ...]) -> str:
-    """The kernel-name suffix of a stacked matrix's parts (``_p512x256x256``), empty without parts."""
-    return "_p" + "x".join(map(str, parts)) if parts else ""
-
-
-def te_part_scale(Ws, parts: tuple[int, ...]):
-    """``m ↦`` the scale of the stacked matrix that row ``m`` belongs to: ``Ws[j]`` for ``parts[j]``'s rows (one scale,
-    ``Ws[0]``, without parts)."""
-    import tvm
-
-    if not parts:
-        return lambda m: Ws[0]
-
-    def scale(m):
-        out, end = Ws[len(parts) - 1], sum(parts)
-        for j in range(len(parts) - 2, -1, -1):
-            end -= parts[j + 1]
-            out = tvm.tirx.Select(m < end, Ws[j], out)
-        return out
-
-    return scale
-
-
 def reference_parts(W, x, x_scale, w_scale, parts: tuple[int, ...], impl: str):
     """The reference of a stacked matrix: each part's rows with its own scale (:func:`te_part_scale`)."""
     W = _rowmajor4(W)
-    if not parts:
-        return reference.ternary_matmul_i8(W, x, x_scale, float(w_scale[0]), impl=impl)[1]
-    ys, at = [], 0
-    for n, s in zip(parts, w_scale, strict=True):
-        ys.append(reference.ternary_matmul_i8(W[at : at + n], x, x_scale, float(s), impl=impl)[1])
-        at += n
-    return np.concatenate(ys, axis=-1)
+    return by_parts(lambda a, b, s: reference.ternary_matmul_i8(W[a:b], x, x_scale, s, impl=impl)[1], w_scale, parts,
+                    W.shape[0])  # fmt: skip
 
 
 def _rowmajor4(W: np.ndarray) -> np.ndarray:
