@@ -124,9 +124,10 @@ def clean_database(d: Path) -> tuple[str, str, int]:
     return "".join(x + "\n" for x in keep_wl), "".join(x + "\n" for x in keep_rec), dropped
 
 
-def open_database(target: str, root: Path | str | None = None, create: bool = False, machine: str | None = None):
-    """The target's JSONDatabase, or None if it does not exist (and ``create`` is False); ``machine`` (a
-    :func:`targets.cpu.machine_id`): that CPU kind's own records instead (:func:`machine_dir`).
+def open_database(target: str, root: Path | str | None = None, machine: str | None = None):
+    """The target's JSONDatabase for reading, or None if it does not exist (the tuner writes through
+    :func:`compiler.tuning_db.open_db`); ``machine`` (a :func:`targets.cpu.machine_id`): that CPU kind's own records
+    instead (:func:`machine_dir`).
 
     A database with malformed lines (a write torn by ``kill -9``) is read through a cleaned copy
     (:func:`clean_database`), with a :class:`TornDatabaseWarning`; its files are left as they are (``compiler.tune``
@@ -139,12 +140,8 @@ def open_database(target: str, root: Path | str | None = None, create: bool = Fa
 
     importlib.import_module("schedules.intrin_x86")  # records' traces name our intrinsics: register before parsing
     d = logs_dir(target, root) if machine is None else machine_dir(target, root, machine)
-    rec_file = d / DB_FILES[1]
-    if not create and not rec_file.exists():
+    if not (d / DB_FILES[1]).exists():
         return None
-    if create:  # the tuner writes: always a fresh handle
-        d.mkdir(parents=True, exist_ok=True)
-        return ms.database.JSONDatabase(work_dir=str(d))
     stats = [(d / n).stat() if (d / n).exists() else None for n in DB_FILES]
     key = (str(d.resolve()), *((s.st_ino, s.st_mtime_ns, s.st_size) if s else None for s in stats))
     if key in _DB_CACHE:  # parsing ~1 MB of traces takes a second: reuse it while the files are unchanged
