@@ -243,13 +243,10 @@ class Engine:
             tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
         self.vm = VirtualMachine(tvm.runtime.load_module(str(self.dir / "model.so")), devices)
         self.batch_sizes = tuple(int(b) for b in self.meta["batch_sizes"])
-        self._decode = {b: self.vm[f"decode_b{b}"] for b in self.batch_sizes}
-        self._prefill = self.vm["prefill"]
         # a chunk that only fills the cache (no LM head); builds before it lack the function
-        self._prefill_kv = self.vm["prefill_kv"] if "prefill_kv" in self.meta["outputs"] else None
+        self._prefill_kv = "prefill_kv" in self.meta["outputs"]
         self.mtp_heads = int(c.get("mtp_heads", 0))  # compiled functions return (logits, hidden) when > 0
         self.fused_draft = bool(self.meta.get("fused_draft", False))  # verify_b{B}: decode + every row's drafts
-        self._verify = {b: self.vm[f"verify_b{b}"] for b in self.batch_sizes} if self.fused_draft else {}
         self._draft = {(k, b): self.vm[f"draft{k}_b{b}"] for k in range(1, self.mtp_heads + 1)
                        for b in self.batch_sizes}  # fmt: skip
         if draft_tokens is None:
@@ -287,6 +284,7 @@ class Engine:
         self._copy_from, self._copy_to = _ffi_api.TVMTensorCopyFromBytes, _ffi_api.TVMTensorCopyToBytes
         self._inputs: dict[tuple, tuple] = {}  # per-call input tensors and their host staging arrays (_in)
         self._results: dict[str, list] = {}  # each function's result tensors, written in place (_out)
+        self._saved: dict[tuple, object] = {}  # (function, its input tensors) -> the call, every argument bound (_run)
         self._result_specs: dict[str, list] = {}  # their (shape, dtype), for _read
         self._chain_bias = None  # chain_b1's bias over the vocabulary (made at its first call)
         self._ring_count: dict[str, int] = {}  # per chain function, its ring's count (ring[R]) as last read
@@ -366,6 +364,26 @@ class Engine:
         self._copy_from(t, ptr, nbytes)
         return t
 
+    def _run(self, name: str, ins: tuple) -> None:
+        """Call function ``name`` (``prefill``, ``prefill_kv``, ``decode_b{B}``, ``verify_b{B}``) on the per-call input
+        tensors ``ins`` (:meth:`_in`), its result tensors (:meth:`_out`), the KV cache and the weights. On the CPU the
+        call goes through a closure saved once per (function, input tensors) with every argument bound
+        (``VirtualMachine.save_function``): the inputs are refilled in place and the rest never change, so the ~170
+        arguments are not converted again on every call, a measurable share of a small model's step
+        (docs/runtime/README.md, "Saved calls"). CUDA calls pass their arguments (their step is one CUDA graph)."""
+        key = (name, *map(id, ins))
+        call = self._saved.get(key)
+        if call is None:
+            args = (*ins, *self._out(name), *self.cache, *self.params)
+            if self.target == "cuda":
+                call = functools.partial(self.vm[name], *args)
+            else:
+                saved = f"{name}__saved{len(self._saved)}"
+                self.vm.save_function(name, saved, *args, include_return=False)
+                call = self.vm[saved]
+            self._saved[key] = call
+        call()
+
     def _read(self, name: str, i: int) -> np.ndarray:
         """Result ``i`` of function ``name`` (:meth:`_out`) as a new numpy array, by TVM's C copy
         (``TVMTensorCopyToBytes``, which waits for the device) without ``Tensor.numpy``'s Python (see :meth:`_in`)."""
@@ -420,11 +438,11 @@ class Engine:
         table = np.broadcast_to(seq.table(self.pool.width), (self.chunk, self.pool.width))
         ins = (self._in("tokens", list(tokens) + [0] * (self.chunk - n)), self._in("pos", pos),
                self._in("table", table))  # fmt: skip
-        kv_only = not logits and self._prefill_kv is not None
+        kv_only = not logits and self._prefill_kv
         if kv_only:
-            self._prefill_kv(*ins, *self._out("prefill_kv"), *self.cache, *self.params)
+            self._run("prefill_kv", ins)
         else:
-            self._prefill(*ins, self._in("last", [n - 1]), *self._out("prefill"), *self.cache, *self.params)
+            self._run("prefill", (*ins, self._in("last", [n - 1])))
         seq.length += n
         seq.hidden, seq.drafts = None, None
         if not logits:
@@ -478,10 +496,9 @@ class Engine:
             for r, (i, p, t) in enumerate(part):
                 toks[r], pos[r], table[r] = t, p, seqs[i].table(self.pool.width)
             fused = draft and self.fused_draft
-            fn = (self._verify if fused else self._decode)[B]
             ins = (self._in("tokens", toks), self._in("pos", pos), self._in("table", table))
             name = f"{'verify' if fused else 'decode'}_b{B}"
-            fn(*ins, *self._out(name), *self.cache, *self.params)
+            self._run(name, ins)
             logits.append(self._read(name, 0)[: len(part)])
             if self.mtp_heads:
                 hidden.append(self._read(name, 1)[: len(part)])

@@ -91,15 +91,15 @@ def test_prefill_fills_the_cache_without_the_head_until_the_last_chunk(engine, m
     logits, the cache (the next decode's logits) and the greedy tokens are bit-identical to a prefill whose every
     chunk runs the whole ``prefill``, as builds before ``prefill_kv`` did."""
     prompt = [(7 * i + 3) % 500 for i in range(2 * engine.chunk + 3)]  # three chunks, the last one short
-    kv_calls = []
-    kv = engine._prefill_kv
-    assert kv is not None
-    monkeypatch.setattr(engine, "_prefill_kv", lambda *a: kv_calls.append(1) or kv(*a))
+    calls = []
+    run = engine._run
+    assert engine._prefill_kv
+    monkeypatch.setattr(engine, "_run", lambda name, ins: calls.append(name) or run(name, ins))
     engine.reset()
     got = engine.prefill(prompt)
     got_next = engine.decode(int(np.argmax(got)))
-    assert len(kv_calls) == 2
-    monkeypatch.setattr(engine, "_prefill_kv", None)  # as a build without prefill_kv: the whole prefill each chunk
+    assert calls == ["prefill_kv", "prefill_kv", "prefill", "decode_b1"]
+    monkeypatch.setattr(engine, "_prefill_kv", False)  # as a build without prefill_kv: the whole prefill each chunk
     engine.reset()
     want = engine.prefill(prompt)
     want_next = engine.decode(int(np.argmax(want)))
