@@ -286,20 +286,31 @@ def retrace_records(d: Path, target: str, ops, kinds: tuple[str, ...]) -> int:
     return n
 
 
+def database_dirs(target: str, root=None) -> list[Path]:
+    """The databases of ``target`` (under ``root``, default ``tuning_logs/``) that hold records: the shared one and
+    each CPU kind's own (:func:`compiler.schedule.machine_dir`)."""
+    base = S.logs_dir(target, root)
+    dirs = [base, *sorted(p for p in (base / "machines").glob("*") if p.is_dir())]
+    return [d for d in dirs if (d / S.DB_FILES[1]).exists()]
+
+
 def prune_records(d: Path, ops) -> int:
     """Drop the records of the database in ``d`` whose workload is none of ``ops`` (the ops the compiler still builds,
     e.g. after a change stacked two matrices into one shape), and their workloads; written atomically, the other
-    records untouched. The number dropped."""
+    records untouched, and nothing written when nothing is dropped. The number dropped."""
     import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
 
     keep = {tvm_ffi.structural_hash(S.workload(op.canonical())) for op in ops}
-    dropped = 0
-    with _rewrite(d) as (records, out):
-        for rec in records:
-            if tvm_ffi.structural_hash(rec.workload.mod) in keep:
-                _keep(out, rec)
-            else:
-                dropped += 1
+    repair_database(d)
+    importlib.import_module("schedules.intrin_x86")
+    records = ms.database.JSONDatabase(work_dir=str(d)).get_all_tuning_records()
+    dropped = sum(tvm_ffi.structural_hash(rec.workload.mod) not in keep for rec in records)
+    if dropped:
+        with _rewrite(d) as (records, out):
+            for rec in records:
+                if tvm_ffi.structural_hash(rec.workload.mod) in keep:
+                    _keep(out, rec)
     return dropped
 
 

@@ -8,17 +8,14 @@
 from __future__ import annotations
 
 from bench.kernels import known_ops
-from compiler import schedule as S
-from compiler.tuning_db import prune_records
+from compiler.tuning_db import database_dirs, prune_records
 
 
 def main() -> None:
     for target in ("avx512", "avx2"):
         ops = known_ops(target)
-        root = S.logs_dir(target)
-        for d in [root, *sorted(p for p in (root / "machines").glob("*") if p.is_dir())]:
-            if (d / S.DB_FILES[1]).exists():
-                print(f"{d}: {prune_records(d, ops)} records dropped")
+        for d in database_dirs(target):
+            print(f"{d}: {prune_records(d, ops)} records dropped")
 
 
 if __name__ == "__main__":

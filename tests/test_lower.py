@@ -161,6 +161,26 @@ def test_cuda_decode_fuses_the_site_with_the_next_norm(heads, head_dim):
     assert cpu["mhc_post_norm"] == 0 and cpu["ternary_rmsnorm_quant"] == 2 * L and cpu["attention_quant"] == 0
 
 
+def check_stacking(target: str, weights: str) -> None:
+    """``pack_params`` gives a stacked matrix a scale per part, in order; which layers of the variants stack what
+    (latent attention's q|kv_a on GPUs only; DeltaNet layers and experts never)."""
+    import numpy as np
+
+    from compiler.lower import pack_params, stacked
+
+    g = read_gguf(tiny_gguf(), check_values=False)
+    p = pack_params(g, target, weights)
+    want = [g.ternary(f"blk.1.{t}.weight").scale for t in ("attn_q", "attn_k", "attn_v")]
+    np.testing.assert_array_equal(p["blk.1.attn_qkv.scale"], np.array(want, np.float32))
+    gpu = target == "cuda"
+    for variant in (get_config("small-deltanet"), get_config("small-mla"), get_config("small-moe")):
+        for i in range(variant.n_layers):
+            groups = stacked(variant, i, gpu=gpu)
+            assert ("attn_qkv" in groups) == (not variant.mla and not variant.is_deltanet(i))
+            assert ("ffn_gate_up" in groups) == (not variant.n_experts)
+            assert ("attn_q_kv_a" in groups) == (variant.mla and gpu)
+
+
 @pytest.mark.build
 @pytest.mark.filterwarnings("ignore::compiler.schedule.UntunedWarning")
 def test_cuda_stacks_qkv_and_gate_up():
@@ -169,9 +189,8 @@ def test_cuda_stacks_qkv_and_gate_up():
     the cache write read the stacked rows (the one-token step's attention does the cache write itself), SwiGLU +
     quantize its halves. DeltaNet layers and experts keep their separate matrices; latent attention stacks q|kv_a.
     (Lowered only; the CPU's stacking: the next test.)"""
-    import numpy as np
 
-    from compiler.lower import pack_params, param_specs, stacked
+    from compiler.lower import param_specs
 
     cfg = get_config("tiny")
     L, D, KV, F = cfg.n_layers, cfg.d_model, cfg.kv_dim, cfg.ffn_hidden
@@ -191,16 +210,7 @@ def test_cuda_stacks_qkv_and_gate_up():
     names = {s.name: s for s in param_specs(cfg, gpu=True)}
     assert names["blk.0.attn_qkv.weight"].shape == (D + 2 * KV, D // 16) and names["blk.0.attn_qkv.scale"].shape == (3,)
     assert names["blk.0.ffn_gate_up.scale"].shape == (2,) and "blk.0.attn_q.weight" not in names
-    g = read_gguf(tiny_gguf(), check_values=False)
-    p = pack_params(g, "cuda")
-    want = [g.ternary(f"blk.1.{t}.weight").scale for t in ("attn_q", "attn_k", "attn_v")]
-    np.testing.assert_array_equal(p["blk.1.attn_qkv.scale"], np.array(want, np.float32))
-    for variant in (get_config("small-deltanet"), get_config("small-mla"), get_config("small-moe")):
-        for i in range(variant.n_layers):
-            groups = stacked(variant, i, gpu=True)
-            assert ("attn_qkv" in groups) == (not variant.mla and not variant.is_deltanet(i))
-            assert ("ffn_gate_up" in groups) == (not variant.n_experts)
-            assert ("attn_q_kv_a" in groups) == variant.mla
+    check_stacking("cuda", "tile8")
 
 
 @pytest.mark.build
@@ -212,9 +222,8 @@ def test_cpu_stacks_qkv_and_gate_up(weights):
     instructions. The query's RoPE and the cache write read their columns, the gate (SwiGLU, or ReLU² with BitNet's
     sub-norm) its halves. Latent attention, DeltaNet layers and experts keep their matrices. (Lowered only; the
     compiled model's exactness: tests/test_exact_reference.py and the oracle tests.)"""
-    import numpy as np
 
-    from compiler.lower import pack_params, param_specs, stacked
+    from compiler.lower import param_specs
 
     if weights == "tl" and "avx512vbmi" not in targets.cpu_flags():
         pytest.skip("the tl kernel needs AVX-512 VBMI")
@@ -234,15 +243,7 @@ def test_cpu_stacks_qkv_and_gate_up(weights):
         specs = {s.name: s for s in param_specs(cfg, weights=weights)}
         assert specs["blk.0.attn_qkv.scale"].shape == (3,) and specs["blk.0.ffn_gate_up.scale"].shape == (2,)
         assert "blk.0.attn_q.weight" not in specs and "blk.0.ffn_gate.weight" not in specs
-    g = read_gguf(tiny_gguf(), check_values=False)
-    p = pack_params(g, "avx512", weights)
-    want = [g.ternary(f"blk.1.{t}.weight").scale for t in ("attn_q", "attn_k", "attn_v")]
-    np.testing.assert_array_equal(p["blk.1.attn_qkv.scale"], np.array(want, np.float32))
-    for variant in (get_config("small-deltanet"), get_config("small-mla"), get_config("small-moe")):
-        for i in range(variant.n_layers):
-            groups = stacked(variant, i, gpu=False)
-            assert ("attn_qkv" in groups) == (not variant.mla and not variant.is_deltanet(i))
-            assert ("ffn_gate_up" in groups) == (not variant.n_experts) and "attn_q_kv_a" not in groups
+    check_stacking("avx512", weights)
 
 
 @pytest.mark.unit

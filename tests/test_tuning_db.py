@@ -233,7 +233,8 @@ def test_the_tuner_writes_workloads_compact(tmp_path):
 @pytest.mark.build
 def test_pruning_drops_only_the_records_of_ops_no_longer_built(tmp_path):
     """``prune_records`` (scripts/prune_tuning_logs.py) drops the records and workloads of ops the compiler no longer
-    builds (e.g. q, k and v once stacked) and keeps every other record as it was."""
+    builds (e.g. q, k and v once stacked), keeps every other record as it was, and rewrites nothing when it drops
+    nothing."""
     from compiler.tuning_db import prune_records
 
     tune.tune([SMALL_OP, NEW_OP], TARGET, trials=1, root=tmp_path, progress=False)
@@ -249,4 +250,5 @@ def test_pruning_drops_only_the_records_of_ops_no_longer_built(tmp_path):
         [float(x) for x in kept[0].run_secs],
     )
     assert len((d / FILES[0]).read_text().splitlines()) == 1
-    assert prune_records(d, [SMALL_OP]) == 0
+    files = snapshot(d)
+    assert prune_records(d, [SMALL_OP]) == 0 and snapshot(d) == files  # nothing to drop: nothing written
