@@ -126,8 +126,8 @@ def stacked(cfg, i: int, gpu: bool) -> dict[str, tuple[str, ...]]:
     a GQA layer's ``attn_qkv`` (q|k|v) and a dense gated FFN's ``ffn_gate_up`` (gate|up), so one GEMV (or prefill
     GEMM) reads what three or two did. A GPU decode step is bound by its kernel count (docs/bench/cuda/README.md); a
     CPU one by the Relax VM's instructions per kernel call as much as by its kernels, and a small matrix (GQA's k and
-    v) streams slowly on its own (docs/runtime/README.md, "Stacked matrices"). The cache write and the query's RoPE
-    (CPU) or the attention (GPU) read their columns of the stacked output; the gate reads its halves.
+    v) streams slowly on its own (docs/runtime/README.md, "Stacked q|k|v and gate|up"). The cache write and the
+    query's RoPE (CPU) or the attention (GPU) read their columns of the stacked output; the gate reads its halves.
 
     GPUs also stack a latent-attention layer's ``attn_q_kv_a`` (q|kv_a); their gate|up is read by the fused SwiGLU +
     quantize, so only a SwiGLU FFN without a sub-norm stacks there. The CPU stacks every dense gated FFN (SwiGLU or
