@@ -130,9 +130,10 @@ def test_small_ternary_kernels_run_on_one_thread(target):
     the pool's launch and wait cost more than a second core saves on it: docs/threads.md); one with that much work
     or more splits its row tiles, in the hand schedule and in a committed record alike."""
     least = S.schedule_module(target).ISA.parallel_macs
-    cases = [make_op("gemv_i8", M=256, K=512, tile=8), make_op("gemv_i8", M=1536, K=512, tile=8),
-             make_op("gemm_i8", N=2, M=256, K=512, tile=8), make_op("gemm_i8", N=4, M=1536, K=512, tile=8)]  # fmt: skip
-    for op in cases:
+    cases = [make_op("gemv_i8", M=1024, K=512, tile=8), make_op("gemv_i8", M=3072, K=512, tile=8),
+             make_op("gemm_i8", N=2, M=256, K=512, tile=8), make_op("gemm_i8", N=4, M=3072, K=512, tile=8)]  # fmt: skip
+    for op in cases:  # the shipped model's stacked q|k|v and gate|up, a DeltaNet layer's k: all have records
+        assert S.records(S.open_database(target), op), op.key
         macs = getattr(op, "N", 1) * op.M * op.K
         for func in (S.manual(op, target).mod["main"], S.get_primfunc(op, target, cores=2).func):
             assert bool(parallel_extents(func)) == (macs >= least), (op.key, macs, least)
