@@ -147,7 +147,7 @@ def torch_baselines(op, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     out = {}
     with torch.inference_mode():
-        if op.kind in ("gemv_i8", "gemv_f32", "gemm_i8", "gemv_i8_tl"):
+        if op.kind in ("gemv_i8", "gemv_f32", "gemm_i8", "gemv_i8_tl", "gemm_i8_tl"):
             for name, (w, x) in _torch_linear_inputs(op).items():
                 out[name] = py_time(lambda w=w, x=x: F.linear(x, w))
         elif op.kind == "mhc_post":
@@ -231,8 +231,9 @@ def paired_times(kernels, rounds: int = 5) -> np.ndarray:
 
 
 def two_bit_twin(op, target: str, logs_root=None):
-    """For an op on a sub-2-bit layout (``op.two_bit_twin()``): the tuned 2-bit ``gemv_i8`` of the same shape, built,
-    with its numpy inputs — the baseline the ≤ 1.7-bit layout must beat (and what the scalar reference reads)."""
+    """For an op on a sub-2-bit layout (``op.two_bit_twin()``): the tuned 2-bit ``gemv_i8`` or ``gemm_i8`` of the
+    same shape, built, with its numpy inputs — the baseline the ≤ 1.7-bit layout must beat (and what the scalar
+    reference reads)."""
     import warnings
 
     twin = op.two_bit_twin()

@@ -8,7 +8,7 @@ attention scratch's bound, in the model layer that cannot import this) is at lea
 
 from __future__ import annotations
 
-CPU_PREFILL_CHUNK = 8  # CPU builds: the N of the tuned gemm_i8 tile (tile8 weights; tl runs its GEMV per token)
+CPU_PREFILL_CHUNK = 8  # CPU builds: the N of the tuned gemm_i8 (tile8 weights) and gemm_i8_tl (tl)
 CUDA_PREFILL_CHUNK = 16  # CUDA builds: the N of the tuned gemm_dp4a
 CPU_BATCH_SIZES = (1, 2, 4, 8, 16)  # CPU builds: decode_b{B} functions (a batch runs in the smallest that holds it)
 CUDA_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)  # CUDA builds: the same, to 64 sequences per step

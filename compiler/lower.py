@@ -52,7 +52,7 @@ CPU weight layout: every ternary matrix is stored once, in ``tile8`` (:mod:`mode
 chunks of 8 rows side by side, so each thread of a decode GEMV streams one linear range), read by both the decode
 GEMV and the prefill GEMM (``tile=8``). The LM head is ``[V, D]`` as the GGUF stores it (rows streamed once).
 ``weights="tl"`` (AVX-512 VBMI) stores them in the 1.67-bit ``tl{R}`` layout instead
-(:mod:`model.ternary.layouts_tl`): decode calls ``gemv_i8_tl``, prefill calls it once per token of the chunk. Both
+(:mod:`model.ternary.layouts_tl`): decode calls ``gemv_i8_tl``, prefill and batches ``gemm_i8_tl``. Both
 layouts give the same integer dot products, hence bit-identical logits.
 
 Structure: :class:`Lowering` has one builder per block (``embedding``, ``attention``, ``ffn``, ``mhc_site``,
@@ -464,7 +464,7 @@ class TargetKernels:
     """Which kernel serves each step of a block on one kind of build: the only place lowering depends on the target.
 
     The ternary matmuls are tuned operators (:mod:`compiler.ops`): ``gemv`` for decode (one token), ``gemm`` for a
-    prefill chunk of ``prefill_chunk`` tokens, or, without a ``gemm``, the GEMV once per token of the chunk. ``fixed``
+    prefill chunk of ``prefill_chunk`` tokens and a decode batch. ``fixed``
     names the operators served by a fixed kernel instead of a tuning record (op → PrimFunc); every other operator
     (RMSNorm+quantize, the mHC site) comes from ``tuning_logs/<target>/`` or its hand schedule. The rest are the
     small graph kernels' builders."""
@@ -472,7 +472,7 @@ class TargetKernels:
     name: str
     prefill_chunk: int
     gemv: str  # op kind of the decode ternary GEMV
-    gemm: str | None  # op kind of the prefill ternary GEMM; None: the GEMV once per token
+    gemm: str  # op kind of the prefill (and decode batch) ternary GEMM
     tile: Callable[[int], int] | None  # the weight layout's row tile for output size M (the ops' ``tile``), if any
     x_words: bool  # the matmuls read the int8 activations as int32 words ([T, K/4], a view)
     x_sum: bool  # the matmuls take the activations' per-token sums (the zero-point correction)
@@ -516,7 +516,7 @@ KERNELS = {  # keyed by the ternary weights' layout: CPU tile8 (avx2, avx512), C
         attention_quant=None, mhc_norm=None,
     ),
     "tl": TargetKernels(
-        name="tl", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8_tl", gemm=None, tile=tl_tile,
+        name="tl", prefill_chunk=CPU_PREFILL_CHUNK, gemv="gemv_i8_tl", gemm="gemm_i8_tl", tile=tl_tile,
         x_words=False, x_sum=False, fixed={}, quantize=gk.quantize, attention=gk.attention,
         attention_scratch=gk.attention_scratch, lm_head=gk.lm_head, argmax=gk.argmax, kv_update=gk.kv_update,
         schedule_small=True, mhc_x_row=False, batch_sizes=CPU_BATCH_SIZES, fused_draft=False,
@@ -1125,8 +1125,8 @@ class Lowering:
 
     def _ternary(self, f: _Frame, name: str, q8, sc, qs, M: int, K: int, parts: tuple[int, ...] = ()):
         """``y [T, M]``: the ternary matrix ``name`` (``blk.{i}.{t}``, ``mtp.{k}.proj``) times the int8 activations
-        ``q8 [T, K]`` (scale ``sc``, row sums ``qs``), by the table's GEMV (decode), GEMM (prefill) or GEMV once per
-        token; ``parts``: the row counts of a :func:`stacked` matrix, a scale each."""
+        ``q8 [T, K]`` (scale ``sc``, row sums ``qs``), by the table's GEMV (one row) or GEMM (prefill, batches);
+        ``parts``: the row counts of a :func:`stacked` matrix, a scale each."""
         from tvm import relax
 
         k, T = self.k, f.T
@@ -1139,24 +1139,12 @@ class Lowering:
         def args(x, s, q):
             return [W, x, *([q] if k.x_sum else []), s, ws]
 
-        if T > 1 and k.gemm:  # a decode batch's GEMM without its own record borrows the prefill chunk's knobs
+        if T > 1:  # a decode batch's GEMM without its own record borrows the prefill chunk's knobs
             like = {"like": make_op(k.gemm, N=self.chunk, **dims)} if T != self.chunk else {}
             gv, _ = self._op(k.gemm, N=T, **dims, **like)
             return self._call(gv, args(q8, sc, qs), [((T, M), "float32")])
         gv, _ = self._op(k.gemv, **dims)
-        if T == 1:
-            return self._reshape(self._call(gv, args(self._reshape(q8, (width,)), sc, qs), [((M,), "float32")]), (1, M))
-        rows = []  # no GEMM: the GEMV once per token of the chunk
-        for r in range(T):
-            xr, sr, *qr = (self._row(a, r) for a in (q8, sc, *([qs] if k.x_sum else [])))
-            y = self._call(gv, args(self._reshape(xr, (width,)), sr, qr[0] if qr else None), [((M,), "float32")])
-            rows.append(self._reshape(y, (1, M)))
-        return self.bb.emit(relax.op.concat(rows, axis=0))
-
-    def _row(self, a, r: int):
-        from tvm import relax
-
-        return self.bb.emit(relax.op.strided_slice(a, axes=[0], begin=[r], end=[r + 1]))
+        return self._reshape(self._call(gv, args(self._reshape(q8, (width,)), sc, qs), [((M,), "float32")]), (1, M))
 
     # --- kernels -----------------------------------------------------------------------------------------------
     def _op(self, kind: str, like=None, mode: str = "auto", **dims):

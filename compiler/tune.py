@@ -139,8 +139,8 @@ def matmul_shapes(cfg, gpu: bool = False) -> tuple[list, list]:
 
 def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: str = "tile8") -> list:
     """Every tunable workload of a model config: the ternary GEMVs (+ the GEMMs of prefill and of the decode
-    batches, ``decode_b{B}``) and the fused elementwise ops. ``weights="tl"``: the CPU build's 1.67-bit layout, whose
-    GEMV serves prefill and batches too (once per token)."""
+    batches, ``decode_b{B}``) and the fused elementwise ops. ``weights="tl"``: the CPU build's 1.67-bit layout
+    (``gemv_i8_tl``, ``gemm_i8_tl``)."""
     if target == "cuda":  # a mixture of experts' FFN runs graph_kernels_gpu.experts_dp4a, not a tuned operator
         shapes = matmul_shapes(cfg, gpu=True)[0]
         ops = [make_op("gemv_dp4a", M=M, K=K) for M, K in shapes]
@@ -154,13 +154,12 @@ def config_ops(cfg, include_prefill: bool = True, target: str = "cpu", weights: 
 
     ops = [make_op("gemv_i8", M=M, K=K, tile=cpu_tile(M)) for M, K in expert_shapes]  # MoE: per slot, no GEMM
     for M, K in shapes:
-        if weights == "tl":
-            ops.append(make_op("gemv_i8_tl", M=M, K=K, tile=tl_tile(M)))
-            continue
-        ops.append(make_op("gemv_i8", M=M, K=K, tile=cpu_tile(M)))
+        tl = weights == "tl"
+        gemv, gemm, tile = ("gemv_i8_tl", "gemm_i8_tl", tl_tile(M)) if tl else ("gemv_i8", "gemm_i8", cpu_tile(M))
+        ops.append(make_op(gemv, M=M, K=K, tile=tile))
         if include_prefill:
             for n in sorted({PREFILL_TOKENS, *(b for b in CPU_BATCH_SIZES if b > 1)}):
-                ops.append(make_op("gemm_i8", N=n, M=M, K=K, tile=cpu_tile(M)))
+                ops.append(make_op(gemm, N=n, M=M, K=K, tile=tile))
     # what compiler.build calls: RMSNorm+quantize per token (decode) and per prefill chunk, and the mHC site op in its
     # three positions (a middle site, the first with expand folded in, the last with collapse folded in)
     norms = (cfg.d_model, cfg.ffn_hidden) if cfg.sub_norms else (cfg.d_model,)  # + the FFN's sub-norm (bitnet)

@@ -25,7 +25,7 @@ from schedules import intrin_x86_tl
 from schedules.knobs import Knob, choose, knob
 from schedules.x86_common import PORTABLE_THREADS
 
-KINDS = ("gemv_i8_tl",)
+KINDS = ("gemv_i8_tl", "gemm_i8_tl")
 
 LUT_AT = ("root", "parallel", "thread")  # where the tables are built (knob lut_at: the index)
 
@@ -44,11 +44,14 @@ def tasks(op, cores: int) -> int:
 def space(op) -> list[Knob]:
     """The knobs; the same on every machine (a record's decisions index these candidates, so they must not depend
     on the core count)."""
+    big = op.weight_bytes() > 24 << 20  # beyond most of the L3: prefetch by default
+    prefetch = Knob("prefetch", intrin_x86_tl.PREFETCH, 2048 if big else 0, grid_only=True)
+    if op.kind == "gemm_i8_tl":
+        return [knob("tiles", op.tile, (1, 2, 4), 2), knob("tokens", op.N, (1, 2, 4), 2),
+                knob("unroll_k", op.B, (1, 2), 1), Knob("lut_at", (0, 1), 1, grid_only=True), prefetch]  # fmt: skip
     if op.kind != "gemv_i8_tl":
         raise KeyError(f"no table-lookup schedule for op kind {op.kind!r}")
-    big = op.weight_bytes() > 24 << 20  # beyond most of the L3: prefetch by default
-    return [knob("unroll_k", op.B, (1, 2, 4), 2), Knob("lut_at", (0, 1, 2), 2, grid_only=True),
-            Knob("prefetch", intrin_x86_tl.PREFETCH, 2048 if big else 0, grid_only=True)]  # fmt: skip
+    return [knob("unroll_k", op.B, (1, 2, 4), 2), Knob("lut_at", (0, 1, 2), 2, grid_only=True), prefetch]
 
 
 def valid(op, knobs: dict) -> bool:
@@ -56,9 +59,25 @@ def valid(op, knobs: dict) -> bool:
     over the row groups (and ``parallel`` one over the table blocks), which must feed
     :data:`schedules.x86_common.PORTABLE_THREADS` threads; ``thread`` sizes its loop from the core count."""
     lut_at = LUT_AT[int(knobs["lut_at"])]
+    if op.kind == "gemm_i8_tl":  # the rows' tasks are (row group, tile block) pairs
+        return _groups(op) * op.tile // int(knobs["tiles"]) >= min(PORTABLE_THREADS, _groups(op) * op.tile)
     if lut_at == "thread":
         return True
     return _groups(op) >= PORTABLE_THREADS and (lut_at == "root" or 2 * op.B >= PORTABLE_THREADS)
+
+
+def _tables(sch, parallel: bool) -> None:
+    """The padded activations (``xp``, vectorized) and the tables (``lut``): one table-building call per ((token,)
+    block, half), those loops fused and run in parallel or not (where the tables were computed at a thread's loop,
+    only the loops below it)."""
+    xp, lut = sch.get_sblock("xp"), sch.get_sblock("lut")
+    sch.vectorize(sch.split(sch.get_loops(xp)[-1], [None, 64])[1])
+    axes = len(sch.get(lut).iter_vars)  # (token,) block, half, byte, group, word
+    *lead, h, _j, _w = sch.get_loops(lut)[-axes:]
+    fused = sch.fuse(*lead)
+    if parallel:
+        sch.parallel(fused)
+    sch.tensorize(h, intrin_x86_tl.LUT_INTRIN)
 
 
 def gemv_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
@@ -91,17 +110,50 @@ def gemv_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
     (ym,) = sch.get_loops(y)[-1:]
     sch.vectorize(sch.split(ym, [None, TILE_ROWS])[1])
 
-    xp, lut = sch.get_sblock("xp"), sch.get_sblock("lut")
     if lut_at == "thread":
-        sch.compute_at(lut, par)
-        sch.compute_at(xp, par)
-    sch.vectorize(sch.split(sch.get_loops(xp)[-1], [None, 64])[1])
-    b, half, h, _j, _w = sch.get_loops(lut)[-5:]
-    fused = sch.fuse(b, half)
-    if lut_at == "parallel":
-        sch.parallel(fused)
-    sch.tensorize(h, intrin_x86_tl.LUT_INTRIN)
+        sch.compute_at(sch.get_sblock("lut"), par)
+        sch.compute_at(sch.get_sblock("xp"), par)
+    _tables(sch, lut_at == "parallel")
     return sch
 
 
-SCHEDULES = {"gemv_i8_tl": gemv_i8_tl}
+def gemm_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
+    """N tokens: every token's tables first (:func:`_tables`), then per task (a row group and a block of ``tiles``
+    16-row tiles, in parallel) and per block of ``tokens`` tokens, the blocks of K with each tile × token call of
+    the lookup intrinsic unrolled: a weight record is loaded once for the token block (LLVM shares the index and sign
+    vectors across the calls), a token's four table registers once for the tile block, and the ``2·tiles·tokens``
+    accumulators stay in registers. ``cores`` is unused (no per-thread table build)."""
+    ks = {k.name: k for k in space(op)}
+    tt = choose(sch, knobs, ks["tiles"])
+    nt = choose(sch, knobs, ks["tokens"])
+    uk = choose(sch, knobs, ks["unroll_k"])
+    fixed = {}
+    for name in ("lut_at", "prefetch"):
+        choose(sch, knobs, ks[name])
+        fixed[name] = ks[name].default if knobs is None else int(knobs.get(name, ks[name].default))
+
+    acc = sch.get_sblock("acc")
+    n, h, m, b, half, j = sch.get_loops(acc)
+    g, t, r = sch.split(m, [None, op.tile, TILE_ROWS])
+    to, ti = sch.split(t, [None, tt])
+    no, ni = sch.split(n, [None, nt])
+    bo, bi = sch.split(b, [None, uk])
+    sch.reorder(g, to, no, bo, bi, ti, ni, h, r, half, j)
+    task = sch.fuse(g, to)
+    sch.parallel(task)
+    sch.reverse_compute_at(sch.get_sblock("dot"), no)
+    y = sch.get_sblock("y")
+    sch.reverse_compute_at(y, no)
+    init = sch.decompose_reduction(acc, bo)
+    sch.tensorize(h, intrin_x86_tl.intrin_name(fixed["prefetch"]))
+    sch.set_scope(init, 0, "local")  # 2·tiles·tokens zmm of int32: registers
+    sch.unroll(ni)
+    sch.unroll(ti)
+    sch.unroll(bi)
+    (ym,) = sch.get_loops(y)[-1:]
+    sch.vectorize(sch.split(ym, [None, TILE_ROWS])[1])
+    _tables(sch, LUT_AT[fixed["lut_at"]] == "parallel")
+    return sch
+
+
+SCHEDULES = {"gemv_i8_tl": gemv_i8_tl, "gemm_i8_tl": gemm_i8_tl}

@@ -126,13 +126,14 @@ def test_dump_ir(tmp_path):
                     reason="the tl layout's kernel needs AVX-512 VBMI")  # fmt: skip
 def test_tl_weights_give_identical_logits():
     """The 1.67-bit build (``weights="tl"``) computes the same integer dot products: logits bit-identical to tile8,
-    in prefill (two chunks, padded) and decode, from fewer weight bytes."""
+    in prefill (two chunks, padded: ``gemm_i8_tl``) and decode (``gemv_i8_tl``), from fewer weight bytes."""
     gguf = tiny_gguf(2)
     a = built(gguf, "avx512")
     b = build(gguf, "avx512", cache_dir(), weights="tl")
     assert b.meta["weights"] == "tl" and b.key != a.key
     assert any(k.startswith("gemv_i8_tl") for k in b.meta["kernels"])
-    assert not any(k.startswith(("gemv_i8:", "gemm_i8")) for k in b.meta["kernels"])
+    assert any(k.startswith("gemm_i8_tl:N=8:") for k in b.meta["kernels"])
+    assert not any(k.startswith(("gemv_i8:", "gemm_i8:")) for k in b.meta["kernels"])
     ea, eb = Engine(a.dir, gguf), Engine(b.dir, gguf)
     prompt = [int(t) for t in np.random.default_rng(7).integers(0, 512, 13)]
     np.testing.assert_array_equal(ea.prefill(prompt), eb.prefill(prompt))

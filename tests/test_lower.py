@@ -218,7 +218,7 @@ def test_cuda_stacks_qkv_and_gate_up():
 @pytest.mark.parametrize("weights", ["tile8", "tl"])
 def test_cpu_stacks_qkv_and_gate_up(weights):
     """On the CPU too a GQA layer's q|k|v and a dense gated FFN's gate|up are one stacked matrix each, a scale per
-    part: one GEMV per step (a GEMM per batch and prefill chunk; ``tl``: the GEMV per row), fewer kernel calls and VM
+    part: one GEMV per step (a GEMM per batch and prefill chunk, ``tl`` too), fewer kernel calls and VM
     instructions. The query's RoPE and the cache write read their columns, the gate (SwiGLU, or ReLU² with BitNet's
     sub-norm) its halves. Latent attention, DeltaNet layers and experts keep their matrices. (Lowered only; the
     compiled model's exactness: tests/test_exact_reference.py and the oracle tests.)"""
@@ -233,9 +233,10 @@ def test_cpu_stacks_qkv_and_gate_up(weights):
             lw = lower.Lowering(cfg, "avx512", cores=1, weights=weights)
             lw.function(name)
             called = re.findall(r"call_tir\w*\((\w+)", lw.bb.get()[name].script())
-            per = {"decode_b1": 1, "decode_b4": 4, "prefill": lw.chunk}[name] if weights == "tl" else 1  # GEMV a row
-            assert sum(f"_M{D + 2 * KV}_K{D}_" in c and c.endswith(f"_p{D}x{KV}x{KV}") for c in called) == L * per
-            assert sum(f"_M{2 * F}_K{D}_" in c and c.endswith(f"_p{F}x{F}") for c in called) == L * per
+            kind = ("gemv_" if name == "decode_b1" else "gemm_") + ("i8_tl" if weights == "tl" else "i8")
+            stacked = [c for c in called if c.startswith(f"ternary_{kind}_")]
+            assert sum(f"_M{D + 2 * KV}_K{D}_" in c and c.endswith(f"_p{D}x{KV}x{KV}") for c in stacked) == L, name
+            assert sum(f"_M{2 * F}_K{D}_" in c and c.endswith(f"_p{F}x{F}") for c in stacked) == L, name
             assert sum(c.startswith("kv_update_w") for c in called) == L and not any("_kv_" in c for c in called)
             assert sum(c.startswith(f"rope_q_w{D + 2 * KV}") for c in called) == L, name
             act = "relu2_mul_halves" if cfg.sub_norms else "silu_mul_halves"

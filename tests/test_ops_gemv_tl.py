@@ -193,3 +193,47 @@ def test_stacked_matrix_rows_equal_each_matrix_alone(target, tile, sizes, kc, se
         want = part.reference(W[at // rows : (at + n) // rows], x, xs, np.array([s], np.float32), impl=IMPL)[0]
         np.testing.assert_array_equal(y[at : at + n], want)
         at += n
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("target", AVX512)
+@SETTINGS
+@given(tile=st.sampled_from(TL.TL_TILES), groups=st.integers(1, 2), kc=st.integers(1, 4), n=st.integers(1, 9),
+       stacked=st.booleans(), seed=st.integers(0, 2**16), data=st.data())  # fmt: skip
+def test_gemm_i8_tl_bit_exact(target, tile, groups, kc, n, stacked, seed, data):
+    """The GEMM (prefill, batches) with knobs drawn from its space, N not a multiple of the token block, K not of 24,
+    stacked or not: bit-exact with the reference, and row for row what the decode GEMV gives each token."""
+    M, K = TL.TILE_ROWS * tile * groups, 256 * kc
+    parts = (M - TL.TILE_ROWS * tile, TL.TILE_ROWS * tile) if stacked and groups > 1 else ()
+    op = make_op("gemm_i8_tl", N=n, M=M, K=K, tile=tile, parts=parts)
+    space = schedule_module(target).space(op)
+    knobs = {k.name: data.draw(st.sampled_from(k.candidates)) for k in space}
+    ins = op.random_inputs(np.random.default_rng(seed))
+    y = Kernel(op, build(op, target, knobs=knobs))(*ins)[0]
+    np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
+    W, x, xs, ws = ins
+    gemv = Kernel(op.gemv, build(op.gemv, target, mode="hand"))
+    for t in range(n):
+        np.testing.assert_array_equal(y[t], gemv(W, x[t], xs[t : t + 1], ws)[0])
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("target", AVX512)
+def test_gemm_i8_tl_extremes(target):
+    """Tokens at the activations' extremes (127, −127, −128) against all-(+1) and all-(−1) rows at a large K."""
+    k = 8192
+    codes = np.repeat(np.array([1, -1], np.int8), 64)[:, None] * np.ones((1, k), np.int8)
+    op = make_op("gemm_i8_tl", N=3, M=128, K=k, tile=4)
+    x = np.stack([np.full(k, v, np.int8) for v in (127, -127, -128)])
+    ins = [TL.pack_tl(codes, 4), x, np.ones(3, np.float32), np.ones(1, np.float32)]
+    y = Kernel(op, build(op, target, mode="hand"))(*ins)[0]
+    want = codes[:, 0].astype(np.float32)[None, :] * np.array([127, -127, -128], np.float32)[:, None] * k
+    np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.unit
+def test_gemm_i8_tl_shape_errors_are_clear():
+    with pytest.raises(OpShapeError, match="N"):
+        make_op("gemm_i8_tl", N=0, M=128, K=256, tile=8)
+    with pytest.raises(OpShapeError, match="multiple of 16"):
+        make_op("gemm_i8_tl", N=2, M=24, K=256, tile=1)

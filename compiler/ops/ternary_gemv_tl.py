@@ -57,6 +57,72 @@ def lut_numpy(x: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(out).view("<u8").reshape(b, 2, 2, HALF_CODES, 2)
 
 
+def te_tl_matmul(op, n: int | None = None):
+    """The PrimFunc of ``op`` (:class:`TernaryGemvI8TL`, or the GEMM of :mod:`compiler.ops.ternary_gemm_tl` with
+    ``n`` tokens: every buffer but ``W`` and ``w_scale`` gains a leading token axis, ``x_scale`` is ``[n]``). One
+    definition for both, so their tables, lookups and epilogue are the same expressions (the intrinsics match
+    either)."""
+    import tvm
+    from tvm import te
+
+    M, K, R, B = op.M, op.K, op.tile, blocks(op.K)
+    lead = () if n is None else (n,)
+    W = te.placeholder(op.w_shape(), "uint8", name="W")
+    X = te.placeholder((*lead, K), "int8", name="x")
+    Xs = te.placeholder(lead or (1,), "float32", name="x_scale")
+    Ws = te.placeholder((n_scales(op.parts),), "float32", name="w_scale")
+    ws = te_part_scale(Ws, op.parts)
+
+    def xp(*i):  # x zero-padded to the 24-weight blocks
+        t, k = i[:-1], i[-1]
+        return tvm.tirx.if_then_else(k < K, X[(*t, tvm.tirx.min(k, K - 1))], tvm.tirx.const(0, "int8"))
+
+    Xp = te.compute((*lead, B * BLOCK_K), xp, name="xp")
+
+    def lut(*i):
+        t, (b, half, h, j, w) = i[:-5], i[-5:]
+        return te_lut_word(lambda g: Xp[(*t, (b * 2 + half) * (HALF_CODES * GROUP) + j * GROUP + g)], h, w)
+
+    L = te.compute((*lead, B, 2, 2, HALF_CODES, 2), lut, name="lut")
+    b = te.reduce_axis((0, B), name="b")
+    half = te.reduce_axis((0, 2), name="half")
+    j = te.reduce_axis((0, HALF_CODES), name="j")
+
+    def acc(*i):
+        t, (h, m) = i[:-2], i[-2:]
+        g, tt, r = m // (TILE_ROWS * R), m // TILE_ROWS % R, m % TILE_ROWS
+        return te.sum(
+            te_term(
+                lambda w: L[(*t, b, half, h, j, w)],
+                W[g, b, tt, r * 4 + j],
+                W[g, b, tt, 64 + half * 8 + r // 2],
+                half,
+                r % 2 * 4 + j,
+            ),
+            axis=[b, half, j],
+        )
+
+    A = te.compute((*lead, 2, M), acc, name="acc")
+    h2 = te.reduce_axis((0, 2), name="h")
+    D = te.compute(  # acc[0] + 256·acc[1] as a reduction, so schedules can compute it at the row group (a
+        (*lead, M),  # consumer reading acc[0, m] and acc[1, m] cannot be reverse_compute_at'ed)
+        lambda *i: te.sum(A[(*i[:-1], h2, i[-1])] << (h2 * 8), axis=h2),
+        name="dot",
+    )
+
+    def y(*i):
+        t, m = i[:-1], i[-1]
+        g, tt, r = m // (TILE_ROWS * R), m // TILE_ROWS % R, m % TILE_ROWS
+        s = W[g, B, tt, r * 4].astype("int32")
+        for byte in range(1, 4):
+            s = s | (W[g, B, tt, r * 4 + byte].astype("int32") << byte * 8)
+        xs = Xs[t] if t else Xs[0]
+        return (D[i] - (s << 9)).astype("float32") * (ws(m) / xs)  # 256·(acc[1] − 2·Σ sign)
+
+    Y = te.compute((*lead, M), y, name="y")
+    return te.create_prim_func([W, X, Xs, Ws, Y])
+
+
 @dataclass(frozen=True)
 class TernaryGemvI8TL(Op):
     """``y[M] = float32(Σ w·x) · (w_scale / x_scale)`` on ``tl{tile}`` weights; stages ``lut``, ``acc``, ``y``.
@@ -97,60 +163,7 @@ class TernaryGemvI8TL(Op):
                 Arg("y", (self.M,), "float32", output=True)]  # fmt: skip
 
     def compute(self):
-        import tvm
-        from tvm import te
-
-        M, K, R, B = self.M, self.K, self.tile, self.B
-        W = te.placeholder(self.w_shape(), "uint8", name="W")
-        X = te.placeholder((K,), "int8", name="x")
-        Xs = te.placeholder((1,), "float32", name="x_scale")
-        Ws = te.placeholder((n_scales(self.parts),), "float32", name="w_scale")
-        ws = te_part_scale(Ws, self.parts)
-
-        Xp = te.compute(  # x zero-padded to the 24-weight blocks
-            (B * BLOCK_K,),
-            lambda n: tvm.tirx.if_then_else(n < K, X[tvm.tirx.min(n, K - 1)], tvm.tirx.const(0, "int8")),
-            name="xp",
-        )
-
-        def lut(b, half, h, j, w):
-            return te_lut_word(lambda g: Xp[(b * 2 + half) * (HALF_CODES * GROUP) + j * GROUP + g], h, w)
-
-        L = te.compute((B, 2, 2, HALF_CODES, 2), lut, name="lut")
-        b = te.reduce_axis((0, B), name="b")
-        half = te.reduce_axis((0, 2), name="half")
-        j = te.reduce_axis((0, HALF_CODES), name="j")
-
-        def acc(h, m):
-            g, t, r = m // (TILE_ROWS * R), m // TILE_ROWS % R, m % TILE_ROWS
-            return te.sum(
-                te_term(
-                    lambda w: L[b, half, h, j, w],
-                    W[g, b, t, r * 4 + j],
-                    W[g, b, t, 64 + half * 8 + r // 2],
-                    half,
-                    r % 2 * 4 + j,
-                ),
-                axis=[b, half, j],
-            )
-
-        A = te.compute((2, M), acc, name="acc")
-        h2 = te.reduce_axis((0, 2), name="h")
-        D = te.compute(  # acc[0] + 256·acc[1] as a reduction, so schedules can compute it at the row group (a
-            (M,),  # consumer reading acc[0, m] and acc[1, m] cannot be reverse_compute_at'ed)
-            lambda m: te.sum(A[h2, m] << (h2 * 8), axis=h2),
-            name="dot",
-        )
-
-        def y(m):
-            g, t, r = m // (TILE_ROWS * R), m // TILE_ROWS % R, m % TILE_ROWS
-            s = W[g, B, t, r * 4].astype("int32")
-            for byte in range(1, 4):
-                s = s | (W[g, B, t, r * 4 + byte].astype("int32") << byte * 8)
-            return (D[m] - (s << 9)).astype("float32") * (ws(m) / Xs[0])  # 256·(acc[1] − 2·Σ sign)
-
-        Y = te.compute((M,), y, name="y")
-        return te.create_prim_func([W, X, Xs, Ws, Y])
+        return te_tl_matmul(self)
 
     def reference(self, W, x, x_scale, w_scale, impl="auto"):
         if impl == "auto":
