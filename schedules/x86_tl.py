@@ -46,8 +46,10 @@ def space(op) -> list[Knob]:
     on the core count)."""
     big = op.weight_bytes() > 24 << 20  # beyond most of the L3: prefetch by default
     prefetch = Knob("prefetch", intrin_x86_tl.PREFETCH, 2048 if big else 0, grid_only=True)
-    if op.kind == "gemm_i8_tl":
-        return [knob("tiles", op.tile, (1, 2, 4), 2), knob("tokens", op.N, (1, 2, 4), 2),
+    if op.kind == "gemm_i8_tl":  # default tiles: 2, or fewer where the tasks would not feed PORTABLE_THREADS
+        tasks = _groups(op) * op.tile
+        tiles = max(t for t in (1, 2) if op.tile % t == 0 and (t == 1 or tasks // t >= PORTABLE_THREADS))
+        return [knob("tiles", op.tile, (1, 2, 4), tiles), knob("tokens", op.N, (1, 2, 4), 2),
                 knob("unroll_k", op.B, (1, 2), 1), Knob("lut_at", (0, 1), 1, grid_only=True), prefetch]  # fmt: skip
     if op.kind != "gemv_i8_tl":
         raise KeyError(f"no table-lookup schedule for op kind {op.kind!r}")
