@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compiler.ops.base import Arg, Op, check_positive
-from compiler.ops.stacked import by_parts, n_scales, parts_suffix
-from compiler.ops.ternary_gemv_tl import TernaryGemvI8TL, te_tl_matmul
+from compiler.ops.base import Arg, check_positive
+from compiler.ops.stacked import by_parts, n_scales
+from compiler.ops.ternary_gemv_tl import TernaryGemvI8TL, TLMatrix, te_tl_matmul
 from model.ternary import reference
 from model.ternary.layouts import pack_rowmajor4
-from model.ternary.layouts_tl import blocks, pack_tl, shape, unpack_tl
+from model.ternary.layouts_tl import pack_tl, unpack_tl
 
 
 @dataclass(frozen=True)
-class TernaryGemmI8TL(Op):
+class TernaryGemmI8TL(TLMatrix):
     """``y[N, M]`` from ``tl{tile}`` weights and int8 ``x[N, K]``; ``parts``: a stacked matrix, a scale each."""
 
     N: int
@@ -43,20 +43,6 @@ class TernaryGemmI8TL(Op):
     def gemv(self) -> TernaryGemvI8TL:
         """The one-token kernel of the same matrix (decode's)."""
         return TernaryGemvI8TL(self.M, self.K, self.tile, self.parts)
-
-    @property
-    def func_name(self) -> str:
-        return super().func_name + parts_suffix(self.parts)
-
-    @property
-    def B(self) -> int:
-        return blocks(self.K)
-
-    def w_shape(self) -> tuple[int, ...]:
-        return shape(self.M, self.K, self.tile)
-
-    def weight_bytes(self) -> float:
-        return float(np.prod(self.w_shape()))
 
     def args(self) -> list[Arg]:
         N, M, K = self.N, self.M, self.K

@@ -123,8 +123,31 @@ def te_tl_matmul(op, n: int | None = None):
     return te.create_prim_func([W, X, Xs, Ws, Y])
 
 
+class TLMatrix(Op):
+    """What the GEMV and the GEMM of one ``tl{tile}`` matrix share: its weight array and the kernel's name."""
+
+    M: int
+    K: int
+    tile: int
+    parts: tuple[int, ...]
+
+    @property
+    def func_name(self) -> str:
+        return super().func_name + parts_suffix(self.parts)
+
+    @property
+    def B(self) -> int:
+        return blocks(self.K)
+
+    def w_shape(self) -> tuple[int, ...]:
+        return shape(self.M, self.K, self.tile)
+
+    def weight_bytes(self) -> float:
+        return float(np.prod(self.w_shape()))
+
+
 @dataclass(frozen=True)
-class TernaryGemvI8TL(Op):
+class TernaryGemvI8TL(TLMatrix):
     """``y[M] = float32(Σ w·x) · (w_scale / x_scale)`` on ``tl{tile}`` weights; stages ``lut``, ``acc``, ``y``.
     ``parts``: a stacked matrix (q|k|v, gate|up), a scale each (:mod:`compiler.ops.stacked`)."""
 
@@ -142,20 +165,6 @@ class TernaryGemvI8TL(Op):
             raise OpShapeError(f"tile = {self.tile}: must be one of {TL_TILES}, and M = {self.M} a multiple of "
                                f"{TILE_ROWS}·tile")  # fmt: skip
         check_parts(self.parts, self.M)
-
-    @property
-    def func_name(self) -> str:
-        return super().func_name + parts_suffix(self.parts)
-
-    @property
-    def B(self) -> int:
-        return blocks(self.K)
-
-    def w_shape(self) -> tuple[int, ...]:
-        return shape(self.M, self.K, self.tile)
-
-    def weight_bytes(self) -> float:
-        return float(np.prod(self.w_shape()))
 
     def args(self) -> list[Arg]:
         return [Arg("W", self.w_shape(), "uint8"), Arg("x", (self.K,), "int8"), Arg("x_scale", (1,), "float32"),
