@@ -1,4 +1,5 @@
-"""AVX-512 (VBMI + VNNI) schedule of the table-lookup GEMV ``gemv_i8_tl`` (:mod:`compiler.ops.ternary_gemv_tl`).
+"""AVX-512 (VBMI + VNNI) schedules of the table-lookup GEMV ``gemv_i8_tl`` (:mod:`compiler.ops.ternary_gemv_tl`) and
+GEMM ``gemm_i8_tl`` (:mod:`compiler.ops.ternary_gemm_tl`, :func:`gemm_i8_tl`; below, the GEMV).
 
 * ``lut`` (knob ``lut_at``): the tables are built once before the rows (``root``), the same with the blocks in
   parallel (``parallel``), or by every thread at the start of its share of the row groups (``thread``: one parallel
@@ -15,6 +16,7 @@ Knobs: ``unroll_k``, and the grid-only ``lut_at`` and ``prefetch`` (the latter p
 ``vpermb`` is AVX-512 VBMI (Ice Lake, Zen 4): there is no AVX2 schedule (the untuned TE runs anywhere).
 
     python -m compiler.schedule --target avx512 --op gemv_i8_tl:M=256:K=4096:tile=8 --trace   # one GEMV
+    python -m compiler.schedule --target avx512 --op gemm_i8_tl:N=8:M=256:K=4096:tile=8 --trace   # one GEMM
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def _groups(op) -> int:
     return op.M // (TILE_ROWS * op.tile)
 
 
+def _row_tiles(op) -> int:
+    """16-row tiles of the matrix: the GEMM's tasks are blocks of ``tiles`` of them."""
+    return _groups(op) * op.tile
+
+
 def tasks(op, cores: int) -> int:
     """Parallel tasks of the per-thread table build for a kernel built for ``cores`` threads: the largest divisor
     of the row groups not above ``cores`` (each task builds the tables once, then streams an equal share of rows)."""
@@ -46,9 +53,8 @@ def space(op) -> list[Knob]:
     on the core count)."""
     big = op.weight_bytes() > 24 << 20  # beyond most of the L3: prefetch by default
     prefetch = Knob("prefetch", intrin_x86_tl.PREFETCH, 2048 if big else 0, grid_only=True)
-    if op.kind == "gemm_i8_tl":  # default tiles: 2, or fewer where the tasks would not feed PORTABLE_THREADS
-        tasks = _groups(op) * op.tile
-        tiles = max(t for t in (1, 2) if op.tile % t == 0 and (t == 1 or tasks // t >= PORTABLE_THREADS))
+    if op.kind == "gemm_i8_tl":  # default tiles: 2, or 1 where the tasks would not feed PORTABLE_THREADS
+        tiles = 2 if op.tile % 2 == 0 and _row_tiles(op) // 2 >= PORTABLE_THREADS else 1
         return [knob("tiles", op.tile, (1, 2, 4), tiles), knob("tokens", op.N, (1, 2, 4), 2),
                 knob("unroll_k", op.B, (1, 2), 1), Knob("lut_at", (0, 1), 1, grid_only=True), prefetch]  # fmt: skip
     if op.kind != "gemv_i8_tl":
@@ -60,12 +66,21 @@ def valid(op, knobs: dict) -> bool:
     """Whether the tuner may try ``knobs``: tables built at ``root`` or in ``parallel`` leave the rows' parallel loop
     over the row groups (and ``parallel`` one over the table blocks), which must feed
     :data:`schedules.x86_common.PORTABLE_THREADS` threads; ``thread`` sizes its loop from the core count."""
+    if op.kind == "gemm_i8_tl":  # the rows' tasks are blocks of `tiles` row tiles
+        return _row_tiles(op) // int(knobs["tiles"]) >= min(PORTABLE_THREADS, _row_tiles(op))
     lut_at = LUT_AT[int(knobs["lut_at"])]
-    if op.kind == "gemm_i8_tl":  # the rows' tasks are (row group, tile block) pairs
-        return _groups(op) * op.tile // int(knobs["tiles"]) >= min(PORTABLE_THREADS, _groups(op) * op.tile)
     if lut_at == "thread":
         return True
     return _groups(op) >= PORTABLE_THREADS and (lut_at == "root" or 2 * op.B >= PORTABLE_THREADS)
+
+
+def _grid_only(sch, knobs: dict | None, ks: dict) -> tuple[str, int]:
+    """``(lut_at, prefetch)``: grid-only knobs, recorded in the trace; their Python values shape the code."""
+    fixed = {}
+    for name in ("lut_at", "prefetch"):
+        choose(sch, knobs, ks[name])
+        fixed[name] = ks[name].default if knobs is None else int(knobs.get(name, ks[name].default))
+    return LUT_AT[fixed["lut_at"]], fixed["prefetch"]
 
 
 def _tables(sch, parallel: bool) -> None:
@@ -87,11 +102,7 @@ def gemv_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
     ``lut_at = thread`` depends on it (:func:`tasks`)."""
     ks = {k.name: k for k in space(op)}
     uk = choose(sch, knobs, ks["unroll_k"])
-    fixed = {}
-    for name in ("lut_at", "prefetch"):  # grid-only: recorded in the trace, the Python value shapes the code
-        choose(sch, knobs, ks[name])
-        fixed[name] = ks[name].default if knobs is None else int(knobs.get(name, ks[name].default))
-    lut_at, pf = LUT_AT[fixed["lut_at"]], fixed["prefetch"]
+    lut_at, pf = _grid_only(sch, knobs, ks)
 
     acc = sch.get_sblock("acc")
     h, m, b, half, j = sch.get_loops(acc)
@@ -129,10 +140,7 @@ def gemm_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
     tt = choose(sch, knobs, ks["tiles"])
     nt = choose(sch, knobs, ks["tokens"])
     uk = choose(sch, knobs, ks["unroll_k"])
-    fixed = {}
-    for name in ("lut_at", "prefetch"):
-        choose(sch, knobs, ks[name])
-        fixed[name] = ks[name].default if knobs is None else int(knobs.get(name, ks[name].default))
+    lut_at, pf = _grid_only(sch, knobs, ks)
 
     acc = sch.get_sblock("acc")
     n, h, m, b, half, j = sch.get_loops(acc)
@@ -147,14 +155,14 @@ def gemm_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
     y = sch.get_sblock("y")
     sch.reverse_compute_at(y, no)
     init = sch.decompose_reduction(acc, bo)
-    sch.tensorize(h, intrin_x86_tl.intrin_name(fixed["prefetch"]))
+    sch.tensorize(h, intrin_x86_tl.intrin_name(pf))
     sch.set_scope(init, 0, "local")  # 2·tiles·tokens zmm of int32: registers
     sch.unroll(ni)
     sch.unroll(ti)
     sch.unroll(bi)
     (ym,) = sch.get_loops(y)[-1:]
     sch.vectorize(sch.split(ym, [None, TILE_ROWS])[1])
-    _tables(sch, LUT_AT[fixed["lut_at"]] == "parallel")
+    _tables(sch, lut_at == "parallel")
     return sch
 
 

@@ -159,12 +159,15 @@ def test_shape_errors_are_clear():
 
 @pytest.mark.build
 @pytest.mark.parametrize("target", AVX512)
-@pytest.mark.parametrize("shape", [(4096, 4096), (32768, 16384)])
-def test_committed_record_replays_bit_exact(target, shape):
-    """The tuned schedules of the benchmark shapes (tuning_logs/avx512) replay and are bit-exact."""
+@pytest.mark.parametrize("key", ["gemv_i8_tl:M=4096:K=4096", "gemv_i8_tl:M=32768:K=16384",
+                                 "gemm_i8_tl:N=8:M=2560:K=2560"])  # fmt: skip
+def test_committed_record_replays_bit_exact(target, key):
+    """The tuned schedules of the benchmark shapes and a 2B-4T prefill GEMM (tuning_logs/avx512) replay and are
+    bit-exact."""
+    from compiler.ops import parse_key
     from compiler.schedule import get_primfunc, open_database, records
 
-    op = make_op("gemv_i8_tl", M=shape[0], K=shape[1], tile=8)
+    op = parse_key(f"{key}:tile=8")
     if not records(open_database(target), op):
         pytest.skip(f"no committed record for {op.key}")
     sf = get_primfunc(op, target, mode="tuned")

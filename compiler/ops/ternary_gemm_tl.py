@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compiler.ops.base import Arg, check_positive
-from compiler.ops.stacked import by_parts, n_scales
+from compiler.ops.stacked import n_scales
 from compiler.ops.ternary_gemv_tl import TernaryGemvI8TL, TLMatrix, te_tl_matmul
-from model.ternary import reference
-from model.ternary.layouts import pack_rowmajor4
-from model.ternary.layouts_tl import pack_tl, unpack_tl
+from model.ternary.layouts_tl import pack_tl
 
 
 @dataclass(frozen=True)
@@ -52,13 +50,6 @@ class TernaryGemmI8TL(TLMatrix):
 
     def compute(self):
         return te_tl_matmul(self, self.N)
-
-    def reference(self, W, x, x_scale, w_scale, impl="auto"):
-        if impl == "auto":
-            impl = "scalar" if self.N * self.M * self.K > 1 << 24 and reference.scalar_available() else "numpy"
-        w2, xs = pack_rowmajor4(unpack_tl(W, self.K)), x_scale.astype(np.float32)
-        rows = lambda a, b, s: reference.ternary_matmul_i8(w2[a:b], x, xs, s, impl=impl)[1]  # noqa: E731
-        return [by_parts(rows, w_scale, self.parts, self.M)]
 
     def random_inputs(self, rng):
         codes = rng.integers(-1, 2, (self.M, self.K), dtype=np.int8)

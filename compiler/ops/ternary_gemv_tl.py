@@ -145,6 +145,15 @@ class TLMatrix(Op):
     def weight_bytes(self) -> float:
         return float(np.prod(self.w_shape()))
 
+    def reference(self, W, x, x_scale, w_scale, impl="auto"):
+        """The 2-bit reference on the unpacked weights (``x`` ``[K]`` or ``[N, K]``); ``auto``: the C++ scalar one
+        above 2^24 multiply-adds."""
+        if impl == "auto":
+            impl = "scalar" if self.ops() / 2 > 1 << 24 and reference.scalar_available() else "numpy"
+        w2, xs = pack_rowmajor4(unpack_tl(W, self.K)), x_scale.astype(np.float32)
+        rows = lambda a, b, s: reference.ternary_matmul_i8(w2[a:b], x, xs, s, impl=impl)[1]  # noqa: E731
+        return [by_parts(rows, w_scale, self.parts, self.M)]
+
 
 @dataclass(frozen=True)
 class TernaryGemvI8TL(TLMatrix):
@@ -173,13 +182,6 @@ class TernaryGemvI8TL(TLMatrix):
 
     def compute(self):
         return te_tl_matmul(self)
-
-    def reference(self, W, x, x_scale, w_scale, impl="auto"):
-        if impl == "auto":
-            impl = "scalar" if self.M * self.K > 1 << 24 and reference.scalar_available() else "numpy"
-        w2, xs = pack_rowmajor4(unpack_tl(W, self.K)), x_scale.astype(np.float32)
-        rows = lambda a, b, s: reference.ternary_matmul_i8(w2[a:b], x, xs, s, impl=impl)[1]  # noqa: E731
-        return [by_parts(rows, w_scale, self.parts, self.M)]
 
     def random_inputs(self, rng):
         codes = rng.integers(-1, 2, (self.M, self.K), dtype=np.int8)
