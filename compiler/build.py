@@ -142,12 +142,14 @@ def build(
     weights: str = "tile8",
     cores: int | None = None,
     head: str = "auto",
+    amx: str = "auto",
 ) -> BuildResult:
     """Compile ``model`` for ``target`` into the cache (or reuse the cached entry); see the module docstring.
     ``weights``: the CPU ternary layout, ``tile8`` (2-bit) or ``tl`` (1.67-bit, AVX-512 VBMI). ``cores``: the
     thread count the CPU kernels are built for (default :func:`targets.build_cores`: TVM's pool size). ``head``: the
     LM head as the GGUF stores it (``auto``) or ``int8`` rows with a float32 scale each (half an F16 head's bytes;
-    :func:`compiler.lower.quantize_head`)."""
+    :func:`compiler.lower.quantize_head`). ``amx``: the GEMMs where Intel AMX pays take the AMX kernel
+    (:func:`compiler.lower.amx_for`: ``auto`` where this CPU has AMX-INT8, ``on``, ``off``)."""
     from compiler import lower
 
     model = check_model(model)
@@ -156,6 +158,7 @@ def build(
         lower.check_weights(weights, target == "cuda")
         if head not in lower.HEADS:
             raise ValueError(f"head={head!r}: expected one of {', '.join(lower.HEADS)}")
+        use_amx = lower.amx_for(target, weights, amx)
     except (ValueError, RuntimeError) as exc:
         raise BuildError(str(exc)) from exc
     check_cpu_layout(weights, target)
@@ -163,7 +166,7 @@ def build(
         check_writable(Path(dump_ir), "--dump-ir directory")
     with phase("key"):
         cores = None if target == "cuda" else int(cores or targets.build_cores())  # meta.json records it
-        key = cache.cache_key(model, target, tuning_logs, weights, cores, head=head)
+        key = cache.cache_key(model, target, tuning_logs, weights, cores, head=head, amx=use_amx)
         d = cache.entry_dir(cache_dir, key)
         ok, why = cache.check_entry(d, key)
         log.info("cache entry %s: %s", d, why)
@@ -189,7 +192,8 @@ def build(
     with phase("lower"):
         embed = params.get("token_embd.weight", params["lm_head.weight"])  # a tied head is the embedding
         lw = lower.Lowering(cfg, target, logs_root=tuning_logs, embed_dtype=str(embed.dtype),
-                            head_dtype=str(params["lm_head.weight"].dtype), weights=weights, cores=cores)  # fmt: skip
+                            head_dtype=str(params["lm_head.weight"].dtype), weights=weights, cores=cores,
+                            amx=use_amx)  # fmt: skip
         mod = lw.module()
         untuned = sorted(k for k, s in lw.kernels.items() if s == "hand")
         if untuned:
@@ -202,7 +206,7 @@ def build(
             for gv, func in mod.functions_items():
                 if isinstance(func, tvm.tirx.PrimFunc):
                     (tir_dir / f"{gv.name_hint}.py").write_text(func.script())
-    tgt = targets.get_target(target)
+    tgt = targets.get_target(target, amx=use_amx)
     with phase("compile"):
         config = {}
         if target == "cuda":
@@ -231,7 +235,7 @@ def build(
         ex.export_library(str(tmp / "model.so"))
         np.savez(tmp / "params.npz", **params)
         meta = {
-            "key": key, "target": target, "weights": weights, "head": head, "cores": cores,
+            "key": key, "target": target, "weights": weights, "head": head, "cores": cores, "amx": use_amx,
             "cpu_flags": lw.cpu_flags(),
             "compiler_version": cache.compiler_version(),
             "model": str(model),
@@ -373,6 +377,9 @@ def main(argv=None) -> None:
     ap.add_argument("--head", default="auto", choices=["auto", "int8"],
                     help="the LM head as the GGUF stores it (auto) or int8 rows with a scale each (half an F16 "
                     "head's bytes; docs/foreign_models.md)")  # fmt: skip
+    ap.add_argument("--amx", default="auto", choices=["auto", "on", "off"],
+                    help="prefill and decode-batch GEMMs on Intel AMX where it pays (auto: if this CPU has "
+                    "AMX-INT8; compiler.ops.ternary_gemm_amx)")  # fmt: skip
     a = ap.parse_args(argv)
     if a.cores is not None and not 1 <= a.cores <= 1024:
         ap.error(f"--cores {a.cores}: expected 1..1024")
@@ -381,7 +388,9 @@ def main(argv=None) -> None:
         if a.repack_into:
             print(repack_into(a.repack_into, a.model))
             return
-        r = build(a.model, a.target, a.cache_dir, a.dump_ir, a.force, weights=a.weights, cores=a.cores, head=a.head)
+        r = build(
+            a.model, a.target, a.cache_dir, a.dump_ir, a.force, weights=a.weights, cores=a.cores, head=a.head, amx=a.amx
+        )
     except BuildError as exc:
         raise SystemExit(f"error: {exc}") from None
     except OSError as exc:  # e.g. the disk filled up while exporting

@@ -96,9 +96,11 @@ PER_THREAD_WEIGHTS = ("tl",)  # gemv_i8_tl's per-thread table build: schedules.x
 
 
 def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = None, weights: str = "tile8",
-              cores: int | None = None, root: Path | str | None = None, head: str = "auto") -> str:  # fmt: skip
+              cores: int | None = None, root: Path | str | None = None, head: str = "auto",
+              amx: bool = False) -> str:  # fmt: skip
     """The entry key (see the module docstring): sha256 of the GGUF bytes, target, weight layout, LM head storage
-    (``head``: as the GGUF stores it, or int8), compiler version,
+    (``head``: as the GGUF stores it, or int8), whether its GEMMs use AMX (``amx``, resolved by
+    :func:`compiler.lower.amx_for`), compiler version,
     the target's tuning database under ``tuning_logs`` (default :func:`logs_root`), every source file under ``root``
     (default :data:`REPO`; :func:`source_files`) and, for layouts whose kernels split work per thread, the thread
     count they are built for: ``cores``, None meaning :func:`targets.build_cores`. Every other CPU kernel
@@ -116,10 +118,12 @@ def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = No
         h.update(f"\0weights\0{weights}\0".encode())
     if head != "auto":
         h.update(f"\0head\0{head}\0".encode())
-    if target != "cuda" and weights in PER_THREAD_WEIGHTS:
+    if target != "cuda" and (weights in PER_THREAD_WEIGHTS or amx):  # amx: the AMX GEMM's tasks split per thread
         import targets
 
         h.update(f"\0cores\0{int(cores or targets.build_cores())}\0".encode())
+    if amx:
+        h.update(b"\0amx\0")
     d = Path(tuning_logs or logs_root()) / target
     mine = d / "machines" / machine_id()  # this CPU kind's own records (compiler.schedule.find_record)
     for where, db in (("", d), ("machine\0", mine)):

@@ -84,6 +84,7 @@ from compiler.constants import (
     KV_BLOCK,
 )
 from compiler.ops import make_op
+from compiler.ops.ternary_gemm_amx import amx_pays
 
 log = logging.getLogger("compiler.build")
 
@@ -119,6 +120,24 @@ def check_weights(weights: str, gpu: bool, cfg=None) -> None:
     if cfg is not None and cfg.n_experts and weights != "tile8":
         raise ValueError(f"a mixture-of-experts model (n_experts={cfg.n_experts}) compiles with the tile8 (or CUDA) "
                          "weights only, for now (no expert-indexed tl kernel yet)")  # fmt: skip
+
+
+AMX_MODES = ("auto", "on", "off")
+
+
+def amx_for(target: str, weights: str, mode: str = "auto") -> bool:
+    """Whether a build's prefill and decode-batch GEMMs take the AMX kernel where it pays
+    (:mod:`compiler.ops.ternary_gemm_amx`, :func:`~compiler.ops.ternary_gemm_amx.amx_pays`): ``auto``, when the
+    build is ``tile8`` on ``avx512`` and this CPU has AMX-INT8; ``on`` demands it; ``off`` never. The one place the
+    setting is resolved (``compiler.build`` and the runtime's JIT key their cache entries by the result)."""
+    import targets
+
+    if mode not in AMX_MODES:
+        raise ValueError(f"amx={mode!r}: expected one of {', '.join(AMX_MODES)}")
+    fits = target == "avx512" and weights == "tile8"
+    if mode == "on" and not (fits and targets.has_amx()):
+        raise ValueError("amx='on' needs the avx512 target, tile8 weights and a CPU with AMX-INT8 (amx_int8, amx_tile)")
+    return mode != "off" and fits and targets.has_amx()
 
 
 def stacked(cfg, i: int, gpu: bool) -> dict[str, tuple[str, ...]]:
@@ -576,6 +595,7 @@ class Lowering:
     head_dtype: str = "float32"
     weights: str = "tile8"
     cores: int | None = None  # the thread count CPU kernels are built for (None: targets.build_cores)
+    amx: bool = False  # the GEMMs where AMX pays take gemm_i8_amx (amx_for)
     kernels: dict[str, str] = field(default_factory=dict)
     op_flags: set[str] = field(default_factory=set)  # CPU flags the tuned-operator kernels need beyond the target's
 
@@ -1139,6 +1159,9 @@ class Lowering:
         def args(x, s, q):
             return [W, x, *([q] if k.x_sum else []), s, ws]
 
+        if T > 1 and self.amx and k.name == "tile8" and amx_pays(T, K):
+            gv, _ = self._op("gemm_i8_amx", N=T, **dims)
+            return self._call(gv, args(q8, sc, qs), [((T, M), "float32")])
         if T > 1:  # a decode batch's GEMM without its own record borrows the prefill chunk's knobs
             like = {"like": make_op(k.gemm, N=self.chunk, **dims)} if T != self.chunk else {}
             gv, _ = self._op(k.gemm, N=T, **dims, **like)
@@ -1158,6 +1181,9 @@ class Lowering:
             if kind in self.k.fixed:  # compiler.build gives it a fixed CUDA schedule (schedules.cuda.rows)
                 self.kernels[op.key] = "fixed"
                 func = self.k.fixed[kind](op)
+            elif kind == "gemm_i8_amx":  # scheduled by hand, no tuning record
+                self.kernels[op.key] = "fixed"
+                func = op.kernel(self.cores).with_attr("op_pattern", 8)
             else:
                 sf = get_primfunc(op, self.target, self.logs_root, mode=mode, cores=self.cores, like=like)
                 self.kernels[op.key] = sf.source

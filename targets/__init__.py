@@ -98,24 +98,39 @@ def resolve(name: str) -> str:
     return name
 
 
-def target_dict(name: str, cores: int | None = None) -> dict:
-    """The JSON-dict target for ``name`` (``auto`` allowed)."""
+AMX_FLAGS = ("amx_int8", "amx_tile")  # /proc/cpuinfo's names of what the AMX kernels execute
+AMX_FEATURES = ("+amx-tile", "+amx-int8")  # LLVM's names of the same
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX-INT8 (Intel Sapphire Rapids and later Xeons; ``TERNARY_CPU_MASK='amx*'`` hides it)."""
+    return set(AMX_FLAGS) <= cpu_flags()
+
+
+def target_dict(name: str, cores: int | None = None, amx: bool = False) -> dict:
+    """The JSON-dict target for ``name`` (``auto`` allowed); ``amx`` (``avx512`` only): LLVM may also emit AMX tile
+    instructions, which only the AMX kernels contain (:mod:`compiler.ops.ternary_gemm_amx`)."""
     name = resolve(name)
     if name == "cuda":
         return {"kind": "cuda", "arch": "sm_90", "max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
                 "thread_warp_size": 32, "registers_per_block": 65536}  # fmt: skip
-    return {"kind": "llvm", "mcpu": MCPU[name], "num-cores": int(cores or num_cores())}
+    out = {"kind": "llvm", "mcpu": MCPU[name], "num-cores": int(cores or num_cores())}
+    if amx:
+        if name != "avx512":
+            raise ValueError(f"AMX kernels build for the avx512 target, not {name}")
+        out["mattr"] = list(AMX_FEATURES)
+    return out
 
 
-def get_target(name: str, cores: int | None = None):
-    """A ``tvm.target.Target`` for ``name``."""
+def get_target(name: str, cores: int | None = None, amx: bool = False):
+    """A ``tvm.target.Target`` for ``name`` (see :func:`target_dict`)."""
     import tvm
 
-    return tvm.target.Target(target_dict(name, cores))
+    return tvm.target.Target(target_dict(name, cores, amx))
 
 
 __all__ = [
-    "MCPU", "REQUIRED_FLAGS", "TARGET_NAMES", "build_cores", "check_flags", "cpu_flags", "detect",
-    "ensure_tvm_threads", "get_target", "load_cuda_runtime", "missing_flags", "missing_op_flags", "num_cores",
-    "resolve", "set_tvm_threads", "supported", "target_dict",
+    "AMX_FEATURES", "AMX_FLAGS", "MCPU", "REQUIRED_FLAGS", "TARGET_NAMES", "build_cores", "check_flags", "cpu_flags",
+    "detect", "ensure_tvm_threads", "get_target", "has_amx", "load_cuda_runtime", "missing_flags", "missing_op_flags",
+    "num_cores", "resolve", "set_tvm_threads", "supported", "target_dict",
 ]  # fmt: skip

@@ -19,6 +19,7 @@ import fnmatch
 import functools
 import os
 import platform
+import sys
 from pathlib import Path
 
 MASK_ENV = "TERNARY_CPU_MASK"
@@ -95,6 +96,28 @@ def llc_bytes() -> int:
 
 
 def check_flags(needed, what: str) -> None:
+    """Refuse code that needs flags this CPU lacks (it would die of SIGILL); for code that executes AMX tile
+    instructions, also ask Linux for the tile data (:func:`request_amx`)."""
     missing = sorted(set(needed) - cpu_flags())
     if missing:
         raise RuntimeError(f"{what} needs the CPU flags {missing}, which this CPU lacks")
+    if "amx_tile" in needed:
+        request_amx()
+
+
+SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18  # x86-64 Linux (asm/prctl.h, fpu/xstate)
+
+
+@functools.cache
+def request_amx() -> None:
+    """Ask Linux (5.16 and later) to let this process use AMX's tile data: ``arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA)``, once per process, for all of its threads. Without the permission the first tile
+    instruction kills the process, so a refusal raises here instead."""
+    import ctypes
+
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        raise RuntimeError("AMX kernels need x86-64 Linux (its arch_prctl permission for the tile data)")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0:
+        err = ctypes.get_errno()
+        raise RuntimeError(f"Linux refused this process AMX's tile data (arch_prctl: {os.strerror(err)})")

@@ -9,6 +9,7 @@ from compiler.ops.base import Arg, Op, OpShapeError
 from compiler.ops.mhc import MhcPost
 from compiler.ops.rmsnorm_quant import RmsNormQuant
 from compiler.ops.ternary_gemm import TernaryGemmI8
+from compiler.ops.ternary_gemm_amx import TernaryGemmI8AMX
 from compiler.ops.ternary_gemm_tl import TernaryGemmI8TL
 from compiler.ops.ternary_gemv import TernaryGemvF32, TernaryGemvI8
 from compiler.ops.ternary_gemv_tl import TernaryGemvI8TL
@@ -27,6 +28,7 @@ OPS: dict[str, type[Op]] = {
         TernaryGemvF32Dp4a,
         TernaryGemvI8TL,
         TernaryGemmI8TL,
+        TernaryGemmI8AMX,
     )
 }
 
