@@ -57,7 +57,7 @@ def test_where_amx_pays_and_the_build_setting(monkeypatch):
     monkeypatch.setattr(targets, "has_amx", lambda: True)
     assert lower.amx_for("avx512", "tile8") and lower.amx_for("avx512", "tile8", "on")
     assert not lower.amx_for("avx512", "tile8", "off")
-    assert not lower.amx_for("avx512", "tl") and not lower.amx_for("avx2", "tile8") and not lower.amx_for("cuda", "tile8")
+    assert not any(lower.amx_for(t, w) for t, w in (("avx512", "tl"), ("avx2", "tile8"), ("cuda", "tile8")))
     monkeypatch.setattr(targets, "has_amx", lambda: False)
     assert not lower.amx_for("avx512", "tile8")
     with pytest.raises(ValueError, match="AMX-INT8"):
