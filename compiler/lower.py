@@ -140,6 +140,18 @@ def amx_for(target: str, weights: str, mode: str = "auto") -> bool:
     return mode != "off" and fits and targets.has_amx()
 
 
+AMX_PREFILL_CHUNK = 16  # an AMX build's prefill chunk where every GEMM of it takes AMX (amx_min_k): a tile's tokens
+
+
+def amx_min_k(cfg) -> int:
+    """The smallest K of a dense GQA model's ternary matrices (q|k|v, gate|up: d_model; o: heads·head_dim; down:
+    ffn_hidden), 0 for the other architectures (latent attention, DeltaNet, experts: their prefill stays in chunks
+    of 8, the chunk the VNNI GEMM records are tuned for)."""
+    if cfg.mla or cfg.deltanet_layers or cfg.n_experts:
+        return 0
+    return min(cfg.d_model, cfg.ffn_hidden, cfg.n_heads * cfg.head_dim)
+
+
 def stacked(cfg, i: int, gpu: bool) -> dict[str, tuple[str, ...]]:
     """Layer ``i``'s matrices stored and read as one stacked matrix (a scale per part, :mod:`compiler.ops.stacked`):
     a GQA layer's ``attn_qkv`` (q|k|v) and a dense gated FFN's ``ffn_gate_up`` (gate|up), so one GEMV (or prefill
@@ -609,7 +621,9 @@ class Lowering:
         self.head_i8 = self.head_step == gk.HEAD_I8_CHUNK
         check_weights(self.weights, self.gpu, self.cfg)
         if self.chunk is None:
-            self.chunk = self.k.prefill_chunk
+            self.chunk = AMX_PREFILL_CHUNK if self.amx and amx_pays(AMX_PREFILL_CHUNK, amx_min_k(self.cfg)) else (
+                self.k.prefill_chunk
+            )
         self.bb = relax.BlockBuilder()
         self._gv: dict[str, object] = {}
         self._tgt = None
