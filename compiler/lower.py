@@ -621,9 +621,8 @@ class Lowering:
         self.head_i8 = self.head_step == gk.HEAD_I8_CHUNK
         check_weights(self.weights, self.gpu, self.cfg)
         if self.chunk is None:
-            self.chunk = AMX_PREFILL_CHUNK if self.amx and amx_pays(AMX_PREFILL_CHUNK, amx_min_k(self.cfg)) else (
-                self.k.prefill_chunk
-            )
+            amx_chunk = self.amx and amx_pays(AMX_PREFILL_CHUNK, amx_min_k(self.cfg))
+            self.chunk = AMX_PREFILL_CHUNK if amx_chunk else self.k.prefill_chunk
         self.bb = relax.BlockBuilder()
         self._gv: dict[str, object] = {}
         self._tgt = None
