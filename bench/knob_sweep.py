@@ -78,7 +78,11 @@ def check_args(a, space_names: set[str]) -> list[str]:
 def run(a, ops: list) -> dict:
     """The sweep of ``a.knob`` over ``ops`` (:func:`sweep_ops` of ``a.model``)."""
     target = targets.resolve(a.target)
-    cores = a.threads if a.weights == "tl" else None  # the 1.67-bit kernels split work per thread: built for them
+    from compiler import cache
+    from compiler.lower import amx_for
+
+    # kernels that split work per thread (the 1.67-bit tables, AMX tasks): built for the threads they run with
+    cores = a.threads if cache.per_thread(target, a.weights, amx_for(target, a.weights)) else None
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     from compiler.build import build

@@ -418,8 +418,12 @@ def prepare(a, target: str) -> list[dict]:
                                   MODULE), path, ours)  # fmt: skip
         entries = {}
         for w in a.weights:
-            per_thread = w.startswith("tl")
-            for n in a.threads if per_thread else a.threads[:1]:  # tile8 entries serve every thread count
+            from compiler import cache
+            from compiler.lower import amx_for
+
+            layout = w.partition("+")[0]
+            per_thread = cache.per_thread(target, layout, amx_for(target, layout))
+            for n in a.threads if per_thread else a.threads[:1]:  # other entries serve every thread count
                 per = f", built for {n} thread(s)" if per_thread else ""
                 _say(f"compiling our module for {name} ({w}, {target}{per}; reused when cached, minutes for a 2B "
                      "model) ...")  # fmt: skip

@@ -95,6 +95,12 @@ def compiler_version() -> str:
 PER_THREAD_WEIGHTS = ("tl",)  # gemv_i8_tl's per-thread table build: schedules.x86_tl.tasks(op, cores)
 
 
+def per_thread(target: str, weights: str, amx: bool) -> bool:
+    """Whether an entry's kernels are built for a thread count (so one entry per count): the 1.67-bit layout's
+    per-thread table build, and the AMX GEMM's tasks (``amx``: :func:`compiler.lower.amx_for`'s result)."""
+    return target != "cuda" and (weights in PER_THREAD_WEIGHTS or amx)
+
+
 def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = None, weights: str = "tile8",
               cores: int | None = None, root: Path | str | None = None, head: str = "auto",
               amx: bool = False) -> str:  # fmt: skip
@@ -118,7 +124,7 @@ def cache_key(gguf: Path | str, target: str, tuning_logs: Path | str | None = No
         h.update(f"\0weights\0{weights}\0".encode())
     if head != "auto":
         h.update(f"\0head\0{head}\0".encode())
-    if target != "cuda" and (weights in PER_THREAD_WEIGHTS or amx):  # amx: the AMX GEMM's tasks split per thread
+    if per_thread(target, weights, amx):
         import targets
 
         h.update(f"\0cores\0{int(cores or targets.build_cores())}\0".encode())

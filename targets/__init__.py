@@ -103,8 +103,9 @@ AMX_FEATURES = ("+amx-tile", "+amx-int8")  # LLVM's names of the same
 
 
 def has_amx() -> bool:
-    """Whether this CPU has AMX-INT8 (Intel Sapphire Rapids and later Xeons; ``TERNARY_CPU_MASK='amx*'`` hides it)."""
-    return set(AMX_FLAGS) <= cpu_flags()
+    """Whether this CPU runs the AMX kernels: AMX-INT8 (Intel Sapphire Rapids and later Xeons) and the ``avx512``
+    target's flags, since the kernels unpack weights with AVX-512 (so ``TERNARY_CPU_MASK='avx512*'`` hides AMX too)."""
+    return set(AMX_FLAGS) <= cpu_flags() and supported("avx512")
 
 
 def target_dict(name: str, cores: int | None = None, amx: bool = False) -> dict:

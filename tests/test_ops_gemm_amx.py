@@ -84,6 +84,16 @@ def test_a_build_takes_it_only_where_it_pays():
     assert not set(targets.AMX_FLAGS) & set(plain.cpu_flags())
 
 
+@pytest.mark.unit
+def test_an_amx_build_prefills_16_tokens_where_every_gemm_takes_amx():
+    big = get_config("tiny", d_model=2048, ffn_hidden=2048)  # every K (d_model, heads·head_dim, ffn) ≥ 2048
+    assert lower.amx_min_k(big) == 2048
+    assert lower.Lowering(big, "avx512", amx=True).chunk == lower.AMX_PREFILL_CHUNK == 16
+    assert lower.Lowering(big, "avx512").chunk == 8
+    assert lower.Lowering(get_config("tiny", ffn_hidden=2048), "avx512", amx=True).chunk == 8  # d_model 256: VNNI
+    assert lower.amx_min_k(get_config("tiny", ffn_hidden=2048, n_experts=4)) == 0
+
+
 @needs_amx
 @pytest.mark.unit
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
