@@ -166,7 +166,7 @@ def build(
         check_writable(Path(dump_ir), "--dump-ir directory")
     with phase("key"):
         cores = None if target == "cuda" else int(cores or targets.build_cores())  # meta.json records it
-        key = cache.cache_key(model, target, tuning_logs, weights, cores, head=head, amx=use_amx)
+        key = cache.cache_key(model, target, tuning_logs, weights, cores, head=head, amx=use_amx)  # = entry_key
         d = cache.entry_dir(cache_dir, key)
         ok, why = cache.check_entry(d, key)
         log.info("cache entry %s: %s", d, why)
@@ -254,6 +254,15 @@ def build(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     log.info("wrote %s", d)
     return BuildResult(d, key, True, meta)
+
+
+def entry_key(model: Path | str, target: str, cores: int | None = None, head: str = "auto", amx: str = "auto") -> str:
+    """The cache key :func:`build` gives ``model`` with these settings (``target`` resolved, ``amx`` resolved by
+    :func:`compiler.lower.amx_for`, tile8 weights, the default tuning logs): what the runtime's JIT looks up."""
+    from compiler import lower
+
+    target = targets.resolve(target)
+    return cache.cache_key(model, target, cores=cores, head=head, amx=lower.amx_for(target, "tile8", amx))
 
 
 def repack_into(entry: Path | str, model: Path | str) -> Path:

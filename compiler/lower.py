@@ -1175,8 +1175,8 @@ class Lowering:
         if T > 1 and self.amx and k.name == "tile8" and amx_pays(T, K):
             gv, _ = self._op("gemm_i8_amx", N=T, **dims)
             return self._call(gv, args(q8, sc, qs), [((T, M), "float32")])
-        if T > 1:  # a decode batch's GEMM without its own record borrows the prefill chunk's knobs
-            like = {"like": make_op(k.gemm, N=self.chunk, **dims)} if T != self.chunk else {}
+        if T > 1:  # a GEMM without its own record borrows the knobs of the tuned chunk's (an AMX build's chunk differs)
+            like = {"like": make_op(k.gemm, N=k.prefill_chunk, **dims)} if T != k.prefill_chunk else {}
             gv, _ = self._op(k.gemm, N=T, **dims, **like)
             return self._call(gv, args(q8, sc, qs), [((T, M), "float32")])
         gv, _ = self._op(k.gemv, **dims)

@@ -106,10 +106,10 @@ def ensure_built(
 
     if jit_policy not in JIT_POLICIES:
         raise ValueError(f"jit_policy must be one of {', '.join(JIT_POLICIES)}; got {jit_policy!r}")
-    from compiler.lower import amx_for
+    from compiler.build import entry_key
 
     target = resolve(target)
-    key = cache.cache_key(gguf, target, cores=cores, head=head, amx=amx_for(target, "tile8"))
+    key = entry_key(gguf, target, cores=cores, head=head)
     d = cache.entry_dir(cache_dir, key)
     ok, why = cache.check_entry(d, key)
     if ok and jit_policy != "redo":

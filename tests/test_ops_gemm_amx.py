@@ -90,6 +90,9 @@ def test_an_amx_build_prefills_16_tokens_where_every_gemm_takes_amx():
     assert lower.amx_min_k(big) == 2048
     assert lower.Lowering(big, "avx512", amx=True).chunk == lower.AMX_PREFILL_CHUNK == 16
     assert lower.Lowering(big, "avx512").chunk == 8
+    lw = lower.Lowering(get_config("bitnet-2b4t", n_layers=1), "avx512", amx=True)
+    lw.module()  # its 2- and 4-row batches stay VNNI, with the knobs of the tuned 8-token GEMM (not "hand")
+    assert lw.chunk == 16 and {s for k, s in lw.kernels.items() if k.startswith("gemm_i8:N=")} <= {"tuned", "borrowed"}
     assert lower.Lowering(get_config("tiny", ffn_hidden=2048), "avx512", amx=True).chunk == 8  # d_model 256: VNNI
     assert lower.amx_min_k(get_config("tiny", ffn_hidden=2048, n_experts=4)) == 0
 
