@@ -68,7 +68,8 @@ class TernaryGemmI8AMX(TernaryGemmI8):
         return amx_kernel(self, int(cores or targets.build_cores()))
 
 
-def _amx(name: str, *args):
+def tile_op(name: str, *args):
+    """The AMX instruction ``name`` (LLVM's ``llvm.x86.<name>``: ldtilecfg, tileloadd64, tdpbusd, ...) as a TIR call."""
     from tvm import tirx
 
     return tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
@@ -90,6 +91,45 @@ def groups_per_task(M: int) -> int:
     return next(t for t in (4, 2, 1) if (M // ROWS) % t == 0)
 
 
+def task_macros(N: int, GT: int, parts: tuple[int, ...]):
+    """The two pieces every AMX GEMM task shares (also :file:`docs/speculative/amx_gemm.py`'s one-byte-code kernel),
+    as TVMScript macros for ``N`` tokens and ``GT`` groups a task: ``configure(cfg, acc)``, once per thread, sets
+    every tile to 16 rows × 64 bytes (LLVM renames tile registers, so they must share one shape) and zeroes the
+    accumulators' memory (loaded, not ``tilezero``'d: TVM then sees ``acc`` live all along, where it gave the memory
+    of a buffer only ``tilestored`` writes to another buffer); ``drain(y, acc, x_sum, inv, t)`` stores task ``t``'s
+    accumulator tiles (0 … GT−1), writes its rows of ``y`` (``inv [parts, N]``: ``w_scale / x_scale``) and zeroes
+    ``acc`` for the next task."""
+    from tvm.script import tirx as Tx
+
+    tmm = lambda v: Tx.Cast("int8", v)  # noqa: E731  (a tile register: the unrolled loops make it an immediate)
+    scale = lambda inv, m, n: te_part_scale(_Column(inv, n), parts)(m)  # noqa: E731  (inv[part of row m, n])
+
+    @Tx.macro
+    def configure(cfg, acc):
+        for v in range(64):
+            cfg[v] = Tx.uint8(0)
+        cfg[0] = Tx.uint8(1)  # palette 1
+        for v in range(8):
+            cfg[16 + 2 * v] = Tx.uint8(64)
+            cfg[48 + v] = Tx.uint8(16)
+        for g, r, n in Tx.grid(GT, ROWS, TOKENS):
+            acc[g, r, n] = 0
+        Tx.evaluate(tile_op("ldtilecfg", Tx.address_of(cfg[0])))
+
+    @Tx.macro
+    def drain(y, acc, x_sum, inv, t):
+        for g in Tx.unroll(GT):
+            Tx.evaluate(tile_op("tilestored64", tmm(g), Tx.address_of(acc[g, 0, 0]), Tx.int64(64)))
+        for g, r, n in Tx.grid(GT, ROWS, N):
+            y[n, (t * GT + g) * ROWS + r] = Tx.Cast("float32", acc[g, r, n] - x_sum[n]) * scale(
+                inv, (t * GT + g) * ROWS + r, n
+            )
+        for g, r, n in Tx.grid(GT, ROWS, TOKENS):
+            acc[g, r, n] = 0
+
+    return configure, drain
+
+
 def amx_kernel(op: TernaryGemmI8AMX, cores: int):
     from tvm.script import tirx as Tx
 
@@ -98,7 +138,7 @@ def amx_kernel(op: TernaryGemmI8AMX, cores: int):
     T = M // (ROWS * GT)  # tasks
     P = min(T, cores)  # threads, a contiguous run of tasks each (the tile configuration once per thread)
     tmm = lambda v: Tx.Cast("int8", v)  # noqa: E731  (a tile register: the unrolled loops make it an immediate)
-    scale = lambda inv, m, n: te_part_scale(_Column(inv, n), op.parts)(m)  # noqa: E731  (inv[part of row m, n])
+    configure, drain = task_macros(N, GT, op.parts)
 
     @Tx.macro
     def unpack(a, W, t, c, buf):  # chunk c of task t's groups → 4 planes × GT groups of 16 rows × 64 codes
@@ -123,20 +163,12 @@ def amx_kernel(op: TernaryGemmI8AMX, cores: int):
             cfg = Tx.alloc_buffer((64,), "uint8", scope="global")  # the tile configuration (palette 1)
             a = Tx.alloc_buffer((2, 4, GT, ROWS, 64), "uint8", scope="global")  # two chunks' unpacked planes
             acc = Tx.alloc_buffer((GT, ROWS, TOKENS), "int32", scope="global")
-            for v in range(64):
-                cfg[v] = Tx.uint8(0)
-            cfg[0] = Tx.uint8(1)
-            for v in range(8):  # every tile 16 rows × 64 bytes: LLVM may rename the tile registers
-                cfg[16 + 2 * v] = Tx.uint8(64)
-                cfg[48 + v] = Tx.uint8(16)
-            for g, r, n in Tx.grid(GT, ROWS, TOKENS):  # zeros, loaded as the accumulators: TVM then sees acc live
-                acc[g, r, n] = 0  # all along (with tilezero it gave acc's memory to another buffer)
-            Tx.evaluate(_amx("ldtilecfg", Tx.address_of(cfg[0])))
+            configure(cfg, acc)
             t0 = p * T // P
             unpack(a, W, t0, 0, 0)
             for t in range(t0, (p + 1) * T // P):
                 for g in Tx.unroll(GT):  # group g accumulates in tile g
-                    Tx.evaluate(_amx("tileloadd64", tmm(g), Tx.address_of(acc[g, 0, 0]), Tx.int64(64)))
+                    Tx.evaluate(tile_op("tileloadd64", tmm(g), Tx.address_of(acc[g, 0, 0]), Tx.int64(64)))
                 for c in range(C):
                     item = (t - t0) * C + c  # the thread's chunks in order: buffer item % 2
                     if c + 1 < C:
@@ -144,20 +176,13 @@ def amx_kernel(op: TernaryGemmI8AMX, cores: int):
                     elif t + 1 < (p + 1) * T // P:
                         unpack(a, W, t + 1, 0, (item + 1) % 2)
                     for j in Tx.unroll(4):  # a plane's activations once (tile 4), each group's weights (5, 6, 7)
-                        Tx.evaluate(_amx("tileloadd64", tmm(4), Tx.address_of(xb[c, j, 0, 0]), Tx.int64(64)))
+                        Tx.evaluate(tile_op("tileloadd64", tmm(4), Tx.address_of(xb[c, j, 0, 0]), Tx.int64(64)))
                         for g in Tx.unroll(GT):
-                            Tx.evaluate(_amx("tileloadd64", tmm(5 + (j * GT + g) % 3),
+                            Tx.evaluate(tile_op("tileloadd64", tmm(5 + (j * GT + g) % 3),
                                              Tx.address_of(a[item % 2, j, g, 0, 0]), Tx.int64(64)))  # fmt: skip
-                            Tx.evaluate(_amx("tdpbusd", tmm(g), tmm(5 + (j * GT + g) % 3), tmm(4)))
-                for g in Tx.unroll(GT):
-                    Tx.evaluate(_amx("tilestored64", tmm(g), Tx.address_of(acc[g, 0, 0]), Tx.int64(64)))
-                for g, r, n in Tx.grid(GT, ROWS, N):
-                    y[n, (t * GT + g) * ROWS + r] = Tx.Cast("float32", acc[g, r, n] - x_sum[n]) * scale(
-                        inv, (t * GT + g) * ROWS + r, n
-                    )
-                for g, r, n in Tx.grid(GT, ROWS, TOKENS):
-                    acc[g, r, n] = 0
-            Tx.evaluate(_amx("tilerelease"))
+                            Tx.evaluate(tile_op("tdpbusd", tmm(g), tmm(5 + (j * GT + g) % 3), tmm(4)))
+                drain(y, acc, x_sum, inv, t)
+            Tx.evaluate(tile_op("tilerelease"))
 
     return gemm.without_attr("global_symbol")
 

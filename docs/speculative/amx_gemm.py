@@ -35,7 +35,7 @@ from tvm.script import tirx as Tx
 from bench.machine import git_commit, machine
 from compiler.ops import make_op
 from compiler.ops import ternary_gemm_amx as amx
-from compiler.ops.stacked import n_scales, te_part_scale
+from compiler.ops.stacked import n_scales
 from compiler.schedule import get_primfunc
 from model.ternary.layouts_x86 import untile_rowmajor4
 from targets import get_target, has_amx, num_cores
@@ -60,8 +60,8 @@ def codes_kernel(N: int, M: int, K: int, parts: tuple[int, ...], cores: int):
     T = M // (ROWS * GT)
     P = min(T, cores)
     tmm = lambda v: Tx.Cast("int8", v)  # noqa: E731
-    scale = lambda inv, m, n: te_part_scale(amx._Column(inv, n), parts)(m)  # noqa: E731
-    call = amx._amx
+    configure, drain = amx.task_macros(N, GT, parts)
+    call = amx.tile_op
 
     @Tx.prim_func
     def gemm(W: Tx.Buffer((M // ROWS, Q, ROWS, 64), "uint8"), x: Tx.Buffer((N, K), "int8"),
@@ -77,15 +77,7 @@ def codes_kernel(N: int, M: int, K: int, parts: tuple[int, ...], cores: int):
         for p in Tx.parallel(P):
             cfg = Tx.alloc_buffer((64,), "uint8", scope="global")
             acc = Tx.alloc_buffer((GT, ROWS, TOKENS), "int32", scope="global")
-            for v in range(64):
-                cfg[v] = Tx.uint8(0)
-            cfg[0] = Tx.uint8(1)
-            for v in range(8):
-                cfg[16 + 2 * v] = Tx.uint8(64)
-                cfg[48 + v] = Tx.uint8(16)
-            for g, r, n in Tx.grid(GT, ROWS, TOKENS):
-                acc[g, r, n] = 0
-            Tx.evaluate(call("ldtilecfg", Tx.address_of(cfg[0])))
+            configure(cfg, acc)
             for t in range(p * T // P, (p + 1) * T // P):
                 for g in Tx.unroll(GT):
                     Tx.evaluate(call("tileloadd64", tmm(g), Tx.address_of(acc[g, 0, 0]), Tx.int64(64)))
@@ -95,14 +87,7 @@ def codes_kernel(N: int, M: int, K: int, parts: tuple[int, ...], cores: int):
                         Tx.evaluate(call("tileloadd64", tmm(5 + g % 3), Tx.address_of(W[t * GT + g, q, 0, 0]),
                                          Tx.int64(64)))  # fmt: skip
                         Tx.evaluate(call("tdpbusd", tmm(g), tmm(5 + g % 3), tmm(4)))
-                for g in Tx.unroll(GT):
-                    Tx.evaluate(call("tilestored64", tmm(g), Tx.address_of(acc[g, 0, 0]), Tx.int64(64)))
-                for g, r, n in Tx.grid(GT, ROWS, N):
-                    y[n, (t * GT + g) * ROWS + r] = Tx.Cast("float32", acc[g, r, n] - x_sum[n]) * scale(
-                        inv, (t * GT + g) * ROWS + r, n
-                    )
-                for g, r, n in Tx.grid(GT, ROWS, TOKENS):
-                    acc[g, r, n] = 0
+                drain(y, acc, x_sum, inv, t)
             Tx.evaluate(call("tilerelease"))
 
     return gemm
