@@ -416,11 +416,11 @@ def prepare(a, target: str) -> list[dict]:
         _say(f"checking that llama.cpp loads and runs {path} ...")  # before any build: a refusal costs nothing
         _check_loaded(_run_worker(["llama", "--gguf", str(path), "--prompt-tokens", "1", "--decode-tokens", "1"], 1,
                                   MODULE), path, ours)  # fmt: skip
+        from compiler import cache
+        from compiler.lower import amx_for
+
         entries = {}
         for w in a.weights:
-            from compiler import cache
-            from compiler.lower import amx_for
-
             layout = w.partition("+")[0]
             per_thread = cache.per_thread(target, layout, amx_for(target, layout))
             for n in a.threads if per_thread else a.threads[:1]:  # other entries serve every thread count

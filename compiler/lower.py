@@ -134,10 +134,10 @@ def amx_for(target: str, weights: str, mode: str = "auto") -> bool:
 
     if mode not in AMX_MODES:
         raise ValueError(f"amx={mode!r}: expected one of {', '.join(AMX_MODES)}")
-    fits = target == "avx512" and weights == "tile8"
-    if mode == "on" and not (fits and targets.has_amx()):
+    fits = target == "avx512" and weights == "tile8" and targets.has_amx()
+    if mode == "on" and not fits:
         raise ValueError("amx='on' needs the avx512 target, tile8 weights and a CPU with AMX-INT8 (amx_int8, amx_tile)")
-    return mode != "off" and fits and targets.has_amx()
+    return mode != "off" and fits
 
 
 AMX_PREFILL_CHUNK = 16  # an AMX build's prefill chunk where every GEMM of it takes AMX (amx_min_k): a tile's tokens
