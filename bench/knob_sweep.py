@@ -3,6 +3,7 @@
     python -m bench.knob_sweep --model bitnet-2b.gguf --target avx512 --knob prefetch --values 0 1024 2048 4096
     python -m bench.knob_sweep --model bitnet-2b.gguf --knob prefetch --values 0 1024 --runs 5 --record
     python -m bench.knob_sweep --model bitnet-2b.gguf --weights tl --knob prefetch --values 0 1024 2048 4096
+    python -m bench.knob_sweep --model bitnet-2b.gguf --knob prefetch_to --values 1 2 --with prefetch=2048
 
 Why: a knob that decides how weights stream from DRAM (the software prefetch distance above all) is ranked wrongly
 by timing one kernel alone. On an Intel AVX-512 VM (2 vCPUs, 480 MiB L3) ``compiler.tune --dram`` timed the 2B-4T
@@ -10,9 +11,9 @@ GEMVs within a few % at 0 and 1024 B of prefetch, in either order from one harne
 1024 B decodes 1.24x faster (``docs/threads.md``). So this measures the model itself.
 
 For each value: every ternary GEMV of the model (``gemv_i8``; with ``--weights tl`` the 1.67-bit ``gemv_i8_tl``,
-built for ``--threads``) gets the knobs the build would use (this
-CPU kind's record, else the shared one, else the hand defaults) with ``--knob`` set to the value, as this CPU kind's
-records in a scratch copy of the tuning logs; ``compiler.build`` compiles the model against it (into ``--workdir``);
+built for ``--threads``) gets the knobs the build would use (this CPU kind's record, else the shared one, else the
+hand defaults) with ``--knob`` set to the value (and each ``--with KNOB=V``), as this CPU kind's records in a scratch
+copy of the tuning logs; ``compiler.build`` compiles the model against it (into ``--workdir``);
 then ``--runs`` rounds, each timing every build in turn in its own subprocess (``bench.runtime``'s worker: prefill
 ``--prompt-tokens``, then ``--decode-tokens`` greedy steps; decode tok/s = 1 / the median step), plus the build
 from the current records as the baseline. The table gives medians and ranges, and the median of the per-round ratios
@@ -48,18 +49,25 @@ def sweep_ops(model: str, weights: str = "tile8") -> list:
     return [op for op in tune.model_ops(model, "cpu", weights) if op.kind == GEMV[weights]]
 
 
-def variant_logs(ops, target: str, knob: str, value: int, dest: Path, logs=None, cores: int | None = None) -> Path:
+def variant_logs(ops, target: str, knob: str, value: int, dest: Path, logs=None, cores: int | None = None,
+                 fixed: dict | None = None) -> Path:  # fmt: skip
     """A copy of the tuning logs whose records for this CPU kind give every op of ``ops`` its current knobs with
-    ``knob = value`` (run times: placeholders, never ranked against anything: the op has no other record there)."""
+    ``fixed`` and ``knob = value`` (run times: placeholders, never ranked against anything: the op has no other
+    record there)."""
     src = Path(logs or logs_root()) / target
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest / target, ignore=shutil.ignore_patterns("machines"))
     db = open_db(target, dest, machine=True)
     for op in ops:
-        knobs = S.build_knobs(op, target, logs) | {knob: value}
+        knobs = S.build_knobs(op, target, logs) | (fixed or {}) | {knob: value}
         tune.commit(db, op, S.manual(op, target, knobs, cores), target, [1.0])
     return dest
+
+
+def fixed_knobs(pairs: list[str]) -> dict[str, int]:
+    """``["prefetch=2048"]`` → ``{"prefetch": 2048}`` (checked by :func:`check_args`)."""
+    return {name: int(v) for name, _, v in (p.partition("=") for p in pairs)}
 
 
 def check_args(a, space_names: set[str]) -> list[str]:
@@ -68,6 +76,10 @@ def check_args(a, space_names: set[str]) -> list[str]:
         out.append(f"--model {a.model}: not a file")
     if space_names and a.knob not in space_names:
         out.append(f"--knob {a.knob}: the GEMV's knobs are {', '.join(sorted(space_names))}")
+    for w in a.with_:
+        name, eq, v = w.partition("=")
+        if not eq or not v.lstrip("-").isdigit() or (space_names and name not in space_names) or name == a.knob:
+            out.append(f"--with {w}: give KNOB=INT for another of the GEMV's knobs")
     if len(set(a.values)) < 2:
         out.append("--values: give at least two different values to compare")
     if a.runs < 1:
@@ -83,6 +95,7 @@ def run(a, ops: list) -> dict:
 
     # kernels that split work per thread (the 1.67-bit tables, AMX tasks): built for the threads they run with
     cores = a.threads if cache.per_thread(target, a.weights, amx_for(target, a.weights)) else None
+    fixed = fixed_knobs(a.with_)
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     from compiler.build import build
@@ -91,7 +104,7 @@ def run(a, ops: list) -> dict:
     builds = {"current": build(a.model, target, tuning_logs=a.logs, **opts).dir}
     for v in a.values:
         print(f"building {a.knob}={v} ...", file=sys.stderr, flush=True)
-        logs = variant_logs(ops, target, a.knob, v, work / f"logs_{a.knob}_{v}", a.logs, cores)
+        logs = variant_logs(ops, target, a.knob, v, work / f"logs_{a.knob}_{v}", a.logs, cores, fixed)
         builds[v] = build(a.model, target, tuning_logs=logs, **opts).dir
     runs: dict = {k: [] for k in builds}
     for r in range(a.runs):
@@ -110,12 +123,12 @@ def run(a, ops: list) -> dict:
     best = max((r for r in rows if r["value"] != "current"), key=lambda r: r["decode_tok_s"])
     res = {"command": "python -m bench.knob_sweep " + " ".join(sys.argv[1:]), "model": a.model, "target": target,
            "machine_id": S.machine_dir(target).name, "cpu": targets.cpu.cpu_name(), "threads": a.threads,
-           "weights": a.weights, "knob": a.knob, "ops": [op.key for op in ops], "runs": a.runs, "rows": rows,
-           "best": best["value"], "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+           "weights": a.weights, "knob": a.knob, "with": fixed, "ops": [op.key for op in ops], "runs": a.runs,
+           "rows": rows, "best": best["value"], "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     if a.record:
         new = []
         for op in ops:
-            sch = S.manual(op, target, S.build_knobs(op, target, a.logs) | {a.knob: best["value"]}, cores)
+            sch = S.manual(op, target, S.build_knobs(op, target, a.logs) | fixed | {a.knob: best["value"]}, cores)
             new.append((op, sch, tune.measure(op, S.compile_mod(sch.mod, target), dram=True)))
         replace_records(S.machine_dir(target, a.logs), target, new)
         res["recorded"] = str(S.machine_dir(target, a.logs))
@@ -123,8 +136,10 @@ def run(a, ops: list) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = [f"{res['knob']} over the {len(res['ops'])} {res['weights']} GEMVs of {res['model']} ({res['target']}, "
-             f"{res['threads']} thread(s), {res['cpu']}, {res['machine_id']}); medians of {res['runs']} runs",
+    fixed = "".join(f", {k}={v}" for k, v in res.get("with", {}).items())
+    lines = [f"{res['knob']}{fixed} over the {len(res['ops'])} {res['weights']} GEMVs of {res['model']} "
+             f"({res['target']}, {res['threads']} thread(s), {res['cpu']}, {res['machine_id']}); "
+             f"medians of {res['runs']} runs",
              f"{'value':>10} {'decode tok/s':>13} {'range':>16} {'vs current':>11} {'range':>16}"]  # fmt: skip
     for r in res["rows"]:
         lo, hi = r["decode_tok_s_range"]
@@ -145,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default="tile8", choices=sorted(GEMV), help="the CPU weight layout (compiler.build)")
     ap.add_argument("--knob", default="prefetch", help="the GEMV knob to sweep (default prefetch)")
     ap.add_argument("--values", type=int, nargs="+", default=[0, 1024, 2048, 4096])
+    ap.add_argument("--with", dest="with_", action="append", default=[], metavar="KNOB=V",
+                    help="another knob fixed at V in every variant, e.g. prefetch=2048 (repeatable)")
     ap.add_argument("--threads", type=int, default=targets.num_cores())
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=16)

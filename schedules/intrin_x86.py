@@ -20,8 +20,10 @@ computes ``Σ code·x − Σ x`` (the caller subtracts Σx).
 * ``ternary_dot_64b_avx512bw`` (AVX-512BW without VNNI): the AVX2 recipe on 512-bit registers.
 
 Each also exists as ``NAME_pf{1024,2048,4096}``: the same body plus one software prefetch ``W + pf`` bytes ahead
-(a grid-only knob of the GEMV schedule; it matters for DRAM-resident weights). Bodies are single expressions, not
-let-bound vectors: inside a parallel loop TVM turns each let-bound vector into a workspace allocation per call.
+(a grid-only knob of the GEMV schedule; it matters for DRAM-resident weights) into L1 (``prefetcht0``), and as
+``NAME_pf{1024,2048,4096}_l2`` into L2 only (``prefetcht1``; the knob ``prefetch_to``). Bodies are single
+expressions, not let-bound vectors: inside a parallel loop TVM turns each let-bound vector into a workspace
+allocation per call.
 
 The int32 accumulator is exact while ``K ≤ 2²²`` (``|Σ c·x| ≤ 2·128·K``), the bound
 :data:`model.ternary.reference.K_MAX` already enforces.
@@ -35,7 +37,7 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from schedules.knobs import PREFETCH  # software prefetch distances (0 = none), a knob
+from schedules.knobs import PREFETCH, PREFETCH_TO  # software prefetch distances (0 = none) and cache levels, knobs
 
 LANES = 16  # int32 accumulator lanes per intrinsic call
 CHUNK_BYTES = 64  # packed weight bytes per call
@@ -97,8 +99,13 @@ def ternary_dot_desc(
                 )
 
 
-def _impl(isa: str, pf: int):
-    """The implementation PrimFunc for ``isa`` (vnni | avx512bw | avx2), prefetching ``W + pf`` bytes if ``pf``."""
+LOCALITY = {1: 3, 2: 2}  # prefetch_to (cache level) -> llvm.prefetch's locality: 3 = prefetcht0, 2 = prefetcht1
+
+
+def _impl(isa: str, pf: int, to: int = 1):
+    """The implementation PrimFunc for ``isa`` (vnni | avx512bw | avx2), prefetching ``W + pf`` bytes if ``pf`` into
+    cache level ``to``."""
+    locality = LOCALITY[to]
     lo = {"vnni": _vnni_expr, "avx512bw": lambda W, X, C: _maddubs_expr(W, X, C, 0, 64),
           "avx2": lambda W, X, C: _maddubs_expr(W, X, C, 0, 32)}[isa]  # fmt: skip
     hi = lambda W, X, C: _maddubs_expr(W, X, C, 32, 32)  # noqa: E731  (AVX2: the upper 32 bytes → lanes 8..15)
@@ -116,7 +123,7 @@ def _impl(isa: str, pf: int):
             T.reads(C[0:16], W[0:64], X[0:4, 0:64])
             T.writes(C[0:16])
             if prefetch:
-                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[pf]), 0, 3, 1))
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[pf]), 0, locality, 1))
             if avx2:
                 C[T.ramp(0, 1, 8)] = lo(W, X, C)
                 C[T.ramp(8, 1, 8)] = hi(W, X, C)
@@ -182,23 +189,28 @@ def _lane_sum_pair(rows: int):
     return desc, impl
 
 
-def intrin_name(base: str, pf: int = 0) -> str:
-    return f"{base}_pf{pf}" if pf else base
+def intrin_name(base: str, pf: int = 0, to: int = 1) -> str:
+    """The intrinsic that prefetches ``pf`` bytes ahead (0: none) into cache level ``to`` (1 or 2)."""
+    if not pf:
+        return base
+    return f"{base}_pf{pf}" if to == 1 else f"{base}_pf{pf}_l{to}"
 
 
 def register() -> list[str]:
     """Register every (ISA, prefetch distance) intrinsic (idempotent) and return the names.
 
-    The prefetch variants issue one ``prefetcht0 [W + pf]`` per 64-byte chunk: for a DRAM-resident GEMV the hardware
-    prefetcher alone leaves bandwidth unused (measured: docs/architecture.md, "Measurements behind the code").
+    The prefetch variants issue one ``prefetcht0 [W + pf]`` (or ``prefetcht1``) per 64-byte chunk: for a
+    DRAM-resident GEMV the hardware prefetcher alone leaves bandwidth unused (measured: docs/architecture.md,
+    "Measurements behind the code"; the cache level: docs/foreign_models.md, "Prefetching into L2").
     """
     names = []
     for base, isa in ((VNNI_INTRIN, "vnni"), (AVX512BW_INTRIN, "avx512bw"), (AVX2_INTRIN, "avx2")):
         for pf in PREFETCH:
-            name = intrin_name(base, pf)
-            if TensorIntrin.get(name, allow_missing=True) is None:
-                TensorIntrin.register(name, ternary_dot_desc, _impl(isa, pf))
-            names.append(name)
+            for to in PREFETCH_TO if pf else (1,):
+                name = intrin_name(base, pf, to)
+                if TensorIntrin.get(name, allow_missing=True) is None:
+                    TensorIntrin.register(name, ternary_dot_desc, _impl(isa, pf, to))
+                names.append(name)
     for rows in LANE_SUM_ROWS:
         name = lane_sum_intrin(rows)
         if TensorIntrin.get(name, allow_missing=True) is None:

@@ -17,6 +17,7 @@ import itertools
 from dataclasses import dataclass
 
 PREFETCH = (0, 1024, 2048, 4096)  # x86 kernels' software prefetch distance in bytes ahead of the chunk (0 = none)
+PREFETCH_TO = (1, 2)  # the cache level a prefetch fills: 1 (prefetcht0) or 2 (prefetcht1: L2, not L1)
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,17 @@ def choose(sch, knobs: dict | None, k: Knob):
 
 def knobs_of_trace(trace, space: list[Knob]) -> dict[str, int]:
     """The knob values a schedule trace decided, in :func:`choose` call order (single-candidate knobs implied;
-    a trace from a sampled design space has no grid-only decisions: those were at their defaults)."""
+    a trace from a sampled design space has no grid-only decisions: those were at their defaults; nor has a grid
+    trace recorded before grid-only knobs were appended to the space: those read as their defaults too)."""
     decisions = [
         int(trace.get_decision(inst)) for inst in trace.insts if inst.kind.name == "SampleCategorical"
     ]  # fmt: skip
-    sampled = [k for k in space if len(k.candidates) > 1]
+    full = [k for k in space if len(k.candidates) > 1]
+    sampled = full
     if len(decisions) != len(sampled):
-        sampled = [k for k in sampled if not k.grid_only]
+        sampled = [k for k in full if not k.grid_only]
+    if len(decisions) != len(sampled) and all(k.grid_only for k in full[len(decisions) :]):
+        sampled = full[: len(decisions)]  # a grid trace from before trailing grid-only knobs existed: defaults
     if len(decisions) != len(sampled):
         raise ValueError(f"trace has {len(decisions)} categorical decisions, the knob space {len(sampled)}")
     out = {k.name: k.default for k in space}

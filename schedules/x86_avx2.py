@@ -19,3 +19,9 @@ SCHEDULES = {kind: functools.partial(fn, isa=ISA) for kind, fn in x86_common.TEM
 
 def space(op):
     return x86_common.space(op, ISA)
+
+
+def valid(op, knobs: dict) -> bool:
+    """Knobs the tuner may try (:func:`compiler.tuning_db.plan`): all but the GEMV's duplicates
+    (:func:`x86_common.valid`)."""
+    return x86_common.valid(op, knobs)

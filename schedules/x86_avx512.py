@@ -23,5 +23,6 @@ def space(op):
 
 
 def valid(op, knobs: dict) -> bool:
-    """Knobs the tuner may try (:func:`compiler.tuning_db.plan`): all but the table-lookup GEMV's non-portable ones."""
-    return x86_tl.valid(op, knobs) if op.kind in x86_tl.KINDS else True
+    """Knobs the tuner may try (:func:`compiler.tuning_db.plan`): all but the table-lookup GEMV's non-portable ones
+    and the GEMV's duplicates (:func:`x86_common.valid`)."""
+    return x86_tl.valid(op, knobs) if op.kind in x86_tl.KINDS else x86_common.valid(op, knobs)

@@ -52,8 +52,10 @@ def space(op, isa: Isa) -> list[Knob]:
     if kind == "gemv_i8":
         rows = (op.tile,) if getattr(op, "tile", 0) else (1, 2, 4, 8, 12)  # a tiled layout fixes the row tile
         big = op.M * op.K // 4 > 24 << 20  # weights beyond most of the L3: prefetch by default
+        # prefetch_to last: records tuned before it existed read as its default (schedules.knobs.knobs_of_trace)
         return [knob("rows", op.M, rows, 8), knob("unroll_k", op.K // 256, (1, 2, 4), 2),
-                Knob("prefetch", intrin_x86.PREFETCH, 2048 if big else 0, grid_only=True)]  # fmt: skip
+                Knob("prefetch", intrin_x86.PREFETCH, 2048 if big else 0, grid_only=True),
+                Knob("prefetch_to", intrin_x86.PREFETCH_TO, 1, grid_only=True)]  # fmt: skip
     if kind == "gemm_i8":
         rows = tuple(r for r in (1, 2, 4, 8) if getattr(op, "tile", 0) % r == 0)  # a row tile within a layout tile
         return [knob("rows", op.M, rows, 4), knob("tokens", op.N, (1, 2, 4), 2),
@@ -67,6 +69,11 @@ def space(op, isa: Isa) -> list[Knob]:
         # unroll ≥ 2: the Σu² lane loop of mhc_post needs a reduction loop of extent > 1 under each column tile
         return [knob("vec", op.D, (8, 16, 32), isa.f32_lanes), knob("unroll", op.D // 32, (2, 4), 2)]
     raise KeyError(f"no x86 schedule for op kind {kind!r}")
+
+
+def valid(op, knobs: dict) -> bool:
+    """False for knob sets that build the same kernel as another: a cache level for no prefetch."""
+    return not (knobs.get("prefetch", 1) == 0 and knobs.get("prefetch_to", 1) != 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,6 +100,12 @@ def _lane_sum_tree(sch, acc, rows: int) -> None:
     sch.tensorize(m, intrin_x86.lane_sum_intrin(rows))
 
 
+def _grid_only(sch, knobs: dict | None, k: Knob) -> int:
+    """A grid-only knob's value: recorded in the trace (:func:`choose`), its Python value shapes the code."""
+    choose(sch, knobs, k)
+    return k.default if knobs is None else int(knobs.get(k.name, k.default))
+
+
 def _parallel(sch, loop, macs: int, isa: Isa) -> None:
     """Run ``loop`` (the row tiles) on the thread pool when the kernel's ``macs`` reach ``isa.parallel_macs``."""
     if macs >= isa.parallel_macs:
@@ -102,8 +115,7 @@ def _parallel(sch, loop, macs: int, isa: Isa) -> None:
 def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = None):
     ks = {k.name: k for k in space(op, isa)}
     rows, uk = choose(sch, knobs, ks["rows"]), choose(sch, knobs, ks["unroll_k"])
-    choose(sch, knobs, ks["prefetch"])  # grid-only: recorded in the trace, the Python value picks the intrinsic
-    pf = ks["prefetch"].default if knobs is None else int(knobs.get("prefetch", ks["prefetch"].default))
+    pf, to = (_grid_only(sch, knobs, ks[n]) for n in ("prefetch", "prefetch_to"))  # they pick the intrinsic
     acc = sch.get_sblock("acc")
     _m, _c, b, _j = sch.get_loops(acc)
     ln, _t = sch.split(b, [16, 4])
@@ -117,7 +129,7 @@ def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = No
     _lanes_innermost(sch, acc)
     sch.reverse_compute_at(sch.get_sblock("y"), mo)
     sch.decompose_reduction(rf, co)
-    sch.tensorize(ln, intrin_x86.intrin_name(isa.intrin, pf))
+    sch.tensorize(ln, intrin_x86.intrin_name(isa.intrin, pf, to))
     sch.unroll(mi)
     sch.unroll(ci)
     _lane_sum_tree(sch, acc, rows)

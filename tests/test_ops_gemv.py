@@ -92,6 +92,25 @@ def test_extreme_activations_do_not_saturate(target):
     np.testing.assert_array_equal(y, op.reference(*ins, impl=IMPL)[0])
 
 
+def _asm(ex) -> str:
+    return "\n".join(m.inspect_source("asm") for m in [ex.mod, *ex.mod.imports] if m.kind in ("llvm", "library"))
+
+
+@pytest.mark.parametrize("target", X86)
+def test_prefetch_level_picks_the_instruction_and_keeps_the_result(target):
+    """``prefetch_to`` 1 issues ``prefetcht0`` (into L1), 2 ``prefetcht1`` (into L2 only); the result is the same."""
+    op = make_op("gemv_i8", M=64, K=1024)
+    outs = []
+    for to, mnemonic, other in ((1, "prefetcht0", "prefetcht1"), (2, "prefetcht1", "prefetcht0")):
+        ex = build(op, target, knobs={"rows": 8, "unroll_k": 2, "prefetch": 1024, "prefetch_to": to})
+        asm = _asm(ex)
+        assert mnemonic in asm and other not in asm
+        ins, y = run(op, ex, 7)
+        outs.append(y)
+    np.testing.assert_array_equal(outs[0], op.reference(*ins, impl=IMPL)[0])
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
 def test_shape_errors_are_clear():
     with pytest.raises(OpShapeError, match="multiple of 256"):
         make_op("gemv_i8", M=8, K=300)

@@ -27,7 +27,7 @@ from compiler.ops import make_op
 from model.config import get_config
 
 REPO = Path(__file__).resolve().parent.parent
-OP = make_op("gemv_i8", M=48, K=512)  # rows {1, 2, 4, 8, 12} × unroll_k {1, 2} × prefetch {0, 1k, 2k, 4k}
+OP = make_op("gemv_i8", M=48, K=512)  # rows {1, 2, 4, 8, 12} × unroll_k {1, 2} × prefetch {0, 1k, 2k, 4k} × to {1, 2}
 
 
 def record_lines(root, target):
@@ -78,7 +78,7 @@ def test_worse_records_never_win(tmp_path):
     db = S.open_database(target, tmp_path)
     rec = S.best_record(db, OP)
     knobs = tune.knobs_of_trace(rec.trace, S.schedule_module(target).space(OP))
-    assert knobs == {"rows": 2, "unroll_k": 1, "prefetch": 0}
+    assert knobs == {"rows": 2, "unroll_k": 1, "prefetch": 0, "prefetch_to": 1}
 
 
 @pytest.mark.build
@@ -258,14 +258,15 @@ def test_this_machines_records_win_over_the_shared_ones(tmp_path, monkeypatch):
     monkeypatch.setenv("TERNARY_MACHINE", "kind-a")
     mine = tune.open_db(target, tmp_path, machine=True)
     assert mine.dir == tmp_path / target / "machines" / "kind-a"
-    tune.commit(mine, OP, S.manual(OP, target, {"rows": 4, "unroll_k": 2, "prefetch": 1024}), target, [1.0])
-    assert knobs_of(S.find_record(OP, target, tmp_path)) == {"rows": 4, "unroll_k": 2, "prefetch": 1024}
+    mine_knobs = {"rows": 4, "unroll_k": 2, "prefetch": 1024, "prefetch_to": 2}
+    tune.commit(mine, OP, S.manual(OP, target, mine_knobs), target, [1.0])
+    assert knobs_of(S.find_record(OP, target, tmp_path)) == mine_knobs
     sf = S.get_primfunc(OP, target, logs_root=tmp_path, mode="tuned")
     assert sf.source == "tuned" and sf.run_secs == 1.0
     ins = OP.random_inputs(np.random.default_rng(1))
     np.testing.assert_array_equal(Kernel(OP, sf.build())(*ins)[0], OP.reference(*ins)[0])
     monkeypatch.setenv("TERNARY_MACHINE", "kind-b")  # another CPU kind: no records of its own
-    assert knobs_of(S.find_record(OP, target, tmp_path)) == {"rows": 2, "unroll_k": 1, "prefetch": 0}
+    assert knobs_of(S.find_record(OP, target, tmp_path)) == {"rows": 2, "unroll_k": 1, "prefetch": 0, "prefetch_to": 1}
 
 
 @pytest.mark.unit
@@ -316,7 +317,7 @@ def test_a_whole_model_choice_replaces_this_machines_records(tmp_path, monkeypat
     space = S.schedule_module(target).space(OP)
     db = S.open_database(target, tmp_path, machine="kind-a")
     assert [tune.knobs_of_trace(r.trace, space) for r in S.records(db, OP)] == [
-        {"rows": 8, "unroll_k": 2, "prefetch": 1024}]  # fmt: skip
+        {"rows": 8, "unroll_k": 2, "prefetch": 1024, "prefetch_to": 1}]  # fmt: skip
     assert tune.knobs_of_trace(S.find_record(other, target, tmp_path).trace, space)["rows"] == 4
     sf = S.get_primfunc(OP, target, logs_root=tmp_path, mode="tuned")
     ins = OP.random_inputs(np.random.default_rng(2))
@@ -334,14 +335,17 @@ def test_knob_sweep_variant_logs_set_the_knob_on_every_gemv(tmp_path, monkeypatc
     gguf = tiny_gguf(2)
     ops = knob_sweep.sweep_ops(str(gguf))
     assert ops and {op.kind for op in ops} == {"gemv_i8"} and all(op.tile == 8 for op in ops)
-    logs = knob_sweep.variant_logs(ops, target, "prefetch", 2048, tmp_path / "v")
+    logs = knob_sweep.variant_logs(ops, target, "prefetch_to", 2, tmp_path / "v", fixed={"prefetch": 2048})
     assert (logs / target / "database_tuning_record.json").exists()  # the shared records, copied
     for op in ops:
-        want = S.build_knobs(op, target) | {"prefetch": 2048}
+        want = S.build_knobs(op, target) | {"prefetch": 2048, "prefetch_to": 2}
         assert S.build_knobs(op, target, logs) == want
-    ap = SimpleNamespace(model=str(tmp_path / "none.gguf"), knob="nope", values=[1], runs=0)
+    ap = SimpleNamespace(model=str(tmp_path / "none.gguf"), knob="nope", values=[1], runs=0,
+                         with_=["prefetch=2048", "rows", "nope=1", "unroll_k=x"])  # fmt: skip
     problems = knob_sweep.check_args(ap, {"rows", "unroll_k", "prefetch"})
-    assert len(problems) == 4 and "--knob nope" in problems[1]
+    assert len(problems) == 7 and "--knob nope" in problems[1]
+    assert [p.split(":")[0] for p in problems[2:5]] == ["--with rows", "--with nope=1", "--with unroll_k=x"]
+    assert knob_sweep.fixed_knobs(["prefetch=2048", "rows=8"]) == {"prefetch": 2048, "rows": 8}
 
 
 @pytest.mark.unit
@@ -352,8 +356,27 @@ def test_knob_sweep_cli_refuses_bad_arguments(capsys, tmp_path):
 
     with pytest.raises(SystemExit) as e:
         knob_sweep.main(["--model", str(tiny_gguf(2)), "--knob", "nope", "--values", "0", "1024"])
-    assert e.value.code == 2 and "--knob nope: the GEMV's knobs are prefetch, rows, unroll_k" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--knob nope: the GEMV's knobs are prefetch, prefetch_to, rows, unroll_k" in err
     with pytest.raises(SystemExit) as e:
         knob_sweep.main(["--model", str(tmp_path / "missing.gguf"), "--values", "0"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "not a file" in err and "at least two different values" in err
+
+
+@pytest.mark.unit
+def test_records_from_before_prefetch_to_read_as_prefetching_into_l1():
+    """Committed records tuned before the ``prefetch_to`` knob existed (their traces have no decision for it) read as
+    its default, ``prefetch_to=1``: the kernel they were timed with."""
+    from compiler.tune import parse_shape
+    from schedules.knobs import knobs_of_trace
+
+    op = parse_shape("gemv_i8:M=2560:K=6912:tile=8")
+    for target in ("avx512", "avx2"):
+        rec = S.best_record(S.open_database(target, machine=None), op)
+        assert rec is not None, f"the shared {target} records have no {op.key}"
+        space = S.schedule_module(target).space(op)
+        insts = [i for i in rec.trace.insts if i.kind.name == "SampleCategorical"]
+        assert len(insts) == sum(len(k.candidates) > 1 for k in space) - 1  # all but prefetch_to's
+        knobs = knobs_of_trace(rec.trace, space)
+        assert knobs["prefetch_to"] == 1 and knobs["prefetch"] in (0, 1024, 2048, 4096)
