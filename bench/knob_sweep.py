@@ -160,8 +160,14 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default="tile8", choices=sorted(GEMV), help="the CPU weight layout (compiler.build)")
     ap.add_argument("--knob", default="prefetch", help="the GEMV knob to sweep (default prefetch)")
     ap.add_argument("--values", type=int, nargs="+", default=[0, 1024, 2048, 4096])
-    ap.add_argument("--with", dest="with_", action="append", default=[], metavar="KNOB=V",
-                    help="another knob fixed at V in every variant, e.g. prefetch=2048 (repeatable)")
+    ap.add_argument(
+        "--with",
+        dest="with_",
+        action="append",
+        default=[],
+        metavar="KNOB=V",
+        help="another knob fixed at V in every variant, e.g. prefetch=2048 (repeatable)",
+    )
     ap.add_argument("--threads", type=int, default=targets.num_cores())
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=16)
