@@ -579,6 +579,7 @@ def rmsnorm(T: int, D: int, eps: float):
 
 
 HEAD_BLOCK = 16  # CPU LM heads: head rows per block of the blocked layout (tile_head)
+HEAD_PREFETCH = 2048  # the float LM head prefetches its rows this many bytes of their block ahead, into L2
 
 
 def head_blocks(V: int) -> int:
@@ -651,7 +652,12 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", rows: int | None = N
     and a row chunk once for ``VT`` head rows, so ``h`` is read ``V / VT`` times instead of ``V`` (at ``B = 8`` on
     ``nano-1b`` that re-read, 64 KiB per head row from L2, was the head's bottleneck). Tiles of head rows run in
     parallel. The partial sums are two small ``"global"`` buffers, which TVM places on the stack (each under its 1 KiB
-    limit); a ``"local"`` buffer is heap workspace, allocated per tile and stored back at every step."""
+    limit); a ``"local"`` buffer is heap workspace, allocated per tile and stored back at every step.
+
+    Each chunk step prefetches the tile's head rows :data:`HEAD_PREFETCH` bytes of its block further on into L2
+    (``prefetcht1``; past the last chunk that is the next block, the tile's successor in memory; a prefetch never
+    faults). Without it the head streamed at 85–88 % of the read roof on an Intel VM (docs/foreign_models.md,
+    "Prefetching into L2")."""
     from tvm.script import tirx as Tx
 
     L = HEAD_LANES
@@ -659,6 +665,9 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", rows: int | None = N
     NO, R, VT = _head_tiling(V, D, rows, L, BT, "head's lanes")
     P = VT * BT  # pairs per tile: pa holds 0..7, pb 8..15
     NB, vb, vr = _head_blocks(V, VT, BT)
+    row_bytes = L * (2 if dtype == "float16" else 4)  # one head row's chunk
+    per_line = max(1, 64 // row_bytes)  # head rows of a chunk per cache line
+    ahead = max(1, HEAD_PREFETCH // (HEAD_BLOCK * row_bytes))  # chunks ahead (a block's chunk: 16 head rows)
 
     @Tx.prim_func
     def head(h: Tx.Buffer((B, D), "float32"), E: Tx.Buffer((NB, NO, HEAD_BLOCK, L), dtype),
@@ -674,6 +683,9 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", rows: int | None = N
                         else:
                             pb[k - 8, ln] = Tx.float32(0)
                 for io in range(NO):
+                    for j in Tx.unroll(-(-VT // per_line)):  # the tile's lines `ahead` chunks on, into L2
+                        Tx.evaluate(Tx.call_llvm_intrin("void", "llvm.prefetch.p0", Tx.address_of(
+                            E[vb(vo, 0), io + ahead, vr(vo, 0) + j * per_line, 0]), 0, 2, 1))  # fmt: skip
                     for k in Tx.unroll(P):  # pair k: head row vo·VT + k // BT, row bo·BT + k % BT
                         for ln in Tx.vectorized(L):
                             if k < 8:
