@@ -579,7 +579,8 @@ def rmsnorm(T: int, D: int, eps: float):
 
 
 HEAD_BLOCK = 16  # CPU LM heads: head rows per block of the blocked layout (tile_head)
-HEAD_PREFETCH = 2048  # the float LM head prefetches its rows this many bytes of their block ahead, into L2
+HEAD_PREFETCH = 2048  # the float CPU LM head prefetches its rows this many bytes of their block ahead, into L2
+HEAD_I8_PREFETCH = 1024  # the int8 head's distance (each measured best on an Intel VM; 0: no prefetch)
 
 
 def head_blocks(V: int) -> int:
@@ -629,6 +630,22 @@ def _head_tiling(V: int, D: int, rows: int | None, step: int, BT: int, what: str
     return D // step, R, next(t for t in (16, 8, 4, 2, 1) if R % t == 0 and t * BT <= 16)  # each divides HEAD_BLOCK
 
 
+def _head_prefetch_plan(VT: int, row_bytes: int, distance: int) -> tuple[int, int, int]:
+    """How a head tile of ``VT`` head rows, ``row_bytes`` of each per chunk, prefetches ``distance`` bytes of its
+    block ahead: ``(chunks ahead (0: no prefetch), cache lines per chunk, head rows per line)``."""
+    per_line = max(1, 64 // row_bytes)
+    ahead = -(-distance // (HEAD_BLOCK * row_bytes))  # a block's chunk holds 16 head rows
+    return ahead, -(-VT // per_line), per_line
+
+
+def _head_prefetch(E, block, chunk, row):
+    """Prefetch ``E[block, chunk, row, 0]``'s cache line into L2 (``prefetcht1``). Past the last chunk of a block
+    that is the next block, the tile's successor in memory; past the array's end nothing (a prefetch never faults)."""
+    from tvm import tirx
+
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(E[block, chunk, row, 0]), 0, 2, 1)
+
+
 def _head_blocks(V: int, VT: int, BT: int):
     """The blocked layout's block count and, for pair ``k`` of tile ``vo`` (head row ``vo·VT + k // BT``), its block
     and row in the block (``VT`` divides :data:`HEAD_BLOCK`, so a tile never straddles two blocks)."""
@@ -655,9 +672,8 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", rows: int | None = N
     limit); a ``"local"`` buffer is heap workspace, allocated per tile and stored back at every step.
 
     Each chunk step prefetches the tile's head rows :data:`HEAD_PREFETCH` bytes of its block further on into L2
-    (``prefetcht1``; past the last chunk that is the next block, the tile's successor in memory; a prefetch never
-    faults). Without it the head streamed at 85–88 % of the read roof on an Intel VM (docs/foreign_models.md,
-    "Prefetching into L2")."""
+    (:func:`_head_prefetch`). Without it the head streamed at 85–88 % of the read roof on an Intel VM
+    (docs/foreign_models.md, "Prefetching into L2")."""
     from tvm.script import tirx as Tx
 
     L = HEAD_LANES
@@ -665,9 +681,7 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", rows: int | None = N
     NO, R, VT = _head_tiling(V, D, rows, L, BT, "head's lanes")
     P = VT * BT  # pairs per tile: pa holds 0..7, pb 8..15
     NB, vb, vr = _head_blocks(V, VT, BT)
-    row_bytes = L * (2 if dtype == "float16" else 4)  # one head row's chunk
-    per_line = max(1, 64 // row_bytes)  # head rows of a chunk per cache line
-    ahead = max(1, HEAD_PREFETCH // (HEAD_BLOCK * row_bytes))  # chunks ahead (a block's chunk: 16 head rows)
+    ahead, lines, per_line = _head_prefetch_plan(VT, L * (2 if dtype == "float16" else 4), HEAD_PREFETCH)
 
     @Tx.prim_func
     def head(h: Tx.Buffer((B, D), "float32"), E: Tx.Buffer((NB, NO, HEAD_BLOCK, L), dtype),
@@ -683,9 +697,9 @@ def lm_head(B: int, V: int, D: int, dtype: str = "float32", rows: int | None = N
                         else:
                             pb[k - 8, ln] = Tx.float32(0)
                 for io in range(NO):
-                    for j in Tx.unroll(-(-VT // per_line)):  # the tile's lines `ahead` chunks on, into L2
-                        Tx.evaluate(Tx.call_llvm_intrin("void", "llvm.prefetch.p0", Tx.address_of(
-                            E[vb(vo, 0), io + ahead, vr(vo, 0) + j * per_line, 0]), 0, 2, 1))  # fmt: skip
+                    if ahead > 0:  # a Python bool: the parser drops the branch when it is off
+                        for j in Tx.unroll(lines):
+                            Tx.evaluate(_head_prefetch(E, vb(vo, 0), io + ahead, vr(vo, 0) + j * per_line))
                     for k in Tx.unroll(P):  # pair k: head row vo·VT + k // BT, row bo·BT + k % BT
                         for ln in Tx.vectorized(L):
                             if k < 8:
@@ -734,7 +748,8 @@ def lm_head_i8(B: int, V: int, D: int, rows: int | None = None):
     per instruction; the signed weights become unsigned by flipping their sign bit (``E ^ 0x80 = E + 128``),
     corrected by ``128·Σh8``.
     Register tiling as :func:`lm_head`: a tile of 16 (head row, row) pairs, each an int32x16 accumulator (two
-    512-byte stack arrays, kept in registers), over ``D`` in chunks of 64; the lanes summed at the end."""
+    512-byte stack arrays, kept in registers), over ``D`` in chunks of 64; the lanes summed at the end; and its
+    prefetch into L2, :data:`HEAD_I8_PREFETCH` bytes ahead."""
     import tvm
     from tvm import tirx
     from tvm.script import tirx as Tx
@@ -746,6 +761,7 @@ def lm_head_i8(B: int, V: int, D: int, rows: int | None = None):
     flip = tirx.Broadcast(tvm.tirx.const(-128, "int8"), C)
 
     NB, vb, vr = _head_blocks(V, VT, BT)
+    ahead, lines, per_line = _head_prefetch_plan(VT, C, HEAD_I8_PREFETCH)
 
     def dot(acc, E, h, vo, k, b, io):  # acc + (E[head row, chunk] ^ 0x80) · h[b, chunk], 16 int32 lanes
         e = tirx.bitwise_xor(E.vload([vb(vo, k), io, vr(vo, k), 0], f"int8x{C}"), flip)
@@ -768,6 +784,9 @@ def lm_head_i8(B: int, V: int, D: int, rows: int | None = None):
                     else:
                         pb[k - 8, Tx.ramp(0, 1, 16)] = Tx.Broadcast(Tx.int32(0), 16)
                 for io in range(NO):
+                    if ahead > 0:  # a Python bool: the parser drops the branch when it is off
+                        for j in Tx.unroll(lines):
+                            Tx.evaluate(_head_prefetch(E, vb(vo, 0), io + ahead, vr(vo, 0) + j * per_line))
                     for k in Tx.unroll(P):  # pair k: head row vo·VT + k // BT, row bo·BT + k % BT
                         if k < 8:
                             pa[k, Tx.ramp(0, 1, 16)] = dot(pa.vload([k, 0], "int32x16"), E, h8, vo, k,

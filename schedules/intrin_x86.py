@@ -37,7 +37,7 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from schedules.knobs import PREFETCH, PREFETCH_TO  # software prefetch distances (0 = none) and cache levels, knobs
+from schedules.knobs import LOCALITY, PREFETCH, PREFETCH_TO  # prefetch distances (0 = none) and cache levels
 
 LANES = 16  # int32 accumulator lanes per intrinsic call
 CHUNK_BYTES = 64  # packed weight bytes per call
@@ -97,9 +97,6 @@ def ternary_dot_desc(
                 C[vl] = C[vl] + T.Cast("int32", (W[vl * 4 + vt] >> T.Cast("uint8", vj * 2)) & T.uint8(3)) * T.Cast(
                     "int32", X[vj, vl * 4 + vt]
                 )
-
-
-LOCALITY = {1: 3, 2: 2}  # prefetch_to (cache level) -> llvm.prefetch's locality: 3 = prefetcht0, 2 = prefetcht1
 
 
 def _impl(isa: str, pf: int, to: int = 1):

@@ -14,7 +14,8 @@ against 13.9 per 256 weights (64 bytes) for the 2-bit kernel; no weight is decod
 block are the same for every tile of a row group: LLVM loads them once per block when the tiles are unrolled.
 
 ``NAME[_pf{1024,2048,4096}]``: plus one ``prefetcht0 [W + pf]`` and one at ``W + pf + 64`` per call (records are
-80 bytes, so one line per call would leave gaps); a grid-only knob.
+80 bytes, so one line per call would leave gaps); a grid-only knob. ``NAME_pf{1024,2048,4096}_l2``: the same
+prefetches with ``prefetcht1`` (into L2 only; the knob ``prefetch_to``).
 
 ``ternary_tl_tables_4x3_avx512`` builds one (block, half)'s tables: for each of the 4 groups, ``v = Σ_g t_g·x_g`` in
 16 int16 lanes (constant digit vectors × broadcast activations), then its lo and hi bytes narrowed and stored as the
@@ -30,7 +31,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from model.ternary.layouts_tl import ZERO_CODE
-from schedules.knobs import PREFETCH  # the same prefetch distances as the 2-bit kernel
+from schedules.knobs import LOCALITY, PREFETCH, PREFETCH_TO  # the same prefetch knobs as the 2-bit kernel
 from schedules.tl_exprs import te_lut_word, te_term
 
 TL_INTRIN = "ternary_tl_lookup_16x24_vnni"
@@ -85,8 +86,9 @@ def _acc(W, L, C, h: int):
     return acc
 
 
-def _impl(pf: int):
+def _impl(pf: int, to: int = 1):
     prefetch = pf > 0  # a Python constant: the parser drops the prefetch when it is off
+    locality = LOCALITY[to]  # into L1 (prefetcht0) or L2 (prefetcht1)
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -98,8 +100,8 @@ def _impl(pf: int):
             T.reads(C[0:2, 0:16], W[0:80], L[0:2, 0:2, 0:4, 0:2])  # the order the block reads them
             T.writes(C[0:2, 0:16])
             if prefetch:
-                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[pf]), 0, 3, 1))
-                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[pf + 64]), 0, 3, 1))
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[pf]), 0, locality, 1))
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[pf + 64]), 0, locality, 1))
             C[0, T.ramp(0, 1, 16)] = _acc(W, L, C, 0)
             C[1, T.ramp(0, 1, 16)] = _acc(W, L, C, 1)
 
@@ -147,8 +149,9 @@ def lut_impl(X: T.Buffer((12,), "int8", offset_factor=1), L: T.Buffer((2, 4, 2),
             L[1, j, T.ramp(0, 1, 2)] = _table(X, j, 1)
 
 
-def intrin_name(pf: int = 0) -> str:
-    return TL_INTRIN + (f"_pf{pf}" if pf else "")
+def intrin_name(pf: int = 0, to: int = 1) -> str:
+    """The lookup intrinsic that prefetches ``pf`` bytes ahead (0: none) into cache level ``to`` (1 or 2)."""
+    return TL_INTRIN + (f"_pf{pf}" if pf else "") + (f"_l{to}" if pf and to != 1 else "")
 
 
 def register() -> list[str]:
@@ -157,10 +160,11 @@ def register() -> list[str]:
         TensorIntrin.register(LUT_INTRIN, lut_desc, lut_impl)
     names = [LUT_INTRIN]
     for pf in PREFETCH:
-        name = intrin_name(pf)
-        if TensorIntrin.get(name, allow_missing=True) is None:
-            TensorIntrin.register(name, tl_desc, _impl(pf))
-        names.append(name)
+        for to in PREFETCH_TO if pf else (1,):
+            name = intrin_name(pf, to)
+            if TensorIntrin.get(name, allow_missing=True) is None:
+                TensorIntrin.register(name, tl_desc, _impl(pf, to))
+            names.append(name)
     return names
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 PREFETCH = (0, 1024, 2048, 4096)  # x86 kernels' software prefetch distance in bytes ahead of the chunk (0 = none)
 PREFETCH_TO = (1, 2)  # the cache level a prefetch fills: 1 (prefetcht0) or 2 (prefetcht1: L2, not L1)
+LOCALITY = {1: 3, 2: 2}  # PREFETCH_TO -> llvm.prefetch's locality argument (3: prefetcht0, 2: prefetcht1)
 
 
 @dataclass(frozen=True)

@@ -53,19 +53,23 @@ def space(op) -> list[Knob]:
     on the core count)."""
     big = op.weight_bytes() > 24 << 20  # beyond most of the L3: prefetch by default
     prefetch = Knob("prefetch", intrin_x86_tl.PREFETCH, 2048 if big else 0, grid_only=True)
+    to = Knob("prefetch_to", intrin_x86_tl.PREFETCH_TO, 1, grid_only=True)  # last: older records read as 1
     if op.kind == "gemm_i8_tl":  # default tiles: 2, or 1 where the tasks would not feed PORTABLE_THREADS
         tiles = 2 if op.tile % 2 == 0 and _row_tiles(op) // 2 >= PORTABLE_THREADS else 1
         return [knob("tiles", op.tile, (1, 2, 4), tiles), knob("tokens", op.N, (1, 2, 4), 2),
-                knob("unroll_k", op.B, (1, 2), 1), Knob("lut_at", (0, 1), 1, grid_only=True), prefetch]  # fmt: skip
+                knob("unroll_k", op.B, (1, 2), 1), Knob("lut_at", (0, 1), 1, grid_only=True), prefetch, to]  # fmt: skip
     if op.kind != "gemv_i8_tl":
         raise KeyError(f"no table-lookup schedule for op kind {op.kind!r}")
-    return [knob("unroll_k", op.B, (1, 2, 4), 2), Knob("lut_at", (0, 1, 2), 2, grid_only=True), prefetch]
+    return [knob("unroll_k", op.B, (1, 2, 4), 2), Knob("lut_at", (0, 1, 2), 2, grid_only=True), prefetch, to]
 
 
 def valid(op, knobs: dict) -> bool:
     """Whether the tuner may try ``knobs``: tables built at ``root`` or in ``parallel`` leave the rows' parallel loop
     over the row groups (and ``parallel`` one over the table blocks), which must feed
-    :data:`schedules.x86_common.PORTABLE_THREADS` threads; ``thread`` sizes its loop from the core count."""
+    :data:`schedules.x86_common.PORTABLE_THREADS` threads; ``thread`` sizes its loop from the core count. Nor a
+    cache level for no prefetch."""
+    if int(knobs.get("prefetch", 1)) == 0 and int(knobs.get("prefetch_to", 1)) != 1:
+        return False
     if op.kind == "gemm_i8_tl":  # the rows' tasks are blocks of `tiles` row tiles
         return _row_tiles(op) // int(knobs["tiles"]) >= min(PORTABLE_THREADS, _row_tiles(op))
     lut_at = LUT_AT[int(knobs["lut_at"])]
@@ -74,13 +78,14 @@ def valid(op, knobs: dict) -> bool:
     return _groups(op) >= PORTABLE_THREADS and (lut_at == "root" or 2 * op.B >= PORTABLE_THREADS)
 
 
-def _grid_only(sch, knobs: dict | None, ks: dict) -> tuple[str, int]:
-    """``(lut_at, prefetch)``: grid-only knobs, recorded in the trace; their Python values shape the code."""
+def _grid_only(sch, knobs: dict | None, ks: dict) -> tuple[str, str]:
+    """``(lut_at, the lookup intrinsic)``: from the grid-only knobs ``lut_at``, ``prefetch`` and ``prefetch_to``,
+    recorded in the trace; their Python values shape the code."""
     fixed = {}
-    for name in ("lut_at", "prefetch"):
+    for name in ("lut_at", "prefetch", "prefetch_to"):
         choose(sch, knobs, ks[name])
         fixed[name] = ks[name].default if knobs is None else int(knobs.get(name, ks[name].default))
-    return LUT_AT[fixed["lut_at"]], fixed["prefetch"]
+    return LUT_AT[fixed["lut_at"]], intrin_x86_tl.intrin_name(fixed["prefetch"], fixed["prefetch_to"])
 
 
 def _tables(sch, parallel: bool) -> None:
@@ -102,7 +107,7 @@ def gemv_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
     ``lut_at = thread`` depends on it (:func:`tasks`)."""
     ks = {k.name: k for k in space(op)}
     uk = choose(sch, knobs, ks["unroll_k"])
-    lut_at, pf = _grid_only(sch, knobs, ks)
+    lut_at, intrin = _grid_only(sch, knobs, ks)
 
     acc = sch.get_sblock("acc")
     h, m, b, half, j = sch.get_loops(acc)
@@ -116,7 +121,7 @@ def gemv_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
     sch.reverse_compute_at(sch.get_sblock("dot"), g)
     sch.reverse_compute_at(y, g)
     init = sch.decompose_reduction(acc, bo)
-    sch.tensorize(h, intrin_x86_tl.intrin_name(pf))
+    sch.tensorize(h, intrin)
     sch.set_scope(init, 0, "local")  # 2·tile zmm of int32: registers, not a workspace call
     sch.unroll(t)
     sch.unroll(bi)
@@ -140,7 +145,7 @@ def gemm_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
     tt = choose(sch, knobs, ks["tiles"])
     nt = choose(sch, knobs, ks["tokens"])
     uk = choose(sch, knobs, ks["unroll_k"])
-    lut_at, pf = _grid_only(sch, knobs, ks)
+    lut_at, intrin = _grid_only(sch, knobs, ks)
 
     acc = sch.get_sblock("acc")
     n, h, m, b, half, j = sch.get_loops(acc)
@@ -155,7 +160,7 @@ def gemm_i8_tl(sch, op, knobs: dict | None = None, cores: int | None = None):
     y = sch.get_sblock("y")
     sch.reverse_compute_at(y, no)
     init = sch.decompose_reduction(acc, bo)
-    sch.tensorize(h, intrin_x86_tl.intrin_name(pf))
+    sch.tensorize(h, intrin)
     sch.set_scope(init, 0, "local")  # 2·tiles·tokens zmm of int32: registers
     sch.unroll(ni)
     sch.unroll(ti)
