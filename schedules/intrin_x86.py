@@ -37,7 +37,7 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from schedules.knobs import LOCALITY, PREFETCH, PREFETCH_TO  # prefetch distances (0 = none) and cache levels
+from schedules.knobs import LOCALITY, PREFETCH, PREFETCH_TO, prefetch_suffix  # prefetch distances and levels
 
 LANES = 16  # int32 accumulator lanes per intrinsic call
 CHUNK_BYTES = 64  # packed weight bytes per call
@@ -188,9 +188,7 @@ def _lane_sum_pair(rows: int):
 
 def intrin_name(base: str, pf: int = 0, to: int = 1) -> str:
     """The intrinsic that prefetches ``pf`` bytes ahead (0: none) into cache level ``to`` (1 or 2)."""
-    if not pf:
-        return base
-    return f"{base}_pf{pf}" if to == 1 else f"{base}_pf{pf}_l{to}"
+    return base + prefetch_suffix(pf, to)
 
 
 def register() -> list[str]:

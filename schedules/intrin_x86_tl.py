@@ -31,7 +31,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from model.ternary.layouts_tl import ZERO_CODE
-from schedules.knobs import LOCALITY, PREFETCH, PREFETCH_TO  # the same prefetch knobs as the 2-bit kernel
+from schedules.knobs import LOCALITY, PREFETCH, PREFETCH_TO, prefetch_suffix  # as the 2-bit kernel's
 from schedules.tl_exprs import te_lut_word, te_term
 
 TL_INTRIN = "ternary_tl_lookup_16x24_vnni"
@@ -151,7 +151,7 @@ def lut_impl(X: T.Buffer((12,), "int8", offset_factor=1), L: T.Buffer((2, 4, 2),
 
 def intrin_name(pf: int = 0, to: int = 1) -> str:
     """The lookup intrinsic that prefetches ``pf`` bytes ahead (0: none) into cache level ``to`` (1 or 2)."""
-    return TL_INTRIN + (f"_pf{pf}" if pf else "") + (f"_l{to}" if pf and to != 1 else "")
+    return TL_INTRIN + prefetch_suffix(pf, to)
 
 
 def register() -> list[str]:

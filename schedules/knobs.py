@@ -21,6 +21,17 @@ PREFETCH_TO = (1, 2)  # the cache level a prefetch fills: 1 (prefetcht0) or 2 (p
 LOCALITY = {1: 3, 2: 2}  # PREFETCH_TO -> llvm.prefetch's locality argument (3: prefetcht0, 2: prefetcht1)
 
 
+def prefetch_suffix(pf: int, to: int = 1) -> str:
+    """An x86 intrinsic's name suffix for a prefetch ``pf`` bytes ahead (0: none) into cache level ``to``:
+    ``""``, ``"_pf2048"`` (L1) or ``"_pf2048_l2"``."""
+    return (f"_pf{pf}" + (f"_l{to}" if to != 1 else "")) if pf else ""
+
+
+def duplicate_prefetch(knobs: dict) -> bool:
+    """A cache level chosen for no prefetch: the same kernel as ``prefetch_to = 1`` (the tuner skips it)."""
+    return int(knobs.get("prefetch", 1)) == 0 and int(knobs.get("prefetch_to", 1)) != 1
+
+
 @dataclass(frozen=True)
 class Knob:
     """A named choice. ``grid_only`` knobs pick between *different instruction sequences* (e.g. which intrinsic to

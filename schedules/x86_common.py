@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schedules import intrin_x86
-from schedules.knobs import Knob, choose, knob
+from schedules.knobs import Knob, choose, duplicate_prefetch, knob
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def space(op, isa: Isa) -> list[Knob]:
 
 def valid(op, knobs: dict) -> bool:
     """False for knob sets that build the same kernel as another: a cache level for no prefetch."""
-    return not (knobs.get("prefetch", 1) == 0 and knobs.get("prefetch_to", 1) != 1)
+    return not duplicate_prefetch(knobs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def _lane_sum_tree(sch, acc, rows: int) -> None:
     sch.tensorize(m, intrin_x86.lane_sum_intrin(rows))
 
 
-def _grid_only(sch, knobs: dict | None, k: Knob) -> int:
+def grid_only(sch, knobs: dict | None, k: Knob) -> int:
     """A grid-only knob's value: recorded in the trace (:func:`choose`), its Python value shapes the code."""
     choose(sch, knobs, k)
     return k.default if knobs is None else int(knobs.get(k.name, k.default))
@@ -115,7 +115,7 @@ def _parallel(sch, loop, macs: int, isa: Isa) -> None:
 def gemv_i8(sch, op, isa: Isa, knobs: dict | None = None, cores: int | None = None):
     ks = {k.name: k for k in space(op, isa)}
     rows, uk = choose(sch, knobs, ks["rows"]), choose(sch, knobs, ks["unroll_k"])
-    pf, to = (_grid_only(sch, knobs, ks[n]) for n in ("prefetch", "prefetch_to"))  # they pick the intrinsic
+    pf, to = (grid_only(sch, knobs, ks[n]) for n in ("prefetch", "prefetch_to"))  # they pick the intrinsic
     acc = sch.get_sblock("acc")
     _m, _c, b, _j = sch.get_loops(acc)
     ln, _t = sch.split(b, [16, 4])

@@ -24,8 +24,8 @@ from __future__ import annotations
 import targets
 from model.ternary.layouts_tl import TILE_ROWS
 from schedules import intrin_x86_tl
-from schedules.knobs import Knob, choose, knob
-from schedules.x86_common import PORTABLE_THREADS
+from schedules.knobs import Knob, choose, duplicate_prefetch, knob
+from schedules.x86_common import PORTABLE_THREADS, grid_only
 
 KINDS = ("gemv_i8_tl", "gemm_i8_tl")
 
@@ -68,7 +68,7 @@ def valid(op, knobs: dict) -> bool:
     over the row groups (and ``parallel`` one over the table blocks), which must feed
     :data:`schedules.x86_common.PORTABLE_THREADS` threads; ``thread`` sizes its loop from the core count. Nor a
     cache level for no prefetch."""
-    if int(knobs.get("prefetch", 1)) == 0 and int(knobs.get("prefetch_to", 1)) != 1:
+    if duplicate_prefetch(knobs):
         return False
     if op.kind == "gemm_i8_tl":  # the rows' tasks are blocks of `tiles` row tiles
         return _row_tiles(op) // int(knobs["tiles"]) >= min(PORTABLE_THREADS, _row_tiles(op))
@@ -81,11 +81,8 @@ def valid(op, knobs: dict) -> bool:
 def _grid_only(sch, knobs: dict | None, ks: dict) -> tuple[str, str]:
     """``(lut_at, the lookup intrinsic)``: from the grid-only knobs ``lut_at``, ``prefetch`` and ``prefetch_to``,
     recorded in the trace; their Python values shape the code."""
-    fixed = {}
-    for name in ("lut_at", "prefetch", "prefetch_to"):
-        choose(sch, knobs, ks[name])
-        fixed[name] = ks[name].default if knobs is None else int(knobs.get(name, ks[name].default))
-    return LUT_AT[fixed["lut_at"]], intrin_x86_tl.intrin_name(fixed["prefetch"], fixed["prefetch_to"])
+    lut_at, pf, to = (grid_only(sch, knobs, ks[name]) for name in ("lut_at", "prefetch", "prefetch_to"))
+    return LUT_AT[lut_at], intrin_x86_tl.intrin_name(pf, to)
 
 
 def _tables(sch, parallel: bool) -> None:
