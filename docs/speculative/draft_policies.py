@@ -15,6 +15,11 @@ train split: the most frequent next token after the last 4, 3 or 2 tokens, chain
 ``min_count`` times and followed ``min_share`` of them: REST-style retrieval), and ``lookup`` priced with a 3-row
 function the build does not have.
 
+The ceiling beside them: a drafter that is free and always right (``k`` drafts, all kept, so each call yields
+``rows`` tokens) reaches ``rows · c(1) / c(rows)`` for each compiled batch size; and for a free drafter whose drafts
+hold with probability ``α`` each (kept up to the first miss), the ``α`` a goal ratio needs:
+``(1 − α^rows) / (1 − α) = goal · c(rows) / c(1)``.
+
     python docs/speculative/draft_policies.py --json docs/speculative/draft_policies_small_avx512_zen4.json
 """
 
@@ -44,21 +49,23 @@ def generations(eng: Engine, n: int, tokens: int) -> list[tuple[list[int], list[
     return out
 
 
-def step_costs(eng: Engine, runs: int = 5, calls: int = 100) -> dict[int, float]:
-    """Median ms of one verify call over ``r`` rows of one sequence, for each compiled batch size up to 8."""
+def step_costs(eng: Engine, runs: int = 5, calls: int = 100) -> tuple[dict[int, float], dict[int, list[float]]]:
+    """Median ms of one verify call over ``r`` rows of one sequence, for each compiled batch size up to 8, and each
+    size's [min, max] over the runs (interleaved)."""
     eng.generate("def fib(n):", SamplingParams(max_new_tokens=60, ignore_eos=True))
     seq, base = eng.seq, eng.seq.length
-    out = {}
-    for r in (b for b in eng.batch_sizes if b <= 8):
-        times = []
-        for _ in range(runs):
+    sizes = [b for b in eng.batch_sizes if b <= 8]
+    times: dict[int, list[float]] = {r: [] for r in sizes}
+    for _ in range(runs):  # the sizes in turn within each run
+        for r in sizes:
             t = time.perf_counter()
             for _ in range(calls):
                 seq.length = base
                 eng.step([seq], [[7] * r])
-            times.append((time.perf_counter() - t) / calls * 1e3)
-        out[r] = float(np.median(times))
-    return out
+            times[r].append((time.perf_counter() - t) / calls * 1e3)
+    out = {r: float(np.median(v)) for r, v in times.items()}
+    spread = {r: [min(v), max(v)] for r, v in times.items()}
+    return out, spread
 
 
 def lookup(ctx: list[int], k: int, vote: bool = False) -> list[int]:
@@ -135,6 +142,27 @@ def replay(gens, policy, cost: dict[int, float]) -> dict:
             "steps_with_drafts": drafting / steps}  # fmt: skip
 
 
+def ceilings(cost: dict[int, float], goals: tuple[float, ...] = (1.5, 1.8)) -> list[dict]:
+    """Per compiled batch size of ``rows`` rows: the ratio over plain decoding of a free drafter that is always
+    right, and the per-draft acceptance a free drafter needs for each goal ratio (None: not reachable)."""
+    out = []
+    for rows in sorted(r for r in cost if r > 1):
+        rel = cost[rows] / cost[1]
+        need = {}
+        for g in goals:  # expected tokens a call, (1 - a^rows) / (1 - a), rises from 1 to rows as a goes 0 -> 1
+            lo, hi = 0.0, 1.0
+            if rows < g * rel:
+                need[str(g)] = None
+                continue
+            for _ in range(60):
+                a = (lo + hi) / 2
+                lo, hi = (a, hi) if sum(a**i for i in range(rows)) < g * rel else (lo, a)
+            need[str(g)] = round(hi, 4)
+        out.append({"rows": rows, "cost_x_one_row": rel, "perfect_free_drafts_x_plain": rows / rel,
+                    "acceptance_needed": need})  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(REPO / "models" / "small.gguf"))
@@ -147,7 +175,7 @@ def main() -> None:
     eng = Engine.from_gguf(a.model, a.target, threads=a.threads)
     eng.lookup_tokens = eng.draft_tokens = eng.chain_burst = 0
     gens = generations(eng, a.prompts, a.tokens)
-    cost = step_costs(eng)
+    cost, spread = step_costs(eng)
     with3 = {**cost, 3: cost[2] + (cost[4] - cost[2]) / 2}  # a 3-row function priced halfway between 2 and 4 rows
     tables = {(c, s): corpus_tables(eng, c, s) for c, s in ((2, 0.5), (5, 0.6))}
 
@@ -176,11 +204,20 @@ def main() -> None:
         r = {"policy": name, **replay(gens, pol, c)}
         rows.append(r)
         print(f"{name:<36} {r['estimate_x_plain']:16.3f} {r['tokens_per_step']:11.2f} {r['steps_with_drafts']:14.3f}")
+    ceil = ceilings(cost)
+    print(f"{'rows':>4} {'cost x 1 row':>12} {'perfect free drafts':>19} {'acceptance for 1.5x':>19} {'for 1.8x':>8}")
+    for c in ceil:
+        need = [("-" if v is None else f"{v:.3f}") for v in c["acceptance_needed"].values()]
+        print(
+            f"{c['rows']:>4} {c['cost_x_one_row']:12.3f} {c['perfect_free_drafts_x_plain']:19.3f} {need[0]:>19} "
+            f"{need[1]:>8}"
+        )
     if a.json:
         save_json(a.json, {"command": "python docs/speculative/draft_policies.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None),
-            "machine": machine(), "git": git_commit(), "verify_ms_by_rows": cost, "prompts": a.prompts,
-            "tokens": a.tokens, "policies": rows})  # fmt: skip
+            "machine": machine(), "git": git_commit(), "verify_ms_by_rows": cost, "verify_ms_range_by_rows": spread,
+            "prompts": a.prompts,
+            "tokens": a.tokens, "policies": rows, "ceilings": ceil})  # fmt: skip
 
 
 if __name__ == "__main__":
