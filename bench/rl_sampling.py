@@ -5,10 +5,14 @@ Prompts are the first ``--prompts`` tasks of a task file (default: the held-out 
 repository), tokenized with the GGUF's tokenizer; each variant samples ``--group`` completions of each with the same
 seed, the model's weights quantized once (``model.bitlinear.frozen_weights``), as ``train.rl`` does. Rounds alternate
 the order of the two variants; the table gives medians over the rounds with their ranges, and the ratio within each
-round of completion tokens per second.
+round of completion tokens per second. With ``--engine-entry`` (a ``compiler.build`` entry of ``--gguf``) a third
+variant samples through the compiled engine as ``bench.rl_engine`` does, the policy's weights put into the engine at
+the start of each run (part of its time, as in an RL step), and its ratio to the one-batch variant is given too.
 
     python -m bench.rl_sampling --gguf models/small.gguf --prompts 4 --group 8 --max-new-tokens 64 --rounds 5 \\
         --threads 2 --json docs/train/rl/sampling_small_cpu.json
+    python -m bench.rl_sampling --gguf models/small.gguf --prompts 4 --group 8 --max-new-tokens 64 --rounds 5 \
+        --threads 2 --engine-entry ENTRY --json docs/train/rl/sampling_engine_small_cpu.json
     python3 -m bench.rl_sampling --device cuda --prompts 16 --group 16 --max-new-tokens 160 --rounds 5   # GPU host
 """
 
@@ -34,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: its default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--engine-entry", default="", help="also sample through this compiled entry of --gguf")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     for name in ("prompts", "group", "max_new_tokens", "rounds"):
@@ -72,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         return sample_groups(model, prompts, a.group, params, gen, decode)
 
     variants = {"one_group_at_a_time": one_at_a_time, "one_batch": batched}
+    if a.engine_entry:
+        from bench.rl_engine import EngineSampler
+
+        sampler = EngineSampler(a.engine_entry, a.gguf, a.threads or None)
+        variants["engine"] = lambda gen: sampler(model, prompts, a.group, params, int(gen.initial_seed()))
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for r in range(a.rounds):
         order = list(variants) if r % 2 == 0 else list(variants)[::-1]
@@ -87,16 +97,23 @@ def main(argv: list[str] | None = None) -> None:
             s = time.perf_counter() - t0
             tokens = sum(len(c) for g in groups for c in g)
             runs[name].append({"seconds": s, "tokens": tokens, "tokens_per_s": tokens / s})
-    ratio = [b["tokens_per_s"] / o["tokens_per_s"] for o, b in zip(*runs.values(), strict=True)]
 
-    summary = {k: stats([x["tokens_per_s"] for x in v]) for k, v in runs.items()} | {"ratio": stats(ratio)}
+    def ratio(num: str, den: str) -> dict:
+        return stats([n["tokens_per_s"] / d["tokens_per_s"] for n, d in zip(runs[num], runs[den], strict=True)])
+
+    summary = {k: stats([x["tokens_per_s"] for x in v]) for k, v in runs.items()}
+    summary["ratio"] = ratio("one_batch", "one_group_at_a_time")
+    if a.engine_entry:
+        summary["engine_ratio"] = ratio("engine", "one_batch")
     print(f"{a.prompts} prompts x {a.group} completions, <= {a.max_new_tokens} tokens, {device}, {a.rounds} rounds")
     print(f"{'variant':22s} {'tokens/s median':>16s} {'[min, max]':>20s}")
     for k in variants:
         s = summary[k]
         print(f"{k:22s} {s['median']:16.1f} [{s['min']:8.1f}, {s['max']:8.1f}]")
-    r = summary["ratio"]
-    print(f"{'one_batch / one_group':22s} {r['median']:16.2f} [{r['min']:8.2f}, {r['max']:8.2f}]")
+    for key, label in (("ratio", "one_batch / one_group"), ("engine_ratio", "engine / one_batch")):
+        if key in summary:
+            r = summary[key]
+            print(f"{label:22s} {r['median']:16.2f} [{r['min']:8.2f}, {r['max']:8.2f}]")
     if a.json:
         cmd = "python -m bench.rl_sampling " + " ".join(argv if argv is not None else sys.argv[1:])
         torch_info = {"torch": torch.__version__, "threads": torch.get_num_threads(),

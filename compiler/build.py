@@ -270,13 +270,30 @@ def repack_into(entry: Path | str, model: Path | str) -> Path:
     (the module depends only on the config): how a GPU host without TVM's compiler gets a large model's weights
     without carrying them. Checks the config; updates the entry's checksums."""
     entry = Path(entry)
-    check_model(model)
+    check_model(model)  # the model's faults first, then the entry's
+    meta = entry_meta(entry)
+    np.savez(entry / "params.npz", **pack_for(meta, model, entry))
+    meta["model"] = str(model)
+    meta["sha256"] = {n: cache.sha256_file(entry / n) for n in cache.FILES}
+    (entry / "meta.json").write_text(json.dumps(meta, indent=1))
+    return entry
+
+
+def entry_meta(entry: Path | str) -> dict:
+    """A cache entry's ``meta.json``, checked to be one of :func:`build`'s (BuildError otherwise)."""
     try:
-        meta = cache.read_meta(entry)
+        meta = cache.read_meta(Path(entry))
     except (OSError, ValueError) as exc:
         raise BuildError(f"{entry}: not a compiler.build cache entry ({exc})") from None
     if not isinstance(meta, dict) or not {"config", "params", "target"} <= set(meta):
         raise BuildError(f"{entry}: not a compiler.build cache entry (meta.json lacks config, params or target)")
+    return meta
+
+
+def pack_for(meta: dict, model: Path | str, entry: Path | str = "the entry") -> dict[str, np.ndarray]:
+    """The GGUF ``model``'s weights packed as the entry of ``meta`` (:func:`entry_meta`) takes them: its target,
+    weight layout and head. The model's config must be the one the entry was compiled for (BuildError otherwise)."""
+    check_model(model)
     g = read_model(model)
     if g.config.to_dict() != meta["config"]:
         raise BuildError(f"{model}: its config differs from the one {entry} was compiled for")
@@ -290,11 +307,7 @@ def repack_into(entry: Path | str, model: Path | str) -> Path:
     packed = {n: [list(a.shape), str(a.dtype)] for n, a in params.items()}
     if packed != {n: [list(shape), dtype] for n, shape, dtype in meta["params"]}:  # e.g. an entry of an older layout
         raise BuildError(f"{entry}: its parameters' names or layouts differ from this compiler's packing; rebuild it")
-    np.savez(entry / "params.npz", **params)
-    meta["model"] = str(model)
-    meta["sha256"] = {n: cache.sha256_file(entry / n) for n in cache.FILES}
-    (entry / "meta.json").write_text(json.dumps(meta, indent=1))
-    return entry
+    return params
 
 
 def _dlight(mod, tgt):

@@ -163,18 +163,21 @@ def load_params(entry: Path, specs: list, dev) -> list:
     ``meta.json``'s ``specs`` (``[name, shape, dtype]``). Each array must have the name, shape and dtype recorded
     there, else a ValueError says which: the compiled CPU functions do not check their weights on every call
     (:mod:`compiler.vm_pipeline`), so this is where a damaged or mismatched ``params.npz`` is caught."""
-    out = []
-    with np.load(entry / "params.npz", allow_pickle=False) as z:
-        files = set(z.files)
-        for name, shape, dtype in specs:
-            if name not in files:
-                raise ValueError(f"{entry}/params.npz has no {name!r}, which the module takes: rebuild the entry")
-            a = z[name]
-            if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
-                raise ValueError(f"{entry}/params.npz: {name!r} is {a.dtype}{list(a.shape)}, the module takes "
-                                 f"{dtype}{list(shape)}: rebuild the entry")  # fmt: skip
-            out.append(host_tensor(a, dev))
-    return out
+    with np.load(entry / "params.npz", allow_pickle=False) as z:  # read an array at a time
+        return [host_tensor(a, dev) for a in checked_params(z, specs, f"{entry}/params.npz")]
+
+
+def checked_params(arrays, specs: list, where: str):
+    """Yields ``arrays``' (name → array) arrays in the order of ``specs``, each with the name, shape and dtype
+    recorded there; a ValueError naming ``where`` and the first mismatch otherwise."""
+    for name, shape, dtype in specs:
+        if name not in arrays:
+            raise ValueError(f"{where} has no {name!r}, which the module takes: rebuild the entry")
+        a = np.asarray(arrays[name])
+        if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
+            raise ValueError(f"{where}: {name!r} is {a.dtype}{list(a.shape)}, the module takes "
+                             f"{dtype}{list(shape)}: rebuild the entry")  # fmt: skip
+        yield a
 
 
 def default_max_seqs(batch_sizes) -> int:
@@ -630,6 +633,15 @@ class Engine:
         if seq.hidden is not None:
             return [int(t) for t in self.draft(seq.hidden[None], [token], k)[0]]
         return [token] * k
+
+    def load_weights(self, arrays) -> None:
+        """Replace the weights in place by ``arrays`` (name → array, as this entry's ``params.npz`` holds them; e.g.
+        ``compiler.build.pack_for`` of a policy that training moved on). Every name, shape and dtype must match the
+        entry's, else a ValueError says which and nothing changes. The compiled calls keep their bound tensors, so
+        nothing is rebuilt; sequences prefilled before keep their cached keys and values."""
+        new = list(checked_params(arrays, self.meta["params"], "the new weights"))
+        for t, a in zip(self.params, new, strict=True):
+            self._in_place(t, a)
 
     def _read_tensor(self, t, shape: tuple, dtype) -> np.ndarray:
         """A device tensor's contents (an input the device wrote in place) by TVM's C copy, which waits for it."""

@@ -389,3 +389,125 @@ def test_the_stop_window_finds_each_stop_string_where_the_whole_text_does(text, 
 
     whole = first(lambda xs: any(s in decode(xs) for s in stops))
     assert first(lambda xs: any(s in decode(xs[-w:]) for s in stops)) == whole
+
+
+# --- the compiled engine as the sampler (bench.rl_engine) and Engine.load_weights -----------------------------------
+def _exact(path: Path, target: str):
+    from compiler.arith import arith_of
+    from model.exact_reference import ExactReference
+
+    g = read_gguf(path)
+    return ExactReference(g, arith_of(g.config, target))
+
+
+@pytest.mark.e2e
+def test_engine_load_weights_computes_with_the_new_weights_exactly(tmp_path):
+    from runtime_helpers import built, write_tiny
+
+    from compiler.build import entry_meta, pack_for
+    from runtime.engine import Engine
+    from runtime.kv_cache import Sequence
+
+    a, b = tiny_gguf(), write_tiny(tmp_path / "b.gguf", seed=1)
+    entry = built(a).dir
+    eng, meta = Engine(entry, None), entry_meta(entry)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+
+    def logits():
+        seq = Sequence()
+        out = eng.prefill(prompt, seq)
+        eng.reset(seq)
+        return out
+
+    before = logits()
+    np.testing.assert_array_equal(before, _exact(a, eng.target).prefill(prompt))
+    eng.load_weights(pack_for(meta, b))
+    np.testing.assert_array_equal(logits(), _exact(b, eng.target).prefill(prompt))
+    assert not np.array_equal(logits(), before)
+    bad = pack_for(meta, a)
+    name = next(iter(bad))
+    bad[name] = bad[name][:1]
+    with pytest.raises(ValueError, match=f"'{name}' is"):
+        eng.load_weights(bad)
+    del bad[name]
+    with pytest.raises(ValueError, match=f"no '{name}'"):
+        eng.load_weights(bad)
+    np.testing.assert_array_equal(logits(), _exact(b, eng.target).prefill(prompt))  # nothing changed
+
+
+@pytest.mark.e2e
+def test_engine_sampler_samples_the_policy_as_it_stands(tmp_path):
+    """Greedy rollouts through the engine, after it took a policy's weights, are the exact reference's of that
+    policy's export: the engine follows the PyTorch model, not the GGUF it was built from."""
+    from runtime_helpers import built
+
+    from bench.rl_engine import EngineSampler
+    from model.gguf_io import write_gguf
+
+    sampler = EngineSampler(built(tiny_gguf()).dir, tiny_gguf(), threads=1)
+    torch.manual_seed(3)
+    model = Transformer(read_gguf(tiny_gguf()).config)
+    prompts, steps = [[5, 6, 7, 8], [9, 10]], 6
+    groups = sampler(model, prompts, 2, SamplingParams(max_new_tokens=steps, temperature=0.0), seed=11)
+    write_gguf(tmp_path / "policy.gguf", model.config, model.gguf_tensors(), read_gguf(tiny_gguf()).tokenizer)
+    never = sampler.engine._never
+    for prompt, group in zip(prompts, groups, strict=True):
+        ref = _exact(tmp_path / "policy.gguf", sampler.engine.target)
+        logits, want = ref.prefill(prompt), []
+        for _ in range(steps):
+            logits[never] = -np.inf
+            want.append(int(np.argmax(logits)))
+            logits = ref.decode(want[-1])
+        assert group == [want, want]
+    assert sampler.sync_s > 0
+
+
+@pytest.mark.e2e
+def test_rl_with_the_engine_sampler_resumes_only_with_it(tmp_path):
+    from runtime_helpers import built
+
+    from bench.rl_engine import EngineSampler
+    from train.rl import RLError
+
+    sampler = EngineSampler(built(tiny_gguf()).dir, tiny_gguf(), threads=1)
+    cfg = _cfg(steps=2, prompts_per_step=2, group_size=3, max_new_tokens=6, temperature=1.0, top_p=0.9,
+               out=str(tmp_path / "e"), run_steps=1)  # fmt: skip
+    first = train_rl(cfg, FAKE_TASKS, fake_scorer, progress=False, sampler=sampler)
+    assert first["status"] == "paused" and first["sampler"] == "engine"
+    with pytest.raises(RLError, match="sampled by 'engine'"):
+        train_rl(cfg, FAKE_TASKS, fake_scorer, progress=False)  # the PyTorch sampler
+    again = train_rl(replace(cfg, out=str(tmp_path / "f"), run_steps=0), FAKE_TASKS, fake_scorer, progress=False,
+                     sampler=sampler)  # fmt: skip
+    rest = train_rl(cfg, FAKE_TASKS, fake_scorer, progress=False, sampler=sampler)
+    assert again["status"] == rest["status"] == "completed"
+
+    def rows(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+    assert rows("e") == rows("f") and all(r["tokens_sampled"] > 0 for r in rows("e"))
+
+
+@pytest.mark.e2e
+def test_rl_engine_cli_runs_a_step_and_refuses_bad_use(tmp_path, capsys, monkeypatch):
+    from runtime_helpers import built
+
+    from bench import rl_engine
+
+    tasks = tmp_path / "train.jsonl"
+    task = {"task_id": "stdlib/m::f", "package": "m", "module": "m", "qualname": "f", "check": ">>> f()\n1\n",
+            "prompt": 'def f():\n    """F."""', "reference": "\n    return 1\n", "examples": 1}  # fmt: skip
+    tasks.write_text(
+        json.dumps({"kind": "exec-tasks", "version": 1, "split": "train"}) + "\n" + json.dumps(task) + "\n"
+    )
+    args = ["--gguf", str(tiny_gguf()), "--tasks", str(tasks), "--out", str(tmp_path / "run"), "--steps", "1",
+            "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "4", "--device", "cpu"]  # fmt: skip
+    rl_engine.main(["--engine-entry", str(built(tiny_gguf()).dir), "--threads", "1", *args])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "completed" and summary["sampler"] == "engine" and summary["engine_sync_s"] > 0
+    with pytest.raises(SystemExit) as exc:
+        rl_engine.main(["--engine-entry", str(tmp_path), *args])  # not an entry
+    assert "not a compiler.build cache entry" in str(exc.value)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="one process only"):
+        rl_engine.main(["--engine-entry", str(built(tiny_gguf()).dir), *args])

@@ -15,7 +15,8 @@
   Decoding is launch-bound: on an H200 the ``small`` model takes ~31 ms a token step for any group of 8 to 32 rows,
   so sampling is ~95 % of a step (8 prompts × 8 × ≤128 tokens: 35 s sampling, 0.8 s sandbox, 0.8 s update) and a
   large group is nearly free; so all of a step's prompts decode as one batch (MLA and DeltaNet models: a prompt at a
-  time).
+  time). Or the compiled engine samples (``python -m bench.rl_engine``: the policy's weights put into a
+  ``compiler.build`` entry in place before each step), through the ``sampler`` argument of :func:`train_rl`.
 * **Rewards**: the completion is cut as the evaluation cuts it (text before a stop token or string, then
   ``train.completion.cut_body``), its check run in the sandbox in parallel (``exec_tasks.check_many``: the program of
   ``exec_tasks.program`` in ``train.sandbox``) and scored by ``exec_tasks.reward`` (1 = every example passes; partial
@@ -335,6 +336,23 @@ def _sample_groups(model, prompts, n, params, generator, decode, device) -> list
     return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
+# (model, prompts, n, params, seed) -> n completions of each prompt, as sample_groups gives them; seed: the step's
+Sampler = Callable[[Transformer, list[list[int]], int, SamplingParams, int], list[list[list[int]]]]
+
+
+def torch_sampler(decode: Decode) -> Sampler:
+    """The PyTorch sampler: :func:`sample_groups` on the policy itself, its weights quantized once for the step
+    (``model.bitlinear.frozen_weights``), the draws from a generator seeded by ``seed`` on the model's device."""
+
+    def sample(model: Transformer, prompts: list[list[int]], n: int, params: SamplingParams, seed: int):
+        generator = torch.Generator(model.tok_emb.weight.device).manual_seed(seed)
+        with frozen_weights(model):
+            return sample_groups(model, prompts, n, params, generator, decode)
+
+    sample.name = "torch"
+    return sample
+
+
 # --- rewards ----------------------------------------------------------------------------------------------------------
 def completion_body(tokens: list[int], params: SamplingParams, decode: Decode) -> str:
     """The function body a completion gives, cut as ``train.eval`` cuts it: the text (before a stop token or string),
@@ -566,9 +584,12 @@ def _encode_prompts(tasks: list, tok, room: int) -> tuple[list, list[list[int]],
     return kept, ids, dropped
 
 
-def train_rl(cfg: RLConfig, tasks: list | None = None, scorer: Scorer | None = None, progress: bool = True) -> dict:
+def train_rl(cfg: RLConfig, tasks: list | None = None, scorer: Scorer | None = None, progress: bool = True,
+             sampler: Sampler | None = None) -> dict:  # fmt: skip
     """Run (or resume) RL from ``cfg.gguf``; ``tasks`` (objects with ``.prompt``) and ``scorer`` replace the task file
-    and the sandbox (tests). Writes ``<out>/model.gguf`` when the last step is done; returns the summary."""
+    and the sandbox (tests); ``sampler`` replaces :func:`torch_sampler` (``bench.rl_engine``: the compiled engine; a
+    ``name`` attribute names it in the checkpoints, and a run resumes only with the sampler it started with). Writes
+    ``<out>/model.gguf`` when the last step is done; returns the summary."""
     if problems := cfg.problems(tasks_needed=tasks is None):
         raise RLError("; ".join(problems))
     t_start = time.perf_counter()
@@ -581,14 +602,14 @@ def train_rl(cfg: RLConfig, tasks: list | None = None, scorer: Scorer | None = N
     ckpt_dir = out / "checkpoints"
     try:
         return _run(cfg, tasks, scorer or execution_scorer(cfg.workers), progress, rank, world, device, out,
-                    ckpt_dir, t_start)  # fmt: skip
+                    ckpt_dir, t_start, sampler)  # fmt: skip
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
 def _run(cfg: RLConfig, tasks: list, scorer: Scorer, progress: bool, rank: int, world: int, device, out: Path,
-         ckpt_dir: Path, t_start: float) -> dict:  # fmt: skip
+         ckpt_dir: Path, t_start: float, sampler: Sampler | None) -> dict:  # fmt: skip
     is_main = rank == 0
     if cfg.prompts_per_step < world:
         raise RLError(f"--prompts-per-step {cfg.prompts_per_step} is fewer than the {world} ranks")
@@ -602,6 +623,8 @@ def _run(cfg: RLConfig, tasks: list, scorer: Scorer, progress: bool, rank: int, 
     stop_ids = tuple(sorted({i for i in (gg.tokenizer.eos_id, tok.token_to_id(EOT)) if i is not None}))
     params = cfg.sampling(stop_ids)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    sampler = sampler or torch_sampler(decode)
+    sampler_name = getattr(sampler, "name", "custom")
     tasks, prompts, dropped = _encode_prompts(tasks, tok, model.config.max_seq_len - cfg.max_new_tokens)
     if not tasks:
         raise RLError(f"no task's prompt fits max_seq_len {model.config.max_seq_len} with --max-new-tokens "
@@ -615,6 +638,9 @@ def _run(cfg: RLConfig, tasks: list, scorer: Scorer, progress: bool, rank: int, 
         mismatched = checkpoint.changed_settings(saved, asdict(cfg), RESUMABLE_CHANGES)
         if mismatched:
             raise RLError(f"{path} was trained with different settings: {mismatched}; use another --out")
+        if state["extra"].get("sampler", "torch") != sampler_name:
+            raise RLError(f"{path} was sampled by {state['extra'].get('sampler', 'torch')!r}, this run by "
+                          f"{sampler_name!r}: resume with the same sampler, or use another --out")  # fmt: skip
         if state["extra"].get("world") != world:
             log.warning("%s was written by %s rank(s), this run has %d: the samples will differ from an "
                         "uninterrupted run", path, state["extra"].get("world"), world)  # fmt: skip
@@ -625,9 +651,9 @@ def _run(cfg: RLConfig, tasks: list, scorer: Scorer, progress: bool, rank: int, 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         trim_metrics(metrics_path, start)
-        (out / "config.json").write_text(json.dumps({"rl": asdict(cfg), "tasks": len(tasks),
-                                                     "tasks_dropped": dropped, "world": world}, indent=2))  # fmt: skip
-    extra = lambda: {"rl_config": asdict(cfg), "world": world}  # noqa: E731
+        (out / "config.json").write_text(json.dumps({"rl": asdict(cfg), "tasks": len(tasks), "tasks_dropped": dropped,
+                                                     "world": world, "sampler": sampler_name}, indent=2))  # fmt: skip
+    extra = lambda: {"rl_config": asdict(cfg), "world": world, "sampler": sampler_name}  # noqa: E731
     stop = _StopFlag()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"rl {cfg.algo}", unit="step", disable=not (progress and is_main))
     done, status, last = start, "completed", {}
@@ -638,9 +664,7 @@ def _run(cfg: RLConfig, tasks: list, scorer: Scorer, progress: bool, rank: int, 
                     g["lr"] = g["base_lr"] * lr_factor(step, sched)
             mine = step_tasks(len(tasks), cfg.prompts_per_step, cfg.seed, step)[rank::world]
             t0 = time.perf_counter()
-            generator = torch.Generator(device).manual_seed(seed_for(cfg.seed, step, rank))
-            with frozen_weights(model):  # fixed weights while sampling: quantized once, not per token
-                groups = sample_groups(model, [prompts[i] for i in mine], cfg.group_size, params, generator, decode)
+            groups = sampler(model, [prompts[i] for i in mine], cfg.group_size, params, seed_for(cfg.seed, step, rank))
             t1 = time.perf_counter()
             bodies = [completion_body(c, params, decode) for group in groups for c in group]
             flat_tasks = [tasks[i] for i in mine for _ in range(cfg.group_size)]
@@ -681,7 +705,7 @@ def _run(cfg: RLConfig, tasks: list, scorer: Scorer, progress: bool, rank: int, 
             if is_main and done % cfg.ckpt_every == 0 and done < cfg.steps:
                 checkpoint.save(ckpt_dir, done, model, opts, extra())
         summary = {"status": status, "step": done, "last": last, "tasks": len(tasks), "tasks_dropped": dropped,
-                   "world": world}  # fmt: skip
+                   "world": world, "sampler": sampler_name}  # fmt: skip
         if is_main and done > start:
             checkpoint.save(ckpt_dir, done, model, opts, extra())
         if is_main and metrics_path.exists():
