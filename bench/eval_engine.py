@@ -38,29 +38,34 @@ def engine_generator(entry: Path, tok):
 
 def engine_batch_generator(entry: Path, tok):
     """``gen_many([(ids, params), ...]) -> [(text, finish reason), ...]`` over one continuous batch of the engine."""
-    from runtime.batch import Batcher, Request
+    from runtime.batch import Batcher
     from runtime.engine import Engine
 
     batcher = Batcher(Engine(entry, None, tokenizer=tok))
 
     def run(jobs: list[tuple[list[int], SamplingParams]]) -> list[tuple[str, str]]:
-        errors: dict[int, str] = {}
-        reqs = [
-            Request(None, params, prompt_ids=ids, emit=_on_error(errors, i)) for i, (ids, params) in enumerate(jobs)
-        ]
-        waiting = list(reqs)
-        while waiting or batcher.running:
-            while waiting and batcher.admit(waiting[0]):
-                waiting.pop(0)
-            if batcher.running:
-                batcher.step()
-        if errors:
-            raise RuntimeError(
-                f"the engine refused {len(errors)} of {len(jobs)} requests: {next(iter(errors.values()))}"
-            )
-        return [(r.result.text, r.result.finish_reason) for r in reqs]
+        return [(r.result.text, r.result.finish_reason) for r in run_batch(batcher, jobs)]
 
     return run
+
+
+def run_batch(batcher, jobs: list[tuple[list[int], SamplingParams]]) -> list:
+    """Run ``jobs`` (prompt ids, sampling parameters) to the end through ``batcher`` (a ``runtime.batch.Batcher``),
+    admitting each as rows free up; their finished ``Request``s in job order. A job the engine refuses is a
+    RuntimeError that says how many were refused and why the first was."""
+    from runtime.batch import Request
+
+    errors: dict[int, str] = {}
+    reqs = [Request(None, params, prompt_ids=ids, emit=_on_error(errors, i)) for i, (ids, params) in enumerate(jobs)]
+    waiting = list(reqs)
+    while waiting or batcher.running:
+        while waiting and batcher.admit(waiting[0]):
+            waiting.pop(0)
+        if batcher.running:
+            batcher.step()
+    if errors:
+        raise RuntimeError(f"the engine refused {len(errors)} of {len(jobs)} requests: {next(iter(errors.values()))}")
+    return reqs
 
 
 def _on_error(errors: dict, i: int):

@@ -34,12 +34,13 @@ from pathlib import Path
 
 import torch
 
-from compiler.build import BuildError, entry_meta, pack_for
+from bench.eval_engine import run_batch
+from compiler.build import BuildError, check_config, entry_meta, pack_for
 from model.gguf_io import read_gguf, write_gguf
 from model.sampling import SamplingParams
 from model.tokenizer import hf_from_spec
 from model.transformer import Transformer
-from runtime.batch import Batcher, Request
+from runtime.batch import Batcher
 from runtime.engine import Engine
 from train import checkpoint, rl
 
@@ -55,8 +56,7 @@ class EngineSampler:
         self.spec, self.ternary_type = gg.tokenizer, gg.ternary_type
         self.entry = Path(entry)
         self.meta = entry_meta(self.entry)
-        if self.meta["config"] != gg.config.to_dict():
-            raise BuildError(f"{gguf}: its config differs from the one {self.entry} was compiled for")
+        check_config(self.meta, gg.config, gguf, self.entry)  # at the start, not at the first step
         self.engine = Engine(self.entry, None, tokenizer=hf_from_spec(gg.tokenizer), threads=threads)
         self.batcher = Batcher(self.engine)
         self._dir = tempfile.TemporaryDirectory(prefix="rl_engine_")
@@ -75,19 +75,10 @@ class EngineSampler:
     def __call__(self, model: Transformer, prompts: list[list[int]], n: int, params: SamplingParams,
                  seed: int) -> list[list[list[int]]]:  # fmt: skip
         self.sync(model)
-        reqs = [Request(None, replace(params, seed=rl.seed_for(seed, i, j)), prompt_ids=list(p))
-                for i, p in enumerate(prompts) for j in range(n)]  # fmt: skip
-        errors = []
-        for r in reqs:
-            r.emit = lambda kind, value: errors.append(value) if kind == "error" else None
-        waiting = list(reqs)
-        while waiting or self.batcher.running:
-            while waiting and self.batcher.admit(waiting[0]):
-                waiting.pop(0)
-            if self.batcher.running:
-                self.batcher.step()
-        if errors:
-            raise RuntimeError(f"the engine refused {len(errors)} of {len(reqs)} rollouts: {errors[0]}")
+        jobs = [
+            (list(p), replace(params, seed=rl.seed_for(seed, i, j))) for i, p in enumerate(prompts) for j in range(n)
+        ]
+        reqs = run_batch(self.batcher, jobs)
         tokens = [list(r.result.tokens) for r in reqs]
         return [tokens[i * n : (i + 1) * n] for i in range(len(prompts))]
 

@@ -290,13 +290,18 @@ def entry_meta(entry: Path | str) -> dict:
     return meta
 
 
+def check_config(meta: dict, config, model: Path | str, entry: Path | str = "the entry") -> None:
+    """BuildError unless ``config`` (of the GGUF ``model``) is the one the entry of ``meta`` was compiled for."""
+    if config.to_dict() != meta["config"]:
+        raise BuildError(f"{model}: its config differs from the one {entry} was compiled for")
+
+
 def pack_for(meta: dict, model: Path | str, entry: Path | str = "the entry") -> dict[str, np.ndarray]:
     """The GGUF ``model``'s weights packed as the entry of ``meta`` (:func:`entry_meta`) takes them: its target,
     weight layout and head. The model's config must be the one the entry was compiled for (BuildError otherwise)."""
     check_model(model)
     g = read_model(model)
-    if g.config.to_dict() != meta["config"]:
-        raise BuildError(f"{model}: its config differs from the one {entry} was compiled for")
+    check_config(meta, g.config, model, entry)
     from compiler import lower
 
     try:
