@@ -274,6 +274,37 @@ def test_several_prompts_groups_in_one_batch_equal_their_own_groups_when_greedy(
 
 
 @pytest.mark.unit
+def test_the_eval_generator_batches_whole_tasks_and_keeps_each_jobs_place():
+    """train.exec_eval's PyTorch generator samples the groups of a call with one setting in one batch: greedy rows
+    equal each prompt's own group, every job's result lands in its own place, and a call repeats exactly."""
+    from train.exec_eval import torch_group_generator
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(0x4E00 + i) for i in ids)  # one character per token, reversible
+
+    model = _tiny_model().eval()
+    prompts = [[5, 9, 30, 2, 77, 4, 8], [11, 3], [60, 61, 62, 63]]
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    sampled = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=3)
+    jobs = [j for i, p in enumerate(prompts)
+            for j in [(p, greedy)] + [(p, replace(sampled, seed=100 * i + k)) for k in range(3)]]  # fmt: skip
+    run = torch_group_generator(model, Tok())
+    out = run(jobs)
+    assert len(out) == len(jobs) and out == run(jobs)
+    for i, p in enumerate(prompts):
+        (want,) = sample_group(model, p, 1, greedy, torch.Generator())
+        assert out[4 * i] == (Tok().decode(want), "length")
+    alone = run(jobs[4:8])  # the second task alone: its own greedy row, and sampled rows of its own prompt's forward
+    assert alone[0] == out[4]
+    for text, _ in alone[1:]:
+        toks = [ord(c) - 0x4E00 for c in text]
+        with torch.no_grad():
+            top3 = model(torch.tensor([prompts[1] + toks[:-1]]))[0, len(prompts[1]) - 1 :].topk(3).indices
+        assert all(t in top3[i].tolist() for i, t in enumerate(toks))
+
+
+@pytest.mark.unit
 def test_step_tasks_visit_every_task_once_per_epoch():
     seen = [i for step in range(5) for i in step_tasks(10, 4, 0, step)]
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))

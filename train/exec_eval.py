@@ -128,34 +128,45 @@ def summarize(rows: list[dict], cfg: ExecEvalConfig) -> dict:
 
 
 def torch_group_generator(model, tok) -> GenMany:
-    """A :data:`GenMany` over the PyTorch model: runs of jobs with the same prompt and settings are sampled as one
-    group (``train.rl.sample_group``: the prompt prefilled once, the rows decoded together), its draws from one
-    generator seeded by the run's first seed; each row ends as ``train.rl.completion_body`` says."""
+    """A :data:`GenMany` over the PyTorch model. Runs of jobs with the same prompt and settings are one group; the
+    groups of a call with the same settings and size are sampled as one batch (``train.rl.sample_groups``: the prompts
+    left-padded and prefilled together, every row decoded together), its draws from one generator seeded by the
+    batch's first seed, so a call's output depends on its jobs only (the same ``--jobs-per-call`` samples the same
+    bodies). Each row ends as ``train.rl.completion_body`` says."""
     import torch
 
     from model.bitlinear import frozen_weights
-    from train.rl import sample_group, stopped
+    from train.rl import sample_groups, stopped
 
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
 
-    def run(jobs: list[tuple[list[int], SamplingParams]]) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
+    def runs(jobs):  # (start, length) of each run of one prompt with one setting (seeds aside)
         i = 0
         while i < len(jobs):
             ids, p = jobs[i]
             j = i + 1
             while j < len(jobs) and jobs[j][0] == ids and replace(jobs[j][1], seed=p.seed) == p:
                 j += 1
+            yield i, j - i
+            i = j
+
+    def run(jobs: list[tuple[list[int], SamplingParams]]) -> list[tuple[str, str]]:
+        batches: dict[tuple, list[int]] = defaultdict(list)  # (settings, group size) -> the runs' starts, in order
+        for start, n in runs(jobs):
+            batches[replace(jobs[start][1], seed=0), n].append(start)
+        out: list[tuple[str, str] | None] = [None] * len(jobs)
+        for (_, n), starts in batches.items():
+            p = jobs[starts[0]][1]
             gen = torch.Generator(model.tok_emb.weight.device).manual_seed(p.seed)
             with frozen_weights(model):
-                group = sample_group(model, ids, j - i, p, gen, decode)
-            for toks in group:
-                ended = stopped(toks, p, decode)
-                text = decode(toks[:-1] if toks and toks[-1] in p.stop_token_ids else toks)
-                cuts = [text.find(x) for x in p.stop_strings if x in text]
-                out.append((text[: min(cuts)] if cuts else text, "stop" if ended else "length"))
-            i = j
-        return out
+                groups = sample_groups(model, [jobs[s][0] for s in starts], n, p, gen, decode)
+            for start, group in zip(starts, groups, strict=True):
+                for k, toks in enumerate(group):
+                    ended = stopped(toks, p, decode)
+                    text = decode(toks[:-1] if toks and toks[-1] in p.stop_token_ids else toks)
+                    cuts = [text.find(x) for x in p.stop_strings if x in text]
+                    out[start + k] = (text[: min(cuts)] if cuts else text, "stop" if ended else "length")
+        return out  # type: ignore[return-value]
 
     return run
 

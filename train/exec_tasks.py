@@ -22,6 +22,8 @@
 
     python -m train.exec_tasks --manifest data/corpus/manifest.jsonl --split val --out data/exec/heldout.jsonl
     python -m train.exec_tasks --manifest data/corpus/manifest.jsonl --split train --limit 4000 --out train_tasks.jsonl
+    python -m train.exec_tasks --manifest data/corpus/manifest.jsonl --split train --max-body-lines 2 \
+        --packages sympy,_pydecimal --out short_tasks.jsonl       # a curriculum of short bodies
 """
 
 from __future__ import annotations
@@ -325,6 +327,11 @@ def _read_journal(path: Path, limits: Limits) -> dict[str, str | None]:
     return out
 
 
+def body_lines(task: Task) -> int:
+    """Lines of code in the task's reference body (blank and comment-only lines not counted)."""
+    return sum(1 for line in task.reference.split("\n") if line.strip() and not line.strip().startswith("#"))
+
+
 def cap_per_package(tasks: list[Task], n: int, seed: int = 0) -> list[Task]:
     """At most ``n`` tasks of each package (a seeded sample of a larger one), sorted by ``task_id``."""
     rng, by_pkg = random.Random(seed), defaultdict(list)
@@ -338,12 +345,19 @@ def cap_per_package(tasks: list[Task], n: int, seed: int = 0) -> list[Task]:
 
 
 def mine_tasks(files: list[SourceFile], limits: Limits = LIMITS, workers: int = 0, progress: bool = True,
-               limit: int = 0, seed: int = 0, per_package: int = 0,
-               journal: Path | None = None) -> tuple[list[Task], Counter]:  # fmt: skip
+               limit: int = 0, seed: int = 0, per_package: int = 0, journal: Path | None = None,
+               max_body_lines: int = 0, packages: frozenset[str] = frozenset(),
+               ) -> tuple[list[Task], Counter]:  # fmt: skip
     """Candidate tasks of ``files``, at most ``per_package`` of each package and ``limit`` in all (seeded samples;
-    0 = all), validated (``journal``: see :func:`validate`)."""
+    0 = all), validated (``journal``: see :func:`validate`). ``max_body_lines`` keeps only candidates whose reference
+    body has at most that many lines of code (:func:`body_lines`; 0 = any: a curriculum of short bodies for a model
+    that passes few long ones); ``packages``, when given, keeps only those packages."""
     found = [t for f in tqdm(files, desc="parsing", unit="file", disable=not progress) for t in file_tasks(f)]
     found = sorted({t.task_id: t for t in found}.values(), key=lambda t: t.task_id)
+    if max_body_lines:
+        found = [t for t in found if body_lines(t) <= max_body_lines]
+    if packages:
+        found = [t for t in found if t.package in packages]
     if per_package:
         found = cap_per_package(found, per_package, seed)
     if limit and len(found) > limit:
@@ -403,6 +417,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=0, help="validate at most this many candidates (seeded sample)")
     ap.add_argument("--per-package", type=int, default=0,
                     help="at most this many candidates of one package (seeded sample; 0: all)")  # fmt: skip
+    ap.add_argument("--max-body-lines", type=int, default=0,
+                    help="only candidates whose reference body has at most this many lines of code (0: any)")
+    ap.add_argument("--packages", default="", help="only these packages (comma-separated; default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="sandbox processes at once (0: one per core)")
     ap.add_argument("--journal", type=Path,
@@ -415,11 +432,13 @@ def main(argv: list[str] | None = None) -> None:
     limits = LIMITS
     try:
         tasks, why = mine_tasks(files, limits, args.workers, limit=args.limit, seed=args.seed,
-                                per_package=args.per_package, journal=args.journal)  # fmt: skip
+                                per_package=args.per_package, journal=args.journal, max_body_lines=args.max_body_lines,
+                                packages=frozenset(p for p in args.packages.split(",") if p))  # fmt: skip
     except TaskFileError as e:
         ap.error(str(e))
     header = {"split": args.split, "manifest_sha256": _sha256(args.manifest), "python": platform.python_version(),
-              "limits": asdict(limits), "dropped": dict(why), "per_package": args.per_package}  # fmt: skip
+              "limits": asdict(limits), "dropped": dict(why), "per_package": args.per_package,
+              "max_body_lines": args.max_body_lines, "packages": args.packages}  # fmt: skip
     write_tasks(args.out, tasks, header)
     per_pkg = Counter(t.package for t in tasks)
     print(json.dumps({"tasks": len(tasks), "packages": len(per_pkg), "dropped": dict(why),
