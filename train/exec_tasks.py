@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-package", type=int, default=0,
                     help="at most this many candidates of one package (seeded sample; 0: all)")  # fmt: skip
     ap.add_argument("--max-body-lines", type=int, default=0,
-                    help="only candidates whose reference body has at most this many lines of code (0: any)")
+                    help="only candidates whose reference body has at most this many code lines (0: any)")  # fmt: skip
     ap.add_argument("--packages", default="", help="only these packages (comma-separated; default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="sandbox processes at once (0: one per core)")
