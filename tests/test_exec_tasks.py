@@ -271,3 +271,29 @@ def test_a_killed_validation_resumes_from_its_journal_with_the_same_result(tmp_p
     assert not first_chunk & set(checked) and len(checked) == len(tasks) - 64
     with pytest.raises(TaskFileError, match="journal"):
         et.validate(tasks, Limits(cpu_s=1.0), progress=False, journal=journal)
+
+
+@pytest.mark.unit
+def test_candidates_run_once_per_distinct_parsed_body_with_the_verdicts_of_a_full_run(monkeypatch):
+    """check_candidates gives what check_many gives for every body, running no program for a body that does not
+    parse and one for each distinct (task, body)."""
+    import train.exec_tasks as et
+
+    task = _tasks()["mean"]
+    bodies = [task.reference, "\n    return None\n", "\n    return (\n", task.reference, "\n    return None\n", "oops("]
+    full = et.check_many([task] * len(bodies), bodies, LIMITS, workers=2)
+    ran: list[str] = []
+    real = et.check_many
+
+    def counting(ts, bs, limits, workers=0):
+        ran.extend(bs)
+        return real(ts, bs, limits, workers)
+
+    monkeypatch.setattr(et, "check_many", counting)
+    got = et.check_candidates([task] * len(bodies), bodies, LIMITS, workers=2)
+    assert ran == [task.reference, "\n    return None\n"]
+    assert [v.passed for v in got] == [v.passed for v in full] == [True, False, False, True, False, False]
+    assert got[2] == got[5] == et.UNPARSED == replace(full[2], status="failed")
+    rewards = [[et.reward(task, b, v) for b, v in zip(bodies, vs, strict=True)] for vs in (got, full)]
+    assert rewards[0] == rewards[1]
+

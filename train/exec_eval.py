@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from model.sampling import SamplingParams
 from train.completion import STOP_STRINGS, cut_body, is_valid_function
-from train.exec_tasks import LIMITS, Task, check_many, reward
+from train.exec_tasks import LIMITS, Task, check_candidates, check_many, reward
 from train.sandbox import Limits
 
 # gen_many([(prompt ids, params), ...]) -> [(text, finish reason), ...]
@@ -89,7 +89,7 @@ def score(tasks: Sequence[Task], bodies: list[list[str]], cfg: ExecEvalConfig, l
     step = 256
     for s in tqdm(range(0, len(flat), step), desc="checking", unit="batch", disable=not progress):
         part = flat[s : s + step]
-        verdicts += check_many([tasks[i] for i, _ in part], [b for _, b in part], limits, cfg.workers)
+        verdicts += check_candidates([tasks[i] for i, _ in part], [b for _, b in part], limits, cfg.workers)
     per_task: dict[int, list] = defaultdict(list)
     for (i, b), v in zip(flat, verdicts, strict=True):
         per_task[i].append((b, v))

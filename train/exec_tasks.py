@@ -249,6 +249,31 @@ def check_many(tasks: list[Task], bodies: list[str], limits: Limits, workers: in
     return [verdict(o, n) for o, (_, n) in zip(outcomes, built, strict=True)]
 
 
+UNPARSED = Verdict(False, 0, 0, 0, "failed")  # what a body that does not compile gets: no result line, exit 1
+
+
+def check_candidates(tasks: list[Task], bodies: list[str], limits: Limits, workers: int = 0) -> list[Verdict]:
+    """:func:`check_many` for sampled candidates (pass@k, RL rewards), running fewer programs: a body that is not
+    one valid function (``is_valid_function``) cannot pass and scores 0 (:func:`reward`), so it gets
+    :data:`UNPARSED` without a run; a body repeated for one task runs once and its repeats share the verdict (a
+    check run twice on the reference gives the same verdict: :func:`validate` keeps no other task). Each run imports
+    the task's module in a fresh sandbox, which is most of its cost (sympy: ~0.5 s)."""
+    out: list[Verdict | None] = [None] * len(tasks)
+    first: dict[tuple[str, str], int] = {}  # (task, body) -> index of the run
+    todo: list[int] = []
+    for i, (t, b) in enumerate(zip(tasks, bodies, strict=True)):
+        if not is_valid_function(t.prompt, b):
+            out[i] = UNPARSED
+        elif first.setdefault((t.task_id, b), i) == i:
+            todo.append(i)
+    ran = check_many([tasks[i] for i in todo], [bodies[i] for i in todo], limits, workers)
+    verdicts = dict(zip(todo, ran, strict=True))
+    for i, (t, b) in enumerate(zip(tasks, bodies, strict=True)):
+        if out[i] is None:
+            out[i] = verdicts[first[t.task_id, b]]
+    return out  # type: ignore[return-value]
+
+
 def validate(tasks: list[Task], limits: Limits, workers: int = 0, progress: bool = True,
              journal: Path | None = None) -> tuple[list[Task], Counter]:  # fmt: skip
     """Keep the tasks whose reference passes twice and whose stub fails; count why the others dropped out.

@@ -18,9 +18,10 @@
   time). Or the compiled engine samples (``python -m bench.rl_engine``: the policy's weights put into a
   ``compiler.build`` entry in place before each step), through the ``sampler`` argument of :func:`train_rl`.
 * **Rewards**: the completion is cut as the evaluation cuts it (text before a stop token or string, then
-  ``train.completion.cut_body``), its check run in the sandbox in parallel (``exec_tasks.check_many``: the program of
-  ``exec_tasks.program`` in ``train.sandbox``) and scored by ``exec_tasks.reward`` (1 = every example passes; partial
-  credit for parsing and running). A sample *passes* when its reward is 1.
+  ``train.completion.cut_body``), its check run in the sandbox in parallel (``exec_tasks.check_candidates``: the
+  program of ``exec_tasks.program`` in ``train.sandbox``, once per distinct body that parses) and scored by
+  ``exec_tasks.reward`` (1 = every example passes; partial credit for parsing and running). A sample *passes* when
+  its reward is 1.
 * **GRPO**: advantage ``A = (r − mean_group) / (std_group + eps)`` (population std; groups whose rewards are all equal
   carry no signal and are left out). Per generated token the PPO clipped objective ``−min(ρ A, clip(ρ, 1 ± ε) A)``
   with ``ρ = π/π_old`` against the sampling policy's log-probs (those of the first inner epoch, taken before any
@@ -368,11 +369,11 @@ Scorer = Callable[[list, list[str]], list[float]]  # (tasks, bodies) -> rewards 
 
 
 def execution_scorer(workers: int = 0) -> Scorer:
-    """Rewards by running each task's check on each body in the sandbox, in parallel (``exec_tasks.check_many`` with
-    its ``LIMITS``), scored by ``exec_tasks.reward``."""
+    """Rewards by running each task's check on each body in the sandbox, in parallel (``exec_tasks.check_candidates``
+    with its ``LIMITS``: unparsed bodies and repeats run no program), scored by ``exec_tasks.reward``."""
 
     def score(tasks: list, bodies: list[str]) -> list[float]:
-        verdicts = exec_tasks.check_many(tasks, bodies, exec_tasks.LIMITS, workers)
+        verdicts = exec_tasks.check_candidates(tasks, bodies, exec_tasks.LIMITS, workers)
         return [float(exec_tasks.reward(t, b, v)) for t, b, v in zip(tasks, bodies, verdicts, strict=True)]
 
     return score
