@@ -296,4 +296,3 @@ def test_candidates_run_once_per_distinct_parsed_body_with_the_verdicts_of_a_ful
     assert got[2] == got[5] == et.UNPARSED == replace(full[2], status="failed")
     rewards = [[et.reward(task, b, v) for b, v in zip(bodies, vs, strict=True)] for vs in (got, full)]
     assert rewards[0] == rewards[1]
-
