@@ -380,6 +380,19 @@ def test_run_many_keeps_order_and_runs_in_parallel():
     assert max(float(r[1]) for r in rows) < min(float(r[2]) for r in rows)  # all four were running at once
 
 
+@pytest.mark.unit
+def test_warm_bytecode_compiles_a_preloaded_package_once_and_runs_none_of_it(tmp_path, monkeypatch):
+    pkg = tmp_path / "warm_me"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise SystemExit('imported')\n")  # compiling must not run it
+    (pkg / "sub" / "mod.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sandbox, "_WARMED", set())
+    assert sandbox.warm_bytecode(["warm_me.sub.mod", "warm_me", "no_such_package_here"], workers=1) == ["warm_me"]
+    assert list((pkg / "__pycache__").glob("__init__.*.pyc")) and list((pkg / "sub" / "__pycache__").glob("mod.*.pyc"))
+    assert sandbox.warm_bytecode(["warm_me.sub"], workers=1) == []  # once per process
+
+
 @pytest.mark.e2e
 def test_isolation_report_is_cached():
     iso = isolation()

@@ -713,11 +713,40 @@ def run_program(source: str, limits: Limits = Limits(), preload: tuple[str, ...]
     return _run(source, limits, preload=tuple(preload))
 
 
+_WARMED: set[str] = set()
+
+
+def warm_bytecode(modules, workers: int = 0) -> list[str]:
+    """Compile the bytecode of the installed top-level packages of ``modules`` (``compileall``, in this process),
+    once per process; returns the packages compiled now. The sandbox runs ``python -B``, which never writes
+    bytecode, so a package installed without it (one GPU host's sympy) is compiled from source by every sandbox
+    that imports it: 1.90 s for ``import sympy`` there, 0.66 s after this. Compiling runs none of the package's
+    code; where its folder cannot be written, nothing changes and the sandboxes compile as before."""
+    import compileall
+    import importlib.util
+
+    done = []
+    for top in sorted({m.split(".")[0] for m in modules if m} - _WARMED):
+        _WARMED.add(top)
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            continue
+        folders = list(spec.submodule_search_locations or []) if spec else []
+        for folder in folders:
+            if os.access(folder, os.W_OK):
+                compileall.compile_dir(folder, quiet=2, workers=workers or os.cpu_count() or 1)
+                done.append(top)
+    return done
+
+
 def run_many(sources: list[str], limits: Limits = Limits(), workers: int = 0,
              preloads: list[tuple[str, ...]] | None = None) -> list[Outcome]:  # fmt: skip
     """Run programs in parallel (a thread per running sandbox; workers=0: one per core); outcomes in input order.
-    ``preloads``: one :func:`run_program` ``preload`` per program."""
+    ``preloads``: one :func:`run_program` ``preload`` per program (their packages' bytecode is compiled first:
+    :func:`warm_bytecode`)."""
     isolation()  # probe before the threads start
+    warm_bytecode({m for p in preloads or () for m in p}, workers)
     workers = workers or os.cpu_count() or 1
     jobs = list(zip(sources, preloads if preloads is not None else [()] * len(sources), strict=True))
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(sources)))) as pool:
