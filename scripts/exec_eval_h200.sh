@@ -4,7 +4,8 @@
 # the models, run the checks in the sandbox. Writes exec_<name>.json per model (name: the GGUF's file name without
 # .gguf) and logs.tgz to $OUT.
 #   OUT=<results folder> bash scripts/exec_eval_h200.sh models/small.gguf runs/grpo.gguf ...   (device tool: carry
-#   .whl, and the GGUFs where they are not in the repository)
+#   .whl, and the GGUFs where they are not in the repository: one 15.6 MB GGUF fits beside the 49 MB tree under the
+#   64 MiB it may carry, two do not)
 # NS samples per task (20), K (1,10), NEW max new tokens (128), HELDOUT the task file (v1: the shipped model's
 # held-out split), SAMPLE tasks of it (0: all), DEADLINE seconds after which unfinished evaluations stop (570).
 # CPU dry run: NS=2 K=1,2 NEW=16 SAMPLE=3 EVAL_ARGS="--device cpu" OUT=/tmp/o bash scripts/exec_eval_h200.sh models/small.gguf

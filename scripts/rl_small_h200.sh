@@ -6,6 +6,8 @@
 #   OUT=<results folder> TASKS=<train-split task file> bash scripts/rl_small_h200.sh      (device tool: carry .whl)
 # The train-split tasks come from the build machine (python -m train.exec_tasks --split train ...; their modules must
 # exist on the GPU host too: tasks whose check fails there only ever score 0, which GRPO's groups ignore).
+# Budget: TIME, then ~40 s of export, then both after-RL evaluations, which on v1 in full (NS=10, 8 sandboxes each) take
+# ~170 s: TIME=300 did not leave them room before a 520 s DEADLINE on an H100 host (docs/train/rl, second round).
 # NS=0: RL only, the host's cores split between the two runs (score the models after with scripts/exec_eval_h200.sh).
 # CPU dry run: TIME=20 NS=2 NEW=16 SAMPLE=2 RL_ARGS="--device cpu --prompts-per-step 2 --group-size 2" \
 #   EVAL_ARGS="--device cpu" OUT=/tmp/o W=/tmp/w TASKS=<file> bash scripts/rl_small_h200.sh
