@@ -721,8 +721,9 @@ def warm_bytecode(modules, workers: int = 0) -> list[str]:
     once per process; returns the packages compiled now. The sandbox runs ``python -B``, which never writes
     bytecode, so a package installed without it (one GPU host's sympy) is compiled from source by every sandbox
     that imports it: 1.90 s for ``import sympy`` there, 0.66 s after this. Compiling runs none of the package's
-    code; where its folder cannot be written, nothing changes and the sandboxes compile as before."""
-    import compileall
+    code; where its folder cannot be written, nothing changes and the sandboxes compile as before. The compiling runs
+    in a child process (``python -m compileall``): its worker pool must not fork this one, which may hold threads
+    (PyTorch, tokenizers)."""
     import importlib.util
 
     done = []
@@ -732,11 +733,15 @@ def warm_bytecode(modules, workers: int = 0) -> list[str]:
             spec = importlib.util.find_spec(top)
         except (ImportError, ValueError):
             continue
-        folders = list(spec.submodule_search_locations or []) if spec else []
-        for folder in folders:
-            if os.access(folder, os.W_OK):
-                compileall.compile_dir(folder, quiet=2, workers=workers or os.cpu_count() or 1)
-                done.append(top)
+        folders = [f for f in (spec.submodule_search_locations or []) if os.access(f, os.W_OK)] if spec else []
+        if folders:
+            argv = [sys.executable, "-m", "compileall", "-q", "-j", str(workers or os.cpu_count() or 1), *folders]
+            quiet = subprocess.DEVNULL
+            try:
+                subprocess.run(argv, timeout=600, stdin=quiet, stdout=quiet, stderr=quiet)
+            except subprocess.TimeoutExpired:  # the sandboxes compile what is left, as without this
+                continue
+            done.append(top)
     return done
 
 
