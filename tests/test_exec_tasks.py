@@ -13,6 +13,7 @@ import math
 import statistics
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -296,3 +297,19 @@ def test_candidates_run_once_per_distinct_parsed_body_with_the_verdicts_of_a_ful
     assert got[2] == got[5] == et.UNPARSED == replace(full[2], status="failed")
     rewards = [[et.reward(task, b, v) for b, v in zip(bodies, vs, strict=True)] for vs in (got, full)]
     assert rewards[0] == rewards[1]
+
+
+@pytest.mark.unit
+def test_mining_keeps_only_short_bodies_of_the_packages_asked_for(monkeypatch):
+    import train.exec_tasks as et
+
+    monkeypatch.setattr(et, "validate", lambda tasks, *a, **k: (list(tasks), Counter()))
+    every, _ = et.mine_tasks([STATS], progress=False)
+    cut = sorted(et.body_lines(t) for t in every)[len(every) // 2]  # the median body
+    short, _ = et.mine_tasks([STATS], progress=False, max_body_lines=cut)
+    assert {t.task_id for t in short} == {t.task_id for t in every if et.body_lines(t) <= cut}
+    assert 0 < len(short) < len(every)
+    assert et.mine_tasks([STATS], progress=False, packages=frozenset({"statistics"}))[0] == every
+    assert et.mine_tasks([STATS], progress=False, packages=frozenset({"sympy"}))[0] == []
+    task = replace(every[0], reference="\n    # a comment\n\n    x = 1\n    return x\n")
+    assert et.body_lines(task) == 2

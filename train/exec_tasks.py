@@ -255,9 +255,10 @@ UNPARSED = Verdict(False, 0, 0, 0, "failed")  # what a body that does not compil
 def check_candidates(tasks: list[Task], bodies: list[str], limits: Limits, workers: int = 0) -> list[Verdict]:
     """:func:`check_many` for sampled candidates (pass@k, RL rewards), running fewer programs: a body that is not
     one valid function (``is_valid_function``) cannot pass and scores 0 (:func:`reward`), so it gets
-    :data:`UNPARSED` without a run; a body repeated for one task runs once and its repeats share the verdict (a
-    check run twice on the reference gives the same verdict: :func:`validate` keeps no other task). Each run imports
-    the task's module in a fresh sandbox, which is most of its cost (sympy: ~0.5 s)."""
+    :data:`UNPARSED` without a run; a body repeated for one task runs once and its repeats share the verdict (the
+    task's check is deterministic, :func:`validate` keeps no other; a body that draws random numbers gets one of its
+    verdicts for all its repeats). Each run imports the task's module in a fresh sandbox, which is most of its cost
+    (sympy: ~0.5 s)."""
     out: list[Verdict | None] = [None] * len(tasks)
     first: dict[tuple[str, str], int] = {}  # (task, body) -> index of the run
     todo: list[int] = []
