@@ -717,13 +717,12 @@ _WARMED: set[str] = set()
 
 
 def warm_bytecode(modules, workers: int = 0) -> list[str]:
-    """Compile the bytecode of the installed top-level packages of ``modules`` (``compileall``, in this process),
-    once per process; returns the packages compiled now. The sandbox runs ``python -B``, which never writes
-    bytecode, so a package installed without it (one GPU host's sympy) is compiled from source by every sandbox
-    that imports it: 1.90 s for ``import sympy`` there, 0.66 s after this. Compiling runs none of the package's
-    code; where its folder cannot be written, nothing changes and the sandboxes compile as before. The compiling runs
-    in a child process (``python -m compileall``): its worker pool must not fork this one, which may hold threads
-    (PyTorch, tokenizers)."""
+    """Compile the bytecode of the installed top-level packages of ``modules`` (``compileall``), once per process;
+    returns the packages compiled now. The sandbox runs ``python -B``, which never writes bytecode, so a package
+    installed without it (one GPU host's sympy) is compiled from source by every sandbox that imports it
+    (docs/train/rl, second round). Compiling runs none of the package's code; where its folder cannot be written,
+    nothing changes and the sandboxes compile as before. The compiling runs in a child process (``python -m
+    compileall``): its worker pool must not fork this one, which may hold threads (PyTorch, tokenizers)."""
     import importlib.util
 
     done = []
